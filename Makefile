@@ -1,0 +1,58 @@
+# sqlfs — build, test, benchmark and install.
+#
+#   make run DIR=/path/to/data   build, then mount DIR (foreground; Ctrl-C unmounts)
+#   make test                    install what the tests need, then run them
+#   make bench                   native directory vs. mount, results in target/bench-results.md
+
+CARGO  ?= cargo
+PREFIX ?= /usr/local
+DIR    ?= ./data
+BIN    := target/release/sqlfs
+
+# apt-get through sudo only when not already root.
+SUDO := $(shell [ "$$(id -u)" -eq 0 ] || echo sudo)
+
+.PHONY: all build deps test bench install run fmt lint clean
+
+all: build
+
+build:
+	$(CARGO) build --release
+
+# Debian packages the tests and the mount need: the fuse3 userspace tools
+# (fusermount3) and the sqlite3 command-line shell. Skipped when present.
+deps:
+	@missing=""; \
+	command -v sqlite3 >/dev/null 2>&1 || missing="$$missing sqlite3"; \
+	command -v fusermount3 >/dev/null 2>&1 || missing="$$missing fuse3"; \
+	if [ -n "$$missing" ]; then \
+		echo "installing:$$missing"; \
+		$(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get update -qq && \
+		$(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get -y -qq install $$missing; \
+	fi
+	@[ -e /dev/fuse ] || $(SUDO) modprobe fuse 2>/dev/null || true
+	@[ -e /dev/fuse ] || { echo "error: /dev/fuse is missing; FUSE is not available on this machine" >&2; exit 1; }
+
+test: deps
+	$(CARGO) test --release
+
+bench: deps
+	$(CARGO) bench --bench txbench
+
+install: build
+	install -d $(DESTDIR)$(PREFIX)/bin
+	install -m 0755 $(BIN) $(DESTDIR)$(PREFIX)/bin/sqlfs
+
+run: deps build
+	mkdir -p "$(DIR)"
+	$(BIN) mount "$(DIR)"
+
+fmt:
+	$(CARGO) fmt --all
+
+lint:
+	$(CARGO) clippy --release --all-targets -- -D warnings
+
+clean:
+	$(CARGO) clean
+	rm -rf target/bench-work
