@@ -1,0 +1,675 @@
+//! sqlfs benchmark: a plain directory against an sqlfs mount, on the same disk, in the
+//! same run. Run with `make bench` (or `cargo bench --bench txbench`).
+//!
+//! Workloads (SQLite in WAL mode, one database file per workload):
+//!  1. small autocommit INSERTs (~100-byte rows) at synchronous=NORMAL, for a fixed time;
+//!  2. the same at synchronous=FULL;
+//!  3. bulk load of a large table (10 MB transactions), then a warm full scan of it;
+//!  4. mixed point reads / updates by primary key from several connections;
+//!  5. resident memory of the sqlfs daemon with a small database and after growing it
+//!     to a large one (on a fresh mount of its own).
+//!
+//! The results are printed as a markdown table and written to target/bench-results.md.
+//!
+//! Environment:
+//!   SQLFS_BENCH_SECS     seconds per timed workload (default 5)
+//!   SQLFS_BENCH_SCAN_MB  size of the scanned table in MB (default 200)
+//!   SQLFS_BENCH_BIG_MB   size the memory workload grows its database to, MB (default 1024)
+//!   SQLFS_BENCH_THREADS  connections in the mixed workload (default 4)
+//!   SQLFS_BENCH_READS    percent of reads in the mixed workload (default 80)
+//!   SQLFS_BENCH_DIR      work directory, must not be tmpfs (default target/bench-work)
+//!   SQLFS_BENCH_KEEP=1   keep the work directory afterwards
+
+use std::fs::{self, File};
+use std::io::Write as _;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Barrier;
+use std::thread;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use rusqlite::{params, Connection, ErrorCode};
+
+const SQLFS: &str = env!("CARGO_BIN_EXE_sqlfs");
+const MB: f64 = 1_000_000.0;
+
+// ---------------------------------------------------------------------------------------
+// Configuration
+
+struct Config {
+    secs: f64,
+    scan_mb: u64,
+    small_mb: u64,
+    big_mb: u64,
+    threads: usize,
+    read_pct: u64,
+    work: PathBuf,
+    results: PathBuf,
+    keep: bool,
+}
+
+fn env_num<T: std::str::FromStr>(name: &str, default: T) -> Result<T> {
+    match std::env::var(name) {
+        Ok(v) if !v.trim().is_empty() => v
+            .trim()
+            .parse()
+            .map_err(|_| anyhow::anyhow!("{name}={v:?} is not a valid number")),
+        _ => Ok(default),
+    }
+}
+
+impl Config {
+    fn from_env() -> Result<Config> {
+        let target = std::env::var_os("CARGO_TARGET_DIR")
+            .map(PathBuf::from)
+            .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("target"));
+        let target = absolute(&target)?;
+        let work = match std::env::var_os("SQLFS_BENCH_DIR") {
+            Some(d) if !d.is_empty() => absolute(Path::new(&d))?.join("sqlfs-bench-work"),
+            _ => target.join("bench-work"),
+        };
+        let cfg = Config {
+            secs: env_num("SQLFS_BENCH_SECS", 5.0)?,
+            scan_mb: env_num("SQLFS_BENCH_SCAN_MB", 200)?,
+            small_mb: 10,
+            big_mb: env_num("SQLFS_BENCH_BIG_MB", 1024)?,
+            threads: env_num("SQLFS_BENCH_THREADS", 4)?,
+            read_pct: env_num("SQLFS_BENCH_READS", 80)?,
+            work,
+            results: target.join("bench-results.md"),
+            keep: std::env::var("SQLFS_BENCH_KEEP").is_ok_and(|v| v == "1"),
+        };
+        if cfg.secs <= 0.0 || cfg.threads == 0 || cfg.scan_mb == 0 || cfg.read_pct > 100 {
+            bail!("invalid benchmark settings");
+        }
+        Ok(cfg)
+    }
+
+    fn small_mb(&self) -> u64 {
+        self.small_mb.min(self.big_mb.max(1))
+    }
+}
+
+fn absolute(p: &Path) -> Result<PathBuf> {
+    Ok(if p.is_absolute() {
+        p.to_path_buf()
+    } else {
+        std::env::current_dir()?.join(p)
+    })
+}
+
+// ---------------------------------------------------------------------------------------
+// Small deterministic PRNG (splitmix64): row contents and key choice.
+
+struct Rng(u64);
+
+impl Rng {
+    fn new(seed: u64) -> Rng {
+        Rng(seed)
+    }
+    fn next_u64(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^ (z >> 31)
+    }
+    fn below(&mut self, n: u64) -> u64 {
+        self.next_u64() % n
+    }
+    fn bytes(&mut self, len: usize) -> Vec<u8> {
+        let mut v = Vec::with_capacity(len + 8);
+        while v.len() < len {
+            v.extend_from_slice(&self.next_u64().to_le_bytes());
+        }
+        v.truncate(len);
+        v
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// Mount handling
+
+/// Unescapes the octal escapes (`\040` etc.) the kernel uses in /proc/self/mountinfo.
+fn unescape_mountinfo(s: &str) -> String {
+    let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        if b[i] == b'\\' && i + 3 < b.len() && b[i + 1..i + 4].iter().all(|c| (b'0'..=b'7').contains(c)) {
+            out.push((b[i + 1] - b'0') * 64 + (b[i + 2] - b'0') * 8 + (b[i + 3] - b'0'));
+            i += 4;
+        } else {
+            out.push(b[i]);
+            i += 1;
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// (mount point, fstype) for every line of /proc/self/mountinfo.
+fn mounts() -> Vec<(PathBuf, String)> {
+    let text = fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
+    text.lines()
+        .filter_map(|line| {
+            let (left, right) = line.split_once(" - ")?;
+            let point = left.split(' ').nth(4)?;
+            let fstype = right.split(' ').next()?;
+            Some((PathBuf::from(unescape_mountinfo(point)), fstype.to_string()))
+        })
+        .collect()
+}
+
+fn is_sqlfs_mount(dir: &Path) -> bool {
+    mounts().iter().any(|(p, t)| p == dir && t == "fuse.sqlfs")
+}
+
+/// Filesystem type of the mount that holds `path`.
+fn fstype_of(path: &Path) -> String {
+    mounts()
+        .into_iter()
+        .filter(|(p, _)| path.starts_with(p))
+        .max_by_key(|(p, _)| p.as_os_str().len())
+        .map(|(_, t)| t)
+        .unwrap_or_else(|| "?".into())
+}
+
+fn force_unmount(dir: &Path) {
+    if let Ok(c) = std::ffi::CString::new(dir.as_os_str().as_encoded_bytes()) {
+        // SAFETY: plain syscall on a valid NUL-terminated path.
+        unsafe { libc::umount2(c.as_ptr(), libc::MNT_DETACH) };
+    }
+}
+
+struct Mount {
+    child: Option<Child>,
+    dir: PathBuf,
+    log: PathBuf,
+}
+
+impl Mount {
+    fn start(dir: &Path, backing: &Path, log: &Path) -> Result<Mount> {
+        fs::create_dir_all(dir)?;
+        fs::create_dir_all(backing)?;
+        let out = File::create(log)?;
+        let child = Command::new(SQLFS)
+            .arg("mount")
+            .arg(dir)
+            .arg("--data-dir")
+            .arg(backing)
+            .stdin(Stdio::null())
+            .stdout(out.try_clone()?)
+            .stderr(out)
+            .spawn()
+            .with_context(|| format!("starting {SQLFS}"))?;
+        let mut m = Mount {
+            child: Some(child),
+            dir: dir.to_path_buf(),
+            log: log.to_path_buf(),
+        };
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            if is_sqlfs_mount(dir) {
+                return Ok(m);
+            }
+            if let Some(st) = m.child.as_mut().unwrap().try_wait()? {
+                m.child = None;
+                bail!("sqlfs exited before mounting ({st}); log:\n{}", m.log_tail());
+            }
+            if Instant::now() > deadline {
+                bail!(
+                    "sqlfs did not mount {} within 20 s; log:\n{}",
+                    dir.display(),
+                    m.log_tail()
+                );
+            }
+            thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    fn pid(&self) -> u32 {
+        self.child.as_ref().map(|c| c.id()).unwrap_or(0)
+    }
+
+    fn log_tail(&self) -> String {
+        let text = fs::read_to_string(&self.log).unwrap_or_default();
+        let lines: Vec<&str> = text.lines().collect();
+        lines[lines.len().saturating_sub(30)..].join("\n")
+    }
+
+    /// (VmRSS, VmHWM) of the daemon in KiB.
+    fn memory(&self) -> Result<(u64, u64)> {
+        let status = fs::read_to_string(format!("/proc/{}/status", self.pid()))
+            .context("reading the daemon's /proc status")?;
+        let field = |name: &str| -> Result<u64> {
+            status
+                .lines()
+                .find_map(|l| l.strip_prefix(name))
+                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+                .with_context(|| format!("{name} missing from /proc status"))
+        };
+        Ok((field("VmRSS:")?, field("VmHWM:")?))
+    }
+
+    /// SIGTERM, then wait for a clean exit and the mount to be gone.
+    fn stop(mut self) -> Result<()> {
+        let mut child = self.child.take().expect("running");
+        // SAFETY: signalling our own child.
+        unsafe { libc::kill(child.id() as libc::pid_t, libc::SIGTERM) };
+        let deadline = Instant::now() + Duration::from_secs(60);
+        let status = loop {
+            if let Some(st) = child.try_wait()? {
+                break st;
+            }
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                let _ = child.wait();
+                force_unmount(&self.dir);
+                bail!("sqlfs did not exit within 60 s of SIGTERM");
+            }
+            thread::sleep(Duration::from_millis(20));
+        };
+        if is_sqlfs_mount(&self.dir) {
+            force_unmount(&self.dir);
+            bail!("sqlfs exited ({status}) but {} is still mounted", self.dir.display());
+        }
+        if !status.success() {
+            bail!("sqlfs exited with {status} after SIGTERM; log:\n{}", self.log_tail());
+        }
+        Ok(())
+    }
+}
+
+impl Drop for Mount {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            // SAFETY: signalling our own child.
+            unsafe { libc::kill(child.id() as libc::pid_t, libc::SIGTERM) };
+            for _ in 0..250 {
+                if let Ok(Some(_)) = child.try_wait() {
+                    break;
+                }
+                thread::sleep(Duration::from_millis(20));
+            }
+            if let Ok(None) = child.try_wait() {
+                let _ = child.kill();
+                let _ = child.wait();
+            }
+        }
+        if is_sqlfs_mount(&self.dir) {
+            force_unmount(&self.dir);
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// SQLite helpers
+
+fn open(path: &Path, synchronous: &str) -> Result<Connection> {
+    let conn = Connection::open(path).with_context(|| format!("opening {}", path.display()))?;
+    conn.busy_timeout(Duration::from_secs(30))?;
+    let mode: String = conn.query_row("PRAGMA journal_mode=WAL", [], |r| r.get(0))?;
+    if !mode.eq_ignore_ascii_case("wal") {
+        bail!("{}: journal_mode is {mode}, not wal", path.display());
+    }
+    conn.execute_batch(&format!("PRAGMA synchronous={synchronous};"))?;
+    Ok(conn)
+}
+
+fn remove_db(path: &Path) {
+    for suffix in ["", "-wal", "-shm", "-journal"] {
+        let mut p = path.as_os_str().to_owned();
+        p.push(suffix);
+        let _ = fs::remove_file(PathBuf::from(p));
+    }
+}
+
+fn is_busy(e: &rusqlite::Error) -> bool {
+    matches!(e.sqlite_error_code(), Some(ErrorCode::DatabaseBusy | ErrorCode::DatabaseLocked))
+}
+
+fn db_bytes(conn: &Connection) -> Result<u64> {
+    let pages: u64 = conn.query_row("PRAGMA page_count", [], |r| r.get(0))?;
+    let size: u64 = conn.query_row("PRAGMA page_size", [], |r| r.get(0))?;
+    Ok(pages * size)
+}
+
+// ---------------------------------------------------------------------------------------
+// Workloads
+
+/// Autocommit INSERTs of ~100-byte rows for `secs` seconds; returns tx/s.
+fn autocommit(dir: &Path, synchronous: &str, secs: f64) -> Result<f64> {
+    let path = dir.join(format!("autocommit-{}.db", synchronous.to_lowercase()));
+    remove_db(&path);
+    let conn = open(&path, synchronous)?;
+    conn.execute_batch("CREATE TABLE t(id INTEGER PRIMARY KEY, x BLOB NOT NULL);")?;
+    let mut rng = Rng::new(1);
+    let mut stmt = conn.prepare("INSERT INTO t(x) VALUES (?1)")?;
+    for _ in 0..100 {
+        stmt.execute(params![rng.bytes(100)])?;
+    }
+    let start = Instant::now();
+    let limit = Duration::from_secs_f64(secs);
+    let mut n = 0u64;
+    while start.elapsed() < limit {
+        stmt.execute(params![rng.bytes(100)])?;
+        n += 1;
+    }
+    Ok(n as f64 / start.elapsed().as_secs_f64())
+}
+
+/// Appends `mb` MB of 1000-byte random rows to table `t` in transactions of `tx_mb` MB.
+/// Returns the bytes of row data written and the elapsed time.
+fn bulk_load(conn: &Connection, mb: u64, tx_mb: u64, seed: u64) -> Result<(u64, Duration)> {
+    const ROW: usize = 1000;
+    conn.execute_batch("CREATE TABLE IF NOT EXISTS t(id INTEGER PRIMARY KEY, x BLOB NOT NULL);")?;
+    let total_rows = mb * 1_000_000 / ROW as u64;
+    let rows_per_tx = (tx_mb * 1_000_000 / ROW as u64).max(1);
+    let mut rng = Rng::new(seed);
+    let start = Instant::now();
+    let mut done = 0u64;
+    while done < total_rows {
+        let n = rows_per_tx.min(total_rows - done);
+        conn.execute_batch("BEGIN")?;
+        {
+            let mut stmt = conn.prepare_cached("INSERT INTO t(x) VALUES (?1)")?;
+            for _ in 0..n {
+                stmt.execute(params![rng.bytes(ROW)])?;
+            }
+        }
+        conn.execute_batch("COMMIT")?;
+        done += n;
+    }
+    Ok((done * ROW as u64, start.elapsed()))
+}
+
+fn scan_once(conn: &Connection) -> Result<Duration> {
+    let start = Instant::now();
+    let _sum: i64 = conn.query_row("SELECT sum(length(x)) FROM t", [], |r| r.get(0))?;
+    Ok(start.elapsed())
+}
+
+/// Bulk load MB/s and warm full-scan MB/s (database bytes over the median of 3 scans).
+fn load_and_scan(dir: &Path, mb: u64) -> Result<(f64, f64)> {
+    let path = dir.join("scan.db");
+    remove_db(&path);
+    let conn = open(&path, "NORMAL")?;
+    let (bytes, took) = bulk_load(&conn, mb, 10, 2)?;
+    let load = bytes as f64 / MB / took.as_secs_f64();
+    drop(conn);
+    // A fresh connection, so that nothing is left in SQLite's own page cache.
+    let conn = open(&path, "NORMAL")?;
+    let size = db_bytes(&conn)?;
+    scan_once(&conn)?; // warm
+    let mut times: Vec<Duration> = (0..3).map(|_| scan_once(&conn)).collect::<Result<_>>()?;
+    times.sort();
+    Ok((load, size as f64 / MB / times[1].as_secs_f64()))
+}
+
+/// Point reads / updates by primary key from `threads` connections; returns ops/s.
+fn mixed(dir: &Path, threads: usize, read_pct: u64, secs: f64) -> Result<f64> {
+    const ROWS: u64 = 100_000;
+    let path = dir.join("mixed.db");
+    remove_db(&path);
+    {
+        let conn = open(&path, "NORMAL")?;
+        conn.execute_batch("CREATE TABLE t(id INTEGER PRIMARY KEY, x BLOB NOT NULL); BEGIN;")?;
+        let mut stmt = conn.prepare("INSERT INTO t(id, x) VALUES (?1, ?2)")?;
+        let mut rng = Rng::new(3);
+        for id in 1..=ROWS {
+            stmt.execute(params![id, rng.bytes(100)])?;
+        }
+        drop(stmt);
+        conn.execute_batch("COMMIT; PRAGMA wal_checkpoint(TRUNCATE);")?;
+    }
+    let barrier = Barrier::new(threads + 1);
+    let stop = AtomicBool::new(false);
+    let (total, took) = thread::scope(|s| -> Result<(u64, Duration)> {
+        let workers: Vec<_> = (0..threads)
+            .map(|i| {
+                let (barrier, stop, path) = (&barrier, &stop, &path);
+                s.spawn(move || -> Result<u64> {
+                    let conn = open(path, "NORMAL");
+                    barrier.wait();
+                    let conn = conn?;
+                    let mut rng = Rng::new(100 + i as u64);
+                    let mut read = conn.prepare("SELECT x FROM t WHERE id = ?1")?;
+                    let mut write = conn.prepare("UPDATE t SET x = ?1 WHERE id = ?2")?;
+                    let mut n = 0u64;
+                    while !stop.load(Ordering::Relaxed) {
+                        let id = 1 + rng.below(ROWS);
+                        let r = if rng.below(100) < read_pct {
+                            read.query_row(params![id], |r| r.get::<_, Vec<u8>>(0)).map(|_| ())
+                        } else {
+                            write.execute(params![rng.bytes(100), id]).map(|_| ())
+                        };
+                        match r {
+                            Ok(()) => n += 1,
+                            Err(e) if is_busy(&e) => {}
+                            Err(e) => return Err(e.into()),
+                        }
+                    }
+                    Ok(n)
+                })
+            })
+            .collect();
+        barrier.wait();
+        let start = Instant::now();
+        thread::sleep(Duration::from_secs_f64(secs));
+        stop.store(true, Ordering::Relaxed);
+        let mut total = 0;
+        for w in workers {
+            total += w.join().expect("worker panicked")?;
+        }
+        Ok((total, start.elapsed()))
+    })?;
+    Ok(total as f64 / took.as_secs_f64())
+}
+
+struct MemoryReport {
+    idle: (u64, u64),
+    small: (u64, u64),
+    large: (u64, u64),
+    small_db: u64,
+    large_db: u64,
+}
+
+/// Daemon memory on a fresh mount: idle, after a small database, after a large one.
+fn memory(cfg: &Config) -> Result<MemoryReport> {
+    let mnt = cfg.work.join("mem-mnt");
+    let m = Mount::start(&mnt, &cfg.work.join("mem-backing"), &cfg.work.join("sqlfs-mem.log"))?;
+    thread::sleep(Duration::from_millis(200));
+    let idle = m.memory()?;
+    let path = mnt.join("mem.db");
+    let conn = open(&path, "NORMAL")?;
+    let small_mb = cfg.small_mb();
+    bulk_load(&conn, small_mb, 1, 4)?;
+    scan_once(&conn)?;
+    let small_db = db_bytes(&conn)?;
+    let small = m.memory()?;
+    step(&format!("growing the database to {} MB", cfg.big_mb));
+    bulk_load(&conn, cfg.big_mb.saturating_sub(small_mb), 16, 5)?;
+    conn.execute_batch("PRAGMA wal_checkpoint(TRUNCATE);")?;
+    scan_once(&conn)?;
+    let large_db = db_bytes(&conn)?;
+    let large = m.memory()?;
+    drop(conn);
+    m.stop()?;
+    Ok(MemoryReport { idle, small, large, small_db, large_db })
+}
+
+// ---------------------------------------------------------------------------------------
+// Report
+
+struct Row {
+    name: String,
+    native: Option<f64>,
+    sqlfs: f64,
+    unit_digits: usize,
+}
+
+fn fmt_num(v: f64, digits: usize) -> String {
+    let s = format!("{v:.digits$}");
+    let (int, frac) = match s.split_once('.') {
+        Some((i, f)) => (i.to_string(), Some(f.to_string())),
+        None => (s.clone(), None),
+    };
+    let (sign, int) = match int.strip_prefix('-') {
+        Some(i) => ("-", i),
+        None => ("", int.as_str()),
+    };
+    let mut grouped = String::new();
+    for (i, c) in int.chars().enumerate() {
+        if i > 0 && (int.len() - i) % 3 == 0 {
+            grouped.push(',');
+        }
+        grouped.push(c);
+    }
+    match frac {
+        Some(f) => format!("{sign}{grouped}.{f}"),
+        None => format!("{sign}{grouped}"),
+    }
+}
+
+fn table(rows: &[Row]) -> String {
+    let mut out = String::from("| workload | native | sqlfs | ratio |\n| --- | ---: | ---: | ---: |\n");
+    for r in rows {
+        let (native, ratio) = match r.native {
+            Some(n) if n > 0.0 => (fmt_num(n, r.unit_digits), format!("{:.2}", r.sqlfs / n)),
+            Some(n) => (fmt_num(n, r.unit_digits), "–".into()),
+            None => ("–".into(), "–".into()),
+        };
+        out += &format!("| {} | {} | {} | {} |\n", r.name, native, fmt_num(r.sqlfs, r.unit_digits), ratio);
+    }
+    out
+}
+
+fn step(what: &str) {
+    eprintln!("[bench] {what}");
+}
+
+fn command_output(cmd: &str, args: &[&str]) -> String {
+    Command::new(cmd)
+        .args(args)
+        .output()
+        .ok()
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
+        .unwrap_or_default()
+}
+
+fn main() -> Result<()> {
+    let cfg = Config::from_env()?;
+    let started = Instant::now();
+
+    // A crashed earlier run may have left a mount behind.
+    for (p, _) in mounts() {
+        if p.starts_with(&cfg.work) {
+            force_unmount(&p);
+        }
+    }
+    if cfg.work.exists() {
+        fs::remove_dir_all(&cfg.work).with_context(|| format!("removing {}", cfg.work.display()))?;
+    }
+    let native = cfg.work.join("native");
+    let mnt = cfg.work.join("mnt");
+    fs::create_dir_all(&native)?;
+    let fstype = fstype_of(&native);
+    if fstype == "tmpfs" || fstype == "ramfs" {
+        eprintln!(
+            "[bench] warning: {} is on {fstype}; set SQLFS_BENCH_DIR to a directory on disk",
+            cfg.work.display()
+        );
+    }
+
+    let secs = cfg.secs;
+    let mut rows = Vec::new();
+    let mount = Mount::start(&mnt, &cfg.work.join("backing"), &cfg.work.join("sqlfs.log"))?;
+
+    for sync in ["NORMAL", "FULL"] {
+        step(&format!("autocommit INSERT, synchronous={sync}, {secs} s each"));
+        let n = autocommit(&native, sync, secs)?;
+        let s = autocommit(&mnt, sync, secs)?;
+        rows.push(Row {
+            name: format!("autocommit INSERT, synchronous={sync} (tx/s)"),
+            native: Some(n),
+            sqlfs: s,
+            unit_digits: 0,
+        });
+    }
+
+    step(&format!("bulk load and full scan of a {} MB table", cfg.scan_mb));
+    let (n_load, n_scan) = load_and_scan(&native, cfg.scan_mb)?;
+    let (s_load, s_scan) = load_and_scan(&mnt, cfg.scan_mb)?;
+    rows.push(Row {
+        name: format!("bulk load, {} MB in 10 MB transactions (MB/s)", cfg.scan_mb),
+        native: Some(n_load),
+        sqlfs: s_load,
+        unit_digits: 1,
+    });
+    rows.push(Row {
+        name: format!("full scan, warm, {} MB table (MB/s)", cfg.scan_mb),
+        native: Some(n_scan),
+        sqlfs: s_scan,
+        unit_digits: 1,
+    });
+
+    let (threads, pct) = (cfg.threads, cfg.read_pct);
+    step(&format!("mixed {pct}% reads / {}% updates, {threads} connections, {secs} s each", 100 - pct));
+    let n = mixed(&native, threads, pct, secs)?;
+    let s = mixed(&mnt, threads, pct, secs)?;
+    rows.push(Row {
+        name: format!("mixed {pct}% point reads / {}% updates, {threads} connections (ops/s)", 100 - pct),
+        native: Some(n),
+        sqlfs: s,
+        unit_digits: 0,
+    });
+    mount.stop()?;
+
+    step("daemon memory on a fresh mount");
+    let mem = memory(&cfg)?;
+    let mib = |kib: u64| kib as f64 / 1024.0;
+    let small_mb = mem.small_db as f64 / MB;
+    let large_mb = mem.large_db as f64 / MB;
+    for (name, v) in [
+        ("daemon VmRSS, idle after mount (MiB)".to_string(), mem.idle.0),
+        (format!("daemon VmRSS, {small_mb:.0} MB database (MiB)"), mem.small.0),
+        (format!("daemon VmHWM, {small_mb:.0} MB database (MiB)"), mem.small.1),
+        (format!("daemon VmRSS, {large_mb:.0} MB database (MiB)"), mem.large.0),
+        (format!("daemon VmHWM, {large_mb:.0} MB database (MiB)"), mem.large.1),
+    ] {
+        rows.push(Row { name, native: None, sqlfs: mib(v), unit_digits: 1 });
+    }
+
+    let header = format!(
+        "sqlfs benchmark, {} UTC: {} cores, Linux {}, SQLite {}, work dir on {fstype}; \
+         {secs} s per timed workload.\n",
+        command_output("date", &["-u", "+%Y-%m-%d %H:%M"]),
+        thread::available_parallelism().map(|n| n.get()).unwrap_or(0),
+        fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default().trim(),
+        rusqlite::version(),
+    );
+    let footer = format!(
+        "\nratio = sqlfs / native (higher is better for throughput). Daemon peak memory \
+         {:.1} MiB with a {small_mb:.0} MB database, {:.1} MiB at {large_mb:.0} MB.\n",
+        mib(mem.small.1),
+        mib(mem.large.1),
+    );
+    let report = format!("{header}\n{}{footer}", table(&rows));
+    println!("\n{report}");
+    if let Some(dir) = cfg.results.parent() {
+        fs::create_dir_all(dir)?;
+    }
+    File::create(&cfg.results)?.write_all(report.as_bytes())?;
+    eprintln!(
+        "[bench] wrote {} ({:.0} s in all)",
+        cfg.results.display(),
+        started.elapsed().as_secs_f64()
+    );
+
+    if !cfg.keep {
+        fs::remove_dir_all(&cfg.work).with_context(|| format!("removing {}", cfg.work.display()))?;
+    }
+    Ok(())
+}
