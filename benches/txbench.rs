@@ -138,7 +138,10 @@ fn unescape_mountinfo(s: &str) -> String {
     let mut out = Vec::with_capacity(b.len());
     let mut i = 0;
     while i < b.len() {
-        if b[i] == b'\\' && i + 3 < b.len() && b[i + 1..i + 4].iter().all(|c| (b'0'..=b'7').contains(c)) {
+        if b[i] == b'\\'
+            && i + 3 < b.len()
+            && b[i + 1..i + 4].iter().all(|c| (b'0'..=b'7').contains(c))
+        {
             out.push((b[i + 1] - b'0') * 64 + (b[i + 2] - b'0') * 8 + (b[i + 3] - b'0'));
             i += 4;
         } else {
@@ -216,7 +219,10 @@ impl Mount {
             }
             if let Some(st) = m.child.as_mut().unwrap().try_wait()? {
                 m.child = None;
-                bail!("sqlfs exited before mounting ({st}); log:\n{}", m.log_tail());
+                bail!(
+                    "sqlfs exited before mounting ({st}); log:\n{}",
+                    m.log_tail()
+                );
             }
             if Instant::now() > deadline {
                 bail!(
@@ -273,10 +279,16 @@ impl Mount {
         };
         if is_sqlfs_mount(&self.dir) {
             force_unmount(&self.dir);
-            bail!("sqlfs exited ({status}) but {} is still mounted", self.dir.display());
+            bail!(
+                "sqlfs exited ({status}) but {} is still mounted",
+                self.dir.display()
+            );
         }
         if !status.success() {
-            bail!("sqlfs exited with {status} after SIGTERM; log:\n{}", self.log_tail());
+            bail!(
+                "sqlfs exited with {status} after SIGTERM; log:\n{}",
+                self.log_tail()
+            );
         }
         Ok(())
     }
@@ -327,7 +339,10 @@ fn remove_db(path: &Path) {
 }
 
 fn is_busy(e: &rusqlite::Error) -> bool {
-    matches!(e.sqlite_error_code(), Some(ErrorCode::DatabaseBusy | ErrorCode::DatabaseLocked))
+    matches!(
+        e.sqlite_error_code(),
+        Some(ErrorCode::DatabaseBusy | ErrorCode::DatabaseLocked)
+    )
 }
 
 fn db_bytes(conn: &Connection) -> Result<u64> {
@@ -441,7 +456,8 @@ fn mixed(dir: &Path, threads: usize, read_pct: u64, secs: f64) -> Result<f64> {
                     while !stop.load(Ordering::Relaxed) {
                         let id = 1 + rng.below(ROWS);
                         let r = if rng.below(100) < read_pct {
-                            read.query_row(params![id], |r| r.get::<_, Vec<u8>>(0)).map(|_| ())
+                            read.query_row(params![id], |r| r.get::<_, Vec<u8>>(0))
+                                .map(|_| ())
                         } else {
                             write.execute(params![rng.bytes(100), id]).map(|_| ())
                         };
@@ -479,7 +495,11 @@ struct MemoryReport {
 /// Daemon memory on a fresh mount: idle, after a small database, after a large one.
 fn memory(cfg: &Config) -> Result<MemoryReport> {
     let mnt = cfg.work.join("mem-mnt");
-    let m = Mount::start(&mnt, &cfg.work.join("mem-backing"), &cfg.work.join("sqlfs-mem.log"))?;
+    let m = Mount::start(
+        &mnt,
+        &cfg.work.join("mem-backing"),
+        &cfg.work.join("sqlfs-mem.log"),
+    )?;
     thread::sleep(Duration::from_millis(200));
     let idle = m.memory()?;
     let path = mnt.join("mem.db");
@@ -497,7 +517,13 @@ fn memory(cfg: &Config) -> Result<MemoryReport> {
     let large = m.memory()?;
     drop(conn);
     m.stop()?;
-    Ok(MemoryReport { idle, small, large, small_db, large_db })
+    Ok(MemoryReport {
+        idle,
+        small,
+        large,
+        small_db,
+        large_db,
+    })
 }
 
 // ---------------------------------------------------------------------------------------
@@ -534,14 +560,21 @@ fn fmt_num(v: f64, digits: usize) -> String {
 }
 
 fn table(rows: &[Row]) -> String {
-    let mut out = String::from("| workload | native | sqlfs | ratio |\n| --- | ---: | ---: | ---: |\n");
+    let mut out =
+        String::from("| workload | native | sqlfs | ratio |\n| --- | ---: | ---: | ---: |\n");
     for r in rows {
         let (native, ratio) = match r.native {
             Some(n) if n > 0.0 => (fmt_num(n, r.unit_digits), format!("{:.2}", r.sqlfs / n)),
             Some(n) => (fmt_num(n, r.unit_digits), "–".into()),
             None => ("–".into(), "–".into()),
         };
-        out += &format!("| {} | {} | {} | {} |\n", r.name, native, fmt_num(r.sqlfs, r.unit_digits), ratio);
+        out += &format!(
+            "| {} | {} | {} | {} |\n",
+            r.name,
+            native,
+            fmt_num(r.sqlfs, r.unit_digits),
+            ratio
+        );
     }
     out
 }
@@ -570,7 +603,8 @@ fn main() -> Result<()> {
         }
     }
     if cfg.work.exists() {
-        fs::remove_dir_all(&cfg.work).with_context(|| format!("removing {}", cfg.work.display()))?;
+        fs::remove_dir_all(&cfg.work)
+            .with_context(|| format!("removing {}", cfg.work.display()))?;
     }
     let native = cfg.work.join("native");
     let mnt = cfg.work.join("mnt");
@@ -588,7 +622,9 @@ fn main() -> Result<()> {
     let mount = Mount::start(&mnt, &cfg.work.join("backing"), &cfg.work.join("sqlfs.log"))?;
 
     for sync in ["NORMAL", "FULL"] {
-        step(&format!("autocommit INSERT, synchronous={sync}, {secs} s each"));
+        step(&format!(
+            "autocommit INSERT, synchronous={sync}, {secs} s each"
+        ));
         let n = autocommit(&native, sync, secs)?;
         let s = autocommit(&mnt, sync, secs)?;
         rows.push(Row {
@@ -599,7 +635,10 @@ fn main() -> Result<()> {
         });
     }
 
-    step(&format!("bulk load and full scan of a {} MB table", cfg.scan_mb));
+    step(&format!(
+        "bulk load and full scan of a {} MB table",
+        cfg.scan_mb
+    ));
     let (n_load, n_scan) = load_and_scan(&native, cfg.scan_mb)?;
     let (s_load, s_scan) = load_and_scan(&mnt, cfg.scan_mb)?;
     rows.push(Row {
@@ -616,11 +655,17 @@ fn main() -> Result<()> {
     });
 
     let (threads, pct) = (cfg.threads, cfg.read_pct);
-    step(&format!("mixed {pct}% reads / {}% updates, {threads} connections, {secs} s each", 100 - pct));
+    step(&format!(
+        "mixed {pct}% reads / {}% updates, {threads} connections, {secs} s each",
+        100 - pct
+    ));
     let n = mixed(&native, threads, pct, secs)?;
     let s = mixed(&mnt, threads, pct, secs)?;
     rows.push(Row {
-        name: format!("mixed {pct}% point reads / {}% updates, {threads} connections (ops/s)", 100 - pct),
+        name: format!(
+            "mixed {pct}% point reads / {}% updates, {threads} connections (ops/s)",
+            100 - pct
+        ),
         native: Some(n),
         sqlfs: s,
         unit_digits: 0,
@@ -633,21 +678,45 @@ fn main() -> Result<()> {
     let small_mb = mem.small_db as f64 / MB;
     let large_mb = mem.large_db as f64 / MB;
     for (name, v) in [
-        ("daemon VmRSS, idle after mount (MiB)".to_string(), mem.idle.0),
-        (format!("daemon VmRSS, {small_mb:.0} MB database (MiB)"), mem.small.0),
-        (format!("daemon VmHWM, {small_mb:.0} MB database (MiB)"), mem.small.1),
-        (format!("daemon VmRSS, {large_mb:.0} MB database (MiB)"), mem.large.0),
-        (format!("daemon VmHWM, {large_mb:.0} MB database (MiB)"), mem.large.1),
+        (
+            "daemon VmRSS, idle after mount (MiB)".to_string(),
+            mem.idle.0,
+        ),
+        (
+            format!("daemon VmRSS, {small_mb:.0} MB database (MiB)"),
+            mem.small.0,
+        ),
+        (
+            format!("daemon VmHWM, {small_mb:.0} MB database (MiB)"),
+            mem.small.1,
+        ),
+        (
+            format!("daemon VmRSS, {large_mb:.0} MB database (MiB)"),
+            mem.large.0,
+        ),
+        (
+            format!("daemon VmHWM, {large_mb:.0} MB database (MiB)"),
+            mem.large.1,
+        ),
     ] {
-        rows.push(Row { name, native: None, sqlfs: mib(v), unit_digits: 1 });
+        rows.push(Row {
+            name,
+            native: None,
+            sqlfs: mib(v),
+            unit_digits: 1,
+        });
     }
 
     let header = format!(
         "sqlfs benchmark, {} UTC: {} cores, Linux {}, SQLite {}, work dir on {fstype}; \
          {secs} s per timed workload.\n",
         command_output("date", &["-u", "+%Y-%m-%d %H:%M"]),
-        thread::available_parallelism().map(|n| n.get()).unwrap_or(0),
-        fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default().trim(),
+        thread::available_parallelism()
+            .map(|n| n.get())
+            .unwrap_or(0),
+        fs::read_to_string("/proc/sys/kernel/osrelease")
+            .unwrap_or_default()
+            .trim(),
         rusqlite::version(),
     );
     let footer = format!(
@@ -669,7 +738,8 @@ fn main() -> Result<()> {
     );
 
     if !cfg.keep {
-        fs::remove_dir_all(&cfg.work).with_context(|| format!("removing {}", cfg.work.display()))?;
+        fs::remove_dir_all(&cfg.work)
+            .with_context(|| format!("removing {}", cfg.work.display()))?;
     }
     Ok(())
 }
