@@ -1,1 +1,181 @@
-fn main(){}
+//! sqlfs: a filesystem under SQLite apps that captures every committed transaction.
+//!
+//! Pipeline (see docs/ARCHITECTURE.md): `fs` (kernel requests) → `capture` (WAL/journal →
+//! transactions) → `stage` (local durable log); `inspect` reads the stream back.
+
+mod backing;
+mod capture;
+mod control;
+mod fs;
+mod inspect;
+mod mount;
+mod sqlite;
+mod stage;
+
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+use anyhow::{Context, Result};
+use clap::{Parser, Subcommand};
+
+use crate::backing::Backing;
+use crate::inspect::Source;
+
+#[derive(Parser)]
+#[command(
+    name = "sqlfs",
+    version,
+    about = "Capture every committed SQLite transaction at the filesystem layer",
+    after_help = "Examples:\n  sqlfs mount /data                      # serve /data in place\n  sqlfs mount /data --data-dir /srv/db   # files live in /srv/db\n  sqlfs verify /data                     # replay the stream, compare with the files\n  sqlfs log /data --db app.db            # list staged transactions\n  sqlfs replay /data --db app.db --txid 42 -o /tmp/app-42.db\n\nLog verbosity: RUST_LOG=debug|info|warn (default info)."
+)]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Mount DIR (in place unless --data-dir) and capture every SQLite transaction under it.
+    /// Runs in the foreground; SIGINT/SIGTERM flush staging and unmount.
+    #[command(
+        after_help = "Examples:\n  sqlfs mount /data\n  sqlfs mount /data --data-dir /var/lib/app --threads 4"
+    )]
+    Mount {
+        /// Directory to mount over.
+        dir: PathBuf,
+        /// Keep the files here instead of in DIR itself.
+        #[arg(long, value_name = "BACKING")]
+        data_dir: Option<PathBuf>,
+        /// Kernel request threads.
+        #[arg(long, default_value_t = 4)]
+        threads: usize,
+        /// Fold staged transactions into a local base once a database's log exceeds this many
+        /// bytes (suffixes k, M, G).
+        #[arg(long, default_value = "64M", value_parser = parse_size)]
+        stage_limit: u64,
+    },
+    /// Replay each database's staged stream and compare it with its files (exit 1 on mismatch).
+    /// DIR is a running mount or an unmounted data directory. Run it while writers are idle.
+    Verify {
+        dir: PathBuf,
+        /// Only this database (path relative to the mount root).
+        #[arg(long)]
+        db: Option<String>,
+    },
+    /// List the staged transactions of one database.
+    Log {
+        dir: PathBuf,
+        #[arg(long)]
+        db: String,
+    },
+    /// Write a database as of a staged TXID to a file.
+    Replay {
+        dir: PathBuf,
+        #[arg(long)]
+        db: String,
+        #[arg(long)]
+        txid: u64,
+        #[arg(short, long)]
+        output: PathBuf,
+    },
+}
+
+fn parse_size(s: &str) -> Result<u64, String> {
+    let (num, mult) = match s.chars().last() {
+        Some('k' | 'K') => (&s[..s.len() - 1], 1u64 << 10),
+        Some('m' | 'M') => (&s[..s.len() - 1], 1 << 20),
+        Some('g' | 'G') => (&s[..s.len() - 1], 1 << 30),
+        _ => (s, 1),
+    };
+    num.parse::<u64>()
+        .map(|n| n * mult)
+        .map_err(|_| format!("not a size: {s} (examples: 512k, 64M, 1G)"))
+}
+
+/// Runs an inspect request against a live mount at `dir`, or offline on its data directory.
+fn inspect(
+    dir: &Path,
+    words: &[&str],
+    offline: impl FnOnce(&Backing) -> Result<(String, i32)>,
+) -> Result<i32> {
+    let dir =
+        std::fs::canonicalize(dir).with_context(|| format!("{} does not exist", dir.display()))?;
+    if mount::is_sqlfs_mount(&dir) {
+        match control::request(&dir, words)? {
+            Some((text, code)) => {
+                print!("{text}");
+                return Ok(code);
+            }
+            None => anyhow::bail!(
+                "{} is mounted by sqlfs but its control socket does not answer",
+                dir.display()
+            ),
+        }
+    }
+    let b = Backing::open(&dir).with_context(|| format!("cannot open {}", dir.display()))?;
+    let (text, code) = offline(&b)?;
+    print!("{text}");
+    Ok(code)
+}
+
+fn run() -> Result<i32> {
+    let cli = Cli::parse();
+    match cli.cmd {
+        Cmd::Mount {
+            dir,
+            data_dir,
+            threads,
+            stage_limit,
+        } => {
+            mount::run(mount::MountOpts {
+                dir,
+                data_dir,
+                threads,
+                stage_limit,
+            })?;
+            Ok(0)
+        }
+        Cmd::Verify { dir, db } => {
+            let d = db.clone().unwrap_or_else(|| "-".into());
+            inspect(&dir, &["verify", &d], |b| {
+                let (t, ok) = inspect::verify(b, &Source::Offline, db.as_deref())?;
+                Ok((t, if ok { 0 } else { 1 }))
+            })
+        }
+        Cmd::Log { dir, db } => inspect(&dir, &["log", &db], |b| {
+            Ok((inspect::log(b, &Source::Offline, &db)?, 0))
+        }),
+        Cmd::Replay {
+            dir,
+            db,
+            txid,
+            output,
+        } => {
+            let out = std::path::absolute(&output)?;
+            let t = txid.to_string();
+            inspect(
+                &dir,
+                &[
+                    "replay",
+                    &db,
+                    &t,
+                    out.to_str().context("output path is not UTF-8")?,
+                ],
+                |b| Ok((inspect::replay(b, &Source::Offline, &db, txid, &out)?, 0)),
+            )
+        }
+    }
+}
+
+fn main() -> ExitCode {
+    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info"))
+        .format_timestamp_millis()
+        .init();
+    match run() {
+        Ok(code) => ExitCode::from(code as u8),
+        Err(e) => {
+            eprintln!("sqlfs: error: {e:#}");
+            ExitCode::from(2)
+        }
+    }
+}

@@ -1,0 +1,1079 @@
+//! Capture: turns the file operations the mount passes through into committed SQLite
+//! transactions, in commit order, appended to each database's staging log.
+//!
+//! The filesystem layer reports events (`before_write`, `after_write`, truncate, unlink, rename,
+//! fsync) for files whose names make them part of a database: `X` (the database), `X-wal`,
+//! `X-journal`. All SQLite knowledge lives here.
+//!
+//! Invariants:
+//! - A transaction is staged before the write call that completed it returns to the app, so no
+//!   later operation (a checkpoint, a WAL restart, the next rollback transaction) can overwrite
+//!   data that is not yet staged.
+//! - Staging is made durable (fsync) before any write that destroys the last other durable copy
+//!   of a staged transaction: WAL header rewrites, WAL truncation or unlink, checkpoint writes
+//!   into the database file, and the first database write of a rollback-mode transaction.
+//! - Each database's TXIDs increase by one with no gap; `checksum` is the rolling checksum of
+//!   the state after `txid` (see `sqlite::page_crc`). When the state cannot be derived
+//!   incrementally (first sighting, a page size change, files changed while unmounted), a full
+//!   snapshot record is written instead, and the log says why.
+
+mod rollback;
+mod wal;
+
+use std::collections::{BTreeSet, HashMap};
+use std::fs::{self, File};
+use std::io;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use parking_lot::{Mutex, RwLock};
+
+use crate::backing::{Backing, META_DIR};
+use crate::sqlite::{self, page_crc, FRAME_HEADER};
+use crate::stage::{write_atomic, DbStage, Kind, RecordHeader, WalPos};
+use rollback::Rollback;
+pub use wal::read_exact_at;
+use wal::{WalTrack, WalTxn};
+
+/// What a file is to capture, by its name.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Role {
+    Main,
+    Wal,
+    Journal,
+    /// `-shm` and anything else: passed through, never looked at.
+    Other,
+}
+
+/// Splits a relative path into its role and the database path it belongs to.
+pub fn classify(rel: &str) -> (Role, &str) {
+    if rel == META_DIR || rel.starts_with(".sqlfs/") {
+        return (Role::Other, rel);
+    }
+    if let Some(db) = rel.strip_suffix("-wal") {
+        (Role::Wal, db)
+    } else if let Some(db) = rel.strip_suffix("-journal") {
+        (Role::Journal, db)
+    } else if rel.ends_with("-shm") {
+        (Role::Other, rel)
+    } else {
+        (Role::Main, rel)
+    }
+}
+
+fn now_ns() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_nanos() as u64)
+        .unwrap_or(0)
+}
+
+/// All databases of one mount.
+pub struct Capture {
+    backing: Arc<Backing>,
+    meta_root: PathBuf,
+    dbs: RwLock<HashMap<String, Arc<Db>>>,
+}
+
+/// One database being captured.
+pub struct Db {
+    pub id: String,
+    name: Mutex<String>,
+    pub stage: DbStage,
+    state: Mutex<State>,
+}
+
+/// The committed state as staged, plus what is known of the files right now.
+struct State {
+    page_size: u32,
+    db_pages: u32,
+    checksum: u64,
+    txid: u64,
+    wal: Option<WalTrack>,
+    rb: Rollback,
+    main_fd: Option<File>,
+    wal_fd: Option<File>,
+    /// Why the next commit must be a full snapshot (continuity lost), if it must.
+    resnapshot: Option<String>,
+}
+
+impl Capture {
+    /// Opens the capture state of a backing directory: loads every known database and
+    /// reconciles it with the files (see [`Db::load`]).
+    pub fn open(backing: Arc<Backing>) -> io::Result<Capture> {
+        let meta_root = backing.path(META_DIR);
+        fs::create_dir_all(meta_root.join("db"))?;
+        let cap = Capture {
+            backing,
+            meta_root,
+            dbs: RwLock::new(HashMap::new()),
+        };
+        for e in fs::read_dir(cap.meta_root.join("db"))? {
+            let e = e?;
+            let id = e.file_name().to_string_lossy().into_owned();
+            let dir = e.path();
+            let Ok(name) = fs::read_to_string(dir.join("name")) else {
+                continue;
+            };
+            if dir.join("deleted").exists() {
+                continue;
+            }
+            if !cap.backing.exists(&name) {
+                log::info!("{name}: database file is gone; its staged history is kept");
+                let _ = write_atomic(&dir.join("deleted"), b"");
+                continue;
+            }
+            match cap.load(&name, id) {
+                Ok(db) => {
+                    cap.dbs.write().insert(name, db);
+                }
+                Err(e) => log::error!("{name}: cannot load staging state: {e}"),
+            }
+        }
+        Ok(cap)
+    }
+
+    /// Every database known, by name.
+    pub fn databases(&self) -> Vec<(String, Arc<Db>)> {
+        let mut v: Vec<_> = self
+            .dbs
+            .read()
+            .iter()
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect();
+        v.sort_by(|a, b| a.0.cmp(&b.0));
+        v
+    }
+
+    fn load(&self, name: &str, id: String) -> io::Result<Arc<Db>> {
+        let dir = self.meta_root.join("db").join(&id);
+        let stage = DbStage::open(&dir).map_err(io::Error::other)?;
+        let db = Arc::new(Db {
+            id,
+            name: Mutex::new(name.to_string()),
+            stage,
+            state: Mutex::new(State {
+                page_size: 0,
+                db_pages: 0,
+                checksum: 0,
+                txid: 0,
+                wal: None,
+                rb: Rollback::default(),
+                main_fd: None,
+                wal_fd: None,
+                resnapshot: None,
+            }),
+        });
+        db.reconcile(&self.backing)?;
+        Ok(db)
+    }
+
+    /// The database `db_rel` if it is known.
+    pub fn get(&self, db_rel: &str) -> Option<Arc<Db>> {
+        self.dbs.read().get(db_rel).cloned()
+    }
+
+    /// The database `db_rel`, starting to capture it if its files show it is one: a database
+    /// header in the main file, or a WAL/journal being written next to an existing main file.
+    pub fn get_or_start(
+        &self,
+        db_rel: &str,
+        role: Role,
+        first_bytes: Option<&[u8]>,
+    ) -> Option<Arc<Db>> {
+        if let Some(db) = self.get(db_rel) {
+            return Some(db);
+        }
+        let is_db = match role {
+            Role::Main => match first_bytes {
+                Some(b) => sqlite::is_db_header(b),
+                None => self.main_has_header(db_rel),
+            },
+            Role::Wal | Role::Journal => self
+                .backing
+                .stat(db_rel)
+                .map(|st| st.st_mode & libc::S_IFMT == libc::S_IFREG)
+                .unwrap_or(false),
+            Role::Other => false,
+        };
+        if !is_db {
+            return None;
+        }
+        let mut dbs = self.dbs.write();
+        if let Some(db) = dbs.get(db_rel) {
+            return Some(db.clone());
+        }
+        let id = new_id();
+        let dir = self.meta_root.join("db").join(&id);
+        let res = fs::create_dir_all(&dir)
+            .and_then(|_| write_atomic(&dir.join("name"), db_rel.as_bytes()))
+            .and_then(|_| self.load(db_rel, id));
+        match res {
+            Ok(db) => {
+                log::info!("{db_rel}: capturing new database (id {})", db.id);
+                dbs.insert(db_rel.to_string(), db.clone());
+                Some(db)
+            }
+            Err(e) => {
+                log::error!("{db_rel}: cannot start capturing: {e}");
+                None
+            }
+        }
+    }
+
+    fn main_has_header(&self, rel: &str) -> bool {
+        let mut b = [0u8; 16];
+        matches!(self.backing.open_read(rel), Ok(Some(f)) if read_exact_at(&f, &mut b, 0).unwrap_or(false) && sqlite::is_db_header(&b))
+    }
+
+    /// Before a write of `data` at `off` to file `rel` is passed through.
+    pub fn before_write(&self, rel: &str, off: u64, data: &[u8]) {
+        let (role, db_rel) = classify(rel);
+        let db = match role {
+            Role::Other => return,
+            Role::Main if off == 0 => self.get_or_start(db_rel, role, Some(data)),
+            Role::Main => self.get(db_rel),
+            _ => self.get_or_start(db_rel, role, None),
+        };
+        if let Some(db) = db {
+            db.guard(|st, db| st.before_write(db, &self.backing, role, off, data.len() as u64));
+        }
+    }
+
+    /// After a write to `rel` succeeded.
+    pub fn after_write(&self, rel: &str, off: u64, data: &[u8]) {
+        let (role, db_rel) = classify(rel);
+        if role == Role::Other {
+            return;
+        }
+        if let Some(db) = self.get(db_rel) {
+            db.guard(|st, db| st.after_write(db, &self.backing, role, off, data));
+        }
+    }
+
+    /// Before `rel` is truncated (or extended) to `size`.
+    pub fn before_truncate(&self, rel: &str, size: u64) {
+        let (role, db_rel) = classify(rel);
+        if let Some(db) = self.get(db_rel) {
+            db.guard(|st, db| st.before_truncate(db, &self.backing, role, size));
+        }
+    }
+
+    /// After `rel` was truncated to `size`.
+    pub fn after_truncate(&self, rel: &str, size: u64) {
+        let (role, db_rel) = classify(rel);
+        if let Some(db) = self.get(db_rel) {
+            db.guard(|st, db| st.after_truncate(db, &self.backing, role, size));
+        }
+    }
+
+    /// Before an fsync of `rel` is passed through.
+    pub fn before_fsync(&self, rel: &str) {
+        let (role, db_rel) = classify(rel);
+        if let Some(db) = self.get(db_rel) {
+            db.guard(|st, db| st.on_fsync(db, &self.backing, role));
+        }
+    }
+
+    /// A handle on `rel` was closed.
+    pub fn on_release(&self, rel: &str) {
+        let (role, db_rel) = classify(rel);
+        if role == Role::Main {
+            if let Some(db) = self.get(db_rel) {
+                db.guard(|st, db| st.on_fsync(db, &self.backing, role));
+            }
+        }
+    }
+
+    /// Before `rel` is unlinked.
+    pub fn before_unlink(&self, rel: &str) {
+        let (role, db_rel) = classify(rel);
+        if let Some(db) = self.get(db_rel) {
+            db.guard(|st, db| st.before_unlink(db, &self.backing, role));
+        }
+    }
+
+    /// After `rel` was unlinked.
+    pub fn after_unlink(&self, rel: &str) {
+        let (role, db_rel) = classify(rel);
+        let Some(db) = self.get(db_rel) else { return };
+        db.guard(|st, db| st.after_unlink(db, &self.backing, role));
+        if role == Role::Main {
+            log::info!("{db_rel}: database deleted; its staged history is kept");
+            let _ = db.stage.sync();
+            let _ = write_atomic(&db.stage.dir().join("deleted"), b"");
+            self.dbs.write().remove(db_rel);
+        }
+    }
+
+    /// A file was created (or opened with O_TRUNC): forget cached handles on it.
+    pub fn on_create(&self, rel: &str) {
+        let (role, db_rel) = classify(rel);
+        if let Some(db) = self.get(db_rel) {
+            db.guard(|st, db| st.reopen(db, &self.backing, role));
+        }
+    }
+
+    /// `from` was renamed to `to` (replacing `to` if it existed).
+    pub fn after_rename(&self, from: &str, to: &str) {
+        let (rf, dbf) = classify(from);
+        let (rt, dbt) = classify(to);
+        // The target's old identity is gone.
+        if rt == Role::Main {
+            if let Some(old) = self.dbs.write().remove(dbt) {
+                let _ = old.stage.sync();
+                let _ = write_atomic(&old.stage.dir().join("deleted"), b"");
+                log::info!("{dbt}: replaced by rename; its staged history is kept");
+            }
+        } else if let Some(db) = self.get(dbt) {
+            db.guard(|st, db| st.reopen(db, &self.backing, rt));
+        }
+        if rf == Role::Main {
+            if let Some(db) = self.dbs.write().remove(dbf) {
+                *db.name.lock() = dbt.to_string();
+                let _ = write_atomic(&db.stage.dir().join("name"), dbt.as_bytes());
+                db.guard(|st, db| st.reopen(db, &self.backing, Role::Main));
+                log::info!("{dbf}: renamed to {dbt}");
+                self.dbs.write().insert(dbt.to_string(), db);
+            }
+        } else if let Some(db) = self.get(dbf) {
+            db.guard(|st, db| st.reopen(db, &self.backing, rf));
+        }
+        // A file renamed into place may be a database nobody has opened yet.
+        if rt == Role::Main {
+            self.get_or_start(dbt, Role::Main, None);
+        }
+    }
+
+    /// Makes every database's staging durable and records a clean-shutdown fingerprint.
+    pub fn shutdown(&self) {
+        for (name, db) in self.databases() {
+            db.guard(|st, db| st.flush_journalless(db, &self.backing));
+            if let Err(e) = db.stage.sync() {
+                log::error!("{name}: cannot sync staging: {e}");
+                continue;
+            }
+            let st = db.state.lock();
+            let fp = fingerprint(&self.backing, &name, st.txid);
+            if let Err(e) = write_atomic(&db.stage.dir().join("clean"), fp.as_bytes()) {
+                log::error!("{name}: cannot record clean shutdown: {e}");
+            }
+        }
+    }
+
+    /// Syncs every database's staging log that has unsynced records.
+    pub fn sync_all(&self) {
+        for (name, db) in self.databases() {
+            if db.stage.is_dirty() {
+                if let Err(e) = db.stage.sync() {
+                    log::error!("{name}: cannot sync staging: {e}");
+                }
+            }
+        }
+    }
+}
+
+fn new_id() -> String {
+    let mut b = [0u8; 8];
+    if let Ok(mut f) = File::open("/dev/urandom") {
+        let _ = std::io::Read::read_exact(&mut f, &mut b);
+    }
+    let x = u64::from_ne_bytes(b) ^ now_ns();
+    format!("{x:016x}")
+}
+
+/// Size and mtime of a database's files: equal fingerprints mean nothing changed them.
+fn fingerprint(b: &Backing, name: &str, txid: u64) -> String {
+    let f = |rel: &str| match b.stat(rel) {
+        Ok(st) => format!("{}:{}.{}", st.st_size, st.st_mtime, st.st_mtime_nsec),
+        Err(_) => "-".into(),
+    };
+    format!(
+        "txid={txid} main={} wal={} journal={}\n",
+        f(name),
+        f(&format!("{name}-wal")),
+        f(&format!("{name}-journal"))
+    )
+}
+
+impl Db {
+    pub fn name(&self) -> String {
+        self.name.lock().clone()
+    }
+
+    /// Current (txid, checksum, page size, size in pages) of the staged stream.
+    pub fn position(&self) -> (u64, u64, u32, u32) {
+        let st = self.state.lock();
+        (st.txid, st.checksum, st.page_size, st.db_pages)
+    }
+
+    /// Runs `f` on the state. Capture errors never fail the app's I/O: they are logged, and the
+    /// next commit becomes a full snapshot so the stream stays exact.
+    fn guard(&self, f: impl FnOnce(&mut State, &Db) -> io::Result<()>) {
+        let mut st = self.state.lock();
+        let res = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| f(&mut st, self)));
+        let err = match res {
+            Ok(Ok(())) => return,
+            Ok(Err(e)) => e.to_string(),
+            Err(_) => "internal error (panic) in capture".to_string(),
+        };
+        log::error!(
+            "{}: capture failed: {err}; the next transaction will be staged as a full snapshot",
+            self.name()
+        );
+        st.resnapshot = Some(format!("an earlier capture failed: {err}"));
+        st.main_fd = None;
+        st.wal_fd = None;
+    }
+
+    /// Brings the state in line with the staging log and the files after a (re)start:
+    /// commits that reached the WAL but not staging (sqlfs killed in between) are staged; if
+    /// the files changed in a way the stream cannot explain, a snapshot is staged.
+    fn reconcile(&self, b: &Backing) -> io::Result<()> {
+        let name = self.name();
+        let mut st = self.state.lock();
+        let base = self.stage.base_meta().map_err(io::Error::other)?;
+        let (txid, checksum, ps, pages, walpos) = match self.stage.last() {
+            Some(h) => (h.txid, h.checksum_after, h.page_size, h.db_pages, h.wal),
+            None => (
+                base.txid,
+                base.checksum,
+                base.page_size,
+                base.db_pages,
+                WalPos::default(),
+            ),
+        };
+        st.txid = txid;
+        st.checksum = checksum;
+        st.page_size = ps;
+        st.db_pages = pages;
+        let clean_path = self.stage.dir().join("clean");
+        let unchanged = fs::read_to_string(&clean_path).ok().as_deref()
+            == Some(fingerprint(b, &name, txid).as_str());
+        let _ = fs::remove_file(&clean_path);
+        let jrel = format!("{name}-journal");
+        let mut jh = [0u8; 8];
+        if matches!(b.open_read(&jrel), Ok(Some(f)) if read_exact_at(&f, &mut jh, 0).unwrap_or(false))
+            && jh == sqlite::JOURNAL_MAGIC
+        {
+            st.rb.journal_live = true;
+        }
+
+        st.reopen(self, b, Role::Main)?;
+        st.reopen(self, b, Role::Wal)?;
+        if txid == 0 {
+            st.resnapshot = Some("first sighting of this database".into());
+        }
+        let State {
+            wal,
+            wal_fd,
+            resnapshot,
+            ..
+        } = &mut *st;
+        if let (Some(w), Some(fd)) = (wal.as_mut(), wal_fd.as_ref()) {
+            if walpos.end != 0 && walpos.salt == (w.hdr.salt1, w.hdr.salt2) {
+                // Re-enter the WAL where the last staged commit left it.
+                if !w.seek_to(fd, walpos.end, walpos.cksum)? {
+                    resnapshot.get_or_insert_with(|| {
+                        "the WAL no longer matches the staged stream".into()
+                    });
+                }
+            } else {
+                // A WAL generation the stream never saw: its commits are compared below.
+                while let Some(t) = w.advance(fd)?.pop() {
+                    w.publish(&t);
+                }
+            }
+        }
+        if st.resnapshot.is_none() && txid > 0 {
+            st.capture_wal(self, b)?;
+            if !unchanged {
+                let actual = st.full_checksum(self, b)?;
+                if actual != (st.checksum, st.page_size, st.db_pages) {
+                    st.resnapshot = Some(format!(
+                        "the files changed while sqlfs was not running (staged checksum {:016x}, files {:016x})",
+                        st.checksum, actual.0
+                    ));
+                } else {
+                    log::info!(
+                        "{name}: continuity with the staged stream verified by checksum (TXID {})",
+                        st.txid
+                    );
+                }
+            }
+        }
+        if let Some(why) = st.resnapshot.clone() {
+            let pos = st.current_walpos();
+            st.snapshot_with(self, b, &why, pos)?;
+        }
+        Ok(())
+    }
+}
+
+impl State {
+    fn reopen(&mut self, db: &Db, b: &Backing, role: Role) -> io::Result<()> {
+        let name = db.name();
+        match role {
+            Role::Main => self.main_fd = b.open_read(&name)?,
+            Role::Wal => {
+                self.wal_fd = b.open_read(&format!("{name}-wal"))?;
+                self.wal = match &self.wal_fd {
+                    Some(f) => WalTrack::read_header(f)?.map(WalTrack::new),
+                    None => None,
+                };
+            }
+            _ => {}
+        }
+        Ok(())
+    }
+
+    fn main(&mut self, db: &Db, b: &Backing) -> io::Result<&File> {
+        if self.main_fd.is_none() {
+            self.main_fd = b.open_read(&db.name())?;
+        }
+        self.main_fd
+            .as_ref()
+            .ok_or_else(|| io::Error::new(io::ErrorKind::NotFound, "database file vanished"))
+    }
+
+    /// The committed content of page `pgno` as the staged stream has it now: its newest
+    /// committed WAL frame, else the database file (zeros past its end or if it is missing).
+    fn read_page(&self, pgno: u32, ps: u32, buf: &mut [u8]) -> io::Result<()> {
+        if let (Some(w), Some(fd)) = (&self.wal, &self.wal_fd) {
+            if let Some(&off) = w.index.get(&pgno) {
+                if read_exact_at(fd, buf, off + FRAME_HEADER)? {
+                    return Ok(());
+                }
+            }
+        }
+        buf.fill(0);
+        let Some(f) = self.main_fd.as_ref() else {
+            return Ok(());
+        };
+        let off = (pgno as u64 - 1) * ps as u64;
+        let mut got = 0;
+        while got < buf.len() {
+            match std::os::unix::fs::FileExt::read_at(f, &mut buf[got..], off + got as u64)? {
+                0 => break,
+                n => got += n,
+            }
+        }
+        Ok(())
+    }
+
+    /// Stages the durable copy before data that only lives in the files is destroyed.
+    fn barrier(&self, db: &Db) -> io::Result<()> {
+        if db.stage.is_dirty() {
+            db.stage.sync().map_err(io::Error::other)?;
+        }
+        Ok(())
+    }
+
+    fn in_wal_mode(&self) -> bool {
+        self.wal.is_some()
+    }
+
+    fn before_write(
+        &mut self,
+        db: &Db,
+        b: &Backing,
+        role: Role,
+        off: u64,
+        len: u64,
+    ) -> io::Result<()> {
+        self.main(db, b)?;
+        match role {
+            Role::Wal => {
+                if off < sqlite::WAL_HEADER {
+                    // A new WAL generation starts: the old frames will be overwritten.
+                    self.capture_wal(db, b)?;
+                    self.barrier(db)?;
+                }
+            }
+            Role::Main => {
+                if self.in_wal_mode() {
+                    // A checkpoint copying committed frames back.
+                    self.barrier(db)?;
+                } else {
+                    if self.rb.is_clean() {
+                        self.barrier(db)?;
+                    }
+                    let (ps, pages) = (self.page_size, self.db_pages);
+                    let mut buf = vec![0u8; ps as usize];
+                    let need: Vec<u32> = self.rb.note_write(off, len, ps, pages);
+                    for pgno in need {
+                        self.read_page(pgno, ps, &mut buf)?;
+                        self.rb.old_crc.insert(pgno, page_crc(pgno, &buf));
+                    }
+                }
+            }
+            Role::Journal | Role::Other => {}
+        }
+        Ok(())
+    }
+
+    fn after_write(
+        &mut self,
+        db: &Db,
+        b: &Backing,
+        role: Role,
+        off: u64,
+        data: &[u8],
+    ) -> io::Result<()> {
+        match role {
+            Role::Wal => {
+                if off == 0 {
+                    // A new WAL generation (first header or restart after a checkpoint that
+                    // backfilled every frame): the database file now holds all committed pages.
+                    self.reopen(db, b, Role::Wal)?;
+                }
+                if let Some(w) = self.wal.as_mut() {
+                    w.note_write(off);
+                }
+                self.capture_wal(db, b)?;
+            }
+            Role::Journal => {
+                if off == 0 && data.len() >= 8 {
+                    if data[..8] == sqlite::JOURNAL_MAGIC {
+                        self.rb.journal_live = true;
+                    } else if data[..8].iter().all(|&x| x == 0) {
+                        self.commit_rollback(db, b)?;
+                    }
+                }
+            }
+            Role::Main | Role::Other => {}
+        }
+        Ok(())
+    }
+
+    fn before_truncate(&mut self, db: &Db, b: &Backing, role: Role, size: u64) -> io::Result<()> {
+        self.main(db, b)?;
+        match role {
+            Role::Wal => {
+                self.capture_wal(db, b)?;
+                self.barrier(db)
+            }
+            Role::Main if !self.in_wal_mode() => {
+                if self.rb.is_clean() {
+                    self.barrier(db)?;
+                }
+                let (ps, pages) = (self.page_size, self.db_pages);
+                if ps > 0 {
+                    let first_gone = size.div_ceil(ps as u64) as u32 + 1;
+                    let mut buf = vec![0u8; ps as usize];
+                    for pgno in first_gone..=pages {
+                        if !self.rb.old_crc.contains_key(&pgno) {
+                            self.read_page(pgno, ps, &mut buf)?;
+                            self.rb.old_crc.insert(pgno, page_crc(pgno, &buf));
+                        }
+                    }
+                }
+                self.rb.truncated = true;
+                Ok(())
+            }
+            Role::Main => self.barrier(db),
+            _ => Ok(()),
+        }
+    }
+
+    fn after_truncate(&mut self, db: &Db, b: &Backing, role: Role, size: u64) -> io::Result<()> {
+        match role {
+            Role::Wal => {
+                if size < sqlite::WAL_HEADER
+                    || self.wal.as_ref().is_some_and(|w| size < w.committed_end)
+                {
+                    self.wal = None;
+                    self.reopen(db, b, Role::Wal)?;
+                }
+                Ok(())
+            }
+            Role::Journal if size == 0 => self.commit_rollback(db, b),
+            _ => Ok(()),
+        }
+    }
+
+    fn before_unlink(&mut self, db: &Db, b: &Backing, role: Role) -> io::Result<()> {
+        match role {
+            Role::Wal => {
+                self.capture_wal(db, b)?;
+                self.barrier(db)
+            }
+            Role::Main => self.flush_journalless(db, b),
+            _ => Ok(()),
+        }
+    }
+
+    fn after_unlink(&mut self, db: &Db, b: &Backing, role: Role) -> io::Result<()> {
+        match role {
+            Role::Wal => {
+                self.wal = None;
+                self.wal_fd = None;
+                Ok(())
+            }
+            Role::Journal => self.commit_rollback(db, b),
+            Role::Main => {
+                self.main_fd = None;
+                Ok(())
+            }
+            Role::Other => Ok(()),
+        }
+    }
+
+    fn on_fsync(&mut self, db: &Db, b: &Backing, role: Role) -> io::Result<()> {
+        if role == Role::Main {
+            self.flush_journalless(db, b)?;
+        }
+        Ok(())
+    }
+
+    /// Writes made to the database file with no journal and no WAL (journal_mode=OFF or
+    /// MEMORY) are committed when the app syncs or closes the file.
+    fn flush_journalless(&mut self, db: &Db, b: &Backing) -> io::Result<()> {
+        if !self.in_wal_mode() && !self.rb.journal_live && !self.rb.is_clean() {
+            self.commit_rollback(db, b)?;
+        }
+        Ok(())
+    }
+
+    /// Stages every transaction completed in the WAL since the last call.
+    fn capture_wal(&mut self, db: &Db, b: &Backing) -> io::Result<()> {
+        let (Some(w), Some(fd)) = (self.wal.as_mut(), self.wal_fd.as_ref()) else {
+            return Ok(());
+        };
+        let txns = w.advance(fd)?;
+        for t in txns {
+            self.commit_wal(db, b, t)?;
+        }
+        Ok(())
+    }
+
+    fn commit_wal(&mut self, db: &Db, b: &Backing, t: WalTxn) -> io::Result<()> {
+        self.main(db, b)?;
+        let w = self.wal.as_ref().expect("WAL tracked");
+        let ps = w.hdr.page_size;
+        let walpos = WalPos {
+            salt: (w.hdr.salt1, w.hdr.salt2),
+            cksum: t.cksum,
+            end: t.end,
+        };
+        let last_commit = w.last_commit;
+        let fd = self.wal_fd.as_ref().expect("WAL open").try_clone()?;
+        // Newest frame per page of this transaction.
+        let mut newest: HashMap<u32, u64> = HashMap::new();
+        for &(off, pgno) in &t.frames {
+            newest.insert(pgno, off);
+        }
+        // Padding: a copy of the previous commit frame, written to fill a sector. Same page,
+        // same bytes, same size: the state does not change, so no TXID is spent on it.
+        if let (true, Some((lp, loff))) = (
+            t.frames.len() == 1 && t.db_pages == self.db_pages && self.resnapshot.is_none(),
+            last_commit,
+        ) {
+            let (off, pgno) = t.frames[0];
+            if lp == pgno {
+                let mut a = vec![0u8; ps as usize];
+                let mut c = vec![0u8; ps as usize];
+                if read_exact_at(&fd, &mut a, loff + FRAME_HEADER)?
+                    && read_exact_at(&fd, &mut c, off + FRAME_HEADER)?
+                    && a == c
+                {
+                    self.wal.as_mut().expect("WAL tracked").publish(&t);
+                    return Ok(());
+                }
+            }
+        }
+        if self.resnapshot.is_some() || (self.page_size != ps && self.db_pages != 0) {
+            let why = self
+                .resnapshot
+                .clone()
+                .unwrap_or_else(|| "page size changed".into());
+            self.wal.as_mut().expect("WAL tracked").publish(&t);
+            return self.snapshot_with(db, b, &why, walpos);
+        }
+        let old_pages = self.db_pages;
+        let mut pages: BTreeSet<u32> = newest
+            .keys()
+            .copied()
+            .filter(|&p| p <= t.db_pages)
+            .collect();
+        // Pages that come into existence without a frame (the lock page) read as they are.
+        pages.extend((old_pages + 1..=t.db_pages).filter(|p| !newest.contains_key(p)));
+        let mut checksum = self.checksum;
+        let mut buf = vec![0u8; ps as usize];
+        // Out: the old versions of changed pages and of pages cut off the end.
+        let gone = t.db_pages + 1..=old_pages;
+        for p in pages
+            .iter()
+            .copied()
+            .filter(|&p| p <= old_pages)
+            .chain(gone)
+        {
+            self.read_page(p, ps, &mut buf)?;
+            checksum ^= page_crc(p, &buf);
+        }
+        // In: the new versions.
+        let mut data: Vec<(u32, Vec<u8>)> = Vec::with_capacity(pages.len());
+        for &p in &pages {
+            let mut page = vec![0u8; ps as usize];
+            match newest.get(&p) {
+                Some(&off) => {
+                    if !read_exact_at(&fd, &mut page, off + FRAME_HEADER)? {
+                        return Err(io::Error::other("WAL frame vanished while staging it"));
+                    }
+                }
+                None => self.read_page(p, ps, &mut page)?,
+            }
+            checksum ^= page_crc(p, &page);
+            data.push((p, page));
+        }
+        self.append_txn(db, &data, ps, t.db_pages, checksum, walpos)?;
+        self.wal.as_mut().expect("WAL tracked").publish(&t);
+        Ok(())
+    }
+
+    /// A rollback-journal transaction ended (journal deleted, truncated or zeroed, or a
+    /// journal-less write was synced): stage the pages it changed.
+    fn commit_rollback(&mut self, db: &Db, b: &Backing) -> io::Result<()> {
+        self.rb.journal_live = false;
+        if self.rb.is_clean() {
+            return Ok(());
+        }
+        let rb = std::mem::take(&mut self.rb);
+        let f = self.main(db, b)?.try_clone()?;
+        let size = f.metadata()?.len();
+        let mut hdr = [0u8; 100];
+        let ps = if read_exact_at(&f, &mut hdr, 0)? {
+            sqlite::db_page_size(&hdr)
+        } else {
+            None
+        };
+        let Some(ps) = ps else {
+            if size == 0 {
+                // Emptied to a zero-page database.
+                let ps = self.page_size.max(512);
+                return self.append_txn(db, &[], ps, 0, 0, WalPos::default());
+            }
+            self.resnapshot =
+                Some("the database file has no valid header after a transaction".into());
+            return Ok(());
+        };
+        let new_pages = size.div_ceil(ps as u64) as u32;
+        if self.resnapshot.is_some() || (self.page_size != ps && self.db_pages != 0) {
+            let why = self
+                .resnapshot
+                .clone()
+                .unwrap_or_else(|| "page size changed".into());
+            return self.snapshot_with(db, b, &why, WalPos::default());
+        }
+        let old_pages = self.db_pages;
+        let mut pages: BTreeSet<u32> = rb
+            .dirty_pages(ps)
+            .into_iter()
+            .filter(|&p| p <= new_pages)
+            .collect();
+        pages.extend(old_pages + 1..=new_pages);
+        let mut checksum = self.checksum;
+        let gone = new_pages + 1..=old_pages;
+        for p in pages
+            .iter()
+            .copied()
+            .filter(|&p| p <= old_pages)
+            .chain(gone)
+        {
+            match rb.old_crc.get(&p) {
+                Some(c) => checksum ^= c,
+                None => {
+                    return self.snapshot_with(
+                        db,
+                        b,
+                        &format!("page {p} changed without its old version being seen"),
+                        WalPos::default(),
+                    )
+                }
+            }
+        }
+        let mut data = Vec::with_capacity(pages.len());
+        for &p in &pages {
+            let mut page = vec![0u8; ps as usize];
+            read_exact_at(&f, &mut page, (p as u64 - 1) * ps as u64)?;
+            checksum ^= page_crc(p, &page);
+            data.push((p, page));
+        }
+        self.append_txn(db, &data, ps, new_pages, checksum, WalPos::default())
+    }
+
+    /// Appends one transaction record and advances the state to it.
+    fn append_txn(
+        &mut self,
+        db: &Db,
+        data: &[(u32, Vec<u8>)],
+        ps: u32,
+        db_pages: u32,
+        checksum: u64,
+        wal: WalPos,
+    ) -> io::Result<()> {
+        let h = RecordHeader {
+            kind: Kind::Txn,
+            txid: self.txid + 1,
+            time_ns: now_ns(),
+            page_size: ps,
+            db_pages,
+            checksum_before: self.checksum,
+            checksum_after: checksum,
+            npages: data.len() as u32,
+            wal,
+        };
+        db.stage
+            .append(&h, |emit| {
+                for (p, d) in data {
+                    emit(*p, d)?;
+                }
+                Ok(())
+            })
+            .map_err(io::Error::other)?;
+        self.txid = h.txid;
+        self.checksum = checksum;
+        self.page_size = ps;
+        self.db_pages = db_pages;
+        Ok(())
+    }
+
+    fn current_walpos(&self) -> WalPos {
+        self.wal
+            .as_ref()
+            .map(|w| WalPos {
+                salt: (w.hdr.salt1, w.hdr.salt2),
+                cksum: w.cksum,
+                end: w.committed_end,
+            })
+            .unwrap_or_default()
+    }
+
+    /// Stages the whole current database (main file overlaid with committed WAL frames) as
+    /// the next TXID, and says why.
+    fn snapshot_with(&mut self, db: &Db, b: &Backing, why: &str, wal: WalPos) -> io::Result<()> {
+        if self.txid == 0 {
+            log::info!(
+                "{}: staging the initial snapshot as TXID 1 ({why})",
+                db.name()
+            );
+        } else {
+            log::warn!(
+                "{}: staging a full snapshot as TXID {}: {why}",
+                db.name(),
+                self.txid + 1
+            );
+        }
+        self.main(db, b)?;
+        let (checksum, ps, pages) = self.full_checksum(db, b)?;
+        let h = RecordHeader {
+            kind: Kind::Snapshot,
+            txid: self.txid + 1,
+            time_ns: now_ns(),
+            page_size: ps,
+            db_pages: pages,
+            checksum_before: self.checksum,
+            checksum_after: checksum,
+            npages: pages,
+            wal,
+        };
+        let mut buf = vec![0u8; ps as usize];
+        // Pages are streamed one at a time: memory does not grow with the database.
+        db.stage
+            .append(&h, |emit| {
+                for p in 1..=pages {
+                    self.read_page(p, ps, &mut buf)?;
+                    emit(p, &buf)?;
+                }
+                Ok(())
+            })
+            .map_err(io::Error::other)?;
+        self.txid = h.txid;
+        self.checksum = checksum;
+        self.page_size = ps;
+        self.db_pages = pages;
+        self.resnapshot = None;
+        self.rb = Rollback::default();
+        Ok(())
+    }
+
+    /// Page size and size in pages of the database as its files hold it now: the last
+    /// committed WAL transaction's size, else the database file's.
+    fn logical_size(&self) -> io::Result<(u32, u32)> {
+        if let Some(x) = self
+            .wal
+            .as_ref()
+            .and_then(|w| w.db_pages.map(|p| (w.hdr.page_size, p)))
+        {
+            return Ok(x);
+        }
+        let Some(f) = self.main_fd.as_ref() else {
+            return Ok((self.page_size.max(512), 0));
+        };
+        let size = f.metadata()?.len();
+        let mut hdr = [0u8; 100];
+        Ok(
+            match read_exact_at(f, &mut hdr, 0)?
+                .then(|| sqlite::db_page_size(&hdr))
+                .flatten()
+            {
+                Some(ps) => (ps, size.div_ceil(ps as u64) as u32),
+                None => (self.page_size.max(512), 0),
+            },
+        )
+    }
+
+    /// Checksum, page size and size in pages of the database as its files hold it now.
+    fn full_checksum(&mut self, db: &Db, b: &Backing) -> io::Result<(u64, u32, u32)> {
+        self.main(db, b)?;
+        let (ps, pages) = self.logical_size()?;
+        let mut buf = vec![0u8; ps as usize];
+        let mut c = 0;
+        for p in 1..=pages {
+            self.read_page(p, ps, &mut buf)?;
+            c ^= page_crc(p, &buf);
+        }
+        Ok((c, ps, pages))
+    }
+}
+
+/// Writes the database `name` as its files hold it now (main file overlaid with the committed
+/// frames of its WAL) into `out`. Returns (page size, pages). Reads only; touches no state.
+pub fn live_image(b: &Backing, name: &str, out: &File) -> io::Result<(u32, u32)> {
+    let mut st = State {
+        page_size: 0,
+        db_pages: 0,
+        checksum: 0,
+        txid: 0,
+        wal: None,
+        rb: Rollback::default(),
+        main_fd: b.open_read(name)?,
+        wal_fd: b.open_read(&format!("{name}-wal"))?,
+        resnapshot: None,
+    };
+    if let Some(fd) = st.wal_fd.as_ref() {
+        st.wal = WalTrack::read_header(fd)?.map(WalTrack::new);
+        if let Some(w) = st.wal.as_mut() {
+            for t in w.advance(fd)? {
+                w.publish(&t);
+            }
+        }
+    }
+    let (ps, pages) = st.logical_size()?;
+    out.set_len(0)?;
+    let mut buf = vec![0u8; ps as usize];
+    for p in 1..=pages {
+        st.read_page(p, ps, &mut buf)?;
+        std::os::unix::fs::FileExt::write_all_at(out, &buf, (p as u64 - 1) * ps as u64)?;
+    }
+    Ok((ps, pages))
+}
+
+impl Db {
+    /// Runs `f` while no capture can happen on this database (the app's writes wait).
+    pub fn frozen<T>(&self, f: impl FnOnce() -> T) -> T {
+        let _g = self.state.lock();
+        f()
+    }
+}

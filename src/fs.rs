@@ -1,0 +1,1049 @@
+//! The FUSE layer: translates kernel requests into operations on the backing directory and
+//! reports the ones capture cares about. It knows nothing of SQLite.
+//!
+//! Invariants:
+//! - Every path is resolved relative to the backing directory handle, never through the mount.
+//! - `.sqlfs` at the root (sqlfs's own metadata) does not exist as far as the mount shows.
+//! - Capture sees each write before it returns to the app (`before_write` → pwrite →
+//!   `after_write`), in the order the app issued them; no write-back caching reorders them.
+//! - No callback panics on an I/O path: errors become errnos, and capture errors are logged by
+//!   capture itself and never fail the app's I/O.
+
+use std::collections::HashMap;
+use std::ffi::{CString, OsStr};
+use std::fs::File;
+use std::io;
+use std::os::fd::AsRawFd;
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::FileExt;
+use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use fuser::{
+    AccessFlags, Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags, Generation,
+    INodeNo, KernelConfig, LockOwner, OpenFlags, RenameFlags, ReplyAttr, ReplyCreate, ReplyData,
+    ReplyDirectory, ReplyEmpty, ReplyEntry, ReplyOpen, ReplyStatfs, ReplyWrite, ReplyXattr,
+    Request, TimeOrNow, WriteFlags,
+};
+use parking_lot::{Mutex, RwLock};
+
+use crate::backing::{join, Backing, META_DIR};
+use crate::capture::{classify, Capture, Role};
+
+const TTL: Duration = Duration::from_secs(1);
+
+fn errno(e: io::Error) -> Errno {
+    Errno::from_i32(e.raw_os_error().unwrap_or(libc::EIO))
+}
+
+fn last_err() -> Errno {
+    errno(io::Error::last_os_error())
+}
+
+fn cstr(b: &[u8]) -> Result<CString, Errno> {
+    CString::new(b).map_err(|_| Errno::EINVAL)
+}
+
+struct Node {
+    rel: String,
+    lookups: u64,
+}
+
+struct Handle {
+    file: File,
+    rel: Mutex<String>,
+    role: Role,
+}
+
+pub struct SqlFs {
+    backing: Arc<Backing>,
+    capture: Arc<Capture>,
+    nodes: RwLock<HashMap<u64, Node>>,
+    handles: RwLock<HashMap<u64, Arc<Handle>>>,
+    next_fh: AtomicU64,
+    root_ino: u64,
+}
+
+fn to_system_time(sec: i64, nsec: i64) -> SystemTime {
+    if sec >= 0 {
+        UNIX_EPOCH + Duration::new(sec as u64, nsec as u32)
+    } else {
+        UNIX_EPOCH - Duration::from_secs((-sec) as u64) + Duration::from_nanos(nsec as u64)
+    }
+}
+
+fn kind_of(mode: u32) -> FileType {
+    match mode & libc::S_IFMT {
+        libc::S_IFDIR => FileType::Directory,
+        libc::S_IFLNK => FileType::Symlink,
+        libc::S_IFIFO => FileType::NamedPipe,
+        libc::S_IFSOCK => FileType::Socket,
+        libc::S_IFCHR => FileType::CharDevice,
+        libc::S_IFBLK => FileType::BlockDevice,
+        _ => FileType::RegularFile,
+    }
+}
+
+impl SqlFs {
+    pub fn new(backing: Arc<Backing>, capture: Arc<Capture>) -> io::Result<SqlFs> {
+        let st = backing.stat("")?;
+        let mut nodes = HashMap::new();
+        nodes.insert(
+            1,
+            Node {
+                rel: String::new(),
+                lookups: 1,
+            },
+        );
+        Ok(SqlFs {
+            backing,
+            capture,
+            nodes: RwLock::new(nodes),
+            handles: RwLock::new(HashMap::new()),
+            next_fh: AtomicU64::new(1),
+            root_ino: st.st_ino,
+        })
+    }
+
+    fn ino_of(&self, st: &libc::stat) -> u64 {
+        if st.st_ino == self.root_ino {
+            1
+        } else if st.st_ino == 1 {
+            u64::MAX - 1
+        } else {
+            st.st_ino
+        }
+    }
+
+    fn attr(&self, st: &libc::stat) -> FileAttr {
+        FileAttr {
+            ino: INodeNo(self.ino_of(st)),
+            size: st.st_size as u64,
+            blocks: st.st_blocks as u64,
+            atime: to_system_time(st.st_atime, st.st_atime_nsec),
+            mtime: to_system_time(st.st_mtime, st.st_mtime_nsec),
+            ctime: to_system_time(st.st_ctime, st.st_ctime_nsec),
+            crtime: UNIX_EPOCH,
+            kind: kind_of(st.st_mode),
+            perm: (st.st_mode & 0o7777) as u16,
+            nlink: st.st_nlink as u32,
+            uid: st.st_uid,
+            gid: st.st_gid,
+            rdev: st.st_rdev as u32,
+            blksize: st.st_blksize as u32,
+            flags: 0,
+        }
+    }
+
+    fn rel(&self, ino: INodeNo) -> Result<String, Errno> {
+        self.nodes
+            .read()
+            .get(&ino.0)
+            .map(|n| n.rel.clone())
+            .ok_or(Errno::ENOENT)
+    }
+
+    fn child(&self, parent: INodeNo, name: &OsStr) -> Result<String, Errno> {
+        let p = self.rel(parent)?;
+        let name = name.to_str().ok_or(Errno::EINVAL)?;
+        if p.is_empty() && name == META_DIR {
+            return Err(Errno::ENOENT);
+        }
+        Ok(join(&p, name))
+    }
+
+    /// Stats `rel` and registers it as a looked-up inode.
+    fn remember(&self, rel: String) -> Result<FileAttr, Errno> {
+        let st = self.backing.stat(&rel).map_err(errno)?;
+        let attr = self.attr(&st);
+        let mut nodes = self.nodes.write();
+        let n = nodes.entry(attr.ino.0).or_insert(Node {
+            rel: rel.clone(),
+            lookups: 0,
+        });
+        n.rel = rel;
+        n.lookups += 1;
+        Ok(attr)
+    }
+
+    fn handle(&self, fh: FileHandle) -> Result<Arc<Handle>, Errno> {
+        self.handles.read().get(&fh.0).cloned().ok_or(Errno::EBADF)
+    }
+
+    fn add_handle(&self, file: File, rel: String) -> FileHandle {
+        let role = classify(&rel).0;
+        let fh = self.next_fh.fetch_add(1, Ordering::Relaxed);
+        self.handles.write().insert(
+            fh,
+            Arc::new(Handle {
+                file,
+                rel: Mutex::new(rel),
+                role,
+            }),
+        );
+        FileHandle(fh)
+    }
+
+    /// Gives a newly created node to the requesting user (sqlfs may run as root).
+    fn chown_new(&self, rel: &str, req: &Request) {
+        // SAFETY: geteuid has no preconditions.
+        if unsafe { libc::geteuid() } != 0 {
+            return;
+        }
+        if let Ok(c) = Backing::cpath(rel) {
+            // SAFETY: valid dirfd and C string.
+            unsafe {
+                libc::fchownat(
+                    self.backing.root_fd(),
+                    c.as_ptr(),
+                    req.uid(),
+                    req.gid(),
+                    libc::AT_SYMLINK_NOFOLLOW,
+                )
+            };
+        }
+    }
+
+    /// Updates the paths of `from` and everything below it after a rename.
+    fn renamed(&self, from: &str, to: &str) {
+        let prefix = format!("{from}/");
+        for n in self.nodes.write().values_mut() {
+            if n.rel == from {
+                n.rel = to.to_string();
+            } else if let Some(rest) = n.rel.strip_prefix(&prefix) {
+                n.rel = join(to, rest);
+            }
+        }
+        for h in self.handles.read().values() {
+            let mut r = h.rel.lock();
+            if *r == from {
+                *r = to.to_string();
+            } else if let Some(rest) = r.strip_prefix(&prefix) {
+                *r = join(to, rest);
+            }
+        }
+    }
+
+    fn open_flags(flags: i32) -> i32 {
+        // The kernel handles O_APPEND positioning for us only with writeback cache off, which
+        // is our mode: pass the flag through; drop flags that make no sense on the backing fd.
+        flags & !(libc::O_NOCTTY | libc::O_CREAT | libc::O_EXCL)
+    }
+
+    fn do_setattr(
+        &self,
+        rel: &str,
+        fh: Option<FileHandle>,
+        mode: Option<u32>,
+        uid: Option<u32>,
+        gid: Option<u32>,
+        size: Option<u64>,
+        atime: Option<TimeOrNow>,
+        mtime: Option<TimeOrNow>,
+    ) -> Result<(), Errno> {
+        let c = Backing::cpath(rel).map_err(errno)?;
+        let dfd = self.backing.root_fd();
+        if let Some(m) = mode {
+            // SAFETY: valid dirfd and C string.
+            if unsafe { libc::fchmodat(dfd, c.as_ptr(), m & 0o7777, 0) } < 0 {
+                return Err(last_err());
+            }
+        }
+        if uid.is_some() || gid.is_some() {
+            let u = uid.unwrap_or(u32::MAX);
+            let g = gid.unwrap_or(u32::MAX);
+            // SAFETY: valid dirfd and C string; -1 leaves an id unchanged.
+            if unsafe { libc::fchownat(dfd, c.as_ptr(), u, g, libc::AT_SYMLINK_NOFOLLOW) } < 0 {
+                return Err(last_err());
+            }
+        }
+        if let Some(sz) = size {
+            self.capture.before_truncate(rel, sz);
+            let r = match fh.and_then(|f| self.handle(f).ok()) {
+                Some(h) => h.file.set_len(sz),
+                None => self
+                    .backing
+                    .open_at(rel, libc::O_WRONLY | libc::O_NOFOLLOW, 0)
+                    .and_then(|f| f.set_len(sz)),
+            };
+            r.map_err(errno)?;
+            self.capture.after_truncate(rel, sz);
+        }
+        if atime.is_some() || mtime.is_some() {
+            let ts = |t: Option<TimeOrNow>| match t {
+                None => libc::timespec {
+                    tv_sec: 0,
+                    tv_nsec: libc::UTIME_OMIT,
+                },
+                Some(TimeOrNow::Now) => libc::timespec {
+                    tv_sec: 0,
+                    tv_nsec: libc::UTIME_NOW,
+                },
+                Some(TimeOrNow::SpecificTime(t)) => {
+                    let d = t.duration_since(UNIX_EPOCH).unwrap_or_default();
+                    libc::timespec {
+                        tv_sec: d.as_secs() as i64,
+                        tv_nsec: d.subsec_nanos() as i64,
+                    }
+                }
+            };
+            let times = [ts(atime), ts(mtime)];
+            // SAFETY: valid dirfd, C string and a two-element timespec array.
+            if unsafe {
+                libc::utimensat(dfd, c.as_ptr(), times.as_ptr(), libc::AT_SYMLINK_NOFOLLOW)
+            } < 0
+            {
+                return Err(last_err());
+            }
+        }
+        Ok(())
+    }
+
+    fn xattr_path(&self, ino: INodeNo) -> Result<CString, Errno> {
+        let rel = self.rel(ino)?;
+        cstr(self.backing.path(&rel).as_os_str().as_bytes())
+    }
+}
+
+/// Replies with the attributes of `rel` after a successful create-like call.
+fn reply_entry(fs: &SqlFs, rel: String, reply: ReplyEntry) {
+    match fs.remember(rel) {
+        Ok(a) => reply.entry(&TTL, &a, Generation(0)),
+        Err(e) => reply.error(e),
+    }
+}
+
+fn xattr_reply(reply: ReplyXattr, size: u32, r: isize, buf: &[u8]) {
+    if r < 0 {
+        reply.error(last_err());
+    } else if size == 0 {
+        reply.size(r as u32);
+    } else {
+        reply.data(&buf[..r as usize]);
+    }
+}
+
+impl Filesystem for SqlFs {
+    fn init(&mut self, _req: &Request, config: &mut KernelConfig) -> io::Result<()> {
+        let _ = config.set_max_write(1 << 20);
+        let _ = config.set_max_readahead(1 << 20);
+        Ok(())
+    }
+
+    fn destroy(&mut self) {
+        self.capture.shutdown();
+    }
+
+    fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
+        match self.child(parent, name) {
+            Ok(rel) => reply_entry(self, rel, reply),
+            Err(e) => reply.error(e),
+        }
+    }
+
+    fn forget(&self, _req: &Request, ino: INodeNo, nlookup: u64) {
+        if ino.0 == 1 {
+            return;
+        }
+        let mut nodes = self.nodes.write();
+        if let Some(n) = nodes.get_mut(&ino.0) {
+            n.lookups = n.lookups.saturating_sub(nlookup);
+            if n.lookups == 0 {
+                nodes.remove(&ino.0);
+            }
+        }
+    }
+
+    fn getattr(&self, _req: &Request, ino: INodeNo, fh: Option<FileHandle>, reply: ReplyAttr) {
+        let st = match fh.and_then(|f| self.handle(f).ok()) {
+            Some(h) => {
+                // SAFETY: zeroed stat is a valid out-parameter; fd is open.
+                let mut st: libc::stat = unsafe { std::mem::zeroed() };
+                if unsafe { libc::fstat(h.file.as_raw_fd(), &mut st) } < 0 {
+                    return reply.error(last_err());
+                }
+                Ok(st)
+            }
+            None => self
+                .rel(ino)
+                .and_then(|r| self.backing.stat(&r).map_err(errno)),
+        };
+        match st {
+            Ok(st) => reply.attr(&TTL, &self.attr(&st)),
+            Err(e) => reply.error(e),
+        }
+    }
+
+    fn setattr(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        mode: Option<u32>,
+        uid: Option<u32>,
+        gid: Option<u32>,
+        size: Option<u64>,
+        atime: Option<TimeOrNow>,
+        mtime: Option<TimeOrNow>,
+        _ctime: Option<SystemTime>,
+        fh: Option<FileHandle>,
+        _crtime: Option<SystemTime>,
+        _chgtime: Option<SystemTime>,
+        _bkuptime: Option<SystemTime>,
+        _flags: Option<fuser::BsdFileFlags>,
+        reply: ReplyAttr,
+    ) {
+        let res = self.rel(ino).and_then(|rel| {
+            self.do_setattr(&rel, fh, mode, uid, gid, size, atime, mtime)?;
+            self.backing.stat(&rel).map_err(errno)
+        });
+        match res {
+            Ok(st) => reply.attr(&TTL, &self.attr(&st)),
+            Err(e) => reply.error(e),
+        }
+    }
+
+    fn readlink(&self, _req: &Request, ino: INodeNo, reply: ReplyData) {
+        let res = self
+            .rel(ino)
+            .and_then(|rel| std::fs::read_link(self.backing.path(&rel)).map_err(errno));
+        match res {
+            Ok(t) => reply.data(t.as_os_str().as_bytes()),
+            Err(e) => reply.error(e),
+        }
+    }
+
+    fn mknod(
+        &self,
+        req: &Request,
+        parent: INodeNo,
+        name: &OsStr,
+        mode: u32,
+        umask: u32,
+        rdev: u32,
+        reply: ReplyEntry,
+    ) {
+        let res = self.child(parent, name).and_then(|rel| {
+            let c = Backing::cpath(&rel).map_err(errno)?;
+            // SAFETY: valid dirfd and C string.
+            if unsafe {
+                libc::mknodat(
+                    self.backing.root_fd(),
+                    c.as_ptr(),
+                    mode & !umask,
+                    rdev as libc::dev_t,
+                )
+            } < 0
+            {
+                return Err(last_err());
+            }
+            self.chown_new(&rel, req);
+            Ok(rel)
+        });
+        match res {
+            Ok(rel) => reply_entry(self, rel, reply),
+            Err(e) => reply.error(e),
+        }
+    }
+
+    fn mkdir(
+        &self,
+        req: &Request,
+        parent: INodeNo,
+        name: &OsStr,
+        mode: u32,
+        umask: u32,
+        reply: ReplyEntry,
+    ) {
+        let res = self.child(parent, name).and_then(|rel| {
+            let c = Backing::cpath(&rel).map_err(errno)?;
+            // SAFETY: valid dirfd and C string.
+            if unsafe { libc::mkdirat(self.backing.root_fd(), c.as_ptr(), mode & !umask & 0o7777) }
+                < 0
+            {
+                return Err(last_err());
+            }
+            self.chown_new(&rel, req);
+            Ok(rel)
+        });
+        match res {
+            Ok(rel) => reply_entry(self, rel, reply),
+            Err(e) => reply.error(e),
+        }
+    }
+
+    fn unlink(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
+        let res = self.child(parent, name).and_then(|rel| {
+            self.capture.before_unlink(&rel);
+            let c = Backing::cpath(&rel).map_err(errno)?;
+            // SAFETY: valid dirfd and C string.
+            if unsafe { libc::unlinkat(self.backing.root_fd(), c.as_ptr(), 0) } < 0 {
+                return Err(last_err());
+            }
+            self.capture.after_unlink(&rel);
+            Ok(())
+        });
+        match res {
+            Ok(()) => reply.ok(),
+            Err(e) => reply.error(e),
+        }
+    }
+
+    fn rmdir(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
+        let res = self.child(parent, name).and_then(|rel| {
+            let c = Backing::cpath(&rel).map_err(errno)?;
+            // SAFETY: valid dirfd and C string.
+            if unsafe { libc::unlinkat(self.backing.root_fd(), c.as_ptr(), libc::AT_REMOVEDIR) } < 0
+            {
+                return Err(last_err());
+            }
+            Ok(())
+        });
+        match res {
+            Ok(()) => reply.ok(),
+            Err(e) => reply.error(e),
+        }
+    }
+
+    fn symlink(
+        &self,
+        req: &Request,
+        parent: INodeNo,
+        link_name: &OsStr,
+        target: &Path,
+        reply: ReplyEntry,
+    ) {
+        let res = self.child(parent, link_name).and_then(|rel| {
+            let c = Backing::cpath(&rel).map_err(errno)?;
+            let t = cstr(target.as_os_str().as_bytes())?;
+            // SAFETY: valid C strings and dirfd.
+            if unsafe { libc::symlinkat(t.as_ptr(), self.backing.root_fd(), c.as_ptr()) } < 0 {
+                return Err(last_err());
+            }
+            self.chown_new(&rel, req);
+            Ok(rel)
+        });
+        match res {
+            Ok(rel) => reply_entry(self, rel, reply),
+            Err(e) => reply.error(e),
+        }
+    }
+
+    fn rename(
+        &self,
+        _req: &Request,
+        parent: INodeNo,
+        name: &OsStr,
+        newparent: INodeNo,
+        newname: &OsStr,
+        flags: RenameFlags,
+        reply: ReplyEmpty,
+    ) {
+        let res = self.child(parent, name).and_then(|from| {
+            let to = self.child(newparent, newname)?;
+            let cf = Backing::cpath(&from).map_err(errno)?;
+            let ct = Backing::cpath(&to).map_err(errno)?;
+            let fd = self.backing.root_fd();
+            // SAFETY: valid dirfds and C strings.
+            if unsafe { libc::renameat2(fd, cf.as_ptr(), fd, ct.as_ptr(), flags.bits()) } < 0 {
+                return Err(last_err());
+            }
+            self.renamed(&from, &to);
+            self.capture.after_rename(&from, &to);
+            Ok(())
+        });
+        match res {
+            Ok(()) => reply.ok(),
+            Err(e) => reply.error(e),
+        }
+    }
+
+    fn link(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        newparent: INodeNo,
+        newname: &OsStr,
+        reply: ReplyEntry,
+    ) {
+        let res = self.rel(ino).and_then(|from| {
+            let to = self.child(newparent, newname)?;
+            let cf = Backing::cpath(&from).map_err(errno)?;
+            let ct = Backing::cpath(&to).map_err(errno)?;
+            let fd = self.backing.root_fd();
+            // SAFETY: valid dirfds and C strings.
+            if unsafe { libc::linkat(fd, cf.as_ptr(), fd, ct.as_ptr(), 0) } < 0 {
+                return Err(last_err());
+            }
+            Ok(to)
+        });
+        match res {
+            Ok(to) => {
+                // The inode keeps its first path; the new name is only an alias for lookups.
+                match self.backing.stat(&to) {
+                    Ok(st) => {
+                        if let Some(n) = self.nodes.write().get_mut(&self.ino_of(&st)) {
+                            n.lookups += 1;
+                        }
+                        reply.entry(&TTL, &self.attr(&st), Generation(0))
+                    }
+                    Err(e) => reply.error(errno(e)),
+                }
+            }
+            Err(e) => reply.error(e),
+        }
+    }
+
+    fn open(&self, _req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
+        let res = self.rel(ino).and_then(|rel| {
+            let f = self
+                .backing
+                .open_at(&rel, Self::open_flags(flags.0), 0)
+                .map_err(errno)?;
+            if flags.0 & libc::O_TRUNC != 0 {
+                self.capture.on_create(&rel);
+            }
+            Ok(self.add_handle(f, rel))
+        });
+        match res {
+            Ok(fh) => reply.opened(fh, FopenFlags::FOPEN_KEEP_CACHE),
+            Err(e) => reply.error(e),
+        }
+    }
+
+    fn read(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        fh: FileHandle,
+        offset: u64,
+        size: u32,
+        _flags: OpenFlags,
+        _lock: Option<LockOwner>,
+        reply: ReplyData,
+    ) {
+        let h = match self.handle(fh) {
+            Ok(h) => h,
+            Err(e) => return reply.error(e),
+        };
+        let mut buf = vec![0u8; size as usize];
+        let mut got = 0usize;
+        while got < buf.len() {
+            match h.file.read_at(&mut buf[got..], offset + got as u64) {
+                Ok(0) => break,
+                Ok(n) => got += n,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return reply.error(errno(e)),
+            }
+        }
+        reply.data(&buf[..got]);
+    }
+
+    fn write(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        fh: FileHandle,
+        offset: u64,
+        data: &[u8],
+        _wf: WriteFlags,
+        _flags: OpenFlags,
+        _lock: Option<LockOwner>,
+        reply: ReplyWrite,
+    ) {
+        let h = match self.handle(fh) {
+            Ok(h) => h,
+            Err(e) => return reply.error(e),
+        };
+        let rel = (h.role != Role::Other).then(|| h.rel.lock().clone());
+        if let Some(rel) = &rel {
+            self.capture.before_write(rel, offset, data);
+        }
+        if let Err(e) = h.file.write_all_at(data, offset) {
+            return reply.error(errno(e));
+        }
+        if let Some(rel) = &rel {
+            self.capture.after_write(rel, offset, data);
+        }
+        reply.written(data.len() as u32);
+    }
+
+    fn flush(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        _fh: FileHandle,
+        _lock_owner: LockOwner,
+        reply: ReplyEmpty,
+    ) {
+        reply.ok();
+    }
+
+    fn release(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        fh: FileHandle,
+        _flags: OpenFlags,
+        _lock: Option<LockOwner>,
+        _flush: bool,
+        reply: ReplyEmpty,
+    ) {
+        if let Some(h) = self.handles.write().remove(&fh.0) {
+            if h.role == Role::Main {
+                self.capture.on_release(&h.rel.lock());
+            }
+        }
+        reply.ok();
+    }
+
+    fn fsync(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        fh: FileHandle,
+        datasync: bool,
+        reply: ReplyEmpty,
+    ) {
+        let h = match self.handle(fh) {
+            Ok(h) => h,
+            Err(e) => return reply.error(e),
+        };
+        if h.role != Role::Other {
+            self.capture.before_fsync(&h.rel.lock());
+        }
+        let r = if datasync {
+            h.file.sync_data()
+        } else {
+            h.file.sync_all()
+        };
+        match r {
+            Ok(()) => reply.ok(),
+            Err(e) => reply.error(errno(e)),
+        }
+    }
+
+    fn opendir(&self, _req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
+        match self.rel(ino).and_then(|rel| {
+            self.backing
+                .open_at(&rel, libc::O_RDONLY | libc::O_DIRECTORY, 0)
+                .map_err(errno)
+                .map(|f| (f, rel))
+        }) {
+            Ok((f, rel)) => reply.opened(self.add_handle(f, rel), FopenFlags::empty()),
+            Err(e) => reply.error(e),
+        }
+    }
+
+    fn readdir(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        fh: FileHandle,
+        offset: u64,
+        mut reply: ReplyDirectory,
+    ) {
+        let h = match self.handle(fh) {
+            Ok(h) => h,
+            Err(e) => return reply.error(e),
+        };
+        let at_root = h.rel.lock().is_empty();
+        // Read the whole directory through a dup of the handle's fd; offsets are indexes.
+        // SAFETY: dup of an open fd.
+        let dfd = unsafe { libc::dup(h.file.as_raw_fd()) };
+        if dfd < 0 {
+            return reply.error(last_err());
+        }
+        // SAFETY: dfd is a fresh directory fd owned by the DIR stream.
+        let dir = unsafe { libc::fdopendir(dfd) };
+        if dir.is_null() {
+            // SAFETY: dfd still ours when fdopendir fails.
+            unsafe { libc::close(dfd) };
+            return reply.error(last_err());
+        }
+        // SAFETY: dir is a valid stream.
+        unsafe { libc::rewinddir(dir) };
+        let mut i = 0u64;
+        loop {
+            // SAFETY: dir is valid; readdir returns null at end.
+            let ent = unsafe { libc::readdir(dir) };
+            if ent.is_null() {
+                break;
+            }
+            // SAFETY: d_name is a NUL-terminated array inside a valid dirent.
+            let name = unsafe { std::ffi::CStr::from_ptr((*ent).d_name.as_ptr()) };
+            let nb = name.to_bytes();
+            if at_root && nb == META_DIR.as_bytes() {
+                continue;
+            }
+            i += 1;
+            if i <= offset {
+                continue;
+            }
+            // SAFETY: valid dirent.
+            let (ino, dtype) = unsafe { ((*ent).d_ino, (*ent).d_type) };
+            let kind = match dtype {
+                libc::DT_DIR => FileType::Directory,
+                libc::DT_LNK => FileType::Symlink,
+                libc::DT_FIFO => FileType::NamedPipe,
+                libc::DT_SOCK => FileType::Socket,
+                libc::DT_CHR => FileType::CharDevice,
+                libc::DT_BLK => FileType::BlockDevice,
+                _ => FileType::RegularFile,
+            };
+            let ino = if ino == self.root_ino { 1 } else { ino };
+            if reply.add(INodeNo(ino), i, kind, OsStr::from_bytes(nb)) {
+                break;
+            }
+        }
+        // SAFETY: closes the stream and its dup'd fd.
+        unsafe { libc::closedir(dir) };
+        reply.ok();
+    }
+
+    fn releasedir(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        fh: FileHandle,
+        _flags: OpenFlags,
+        reply: ReplyEmpty,
+    ) {
+        self.handles.write().remove(&fh.0);
+        reply.ok();
+    }
+
+    fn fsyncdir(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        fh: FileHandle,
+        _datasync: bool,
+        reply: ReplyEmpty,
+    ) {
+        match self
+            .handle(fh)
+            .and_then(|h| h.file.sync_all().map_err(errno))
+        {
+            Ok(()) => reply.ok(),
+            Err(e) => reply.error(e),
+        }
+    }
+
+    fn statfs(&self, _req: &Request, _ino: INodeNo, reply: ReplyStatfs) {
+        // SAFETY: zeroed statvfs is a valid out-parameter; the fd is open.
+        let mut s: libc::statvfs = unsafe { std::mem::zeroed() };
+        if unsafe { libc::fstatvfs(self.backing.root_fd(), &mut s) } < 0 {
+            return reply.error(last_err());
+        }
+        reply.statfs(
+            s.f_blocks,
+            s.f_bfree,
+            s.f_bavail,
+            s.f_files,
+            s.f_ffree,
+            s.f_bsize as u32,
+            s.f_namemax as u32,
+            s.f_frsize as u32,
+        );
+    }
+
+    fn setxattr(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        name: &OsStr,
+        value: &[u8],
+        flags: i32,
+        _position: u32,
+        reply: ReplyEmpty,
+    ) {
+        let res = self.xattr_path(ino).and_then(|p| {
+            let n = cstr(name.as_bytes())?;
+            // SAFETY: valid C strings and buffer.
+            if unsafe {
+                libc::lsetxattr(
+                    p.as_ptr(),
+                    n.as_ptr(),
+                    value.as_ptr().cast(),
+                    value.len(),
+                    flags,
+                )
+            } < 0
+            {
+                return Err(last_err());
+            }
+            Ok(())
+        });
+        match res {
+            Ok(()) => reply.ok(),
+            Err(e) => reply.error(e),
+        }
+    }
+
+    fn getxattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, size: u32, reply: ReplyXattr) {
+        let (p, n) = match self
+            .xattr_path(ino)
+            .and_then(|p| Ok((p, cstr(name.as_bytes())?)))
+        {
+            Ok(x) => x,
+            Err(e) => return reply.error(e),
+        };
+        let mut buf = vec![0u8; size as usize];
+        // SAFETY: valid C strings; buffer of `size` bytes (null/0 asks for the size).
+        let r = unsafe {
+            libc::lgetxattr(
+                p.as_ptr(),
+                n.as_ptr(),
+                buf.as_mut_ptr().cast(),
+                size as usize,
+            )
+        };
+        xattr_reply(reply, size, r, &buf);
+    }
+
+    fn listxattr(&self, _req: &Request, ino: INodeNo, size: u32, reply: ReplyXattr) {
+        let p = match self.xattr_path(ino) {
+            Ok(p) => p,
+            Err(e) => return reply.error(e),
+        };
+        let mut buf = vec![0u8; size as usize];
+        // SAFETY: valid C string; buffer of `size` bytes.
+        let r = unsafe { libc::llistxattr(p.as_ptr(), buf.as_mut_ptr().cast(), size as usize) };
+        xattr_reply(reply, size, r, &buf);
+    }
+
+    fn removexattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, reply: ReplyEmpty) {
+        let res = self.xattr_path(ino).and_then(|p| {
+            let n = cstr(name.as_bytes())?;
+            // SAFETY: valid C strings.
+            if unsafe { libc::lremovexattr(p.as_ptr(), n.as_ptr()) } < 0 {
+                return Err(last_err());
+            }
+            Ok(())
+        });
+        match res {
+            Ok(()) => reply.ok(),
+            Err(e) => reply.error(e),
+        }
+    }
+
+    fn access(&self, _req: &Request, ino: INodeNo, mask: AccessFlags, reply: ReplyEmpty) {
+        let res = self.rel(ino).and_then(|rel| {
+            let c = Backing::cpath(&rel).map_err(errno)?;
+            // SAFETY: valid dirfd and C string.
+            if unsafe {
+                libc::faccessat(
+                    self.backing.root_fd(),
+                    c.as_ptr(),
+                    mask.bits(),
+                    libc::AT_SYMLINK_NOFOLLOW,
+                )
+            } < 0
+            {
+                return Err(last_err());
+            }
+            Ok(())
+        });
+        match res {
+            Ok(()) => reply.ok(),
+            Err(e) => reply.error(e),
+        }
+    }
+
+    fn create(
+        &self,
+        req: &Request,
+        parent: INodeNo,
+        name: &OsStr,
+        mode: u32,
+        umask: u32,
+        flags: i32,
+        reply: ReplyCreate,
+    ) {
+        let res = self.child(parent, name).and_then(|rel| {
+            let existed = self.backing.exists(&rel);
+            let f = self
+                .backing
+                .open_at(
+                    &rel,
+                    (flags | libc::O_CREAT) & !libc::O_NOCTTY,
+                    mode & !umask & 0o7777,
+                )
+                .map_err(errno)?;
+            if !existed {
+                self.chown_new(&rel, req);
+            }
+            if !existed || flags & libc::O_TRUNC != 0 {
+                self.capture.on_create(&rel);
+            }
+            let st = self.backing.stat(&rel).map_err(errno)?;
+            let attr = self.attr(&st);
+            {
+                let mut nodes = self.nodes.write();
+                let n = nodes.entry(attr.ino.0).or_insert(Node {
+                    rel: rel.clone(),
+                    lookups: 0,
+                });
+                n.rel = rel.clone();
+                n.lookups += 1;
+            }
+            Ok((self.add_handle(f, rel), attr))
+        });
+        match res {
+            Ok((fh, attr)) => {
+                reply.created(&TTL, &attr, Generation(0), fh, FopenFlags::FOPEN_KEEP_CACHE)
+            }
+            Err(e) => reply.error(e),
+        }
+    }
+
+    fn fallocate(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        fh: FileHandle,
+        offset: u64,
+        length: u64,
+        mode: i32,
+        reply: ReplyEmpty,
+    ) {
+        let res = self.handle(fh).and_then(|h| {
+            // SAFETY: open fd.
+            if unsafe { libc::fallocate(h.file.as_raw_fd(), mode, offset as i64, length as i64) }
+                < 0
+            {
+                return Err(last_err());
+            }
+            Ok(())
+        });
+        match res {
+            Ok(()) => reply.ok(),
+            Err(e) => reply.error(e),
+        }
+    }
+
+    fn lseek(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        fh: FileHandle,
+        offset: i64,
+        whence: i32,
+        reply: fuser::ReplyLseek,
+    ) {
+        match self.handle(fh) {
+            // SAFETY: open fd.
+            Ok(h) => {
+                let r = unsafe { libc::lseek(h.file.as_raw_fd(), offset, whence) };
+                if r < 0 {
+                    reply.error(last_err())
+                } else {
+                    reply.offset(r)
+                }
+            }
+            Err(e) => reply.error(e),
+        }
+    }
+}

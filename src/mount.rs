@@ -1,0 +1,213 @@
+//! `sqlfs mount`: opens the backing directory, recovers each database (hot journals, staging
+//! reconciliation), mounts, serves until SIGINT/SIGTERM, then flushes staging and unmounts.
+//!
+//! Threads: fuser request loops (`--threads`), one background thread that syncs staging and
+//! folds it when it grows past `--stage-limit`, the control socket, and the signal watcher.
+
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{bail, Context, Result};
+use fuser::{Config, MountOption, Session, SessionACL};
+
+use crate::backing::{Backing, META_DIR};
+use crate::capture::Capture;
+use crate::fs::SqlFs;
+
+pub struct MountOpts {
+    pub dir: PathBuf,
+    pub data_dir: Option<PathBuf>,
+    pub threads: usize,
+    pub stage_limit: u64,
+}
+
+/// True if `path` is the mountpoint of a sqlfs mount (per /proc/self/mountinfo: filesystem
+/// type `fuse` or `fuse.sqlfs`, source `sqlfs`).
+pub fn is_sqlfs_mount(path: &Path) -> bool {
+    let Ok(info) = std::fs::read_to_string("/proc/self/mountinfo") else {
+        return false;
+    };
+    let Some(p) = path.to_str() else { return false };
+    let mut found = false;
+    for line in info.lines() {
+        let f: Vec<&str> = line.split(' ').collect();
+        if f.len() > 4 && f[4].replace("\\040", " ") == p {
+            // Later lines stack on top of earlier ones: the last match wins.
+            found = f.iter().position(|x| *x == "-").is_some_and(|d| {
+                let (ty, src) = (
+                    f.get(d + 1).copied().unwrap_or(""),
+                    f.get(d + 2).copied().unwrap_or(""),
+                );
+                ty == "fuse.sqlfs" || (ty == "fuse" && src == "sqlfs")
+            });
+        }
+    }
+    found
+}
+
+/// Rolls back hot journals left by crashed apps, before anything reads the databases: the
+/// stream must never contain a half-written transaction.
+fn rollback_hot_journals(b: &Backing, rel: &str, depth: usize) {
+    if depth > 64 {
+        return;
+    }
+    let Ok(rd) = std::fs::read_dir(b.path(rel)) else {
+        return;
+    };
+    for e in rd.flatten() {
+        let name = e.file_name().to_string_lossy().into_owned();
+        if rel.is_empty() && name == META_DIR {
+            continue;
+        }
+        let child = crate::backing::join(rel, &name);
+        let Ok(ft) = e.file_type() else { continue };
+        if ft.is_dir() {
+            rollback_hot_journals(b, &child, depth + 1);
+        } else if let Some(db) = child.strip_suffix("-journal") {
+            let mut m = [0u8; 8];
+            let hot = matches!(b.open_read(&child), Ok(Some(f)) if crate::capture::read_exact_at(&f, &mut m, 0).unwrap_or(false))
+                && m == crate::sqlite::JOURNAL_MAGIC;
+            if hot && b.exists(db) {
+                log::warn!("{db}: rolling back a hot journal left by a crashed writer");
+                let r = rusqlite::Connection::open(b.path(db))
+                    .and_then(|c| c.query_row("PRAGMA schema_version", [], |r| r.get::<_, i64>(0)));
+                if let Err(e) = r {
+                    log::error!("{db}: hot journal rollback failed: {e}");
+                }
+            }
+        }
+    }
+}
+
+pub fn run(o: MountOpts) -> Result<()> {
+    let dir = std::fs::canonicalize(&o.dir)
+        .with_context(|| format!("mount point {} does not exist", o.dir.display()))?;
+    if !dir.is_dir() {
+        bail!("mount point {} is not a directory", dir.display());
+    }
+    if is_sqlfs_mount(&dir) {
+        bail!("{} is already mounted by sqlfs (stop that process, or run `umount -l {}` if it was killed)", dir.display(), dir.display());
+    }
+    let data = match &o.data_dir {
+        Some(d) => std::fs::canonicalize(d)
+            .with_context(|| format!("data directory {} does not exist", d.display()))?,
+        None => dir.clone(),
+    };
+    if !Path::new("/dev/fuse").exists() {
+        bail!("FUSE is unavailable: /dev/fuse is missing (load the module with `modprobe fuse`; in a container, pass the device /dev/fuse and CAP_SYS_ADMIN)");
+    }
+    // SAFETY: geteuid has no preconditions.
+    let root = unsafe { libc::geteuid() } == 0;
+    if !root && which("fusermount3").is_none() {
+        bail!("mounting as a regular user needs fusermount3: install the `fuse3` package (or run as root)");
+    }
+
+    let backing = Arc::new(
+        Backing::open(&data)
+            .with_context(|| format!("cannot open data directory {}", data.display()))?,
+    );
+    rollback_hot_journals(&backing, "", 0);
+    let capture = Arc::new(
+        Capture::open(backing.clone())
+            .with_context(|| format!("cannot open staging in {}/{META_DIR}", data.display()))?,
+    );
+    let fs =
+        SqlFs::new(backing.clone(), capture.clone()).context("cannot read the data directory")?;
+
+    let mut cfg = Config::default();
+    cfg.mount_options = vec![
+        MountOption::FSName("sqlfs".into()),
+        MountOption::Subtype("sqlfs".into()),
+        MountOption::DefaultPermissions,
+        MountOption::NoAtime,
+    ];
+    cfg.acl = if root {
+        SessionACL::All
+    } else {
+        SessionACL::Owner
+    };
+    cfg.n_threads = Some(o.threads.max(1));
+    cfg.clone_fd = true;
+    let mut session = Session::new(fs, &dir, &cfg).map_err(|e| {
+        let hint = match e.raw_os_error() {
+            Some(libc::EPERM) | Some(libc::EACCES) => {
+                " (permission denied: run as root, or allow user mounts with fusermount3)"
+            }
+            Some(libc::ENODEV) => " (the fuse kernel module is not loaded: `modprobe fuse`)",
+            _ => "",
+        };
+        anyhow::anyhow!("cannot mount {}: {e}{hint}", dir.display())
+    })?;
+
+    let sock = crate::control::socket_path(&dir);
+    if let Err(e) = crate::control::serve(&sock, backing.clone(), capture.clone()) {
+        log::warn!(
+            "control socket {} unavailable ({e}); `sqlfs verify` will need the mount stopped",
+            sock.display()
+        );
+    }
+
+    let stop = Arc::new(AtomicBool::new(false));
+    {
+        let (cap, stop) = (capture.clone(), stop.clone());
+        let limit = o.stage_limit;
+        std::thread::Builder::new()
+            .name("sqlfs-stage".into())
+            .spawn(move || {
+                while !stop.load(Ordering::Relaxed) {
+                    std::thread::sleep(Duration::from_millis(500));
+                    cap.sync_all();
+                    for (name, db) in cap.databases() {
+                        if db.stage.log_bytes() > limit {
+                            match db.stage.fold(u64::MAX) {
+                                Ok(n) if n > 0 => log::info!(
+                                    "{name}: folded {n} bytes of staged log into the local base"
+                                ),
+                                Ok(_) => {}
+                                Err(e) => log::error!("{name}: cannot fold staging: {e}"),
+                            }
+                        }
+                    }
+                }
+            })?;
+    }
+    let mut unmounter = session.unmount_callable();
+    let mut signals = signal_hook::iterator::Signals::new([
+        signal_hook::consts::SIGINT,
+        signal_hook::consts::SIGTERM,
+    ])?;
+    std::thread::Builder::new()
+        .name("sqlfs-signals".into())
+        .spawn(move || {
+            if let Some(sig) = signals.forever().next() {
+                log::info!("signal {sig}: flushing staging and unmounting");
+                if let Err(e) = unmounter.unmount() {
+                    log::error!("unmount failed: {e}");
+                }
+            }
+        })?;
+
+    eprintln!(
+        "sqlfs: serving {} (data in {}, {} databases known)",
+        dir.display(),
+        data.display(),
+        capture.databases().len()
+    );
+    let res = session.run();
+    stop.store(true, Ordering::Relaxed);
+    capture.shutdown();
+    let _ = std::fs::remove_file(&sock);
+    res.context("filesystem session ended with an error")?;
+    log::info!("unmounted {}", dir.display());
+    Ok(())
+}
+
+fn which(cmd: &str) -> Option<PathBuf> {
+    std::env::var_os("PATH").and_then(|p| {
+        std::env::split_paths(&p)
+            .map(|d| d.join(cmd))
+            .find(|p| p.exists())
+    })
+}

@@ -1,0 +1,1054 @@
+//! Shared harness for the sqlfs integration tests.
+//!
+//! * [`Fixture`]: a temporary directory with a mount point, a backing directory (or the
+//!   mount point itself for an in-place mount) and a scratch directory outside the mount.
+//! * [`Mount`]: one running `sqlfs mount` daemon; stopped with SIGTERM on drop, with a
+//!   lazy unmount as the fallback.
+//! * CLI helpers for `verify`, `log` and `replay`.
+//! * The page-image oracle: [`snapshot`] reads the exact pages a connection sees at a
+//!   commit through `sqlite_dbpage`; [`check_samples`] finds each sampled state in the
+//!   staged log and compares the replayed database with the image byte for byte.
+//! * Worker processes: the test binary re-executes itself (see [`workload`]).
+#![allow(dead_code)]
+
+pub mod workload;
+
+use std::ffi::OsString;
+use std::fs::{self, File};
+use std::io::{Read, Write};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::thread;
+use std::time::{Duration, Instant};
+
+use rusqlite::types::ValueRef;
+use rusqlite::{Connection, ErrorCode};
+
+/// The binary under test.
+pub const BIN: &str = env!("CARGO_BIN_EXE_sqlfs");
+/// How long a mount may take to appear in /proc/self/mountinfo.
+pub const MOUNT_TIMEOUT: Duration = Duration::from_secs(20);
+/// Upper bound for one CLI invocation (replays of the 1 GiB database included).
+pub const CLI_TIMEOUT: Duration = Duration::from_secs(600);
+/// Busy timeout for every test connection.
+pub const BUSY_TIMEOUT: Duration = Duration::from_secs(20);
+
+// ---------------------------------------------------------------------------------------
+// Seeds and small utilities
+// ---------------------------------------------------------------------------------------
+
+/// A seed for one test: `SQLFS_TEST_SEED` if set, random otherwise. Always printed, so a
+/// failing run can be repeated.
+pub fn seed_for(test: &str) -> u64 {
+    let seed = match std::env::var("SQLFS_TEST_SEED") {
+        Ok(s) => s.trim().parse().expect("SQLFS_TEST_SEED must be a u64"),
+        Err(_) => rand::random::<u64>(),
+    };
+    eprintln!("[{test}] seed={seed} (repeat with SQLFS_TEST_SEED={seed})");
+    seed
+}
+
+pub fn sleep_ms(ms: u64) {
+    thread::sleep(Duration::from_millis(ms));
+}
+
+/// Last `max` bytes of a text file, for failure messages.
+pub fn file_tail(path: &Path, max: usize) -> String {
+    match fs::read(path) {
+        Ok(b) => {
+            let start = b.len().saturating_sub(max);
+            String::from_utf8_lossy(&b[start..]).into_owned()
+        }
+        Err(e) => format!("<cannot read {}: {e}>", path.display()),
+    }
+}
+
+/// Wait for a child with a deadline. `None` if it is still running.
+pub fn wait_timeout(child: &mut Child, timeout: Duration) -> Option<ExitStatus> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        match child.try_wait() {
+            Ok(Some(s)) => return Some(s),
+            Ok(None) => {}
+            Err(_) => return None,
+        }
+        if Instant::now() >= deadline {
+            return None;
+        }
+        thread::sleep(Duration::from_millis(10));
+    }
+}
+
+pub fn send_signal(pid: u32, sig: libc::c_int) {
+    // SAFETY: plain kill(2) on a pid this process started.
+    unsafe {
+        libc::kill(pid as libc::pid_t, sig);
+    }
+}
+
+/// SIGKILL a child this test started and reap it.
+pub fn kill9_child(child: &mut Child) {
+    send_signal(child.id(), libc::SIGKILL);
+    let _ = child.wait();
+}
+
+// ---------------------------------------------------------------------------------------
+// Mounts
+// ---------------------------------------------------------------------------------------
+
+fn unescape_mountinfo(s: &str) -> String {
+    let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        if b[i] == b'\\'
+            && i + 4 <= b.len()
+            && b[i + 1..i + 4].iter().all(|c| (b'0'..=b'7').contains(c))
+        {
+            let v = (b[i + 1] - b'0') * 64 + (b[i + 2] - b'0') * 8 + (b[i + 3] - b'0');
+            out.push(v);
+            i += 4;
+        } else {
+            out.push(b[i]);
+            i += 1;
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// Number of sqlfs mounts (type `fuse.sqlfs`, or `fuse` with source `sqlfs`) at `mnt` in this mount namespace.
+pub fn sqlfs_mounts_at(mnt: &Path) -> usize {
+    let info = fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
+    let want = mnt.to_string_lossy();
+    info.lines()
+        .filter(|l| {
+            let Some((left, right)) = l.split_once(" - ") else {
+                return false;
+            };
+            let mp = left.split(' ').nth(4).map(unescape_mountinfo);
+            let mut r = right.split(' ');
+            let (fstype, source) = (r.next(), r.next());
+            // Mounted with mount(2) as root the type is plain `fuse` with source `sqlfs`.
+            mp.as_deref() == Some(&*want)
+                && (fstype == Some("fuse.sqlfs")
+                    || (fstype == Some("fuse") && source == Some("sqlfs")))
+        })
+        .count()
+}
+
+/// `umount -l DIR`, then wait until the entry is gone.
+pub fn lazy_umount(mnt: &Path) {
+    for _ in 0..50 {
+        if sqlfs_mounts_at(mnt) == 0 {
+            return;
+        }
+        let _ = Command::new("umount")
+            .arg("-l")
+            .arg(mnt)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status();
+        if sqlfs_mounts_at(mnt) == 0 {
+            return;
+        }
+        sleep_ms(100);
+    }
+}
+
+#[derive(Clone, Debug, Default)]
+pub struct MountOpts {
+    pub data_dir: Option<PathBuf>,
+    pub threads: Option<u32>,
+    pub stage_limit: Option<u64>,
+}
+
+/// One running `sqlfs mount` daemon.
+pub struct Mount {
+    child: Option<Child>,
+    pub mnt: PathBuf,
+    pub log: PathBuf,
+}
+
+impl Mount {
+    pub fn start(mnt: &Path, opts: &MountOpts, log: &Path) -> Mount {
+        assert_eq!(
+            sqlfs_mounts_at(mnt),
+            0,
+            "{} is already an sqlfs mount",
+            mnt.display()
+        );
+        let logf = File::create(log).expect("create daemon log");
+        let mut cmd = Command::new(BIN);
+        cmd.arg("mount").arg(mnt);
+        if let Some(d) = &opts.data_dir {
+            cmd.arg("--data-dir").arg(d);
+        }
+        if let Some(t) = opts.threads {
+            cmd.arg("--threads").arg(t.to_string());
+        }
+        if let Some(s) = opts.stage_limit {
+            cmd.arg("--stage-limit").arg(s.to_string());
+        }
+        cmd.stdin(Stdio::null())
+            .stdout(Stdio::from(logf.try_clone().unwrap()))
+            .stderr(Stdio::from(logf));
+        let cmdline = format!("{cmd:?}");
+        let child = cmd
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot spawn {cmdline}: {e}"));
+        let mut m = Mount {
+            child: Some(child),
+            mnt: mnt.to_path_buf(),
+            log: log.to_path_buf(),
+        };
+        let deadline = Instant::now() + MOUNT_TIMEOUT;
+        loop {
+            if sqlfs_mounts_at(mnt) > 0 {
+                break;
+            }
+            if let Ok(Some(status)) = m.child.as_mut().unwrap().try_wait() {
+                m.child = None;
+                panic!(
+                    "{cmdline} exited with {status} before the mount appeared; its output:\n{}",
+                    file_tail(log, 4000)
+                );
+            }
+            if Instant::now() >= deadline {
+                panic!(
+                    "{cmdline}: no fuse.sqlfs entry for {} in /proc/self/mountinfo after {:?}; output:\n{}",
+                    mnt.display(),
+                    MOUNT_TIMEOUT,
+                    file_tail(log, 4000)
+                );
+            }
+            sleep_ms(20);
+        }
+        m
+    }
+
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(|c| c.id())
+    }
+
+    /// SIGTERM, wait, and check that the daemon exited 0 and the mount is gone.
+    pub fn stop(&mut self) {
+        let Some(mut child) = self.child.take() else {
+            return;
+        };
+        send_signal(child.id(), libc::SIGTERM);
+        let status = wait_timeout(&mut child, Duration::from_secs(30));
+        let Some(status) = status else {
+            kill9_child(&mut child);
+            lazy_umount(&self.mnt);
+            panic!(
+                "sqlfs did not exit within 30 s of SIGTERM; output:\n{}",
+                file_tail(&self.log, 4000)
+            );
+        };
+        let left = sqlfs_mounts_at(&self.mnt);
+        if left > 0 {
+            lazy_umount(&self.mnt);
+        }
+        assert!(
+            status.success(),
+            "sqlfs exited with {status} after SIGTERM; output:\n{}",
+            file_tail(&self.log, 4000)
+        );
+        assert_eq!(
+            left, 0,
+            "the mount was still present after sqlfs exited on SIGTERM"
+        );
+    }
+
+    /// kill -9 the daemon, then `umount -l` the dead mount point.
+    pub fn kill9(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            kill9_child(&mut child);
+        }
+        lazy_umount(&self.mnt);
+    }
+}
+
+impl Drop for Mount {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            send_signal(child.id(), libc::SIGTERM);
+            if wait_timeout(&mut child, Duration::from_secs(15)).is_none() {
+                kill9_child(&mut child);
+            }
+        }
+        if sqlfs_mounts_at(&self.mnt) > 0 {
+            lazy_umount(&self.mnt);
+        }
+    }
+}
+
+/// A temporary test area: `root/mnt` (mount point), `root/backing` (or the mount point
+/// itself when mounting in place) and `root/scratch` (outside the mount).
+pub struct Fixture {
+    pub mount: Option<Mount>,
+    pub name: String,
+    pub root: PathBuf,
+    pub mnt: PathBuf,
+    pub backing: PathBuf,
+    pub scratch: PathBuf,
+    pub in_place: bool,
+    pub opts: MountOpts,
+    logs: Vec<PathBuf>,
+    tmp: Option<tempfile::TempDir>,
+}
+
+impl Fixture {
+    pub fn new(name: &str, in_place: bool) -> Fixture {
+        let tmp = tempfile::Builder::new()
+            .prefix(&format!("sqlfs-{name}-"))
+            .tempdir()
+            .expect("tempdir");
+        let root = tmp.path().canonicalize().unwrap();
+        let mnt = root.join("mnt");
+        let backing = if in_place {
+            mnt.clone()
+        } else {
+            root.join("backing")
+        };
+        let scratch = root.join("scratch");
+        for d in [&mnt, &backing, &scratch] {
+            fs::create_dir_all(d).unwrap();
+        }
+        let opts = MountOpts {
+            data_dir: if in_place {
+                None
+            } else {
+                Some(backing.clone())
+            },
+            ..Default::default()
+        };
+        Fixture {
+            mount: None,
+            name: name.to_string(),
+            root,
+            mnt,
+            backing,
+            scratch,
+            in_place,
+            opts,
+            logs: Vec::new(),
+            tmp: Some(tmp),
+        }
+    }
+
+    pub fn with_threads(mut self, n: u32) -> Fixture {
+        self.opts.threads = Some(n);
+        self
+    }
+
+    pub fn mount(&mut self) {
+        assert!(self.mount.is_none(), "already mounted");
+        let log = self.scratch.join(format!("daemon-{}.log", self.logs.len()));
+        self.logs.push(log.clone());
+        self.mount = Some(Mount::start(&self.mnt, &self.opts, &log));
+    }
+
+    /// Clean unmount (SIGTERM, exit 0 expected).
+    pub fn unmount(&mut self) {
+        if let Some(mut m) = self.mount.take() {
+            m.stop();
+        }
+    }
+
+    /// kill -9 of the daemon and `umount -l`.
+    pub fn kill9(&mut self) {
+        if let Some(mut m) = self.mount.take() {
+            m.kill9();
+        }
+    }
+
+    pub fn remount(&mut self) {
+        self.unmount();
+        self.mount();
+    }
+
+    pub fn daemon_pid(&self) -> Option<u32> {
+        self.mount.as_ref().and_then(|m| m.pid())
+    }
+
+    /// A path inside the mount.
+    pub fn path(&self, rel: &str) -> PathBuf {
+        self.mnt.join(rel)
+    }
+
+    /// A path in the backing directory.
+    pub fn backing_path(&self, rel: &str) -> PathBuf {
+        self.backing.join(rel)
+    }
+
+    pub fn scratch_path(&self, rel: &str) -> PathBuf {
+        self.scratch.join(rel)
+    }
+
+    /// The directory to hand to the CLI: the mount point while mounted, the backing
+    /// directory otherwise.
+    pub fn cli_dir(&self) -> PathBuf {
+        if self.mount.is_some() {
+            self.mnt.clone()
+        } else {
+            self.backing.clone()
+        }
+    }
+
+    pub fn daemon_logs(&self) -> String {
+        let mut s = String::new();
+        for l in &self.logs {
+            s += &format!("--- {} ---\n{}\n", l.display(), file_tail(l, 3000));
+        }
+        s
+    }
+
+    pub fn assert_verify(&self) {
+        assert_verify(&self.cli_dir());
+    }
+}
+
+impl Drop for Fixture {
+    fn drop(&mut self) {
+        drop(self.mount.take());
+        if thread::panicking() {
+            eprintln!("[{}] daemon output:\n{}", self.name, self.daemon_logs());
+        }
+        if std::env::var_os("SQLFS_TEST_KEEP").is_some() {
+            if let Some(t) = self.tmp.take() {
+                eprintln!("[{}] keeping {}", self.name, t.keep().display());
+            }
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// Running commands and the CLI
+// ---------------------------------------------------------------------------------------
+
+pub struct CmdOut {
+    pub cmdline: String,
+    pub status: ExitStatus,
+    pub stdout: String,
+    pub stderr: String,
+}
+
+impl CmdOut {
+    pub fn ok(&self) -> bool {
+        self.status.success()
+    }
+    pub fn describe(&self) -> String {
+        format!(
+            "$ {}\nexit: {}\n--- stdout ---\n{}\n--- stderr ---\n{}",
+            self.cmdline,
+            self.status,
+            tail_str(&self.stdout, 6000),
+            tail_str(&self.stderr, 6000)
+        )
+    }
+}
+
+fn tail_str(s: &str, max: usize) -> &str {
+    if s.len() <= max {
+        return s;
+    }
+    let mut start = s.len() - max;
+    while !s.is_char_boundary(start) {
+        start += 1;
+    }
+    &s[start..]
+}
+
+/// Run a command to completion (stdin closed), with a deadline.
+pub fn run_cmd(mut cmd: Command, timeout: Duration) -> CmdOut {
+    cmd.stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    run_cmd_with_input(cmd, None, timeout)
+}
+
+pub fn run_cmd_with_input(mut cmd: Command, input: Option<String>, timeout: Duration) -> CmdOut {
+    if input.is_some() {
+        cmd.stdin(Stdio::piped());
+    }
+    cmd.stdout(Stdio::piped()).stderr(Stdio::piped());
+    let cmdline = format!("{cmd:?}");
+    let mut child = cmd
+        .spawn()
+        .unwrap_or_else(|e| panic!("cannot spawn {cmdline}: {e}"));
+    let feeder = input.map(|text| {
+        let mut stdin = child.stdin.take().unwrap();
+        thread::spawn(move || {
+            let _ = stdin.write_all(text.as_bytes());
+        })
+    });
+    let mut so = child.stdout.take().unwrap();
+    let mut se = child.stderr.take().unwrap();
+    let t1 = thread::spawn(move || {
+        let mut v = Vec::new();
+        let _ = so.read_to_end(&mut v);
+        v
+    });
+    let t2 = thread::spawn(move || {
+        let mut v = Vec::new();
+        let _ = se.read_to_end(&mut v);
+        v
+    });
+    let status = match wait_timeout(&mut child, timeout) {
+        Some(s) => s,
+        None => {
+            kill9_child(&mut child);
+            panic!("{cmdline} did not finish within {timeout:?}");
+        }
+    };
+    if let Some(f) = feeder {
+        let _ = f.join();
+    }
+    let stdout = String::from_utf8_lossy(&t1.join().unwrap()).into_owned();
+    let stderr = String::from_utf8_lossy(&t2.join().unwrap()).into_owned();
+    CmdOut {
+        cmdline,
+        status,
+        stdout,
+        stderr,
+    }
+}
+
+pub fn sqlfs_cli(args: &[OsString]) -> CmdOut {
+    let mut c = Command::new(BIN);
+    c.args(args);
+    run_cmd(c, CLI_TIMEOUT)
+}
+
+fn os(s: impl AsRef<std::ffi::OsStr>) -> OsString {
+    s.as_ref().to_os_string()
+}
+
+pub fn verify(dir: &Path, db: Option<&str>) -> CmdOut {
+    let mut args = vec![os("verify"), os(dir)];
+    if let Some(db) = db {
+        args.push(os("--db"));
+        args.push(os(db));
+    }
+    sqlfs_cli(&args)
+}
+
+pub fn assert_verify(dir: &Path) {
+    let o = verify(dir, None);
+    assert!(
+        o.ok(),
+        "sqlfs verify reported a mismatch or failed:\n{}",
+        o.describe()
+    );
+}
+
+pub fn assert_verify_db(dir: &Path, db: &str) {
+    let o = verify(dir, Some(db));
+    assert!(
+        o.ok(),
+        "sqlfs verify --db {db} reported a mismatch or failed:\n{}",
+        o.describe()
+    );
+}
+
+/// One line of `sqlfs log`.
+#[derive(Clone, Debug)]
+pub struct LogEntry {
+    pub txid: u64,
+    pub ts: u128,
+    pub pages: u64,
+    pub size: u64,
+    pub checksum: u64,
+    pub line: String,
+}
+
+pub fn parse_log(text: &str) -> Vec<LogEntry> {
+    let mut out = Vec::new();
+    for line in text.lines() {
+        let mut txid = None;
+        let mut ts = None;
+        let mut pages = None;
+        let mut size = None;
+        let mut checksum = None;
+        for tok in line.split_whitespace() {
+            let Some((k, v)) = tok.split_once('=') else {
+                continue;
+            };
+            match k {
+                "txid" => txid = v.parse::<u64>().ok(),
+                "ts" => ts = v.parse::<u128>().ok(),
+                "pages" => pages = v.parse::<u64>().ok(),
+                "size" => size = v.parse::<u64>().ok(),
+                "checksum" => {
+                    assert_eq!(
+                        v.len(),
+                        16,
+                        "checksum is not 16 hex digits in log line {line:?}"
+                    );
+                    assert!(
+                        v.bytes()
+                            .all(|c| c.is_ascii_digit() || (b'a'..=b'f').contains(&c)),
+                        "checksum is not lowercase hex in log line {line:?}"
+                    );
+                    checksum = u64::from_str_radix(v, 16).ok()
+                }
+                _ => {}
+            }
+        }
+        if txid.is_none() && !line.contains("txid=") {
+            continue;
+        }
+        let bad = || panic!("unparsable log line {line:?}");
+        out.push(LogEntry {
+            txid: txid.unwrap_or_else(bad),
+            ts: ts.unwrap_or_else(bad),
+            pages: pages.unwrap_or_else(bad),
+            size: size.unwrap_or_else(bad),
+            checksum: checksum.unwrap_or_else(bad),
+            line: line.to_string(),
+        });
+    }
+    out
+}
+
+pub fn log_cmd(dir: &Path, db: &str) -> CmdOut {
+    sqlfs_cli(&[os("log"), os(dir), os("--db"), os(db)])
+}
+
+/// `sqlfs log` entries of one database; the command must succeed.
+pub fn log_entries(dir: &Path, db: &str) -> Vec<LogEntry> {
+    let o = log_cmd(dir, db);
+    assert!(o.ok(), "sqlfs log failed:\n{}", o.describe());
+    parse_log(&o.stdout)
+}
+
+/// TXIDs must be exactly 1..=N.
+pub fn assert_gap_free(entries: &[LogEntry], what: &str) {
+    for (i, e) in entries.iter().enumerate() {
+        assert_eq!(
+            e.txid,
+            i as u64 + 1,
+            "{what}: txids are not gap-free from 1: entry #{i} is {:?} (previous: {:?})",
+            e.line,
+            if i > 0 {
+                Some(&entries[i - 1].line)
+            } else {
+                None
+            }
+        );
+        assert!(
+            e.size > 0,
+            "{what}: transaction with database size 0: {:?}",
+            e.line
+        );
+    }
+}
+
+pub fn replay(dir: &Path, db: &str, txid: u64, out: &Path) {
+    let _ = fs::remove_file(out);
+    let o = sqlfs_cli(&[
+        os("replay"),
+        os(dir),
+        os("--db"),
+        os(db),
+        os("--txid"),
+        os(txid.to_string()),
+        os("-o"),
+        os(out),
+    ]);
+    assert!(o.ok(), "sqlfs replay failed:\n{}", o.describe());
+    assert!(
+        out.exists(),
+        "sqlfs replay exited 0 but wrote no {}",
+        out.display()
+    );
+}
+
+// ---------------------------------------------------------------------------------------
+// The page-image oracle
+// ---------------------------------------------------------------------------------------
+
+pub const CRC64: crc::Crc<u64, crc::Table<16>> =
+    crc::Crc::<u64, crc::Table<16>>::new(&crc::CRC_64_XZ);
+
+pub fn page_crc(pgno: u32, data: &[u8]) -> u64 {
+    let mut d = CRC64.digest();
+    d.update(&pgno.to_be_bytes());
+    d.update(data);
+    d.finalize()
+}
+
+/// Rolling database checksum of a whole image.
+pub fn image_checksum(image: &[u8], page_size: usize) -> u64 {
+    assert_eq!(image.len() % page_size, 0);
+    image
+        .chunks(page_size)
+        .enumerate()
+        .fold(0u64, |acc, (i, p)| acc ^ page_crc(i as u32 + 1, p))
+}
+
+pub fn is_busy(e: &rusqlite::Error) -> bool {
+    matches!(e, rusqlite::Error::SqliteFailure(f, _)
+        if matches!(f.code, ErrorCode::DatabaseBusy | ErrorCode::DatabaseLocked))
+}
+
+/// Retry a closure while it fails with SQLITE_BUSY / SQLITE_LOCKED.
+pub fn retry_busy<T>(mut f: impl FnMut() -> rusqlite::Result<T>) -> rusqlite::Result<T> {
+    let mut i = 0;
+    loop {
+        match f() {
+            Err(e) if is_busy(&e) && i < 500 => {
+                i += 1;
+                sleep_ms(10);
+            }
+            r => return r,
+        }
+    }
+}
+
+pub fn open_db(path: &Path) -> Connection {
+    let c = Connection::open(path).unwrap_or_else(|e| panic!("open {}: {e}", path.display()));
+    c.busy_timeout(BUSY_TIMEOUT).unwrap();
+    c
+}
+
+pub fn set_journal_mode(conn: &Connection, mode: &str) {
+    let got: String =
+        retry_busy(|| conn.query_row(&format!("PRAGMA journal_mode={mode}"), [], |r| r.get(0)))
+            .unwrap();
+    assert_eq!(
+        got.to_lowercase(),
+        mode.to_lowercase(),
+        "PRAGMA journal_mode={mode} returned {got}"
+    );
+}
+
+pub fn integrity_ok(conn: &Connection) {
+    let rows: Vec<String> = retry_busy(|| {
+        let mut st = conn.prepare("PRAGMA integrity_check")?;
+        let r = st
+            .query_map([], |r| r.get::<_, String>(0))?
+            .collect::<Result<Vec<_>, _>>();
+        r
+    })
+    .unwrap();
+    assert_eq!(
+        rows,
+        vec!["ok".to_string()],
+        "PRAGMA integrity_check failed"
+    );
+}
+
+/// What a connection saw at one point in time.
+#[derive(Clone, Debug)]
+pub struct Snapshot {
+    pub checksum: u64,
+    pub npages: u64,
+    pub page_size: usize,
+    pub image: Vec<u8>,
+}
+
+/// Read every page a connection sees in one read transaction, feeding them to `sink`.
+/// Returns (checksum, page count, page size).
+pub fn snapshot_with(
+    conn: &Connection,
+    mut sink: impl FnMut(u32, &[u8]),
+) -> rusqlite::Result<(u64, u64, usize)> {
+    assert!(
+        conn.is_autocommit(),
+        "a snapshot needs a connection outside any transaction"
+    );
+    conn.execute_batch("BEGIN")?;
+    let r = (|| {
+        let _: i64 = conn.query_row("SELECT count(*) FROM sqlite_master", [], |r| r.get(0))?;
+        let mut stmt = conn.prepare("SELECT pgno, data FROM sqlite_dbpage ORDER BY pgno")?;
+        let mut rows = stmt.query([])?;
+        let mut sum = 0u64;
+        let mut n = 0u64;
+        let mut ps = 0usize;
+        while let Some(row) = rows.next()? {
+            let pgno: i64 = row.get(0)?;
+            n += 1;
+            assert_eq!(pgno as u64, n, "sqlite_dbpage skipped a page");
+            let data = match row.get_ref(1)? {
+                ValueRef::Blob(b) => b,
+                other => panic!("page {pgno}: data is {other:?}"),
+            };
+            ps = data.len();
+            sum ^= page_crc(pgno as u32, data);
+            sink(pgno as u32, data);
+        }
+        Ok((sum, n, ps))
+    })();
+    match &r {
+        Ok(_) => conn.execute_batch("COMMIT")?,
+        Err(_) => {
+            let _ = conn.execute_batch("ROLLBACK");
+        }
+    }
+    r
+}
+
+/// The page image a connection sees now (in memory when `keep_image`).
+pub fn snapshot(conn: &Connection, keep_image: bool) -> Snapshot {
+    let mut image = Vec::new();
+    let (checksum, npages, page_size) = retry_busy(|| {
+        image.clear();
+        snapshot_with(conn, |_, d| {
+            if keep_image {
+                image.extend_from_slice(d)
+            }
+        })
+    })
+    .expect("reading sqlite_dbpage");
+    Snapshot {
+        checksum,
+        npages,
+        page_size,
+        image,
+    }
+}
+
+/// The page image streamed to a file (for very large databases).
+pub fn snapshot_to_file(conn: &Connection, path: &Path) -> Snapshot {
+    let (checksum, npages, page_size) = retry_busy(|| {
+        let mut w = std::io::BufWriter::with_capacity(1 << 20, File::create(path).unwrap());
+        let r = snapshot_with(conn, |_, d| w.write_all(d).unwrap());
+        w.flush().unwrap();
+        r
+    })
+    .expect("reading sqlite_dbpage");
+    Snapshot {
+        checksum,
+        npages,
+        page_size,
+        image: Vec::new(),
+    }
+}
+
+#[derive(Clone, Debug)]
+pub enum Image {
+    None,
+    Mem(Vec<u8>),
+    File(PathBuf),
+}
+
+/// A sampled state: its checksum, size, and optionally its full image.
+#[derive(Clone, Debug)]
+pub struct Sample {
+    pub checksum: u64,
+    pub npages: u64,
+    pub page_size: usize,
+    pub image: Image,
+    pub label: String,
+}
+
+impl Sample {
+    pub fn from_snapshot(s: Snapshot, keep_image: bool, label: impl Into<String>) -> Sample {
+        Sample {
+            checksum: s.checksum,
+            npages: s.npages,
+            page_size: s.page_size,
+            image: if keep_image {
+                Image::Mem(s.image)
+            } else {
+                Image::None
+            },
+            label: label.into(),
+        }
+    }
+}
+
+/// Take a sample now.
+pub fn sample(conn: &Connection, keep_image: bool, label: impl Into<String>) -> Sample {
+    let s = snapshot(conn, keep_image);
+    Sample::from_snapshot(s, keep_image, label)
+}
+
+/// Compare a replayed database with the expected image; on mismatch name the first
+/// differing page.
+pub fn assert_same_image(expected: &[u8], actual: &[u8], page_size: usize, what: &str) {
+    if expected == actual {
+        return;
+    }
+    let ps = page_size.max(1);
+    let n = expected.len().min(actual.len());
+    let first = (0..n).find(|&i| expected[i] != actual[i]);
+    panic!(
+        "{what}: replayed database differs from the page image the application saw: \
+         expected {} bytes ({} pages), replay has {} bytes ({} pages); first differing byte: {:?} (page {:?})",
+        expected.len(),
+        expected.len() / ps,
+        actual.len(),
+        actual.len() / ps,
+        first,
+        first.map(|i| i / ps + 1)
+    );
+}
+
+/// Streaming comparison of two files.
+pub fn assert_same_files(expected: &Path, actual: &Path, page_size: usize, what: &str) {
+    let le = fs::metadata(expected).unwrap().len();
+    let la = fs::metadata(actual).unwrap().len();
+    let mut fe = std::io::BufReader::with_capacity(1 << 20, File::open(expected).unwrap());
+    let mut fa = std::io::BufReader::with_capacity(1 << 20, File::open(actual).unwrap());
+    let mut be = vec![0u8; 1 << 20];
+    let mut ba = vec![0u8; 1 << 20];
+    let mut off = 0u64;
+    loop {
+        let ne = read_full(&mut fe, &mut be);
+        let na = read_full(&mut fa, &mut ba);
+        let n = ne.min(na);
+        if let Some(i) = (0..n).find(|&i| be[i] != ba[i]) {
+            let at = off + i as u64;
+            panic!(
+                "{what}: replayed database differs from the page image at byte {at} (page {}); sizes {le} vs {la}",
+                at / page_size as u64 + 1
+            );
+        }
+        if ne != na {
+            panic!("{what}: replayed database has {la} bytes, the page image has {le}");
+        }
+        if ne == 0 {
+            return;
+        }
+        off += ne as u64;
+    }
+}
+
+fn read_full(r: &mut impl Read, buf: &mut [u8]) -> usize {
+    let mut n = 0;
+    while n < buf.len() {
+        match r.read(&mut buf[n..]) {
+            Ok(0) => break,
+            Ok(k) => n += k,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => panic!("read: {e}"),
+        }
+    }
+    n
+}
+
+fn sanitize(db: &str) -> String {
+    db.chars()
+        .map(|c| if c.is_ascii_alphanumeric() { c } else { '_' })
+        .collect()
+}
+
+/// Replay `txid` and compare it with a sample's image.
+pub fn check_replay_against(dir: &Path, db: &str, txid: u64, s: &Sample, scratch: &Path) {
+    let out = scratch.join(format!("replay-{}-{txid}.db", sanitize(db)));
+    replay(dir, db, txid, &out);
+    let what = format!("{db} txid {txid} ({})", s.label);
+    match &s.image {
+        Image::None => {}
+        Image::Mem(img) => {
+            let got = fs::read(&out).unwrap();
+            assert_same_image(img, &got, s.page_size, &what);
+        }
+        Image::File(p) => assert_same_files(p, &out, s.page_size, &what),
+    }
+    let _ = fs::remove_file(&out);
+}
+
+/// Every sample (in the order one observer took them) must be found in the staged log,
+/// at monotonically non-decreasing txids; samples with an image are replayed and compared
+/// byte for byte. Returns the matched txids.
+pub fn check_samples(
+    dir: &Path,
+    db: &str,
+    entries: &[LogEntry],
+    samples: &[Sample],
+    scratch: &Path,
+) -> Vec<u64> {
+    let mut pos = 0usize;
+    let mut matched = Vec::new();
+    for (i, s) in samples.iter().enumerate() {
+        if s.npages == 0 {
+            continue;
+        }
+        let found = (pos..entries.len()).find(|&j| entries[j].checksum == s.checksum);
+        let Some(j) = found else {
+            let anywhere = entries.iter().find(|e| e.checksum == s.checksum);
+            let prev = if pos < entries.len() {
+                Some(&entries[pos].line)
+            } else {
+                None
+            };
+            panic!(
+                "{db}: sample #{i} [{}] (checksum {:016x}, {} pages of {} bytes) is not in the staged log at or after \
+                 the previously matched entry {:?}; found elsewhere: {:?}; the log has {} entries, last: {:?}",
+                s.label,
+                s.checksum,
+                s.npages,
+                s.page_size,
+                prev,
+                anywhere.map(|e| &e.line),
+                entries.len(),
+                entries.last().map(|e| &e.line)
+            );
+        };
+        assert_eq!(
+            entries[j].size, s.npages,
+            "{db}: sample #{i} [{}] matches {:?} by checksum but not by size",
+            s.label, entries[j].line
+        );
+        pos = j;
+        matched.push(entries[j].txid);
+        if !matches!(s.image, Image::None) {
+            check_replay_against(dir, db, entries[j].txid, s, scratch);
+        }
+    }
+    matched
+}
+
+/// The live database (opened fresh through the mount) must pass integrity_check and be
+/// exactly the state after the last staged transaction. Returns the log.
+pub fn check_final(dir: &Path, db_path: &Path, db: &str, scratch: &Path) -> Vec<LogEntry> {
+    let conn = open_db(db_path);
+    integrity_ok(&conn);
+    let s = sample(&conn, true, "final state");
+    drop(conn);
+    let entries = log_entries(dir, db);
+    assert_gap_free(&entries, db);
+    let last = entries
+        .last()
+        .unwrap_or_else(|| panic!("{db}: the staged log is empty"));
+    assert_eq!(
+        last.checksum, s.checksum,
+        "{db}: the live database (checksum {:016x}, {} pages) is not the state after the last staged transaction {:?}",
+        s.checksum, s.npages, last.line
+    );
+    assert_eq!(
+        last.size, s.npages,
+        "{db}: size mismatch with the last staged transaction"
+    );
+    check_replay_against(dir, db, last.txid, &s, scratch);
+    entries
+}
+
+/// Run the sqlite3 command-line shell on a database with a script on stdin.
+pub fn sqlite3_cli(db: &Path, script: &str) -> CmdOut {
+    let mut c = Command::new("sqlite3");
+    c.arg("-bail").arg(db);
+    run_cmd_with_input(c, Some(script.to_string()), Duration::from_secs(300))
+}
+
+/// Spawn the sqlite3 shell in the background; its output goes to `log`.
+pub fn spawn_sqlite3(db: &Path, script: String, log: &Path) -> (Child, thread::JoinHandle<()>) {
+    let logf = File::create(log).unwrap();
+    let mut child = Command::new("sqlite3")
+        .arg("-bail")
+        .arg(db)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::from(logf.try_clone().unwrap()))
+        .stderr(Stdio::from(logf))
+        .spawn()
+        .expect("spawn sqlite3");
+    let mut stdin = child.stdin.take().unwrap();
+    let h = thread::spawn(move || {
+        let _ = stdin.write_all(script.as_bytes());
+    });
+    (child, h)
+}
