@@ -599,13 +599,15 @@ pub fn parse_log(text: &str) -> Vec<LogEntry> {
         if txid.is_none() && !line.contains("txid=") {
             continue;
         }
-        let bad = || panic!("unparsable log line {line:?}");
+        fn bad<T>(line: &str) -> T {
+            panic!("unparsable log line {line:?}")
+        }
         out.push(LogEntry {
-            txid: txid.unwrap_or_else(bad),
-            ts: ts.unwrap_or_else(bad),
-            pages: pages.unwrap_or_else(bad),
-            size: size.unwrap_or_else(bad),
-            checksum: checksum.unwrap_or_else(bad),
+            txid: txid.unwrap_or_else(|| bad(line)),
+            ts: ts.unwrap_or_else(|| bad(line)),
+            pages: pages.unwrap_or_else(|| bad(line)),
+            size: size.unwrap_or_else(|| bad(line)),
+            checksum: checksum.unwrap_or_else(|| bad(line)),
             line: line.to_string(),
         });
     }

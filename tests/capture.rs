@@ -1,0 +1,744 @@
+//! Capture tests: randomised workloads through the mount; at sampled commit points the
+//! page image the application saw must be found in the staged log, and replaying up to
+//! that transaction must give a byte-identical database. At the end `sqlfs verify` must
+//! pass, mounted and unmounted, and PRAGMA integrity_check must be ok.
+mod common;
+
+use std::fs;
+use std::time::{Duration, Instant};
+
+use common::workload::*;
+use common::*;
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+use rusqlite::Connection;
+
+#[test]
+fn worker_entry() {
+    worker_main();
+}
+
+/// A new database with the test schema.
+fn fresh_db(path: &std::path::Path, page_size: Option<u32>, journal: &str) -> Connection {
+    let c = open_db(path);
+    if let Some(ps) = page_size {
+        c.execute_batch(&format!("PRAGMA page_size={ps}")).unwrap();
+    }
+    set_journal_mode(&c, journal);
+    c.execute_batch(SCHEMA).unwrap();
+    c
+}
+
+/// Final state, samples, and verify for one database (no writer may be active).
+fn check_db(fx: &Fixture, db: &str, samples: &[Sample]) -> Vec<LogEntry> {
+    let dir = fx.cli_dir();
+    let entries = check_final(&dir, &fx.path(db), db, &fx.scratch);
+    let matched = check_samples(&dir, db, &entries, samples, &fx.scratch);
+    let replays = samples
+        .iter()
+        .filter(|s| !matches!(s.image, Image::None))
+        .count();
+    eprintln!(
+        "{db}: {} staged transactions, {} samples matched (txids {:?}..{:?}), {replays} replays compared",
+        entries.len(),
+        matched.len(),
+        matched.first(),
+        matched.last()
+    );
+    entries
+}
+
+/// Stop the mount cleanly and verify the backing directory offline too.
+fn finish(mut fx: Fixture) {
+    fx.assert_verify();
+    fx.unmount();
+    assert_verify(&fx.backing);
+}
+
+fn wait_workers(
+    children: &mut [std::process::Child],
+    logs: &[std::path::PathBuf],
+    timeout: Duration,
+) {
+    let deadline = Instant::now() + timeout;
+    for (c, log) in children.iter_mut().zip(logs) {
+        let left = deadline.saturating_duration_since(Instant::now());
+        match wait_timeout(c, left) {
+            Some(s) => assert!(
+                s.success(),
+                "worker exited with {s}; its output:\n{}",
+                file_tail(log, 3000)
+            ),
+            None => {
+                kill9_child(c);
+                panic!(
+                    "worker did not finish in time; its output:\n{}",
+                    file_tail(log, 3000)
+                );
+            }
+        }
+    }
+}
+
+#[test]
+fn wal_two_connections_all_checkpoint_modes() {
+    let seed = seed_for("wal_two_connections_all_checkpoint_modes");
+    let mut fx = Fixture::new("walck", true);
+    fx.mount();
+    let db = "app.db";
+    let mut rng = StdRng::seed_from_u64(seed);
+    drop(fresh_db(&fx.path(db), None, "WAL"));
+    let mut d = [
+        Driver::open(&fx.path(db), 1, seed, DriverCfg::default()),
+        Driver::open(&fx.path(db), 2, seed, DriverCfg::default()),
+    ];
+    d[0].pragma("PRAGMA wal_autocheckpoint=10");
+    d[1].pragma("PRAGMA wal_autocheckpoint=0");
+    let mut samples = Vec::new();
+    let mut ckpts = Vec::new();
+    for i in 0..240 {
+        let k = rng.random_range(0..2);
+        d[k].random_txn().unwrap();
+        samples.push(d[k].sample(0.04, format!("txn {i} by connection {k}")));
+        if i % 40 == 39 {
+            // Every mode, deterministically, plus random ones below.
+            let mode = CHECKPOINT_MODES[(i / 40) % 4];
+            let r: (i64, i64, i64) = d[1 - k]
+                .conn
+                .query_row(&format!("PRAGMA wal_checkpoint({mode})"), [], |r| {
+                    Ok((r.get(0)?, r.get(1)?, r.get(2)?))
+                })
+                .unwrap();
+            ckpts.push(format!("{mode} {r:?}"));
+        } else if rng.random_bool(0.06) {
+            ckpts.push(d[k].random_checkpoint());
+        }
+        if rng.random_bool(0.03) {
+            d[k].random_autocheckpoint();
+        }
+    }
+    eprintln!("checkpoints: {ckpts:?}");
+    drop(d);
+    check_db(&fx, db, &samples);
+    finish(fx);
+}
+
+#[test]
+fn rollback_journal_modes() {
+    let seed = seed_for("rollback_journal_modes");
+    let mut fx = Fixture::new("rollback", false);
+    fx.mount();
+    let mut rng = StdRng::seed_from_u64(seed);
+    let mut all = Vec::new();
+    for (i, mode) in ["DELETE", "TRUNCATE", "PERSIST"].iter().enumerate() {
+        let db = format!("rb_{}.db", mode.to_lowercase());
+        drop(fresh_db(&fx.path(&db), None, mode));
+        let cfg = DriverCfg {
+            big_prob: 0.05,
+            big_bytes: 1 << 20,
+            ..Default::default()
+        };
+        let mut d = Driver::open(&fx.path(&db), 1, seed + i as u64, cfg);
+        set_journal_mode(&d.conn, mode);
+        let sync = ["OFF", "NORMAL", "FULL"][rng.random_range(0..3)];
+        d.exec(&format!("PRAGMA synchronous={sync}; PRAGMA cache_size=50"));
+        let mut samples = Vec::new();
+        for t in 0..100 {
+            d.random_txn().unwrap();
+            samples.push(d.sample(0.05, format!("{mode} txn {t}")));
+        }
+        drop(d);
+        all.push((db, samples));
+    }
+    for (db, samples) in &all {
+        check_db(&fx, db, samples);
+    }
+    finish(fx);
+}
+
+#[test]
+fn page_sizes_512_4096_65536() {
+    let seed = seed_for("page_sizes_512_4096_65536");
+    let mut fx = Fixture::new("pagesize", true);
+    fx.mount();
+    let mut all = Vec::new();
+    for ps in [512u32, 4096, 65536] {
+        for mode in ["WAL", "DELETE"] {
+            let db = format!("ps{ps}_{}.db", mode.to_lowercase());
+            drop(fresh_db(&fx.path(&db), Some(ps), mode));
+            let cfg = DriverCfg {
+                max_blob: 20_000,
+                big_prob: 0.05,
+                big_bytes: 512 << 10,
+                ..Default::default()
+            };
+            let mut d = Driver::open(&fx.path(&db), 1, seed ^ ps as u64, cfg);
+            assert_eq!(d.pragma("PRAGMA page_size"), ps.to_string());
+            let mut samples = Vec::new();
+            for t in 0..40 {
+                d.random_txn().unwrap();
+                samples.push(d.sample(0.1, format!("page size {ps} {mode} txn {t}")));
+                if mode == "WAL" && t % 10 == 9 {
+                    d.random_checkpoint();
+                }
+            }
+            drop(d);
+            all.push((db, samples));
+        }
+    }
+    for (db, samples) in &all {
+        check_db(&fx, db, samples);
+    }
+    finish(fx);
+}
+
+#[test]
+fn journal_mode_switches_vacuum_and_page_size_change() {
+    let seed = seed_for("journal_mode_switches_vacuum_and_page_size_change");
+    let mut fx = Fixture::new("switch", false);
+    fx.mount();
+    let db = "switch.db";
+    drop(fresh_db(&fx.path(db), None, "WAL"));
+    let mut d = Driver::open(&fx.path(db), 1, seed, DriverCfg::default());
+    let mut samples = Vec::new();
+    let mut step = 0;
+    let mut run = |d: &mut Driver, n: usize, what: &str, samples: &mut Vec<Sample>| {
+        for _ in 0..n {
+            d.random_txn().unwrap();
+            step += 1;
+            samples.push(d.sample(0.1, format!("{what} txn {step}")));
+        }
+    };
+    run(&mut d, 30, "wal", &mut samples);
+    d.random_checkpoint();
+    run(&mut d, 10, "wal (frames left in the WAL)", &mut samples);
+    set_journal_mode(&d.conn, "DELETE");
+    samples.push(d.sample(1.0, "after WAL -> DELETE"));
+    run(&mut d, 20, "delete", &mut samples);
+    d.exec("VACUUM");
+    samples.push(d.sample(1.0, "after VACUUM in DELETE mode"));
+    set_journal_mode(&d.conn, "WAL");
+    samples.push(d.sample(1.0, "after DELETE -> WAL"));
+    run(&mut d, 20, "wal again", &mut samples);
+    d.exec("VACUUM");
+    samples.push(d.sample(1.0, "after VACUUM in WAL mode"));
+    run(&mut d, 10, "wal after vacuum", &mut samples);
+    set_journal_mode(&d.conn, "DELETE");
+    samples.push(d.sample(0.5, "after WAL -> DELETE (2)"));
+    // Change the page size of an existing database.
+    d.exec("PRAGMA page_size=8192; VACUUM");
+    assert_eq!(d.pragma("PRAGMA page_size"), "8192");
+    samples.push(d.sample(1.0, "after page size change to 8192"));
+    run(&mut d, 15, "delete, 8192-byte pages", &mut samples);
+    // Incremental auto-vacuum: the file shrinks at commit.
+    d.exec("PRAGMA auto_vacuum=INCREMENTAL; VACUUM");
+    samples.push(d.sample(1.0, "after enabling incremental auto_vacuum"));
+    d.exec("DELETE FROM t WHERE id % 2 = 0");
+    samples.push(d.sample(1.0, "after deleting half the rows"));
+    d.exec("PRAGMA incremental_vacuum(20)");
+    samples.push(d.sample(1.0, "after incremental_vacuum(20)"));
+    set_journal_mode(&d.conn, "WAL");
+    run(&mut d, 10, "wal with auto_vacuum", &mut samples);
+    d.exec("DELETE FROM t WHERE id % 3 = 0");
+    d.exec("PRAGMA incremental_vacuum");
+    samples.push(d.sample(1.0, "after incremental_vacuum in WAL mode"));
+    d.random_checkpoint();
+    let r: (i64, i64, i64) = d
+        .conn
+        .query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |r| {
+            Ok((r.get(0)?, r.get(1)?, r.get(2)?))
+        })
+        .unwrap();
+    eprintln!("final TRUNCATE checkpoint: {r:?}");
+    run(&mut d, 5, "wal after truncate", &mut samples);
+    drop(d);
+    check_db(&fx, db, &samples);
+    finish(fx);
+}
+
+#[test]
+fn large_transactions_spill_the_page_cache() {
+    let seed = seed_for("large_transactions_spill_the_page_cache");
+    let mut fx = Fixture::new("large", true);
+    fx.mount();
+    let mut all = Vec::new();
+    for mode in ["WAL", "DELETE"] {
+        let db = format!("large_{}.db", mode.to_lowercase());
+        drop(fresh_db(&fx.path(&db), None, mode));
+        let mut d = Driver::open(&fx.path(&db), 1, seed, DriverCfg::default());
+        // 16 pages of cache: a multi-megabyte transaction must spill.
+        d.exec("PRAGMA cache_size=16; PRAGMA cache_spill=ON");
+        let mut samples = Vec::new();
+        for i in 0..3 {
+            d.random_txn().unwrap();
+            samples.push(d.sample(0.0, format!("{mode} small {i}")));
+            d.big_txn(6 << 20).unwrap();
+            samples.push(d.sample(
+                if i == 1 { 1.0 } else { 0.0 },
+                format!("{mode} big insert {i}"),
+            ));
+        }
+        // Rewrite nearly every page of the table in one transaction.
+        d.exec("BEGIN IMMEDIATE; UPDATE t SET b = randomblob(length(b)), v = 'rewritten'; COMMIT");
+        samples.push(d.sample(1.0, format!("{mode} rewrite of every row")));
+        d.exec("BEGIN IMMEDIATE; DELETE FROM t WHERE seq % 2 = 1; COMMIT");
+        samples.push(d.sample(0.0, format!("{mode} delete half")));
+        // A large transaction that is rolled back after spilling.
+        d.exec("BEGIN IMMEDIATE; UPDATE t SET b = randomblob(length(b) + 10); ROLLBACK");
+        d.random_txn().unwrap();
+        samples.push(d.sample(
+            1.0,
+            format!("{mode} after a rolled-back spilled transaction"),
+        ));
+        if mode == "WAL" {
+            d.random_checkpoint();
+        }
+        drop(d);
+        all.push((db, samples));
+    }
+    for (db, samples) in &all {
+        check_db(&fx, db, samples);
+    }
+    finish(fx);
+}
+
+fn multi_process(fx: &mut Fixture, db: &str, journals: &[&str], txns: u64, seed: u64) {
+    let mut children = Vec::new();
+    let mut logs = Vec::new();
+    let mut outs = Vec::new();
+    let img_dir = fx.scratch_path("images");
+    fs::create_dir_all(&img_dir).unwrap();
+    let wal = journals.iter().all(|j| *j == "WAL");
+    for (i, j) in journals.iter().enumerate() {
+        let wid = i as i64 + 1;
+        let out = fx.scratch_path(&format!("w{wid}.out"));
+        let log = fx.scratch_path(&format!("w{wid}.log"));
+        let mut p = Params::new("writer")
+            .set("db", fx.path(db).display())
+            .set("wid", wid)
+            .set("seed", seed)
+            .set("out", out.display())
+            .set("txns", txns)
+            .set("sample_prob", 1.0)
+            .set("image_prob", 0.05)
+            .set("img_dir", img_dir.display())
+            .set("big_prob", 0.02)
+            .set("big_bytes", 1 << 20)
+            .set("sleep_ms", 2);
+        if wal {
+            p = p.set("autockpt", [1000, 100, 10, 0][i % 4]);
+            if i == 0 {
+                p = p.set("ckpt_prob", 0.1);
+            }
+        } else {
+            p = p.set("journal", j).set("cache", 100);
+        }
+        children.push(spawn_worker(&p, &log));
+        logs.push(log);
+        outs.push(out);
+    }
+    wait_workers(&mut children, &logs, Duration::from_secs(240));
+    let dir = fx.cli_dir();
+    let entries = check_final(&dir, &fx.path(db), db, &fx.scratch);
+    let mut total = 0;
+    for out in &outs {
+        let r = read_report(out);
+        assert!(r.errors.is_empty(), "worker errors: {:?}", r.errors);
+        assert!(r.done, "worker {} did not finish", out.display());
+        assert_eq!(r.commits.len() as u64, txns);
+        check_samples(&dir, db, &entries, &r.samples, &fx.scratch);
+        total += r.samples.len();
+    }
+    eprintln!(
+        "{db}: {} staged transactions, {total} samples from {} processes matched",
+        entries.len(),
+        journals.len()
+    );
+}
+
+#[test]
+fn four_processes_wal() {
+    let seed = seed_for("four_processes_wal");
+    let mut fx = Fixture::new("mpwal", false).with_threads(4);
+    fx.mount();
+    let db = "shared.db";
+    drop(fresh_db(&fx.path(db), None, "WAL"));
+    multi_process(&mut fx, db, &["WAL"; 4], 60, seed);
+    finish(fx);
+}
+
+#[test]
+fn three_processes_mixed_rollback_modes() {
+    let seed = seed_for("three_processes_mixed_rollback_modes");
+    let mut fx = Fixture::new("mprb", true).with_threads(1);
+    fx.mount();
+    let db = "shared_rb.db";
+    drop(fresh_db(&fx.path(db), None, "DELETE"));
+    multi_process(&mut fx, db, &["DELETE", "TRUNCATE", "PERSIST"], 40, seed);
+    finish(fx);
+}
+
+fn cli_script(rng: &mut StdRng, w: u32, ntx: usize) -> String {
+    let mut s = String::from(".timeout 20000\n");
+    for i in 0..ntx {
+        s += "BEGIN IMMEDIATE;\n";
+        for j in 0..rng.random_range(1..10) {
+            let len = if rng.random_bool(0.1) {
+                rng.random_range(2000..20000)
+            } else {
+                rng.random_range(0..300)
+            };
+            s += &format!("INSERT INTO t(w, seq, v, b) VALUES ({w}, {i}, 'cli-{w}-{i}-{j}', randomblob({len}));\n");
+        }
+        if rng.random_bool(0.3) {
+            s += &format!(
+                "UPDATE t SET v = v || '+' WHERE w = {w} AND seq = {};\n",
+                rng.random_range(0..=i)
+            );
+        }
+        if rng.random_bool(0.1) {
+            s += &format!(
+                "DELETE FROM t WHERE w = {w} AND seq = {};\n",
+                rng.random_range(0..=i)
+            );
+        }
+        s += "COMMIT;\n";
+    }
+    s
+}
+
+#[test]
+fn sqlite3_shell_workloads() {
+    let seed = seed_for("sqlite3_shell_workloads");
+    let mut fx = Fixture::new("shell", true);
+    fx.mount();
+    let mut rng = StdRng::seed_from_u64(seed);
+    let mut all = Vec::new();
+    for mode in ["WAL", "DELETE"] {
+        let db = format!("shell_{}.db", mode.to_lowercase());
+        let path = fx.path(&db);
+        let o = sqlite3_cli(
+            &path,
+            &format!(
+                "PRAGMA journal_mode={mode};\nCREATE TABLE t(id INTEGER PRIMARY KEY, w INTEGER, seq INTEGER, v TEXT, b BLOB);\n\
+                 CREATE INDEX t_w ON t(w, seq);\n"
+            ),
+        );
+        assert!(o.ok(), "{}", o.describe());
+        let observer = open_db(&path);
+        let mut samples = vec![sample(&observer, true, format!("{mode} after create"))];
+        for round in 0..4u32 {
+            let mut kids = Vec::new();
+            for k in 0..2u32 {
+                let w = round * 2 + k;
+                let script = cli_script(&mut rng, w, 20);
+                let log = fx.scratch_path(&format!("shell-{mode}-{w}.log"));
+                let (child, feeder) = spawn_sqlite3(&path, script, &log);
+                kids.push((child, feeder, log));
+            }
+            for (mut child, feeder, log) in kids {
+                let st =
+                    wait_timeout(&mut child, Duration::from_secs(120)).expect("sqlite3 shell hung");
+                feeder.join().unwrap();
+                assert!(
+                    st.success(),
+                    "sqlite3 shell failed ({st}):\n{}",
+                    file_tail(&log, 3000)
+                );
+            }
+            samples.push(sample(
+                &observer,
+                true,
+                format!("{mode} after shell round {round}"),
+            ));
+            if round == 1 {
+                let maint = if mode == "WAL" {
+                    "PRAGMA wal_checkpoint(TRUNCATE);\nVACUUM;\n"
+                } else {
+                    "VACUUM;\n"
+                };
+                let o = sqlite3_cli(&path, &format!(".timeout 20000\n{maint}"));
+                assert!(o.ok(), "{}", o.describe());
+                samples.push(sample(
+                    &observer,
+                    true,
+                    format!("{mode} after shell VACUUM"),
+                ));
+            }
+        }
+        drop(observer);
+        all.push((db, samples));
+    }
+    for (db, samples) in &all {
+        check_db(&fx, db, samples);
+    }
+    finish(fx);
+}
+
+#[test]
+fn databases_in_subdirectories() {
+    let seed = seed_for("databases_in_subdirectories");
+    let mut fx = Fixture::new("subdir", false);
+    fx.mount();
+    fs::create_dir_all(fx.path("sub/deeper")).unwrap();
+    let mut all = Vec::new();
+    for (db, mode) in [("sub/deeper/x.db", "WAL"), ("sub/y.db", "DELETE")] {
+        drop(fresh_db(&fx.path(db), None, mode));
+        let mut d = Driver::open(&fx.path(db), 1, seed, DriverCfg::default());
+        let mut samples = Vec::new();
+        for t in 0..40 {
+            d.random_txn().unwrap();
+            samples.push(d.sample(0.1, format!("{db} txn {t}")));
+        }
+        drop(d);
+        all.push((db, samples));
+    }
+    assert!(
+        fx.backing_path("sub/deeper/x.db").exists(),
+        "database not passed through to the backing directory"
+    );
+    for (db, samples) in &all {
+        check_db(&fx, db, samples);
+        assert_verify_db(&fx.mnt, db);
+    }
+    finish(fx);
+}
+
+fn workload(fx: &Fixture, db: &str, mode: &str, n: usize, seed: u64, label: &str) -> Vec<Sample> {
+    let mut d = Driver::open(&fx.path(db), 1, seed, DriverCfg::default());
+    set_journal_mode(&d.conn, mode);
+    d.exec(SCHEMA);
+    let mut samples = Vec::new();
+    for t in 0..n {
+        d.random_txn().unwrap();
+        samples.push(d.sample(0.15, format!("{label} txn {t}")));
+    }
+    samples
+}
+
+#[test]
+fn database_renamed_replaced_and_deleted_while_mounted() {
+    let seed = seed_for("database_renamed_replaced_and_deleted_while_mounted");
+    let mut fx = Fixture::new("rename", true);
+    fx.mount();
+    for mode in ["DELETE", "WAL"] {
+        let m = mode.to_lowercase();
+        let (a, b, tmp) = (
+            format!("ren_{m}_a.db"),
+            format!("ren_{m}_b.db"),
+            format!("ren_{m}_tmp.db"),
+        );
+        // 1. a.db
+        let s = workload(&fx, &a, mode, 25, seed, "a");
+        check_db(&fx, &a, &s);
+        // 2. rename a -> b, keep writing b
+        fs::rename(fx.path(&a), fx.path(&b)).unwrap();
+        assert!(!fx.path(&a).exists() && fx.path(&b).exists());
+        assert!(fx.backing_path(&b).exists(), "rename not passed through");
+        fx.assert_verify();
+        let s = workload(&fx, &b, mode, 25, seed + 1, "b after rename");
+        check_db(&fx, &b, &s);
+        let old = log_cmd(&fx.mnt, &a);
+        eprintln!(
+            "log of the renamed-away name {a}: exit {} ({} lines)",
+            old.status,
+            old.stdout.lines().count()
+        );
+        fx.assert_verify();
+        // 3. build tmp, rename it over b (atomic replace)
+        let s_tmp = workload(&fx, &tmp, mode, 15, seed + 2, "tmp");
+        check_db(&fx, &tmp, &s_tmp);
+        fs::rename(fx.path(&tmp), fx.path(&b)).unwrap();
+        check_final(&fx.mnt, &fx.path(&b), &b, &fx.scratch);
+        fx.assert_verify();
+        // 4. delete b
+        fs::remove_file(fx.path(&b)).unwrap();
+        for suffix in ["-journal", "-wal", "-shm"] {
+            let _ = fs::remove_file(fx.path(&format!("{b}{suffix}")));
+        }
+        assert!(!fx.backing_path(&b).exists(), "unlink not passed through");
+        fx.assert_verify();
+        // 5. a new database under the same name
+        let s = workload(&fx, &b, mode, 20, seed + 3, "b recreated");
+        check_db(&fx, &b, &s);
+        fx.assert_verify();
+    }
+    finish(fx);
+}
+
+#[test]
+fn exclusive_locking_mode() {
+    let seed = seed_for("exclusive_locking_mode");
+    let mut fx = Fixture::new("exclusive", false);
+    fx.mount();
+    let mut all = Vec::new();
+    for mode in ["WAL", "DELETE", "TRUNCATE"] {
+        let db = format!("excl_{}.db", mode.to_lowercase());
+        let c = open_db(&fx.path(&db));
+        let lm: String = c
+            .query_row("PRAGMA locking_mode=EXCLUSIVE", [], |r| r.get(0))
+            .unwrap();
+        assert_eq!(lm, "exclusive");
+        set_journal_mode(&c, mode);
+        c.execute_batch(SCHEMA).unwrap();
+        let mut d = Driver::new(
+            c,
+            1,
+            seed,
+            DriverCfg {
+                big_prob: 0.03,
+                big_bytes: 1 << 20,
+                ..Default::default()
+            },
+        );
+        let mut samples = Vec::new();
+        for t in 0..50 {
+            d.random_txn().unwrap();
+            samples.push(d.sample(0.1, format!("{mode} exclusive txn {t}")));
+            if mode == "WAL" && t % 15 == 14 {
+                d.random_checkpoint();
+            }
+        }
+        if mode == "WAL" {
+            assert!(
+                !fx.path(&format!("{db}-shm")).exists(),
+                "exclusive WAL mode should not use a -shm file"
+            );
+        }
+        drop(d);
+        all.push((db, samples));
+    }
+    for (db, samples) in &all {
+        check_db(&fx, db, samples);
+    }
+    finish(fx);
+}
+
+#[test]
+fn database_created_before_the_mount() {
+    let seed = seed_for("database_created_before_the_mount");
+    let mut fx = Fixture::new("preexisting", true);
+    // Created natively in the directory that is then mounted over in place.
+    for mode in ["DELETE", "WAL"] {
+        let db = format!("pre_{}.db", mode.to_lowercase());
+        let mut d = Driver::new(
+            fresh_db(&fx.backing_path(&db), None, mode),
+            1,
+            seed,
+            DriverCfg::default(),
+        );
+        for _ in 0..20 {
+            d.random_txn().unwrap();
+        }
+    }
+    fx.mount();
+    let mut all = Vec::new();
+    for mode in ["DELETE", "WAL"] {
+        let db = format!("pre_{}.db", mode.to_lowercase());
+        let mut d = Driver::open(&fx.path(&db), 2, seed, DriverCfg::default());
+        let mut samples = vec![d.sample(1.0, "before the first write through the mount")];
+        for t in 0..20 {
+            d.random_txn().unwrap();
+            samples.push(d.sample(0.2, format!("{db} txn {t} through the mount")));
+        }
+        drop(d);
+        all.push((db, samples));
+    }
+    for (db, samples) in &all {
+        // The state before the first write through the mount is not necessarily a staged
+        // transaction; every later one is.
+        check_db(&fx, db, &samples[1..]);
+        eprintln!(
+            "{db}: pre-mount state staged: {}",
+            log_entries(&fx.mnt, db)
+                .iter()
+                .any(|e| e.checksum == samples[0].checksum)
+        );
+    }
+    finish(fx);
+}
+
+/// Crosses the 1 GiB lock page (the page holding byte offset 0x40000000, which SQLite
+/// never writes) with 64 KiB pages, in rollback mode and then in WAL mode.
+#[test]
+fn crossing_the_1gib_lock_page() {
+    let mut fx = Fixture::new("lockpage", false);
+    fx.mount();
+    let db = "big.db";
+    let path = fx.path(db);
+    let c = open_db(&path);
+    c.execute_batch("PRAGMA page_size=65536; PRAGMA journal_mode=DELETE; PRAGMA synchronous=OFF; PRAGMA cache_size=-65536;")
+        .unwrap();
+    c.execute_batch("CREATE TABLE big(id INTEGER PRIMARY KEY, b BLOB)")
+        .unwrap();
+    let lock_page: i64 = 0x4000_0000 / 65536 + 1;
+    let started = Instant::now();
+    let mut samples = Vec::new();
+    let mut last_pc = 0i64;
+    loop {
+        c.execute_batch(
+            "BEGIN; WITH RECURSIVE s(x) AS (SELECT 1 UNION ALL SELECT x + 1 FROM s WHERE x < 2000) \
+             INSERT INTO big(b) SELECT randomblob(60000) FROM s; COMMIT;",
+        )
+        .unwrap();
+        let pc: i64 = c.query_row("PRAGMA page_count", [], |r| r.get(0)).unwrap();
+        if pc > lock_page && last_pc < lock_page {
+            let img = fx.scratch_path("crossing.img");
+            let s = snapshot_to_file(&c, &img);
+            samples.push(Sample {
+                checksum: s.checksum,
+                npages: s.npages,
+                page_size: s.page_size,
+                image: Image::File(img),
+                label: format!("first commit past the lock page ({pc} pages)"),
+            });
+        }
+        last_pc = pc;
+        if pc > lock_page + 2000 {
+            break;
+        }
+    }
+    eprintln!(
+        "rollback phase: {last_pc} pages after {:?}",
+        started.elapsed()
+    );
+    // Rewrite rows on both sides of the lock page, then the same in WAL mode.
+    c.execute_batch("UPDATE big SET b = randomblob(60000) WHERE id % 997 = 0")
+        .unwrap();
+    set_journal_mode(&c, "WAL");
+    c.execute_batch("UPDATE big SET b = randomblob(60000) WHERE id % 1009 = 1")
+        .unwrap();
+    c.execute_batch("DELETE FROM big WHERE id % 101 = 0")
+        .unwrap();
+    c.query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |_| Ok(()))
+        .unwrap();
+    c.execute_batch("UPDATE big SET b = randomblob(100) WHERE id % 1013 = 2")
+        .unwrap();
+    let img = fx.scratch_path("final.img");
+    let s = snapshot_to_file(&c, &img);
+    samples.push(Sample {
+        checksum: s.checksum,
+        npages: s.npages,
+        page_size: s.page_size,
+        image: Image::File(img.clone()),
+        label: "after WAL updates around the lock page".into(),
+    });
+    drop(c);
+    let entries = log_entries(&fx.mnt, db);
+    assert_gap_free(&entries, db);
+    assert_eq!(
+        entries.last().unwrap().checksum,
+        s.checksum,
+        "last staged transaction is not the live state"
+    );
+    check_samples(&fx.mnt, db, &entries, &samples, &fx.scratch);
+    for s in &samples {
+        if let Image::File(p) = &s.image {
+            let _ = fs::remove_file(p);
+        }
+    }
+    integrity_ok(&open_db(&path));
+    fx.assert_verify();
+    fx.unmount();
+    eprintln!("lock page test took {:?}", started.elapsed());
+}
