@@ -23,9 +23,9 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use fuser::{
     AccessFlags, Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags, Generation,
-    INodeNo, KernelConfig, LockOwner, OpenFlags, RenameFlags, ReplyAttr, ReplyCreate, ReplyData,
-    ReplyDirectory, ReplyEmpty, ReplyEntry, ReplyOpen, ReplyStatfs, ReplyWrite, ReplyXattr,
-    Request, TimeOrNow, WriteFlags,
+    INodeNo, InitFlags, KernelConfig, LockOwner, OpenFlags, RenameFlags, ReplyAttr, ReplyCreate,
+    ReplyData, ReplyDirectory, ReplyEmpty, ReplyEntry, ReplyOpen, ReplyStatfs, ReplyWrite,
+    ReplyXattr, Request, TimeOrNow, WriteFlags,
 };
 use parking_lot::{Mutex, RwLock};
 
@@ -307,6 +307,19 @@ impl SqlFs {
     }
 }
 
+/// Clears set-user-ID and set-group-ID bits after a write by someone other than the owner.
+fn kill_suidgid(f: &File) {
+    use std::os::unix::fs::PermissionsExt;
+    if let Ok(m) = f.metadata() {
+        let mode = m.permissions().mode();
+        if mode & (libc::S_ISUID | libc::S_ISGID) != 0 {
+            let _ = f.set_permissions(std::fs::Permissions::from_mode(
+                mode & !(libc::S_ISUID | libc::S_ISGID) & 0o7777,
+            ));
+        }
+    }
+}
+
 /// Replies with the attributes of `rel` after a successful create-like call.
 fn reply_entry(fs: &SqlFs, rel: String, reply: ReplyEntry) {
     match fs.remember(rel) {
@@ -328,6 +341,9 @@ fn xattr_reply(reply: ReplyXattr, size: u32, r: isize, buf: &[u8]) {
 impl Filesystem for SqlFs {
     fn init(&mut self, _req: &Request, config: &mut KernelConfig) -> io::Result<()> {
         let _ = config.set_max_write(1 << 20);
+        // We clear set-user/group-ID bits on write ourselves; without this the kernel asks for
+        // the security.capability xattr before every single write.
+        let _ = config.add_capabilities(InitFlags::FUSE_HANDLE_KILLPRIV_V2);
         let _ = config.set_max_readahead(1 << 20);
         Ok(())
     }
@@ -647,7 +663,7 @@ impl Filesystem for SqlFs {
         fh: FileHandle,
         offset: u64,
         data: &[u8],
-        _wf: WriteFlags,
+        wf: WriteFlags,
         _flags: OpenFlags,
         _lock: Option<LockOwner>,
         reply: ReplyWrite,
@@ -665,6 +681,9 @@ impl Filesystem for SqlFs {
         }
         if let Some(rel) = &rel {
             self.capture.after_write(rel, offset, data);
+        }
+        if wf.contains(WriteFlags::FUSE_WRITE_KILL_SUIDGID) {
+            kill_suidgid(&h.file);
         }
         reply.written(data.len() as u32);
     }

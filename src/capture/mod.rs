@@ -481,8 +481,8 @@ impl Db {
                 }
             } else {
                 // A WAL generation the stream never saw: its commits are compared below.
-                while let Some(t) = w.advance(fd)?.pop() {
-                    w.publish(&t);
+                for t in w.advance(fd, None)? {
+                    w.publish_reading(fd, &t)?;
                 }
             }
         }
@@ -541,7 +541,7 @@ impl State {
     /// committed WAL frame, else the database file (zeros past its end or if it is missing).
     fn read_page(&self, pgno: u32, ps: u32, buf: &mut [u8]) -> io::Result<()> {
         if let (Some(w), Some(fd)) = (&self.wal, &self.wal_fd) {
-            if let Some(&off) = w.index.get(&pgno) {
+            if let Some(&(off, _)) = w.index.get(&pgno) {
                 if read_exact_at(fd, buf, off + FRAME_HEADER)? {
                     return Ok(());
                 }
@@ -629,9 +629,9 @@ impl State {
                     self.reopen(db, b, Role::Wal)?;
                 }
                 if let Some(w) = self.wal.as_mut() {
-                    w.note_write(off);
+                    w.note_write(off, data);
                 }
-                self.capture_wal(db, b)?;
+                self.capture_wal_hint(db, b, Some((off, data)))?;
             }
             Role::Journal => {
                 if off == 0 && data.len() >= 8 {
@@ -738,10 +738,20 @@ impl State {
 
     /// Stages every transaction completed in the WAL since the last call.
     fn capture_wal(&mut self, db: &Db, b: &Backing) -> io::Result<()> {
+        self.capture_wal_hint(db, b, None)
+    }
+
+    /// Like `capture_wal`; `hint` is the write just made, whose bytes spare a read-back.
+    fn capture_wal_hint(
+        &mut self,
+        db: &Db,
+        b: &Backing,
+        hint: Option<(u64, &[u8])>,
+    ) -> io::Result<()> {
         let (Some(w), Some(fd)) = (self.wal.as_mut(), self.wal_fd.as_ref()) else {
             return Ok(());
         };
-        let txns = w.advance(fd)?;
+        let txns = w.advance(fd, hint)?;
         for t in txns {
             self.commit_wal(db, b, t)?;
         }
@@ -757,39 +767,82 @@ impl State {
             cksum: t.cksum,
             end: t.end,
         };
-        let last_commit = w.last_commit;
-        let fd = self.wal_fd.as_ref().expect("WAL open").try_clone()?;
-        // Newest frame per page of this transaction.
-        let mut newest: HashMap<u32, u64> = HashMap::new();
-        for &(off, pgno) in &t.frames {
-            newest.insert(pgno, off);
-        }
-        // Padding: a copy of the previous commit frame, written to fill a sector. Same page,
-        // same bytes, same size: the state does not change, so no TXID is spent on it.
-        if let (true, Some((lp, loff))) = (
-            t.frames.len() == 1 && t.db_pages == self.db_pages && self.resnapshot.is_none(),
-            last_commit,
-        ) {
-            let (off, pgno) = t.frames[0];
-            if lp == pgno {
-                let mut a = vec![0u8; ps as usize];
-                let mut c = vec![0u8; ps as usize];
-                if read_exact_at(&fd, &mut a, loff + FRAME_HEADER)?
-                    && read_exact_at(&fd, &mut c, off + FRAME_HEADER)?
-                    && a == c
-                {
-                    self.wal.as_mut().expect("WAL tracked").publish(&t);
-                    return Ok(());
-                }
+        if self.is_padding(&t, ps)?
+            || self.resnapshot.is_some()
+            || (self.page_size != ps && self.db_pages != 0)
+        {
+            let padding = self.resnapshot.is_none() && self.page_size == ps;
+            let (w, fd) = (
+                self.wal.as_mut().expect("WAL tracked"),
+                self.wal_fd.as_ref().expect("WAL open"),
+            );
+            w.publish_reading(fd, &t)?;
+            if padding {
+                return Ok(());
             }
-        }
-        if self.resnapshot.is_some() || (self.page_size != ps && self.db_pages != 0) {
             let why = self
                 .resnapshot
                 .clone()
                 .unwrap_or_else(|| "page size changed".into());
-            self.wal.as_mut().expect("WAL tracked").publish(&t);
             return self.snapshot_with(db, b, &why, walpos);
+        }
+        let (data, checksum, crcs) = self.wal_txn_pages(&t, ps)?;
+        self.append_txn(db, &data, ps, t.db_pages, checksum, walpos)?;
+        self.wal.as_mut().expect("WAL tracked").publish(&t, &crcs);
+        Ok(())
+    }
+
+    /// Padding: a copy of the previous commit frame, written to fill a sector. Same page,
+    /// same bytes, same size: the state does not change, so no TXID is spent on it.
+    fn is_padding(&self, t: &WalTxn, ps: u32) -> io::Result<bool> {
+        let (Some(w), Some(fd)) = (&self.wal, &self.wal_fd) else {
+            return Ok(false);
+        };
+        let Some((lp, loff)) = w.last_commit else {
+            return Ok(false);
+        };
+        if t.frames.len() != 1
+            || t.db_pages != self.db_pages
+            || self.resnapshot.is_some()
+            || t.frames[0].pgno != lp
+        {
+            return Ok(false);
+        }
+        let mut a = vec![0u8; ps as usize];
+        let mut c = vec![0u8; ps as usize];
+        let f = &t.frames[0];
+        let new = match &f.page {
+            Some(p) => &p[..],
+            None => {
+                read_exact_at(fd, &mut c, f.off + FRAME_HEADER)?;
+                &c[..]
+            }
+        };
+        Ok(read_exact_at(fd, &mut a, loff + FRAME_HEADER)? && a == new)
+    }
+
+    /// CRC of the committed version of page `pgno` (before the transaction being staged).
+    fn committed_crc(&self, pgno: u32, ps: u32, buf: &mut [u8]) -> io::Result<u64> {
+        if let Some(&(_, c)) = self.wal.as_ref().and_then(|w| w.index.get(&pgno)) {
+            return Ok(c);
+        }
+        self.read_page(pgno, ps, buf)?;
+        Ok(page_crc(pgno, buf))
+    }
+
+    /// The pages a WAL transaction leaves (newest frame per page, within the new size, plus
+    /// pages that come into existence without a frame, like the lock page), the rolling
+    /// checksum after it, and the CRC of each frame's page (0 for superseded frames). Must run
+    /// before the transaction is published to the index, so old versions are still found.
+    fn wal_txn_pages(
+        &self,
+        t: &WalTxn,
+        ps: u32,
+    ) -> io::Result<(Vec<(u32, Vec<u8>)>, u64, Vec<u64>)> {
+        let fd = self.wal_fd.as_ref().expect("WAL open");
+        let mut newest: HashMap<u32, usize> = HashMap::new();
+        for (i, f) in t.frames.iter().enumerate() {
+            newest.insert(f.pgno, i);
         }
         let old_pages = self.db_pages;
         let mut pages: BTreeSet<u32> = newest
@@ -797,7 +850,6 @@ impl State {
             .copied()
             .filter(|&p| p <= t.db_pages)
             .collect();
-        // Pages that come into existence without a frame (the lock page) read as they are.
         pages.extend((old_pages + 1..=t.db_pages).filter(|p| !newest.contains_key(p)));
         let mut checksum = self.checksum;
         let mut buf = vec![0u8; ps as usize];
@@ -809,27 +861,37 @@ impl State {
             .filter(|&p| p <= old_pages)
             .chain(gone)
         {
-            self.read_page(p, ps, &mut buf)?;
-            checksum ^= page_crc(p, &buf);
+            checksum ^= self.committed_crc(p, ps, &mut buf)?;
         }
         // In: the new versions.
-        let mut data: Vec<(u32, Vec<u8>)> = Vec::with_capacity(pages.len());
+        let mut crcs = vec![0u64; t.frames.len()];
+        let mut data = Vec::with_capacity(pages.len());
         for &p in &pages {
-            let mut page = vec![0u8; ps as usize];
-            match newest.get(&p) {
-                Some(&off) => {
-                    if !read_exact_at(&fd, &mut page, off + FRAME_HEADER)? {
-                        return Err(io::Error::other("WAL frame vanished while staging it"));
+            let page = match newest.get(&p) {
+                Some(&i) => match &t.frames[i].page {
+                    Some(pg) => pg.clone(),
+                    None => {
+                        let mut pg = vec![0u8; ps as usize];
+                        if !read_exact_at(fd, &mut pg, t.frames[i].off + FRAME_HEADER)? {
+                            return Err(io::Error::other("WAL frame vanished while staging it"));
+                        }
+                        pg
                     }
+                },
+                None => {
+                    let mut pg = vec![0u8; ps as usize];
+                    self.read_page(p, ps, &mut pg)?;
+                    pg
                 }
-                None => self.read_page(p, ps, &mut page)?,
+            };
+            let c = page_crc(p, &page);
+            if let Some(&i) = newest.get(&p) {
+                crcs[i] = c;
             }
-            checksum ^= page_crc(p, &page);
+            checksum ^= c;
             data.push((p, page));
         }
-        self.append_txn(db, &data, ps, t.db_pages, checksum, walpos)?;
-        self.wal.as_mut().expect("WAL tracked").publish(&t);
-        Ok(())
+        Ok((data, checksum, crcs))
     }
 
     /// A rollback-journal transaction ended (journal deleted, truncated or zeroed, or a
@@ -840,7 +902,8 @@ impl State {
             return Ok(());
         }
         let rb = std::mem::take(&mut self.rb);
-        let f = self.main(db, b)?.try_clone()?;
+        self.main(db, b)?;
+        let f = self.main_fd.as_ref().expect("opened above");
         let size = f.metadata()?.len();
         let mut hdr = [0u8; 100];
         let ps = if read_exact_at(&f, &mut hdr, 0)? {
@@ -1055,8 +1118,8 @@ pub fn live_image(b: &Backing, name: &str, out: &File) -> io::Result<(u32, u32)>
     if let Some(fd) = st.wal_fd.as_ref() {
         st.wal = WalTrack::read_header(fd)?.map(WalTrack::new);
         if let Some(w) = st.wal.as_mut() {
-            for t in w.advance(fd)? {
-                w.publish(&t);
+            for t in w.advance(fd, None)? {
+                w.publish_reading(fd, &t)?;
             }
         }
     }

@@ -15,21 +15,34 @@ use std::fs::File;
 use std::io;
 use std::os::unix::fs::FileExt;
 
-use crate::sqlite::{Frame, WalHeader, FRAME_HEADER, WAL_HEADER};
+use crate::sqlite::{page_crc, Frame, WalHeader, FRAME_HEADER, WAL_HEADER};
 
-#[derive(Clone, Copy, Debug)]
+/// Page bytes kept in memory for frames of the open transaction, beyond which they are read
+/// back from the WAL at commit.
+const PENDING_BYTES: usize = 32 << 20;
+
+#[derive(Clone, Debug)]
 struct Pending {
     off: u64,
     pgno: u32,
-    commit: u32,
     /// Running checksum before this frame.
     cksum_before: (u32, u32),
+    page: Option<Vec<u8>>,
 }
 
-/// A completed transaction found in the WAL: its frames (offset, pgno) in write order.
+/// One frame of a completed transaction.
+#[derive(Debug)]
+pub struct WalFrame {
+    pub off: u64,
+    pub pgno: u32,
+    /// The page, if it was kept from the write; else read it at `off + FRAME_HEADER`.
+    pub page: Option<Vec<u8>>,
+}
+
+/// A completed transaction found in the WAL: its frames in write order.
 #[derive(Debug)]
 pub struct WalTxn {
-    pub frames: Vec<(u64, u32)>,
+    pub frames: Vec<WalFrame>,
     /// Database size in pages after it.
     pub db_pages: u32,
     /// Offset just past its commit frame, and the running checksum there.
@@ -43,9 +56,13 @@ pub struct WalTrack {
     pub committed_end: u64,
     pub cksum: (u32, u32),
     pending: Vec<Pending>,
+    pending_bytes: usize,
     /// Running checksum after the last pending frame.
     pending_after: (u32, u32),
-    pub index: HashMap<u32, u64>,
+    /// The last 24-byte write: SQLite writes a frame header, then its page.
+    hint_hdr: Option<(u64, [u8; 24])>,
+    /// Newest committed frame of each page: (offset, CRC of the page for the rolling checksum).
+    pub index: HashMap<u32, (u64, u64)>,
     /// (pgno, offset) of the last commit frame, to recognise padding copies of it.
     pub last_commit: Option<(u32, u64)>,
     /// Database size in pages after the last committed transaction of this generation.
@@ -68,7 +85,9 @@ impl WalTrack {
             committed_end: WAL_HEADER,
             cksum: hdr.cksum,
             pending: Vec::new(),
+            pending_bytes: 0,
             pending_after: hdr.cksum,
+            hint_hdr: None,
             index: HashMap::new(),
             last_commit: None,
             db_pages: None,
@@ -92,13 +111,17 @@ impl WalTrack {
         }
     }
 
-    /// A write starting at `off` happened: forget validation of any pending frame it
-    /// touched, so it is checked again.
-    pub fn note_write(&mut self, off: u64) {
+    /// A write of `data` at `off` happened: forget validation of any pending frame it
+    /// touched, so it is checked again, and remember a frame header for the page that follows.
+    pub fn note_write(&mut self, off: u64, data: &[u8]) {
+        if data.len() == FRAME_HEADER as usize {
+            let mut h = [0u8; 24];
+            h.copy_from_slice(data);
+            self.hint_hdr = Some((off, h));
+        }
         if off < self.committed_end {
-            // A write below the committed end without a new header: SQLite never does this
-            // while the generation lives; the header rewrite that starts a new generation is
-            // handled by the caller.
+            // Below the committed end without a new header: SQLite never does this while a
+            // generation lives; the header rewrite that starts a new one is handled by the caller.
             return;
         }
         if let Some(i) = self
@@ -107,29 +130,60 @@ impl WalTrack {
             .position(|p| off < p.off + self.hdr.frame_size())
         {
             self.pending_after = self.pending[i].cksum_before;
-            self.pending.truncate(i);
+            for p in self.pending.drain(i..) {
+                self.pending_bytes -= p.page.map_or(0, |v| v.len());
+            }
         }
     }
 
     /// Validates frames after the pending ones as far as they go and returns every transaction
-    /// completed by a valid commit frame, oldest first. `index`/`committed_end` are updated.
-    pub fn advance(&mut self, wal: &File) -> io::Result<Vec<WalTxn>> {
+    /// completed by a valid commit frame, oldest first. `hint` is the write just made (its
+    /// bytes spare a read-back). Call [`WalTrack::publish`] for each, in order.
+    pub fn advance(&mut self, wal: &File, hint: Option<(u64, &[u8])>) -> io::Result<Vec<WalTxn>> {
         let mut out = Vec::new();
-        while let Some(t) = self.advance_one(wal)? {
+        while let Some(t) = self.advance_one(wal, hint)? {
             out.push(t);
         }
         Ok(out)
     }
 
     /// Records a captured transaction's frames as the newest committed copies of their pages.
-    pub fn publish(&mut self, t: &WalTxn) {
-        for &(off, pgno) in &t.frames {
-            self.index.insert(pgno, off);
+    /// `crcs` holds the page CRC of each frame, in frame order.
+    pub fn publish(&mut self, t: &WalTxn, crcs: &[u64]) {
+        for (f, c) in t.frames.iter().zip(crcs) {
+            if f.pgno <= t.db_pages {
+                self.index.insert(f.pgno, (f.off, *c));
+            } else {
+                self.index.remove(&f.pgno);
+            }
         }
-        if let Some(&(off, pgno)) = t.frames.last() {
-            self.last_commit = Some((pgno, off));
+        if self.db_pages.is_some_and(|old| t.db_pages < old) {
+            // Pages cut off the end are gone; a later growth must not find their old frames.
+            self.index.retain(|&p, _| p <= t.db_pages);
+        }
+        if let Some(f) = t.frames.last() {
+            self.last_commit = Some((f.pgno, f.off));
         }
         self.db_pages = Some(t.db_pages);
+    }
+
+    /// Publishes a transaction whose pages are not needed (recovery, padding): CRCs are
+    /// computed from the WAL.
+    pub fn publish_reading(&mut self, wal: &File, t: &WalTxn) -> io::Result<()> {
+        let mut buf = vec![0u8; self.hdr.page_size as usize];
+        let mut crcs = Vec::with_capacity(t.frames.len());
+        for f in &t.frames {
+            let page = match &f.page {
+                Some(p) => &p[..],
+                None => {
+                    read_exact_at(wal, &mut buf, f.off + FRAME_HEADER)?;
+                    &buf[..]
+                }
+            };
+            crcs.push(page_crc(f.pgno, page));
+        }
+        self.publish(t, &crcs);
+        Ok(())
     }
 
     /// Positions the tracker right after a commit whose offset and checksum were recorded
@@ -137,46 +191,72 @@ impl WalTrack {
     /// not pass through that point (the WAL changed behind sqlfs's back).
     pub fn seek_to(&mut self, wal: &File, end: u64, cksum: (u32, u32)) -> io::Result<bool> {
         while self.committed_end < end {
-            match self.advance_one(wal)? {
-                Some(t) => self.publish(&t),
+            match self.advance_one(wal, None)? {
+                Some(t) => self.publish_reading(wal, &t)?,
                 None => break,
             }
         }
         Ok(self.committed_end == end && self.cksum == cksum)
     }
 
-    fn advance_one(&mut self, wal: &File) -> io::Result<Option<WalTxn>> {
-        let fs = self.hdr.frame_size();
-        let mut buf = vec![0u8; fs as usize];
+    fn advance_one(
+        &mut self,
+        wal: &File,
+        hint: Option<(u64, &[u8])>,
+    ) -> io::Result<Option<WalTxn>> {
+        let fsz = self.hdr.frame_size();
+        let ps = self.hdr.page_size as usize;
+        let mut fh = [0u8; 24];
+        let mut buf = Vec::new();
         loop {
             let (off, ck) = self.pending_end();
-            if !read_exact_at(wal, &mut buf, off)? {
-                return Ok(None);
+            match self.hint_hdr {
+                Some((o, h)) if o == off => fh = h,
+                _ => {
+                    if !read_exact_at(wal, &mut fh, off)? {
+                        return Ok(None);
+                    }
+                }
             }
-            let Some((Frame { pgno, commit }, after)) = self.hdr.check_frame(
-                &buf[..FRAME_HEADER as usize],
-                &buf[FRAME_HEADER as usize..],
-                ck,
-            ) else {
+            let page: &[u8] = match hint {
+                Some((o, d)) if o == off + FRAME_HEADER && d.len() == ps => d,
+                _ => {
+                    buf.resize(ps, 0);
+                    if !read_exact_at(wal, &mut buf, off + FRAME_HEADER)? {
+                        return Ok(None);
+                    }
+                    &buf
+                }
+            };
+            let Some((Frame { pgno, commit }, after)) = self.hdr.check_frame(&fh, page, ck) else {
                 return Ok(None);
             };
+            let keep = (self.pending_bytes + ps <= PENDING_BYTES).then(|| page.to_vec());
+            self.pending_bytes += keep.as_ref().map_or(0, |v| v.len());
             self.pending.push(Pending {
                 off,
                 pgno,
-                commit,
                 cksum_before: ck,
+                page: keep,
             });
             self.pending_after = after;
             if commit != 0 {
-                let frames: Vec<(u64, u32)> =
-                    self.pending.iter().map(|p| (p.off, p.pgno)).collect();
-                self.pending.clear();
-                self.committed_end = off + fs;
+                let frames = self
+                    .pending
+                    .drain(..)
+                    .map(|p| WalFrame {
+                        off: p.off,
+                        pgno: p.pgno,
+                        page: p.page,
+                    })
+                    .collect();
+                self.pending_bytes = 0;
+                self.committed_end = off + fsz;
                 self.cksum = after;
                 return Ok(Some(WalTxn {
                     frames,
                     db_pages: commit,
-                    end: off + fs,
+                    end: off + fsz,
                     cksum: after,
                 }));
             }
