@@ -4,7 +4,7 @@
 //!
 //! Everything here is pure: byte slices in, values out. No I/O, no state.
 
-use crc::{Crc, CRC_64_XZ};
+use crc::{Crc, Table, CRC_64_XZ};
 
 /// The 16 bytes every database file starts with.
 pub const DB_MAGIC: &[u8; 16] = b"SQLite format 3\0";
@@ -159,7 +159,7 @@ pub fn wal_checksum(big_endian: bool, data: &[u8], seed: (u32, u32)) -> (u32, u3
     (s1, s2)
 }
 
-const CRC64: Crc<u64> = Crc::<u64>::new(&CRC_64_XZ);
+const CRC64: Crc<u64, Table<16>> = Crc::<u64, Table<16>>::new(&CRC_64_XZ);
 
 /// One page's contribution to the rolling database checksum: CRC-64/XZ of (pgno BE ‖ page).
 /// The database checksum is the XOR of this over pages 1..=size, so a transaction updates it

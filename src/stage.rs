@@ -18,14 +18,14 @@ use std::io::{self, BufReader, Read, Seek, SeekFrom, Write};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
-use crc::{Crc, CRC_64_XZ};
+use crc::{Crc, Table, CRC_64_XZ};
 use parking_lot::Mutex;
 
 /// Size of a record header in bytes.
 pub const RECORD_HEADER: usize = 80;
 const RECORD_MAGIC: &[u8; 4] = b"SQTX";
 const RECORD_VERSION: u8 = 1;
-const CRC64: Crc<u64> = Crc::<u64>::new(&CRC_64_XZ);
+const CRC64: Crc<u64, Table<16>> = Crc::<u64, Table<16>>::new(&CRC_64_XZ);
 /// A segment is sealed (a new one started) once it reaches this size.
 const SEGMENT_BYTES: u64 = 8 << 20;
 
