@@ -620,6 +620,7 @@ impl Filesystem for SqlFs {
             if flags.0 & libc::O_TRUNC != 0 {
                 self.capture.on_create(&rel);
             }
+            self.capture.on_open(&rel);
             Ok(self.add_handle(f, rel))
         });
         match res {

@@ -227,6 +227,14 @@ impl Capture {
         matches!(self.backing.open_read(rel), Ok(Some(f)) if read_exact_at(&f, &mut b, 0).unwrap_or(false) && sqlite::is_db_header(&b))
     }
 
+    /// A file was opened: a database file nobody wrote to since the mount started is taken
+    /// into capture now (its first sighting), so its first write is already tracked.
+    pub fn on_open(&self, rel: &str) {
+        if let (Role::Main, db_rel) = classify(rel) {
+            self.get_or_start(db_rel, Role::Main, None);
+        }
+    }
+
     /// Before a write of `data` at `off` to file `rel` is passed through.
     pub fn before_write(&self, rel: &str, off: u64, data: &[u8]) {
         let (role, db_rel) = classify(rel);
