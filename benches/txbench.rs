@@ -152,30 +152,36 @@ fn unescape_mountinfo(s: &str) -> String {
     String::from_utf8_lossy(&out).into_owned()
 }
 
-/// (mount point, fstype) for every line of /proc/self/mountinfo.
-fn mounts() -> Vec<(PathBuf, String)> {
+/// (mount point, fstype, source) for every line of /proc/self/mountinfo.
+fn mounts() -> Vec<(PathBuf, String, String)> {
     let text = fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
     text.lines()
         .filter_map(|line| {
             let (left, right) = line.split_once(" - ")?;
             let point = left.split(' ').nth(4)?;
-            let fstype = right.split(' ').next()?;
-            Some((PathBuf::from(unescape_mountinfo(point)), fstype.to_string()))
+            let mut right = right.split(' ');
+            let fstype = right.next()?.to_string();
+            let source = unescape_mountinfo(right.next().unwrap_or(""));
+            Some((PathBuf::from(unescape_mountinfo(point)), fstype, source))
         })
         .collect()
 }
 
+/// An sqlfs mount shows up as type `fuse.sqlfs`, or as type `fuse` with source `sqlfs`
+/// when the kernel mount was made without a subtype.
 fn is_sqlfs_mount(dir: &Path) -> bool {
-    mounts().iter().any(|(p, t)| p == dir && t == "fuse.sqlfs")
+    mounts()
+        .iter()
+        .any(|(p, t, s)| p == dir && (t == "fuse.sqlfs" || (t == "fuse" && s == "sqlfs")))
 }
 
 /// Filesystem type of the mount that holds `path`.
 fn fstype_of(path: &Path) -> String {
     mounts()
         .into_iter()
-        .filter(|(p, _)| path.starts_with(p))
-        .max_by_key(|(p, _)| p.as_os_str().len())
-        .map(|(_, t)| t)
+        .filter(|(p, _, _)| path.starts_with(p))
+        .max_by_key(|(p, _, _)| p.as_os_str().len())
+        .map(|(_, t, _)| t)
         .unwrap_or_else(|| "?".into())
 }
 
@@ -484,16 +490,17 @@ fn mixed(dir: &Path, threads: usize, read_pct: u64, secs: f64) -> Result<f64> {
     Ok(total as f64 / took.as_secs_f64())
 }
 
-struct MemoryReport {
-    idle: (u64, u64),
-    small: (u64, u64),
-    large: (u64, u64),
-    small_db: u64,
-    large_db: u64,
+/// Daemon (VmRSS, VmHWM) in KiB at a database size in bytes (0 = idle after mount).
+struct MemoryPoint {
+    db_bytes: u64,
+    rss: u64,
+    hwm: u64,
 }
 
-/// Daemon memory on a fresh mount: idle, after a small database, after a large one.
-fn memory(cfg: &Config) -> Result<MemoryReport> {
+/// Daemon memory on a fresh mount: idle, then as one database grows from small to large
+/// in transactions of the same size, so that only the database size changes.
+fn memory(cfg: &Config) -> Result<Vec<MemoryPoint>> {
+    const TX_MB: u64 = 4;
     let mnt = cfg.work.join("mem-mnt");
     let m = Mount::start(
         &mnt,
@@ -501,29 +508,37 @@ fn memory(cfg: &Config) -> Result<MemoryReport> {
         &cfg.work.join("sqlfs-mem.log"),
     )?;
     thread::sleep(Duration::from_millis(200));
-    let idle = m.memory()?;
-    let path = mnt.join("mem.db");
-    let conn = open(&path, "NORMAL")?;
-    let small_mb = cfg.small_mb();
-    bulk_load(&conn, small_mb, 1, 4)?;
-    scan_once(&conn)?;
-    let small_db = db_bytes(&conn)?;
-    let small = m.memory()?;
-    step(&format!("growing the database to {} MB", cfg.big_mb));
-    bulk_load(&conn, cfg.big_mb.saturating_sub(small_mb), 16, 5)?;
-    conn.execute_batch("PRAGMA wal_checkpoint(TRUNCATE);")?;
-    scan_once(&conn)?;
-    let large_db = db_bytes(&conn)?;
-    let large = m.memory()?;
+    let (rss, hwm) = m.memory()?;
+    let mut points = vec![MemoryPoint {
+        db_bytes: 0,
+        rss,
+        hwm,
+    }];
+    let conn = open(&mnt.join("mem.db"), "NORMAL")?;
+    let mut loaded = 0;
+    let mut targets = vec![cfg.small_mb(), cfg.big_mb / 4, cfg.big_mb];
+    targets.dedup();
+    for (i, target) in targets.into_iter().enumerate() {
+        if target <= loaded {
+            continue;
+        }
+        if i > 0 {
+            step(&format!("growing the database to {target} MB"));
+        }
+        bulk_load(&conn, target - loaded, TX_MB, 4 + i as u64)?;
+        loaded = target;
+        conn.execute_batch("PRAGMA wal_checkpoint(TRUNCATE);")?;
+        scan_once(&conn)?;
+        let (rss, hwm) = m.memory()?;
+        points.push(MemoryPoint {
+            db_bytes: db_bytes(&conn)?,
+            rss,
+            hwm,
+        });
+    }
     drop(conn);
     m.stop()?;
-    Ok(MemoryReport {
-        idle,
-        small,
-        large,
-        small_db,
-        large_db,
-    })
+    Ok(points)
 }
 
 // ---------------------------------------------------------------------------------------
@@ -531,9 +546,25 @@ fn memory(cfg: &Config) -> Result<MemoryReport> {
 
 struct Row {
     name: String,
-    native: Option<f64>,
-    sqlfs: f64,
-    unit_digits: usize,
+    native: String,
+    sqlfs: String,
+    ratio: String,
+}
+
+impl Row {
+    /// A throughput row: both sides measured, ratio = sqlfs / native.
+    fn pair(name: String, native: f64, sqlfs: f64, digits: usize) -> Row {
+        Row {
+            name,
+            native: fmt_num(native, digits),
+            sqlfs: fmt_num(sqlfs, digits),
+            ratio: if native > 0.0 {
+                format!("{:.2}", sqlfs / native)
+            } else {
+                "–".into()
+            },
+        }
+    }
 }
 
 fn fmt_num(v: f64, digits: usize) -> String {
@@ -563,17 +594,9 @@ fn table(rows: &[Row]) -> String {
     let mut out =
         String::from("| workload | native | sqlfs | ratio |\n| --- | ---: | ---: | ---: |\n");
     for r in rows {
-        let (native, ratio) = match r.native {
-            Some(n) if n > 0.0 => (fmt_num(n, r.unit_digits), format!("{:.2}", r.sqlfs / n)),
-            Some(n) => (fmt_num(n, r.unit_digits), "–".into()),
-            None => ("–".into(), "–".into()),
-        };
         out += &format!(
             "| {} | {} | {} | {} |\n",
-            r.name,
-            native,
-            fmt_num(r.sqlfs, r.unit_digits),
-            ratio
+            r.name, r.native, r.sqlfs, r.ratio
         );
     }
     out
@@ -597,7 +620,7 @@ fn main() -> Result<()> {
     let started = Instant::now();
 
     // A crashed earlier run may have left a mount behind.
-    for (p, _) in mounts() {
+    for (p, _, _) in mounts() {
         if p.starts_with(&cfg.work) {
             force_unmount(&p);
         }
@@ -627,12 +650,12 @@ fn main() -> Result<()> {
         ));
         let n = autocommit(&native, sync, secs)?;
         let s = autocommit(&mnt, sync, secs)?;
-        rows.push(Row {
-            name: format!("autocommit INSERT, synchronous={sync} (tx/s)"),
-            native: Some(n),
-            sqlfs: s,
-            unit_digits: 0,
-        });
+        rows.push(Row::pair(
+            format!("autocommit INSERT, synchronous={sync} (tx/s)"),
+            n,
+            s,
+            0,
+        ));
     }
 
     step(&format!(
@@ -641,18 +664,18 @@ fn main() -> Result<()> {
     ));
     let (n_load, n_scan) = load_and_scan(&native, cfg.scan_mb)?;
     let (s_load, s_scan) = load_and_scan(&mnt, cfg.scan_mb)?;
-    rows.push(Row {
-        name: format!("bulk load, {} MB in 10 MB transactions (MB/s)", cfg.scan_mb),
-        native: Some(n_load),
-        sqlfs: s_load,
-        unit_digits: 1,
-    });
-    rows.push(Row {
-        name: format!("full scan, warm, {} MB table (MB/s)", cfg.scan_mb),
-        native: Some(n_scan),
-        sqlfs: s_scan,
-        unit_digits: 1,
-    });
+    rows.push(Row::pair(
+        format!("bulk load, {} MB in 10 MB transactions (MB/s)", cfg.scan_mb),
+        n_load,
+        s_load,
+        1,
+    ));
+    rows.push(Row::pair(
+        format!("full scan, warm, {} MB table (MB/s)", cfg.scan_mb),
+        n_scan,
+        s_scan,
+        1,
+    ));
 
     let (threads, pct) = (cfg.threads, cfg.read_pct);
     step(&format!(
@@ -661,51 +684,34 @@ fn main() -> Result<()> {
     ));
     let n = mixed(&native, threads, pct, secs)?;
     let s = mixed(&mnt, threads, pct, secs)?;
-    rows.push(Row {
-        name: format!(
+    rows.push(Row::pair(
+        format!(
             "mixed {pct}% point reads / {}% updates, {threads} connections (ops/s)",
             100 - pct
         ),
-        native: Some(n),
-        sqlfs: s,
-        unit_digits: 0,
-    });
+        n,
+        s,
+        0,
+    ));
     mount.stop()?;
 
     step("daemon memory on a fresh mount");
     let mem = memory(&cfg)?;
     let mib = |kib: u64| kib as f64 / 1024.0;
-    let small_mb = mem.small_db as f64 / MB;
-    let large_mb = mem.large_db as f64 / MB;
-    for (name, v) in [
-        (
-            "daemon VmRSS, idle after mount (MiB)".to_string(),
-            mem.idle.0,
-        ),
-        (
-            format!("daemon VmRSS, {small_mb:.0} MB database (MiB)"),
-            mem.small.0,
-        ),
-        (
-            format!("daemon VmHWM, {small_mb:.0} MB database (MiB)"),
-            mem.small.1,
-        ),
-        (
-            format!("daemon VmRSS, {large_mb:.0} MB database (MiB)"),
-            mem.large.0,
-        ),
-        (
-            format!("daemon VmHWM, {large_mb:.0} MB database (MiB)"),
-            mem.large.1,
-        ),
-    ] {
+    for p in &mem {
+        let at = if p.db_bytes == 0 {
+            "idle after mount".to_string()
+        } else {
+            format!("{:.0} MB database", p.db_bytes as f64 / MB)
+        };
         rows.push(Row {
-            name,
-            native: None,
-            sqlfs: mib(v),
-            unit_digits: 1,
+            name: format!("daemon VmRSS / VmHWM, {at} (MiB)"),
+            native: "–".into(),
+            sqlfs: format!("{:.1} / {:.1}", mib(p.rss), mib(p.hwm)),
+            ratio: "–".into(),
         });
     }
+    let (first, last) = (&mem[1.min(mem.len() - 1)], &mem[mem.len() - 1]);
 
     let header = format!(
         "sqlfs benchmark, {} UTC: {} cores, Linux {}, SQLite {}, work dir on {fstype}; \
@@ -720,10 +726,12 @@ fn main() -> Result<()> {
         rusqlite::version(),
     );
     let footer = format!(
-        "\nratio = sqlfs / native (higher is better for throughput). Daemon peak memory \
-         {:.1} MiB with a {small_mb:.0} MB database, {:.1} MiB at {large_mb:.0} MB.\n",
-        mib(mem.small.1),
-        mib(mem.large.1),
+        "\nratio = sqlfs / native (higher is better). Daemon peak memory (VmHWM): {:.1} MiB \
+         with a {:.0} MB database, {:.1} MiB at {:.0} MB.\n",
+        mib(first.hwm),
+        first.db_bytes as f64 / MB,
+        mib(last.hwm),
+        last.db_bytes as f64 / MB,
     );
     let report = format!("{header}\n{}{footer}", table(&rows));
     println!("\n{report}");
