@@ -34,7 +34,7 @@ deps:
 	@[ -e /dev/fuse ] || { echo "error: /dev/fuse is missing; FUSE is not available on this machine" >&2; exit 1; }
 
 test: deps
-	$(CARGO) test --release
+	$(CARGO) test --release --no-fail-fast
 
 bench: deps
 	$(CARGO) bench --bench txbench
