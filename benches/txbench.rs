@@ -17,7 +17,8 @@
 //!   SQLFS_BENCH_BIG_MB   size the memory workload grows its database to, MB (default 1024)
 //!   SQLFS_BENCH_THREADS  connections in the mixed workload (default 4)
 //!   SQLFS_BENCH_READS    percent of reads in the mixed workload (default 80)
-//!   SQLFS_BENCH_DIR      work directory, must not be tmpfs (default target/bench-work)
+//!   SQLFS_BENCH_DIR      where to make the work directory sqlfs-bench-work; on disk, not
+//!                        tmpfs (default: target/bench-work)
 //!   SQLFS_BENCH_KEEP=1   keep the work directory afterwards
 
 use std::fs::{self, File};
