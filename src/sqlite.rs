@@ -172,6 +172,7 @@ pub fn page_crc(pgno: u32, page: &[u8]) -> u64 {
 }
 
 /// Checksum of a whole database image (pages concatenated, `page_size` each).
+#[cfg(test)]
 pub fn image_checksum(image: &[u8], page_size: usize) -> u64 {
     image
         .chunks(page_size)

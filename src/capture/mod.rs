@@ -410,12 +410,6 @@ impl Db {
         self.name.lock().clone()
     }
 
-    /// Current (txid, checksum, page size, size in pages) of the staged stream.
-    pub fn position(&self) -> (u64, u64, u32, u32) {
-        let st = self.state.lock();
-        (st.txid, st.checksum, st.page_size, st.db_pages)
-    }
-
     /// Runs `f` on the state. Capture errors never fail the app's I/O: they are logged, and the
     /// next commit becomes a full snapshot so the stream stays exact.
     fn guard(&self, f: impl FnOnce(&mut State, &Db) -> io::Result<()>) {
@@ -517,6 +511,38 @@ impl Db {
         }
         Ok(())
     }
+}
+
+/// Appends the record `h` whose pages are `pages`, read one at a time by `read`.
+fn append_pages(
+    db: &Db,
+    h: &RecordHeader,
+    pages: &[u32],
+    read: &mut dyn FnMut(u32, &mut [u8]) -> io::Result<()>,
+) -> io::Result<()> {
+    let mut buf = vec![0u8; h.page_size as usize];
+    db.stage
+        .append(h, |emit| {
+            for &p in pages {
+                read(p, &mut buf)?;
+                emit(p, &buf)?;
+            }
+            Ok(())
+        })
+        .map_err(io::Error::other)
+}
+
+/// The page of WAL frame `f`: kept from the write, else read back from the WAL.
+fn frame_page(wal: &File, f: &wal::WalFrame, buf: &mut [u8]) -> io::Result<()> {
+    match &f.page {
+        Some(p) => buf.copy_from_slice(p),
+        None => {
+            if !read_exact_at(wal, buf, f.off + FRAME_HEADER)? {
+                return Err(io::Error::other("WAL frame vanished while staging it"));
+            }
+        }
+    }
+    Ok(())
 }
 
 impl State {
@@ -794,8 +820,22 @@ impl State {
                 .unwrap_or_else(|| "page size changed".into());
             return self.snapshot_with(db, b, &why, walpos);
         }
-        let (data, checksum, crcs) = self.wal_txn_pages(&t, ps)?;
-        self.append_txn(db, &data, ps, t.db_pages, checksum, walpos)?;
+        let (pages, checksum, crcs) = self.wal_txn_pages(&t, ps)?;
+        let h = self.next_header(
+            Kind::Txn,
+            ps,
+            t.db_pages,
+            checksum,
+            pages.len() as u32,
+            walpos,
+        );
+        let newest: HashMap<u32, &wal::WalFrame> = t.frames.iter().map(|f| (f.pgno, f)).collect();
+        let fd = self.wal_fd.as_ref().expect("WAL open");
+        append_pages(db, &h, &pages, &mut |p, buf| match newest.get(&p) {
+            Some(f) => frame_page(fd, f, buf),
+            None => self.read_page(p, ps, buf),
+        })?;
+        self.advance_to(&h);
         self.wal.as_mut().expect("WAL tracked").publish(&t, &crcs);
         Ok(())
     }
@@ -842,11 +882,8 @@ impl State {
     /// pages that come into existence without a frame, like the lock page), the rolling
     /// checksum after it, and the CRC of each frame's page (0 for superseded frames). Must run
     /// before the transaction is published to the index, so old versions are still found.
-    fn wal_txn_pages(
-        &self,
-        t: &WalTxn,
-        ps: u32,
-    ) -> io::Result<(Vec<(u32, Vec<u8>)>, u64, Vec<u64>)> {
+    /// Pages are read one at a time: memory does not grow with the transaction.
+    fn wal_txn_pages(&self, t: &WalTxn, ps: u32) -> io::Result<(Vec<u32>, u64, Vec<u64>)> {
         let fd = self.wal_fd.as_ref().expect("WAL open");
         let mut newest: HashMap<u32, usize> = HashMap::new();
         for (i, f) in t.frames.iter().enumerate() {
@@ -873,33 +910,18 @@ impl State {
         }
         // In: the new versions.
         let mut crcs = vec![0u64; t.frames.len()];
-        let mut data = Vec::with_capacity(pages.len());
         for &p in &pages {
-            let page = match newest.get(&p) {
-                Some(&i) => match &t.frames[i].page {
-                    Some(pg) => pg.clone(),
-                    None => {
-                        let mut pg = vec![0u8; ps as usize];
-                        if !read_exact_at(fd, &mut pg, t.frames[i].off + FRAME_HEADER)? {
-                            return Err(io::Error::other("WAL frame vanished while staging it"));
-                        }
-                        pg
-                    }
-                },
-                None => {
-                    let mut pg = vec![0u8; ps as usize];
-                    self.read_page(p, ps, &mut pg)?;
-                    pg
-                }
-            };
-            let c = page_crc(p, &page);
+            match newest.get(&p) {
+                Some(&i) => frame_page(fd, &t.frames[i], &mut buf)?,
+                None => self.read_page(p, ps, &mut buf)?,
+            }
+            let c = page_crc(p, &buf);
             if let Some(&i) = newest.get(&p) {
                 crcs[i] = c;
             }
             checksum ^= c;
-            data.push((p, page));
         }
-        Ok((data, checksum, crcs))
+        Ok((pages.into_iter().collect(), checksum, crcs))
     }
 
     /// A rollback-journal transaction ended (journal deleted, truncated or zeroed, or a
@@ -922,8 +944,17 @@ impl State {
         let Some(ps) = ps else {
             if size == 0 {
                 // Emptied to a zero-page database.
-                let ps = self.page_size.max(512);
-                return self.append_txn(db, &[], ps, 0, 0, WalPos::default());
+                let h = self.next_header(
+                    Kind::Txn,
+                    self.page_size.max(512),
+                    0,
+                    0,
+                    0,
+                    WalPos::default(),
+                );
+                append_pages(db, &h, &[], &mut |_, _| Ok(()))?;
+                self.advance_to(&h);
+                return Ok(());
             }
             self.resnapshot =
                 Some("the database file has no valid header after a transaction".into());
@@ -964,50 +995,58 @@ impl State {
                 }
             }
         }
-        let mut data = Vec::with_capacity(pages.len());
+        let mut buf = vec![0u8; ps as usize];
+        let read = |p: u32, buf: &mut [u8]| -> io::Result<()> {
+            buf.fill(0);
+            read_exact_at(f, buf, (p as u64 - 1) * ps as u64).map(|_| ())
+        };
         for &p in &pages {
-            let mut page = vec![0u8; ps as usize];
-            read_exact_at(&f, &mut page, (p as u64 - 1) * ps as u64)?;
-            checksum ^= page_crc(p, &page);
-            data.push((p, page));
+            read(p, &mut buf)?;
+            checksum ^= page_crc(p, &buf);
         }
-        self.append_txn(db, &data, ps, new_pages, checksum, WalPos::default())
+        let pages: Vec<u32> = pages.into_iter().collect();
+        let h = self.next_header(
+            Kind::Txn,
+            ps,
+            new_pages,
+            checksum,
+            pages.len() as u32,
+            WalPos::default(),
+        );
+        append_pages(db, &h, &pages, &mut |p, buf| read(p, buf))?;
+        self.advance_to(&h);
+        Ok(())
     }
 
-    /// Appends one transaction record and advances the state to it.
-    fn append_txn(
-        &mut self,
-        db: &Db,
-        data: &[(u32, Vec<u8>)],
+    /// The header of the next record.
+    fn next_header(
+        &self,
+        kind: Kind,
         ps: u32,
         db_pages: u32,
         checksum: u64,
+        npages: u32,
         wal: WalPos,
-    ) -> io::Result<()> {
-        let h = RecordHeader {
-            kind: Kind::Txn,
+    ) -> RecordHeader {
+        RecordHeader {
+            kind,
             txid: self.txid + 1,
             time_ns: now_ns(),
             page_size: ps,
             db_pages,
             checksum_before: self.checksum,
             checksum_after: checksum,
-            npages: data.len() as u32,
+            npages,
             wal,
-        };
-        db.stage
-            .append(&h, |emit| {
-                for (p, d) in data {
-                    emit(*p, d)?;
-                }
-                Ok(())
-            })
-            .map_err(io::Error::other)?;
+        }
+    }
+
+    /// The state after a staged record.
+    fn advance_to(&mut self, h: &RecordHeader) {
         self.txid = h.txid;
-        self.checksum = checksum;
-        self.page_size = ps;
-        self.db_pages = db_pages;
-        Ok(())
+        self.checksum = h.checksum_after;
+        self.page_size = h.page_size;
+        self.db_pages = h.db_pages;
     }
 
     fn current_walpos(&self) -> WalPos {
@@ -1038,32 +1077,11 @@ impl State {
         }
         self.main(db, b)?;
         let (checksum, ps, pages) = self.full_checksum(db, b)?;
-        let h = RecordHeader {
-            kind: Kind::Snapshot,
-            txid: self.txid + 1,
-            time_ns: now_ns(),
-            page_size: ps,
-            db_pages: pages,
-            checksum_before: self.checksum,
-            checksum_after: checksum,
-            npages: pages,
-            wal,
-        };
-        let mut buf = vec![0u8; ps as usize];
+        let h = self.next_header(Kind::Snapshot, ps, pages, checksum, pages, wal);
+        let all: Vec<u32> = (1..=pages).collect();
         // Pages are streamed one at a time: memory does not grow with the database.
-        db.stage
-            .append(&h, |emit| {
-                for p in 1..=pages {
-                    self.read_page(p, ps, &mut buf)?;
-                    emit(p, &buf)?;
-                }
-                Ok(())
-            })
-            .map_err(io::Error::other)?;
-        self.txid = h.txid;
-        self.checksum = checksum;
-        self.page_size = ps;
-        self.db_pages = pages;
+        append_pages(db, &h, &all, &mut |p, buf| self.read_page(p, ps, buf))?;
+        self.advance_to(&h);
         self.resnapshot = None;
         self.rb = Rollback::default();
         Ok(())

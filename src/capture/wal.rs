@@ -19,7 +19,7 @@ use crate::sqlite::{page_crc, Frame, WalHeader, FRAME_HEADER, WAL_HEADER};
 
 /// Page bytes kept in memory for frames of the open transaction, beyond which they are read
 /// back from the WAL at commit.
-const PENDING_BYTES: usize = 32 << 20;
+const PENDING_BYTES: usize = 4 << 20;
 
 #[derive(Clone, Debug)]
 struct Pending {
