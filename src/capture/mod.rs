@@ -308,10 +308,8 @@ impl Capture {
         let Some(db) = self.get(db_rel) else { return };
         db.guard(|st, db| st.after_unlink(db, &self.backing, role));
         if role == Role::Main {
-            log::info!("{db_rel}: database deleted; its staged history is kept");
-            let _ = db.stage.sync();
-            let _ = write_atomic(&db.stage.dir().join("deleted"), b"");
             self.dbs.write().remove(db_rel);
+            retire(&db, db_rel, "deleted");
         }
     }
 
@@ -329,18 +327,20 @@ impl Capture {
         let (rt, dbt) = classify(to);
         // The target's old identity is gone.
         if rt == Role::Main {
-            if let Some(old) = self.dbs.write().remove(dbt) {
-                let _ = old.stage.sync();
-                let _ = write_atomic(&old.stage.dir().join("deleted"), b"");
-                log::info!("{dbt}: replaced by rename; its staged history is kept");
+            let old = self.dbs.write().remove(dbt);
+            if let Some(old) = old {
+                retire(&old, dbt, "replaced by a rename");
             }
         } else if let Some(db) = self.get(dbt) {
             db.guard(|st, db| st.reopen(db, &self.backing, rt));
         }
         if rf == Role::Main {
-            if let Some(db) = self.dbs.write().remove(dbf) {
+            let moved = self.dbs.write().remove(dbf);
+            if let Some(db) = moved {
                 *db.name.lock() = dbt.to_string();
-                let _ = write_atomic(&db.stage.dir().join("name"), dbt.as_bytes());
+                if let Err(e) = write_atomic(&db.stage.dir().join("name"), dbt.as_bytes()) {
+                    log::error!("{dbt}: cannot record the new name in staging: {e}");
+                }
                 db.guard(|st, db| st.reopen(db, &self.backing, Role::Main));
                 log::info!("{dbf}: renamed to {dbt}");
                 self.dbs.write().insert(dbt.to_string(), db);
@@ -380,6 +380,20 @@ impl Capture {
             }
         }
     }
+}
+
+/// A database's file is gone (deleted or replaced): its staging is synced and marked, and kept
+/// as history.
+fn retire(db: &Db, name: &str, why: &str) {
+    if let Err(e) = db
+        .stage
+        .sync()
+        .map_err(io::Error::other)
+        .and_then(|_| write_atomic(&db.stage.dir().join("deleted"), b""))
+    {
+        log::error!("{name}: cannot mark staging as retired: {e}");
+    }
+    log::info!("{name}: database {why}; its staged history is kept");
 }
 
 fn new_id() -> String {
