@@ -644,7 +644,10 @@ fn run_ops(root: &Path, seed: u64) -> Vec<(String, String)> {
         rec!("unlink f1", ret(libc::unlink(p("f1").as_ptr())));
         rec!("stat h1 nlink", stat_of(&p("h1"), true));
         rec!("read h1 after unlinking f1", read_file(&p("h1")));
-        rec!("link h1 back to f1", ret(libc::link(p("h1").as_ptr(), p("f1").as_ptr())));
+        rec!(
+            "link h1 back to f1",
+            ret(libc::link(p("h1").as_ptr(), p("f1").as_ptr()))
+        );
         rec!("stat f1 relinked", stat_of(&p("f1"), true));
         rec!(
             "link dir",
@@ -672,15 +675,9 @@ fn run_ops(root: &Path, seed: u64) -> Vec<(String, String)> {
             "chmod missing",
             ret(libc::chmod(p("missing").as_ptr(), 0o640))
         );
-        rec!(
-            "chown 1234:5678",
-            ret(libc::chown(h1.as_ptr(), 1234, 5678))
-        );
+        rec!("chown 1234:5678", ret(libc::chown(h1.as_ptr(), 1234, 5678)));
         rec!("stat chown", stat_of(&h1, true));
-        rec!(
-            "chown -1:42",
-            ret(libc::chown(h1.as_ptr(), u32::MAX, 42))
-        );
+        rec!("chown -1:42", ret(libc::chown(h1.as_ptr(), u32::MAX, 42)));
         rec!("stat chown gid", stat_of(&h1, true));
         rec!(
             "lchown symlink",
@@ -703,12 +700,7 @@ fn run_ops(root: &Path, seed: u64) -> Vec<(String, String)> {
         rec!("times", times_of(&h1, true));
         rec!(
             "utimensat omit atime",
-            utimens(
-                &h1,
-                (0, libc::UTIME_OMIT as i64),
-                (1_300_000_000, 5),
-                0
-            )
+            utimens(&h1, (0, libc::UTIME_OMIT as i64), (1_300_000_000, 5), 0)
         );
         rec!("times omit", times_of(&h1, true));
         rec!(

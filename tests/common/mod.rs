@@ -811,6 +811,10 @@ pub fn snapshot_with(
         conn.is_autocommit(),
         "a snapshot needs a connection outside any transaction"
     );
+    // Drop every cached page first: a writer's cache can hold pages that never reach the
+    // file (free-list leaves are not written back), so only freshly read pages show the
+    // database as stored, which is what a replay reproduces.
+    conn.execute_batch("PRAGMA shrink_memory")?;
     conn.execute_batch("BEGIN")?;
     let r = (|| {
         let _: i64 = conn.query_row("SELECT count(*) FROM sqlite_master", [], |r| r.get(0))?;
@@ -1004,6 +1008,46 @@ pub fn check_replay_against(dir: &Path, db: &str, txid: u64, s: &Sample, scratch
     let _ = fs::remove_file(&out);
 }
 
+/// Diagnostics: which pages of a staged state differ from an image.
+pub fn diff_against(
+    dir: &Path,
+    db: &str,
+    e: &LogEntry,
+    img: &[u8],
+    page_size: usize,
+    scratch: &Path,
+) -> String {
+    let out = scratch.join(format!("diff-{}-{}.db", sanitize(db), e.txid));
+    replay(dir, db, e.txid, &out);
+    let got = fs::read(&out).unwrap();
+    let _ = fs::remove_file(&out);
+    let n = img.len().max(got.len()) / page_size.max(1);
+    let mut diffs = Vec::new();
+    for pg in 0..n {
+        let a = img.get(pg * page_size..(pg + 1) * page_size);
+        let b = got.get(pg * page_size..(pg + 1) * page_size);
+        if a != b {
+            let detail = match (a, b) {
+                (Some(a), Some(b)) => {
+                    let first = (0..page_size).find(|&k| a[k] != b[k]).unwrap();
+                    let last = (0..page_size).rev().find(|&k| a[k] != b[k]).unwrap();
+                    format!("page {} bytes {first}..={last}", pg + 1)
+                }
+                _ => format!("page {} missing on one side", pg + 1),
+            };
+            diffs.push(detail);
+        }
+    }
+    format!(
+        "txid {} replays to {} bytes vs image {} bytes; {} differing pages: {:?}",
+        e.txid,
+        got.len(),
+        img.len(),
+        diffs.len(),
+        &diffs[..diffs.len().min(20)]
+    )
+}
+
 /// Every sample (in the order one observer took them) must be found in the staged log,
 /// at monotonically non-decreasing txids; samples with an image are replayed and compared
 /// byte for byte. Returns the matched txids.
@@ -1022,6 +1066,12 @@ pub fn check_samples(
         }
         let found = (pos..entries.len()).find(|&j| entries[j].checksum == s.checksum);
         let Some(j) = found else {
+            if let (Image::Mem(img), Some(next)) = (&s.image, entries.get(pos + 1)) {
+                eprintln!(
+                    "{db}: sample #{i} not found; {}",
+                    diff_against(dir, db, next, img, s.page_size, scratch)
+                );
+            }
             let anywhere = entries.iter().find(|e| e.checksum == s.checksum);
             let prev = if pos < entries.len() {
                 Some(&entries[pos].line)

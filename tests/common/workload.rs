@@ -54,6 +54,8 @@ pub struct Driver {
     pub seq: i64,
     pub cfg: DriverCfg,
     pub commits: Vec<(i64, i64)>,
+    /// What the last transaction did (for failure messages).
+    pub trace: Vec<String>,
 }
 
 pub fn rand_blob(rng: &mut StdRng, len: usize) -> Vec<u8> {
@@ -85,6 +87,7 @@ impl Driver {
             seq,
             cfg,
             commits: Vec::new(),
+            trace: Vec::new(),
         }
     }
 
@@ -259,17 +262,34 @@ impl Driver {
             match r {
                 0..=49 => {
                     let n = self.rng.random_range(1..=20);
+                    self.trace.push(format!("insert {n}"));
                     self.op_insert(n)?
                 }
-                50..=69 => self.op_update()?,
-                70..=79 if !self.cfg.append_only => self.op_delete()?,
-                80..=87 => self.op_aux()?,
-                88..=92 if !self.cfg.append_only => self.op_index()?,
-                _ => self.op_insert(1)?,
+                50..=69 => {
+                    self.trace.push("update".into());
+                    self.op_update()?
+                }
+                70..=79 if !self.cfg.append_only => {
+                    self.trace.push("delete".into());
+                    self.op_delete()?
+                }
+                80..=87 => {
+                    self.trace.push("aux table".into());
+                    self.op_aux()?
+                }
+                88..=92 if !self.cfg.append_only => {
+                    self.trace.push("index".into());
+                    self.op_index()?
+                }
+                _ => {
+                    self.trace.push("insert 1".into());
+                    self.op_insert(1)?
+                }
             }
         }
         if self.cfg.big_prob > 0.0 && self.rng.random_bool(self.cfg.big_prob) {
             let bytes = self.cfg.big_bytes;
+            self.trace.push(format!("big {bytes}"));
             self.op_big(bytes)?;
         }
         Ok(())
@@ -279,20 +299,27 @@ impl Driver {
     /// (`first > last` when it inserted none). Occasionally a transaction with a
     /// rolled-back savepoint, or a fully rolled-back one first.
     pub fn random_txn(&mut self) -> rusqlite::Result<(i64, i64)> {
+        self.trace.clear();
         if self.rng.random_bool(0.03) {
             // A transaction that is rolled back: it must leave no trace.
+            self.trace.push("[rolled back:".into());
             retry_busy(|| self.conn.execute_batch("BEGIN IMMEDIATE"))?;
             let r = self.random_body();
             self.conn.execute_batch("ROLLBACK")?;
             r?;
+            self.trace.push("]".into());
         }
         let with_savepoint = self.rng.random_bool(0.05);
+        if with_savepoint {
+            self.trace.push("savepoint rolled back:".into());
+        }
         let first = self.seq;
         self.txn(|d| {
             if with_savepoint {
                 d.conn.execute_batch("SAVEPOINT sp")?;
                 d.random_body()?;
                 d.conn.execute_batch("ROLLBACK TO sp; RELEASE sp")?;
+                d.trace.push("; then".into());
             }
             d.random_body()
         })?;
@@ -336,7 +363,9 @@ impl Driver {
 
     /// A sample of the current state, with the image kept with probability `p_image`.
     pub fn sample(&mut self, p_image: f64, label: impl Into<String>) -> Sample {
-        let keep = self.rng.random_bool(p_image);
+        let keep =
+            self.rng.random_bool(p_image) || std::env::var_os("SQLFS_TEST_ALL_IMAGES").is_some();
+        let label = format!("{} after [{}]", label.into(), self.trace.join(" "));
         sample(&self.conn, keep, label)
     }
 }
