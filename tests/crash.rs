@@ -49,7 +49,9 @@ fn writer(fx: &Fixture, db: &str, wid: i64, seed: u64, journal: Option<&str>) ->
         .set("append", 1)
         .set("sync", "FULL")
         .set("max_blob", 5000)
-        .set("sleep_ms", 3);
+        .set("sleep_ms", 3)
+        // A checksum of the state after about one commit in ten: each must be staged.
+        .set("sample_prob", 0.1);
     if let Some(j) = journal {
         p = p.set("journal", j);
     }
@@ -99,7 +101,13 @@ fn wait_commits(w: &mut Spawned, n: usize) {
 }
 
 /// The checks after any crash and recovery.
-fn check_recovered(fx: &Fixture, db: &str, commits: &[(i64, i64)], absent: &[(i64, i64)]) {
+fn check_recovered(
+    fx: &Fixture,
+    db: &str,
+    commits: &[(i64, i64)],
+    absent: &[(i64, i64)],
+    samples: &[Vec<Sample>],
+) {
     // The first connection rolls back a hot journal / recovers the WAL, through the mount.
     let conn = open_db(&fx.path(db));
     integrity_ok(&conn);
@@ -112,9 +120,20 @@ fn check_recovered(fx: &Fixture, db: &str, commits: &[(i64, i64)], absent: &[(i6
         .unwrap();
     drop(conn);
     let entries = check_final(&fx.cli_dir(), &fx.path(db), db, &fx.scratch);
+    // Every transaction that inserted rows produced a new state, so a staged transaction.
+    let writing = commits.iter().filter(|(a, b)| a <= b).count();
     eprintln!(
-        "{db}: {rows} rows, {} reported commits present, {} staged transactions",
+        "{db}: {rows} rows, {} reported commits present ({writing} inserting), {} staged transactions",
         commits.len(),
+        entries.len()
+    );
+    // States sampled by the writers right after their commits are all staged, in order.
+    for s in samples {
+        check_samples(&fx.cli_dir(), db, &entries, s, &fx.scratch);
+    }
+    assert!(
+        entries.len() >= writing,
+        "{db}: {writing} reported commits inserted rows but only {} transactions are staged",
         entries.len()
     );
     fx.assert_verify();
@@ -129,6 +148,7 @@ fn writer_killed_mid_transaction_leaves_hot_journal() {
         let db = format!("hot_{}.db", mode.to_lowercase());
         create_db(&fx, &db, mode);
         let p = Params::new("hold")
+            .set("append", 1)
             .set("db", fx.path(&db).display())
             .set("wid", 1)
             .set("seed", seed + i as u64)
@@ -157,7 +177,7 @@ fn writer_killed_mid_transaction_leaves_hot_journal() {
         // Before recovery the file holds uncommitted pages; the staged stream must not.
         let pre = log_entries(&fx.mnt, &db);
         assert_gap_free(&pre, &db);
-        check_recovered(&fx, &db, &commits, &[(a, b)]);
+        check_recovered(&fx, &db, &commits, &[(a, b)], &[]);
         // Life goes on after the rollback.
         let mut d = Driver::open(&fx.path(&db), 2, seed, DriverCfg::default());
         let mut samples = Vec::new();
@@ -180,6 +200,7 @@ fn kill_writers_rounds(fx: &mut Fixture, db: &str, journal: &str, seed: u64, rou
     create_db(fx, db, journal);
     let mut commits = Vec::new();
     let mut absent = Vec::new();
+    let mut samples = Vec::new();
     for round in 0..rounds {
         let mut ws = Vec::new();
         for k in 0..3 {
@@ -201,6 +222,7 @@ fn kill_writers_rounds(fx: &mut Fixture, db: &str, journal: &str, seed: u64, rou
             fx.path(db).display().to_string()
         };
         let hp = Params::new("hold")
+            .set("append", 1)
             .set("db", fx.path(db).display())
             .set("wid", hold_wid)
             .set("seed", seed)
@@ -232,12 +254,13 @@ fn kill_writers_rounds(fx: &mut Fixture, db: &str, journal: &str, seed: u64, rou
             );
             assert!(r.commits.len() >= 3);
             commits.extend(r.commits);
+            samples.push(r.samples);
         }
         eprintln!(
             "{db} round {round}: {} commits reported so far",
             commits.len()
         );
-        check_recovered(fx, db, &commits, &absent);
+        check_recovered(fx, db, &commits, &absent, &samples);
     }
 }
 
@@ -266,6 +289,7 @@ fn daemon_kill_cycles(fx: &mut Fixture, db: &str, journal: &str, seed: u64, cycl
     let wal = journal == "WAL";
     create_db(fx, db, journal);
     let mut commits = Vec::new();
+    let mut samples = Vec::new();
     for cycle in 0..cycles {
         let mut ws = Vec::new();
         for k in 0..2 {
@@ -296,9 +320,10 @@ fn daemon_kill_cycles(fx: &mut Fixture, db: &str, journal: &str, seed: u64, cycl
                 r.errors
             );
             commits.extend(r.commits);
+            samples.push(r.samples);
         }
         fx.mount();
-        check_recovered(fx, db, &commits, &[]);
+        check_recovered(fx, db, &commits, &[], &samples);
     }
 }
 

@@ -1120,6 +1120,17 @@ pub fn check_final(dir: &Path, db_path: &Path, db: &str, scratch: &Path) -> Vec<
     let last = entries
         .last()
         .unwrap_or_else(|| panic!("{db}: the staged log is empty"));
+    if last.checksum != s.checksum {
+        let Image::Mem(img) = &s.image else {
+            unreachable!()
+        };
+        let v = verify(dir, Some(db));
+        eprintln!(
+            "{db}: live state differs from the last staged transaction; {}\nsqlfs verify says:\n{}",
+            diff_against(dir, db, last, img, s.page_size, scratch),
+            v.describe()
+        );
+    }
     assert_eq!(
         last.checksum, s.checksum,
         "{db}: the live database (checksum {:016x}, {} pages) is not the state after the last staged transaction {:?}",

@@ -313,15 +313,17 @@ impl Driver {
         if with_savepoint {
             self.trace.push("savepoint rolled back:".into());
         }
-        let first = self.seq;
-        self.txn(|d| {
+        // Rows inserted under the rolled-back savepoint do not count.
+        let first = self.txn(|d| {
             if with_savepoint {
                 d.conn.execute_batch("SAVEPOINT sp")?;
                 d.random_body()?;
                 d.conn.execute_batch("ROLLBACK TO sp; RELEASE sp")?;
                 d.trace.push("; then".into());
             }
-            d.random_body()
+            let first = d.seq;
+            d.random_body()?;
+            Ok(first)
         })?;
         let ids = (
             self.wid * ID_BASE + first,
