@@ -269,7 +269,7 @@ fn writers_killed_at_random_points_rollback() {
     let seed = seed_for("writers_killed_at_random_points_rollback");
     let mut fx = Fixture::new("killrb", false);
     fx.mount();
-    kill_writers_rounds(&mut fx, "kill_rb.db", "DELETE", seed, 3);
+    kill_writers_rounds(&mut fx, "kill_rb.db", "DELETE", seed, 4);
     fx.unmount();
     assert_verify(&fx.backing);
 }
@@ -279,7 +279,7 @@ fn writers_killed_at_random_points_wal() {
     let seed = seed_for("writers_killed_at_random_points_wal");
     let mut fx = Fixture::new("killwal", true);
     fx.mount();
-    kill_writers_rounds(&mut fx, "kill_wal.db", "WAL", seed, 3);
+    kill_writers_rounds(&mut fx, "kill_wal.db", "WAL", seed, 5);
     fx.unmount();
     assert_verify(&fx.backing);
 }
