@@ -346,3 +346,72 @@ fn daemon_killed_mid_workload_wal() {
     fx.unmount();
     assert_verify(&fx.backing);
 }
+
+/// A WAL writer killed with a spilled, uncommitted transaction leaves frames without a
+/// commit marker in the WAL; the next writer overwrites them. Every later commit must
+/// still be staged (deterministic: no random kill timing).
+#[test]
+fn wal_uncommitted_frames_overwritten_after_writer_kill() {
+    let seed = seed_for("wal_uncommitted_frames_overwritten_after_writer_kill");
+    let mut fx = Fixture::new("walabandon", false);
+    fx.mount();
+    let db = "abandon.db";
+    create_db(&fx, db, "WAL");
+    let mut all_commits = Vec::new();
+    let mut absent = Vec::new();
+    let mut samples = Vec::new();
+    for round in 0..3i64 {
+        let p = Params::new("hold")
+            .set("append", 1)
+            .set("db", fx.path(db).display())
+            .set("wid", 90 + round)
+            .set("seed", seed)
+            .set("sync", "FULL")
+            .set("autockpt", 0)
+            .set("cache", 10)
+            .set("pre", 3)
+            .set("bytes", 1 << 20)
+            .set("spill_file", format!("{}-wal", fx.path(db).display()));
+        let mut h = spawn(&fx, p, &format!("hold-{round}"));
+        let (a, b, wal_before) = wait_holding(&mut h);
+        let wal_now = fs::metadata(fx.path(&format!("{db}-wal"))).unwrap().len();
+        assert!(
+            wal_now > wal_before,
+            "the open transaction did not spill into the WAL"
+        );
+        kill9_child(&mut h.child);
+        absent.push((a, b));
+        all_commits.extend(read_report(&h.out).commits);
+        // The next writer recovers the WAL and writes over the abandoned frames.
+        let mut d = Driver::open(
+            &fx.path(db),
+            round + 1,
+            seed,
+            DriverCfg {
+                append_only: true,
+                ..Default::default()
+            },
+        );
+        d.pragma("PRAGMA wal_autocheckpoint=0");
+        let mut s = Vec::new();
+        for t in 0..15 {
+            d.random_txn().unwrap();
+            s.push(d.sample(
+                0.2,
+                format!("round {round} txn {t} after the abandoned transaction"),
+            ));
+        }
+        if round == 1 {
+            // Restart the WAL from its beginning, then write again.
+            d.pragma("PRAGMA wal_checkpoint(TRUNCATE)");
+            d.random_txn().unwrap();
+            s.push(d.sample(1.0, "after a TRUNCATE checkpoint"));
+        }
+        all_commits.extend(d.commits.clone());
+        drop(d);
+        samples.push(s);
+        check_recovered(&fx, db, &all_commits, &absent, &samples);
+    }
+    fx.unmount();
+    assert_verify(&fx.backing);
+}
