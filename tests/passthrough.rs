@@ -1421,3 +1421,32 @@ fn wal_database_shared_by_two_processes() {
     fx.assert_verify();
     fx.unmount();
 }
+
+/// The mount is announced in /proc/self/mountinfo with the file-system type `fuse.sqlfs`
+/// (the harness itself also accepts a plain `fuse` type with source `sqlfs`, so that the
+/// other tests still run when only this detail is off).
+#[test]
+fn mountinfo_fstype_is_fuse_sqlfs() {
+    let mut fx = Fixture::new("fstype", true);
+    fx.mount();
+    let info = fs::read_to_string("/proc/self/mountinfo").unwrap();
+    let want = fx.mnt.to_string_lossy().into_owned();
+    let line = info
+        .lines()
+        .find(|l| l.split(' ').nth(4) == Some(want.as_str()))
+        .expect("mount point not in mountinfo")
+        .to_string();
+    let fstype = line
+        .split_once(" - ")
+        .unwrap()
+        .1
+        .split(' ')
+        .next()
+        .map(str::to_string);
+    fx.unmount();
+    assert_eq!(
+        fstype.as_deref(),
+        Some("fuse.sqlfs"),
+        "mountinfo line: {line}"
+    );
+}
