@@ -245,7 +245,7 @@ impl Capture {
             _ => self.get_or_start(db_rel, role, None),
         };
         if let Some(db) = db {
-            db.guard(|st, db| st.before_write(db, &self.backing, role, off, data.len() as u64));
+            db.guard(|st, db| st.before_write(db, &self.backing, role, off, data));
         }
     }
 
@@ -628,7 +628,7 @@ impl State {
         b: &Backing,
         role: Role,
         off: u64,
-        len: u64,
+        data: &[u8],
     ) -> io::Result<()> {
         self.main(db, b)?;
         match role {
@@ -636,7 +636,12 @@ impl State {
                 if off < sqlite::WAL_HEADER {
                     // A new WAL generation starts: the old frames will be overwritten.
                     self.capture_wal(db, b)?;
+                    self.settle_generation(db)?;
                     self.barrier(db)?;
+                } else if self.wal.as_ref().is_some_and(|w| off < w.committed_end)
+                    && !self.wal_holds(off, data)?
+                {
+                    self.rewind_wal(db, off)?;
                 }
             }
             Role::Main => {
@@ -649,7 +654,7 @@ impl State {
                     }
                     let (ps, pages) = (self.page_size, self.db_pages);
                     let mut buf = vec![0u8; ps as usize];
-                    let need: Vec<u32> = self.rb.note_write(off, len, ps, pages);
+                    let need: Vec<u32> = self.rb.note_write(off, data.len() as u64, ps, pages);
                     for pgno in need {
                         self.read_page(pgno, ps, &mut buf)?;
                         self.rb.old_crc.insert(pgno, page_crc(pgno, &buf));
@@ -700,6 +705,11 @@ impl State {
         match role {
             Role::Wal => {
                 self.capture_wal(db, b)?;
+                if size < sqlite::WAL_HEADER
+                    || self.wal.as_ref().is_some_and(|w| size < w.committed_end)
+                {
+                    self.settle_generation(db)?;
+                }
                 self.barrier(db)
             }
             Role::Main if !self.in_wal_mode() => {
@@ -745,6 +755,7 @@ impl State {
         match role {
             Role::Wal => {
                 self.capture_wal(db, b)?;
+                self.settle_generation(db)?;
                 self.barrier(db)
             }
             Role::Main => self.flush_journalless(db, b),
@@ -781,6 +792,177 @@ impl State {
         if !self.in_wal_mode() && !self.rb.journal_live && !self.rb.is_clean() {
             self.commit_rollback(db, b)?;
         }
+        Ok(())
+    }
+
+    /// True if the WAL already holds `data` at `off`. A writer may rewrite committed bytes
+    /// unchanged (a frame identical to one a dead writer left there, or the second half of a
+    /// page split at a sync point); that is not a rewind.
+    fn wal_holds(&self, off: u64, data: &[u8]) -> io::Result<bool> {
+        let Some(fd) = self.wal_fd.as_ref() else {
+            return Ok(false);
+        };
+        let mut cur = vec![0u8; data.len()];
+        Ok(read_exact_at(fd, &mut cur, off)? && cur == data)
+    }
+
+    /// The WAL generation ends (a new header, truncation, unlink). By then the database file
+    /// holds every commit readers know of: a restart or truncation follows a complete
+    /// checkpoint, and a header rewrite with no restart means nothing was published. A page
+    /// whose committed version in the index differs from the database file belongs to a
+    /// commit whose writer died before publishing it: stage a transaction that brings the
+    /// stream back to the file. Costs one read of each page in the index, once per generation.
+    fn settle_generation(&mut self, db: &Db) -> io::Result<()> {
+        let Some(w) = self.wal.as_ref() else {
+            return Ok(());
+        };
+        if w.index.is_empty() {
+            return Ok(());
+        }
+        let ps = w.hdr.page_size;
+        let (fps, new_pages) = self.main_size()?;
+        if fps != ps {
+            self.resnapshot =
+                Some("the page size in the database file differs from its WAL".into());
+            return Ok(());
+        }
+        let old_pages = self.db_pages;
+        let mut buf = vec![0u8; ps as usize];
+        let mut checksum = self.checksum;
+        let mut pages = BTreeSet::new();
+        let main_crc = |p: u32, buf: &mut Vec<u8>| -> io::Result<u64> {
+            buf.fill(0);
+            read_exact_at(
+                self.main_fd.as_ref().expect("main open"),
+                buf,
+                (p as u64 - 1) * ps as u64,
+            )?;
+            Ok(page_crc(p, buf))
+        };
+        for (&p, &(_, c)) in &w.index {
+            if p > old_pages {
+                continue;
+            }
+            if p > new_pages {
+                checksum ^= c;
+                continue;
+            }
+            let m = main_crc(p, &mut buf)?;
+            if m != c {
+                checksum ^= c ^ m;
+                pages.insert(p);
+            }
+        }
+        if pages.is_empty() && new_pages == old_pages {
+            return Ok(());
+        }
+        // Pages cut off that were not in the index, and pages that appear.
+        for p in new_pages + 1..=old_pages {
+            if !w.index.contains_key(&p) {
+                checksum ^= main_crc(p, &mut buf)?;
+            }
+        }
+        for p in old_pages + 1..=new_pages {
+            checksum ^= main_crc(p, &mut buf)?;
+            pages.insert(p);
+        }
+        log::warn!(
+            "{}: the WAL ends holding a commit no reader saw (its writer died before publishing it); staging TXID {} to bring the stream back to the database file",
+            db.name(),
+            self.txid + 1
+        );
+        self.wal = None;
+        let pages: Vec<u32> = pages.into_iter().collect();
+        let h = self.next_header(
+            Kind::Txn,
+            ps,
+            new_pages,
+            checksum,
+            pages.len() as u32,
+            WalPos::default(),
+        );
+        append_pages(db, &h, &pages, &mut |p, buf| self.read_page(p, ps, buf))?;
+        self.advance_to(&h);
+        Ok(())
+    }
+
+    /// A writer is overwriting frames sqlfs took as committed: the process that wrote them
+    /// died after writing its commit frame but before publishing it in the WAL index, so
+    /// SQLite never counted that transaction and the next writer appends over it. Stage a
+    /// transaction that reverts the pages those frames changed, so the stream again equals
+    /// what every reader sees, and continue from the real end of the WAL.
+    fn rewind_wal(&mut self, db: &Db, off: u64) -> io::Result<()> {
+        let (Some(w), Some(fd)) = (self.wal.as_ref(), self.wal_fd.as_ref()) else {
+            return Ok(());
+        };
+        let fsz = w.hdr.frame_size();
+        let start = off - (off - sqlite::WAL_HEADER) % fsz;
+        // Pages the unpublished frames touched.
+        let mut touched = BTreeSet::new();
+        let mut fh = [0u8; 24];
+        let mut o = start;
+        while o < w.committed_end && read_exact_at(fd, &mut fh, o)? {
+            touched.insert(u32::from_be_bytes([fh[0], fh[1], fh[2], fh[3]]));
+            o += fsz;
+        }
+        // The WAL as readers know it: every commit before `start`.
+        let mut nw = WalTrack::new(w.hdr);
+        while nw.committed_end < start {
+            match nw.advance_one(fd, None)? {
+                Some(t) if t.end <= start => nw.publish_reading(fd, &t)?,
+                _ => break,
+            }
+        }
+        log::warn!(
+            "{}: a writer died after writing a commit it never published (WAL offset {start}); staging TXID {} to revert what TXID {} and before took from it",
+            db.name(),
+            self.txid + 1,
+            self.txid
+        );
+        if nw.committed_end != start {
+            self.wal = Some(nw);
+            self.resnapshot =
+                Some("the WAL was rewound to a point that is not a commit boundary".into());
+            return Ok(());
+        }
+        let ps = w.hdr.page_size;
+        let old_pages = self.db_pages;
+        let new_pages = match nw.db_pages {
+            Some(n) => n,
+            None => self.main_size()?.1,
+        };
+        // Out: the current versions of the touched pages and of pages cut off (old index).
+        let mut checksum = self.checksum;
+        let mut buf = vec![0u8; ps as usize];
+        let out: BTreeSet<u32> = touched
+            .iter()
+            .copied()
+            .filter(|&p| p <= old_pages)
+            .chain(new_pages + 1..=old_pages)
+            .collect();
+        for p in out {
+            checksum ^= self.committed_crc(p, ps, &mut buf)?;
+        }
+        // In: their versions as readers know them (rewound index).
+        self.wal = Some(nw);
+        let mut pages: BTreeSet<u32> = touched.into_iter().filter(|&p| p <= new_pages).collect();
+        pages.extend(old_pages + 1..=new_pages);
+        for &p in &pages {
+            self.read_page(p, ps, &mut buf)?;
+            checksum ^= page_crc(p, &buf);
+        }
+        let pages: Vec<u32> = pages.into_iter().collect();
+        let walpos = self.current_walpos();
+        let h = self.next_header(
+            Kind::Txn,
+            ps,
+            new_pages,
+            checksum,
+            pages.len() as u32,
+            walpos,
+        );
+        append_pages(db, &h, &pages, &mut |p, buf| self.read_page(p, ps, buf))?;
+        self.advance_to(&h);
         Ok(())
     }
 
@@ -1111,6 +1293,11 @@ impl State {
         {
             return Ok(x);
         }
+        self.main_size()
+    }
+
+    /// Page size and size in pages of the database file alone.
+    fn main_size(&self) -> io::Result<(u32, u32)> {
         let Some(f) = self.main_fd.as_ref() else {
             return Ok((self.page_size.max(512), 0));
         };

@@ -118,6 +118,11 @@ impl WalTrack {
             let mut h = [0u8; 24];
             h.copy_from_slice(data);
             self.hint_hdr = Some((off, h));
+        } else if self
+            .hint_hdr
+            .is_some_and(|(o, _)| off < o + FRAME_HEADER && o < off + data.len() as u64)
+        {
+            self.hint_hdr = None;
         }
         if off < self.committed_end {
             // Below the committed end without a new header: SQLite never does this while a
@@ -199,7 +204,8 @@ impl WalTrack {
         Ok(self.committed_end == end && self.cksum == cksum)
     }
 
-    fn advance_one(
+    /// Validates frames up to the next commit; the transaction it completes, if any.
+    pub fn advance_one(
         &mut self,
         wal: &File,
         hint: Option<(u64, &[u8])>,
