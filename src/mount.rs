@@ -130,7 +130,7 @@ pub fn run(o: MountOpts) -> Result<()> {
     };
     cfg.n_threads = Some(o.threads.max(1));
     cfg.clone_fd = true;
-    let mut session = Session::new(fs, &dir, &cfg).map_err(|e| {
+    let mount_err = |e: std::io::Error| {
         let hint = match e.raw_os_error() {
             Some(libc::EPERM) | Some(libc::EACCES) => {
                 " (permission denied: run as root, or allow user mounts with fusermount3)"
@@ -139,7 +139,14 @@ pub fn run(o: MountOpts) -> Result<()> {
             _ => "",
         };
         anyhow::anyhow!("cannot mount {}: {e}{hint}", dir.display())
-    })?;
+    };
+    // As root, mount(2) directly with type `fuse.sqlfs`; otherwise through fusermount3.
+    let mut session = if root {
+        let fd = mount_direct(&dir).map_err(mount_err)?;
+        Session::from_fd(fs, fd, SessionACL::All, cfg.clone()).map_err(mount_err)?
+    } else {
+        Session::new(fs, &dir, &cfg).map_err(mount_err)?
+    };
 
     let sock = crate::control::socket_path(&dir);
     if let Err(e) = crate::control::serve(&sock, backing.clone(), capture.clone()) {
@@ -174,6 +181,7 @@ pub fn run(o: MountOpts) -> Result<()> {
             })?;
     }
     let mut unmounter = session.unmount_callable();
+    let sig_dir = dir.clone();
     let mut signals = signal_hook::iterator::Signals::new([
         signal_hook::consts::SIGINT,
         signal_hook::consts::SIGTERM,
@@ -183,7 +191,12 @@ pub fn run(o: MountOpts) -> Result<()> {
         .spawn(move || {
             if let Some(sig) = signals.forever().next() {
                 log::info!("signal {sig}: flushing staging and unmounting");
-                if let Err(e) = unmounter.unmount() {
+                let r = if root {
+                    unmount_direct(&sig_dir)
+                } else {
+                    unmounter.unmount()
+                };
+                if let Err(e) = r {
                     log::error!("unmount failed: {e}");
                 }
             }
@@ -201,6 +214,63 @@ pub fn run(o: MountOpts) -> Result<()> {
     let _ = std::fs::remove_file(&sock);
     res.context("filesystem session ended with an error")?;
     log::info!("unmounted {}", dir.display());
+    Ok(())
+}
+
+/// Mounts a FUSE filesystem of type `fuse.sqlfs` at `dir` with mount(2) and returns the
+/// `/dev/fuse` handle serving it.
+fn mount_direct(dir: &Path) -> std::io::Result<std::os::fd::OwnedFd> {
+    use std::ffi::CString;
+    use std::os::fd::{AsRawFd, OwnedFd};
+    use std::os::unix::ffi::OsStrExt;
+    use std::os::unix::fs::MetadataExt;
+    let dev: OwnedFd = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/fuse")?
+        .into();
+    let mode = std::fs::metadata(dir)?.mode() & libc::S_IFMT;
+    // SAFETY: getuid/getgid have no preconditions.
+    let (uid, gid) = unsafe { (libc::getuid(), libc::getgid()) };
+    let opts = format!(
+        "fd={},rootmode={mode:o},user_id={uid},group_id={gid},default_permissions,allow_other",
+        dev.as_raw_fd()
+    );
+    let c = |s: &[u8]| {
+        CString::new(s).map_err(|_| std::io::Error::from(std::io::ErrorKind::InvalidInput))
+    };
+    let (src, target, fstype, data) = (
+        c(b"sqlfs")?,
+        c(dir.as_os_str().as_bytes())?,
+        c(b"fuse.sqlfs")?,
+        c(opts.as_bytes())?,
+    );
+    let flags = libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOATIME;
+    // SAFETY: valid C strings; data is the option string the fuse module parses.
+    if unsafe {
+        libc::mount(
+            src.as_ptr(),
+            target.as_ptr(),
+            fstype.as_ptr(),
+            flags,
+            data.as_ptr().cast(),
+        )
+    } < 0
+    {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(dev)
+}
+
+/// Detaches the mount at `dir`; the session ends once the kernel lets go of it.
+fn unmount_direct(dir: &Path) -> std::io::Result<()> {
+    use std::os::unix::ffi::OsStrExt;
+    let c = std::ffi::CString::new(dir.as_os_str().as_bytes())
+        .map_err(|_| std::io::Error::from(std::io::ErrorKind::InvalidInput))?;
+    // SAFETY: valid C string.
+    if unsafe { libc::umount2(c.as_ptr(), libc::MNT_DETACH) } < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
     Ok(())
 }
 
