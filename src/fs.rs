@@ -46,9 +46,53 @@ fn cstr(b: &[u8]) -> Result<CString, Errno> {
     CString::new(b).map_err(|_| Errno::EINVAL)
 }
 
+/// An inode the kernel knows: its path, and its other names when it has hard links.
 struct Node {
     rel: String,
+    links: Vec<String>,
     lookups: u64,
+}
+
+impl Node {
+    fn new(rel: String) -> Node {
+        Node {
+            rel,
+            links: Vec::new(),
+            lookups: 0,
+        }
+    }
+
+    /// `rel` names this inode (a lookup or a new hard link): it becomes the primary path.
+    fn named(&mut self, rel: String) {
+        if self.rel != rel {
+            let old = std::mem::replace(&mut self.rel, rel);
+            self.links.retain(|l| *l != self.rel);
+            if !self.links.contains(&old) {
+                self.links.push(old);
+            }
+        }
+    }
+
+    /// The name `rel` was removed; another name takes over if there is one.
+    fn unnamed(&mut self, rel: &str) {
+        self.links.retain(|l| l != rel);
+        if self.rel == rel {
+            if let Some(other) = self.links.pop() {
+                self.rel = other;
+            }
+        }
+    }
+
+    /// Rewrites every name under `from` to be under `to`.
+    fn moved(&mut self, from: &str, to: &str, prefix: &str) {
+        for r in std::iter::once(&mut self.rel).chain(self.links.iter_mut()) {
+            if r == from {
+                *r = to.to_string();
+            } else if let Some(rest) = r.strip_prefix(prefix) {
+                *r = join(to, rest);
+            }
+        }
+    }
 }
 
 struct Handle {
@@ -90,13 +134,7 @@ impl SqlFs {
     pub fn new(backing: Arc<Backing>, capture: Arc<Capture>) -> io::Result<SqlFs> {
         let st = backing.stat("")?;
         let mut nodes = HashMap::new();
-        nodes.insert(
-            1,
-            Node {
-                rel: String::new(),
-                lookups: 1,
-            },
-        );
+        nodes.insert(1, Node::new(String::new()));
         Ok(SqlFs {
             backing,
             capture,
@@ -159,11 +197,10 @@ impl SqlFs {
         let st = self.backing.stat(&rel).map_err(errno)?;
         let attr = self.attr(&st);
         let mut nodes = self.nodes.write();
-        let n = nodes.entry(attr.ino.0).or_insert(Node {
-            rel: rel.clone(),
-            lookups: 0,
-        });
-        n.rel = rel;
+        let n = nodes
+            .entry(attr.ino.0)
+            .or_insert_with(|| Node::new(rel.clone()));
+        n.named(rel);
         n.lookups += 1;
         Ok(attr)
     }
@@ -210,11 +247,7 @@ impl SqlFs {
     fn renamed(&self, from: &str, to: &str) {
         let prefix = format!("{from}/");
         for n in self.nodes.write().values_mut() {
-            if n.rel == from {
-                n.rel = to.to_string();
-            } else if let Some(rest) = n.rel.strip_prefix(&prefix) {
-                n.rel = join(to, rest);
-            }
+            n.moved(from, to, &prefix);
         }
         for h in self.handles.read().values() {
             let mut r = h.rel.lock();
@@ -491,11 +524,17 @@ impl Filesystem for SqlFs {
 
     fn unlink(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
         let res = self.child(parent, name).and_then(|rel| {
+            let ino = self.backing.stat(&rel).map(|st| self.ino_of(&st)).ok();
             self.capture.before_unlink(&rel);
             let c = Backing::cpath(&rel).map_err(errno)?;
             // SAFETY: valid dirfd and C string.
             if unsafe { libc::unlinkat(self.backing.root_fd(), c.as_ptr(), 0) } < 0 {
                 return Err(last_err());
+            }
+            if let Some(i) = ino {
+                if let Some(n) = self.nodes.write().get_mut(&i) {
+                    n.unnamed(&rel);
+                }
             }
             self.capture.after_unlink(&rel);
             Ok(())
@@ -595,18 +634,7 @@ impl Filesystem for SqlFs {
             Ok(to)
         });
         match res {
-            Ok(to) => {
-                // The inode keeps its first path; the new name is only an alias for lookups.
-                match self.backing.stat(&to) {
-                    Ok(st) => {
-                        if let Some(n) = self.nodes.write().get_mut(&self.ino_of(&st)) {
-                            n.lookups += 1;
-                        }
-                        reply.entry(&TTL, &self.attr(&st), Generation(0))
-                    }
-                    Err(e) => reply.error(errno(e)),
-                }
-            }
+            Ok(to) => reply_entry(self, to, reply),
             Err(e) => reply.error(e),
         }
     }
@@ -1002,11 +1030,10 @@ impl Filesystem for SqlFs {
             let attr = self.attr(&st);
             {
                 let mut nodes = self.nodes.write();
-                let n = nodes.entry(attr.ino.0).or_insert(Node {
-                    rel: rel.clone(),
-                    lookups: 0,
-                });
-                n.rel = rel.clone();
+                let n = nodes
+                    .entry(attr.ino.0)
+                    .or_insert_with(|| Node::new(rel.clone()));
+                n.named(rel.clone());
                 n.lookups += 1;
             }
             Ok((self.add_handle(f, rel), attr))
