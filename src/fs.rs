@@ -265,16 +265,13 @@ impl SqlFs {
         flags & !(libc::O_NOCTTY | libc::O_CREAT | libc::O_EXCL)
     }
 
-    fn do_setattr(
+    /// chmod and chown of `rel`; `None` leaves a field as it is.
+    fn set_mode_owner(
         &self,
         rel: &str,
-        fh: Option<FileHandle>,
         mode: Option<u32>,
         uid: Option<u32>,
         gid: Option<u32>,
-        size: Option<u64>,
-        atime: Option<TimeOrNow>,
-        mtime: Option<TimeOrNow>,
     ) -> Result<(), Errno> {
         let c = Backing::cpath(rel).map_err(errno)?;
         let dfd = self.backing.root_fd();
@@ -285,51 +282,67 @@ impl SqlFs {
             }
         }
         if uid.is_some() || gid.is_some() {
-            let u = uid.unwrap_or(u32::MAX);
-            let g = gid.unwrap_or(u32::MAX);
+            let (u, g) = (uid.unwrap_or(u32::MAX), gid.unwrap_or(u32::MAX));
             // SAFETY: valid dirfd and C string; -1 leaves an id unchanged.
             if unsafe { libc::fchownat(dfd, c.as_ptr(), u, g, libc::AT_SYMLINK_NOFOLLOW) } < 0 {
                 return Err(last_err());
             }
         }
-        if let Some(sz) = size {
-            self.capture.before_truncate(rel, sz);
-            let r = match fh.and_then(|f| self.handle(f).ok()) {
-                Some(h) => h.file.set_len(sz),
-                None => self
-                    .backing
-                    .open_at(rel, libc::O_WRONLY | libc::O_NOFOLLOW, 0)
-                    .and_then(|f| f.set_len(sz)),
-            };
-            r.map_err(errno)?;
-            self.capture.after_truncate(rel, sz);
-        }
-        if atime.is_some() || mtime.is_some() {
-            let ts = |t: Option<TimeOrNow>| match t {
-                None => libc::timespec {
-                    tv_sec: 0,
-                    tv_nsec: libc::UTIME_OMIT,
-                },
-                Some(TimeOrNow::Now) => libc::timespec {
-                    tv_sec: 0,
-                    tv_nsec: libc::UTIME_NOW,
-                },
-                Some(TimeOrNow::SpecificTime(t)) => {
-                    let d = t.duration_since(UNIX_EPOCH).unwrap_or_default();
-                    libc::timespec {
-                        tv_sec: d.as_secs() as i64,
-                        tv_nsec: d.subsec_nanos() as i64,
-                    }
+        Ok(())
+    }
+
+    /// truncate of `rel` (through the open handle if there is one), reported to capture.
+    fn set_size(&self, rel: &str, fh: Option<FileHandle>, size: u64) -> Result<(), Errno> {
+        self.capture.before_truncate(rel, size);
+        let r = match fh.and_then(|f| self.handle(f).ok()) {
+            Some(h) => h.file.set_len(size),
+            None => self
+                .backing
+                .open_at(rel, libc::O_WRONLY | libc::O_NOFOLLOW, 0)
+                .and_then(|f| f.set_len(size)),
+        };
+        r.map_err(errno)?;
+        self.capture.after_truncate(rel, size);
+        Ok(())
+    }
+
+    /// utimensat of `rel`; `None` leaves a time as it is.
+    fn set_times(
+        &self,
+        rel: &str,
+        atime: Option<TimeOrNow>,
+        mtime: Option<TimeOrNow>,
+    ) -> Result<(), Errno> {
+        let ts = |t: Option<TimeOrNow>| match t {
+            None => libc::timespec {
+                tv_sec: 0,
+                tv_nsec: libc::UTIME_OMIT,
+            },
+            Some(TimeOrNow::Now) => libc::timespec {
+                tv_sec: 0,
+                tv_nsec: libc::UTIME_NOW,
+            },
+            Some(TimeOrNow::SpecificTime(t)) => {
+                let d = t.duration_since(UNIX_EPOCH).unwrap_or_default();
+                libc::timespec {
+                    tv_sec: d.as_secs() as i64,
+                    tv_nsec: d.subsec_nanos() as i64,
                 }
-            };
-            let times = [ts(atime), ts(mtime)];
-            // SAFETY: valid dirfd, C string and a two-element timespec array.
-            if unsafe {
-                libc::utimensat(dfd, c.as_ptr(), times.as_ptr(), libc::AT_SYMLINK_NOFOLLOW)
-            } < 0
-            {
-                return Err(last_err());
             }
+        };
+        let c = Backing::cpath(rel).map_err(errno)?;
+        let times = [ts(atime), ts(mtime)];
+        // SAFETY: valid dirfd, C string and a two-element timespec array.
+        if unsafe {
+            libc::utimensat(
+                self.backing.root_fd(),
+                c.as_ptr(),
+                times.as_ptr(),
+                libc::AT_SYMLINK_NOFOLLOW,
+            )
+        } < 0
+        {
+            return Err(last_err());
         }
         Ok(())
     }
@@ -444,7 +457,13 @@ impl Filesystem for SqlFs {
         reply: ReplyAttr,
     ) {
         let res = self.rel(ino).and_then(|rel| {
-            self.do_setattr(&rel, fh, mode, uid, gid, size, atime, mtime)?;
+            self.set_mode_owner(&rel, mode, uid, gid)?;
+            if let Some(sz) = size {
+                self.set_size(&rel, fh, sz)?;
+            }
+            if atime.is_some() || mtime.is_some() {
+                self.set_times(&rel, atime, mtime)?;
+            }
             self.backing.stat(&rel).map_err(errno)
         });
         match res {

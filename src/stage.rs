@@ -45,6 +45,11 @@ pub enum StageError {
 
 pub type Result<T> = std::result::Result<T, StageError>;
 
+/// Receives one page of a record: (page number, page bytes).
+pub type PageSink<'a> = &'a mut dyn FnMut(u32, &[u8]) -> io::Result<()>;
+/// Streams a record's pages into a sink.
+pub type PageSource<'a> = &'a mut dyn FnMut(PageSink<'_>) -> Result<()>;
+
 fn io_err(path: &Path) -> impl FnOnce(io::Error) -> StageError + '_ {
     move |source| StageError::Io {
         path: path.to_path_buf(),
@@ -340,7 +345,7 @@ impl DbStage {
     pub fn append(
         &self,
         h: &RecordHeader,
-        fill: impl FnOnce(&mut dyn FnMut(u32, &[u8]) -> io::Result<()>) -> io::Result<()>,
+        fill: impl FnOnce(PageSink<'_>) -> io::Result<()>,
     ) -> Result<()> {
         let mut guard = self.app.lock();
         if guard.as_ref().is_none_or(|a| a.len >= SEGMENT_BYTES) {
@@ -447,10 +452,7 @@ impl DbStage {
     fn scan_segment(
         &self,
         path: &Path,
-        mut f: impl FnMut(
-            &RecordHeader,
-            &mut dyn FnMut(&mut dyn FnMut(u32, &[u8]) -> io::Result<()>) -> Result<()>,
-        ) -> Result<()>,
+        mut f: impl FnMut(&RecordHeader, PageSource<'_>) -> Result<()>,
     ) -> Result<Option<RecordHeader>> {
         let file = File::open(path).map_err(io_err(path))?;
         let mut r = BufReader::with_capacity(1 << 20, file);
@@ -476,11 +478,10 @@ impl DbStage {
             })?;
             let mut consumed = false;
             {
-                let mut pages_fn =
-                    |sink: &mut dyn FnMut(u32, &[u8]) -> io::Result<()>| -> Result<()> {
-                        consumed = true;
-                        read_pages(&mut r, &h, &hb, path, off, Some(sink))
-                    };
+                let mut pages_fn = |sink: PageSink<'_>| -> Result<()> {
+                    consumed = true;
+                    read_pages(&mut r, &h, &hb, path, off, Some(sink))
+                };
                 f(&h, &mut pages_fn)?;
             }
             if !consumed {
@@ -498,10 +499,7 @@ impl DbStage {
         &self,
         after: u64,
         upto: u64,
-        mut f: impl FnMut(
-            &RecordHeader,
-            &mut dyn FnMut(&mut dyn FnMut(u32, &[u8]) -> io::Result<()>) -> Result<()>,
-        ) -> Result<()>,
+        mut f: impl FnMut(&RecordHeader, PageSource<'_>) -> Result<()>,
     ) -> Result<()> {
         let segs = self.segments()?;
         for (i, (first, path)) in segs.iter().enumerate() {
@@ -651,11 +649,7 @@ impl DbStage {
 }
 
 /// Applies one record to a database file: its pages, then its size.
-fn apply_record(
-    out: &File,
-    h: &RecordHeader,
-    pages: &mut dyn FnMut(&mut dyn FnMut(u32, &[u8]) -> io::Result<()>) -> Result<()>,
-) -> Result<()> {
+fn apply_record(out: &File, h: &RecordHeader, pages: PageSource<'_>) -> Result<()> {
     let outp = PathBuf::from("<output>");
     if h.kind == Kind::Snapshot {
         out.set_len(0).map_err(io_err(&outp))?;
@@ -686,7 +680,7 @@ fn read_pages(
     hb: &[u8],
     path: &Path,
     off: u64,
-    mut sink: Option<&mut dyn FnMut(u32, &[u8]) -> io::Result<()>>,
+    mut sink: Option<PageSink<'_>>,
 ) -> Result<()> {
     let corrupt = |why: &str| StageError::Corrupt {
         path: path.into(),
@@ -724,7 +718,7 @@ fn read_record(
     r: &mut impl Read,
     path: &Path,
     off: u64,
-    sink: Option<&mut dyn FnMut(u32, &[u8]) -> io::Result<()>>,
+    sink: Option<PageSink<'_>>,
 ) -> Result<Option<RecordHeader>> {
     let mut hb = [0u8; RECORD_HEADER];
     match read_full(r, &mut hb).map_err(io_err(path))? {

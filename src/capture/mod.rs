@@ -1132,7 +1132,7 @@ impl State {
         let f = self.main_fd.as_ref().expect("opened above");
         let size = f.metadata()?.len();
         let mut hdr = [0u8; 100];
-        let ps = if read_exact_at(&f, &mut hdr, 0)? {
+        let ps = if read_exact_at(f, &mut hdr, 0)? {
             sqlite::db_page_size(&hdr)
         } else {
             None
