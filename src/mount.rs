@@ -16,6 +16,9 @@ use crate::backing::{Backing, META_DIR};
 use crate::capture::Capture;
 use crate::fs::SqlFs;
 
+/// How long the staged history of a deleted database is kept.
+const RETIRED_KEEP: Duration = Duration::from_secs(24 * 3600);
+
 pub struct MountOpts {
     pub dir: PathBuf,
     pub data_dir: Option<PathBuf>,
@@ -163,9 +166,14 @@ pub fn run(o: MountOpts) -> Result<()> {
         std::thread::Builder::new()
             .name("sqlfs-stage".into())
             .spawn(move || {
+                let mut tick = 0u64;
                 while !stop.load(Ordering::Relaxed) {
                     std::thread::sleep(Duration::from_millis(500));
                     cap.sync_all();
+                    tick += 1;
+                    if tick % 120 == 1 {
+                        cap.expire_retired(RETIRED_KEEP);
+                    }
                     for (name, db) in cap.databases() {
                         if db.stage.log_bytes() > limit {
                             match db.stage.fold(u64::MAX) {

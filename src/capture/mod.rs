@@ -370,6 +370,32 @@ impl Capture {
         }
     }
 
+    /// Removes the staging of databases deleted (or replaced) longer than `keep` ago.
+    pub fn expire_retired(&self, keep: std::time::Duration) {
+        let Ok(rd) = fs::read_dir(self.meta_root.join("db")) else {
+            return;
+        };
+        for e in rd.flatten() {
+            let dir = e.path();
+            let age = fs::metadata(dir.join("deleted"))
+                .and_then(|m| m.modified())
+                .ok()
+                .and_then(|t| t.elapsed().ok());
+            if age.is_some_and(|a| a > keep) {
+                let name = fs::read_to_string(dir.join("name")).unwrap_or_default();
+                match fs::remove_dir_all(&dir) {
+                    Ok(()) => log::info!(
+                        "{name}: removed the staged history of a database deleted over {}h ago",
+                        keep.as_secs() / 3600
+                    ),
+                    Err(e) => {
+                        log::warn!("{name}: cannot remove old staging {}: {e}", dir.display())
+                    }
+                }
+            }
+        }
+    }
+
     /// Syncs every database's staging log that has unsynced records.
     pub fn sync_all(&self) {
         for (name, db) in self.databases() {
