@@ -353,6 +353,21 @@ impl SqlFs {
     }
 }
 
+impl SqlFs {
+    /// Writes `data` at `offset` through handle `h`, reporting it to capture before and after.
+    fn write_through(&self, h: &Handle, offset: u64, data: &[u8]) -> Result<(), Errno> {
+        let rel = (h.role != Role::Other).then(|| h.rel.lock().clone());
+        if let Some(rel) = &rel {
+            self.capture.before_write(rel, offset, data);
+        }
+        h.file.write_all_at(data, offset).map_err(errno)?;
+        if let Some(rel) = &rel {
+            self.capture.after_write(rel, offset, data);
+        }
+        Ok(())
+    }
+}
+
 /// Clears set-user-ID and set-group-ID bits after a write by someone other than the owner.
 fn kill_suidgid(f: &File) {
     use std::os::unix::fs::PermissionsExt;
@@ -660,12 +675,16 @@ impl Filesystem for SqlFs {
 
     fn open(&self, _req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
         let res = self.rel(ino).and_then(|rel| {
+            let trunc = flags.0 & libc::O_TRUNC != 0;
+            if trunc {
+                self.capture.before_truncate(&rel, 0);
+            }
             let f = self
                 .backing
                 .open_at(&rel, Self::open_flags(flags.0), 0)
                 .map_err(errno)?;
-            if flags.0 & libc::O_TRUNC != 0 {
-                self.capture.on_create(&rel);
+            if trunc {
+                self.capture.after_truncate(&rel, 0);
             }
             self.capture.on_open(&rel);
             Ok(self.add_handle(f, rel))
@@ -716,24 +735,44 @@ impl Filesystem for SqlFs {
         _lock: Option<LockOwner>,
         reply: ReplyWrite,
     ) {
-        let h = match self.handle(fh) {
-            Ok(h) => h,
-            Err(e) => return reply.error(e),
-        };
-        let rel = (h.role != Role::Other).then(|| h.rel.lock().clone());
-        if let Some(rel) = &rel {
-            self.capture.before_write(rel, offset, data);
+        let res = self.handle(fh).and_then(|h| {
+            self.write_through(&h, offset, data)?;
+            if wf.contains(WriteFlags::FUSE_WRITE_KILL_SUIDGID) {
+                kill_suidgid(&h.file);
+            }
+            Ok(())
+        });
+        match res {
+            Ok(()) => reply.written(data.len() as u32),
+            Err(e) => reply.error(e),
         }
-        if let Err(e) = h.file.write_all_at(data, offset) {
-            return reply.error(errno(e));
+    }
+
+    fn copy_file_range(
+        &self,
+        _req: &Request,
+        _ino_in: INodeNo,
+        fh_in: FileHandle,
+        offset_in: u64,
+        _ino_out: INodeNo,
+        fh_out: FileHandle,
+        offset_out: u64,
+        len: u64,
+        _flags: fuser::CopyFileRangeFlags,
+        reply: ReplyWrite,
+    ) {
+        // A read and a write through the capture path; a short copy is allowed.
+        let res = self.handle(fh_in).and_then(|hin| {
+            let hout = self.handle(fh_out)?;
+            let mut buf = vec![0u8; len.min(1 << 20) as usize];
+            let n = hin.file.read_at(&mut buf, offset_in).map_err(errno)?;
+            self.write_through(&hout, offset_out, &buf[..n])?;
+            Ok(n)
+        });
+        match res {
+            Ok(n) => reply.written(n as u32),
+            Err(e) => reply.error(e),
         }
-        if let Some(rel) = &rel {
-            self.capture.after_write(rel, offset, data);
-        }
-        if wf.contains(WriteFlags::FUSE_WRITE_KILL_SUIDGID) {
-            kill_suidgid(&h.file);
-        }
-        reply.written(data.len() as u32);
     }
 
     fn flush(
@@ -1031,6 +1070,10 @@ impl Filesystem for SqlFs {
     ) {
         let res = self.child(parent, name).and_then(|rel| {
             let existed = self.backing.exists(&rel);
+            let trunc = existed && flags & libc::O_TRUNC != 0;
+            if trunc {
+                self.capture.before_truncate(&rel, 0);
+            }
             let f = self
                 .backing
                 .open_at(
@@ -1042,7 +1085,9 @@ impl Filesystem for SqlFs {
             if !existed {
                 self.chown_new(&rel, req);
             }
-            if !existed || flags & libc::O_TRUNC != 0 {
+            if trunc {
+                self.capture.after_truncate(&rel, 0);
+            } else if !existed {
                 self.capture.on_create(&rel);
             }
             let st = self.backing.stat(&rel).map_err(errno)?;
