@@ -42,6 +42,23 @@ fn last_err() -> Errno {
     errno(io::Error::last_os_error())
 }
 
+/// A libc call's return value as a result: negative means errno.
+fn check<T: PartialOrd + Default>(r: T) -> Result<(), Errno> {
+    if r < T::default() {
+        Err(last_err())
+    } else {
+        Ok(())
+    }
+}
+
+/// Replies to a request that returns nothing.
+fn reply_empty(reply: ReplyEmpty, res: Result<(), Errno>) {
+    match res {
+        Ok(()) => reply.ok(),
+        Err(e) => reply.error(e),
+    }
+}
+
 fn cstr(b: &[u8]) -> Result<CString, Errno> {
     CString::new(b).map_err(|_| Errno::EINVAL)
 }
@@ -277,16 +294,12 @@ impl SqlFs {
         let dfd = self.backing.root_fd();
         if let Some(m) = mode {
             // SAFETY: valid dirfd and C string.
-            if unsafe { libc::fchmodat(dfd, c.as_ptr(), m & 0o7777, 0) } < 0 {
-                return Err(last_err());
-            }
+            check(unsafe { libc::fchmodat(dfd, c.as_ptr(), m & 0o7777, 0) })?;
         }
         if uid.is_some() || gid.is_some() {
             let (u, g) = (uid.unwrap_or(u32::MAX), gid.unwrap_or(u32::MAX));
             // SAFETY: valid dirfd and C string; -1 leaves an id unchanged.
-            if unsafe { libc::fchownat(dfd, c.as_ptr(), u, g, libc::AT_SYMLINK_NOFOLLOW) } < 0 {
-                return Err(last_err());
-            }
+            check(unsafe { libc::fchownat(dfd, c.as_ptr(), u, g, libc::AT_SYMLINK_NOFOLLOW) })?;
         }
         Ok(())
     }
@@ -333,17 +346,14 @@ impl SqlFs {
         let c = Backing::cpath(rel).map_err(errno)?;
         let times = [ts(atime), ts(mtime)];
         // SAFETY: valid dirfd, C string and a two-element timespec array.
-        if unsafe {
+        check(unsafe {
             libc::utimensat(
                 self.backing.root_fd(),
                 c.as_ptr(),
                 times.as_ptr(),
                 libc::AT_SYMLINK_NOFOLLOW,
             )
-        } < 0
-        {
-            return Err(last_err());
-        }
+        })?;
         Ok(())
     }
 
@@ -510,17 +520,14 @@ impl Filesystem for SqlFs {
         let res = self.child(parent, name).and_then(|rel| {
             let c = Backing::cpath(&rel).map_err(errno)?;
             // SAFETY: valid dirfd and C string.
-            if unsafe {
+            check(unsafe {
                 libc::mknodat(
                     self.backing.root_fd(),
                     c.as_ptr(),
                     mode & !umask,
                     rdev as libc::dev_t,
                 )
-            } < 0
-            {
-                return Err(last_err());
-            }
+            })?;
             self.chown_new(&rel, req);
             Ok(rel)
         });
@@ -542,11 +549,9 @@ impl Filesystem for SqlFs {
         let res = self.child(parent, name).and_then(|rel| {
             let c = Backing::cpath(&rel).map_err(errno)?;
             // SAFETY: valid dirfd and C string.
-            if unsafe { libc::mkdirat(self.backing.root_fd(), c.as_ptr(), mode & !umask & 0o7777) }
-                < 0
-            {
-                return Err(last_err());
-            }
+            check(unsafe {
+                libc::mkdirat(self.backing.root_fd(), c.as_ptr(), mode & !umask & 0o7777)
+            })?;
             self.chown_new(&rel, req);
             Ok(rel)
         });
@@ -562,9 +567,7 @@ impl Filesystem for SqlFs {
             self.capture.before_unlink(&rel);
             let c = Backing::cpath(&rel).map_err(errno)?;
             // SAFETY: valid dirfd and C string.
-            if unsafe { libc::unlinkat(self.backing.root_fd(), c.as_ptr(), 0) } < 0 {
-                return Err(last_err());
-            }
+            check(unsafe { libc::unlinkat(self.backing.root_fd(), c.as_ptr(), 0) })?;
             if let Some(i) = ino {
                 if let Some(n) = self.nodes.write().get_mut(&i) {
                     n.unnamed(&rel);
@@ -573,26 +576,19 @@ impl Filesystem for SqlFs {
             self.capture.after_unlink(&rel);
             Ok(())
         });
-        match res {
-            Ok(()) => reply.ok(),
-            Err(e) => reply.error(e),
-        }
+        reply_empty(reply, res)
     }
 
     fn rmdir(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
         let res = self.child(parent, name).and_then(|rel| {
             let c = Backing::cpath(&rel).map_err(errno)?;
             // SAFETY: valid dirfd and C string.
-            if unsafe { libc::unlinkat(self.backing.root_fd(), c.as_ptr(), libc::AT_REMOVEDIR) } < 0
-            {
-                return Err(last_err());
-            }
+            check(unsafe {
+                libc::unlinkat(self.backing.root_fd(), c.as_ptr(), libc::AT_REMOVEDIR)
+            })?;
             Ok(())
         });
-        match res {
-            Ok(()) => reply.ok(),
-            Err(e) => reply.error(e),
-        }
+        reply_empty(reply, res)
     }
 
     fn symlink(
@@ -607,9 +603,7 @@ impl Filesystem for SqlFs {
             let c = Backing::cpath(&rel).map_err(errno)?;
             let t = cstr(target.as_os_str().as_bytes())?;
             // SAFETY: valid C strings and dirfd.
-            if unsafe { libc::symlinkat(t.as_ptr(), self.backing.root_fd(), c.as_ptr()) } < 0 {
-                return Err(last_err());
-            }
+            check(unsafe { libc::symlinkat(t.as_ptr(), self.backing.root_fd(), c.as_ptr()) })?;
             self.chown_new(&rel, req);
             Ok(rel)
         });
@@ -635,17 +629,12 @@ impl Filesystem for SqlFs {
             let ct = Backing::cpath(&to).map_err(errno)?;
             let fd = self.backing.root_fd();
             // SAFETY: valid dirfds and C strings.
-            if unsafe { libc::renameat2(fd, cf.as_ptr(), fd, ct.as_ptr(), flags.bits()) } < 0 {
-                return Err(last_err());
-            }
+            check(unsafe { libc::renameat2(fd, cf.as_ptr(), fd, ct.as_ptr(), flags.bits()) })?;
             self.renamed(&from, &to);
             self.capture.after_rename(&from, &to);
             Ok(())
         });
-        match res {
-            Ok(()) => reply.ok(),
-            Err(e) => reply.error(e),
-        }
+        reply_empty(reply, res)
     }
 
     fn link(
@@ -662,9 +651,7 @@ impl Filesystem for SqlFs {
             let ct = Backing::cpath(&to).map_err(errno)?;
             let fd = self.backing.root_fd();
             // SAFETY: valid dirfds and C strings.
-            if unsafe { libc::linkat(fd, cf.as_ptr(), fd, ct.as_ptr(), 0) } < 0 {
-                return Err(last_err());
-            }
+            check(unsafe { libc::linkat(fd, cf.as_ptr(), fd, ct.as_ptr(), 0) })?;
             Ok(to)
         });
         match res {
@@ -968,7 +955,7 @@ impl Filesystem for SqlFs {
         let res = self.xattr_path(ino).and_then(|p| {
             let n = cstr(name.as_bytes())?;
             // SAFETY: valid C strings and buffer.
-            if unsafe {
+            check(unsafe {
                 libc::lsetxattr(
                     p.as_ptr(),
                     n.as_ptr(),
@@ -976,16 +963,10 @@ impl Filesystem for SqlFs {
                     value.len(),
                     flags,
                 )
-            } < 0
-            {
-                return Err(last_err());
-            }
+            })?;
             Ok(())
         });
-        match res {
-            Ok(()) => reply.ok(),
-            Err(e) => reply.error(e),
-        }
+        reply_empty(reply, res)
     }
 
     fn getxattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, size: u32, reply: ReplyXattr) {
@@ -1024,38 +1005,27 @@ impl Filesystem for SqlFs {
         let res = self.xattr_path(ino).and_then(|p| {
             let n = cstr(name.as_bytes())?;
             // SAFETY: valid C strings.
-            if unsafe { libc::lremovexattr(p.as_ptr(), n.as_ptr()) } < 0 {
-                return Err(last_err());
-            }
+            check(unsafe { libc::lremovexattr(p.as_ptr(), n.as_ptr()) })?;
             Ok(())
         });
-        match res {
-            Ok(()) => reply.ok(),
-            Err(e) => reply.error(e),
-        }
+        reply_empty(reply, res)
     }
 
     fn access(&self, _req: &Request, ino: INodeNo, mask: AccessFlags, reply: ReplyEmpty) {
         let res = self.rel(ino).and_then(|rel| {
             let c = Backing::cpath(&rel).map_err(errno)?;
             // SAFETY: valid dirfd and C string.
-            if unsafe {
+            check(unsafe {
                 libc::faccessat(
                     self.backing.root_fd(),
                     c.as_ptr(),
                     mask.bits(),
                     libc::AT_SYMLINK_NOFOLLOW,
                 )
-            } < 0
-            {
-                return Err(last_err());
-            }
+            })?;
             Ok(())
         });
-        match res {
-            Ok(()) => reply.ok(),
-            Err(e) => reply.error(e),
-        }
+        reply_empty(reply, res)
     }
 
     fn create(
@@ -1122,17 +1092,12 @@ impl Filesystem for SqlFs {
     ) {
         let res = self.handle(fh).and_then(|h| {
             // SAFETY: open fd.
-            if unsafe { libc::fallocate(h.file.as_raw_fd(), mode, offset as i64, length as i64) }
-                < 0
-            {
-                return Err(last_err());
-            }
+            check(unsafe {
+                libc::fallocate(h.file.as_raw_fd(), mode, offset as i64, length as i64)
+            })?;
             Ok(())
         });
-        match res {
-            Ok(()) => reply.ok(),
-            Err(e) => reply.error(e),
-        }
+        reply_empty(reply, res)
     }
 
     fn lseek(

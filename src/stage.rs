@@ -458,24 +458,7 @@ impl DbStage {
         let mut r = BufReader::with_capacity(1 << 20, file);
         let mut off = 0u64;
         let mut last = None;
-        loop {
-            let mut hb = [0u8; RECORD_HEADER];
-            match read_full(&mut r, &mut hb).map_err(io_err(path))? {
-                0 => break,
-                RECORD_HEADER => {}
-                _ => {
-                    return Err(StageError::Corrupt {
-                        path: path.into(),
-                        offset: off,
-                        why: "truncated header".into(),
-                    })
-                }
-            }
-            let h = RecordHeader::decode(&hb).map_err(|why| StageError::Corrupt {
-                path: path.into(),
-                offset: off,
-                why,
-            })?;
+        while let Some((h, hb)) = read_header(&mut r, path, off)? {
             let mut consumed = false;
             {
                 let mut pages_fn = |sink: PageSink<'_>| -> Result<()> {
@@ -551,9 +534,22 @@ impl DbStage {
             )
             .map_err(io_err(&basep))?;
         }
-        let mut state = base;
-        self.for_each(base.txid, txid, |h, pages| {
-            apply_record(out, h, pages)?;
+        let state = self.apply_range(out, base, txid)?;
+        if state.txid != txid {
+            return Err(StageError::Missing(txid, base.txid, last));
+        }
+        Ok(state)
+    }
+
+    /// Applies the records after `from` up to `upto` to `file`, which holds the state `from`
+    /// describes; returns the state reached.
+    fn apply_range(&self, file: &File, from: BaseMeta, upto: u64) -> Result<BaseMeta> {
+        let mut state = BaseMeta {
+            folding: None,
+            ..from
+        };
+        self.for_each(from.txid, upto, |h, pages| {
+            apply_record(file, h, pages)?;
             state = BaseMeta {
                 txid: h.txid,
                 checksum: h.checksum_after,
@@ -563,9 +559,6 @@ impl DbStage {
             };
             Ok(())
         })?;
-        if state.txid != txid {
-            return Err(StageError::Missing(txid, base.txid, last));
-        }
         Ok(state)
     }
 
@@ -609,18 +602,7 @@ impl DbStage {
             .truncate(false)
             .open(&basep)
             .map_err(io_err(&basep))?;
-        let mut state = meta;
-        self.for_each(meta.txid, upto, |h, pages| {
-            apply_record(&base, h, pages)?;
-            state = BaseMeta {
-                txid: h.txid,
-                checksum: h.checksum_after,
-                page_size: h.page_size,
-                db_pages: h.db_pages,
-                folding: None,
-            };
-            Ok(())
-        })?;
+        let mut state = self.apply_range(&base, meta, upto)?;
         base.sync_all().map_err(io_err(&basep))?;
         state.folding = None;
         write_atomic(&metap, state.encode().as_bytes()).map_err(io_err(&metap))?;
@@ -713,6 +695,25 @@ fn read_pages(
     Ok(())
 }
 
+/// Reads the next record header from `r`; `Ok(None)` at a clean end of file.
+fn read_header(
+    r: &mut impl Read,
+    path: &Path,
+    off: u64,
+) -> Result<Option<(RecordHeader, [u8; RECORD_HEADER])>> {
+    let corrupt = |why: String| StageError::Corrupt {
+        path: path.into(),
+        offset: off,
+        why,
+    };
+    let mut hb = [0u8; RECORD_HEADER];
+    match read_full(r, &mut hb).map_err(io_err(path))? {
+        0 => Ok(None),
+        RECORD_HEADER => Ok(Some((RecordHeader::decode(&hb).map_err(corrupt)?, hb))),
+        _ => Err(corrupt("truncated header".into())),
+    }
+}
+
 /// Reads one complete record header + body from `r` (verifying its CRC). `Ok(None)` at EOF.
 fn read_record(
     r: &mut impl Read,
@@ -720,23 +721,9 @@ fn read_record(
     off: u64,
     sink: Option<PageSink<'_>>,
 ) -> Result<Option<RecordHeader>> {
-    let mut hb = [0u8; RECORD_HEADER];
-    match read_full(r, &mut hb).map_err(io_err(path))? {
-        0 => return Ok(None),
-        RECORD_HEADER => {}
-        _ => {
-            return Err(StageError::Corrupt {
-                path: path.into(),
-                offset: off,
-                why: "truncated header".into(),
-            })
-        }
-    }
-    let h = RecordHeader::decode(&hb).map_err(|why| StageError::Corrupt {
-        path: path.into(),
-        offset: off,
-        why,
-    })?;
+    let Some((h, hb)) = read_header(r, path, off)? else {
+        return Ok(None);
+    };
     read_pages(r, &h, &hb, path, off, sink)?;
     Ok(Some(h))
 }

@@ -251,55 +251,47 @@ impl Capture {
 
     /// After a write to `rel` succeeded.
     pub fn after_write(&self, rel: &str, off: u64, data: &[u8]) {
+        self.on_db(rel, |st, db, b, role| {
+            st.after_write(db, b, role, off, data)
+        });
+    }
+
+    /// Runs `f` on the state of the database `rel` belongs to, if it is being captured.
+    fn on_db(&self, rel: &str, f: impl FnOnce(&mut State, &Db, &Backing, Role) -> io::Result<()>) {
         let (role, db_rel) = classify(rel);
         if role == Role::Other {
             return;
         }
         if let Some(db) = self.get(db_rel) {
-            db.guard(|st, db| st.after_write(db, &self.backing, role, off, data));
+            db.guard(|st, db| f(st, db, &self.backing, role));
         }
     }
 
     /// Before `rel` is truncated (or extended) to `size`.
     pub fn before_truncate(&self, rel: &str, size: u64) {
-        let (role, db_rel) = classify(rel);
-        if let Some(db) = self.get(db_rel) {
-            db.guard(|st, db| st.before_truncate(db, &self.backing, role, size));
-        }
+        self.on_db(rel, |st, db, b, role| st.before_truncate(db, b, role, size));
     }
 
     /// After `rel` was truncated to `size`.
     pub fn after_truncate(&self, rel: &str, size: u64) {
-        let (role, db_rel) = classify(rel);
-        if let Some(db) = self.get(db_rel) {
-            db.guard(|st, db| st.after_truncate(db, &self.backing, role, size));
-        }
+        self.on_db(rel, |st, db, b, role| st.after_truncate(db, b, role, size));
     }
 
     /// Before an fsync of `rel` is passed through.
     pub fn before_fsync(&self, rel: &str) {
-        let (role, db_rel) = classify(rel);
-        if let Some(db) = self.get(db_rel) {
-            db.guard(|st, db| st.on_fsync(db, &self.backing, role));
-        }
+        self.on_db(rel, |st, db, b, role| st.on_fsync(db, b, role));
     }
 
     /// A handle on `rel` was closed.
     pub fn on_release(&self, rel: &str) {
-        let (role, db_rel) = classify(rel);
-        if role == Role::Main {
-            if let Some(db) = self.get(db_rel) {
-                db.guard(|st, db| st.on_fsync(db, &self.backing, role));
-            }
+        if classify(rel).0 == Role::Main {
+            self.on_db(rel, |st, db, b, role| st.on_fsync(db, b, role));
         }
     }
 
     /// Before `rel` is unlinked.
     pub fn before_unlink(&self, rel: &str) {
-        let (role, db_rel) = classify(rel);
-        if let Some(db) = self.get(db_rel) {
-            db.guard(|st, db| st.before_unlink(db, &self.backing, role));
-        }
+        self.on_db(rel, |st, db, b, role| st.before_unlink(db, b, role));
     }
 
     /// After `rel` was unlinked.
@@ -315,10 +307,7 @@ impl Capture {
 
     /// A file was created (or opened with O_TRUNC): forget cached handles on it.
     pub fn on_create(&self, rel: &str) {
-        let (role, db_rel) = classify(rel);
-        if let Some(db) = self.get(db_rel) {
-            db.guard(|st, db| st.reopen(db, &self.backing, role));
-        }
+        self.on_db(rel, |st, db, b, role| st.reopen(db, b, role));
     }
 
     /// `from` was renamed to `to` (replacing `to` if it existed).
