@@ -700,7 +700,7 @@ fn run_ops(root: &Path, seed: u64) -> Vec<(String, String)> {
         rec!("times", times_of(&h1, true));
         rec!(
             "utimensat omit atime",
-            utimens(&h1, (0, libc::UTIME_OMIT as i64), (1_300_000_000, 5), 0)
+            utimens(&h1, (0, libc::UTIME_OMIT), (1_300_000_000, 5), 0)
         );
         rec!("times omit", times_of(&h1, true));
         rec!(
@@ -1049,7 +1049,10 @@ fn user_ops(root: &Path) -> Vec<(String, String)> {
     out
 }
 
-fn user_results(prefix: &str) -> (Vec<(String, String)>, Vec<(String, String)>) {
+/// (label, outcome) pairs of one run of the user operations.
+type Outcomes = Vec<(String, String)>;
+
+fn user_results(prefix: &str) -> (Outcomes, Outcomes) {
     let mut fx = Fixture::new(&format!("user-{}", prefix.trim_end_matches(':')), false);
     let native = fx.scratch_path("native");
     fs::create_dir(&native).unwrap();

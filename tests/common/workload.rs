@@ -139,7 +139,7 @@ impl Driver {
         if r < 70 {
             self.rng.random_range(0..200)
         } else if r < 95 {
-            self.rng.random_range(200..max.min(3000).max(201))
+            self.rng.random_range(200..max.clamp(201, 3000))
         } else {
             self.rng.random_range(200..max)
         }
