@@ -230,6 +230,13 @@ impl Mount {
         self.child.as_ref().map(|c| c.id())
     }
 
+    /// True while the daemon process has not exited.
+    pub fn is_running(&mut self) -> bool {
+        self.child
+            .as_mut()
+            .is_some_and(|c| matches!(c.try_wait(), Ok(None)))
+    }
+
     /// SIGTERM, wait, and check that the daemon exited 0 and the mount is gone.
     pub fn stop(&mut self) {
         let Some(mut child) = self.child.take() else {
@@ -394,6 +401,28 @@ impl Fixture {
         } else {
             self.backing.clone()
         }
+    }
+
+    /// True while the current mount's daemon process has not exited.
+    pub fn daemon_running(&mut self) -> bool {
+        self.mount.as_mut().is_some_and(|m| m.is_running())
+    }
+
+    /// The whole output of the most recent daemon (running or stopped).
+    pub fn last_daemon_log(&self) -> String {
+        self.logs
+            .last()
+            .map(|l| String::from_utf8_lossy(&fs::read(l).unwrap_or_default()).into_owned())
+            .unwrap_or_default()
+    }
+
+    /// The whole output of every daemon this fixture started, oldest first.
+    pub fn all_daemon_logs(&self) -> String {
+        self.logs
+            .iter()
+            .map(|l| String::from_utf8_lossy(&fs::read(l).unwrap_or_default()).into_owned())
+            .collect::<Vec<_>>()
+            .join("\n")
     }
 
     pub fn daemon_logs(&self) -> String {
