@@ -1,0 +1,526 @@
+//! Edge cases: a WAL commit its writer never published, files changed while unmounted.
+mod common;
+
+use std::fs::{self, OpenOptions};
+use std::os::unix::fs::FileExt;
+use std::path::Path;
+
+use common::*;
+use rusqlite::Connection;
+
+// ---------------------------------------------------------------------------------------
+// Small helpers
+// ---------------------------------------------------------------------------------------
+
+const TABLE: &str = "CREATE TABLE IF NOT EXISTS t(id INTEGER PRIMARY KEY, v BLOB);";
+
+/// A database with table `t` in the given journal mode.
+fn new_db(path: &Path, mode: &str) -> Connection {
+    let c = open_db(path);
+    set_journal_mode(&c, mode);
+    retry_busy(|| c.execute_batch(TABLE)).unwrap();
+    c
+}
+
+/// One transaction inserting `rows` random blobs of `bytes` bytes. Rolled back on failure.
+fn insert(c: &Connection, rows: usize, bytes: usize) -> rusqlite::Result<()> {
+    retry_busy(|| c.execute_batch("BEGIN IMMEDIATE"))?;
+    let r = (|| {
+        for _ in 0..rows {
+            c.execute("INSERT INTO t(v) VALUES (randomblob(?1))", [bytes as i64])?;
+        }
+        c.execute_batch("COMMIT")
+    })();
+    if r.is_err() && !c.is_autocommit() {
+        let _ = c.execute_batch("ROLLBACK");
+    }
+    r
+}
+
+fn be32(b: &[u8], at: usize) -> u32 {
+    u32::from_be_bytes([b[at], b[at + 1], b[at + 2], b[at + 3]])
+}
+
+/// The last entry of a staged log (which must not be empty).
+fn last_entry<'a>(entries: &'a [LogEntry], db: &str) -> &'a LogEntry {
+    entries
+        .last()
+        .unwrap_or_else(|| panic!("{db}: the staged log is empty"))
+}
+
+// ---------------------------------------------------------------------------------------
+// The WAL file format, written from SQLite's file-format description
+// ---------------------------------------------------------------------------------------
+
+/// WAL checksum: two 32-bit running sums over pairs of 32-bit words, each sum adding the
+/// other (Fibonacci-weighted). Words are big-endian when the header magic is 0x377f0683,
+/// little-endian when it is 0x377f0682.
+fn wal_cksum(big_endian: bool, data: &[u8], seed: (u32, u32)) -> (u32, u32) {
+    assert_eq!(data.len() % 8, 0, "WAL checksums cover whole 8-byte units");
+    let word = |i: usize| {
+        let a = [data[i], data[i + 1], data[i + 2], data[i + 3]];
+        if big_endian {
+            u32::from_be_bytes(a)
+        } else {
+            u32::from_le_bytes(a)
+        }
+    };
+    let (mut s0, mut s1) = seed;
+    let mut i = 0;
+    while i < data.len() {
+        s0 = s0.wrapping_add(word(i)).wrapping_add(s1);
+        s1 = s1.wrapping_add(word(i + 4)).wrapping_add(s0);
+        i += 8;
+    }
+    (s0, s1)
+}
+
+/// Where the chain of valid frames of a WAL file ends.
+#[derive(Clone, Debug)]
+struct WalScan {
+    big_endian: bool,
+    page_size: usize,
+    salts: (u32, u32),
+    /// Offset just past the last valid frame, and the running checksum there.
+    frames_end: u64,
+    frames_cksum: (u32, u32),
+    /// Offset just past the last valid commit frame, and the database size it commits.
+    commit_end: u64,
+    commit_pages: u32,
+    valid_frames: u64,
+}
+
+fn scan_wal(wal: &[u8]) -> WalScan {
+    assert!(
+        wal.len() >= 32,
+        "the WAL has no header ({} bytes)",
+        wal.len()
+    );
+    let big_endian = match be32(wal, 0) {
+        0x377f0682 => false,
+        0x377f0683 => true,
+        m => panic!("not a WAL header: magic {m:#010x}"),
+    };
+    let page_size = be32(wal, 8) as usize;
+    assert!(
+        (512..=65536).contains(&page_size) && page_size.is_power_of_two(),
+        "WAL header page size {page_size}"
+    );
+    let hdr = wal_cksum(big_endian, &wal[..24], (0, 0));
+    assert_eq!(
+        hdr,
+        (be32(wal, 24), be32(wal, 28)),
+        "the WAL header checksum does not verify (test checksum code or file is wrong)"
+    );
+    let salts = (be32(wal, 16), be32(wal, 20));
+    let fsz = 24 + page_size;
+    let mut s = WalScan {
+        big_endian,
+        page_size,
+        salts,
+        frames_end: 32,
+        frames_cksum: hdr,
+        commit_end: 32,
+        commit_pages: 0,
+        valid_frames: 0,
+    };
+    let mut off = 32usize;
+    while off + fsz <= wal.len() {
+        let fh = &wal[off..off + 24];
+        if (be32(fh, 8), be32(fh, 12)) != salts || be32(fh, 0) == 0 {
+            break;
+        }
+        let c = wal_cksum(big_endian, &fh[..8], s.frames_cksum);
+        let c = wal_cksum(big_endian, &wal[off + 24..off + fsz], c);
+        if c != (be32(fh, 16), be32(fh, 20)) {
+            break;
+        }
+        off += fsz;
+        s.frames_end = off as u64;
+        s.frames_cksum = c;
+        s.valid_frames += 1;
+        if be32(fh, 4) != 0 {
+            s.commit_end = off as u64;
+            s.commit_pages = be32(fh, 4);
+        }
+    }
+    s
+}
+
+/// A commit frame written by hand after the last valid frame of the WAL: valid (salts,
+/// cumulative checksum, commit field) but never published in the WAL index.
+struct Unpublished {
+    offset: u64,
+    frame: Vec<u8>,
+    pgno: u32,
+    /// Checksum and image of the database as that commit would leave it.
+    checksum: u64,
+}
+
+/// Simulates a writer that died after writing its commit frame but before publishing it:
+/// appends, through the mount, one valid commit frame changing one page the connection `conn`
+/// sees. The connection's WAL index (the -shm) is untouched, so SQLite does not know of it.
+fn write_unpublished_commit(fx: &Fixture, db: &str, conn: &Connection) -> Unpublished {
+    let before = snapshot(conn, true);
+    let walp = fx.path(&format!("{db}-wal"));
+    let wal = fs::read(&walp).unwrap_or_else(|e| panic!("read {}: {e}", walp.display()));
+    let w = scan_wal(&wal);
+    assert!(w.valid_frames > 0, "the WAL holds no frames: {w:?}");
+    assert_eq!(
+        w.frames_end, w.commit_end,
+        "the WAL ends with frames of an open transaction: {w:?}"
+    );
+    assert_eq!(w.page_size, before.page_size, "{w:?}");
+    assert_eq!(
+        w.commit_pages as u64, before.npages,
+        "the last commit frame's size is not the size the connection sees: {w:?}"
+    );
+    assert!(
+        before.npages >= 2,
+        "the database is too small for this test"
+    );
+    let ps = w.page_size;
+    let pgno = (before.npages / 2).max(2) as u32;
+    let at = (pgno as usize - 1) * ps;
+    let mut page = before.image[at..at + ps].to_vec();
+    for b in &mut page[ps / 2..ps / 2 + 64] {
+        *b ^= 0xa5;
+    }
+    let mut frame = Vec::with_capacity(24 + ps);
+    frame.extend_from_slice(&pgno.to_be_bytes());
+    frame.extend_from_slice(&(before.npages as u32).to_be_bytes());
+    frame.extend_from_slice(&w.salts.0.to_be_bytes());
+    frame.extend_from_slice(&w.salts.1.to_be_bytes());
+    let c = wal_cksum(w.big_endian, &frame[..8], w.frames_cksum);
+    let c = wal_cksum(w.big_endian, &page, c);
+    frame.extend_from_slice(&c.0.to_be_bytes());
+    frame.extend_from_slice(&c.1.to_be_bytes());
+    frame.extend_from_slice(&page);
+    // Like SQLite: the frame header, then the page, each in its own write.
+    let f = OpenOptions::new().write(true).open(&walp).unwrap();
+    f.write_all_at(&frame[..24], w.frames_end).unwrap();
+    f.write_all_at(&frame[24..], w.frames_end + 24).unwrap();
+    drop(f);
+    // The file now holds one more valid commit (checked with the same code that built it:
+    // this only shows the bytes landed where intended).
+    let w2 = scan_wal(&fs::read(&walp).unwrap());
+    assert_eq!(
+        (w2.commit_end, w2.commit_pages),
+        (w.frames_end + (24 + ps) as u64, before.npages as u32),
+        "the hand-written frame is not read back as a valid commit: {w2:?}"
+    );
+    let mut image = before.image.clone();
+    image[at..at + ps].copy_from_slice(&page);
+    Unpublished {
+        offset: w.frames_end,
+        frame,
+        pgno,
+        checksum: image_checksum(&image, ps),
+    }
+}
+
+/// sqlfs stages a valid commit frame as soon as it is written: the newest staged state must
+/// be the database with the hand-written page.
+fn assert_staged_unpublished(fx: &Fixture, db: &str, u: &Unpublished, txid_before: u64) {
+    let entries = log_entries(&fx.mnt, db);
+    let last = last_entry(&entries, db);
+    assert!(
+        last.txid == txid_before + 1 && last.checksum == u.checksum,
+        "{db}: the hand-written commit frame (page {}, WAL offset {}) was not staged as TXID {}: \
+         expected checksum {:016x}; the log ends with {:?}",
+        u.pgno,
+        u.offset,
+        txid_before + 1,
+        u.checksum,
+        last.line
+    );
+}
+
+/// The raw database file (read through the mount) must be the last staged state.
+fn assert_stream_ends_at_db_file(fx: &Fixture, db: &str, page_size: usize) {
+    let file = fs::read(fx.path(db)).unwrap();
+    assert_eq!(file.len() % page_size, 0);
+    let entries = log_entries(&fx.mnt, db);
+    let last = last_entry(&entries, db);
+    let sum = image_checksum(&file, page_size);
+    assert!(
+        last.checksum == sum && last.size == (file.len() / page_size) as u64,
+        "{db}: the stream does not end equal to the database file: the file has {} pages, \
+         checksum {sum:016x}; the log ends with {:?}",
+        file.len() / page_size,
+        last.line
+    );
+}
+
+fn assert_daemon_log_mentions_revert(fx: &Fixture) {
+    let log = fx.last_daemon_log();
+    assert!(
+        log.contains("never published") || log.contains("no reader saw"),
+        "the daemon log does not mention reverting the unpublished commit \
+         (\"never published\" / \"no reader saw\"):\n{}",
+        tail(&log, 4000)
+    );
+    assert!(!log.contains("panicked"), "the daemon panicked:\n{log}");
+}
+
+fn tail(s: &str, max: usize) -> &str {
+    let mut start = s.len().saturating_sub(max);
+    while !s.is_char_boundary(start) {
+        start += 1;
+    }
+    &s[start..]
+}
+
+/// A WAL database through the mount with a few commits and no automatic checkpoints.
+fn wal_setup(fx: &Fixture, db: &str) -> Connection {
+    let conn = new_db(&fx.path(db), "WAL");
+    conn.execute_batch("PRAGMA wal_autocheckpoint=0").unwrap();
+    for _ in 0..6 {
+        insert(&conn, 4, 700).unwrap();
+    }
+    conn
+}
+
+// ---------------------------------------------------------------------------------------
+// 1. A commit its writer never published in the WAL index
+// ---------------------------------------------------------------------------------------
+
+#[test]
+fn unpublished_wal_commit_is_rewound_when_overwritten() {
+    let mut fx = Fixture::new("rewind", false);
+    fx.mount();
+    let db = "app.db";
+    let conn = wal_setup(&fx, db);
+    let mut samples = vec![sample(&conn, true, "before the hand-written frame")];
+    let txid_before = last_entry(&log_entries(&fx.mnt, db), db).txid;
+    let u = write_unpublished_commit(&fx, db, &conn);
+    assert_staged_unpublished(&fx, db, &u, txid_before);
+    assert_eq!(
+        snapshot(&conn, false).checksum,
+        samples[0].checksum,
+        "the live connection must not see the unpublished frame"
+    );
+    for i in 0..4 {
+        insert(&conn, 3, 900).unwrap();
+        samples.push(sample(
+            &conn,
+            true,
+            format!("live commit {i} after the frame"),
+        ));
+    }
+    let wal = fs::read(fx.path(&format!("{db}-wal"))).unwrap();
+    let at = u.offset as usize;
+    assert!(
+        wal.len() >= at + u.frame.len() && wal[at..at + u.frame.len()] != u.frame[..],
+        "scenario: SQLite was expected to overwrite the hand-written frame"
+    );
+    let live = sample(&conn, false, "final live state");
+
+    let v = verify(&fx.mnt, None);
+    assert!(v.ok(), "sqlfs verify failed:\n{}", v.describe());
+    let entries = check_final(&fx.mnt, &fx.path(db), db, &fx.scratch);
+    assert_eq!(
+        last_entry(&entries, db).checksum,
+        live.checksum,
+        "the live connection's state is not the last staged state"
+    );
+    check_samples(&fx.mnt, db, &entries, &samples, &fx.scratch);
+    assert_daemon_log_mentions_revert(&fx);
+    drop(conn);
+    fx.assert_verify();
+    fx.unmount();
+    assert_verify(&fx.backing);
+}
+
+#[test]
+fn unpublished_wal_commit_dropped_by_checkpoint_truncate() {
+    let mut fx = Fixture::new("unpub-ckpt", false);
+    fx.mount();
+    let db = "app.db";
+    let conn = wal_setup(&fx, db);
+    let before = sample(&conn, true, "before the hand-written frame");
+    let txid_before = last_entry(&log_entries(&fx.mnt, db), db).txid;
+    let u = write_unpublished_commit(&fx, db, &conn);
+    assert_staged_unpublished(&fx, db, &u, txid_before);
+    let r: (i64, i64, i64) = conn
+        .query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |r| {
+            Ok((r.get(0)?, r.get(1)?, r.get(2)?))
+        })
+        .unwrap();
+    assert_eq!(r.0, 0, "the TRUNCATE checkpoint was blocked: {r:?}");
+    let walp = fx.path(&format!("{db}-wal"));
+    assert_eq!(
+        fs::metadata(&walp).map(|m| m.len()).unwrap_or(0),
+        0,
+        "scenario: the WAL should be empty after a TRUNCATE checkpoint"
+    );
+    let v = verify(&fx.mnt, None);
+    assert!(v.ok(), "sqlfs verify failed:\n{}", v.describe());
+    assert_stream_ends_at_db_file(&fx, db, before.page_size);
+    let entries = check_final(&fx.mnt, &fx.path(db), db, &fx.scratch);
+    assert_eq!(
+        last_entry(&entries, db).checksum,
+        before.checksum,
+        "the database after the checkpoint should be the state before the hand-written frame"
+    );
+    assert_daemon_log_mentions_revert(&fx);
+    // The next WAL generation is captured as usual.
+    let mut samples = vec![before];
+    for i in 0..3 {
+        insert(&conn, 2, 800).unwrap();
+        samples.push(sample(
+            &conn,
+            true,
+            format!("commit {i} of the next generation"),
+        ));
+    }
+    let v = verify(&fx.mnt, None);
+    assert!(v.ok(), "sqlfs verify failed:\n{}", v.describe());
+    let entries = check_final(&fx.mnt, &fx.path(db), db, &fx.scratch);
+    check_samples(&fx.mnt, db, &entries, &samples, &fx.scratch);
+    drop(conn);
+    fx.assert_verify();
+    fx.unmount();
+    assert_verify(&fx.backing);
+}
+
+#[test]
+fn unpublished_wal_commit_dropped_when_last_connection_closes() {
+    let mut fx = Fixture::new("unpub-close", false);
+    fx.mount();
+    let db = "app.db";
+    let conn = wal_setup(&fx, db);
+    let before = sample(&conn, true, "before the hand-written frame");
+    let txid_before = last_entry(&log_entries(&fx.mnt, db), db).txid;
+    let u = write_unpublished_commit(&fx, db, &conn);
+    assert_staged_unpublished(&fx, db, &u, txid_before);
+    // The last connection checkpoints what its index knows and deletes the WAL.
+    conn.close().map_err(|(_, e)| e).unwrap();
+    let walp = fx.path(&format!("{db}-wal"));
+    assert_eq!(
+        fs::metadata(&walp).map(|m| m.len()).unwrap_or(0),
+        0,
+        "scenario: closing the last connection should checkpoint and delete the WAL"
+    );
+    let v = verify(&fx.mnt, None);
+    assert!(v.ok(), "sqlfs verify failed:\n{}", v.describe());
+    assert_stream_ends_at_db_file(&fx, db, before.page_size);
+    let entries = check_final(&fx.mnt, &fx.path(db), db, &fx.scratch);
+    assert_eq!(
+        last_entry(&entries, db).checksum,
+        before.checksum,
+        "the database after the last close should be the state before the hand-written frame"
+    );
+    assert_daemon_log_mentions_revert(&fx);
+    fx.assert_verify();
+    fx.unmount();
+    assert_verify(&fx.backing);
+}
+
+// ---------------------------------------------------------------------------------------
+// 2. Files changed while sqlfs was not running
+// ---------------------------------------------------------------------------------------
+
+const RESTART_DBS: [(&str, &str); 2] = [("wal.db", "WAL"), ("rb.db", "DELETE")];
+
+fn populate_restart_dbs(fx: &Fixture) {
+    for (db, mode) in RESTART_DBS {
+        let c = new_db(&fx.path(db), mode);
+        for _ in 0..5 {
+            insert(&c, 3, 800).unwrap();
+        }
+    }
+}
+
+fn staged_lines(dir: &Path) -> Vec<Vec<LogEntry>> {
+    RESTART_DBS
+        .iter()
+        .map(|(db, _)| log_entries(dir, db))
+        .collect()
+}
+
+#[test]
+fn files_changed_while_unmounted_get_a_snapshot() {
+    let mut fx = Fixture::new("offline-change", false);
+    fx.mount();
+    populate_restart_dbs(&fx);
+    fx.unmount();
+    let before = staged_lines(&fx.backing);
+    // Change each database in the backing directory, not through the mount.
+    for (db, _) in RESTART_DBS {
+        let c = open_db(&fx.backing_path(db));
+        insert(&c, 2, 1500).unwrap();
+        c.execute("UPDATE t SET v = randomblob(100) WHERE id = 1", [])
+            .unwrap();
+        drop(c);
+    }
+    fx.mount();
+    let log = fx.last_daemon_log();
+    for (i, (db, _)) in RESTART_DBS.iter().enumerate() {
+        let b = &before[i];
+        let after = log_entries(&fx.mnt, db);
+        assert!(
+            after.len() > b.len(),
+            "{db}: no record was staged after the files changed while unmounted; log: {:?}",
+            after.iter().map(|e| &e.line).collect::<Vec<_>>()
+        );
+        for (x, y) in b.iter().zip(&after) {
+            assert_eq!(
+                x.line, y.line,
+                "{db}: a staged record changed across the restart"
+            );
+        }
+        let next = &after[b.len()];
+        assert_eq!(
+            next.txid,
+            last_entry(b, db).txid + 1,
+            "{db}: the next record is not the next TXID: {:?}",
+            next.line
+        );
+        assert!(
+            next.line.contains("kind=snapshot"),
+            "{db}: the record after the offline change is not a snapshot: {:?}",
+            next.line
+        );
+        assert!(
+            log.lines().any(|l| l.contains(&format!("{db}:"))
+                && l.contains("changed while sqlfs was not running")),
+            "{db}: the daemon log does not say the files changed while sqlfs was not running:\n{}",
+            tail(&log, 4000)
+        );
+        check_final(&fx.mnt, &fx.path(db), db, &fx.scratch);
+    }
+    assert!(!log.contains("panicked"), "the daemon panicked:\n{log}");
+    fx.assert_verify();
+    fx.unmount();
+    assert_verify(&fx.backing);
+}
+
+#[test]
+fn clean_restart_without_changes_stages_nothing() {
+    let mut fx = Fixture::new("clean-restart", false);
+    fx.mount();
+    populate_restart_dbs(&fx);
+    fx.unmount();
+    let before = staged_lines(&fx.backing);
+    for round in 0..2 {
+        fx.mount();
+        let after = staged_lines(&fx.mnt);
+        for (i, (db, _)) in RESTART_DBS.iter().enumerate() {
+            let lines = |v: &[LogEntry]| v.iter().map(|e| e.line.clone()).collect::<Vec<_>>();
+            assert_eq!(
+                lines(&after[i]),
+                lines(&before[i]),
+                "{db}: a clean restart (round {round}) with no change staged something"
+            );
+        }
+        let log = fx.last_daemon_log();
+        assert!(
+            !log.contains("full snapshot") && !log.contains("changed while sqlfs was not running"),
+            "a clean restart (round {round}) logged a snapshot:\n{log}"
+        );
+        fx.assert_verify();
+        fx.unmount();
+    }
+    assert_verify(&fx.backing);
+}
