@@ -1,14 +1,18 @@
 //! Edge cases: a WAL commit its writer never published, files changed while unmounted,
-//! damaged staging logs.
+//! damaged staging logs, a full disk, and the command line's error paths.
 mod common;
 
+use std::collections::HashSet;
 use std::ffi::OsString;
 use std::fs::{self, OpenOptions};
+use std::io::Write;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Duration;
 
 use common::*;
-use rusqlite::Connection;
+use rusqlite::{Connection, ErrorCode};
 
 // ---------------------------------------------------------------------------------------
 // Small helpers
@@ -838,4 +842,332 @@ fn torn_staging_tail_is_cut_off_at_mount() {
     fx.assert_verify();
     fx.unmount();
     assert_verify(&fx.backing);
+}
+
+// ---------------------------------------------------------------------------------------
+// 4. A full disk
+// ---------------------------------------------------------------------------------------
+
+/// A tmpfs mounted on a directory for the length of a test.
+struct Tmpfs {
+    dir: PathBuf,
+    mounted: bool,
+}
+
+impl Tmpfs {
+    fn mount(dir: &Path, size: &str) -> Tmpfs {
+        let mut c = Command::new("mount");
+        c.args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
+            .arg(dir);
+        let o = run_cmd(c, Duration::from_secs(20));
+        assert!(o.ok(), "cannot mount a tmpfs:\n{}", o.describe());
+        Tmpfs {
+            dir: dir.to_path_buf(),
+            mounted: true,
+        }
+    }
+
+    fn unmount(&mut self) {
+        let mut c = Command::new("umount");
+        c.arg(&self.dir);
+        let o = run_cmd(c, Duration::from_secs(20));
+        assert!(o.ok(), "cannot unmount the tmpfs:\n{}", o.describe());
+        self.mounted = false;
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        if self.mounted {
+            let _ = Command::new("umount").arg("-l").arg(&self.dir).status();
+        }
+    }
+}
+
+fn is_disk_full(e: &rusqlite::Error) -> bool {
+    matches!(e, rusqlite::Error::SqliteFailure(f, _)
+        if matches!(f.code, ErrorCode::DiskFull | ErrorCode::SystemIoFailure))
+}
+
+/// What a full-disk run leaves to check: the staged log, every state the application saw
+/// after the setup (checksums), the last TXID of the setup, and the daemon's output.
+struct FullDiskRun {
+    entries: Vec<LogEntry>,
+    seen: HashSet<u64>,
+    setup_txid: u64,
+    log: String,
+}
+
+/// A WAL database written on a small tmpfs until the application gets SQLITE_FULL; then
+/// space is freed and the application carries on. Checks that the daemon survives, the
+/// application continues, and the stream ends verified.
+fn full_disk_run(name: &str) -> FullDiskRun {
+    let mut fx = Fixture::new(name, false);
+    let mut tmpfs = Tmpfs::mount(&fx.backing, "24m");
+    fx.mount();
+    let db = "full.db";
+    // Half of the space goes to a file that is deleted later to make room again.
+    let filler = fx.path("filler.bin");
+    {
+        let mut f = fs::File::create(&filler).unwrap();
+        let chunk: Vec<u8> = (0..1u32 << 20)
+            .map(|i| (i.wrapping_mul(2654435761) >> 13) as u8)
+            .collect();
+        for _ in 0..12 {
+            f.write_all(&chunk).unwrap();
+        }
+        f.sync_all().unwrap();
+    }
+    let conn = new_db(&fx.path(db), "WAL");
+    conn.execute_batch("PRAGMA wal_autocheckpoint=100").unwrap();
+    // Every state the application saw from here on (checksums): each staged record after
+    // the setup must be one of them.
+    let setup_txid = last_entry(&log_entries(&fx.mnt, db), db).txid;
+    let mut seen = HashSet::from([snapshot(&conn, false).checksum]);
+    let mut committed = 0;
+    let mut error = None;
+    for _ in 0..1000 {
+        match insert(&conn, 1, 64 << 10) {
+            Ok(()) => {
+                committed += 1;
+                seen.insert(snapshot(&conn, false).checksum);
+            }
+            Err(e) => {
+                error = Some(e);
+                break;
+            }
+        }
+    }
+    let Some(error) = error else {
+        panic!("scenario: {committed} commits of 64 KiB never filled the 24 MiB tmpfs");
+    };
+    eprintln!("after {committed} commits the application got: {error}");
+    assert!(
+        is_disk_full(&error),
+        "the application got an unexpected error after {committed} commits: {error:?}"
+    );
+    // The daemon is alive, still mounted and answering.
+    assert!(
+        fx.daemon_running(),
+        "the daemon exited:\n{}",
+        fx.last_daemon_log()
+    );
+    assert_eq!(sqlfs_mounts_at(&fx.mnt), 1, "the mount is gone");
+    fs::read_dir(&fx.mnt)
+        .unwrap_or_else(|e| panic!("the mount does not answer: {e}"))
+        .for_each(drop);
+    let o = log_cmd(&fx.mnt, db);
+    assert!(
+        o.ok(),
+        "sqlfs log does not answer on a full disk:\n{}",
+        o.describe()
+    );
+    let log = fx.last_daemon_log();
+    assert!(!log.contains("panicked"), "the daemon panicked:\n{log}");
+    seen.insert(snapshot(&conn, false).checksum);
+    // Free space; the application carries on.
+    fs::remove_file(&filler).unwrap();
+    for i in 0..5 {
+        insert(&conn, 2, 4000)
+            .unwrap_or_else(|e| panic!("commit {i} after freeing space failed: {e:?}"));
+        seen.insert(snapshot(&conn, false).checksum);
+    }
+    integrity_ok(&conn);
+    let live = sample(&conn, false, "live state after the disk was full");
+    drop(conn);
+    let v = verify(&fx.mnt, None);
+    assert!(
+        v.ok(),
+        "sqlfs verify failed after the disk was full:\n{}",
+        v.describe()
+    );
+    let entries = check_final(&fx.mnt, &fx.path(db), db, &fx.scratch);
+    assert_eq!(last_entry(&entries, db).checksum, live.checksum);
+    let snaps: Vec<&str> = entries
+        .iter()
+        .filter(|e| e.line.contains("kind=snapshot"))
+        .map(|e| e.line.as_str())
+        .collect();
+    eprintln!("{} staged records; snapshots: {snaps:?}", entries.len());
+    let log = fx.last_daemon_log();
+    assert!(!log.contains("panicked"), "the daemon panicked:\n{log}");
+    fx.unmount();
+    assert_verify(&fx.backing);
+    tmpfs.unmount();
+    FullDiskRun {
+        entries,
+        seen,
+        setup_txid,
+        log,
+    }
+}
+
+#[test]
+fn full_disk_does_not_break_the_daemon() {
+    full_disk_run("full");
+}
+
+/// Replaying up to any TXID gives a state the application saw, a full disk or not: records
+/// staged between the failure and the snapshot that follows it included.
+#[test]
+fn full_disk_stages_only_states_the_app_saw() {
+    let FullDiskRun {
+        entries,
+        seen,
+        setup_txid,
+        log,
+    } = full_disk_run("full-states");
+    let phantoms: Vec<&str> = entries
+        .iter()
+        .filter(|e| e.txid > setup_txid && !seen.contains(&e.checksum))
+        .map(|e| e.line.as_str())
+        .collect();
+    assert!(
+        phantoms.is_empty(),
+        "{} staged record(s) after the setup (TXID {setup_txid}) hold a state the application never saw \
+         ({} states sampled, one after every commit and one after the failure):\n{}\ndaemon log:\n{}",
+        phantoms.len(),
+        seen.len(),
+        phantoms.join("\n"),
+        tail(&log, 4000)
+    );
+}
+
+// ---------------------------------------------------------------------------------------
+// 5. Command-line errors
+// ---------------------------------------------------------------------------------------
+
+/// The command must fail, say each of `needles` (case-insensitive; each entry is a list of
+/// acceptable alternatives) and not panic.
+fn expect_failure(failures: &mut Vec<String>, label: &str, o: &CmdOut, needles: &[&[String]]) {
+    let text = output_text(o).to_lowercase();
+    if o.ok() {
+        failures.push(format!("{label}: exited 0\n{}", o.describe()));
+    }
+    if text.contains("panicked") {
+        failures.push(format!("{label}: panicked\n{}", o.describe()));
+    }
+    for alts in needles {
+        if !alts.iter().any(|n| text.contains(&n.to_lowercase())) {
+            failures.push(format!(
+                "{label}: the message does not contain {alts:?}\n{}",
+                o.describe()
+            ));
+        }
+    }
+}
+
+fn sqlfs_quick(args: &[OsString]) -> CmdOut {
+    let mut c = Command::new(BIN);
+    c.args(args);
+    run_cmd(c, Duration::from_secs(30))
+}
+
+fn one(s: &str) -> Vec<String> {
+    vec![s.to_string()]
+}
+
+fn range_forms(first: u64, last: u64) -> Vec<String> {
+    vec![
+        format!("{first}..={last}"),
+        format!("{first}..{last}"),
+        format!("{first}-{last}"),
+        format!("{first} to {last}"),
+        format!("{first} - {last}"),
+    ]
+}
+
+#[test]
+fn cli_errors_are_clear() {
+    let mut fx = Fixture::new("cli", false);
+    let mut failures = Vec::new();
+    let missing = fx.root.join("no-such-dir");
+
+    let o = sqlfs_quick(&[os("mount"), os(&missing)]);
+    expect_failure(
+        &mut failures,
+        "mount on a missing directory",
+        &o,
+        &[&one("does not exist")],
+    );
+    let o = sqlfs_quick(&[os("mount"), os(&fx.mnt), os("--data-dir"), os(&missing)]);
+    expect_failure(
+        &mut failures,
+        "mount with a missing data directory",
+        &o,
+        &[&one("does not exist")],
+    );
+    assert_eq!(sqlfs_mounts_at(&fx.mnt), 0);
+
+    fx.mount();
+    let db = "app.db";
+    {
+        let c = new_db(&fx.path(db), "WAL");
+        for _ in 0..3 {
+            insert(&c, 2, 500).unwrap();
+        }
+    }
+    let o = sqlfs_quick(&[os("mount"), os(&fx.mnt), os("--data-dir"), os(&fx.backing)]);
+    expect_failure(
+        &mut failures,
+        "mount over a running sqlfs mount",
+        &o,
+        &[&one("already mounted")],
+    );
+    assert_eq!(
+        sqlfs_mounts_at(&fx.mnt),
+        1,
+        "a second mount was stacked on the first"
+    );
+
+    for mounted in [true, false] {
+        let dir = fx.cli_dir();
+        let how = if mounted { "mounted" } else { "unmounted" };
+        let entries = log_entries(&dir, db);
+        let (first, last) = (entries[0].txid, last_entry(&entries, db).txid);
+        // The range may be given from the first staged TXID or from the base before it.
+        let mut forms = range_forms(first, last);
+        forms.extend(range_forms(first - 1, last));
+        let out = fx.scratch_path("beyond.db");
+        let o = sqlfs_quick(&[
+            os("replay"),
+            os(&dir),
+            os("--db"),
+            os(db),
+            os("--txid"),
+            os((last + 100).to_string()),
+            os("-o"),
+            os(&out),
+        ]);
+        expect_failure(
+            &mut failures,
+            &format!("replay beyond the last TXID ({how})"),
+            &o,
+            &[&forms],
+        );
+        if out.exists() {
+            failures.push(format!(
+                "replay beyond the last TXID ({how}) wrote {}",
+                out.display()
+            ));
+        }
+        let o = log_cmd(&dir, "nope.db");
+        expect_failure(
+            &mut failures,
+            &format!("log of an unknown database ({how})"),
+            &o,
+            &[&one("nope.db")],
+        );
+        let o = sqlfs_quick(&[os("verify"), os(&missing)]);
+        expect_failure(
+            &mut failures,
+            "verify of a missing directory",
+            &o,
+            &[&one("does not exist")],
+        );
+        if mounted {
+            fx.unmount();
+        }
+    }
+    report(failures);
 }
