@@ -12,6 +12,20 @@ use std::path::{Path, PathBuf};
 /// Name of sqlfs's own metadata directory at the backing root; hidden from the mount.
 pub const META_DIR: &str = ".sqlfs";
 
+/// (`/proc/self/fd/N`, real path) of every backing directory opened, for messages.
+static SHOWN: parking_lot::RwLock<Vec<(PathBuf, PathBuf)>> = parking_lot::RwLock::new(Vec::new());
+
+/// `p` as a user would name it: the backing directory's real path instead of the
+/// `/proc/self/fd/N` handle path used to reach it.
+pub fn shown(p: &Path) -> PathBuf {
+    for (proc, real) in SHOWN.read().iter() {
+        if let Ok(rest) = p.strip_prefix(proc) {
+            return real.join(rest);
+        }
+    }
+    p.to_path_buf()
+}
+
 pub struct Backing {
     root: OwnedFd,
     /// `/proc/self/fd/N`: a path that reaches the backing root even under the mount.
@@ -35,6 +49,7 @@ impl Backing {
         // SAFETY: fd was just returned by open and is owned by nobody else.
         let root = unsafe { OwnedFd::from_raw_fd(fd) };
         let proc_root = PathBuf::from(format!("/proc/self/fd/{fd}"));
+        SHOWN.write().push((proc_root.clone(), dir.to_path_buf()));
         Ok(Backing { root, proc_root })
     }
 
@@ -107,6 +122,12 @@ impl Backing {
 
     pub fn exists(&self, rel: &str) -> bool {
         self.stat(rel).is_ok()
+    }
+}
+
+impl Drop for Backing {
+    fn drop(&mut self) {
+        SHOWN.write().retain(|(p, _)| *p != self.proc_root);
     }
 }
 

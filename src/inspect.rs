@@ -10,7 +10,7 @@ use std::path::Path;
 
 use crate::backing::{Backing, META_DIR};
 use crate::capture::{live_image, Capture};
-use crate::stage::DbStage;
+use crate::stage::{Access, DbStage};
 
 /// One database's staging log and its name, from a live capture or read off disk.
 pub enum Source<'a> {
@@ -35,7 +35,10 @@ fn offline_stages(b: &Backing) -> io::Result<Vec<(String, DbStage)>> {
         let Ok(name) = fs::read_to_string(dir.join("name")) else {
             continue;
         };
-        v.push((name, DbStage::open(&dir).map_err(io::Error::other)?));
+        v.push((
+            name,
+            DbStage::open(&dir, Access::Read).map_err(io::Error::other)?,
+        ));
     }
     v.sort_by(|a, b| a.0.cmp(&b.0));
     Ok(v)
@@ -85,6 +88,11 @@ pub fn verify(b: &Backing, src: &Source, only: Option<&str>) -> io::Result<(Stri
     let mut out = String::new();
     let mut ok = true;
     each_db(b, src, only, |name, st| {
+        if let Some((why, _)) = st.damage() {
+            ok = false;
+            let _ = writeln!(out, "{name}: DAMAGED: {why}");
+            return Ok(());
+        }
         let Some(last) = st.last() else {
             let _ = writeln!(out, "{name}: nothing staged yet");
             return Ok(());

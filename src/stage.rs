@@ -19,6 +19,8 @@ use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
 use crc::{Crc, Table, CRC_64_XZ};
+
+use crate::backing::shown;
 use parking_lot::Mutex;
 
 /// Size of a record header in bytes.
@@ -31,15 +33,17 @@ const SEGMENT_BYTES: u64 = 8 << 20;
 
 #[derive(Debug, thiserror::Error)]
 pub enum StageError {
-    #[error("staging I/O on {path}: {source}")]
+    #[error("staging I/O on {}: {source}", shown(.path).display())]
     Io { path: PathBuf, source: io::Error },
-    #[error("staging record in {path} at offset {offset} is corrupt: {why}")]
+    #[error("staging record in {} at offset {offset} is corrupt: {why}", shown(.path).display())]
     Corrupt {
         path: PathBuf,
         offset: u64,
         why: String,
     },
-    #[error("transaction {0} is not in the staging log (folded away or not captured yet; staged range {1}..={2})")]
+    #[error("{0}")]
+    Damaged(String),
+    #[error("the state after TXID {0} is not staged (the states after TXIDs {1}..={2} are)")]
     Missing(u64, u64, u64),
 }
 
@@ -218,6 +222,69 @@ pub struct DbStage {
     /// Serialises folds with readers of base.db.
     fold_lock: Mutex<()>,
     last: Mutex<Option<RecordHeader>>,
+    damage: Mutex<Option<(String, u64)>>,
+}
+
+/// How a staging log is opened.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Access {
+    /// By a mount: repaired and appended to.
+    Write,
+    /// By offline inspection: never changed.
+    Read,
+}
+
+/// What follows the last valid record of a segment.
+enum Tail {
+    /// An incomplete record reaching the end of the file: a crash mid-append.
+    Torn,
+    /// A bad record with more data after it; the highest TXID among the readable records.
+    Damaged(u64),
+}
+
+/// Scans `path`: (bytes of valid records from the start, header of the last valid one, the
+/// error that stopped the scan, if any).
+fn scan_valid(path: &Path) -> Result<(u64, Option<RecordHeader>, Option<StageError>)> {
+    let f = File::open(path).map_err(io_err(path))?;
+    let mut r = BufReader::with_capacity(1 << 20, f);
+    let (mut good, mut last) = (0u64, None);
+    loop {
+        match read_record(&mut r, path, good, None) {
+            Ok(Some(h)) => {
+                good += h.len();
+                last = Some(h);
+            }
+            Ok(None) => return Ok((good, last, None)),
+            Err(e @ StageError::Corrupt { .. }) => return Ok((good, last, Some(e))),
+            Err(e) => return Err(e),
+        }
+    }
+}
+
+/// Decides whether the bad data at `good` in a segment of `len` bytes is a torn tail.
+fn tail_kind(path: &Path, good: u64, len: u64) -> Result<Tail> {
+    let mut f = File::open(path).map_err(io_err(path))?;
+    f.seek(SeekFrom::Start(good)).map_err(io_err(path))?;
+    let mut hb = [0u8; RECORD_HEADER];
+    if read_full(&mut f, &mut hb).map_err(io_err(path))? < RECORD_HEADER {
+        return Ok(Tail::Torn);
+    }
+    let Ok(h) = RecordHeader::decode(&hb) else {
+        return Ok(Tail::Torn);
+    };
+    if good + h.len() >= len {
+        return Ok(Tail::Torn);
+    }
+    // Valid records after the bad one: find the highest TXID to continue from.
+    let mut max = h.txid;
+    let mut off = good + h.len();
+    let mut r = BufReader::with_capacity(1 << 20, f);
+    r.seek(SeekFrom::Start(off)).map_err(io_err(path))?;
+    while let Ok(Some(h)) = read_record(&mut r, path, off, None) {
+        max = max.max(h.txid);
+        off += h.len();
+    }
+    Ok(Tail::Damaged(max))
 }
 
 fn seg_name(first_txid: u64) -> String {
@@ -240,61 +307,79 @@ pub fn write_atomic(path: &Path, data: &[u8]) -> io::Result<()> {
 }
 
 impl DbStage {
-    /// Opens (creating if needed) the staging log in `dir`, cutting off a torn tail.
-    pub fn open(dir: &Path) -> Result<DbStage> {
+    /// Opens the staging log in `dir`. With [`Access::Write`] (a mount) it is created if
+    /// needed, an interrupted fold is finished, and a torn tail (a crash mid-append) is cut
+    /// off; a damaged record with valid records after it is not a torn tail: the segment is
+    /// set aside as `*.damaged` and [`DbStage::damage`] says so, for the caller to restart the
+    /// stream with a snapshot. With [`Access::Read`] (offline inspection) nothing is changed.
+    pub fn open(dir: &Path, access: Access) -> Result<DbStage> {
         let logdir = dir.join("log");
-        fs::create_dir_all(&logdir).map_err(io_err(&logdir))?;
+        if access == Access::Write {
+            fs::create_dir_all(&logdir).map_err(io_err(&logdir))?;
+        }
         let st = DbStage {
             dir: dir.to_path_buf(),
             app: Mutex::new(None),
             fold_lock: Mutex::new(()),
             last: Mutex::new(None),
+            damage: Mutex::new(None),
         };
         let meta = st.base_meta()?;
-        if let Some(upto) = meta.folding {
+        if let (Some(upto), Access::Write) = (meta.folding, access) {
             log::warn!(
                 "{}: finishing a fold interrupted at TXID {upto}",
-                dir.display()
+                shown(dir).display()
             );
             st.fold_upto(upto)?;
         }
-        // Find the last complete record; truncate anything after it in the newest segment.
         let segs = st.segments()?;
         let mut last = None;
-        if let Some((_, path)) = segs.last() {
-            let mut f = OpenOptions::new()
-                .read(true)
-                .write(true)
-                .open(path)
-                .map_err(io_err(path))?;
-            let mut good = 0u64;
-            let mut r = BufReader::with_capacity(1 << 20, &mut f);
-            loop {
-                match read_record(&mut r, path, good, None) {
-                    Ok(Some(h)) => {
-                        good += h.len();
-                        last = Some(h);
+        for (i, (_, path)) in segs.iter().enumerate().rev() {
+            let newest = i + 1 == segs.len();
+            let (good, end, bad) = scan_valid(path)?;
+            last = end;
+            if let (Some(e), true, Access::Read) = (&bad, newest, access) {
+                let len = fs::metadata(path).map_err(io_err(path))?.len();
+                if let Tail::Damaged(max_txid) = tail_kind(path, good, len)? {
+                    *st.damage.lock() = Some((e.to_string(), max_txid));
+                }
+            }
+            if let (Some(e), true, Access::Write) = (bad, newest, access) {
+                let len = fs::metadata(path).map_err(io_err(path))?.len();
+                match tail_kind(path, good, len)? {
+                    Tail::Torn => {
+                        log::warn!("cutting the torn tail of a staging segment: {e}");
+                        let f = OpenOptions::new()
+                            .write(true)
+                            .open(path)
+                            .map_err(io_err(path))?;
+                        f.set_len(good).map_err(io_err(path))?;
+                        f.sync_all().map_err(io_err(path))?;
                     }
-                    Ok(None) => break,
-                    Err(e) => {
-                        log::warn!("cutting torn tail of staging log: {e}");
-                        break;
+                    Tail::Damaged(max_txid) => {
+                        let aside = path.with_extension("damaged");
+                        log::error!("{e}; valid records follow it, so it is damage, not a torn write: setting the segment aside as {}", shown(&aside).display());
+                        fs::rename(path, &aside).map_err(io_err(path))?;
+                        *st.damage.lock() = Some((
+                            format!("staging segment {} is damaged", shown(path).display()),
+                            max_txid,
+                        ));
+                        last = None;
+                        continue;
                     }
                 }
             }
-            drop(r);
-            if f.metadata().map_err(io_err(path))?.len() != good {
-                f.set_len(good).map_err(io_err(path))?;
-                f.sync_all().map_err(io_err(path))?;
-            }
-            if last.is_none() && segs.len() > 1 {
-                // An empty newest segment: the previous one holds the last record.
-                let (_, prev) = &segs[segs.len() - 2];
-                last = st.scan_segment(prev, |_, _| Ok(()))?;
+            if last.is_some() {
+                break;
             }
         }
         *st.last.lock() = last;
         Ok(st)
+    }
+
+    /// If a damaged segment was set aside at open: why, and the highest TXID it held.
+    pub fn damage(&self) -> Option<(String, u64)> {
+        self.damage.lock().clone()
     }
 
     /// The directory this stage lives in.
@@ -325,7 +410,17 @@ impl DbStage {
     fn segments(&self) -> Result<Vec<(u64, PathBuf)>> {
         let logdir = self.dir.join("log");
         let mut v = Vec::new();
-        for e in fs::read_dir(&logdir).map_err(io_err(&logdir))? {
+        let rd = match fs::read_dir(&logdir) {
+            Ok(rd) => rd,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(Vec::new()),
+            Err(e) => {
+                return Err(StageError::Io {
+                    path: logdir,
+                    source: e,
+                })
+            }
+        };
+        for e in rd {
             let e = e.map_err(io_err(&logdir))?;
             let name = e.file_name();
             let name = name.to_string_lossy();
@@ -503,6 +598,9 @@ impl DbStage {
 
     /// Headers of every staged record after the base.
     pub fn headers(&self) -> Result<Vec<RecordHeader>> {
+        if let Some((why, _)) = self.damage() {
+            return Err(StageError::Damaged(why));
+        }
         let mut v = Vec::new();
         let base = self.base_meta()?.txid;
         self.for_each(base, u64::MAX, |h, _| {
@@ -519,6 +617,9 @@ impl DbStage {
         let base = self.base_meta()?;
         let last = self.last().map(|h| h.txid).unwrap_or(base.txid);
         if txid < base.txid || txid > last {
+            if let Some((why, _)) = self.damage() {
+                return Err(StageError::Damaged(why));
+            }
             return Err(StageError::Missing(txid, base.txid, last));
         }
         let outp = PathBuf::from("<output>");
@@ -749,7 +850,7 @@ mod tests {
     #[test]
     fn append_materialize_fold_and_torn_tail() {
         let d = tempfile::tempdir().unwrap();
-        let st = DbStage::open(d.path()).unwrap();
+        let st = DbStage::open(d.path(), Access::Write).unwrap();
         for t in 1..=40u64 {
             let page = vec![t as u8; 512];
             st.append(&hdr(t, (t % 5 + 1) as u32), |emit| {
@@ -771,7 +872,7 @@ mod tests {
             .unwrap()
             .write_all(b"SQTX\x01garbage")
             .unwrap();
-        let st = DbStage::open(d.path()).unwrap();
+        let st = DbStage::open(d.path(), Access::Write).unwrap();
         assert_eq!(st.last().unwrap().txid, 40);
         assert_eq!(st.headers().unwrap().len(), 40);
         // Folding keeps every state at or after the base reachable.

@@ -31,7 +31,7 @@ use parking_lot::{Mutex, RwLock};
 
 use crate::backing::{Backing, META_DIR};
 use crate::sqlite::{self, page_crc, FRAME_HEADER};
-use crate::stage::{write_atomic, DbStage, Kind, RecordHeader, WalPos};
+use crate::stage::{write_atomic, Access, DbStage, Kind, RecordHeader, WalPos};
 use rollback::Rollback;
 pub use wal::read_exact_at;
 use wal::{WalTrack, WalTxn};
@@ -148,7 +148,7 @@ impl Capture {
 
     fn load(&self, name: &str, id: String) -> io::Result<Arc<Db>> {
         let dir = self.meta_root.join("db").join(&id);
-        let stage = DbStage::open(&dir).map_err(io::Error::other)?;
+        let stage = DbStage::open(&dir, Access::Write).map_err(io::Error::other)?;
         let db = Arc::new(Db {
             id,
             name: Mutex::new(name.to_string()),
@@ -496,6 +496,11 @@ impl Db {
         if txid == 0 {
             st.resnapshot = Some("first sighting of this database".into());
         }
+        if let Some((why, max_txid)) = self.stage.damage() {
+            // The damaged segment's transactions are lost to the stream; TXIDs go on after them.
+            st.txid = st.txid.max(max_txid);
+            st.resnapshot = Some(why);
+        }
         let State {
             wal,
             wal_fd,
@@ -831,7 +836,8 @@ impl State {
         let Some(w) = self.wal.as_ref() else {
             return Ok(());
         };
-        if w.index.is_empty() {
+        if w.index.is_empty() || self.resnapshot.is_some() {
+            // Nothing staged from this generation, or the next commit is a snapshot anyway.
             return Ok(());
         }
         let ps = w.hdr.page_size;
@@ -927,6 +933,11 @@ impl State {
                 Some(t) if t.end <= start => nw.publish_reading(fd, &t)?,
                 _ => break,
             }
+        }
+        if self.resnapshot.is_some() {
+            // The next commit is a snapshot anyway: just follow the WAL as readers know it.
+            self.wal = Some(nw);
+            return Ok(());
         }
         log::warn!(
             "{}: a writer died after writing a commit it never published (WAL offset {start}); staging TXID {} to revert what TXID {} and before took from it",
