@@ -430,6 +430,32 @@ fn load_and_scan(dir: &Path, mb: u64) -> Result<(f64, f64)> {
     Ok((load, size as f64 / MB / times[1].as_secs_f64()))
 }
 
+/// 4 KiB pwrites cycling over 100 blocks of a plain file for `secs`: the bare cost of one
+/// write passing through the mount, for a file capture never looks at. Returns writes/s.
+fn plain_writes(dir: &Path, secs: f64) -> Result<f64> {
+    use std::os::unix::fs::FileExt;
+    let path = dir.join("plain.bin");
+    let f = fs::OpenOptions::new()
+        .create(true)
+        .truncate(true)
+        .read(true)
+        .write(true)
+        .open(&path)?;
+    let block = vec![7u8; 4096];
+    let start = Instant::now();
+    let mut n = 0u64;
+    while start.elapsed().as_secs_f64() < secs {
+        for i in 0..100u64 {
+            f.write_all_at(&block, i * 4096)?;
+        }
+        n += 100;
+    }
+    let rate = n as f64 / start.elapsed().as_secs_f64();
+    drop(f);
+    fs::remove_file(&path)?;
+    Ok(rate)
+}
+
 /// Point reads / updates by primary key from `threads` connections; returns ops/s.
 fn mixed(dir: &Path, threads: usize, read_pct: u64, secs: f64) -> Result<f64> {
     const ROWS: u64 = 100_000;
@@ -676,6 +702,16 @@ fn main() -> Result<()> {
         n_scan,
         s_scan,
         1,
+    ));
+
+    step("4 KiB pwrite to a plain (non-database) file");
+    let n = plain_writes(&native, secs)?;
+    let s = plain_writes(&mnt, secs)?;
+    rows.push(Row::pair(
+        "4 KiB pwrite to a plain file, one at a time (writes/s)".to_string(),
+        n,
+        s,
+        0,
     ));
 
     let (threads, pct) = (cfg.threads, cfg.read_pct);
