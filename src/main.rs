@@ -9,6 +9,10 @@ mod control;
 mod fs;
 mod inspect;
 mod mount;
+mod replica;
+mod restore;
+mod segment;
+mod ship;
 mod sqlite;
 mod stage;
 
@@ -53,6 +57,32 @@ enum Cmd {
         /// bytes (suffixes k, M, G).
         #[arg(long, default_value = "64M", value_parser = parse_size)]
         stage_limit: u64,
+        /// Ship every database to this replica (repeatable): file:///path. Default: a
+        /// directory under the user's data directory (~/.local/share/sqlfs/replica).
+        #[arg(long = "replica", value_name = "URL")]
+        replicas: Vec<String>,
+        /// How often new transactions are shipped (e.g. 1s, 500ms).
+        #[arg(long, default_value = "1s", value_parser = parse_duration)]
+        sync_interval: std::time::Duration,
+    },
+    /// Rebuild a database from a replica alone, as of its latest (or a given) transaction.
+    #[command(
+        after_help = "Examples:\n  sqlfs restore --replica file:///backup --db app.db -o /tmp/app.db\n  sqlfs restore --replica file:///backup --db tenants/42.db --txid 1200 -o 42.db"
+    )]
+    Restore {
+        #[arg(long, value_name = "URL")]
+        replica: String,
+        /// The database's path relative to the mount root.
+        #[arg(long)]
+        db: String,
+        #[arg(short, long)]
+        output: PathBuf,
+        /// Restore the state right after this transaction (default: the latest).
+        #[arg(long)]
+        txid: Option<u64>,
+        /// Replace OUTPUT if it exists.
+        #[arg(long)]
+        force: bool,
     },
     /// Replay each database's staged stream and compare it with its files (exit 1 on mismatch).
     /// DIR is a running mount or an unmounted data directory. Run it while writers are idle.
@@ -78,6 +108,25 @@ enum Cmd {
         #[arg(short, long)]
         output: PathBuf,
     },
+}
+
+fn parse_duration(s: &str) -> Result<std::time::Duration, String> {
+    let bad = || format!("not a duration: {s} (examples: 1s, 500ms, 2m)");
+    let (num, unit) = s
+        .find(|c: char| !c.is_ascii_digit())
+        .map(|i| s.split_at(i))
+        .ok_or_else(bad)?;
+    let n: u64 = num.parse().map_err(|_| bad())?;
+    let d = match unit {
+        "ms" => std::time::Duration::from_millis(n),
+        "s" => std::time::Duration::from_secs(n),
+        "m" => std::time::Duration::from_secs(n * 60),
+        _ => return Err(bad()),
+    };
+    if d.is_zero() {
+        return Err(bad());
+    }
+    Ok(d)
 }
 
 fn parse_size(s: &str) -> Result<u64, String> {
@@ -126,13 +175,36 @@ fn run() -> Result<i32> {
             data_dir,
             threads,
             stage_limit,
+            replicas,
+            sync_interval,
         } => {
             mount::run(mount::MountOpts {
                 dir,
                 data_dir,
                 threads,
                 stage_limit,
+                replicas,
+                sync_interval,
             })?;
+            Ok(0)
+        }
+        Cmd::Restore {
+            replica,
+            db,
+            output,
+            txid,
+            force,
+        } => {
+            print!(
+                "{}",
+                restore::run(&restore::RestoreOpts {
+                    replica,
+                    db,
+                    output,
+                    txid,
+                    force
+                })?
+            );
             Ok(0)
         }
         Cmd::Verify { dir, db } => {

@@ -24,6 +24,33 @@ pub struct MountOpts {
     pub data_dir: Option<PathBuf>,
     pub threads: usize,
     pub stage_limit: u64,
+    pub replicas: Vec<String>,
+    pub sync_interval: Duration,
+}
+
+/// Staging may grow to this many times `--stage-limit` for a lagging replica before it is
+/// folded anyway (that replica then gets a snapshot when it comes back).
+const STAGE_HARD_FACTOR: u64 = 4;
+
+/// Opens the replicas to ship to: those given, or the embedded default directory.
+fn open_replicas(urls: &[String]) -> Result<Vec<Box<dyn crate::replica::ReplicaClient>>> {
+    if urls.is_empty() {
+        let dir = crate::replica::default_dir();
+        std::fs::create_dir_all(&dir).with_context(|| {
+            format!(
+                "cannot create the default replica directory {}",
+                dir.display()
+            )
+        })?;
+        log::warn!(
+            "no --replica given: shipping to the default local replica {} — it does not protect against losing this machine; add --replica file:///other/disk (or object storage, when available)",
+            dir.display()
+        );
+        return Ok(vec![Box::new(crate::replica::FileReplica::new(dir))]);
+    }
+    urls.iter()
+        .map(|u| crate::replica::open(u).map_err(anyhow::Error::from))
+        .collect()
 }
 
 /// True if `path` is the mountpoint of a sqlfs mount (per /proc/self/mountinfo: filesystem
@@ -107,6 +134,7 @@ pub fn run(o: MountOpts) -> Result<()> {
         bail!("mounting as a regular user needs fusermount3: install the `fuse3` package (or run as root)");
     }
 
+    let replicas = open_replicas(&o.replicas)?;
     let backing = Arc::new(
         Backing::open(&data)
             .with_context(|| format!("cannot open data directory {}", data.display()))?,
@@ -160,9 +188,18 @@ pub fn run(o: MountOpts) -> Result<()> {
     }
 
     let stop = Arc::new(AtomicBool::new(false));
+    let shippers: Vec<Arc<crate::ship::Shipper>> = replicas
+        .into_iter()
+        .map(|c| crate::ship::Shipper::new(c, capture.clone()))
+        .collect();
+    let mut ship_threads = Vec::new();
+    for s in &shippers {
+        ship_threads.push(s.spawn(o.sync_interval, stop.clone())?);
+    }
     {
         let (cap, stop) = (capture.clone(), stop.clone());
         let limit = o.stage_limit;
+        let shippers = shippers.clone();
         std::thread::Builder::new()
             .name("sqlfs-stage".into())
             .spawn(move || {
@@ -175,8 +212,20 @@ pub fn run(o: MountOpts) -> Result<()> {
                         cap.expire_retired(RETIRED_KEEP);
                     }
                     for (name, db) in cap.databases() {
-                        if db.stage.log_bytes() > limit {
-                            match db.stage.fold(u64::MAX) {
+                        let bytes = db.stage.log_bytes();
+                        if bytes > limit {
+                            // Fold only what every replica has, unless staging outgrows its
+                            // hard limit: then say so, and the lagging replica gets a snapshot.
+                            let shipped = shippers.iter().map(|s| s.position(&db)).min().unwrap_or(u64::MAX);
+                            let upto = if bytes > limit * STAGE_HARD_FACTOR {
+                                if shipped < db.stage.last().map_or(0, |h| h.txid) {
+                                    log::error!("{name}: a replica is behind and staging holds {} MiB (over {}x --stage-limit); folding anyway, that replica will get a snapshot", bytes >> 20, STAGE_HARD_FACTOR);
+                                }
+                                u64::MAX
+                            } else {
+                                shipped
+                            };
+                            match db.stage.fold(upto) {
                                 Ok(n) if n > 0 => log::info!(
                                     "{name}: folded {n} bytes of staged log into the local base"
                                 ),
@@ -217,8 +266,17 @@ pub fn run(o: MountOpts) -> Result<()> {
         capture.databases().len()
     );
     let res = session.run();
-    stop.store(true, Ordering::Relaxed);
     capture.shutdown();
+    // The shippers make a last pass over what was staged before stopping.
+    stop.store(true, Ordering::Relaxed);
+    for t in ship_threads {
+        let _ = t.join();
+    }
+    for s in &shippers {
+        if let Some(e) = s.last_error() {
+            log::error!("replica {}: the last shipment failed ({e}); what is staged is shipped at the next mount", s.describe());
+        }
+    }
     let _ = std::fs::remove_file(&sock);
     res.context("filesystem session ended with an error")?;
     log::info!("unmounted {}", dir.display());

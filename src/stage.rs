@@ -23,6 +23,14 @@ use crc::{Crc, Table, CRC_64_XZ};
 use crate::backing::shown;
 use parking_lot::Mutex;
 
+/// Nanoseconds since the Unix epoch.
+pub fn now_ns() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos() as u64)
+        .unwrap_or(0)
+}
+
 /// Size of a record header in bytes.
 pub const RECORD_HEADER: usize = 80;
 const RECORD_MAGIC: &[u8; 4] = b"SQTX";
@@ -114,6 +122,11 @@ impl RecordHeader {
         b[64..68].copy_from_slice(&self.wal.cksum.1.to_be_bytes());
         b[72..80].copy_from_slice(&self.wal.end.to_be_bytes());
         b
+    }
+
+    /// Parses a record header (`RECORD_HEADER` bytes).
+    pub fn parse(b: &[u8]) -> std::result::Result<RecordHeader, String> {
+        Self::decode(b)
     }
 
     fn decode(b: &[u8]) -> std::result::Result<RecordHeader, String> {
@@ -479,38 +492,10 @@ impl DbStage {
         }
         let a = guard.as_mut().expect("appender opened above");
         let start_len = a.len;
-        let mut buf = Vec::with_capacity((h.len() as usize).min(4 << 20));
-        let mut crc = CRC64.digest();
-        buf.extend_from_slice(&h.encode());
-        let mut n = 0u32;
-        let res = (|| -> io::Result<()> {
-            fill(&mut |pgno, page| {
-                if page.len() != h.page_size as usize {
-                    return Err(io::Error::other("page of the wrong size"));
-                }
-                buf.extend_from_slice(&pgno.to_be_bytes());
-                buf.extend_from_slice(page);
-                n += 1;
-                if buf.len() >= 4 << 20 {
-                    crc.update(&buf);
-                    a.file.write_all(&buf)?;
-                    a.len += buf.len() as u64;
-                    buf.clear();
-                }
-                Ok(())
-            })?;
-            if n != h.npages {
-                return Err(io::Error::other(format!(
-                    "record promised {} pages, got {n}",
-                    h.npages
-                )));
-            }
-            crc.update(&buf);
-            buf.extend_from_slice(&crc.finalize().to_be_bytes());
-            a.file.write_all(&buf)?;
-            a.len += buf.len() as u64;
-            Ok(())
-        })();
+        let res = write_record(&mut a.file, h, fill);
+        if let Ok(n) = res {
+            a.len += n;
+        }
         if let Err(e) = res {
             // Never leave a partial record for a later one to follow.
             let _ = a.file.set_len(start_len);
@@ -731,6 +716,45 @@ impl DbStage {
     }
 }
 
+/// Writes one record (header, the pages `fill` emits, CRC trailer) to `w`, buffering up to
+/// 4 MiB at a time. Returns the bytes written. `fill` must emit exactly `h.npages` pages of
+/// `h.page_size` bytes.
+pub fn write_record(
+    w: &mut impl Write,
+    h: &RecordHeader,
+    fill: impl FnOnce(PageSink<'_>) -> io::Result<()>,
+) -> io::Result<u64> {
+    let mut buf = Vec::with_capacity((h.len() as usize).min(4 << 20));
+    let mut crc = CRC64.digest();
+    buf.extend_from_slice(&h.encode());
+    let (mut n, mut written) = (0u32, 0u64);
+    fill(&mut |pgno, page| {
+        if page.len() != h.page_size as usize {
+            return Err(io::Error::other("page of the wrong size"));
+        }
+        buf.extend_from_slice(&pgno.to_be_bytes());
+        buf.extend_from_slice(page);
+        n += 1;
+        if buf.len() >= 4 << 20 {
+            crc.update(&buf);
+            w.write_all(&buf)?;
+            written += buf.len() as u64;
+            buf.clear();
+        }
+        Ok(())
+    })?;
+    if n != h.npages {
+        return Err(io::Error::other(format!(
+            "record promised {} pages, got {n}",
+            h.npages
+        )));
+    }
+    crc.update(&buf);
+    buf.extend_from_slice(&crc.finalize().to_be_bytes());
+    w.write_all(&buf)?;
+    Ok(written + buf.len() as u64)
+}
+
 /// Applies one record to a database file: its pages, then its size.
 fn apply_record(out: &File, h: &RecordHeader, pages: PageSource<'_>) -> Result<()> {
     let outp = PathBuf::from("<output>");
@@ -757,7 +781,7 @@ fn read_full(r: &mut impl Read, buf: &mut [u8]) -> io::Result<usize> {
 }
 
 /// Reads a record's pages and trailer, verifying the CRC; feeds pages to `sink` if given.
-fn read_pages(
+pub fn read_pages(
     r: &mut impl Read,
     h: &RecordHeader,
     hb: &[u8],

@@ -1,0 +1,81 @@
+//! Replica clients: the one small interface every storage backend implements, and the
+//! parsing of replica URLs.
+//!
+//! Object keys (docs/FORMAT.md, "Replica layout") carry database ids, levels and TXIDs, never
+//! content. `put_new` is the fence: it fails when the key exists, so two writers of one
+//! database can never both extend its chain.
+
+mod file;
+
+use std::io;
+use std::path::{Path, PathBuf};
+
+pub use file::FileReplica;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ReplicaError {
+    #[error("{0} already exists in the replica")]
+    Exists(String),
+    #[error("replica {replica}: {op} {key}: {source}")]
+    Io {
+        replica: String,
+        op: &'static str,
+        key: String,
+        source: io::Error,
+    },
+    #[error("bad replica URL {url}: {why}")]
+    BadUrl { url: String, why: String },
+}
+
+pub type Result<T> = std::result::Result<T, ReplicaError>;
+
+/// One place objects are stored. Every backend implements exactly this.
+pub trait ReplicaClient: Send + Sync {
+    /// The replica's URL, without secrets, for logs and errors.
+    fn describe(&self) -> String;
+    /// Stores the file `src` as `key`, only if `key` does not exist yet.
+    fn put_new(&self, key: &str, src: &Path) -> Result<()>;
+    /// Stores `data` as `key`, replacing it.
+    fn put(&self, key: &str, data: &[u8]) -> Result<()>;
+    /// Copies `key` into the file `dst`; `Ok(false)` if there is no such key.
+    fn get(&self, key: &str, dst: &Path) -> Result<bool>;
+    /// Every key under `prefix` with its size, sorted.
+    fn list(&self, prefix: &str) -> Result<Vec<(String, u64)>>;
+}
+
+/// Opens the replica named by `url`: `file:///path` or a plain absolute path.
+pub fn open(url: &str) -> Result<Box<dyn ReplicaClient>> {
+    let bad = |why: &str| ReplicaError::BadUrl {
+        url: url.to_string(),
+        why: why.to_string(),
+    };
+    if let Some(rest) = url.strip_prefix("file://") {
+        if !rest.starts_with('/') {
+            return Err(bad(
+                "a file replica needs an absolute path: file:///path/to/dir",
+            ));
+        }
+        return Ok(Box::new(FileReplica::new(PathBuf::from(rest))));
+    }
+    if url.starts_with('/') {
+        return Ok(Box::new(FileReplica::new(PathBuf::from(url))));
+    }
+    if url.starts_with("s3://") {
+        return Err(bad(
+            "S3 replicas are not available in this build yet; use file:///path",
+        ));
+    }
+    Err(bad("unknown scheme (supported: file:///path)"))
+}
+
+/// The embedded default replica: a directory under the user's data directory.
+pub fn default_dir() -> PathBuf {
+    let base = std::env::var_os("XDG_DATA_HOME")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| {
+            std::env::var_os("HOME")
+                .map(|h| PathBuf::from(h).join(".local/share"))
+                .unwrap_or_else(|| PathBuf::from("/var/lib"))
+        });
+    base.join("sqlfs/replica")
+}

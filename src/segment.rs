@@ -1,0 +1,412 @@
+//! Replica objects: a run of staged transactions (a *segment*) or a whole database (a
+//! *snapshot*), in one self-describing, checksummed file (docs/FORMAT.md, "Replica objects").
+//!
+//! Each transaction's staging record is one zstd frame, so a frame can be fetched and decoded
+//! on its own; the page index says which frame (and where in it) holds each page version.
+//!
+//! Invariants:
+//! - An object is written to a local file first and only then handed to a replica; a reader
+//!   verifies the trailing CRC-64 before trusting any byte of it.
+//! - The header's TXID range, times, sizes and checksums describe exactly the records inside,
+//!   in TXID order, gap-free.
+
+use std::fs::File;
+use std::io::{self, BufReader, Read, Seek, SeekFrom, Write};
+use std::path::Path;
+
+use crc::{Crc, Table, CRC_64_XZ};
+
+use crate::stage::{read_pages, write_record, PageSink, RecordHeader, RECORD_HEADER};
+
+const MAGIC: &[u8; 8] = b"SQFSOBJ\0";
+/// Object format version this build writes and reads.
+pub const VERSION: u16 = 1;
+const HEADER: usize = 128;
+const INDEX_ENTRY: usize = 28;
+const CRC64: Crc<u64, Table<16>> = Crc::<u64, Table<16>>::new(&CRC_64_XZ);
+/// zstd level: fast enough to keep up with the commit stream on a small machine.
+const ZSTD_LEVEL: i32 = 3;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ObjectError {
+    #[error("{what}: {source}")]
+    Io { what: String, source: io::Error },
+    #[error("{what} is not a sqlfs replica object (bad magic)")]
+    Foreign { what: String },
+    #[error("{what} has object format version {version}; this build reads version {VERSION}")]
+    Version { what: String, version: u16 },
+    #[error("{what} is corrupt: {why}")]
+    Corrupt { what: String, why: String },
+}
+
+type Result<T> = std::result::Result<T, ObjectError>;
+
+/// What an object holds.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ObjKind {
+    Segment = 1,
+    Snapshot = 2,
+}
+
+/// An object's header.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ObjHeader {
+    pub kind: ObjKind,
+    pub level: u8,
+    pub db_id: [u8; 16],
+    pub first_txid: u64,
+    pub last_txid: u64,
+    pub first_time_ns: u64,
+    pub last_time_ns: u64,
+    pub page_size: u32,
+    pub db_pages: u32,
+    pub checksum_before: u64,
+    pub checksum_after: u64,
+    pub ntxns: u32,
+    pub nindex: u32,
+    pub body_off: u64,
+    pub body_len: u64,
+    pub index_off: u64,
+    pub index_len: u64,
+}
+
+impl ObjHeader {
+    fn encode(&self) -> [u8; HEADER] {
+        let mut b = [0u8; HEADER];
+        b[0..8].copy_from_slice(MAGIC);
+        b[8..10].copy_from_slice(&VERSION.to_be_bytes());
+        b[10] = self.kind as u8;
+        b[11] = self.level;
+        b[12..16].copy_from_slice(&1u32.to_be_bytes()); // flags: zstd frames
+        b[16..32].copy_from_slice(&self.db_id);
+        let mut at = 32;
+        for v in [
+            self.first_txid,
+            self.last_txid,
+            self.first_time_ns,
+            self.last_time_ns,
+        ] {
+            b[at..at + 8].copy_from_slice(&v.to_be_bytes());
+            at += 8;
+        }
+        b[64..68].copy_from_slice(&self.page_size.to_be_bytes());
+        b[68..72].copy_from_slice(&self.db_pages.to_be_bytes());
+        b[72..80].copy_from_slice(&self.checksum_before.to_be_bytes());
+        b[80..88].copy_from_slice(&self.checksum_after.to_be_bytes());
+        b[88..92].copy_from_slice(&self.ntxns.to_be_bytes());
+        b[92..96].copy_from_slice(&self.nindex.to_be_bytes());
+        let mut at = 96;
+        for v in [self.body_off, self.body_len, self.index_off, self.index_len] {
+            b[at..at + 8].copy_from_slice(&v.to_be_bytes());
+            at += 8;
+        }
+        b
+    }
+
+    fn decode(b: &[u8], what: &str) -> Result<ObjHeader> {
+        if b.len() < HEADER || &b[0..8] != MAGIC {
+            return Err(ObjectError::Foreign { what: what.into() });
+        }
+        let version = u16::from_be_bytes([b[8], b[9]]);
+        if version != VERSION {
+            return Err(ObjectError::Version {
+                what: what.into(),
+                version,
+            });
+        }
+        let u32at = |i: usize| u32::from_be_bytes(b[i..i + 4].try_into().expect("4 bytes"));
+        let u64at = |i: usize| u64::from_be_bytes(b[i..i + 8].try_into().expect("8 bytes"));
+        let kind = match b[10] {
+            1 => ObjKind::Segment,
+            2 => ObjKind::Snapshot,
+            k => {
+                return Err(ObjectError::Corrupt {
+                    what: what.into(),
+                    why: format!("unknown object kind {k}"),
+                })
+            }
+        };
+        let mut db_id = [0u8; 16];
+        db_id.copy_from_slice(&b[16..32]);
+        Ok(ObjHeader {
+            kind,
+            level: b[11],
+            db_id,
+            first_txid: u64at(32),
+            last_txid: u64at(40),
+            first_time_ns: u64at(48),
+            last_time_ns: u64at(56),
+            page_size: u32at(64),
+            db_pages: u32at(68),
+            checksum_before: u64at(72),
+            checksum_after: u64at(80),
+            ntxns: u32at(88),
+            nindex: u32at(92),
+            body_off: u64at(96),
+            body_len: u64at(104),
+            index_off: u64at(112),
+            index_len: u64at(120),
+        })
+    }
+}
+
+/// Builds one object in a local file, one transaction at a time.
+pub struct ObjectWriter {
+    file: File,
+    hdr: ObjHeader,
+    index: Vec<u8>,
+    pos: u64,
+}
+
+fn io(what: &str) -> impl FnOnce(io::Error) -> ObjectError + '_ {
+    move |source| ObjectError::Io {
+        what: what.to_string(),
+        source,
+    }
+}
+
+impl ObjectWriter {
+    /// Starts an object of `kind` at `level` for database `db_id` (16 hex digits) in `file`.
+    pub fn new(mut file: File, kind: ObjKind, level: u8, db_id: &str) -> io::Result<ObjectWriter> {
+        let mut id = [b'0'; 16];
+        let b = db_id.as_bytes();
+        id[..b.len().min(16)].copy_from_slice(&b[..b.len().min(16)]);
+        file.set_len(0)?;
+        file.write_all(&[0u8; HEADER])?;
+        let hdr = ObjHeader {
+            kind,
+            level,
+            db_id: id,
+            first_txid: 0,
+            last_txid: 0,
+            first_time_ns: 0,
+            last_time_ns: 0,
+            page_size: 0,
+            db_pages: 0,
+            checksum_before: 0,
+            checksum_after: 0,
+            ntxns: 0,
+            nindex: 0,
+            body_off: HEADER as u64,
+            body_len: 0,
+            index_off: 0,
+            index_len: 0,
+        };
+        Ok(ObjectWriter {
+            file,
+            hdr,
+            index: Vec::new(),
+            pos: HEADER as u64,
+        })
+    }
+
+    /// Adds one transaction (header `h`, pages from `fill`) as a zstd frame.
+    pub fn add(
+        &mut self,
+        h: &RecordHeader,
+        fill: impl FnOnce(PageSink<'_>) -> io::Result<()>,
+    ) -> io::Result<()> {
+        if self.hdr.ntxns == 0 {
+            self.hdr.first_txid = h.txid;
+            self.hdr.first_time_ns = h.time_ns;
+            self.hdr.checksum_before = h.checksum_before;
+        } else if h.txid != self.hdr.last_txid + 1 {
+            return Err(io::Error::other(format!(
+                "TXID {} does not follow {}",
+                h.txid, self.hdr.last_txid
+            )));
+        }
+        let frame_off = self.pos;
+        let mut pages = Vec::with_capacity(h.npages as usize);
+        let mut enc = zstd::stream::write::Encoder::new(
+            Counter {
+                inner: &mut self.file,
+                n: 0,
+            },
+            ZSTD_LEVEL,
+        )?;
+        write_record(&mut enc, h, |emit| {
+            fill(&mut |pgno, page| {
+                pages.push(pgno);
+                emit(pgno, page)
+            })
+        })?;
+        let counter = enc.finish()?;
+        let frame_len = counter.n;
+        self.pos += frame_len;
+        for (i, pgno) in pages.into_iter().enumerate() {
+            let in_frame = RECORD_HEADER as u64 + i as u64 * (4 + h.page_size as u64) + 4;
+            self.index.extend_from_slice(&pgno.to_be_bytes());
+            self.index.extend_from_slice(&h.txid.to_be_bytes());
+            self.index.extend_from_slice(&frame_off.to_be_bytes());
+            self.index
+                .extend_from_slice(&(frame_len as u32).to_be_bytes());
+            self.index
+                .extend_from_slice(&(in_frame as u32).to_be_bytes());
+            self.hdr.nindex += 1;
+        }
+        self.hdr.last_txid = h.txid;
+        self.hdr.last_time_ns = h.time_ns;
+        self.hdr.page_size = h.page_size;
+        self.hdr.db_pages = h.db_pages;
+        self.hdr.checksum_after = h.checksum_after;
+        self.hdr.ntxns += 1;
+        Ok(())
+    }
+
+    /// Number of transactions added so far.
+    pub fn len(&self) -> u32 {
+        self.hdr.ntxns
+    }
+
+    /// Writes the index, the header and the trailing CRC; returns the header and the file.
+    pub fn finish(mut self) -> io::Result<(ObjHeader, File)> {
+        self.hdr.body_len = self.pos - HEADER as u64;
+        self.hdr.index_off = self.pos;
+        self.hdr.index_len = self.index.len() as u64;
+        self.file.write_all(&self.index)?;
+        self.file.seek(SeekFrom::Start(0))?;
+        self.file.write_all(&self.hdr.encode())?;
+        self.file.seek(SeekFrom::Start(0))?;
+        let mut crc = CRC64.digest();
+        let mut buf = vec![0u8; 1 << 20];
+        let mut r = (&self.file).take(self.pos + self.index.len() as u64);
+        loop {
+            let n = r.read(&mut buf)?;
+            if n == 0 {
+                break;
+            }
+            crc.update(&buf[..n]);
+        }
+        self.file.seek(SeekFrom::End(0))?;
+        self.file.write_all(&crc.finalize().to_be_bytes())?;
+        self.file.sync_all()?;
+        Ok((self.hdr, self.file))
+    }
+}
+
+/// Counts bytes passing to the inner writer.
+struct Counter<W> {
+    inner: W,
+    n: u64,
+}
+
+impl<W: Write> Write for Counter<W> {
+    fn write(&mut self, b: &[u8]) -> io::Result<usize> {
+        let n = self.inner.write(b)?;
+        self.n += n as u64;
+        Ok(n)
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        self.inner.flush()
+    }
+}
+
+/// Verifies an object in `file` (trailing CRC, header) and returns its header.
+pub fn verify(file: &File, what: &str) -> Result<ObjHeader> {
+    let len = file.metadata().map_err(io(what))?.len();
+    if len < (HEADER + 8) as u64 {
+        let mut b = vec![0u8; len as usize];
+        let _ = (&*file).read_exact(&mut b);
+        return Err(if b.len() >= 8 && &b[..8] == MAGIC {
+            ObjectError::Corrupt {
+                what: what.into(),
+                why: format!("truncated ({len} bytes)"),
+            }
+        } else {
+            ObjectError::Foreign { what: what.into() }
+        });
+    }
+    let mut r = BufReader::with_capacity(1 << 20, file);
+    r.seek(SeekFrom::Start(0)).map_err(io(what))?;
+    let mut head = [0u8; HEADER];
+    r.read_exact(&mut head).map_err(io(what))?;
+    let hdr = ObjHeader::decode(&head, what)?;
+    let mut crc = CRC64.digest();
+    crc.update(&head);
+    let mut left = len - 8 - HEADER as u64;
+    let mut buf = vec![0u8; 1 << 20];
+    while left > 0 {
+        let n = (left as usize).min(buf.len());
+        r.read_exact(&mut buf[..n]).map_err(io(what))?;
+        crc.update(&buf[..n]);
+        left -= n as u64;
+    }
+    let mut t = [0u8; 8];
+    r.read_exact(&mut t).map_err(io(what))?;
+    if u64::from_be_bytes(t) != crc.finalize() {
+        return Err(ObjectError::Corrupt {
+            what: what.into(),
+            why: "checksum mismatch".into(),
+        });
+    }
+    if hdr.body_off + hdr.body_len != hdr.index_off
+        || hdr.index_off + hdr.index_len + 8 != len
+        || hdr.index_len != hdr.nindex as u64 * INDEX_ENTRY as u64
+    {
+        return Err(ObjectError::Corrupt {
+            what: what.into(),
+            why: "inconsistent layout".into(),
+        });
+    }
+    Ok(hdr)
+}
+
+/// What [`for_each_txn`] reports, in order for each transaction.
+pub enum Event<'a> {
+    Start(&'a RecordHeader),
+    Page(u32, &'a [u8]),
+    End(&'a RecordHeader),
+}
+
+/// Streams every transaction of a verified object in order, one page at a time (memory does
+/// not grow with the object), verifying each record's own CRC and the TXID sequence.
+pub fn for_each_txn(
+    file: &File,
+    hdr: &ObjHeader,
+    what: &str,
+    mut visit: impl FnMut(Event<'_>) -> Result<()>,
+) -> Result<()> {
+    let mut r = BufReader::with_capacity(1 << 20, file);
+    r.seek(SeekFrom::Start(hdr.body_off)).map_err(io(what))?;
+    let body = (&mut r).take(hdr.body_len);
+    let mut dec = zstd::stream::read::Decoder::new(body).map_err(io(what))?;
+    let corrupt = |why: String| ObjectError::Corrupt {
+        what: what.into(),
+        why,
+    };
+    let mut expect = hdr.first_txid;
+    for _ in 0..hdr.ntxns {
+        let mut hb = [0u8; RECORD_HEADER];
+        dec.read_exact(&mut hb)
+            .map_err(|e| corrupt(format!("transaction {expect}: {e}")))?;
+        let h = RecordHeader::parse(&hb).map_err(corrupt)?;
+        if h.txid != expect {
+            return Err(corrupt(format!(
+                "TXID {} where {expect} was expected",
+                h.txid
+            )));
+        }
+        expect += 1;
+        visit(Event::Start(&h))?;
+        let mut err = None;
+        read_pages(
+            &mut dec,
+            &h,
+            &hb,
+            Path::new(what),
+            0,
+            Some(&mut |p, d| match visit(Event::Page(p, d)) {
+                Ok(()) => Ok(()),
+                Err(e) => {
+                    let msg = e.to_string();
+                    err = Some(e);
+                    Err(io::Error::other(msg))
+                }
+            }),
+        )
+        .map_err(|e| err.take().unwrap_or_else(|| corrupt(e.to_string())))?;
+        visit(Event::End(&h))?;
+    }
+    Ok(())
+}
