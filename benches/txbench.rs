@@ -209,6 +209,11 @@ impl Mount {
             .arg(dir)
             .arg("--data-dir")
             .arg(backing)
+            .arg("--replica")
+            .arg(format!(
+                "file://{}",
+                backing.with_extension("replica").display()
+            ))
             .stdin(Stdio::null())
             .stdout(out.try_clone()?)
             .stderr(out)

@@ -30,6 +30,21 @@ pub fn db_page_size(hdr: &[u8]) -> Option<u32> {
     valid_page_size(ps).then_some(ps)
 }
 
+/// Size in pages of a database whose file is `file_size` bytes and whose header is `hdr`
+/// (at least 100 bytes): the in-header size when it is valid (its version-valid-for number at
+/// offset 92 equals the change counter at 24), else the file size. A file can be longer than
+/// the database it holds, e.g. between a commit and the truncation that follows it.
+pub fn db_pages(hdr: &[u8], ps: u32, file_size: u64) -> u32 {
+    let from_file = file_size.div_ceil(ps as u64) as u32;
+    if hdr.len() >= 100 && hdr[92..96] == hdr[24..28] {
+        let n = u32::from_be_bytes([hdr[28], hdr[29], hdr[30], hdr[31]]);
+        if n > 0 {
+            return n;
+        }
+    }
+    from_file
+}
+
 /// Page sizes SQLite accepts: powers of two from 512 to 65536.
 pub fn valid_page_size(ps: u32) -> bool {
     (512..=65536).contains(&ps) && ps.is_power_of_two()

@@ -705,6 +705,11 @@ impl State {
                     if data[..8] == sqlite::JOURNAL_MAGIC {
                         self.rb.journal_live = true;
                     } else if data[..8].iter().all(|&x| x == 0) {
+                        log::debug!(
+                            "{}: journal header zeroed ({} bytes written at 0)",
+                            db.name(),
+                            data.len()
+                        );
                         self.commit_rollback(db, b)?;
                     }
                 }
@@ -760,7 +765,10 @@ impl State {
                 }
                 Ok(())
             }
-            Role::Journal if size == 0 => self.commit_rollback(db, b),
+            Role::Journal if size == 0 => {
+                log::debug!("{}: journal truncated", db.name());
+                self.commit_rollback(db, b)
+            }
             _ => Ok(()),
         }
     }
@@ -804,6 +812,7 @@ impl State {
     /// MEMORY) are committed when the app syncs or closes the file.
     fn flush_journalless(&mut self, db: &Db, b: &Backing) -> io::Result<()> {
         if !self.in_wal_mode() && !self.rb.journal_live && !self.rb.is_clean() {
+            log::debug!("{}: journal-less writes committed at sync/close", db.name());
             self.commit_rollback(db, b)?;
         }
         Ok(())
@@ -1176,7 +1185,7 @@ impl State {
                 Some("the database file has no valid header after a transaction".into());
             return Ok(());
         };
-        let new_pages = size.div_ceil(ps as u64) as u32;
+        let new_pages = sqlite::db_pages(&hdr, ps, size);
         if self.resnapshot.is_some() || (self.page_size != ps && self.db_pages != 0) {
             let why = self
                 .resnapshot
@@ -1210,6 +1219,11 @@ impl State {
                     )
                 }
             }
+        }
+        if pages.is_empty() && new_pages == old_pages {
+            // Only bytes past the end of the database changed (the file shrinking to the
+            // size a commit already recorded): the database itself did not.
+            return Ok(());
         }
         let mut buf = vec![0u8; ps as usize];
         let read = |p: u32, buf: &mut [u8]| -> io::Result<()> {
@@ -1328,7 +1342,7 @@ impl State {
                 .then(|| sqlite::db_page_size(&hdr))
                 .flatten()
             {
-                Some(ps) => (ps, size.div_ceil(ps as u64) as u32),
+                Some(ps) => (ps, sqlite::db_pages(&hdr, ps, size)),
                 None => (self.page_size.max(512), 0),
             },
         )

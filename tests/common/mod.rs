@@ -189,6 +189,10 @@ impl Mount {
         if let Some(s) = opts.stage_limit {
             cmd.arg("--stage-limit").arg(s.to_string());
         }
+        // Ship to a replica beside the daemon log, never to the user's default replica.
+        let replica = log.parent().unwrap_or(Path::new("/tmp")).join("replica");
+        cmd.arg("--replica")
+            .arg(format!("file://{}", replica.display()));
         cmd.stdin(Stdio::null())
             .stdout(Stdio::from(logf.try_clone().unwrap()))
             .stderr(Stdio::from(logf));
