@@ -6,6 +6,7 @@
 mod backing;
 mod capture;
 mod control;
+mod crypt;
 mod fs;
 mod inspect;
 mod mount;
@@ -64,6 +65,9 @@ enum Cmd {
         /// How often new transactions are shipped (e.g. 1s, 500ms).
         #[arg(long, default_value = "1s", value_parser = parse_duration)]
         sync_interval: std::time::Duration,
+        /// Encrypt every replica object to this age recipient (age1…; repeatable).
+        #[arg(long = "age-recipient", value_name = "RECIPIENT")]
+        age_recipients: Vec<String>,
     },
     /// Rebuild a database from a replica alone, as of its latest (or a given) transaction.
     #[command(
@@ -83,6 +87,18 @@ enum Cmd {
         /// Replace OUTPUT if it exists.
         #[arg(long)]
         force: bool,
+        /// age identity file to decrypt an encrypted replica.
+        #[arg(long, value_name = "FILE")]
+        age_identity: Option<PathBuf>,
+    },
+    /// Create an age key pair for encrypted replicas: the identity goes to FILE (keep it safe,
+    /// off this machine), the recipient to pass to `mount --age-recipient` is printed.
+    #[command(
+        after_help = "Example:\n  sqlfs keygen -o /secure/sqlfs.key\n  sqlfs mount /data --replica file:///backup --age-recipient age1...\n  sqlfs restore --replica file:///backup --db app.db --age-identity /secure/sqlfs.key -o app.db"
+    )]
+    Keygen {
+        #[arg(short, long)]
+        output: PathBuf,
     },
     /// Replay each database's staged stream and compare it with its files (exit 1 on mismatch).
     /// DIR is a running mount or an unmounted data directory. Run it while writers are idle.
@@ -177,6 +193,7 @@ fn run() -> Result<i32> {
             stage_limit,
             replicas,
             sync_interval,
+            age_recipients,
         } => {
             mount::run(mount::MountOpts {
                 dir,
@@ -185,6 +202,7 @@ fn run() -> Result<i32> {
                 stage_limit,
                 replicas,
                 sync_interval,
+                age_recipients,
             })?;
             Ok(0)
         }
@@ -194,6 +212,7 @@ fn run() -> Result<i32> {
             output,
             txid,
             force,
+            age_identity,
         } => {
             print!(
                 "{}",
@@ -202,9 +221,14 @@ fn run() -> Result<i32> {
                     db,
                     output,
                     txid,
-                    force
+                    force,
+                    age_identity,
                 })?
             );
+            Ok(0)
+        }
+        Cmd::Keygen { output } => {
+            println!("{}", crypt::keygen(&output)?);
             Ok(0)
         }
         Cmd::Verify { dir, db } => {

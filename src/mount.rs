@@ -26,6 +26,7 @@ pub struct MountOpts {
     pub stage_limit: u64,
     pub replicas: Vec<String>,
     pub sync_interval: Duration,
+    pub age_recipients: Vec<String>,
 }
 
 /// Staging may grow to this many times `--stage-limit` for a lagging replica before it is
@@ -135,6 +136,7 @@ pub fn run(o: MountOpts) -> Result<()> {
     }
 
     let replicas = open_replicas(&o.replicas)?;
+    let sealer = crate::crypt::Sealer::new(&o.age_recipients)?.map(Arc::new);
     let backing = Arc::new(
         Backing::open(&data)
             .with_context(|| format!("cannot open data directory {}", data.display()))?,
@@ -190,7 +192,7 @@ pub fn run(o: MountOpts) -> Result<()> {
     let stop = Arc::new(AtomicBool::new(false));
     let shippers: Vec<Arc<crate::ship::Shipper>> = replicas
         .into_iter()
-        .map(|c| crate::ship::Shipper::new(c, capture.clone()))
+        .map(|c| crate::ship::Shipper::new(c, capture.clone(), sealer.clone()))
         .collect();
     let mut ship_threads = Vec::new();
     for s in &shippers {

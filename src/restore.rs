@@ -13,6 +13,7 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
 
+use crate::crypt::{self, Opener};
 use crate::replica::{self, ReplicaClient};
 use crate::segment::{self, Event};
 use crate::ship::{segment_key, snapshot_key};
@@ -25,17 +26,47 @@ pub struct RestoreOpts {
     pub output: PathBuf,
     pub txid: Option<u64>,
     pub force: bool,
+    pub age_identity: Option<PathBuf>,
+}
+
+/// Downloads `key` into `scratch` and, if it is encrypted, decrypts it (into `scratch`
+/// plus `.plain`); returns the path of the plain object, or `None` if the key is missing.
+fn fetch(
+    client: &dyn ReplicaClient,
+    key: &str,
+    scratch: &Path,
+    opener: Option<&Opener>,
+) -> Result<Option<PathBuf>> {
+    if !client.get(key, scratch)? {
+        return Ok(None);
+    }
+    if !crypt::file_is_sealed(scratch)? {
+        return Ok(Some(scratch.to_path_buf()));
+    }
+    let Some(o) = opener else {
+        bail!(
+            "{key} is encrypted; pass --age-identity FILE with the key the replica was written for"
+        )
+    };
+    let plain = scratch.with_extension("plain");
+    o.open_file(scratch, &plain, key)?;
+    Ok(Some(plain))
 }
 
 /// Finds the id of database `name` in the replica.
-fn find_db(client: &dyn ReplicaClient, name: &str, scratch: &Path) -> Result<String> {
+fn find_db(
+    client: &dyn ReplicaClient,
+    name: &str,
+    scratch: &Path,
+    opener: Option<&Opener>,
+) -> Result<String> {
     let mut known = Vec::new();
     for (key, _) in client.list("")? {
         let Some(id) = key.strip_suffix("/name") else {
             continue;
         };
-        if client.get(&key, scratch)? {
-            let n = fs::read_to_string(scratch).unwrap_or_default();
+        if let Some(plain) = fetch(client, &key, scratch, opener)? {
+            let n = fs::read_to_string(plain).unwrap_or_default();
             if n == name {
                 return Ok(id.to_string());
             }
@@ -76,7 +107,13 @@ pub fn run(o: &RestoreOpts) -> Result<String> {
     let client = replica::open(&o.replica)?;
     let work = tempfile::tempdir().context("creating a scratch directory")?;
     let scratch = work.path().join("obj");
-    let id = find_db(client.as_ref(), &o.db, &scratch)?;
+    let opener = o
+        .age_identity
+        .as_deref()
+        .map(Opener::from_identity_file)
+        .transpose()?;
+    let opener = opener.as_ref();
+    let id = find_db(client.as_ref(), &o.db, &scratch, opener)?;
     let snaps = txids(client.as_ref(), &format!("{id}/snap/"), ".snap")?;
     let segs = txids(client.as_ref(), &format!("{id}/l0/"), ".seg")?;
     let target = o.txid.unwrap_or(u64::MAX);
@@ -101,6 +138,7 @@ pub fn run(o: &RestoreOpts) -> Result<String> {
             client.as_ref(),
             &key,
             &scratch,
+            opener,
             out,
             s,
             &mut state,
@@ -125,6 +163,7 @@ pub fn run(o: &RestoreOpts) -> Result<String> {
             client.as_ref(),
             &key,
             &scratch,
+            opener,
             out,
             target,
             &mut state,
@@ -174,15 +213,16 @@ fn apply_object(
     client: &dyn ReplicaClient,
     key: &str,
     scratch: &Path,
+    opener: Option<&Opener>,
     out: &File,
     target: u64,
     state: &mut u64,
     last: &mut Option<(u64, u64, u32, u32)>,
 ) -> Result<()> {
-    if !client.get(key, scratch)? {
+    let Some(plain) = fetch(client, key, scratch, opener)? else {
         bail!("{key} is missing from {}", client.describe());
-    }
-    let f = File::open(scratch)?;
+    };
+    let f = File::open(plain)?;
     let hdr = segment::verify(&f, key)?;
     let mut skip = false;
     segment::for_each_txn(&f, &hdr, key, |ev| {

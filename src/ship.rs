@@ -29,6 +29,7 @@ use anyhow::{Context, Result};
 use parking_lot::Mutex;
 
 use crate::capture::{Capture, Db};
+use crate::crypt::Sealer;
 use crate::replica::{ReplicaClient, ReplicaError};
 use crate::segment::{ObjKind, ObjectWriter};
 use crate::stage::{write_atomic, Kind, RecordHeader, WalPos};
@@ -50,6 +51,7 @@ pub fn name_key(db_id: &str) -> String {
 
 pub struct Shipper {
     client: Box<dyn ReplicaClient>,
+    sealer: Option<Arc<Sealer>>,
     /// Short stable id of the replica, for local position files.
     rid: String,
     capture: Arc<Capture>,
@@ -79,10 +81,15 @@ fn short_hash(s: &str) -> String {
 }
 
 impl Shipper {
-    pub fn new(client: Box<dyn ReplicaClient>, capture: Arc<Capture>) -> Arc<Shipper> {
+    pub fn new(
+        client: Box<dyn ReplicaClient>,
+        capture: Arc<Capture>,
+        sealer: Option<Arc<Sealer>>,
+    ) -> Arc<Shipper> {
         let rid = short_hash(&client.describe());
         Arc::new(Shipper {
             client,
+            sealer,
             rid,
             capture,
             positions: Mutex::new(HashMap::new()),
@@ -190,7 +197,11 @@ impl Shipper {
             return Ok(());
         }
         if !self.named.lock().contains(&db.id) {
-            self.client.put(&name_key(&db.id), name.as_bytes())?;
+            let data = match &self.sealer {
+                Some(s) => s.seal_bytes(name.as_bytes())?,
+                None => name.as_bytes().to_vec(),
+            };
+            self.client.put(&name_key(&db.id), &data)?;
             self.named.lock().insert(db.id.clone());
         }
         let tmp = db.stage.dir().join("outbox.tmp");
@@ -235,7 +246,17 @@ impl Shipper {
 
     /// Stores the local object `tmp` as `key`; a key that exists means another writer.
     fn store(&self, name: &str, db: &Db, key: &str, tmp: &Path) -> Result<()> {
-        let res = self.client.put_new(key, tmp);
+        let res = match &self.sealer {
+            Some(s) => {
+                let sealed = tmp.with_extension("sealed");
+                let r = s
+                    .seal_file(tmp, &sealed)
+                    .map(|()| self.client.put_new(key, &sealed));
+                let _ = fs::remove_file(&sealed);
+                r?
+            }
+            None => self.client.put_new(key, tmp),
+        };
         let _ = fs::remove_file(tmp);
         match res {
             Ok(()) => Ok(()),

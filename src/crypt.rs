@@ -1,0 +1,126 @@
+//! Encryption of replica objects with age (X25519 recipients).
+//!
+//! A sealed object is an age file wrapping the whole plain object, so nothing of its content
+//! (not even its header) is readable without an identity; keys stay as they are (they carry
+//! ids, levels and TXIDs only). Decryption needs nothing but the identity file.
+
+use std::fs::File;
+use std::io::{self, BufReader, Read, Write};
+use std::path::Path;
+use std::str::FromStr;
+
+use anyhow::{bail, Context, Result};
+
+const AGE_MAGIC: &[u8] = b"age-encryption.org/v1";
+
+/// True if `head` (the first bytes of an object) is an age file.
+pub fn is_sealed(head: &[u8]) -> bool {
+    head.starts_with(AGE_MAGIC)
+}
+
+/// True if the file at `path` is an age file.
+pub fn file_is_sealed(path: &Path) -> io::Result<bool> {
+    let mut head = [0u8; 21];
+    let n = File::open(path)?.read(&mut head)?;
+    Ok(is_sealed(&head[..n]))
+}
+
+/// Writes a new X25519 identity to `path` (mode 0600, never overwriting); returns its
+/// recipient (public key) string.
+pub fn keygen(path: &Path) -> Result<String> {
+    use age::secrecy::ExposeSecret;
+    use std::os::unix::fs::OpenOptionsExt;
+    let id = age::x25519::Identity::generate();
+    let public = id.to_public().to_string();
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path)
+        .with_context(|| format!("creating {}", path.display()))?;
+    writeln!(
+        f,
+        "# sqlfs replica key\n# public key: {public}\n{}",
+        id.to_string().expose_secret()
+    )?;
+    f.sync_all()?;
+    Ok(public)
+}
+
+/// Encrypts objects to a set of X25519 recipients.
+pub struct Sealer {
+    recipients: Vec<age::x25519::Recipient>,
+}
+
+impl Sealer {
+    /// Parses `age1…` recipient strings; `None` when there are none (no encryption).
+    pub fn new(recipients: &[String]) -> Result<Option<Sealer>> {
+        if recipients.is_empty() {
+            return Ok(None);
+        }
+        let recipients = recipients
+            .iter()
+            .map(|r| {
+                age::x25519::Recipient::from_str(r.trim())
+                    .map_err(|e| anyhow::anyhow!("bad age recipient {:?}: {e}", r.trim()))
+            })
+            .collect::<Result<Vec<_>>>()?;
+        Ok(Some(Sealer { recipients }))
+    }
+
+    fn encryptor(&self) -> Result<age::Encryptor> {
+        age::Encryptor::with_recipients(self.recipients.iter().map(|r| r as &dyn age::Recipient))
+            .context("setting up encryption")
+    }
+
+    /// Encrypts the file `src` into `dst`.
+    pub fn seal_file(&self, src: &Path, dst: &Path) -> Result<()> {
+        let out = File::create(dst).with_context(|| format!("creating {}", dst.display()))?;
+        let mut w = self.encryptor()?.wrap_output(io::BufWriter::new(out))?;
+        io::copy(&mut BufReader::new(File::open(src)?), &mut w)?;
+        let mut inner = w.finish()?;
+        inner.flush()?;
+        inner.into_inner().map_err(|e| e.into_error())?.sync_all()?;
+        Ok(())
+    }
+
+    /// Encrypts `data`.
+    pub fn seal_bytes(&self, data: &[u8]) -> Result<Vec<u8>> {
+        let mut out = Vec::new();
+        let mut w = self.encryptor()?.wrap_output(&mut out)?;
+        w.write_all(data)?;
+        w.finish()?;
+        Ok(out)
+    }
+}
+
+/// Decrypts objects with the identities of an age identity file.
+pub struct Opener {
+    identities: Vec<Box<dyn age::Identity>>,
+}
+
+impl Opener {
+    pub fn from_identity_file(path: &Path) -> Result<Opener> {
+        let f = age::IdentityFile::from_file(path.display().to_string())
+            .with_context(|| format!("reading age identity file {}", path.display()))?;
+        let identities = f
+            .into_identities()
+            .with_context(|| format!("{} holds no usable age identity", path.display()))?;
+        if identities.is_empty() {
+            bail!("{} holds no age identity", path.display());
+        }
+        Ok(Opener { identities })
+    }
+
+    /// Decrypts `src` (an object named `what`) into `dst`.
+    pub fn open_file(&self, src: &Path, dst: &Path, what: &str) -> Result<()> {
+        let d = age::Decryptor::new_buffered(BufReader::new(File::open(src)?))
+            .map_err(|e| anyhow::anyhow!("{what} is not a readable encrypted object: {e}"))?;
+        let mut r = d
+            .decrypt(self.identities.iter().map(|i| i.as_ref() as &dyn age::Identity))
+            .map_err(|e| anyhow::anyhow!("cannot decrypt {what}: {e} (is --age-identity the key the replica was written for?)"))?;
+        let mut out = File::create(dst)?;
+        io::copy(&mut r, &mut out).map_err(|e| anyhow::anyhow!("cannot decrypt {what}: {e}"))?;
+        Ok(())
+    }
+}
