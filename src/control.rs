@@ -13,6 +13,7 @@ use std::sync::Arc;
 use crate::backing::Backing;
 use crate::capture::Capture;
 use crate::inspect::{self, Source};
+use crate::ship::Shipper;
 
 /// Where the control socket of the mount at `mountpoint` lives.
 pub fn socket_path(mountpoint: &Path) -> PathBuf {
@@ -35,7 +36,12 @@ pub fn socket_path(mountpoint: &Path) -> PathBuf {
 }
 
 /// Serves requests until the process exits.
-pub fn serve(path: &Path, backing: Arc<Backing>, capture: Arc<Capture>) -> io::Result<()> {
+pub fn serve(
+    path: &Path,
+    backing: Arc<Backing>,
+    capture: Arc<Capture>,
+    shippers: Vec<Arc<Shipper>>,
+) -> io::Result<()> {
     if let Some(d) = path.parent() {
         std::fs::create_dir_all(d)?;
     }
@@ -45,11 +51,11 @@ pub fn serve(path: &Path, backing: Arc<Backing>, capture: Arc<Capture>) -> io::R
         .name("sqlfs-control".into())
         .spawn(move || {
             for conn in l.incoming().flatten() {
-                let (b, c) = (backing.clone(), capture.clone());
+                let (b, c, sh) = (backing.clone(), capture.clone(), shippers.clone());
                 let _ = std::thread::Builder::new()
                     .name("sqlfs-control-req".into())
                     .spawn(move || {
-                        if let Err(e) = handle(conn, &b, &c) {
+                        if let Err(e) = handle(conn, &b, &c, &sh) {
                             log::warn!("control request failed: {e}");
                         }
                     });
@@ -58,7 +64,12 @@ pub fn serve(path: &Path, backing: Arc<Backing>, capture: Arc<Capture>) -> io::R
     Ok(())
 }
 
-fn handle(conn: UnixStream, b: &Backing, cap: &Capture) -> io::Result<()> {
+fn handle(
+    conn: UnixStream,
+    b: &Backing,
+    cap: &Capture,
+    shippers: &[Arc<Shipper>],
+) -> io::Result<()> {
     let mut line = String::new();
     BufReader::new(&conn).read_line(&mut line)?;
     let w: Vec<&str> = line.trim_end_matches('\n').split('\t').collect();
@@ -67,6 +78,7 @@ fn handle(conn: UnixStream, b: &Backing, cap: &Capture) -> io::Result<()> {
         ["verify", db] => inspect::verify(b, &src, (*db != "-").then_some(*db))
             .map(|(s, ok)| (s, if ok { 0 } else { 1 })),
         ["log", db] => inspect::log(b, &src, db).map(|s| (s, 0)),
+        ["status"] => Ok(status(cap, shippers)),
         ["replay", db, txid, out] => match txid.parse() {
             Ok(t) => inspect::replay(b, &src, db, t, Path::new(out)).map(|s| (s, 0)),
             Err(_) => Ok((format!("error: bad TXID {txid}\n"), 2)),
@@ -77,6 +89,50 @@ fn handle(conn: UnixStream, b: &Backing, cap: &Capture) -> io::Result<()> {
     let mut conn = conn;
     conn.write_all(text.as_bytes())?;
     writeln!(conn, "exit {code}")
+}
+
+/// Per database: its staged TXID and staging size; per replica: what it has, how far behind it
+/// is, and its last error. Exit code 1 if any replica is failing or fenced.
+fn status(cap: &Capture, shippers: &[Arc<Shipper>]) -> (String, i32) {
+    use std::fmt::Write as _;
+    let mut out = String::new();
+    let mut code = 0;
+    for s in shippers {
+        let _ = write!(out, "replica {}: ", s.describe());
+        match s.last_error() {
+            Some(e) => {
+                code = 1;
+                let _ = writeln!(out, "FAILING: {e}");
+            }
+            None => {
+                let _ = writeln!(out, "ok");
+            }
+        }
+    }
+    for (name, db) in cap.databases() {
+        let txid = db.stage.last().map_or(0, |h| h.txid);
+        let _ = writeln!(
+            out,
+            "{name}: TXID {txid}, staged log {} KiB",
+            db.stage.log_bytes() >> 10
+        );
+        for s in shippers {
+            let pos = s.position(&db);
+            let fenced = if s.is_fenced(&db) {
+                code = 1;
+                " FENCED (another writer)"
+            } else {
+                ""
+            };
+            let _ = writeln!(
+                out,
+                "  {}: TXID {pos}, {} behind{fenced}",
+                s.describe(),
+                txid.saturating_sub(pos)
+            );
+        }
+    }
+    (out, code)
 }
 
 /// Sends a request to the mount at `mountpoint`; `None` if no mount answers there.

@@ -108,6 +108,9 @@ enum Cmd {
         #[arg(long)]
         db: Option<String>,
     },
+    /// Show a running mount's databases and replicas: positions, lag, errors (exit 1 if a
+    /// replica is failing or fenced).
+    Status { dir: PathBuf },
     /// List the staged transactions of one database.
     Log {
         dir: PathBuf,
@@ -227,6 +230,9 @@ fn run() -> Result<i32> {
             );
             Ok(0)
         }
+        Cmd::Status { dir } => inspect(&dir, &["status"], |_| {
+            anyhow::bail!("{} is not a running sqlfs mount", dir.display())
+        }),
         Cmd::Keygen { output } => {
             println!("{}", crypt::keygen(&output)?);
             Ok(0)

@@ -181,19 +181,20 @@ pub fn run(o: MountOpts) -> Result<()> {
         Session::new(fs, &dir, &cfg).map_err(mount_err)?
     };
 
+    let stop = Arc::new(AtomicBool::new(false));
+    let shippers: Vec<Arc<crate::ship::Shipper>> = replicas
+        .into_iter()
+        .map(|c| crate::ship::Shipper::new(c, capture.clone(), sealer.clone()))
+        .collect();
     let sock = crate::control::socket_path(&dir);
-    if let Err(e) = crate::control::serve(&sock, backing.clone(), capture.clone()) {
+    if let Err(e) = crate::control::serve(&sock, backing.clone(), capture.clone(), shippers.clone())
+    {
         log::warn!(
             "control socket {} unavailable ({e}); `sqlfs verify` will need the mount stopped",
             sock.display()
         );
     }
 
-    let stop = Arc::new(AtomicBool::new(false));
-    let shippers: Vec<Arc<crate::ship::Shipper>> = replicas
-        .into_iter()
-        .map(|c| crate::ship::Shipper::new(c, capture.clone(), sealer.clone()))
-        .collect();
     let mut ship_threads = Vec::new();
     for s in &shippers {
         ship_threads.push(s.spawn(o.sync_interval, stop.clone())?);

@@ -260,6 +260,6 @@ fn apply_object(
 fn io_err(key: &str, e: std::io::Error) -> segment::ObjectError {
     segment::ObjectError::Io {
         what: key.into(),
-        source: e,
+        err: e,
     }
 }

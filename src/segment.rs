@@ -29,8 +29,8 @@ const ZSTD_LEVEL: i32 = 3;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ObjectError {
-    #[error("{what}: {source}")]
-    Io { what: String, source: io::Error },
+    #[error("{what}: {err}")]
+    Io { what: String, err: io::Error },
     #[error("{what} is not a sqlfs replica object (bad magic)")]
     Foreign { what: String },
     #[error("{what} has object format version {version}; this build reads version {VERSION}")]
@@ -159,9 +159,9 @@ pub struct ObjectWriter {
 }
 
 fn io(what: &str) -> impl FnOnce(io::Error) -> ObjectError + '_ {
-    move |source| ObjectError::Io {
+    move |err| ObjectError::Io {
         what: what.to_string(),
-        source,
+        err,
     }
 }
 

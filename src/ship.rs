@@ -204,7 +204,7 @@ impl Shipper {
             self.client.put(&name_key(&db.id), &data)?;
             self.named.lock().insert(db.id.clone());
         }
-        let tmp = db.stage.dir().join("outbox.tmp");
+        let tmp = db.stage.dir().join(format!("outbox.{}.tmp", self.rid));
         let base = db.stage.base_meta().map_err(anyhow::Error::from)?;
         let mut pos = pos;
         if pos < base.txid {
@@ -225,7 +225,7 @@ impl Shipper {
                 w.add(h, |emit| pages(emit).map_err(std::io::Error::other))
                     .map_err(|e| crate::stage::StageError::Io {
                         path: tmp.clone(),
-                        source: e,
+                        err: e,
                     })
             })
             .with_context(|| format!("{name}: reading staged transactions {}..={last}", pos + 1))?;
@@ -306,6 +306,11 @@ impl Shipper {
         })?;
         w.finish()?;
         Ok(())
+    }
+
+    /// True if shipping `db` to this replica stopped because another writer owns it.
+    pub fn is_fenced(&self, db: &Db) -> bool {
+        self.fenced.lock().contains(&db.id)
     }
 
     /// The last shipping error, if the last attempt failed.

@@ -41,8 +41,8 @@ const SEGMENT_BYTES: u64 = 8 << 20;
 
 #[derive(Debug, thiserror::Error)]
 pub enum StageError {
-    #[error("staging I/O on {}: {source}", shown(.path).display())]
-    Io { path: PathBuf, source: io::Error },
+    #[error("staging I/O on {}: {err}", shown(.path).display())]
+    Io { path: PathBuf, err: io::Error },
     #[error("staging record in {} at offset {offset} is corrupt: {why}", shown(.path).display())]
     Corrupt {
         path: PathBuf,
@@ -63,9 +63,9 @@ pub type PageSink<'a> = &'a mut dyn FnMut(u32, &[u8]) -> io::Result<()>;
 pub type PageSource<'a> = &'a mut dyn FnMut(PageSink<'_>) -> Result<()>;
 
 fn io_err(path: &Path) -> impl FnOnce(io::Error) -> StageError + '_ {
-    move |source| StageError::Io {
+    move |err| StageError::Io {
         path: path.to_path_buf(),
-        source,
+        err,
     }
 }
 
@@ -415,7 +415,7 @@ impl DbStage {
                 why: "unreadable base.meta".into(),
             }),
             Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(BaseMeta::default()),
-            Err(e) => Err(StageError::Io { path: p, source: e }),
+            Err(e) => Err(StageError::Io { path: p, err: e }),
         }
     }
 
@@ -429,7 +429,7 @@ impl DbStage {
             Err(e) => {
                 return Err(StageError::Io {
                     path: logdir,
-                    source: e,
+                    err: e,
                 })
             }
         };
@@ -502,7 +502,7 @@ impl DbStage {
             a.len = start_len;
             return Err(StageError::Io {
                 path: a.path.clone(),
-                source: e,
+                err: e,
             });
         }
         a.dirty = true;

@@ -29,7 +29,7 @@ impl FileReplica {
             replica: self.describe(),
             op,
             key,
-            source,
+            err: source,
         }
     }
 

@@ -16,12 +16,12 @@ pub use file::FileReplica;
 pub enum ReplicaError {
     #[error("{0} already exists in the replica")]
     Exists(String),
-    #[error("replica {replica}: {op} {key}: {source}")]
+    #[error("replica {replica}: {op} {key}: {err}")]
     Io {
         replica: String,
         op: &'static str,
         key: String,
-        source: io::Error,
+        err: io::Error,
     },
     #[error("bad replica URL {url}: {why}")]
     BadUrl { url: String, why: String },
