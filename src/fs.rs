@@ -125,7 +125,12 @@ pub struct SqlFs {
     handles: RwLock<HashMap<u64, Arc<Handle>>>,
     next_fh: AtomicU64,
     root_ino: u64,
+    /// Called after a successful fsync of a database file (`--sync`).
+    durable: Option<DurableHook>,
 }
+
+/// Makes the transactions of the database a file belongs to durable elsewhere; see `--sync`.
+pub type DurableHook = Box<dyn Fn(&str) -> anyhow::Result<()> + Send + Sync>;
 
 fn to_system_time(sec: i64, nsec: i64) -> SystemTime {
     if sec >= 0 {
@@ -158,8 +163,15 @@ impl SqlFs {
             nodes: RwLock::new(nodes),
             handles: RwLock::new(HashMap::new()),
             next_fh: AtomicU64::new(1),
+            durable: None,
             root_ino: st.st_ino,
         })
+    }
+
+    /// Sets the hook run after each fsync of a database file.
+    pub fn with_durability(mut self, hook: DurableHook) -> SqlFs {
+        self.durable = Some(hook);
+        self
     }
 
     fn ino_of(&self, st: &libc::stat) -> u64 {
@@ -811,10 +823,18 @@ impl Filesystem for SqlFs {
         } else {
             h.file.sync_all()
         };
-        match r {
-            Ok(()) => reply.ok(),
-            Err(e) => reply.error(errno(e)),
+        if let Err(e) = r {
+            return reply.error(errno(e));
         }
+        // --sync: the app's fsync returns once its transactions are off the machine.
+        if let (Some(hook), true) = (&self.durable, h.role != Role::Other) {
+            let rel = h.rel.lock().clone();
+            if let Err(e) = hook(&rel) {
+                log::error!("{rel}: fsync is failing the app because the replicas do not have its transactions: {e:#}");
+                return reply.error(Errno::EIO);
+            }
+        }
+        reply.ok();
     }
 
     fn opendir(&self, _req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {

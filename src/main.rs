@@ -68,6 +68,10 @@ enum Cmd {
         /// Encrypt every replica object to this age recipient (age1…; repeatable).
         #[arg(long = "age-recipient", value_name = "RECIPIENT")]
         age_recipients: Vec<String>,
+        /// The app's fsync of a database returns only when its transactions are on every
+        /// replica (zero loss on machine failure; use with PRAGMA synchronous=FULL).
+        #[arg(long)]
+        sync: bool,
     },
     /// Rebuild a database from a replica alone, as of its latest (or a given) transaction.
     #[command(
@@ -197,6 +201,7 @@ fn run() -> Result<i32> {
             replicas,
             sync_interval,
             age_recipients,
+            sync,
         } => {
             mount::run(mount::MountOpts {
                 dir,
@@ -206,6 +211,7 @@ fn run() -> Result<i32> {
                 replicas,
                 sync_interval,
                 age_recipients,
+                sync,
             })?;
             Ok(0)
         }

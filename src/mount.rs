@@ -27,7 +27,13 @@ pub struct MountOpts {
     pub replicas: Vec<String>,
     pub sync_interval: Duration,
     pub age_recipients: Vec<String>,
+    /// The app's fsync of a database file returns only once its transactions are on every
+    /// replica.
+    pub sync: bool,
 }
+
+/// How long a `--sync` fsync waits for the replicas before failing the app's fsync.
+const SYNC_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// Staging may grow to this many times `--stage-limit` for a lagging replica before it is
 /// folded anyway (that replica then gets a snapshot when it comes back).
@@ -146,8 +152,26 @@ pub fn run(o: MountOpts) -> Result<()> {
         Capture::open(backing.clone())
             .with_context(|| format!("cannot open staging in {}/{META_DIR}", data.display()))?,
     );
-    let fs =
+    let stop = Arc::new(AtomicBool::new(false));
+    let shippers: Vec<Arc<crate::ship::Shipper>> = replicas
+        .into_iter()
+        .map(|c| crate::ship::Shipper::new(c, capture.clone(), sealer.clone()))
+        .collect();
+    let mut fs =
         SqlFs::new(backing.clone(), capture.clone()).context("cannot read the data directory")?;
+    if o.sync {
+        let (cap, sh) = (capture.clone(), shippers.clone());
+        fs = fs.with_durability(Box::new(move |rel: &str| {
+            let Some(db) = cap.get(crate::capture::classify(rel).1) else {
+                return Ok(());
+            };
+            let txid = db.stage.last().map_or(0, |h| h.txid);
+            for s in &sh {
+                s.wait_shipped(&db, txid, SYNC_TIMEOUT)?;
+            }
+            Ok(())
+        }));
+    }
 
     let mut cfg = Config::default();
     cfg.mount_options = vec![
@@ -181,11 +205,6 @@ pub fn run(o: MountOpts) -> Result<()> {
         Session::new(fs, &dir, &cfg).map_err(mount_err)?
     };
 
-    let stop = Arc::new(AtomicBool::new(false));
-    let shippers: Vec<Arc<crate::ship::Shipper>> = replicas
-        .into_iter()
-        .map(|c| crate::ship::Shipper::new(c, capture.clone(), sealer.clone()))
-        .collect();
     let sock = crate::control::socket_path(&dir);
     if let Err(e) = crate::control::serve(&sock, backing.clone(), capture.clone(), shippers.clone())
     {

@@ -26,7 +26,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
-use parking_lot::Mutex;
+use parking_lot::{Condvar, Mutex};
 
 use crate::capture::{Capture, Db};
 use crate::crypt::Sealer;
@@ -59,6 +59,10 @@ pub struct Shipper {
     named: Mutex<HashSet<String>>,
     fenced: Mutex<HashSet<String>>,
     last_error: Mutex<Option<String>>,
+    /// Set (and signalled) to ship now instead of at the end of the interval.
+    wake: (Mutex<bool>, Condvar),
+    /// Signalled whenever a position advances or a shipment fails.
+    progress: (Mutex<u64>, Condvar),
 }
 
 /// A fresh local file an object is built in (read back for its checksum).
@@ -96,6 +100,8 @@ impl Shipper {
             named: Mutex::new(HashSet::new()),
             fenced: Mutex::new(HashSet::new()),
             last_error: Mutex::new(None),
+            wake: (Mutex::new(false), Condvar::new()),
+            progress: (Mutex::new(0), Condvar::new()),
         })
     }
 
@@ -118,13 +124,21 @@ impl Shipper {
                 loop {
                     let stopping = stop.load(Ordering::Relaxed);
                     if !stopping && Instant::now() < next {
-                        std::thread::sleep(
-                            Duration::from_millis(50)
-                                .min(next.saturating_duration_since(Instant::now())),
-                        );
-                        continue;
+                        // Sleep until the interval ends, a --sync waiter asks, or stop.
+                        let mut asked = me.wake.0.lock();
+                        if !*asked {
+                            let wait = Duration::from_millis(50)
+                                .min(next.saturating_duration_since(Instant::now()));
+                            me.wake.1.wait_for(&mut asked, wait);
+                        }
+                        if !std::mem::take(&mut *asked) {
+                            continue;
+                        }
                     }
-                    match me.ship_all() {
+                    let res = me.ship_all();
+                    *me.progress.0.lock() += 1;
+                    me.progress.1.notify_all();
+                    match res {
                         Ok(()) => {
                             backoff = Duration::ZERO;
                             *me.last_error.lock() = None;
@@ -306,6 +320,41 @@ impl Shipper {
         })?;
         w.finish()?;
         Ok(())
+    }
+
+    /// Blocks until this replica holds `db` up to `txid` (shipping right away), or fails
+    /// with the replica's error, or `timeout` passes.
+    pub fn wait_shipped(&self, db: &Db, txid: u64, timeout: Duration) -> Result<()> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if self.position(db) >= txid {
+                return Ok(());
+            }
+            if self.is_fenced(db) {
+                anyhow::bail!("{} is fenced off by another writer", self.describe());
+            }
+            let mut rounds = self.progress.0.lock();
+            let seen = *rounds;
+            *self.wake.0.lock() = true;
+            self.wake.1.notify_all();
+            while *rounds == seen {
+                if self
+                    .progress
+                    .1
+                    .wait_until(&mut rounds, deadline)
+                    .timed_out()
+                {
+                    anyhow::bail!(
+                        "{} did not receive TXID {txid} within {timeout:?}",
+                        self.describe()
+                    );
+                }
+            }
+            drop(rounds);
+            if let (Some(e), true) = (self.last_error(), self.position(db) < txid) {
+                anyhow::bail!("{}: {e}", self.describe());
+            }
+        }
     }
 
     /// True if shipping `db` to this replica stopped because another writer owns it.
