@@ -11,6 +11,7 @@
 //! * Worker processes: the test binary re-executes itself (see [`workload`]).
 #![allow(dead_code)]
 
+pub mod replica;
 pub mod workload;
 
 use std::ffi::OsString;
@@ -160,6 +161,16 @@ pub struct MountOpts {
     pub data_dir: Option<PathBuf>,
     pub threads: Option<u32>,
     pub stage_limit: Option<u64>,
+    /// The replicas to ship to (each passed as `--replica URL`). `None`: one file replica
+    /// beside the daemon log (`<log dir>/replica`), never the user's default replica.
+    pub replicas: Option<Vec<String>>,
+    /// `--sync-interval` (e.g. "250ms"); `None` leaves the daemon's default.
+    pub sync_interval: Option<String>,
+}
+
+/// The replica a mount ships to when its options name none: beside its log.
+pub fn default_replica_dir(log: &Path) -> PathBuf {
+    log.parent().unwrap_or(Path::new("/tmp")).join("replica")
 }
 
 /// One running `sqlfs mount` daemon.
@@ -189,10 +200,21 @@ impl Mount {
         if let Some(s) = opts.stage_limit {
             cmd.arg("--stage-limit").arg(s.to_string());
         }
-        // Ship to a replica beside the daemon log, never to the user's default replica.
-        let replica = log.parent().unwrap_or(Path::new("/tmp")).join("replica");
-        cmd.arg("--replica")
-            .arg(format!("file://{}", replica.display()));
+        match &opts.replicas {
+            Some(urls) => {
+                for u in urls {
+                    cmd.arg("--replica").arg(u);
+                }
+            }
+            None => {
+                // Ship to a replica beside the daemon log, never to the user's default replica.
+                cmd.arg("--replica")
+                    .arg(format!("file://{}", default_replica_dir(log).display()));
+            }
+        }
+        if let Some(i) = &opts.sync_interval {
+            cmd.arg("--sync-interval").arg(i);
+        }
         cmd.stdin(Stdio::null())
             .stdout(Stdio::from(logf.try_clone().unwrap()))
             .stderr(Stdio::from(logf));
@@ -395,6 +417,11 @@ impl Fixture {
 
     pub fn scratch_path(&self, rel: &str) -> PathBuf {
         self.scratch.join(rel)
+    }
+
+    /// The replica directory mounts of this fixture ship to when `opts.replicas` is `None`.
+    pub fn default_replica(&self) -> PathBuf {
+        self.scratch.join("replica")
     }
 
     /// The directory to hand to the CLI: the mount point while mounted, the backing

@@ -1,0 +1,1024 @@
+//! Replication tests: what a mount ships to its replicas, and what `sqlfs restore` rebuilds
+//! from a replica alone.
+//!
+//! The reference for every restored file is `sqlfs replay` of the same TXID from the staging
+//! log (itself checked against the page images the application saw), and for the latest
+//! state also the live database's page image read through the mount.
+mod common;
+
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::thread;
+use std::time::{Duration, Instant};
+
+use common::replica::*;
+use common::workload::*;
+use common::*;
+use rand::rngs::StdRng;
+use rand::seq::SliceRandom;
+use rand::{Rng, RngCore, SeedableRng};
+use rusqlite::Connection;
+
+#[test]
+fn worker_entry() {
+    worker_main();
+}
+
+/// Sync interval of every mount in this file.
+const SYNC: &str = "250ms";
+const SYNC_MS: u64 = 250;
+/// How long shipping may take to catch up with staging.
+const COVER_TIMEOUT: Duration = Duration::from_secs(20);
+
+/// A new database with the test schema.
+fn fresh_db(path: &Path, journal: &str) -> Connection {
+    let c = open_db(path);
+    set_journal_mode(&c, journal);
+    c.execute_batch(SCHEMA).unwrap();
+    c
+}
+
+/// A fixture whose mounts ship to `replicas` (file URLs of scratch directories) every
+/// [`SYNC`].
+fn fixture(name: &str, replicas: &[&str]) -> (Fixture, Vec<PathBuf>) {
+    let mut fx = Fixture::new(name, false);
+    let dirs: Vec<PathBuf> = replicas.iter().map(|r| fx.scratch_path(r)).collect();
+    fx.opts.replicas = Some(dirs.iter().map(|d| file_url(d)).collect());
+    fx.opts.sync_interval = Some(SYNC.into());
+    (fx, dirs)
+}
+
+/// Waits until `replica` holds everything staged for `db`; returns that TXID.
+fn wait_shipped(fx: &Fixture, replica: &Path, db: &str) -> u64 {
+    let last = last_staged(&fx.mnt, db);
+    assert!(last > 0, "{db}: nothing staged");
+    match wait_replica_covers(replica, db, last, COVER_TIMEOUT) {
+        Ok(got) => {
+            assert_eq!(
+                got, last,
+                "{}: the replica holds {db} up to TXID {got}, past the last staged {last}",
+                replica.display()
+            );
+            last
+        }
+        Err(e) => panic!("{e}"),
+    }
+}
+
+/// The replica's chain for `db` must be gap-free: segments follow each other (and the
+/// newest snapshot they start after) with no hole, each key naming its first TXID.
+fn assert_chain(replica: &Path, db: &str) -> (Option<u64>, Vec<ObjInfo>) {
+    let id = replica_db_id(replica, db)
+        .unwrap_or_else(|| panic!("{}: no database named {db}", replica.display()));
+    let snaps = snapshots(replica, &id);
+    let segs = segments(replica, &id);
+    let snap = snaps.first().map(|s| s.key_txid);
+    let mut next = snap.map_or(1, |s| s + 1);
+    for s in &segs {
+        let (Some(first), Some(last)) = (s.first, s.last) else {
+            panic!("{}: {} has no readable object header", replica.display(), s.key)
+        };
+        assert_eq!(first, s.key_txid, "{}: key and header disagree", s.key);
+        assert_eq!(
+            first,
+            next,
+            "{}: the chain of {db} is not gap-free at {} (segments: {:?})",
+            replica.display(),
+            s.key,
+            segs.iter().map(|s| &s.key).collect::<Vec<_>>()
+        );
+        assert!(last >= first, "{}: TXIDs {first}..={last}", s.key);
+        next = last + 1;
+    }
+    (snap, segs)
+}
+
+/// The live database's page image, read through the mount.
+fn live_image(path: &Path) -> Snapshot {
+    let c = open_db(path);
+    integrity_ok(&c);
+    snapshot(&c, true)
+}
+
+fn assert_file_is_image(image: &Snapshot, file: &Path, what: &str) {
+    let got = fs::read(file).unwrap();
+    assert_same_image(&image.image, &got, image.page_size, what);
+}
+
+/// Compares a restored file with a sample's page image, if it kept one.
+fn assert_file_is_sample(s: &Sample, file: &Path, what: &str) {
+    match &s.image {
+        Image::None => {}
+        Image::Mem(img) => assert_same_image(img, &fs::read(file).unwrap(), s.page_size, what),
+        Image::File(p) => assert_same_files(p, file, s.page_size, what),
+    }
+}
+
+/// Restores `db` from `url` at `txid` (latest when `None`) and compares it with the replay
+/// of the same TXID from `dir`; returns the TXID restored.
+fn restore_vs_replay(url: &str, dir: &Path, db: &str, txid: Option<u64>, scratch: &Path) -> u64 {
+    let tag = txid.map_or("latest".to_string(), |t| t.to_string());
+    let safe: String = db
+        .chars()
+        .map(|c| if c.is_ascii_alphanumeric() { c } else { '_' })
+        .collect();
+    let out = scratch.join(format!("restore-{safe}-{tag}.db"));
+    let rep = scratch.join(format!("replay-{safe}-{tag}.db"));
+    let t = restore_ok(url, db, &out, txid);
+    replay(dir, db, t, &rep);
+    assert_same_bytes(
+        &rep,
+        &out,
+        &format!("{db}: restore at TXID {t} ({tag}) vs replay of TXID {t}"),
+    );
+    let _ = fs::remove_file(&rep);
+    t
+}
+
+fn wait_workers(children: &mut [std::process::Child], logs: &[PathBuf], timeout: Duration) {
+    let deadline = Instant::now() + timeout;
+    for (c, log) in children.iter_mut().zip(logs) {
+        let left = deadline.saturating_duration_since(Instant::now());
+        match wait_timeout(c, left) {
+            Some(s) => assert!(
+                s.success(),
+                "worker exited with {s}; its output:\n{}",
+                file_tail(log, 3000)
+            ),
+            None => {
+                kill9_child(c);
+                panic!(
+                    "worker did not finish in time; its output:\n{}",
+                    file_tail(log, 3000)
+                );
+            }
+        }
+    }
+}
+
+/// A writer thread running random transactions until [`Writer::finish`] (or drop, so a
+/// failing test does not leave it writing into a mount being torn down).
+struct Writer {
+    stop: Arc<AtomicBool>,
+    handle: Option<thread::JoinHandle<u64>>,
+}
+
+impl Writer {
+    fn start(path: PathBuf, wid: i64, seed: u64) -> Writer {
+        let stop = Arc::new(AtomicBool::new(false));
+        let st = stop.clone();
+        let handle = thread::spawn(move || {
+            let mut d = Driver::open(&path, wid, seed, DriverCfg::default());
+            let mut n = 0u64;
+            while !st.load(Ordering::Relaxed) {
+                d.random_txn().unwrap();
+                n += 1;
+                if n % 25 == 0 {
+                    d.random_checkpoint();
+                }
+                sleep_ms(15);
+            }
+            n
+        });
+        Writer {
+            stop,
+            handle: Some(handle),
+        }
+    }
+
+    /// Stops the writer; returns how many transactions it committed.
+    fn finish(mut self) -> u64 {
+        self.stop.store(true, Ordering::Relaxed);
+        self.handle.take().unwrap().join().expect("writer thread")
+    }
+}
+
+impl Drop for Writer {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(h) = self.handle.take() {
+            let _ = h.join();
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// 1. Restore equals replay: WAL and rollback-journal workloads
+// ---------------------------------------------------------------------------------------
+
+/// Two WAL writer processes (with checkpoints) on one database and a rollback-journal
+/// writer on another, in a subdirectory, all shipped to one file replica. Once shipping
+/// has caught up, restoring the latest state and a few sampled TXIDs gives exactly what
+/// `sqlfs replay` gives, and the latest restore is the live database's page image; a
+/// sampled state whose page image the application kept restores to that image.
+#[test]
+fn restore_matches_replay_wal_and_rollback() {
+    let seed = seed_for("restore_matches_replay_wal_and_rollback");
+    let mut rng = StdRng::seed_from_u64(seed);
+    let (mut fx, dirs) = fixture("repl", &["r"]);
+    let url = file_url(&dirs[0]);
+    // Keep every transaction staged, so every TXID can be replayed as the reference.
+    fx.opts.stage_limit = Some(1 << 30);
+    fx.mount();
+
+    let wal = "wal.db";
+    let rb = "sub/rb.db";
+    fs::create_dir_all(fx.path("sub")).unwrap();
+    let rb_mode = ["DELETE", "TRUNCATE", "PERSIST"][rng.random_range(0..3)];
+    eprintln!("rollback database in journal_mode={rb_mode}");
+    drop(fresh_db(&fx.path(wal), "WAL"));
+    drop(fresh_db(&fx.path(rb), rb_mode));
+
+    let img_dir = fx.scratch_path("images");
+    fs::create_dir_all(&img_dir).unwrap();
+    let mut children = Vec::new();
+    let mut logs = Vec::new();
+    let mut outs = Vec::new();
+    for wid in 1..=2i64 {
+        let out = fx.scratch_path(&format!("w{wid}.out"));
+        let log = fx.scratch_path(&format!("w{wid}.log"));
+        let mut p = Params::new("writer")
+            .set("db", fx.path(wal).display())
+            .set("wid", wid)
+            .set("seed", seed)
+            .set("out", out.display())
+            .set("txns", 60)
+            .set("sample_prob", 0.5)
+            .set("image_prob", 0.2)
+            .set("img_dir", img_dir.display())
+            .set("big_prob", 0.03)
+            .set("big_bytes", 1 << 20)
+            .set("sleep_ms", 8)
+            .set("autockpt", [100, 0][wid as usize - 1]);
+        if wid == 1 {
+            p = p.set("ckpt_prob", 0.1);
+        }
+        children.push(spawn_worker(&p, &log));
+        logs.push(log);
+        outs.push(out);
+    }
+    let rb_path = fx.path(rb);
+    let rb_writer = thread::spawn(move || {
+        let cfg = DriverCfg {
+            big_prob: 0.05,
+            big_bytes: 1 << 20,
+            ..Default::default()
+        };
+        let mut d = Driver::open(&rb_path, 1, seed ^ 0x5eed, cfg);
+        set_journal_mode(&d.conn, rb_mode);
+        d.exec("PRAGMA cache_size=100");
+        let mut samples = Vec::new();
+        for t in 0..60 {
+            d.random_txn().unwrap();
+            samples.push(d.sample(0.15, format!("{rb_mode} txn {t}")));
+            let ms = d.rng.random_range(0..10);
+            sleep_ms(ms);
+        }
+        samples
+    });
+    wait_workers(&mut children, &logs, Duration::from_secs(120));
+    let rb_samples = rb_writer.join().expect("rollback writer");
+
+    let mut wal_samples = Vec::new();
+    for out in &outs {
+        let r = read_report(out);
+        assert!(r.errors.is_empty(), "worker errors: {:?}", r.errors);
+        assert!(r.done, "worker {} did not finish", out.display());
+        wal_samples.push(r.samples);
+    }
+
+    for (db, per_observer) in [(wal, wal_samples), (rb, vec![rb_samples])] {
+        let last = wait_shipped(&fx, &dirs[0], db);
+        let entries = check_final(&fx.mnt, &fx.path(db), db, &fx.scratch);
+        assert_eq!(entries.last().unwrap().txid, last);
+        assert_chain(&dirs[0], db);
+
+        // The latest state: replay and the live page image.
+        let t = restore_vs_replay(&url, &fx.mnt, db, None, &fx.scratch);
+        assert_eq!(t, last, "{db}: restore did not restore the last shipped TXID");
+        let out = fx.scratch_path("latest.db");
+        restore_ok(&url, db, &out, None);
+        assert_file_is_image(
+            &live_image(&fx.path(db)),
+            &out,
+            &format!("{db}: restore at latest vs the live page image"),
+        );
+
+        // Sampled TXIDs: first those whose page image was kept, then random ones.
+        let mut with_image = Vec::new();
+        for samples in &per_observer {
+            let matched = check_samples(&fx.mnt, db, &entries, samples, &fx.scratch);
+            let nonempty = samples.iter().filter(|s| s.npages > 0);
+            for (s, t) in nonempty.zip(matched) {
+                if !matches!(s.image, Image::None) && t < last {
+                    with_image.push((t, s.clone()));
+                }
+            }
+        }
+        with_image.shuffle(&mut rng);
+        with_image.truncate(3);
+        let mut picks: Vec<(u64, Option<Sample>)> =
+            with_image.into_iter().map(|(t, s)| (t, Some(s))).collect();
+        while picks.len() < 5 {
+            let t = rng.random_range(1..=last);
+            if !picks.iter().any(|p| p.0 == t) {
+                picks.push((t, None));
+            }
+        }
+        for (t, s) in &picks {
+            restore_vs_replay(&url, &fx.mnt, db, Some(*t), &fx.scratch);
+            if let Some(s) = s {
+                let out = fx.scratch_path("sampled.db");
+                restore_ok(&url, db, &out, Some(*t));
+                assert_file_is_sample(
+                    s,
+                    &out,
+                    &format!("{db}: restore at TXID {t} vs the page image of [{}]", s.label),
+                );
+            }
+        }
+        eprintln!(
+            "{db}: {last} TXIDs shipped; restored latest and TXIDs {:?}",
+            picks.iter().map(|p| p.0).collect::<Vec<_>>()
+        );
+    }
+    assert_log_no_panic(&fx.last_daemon_log(), "mount");
+    fx.unmount();
+}
+
+// ---------------------------------------------------------------------------------------
+// 2. Two replicas, one of them broken for a while
+// ---------------------------------------------------------------------------------------
+
+/// Both replicas receive everything. While one of them is unusable (its directory replaced
+/// by a plain file) writes go on: the other keeps up, the daemon stays up and logs the
+/// errors, and once the broken one is back it catches up with nothing lost.
+#[test]
+fn two_replicas_one_breaks_and_catches_up() {
+    let seed = seed_for("two_replicas_one_breaks_and_catches_up");
+    let mut rng = StdRng::seed_from_u64(seed);
+    let (mut fx, dirs) = fixture("repl2", &["r1", "r2"]);
+    let (r1, r2) = (dirs[0].clone(), dirs[1].clone());
+    fx.mount();
+    let db = "two.db";
+    drop(fresh_db(&fx.path(db), "WAL"));
+    let writer = Writer::start(fx.path(db), 1, seed);
+
+    sleep_ms(1500);
+    let before = last_staged(&fx.mnt, db);
+    for r in [&r1, &r2] {
+        wait_replica_covers(r, db, before, COVER_TIMEOUT).unwrap_or_else(|e| panic!("{e}"));
+    }
+
+    let away = break_replica(&r2);
+    let at_break = last_staged(&fx.mnt, db);
+    sleep_ms(3000);
+    let during = last_staged(&fx.mnt, db);
+    assert!(
+        during > at_break + 5,
+        "writes did not go on while a replica was broken (TXID {at_break} -> {during})"
+    );
+    // The healthy replica keeps up meanwhile.
+    wait_replica_covers(&r1, db, during, COVER_TIMEOUT)
+        .unwrap_or_else(|e| panic!("the healthy replica fell behind while the other was broken: {e}"));
+    let broken_had = replica_last_txid(&away, db);
+    assert!(
+        broken_had < during,
+        "the broken replica's directory received TXIDs up to {broken_had} while it was unusable"
+    );
+    assert!(
+        fx.daemon_running(),
+        "the daemon exited while a replica was broken:\n{}",
+        fx.daemon_logs()
+    );
+    let log = fx.last_daemon_log();
+    let r2s = r2.display().to_string();
+    assert!(
+        log.lines().any(|l| l.contains(&r2s)),
+        "no error about the broken replica {r2s} was logged:\n{}",
+        file_tail_str(&log, 3000)
+    );
+    assert_log_no_panic(&log, "mount with a broken replica");
+
+    fix_replica(&r2, &away);
+    sleep_ms(1000);
+    let n = writer.finish();
+    let last = last_staged(&fx.mnt, db);
+    for r in [&r1, &r2] {
+        assert_eq!(wait_shipped(&fx, r, db), last);
+        assert_chain(r, db);
+    }
+    eprintln!(
+        "{n} transactions; replica 2 broken from TXID {at_break} to at least {during}; last {last}"
+    );
+
+    let live = live_image(&fx.path(db));
+    for r in [&r1, &r2] {
+        let url = file_url(r);
+        assert_eq!(restore_vs_replay(&url, &fx.mnt, db, None, &fx.scratch), last);
+        let out = fx.scratch_path("latest.db");
+        restore_ok(&url, db, &out, None);
+        assert_file_is_image(
+            &live,
+            &out,
+            &format!("restore from {} vs the live page image", r.display()),
+        );
+    }
+    // Nothing of what was written while replica 2 was unusable is missing from it.
+    let url2 = file_url(&r2);
+    let mut picks = vec![at_break + 1, during];
+    picks.push(rng.random_range(at_break + 1..=during));
+    for t in picks {
+        restore_vs_replay(&url2, &fx.mnt, db, Some(t), &fx.scratch);
+    }
+    assert!(fx.daemon_running());
+    assert_log_no_panic(&fx.last_daemon_log(), "mount");
+    fx.unmount();
+}
+
+fn file_tail_str(s: &str, max: usize) -> &str {
+    let mut start = s.len().saturating_sub(max);
+    while !s.is_char_boundary(start) {
+        start += 1;
+    }
+    &s[start..]
+}
+
+// ---------------------------------------------------------------------------------------
+// 3. Idle costs nothing
+// ---------------------------------------------------------------------------------------
+
+/// Once everything is shipped, a mount with no writes (only reads) adds, replaces or
+/// touches nothing in the replica.
+#[test]
+fn idle_mount_ships_nothing() {
+    let seed = seed_for("idle_mount_ships_nothing");
+    let (mut fx, dirs) = fixture("idle", &["r"]);
+    let r = dirs[0].clone();
+    fx.mount();
+    let dbs = ["idle_wal.db", "idle_rb.db"];
+    for (i, (db, mode)) in dbs.iter().zip(["WAL", "DELETE"]).enumerate() {
+        drop(fresh_db(&fx.path(db), mode));
+        let mut d = Driver::open(&fx.path(db), 1, seed + i as u64, DriverCfg::default());
+        for t in 0..25 {
+            d.random_txn().unwrap();
+            if mode == "WAL" && t % 10 == 9 {
+                d.random_checkpoint();
+            }
+        }
+    }
+    let lasts: Vec<u64> = dbs.iter().map(|db| wait_shipped(&fx, &r, db)).collect();
+    // Whatever the last close did (a checkpoint) has settled.
+    sleep_ms(2 * SYNC_MS);
+    for (db, last) in dbs.iter().zip(&lasts) {
+        assert_eq!(last_staged(&fx.mnt, db), *last, "{db}: a TXID without writes");
+        assert_eq!(replica_last_txid(&r, db), *last);
+    }
+    let before = tree(&r);
+    assert!(
+        before.keys().all(|k| !k.contains(".tmp-")),
+        "temporary files left in the replica: {:?}",
+        before.keys().collect::<Vec<_>>()
+    );
+
+    // Six sync intervals of reads only.
+    let conns: Vec<Connection> = dbs.iter().map(|db| open_db(&fx.path(db))).collect();
+    let until = Instant::now() + Duration::from_millis(6 * SYNC_MS);
+    let mut reads = 0;
+    while Instant::now() < until {
+        for c in &conns {
+            let _: i64 = c
+                .query_row("SELECT count(*) FROM t", [], |r| r.get(0))
+                .unwrap();
+            reads += 1;
+        }
+        sleep_ms(50);
+    }
+    drop(conns);
+    sleep_ms(SYNC_MS);
+
+    let after = tree(&r);
+    if before != after {
+        let added: Vec<_> = after.keys().filter(|k| !before.contains_key(*k)).collect();
+        let removed: Vec<_> = before.keys().filter(|k| !after.contains_key(*k)).collect();
+        let changed: Vec<_> = after
+            .iter()
+            .filter(|(k, v)| before.get(*k).is_some_and(|b| b != *v))
+            .map(|(k, _)| k)
+            .collect();
+        panic!(
+            "the replica changed while the mount was idle ({reads} reads): added {added:?}, removed {removed:?}, rewritten {changed:?}"
+        );
+    }
+    for (db, last) in dbs.iter().zip(&lasts) {
+        assert_eq!(last_staged(&fx.mnt, db), *last, "{db}: reads made a TXID");
+    }
+    assert_log_no_panic(&fx.last_daemon_log(), "mount");
+    fx.unmount();
+}
+
+// ---------------------------------------------------------------------------------------
+// 4. Fencing: two copies of one data directory shipping to one replica
+// ---------------------------------------------------------------------------------------
+
+fn is_fenced(log: &str) -> bool {
+    log.contains("another sqlfs") || log.contains("fenced")
+}
+
+/// A copy of a data directory (staging included) mounted beside the original, both
+/// shipping the same database to the same replica with different transactions: one of
+/// them is stopped loudly, and the replica stays the chain of the one that kept shipping.
+#[test]
+fn copied_data_dir_is_fenced_off_the_shared_replica() {
+    let seed = seed_for("copied_data_dir_is_fenced_off_the_shared_replica");
+    let (mut fx, dirs) = fixture("fence", &["r"]);
+    let r = dirs[0].clone();
+    let url = file_url(&r);
+    fx.mount();
+    let db = "fence.db";
+    drop(fresh_db(&fx.path(db), "WAL"));
+    {
+        let mut d = Driver::open(&fx.path(db), 1, seed, DriverCfg::default());
+        for _ in 0..20 {
+            d.random_txn().unwrap();
+        }
+    }
+    let base = wait_shipped(&fx, &r, db);
+    fx.unmount();
+    assert_eq!(replica_last_txid(&r, db), base);
+
+    let d2 = fx.root.join("backing2");
+    cp_a(&fx.backing, &d2);
+    assert!(
+        d2.join(".sqlfs").is_dir(),
+        "the copy has no .sqlfs staging directory"
+    );
+    let mnt2 = fx.root.join("mnt2");
+    fs::create_dir_all(&mnt2).unwrap();
+
+    fx.mount();
+    let log_a = fx.scratch_path(&format!("daemon-{}.log", 1));
+    let opts_b = MountOpts {
+        data_dir: Some(d2.clone()),
+        replicas: Some(vec![url.clone()]),
+        sync_interval: Some(SYNC.into()),
+        ..Default::default()
+    };
+    let log_b = fx.scratch_path("daemon-b.log");
+    let mut mb = Mount::start(&mnt2, &opts_b, &log_b);
+    let read = |p: &Path| String::from_utf8_lossy(&fs::read(p).unwrap_or_default()).into_owned();
+    let both_logs = || {
+        format!(
+            "--- A ({}) ---\n{}\n--- B ({}) ---\n{}",
+            log_a.display(),
+            file_tail(&log_a, 3000),
+            log_b.display(),
+            file_tail(&log_b, 3000)
+        )
+    };
+
+    // A writes rows of writer 2, B rows of writer 3.
+    let mut da = Driver::open(&fx.path(db), 2, seed, DriverCfg::default());
+    let mut dbb = Driver::open(&mnt2.join(db), 3, seed, DriverCfg::default());
+    let deadline = Instant::now() + Duration::from_secs(15);
+    let mut fenced_at = None;
+    let mut i = 0;
+    loop {
+        da.random_txn().unwrap();
+        dbb.random_txn().unwrap();
+        i += 1;
+        sleep_ms(30);
+        if fenced_at.is_none() && (is_fenced(&read(&log_a)) || is_fenced(&read(&log_b))) {
+            fenced_at = Some(Instant::now());
+        }
+        // Go on writing through both for a second after one was stopped.
+        if fenced_at.is_some_and(|t| t.elapsed() > Duration::from_secs(1)) {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "after {i} transactions through each mount, neither says it was fenced off the shared replica:\n{}",
+            both_logs()
+        );
+    }
+    drop(da);
+    drop(dbb);
+
+    let (fa, fb) = (is_fenced(&read(&log_a)), is_fenced(&read(&log_b)));
+    assert!(
+        fa != fb,
+        "exactly one of the two mounts must be stopped (A fenced: {fa}, B fenced: {fb}):\n{}",
+        both_logs()
+    );
+    assert!(fx.daemon_running(), "A exited:\n{}", both_logs());
+    assert!(mb.is_running(), "B exited:\n{}", both_logs());
+    assert_log_no_panic(&read(&log_a), "mount A");
+    assert_log_no_panic(&read(&log_b), "mount B");
+    let (winner, winner_mnt, winner_wid, loser_wid, loser_mnt) = if fb {
+        ("A", fx.mnt.clone(), 2, 3, mnt2.clone())
+    } else {
+        ("B", mnt2.clone(), 3, 2, fx.mnt.clone())
+    };
+    eprintln!("{i} transactions through each mount; {winner} kept shipping");
+
+    // The replica is the winner's chain, up to its last staged TXID.
+    let last = last_staged(&winner_mnt, db);
+    assert!(last > base, "the winner staged nothing after the copy");
+    let got = wait_replica_covers(&r, db, last, COVER_TIMEOUT)
+        .unwrap_or_else(|e| panic!("the mount that kept shipping ({winner}) did not: {e}\n{}", both_logs()));
+    assert_eq!(got, last);
+    assert_chain(&r, db);
+    let t = restore_vs_replay(&url, &winner_mnt, db, None, &fx.scratch);
+    assert_eq!(t, last);
+    let out = fx.scratch_path("fence-latest.db");
+    restore_ok(&url, db, &out, None);
+    assert_file_is_image(
+        &live_image(&winner_mnt.join(db)),
+        &out,
+        &format!("restore vs the live page image of {winner}"),
+    );
+    let c = Connection::open(&out).unwrap();
+    let count = |w: i64| -> i64 {
+        c.query_row("SELECT count(*) FROM t WHERE w = ?1", [w], |r| r.get(0))
+            .unwrap()
+    };
+    assert!(count(winner_wid) > 0, "the winner's rows are not in the replica");
+    assert_eq!(
+        count(loser_wid),
+        0,
+        "rows written only through the fenced mount reached the replica"
+    );
+    drop(c);
+    // The fenced mount staged more than the replica has from it, and kept its own state.
+    assert!(last_staged(&loser_mnt, db) > base);
+
+    mb.stop();
+    fx.unmount();
+    assert_log_no_panic(&read(&log_a), "mount A");
+    assert_log_no_panic(&read(&log_b), "mount B");
+    // Stopping (with its last shipping pass) changed nothing in the replica.
+    assert_eq!(replica_last_txid(&r, db), last);
+    assert_chain(&r, db);
+}
+
+// ---------------------------------------------------------------------------------------
+// 5. Restore and mount errors
+// ---------------------------------------------------------------------------------------
+
+/// A failed restore: non-zero exit, no panic, no output file and no temporary left.
+fn assert_restore_fails(o: &CmdOut, out: &Path, what: &str) {
+    assert_no_panic(o);
+    assert!(!o.ok(), "{what}: restore succeeded:\n{}", o.describe());
+    assert!(
+        !o.stderr.trim().is_empty(),
+        "{what}: restore failed without a message:\n{}",
+        o.describe()
+    );
+    assert!(
+        !out.exists(),
+        "{what}: a failed restore left {} behind:\n{}",
+        out.display(),
+        o.describe()
+    );
+    let dir = out.parent().unwrap();
+    let stray: Vec<String> = dir_names(dir)
+        .into_iter()
+        .filter(|n| n.starts_with('.'))
+        .collect();
+    assert!(
+        stray.is_empty(),
+        "{what}: a failed restore left temporary files in {}: {stray:?}",
+        dir.display()
+    );
+}
+
+fn assert_says(o: &CmdOut, needle: &str, what: &str) {
+    let all = format!("{}{}", o.stdout, o.stderr);
+    assert!(
+        all.contains(needle),
+        "{what}: the message does not mention {needle:?}:\n{}",
+        o.describe()
+    );
+}
+
+/// `sqlfs mount` that must fail at once; a mount that starts anyway is stopped.
+fn mount_must_fail(mnt: &Path, data: &Path, url: &str) -> CmdOut {
+    let dir = tempfile::tempdir().unwrap();
+    let (so, se) = (dir.path().join("out"), dir.path().join("err"));
+    let mut cmd = Command::new(BIN);
+    cmd.arg("mount")
+        .arg(mnt)
+        .arg("--data-dir")
+        .arg(data)
+        .arg("--replica")
+        .arg(url)
+        .stdin(Stdio::null())
+        .stdout(fs::File::create(&so).unwrap())
+        .stderr(fs::File::create(&se).unwrap());
+    let cmdline = format!("{cmd:?}");
+    let mut child = cmd.spawn().unwrap();
+    let status = wait_timeout(&mut child, Duration::from_secs(20));
+    let Some(status) = status else {
+        send_signal(child.id(), libc::SIGTERM);
+        if wait_timeout(&mut child, Duration::from_secs(10)).is_none() {
+            kill9_child(&mut child);
+        }
+        lazy_umount(mnt);
+        panic!(
+            "{cmdline} is still running 20 s later with a bad replica URL; output:\n{}{}",
+            file_tail(&so, 3000),
+            file_tail(&se, 3000)
+        );
+    };
+    let o = CmdOut {
+        cmdline,
+        status,
+        stdout: fs::read_to_string(&so).unwrap_or_default(),
+        stderr: fs::read_to_string(&se).unwrap_or_default(),
+    };
+    if sqlfs_mounts_at(mnt) > 0 {
+        lazy_umount(mnt);
+        panic!("{}: the mount is present after it exited", o.describe());
+    }
+    o
+}
+
+/// Every way a restore can go wrong fails cleanly, names what is wrong, and leaves no file;
+/// a bad replica URL stops `sqlfs mount` before it mounts.
+#[test]
+fn restore_errors_are_clear_and_leave_nothing_behind() {
+    let seed = seed_for("restore_errors_are_clear_and_leave_nothing_behind");
+    let mut rng = StdRng::seed_from_u64(seed);
+    let (mut fx, dirs) = fixture("rerr", &["r"]);
+    let r = dirs[0].clone();
+    let url = file_url(&r);
+
+    // Bad replica URLs for mount, before anything else.
+    for (bad, hint) in [
+        ("s3x://bucket/prefix", "s3x://bucket/prefix"),
+        ("file://relative/dir", "absolute"),
+    ] {
+        let o = mount_must_fail(&fx.mnt, &fx.backing, bad);
+        assert_no_panic(&o);
+        assert!(
+            !o.ok(),
+            "mount with --replica {bad} succeeded:\n{}",
+            o.describe()
+        );
+        assert_says(&o, bad, &format!("mount --replica {bad}"));
+        assert_says(&o, hint, &format!("mount --replica {bad}"));
+    }
+
+    fx.mount();
+    let db = "err.db";
+    drop(fresh_db(&fx.path(db), "WAL"));
+    {
+        let mut d = Driver::open(&fx.path(db), 1, seed, DriverCfg::default());
+        // Batches shipped one by one: several segments.
+        for _ in 0..4 {
+            for _ in 0..6 {
+                d.random_txn().unwrap();
+            }
+            wait_shipped(&fx, &r, db);
+        }
+    }
+    let last = wait_shipped(&fx, &r, db);
+    fx.unmount();
+    let expected = fx.scratch_path("expected.db");
+    replay(&fx.backing, db, last, &expected);
+    // From here on the replica is all there is.
+    fs::rename(&fx.backing, fx.root.join("backing.gone")).unwrap();
+
+    let outdir = fx.scratch_path("out");
+    fs::create_dir_all(&outdir).unwrap();
+    let out = outdir.join("restored.db");
+    assert_eq!(restore_ok(&url, db, &out, None), last);
+    assert_same_bytes(&expected, &out, "restore from the replica alone vs replay");
+    fs::remove_file(&out).unwrap();
+    // A successful restore leaves nothing but OUT (checked at the end, so that the error
+    // cases below still run and are checked on their own).
+    let left_by_success = dir_names(&outdir);
+    for n in &left_by_success {
+        fs::remove_file(outdir.join(n)).unwrap();
+    }
+    let id = replica_db_id(&r, db).unwrap();
+    let segs = segments(&r, &id);
+    assert!(segs.len() >= 3, "expected several segments: {segs:?}");
+    let variant = |name: &str| {
+        let d = fx.scratch_path(name);
+        cp_a(&r, &d);
+        d
+    };
+    let key_path = |root: &Path, key: &str| root.join(key);
+
+    // Unknown database: says what the replica holds.
+    let o = restore_cmd(&url, "nope.db", &out, None, false);
+    assert_restore_fails(&o, &out, "unknown database");
+    assert_says(&o, "nope.db", "unknown database");
+    assert_says(&o, db, "unknown database (what the replica holds)");
+
+    // A TXID past the end: says how far the replica goes.
+    let o = restore_cmd(&url, db, &out, Some(last + 10), false);
+    assert_restore_fails(&o, &out, "--txid past the end");
+    assert_says(&o, &(last + 10).to_string(), "--txid past the end");
+    assert_says(&o, &last.to_string(), "--txid past the end (what the replica holds)");
+
+    // One flipped byte in the middle of a segment.
+    let mid = &segs[segs.len() / 2];
+    let rc = variant("r-corrupt");
+    let p = key_path(&rc, &mid.key);
+    let mut b = fs::read(&p).unwrap();
+    let at = b.len() / 2;
+    b[at] ^= 0x5a;
+    fs::write(&p, &b).unwrap();
+    let o = restore_cmd(&file_url(&rc), db, &out, None, false);
+    assert_restore_fails(&o, &out, "corrupted segment");
+    assert_says(&o, &mid.key, "corrupted segment");
+
+    // Truncated objects: cut in half, and cut inside the header.
+    for (name, keep) in [("r-trunc-half", None), ("r-trunc-head", Some(40usize))] {
+        let rt = variant(name);
+        let p = key_path(&rt, &mid.key);
+        let len = fs::metadata(&p).unwrap().len();
+        let keep = keep.map_or(len / 2, |k| k as u64);
+        fs::OpenOptions::new()
+            .write(true)
+            .open(&p)
+            .unwrap()
+            .set_len(keep)
+            .unwrap();
+        let o = restore_cmd(&file_url(&rt), db, &out, None, false);
+        let what = format!("segment truncated to {keep} of {len} bytes");
+        assert_restore_fails(&o, &out, &what);
+        assert_says(&o, &mid.key, &what);
+    }
+
+    // A foreign file dropped in as the next segment.
+    let rf = variant("r-foreign");
+    let key = format!("{id}/l0/{:016x}.seg", last + 1);
+    let mut junk = vec![0u8; 4096 + rng.random_range(0..4096)];
+    rng.fill_bytes(&mut junk);
+    fs::write(key_path(&rf, &key), &junk).unwrap();
+    let o = restore_cmd(&file_url(&rf), db, &out, None, false);
+    assert_restore_fails(&o, &out, "foreign file as a segment");
+    assert_says(&o, &key, "foreign file as a segment");
+    assert_says(&o, "not a sqlfs", "foreign file as a segment");
+
+    // A segment missing from the middle of the chain.
+    let rg = variant("r-gap");
+    fs::remove_file(key_path(&rg, &segs[1].key)).unwrap();
+    let o = restore_cmd(&file_url(&rg), db, &out, None, false);
+    assert_restore_fails(&o, &out, "a segment missing from the chain");
+
+    // Replicas that are not there or not understood.
+    let o = restore_cmd(
+        &file_url(&fx.scratch_path("no-such-replica")),
+        db,
+        &out,
+        None,
+        false,
+    );
+    assert_restore_fails(&o, &out, "a replica directory that does not exist");
+    let o = restore_cmd("s3x://bucket/prefix", db, &out, None, false);
+    assert_restore_fails(&o, &out, "restore --replica s3x://");
+    assert_says(&o, "s3x://bucket/prefix", "restore --replica s3x://");
+
+    // An existing output is refused and left as it is; --force replaces it.
+    let precious = outdir.join("precious.db");
+    fs::write(&precious, b"precious bytes\n").unwrap();
+    let mtime = fs::metadata(&precious).unwrap().modified().unwrap();
+    sleep_ms(20);
+    let o = restore_cmd(&url, db, &precious, None, false);
+    assert_no_panic(&o);
+    assert!(!o.ok(), "restore over an existing file succeeded:\n{}", o.describe());
+    assert_says(&o, "--force", "restore over an existing file");
+    assert_eq!(fs::read(&precious).unwrap(), b"precious bytes\n");
+    assert_eq!(fs::metadata(&precious).unwrap().modified().unwrap(), mtime);
+    let o = restore_cmd(&url, db, &precious, None, true);
+    assert_no_panic(&o);
+    assert!(o.ok(), "restore --force failed:\n{}", o.describe());
+    assert_same_bytes(&expected, &precious, "restore --force");
+
+    // The damaged copies did not touch the original replica.
+    fs::remove_file(&precious).unwrap();
+    assert_eq!(restore_ok(&url, db, &out, None), last);
+    assert_same_bytes(&expected, &out, "restore after the failures");
+    assert!(
+        left_by_success.is_empty(),
+        "a successful restore of {db} (a WAL-mode database) to {} left other files in its directory: {left_by_success:?}",
+        out.display()
+    );
+}
+
+/// Names of the entries of a directory, sorted.
+fn dir_names(dir: &Path) -> Vec<String> {
+    let mut v: Vec<String> = fs::read_dir(dir)
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .collect();
+    v.sort();
+    v
+}
+
+// ---------------------------------------------------------------------------------------
+// 6. Folded locally before it could be shipped
+// ---------------------------------------------------------------------------------------
+
+/// With a tiny `--stage-limit` and a replica that is unusable from the start, staging
+/// outgrows its hard limit and is folded. Once the replica is usable, it gets a snapshot of
+/// the folded base and segments after it, and a restore is the live state.
+#[test]
+fn folded_before_shipping_gets_a_snapshot() {
+    let seed = seed_for("folded_before_shipping_gets_a_snapshot");
+    let (mut fx, dirs) = fixture("foldship", &["r"]);
+    let r = dirs[0].clone();
+    let url = file_url(&r);
+    fs::write(&r, b"not a directory\n").unwrap();
+    fx.opts.stage_limit = Some(64 << 10);
+    fx.mount();
+    let db = "fold.db";
+    drop(fresh_db(&fx.path(db), "WAL"));
+    let mut d = Driver::open(&fx.path(db), 1, seed, DriverCfg::default());
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let mut big = 0;
+    let base = loop {
+        if let Some(b) = staged_log(&fx.mnt, db).base {
+            break b.0;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "nothing was folded after {big} transactions of 3 MiB with --stage-limit 64k:\n{}",
+            fx.daemon_logs()
+        );
+        if big < 12 {
+            d.big_txn(3 << 20).unwrap();
+            d.random_txn().unwrap();
+            big += 1;
+            if big % 2 == 0 {
+                d.exec("PRAGMA wal_checkpoint(TRUNCATE)");
+            }
+        } else {
+            sleep_ms(200);
+        }
+    };
+    assert_eq!(
+        replica_last_txid(&r, db),
+        0,
+        "something was shipped to an unusable replica"
+    );
+    assert!(fx.daemon_running());
+    eprintln!("folded up to TXID {base} after {big} large transactions");
+
+    // The replica becomes usable; more transactions follow.
+    fs::remove_file(&r).unwrap();
+    fs::create_dir(&r).unwrap();
+    for _ in 0..5 {
+        d.random_txn().unwrap();
+    }
+    drop(d);
+    let last = last_staged(&fx.mnt, db);
+    // Shipping retries with backoff (up to a minute); give it time.
+    let got = wait_replica_covers(&r, db, last, Duration::from_secs(40))
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(got, last);
+    let (snap, segs) = assert_chain(&r, db);
+    let snap = snap.unwrap_or_else(|| {
+        panic!(
+            "no snapshot object in the replica, though TXIDs up to {base} were folded before shipping: {:?}",
+            tree(&r).keys().collect::<Vec<_>>()
+        )
+    });
+    assert!(snap >= base, "snapshot at TXID {snap}, the base was {base}");
+    assert!(
+        !segs.is_empty() && segs.iter().all(|s| s.key_txid > snap),
+        "expected segments after the snapshot at {snap}: {segs:?}"
+    );
+
+    assert_eq!(restore_vs_replay(&url, &fx.mnt, db, None, &fx.scratch), last);
+    let out = fx.scratch_path("fold-latest.db");
+    restore_ok(&url, db, &out, None);
+    assert_file_is_image(
+        &live_image(&fx.path(db)),
+        &out,
+        "restore after a local fold vs the live page image",
+    );
+    // The snapshot's own state restores too; nothing before it is in the replica.
+    let staged = staged_log(&fx.mnt, db);
+    if staged.base.map(|b| b.0) == Some(snap) || staged.entries.iter().any(|e| e.txid == snap) {
+        restore_vs_replay(&url, &fx.mnt, db, Some(snap), &fx.scratch);
+    }
+    let early = fx.scratch_path("fold-early.db");
+    let o = restore_cmd(&url, db, &early, Some(1), false);
+    assert_no_panic(&o);
+    assert!(
+        !o.ok() && !early.exists(),
+        "restore of TXID 1, which is not in the replica, succeeded:\n{}",
+        o.describe()
+    );
+    assert_log_no_panic(&fx.last_daemon_log(), "mount");
+    fx.unmount();
+}
