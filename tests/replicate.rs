@@ -58,7 +58,8 @@ fn wait_shipped(fx: &Fixture, replica: &Path, db: &str) -> u64 {
     match wait_replica_covers(replica, db, last, COVER_TIMEOUT) {
         Ok(got) => {
             assert_eq!(
-                got, last,
+                got,
+                last,
                 "{}: the replica holds {db} up to TXID {got}, past the last staged {last}",
                 replica.display()
             );
@@ -75,11 +76,37 @@ fn assert_chain(replica: &Path, db: &str) -> (Option<u64>, Vec<ObjInfo>) {
         .unwrap_or_else(|| panic!("{}: no database named {db}", replica.display()));
     let snaps = snapshots(replica, &id);
     let segs = segments(replica, &id);
-    let snap = snaps.first().map(|s| s.key_txid);
+    for o in snaps.iter().chain(&segs) {
+        let want_kind = if o.key.ends_with(".snap") { 2 } else { 1 };
+        assert_eq!(
+            (o.kind, o.db_id.as_deref()),
+            (Some(want_kind), Some(id.as_str())),
+            "{}: object header kind / database id",
+            o.key
+        );
+    }
+    for s in &snaps {
+        assert_eq!(
+            (s.first, s.last),
+            (Some(s.key_txid), Some(s.key_txid)),
+            "{}: a snapshot's header must name its own TXID",
+            s.key
+        );
+    }
+    // Restore starts from the newest snapshot; segments before it do not count.
+    let snap = snaps.last().map(|s| s.key_txid);
+    let segs: Vec<ObjInfo> = segs
+        .into_iter()
+        .filter(|s| snap.is_none_or(|t| s.key_txid > t))
+        .collect();
     let mut next = snap.map_or(1, |s| s + 1);
     for s in &segs {
         let (Some(first), Some(last)) = (s.first, s.last) else {
-            panic!("{}: {} has no readable object header", replica.display(), s.key)
+            panic!(
+                "{}: {} has no readable object header",
+                replica.display(),
+                s.key
+            )
         };
         assert_eq!(first, s.key_txid, "{}: key and header disagree", s.key);
         assert_eq!(
@@ -160,10 +187,11 @@ fn wait_workers(children: &mut [std::process::Child], logs: &[PathBuf], timeout:
 }
 
 /// A writer thread running random transactions until [`Writer::finish`] (or drop, so a
-/// failing test does not leave it writing into a mount being torn down).
+/// failing test does not leave it writing into a mount being torn down). It stops at its
+/// first error (a mount killed under it).
 struct Writer {
     stop: Arc<AtomicBool>,
-    handle: Option<thread::JoinHandle<u64>>,
+    handle: Option<thread::JoinHandle<Result<u64, String>>>,
 }
 
 impl Writer {
@@ -174,14 +202,16 @@ impl Writer {
             let mut d = Driver::open(&path, wid, seed, DriverCfg::default());
             let mut n = 0u64;
             while !st.load(Ordering::Relaxed) {
-                d.random_txn().unwrap();
+                if let Err(e) = d.random_txn() {
+                    return Err(format!("transaction {} failed: {e}", n + 1));
+                }
                 n += 1;
-                if n % 25 == 0 {
+                if n.is_multiple_of(25) {
                     d.random_checkpoint();
                 }
                 sleep_ms(15);
             }
-            n
+            Ok(n)
         });
         Writer {
             stop,
@@ -189,10 +219,14 @@ impl Writer {
         }
     }
 
-    /// Stops the writer; returns how many transactions it committed.
-    fn finish(mut self) -> u64 {
+    /// Stops the writer; returns how many transactions it committed, or its error.
+    fn finish(mut self) -> Result<u64, String> {
         self.stop.store(true, Ordering::Relaxed);
-        self.handle.take().unwrap().join().expect("writer thread")
+        self.handle
+            .take()
+            .unwrap()
+            .join()
+            .unwrap_or_else(|_| Err("the writer thread panicked".into()))
     }
 }
 
@@ -298,7 +332,10 @@ fn restore_matches_replay_wal_and_rollback() {
 
         // The latest state: replay and the live page image.
         let t = restore_vs_replay(&url, &fx.mnt, db, None, &fx.scratch);
-        assert_eq!(t, last, "{db}: restore did not restore the last shipped TXID");
+        assert_eq!(
+            t, last,
+            "{db}: restore did not restore the last shipped TXID"
+        );
         let out = fx.scratch_path("latest.db");
         restore_ok(&url, db, &out, None);
         assert_file_is_image(
@@ -336,7 +373,10 @@ fn restore_matches_replay_wal_and_rollback() {
                 assert_file_is_sample(
                     s,
                     &out,
-                    &format!("{db}: restore at TXID {t} vs the page image of [{}]", s.label),
+                    &format!(
+                        "{db}: restore at TXID {t} vs the page image of [{}]",
+                        s.label
+                    ),
                 );
             }
         }
@@ -382,8 +422,9 @@ fn two_replicas_one_breaks_and_catches_up() {
         "writes did not go on while a replica was broken (TXID {at_break} -> {during})"
     );
     // The healthy replica keeps up meanwhile.
-    wait_replica_covers(&r1, db, during, COVER_TIMEOUT)
-        .unwrap_or_else(|e| panic!("the healthy replica fell behind while the other was broken: {e}"));
+    wait_replica_covers(&r1, db, during, COVER_TIMEOUT).unwrap_or_else(|e| {
+        panic!("the healthy replica fell behind while the other was broken: {e}")
+    });
     let broken_had = replica_last_txid(&away, db);
     assert!(
         broken_had < during,
@@ -405,7 +446,7 @@ fn two_replicas_one_breaks_and_catches_up() {
 
     fix_replica(&r2, &away);
     sleep_ms(1000);
-    let n = writer.finish();
+    let n = writer.finish().expect("writer");
     let last = last_staged(&fx.mnt, db);
     for r in [&r1, &r2] {
         assert_eq!(wait_shipped(&fx, r, db), last);
@@ -418,7 +459,10 @@ fn two_replicas_one_breaks_and_catches_up() {
     let live = live_image(&fx.path(db));
     for r in [&r1, &r2] {
         let url = file_url(r);
-        assert_eq!(restore_vs_replay(&url, &fx.mnt, db, None, &fx.scratch), last);
+        assert_eq!(
+            restore_vs_replay(&url, &fx.mnt, db, None, &fx.scratch),
+            last
+        );
         let out = fx.scratch_path("latest.db");
         restore_ok(&url, db, &out, None);
         assert_file_is_image(
@@ -474,7 +518,11 @@ fn idle_mount_ships_nothing() {
     // Whatever the last close did (a checkpoint) has settled.
     sleep_ms(2 * SYNC_MS);
     for (db, last) in dbs.iter().zip(&lasts) {
-        assert_eq!(last_staged(&fx.mnt, db), *last, "{db}: a TXID without writes");
+        assert_eq!(
+            last_staged(&fx.mnt, db),
+            *last,
+            "{db}: a TXID without writes"
+        );
         assert_eq!(replica_last_txid(&r, db), *last);
     }
     let before = tree(&r);
@@ -627,8 +675,12 @@ fn copied_data_dir_is_fenced_off_the_shared_replica() {
     // The replica is the winner's chain, up to its last staged TXID.
     let last = last_staged(&winner_mnt, db);
     assert!(last > base, "the winner staged nothing after the copy");
-    let got = wait_replica_covers(&r, db, last, COVER_TIMEOUT)
-        .unwrap_or_else(|e| panic!("the mount that kept shipping ({winner}) did not: {e}\n{}", both_logs()));
+    let got = wait_replica_covers(&r, db, last, COVER_TIMEOUT).unwrap_or_else(|e| {
+        panic!(
+            "the mount that kept shipping ({winner}) did not: {e}\n{}",
+            both_logs()
+        )
+    });
     assert_eq!(got, last);
     assert_chain(&r, db);
     let t = restore_vs_replay(&url, &winner_mnt, db, None, &fx.scratch);
@@ -645,7 +697,10 @@ fn copied_data_dir_is_fenced_off_the_shared_replica() {
         c.query_row("SELECT count(*) FROM t WHERE w = ?1", [w], |r| r.get(0))
             .unwrap()
     };
-    assert!(count(winner_wid) > 0, "the winner's rows are not in the replica");
+    assert!(
+        count(winner_wid) > 0,
+        "the winner's rows are not in the replica"
+    );
     assert_eq!(
         count(loser_wid),
         0,
@@ -824,7 +879,11 @@ fn restore_errors_are_clear_and_leave_nothing_behind() {
     let o = restore_cmd(&url, db, &out, Some(last + 10), false);
     assert_restore_fails(&o, &out, "--txid past the end");
     assert_says(&o, &(last + 10).to_string(), "--txid past the end");
-    assert_says(&o, &last.to_string(), "--txid past the end (what the replica holds)");
+    assert_says(
+        &o,
+        &last.to_string(),
+        "--txid past the end (what the replica holds)",
+    );
 
     // One flipped byte in the middle of a segment.
     let mid = &segs[segs.len() / 2];
@@ -893,7 +952,11 @@ fn restore_errors_are_clear_and_leave_nothing_behind() {
     sleep_ms(20);
     let o = restore_cmd(&url, db, &precious, None, false);
     assert_no_panic(&o);
-    assert!(!o.ok(), "restore over an existing file succeeded:\n{}", o.describe());
+    assert!(
+        !o.ok(),
+        "restore over an existing file succeeded:\n{}",
+        o.describe()
+    );
     assert_says(&o, "--force", "restore over an existing file");
     assert_eq!(fs::read(&precious).unwrap(), b"precious bytes\n");
     assert_eq!(fs::metadata(&precious).unwrap().modified().unwrap(), mtime);
@@ -998,7 +1061,10 @@ fn folded_before_shipping_gets_a_snapshot() {
         "expected segments after the snapshot at {snap}: {segs:?}"
     );
 
-    assert_eq!(restore_vs_replay(&url, &fx.mnt, db, None, &fx.scratch), last);
+    assert_eq!(
+        restore_vs_replay(&url, &fx.mnt, db, None, &fx.scratch),
+        last
+    );
     let out = fx.scratch_path("fold-latest.db");
     restore_ok(&url, db, &out, None);
     assert_file_is_image(
@@ -1020,5 +1086,70 @@ fn folded_before_shipping_gets_a_snapshot() {
         o.describe()
     );
     assert_log_no_panic(&fx.last_daemon_log(), "mount");
+    fx.unmount();
+}
+
+// ---------------------------------------------------------------------------------------
+// 7. Restarts
+// ---------------------------------------------------------------------------------------
+
+/// Shipping picks up where it stopped, after a clean unmount and after a kill -9 in the
+/// middle of a workload: everything staged reaches the replica, the chain has no gap and no
+/// overlap, and the mount never takes its own earlier objects for another writer's.
+#[test]
+fn shipping_resumes_after_restart_and_kill9() {
+    let seed = seed_for("shipping_resumes_after_restart_and_kill9");
+    let (mut fx, dirs) = fixture("resume", &["r"]);
+    let r = dirs[0].clone();
+    let url = file_url(&r);
+    fx.mount();
+    let db = "resume.db";
+    drop(fresh_db(&fx.path(db), "WAL"));
+
+    let w = Writer::start(fx.path(db), 1, seed);
+    sleep_ms(1200);
+    w.finish().expect("writer before the clean restart");
+    let first = wait_shipped(&fx, &r, db);
+    fx.remount();
+    assert_eq!(
+        replica_last_txid(&r, db),
+        first,
+        "a clean restart changed the replica"
+    );
+
+    let w = Writer::start(fx.path(db), 2, seed);
+    sleep_ms(1200);
+    let before_kill = last_staged(&fx.mnt, db);
+    fx.kill9();
+    let _ = w.finish();
+    fx.mount();
+    let w = Writer::start(fx.path(db), 3, seed);
+    sleep_ms(1200);
+    w.finish().expect("writer after the kill -9");
+
+    let last = wait_shipped(&fx, &r, db);
+    assert!(last > before_kill && before_kill > first);
+    assert_chain(&r, db);
+    assert_eq!(
+        restore_vs_replay(&url, &fx.mnt, db, None, &fx.scratch),
+        last
+    );
+    let out = fx.scratch_path("resume-latest.db");
+    restore_ok(&url, db, &out, None);
+    assert_file_is_image(
+        &live_image(&fx.path(db)),
+        &out,
+        "restore after restarts vs the live page image",
+    );
+    for t in [first, before_kill] {
+        restore_vs_replay(&url, &fx.mnt, db, Some(t), &fx.scratch);
+    }
+    let logs = fx.all_daemon_logs();
+    assert!(
+        !is_fenced(&logs),
+        "a restarted mount took its own objects for another writer's:\n{}",
+        fx.daemon_logs()
+    );
+    assert_log_no_panic(&logs, "mounts");
     fx.unmount();
 }

@@ -54,18 +54,33 @@ pub struct ObjInfo {
     /// From the header (None when the header cannot be read or has no magic).
     pub first: Option<u64>,
     pub last: Option<u64>,
+    /// Header kind byte (1 segment, 2 snapshot) and database id.
+    pub kind: Option<u8>,
+    pub db_id: Option<String>,
 }
 
-fn read_header(path: &Path) -> Option<(u64, u64)> {
+/// The fields of an object header the tests look at.
+#[derive(Clone, Copy, Debug)]
+struct Head {
+    first: u64,
+    last: u64,
+    kind: u8,
+    id: [u8; 16],
+}
+
+fn read_header(path: &Path) -> Option<Head> {
     let mut f = fs::File::open(path).ok()?;
     let mut b = [0u8; OBJ_HEADER];
     f.read_exact(&mut b).ok()?;
     if &b[0..8] != OBJ_MAGIC {
         return None;
     }
-    let first = u64::from_be_bytes(b[32..40].try_into().unwrap());
-    let last = u64::from_be_bytes(b[40..48].try_into().unwrap());
-    Some((first, last))
+    Some(Head {
+        first: u64::from_be_bytes(b[32..40].try_into().unwrap()),
+        last: u64::from_be_bytes(b[40..48].try_into().unwrap()),
+        kind: b[10],
+        id: b[16..32].try_into().unwrap(),
+    })
 }
 
 fn objects_in(replica: &Path, id: &str, sub: &str, ext: &str) -> Vec<ObjInfo> {
@@ -82,8 +97,10 @@ fn objects_in(replica: &Path, id: &str, sub: &str, ext: &str) -> Vec<ObjInfo> {
                         key: format!("{id}/{sub}/{file}"),
                         path,
                         key_txid: t,
-                        first: h.map(|h| h.0),
-                        last: h.map(|h| h.1),
+                        first: h.map(|h| h.first),
+                        last: h.map(|h| h.last),
+                        kind: h.map(|h| h.kind),
+                        db_id: h.map(|h| String::from_utf8_lossy(&h.id).into_owned()),
                     })
                 })
                 .collect()
@@ -203,7 +220,12 @@ pub fn restored_txid(o: &CmdOut) -> u64 {
                 .next()
                 .and_then(|n| n.parse().ok())
         })
-        .unwrap_or_else(|| panic!("restore does not say which TXID it restored:\n{}", o.describe()))
+        .unwrap_or_else(|| {
+            panic!(
+                "restore does not say which TXID it restored:\n{}",
+                o.describe()
+            )
+        })
 }
 
 /// Restore that must succeed and write OUT; returns the TXID restored.
@@ -220,7 +242,12 @@ pub fn restore_ok(url: &str, db: &str, out: &Path, txid: Option<u64>) -> u64 {
     );
     let t = restored_txid(&o);
     if let Some(want) = txid {
-        assert_eq!(t, want, "restore --txid {want} restored another TXID:\n{}", o.describe());
+        assert_eq!(
+            t,
+            want,
+            "restore --txid {want} restored another TXID:\n{}",
+            o.describe()
+        );
     }
     t
 }
