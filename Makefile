@@ -33,7 +33,14 @@ deps:
 	@[ -e /dev/fuse ] || $(SUDO) modprobe fuse 2>/dev/null || true
 	@[ -e /dev/fuse ] || { echo "error: /dev/fuse is missing; FUSE is not available on this machine" >&2; exit 1; }
 
-test: deps
+# The S3-compatible server the object-storage tests start on loopback, from PyPI.
+VENV := .venv
+$(VENV)/bin/moto_server:
+	@python3 -m venv $(VENV) 2>/dev/null || { \
+		$(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get -y -qq install python3-venv && python3 -m venv $(VENV); }
+	$(VENV)/bin/pip install -q --disable-pip-version-check 'moto[server]'
+
+test: deps $(VENV)/bin/moto_server
 	$(CARGO) test --release --no-fail-fast
 
 bench: deps

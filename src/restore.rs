@@ -191,9 +191,11 @@ pub fn run(o: &RestoreOpts) -> Result<String> {
     }
     out.sync_all()?;
     if pages > 0 {
+        // immutable: no -wal or -shm is created next to it, whatever its journal mode.
+        let uri = format!("file:{}?immutable=1", tmp_out.path().display());
         let conn = rusqlite::Connection::open_with_flags(
-            tmp_out.path(),
-            rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY,
+            &uri,
+            rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY | rusqlite::OpenFlags::SQLITE_OPEN_URI,
         )?;
         let ok: String = conn.query_row("PRAGMA integrity_check", [], |r| r.get(0))?;
         if ok != "ok" {

@@ -149,12 +149,12 @@ impl Shipper {
                             backoff = (backoff * 2)
                                 .clamp(Duration::from_secs(1), Duration::from_secs(60));
                             let jitter = Duration::from_millis((crate::stage::now_ns() % 1000) / 2);
-                            log::warn!(
-                                "replica {}: {e:#}; retrying in {:?}",
-                                me.describe(),
-                                backoff + jitter
-                            );
-                            *me.last_error.lock() = Some(format!("{e:#}"));
+                            let mut msg = format!("{e:#}");
+                            if !msg.contains(&me.describe()) {
+                                msg = format!("replica {}: {msg}", me.describe());
+                            }
+                            log::warn!("{msg}; retrying in {:?}", backoff + jitter);
+                            *me.last_error.lock() = Some(msg);
                             next = Instant::now() + backoff + jitter;
                         }
                     }
@@ -225,8 +225,8 @@ impl Shipper {
             // The transactions after `pos` were folded locally: start over from the base.
             self.build_snapshot(db, &tmp, base.txid)
                 .with_context(|| format!("{name}: building a snapshot"))?;
-            self.store(name, db, &snapshot_key(&db.id, base.txid), &tmp)?;
-            self.set_position(db, base.txid)?;
+            let held = self.store(name, db, &snapshot_key(&db.id, base.txid), &tmp, base.txid)?;
+            self.set_position(db, held)?;
             pos = base.txid;
             if last <= pos {
                 return Ok(());
@@ -247,8 +247,14 @@ impl Shipper {
             return Ok(());
         }
         let (hdr, _) = w.finish()?;
-        self.store(name, db, &segment_key(&db.id, 0, pos + 1), &tmp)?;
-        self.set_position(db, hdr.last_txid)?;
+        let held = self.store(
+            name,
+            db,
+            &segment_key(&db.id, 0, pos + 1),
+            &tmp,
+            hdr.last_txid,
+        )?;
+        self.set_position(db, held)?;
         log::debug!(
             "{name}: shipped TXIDs {}..={} to {}",
             pos + 1,
@@ -259,7 +265,22 @@ impl Shipper {
     }
 
     /// Stores the local object `tmp` as `key`; a key that exists means another writer.
-    fn store(&self, name: &str, db: &Db, key: &str, tmp: &Path) -> Result<()> {
+    fn pending_file(&self, db: &Db) -> PathBuf {
+        db.stage.dir().join(format!("shipping.{}", self.rid))
+    }
+
+    /// Stores the local object `tmp` (holding TXIDs up to `last`) as `key`; returns the TXID
+    /// the replica now holds up to. A key that exists means another writer, unless this mount
+    /// was storing that very key when it last stopped short of recording its position (a
+    /// crash, a full disk): then the object is its own, holding what that attempt held.
+    fn store(&self, name: &str, db: &Db, key: &str, tmp: &Path, last: u64) -> Result<u64> {
+        let pending = self.pending_file(db);
+        let earlier: Option<u64> = fs::read_to_string(&pending).ok().and_then(|p| {
+            p.split_once(' ')
+                .and_then(|(k, t)| (k == key).then(|| t.trim().parse().ok()).flatten())
+        });
+        write_atomic(&pending, format!("{key} {last}").as_bytes())
+            .context("recording the shipment in progress")?;
         let res = match &self.sealer {
             Some(s) => {
                 let sealed = tmp.with_extension("sealed");
@@ -273,7 +294,12 @@ impl Shipper {
         };
         let _ = fs::remove_file(tmp);
         match res {
-            Ok(()) => Ok(()),
+            Ok(()) => Ok(last),
+            Err(ReplicaError::Exists(k)) if earlier.is_some() => {
+                let held = earlier.unwrap_or(0);
+                log::warn!("{name}: {k} is already in {} from an earlier attempt of this mount; it holds TXIDs up to {held}", self.describe());
+                Ok(held)
+            }
             Err(ReplicaError::Exists(k)) => {
                 self.fenced.lock().insert(db.id.clone());
                 log::error!(

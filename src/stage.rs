@@ -306,7 +306,12 @@ fn seg_name(first_txid: u64) -> String {
 
 /// Writes `data` to `path` atomically: temp file, fsync, rename, fsync of the directory.
 pub fn write_atomic(path: &Path, data: &[u8]) -> io::Result<()> {
-    let tmp = path.with_extension("tmp");
+    // A temporary name of its own per target: several writers of sibling files may run at once.
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let tmp = path.with_file_name(format!(".{name}.tmp"));
     {
         let mut f = File::create(&tmp)?;
         f.write_all(data)?;

@@ -6,11 +6,13 @@
 //! database can never both extend its chain.
 
 mod file;
+mod s3;
 
 use std::io;
 use std::path::{Path, PathBuf};
 
 pub use file::FileReplica;
+pub use s3::S3Replica;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ReplicaError {
@@ -43,7 +45,8 @@ pub trait ReplicaClient: Send + Sync {
     fn list(&self, prefix: &str) -> Result<Vec<(String, u64)>>;
 }
 
-/// Opens the replica named by `url`: `file:///path` or a plain absolute path.
+/// Opens the replica named by `url`: `file:///path` (or a plain absolute path) or
+/// `s3://bucket/prefix?endpoint=URL&region=R&force-path-style=true`.
 pub fn open(url: &str) -> Result<Box<dyn ReplicaClient>> {
     let bad = |why: &str| ReplicaError::BadUrl {
         url: url.to_string(),
@@ -61,11 +64,11 @@ pub fn open(url: &str) -> Result<Box<dyn ReplicaClient>> {
         return Ok(Box::new(FileReplica::new(PathBuf::from(url))));
     }
     if url.starts_with("s3://") {
-        return Err(bad(
-            "S3 replicas are not available in this build yet; use file:///path",
-        ));
+        return Ok(Box::new(S3Replica::open(url)?));
     }
-    Err(bad("unknown scheme (supported: file:///path)"))
+    Err(bad(
+        "unknown scheme (supported: file:///path, s3://bucket/prefix)",
+    ))
 }
 
 /// The embedded default replica: a directory under the user's data directory.
