@@ -119,6 +119,12 @@ fn rollback_hot_journals(b: &Backing, rel: &str, depth: usize) {
 }
 
 pub fn run(o: MountOpts) -> Result<()> {
+    // Catch SIGINT/SIGTERM from the start: one arriving while the mount comes up must still
+    // lead to a clean unmount, not kill the daemon with the mount half made.
+    let mut signals = signal_hook::iterator::Signals::new([
+        signal_hook::consts::SIGINT,
+        signal_hook::consts::SIGTERM,
+    ])?;
     let dir = std::fs::canonicalize(&o.dir)
         .with_context(|| format!("mount point {} does not exist", o.dir.display()))?;
     if !dir.is_dir() {
@@ -261,10 +267,6 @@ pub fn run(o: MountOpts) -> Result<()> {
     }
     let mut unmounter = session.unmount_callable();
     let sig_dir = dir.clone();
-    let mut signals = signal_hook::iterator::Signals::new([
-        signal_hook::consts::SIGINT,
-        signal_hook::consts::SIGTERM,
-    ])?;
     std::thread::Builder::new()
         .name("sqlfs-signals".into())
         .spawn(move || {
