@@ -21,6 +21,7 @@
 //!                        tmpfs (default: target/bench-work)
 //!   SQLFS_BENCH_KEEP=1   keep the work directory afterwards
 
+use std::collections::HashMap;
 use std::fs::{self, File};
 use std::io::Write as _;
 use std::path::{Path, PathBuf};
@@ -461,6 +462,122 @@ fn plain_writes(dir: &Path, secs: f64) -> Result<f64> {
     Ok(rate)
 }
 
+struct Replication {
+    p50_ms: f64,
+    p99_ms: f64,
+    max_ms: f64,
+    per_min_load: f64,
+    per_min_idle: f64,
+    shipped_ratio: f64,
+}
+
+/// Every segment object in `replica` (plain, unencrypted): (path, first TXID, last TXID,
+/// first and last commit time in ns, size).
+fn segments(replica: &Path) -> Vec<(PathBuf, u64, u64, u64, u64, u64)> {
+    let mut out = Vec::new();
+    let Ok(dbs) = fs::read_dir(replica) else { return out };
+    for db in dbs.flatten() {
+        let Ok(objs) = fs::read_dir(db.path().join("l0")) else { continue };
+        for o in objs.flatten() {
+            let p = o.path();
+            if !p.extension().is_some_and(|e| e == "seg") {
+                continue;
+            }
+            let Ok(b) = fs::read(&p) else { continue };
+            if b.len() < 128 || &b[..8] != b"SQFSOBJ\0" {
+                continue;
+            }
+            let u = |i: usize| u64::from_be_bytes(b[i..i + 8].try_into().unwrap());
+            out.push((p, u(32), u(40), u(48), u(56), b.len() as u64));
+        }
+    }
+    out
+}
+
+/// Steady commits to a mount shipping to a file replica: how long each transaction takes to
+/// appear in an object there (from its commit time in the object header to the moment a
+/// watcher sees the object), objects per minute under load and idle, and compression.
+fn replication(cfg: &Config) -> Result<Replication> {
+    let mnt = cfg.work.join("repl-mnt");
+    let backing = cfg.work.join("repl-backing");
+    let replica = backing.with_extension("replica");
+    let mount = Mount::start(&mnt, &backing, &cfg.work.join("repl.log"))?;
+    let secs = cfg.secs.max(5.0);
+    let conn = open(&mnt.join("r.db"), "NORMAL")?;
+    conn.execute_batch("CREATE TABLE t(id INTEGER PRIMARY KEY, x TEXT)")?;
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let seen: std::sync::Arc<std::sync::Mutex<HashMap<PathBuf, Instant>>> = Default::default();
+    let watcher = {
+        let (stop, seen, replica) = (stop.clone(), seen.clone(), replica.clone());
+        thread::spawn(move || {
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                for (p, ..) in segments(&replica) {
+                    seen.lock().unwrap().entry(p).or_insert_with(Instant::now);
+                }
+                thread::sleep(Duration::from_millis(5));
+            }
+        })
+    };
+    // Instant ↔ wall clock, to compare object header times with when the watcher saw them.
+    let (t0, wall0) = (Instant::now(), std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH)?.as_nanos() as u64);
+    let start = Instant::now();
+    let mut i = 0u64;
+    while start.elapsed().as_secs_f64() < secs {
+        conn.execute("INSERT INTO t(x) VALUES (?1)", params![format!("row {i} of the replication benchmark, {}", i * 7919 % 1000)])?;
+        i += 1;
+        thread::sleep(Duration::from_millis(20));
+    }
+    let load_secs = start.elapsed().as_secs_f64();
+    thread::sleep(Duration::from_secs(3));
+    let at_idle = segments(&replica).len();
+    thread::sleep(Duration::from_secs_f64(secs.min(10.0)));
+    let idle_objects = segments(&replica).len() - at_idle;
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let _ = watcher.join();
+    let segs = segments(&replica);
+    let seen = seen.lock().unwrap();
+    let mut lags = Vec::new();
+    for (p, first, last, t_first, t_last, _) in &segs {
+        let Some(at) = seen.get(p) else { continue };
+        let at_ns = wall0 + at.duration_since(t0).as_nanos() as u64;
+        let n = last - first + 1;
+        for k in 0..n {
+            // Commit times are spread between the first and the last in the object.
+            let t = if n == 1 { *t_last } else { t_first + (t_last - t_first) * k / (n - 1) };
+            lags.push(at_ns.saturating_sub(t) as f64 / 1e6);
+        }
+    }
+    lags.sort_by(|a, b| a.partial_cmp(b).unwrap());
+    let pct = |q: f64| lags.get(((lags.len() as f64 - 1.0) * q).round() as usize).copied().unwrap_or(f64::NAN);
+    let shipped: u64 = segs.iter().map(|s| s.5).sum();
+    let staged: u64 = dir_bytes(&backing.join(".sqlfs"), "seg");
+    drop(conn);
+    mount.stop()?;
+    Ok(Replication {
+        p50_ms: pct(0.5),
+        p99_ms: pct(0.99),
+        max_ms: lags.last().copied().unwrap_or(f64::NAN),
+        per_min_load: (segs.len() - idle_objects) as f64 * 60.0 / load_secs,
+        per_min_idle: idle_objects as f64 * 60.0 / secs.min(10.0),
+        shipped_ratio: shipped as f64 / staged.max(1) as f64,
+    })
+}
+
+/// Total size of files ending in `.ext` under `dir`.
+fn dir_bytes(dir: &Path, ext: &str) -> u64 {
+    let mut n = 0;
+    let Ok(rd) = fs::read_dir(dir) else { return 0 };
+    for e in rd.flatten() {
+        let p = e.path();
+        if p.is_dir() {
+            n += dir_bytes(&p, ext);
+        } else if p.extension().is_some_and(|x| x == ext) {
+            n += e.metadata().map(|m| m.len()).unwrap_or(0);
+        }
+    }
+    n
+}
+
 /// Point reads / updates by primary key from `threads` connections; returns ops/s.
 fn mixed(dir: &Path, threads: usize, read_pct: u64, secs: f64) -> Result<f64> {
     const ROWS: u64 = 100_000;
@@ -736,6 +853,27 @@ fn main() -> Result<()> {
         0,
     ));
     mount.stop()?;
+
+    step("replication to a file replica, 50 commits/s");
+    let rep = replication(&cfg)?;
+    rows.push(Row {
+        name: "commit → replica object, p50 / p99 / max (ms), 1 s sync interval".into(),
+        native: "–".into(),
+        sqlfs: format!("{:.0} / {:.0} / {:.0}", rep.p50_ms, rep.p99_ms, rep.max_ms),
+        ratio: "–".into(),
+    });
+    rows.push(Row {
+        name: "replica objects written per minute: under load / idle".into(),
+        native: "–".into(),
+        sqlfs: format!("{:.0} / {:.0}", rep.per_min_load, rep.per_min_idle),
+        ratio: "–".into(),
+    });
+    rows.push(Row {
+        name: "bytes shipped / bytes staged (zstd, 100-byte text rows)".into(),
+        native: "–".into(),
+        sqlfs: format!("{:.2}", rep.shipped_ratio),
+        ratio: "–".into(),
+    });
 
     step("daemon memory on a fresh mount");
     let mem = memory(&cfg)?;
