@@ -475,9 +475,13 @@ struct Replication {
 /// first and last commit time in ns, size).
 fn segments(replica: &Path) -> Vec<(PathBuf, u64, u64, u64, u64, u64)> {
     let mut out = Vec::new();
-    let Ok(dbs) = fs::read_dir(replica) else { return out };
+    let Ok(dbs) = fs::read_dir(replica) else {
+        return out;
+    };
     for db in dbs.flatten() {
-        let Ok(objs) = fs::read_dir(db.path().join("l0")) else { continue };
+        let Ok(objs) = fs::read_dir(db.path().join("l0")) else {
+            continue;
+        };
         for o in objs.flatten() {
             let p = o.path();
             if !p.extension().is_some_and(|e| e == "seg") {
@@ -519,11 +523,22 @@ fn replication(cfg: &Config) -> Result<Replication> {
         })
     };
     // Instant ↔ wall clock, to compare object header times with when the watcher saw them.
-    let (t0, wall0) = (Instant::now(), std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH)?.as_nanos() as u64);
+    let (t0, wall0) = (
+        Instant::now(),
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)?
+            .as_nanos() as u64,
+    );
     let start = Instant::now();
     let mut i = 0u64;
     while start.elapsed().as_secs_f64() < secs {
-        conn.execute("INSERT INTO t(x) VALUES (?1)", params![format!("row {i} of the replication benchmark, {}", i * 7919 % 1000)])?;
+        conn.execute(
+            "INSERT INTO t(x) VALUES (?1)",
+            params![format!(
+                "row {i} of the replication benchmark, {}",
+                i * 7919 % 1000
+            )],
+        )?;
         i += 1;
         thread::sleep(Duration::from_millis(20));
     }
@@ -543,12 +558,20 @@ fn replication(cfg: &Config) -> Result<Replication> {
         let n = last - first + 1;
         for k in 0..n {
             // Commit times are spread between the first and the last in the object.
-            let t = if n == 1 { *t_last } else { t_first + (t_last - t_first) * k / (n - 1) };
+            let t = if n == 1 {
+                *t_last
+            } else {
+                t_first + (t_last - t_first) * k / (n - 1)
+            };
             lags.push(at_ns.saturating_sub(t) as f64 / 1e6);
         }
     }
     lags.sort_by(|a, b| a.partial_cmp(b).unwrap());
-    let pct = |q: f64| lags.get(((lags.len() as f64 - 1.0) * q).round() as usize).copied().unwrap_or(f64::NAN);
+    let pct = |q: f64| {
+        lags.get(((lags.len() as f64 - 1.0) * q).round() as usize)
+            .copied()
+            .unwrap_or(f64::NAN)
+    };
     let shipped: u64 = segs.iter().map(|s| s.5).sum();
     let staged: u64 = dir_bytes(&backing.join(".sqlfs"), "seg");
     drop(conn);
