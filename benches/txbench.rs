@@ -484,7 +484,7 @@ fn segments(replica: &Path) -> Vec<(PathBuf, u64, u64, u64, u64, u64)> {
         };
         for o in objs.flatten() {
             let p = o.path();
-            if !p.extension().is_some_and(|e| e == "seg") {
+            if p.extension().is_none_or(|e| e != "seg") {
                 continue;
             }
             let Ok(b) = fs::read(&p) else { continue };

@@ -130,47 +130,28 @@ pub fn run(o: &RestoreOpts) -> Result<String> {
     let out = tmp_out.as_file();
 
     // Start: the newest snapshot at or before the target, or the empty database.
-    let mut state = 0u64;
-    let mut last: Option<(u64, u64, u32, u32)> = None; // (txid, checksum, page size, pages)
+    let mut p = Progress::default();
     if let Some(&s) = snaps.iter().rev().find(|&&s| s <= target) {
         let key = snapshot_key(&id, s);
-        apply_object(
-            client.as_ref(),
-            &key,
-            &scratch,
-            opener,
-            out,
-            s,
-            &mut state,
-            &mut last,
-        )?;
+        apply_object(client.as_ref(), &key, &scratch, opener, out, s, &mut p)?;
     }
     // Then every segment that continues the chain.
     for &first in &segs {
-        if state >= target {
+        if p.state >= target {
             break;
         }
-        if first > state + 1 {
+        if first > p.state + 1 {
             bail!(
                 "the replica's chain for {} has a gap: transactions {}..{} are missing",
                 o.db,
-                state + 1,
+                p.state + 1,
                 first - 1
             );
         }
         let key = segment_key(&id, 0, first);
-        apply_object(
-            client.as_ref(),
-            &key,
-            &scratch,
-            opener,
-            out,
-            target,
-            &mut state,
-            &mut last,
-        )?;
+        apply_object(client.as_ref(), &key, &scratch, opener, out, target, &mut p)?;
     }
-    let Some((txid, checksum, ps, pages)) = last else {
+    let Some((txid, checksum, ps, pages)) = p.last else {
         bail!("the replica holds no transactions of {}", o.db)
     };
     if o.txid.is_some_and(|t| t != txid) {
@@ -210,6 +191,14 @@ pub fn run(o: &RestoreOpts) -> Result<String> {
     Ok(format!("restored {} at TXID {txid} ({pages} pages of {ps} bytes, checksum {checksum:016x}) to {}\n", o.db, o.output.display()))
 }
 
+/// How far a restore has come: the TXID applied last, and (txid, checksum, page size, pages)
+/// of the last transaction applied.
+#[derive(Default)]
+struct Progress {
+    state: u64,
+    last: Option<(u64, u64, u32, u32)>,
+}
+
 /// Downloads, verifies and applies the transactions of one object up to `target`.
 fn apply_object(
     client: &dyn ReplicaClient,
@@ -218,9 +207,9 @@ fn apply_object(
     opener: Option<&Opener>,
     out: &File,
     target: u64,
-    state: &mut u64,
-    last: &mut Option<(u64, u64, u32, u32)>,
+    p: &mut Progress,
 ) -> Result<()> {
+    let Progress { state, last } = p;
     let Some(plain) = fetch(client, key, scratch, opener)? else {
         bail!("{key} is missing from {}", client.describe());
     };

@@ -375,8 +375,7 @@ pub fn for_each_txn(
         what: what.into(),
         why,
     };
-    let mut expect = hdr.first_txid;
-    for _ in 0..hdr.ntxns {
+    for expect in hdr.first_txid..hdr.first_txid + hdr.ntxns as u64 {
         let mut hb = [0u8; RECORD_HEADER];
         dec.read_exact(&mut hb)
             .map_err(|e| corrupt(format!("transaction {expect}: {e}")))?;
@@ -387,7 +386,6 @@ pub fn for_each_txn(
                 h.txid
             )));
         }
-        expect += 1;
         visit(Event::Start(&h))?;
         let mut err = None;
         read_pages(
