@@ -202,6 +202,15 @@ impl Shipper {
     }
 
     fn ship_db(&self, name: &str, db: &Db) -> Result<()> {
+        // Objects are built in the staging directory; whatever happens, no partial object is
+        // left there to take space (on a full disk, that space is the app's).
+        let tmp = db.stage.dir().join(format!("outbox.{}.tmp", self.rid));
+        let res = self.ship_db_via(name, db, &tmp);
+        let _ = fs::remove_file(&tmp);
+        res
+    }
+
+    fn ship_db_via(&self, name: &str, db: &Db, tmp: &Path) -> Result<()> {
         if self.fenced.lock().contains(&db.id) {
             return Ok(());
         }
@@ -218,7 +227,6 @@ impl Shipper {
             self.client.put(&name_key(&db.id), &data)?;
             self.named.lock().insert(db.id.clone());
         }
-        let tmp = db.stage.dir().join(format!("outbox.{}.tmp", self.rid));
         let base = db.stage.base_meta().map_err(anyhow::Error::from)?;
         let mut pos = pos;
         if pos < base.txid {
@@ -238,7 +246,7 @@ impl Shipper {
             .for_each(pos, last, |h, pages| {
                 w.add(h, |emit| pages(emit).map_err(std::io::Error::other))
                     .map_err(|e| crate::stage::StageError::Io {
-                        path: tmp.clone(),
+                        path: tmp.to_path_buf(),
                         err: e,
                     })
             })
