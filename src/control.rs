@@ -126,9 +126,10 @@ fn status(cap: &Capture, shippers: &[Arc<Shipper>]) -> (String, i32) {
             };
             let _ = writeln!(
                 out,
-                "  {}: TXID {pos}, {} behind{fenced}",
+                "  {}: TXID {pos}, {} behind, lag {:.1}s{fenced}",
                 s.describe(),
-                txid.saturating_sub(pos)
+                txid.saturating_sub(pos),
+                s.lag(&db).as_secs_f64()
             );
         }
     }

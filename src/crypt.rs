@@ -1,4 +1,7 @@
-//! Encryption of replica objects with age (X25519 recipients).
+//! Encryption of replica objects with age: to X25519 recipients, or to a passphrase.
+//!
+//! Passphrase objects use age's own scrypt recipient with a moderate work factor (2^15, tens
+//! of milliseconds per object), because every shipped object pays it once.
 //!
 //! A sealed object is an age file wrapping the whole plain object, so nothing of its content
 //! (not even its header) is readable without an identity; keys stay as they are (they carry
@@ -47,12 +50,27 @@ pub fn keygen(path: &Path) -> Result<String> {
     Ok(public)
 }
 
-/// Encrypts objects to a set of X25519 recipients.
+/// scrypt work factor (log2 N) for passphrase-encrypted objects.
+const SCRYPT_LOG_N: u8 = 15;
+
+/// Encrypts objects to a set of X25519 recipients or to a passphrase.
 pub struct Sealer {
     recipients: Vec<age::x25519::Recipient>,
+    passphrase: Option<age::secrecy::SecretString>,
 }
 
 impl Sealer {
+    /// Encrypts to `passphrase` instead of recipients.
+    pub fn with_passphrase(passphrase: &str) -> Result<Sealer> {
+        if passphrase.is_empty() {
+            bail!("the encryption passphrase is empty");
+        }
+        Ok(Sealer {
+            recipients: Vec::new(),
+            passphrase: Some(passphrase.to_owned().into()),
+        })
+    }
+
     /// Parses `age1…` recipient strings; `None` when there are none (no encryption).
     pub fn new(recipients: &[String]) -> Result<Option<Sealer>> {
         if recipients.is_empty() {
@@ -65,10 +83,19 @@ impl Sealer {
                     .map_err(|e| anyhow::anyhow!("bad age recipient {:?}: {e}", r.trim()))
             })
             .collect::<Result<Vec<_>>>()?;
-        Ok(Some(Sealer { recipients }))
+        Ok(Some(Sealer {
+            recipients,
+            passphrase: None,
+        }))
     }
 
     fn encryptor(&self) -> Result<age::Encryptor> {
+        if let Some(p) = &self.passphrase {
+            let mut r = age::scrypt::Recipient::new(p.clone());
+            r.set_work_factor(SCRYPT_LOG_N);
+            return age::Encryptor::with_recipients(std::iter::once(&r as &dyn age::Recipient))
+                .context("setting up encryption");
+        }
         age::Encryptor::with_recipients(self.recipients.iter().map(|r| r as &dyn age::Recipient))
             .context("setting up encryption")
     }
@@ -112,13 +139,48 @@ impl Opener {
         Ok(Opener { identities })
     }
 
+    /// Decrypts with a passphrase (objects written with `--passphrase-env`).
+    pub fn from_passphrase(passphrase: &str) -> Result<Opener> {
+        if passphrase.is_empty() {
+            bail!("the decryption passphrase is empty");
+        }
+        let mut id = age::scrypt::Identity::new(passphrase.to_owned().into());
+        id.set_max_work_factor(22);
+        Ok(Opener {
+            identities: vec![Box::new(id)],
+        })
+    }
+
+    /// The first `n` plain bytes of the encrypted object whose first bytes are `head`
+    /// (at least one encryption chunk's worth, or all of it).
+    pub fn open_prefix(&self, head: &[u8], n: usize, what: &str) -> Result<Vec<u8>> {
+        let d = age::Decryptor::new_buffered(head)
+            .map_err(|e| anyhow::anyhow!("{what} is not a readable encrypted object: {e}"))?;
+        let r = d
+            .decrypt(
+                self.identities
+                    .iter()
+                    .map(|i| i.as_ref() as &dyn age::Identity),
+            )
+            .map_err(|e| {
+                anyhow::anyhow!(
+                    "cannot decrypt {what}: {e} (is this the key the replica was written for?)"
+                )
+            })?;
+        let mut out = Vec::with_capacity(n);
+        r.take(n as u64)
+            .read_to_end(&mut out)
+            .map_err(|e| anyhow::anyhow!("cannot decrypt {what}: {e}"))?;
+        Ok(out)
+    }
+
     /// Decrypts `src` (an object named `what`) into `dst`.
     pub fn open_file(&self, src: &Path, dst: &Path, what: &str) -> Result<()> {
         let d = age::Decryptor::new_buffered(BufReader::new(File::open(src)?))
             .map_err(|e| anyhow::anyhow!("{what} is not a readable encrypted object: {e}"))?;
         let mut r = d
             .decrypt(self.identities.iter().map(|i| i.as_ref() as &dyn age::Identity))
-            .map_err(|e| anyhow::anyhow!("cannot decrypt {what}: {e} (is --age-identity the key the replica was written for?)"))?;
+            .map_err(|e| anyhow::anyhow!("cannot decrypt {what}: {e} (is this the key or passphrase the replica was written for?)"))?;
         let mut out = File::create(dst)?;
         io::copy(&mut r, &mut out).map_err(|e| anyhow::anyhow!("cannot decrypt {what}: {e}"))?;
         Ok(())

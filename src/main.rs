@@ -5,10 +5,15 @@
 
 mod backing;
 mod capture;
+mod catalog;
+mod compact;
+mod config;
 mod control;
 mod crypt;
 mod fs;
 mod inspect;
+mod list;
+mod metrics;
 mod mount;
 mod replica;
 mod restore;
@@ -19,6 +24,7 @@ mod stage;
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
+use std::time::Duration;
 
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
@@ -31,7 +37,7 @@ use crate::inspect::Source;
     name = "sqlfs",
     version,
     about = "Capture every committed SQLite transaction at the filesystem layer",
-    after_help = "Examples:\n  sqlfs mount /data                      # serve /data in place\n  sqlfs mount /data --data-dir /srv/db   # files live in /srv/db\n  sqlfs verify /data                     # replay the stream, compare with the files\n  sqlfs log /data --db app.db            # list staged transactions\n  sqlfs replay /data --db app.db --txid 42 -o /tmp/app-42.db\n\nLog verbosity: RUST_LOG=debug|info|warn (default info)."
+    after_help = "Examples:\n  sqlfs mount /data                      # serve /data in place\n  sqlfs mount /data --data-dir /srv/db   # files live in /srv/db\n  sqlfs verify /data                     # replay the stream, compare with the files\n  sqlfs log /data --db app.db            # list staged transactions\n  sqlfs replay /data --db app.db --txid 42 -o /tmp/app-42.db\n  sqlfs list --replica file:///backup       # databases and restore windows\n  sqlfs restore --replica file:///backup --db app.db --timestamp 2026-11-25T10:00:00Z -o app.db\n\nLog verbosity: RUST_LOG=debug|info|warn (default info)."
 )]
 struct Cli {
     #[command(subcommand)]
@@ -43,57 +49,129 @@ enum Cmd {
     /// Mount DIR (in place unless --data-dir) and capture every SQLite transaction under it.
     /// Runs in the foreground; SIGINT/SIGTERM flush staging and unmount.
     #[command(
-        after_help = "Examples:\n  sqlfs mount /data\n  sqlfs mount /data --data-dir /var/lib/app --threads 4"
+        after_help = "Examples:\n  sqlfs mount /data                                  # embedded local replica\n  sqlfs mount /data --replica s3://bkt/prod?region=eu-west-1\n  sqlfs mount /data --replica file:///mnt/nfs/backup --age-recipient age1...\n  sqlfs mount /data --replica s3://bkt/prod --sync --retention 72h\n  sqlfs mount --config /etc/sqlfs.yml --restore-if-missing --metrics-addr 127.0.0.1:9090"
     )]
     Mount {
-        /// Directory to mount over.
-        dir: PathBuf,
+        /// Directory to mount over (or `dir:` in the configuration file).
+        dir: Option<PathBuf>,
+        /// YAML configuration file (example: contrib/sqlfs.yml); flags override it.
+        #[arg(long, value_name = "FILE")]
+        config: Option<PathBuf>,
         /// Keep the files here instead of in DIR itself.
         #[arg(long, value_name = "BACKING")]
         data_dir: Option<PathBuf>,
-        /// Kernel request threads.
-        #[arg(long, default_value_t = 4)]
-        threads: usize,
+        /// Kernel request threads [default: 4].
+        #[arg(long)]
+        threads: Option<usize>,
         /// Fold staged transactions into a local base once a database's log exceeds this many
-        /// bytes (suffixes k, M, G).
-        #[arg(long, default_value = "64M", value_parser = parse_size)]
-        stage_limit: u64,
-        /// Ship every database to this replica (repeatable): file:///path. Default: a
+        /// bytes (suffixes k, M, G) [default: 64M].
+        #[arg(long, value_parser = config::parse_size)]
+        stage_limit: Option<u64>,
+        /// Ship every database to this replica (repeatable): file:///path or
+        /// s3://bucket/prefix?endpoint=URL&region=R&force-path-style=true. Default: a
         /// directory under the user's data directory (~/.local/share/sqlfs/replica).
         #[arg(long = "replica", value_name = "URL")]
         replicas: Vec<String>,
-        /// How often new transactions are shipped (e.g. 1s, 500ms).
-        #[arg(long, default_value = "1s", value_parser = parse_duration)]
-        sync_interval: std::time::Duration,
+        /// How often new transactions are shipped (e.g. 1s, 500ms) [default: 1s].
+        #[arg(long, value_parser = parse_interval)]
+        sync_interval: Option<Duration>,
+        /// A full snapshot at most this often while a database changes (0: only when needed)
+        /// [default: 6h].
+        #[arg(long, value_parser = config::parse_duration)]
+        snapshot_interval: Option<Duration>,
+        /// Compaction intervals of levels 1, 2, … (`none` to turn it off) [default: 30s,5m,1h].
+        #[arg(long, value_parser = config::parse_levels)]
+        compaction: Option<crate::config::Levels>,
+        /// Keep every restore point this far back; older objects are removed (0: keep
+        /// everything) [default: 24h].
+        #[arg(long, value_parser = config::parse_duration)]
+        retention: Option<Duration>,
         /// Encrypt every replica object to this age recipient (age1…; repeatable).
         #[arg(long = "age-recipient", value_name = "RECIPIENT")]
         age_recipients: Vec<String>,
+        /// Encrypt every replica object with the passphrase in this environment variable.
+        #[arg(long, value_name = "VAR")]
+        passphrase_env: Option<String>,
         /// The app's fsync of a database returns only when its transactions are on every
         /// replica (zero loss on machine failure; use with PRAGMA synchronous=FULL).
         #[arg(long)]
         sync: bool,
+        /// Before serving, restore each database the first replica holds but the data
+        /// directory lacks (an empty machine, a rebuilt container).
+        #[arg(long)]
+        restore_if_missing: bool,
+        /// Serve Prometheus metrics at http://ADDR/metrics (e.g. 127.0.0.1:9090).
+        #[arg(long, value_name = "ADDR")]
+        metrics_addr: Option<std::net::SocketAddr>,
     },
-    /// Rebuild a database from a replica alone, as of its latest (or a given) transaction.
+    /// Rebuild a database from a replica alone, as of its latest transaction, a TXID or an
+    /// instant. Verified (checksums after every step, integrity_check) before it appears.
     #[command(
-        after_help = "Examples:\n  sqlfs restore --replica file:///backup --db app.db -o /tmp/app.db\n  sqlfs restore --replica file:///backup --db tenants/42.db --txid 1200 -o 42.db"
+        after_help = "Examples:\n  sqlfs restore --replica file:///backup --db app.db -o /tmp/app.db\n  sqlfs restore --replica file:///backup --db app.db --timestamp 2026-11-25T10:00:00Z -o app.db\n  sqlfs restore --replica s3://bkt/prod --db tenants/42.db --txid 1200 -o 42.db --dry-run\n  sqlfs restore --config /etc/sqlfs.yml /data/app.db -o /tmp/app.db --json"
     )]
     Restore {
+        /// With --config: the database as a path under the configured mount (/data/app.db).
+        path: Option<PathBuf>,
         #[arg(long, value_name = "URL")]
-        replica: String,
-        /// The database's path relative to the mount root.
+        replica: Option<String>,
+        /// The database's path relative to the mount root (app.db, tenants/42.db).
         #[arg(long)]
-        db: String,
+        db: Option<String>,
         #[arg(short, long)]
         output: PathBuf,
         /// Restore the state right after this transaction (default: the latest).
-        #[arg(long)]
+        #[arg(long, conflicts_with = "timestamp")]
         txid: Option<u64>,
+        /// Restore the state after the last transaction committed at or before this RFC 3339
+        /// instant (2026-11-25T10:00:00Z; fractions and offsets allowed).
+        #[arg(long, value_name = "T")]
+        timestamp: Option<String>,
+        /// Take the replica (the first one) and keys from this configuration file.
+        #[arg(long, value_name = "FILE")]
+        config: Option<PathBuf>,
         /// Replace OUTPUT if it exists.
         #[arg(long)]
         force: bool,
+        /// Do nothing (exit 0) if OUTPUT exists.
+        #[arg(long, conflicts_with = "force")]
+        if_not_exists: bool,
         /// age identity file to decrypt an encrypted replica.
         #[arg(long, value_name = "FILE")]
         age_identity: Option<PathBuf>,
+        /// Decrypt with the passphrase in this environment variable.
+        #[arg(long, value_name = "VAR")]
+        passphrase_env: Option<String>,
+        /// Objects downloaded at once.
+        #[arg(long, default_value_t = 4)]
+        parallel: usize,
+        /// Print the plan (objects, sizes, TXIDs) and stop.
+        #[arg(long)]
+        dry_run: bool,
+        /// Print a JSON summary instead of text.
+        #[arg(long)]
+        json: bool,
+    },
+    /// List the databases in a replica with their restore windows, snapshots and objects.
+    #[command(
+        after_help = "Examples:\n  sqlfs list --replica file:///backup\n  sqlfs list --replica s3://bkt/prod?endpoint=http://127.0.0.1:9000 --db app.db --json"
+    )]
+    List {
+        #[arg(long, value_name = "URL")]
+        replica: Option<String>,
+        /// Only this database.
+        #[arg(long)]
+        db: Option<String>,
+        /// Take the replica (the first one) and keys from this configuration file.
+        #[arg(long, value_name = "FILE")]
+        config: Option<PathBuf>,
+        /// age identity file, to read an encrypted replica's times.
+        #[arg(long, value_name = "FILE")]
+        age_identity: Option<PathBuf>,
+        /// Passphrase environment variable, to read an encrypted replica's times.
+        #[arg(long, value_name = "VAR")]
+        passphrase_env: Option<String>,
+        #[arg(long)]
+        json: bool,
     },
     /// Create an age key pair for encrypted replicas: the identity goes to FILE (keep it safe,
     /// off this machine), the recipient to pass to `mount --age-recipient` is printed.
@@ -133,35 +211,12 @@ enum Cmd {
     },
 }
 
-fn parse_duration(s: &str) -> Result<std::time::Duration, String> {
-    let bad = || format!("not a duration: {s} (examples: 1s, 500ms, 2m)");
-    let (num, unit) = s
-        .find(|c: char| !c.is_ascii_digit())
-        .map(|i| s.split_at(i))
-        .ok_or_else(bad)?;
-    let n: u64 = num.parse().map_err(|_| bad())?;
-    let d = match unit {
-        "ms" => std::time::Duration::from_millis(n),
-        "s" => std::time::Duration::from_secs(n),
-        "m" => std::time::Duration::from_secs(n * 60),
-        _ => return Err(bad()),
-    };
-    if d.is_zero() {
-        return Err(bad());
+/// A sync interval: a duration that is not zero.
+fn parse_interval(s: &str) -> Result<Duration, String> {
+    match config::parse_duration(s)? {
+        d if d.is_zero() => Err(format!("the interval must be above zero: {s}")),
+        d => Ok(d),
     }
-    Ok(d)
-}
-
-fn parse_size(s: &str) -> Result<u64, String> {
-    let (num, mult) = match s.chars().last() {
-        Some('k' | 'K') => (&s[..s.len() - 1], 1u64 << 10),
-        Some('m' | 'M') => (&s[..s.len() - 1], 1 << 20),
-        Some('g' | 'G') => (&s[..s.len() - 1], 1 << 30),
-        _ => (s, 1),
-    };
-    num.parse::<u64>()
-        .map(|n| n * mult)
-        .map_err(|_| format!("not a size: {s} (examples: 512k, 64M, 1G)"))
 }
 
 /// Runs an inspect request against a live mount at `dir`, or offline on its data directory.
@@ -190,50 +245,180 @@ fn inspect(
     Ok(code)
 }
 
+/// Where restore and list read from: flags, or the configuration file's first replica.
+struct ReplicaSource {
+    replica: String,
+    age_identity: Option<PathBuf>,
+    passphrase: Option<String>,
+    /// The configured mount directory, to turn a path under it into a database name.
+    mount_dir: Option<PathBuf>,
+}
+
+impl ReplicaSource {
+    fn resolve(
+        config: Option<&Path>,
+        replica: Option<String>,
+        age_identity: Option<PathBuf>,
+        passphrase_env: Option<String>,
+    ) -> Result<ReplicaSource> {
+        let conf = match config {
+            Some(f) => config::Config::load(f)?,
+            None => config::Config::default(),
+        };
+        let replica = match replica.or_else(|| conf.replicas.first().map(|r| r.url.clone())) {
+            Some(r) => r,
+            None if config.is_some() => {
+                anyhow::bail!("the configuration names no replica; pass --replica URL")
+            }
+            None => anyhow::bail!("which replica? pass --replica URL (or --config FILE)"),
+        };
+        let passphrase = match passphrase_env.or(conf.passphrase_env) {
+            Some(var) => Some(
+                std::env::var(&var)
+                    .with_context(|| format!("the passphrase variable {var} is not set"))?,
+            ),
+            None => None,
+        };
+        Ok(ReplicaSource {
+            replica,
+            age_identity: age_identity.or(conf.age_identity),
+            passphrase,
+            mount_dir: conf.dir,
+        })
+    }
+
+    /// `/data/tenants/42.db` → `tenants/42.db` for a configured mount at `/data`.
+    fn db_name(&self, p: &Path) -> Result<String> {
+        let Some(dir) = &self.mount_dir else {
+            anyhow::bail!("a database path needs --config with `dir:` (the mount directory); or pass --db NAME")
+        };
+        let rel = p.strip_prefix(dir).with_context(|| {
+            format!(
+                "{} is not under the configured mount {}",
+                p.display(),
+                dir.display()
+            )
+        })?;
+        rel.to_str()
+            .filter(|s| !s.is_empty())
+            .map(str::to_string)
+            .context("not a database path under the mount")
+    }
+}
+
 fn run() -> Result<i32> {
     let cli = Cli::parse();
     match cli.cmd {
         Cmd::Mount {
             dir,
+            config,
             data_dir,
             threads,
             stage_limit,
             replicas,
             sync_interval,
+            snapshot_interval,
+            compaction,
+            retention,
             age_recipients,
+            passphrase_env,
             sync,
+            restore_if_missing,
+            metrics_addr,
         } => {
-            mount::run(mount::MountOpts {
+            let conf = match &config {
+                Some(f) => config::Config::load(f)?,
+                None => config::Config::default(),
+            };
+            let cli = mount::CliMount {
                 dir,
                 data_dir,
                 threads,
                 stage_limit,
                 replicas,
                 sync_interval,
+                snapshot_interval,
+                compaction,
+                retention,
                 age_recipients,
+                passphrase_env,
                 sync,
-            })?;
+                restore_if_missing,
+                metrics_addr,
+            };
+            mount::run(mount::MountOpts::resolve(cli, conf)?)?;
             Ok(0)
         }
         Cmd::Restore {
+            path,
             replica,
             db,
             output,
             txid,
+            timestamp,
+            config,
             force,
+            if_not_exists,
             age_identity,
+            passphrase_env,
+            parallel,
+            dry_run,
+            json,
         } => {
-            print!(
-                "{}",
-                restore::run(&restore::RestoreOpts {
-                    replica,
-                    db,
-                    output,
-                    txid,
-                    force,
-                    age_identity,
-                })?
-            );
+            let src =
+                ReplicaSource::resolve(config.as_deref(), replica, age_identity, passphrase_env)?;
+            let db = match (db, path) {
+                (Some(d), None) => d,
+                (None, Some(p)) => src.db_name(&p)?,
+                (Some(_), Some(_)) => anyhow::bail!("give the database either as --db NAME or as a path, not both"),
+                (None, None) => anyhow::bail!("which database? pass --db NAME (its path under the mount), or --config FILE and its path"),
+            };
+            let target = match (txid, timestamp) {
+                (Some(t), _) => catalog::Target::Txid(t),
+                (None, Some(ts)) => catalog::Target::Time(catalog::parse_time(&ts)?),
+                (None, None) => catalog::Target::Latest,
+            };
+            let report = restore::run(&restore::RestoreOpts {
+                replica: src.replica,
+                db,
+                output,
+                target,
+                force,
+                if_not_exists,
+                age_identity: src.age_identity,
+                passphrase: src.passphrase,
+                parallel,
+                dry_run,
+                progress: !json,
+            })?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&report)?);
+            } else {
+                print!("{}", report.text());
+            }
+            Ok(0)
+        }
+        Cmd::List {
+            replica,
+            db,
+            config,
+            age_identity,
+            passphrase_env,
+            json,
+        } => {
+            let src =
+                ReplicaSource::resolve(config.as_deref(), replica, age_identity, passphrase_env)?;
+            let dbs = list::run(
+                &src.replica,
+                db.as_deref(),
+                src.age_identity.as_deref(),
+                src.passphrase.as_deref(),
+            )?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&dbs)?);
+            } else {
+                print!("{}", list::text(&dbs));
+            }
             Ok(0)
         }
         Cmd::Status { dir } => inspect(&dir, &["status"], |_| {

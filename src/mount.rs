@@ -4,6 +4,7 @@
 //! Threads: fuser request loops (`--threads`), one background thread that syncs staging and
 //! folds it when it grows past `--stage-limit`, the control socket, and the signal watcher.
 
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -14,22 +15,163 @@ use fuser::{Config, MountOption, Session, SessionACL};
 
 use crate::backing::{Backing, META_DIR};
 use crate::capture::Capture;
+use crate::config::{overlay, parse_duration, parse_size, Config as FileConfig, DbConf};
 use crate::fs::SqlFs;
+use crate::ship::Policy;
 
 /// How long the staged history of a deleted database is kept.
 const RETIRED_KEEP: Duration = Duration::from_secs(24 * 3600);
+
+/// The mount command's flags, before the configuration file fills the gaps.
+pub struct CliMount {
+    pub dir: Option<PathBuf>,
+    pub data_dir: Option<PathBuf>,
+    pub threads: Option<usize>,
+    pub stage_limit: Option<u64>,
+    pub replicas: Vec<String>,
+    pub sync_interval: Option<Duration>,
+    pub snapshot_interval: Option<Duration>,
+    pub compaction: Option<crate::config::Levels>,
+    pub retention: Option<Duration>,
+    pub age_recipients: Vec<String>,
+    pub passphrase_env: Option<String>,
+    pub sync: bool,
+    pub restore_if_missing: bool,
+    pub metrics_addr: Option<std::net::SocketAddr>,
+}
+
+/// One replica to ship to, with its own interval and policy.
+pub struct ReplicaSpec {
+    pub url: String,
+    pub sync_interval: Duration,
+    pub policy: Policy,
+}
 
 pub struct MountOpts {
     pub dir: PathBuf,
     pub data_dir: Option<PathBuf>,
     pub threads: usize,
     pub stage_limit: u64,
-    pub replicas: Vec<String>,
+    /// Empty: the embedded default replica.
+    pub replicas: Vec<ReplicaSpec>,
     pub sync_interval: Duration,
+    pub policy: Policy,
     pub age_recipients: Vec<String>,
+    pub passphrase: Option<String>,
     /// The app's fsync of a database file returns only once its transactions are on every
     /// replica.
     pub sync: bool,
+    pub restore_if_missing: bool,
+    pub metrics_addr: Option<std::net::SocketAddr>,
+    /// Identity to decrypt the replica with for `restore_if_missing` (configuration only).
+    pub age_identity: Option<PathBuf>,
+    /// Per-database overrides from the configuration file.
+    pub databases: BTreeMap<String, DbConf>,
+}
+
+impl MountOpts {
+    /// Flags over the configuration file over the defaults.
+    pub fn resolve(cli: CliMount, conf: FileConfig) -> Result<MountOpts> {
+        let dir = cli.dir.or(conf.dir.clone()).context(
+            "which directory? pass DIR (sqlfs mount /data) or set `dir:` in the configuration",
+        )?;
+        let dur = |v: &Option<String>| v.as_deref().and_then(|s| parse_duration(s).ok());
+        let sync_interval = cli
+            .sync_interval
+            .or(dur(&conf.sync_interval).filter(|d| !d.is_zero()))
+            .unwrap_or(Duration::from_secs(1));
+        let mut policy = Policy::default();
+        overlay(
+            &mut policy,
+            &conf.snapshot_interval,
+            &conf.retention,
+            &conf.compaction,
+        );
+        let cli_policy = |p: &mut Policy| {
+            if let Some(d) = cli.snapshot_interval {
+                p.snapshot_interval = d;
+            }
+            if let Some(d) = cli.retention {
+                p.retention = d;
+            }
+            if let Some(l) = &cli.compaction {
+                p.levels = l.0.clone();
+            }
+        };
+        let replicas = if !cli.replicas.is_empty() {
+            cli.replicas
+                .iter()
+                .map(|u| {
+                    let mut p = policy.clone();
+                    cli_policy(&mut p);
+                    ReplicaSpec {
+                        url: u.clone(),
+                        sync_interval,
+                        policy: p,
+                    }
+                })
+                .collect()
+        } else {
+            conf.replicas
+                .iter()
+                .map(|r| {
+                    let mut p = policy.clone();
+                    overlay(&mut p, &r.snapshot_interval, &r.retention, &r.compaction);
+                    cli_policy(&mut p);
+                    ReplicaSpec {
+                        url: r.url.clone(),
+                        sync_interval: cli
+                            .sync_interval
+                            .or(dur(&r.sync_interval).filter(|d| !d.is_zero()))
+                            .unwrap_or(sync_interval),
+                        policy: p,
+                    }
+                })
+                .collect()
+        };
+        cli_policy(&mut policy);
+        let recipients = if cli.age_recipients.is_empty() {
+            conf.age_recipients.clone().unwrap_or_default()
+        } else {
+            cli.age_recipients
+        };
+        let passphrase = match cli.passphrase_env.or(conf.passphrase_env.clone()) {
+            Some(var) => Some(
+                std::env::var(&var)
+                    .with_context(|| format!("the passphrase variable {var} is not set"))?,
+            ),
+            None => None,
+        };
+        if passphrase.is_some() && !recipients.is_empty() {
+            bail!("encrypt either to --age-recipient keys or with --passphrase-env, not both");
+        }
+        Ok(MountOpts {
+            dir,
+            data_dir: cli.data_dir.or(conf.data_dir.clone()),
+            threads: cli.threads.or(conf.threads).unwrap_or(4),
+            stage_limit: match cli.stage_limit {
+                Some(n) => n,
+                None => conf
+                    .stage_limit
+                    .as_deref()
+                    .and_then(|s| parse_size(s).ok())
+                    .unwrap_or(64 << 20),
+            },
+            replicas,
+            sync_interval,
+            policy,
+            age_recipients: recipients,
+            passphrase,
+            sync: cli.sync || conf.sync.unwrap_or(false),
+            restore_if_missing: cli.restore_if_missing || conf.restore_if_missing.unwrap_or(false),
+            metrics_addr: match cli.metrics_addr {
+                Some(a) => Some(a),
+                None => conf.metrics_addr.as_deref().and_then(|a| a.parse().ok()),
+            },
+            age_identity: conf.age_identity,
+            databases: conf.databases,
+        })
+    }
 }
 
 /// How long a `--sync` fsync waits for the replicas before failing the app's fsync.
@@ -39,25 +181,86 @@ const SYNC_TIMEOUT: Duration = Duration::from_secs(60);
 /// folded anyway (that replica then gets a snapshot when it comes back).
 const STAGE_HARD_FACTOR: u64 = 4;
 
-/// Opens the replicas to ship to: those given, or the embedded default directory.
-fn open_replicas(urls: &[String]) -> Result<Vec<Box<dyn crate::replica::ReplicaClient>>> {
-    if urls.is_empty() {
-        let dir = crate::replica::default_dir();
-        std::fs::create_dir_all(&dir).with_context(|| {
-            format!(
-                "cannot create the default replica directory {}",
-                dir.display()
-            )
-        })?;
-        log::warn!(
-            "no --replica given: shipping to the default local replica {} — it does not protect against losing this machine; add --replica file:///other/disk (or object storage, when available)",
-            dir.display()
-        );
-        return Ok(vec![Box::new(crate::replica::FileReplica::new(dir))]);
+/// The replicas to ship to: those given, or the embedded default directory.
+fn replica_specs(o: &MountOpts) -> Result<Vec<ReplicaSpec>> {
+    if !o.replicas.is_empty() {
+        return Ok(o
+            .replicas
+            .iter()
+            .map(|r| ReplicaSpec {
+                url: r.url.clone(),
+                sync_interval: r.sync_interval,
+                policy: r.policy.clone(),
+            })
+            .collect());
     }
-    urls.iter()
-        .map(|u| crate::replica::open(u).map_err(anyhow::Error::from))
-        .collect()
+    let dir = crate::replica::default_dir();
+    std::fs::create_dir_all(&dir).with_context(|| {
+        format!(
+            "cannot create the default replica directory {}",
+            dir.display()
+        )
+    })?;
+    log::warn!(
+        "no --replica given: shipping to the default local replica {} — it does not protect against losing this machine; add --replica s3://bucket/prefix or file:///other/disk",
+        dir.display()
+    );
+    Ok(vec![ReplicaSpec {
+        url: format!("file://{}", dir.display()),
+        sync_interval: o.sync_interval,
+        policy: o.policy.clone(),
+    }])
+}
+
+/// Restores every database the first replica holds that the data directory lacks.
+fn restore_missing(o: &MountOpts, data: &Path, url: &str) -> Result<()> {
+    let client = crate::replica::open(url)?;
+    let opener = match (&o.age_identity, &o.passphrase) {
+        (Some(f), _) => Some(crate::crypt::Opener::from_identity_file(f)?),
+        (None, Some(p)) => Some(crate::crypt::Opener::from_passphrase(p)?),
+        _ => None,
+    };
+    let reader = crate::catalog::Reader::new(client.as_ref(), opener.as_ref());
+    let dbs = reader
+        .databases()
+        .with_context(|| format!("--restore-if-missing: reading {url}"))?;
+    for (_, name) in dbs {
+        let out = data.join(&name);
+        if name
+            .split('/')
+            .any(|c| c.is_empty() || c == "." || c == "..")
+            || name.starts_with(META_DIR)
+        {
+            log::warn!("--restore-if-missing: skipping {name:?}: not a plain path under the mount");
+            continue;
+        }
+        if out.exists() {
+            continue;
+        }
+        if let Some(d) = out.parent() {
+            std::fs::create_dir_all(d)?;
+        }
+        log::info!(
+            "--restore-if-missing: {name} is not in {}; restoring it from {url}",
+            data.display()
+        );
+        let r = crate::restore::run(&crate::restore::RestoreOpts {
+            replica: url.to_string(),
+            db: name.clone(),
+            output: out.clone(),
+            target: crate::catalog::Target::Latest,
+            force: false,
+            if_not_exists: true,
+            age_identity: o.age_identity.clone(),
+            passphrase: o.passphrase.clone(),
+            parallel: 4,
+            dry_run: false,
+            progress: false,
+        })
+        .with_context(|| format!("--restore-if-missing: restoring {name}"))?;
+        log::info!("--restore-if-missing: {}", r.text().trim_end());
+    }
+    Ok(())
 }
 
 /// True if `path` is the mountpoint of a sqlfs mount (per /proc/self/mountinfo: filesystem
@@ -147,8 +350,18 @@ pub fn run(o: MountOpts) -> Result<()> {
         bail!("mounting as a regular user needs fusermount3: install the `fuse3` package (or run as root)");
     }
 
-    let replicas = open_replicas(&o.replicas)?;
-    let sealer = crate::crypt::Sealer::new(&o.age_recipients)?.map(Arc::new);
+    let specs = replica_specs(&o)?;
+    let mut replicas = Vec::new();
+    for r in &specs {
+        replicas.push((crate::replica::open(&r.url)?, r));
+    }
+    let sealer = match &o.passphrase {
+        Some(p) => Some(Arc::new(crate::crypt::Sealer::with_passphrase(p)?)),
+        None => crate::crypt::Sealer::new(&o.age_recipients)?.map(Arc::new),
+    };
+    if o.restore_if_missing {
+        restore_missing(&o, &data, &specs[0].url)?;
+    }
     let backing = Arc::new(
         Backing::open(&data)
             .with_context(|| format!("cannot open data directory {}", data.display()))?,
@@ -159,9 +372,20 @@ pub fn run(o: MountOpts) -> Result<()> {
             .with_context(|| format!("cannot open staging in {}/{META_DIR}", data.display()))?,
     );
     let stop = Arc::new(AtomicBool::new(false));
+    let rules = Arc::new(o.databases.clone());
+    let mut intervals = Vec::new();
     let shippers: Vec<Arc<crate::ship::Shipper>> = replicas
         .into_iter()
-        .map(|c| crate::ship::Shipper::new(c, capture.clone(), sealer.clone()))
+        .map(|(c, spec)| {
+            intervals.push(spec.sync_interval);
+            crate::ship::Shipper::new(
+                c,
+                capture.clone(),
+                sealer.clone(),
+                spec.policy.clone(),
+                rules.clone(),
+            )
+        })
         .collect();
     let mut fs =
         SqlFs::new(backing.clone(), capture.clone()).context("cannot read the data directory")?;
@@ -221,8 +445,13 @@ pub fn run(o: MountOpts) -> Result<()> {
     }
 
     let mut ship_threads = Vec::new();
-    for s in &shippers {
-        ship_threads.push(s.spawn(o.sync_interval, stop.clone())?);
+    for (s, interval) in shippers.iter().zip(intervals) {
+        ship_threads.push(s.spawn(interval, stop.clone())?);
+    }
+    if let Some(addr) = o.metrics_addr {
+        crate::metrics::serve(addr, capture.clone(), shippers.clone())
+            .with_context(|| format!("--metrics-addr {addr}"))?;
+        log::info!("metrics at http://{addr}/metrics");
     }
     {
         let (cap, stop) = (capture.clone(), stop.clone());

@@ -1,22 +1,32 @@
-//! `sqlfs restore`: rebuilds a database from a replica alone, as of its latest or a given
-//! TXID: the newest snapshot at or before the target, then the segments after it, in order.
+//! `sqlfs restore`: rebuilds a database from a replica alone, as of its latest transaction,
+//! a TXID or an instant, following the catalog's plan (the newest snapshot at or before the
+//! target, then the fewest segments up to it).
 //!
-//! Invariants: every object's CRC is verified before use and the chain must be gap-free; the
-//! result's rolling checksum must equal the one recorded for the target transaction, and
-//! `PRAGMA integrity_check` must pass; the output is written to a temporary file, fsynced and
-//! renamed, so a failure never leaves a file behind and an existing file is only replaced
-//! with `--force`.
+//! Invariants:
+//! - Every object is verified (trailing CRC, layout, each record's CRC, TXID sequence) before
+//!   any of its bytes are used, and the rolling database checksum is checked after every
+//!   applied transaction; then `PRAGMA integrity_check` must pass.
+//! - The output is built in a temporary file next to it, fsynced and renamed: a failure
+//!   never leaves a file behind, and an existing file is only replaced with `--force`.
+//! - Memory does not grow with the database: objects stream page by page from local copies,
+//!   and at most `parallel` objects are downloaded ahead of the one being applied.
 
+use std::collections::BTreeSet;
 use std::fs::{self, File};
+use std::io::IsTerminal;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::mpsc;
+use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
+use parking_lot::{Condvar, Mutex};
 
-use crate::crypt::{self, Opener};
-use crate::replica::{self, ReplicaClient};
+use crate::catalog::{self, fmt_time, Plan, Reader, Step, Target};
+use crate::crypt::Opener;
+use crate::replica;
 use crate::segment::{self, Event};
-use crate::ship::{segment_key, snapshot_key};
 use crate::sqlite::page_crc;
 use crate::stage::Kind;
 
@@ -24,99 +34,142 @@ pub struct RestoreOpts {
     pub replica: String,
     pub db: String,
     pub output: PathBuf,
-    pub txid: Option<u64>,
+    pub target: Target,
     pub force: bool,
+    /// Do nothing (successfully) if the output exists.
+    pub if_not_exists: bool,
     pub age_identity: Option<PathBuf>,
+    pub passphrase: Option<String>,
+    /// Objects downloaded ahead of the one being applied.
+    pub parallel: usize,
+    pub dry_run: bool,
+    /// Show a progress line (on a terminal, unless the summary is JSON).
+    pub progress: bool,
 }
 
-/// Downloads `key` into `scratch` and, if it is encrypted, decrypts it (into `scratch`
-/// plus `.plain`); returns the path of the plain object, or `None` if the key is missing.
-fn fetch(
-    client: &dyn ReplicaClient,
-    key: &str,
-    scratch: &Path,
-    opener: Option<&Opener>,
-) -> Result<Option<PathBuf>> {
-    if !client.get(key, scratch)? {
-        return Ok(None);
-    }
-    if !crypt::file_is_sealed(scratch)? {
-        return Ok(Some(scratch.to_path_buf()));
-    }
-    let Some(o) = opener else {
-        bail!(
-            "{key} is encrypted; pass --age-identity FILE with the key the replica was written for"
-        )
-    };
-    let plain = scratch.with_extension("plain");
-    o.open_file(scratch, &plain, key)?;
-    Ok(Some(plain))
+/// What a restore did (or, for a dry run, would do).
+#[derive(Debug, Default, serde::Serialize)]
+pub struct Report {
+    pub db: String,
+    pub output: String,
+    pub dry_run: bool,
+    /// Set when the output existed and `--if-not-exists` left it alone.
+    pub skipped: bool,
+    pub txid: u64,
+    pub commit_time: Option<String>,
+    pub page_size: u32,
+    pub pages: u32,
+    pub bytes: u64,
+    pub checksum: String,
+    pub objects: Vec<PlanEntry>,
+    pub downloaded_bytes: u64,
+    pub seconds: f64,
 }
 
-/// Finds the id of database `name` in the replica.
-fn find_db(
-    client: &dyn ReplicaClient,
-    name: &str,
-    scratch: &Path,
-    opener: Option<&Opener>,
-) -> Result<String> {
-    let mut known = Vec::new();
-    for (key, _) in client.list("")? {
-        let Some(id) = key.strip_suffix("/name") else {
-            continue;
-        };
-        if let Some(plain) = fetch(client, &key, scratch, opener)? {
-            let n = fs::read_to_string(plain).unwrap_or_default();
-            if n == name {
-                return Ok(id.to_string());
+#[derive(Debug, serde::Serialize)]
+pub struct PlanEntry {
+    pub key: String,
+    pub kind: &'static str,
+    pub first_txid: u64,
+    /// Unknown (None) for the newest level-0 segment until it is read.
+    pub last_txid: Option<u64>,
+    pub size: u64,
+}
+
+impl Report {
+    /// The human summary printed when `--json` is not given.
+    pub fn text(&self) -> String {
+        if self.skipped {
+            return format!("{} exists; left as it is (--if-not-exists)\n", self.output);
+        }
+        let mut s = String::new();
+        if self.dry_run {
+            s += &format!(
+                "plan for {} ({} objects, {:.1} MB):\n",
+                self.db,
+                self.objects.len(),
+                self.downloaded_bytes as f64 / 1e6
+            );
+            for o in &self.objects {
+                let last = o.last_txid.map_or("…".into(), |t| t.to_string());
+                s += &format!(
+                    "  {:<8} TXIDs {}..={last}  {:>12} bytes  {}\n",
+                    o.kind, o.first_txid, o.size, o.key
+                );
             }
-            known.push(n);
+            return s;
         }
+        format!(
+            "restored {} at TXID {} (committed {}; {} pages of {} bytes, checksum {}) to {} from {} objects ({:.1} MB) in {:.1}s\n",
+            self.db,
+            self.txid,
+            self.commit_time.as_deref().unwrap_or("?"),
+            self.pages,
+            self.page_size,
+            self.checksum,
+            self.output,
+            self.objects.len(),
+            self.downloaded_bytes as f64 / 1e6,
+            self.seconds
+        )
     }
-    known.sort();
-    bail!(
-        "no database named {name} in {} (it holds: {})",
-        client.describe(),
-        if known.is_empty() {
-            "nothing".into()
-        } else {
-            known.join(", ")
+}
+
+fn opener(o: &RestoreOpts) -> Result<Option<Opener>> {
+    match (&o.age_identity, &o.passphrase) {
+        (Some(_), Some(_)) => bail!("pass either --age-identity or --passphrase-env, not both"),
+        (Some(f), None) => Ok(Some(Opener::from_identity_file(f)?)),
+        (None, Some(p)) => Ok(Some(Opener::from_passphrase(p)?)),
+        (None, None) => Ok(None),
+    }
+}
+
+fn entry(s: &Step) -> PlanEntry {
+    PlanEntry {
+        key: s.obj.key.clone(),
+        kind: match s.obj.level {
+            None => "snapshot",
+            Some(0) => "segment",
+            Some(_) => "compacted",
+        },
+        first_txid: s.obj.first,
+        last_txid: (s.obj.last != u64::MAX).then_some(s.obj.last),
+        size: s.obj.size,
+    }
+}
+
+pub fn run(o: &RestoreOpts) -> Result<Report> {
+    let started = Instant::now();
+    let mut report = Report {
+        db: o.db.clone(),
+        output: o.output.display().to_string(),
+        dry_run: o.dry_run,
+        ..Default::default()
+    };
+    if o.output.exists() && !o.dry_run {
+        if o.if_not_exists {
+            report.skipped = true;
+            return Ok(report);
         }
-    )
-}
-
-/// TXIDs encoded in keys `<prefix><16 hex digits><suffix>`, sorted.
-fn txids(client: &dyn ReplicaClient, prefix: &str, suffix: &str) -> Result<Vec<u64>> {
-    let mut v: Vec<u64> = client
-        .list(prefix)?
-        .into_iter()
-        .filter_map(|(k, _)| {
-            k.strip_prefix(prefix)?
-                .strip_suffix(suffix)
-                .and_then(|h| u64::from_str_radix(h, 16).ok())
-        })
-        .collect();
-    v.sort();
-    Ok(v)
-}
-
-pub fn run(o: &RestoreOpts) -> Result<String> {
-    if o.output.exists() && !o.force {
-        bail!("{} exists; pass --force to replace it", o.output.display());
+        if !o.force {
+            bail!(
+                "{} exists; pass --force to replace it (or --if-not-exists to keep it)",
+                o.output.display()
+            );
+        }
     }
     let client = replica::open(&o.replica)?;
-    let work = tempfile::tempdir().context("creating a scratch directory")?;
-    let scratch = work.path().join("obj");
-    let opener = o
-        .age_identity
-        .as_deref()
-        .map(Opener::from_identity_file)
-        .transpose()?;
-    let opener = opener.as_ref();
-    let id = find_db(client.as_ref(), &o.db, &scratch, opener)?;
-    let snaps = txids(client.as_ref(), &format!("{id}/snap/"), ".snap")?;
-    let segs = txids(client.as_ref(), &format!("{id}/l0/"), ".seg")?;
-    let target = o.txid.unwrap_or(u64::MAX);
+    let opener = opener(o)?;
+    let reader = Reader::new(client.as_ref(), opener.as_ref());
+    let id = reader.find(&o.db)?;
+    let cat = reader.catalog(&id, &o.db)?;
+    let plan = catalog::plan(&reader, &cat, o.target)?;
+    report.objects = plan.steps.iter().map(entry).collect();
+    report.downloaded_bytes = plan.bytes();
+    if o.dry_run {
+        report.seconds = started.elapsed().as_secs_f64();
+        return Ok(report);
+    }
 
     let out_dir = o
         .output
@@ -126,52 +179,32 @@ pub fn run(o: &RestoreOpts) -> Result<String> {
     let tmp_out = tempfile::Builder::new()
         .prefix(".sqlfs-restore-")
         .tempfile_in(out_dir)
-        .context("creating the output's temporary file")?;
-    let out = tmp_out.as_file();
-
-    // Start: the newest snapshot at or before the target, or the empty database.
-    let mut p = Progress::default();
-    if let Some(&s) = snaps.iter().rev().find(|&&s| s <= target) {
-        let key = snapshot_key(&id, s);
-        apply_object(client.as_ref(), &key, &scratch, opener, out, s, &mut p)?;
-    }
-    // Then every segment that continues the chain.
-    for &first in &segs {
-        if p.state >= target {
-            break;
-        }
-        if first > p.state + 1 {
-            bail!(
-                "the replica's chain for {} has a gap: transactions {}..{} are missing",
-                o.db,
-                p.state + 1,
-                first - 1
-            );
-        }
-        let key = segment_key(&id, 0, first);
-        apply_object(client.as_ref(), &key, &scratch, opener, out, target, &mut p)?;
-    }
-    let Some((txid, checksum, ps, pages)) = p.last else {
+        .with_context(|| format!("creating a temporary file in {}", out_dir.display()))?;
+    let work = tempfile::tempdir().context("creating a scratch directory")?;
+    let show = o.progress && std::io::stderr().is_terminal();
+    let mut state = Applied::default();
+    download_and_apply(
+        &reader,
+        &plan,
+        work.path(),
+        o.parallel.max(1),
+        show,
+        |path, step| apply_object(path, step, tmp_out.as_file(), &mut state),
+    )?;
+    let Some(last) = state.last else {
         bail!("the replica holds no transactions of {}", o.db)
     };
-    if o.txid.is_some_and(|t| t != txid) {
-        bail!(
-            "TXID {target} of {} is not in the replica (it holds up to TXID {txid})",
-            o.db
-        );
+    match o.target {
+        Target::Txid(t) if t != last.txid => bail!(
+            "TXID {t} of {} is not in the replica; {}",
+            o.db,
+            catalog::window_text(&reader, &cat)?
+        ),
+        _ => {}
     }
-    // Verify: the rolling checksum of what was written, then SQLite's own check.
-    let mut buf = vec![0u8; ps as usize];
-    let mut c = 0;
-    for p in 1..=pages {
-        out.read_exact_at(&mut buf, (p as u64 - 1) * ps as u64)?;
-        c ^= page_crc(p, &buf);
-    }
-    if c != checksum {
-        bail!("restored database fails verification: checksum {c:016x}, expected {checksum:016x} for TXID {txid}");
-    }
+    let out = tmp_out.as_file();
     out.sync_all()?;
-    if pages > 0 {
+    if last.db_pages > 0 {
         // immutable: no -wal or -shm is created next to it, whatever its journal mode.
         let uri = format!("file:{}?immutable=1", tmp_out.path().display());
         let conn = rusqlite::Connection::open_with_flags(
@@ -188,69 +221,231 @@ pub fn run(o: &RestoreOpts) -> Result<String> {
         .map_err(|e| e.error)
         .with_context(|| format!("renaming into {}", o.output.display()))?;
     File::open(out_dir).and_then(|d| d.sync_all())?;
-    Ok(format!("restored {} at TXID {txid} ({pages} pages of {ps} bytes, checksum {checksum:016x}) to {}\n", o.db, o.output.display()))
+    report.txid = last.txid;
+    report.commit_time = Some(fmt_time(last.time_ns));
+    report.page_size = last.page_size;
+    report.pages = last.db_pages;
+    report.bytes = last.db_pages as u64 * last.page_size as u64;
+    report.checksum = format!("{:016x}", last.checksum);
+    report.seconds = started.elapsed().as_secs_f64();
+    Ok(report)
 }
 
-/// How far a restore has come: the TXID applied last, and (txid, checksum, page size, pages)
-/// of the last transaction applied.
-#[derive(Default)]
-struct Progress {
-    state: u64,
-    last: Option<(u64, u64, u32, u32)>,
-}
-
-/// Downloads, verifies and applies the transactions of one object up to `target`.
-fn apply_object(
-    client: &dyn ReplicaClient,
-    key: &str,
+/// Downloads the plan's objects with `parallel` workers, at most `parallel` ahead of the one
+/// being applied, and hands each local copy to `apply` in plan order.
+fn download_and_apply(
+    reader: &Reader<'_>,
+    plan: &Plan,
     scratch: &Path,
-    opener: Option<&Opener>,
-    out: &File,
-    target: u64,
-    p: &mut Progress,
+    parallel: usize,
+    show: bool,
+    mut apply: impl FnMut(&Path, &Step) -> Result<()>,
 ) -> Result<()> {
-    let Progress { state, last } = p;
-    let Some(plain) = fetch(client, key, scratch, opener)? else {
-        bail!("{key} is missing from {}", client.describe());
-    };
-    let f = File::open(plain)?;
+    let n = plan.steps.len();
+    let total = plan.bytes();
+    let next = AtomicUsize::new(0);
+    let applied = (Mutex::new(0usize), Condvar::new());
+    let stop = AtomicBool::new(false);
+    let (tx, rx) = mpsc::channel::<(usize, Result<PathBuf>)>();
+    let client = reader.client;
+    std::thread::scope(|sc| -> Result<()> {
+        for _ in 0..parallel.min(n) {
+            let tx = tx.clone();
+            let (next, applied, stop) = (&next, &applied, &stop);
+            sc.spawn(move || loop {
+                let i = next.fetch_add(1, Ordering::SeqCst);
+                if i >= n || stop.load(Ordering::SeqCst) {
+                    break;
+                }
+                {
+                    let mut a = applied.0.lock();
+                    while i >= *a + parallel && !stop.load(Ordering::SeqCst) {
+                        applied.1.wait(&mut a);
+                    }
+                }
+                let key = &plan.steps[i].obj.key;
+                let local = scratch.join(format!("{i}.obj"));
+                let r = client
+                    .get(key, &local)
+                    .map_err(anyhow::Error::from)
+                    .and_then(|found| {
+                        if found {
+                            Ok(local)
+                        } else {
+                            bail!("{key} is missing from {}", client.describe())
+                        }
+                    });
+                if tx.send((i, r)).is_err() {
+                    break;
+                }
+            });
+        }
+        drop(tx);
+        let res = (|| -> Result<()> {
+            let mut ready: Vec<Option<Result<PathBuf>>> = (0..n).map(|_| None).collect();
+            let mut done_bytes = 0;
+            for i in 0..n {
+                while ready[i].is_none() {
+                    let (j, r) = rx.recv().context("a download worker stopped")?;
+                    ready[j] = Some(r);
+                }
+                let path = ready[i].take().expect("received")?;
+                let step = &plan.steps[i];
+                let plain = reader.decrypt_local(&step.obj.key, &path)?;
+                apply(&plain, step)?;
+                let _ = fs::remove_file(&path);
+                let _ = fs::remove_file(&plain);
+                done_bytes += step.obj.size;
+                *applied.0.lock() = i + 1;
+                applied.1.notify_all();
+                if show {
+                    eprint!(
+                        "\rrestoring: {}/{n} objects, {:.1}/{:.1} MB ",
+                        i + 1,
+                        done_bytes as f64 / 1e6,
+                        total as f64 / 1e6
+                    );
+                }
+            }
+            if show {
+                eprintln!();
+            }
+            Ok(())
+        })();
+        stop.store(true, Ordering::SeqCst);
+        applied.1.notify_all();
+        res
+    })
+}
+
+/// The last transaction applied.
+#[derive(Clone, Copy, Debug)]
+struct Last {
+    txid: u64,
+    time_ns: u64,
+    checksum: u64,
+    page_size: u32,
+    db_pages: u32,
+}
+
+/// Where a restore stands: the state built so far and its rolling checksum, kept up to date
+/// page by page so it can be checked after every transaction.
+#[derive(Default)]
+struct Applied {
+    /// TXID of the state in the output (0: empty).
+    txid: u64,
+    last: Option<Last>,
+    /// Rolling checksum over pages 1..=pages of the output.
+    checksum: u64,
+    pages: u32,
+    page_size: u32,
+    /// Pages past `pages` written by the transaction being applied.
+    grown: BTreeSet<u32>,
+}
+
+/// Verifies and applies one local object of the plan: its transactions after the current
+/// state, up to the step's limits.
+fn apply_object(path: &Path, step: &Step, out: &File, a: &mut Applied) -> Result<()> {
+    let key = step.obj.key.as_str();
+    let f = File::open(path)?;
     let hdr = segment::verify(&f, key)?;
+    if hdr.level > 0 && hdr.first_txid != a.txid + 1 {
+        bail!(
+            "{key} covers TXIDs {}..={} but the restore stands at {}",
+            hdr.first_txid,
+            hdr.last_txid,
+            a.txid
+        );
+    }
     let mut skip = false;
+    let io = |e: std::io::Error| segment::ObjectError::Io {
+        what: key.into(),
+        err: e,
+    };
+    let corrupt = |why: String| segment::ObjectError::Corrupt {
+        what: key.into(),
+        why,
+    };
     segment::for_each_txn(&f, &hdr, key, |ev| {
         match ev {
             Event::Start(h) => {
-                skip = h.txid <= *state || h.txid > target;
-                if !skip && h.kind == Kind::Snapshot {
-                    out.set_len(0).map_err(|e| io_err(key, e))?;
+                skip = h.txid <= a.txid || h.txid > step.upto || h.time_ns > step.until_ns;
+                if skip {
+                    return Ok(());
                 }
-                if !skip && h.txid != *state + 1 && h.kind != Kind::Snapshot {
-                    return Err(segment::ObjectError::Corrupt {
-                        what: key.into(),
-                        why: format!("TXID {} does not follow {}", h.txid, state),
-                    });
+                let first = if hdr.level > 0 {
+                    hdr.first_txid
+                } else {
+                    h.txid
+                };
+                if h.kind != Kind::Snapshot && first != a.txid + 1 {
+                    return Err(corrupt(format!("TXID {first} does not follow {}", a.txid)));
                 }
+                if h.kind == Kind::Snapshot || (a.page_size != 0 && h.page_size != a.page_size) {
+                    // The whole database is in this record.
+                    out.set_len(0).map_err(io)?;
+                    a.checksum = 0;
+                    a.pages = 0;
+                }
+                a.page_size = h.page_size;
+                a.grown.clear();
             }
             Event::Page(p, d) if !skip => {
                 let ps = d.len() as u64;
-                out.write_all_at(d, (p as u64 - 1) * ps)
-                    .map_err(|e| io_err(key, e))?;
+                if p <= a.pages {
+                    let mut old = vec![0u8; d.len()];
+                    out.read_exact_at(&mut old, (p as u64 - 1) * ps)
+                        .map_err(io)?;
+                    a.checksum ^= page_crc(p, &old);
+                } else if !a.grown.insert(p) {
+                    let mut old = vec![0u8; d.len()];
+                    out.read_exact_at(&mut old, (p as u64 - 1) * ps)
+                        .map_err(io)?;
+                    a.checksum ^= page_crc(p, &old);
+                }
+                a.checksum ^= page_crc(p, d);
+                out.write_all_at(d, (p as u64 - 1) * ps).map_err(io)?;
             }
             Event::End(h) if !skip => {
-                out.set_len(h.db_pages as u64 * h.page_size as u64)
-                    .map_err(|e| io_err(key, e))?;
-                *state = h.txid;
-                *last = Some((h.txid, h.checksum_after, h.page_size, h.db_pages));
+                let ps = h.page_size as u64;
+                let zero = vec![0u8; ps as usize];
+                // Pages past the old end that this transaction did not write are zeros.
+                for p in a.pages + 1..=h.db_pages {
+                    if !a.grown.contains(&p) {
+                        a.checksum ^= page_crc(p, &zero);
+                    }
+                }
+                // Pages past the new end (old ones, or written here) drop out.
+                let mut buf = vec![0u8; ps as usize];
+                let counted_to = a.pages.max(a.grown.last().copied().unwrap_or(0));
+                for p in h.db_pages + 1..=counted_to {
+                    if p <= a.pages || a.grown.contains(&p) {
+                        out.read_exact_at(&mut buf, (p as u64 - 1) * ps)
+                            .map_err(io)?;
+                        a.checksum ^= page_crc(p, &buf);
+                    }
+                }
+                out.set_len(h.db_pages as u64 * ps).map_err(io)?;
+                a.pages = h.db_pages;
+                a.grown.clear();
+                if a.checksum != h.checksum_after {
+                    return Err(corrupt(format!(
+                        "after TXID {} the database's checksum is {:016x}, the object records {:016x}",
+                        h.txid, a.checksum, h.checksum_after
+                    )));
+                }
+                a.txid = h.txid;
+                a.last = Some(Last {
+                    txid: h.txid,
+                    time_ns: h.time_ns,
+                    checksum: h.checksum_after,
+                    page_size: h.page_size,
+                    db_pages: h.db_pages,
+                });
             }
             _ => {}
         }
         Ok(())
     })?;
     Ok(())
-}
-
-fn io_err(key: &str, e: std::io::Error) -> segment::ObjectError {
-    segment::ObjectError::Io {
-        what: key.into(),
-        err: e,
-    }
 }

@@ -21,7 +21,8 @@ use crate::stage::{read_pages, write_record, PageSink, RecordHeader, RECORD_HEAD
 const MAGIC: &[u8; 8] = b"SQFSOBJ\0";
 /// Object format version this build writes and reads.
 pub const VERSION: u16 = 1;
-const HEADER: usize = 128;
+/// Size of an object's header.
+pub const HEADER: usize = 128;
 const INDEX_ENTRY: usize = 28;
 const CRC64: Crc<u64, Table<16>> = Crc::<u64, Table<16>>::new(&CRC_64_XZ);
 /// zstd level: fast enough to keep up with the commit stream on a small machine.
@@ -150,6 +151,11 @@ impl ObjHeader {
     }
 }
 
+/// Decodes an object header from its first `HEADER` bytes (`what` names it in errors).
+pub fn parse_header(b: &[u8], what: &str) -> Result<ObjHeader> {
+    ObjHeader::decode(b, what)
+}
+
 /// Builds one object in a local file, one transaction at a time.
 pub struct ObjectWriter {
     file: File,
@@ -252,6 +258,15 @@ impl ObjectWriter {
         self.hdr.checksum_after = h.checksum_after;
         self.hdr.ntxns += 1;
         Ok(())
+    }
+
+    /// Makes this a compacted object: its one record (TXID `last`) stands for TXIDs
+    /// `first..=last`, which began at `first_time_ns` from a database with checksum
+    /// `checksum_before`.
+    pub fn set_span(&mut self, first: u64, first_time_ns: u64, checksum_before: u64) {
+        self.hdr.first_txid = first;
+        self.hdr.first_time_ns = first_time_ns;
+        self.hdr.checksum_before = checksum_before;
     }
 
     /// Number of transactions added so far.
@@ -375,7 +390,19 @@ pub fn for_each_txn(
         what: what.into(),
         why,
     };
-    for expect in hdr.first_txid..hdr.first_txid + hdr.ntxns as u64 {
+    // A compacted object (level > 0) holds one record, named by the last TXID it covers.
+    let expected = if hdr.level > 0 {
+        if hdr.ntxns != 1 || hdr.first_txid > hdr.last_txid {
+            return Err(corrupt(format!(
+                "compacted object with {} records for TXIDs {}..={}",
+                hdr.ntxns, hdr.first_txid, hdr.last_txid
+            )));
+        }
+        hdr.last_txid..hdr.last_txid + 1
+    } else {
+        hdr.first_txid..hdr.first_txid + hdr.ntxns as u64
+    };
+    for expect in expected {
         let mut hb = [0u8; RECORD_HEADER];
         dec.read_exact(&mut hb)
             .map_err(|e| corrupt(format!("transaction {expect}: {e}")))?;

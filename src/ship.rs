@@ -6,6 +6,13 @@
 //! needed transactions were folded away locally, first gets a snapshot object of the staged
 //! base.
 //!
+//! After shipping, the same thread maintains the database on that replica (docs/FORMAT.md):
+//! a snapshot every `snapshot_interval`, compaction of each level's runs into the next level
+//! at that level's interval (from local copies of the objects it stored, so encrypted
+//! replicas compact without a key on this machine), and retention. All of it is decided
+//! from an in-memory catalog loaded with one listing when a database first ships in this
+//! process, so a database with no new work costs no requests.
+//!
 //! Invariants:
 //! - The replica's chain for a database is gap-free: a segment starts right after the
 //!   previous one (or right after a snapshot), and the shipped position only advances after
@@ -18,7 +25,7 @@
 //!   transactions stay until shipped (folding never passes the slowest replica unless
 //!   staging grows past its hard limit, which is logged).
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::fs;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -29,29 +36,60 @@ use anyhow::{Context, Result};
 use parking_lot::{Condvar, Mutex};
 
 use crate::capture::{Capture, Db};
+use crate::catalog::{compacted_key, l0_key, name_key, snapshot_key, DbCatalog, Obj, Reader};
+use crate::compact;
+use crate::config::{overlay, DbConf};
 use crate::crypt::Sealer;
 use crate::replica::{ReplicaClient, ReplicaError};
 use crate::segment::{ObjKind, ObjectWriter};
-use crate::stage::{write_atomic, Kind, RecordHeader, WalPos};
+use crate::stage::{now_ns, write_atomic, Kind, RecordHeader, WalPos};
 
-/// Object key of a database's segment starting at `first` (level `level`).
-pub fn segment_key(db_id: &str, level: u8, first: u64) -> String {
-    format!("{db_id}/l{level}/{first:016x}.seg")
+/// How a replica's objects are snapshotted, compacted and expired.
+#[derive(Clone, Debug)]
+pub struct Policy {
+    /// A full snapshot at most this often while the database changes (zero: only when
+    /// continuity needs one).
+    pub snapshot_interval: Duration,
+    /// Compaction intervals of levels 1, 2, … (empty: no compaction).
+    pub levels: Vec<Duration>,
+    /// Keep every restore point this far back (zero: keep everything).
+    pub retention: Duration,
 }
 
-/// Object key of a database's snapshot at `txid`.
-pub fn snapshot_key(db_id: &str, txid: u64) -> String {
-    format!("{db_id}/snap/{txid:016x}.snap")
+impl Default for Policy {
+    fn default() -> Policy {
+        Policy {
+            snapshot_interval: Duration::from_secs(6 * 3600),
+            levels: vec![
+                Duration::from_secs(30),
+                Duration::from_secs(300),
+                Duration::from_secs(3600),
+            ],
+            retention: Duration::from_secs(24 * 3600),
+        }
+    }
 }
 
-/// Object key holding a database's name (its path under the mount).
-pub fn name_key(db_id: &str) -> String {
-    format!("{db_id}/name")
+/// What the shipper knows of one database on its replica.
+struct Maint {
+    cat: DbCatalog,
+    /// When each level last ran (index = level).
+    last_compact: Vec<Instant>,
+    /// Per level: TXIDs up to which runs were skipped (not cached locally, encrypted).
+    skip_to: Vec<u64>,
+    /// When the newest snapshot was stored (ns).
+    last_snapshot_ns: u64,
 }
 
 pub struct Shipper {
     client: Box<dyn ReplicaClient>,
     sealer: Option<Arc<Sealer>>,
+    policy: Policy,
+    /// Per-database overrides by name (configuration file).
+    rules: Arc<BTreeMap<String, DbConf>>,
+    maint: Mutex<HashMap<String, Maint>>,
+    /// Objects and bytes stored by this process.
+    totals: Mutex<(u64, u64)>,
     /// Short stable id of the replica, for local position files.
     rid: String,
     capture: Arc<Capture>,
@@ -89,11 +127,17 @@ impl Shipper {
         client: Box<dyn ReplicaClient>,
         capture: Arc<Capture>,
         sealer: Option<Arc<Sealer>>,
+        policy: Policy,
+        rules: Arc<BTreeMap<String, DbConf>>,
     ) -> Arc<Shipper> {
         let rid = short_hash(&client.describe());
         Arc::new(Shipper {
             client,
             sealer,
+            policy,
+            rules,
+            maint: Mutex::new(HashMap::new()),
+            totals: Mutex::new((0, 0)),
             rid,
             capture,
             positions: Mutex::new(HashMap::new()),
@@ -148,7 +192,7 @@ impl Shipper {
                             // Exponential backoff with jitter, capped at a minute.
                             backoff = (backoff * 2)
                                 .clamp(Duration::from_secs(1), Duration::from_secs(60));
-                            let jitter = Duration::from_millis((crate::stage::now_ns() % 1000) / 2);
+                            let jitter = Duration::from_millis((now_ns() % 1000) / 2);
                             let mut msg = format!("{e:#}");
                             if !msg.contains(&me.describe()) {
                                 msg = format!("replica {}: {msg}", me.describe());
@@ -194,7 +238,13 @@ impl Shipper {
     pub fn ship_all(&self) -> Result<()> {
         let mut first_err = None;
         for (name, db) in self.capture.databases() {
-            if let Err(e) = self.ship_db(&name, &db) {
+            if self.rules.get(&name).and_then(|r| r.replicate) == Some(false) {
+                continue;
+            }
+            let res = self
+                .ship_db(&name, &db)
+                .and_then(|()| self.maintain(&name, &db));
+            if let Err(e) = res {
                 first_err.get_or_insert(e);
             }
         }
@@ -219,6 +269,10 @@ impl Shipper {
         if last <= pos {
             return Ok(());
         }
+        self.load_catalog(name, db, pos)?;
+        if self.fenced.lock().contains(&db.id) {
+            return Ok(());
+        }
         if !self.named.lock().contains(&db.id) {
             let data = match &self.sealer {
                 Some(s) => s.seal_bytes(name.as_bytes())?,
@@ -233,8 +287,10 @@ impl Shipper {
             // The transactions after `pos` were folded locally: start over from the base.
             self.build_snapshot(db, &tmp, base.txid)
                 .with_context(|| format!("{name}: building a snapshot"))?;
-            let held = self.store(name, db, &snapshot_key(&db.id, base.txid), &tmp, base.txid)?;
+            let key = snapshot_key(&db.id, base.txid);
+            let held = self.store(name, db, &key, tmp, base.txid)?;
             self.set_position(db, held)?;
+            self.stored(db, &key, None, base.txid, base.txid, tmp);
             pos = base.txid;
             if last <= pos {
                 return Ok(());
@@ -255,14 +311,10 @@ impl Shipper {
             return Ok(());
         }
         let (hdr, _) = w.finish()?;
-        let held = self.store(
-            name,
-            db,
-            &segment_key(&db.id, 0, pos + 1),
-            &tmp,
-            hdr.last_txid,
-        )?;
+        let key = l0_key(&db.id, pos + 1);
+        let held = self.store(name, db, &key, tmp, hdr.last_txid)?;
         self.set_position(db, held)?;
+        self.stored(db, &key, Some(0), pos + 1, held, tmp);
         log::debug!(
             "{name}: shipped TXIDs {}..={} to {}",
             pos + 1,
@@ -300,7 +352,6 @@ impl Shipper {
             }
             None => self.client.put_new(key, tmp),
         };
-        let _ = fs::remove_file(tmp);
         match res {
             Ok(()) => Ok(last),
             Err(ReplicaError::Exists(k)) if earlier.is_some() => {
@@ -323,6 +374,248 @@ impl Shipper {
         }
     }
 
+    /// The policy for database `name`: this replica's, with the database's overrides.
+    fn policy_for(&self, name: &str) -> Policy {
+        let mut p = self.policy.clone();
+        if let Some(r) = self.rules.get(name) {
+            overlay(&mut p, &r.snapshot_interval, &r.retention, &r.compaction);
+        }
+        p
+    }
+
+    /// Loads what the replica holds for `db` (one listing) the first time it ships in this
+    /// process. Objects past this mount's position (other than its own unfinished one) mean
+    /// another writer moved the chain on: that fences it, even where retention removed the
+    /// key this mount would collide on.
+    fn load_catalog(&self, name: &str, db: &Db, pos: u64) -> Result<()> {
+        if self.maint.lock().contains_key(&db.id) {
+            return Ok(());
+        }
+        let reader = Reader::new(self.client.as_ref(), None);
+        let cat = reader.catalog(&db.id, name)?;
+        let pending = fs::read_to_string(self.pending_file(db)).unwrap_or_default();
+        let pending_key = pending.split_once(' ').map(|(k, _)| k.to_string());
+        if let Some(o) = cat
+            .objects()
+            .find(|o| o.first > pos + 1 && Some(&o.key) != pending_key.as_ref())
+        {
+            self.fenced.lock().insert(db.id.clone());
+            log::error!(
+                "{name}: {} holds {} beyond this mount's position (TXID {pos}): another sqlfs (another machine, or a copy of this data directory) is writing this database to it. Shipping of {name} to it is stopped; the replica is left as it is.",
+                self.describe(),
+                o.key
+            );
+            return Ok(());
+        }
+        let last_snapshot_ns = cat.snaps.iter().map(|o| o.modified_ns).max().unwrap_or(0);
+        let n = self.policy_for(name).levels.len() + 1;
+        self.maint.lock().insert(
+            db.id.clone(),
+            Maint {
+                cat,
+                last_compact: vec![Instant::now(); n],
+                skip_to: vec![0; n],
+                last_snapshot_ns,
+            },
+        );
+        Ok(())
+    }
+
+    /// Local copy of an object this shipper stored, kept until a higher level merges it.
+    fn cache_path(&self, db: &Db, key: &str) -> PathBuf {
+        db.stage
+            .dir()
+            .join(format!("objects.{}", self.rid))
+            .join(key.replace('/', "_"))
+    }
+
+    /// Records an object just stored from the local file `local`: in the catalog, and in the
+    /// local cache when a higher level will merge it.
+    fn stored(&self, db: &Db, key: &str, level: Option<u8>, first: u64, last: u64, local: &Path) {
+        let size = fs::metadata(local).map_or(0, |m| m.len());
+        {
+            let mut t = self.totals.lock();
+            t.0 += 1;
+            t.1 += size;
+        }
+        let mut levels = self.policy.levels.len();
+        if let Some(m) = self.maint.lock().get_mut(&db.id) {
+            levels = self.policy_for(&m.cat.name).levels.len();
+            m.cat.add(Obj {
+                key: key.to_string(),
+                level,
+                first,
+                last,
+                size,
+                modified_ns: now_ns(),
+            });
+            if level.is_none() {
+                m.last_snapshot_ns = now_ns();
+            }
+        }
+        if level.is_some_and(|l| (l as usize) < levels) {
+            let dst = self.cache_path(db, key);
+            let _ = dst.parent().map(fs::create_dir_all);
+            if let Err(e) = fs::rename(local, &dst) {
+                log::debug!("cannot keep a local copy of {key}: {e}");
+            }
+        }
+    }
+
+    /// Stores an object derived from ones already in the replica (a compacted segment, an
+    /// interval snapshot). Its key names exactly what it holds, so finding it there already
+    /// (this mount stored it before a restart) is success.
+    fn put_derived(&self, key: &str, local: &Path) -> Result<()> {
+        let res = match &self.sealer {
+            Some(s) => {
+                let sealed = local.with_extension("sealed");
+                let r = s
+                    .seal_file(local, &sealed)
+                    .map(|()| self.client.put_new(key, &sealed));
+                let _ = fs::remove_file(&sealed);
+                r?
+            }
+            None => self.client.put_new(key, local),
+        };
+        match res {
+            Ok(()) | Err(ReplicaError::Exists(_)) => Ok(()),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    /// Snapshot, compaction and retention for `db`, each when it is due.
+    fn maintain(&self, name: &str, db: &Db) -> Result<()> {
+        if self.is_fenced(db) || !self.maint.lock().contains_key(&db.id) {
+            return Ok(());
+        }
+        let pos = self.position(db);
+        let tmp = db.stage.dir().join(format!("maint.{}.tmp", self.rid));
+        let res = self.maintain_via(name, db, pos, &tmp);
+        let _ = fs::remove_file(&tmp);
+        let _ = fs::remove_file(tmp.with_extension("pages"));
+        res
+    }
+
+    fn maintain_via(&self, name: &str, db: &Db, pos: u64, tmp: &Path) -> Result<()> {
+        let p = &self.policy_for(name);
+        // An interval snapshot of the shipped state, built from staging.
+        let due = {
+            let m = self.maint.lock();
+            let m = m.get(&db.id).expect("loaded");
+            let newest = m.cat.snaps.last().map_or(0, |s| s.first);
+            !p.snapshot_interval.is_zero()
+                && pos > newest
+                && now_ns().saturating_sub(m.last_snapshot_ns)
+                    >= p.snapshot_interval.as_nanos() as u64
+        };
+        if due && pos >= db.stage.base_meta()?.txid {
+            self.build_snapshot(db, tmp, pos)
+                .with_context(|| format!("{name}: building a snapshot"))?;
+            let key = snapshot_key(&db.id, pos);
+            self.put_derived(&key, tmp)?;
+            self.stored(db, &key, None, pos, pos, tmp);
+            log::info!(
+                "{name}: snapshot at TXID {pos} stored in {}",
+                self.describe()
+            );
+        }
+        // Compaction, lowest level first so a higher level sees the newest runs.
+        for level in 1..=p.levels.len() {
+            let run = {
+                let mut m = self.maint.lock();
+                let m = m.get_mut(&db.id).expect("loaded");
+                if m.last_compact[level].elapsed() < p.levels[level - 1] {
+                    continue;
+                }
+                m.last_compact[level] = Instant::now();
+                compact::next_run(&m.cat, level, m.skip_to[level])
+            };
+            if !run.is_empty() {
+                self.compact_run(name, db, level as u8, &run, tmp)?;
+            }
+        }
+        // Retention.
+        if !p.retention.is_zero() {
+            let keys = {
+                let m = self.maint.lock();
+                compact::expired(&m[&db.id].cat, now_ns(), p.retention.as_nanos() as u64)
+            };
+            for key in &keys {
+                self.client.delete(key)?;
+                let _ = fs::remove_file(self.cache_path(db, key));
+                if let Some(m) = self.maint.lock().get_mut(&db.id) {
+                    m.cat.remove(key);
+                }
+            }
+            if !keys.is_empty() {
+                log::info!(
+                    "{name}: retention removed {} objects older than {:?} from {}",
+                    keys.len(),
+                    p.retention,
+                    self.describe()
+                );
+            }
+        }
+        Ok(())
+    }
+
+    /// Merges `run` (consecutive objects one level below) into one object of `level`.
+    fn compact_run(&self, name: &str, db: &Db, level: u8, run: &[Obj], tmp: &Path) -> Result<()> {
+        let mut inputs = Vec::new();
+        let mut fetched = Vec::new();
+        let reader = Reader::new(self.client.as_ref(), None);
+        for (i, o) in run.iter().enumerate() {
+            let c = self.cache_path(db, &o.key);
+            if c.exists() {
+                inputs.push((o.key.clone(), c));
+            } else if self.sealer.is_none() {
+                let local = db.stage.dir().join(format!("fetch.{}.{i}", self.rid));
+                fetched.push(local.clone());
+                inputs.push((o.key.clone(), reader.fetch(&o.key, &local)?));
+            } else {
+                // Encrypted, and this machine has no key: leave the run to the lower level.
+                let last = run.last().map_or(0, |o| o.last);
+                log::info!("{name}: level {level} skips TXIDs {}..: {} has no local copy (stored before this mount started) and is encrypted", run[0].first, o.key);
+                if let Some(m) = self.maint.lock().get_mut(&db.id) {
+                    m.skip_to[level as usize] = last;
+                }
+                return Ok(());
+            }
+        }
+        let refs: Vec<(String, &Path)> = inputs
+            .iter()
+            .map(|(k, p)| (k.clone(), p.as_path()))
+            .collect();
+        let res = compact::merge(
+            &refs,
+            level,
+            &db.id,
+            outbox(tmp)?,
+            &tmp.with_extension("pages"),
+        );
+        for f in &fetched {
+            let _ = fs::remove_file(f);
+        }
+        let hdr = res.with_context(|| format!("{name}: compacting into level {level}"))?;
+        let key = compacted_key(&db.id, level, hdr.first_txid, hdr.last_txid);
+        self.put_derived(&key, tmp)?;
+        self.stored(db, &key, Some(level), hdr.first_txid, hdr.last_txid, tmp);
+        for (k, p) in &inputs {
+            if p.starts_with(db.stage.dir().join(format!("objects.{}", self.rid))) {
+                let _ = fs::remove_file(p);
+            }
+            let _ = k;
+        }
+        log::debug!(
+            "{name}: compacted {} objects (TXIDs {}..={}) into level {level} of {}",
+            run.len(),
+            hdr.first_txid,
+            hdr.last_txid,
+            self.describe()
+        );
+        Ok(())
+    }
+
     /// Writes a snapshot object of the staged base (the state after `txid`) to `tmp`.
     fn build_snapshot(&self, db: &Db, tmp: &Path, txid: u64) -> Result<()> {
         let out = tempfile::tempfile()?;
@@ -330,7 +623,11 @@ impl Shipper {
         let h = RecordHeader {
             kind: Kind::Snapshot,
             txid,
-            time_ns: crate::stage::now_ns(),
+            time_ns: if meta.time_ns != 0 {
+                meta.time_ns
+            } else {
+                now_ns()
+            },
             page_size: meta.page_size.max(512),
             db_pages: meta.db_pages,
             checksum_before: 0,
@@ -389,6 +686,29 @@ impl Shipper {
                 anyhow::bail!("{}: {e}", self.describe());
             }
         }
+    }
+
+    /// How long the oldest transaction of `db` this replica lacks has been waiting (zero
+    /// when it has everything).
+    pub fn lag(&self, db: &Db) -> Duration {
+        let pos = self.position(db);
+        if db.stage.last().is_none_or(|h| h.txid <= pos) {
+            return Duration::ZERO;
+        }
+        let mut t = None;
+        let _ = db.stage.for_each(pos, pos + 1, |h, _| {
+            t = Some(h.time_ns);
+            Ok(())
+        });
+        // Folded away locally already: the replica waits for a snapshot; count from now.
+        t.map_or(Duration::ZERO, |t| {
+            Duration::from_nanos(now_ns().saturating_sub(t))
+        })
+    }
+
+    /// Objects and bytes stored in the replica by this process.
+    pub fn stored_totals(&self) -> (u64, u64) {
+        *self.totals.lock()
     }
 
     /// True if shipping `db` to this replica stopped because another writer owns it.

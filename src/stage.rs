@@ -180,6 +180,8 @@ pub struct BaseMeta {
     pub checksum: u64,
     pub page_size: u32,
     pub db_pages: u32,
+    /// Commit time of `txid` (ns since the epoch; 0 when unknown).
+    pub time_ns: u64,
     /// Set while a fold into `base.db` is in progress: the TXID it folds up to.
     pub folding: Option<u64>,
 }
@@ -187,11 +189,12 @@ pub struct BaseMeta {
 impl BaseMeta {
     fn encode(&self) -> String {
         format!(
-            "txid={}\nchecksum={:016x}\npage_size={}\ndb_pages={}\nfolding={}\n",
+            "txid={}\nchecksum={:016x}\npage_size={}\ndb_pages={}\ntime={}\nfolding={}\n",
             self.txid,
             self.checksum,
             self.page_size,
             self.db_pages,
+            self.time_ns,
             self.folding.map(|t| t.to_string()).unwrap_or_default()
         )
     }
@@ -205,6 +208,7 @@ impl BaseMeta {
                 "checksum" => m.checksum = u64::from_str_radix(v, 16).ok()?,
                 "page_size" => m.page_size = v.parse().ok()?,
                 "db_pages" => m.db_pages = v.parse().ok()?,
+                "time" => m.time_ns = v.parse().ok()?,
                 "folding" => {
                     m.folding = if v.is_empty() {
                         None
@@ -646,6 +650,7 @@ impl DbStage {
                 checksum: h.checksum_after,
                 page_size: h.page_size,
                 db_pages: h.db_pages,
+                time_ns: h.time_ns,
                 folding: None,
             };
             Ok(())

@@ -8,7 +8,7 @@ use std::fs::{self, File};
 use std::io;
 use std::path::{Path, PathBuf};
 
-use super::{ReplicaClient, ReplicaError, Result};
+use super::{Listed, ReplicaClient, ReplicaError, Result};
 
 pub struct FileReplica {
     root: PathBuf,
@@ -99,7 +99,27 @@ impl ReplicaClient for FileReplica {
         }
     }
 
-    fn list(&self, prefix: &str) -> Result<Vec<(String, u64)>> {
+    fn get_range(&self, key: &str, off: u64, len: u64) -> Result<Option<Vec<u8>>> {
+        let f = match File::open(self.path(key)) {
+            Ok(f) => f,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(self.err("open", key)(e)),
+        };
+        let mut buf = Vec::new();
+        io::Read::read_to_end(&mut io::Read::take(&f, off.saturating_add(len)), &mut buf)
+            .map_err(self.err("read", key))?;
+        Ok(Some(buf.split_off((off as usize).min(buf.len()))))
+    }
+
+    fn delete(&self, key: &str) -> Result<()> {
+        match fs::remove_file(self.path(key)) {
+            Ok(()) => Ok(()),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+            Err(e) => Err(self.err("delete", key)(e)),
+        }
+    }
+
+    fn list(&self, prefix: &str) -> Result<Vec<Listed>> {
         let mut out = Vec::new();
         let start = self.path(prefix);
         let mut stack = vec![if start.is_dir() {
@@ -128,12 +148,21 @@ impl ReplicaClient for FileReplica {
                 } else if let Ok(rel) = p.strip_prefix(&self.root) {
                     let key = rel.to_string_lossy().into_owned();
                     if key.starts_with(prefix) {
-                        out.push((key, m.len()));
+                        let modified_ns = m
+                            .modified()
+                            .ok()
+                            .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+                            .map_or(0, |d| d.as_nanos() as u64);
+                        out.push(Listed {
+                            key,
+                            size: m.len(),
+                            modified_ns,
+                        });
                     }
                 }
             }
         }
-        out.sort();
+        out.sort_by(|a, b| a.key.cmp(&b.key));
         Ok(out)
     }
 }

@@ -31,6 +31,15 @@ pub enum ReplicaError {
 
 pub type Result<T> = std::result::Result<T, ReplicaError>;
 
+/// One key of a listing.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Listed {
+    pub key: String,
+    pub size: u64,
+    /// When the object was stored (ns since the epoch; 0 if the store does not say).
+    pub modified_ns: u64,
+}
+
 /// One place objects are stored. Every backend implements exactly this.
 pub trait ReplicaClient: Send + Sync {
     /// The replica's URL, without secrets, for logs and errors.
@@ -41,8 +50,12 @@ pub trait ReplicaClient: Send + Sync {
     fn put(&self, key: &str, data: &[u8]) -> Result<()>;
     /// Copies `key` into the file `dst`; `Ok(false)` if there is no such key.
     fn get(&self, key: &str, dst: &Path) -> Result<bool>;
-    /// Every key under `prefix` with its size, sorted.
-    fn list(&self, prefix: &str) -> Result<Vec<(String, u64)>>;
+    /// Up to `len` bytes of `key` from offset `off`; `Ok(None)` if there is no such key.
+    fn get_range(&self, key: &str, off: u64, len: u64) -> Result<Option<Vec<u8>>>;
+    /// Every key under `prefix`, sorted by key.
+    fn list(&self, prefix: &str) -> Result<Vec<Listed>>;
+    /// Removes `key`; a key that is already gone is not an error.
+    fn delete(&self, key: &str) -> Result<()>;
 }
 
 /// Opens the replica named by `url`: `file:///path` (or a plain absolute path) or

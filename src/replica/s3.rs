@@ -15,7 +15,7 @@ use aws_sdk_s3::error::{ProvideErrorMetadata, SdkError};
 use aws_sdk_s3::primitives::ByteStream;
 use aws_sdk_s3::Client;
 
-use super::{ReplicaClient, ReplicaError, Result};
+use super::{Listed, ReplicaClient, ReplicaError, Result};
 
 pub struct S3Replica {
     client: Client,
@@ -244,7 +244,60 @@ impl ReplicaClient for S3Replica {
         })
     }
 
-    fn list(&self, prefix: &str) -> Result<Vec<(String, u64)>> {
+    fn get_range(&self, key: &str, off: u64, len: u64) -> Result<Option<Vec<u8>>> {
+        if len == 0 {
+            return Ok(Some(Vec::new()));
+        }
+        self.rt.block_on(async {
+            let r = self
+                .client
+                .get_object()
+                .bucket(&self.bucket)
+                .key(self.full(key))
+                .range(format!("bytes={off}-{}", off + len - 1))
+                .send()
+                .await;
+            let out = match r {
+                Ok(o) => o,
+                Err(e) => {
+                    if e.as_service_error().is_some_and(|s| s.is_no_such_key())
+                        || e.raw_response().is_some_and(|r| r.status().as_u16() == 404)
+                    {
+                        return Ok(None);
+                    }
+                    // Past the end of a shorter object.
+                    if e.raw_response().is_some_and(|r| r.status().as_u16() == 416) {
+                        return Ok(Some(Vec::new()));
+                    }
+                    return Err(self.err("get", key, e));
+                }
+            };
+            let data = out.body.collect().await.map_err(|e| ReplicaError::Io {
+                replica: self.describe(),
+                op: "download",
+                key: key.to_string(),
+                err: io::Error::other(e.to_string()),
+            })?;
+            let mut v = data.into_bytes().to_vec();
+            v.truncate(len as usize);
+            Ok(Some(v))
+        })
+    }
+
+    fn delete(&self, key: &str) -> Result<()> {
+        self.rt.block_on(async {
+            self.client
+                .delete_object()
+                .bucket(&self.bucket)
+                .key(self.full(key))
+                .send()
+                .await
+                .map(|_| ())
+                .map_err(|e| self.err("delete", key, e))
+        })
+    }
+
+    fn list(&self, prefix: &str) -> Result<Vec<Listed>> {
         self.rt.block_on(async {
             let mut out = Vec::new();
             let strip = if self.prefix.is_empty() {
@@ -264,11 +317,17 @@ impl ReplicaClient for S3Replica {
                 for o in page.contents() {
                     if let Some(k) = o.key() {
                         let k = k.strip_prefix(&strip).unwrap_or(k);
-                        out.push((k.to_string(), o.size().unwrap_or(0).max(0) as u64));
+                        let modified_ns =
+                            o.last_modified().map_or(0, |t| t.as_nanos().max(0) as u64);
+                        out.push(Listed {
+                            key: k.to_string(),
+                            size: o.size().unwrap_or(0).max(0) as u64,
+                            modified_ns,
+                        });
                     }
                 }
             }
-            out.sort();
+            out.sort_by(|a, b| a.key.cmp(&b.key));
             Ok(out)
         })
     }

@@ -1,4 +1,4 @@
-//! Replica helpers: reading a file replica's layout (`<db-id>/name`, `<db-id>/l0/*.seg`,
+//! Replica helpers: reading a file replica's layout (`names/<db-id>`, `<db-id>/l0/*.seg`,
 //! `<db-id>/snap/*.snap`), waiting for shipping to catch up, `sqlfs restore`, and making a
 //! replica directory unusable and usable again.
 use std::collections::BTreeMap;
@@ -22,9 +22,9 @@ pub fn file_url(dir: &Path) -> String {
 
 /// The id of database `name` in a file replica (the directory whose `name` object holds it).
 pub fn replica_db_id(replica: &Path, name: &str) -> Option<String> {
-    let rd = fs::read_dir(replica).ok()?;
+    let rd = fs::read_dir(replica.join("names")).ok()?;
     for e in rd.flatten() {
-        let Ok(n) = fs::read_to_string(e.path().join("name")) else {
+        let Ok(n) = fs::read_to_string(e.path()) else {
             continue;
         };
         if n == name {

@@ -1,0 +1,672 @@
+//! Catalog: what a replica holds for each database, and restore plans over it.
+//!
+//! Object keys (docs/FORMAT.md, "Replica layout") name each object's database, level and
+//! TXIDs, so one listing per database gives its whole chain; commit times come from object
+//! headers, read on demand with a small range read (or the first encrypted chunk).
+//!
+//! Invariants:
+//! - A plan starts from a snapshot (or from the empty database before TXID 1) and is a
+//!   gap-free chain: each object starts right after the previous one ends.
+//! - A compacted object is only ever applied whole, so a plan takes one only if it ends at or
+//!   before the target; a level-0 object may be applied part way.
+//! - Nothing here trusts a listing for content: every object is verified when it is read
+//!   (`segment::verify`), and the restore checks the rolling checksum after each step.
+
+use std::collections::HashMap;
+use std::fs;
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Context, Result};
+use parking_lot::Mutex;
+
+use crate::crypt::{self, Opener};
+use crate::replica::{Listed, ReplicaClient};
+use crate::segment::{self, ObjHeader, HEADER};
+
+/// Highest compaction level a key may name.
+pub const MAX_LEVEL: u8 = 9;
+
+/// Key of the object naming database `db_id` (its path under the mount).
+pub fn name_key(db_id: &str) -> String {
+    format!("names/{db_id}")
+}
+
+/// Key of a level-0 segment starting at `first` (the fence: a second writer collides on it).
+pub fn l0_key(db_id: &str, first: u64) -> String {
+    format!("{db_id}/l0/{first:016x}.seg")
+}
+
+/// Key of a compacted segment covering `first..=last` at `level` (1 and up).
+pub fn compacted_key(db_id: &str, level: u8, first: u64, last: u64) -> String {
+    format!("{db_id}/l{level}/{first:016x}-{last:016x}.seg")
+}
+
+/// Key of a snapshot: the whole database after `txid`.
+pub fn snapshot_key(db_id: &str, txid: u64) -> String {
+    format!("{db_id}/snap/{txid:016x}.snap")
+}
+
+/// One object of a database, as its key describes it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Obj {
+    pub key: String,
+    /// `None` for a snapshot; the compaction level of a segment.
+    pub level: Option<u8>,
+    pub first: u64,
+    /// Last TXID; for a level-0 segment the key does not say, so this is the TXID before the
+    /// next level-0 segment (an upper bound), or `u64::MAX` for the newest.
+    pub last: u64,
+    pub size: u64,
+    /// When it was stored (ns; 0 if unknown).
+    pub modified_ns: u64,
+}
+
+fn hex16(s: &str) -> Option<u64> {
+    (s.len() == 16)
+        .then(|| u64::from_str_radix(s, 16).ok())
+        .flatten()
+}
+
+/// Parses `<id>/<sub>/<file>` (relative to the database's prefix) into an object.
+fn parse_key(key: &str, rel: &str, size: u64, modified_ns: u64) -> Option<Obj> {
+    let (sub, file) = rel.split_once('/')?;
+    if sub == "snap" {
+        let t = hex16(file.strip_suffix(".snap")?)?;
+        return Some(Obj {
+            key: key.into(),
+            level: None,
+            first: t,
+            last: t,
+            size,
+            modified_ns,
+        });
+    }
+    let level: u8 = sub.strip_prefix('l')?.parse().ok()?;
+    if level > MAX_LEVEL {
+        return None;
+    }
+    let stem = file.strip_suffix(".seg")?;
+    let (first, last) = if level == 0 {
+        (hex16(stem)?, u64::MAX)
+    } else {
+        let (a, b) = stem.split_once('-')?;
+        (hex16(a)?, hex16(b)?)
+    };
+    (first >= 1 && first <= last).then(|| Obj {
+        key: key.into(),
+        level: Some(level),
+        first,
+        last,
+        size,
+        modified_ns,
+    })
+}
+
+/// Everything a replica holds for one database.
+#[derive(Clone, Debug, Default)]
+pub struct DbCatalog {
+    pub name: String,
+    /// Snapshots in TXID order.
+    pub snaps: Vec<Obj>,
+    /// Segments per level, each in TXID order.
+    pub levels: Vec<Vec<Obj>>,
+}
+
+impl DbCatalog {
+    /// Builds the catalog of database `id` from the keys (with sizes) under `<id>/`.
+    pub fn from_keys(id: &str, name: &str, keys: &[Listed]) -> DbCatalog {
+        let mut c = DbCatalog {
+            name: name.into(),
+            ..Default::default()
+        };
+        let prefix = format!("{id}/");
+        for l in keys {
+            let k = &l.key;
+            let parsed = k.strip_prefix(&prefix);
+            let Some(o) = parsed.and_then(|r| parse_key(k, r, l.size, l.modified_ns)) else {
+                continue;
+            };
+            match o.level {
+                None => c.snaps.push(o),
+                Some(l) => {
+                    if c.levels.len() <= l as usize {
+                        c.levels.resize(l as usize + 1, Vec::new());
+                    }
+                    c.levels[l as usize].push(o);
+                }
+            }
+        }
+        c.snaps.sort_by_key(|o| o.first);
+        for l in &mut c.levels {
+            l.sort_by_key(|o| o.first);
+        }
+        c.infer_l0_ends();
+        c
+    }
+
+    /// Sets each level-0 segment's `last` to the TXID before the next one.
+    pub fn infer_l0_ends(&mut self) {
+        if let Some(l0) = self.levels.first_mut() {
+            for i in 0..l0.len() {
+                l0[i].last = l0.get(i + 1).map_or(u64::MAX, |n| n.first - 1);
+            }
+        }
+    }
+
+    /// Adds an object this process just stored.
+    pub fn add(&mut self, o: Obj) {
+        let list = match o.level {
+            None => &mut self.snaps,
+            Some(l) => {
+                if self.levels.len() <= l as usize {
+                    self.levels.resize(l as usize + 1, Vec::new());
+                }
+                &mut self.levels[l as usize]
+            }
+        };
+        let at = list.partition_point(|x| x.first < o.first);
+        list.insert(at, o);
+        self.infer_l0_ends();
+    }
+
+    /// Removes the object with `key`.
+    pub fn remove(&mut self, key: &str) {
+        self.snaps.retain(|o| o.key != key);
+        for l in &mut self.levels {
+            l.retain(|o| o.key != key);
+        }
+        self.infer_l0_ends();
+    }
+
+    /// Every object, snapshots first, then by level.
+    pub fn objects(&self) -> impl Iterator<Item = &Obj> {
+        self.snaps.iter().chain(self.levels.iter().flatten())
+    }
+
+    /// The segment of `level` that starts at `first`.
+    fn starting(&self, level: usize, first: u64) -> Option<&Obj> {
+        let l = self.levels.get(level)?;
+        l.binary_search_by_key(&first, |o| o.first)
+            .ok()
+            .map(|i| &l[i])
+    }
+
+    /// The newest level-0 segment (the end of the chain), if any.
+    pub fn newest_l0(&self) -> Option<&Obj> {
+        self.levels.first().and_then(|l| l.last())
+    }
+}
+
+/// Reads what a replica holds: listings, object headers (cached), whole objects.
+pub struct Reader<'a> {
+    pub client: &'a dyn ReplicaClient,
+    opener: Option<&'a Opener>,
+    headers: Mutex<HashMap<String, ObjHeader>>,
+}
+
+/// How many bytes of an encrypted object hold its first encryption chunk (64 KiB plus tag)
+/// after an age header of any sensible size.
+const SEALED_HEAD: u64 = 128 * 1024;
+
+impl<'a> Reader<'a> {
+    pub fn new(client: &'a dyn ReplicaClient, opener: Option<&'a Opener>) -> Reader<'a> {
+        Reader {
+            client,
+            opener,
+            headers: Mutex::new(HashMap::new()),
+        }
+    }
+
+    fn need_opener(&self, key: &str) -> Result<&'a Opener> {
+        self.opener.ok_or_else(|| {
+            anyhow::anyhow!(
+                "{key} is encrypted; pass --age-identity FILE or --passphrase-env VAR with the key the replica was written for"
+            )
+        })
+    }
+
+    /// Every database in the replica: (id, name), sorted by name.
+    pub fn databases(&self) -> Result<Vec<(String, String)>> {
+        let mut out = Vec::new();
+        for Listed { key, .. } in self.client.list("names/")? {
+            let id = key.trim_start_matches("names/");
+            if id.len() != 16 || !id.bytes().all(|b| b.is_ascii_hexdigit()) {
+                continue;
+            }
+            let Some(data) = self.client.get_range(&key, 0, 1 << 16)? else {
+                continue;
+            };
+            let name = if crypt::is_sealed(&data) {
+                self.need_opener(&key)?.open_prefix(&data, 4096, &key)?
+            } else {
+                data
+            };
+            let name = String::from_utf8(name)
+                .with_context(|| format!("{key} does not hold a database name"))?;
+            out.push((id.to_string(), name));
+        }
+        out.sort_by(|a, b| a.1.cmp(&b.1));
+        Ok(out)
+    }
+
+    /// The id of database `name`, or an error listing what the replica holds.
+    pub fn find(&self, name: &str) -> Result<String> {
+        let dbs = self.databases()?;
+        if let Some((id, _)) = dbs.iter().find(|(_, n)| n == name) {
+            return Ok(id.clone());
+        }
+        let known: Vec<&str> = dbs.iter().map(|(_, n)| n.as_str()).collect();
+        bail!(
+            "no database named {name} in {} (it holds: {})",
+            self.client.describe(),
+            if known.is_empty() {
+                "nothing".into()
+            } else {
+                known.join(", ")
+            }
+        )
+    }
+
+    /// The catalog of database `id` (one listing).
+    pub fn catalog(&self, id: &str, name: &str) -> Result<DbCatalog> {
+        let keys = self.client.list(&format!("{id}/"))?;
+        Ok(DbCatalog::from_keys(id, name, &keys))
+    }
+
+    /// The header of object `key`, from a range read of its first bytes.
+    pub fn header(&self, key: &str) -> Result<ObjHeader> {
+        if let Some(h) = self.headers.lock().get(key) {
+            return Ok(h.clone());
+        }
+        let missing = || anyhow::anyhow!("{key} is missing from {}", self.client.describe());
+        let head = self
+            .client
+            .get_range(key, 0, HEADER as u64)?
+            .ok_or_else(missing)?;
+        let plain = if crypt::is_sealed(&head) {
+            let head = self
+                .client
+                .get_range(key, 0, SEALED_HEAD)?
+                .ok_or_else(missing)?;
+            self.need_opener(key)?.open_prefix(&head, HEADER, key)?
+        } else {
+            head
+        };
+        let h = segment::parse_header(&plain, key)?;
+        self.headers.lock().insert(key.to_string(), h.clone());
+        Ok(h)
+    }
+
+    /// Downloads object `key` into `scratch`, decrypting it if needed (to `scratch.plain`),
+    /// and returns the path of the plain object. Not verified: see `segment::verify`.
+    pub fn fetch(&self, key: &str, scratch: &Path) -> Result<PathBuf> {
+        if !self.client.get(key, scratch)? {
+            bail!("{key} is missing from {}", self.client.describe());
+        }
+        self.decrypt_local(key, scratch)
+    }
+
+    /// The plain form of the downloaded object `key` at `local`: itself, or (if encrypted)
+    /// its decryption at `local.plain`, replacing it.
+    pub fn decrypt_local(&self, key: &str, local: &Path) -> Result<PathBuf> {
+        if !crypt::file_is_sealed(local)? {
+            return Ok(local.to_path_buf());
+        }
+        let plain = local.with_extension("plain");
+        self.need_opener(key)?.open_file(local, &plain, key)?;
+        let _ = fs::remove_file(local);
+        Ok(plain)
+    }
+
+    /// Commit time (ns) of the last transaction in `o`.
+    pub fn end_time(&self, o: &Obj) -> Result<u64> {
+        Ok(self.header(&o.key)?.last_time_ns)
+    }
+}
+
+/// What a restore aims at.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Target {
+    Latest,
+    Txid(u64),
+    /// The state after the last transaction committed at or before this instant (ns).
+    Time(u64),
+}
+
+/// One object of a plan, applied up to `upto` (inclusive; `u64::MAX` = all of it) and,
+/// for a time target, only transactions committed at or before `until_ns`.
+#[derive(Clone, Debug)]
+pub struct Step {
+    pub obj: Obj,
+    pub upto: u64,
+    pub until_ns: u64,
+}
+
+/// A restore plan: a snapshot (or nothing) and the segments after it.
+#[derive(Clone, Debug, Default)]
+pub struct Plan {
+    pub steps: Vec<Step>,
+}
+
+impl Plan {
+    pub fn bytes(&self) -> u64 {
+        self.steps.iter().map(|s| s.obj.size).sum()
+    }
+}
+
+/// Formats ns since the epoch as RFC 3339 UTC with milliseconds.
+pub fn fmt_time(ns: u64) -> String {
+    let secs = (ns / 1_000_000_000) as i64;
+    let ms = (ns / 1_000_000) % 1000;
+    let days = secs.div_euclid(86_400);
+    let rem = secs.rem_euclid(86_400);
+    let (y, m, d) = civil_from_days(days);
+    format!(
+        "{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}.{ms:03}Z",
+        rem / 3600,
+        rem % 3600 / 60,
+        rem % 60
+    )
+}
+
+/// Parses RFC 3339 (`2026-11-25T10:00:00Z`, fractions and numeric offsets allowed) into ns
+/// since the epoch.
+pub fn parse_time(s: &str) -> Result<u64> {
+    let bad = || {
+        anyhow::anyhow!("{s:?} is not an RFC 3339 time (like 2026-11-25T10:00:00Z or 2026-11-25T10:00:00.250+01:00)")
+    };
+    let b = s.trim().as_bytes();
+    if b.len() < 20 {
+        return Err(bad());
+    }
+    let num = |r: std::ops::Range<usize>| -> Result<i64> {
+        std::str::from_utf8(&b[r])
+            .ok()
+            .filter(|t| t.bytes().all(|c| c.is_ascii_digit()))
+            .and_then(|t| t.parse().ok())
+            .ok_or_else(bad)
+    };
+    if b[4] != b'-'
+        || b[7] != b'-'
+        || !matches!(b[10], b'T' | b't' | b' ')
+        || b[13] != b':'
+        || b[16] != b':'
+    {
+        return Err(bad());
+    }
+    let (y, mo, d, h, mi, se) = (
+        num(0..4)?,
+        num(5..7)?,
+        num(8..10)?,
+        num(11..13)?,
+        num(14..16)?,
+        num(17..19)?,
+    );
+    if !(1..=12).contains(&mo) || !(1..=31).contains(&d) || h > 23 || mi > 59 || se > 60 {
+        return Err(bad());
+    }
+    let mut i = 19;
+    let mut frac_ns: i64 = 0;
+    if b.get(i) == Some(&b'.') {
+        i += 1;
+        let start = i;
+        while i < b.len() && b[i].is_ascii_digit() {
+            i += 1;
+        }
+        if i == start {
+            return Err(bad());
+        }
+        let digits = &s.trim()[start..i];
+        let mut v: i64 = 0;
+        for (k, c) in digits.bytes().enumerate() {
+            if k < 9 {
+                v = v * 10 + (c - b'0') as i64;
+            }
+        }
+        for _ in digits.len()..9 {
+            v *= 10;
+        }
+        frac_ns = v;
+    }
+    let offset_s: i64 = match b.get(i) {
+        Some(b'Z' | b'z') if i + 1 == b.len() => 0,
+        Some(&c @ (b'+' | b'-')) if i + 6 == b.len() && b[i + 3] == b':' => {
+            let v = num(i + 1..i + 3)? * 3600 + num(i + 4..i + 6)? * 60;
+            if c == b'+' {
+                v
+            } else {
+                -v
+            }
+        }
+        _ => return Err(bad()),
+    };
+    let days = days_from_civil(y, mo as u32, d as u32);
+    let secs = days * 86_400 + h * 3600 + mi * 60 + se - offset_s;
+    if secs < 0 {
+        return Err(bad());
+    }
+    Ok(secs as u64 * 1_000_000_000 + frac_ns as u64)
+}
+
+// Civil-date conversions for the proleptic Gregorian calendar (days since 1970-01-01).
+fn days_from_civil(y: i64, m: u32, d: u32) -> i64 {
+    let y = if m <= 2 { y - 1 } else { y };
+    let era = y.div_euclid(400);
+    let yoe = y - era * 400;
+    let mp = (m as i64 + 9) % 12;
+    let doy = (153 * mp + 2) / 5 + d as i64 - 1;
+    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
+    era * 146_097 + doe - 719_468
+}
+
+fn civil_from_days(z: i64) -> (i64, u32, u32) {
+    let z = z + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let y = yoe + era * 400;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = (doy - (153 * mp + 2) / 5 + 1) as u32;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 } as u32;
+    (if m <= 2 { y + 1 } else { y }, m, d)
+}
+
+/// Plans a restore of `c` to `target`: the newest usable snapshot, then the fewest segments
+/// (highest level first) up to the target. Time targets read object headers.
+pub fn plan(r: &Reader<'_>, c: &DbCatalog, target: Target) -> Result<Plan> {
+    let window = || window_text(r, c);
+    // Start: the newest snapshot at or before the target.
+    let mut start: Option<&Obj> = None;
+    for s in c.snaps.iter().rev() {
+        let ok = match target {
+            Target::Latest => true,
+            Target::Txid(t) => s.first <= t,
+            Target::Time(t) => r.end_time(s)? <= t,
+        };
+        if ok {
+            start = Some(s);
+            break;
+        }
+    }
+    let mut steps = Vec::new();
+    let mut state = 0;
+    if let Some(s) = start {
+        state = s.first;
+        steps.push(Step {
+            obj: s.clone(),
+            upto: s.first,
+            until_ns: u64::MAX,
+        });
+    } else if !c.snaps.is_empty() || c.starting(0, 1).is_none() {
+        // Without a snapshot the chain must start at TXID 1.
+        bail!(
+            "{} has no restore point at or before {}; {}",
+            c.name,
+            describe_target(target),
+            window()?
+        );
+    }
+    let (limit, until_ns) = match target {
+        Target::Latest => (u64::MAX, u64::MAX),
+        Target::Txid(t) => (t, u64::MAX),
+        Target::Time(t) => (u64::MAX, t),
+    };
+    // Then the chain, highest level first; level 0 may end part way.
+    'chain: while state < limit {
+        for level in (1..c.levels.len()).rev() {
+            if let Some(o) = c.starting(level, state + 1) {
+                let fits = o.last <= limit && (until_ns == u64::MAX || r.end_time(o)? <= until_ns);
+                if fits {
+                    state = o.last;
+                    steps.push(Step {
+                        obj: o.clone(),
+                        upto: o.last,
+                        until_ns,
+                    });
+                    continue 'chain;
+                }
+            }
+        }
+        let Some(o) = c.starting(0, state + 1) else {
+            break;
+        };
+        if until_ns != u64::MAX && r.header(&o.key)?.first_time_ns > until_ns {
+            break;
+        }
+        let whole = until_ns == u64::MAX || r.end_time(o)? <= until_ns;
+        steps.push(Step {
+            obj: o.clone(),
+            upto: limit,
+            until_ns,
+        });
+        if !whole || o.last >= limit {
+            break;
+        }
+        state = o.last;
+    }
+    if steps.is_empty() {
+        bail!("the replica holds no transactions of {}", c.name);
+    }
+    Ok(Plan { steps })
+}
+
+fn describe_target(t: Target) -> String {
+    match t {
+        Target::Latest => "the latest transaction".into(),
+        Target::Txid(n) => format!("TXID {n}"),
+        Target::Time(ns) => fmt_time(ns),
+    }
+}
+
+/// "it holds TXIDs A..=B (T1 .. T2)": the restore window of `c`, for error messages.
+pub fn window_text(r: &Reader<'_>, c: &DbCatalog) -> Result<String> {
+    match window(r, c)? {
+        Some(w) => Ok(format!(
+            "the replica holds TXIDs {}..={} ({} .. {})",
+            w.first_txid,
+            w.last_txid,
+            fmt_time(w.first_ns),
+            fmt_time(w.last_ns)
+        )),
+        None => Ok("the replica holds no restore point for it".into()),
+    }
+}
+
+/// A database's restore window.
+#[derive(Clone, Copy, Debug)]
+pub struct Window {
+    pub first_txid: u64,
+    pub first_ns: u64,
+    pub last_txid: u64,
+    pub last_ns: u64,
+}
+
+/// The earliest and latest restorable states of `c` (header reads of two or three objects).
+pub fn window(r: &Reader<'_>, c: &DbCatalog) -> Result<Option<Window>> {
+    // The chain from the empty database (TXID 1) reaches further back than any snapshot.
+    let (first_txid, first_ns) = if let Some(o) = c.starting(0, 1) {
+        let h = r.header(&o.key)?;
+        (h.first_txid, h.first_time_ns)
+    } else if let Some(s) = c.snaps.first() {
+        (s.first, r.end_time(s)?)
+    } else {
+        return Ok(None);
+    };
+    let newest_snap = c.snaps.last();
+    let l0 = c
+        .newest_l0()
+        .filter(|o| newest_snap.is_none_or(|s| s.first < o.first));
+    let (last_txid, last_ns) = if let Some(o) = l0 {
+        let h = r.header(&o.key)?;
+        (h.last_txid, h.last_time_ns)
+    } else if let Some(s) = newest_snap {
+        (s.first, r.end_time(s)?)
+    } else {
+        return Ok(None);
+    };
+    Ok(Some(Window {
+        first_txid,
+        first_ns,
+        last_txid,
+        last_ns,
+    }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn times() {
+        let t = parse_time("2026-11-25T10:00:00Z").unwrap();
+        assert_eq!(fmt_time(t), "2026-11-25T10:00:00.000Z");
+        let u = parse_time("2026-11-25T11:00:00.250+01:00").unwrap();
+        assert_eq!(u - t, 250_000_000);
+        assert_eq!(parse_time("1970-01-01T00:00:00.000000001Z").unwrap(), 1);
+        assert_eq!(
+            fmt_time(parse_time("2024-02-29T23:59:59.999Z").unwrap()),
+            "2024-02-29T23:59:59.999Z"
+        );
+        for bad in [
+            "",
+            "yesterday",
+            "2026-13-01T00:00:00Z",
+            "2026-11-25T10:00:00",
+            "2026-11-25T10:00:00.Z",
+        ] {
+            assert!(parse_time(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn keys_and_chain() {
+        let id = "0123456789abcdef";
+        let keys: Vec<Listed> = [
+            snapshot_key(id, 10),
+            l0_key(id, 1),
+            l0_key(id, 5),
+            l0_key(id, 11),
+            l0_key(id, 20),
+            compacted_key(id, 1, 1, 10),
+            compacted_key(id, 1, 11, 19),
+            format!("{id}/l0/junk.seg"),
+            name_key(id),
+        ]
+        .into_iter()
+        .map(|key| Listed {
+            key,
+            size: 1,
+            modified_ns: 0,
+        })
+        .collect();
+        let c = DbCatalog::from_keys(id, "app.db", &keys);
+        assert_eq!(c.snaps.len(), 1);
+        assert_eq!(
+            c.levels[0].iter().map(|o| o.last).collect::<Vec<_>>(),
+            vec![4, 10, 19, u64::MAX]
+        );
+        assert_eq!(c.levels[1].len(), 2);
+        assert_eq!(c.starting(1, 11).unwrap().last, 19);
+    }
+}

@@ -1,0 +1,296 @@
+//! The configuration file (`--config FILE`, YAML; example in contrib/sqlfs.yml).
+//!
+//! Every mount option, the replicas with their own sync interval, snapshot, compaction and
+//! retention settings, and per-database overrides (or exclusion). `${VAR}` anywhere in a
+//! value is replaced by the environment variable VAR (`$${` is a literal `${`); a variable
+//! that is not set is an error naming it. Command-line flags override the file.
+//!
+//! Invariant: secrets (passphrases, credentials in URLs) are never echoed: errors name the
+//! setting, never its value.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use anyhow::{bail, Context, Result};
+use serde::Deserialize;
+
+use crate::ship::Policy;
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub struct Config {
+    /// The directory to mount (the mount command's DIR).
+    pub dir: Option<PathBuf>,
+    pub data_dir: Option<PathBuf>,
+    pub threads: Option<usize>,
+    pub stage_limit: Option<String>,
+    pub sync_interval: Option<String>,
+    pub sync: Option<bool>,
+    pub restore_if_missing: Option<bool>,
+    pub metrics_addr: Option<String>,
+    pub snapshot_interval: Option<String>,
+    pub retention: Option<String>,
+    /// Compaction intervals of levels 1, 2, …; an empty list turns compaction off.
+    pub compaction: Option<Vec<String>>,
+    pub age_recipients: Option<Vec<String>>,
+    /// For restore and `list`: the identity file of an encrypted replica.
+    pub age_identity: Option<PathBuf>,
+    /// Name of the environment variable holding the encryption passphrase.
+    pub passphrase_env: Option<String>,
+    #[serde(default)]
+    pub replicas: Vec<ReplicaConf>,
+    /// Per-database overrides, by path under the mount.
+    #[serde(default)]
+    pub databases: BTreeMap<String, DbConf>,
+}
+
+#[derive(Debug, Default, Clone, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub struct ReplicaConf {
+    pub url: String,
+    pub sync_interval: Option<String>,
+    pub snapshot_interval: Option<String>,
+    pub retention: Option<String>,
+    pub compaction: Option<Vec<String>>,
+}
+
+#[derive(Debug, Default, Clone, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub struct DbConf {
+    /// `false`: captured and staged, but shipped to no replica.
+    pub replicate: Option<bool>,
+    pub snapshot_interval: Option<String>,
+    pub retention: Option<String>,
+    pub compaction: Option<Vec<String>>,
+}
+
+/// Replaces `${VAR}` with the environment's value; `what` names the setting in errors.
+pub fn expand(s: &str, what: &str) -> Result<String> {
+    let mut out = String::new();
+    let mut rest = s;
+    while let Some(i) = rest.find("${") {
+        if rest[..i].ends_with('$') {
+            out.push_str(&rest[..i - 1]);
+            out.push_str("${");
+            rest = &rest[i + 2..];
+            continue;
+        }
+        out.push_str(&rest[..i]);
+        let Some(end) = rest[i..].find('}') else {
+            bail!("{what}: unterminated ${{ in the configuration");
+        };
+        let var = &rest[i + 2..i + end];
+        if var.is_empty() || !var.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_') {
+            bail!("{what}: ${{{var}}} is not a valid variable name");
+        }
+        let val = std::env::var(var)
+            .with_context(|| format!("{what}: environment variable {var} is not set"))?;
+        out.push_str(&val);
+        rest = &rest[i + end + 1..];
+    }
+    out.push_str(rest);
+    Ok(out)
+}
+
+/// Expands `${VAR}` in every string of a YAML tree.
+fn expand_tree(v: &mut serde_norway::Value, path: &str) -> Result<()> {
+    use serde_norway::Value;
+    match v {
+        Value::String(s) => *s = expand(s, path)?,
+        Value::Sequence(seq) => {
+            for (i, x) in seq.iter_mut().enumerate() {
+                expand_tree(x, &format!("{path}[{i}]"))?;
+            }
+        }
+        Value::Mapping(m) => {
+            for (k, x) in m.iter_mut() {
+                let key = k.as_str().unwrap_or("?");
+                let p = if path.is_empty() {
+                    key.to_string()
+                } else {
+                    format!("{path}.{key}")
+                };
+                expand_tree(x, &p)?;
+            }
+        }
+        _ => {}
+    }
+    Ok(())
+}
+
+impl Config {
+    /// Reads and checks the configuration file at `path`.
+    pub fn load(path: &Path) -> Result<Config> {
+        let text = std::fs::read_to_string(path)
+            .with_context(|| format!("cannot read configuration {}", path.display()))?;
+        Config::parse(&text).with_context(|| format!("configuration {}", path.display()))
+    }
+
+    pub fn parse(text: &str) -> Result<Config> {
+        let mut tree: serde_norway::Value = serde_norway::from_str(text).map_err(|e| {
+            // The parser's message quotes no values beyond the offending token's position.
+            anyhow::anyhow!("not valid YAML: {e}")
+        })?;
+        if tree.is_null() {
+            return Ok(Config::default());
+        }
+        expand_tree(&mut tree, "")?;
+        let c: Config = serde_norway::from_value(tree).map_err(|e| anyhow::anyhow!("{e}"))?;
+        c.check()?;
+        Ok(c)
+    }
+
+    /// Checks every duration, size and URL, so a mistake stops the mount before it starts.
+    fn check(&self) -> Result<()> {
+        let dur = |v: &Option<String>, what: &str| -> Result<()> {
+            if let Some(s) = v {
+                parse_duration(s).map_err(|e| anyhow::anyhow!("{what}: {e}"))?;
+            }
+            Ok(())
+        };
+        let levels = |v: &Option<Vec<String>>, what: &str| -> Result<()> {
+            for s in v.iter().flatten() {
+                parse_duration(s).map_err(|e| anyhow::anyhow!("{what}: {e}"))?;
+            }
+            Ok(())
+        };
+        dur(&self.sync_interval, "sync-interval")?;
+        dur(&self.snapshot_interval, "snapshot-interval")?;
+        dur(&self.retention, "retention")?;
+        levels(&self.compaction, "compaction")?;
+        if let Some(s) = &self.stage_limit {
+            parse_size(s).map_err(|e| anyhow::anyhow!("stage-limit: {e}"))?;
+        }
+        if let Some(a) = &self.metrics_addr {
+            a.parse::<std::net::SocketAddr>().map_err(|_| {
+                anyhow::anyhow!("metrics-addr: {a:?} is not an address like 127.0.0.1:9090")
+            })?;
+        }
+        for (i, r) in self.replicas.iter().enumerate() {
+            let w = format!("replicas[{i}]");
+            dur(&r.sync_interval, &format!("{w}.sync-interval"))?;
+            dur(&r.snapshot_interval, &format!("{w}.snapshot-interval"))?;
+            dur(&r.retention, &format!("{w}.retention"))?;
+            levels(&r.compaction, &format!("{w}.compaction"))?;
+            crate::replica::open(&r.url).map_err(|e| anyhow::anyhow!("{w}.url: {e}"))?;
+        }
+        for (name, d) in &self.databases {
+            let w = format!("databases.{name}");
+            dur(&d.snapshot_interval, &format!("{w}.snapshot-interval"))?;
+            dur(&d.retention, &format!("{w}.retention"))?;
+            levels(&d.compaction, &format!("{w}.compaction"))?;
+        }
+        if self.passphrase_env.is_some()
+            && self.age_recipients.as_ref().is_some_and(|r| !r.is_empty())
+        {
+            bail!("passphrase-env and age-recipients: choose one way to encrypt");
+        }
+        Ok(())
+    }
+}
+
+/// Parses durations like `500ms`, `1s`, `5m`, `24h`, `7d`; `0` means "off" where allowed.
+pub fn parse_duration(s: &str) -> std::result::Result<Duration, String> {
+    let s = s.trim();
+    let bad = || format!("not a duration: {s:?} (examples: 500ms, 1s, 5m, 24h, 7d)");
+    if s == "0" {
+        return Ok(Duration::ZERO);
+    }
+    let i = s.find(|c: char| !c.is_ascii_digit()).ok_or_else(bad)?;
+    let (num, unit) = s.split_at(i);
+    let n: u64 = num.parse().map_err(|_| bad())?;
+    let secs = |k: u64| Duration::from_secs(n.saturating_mul(k));
+    Ok(match unit {
+        "ms" => Duration::from_millis(n),
+        "s" => secs(1),
+        "m" => secs(60),
+        "h" => secs(3600),
+        "d" => secs(86_400),
+        _ => return Err(bad()),
+    })
+}
+
+/// Parses sizes like `512k`, `64M`, `1G`.
+pub fn parse_size(s: &str) -> std::result::Result<u64, String> {
+    let (num, mult) = match s.chars().last() {
+        Some('k' | 'K') => (&s[..s.len() - 1], 1u64 << 10),
+        Some('m' | 'M') => (&s[..s.len() - 1], 1 << 20),
+        Some('g' | 'G') => (&s[..s.len() - 1], 1 << 30),
+        _ => (s, 1),
+    };
+    num.parse::<u64>()
+        .map(|n| n * mult)
+        .map_err(|_| format!("not a size: {s} (examples: 512k, 64M, 1G)"))
+}
+
+/// Compaction intervals of levels 1, 2, … as one command-line value.
+#[derive(Clone, Debug)]
+pub struct Levels(pub Vec<Duration>);
+
+/// Parses a comma-separated list of level intervals (`30s,5m,1h`; `none` for no compaction).
+pub fn parse_levels(s: &str) -> std::result::Result<Levels, String> {
+    if s.trim() == "none" || s.trim().is_empty() {
+        return Ok(Levels(Vec::new()));
+    }
+    s.split(',')
+        .map(parse_duration)
+        .collect::<std::result::Result<_, _>>()
+        .map(Levels)
+}
+
+/// Applies the policy settings of one layer (global, replica or database) over `p`.
+pub fn overlay(
+    p: &mut Policy,
+    snapshot: &Option<String>,
+    retention: &Option<String>,
+    compaction: &Option<Vec<String>>,
+) {
+    // Values were checked when the file was loaded.
+    if let Some(d) = snapshot.as_deref().and_then(|s| parse_duration(s).ok()) {
+        p.snapshot_interval = d;
+    }
+    if let Some(d) = retention.as_deref().and_then(|s| parse_duration(s).ok()) {
+        p.retention = d;
+    }
+    if let Some(l) = compaction {
+        p.levels = l.iter().filter_map(|s| parse_duration(s).ok()).collect();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_and_expands() {
+        std::env::set_var("SQLFS_TEST_BUCKET", "b1");
+        let c = Config::parse(
+            "dir: /data\nretention: 72h\ncompaction: [10s, 1m]\nreplicas:\n  - url: file:///tmp/${SQLFS_TEST_BUCKET}\n    retention: 1h\ndatabases:\n  cache.db:\n    replicate: false\n",
+        )
+        .unwrap();
+        assert_eq!(c.replicas[0].url, "file:///tmp/b1");
+        assert_eq!(c.databases["cache.db"].replicate, Some(false));
+        let mut p = Policy::default();
+        overlay(&mut p, &c.snapshot_interval, &c.retention, &c.compaction);
+        assert_eq!(p.retention, Duration::from_secs(72 * 3600));
+        assert_eq!(p.levels.len(), 2);
+    }
+
+    #[test]
+    fn clear_errors() {
+        let e =
+            Config::parse("replicas:\n  - url: file:///x/${SQLFS_SURELY_UNSET_VAR}\n").unwrap_err();
+        assert!(
+            format!("{e:#}").contains("SQLFS_SURELY_UNSET_VAR is not set"),
+            "{e:#}"
+        );
+        let e = Config::parse("retention: forever\n").unwrap_err();
+        assert!(format!("{e:#}").contains("retention"), "{e:#}");
+        let e = Config::parse("colour: red\n").unwrap_err();
+        assert!(format!("{e:#}").contains("colour"), "{e:#}");
+        let e = Config::parse("replicas:\n  - url: ftp://x\n").unwrap_err();
+        assert!(format!("{e:#}").contains("replicas[0].url"), "{e:#}");
+        assert_eq!(expand("a$${b}c", "x").unwrap(), "a${b}c");
+    }
+}

@@ -1,0 +1,131 @@
+//! Prometheus metrics (`--metrics-addr`): a plain HTTP endpoint, text exposition format.
+//!
+//! One thread accepts connections and answers every request with the current values; it
+//! reads the same state `sqlfs status` shows and changes nothing.
+
+use std::fmt::Write as _;
+use std::io::{BufRead, BufReader, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::sync::Arc;
+use std::time::Duration;
+
+use crate::capture::Capture;
+use crate::ship::Shipper;
+
+/// Starts serving metrics at `addr`.
+pub fn serve(
+    addr: SocketAddr,
+    cap: Arc<Capture>,
+    shippers: Vec<Arc<Shipper>>,
+) -> std::io::Result<()> {
+    let listener = TcpListener::bind(addr)?;
+    std::thread::Builder::new()
+        .name("sqlfs-metrics".into())
+        .spawn(move || {
+            for conn in listener.incoming().flatten() {
+                if let Err(e) = answer(conn, &cap, &shippers) {
+                    log::debug!("metrics request: {e}");
+                }
+            }
+        })?;
+    Ok(())
+}
+
+fn answer(conn: TcpStream, cap: &Capture, shippers: &[Arc<Shipper>]) -> std::io::Result<()> {
+    conn.set_read_timeout(Some(Duration::from_secs(5)))?;
+    let mut r = BufReader::new(&conn);
+    let mut line = String::new();
+    r.read_line(&mut line)?;
+    // Skip the request headers.
+    let mut h = String::new();
+    while r.read_line(&mut h)? > 2 {
+        h.clear();
+    }
+    let (status, body) = if line.starts_with("GET /metrics") || line.starts_with("GET / ") {
+        ("200 OK", render(cap, shippers))
+    } else {
+        ("404 Not Found", "try /metrics\n".to_string())
+    };
+    let mut w = &conn;
+    write!(
+        w,
+        "HTTP/1.1 {status}\r\nContent-Type: text/plain; version=0.0.4\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    )?;
+    w.flush()
+}
+
+/// Escapes a label value.
+fn label(s: &str) -> String {
+    s.replace('\\', "\\\\")
+        .replace('"', "\\\"")
+        .replace('\n', "\\n")
+}
+
+/// The metrics text.
+pub fn render(cap: &Capture, shippers: &[Arc<Shipper>]) -> String {
+    let mut o = String::new();
+    let dbs = cap.databases();
+    let _ = writeln!(
+        o,
+        "# HELP sqlfs_txid Newest captured transaction of a database.\n# TYPE sqlfs_txid gauge"
+    );
+    for (name, db) in &dbs {
+        let txid = db.stage.last().map_or(0, |h| h.txid);
+        let _ = writeln!(o, "sqlfs_txid{{db=\"{}\"}} {txid}", label(name));
+    }
+    let _ = writeln!(o, "# HELP sqlfs_staged_log_bytes Bytes of staged log not yet folded.\n# TYPE sqlfs_staged_log_bytes gauge");
+    for (name, db) in &dbs {
+        let _ = writeln!(
+            o,
+            "sqlfs_staged_log_bytes{{db=\"{}\"}} {}",
+            label(name),
+            db.stage.log_bytes()
+        );
+    }
+    let _ = writeln!(o, "# HELP sqlfs_replica_txid Newest transaction of a database on a replica.\n# TYPE sqlfs_replica_txid gauge");
+    let _ = writeln!(o, "# HELP sqlfs_replica_lag_seconds Age of the oldest transaction a replica does not have yet.\n# TYPE sqlfs_replica_lag_seconds gauge");
+    let _ = writeln!(o, "# HELP sqlfs_replica_fenced 1 if shipping stopped because another writer owns the database there.\n# TYPE sqlfs_replica_fenced gauge");
+    for s in shippers {
+        let r = label(&s.describe());
+        for (name, db) in &dbs {
+            let d = label(name);
+            let _ = writeln!(
+                o,
+                "sqlfs_replica_txid{{db=\"{d}\",replica=\"{r}\"}} {}",
+                s.position(db)
+            );
+            let _ = writeln!(
+                o,
+                "sqlfs_replica_lag_seconds{{db=\"{d}\",replica=\"{r}\"}} {:.3}",
+                s.lag(db).as_secs_f64()
+            );
+            let _ = writeln!(
+                o,
+                "sqlfs_replica_fenced{{db=\"{d}\",replica=\"{r}\"}} {}",
+                s.is_fenced(db) as u8
+            );
+        }
+    }
+    let _ = writeln!(o, "# HELP sqlfs_replica_up 0 while the last shipment to a replica failed.\n# TYPE sqlfs_replica_up gauge");
+    for s in shippers {
+        let _ = writeln!(
+            o,
+            "sqlfs_replica_up{{replica=\"{}\"}} {}",
+            label(&s.describe()),
+            s.last_error().is_none() as u8
+        );
+    }
+    let _ = writeln!(o, "# HELP sqlfs_replica_objects_stored_total Objects stored in a replica by this process.\n# TYPE sqlfs_replica_objects_stored_total counter");
+    let _ = writeln!(o, "# HELP sqlfs_replica_bytes_stored_total Bytes stored in a replica by this process.\n# TYPE sqlfs_replica_bytes_stored_total counter");
+    for s in shippers {
+        let (n, b) = s.stored_totals();
+        let r = label(&s.describe());
+        let _ = writeln!(
+            o,
+            "sqlfs_replica_objects_stored_total{{replica=\"{r}\"}} {n}"
+        );
+        let _ = writeln!(o, "sqlfs_replica_bytes_stored_total{{replica=\"{r}\"}} {b}");
+    }
+    o
+}
