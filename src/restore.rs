@@ -64,6 +64,8 @@ pub struct Report {
     pub objects: Vec<PlanEntry>,
     pub downloaded_bytes: u64,
     pub seconds: f64,
+    /// The database was in WAL mode; the output is in rollback mode (see `text`).
+    pub was_wal: bool,
 }
 
 #[derive(Debug, serde::Serialize)]
@@ -99,8 +101,13 @@ impl Report {
             }
             return s;
         }
+        let note = if self.was_wal {
+            "\nnote: the database was in WAL mode; the file is in rollback mode so it opens on its own (the app's PRAGMA journal_mode=WAL switches it back)\n"
+        } else {
+            "\n"
+        };
         format!(
-            "restored {} at TXID {} (committed {}; {} pages of {} bytes, checksum {}) to {} from {} objects ({:.1} MB) in {:.1}s\n",
+            "restored {} at TXID {} (committed {}; {} pages of {} bytes, checksum {}) to {} from {} objects ({:.1} MB) in {:.1}s{note}",
             self.db,
             self.txid,
             self.commit_time.as_deref().unwrap_or("?"),
@@ -203,6 +210,17 @@ pub fn run(o: &RestoreOpts) -> Result<Report> {
         _ => {}
     }
     let out = tmp_out.as_file();
+    // The checksum of the exact captured bytes is verified; now present rollback journal
+    // mode (file format bytes 18-19), so the file opens anywhere on its own, with no -wal
+    // or -shm, read-only too. History views serve the same bytes.
+    if last.db_pages > 0 {
+        let mut v = [0u8; 2];
+        out.read_exact_at(&mut v, 18)?;
+        if v == [2, 2] {
+            out.write_all_at(&[1, 1], 18)?;
+            report.was_wal = true;
+        }
+    }
     out.sync_all()?;
     if last.db_pages > 0 {
         // immutable: no -wal or -shm is created next to it, whatever its journal mode.

@@ -407,7 +407,14 @@ impl Shipper {
             );
             return Ok(());
         }
-        let last_snapshot_ns = cat.snaps.iter().map(|o| o.modified_ns).max().unwrap_or(0);
+        // A chain without snapshots starts at TXID 1 (the first record is a full snapshot
+        // staged at first sighting): the first interval snapshot is due one interval on.
+        let last_snapshot_ns = cat
+            .snaps
+            .iter()
+            .map(|o| o.modified_ns)
+            .max()
+            .unwrap_or_else(now_ns);
         let n = self.policy_for(name).levels.len() + 1;
         self.maint.lock().insert(
             db.id.clone(),
