@@ -1,8 +1,9 @@
 //! Replica objects: a run of staged transactions (a *segment*) or a whole database (a
 //! *snapshot*), in one self-describing, checksummed file (docs/FORMAT.md, "Replica objects").
 //!
-//! Each transaction's staging record is one zstd frame, so a frame can be fetched and decoded
-//! on its own; the page index says which frame (and where in it) holds each page version.
+//! Each transaction's staging record is compressed as zstd frames of at most 256 pages, so a
+//! frame can be fetched and decoded on its own; the page index says which frame (and where in
+//! its decompressed bytes) holds each page version.
 //!
 //! Invariants:
 //! - An object is written to a local file first and only then handed to a replica; a reader
@@ -222,33 +223,38 @@ impl ObjectWriter {
                 h.txid, self.hdr.last_txid
             )));
         }
-        let frame_off = self.pos;
         let mut pages = Vec::with_capacity(h.npages as usize);
-        let mut enc = zstd::stream::write::Encoder::new(
-            Counter {
-                inner: &mut self.file,
-                n: 0,
-            },
-            ZSTD_LEVEL,
-        )?;
-        write_record(&mut enc, h, |emit| {
+        let span = FRAME_PAGES * (4 + h.page_size as u64);
+        let mut frames = Framer {
+            file: &mut self.file,
+            pos: self.pos,
+            raw: 0,
+            next_cut: RECORD_HEADER as u64 + span,
+            span,
+            buf: Vec::new(),
+            frames: Vec::new(),
+        };
+        write_record(&mut frames, h, |emit| {
             fill(&mut |pgno, page| {
                 pages.push(pgno);
                 emit(pgno, page)
             })
         })?;
-        let counter = enc.finish()?;
-        let frame_len = counter.n;
-        self.pos += frame_len;
+        frames.cut()?;
+        let (pos, frame_list) = (frames.pos, std::mem::take(&mut frames.frames));
+        self.pos = pos;
         for (i, pgno) in pages.into_iter().enumerate() {
-            let in_frame = RECORD_HEADER as u64 + i as u64 * (4 + h.page_size as u64) + 4;
+            let raw = RECORD_HEADER as u64 + i as u64 * (4 + h.page_size as u64) + 4;
+            // The frame holding this page: cuts fall on page boundaries only.
+            let k = frame_list.partition_point(|f| f.2 <= raw) - 1;
+            let (frame_off, frame_len, raw_start) = frame_list[k];
             self.index.extend_from_slice(&pgno.to_be_bytes());
             self.index.extend_from_slice(&h.txid.to_be_bytes());
             self.index.extend_from_slice(&frame_off.to_be_bytes());
             self.index
                 .extend_from_slice(&(frame_len as u32).to_be_bytes());
             self.index
-                .extend_from_slice(&(in_frame as u32).to_be_bytes());
+                .extend_from_slice(&((raw - raw_start) as u32).to_be_bytes());
             self.hdr.nindex += 1;
         }
         self.hdr.last_txid = h.txid;
@@ -300,20 +306,57 @@ impl ObjectWriter {
     }
 }
 
-/// Counts bytes passing to the inner writer.
-struct Counter<W> {
-    inner: W,
-    n: u64,
+/// Pages per zstd frame: a page is read by decompressing at most this many.
+const FRAME_PAGES: u64 = 256;
+
+/// Compresses one record into zstd frames cut at page boundaries, every `FRAME_PAGES` pages
+/// (the first frame also holds the record header, the last its CRC).
+struct Framer<'a> {
+    file: &'a mut File,
+    /// Object offset the next frame starts at.
+    pos: u64,
+    /// Record bytes received so far.
+    raw: u64,
+    /// Record offset of the next cut.
+    next_cut: u64,
+    span: u64,
+    buf: Vec<u8>,
+    /// (object offset, compressed length, record offset of its first byte) per frame.
+    frames: Vec<(u64, u64, u64)>,
 }
 
-impl<W: Write> Write for Counter<W> {
-    fn write(&mut self, b: &[u8]) -> io::Result<usize> {
-        let n = self.inner.write(b)?;
-        self.n += n as u64;
+impl Framer<'_> {
+    fn cut(&mut self) -> io::Result<()> {
+        if self.buf.is_empty() {
+            return Ok(());
+        }
+        let z = zstd::bulk::compress(&self.buf, ZSTD_LEVEL)?;
+        self.file.write_all(&z)?;
+        let start = self.raw - self.buf.len() as u64;
+        self.frames.push((self.pos, z.len() as u64, start));
+        self.pos += z.len() as u64;
+        self.buf.clear();
+        Ok(())
+    }
+}
+
+impl Write for Framer<'_> {
+    fn write(&mut self, mut d: &[u8]) -> io::Result<usize> {
+        let n = d.len();
+        while !d.is_empty() {
+            let take = ((self.next_cut - self.raw) as usize).min(d.len());
+            self.buf.extend_from_slice(&d[..take]);
+            self.raw += take as u64;
+            d = &d[take..];
+            if self.raw == self.next_cut {
+                self.cut()?;
+                self.next_cut += self.span;
+            }
+        }
         Ok(n)
     }
     fn flush(&mut self) -> io::Result<()> {
-        self.inner.flush()
+        Ok(())
     }
 }
 
@@ -434,4 +477,62 @@ pub fn for_each_txn(
         visit(Event::End(&h))?;
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::stage::{Kind, WalPos};
+
+    /// A large record is cut into frames, and every page named by the index can be read by
+    /// decompressing just its frame; streaming still sees the whole record.
+    #[test]
+    fn large_records_are_framed_and_indexed() {
+        let ps = 512usize;
+        let n = 600u32;
+        let page = |p: u32| vec![(p % 251) as u8; ps];
+        let h = RecordHeader {
+            kind: Kind::Snapshot,
+            txid: 7,
+            time_ns: 1,
+            page_size: ps as u32,
+            db_pages: n,
+            checksum_before: 0,
+            checksum_after: 0,
+            npages: n,
+            wal: WalPos::default(),
+        };
+        let mut w =
+            ObjectWriter::new(tempfile::tempfile().unwrap(), ObjKind::Snapshot, 0, "00").unwrap();
+        w.add(&h, |emit| (1..=n).try_for_each(|p| emit(p, &page(p))))
+            .unwrap();
+        let (hdr, f) = w.finish().unwrap();
+        let hdr2 = verify(&f, "obj").unwrap();
+        assert_eq!(hdr, hdr2);
+        let mut idx = vec![0u8; hdr.index_len as usize];
+        std::os::unix::fs::FileExt::read_exact_at(&f, &mut idx, hdr.index_off).unwrap();
+        let mut frames = std::collections::BTreeSet::new();
+        for e in idx.chunks(INDEX_ENTRY) {
+            let pgno = u32::from_be_bytes(e[0..4].try_into().unwrap());
+            let off = u64::from_be_bytes(e[12..20].try_into().unwrap());
+            let len = u32::from_be_bytes(e[20..24].try_into().unwrap()) as usize;
+            let at = u32::from_be_bytes(e[24..28].try_into().unwrap()) as usize;
+            frames.insert(off);
+            let mut z = vec![0u8; len];
+            std::os::unix::fs::FileExt::read_exact_at(&f, &mut z, off).unwrap();
+            let raw = zstd::stream::decode_all(&z[..]).unwrap();
+            assert_eq!(&raw[at..at + ps], &page(pgno)[..], "page {pgno}");
+        }
+        assert_eq!(frames.len(), 3, "600 pages in frames of 256");
+        let mut seen = 0;
+        for_each_txn(&f, &hdr, "obj", |ev| {
+            if let Event::Page(p, d) = ev {
+                assert_eq!(d, &page(p)[..]);
+                seen += 1;
+            }
+            Ok(())
+        })
+        .unwrap();
+        assert_eq!(seen, n);
+    }
 }
