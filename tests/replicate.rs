@@ -723,42 +723,6 @@ fn copied_data_dir_is_fenced_off_the_shared_replica() {
 // 5. Restore and mount errors
 // ---------------------------------------------------------------------------------------
 
-/// A failed restore: non-zero exit, no panic, no output file and no temporary left.
-fn assert_restore_fails(o: &CmdOut, out: &Path, what: &str) {
-    assert_no_panic(o);
-    assert!(!o.ok(), "{what}: restore succeeded:\n{}", o.describe());
-    assert!(
-        !o.stderr.trim().is_empty(),
-        "{what}: restore failed without a message:\n{}",
-        o.describe()
-    );
-    assert!(
-        !out.exists(),
-        "{what}: a failed restore left {} behind:\n{}",
-        out.display(),
-        o.describe()
-    );
-    let dir = out.parent().unwrap();
-    let stray: Vec<String> = dir_names(dir)
-        .into_iter()
-        .filter(|n| n.starts_with('.'))
-        .collect();
-    assert!(
-        stray.is_empty(),
-        "{what}: a failed restore left temporary files in {}: {stray:?}",
-        dir.display()
-    );
-}
-
-fn assert_says(o: &CmdOut, needle: &str, what: &str) {
-    let all = format!("{}{}", o.stdout, o.stderr);
-    assert!(
-        all.contains(needle),
-        "{what}: the message does not mention {needle:?}:\n{}",
-        o.describe()
-    );
-}
-
 /// `sqlfs mount` that must fail at once; a mount that starts anyway is stopped.
 fn mount_must_fail(mnt: &Path, data: &Path, url: &str) -> CmdOut {
     let dir = tempfile::tempdir().unwrap();
@@ -974,17 +938,6 @@ fn restore_errors_are_clear_and_leave_nothing_behind() {
         "a successful restore of {db} (a WAL-mode database) to {} left other files in its directory: {left_by_success:?}",
         out.display()
     );
-}
-
-/// Names of the entries of a directory, sorted.
-fn dir_names(dir: &Path) -> Vec<String> {
-    let mut v: Vec<String> = fs::read_dir(dir)
-        .unwrap()
-        .flatten()
-        .map(|e| e.file_name().to_string_lossy().into_owned())
-        .collect();
-    v.sort();
-    v
 }
 
 // ---------------------------------------------------------------------------------------
