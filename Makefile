@@ -2,7 +2,8 @@
 #
 #   make run DIR=/path/to/data   build, then mount DIR (foreground; Ctrl-C unmounts)
 #   make test                    install what the tests need, then run them
-#   make bench                   native directory vs. mount, results in target/bench-results.md
+#   make bench                   native directory vs. mount, replication, restore;
+#                                results in target/bench-results.md
 
 CARGO  ?= cargo
 PREFIX ?= /usr/local
@@ -33,7 +34,7 @@ deps:
 	@[ -e /dev/fuse ] || $(SUDO) modprobe fuse 2>/dev/null || true
 	@[ -e /dev/fuse ] || { echo "error: /dev/fuse is missing; FUSE is not available on this machine" >&2; exit 1; }
 
-# The S3-compatible server the object-storage tests start on loopback, from PyPI.
+# The S3-compatible server the object-storage tests and benchmarks start on loopback, from PyPI.
 VENV := .venv
 $(VENV)/bin/moto_server:
 	@python3 -m venv $(VENV) 2>/dev/null || { \
@@ -43,7 +44,7 @@ $(VENV)/bin/moto_server:
 test: deps $(VENV)/bin/moto_server
 	$(CARGO) test --release --no-fail-fast
 
-bench: deps
+bench: deps $(VENV)/bin/moto_server
 	$(CARGO) bench --bench txbench
 
 install: build

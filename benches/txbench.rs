@@ -7,9 +7,16 @@
 //!  3. bulk load of a large table (10 MB transactions), then a warm full scan of it;
 //!  4. mixed point reads / updates by primary key from several connections;
 //!  5. resident memory of the sqlfs daemon with a small database and after growing it
-//!     to a large one (on a fresh mount of its own).
+//!     to a large one (on a fresh mount of its own);
+//!  6. replication to a file replica: commit → object lag, objects per minute, compression;
+//!  7. restore: a large database plus a window of small transactions after it, shipped to a
+//!     file replica and to the S3-compatible test server; `sqlfs restore` of the latest
+//!     state and of a TXID in the middle of the window, from each (MB/s);
+//!  8. replication to the S3-compatible server through a counting proxy: commit → object
+//!     readable lag, and requests per minute under constant writes and idle.
 //!
 //! The results are printed as a markdown table and written to target/bench-results.md.
+//! The S3-compatible server is the one `make bench` installs (as `make test` does).
 //!
 //! Environment:
 //!   SQLFS_BENCH_SECS     seconds per timed workload (default 5)
@@ -17,9 +24,17 @@
 //!   SQLFS_BENCH_BIG_MB   size the memory workload grows its database to, MB (default 1024)
 //!   SQLFS_BENCH_THREADS  connections in the mixed workload (default 4)
 //!   SQLFS_BENCH_READS    percent of reads in the mixed workload (default 80)
+//!   SQLFS_BENCH_RESTORE_MB    size of the restored database, MiB (default 1024; 0 skips)
+//!   SQLFS_BENCH_RESTORE_TXNS  small transactions after it (default 300)
+//!   SQLFS_BENCH_S3=0     leave out everything that needs the S3-compatible server
+//!   SQLFS_BENCH_ONLY     run only these workloads, comma-separated, of: autocommit, scan,
+//!                        plain, mixed, replication, memory, restore, s3
+//!   SQLFS_S3_SERVER      the S3-compatible server binary (default: .venv/bin/moto_server)
 //!   SQLFS_BENCH_DIR      where to make the work directory sqlfs-bench-work; on disk, not
 //!                        tmpfs (default: target/bench-work)
 //!   SQLFS_BENCH_KEEP=1   keep the work directory afterwards
+
+mod s3;
 
 use std::collections::HashMap;
 use std::fs::{self, File};
@@ -47,6 +62,10 @@ struct Config {
     big_mb: u64,
     threads: usize,
     read_pct: u64,
+    restore_mb: u64,
+    restore_txns: u64,
+    s3: bool,
+    only: Option<Vec<String>>,
     work: PathBuf,
     results: PathBuf,
     keep: bool,
@@ -79,6 +98,13 @@ impl Config {
             big_mb: env_num("SQLFS_BENCH_BIG_MB", 1024)?,
             threads: env_num("SQLFS_BENCH_THREADS", 4)?,
             read_pct: env_num("SQLFS_BENCH_READS", 80)?,
+            restore_mb: env_num("SQLFS_BENCH_RESTORE_MB", 1024)?,
+            restore_txns: env_num("SQLFS_BENCH_RESTORE_TXNS", 300)?,
+            s3: std::env::var("SQLFS_BENCH_S3").map_or(true, |v| v.trim() != "0"),
+            only: std::env::var("SQLFS_BENCH_ONLY")
+                .ok()
+                .filter(|v| !v.trim().is_empty())
+                .map(|v| v.split(',').map(|w| w.trim().to_lowercase()).collect()),
             work,
             results: target.join("bench-results.md"),
             keep: std::env::var("SQLFS_BENCH_KEEP").is_ok_and(|v| v == "1"),
@@ -86,7 +112,38 @@ impl Config {
         if cfg.secs <= 0.0 || cfg.threads == 0 || cfg.scan_mb == 0 || cfg.read_pct > 100 {
             bail!("invalid benchmark settings");
         }
+        const KNOWN: [&str; 8] = [
+            "autocommit",
+            "scan",
+            "plain",
+            "mixed",
+            "replication",
+            "memory",
+            "restore",
+            "s3",
+        ];
+        for w in cfg.only.iter().flatten() {
+            if !KNOWN.contains(&w.as_str()) {
+                bail!(
+                    "SQLFS_BENCH_ONLY: unknown workload {w:?} (known: {})",
+                    KNOWN.join(", ")
+                );
+            }
+        }
         Ok(cfg)
+    }
+
+    /// True if workload `name` is to run (restore leaves out its S3 half without `s3`).
+    fn runs(&self, name: &str) -> bool {
+        let wanted = self
+            .only
+            .as_ref()
+            .is_none_or(|o| o.iter().any(|w| w == name));
+        match name {
+            "restore" => wanted && self.restore_mb > 0,
+            "s3" => wanted && self.s3,
+            _ => wanted,
+        }
     }
 
     fn small_mb(&self) -> u64 {
@@ -201,20 +258,24 @@ struct Mount {
 }
 
 impl Mount {
+    /// A mount shipping to a file replica beside its data directory (`<backing>.replica`).
     fn start(dir: &Path, backing: &Path, log: &Path) -> Result<Mount> {
+        let replica = format!("file://{}", backing.with_extension("replica").display());
+        Mount::start_with(dir, backing, log, &[replica])
+    }
+
+    /// A mount shipping to `replicas` (URLs).
+    fn start_with(dir: &Path, backing: &Path, log: &Path, replicas: &[String]) -> Result<Mount> {
         fs::create_dir_all(dir)?;
         fs::create_dir_all(backing)?;
         let out = File::create(log)?;
-        let child = Command::new(SQLFS)
-            .arg("mount")
-            .arg(dir)
-            .arg("--data-dir")
-            .arg(backing)
-            .arg("--replica")
-            .arg(format!(
-                "file://{}",
-                backing.with_extension("replica").display()
-            ))
+        let mut cmd = Command::new(SQLFS);
+        cmd.arg("mount").arg(dir).arg("--data-dir").arg(backing);
+        for r in replicas {
+            cmd.arg("--replica").arg(r);
+        }
+        let child = cmd
+            .envs(s3::ENV)
             .stdin(Stdio::null())
             .stdout(out.try_clone()?)
             .stderr(out)
@@ -714,6 +775,364 @@ fn memory(cfg: &Config) -> Result<Vec<MemoryPoint>> {
 }
 
 // ---------------------------------------------------------------------------------------
+// Restore, and replication to the S3-compatible server
+
+/// Bucket on the S3-compatible server.
+const BUCKET: &str = "bench";
+
+/// Runs the sqlfs CLI; its stdout, or an error with its output.
+fn sqlfs_cli(args: &[&std::ffi::OsStr]) -> Result<String> {
+    let o = Command::new(SQLFS)
+        .args(args)
+        .envs(s3::ENV)
+        .stdin(Stdio::null())
+        .output()
+        .context("running sqlfs")?;
+    if !o.status.success() {
+        bail!(
+            "sqlfs {:?} exited with {}:\n{}{}",
+            args,
+            o.status,
+            String::from_utf8_lossy(&o.stdout),
+            String::from_utf8_lossy(&o.stderr)
+        );
+    }
+    Ok(String::from_utf8_lossy(&o.stdout).into_owned())
+}
+
+/// The newest staged TXID of `db` (`sqlfs log`).
+fn last_txid(dir: &Path, db: &str) -> Result<u64> {
+    let out = sqlfs_cli(&[
+        "log".as_ref(),
+        dir.as_os_str(),
+        "--db".as_ref(),
+        db.as_ref(),
+    ])?;
+    out.lines()
+        .filter_map(|l| l.strip_prefix("txid=")?.split(' ').next()?.parse().ok())
+        .max()
+        .with_context(|| format!("no staged transactions of {db}"))
+}
+
+/// The TXID each replica of a running mount holds `db` up to (`sqlfs status`).
+fn replica_positions(mnt: &Path, db: &str) -> Result<Vec<u64>> {
+    let o = Command::new(SQLFS)
+        .arg("status")
+        .arg(mnt)
+        .stdin(Stdio::null())
+        .output()
+        .context("running sqlfs status")?;
+    let text = String::from_utf8_lossy(&o.stdout);
+    let mut lines = text
+        .lines()
+        .skip_while(|l| !l.starts_with(&format!("{db}: ")));
+    lines.next();
+    Ok(lines
+        .take_while(|l| l.starts_with("  "))
+        .filter_map(|l| {
+            let t = l.rsplit_once(": TXID ")?.1;
+            t.split(|c: char| !c.is_ascii_digit()).next()?.parse().ok()
+        })
+        .collect())
+}
+
+/// Waits until each of the `n` replicas of a running mount holds `db` up to `txid`.
+fn wait_shipped(mnt: &Path, db: &str, txid: u64, n: usize, timeout: Duration) -> Result<()> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        let pos = replica_positions(mnt, db)?;
+        if pos.len() == n && pos.iter().all(|&p| p >= txid) {
+            return Ok(());
+        }
+        if Instant::now() > deadline {
+            bail!("after {timeout:?} the replicas hold {db} up to {pos:?}, not TXID {txid}");
+        }
+        thread::sleep(Duration::from_millis(200));
+    }
+}
+
+/// `sqlfs restore` of `db` from `url` at `txid` (latest when `None`) into `out`; returns the
+/// TXID it restored and how long it took.
+fn timed_restore(url: &str, db: &str, out: &Path, txid: Option<u64>) -> Result<(u64, Duration)> {
+    let _ = fs::remove_file(out);
+    let mut args: Vec<std::ffi::OsString> = vec![
+        "restore".into(),
+        "--replica".into(),
+        url.into(),
+        "--db".into(),
+        db.into(),
+        "-o".into(),
+        out.into(),
+    ];
+    if let Some(t) = txid {
+        args.push("--txid".into());
+        args.push(t.to_string().into());
+    }
+    let args: Vec<&std::ffi::OsStr> = args.iter().map(|a| a.as_os_str()).collect();
+    let start = Instant::now();
+    let said = sqlfs_cli(&args)?;
+    let took = start.elapsed();
+    let got = said
+        .split("at TXID ")
+        .nth(1)
+        .and_then(|r| r.split(|c: char| !c.is_ascii_digit()).next()?.parse().ok())
+        .with_context(|| format!("restore does not say which TXID it restored: {said}"))?;
+    Ok((got, took))
+}
+
+struct RestoreTiming {
+    replica: &'static str,
+    what: String,
+    bytes: u64,
+    secs: f64,
+}
+
+struct RestoreRun {
+    db_bytes: u64,
+    txns: u64,
+    /// First and last TXID of the small transactions.
+    window: (u64, u64),
+    mid: u64,
+    load_secs: f64,
+    ship_secs: f64,
+    timings: Vec<RestoreTiming>,
+}
+
+/// A database of `restore_mb` MiB and `restore_txns` small transactions after it, built on a
+/// mount shipping to a file replica (and the S3-compatible server, when there is one); then,
+/// with the mount stopped, `sqlfs restore` of the latest state and of the TXID in the middle
+/// of the small transactions, from each replica.
+fn restore_bench(cfg: &Config, store: Option<&s3::Server>) -> Result<RestoreRun> {
+    const DB: &str = "restore.db";
+    let mnt = cfg.work.join("restore-mnt");
+    let backing = cfg.work.join("restore-backing");
+    let file_replica = cfg.work.join("restore-replica");
+    let file_url = format!("file://{}", file_replica.display());
+    let mut replicas = vec![("file", file_url.clone())];
+    if let Some(s) = store {
+        replicas.push(("S3", s.url(BUCKET, "restore")));
+    }
+    let urls: Vec<String> = replicas.iter().map(|r| r.1.clone()).collect();
+    let mount = Mount::start_with(&mnt, &backing, &cfg.work.join("restore.log"), &urls)?;
+    let target = cfg.restore_mb << 20;
+    step(&format!(
+        "restore: building a {} MiB database, shipped to {}",
+        cfg.restore_mb,
+        replicas
+            .iter()
+            .map(|r| r.0)
+            .collect::<Vec<_>>()
+            .join(" and ")
+    ));
+    let conn = open(&mnt.join(DB), "NORMAL")?;
+    let start = Instant::now();
+    let mut seed = 20;
+    loop {
+        let have = db_bytes(&conn)?;
+        if have >= target {
+            break;
+        }
+        // Rows take a little more room than their data: top up in steps.
+        let left_mb = (target - have).div_ceil(1_000_000).clamp(1, 128);
+        bulk_load(&conn, left_mb, 10, seed)?;
+        seed += 1;
+    }
+    let first = last_txid(&mnt, DB)? + 1;
+    step(&format!(
+        "restore: {} small transactions after it",
+        cfg.restore_txns
+    ));
+    let rows: u64 = conn.query_row("SELECT max(id) FROM t", [], |r| r.get(0))?;
+    let mut rng = Rng::new(7);
+    for i in 0..cfg.restore_txns {
+        if i % 2 == 0 {
+            conn.execute("INSERT INTO t(x) VALUES (?1)", params![rng.bytes(100)])?;
+        } else {
+            conn.execute(
+                "UPDATE t SET x = ?1 WHERE id = ?2",
+                params![rng.bytes(1000), 1 + rng.below(rows)],
+            )?;
+        }
+        thread::sleep(Duration::from_millis(10));
+    }
+    let last = last_txid(&mnt, DB)?;
+    let load_secs = start.elapsed().as_secs_f64();
+    drop(conn);
+    let shipping = Instant::now();
+    wait_shipped(&mnt, DB, last, urls.len(), Duration::from_secs(1800))?;
+    let ship_secs = shipping.elapsed().as_secs_f64();
+    mount.stop()?;
+    let mid = first + (last - first) / 2;
+
+    let out = cfg.work.join("restored.db");
+    let mut timings = Vec::new();
+    let mut db_size = 0;
+    for (replica, url) in &replicas {
+        for (what, txid, want) in [
+            ("latest state".to_string(), None, last),
+            (format!("TXID {mid} (mid-window)"), Some(mid), mid),
+        ] {
+            step(&format!("restore: {what} from the {replica} replica"));
+            let (got, took) = timed_restore(url, DB, &out, txid)?;
+            if got != want {
+                bail!("restore from {url} restored TXID {got}, not {want}");
+            }
+            let bytes = fs::metadata(&out)?.len();
+            db_size = db_size.max(bytes);
+            fs::remove_file(&out)?;
+            timings.push(RestoreTiming {
+                replica,
+                what,
+                bytes,
+                secs: took.as_secs_f64(),
+            });
+        }
+    }
+    // The database and the replicas take a few GB of disk: not kept past this workload.
+    if !cfg.keep {
+        for d in [&backing, &file_replica] {
+            let _ = fs::remove_dir_all(d);
+        }
+    }
+    Ok(RestoreRun {
+        db_bytes: db_size,
+        txns: cfg.restore_txns,
+        window: (first, last),
+        mid,
+        load_secs,
+        ship_secs,
+        timings,
+    })
+}
+
+struct S3Replication {
+    p50_ms: f64,
+    p99_ms: f64,
+    max_ms: f64,
+    per_min_load: f64,
+    per_min_idle: f64,
+    by_method: String,
+    load_secs: f64,
+    idle_secs: f64,
+    objects: usize,
+}
+
+/// Steady commits to a mount shipping to the S3-compatible server through the counting
+/// proxy: how long each transaction takes to be readable there (from its commit time in the
+/// object header to the moment the server completed the PUT of its object), and requests per
+/// minute under load and idle.
+fn s3_replication(cfg: &Config, srv: &s3::Server) -> Result<S3Replication> {
+    let proxy = s3::Proxy::start(srv.port)?;
+    let prefix = "lag";
+    let url = s3::Server::url_via(proxy.port, BUCKET, prefix);
+    let mnt = cfg.work.join("s3-mnt");
+    let mount = Mount::start_with(
+        &mnt,
+        &cfg.work.join("s3-backing"),
+        &cfg.work.join("s3.log"),
+        &[url],
+    )?;
+    let secs = cfg.secs.max(5.0);
+    let idle = secs.min(10.0);
+    let conn = open(&mnt.join("r.db"), "NORMAL")?;
+    conn.execute_batch("CREATE TABLE t(id INTEGER PRIMARY KEY, x TEXT)")?;
+    // Instant ↔ wall clock, to compare object header times with when the PUT completed.
+    let (t0, wall0) = (
+        Instant::now(),
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)?
+            .as_nanos() as u64,
+    );
+    let start = Instant::now();
+    let mut i = 0u64;
+    while start.elapsed().as_secs_f64() < secs {
+        conn.execute(
+            "INSERT INTO t(x) VALUES (?1)",
+            params![format!(
+                "row {i} of the replication benchmark, {}",
+                i * 7919 % 1000
+            )],
+        )?;
+        i += 1;
+        thread::sleep(Duration::from_millis(20));
+    }
+    let load_end = Instant::now();
+    thread::sleep(Duration::from_secs(3));
+    let idle_start = Instant::now();
+    thread::sleep(Duration::from_secs_f64(idle));
+    let idle_end = Instant::now();
+    let reqs = proxy.requests();
+    drop(conn);
+    mount.stop()?;
+    drop(proxy);
+
+    let in_window =
+        |a: Instant, b: Instant| reqs.iter().filter(move |r| r.start >= a && r.start < b);
+    let load_secs = (load_end - start).as_secs_f64();
+    let idle_secs = (idle_end - idle_start).as_secs_f64();
+    let mut by_method: std::collections::BTreeMap<String, usize> = Default::default();
+    for r in in_window(start, load_end) {
+        let kind = if r.method == "GET" && r.target.contains("list-type") {
+            "LIST".to_string()
+        } else {
+            r.method.clone()
+        };
+        *by_method.entry(kind).or_default() += 1;
+    }
+    let mut lags = Vec::new();
+    let mut objects = 0;
+    for r in &reqs {
+        let Some(key) = r.key(BUCKET) else { continue };
+        if r.method != "PUT" || r.status != 200 || !key.ends_with(".seg") {
+            continue;
+        }
+        objects += 1;
+        let b = srv.object(BUCKET, key)?;
+        if b.len() < 128 || &b[..8] != b"SQFSOBJ\0" {
+            bail!("{key} is not a plain segment object");
+        }
+        let u = |i: usize| u64::from_be_bytes(b[i..i + 8].try_into().unwrap());
+        let (first, last, t_first, t_last) = (u(32), u(40), u(48), u(56));
+        let at_ns = wall0 + r.end.duration_since(t0).as_nanos() as u64;
+        let n = last - first + 1;
+        for k in 0..n {
+            // Commit times are spread between the first and the last in the object.
+            let t = if n == 1 {
+                t_last
+            } else {
+                t_first + (t_last - t_first) * k / (n - 1)
+            };
+            lags.push(at_ns.saturating_sub(t) as f64 / 1e6);
+        }
+    }
+    lags.sort_by(|a, b| a.partial_cmp(b).unwrap());
+    let pct = |q: f64| {
+        lags.get(((lags.len() as f64 - 1.0) * q).round() as usize)
+            .copied()
+            .unwrap_or(f64::NAN)
+    };
+    Ok(S3Replication {
+        p50_ms: pct(0.5),
+        p99_ms: pct(0.99),
+        max_ms: lags.last().copied().unwrap_or(f64::NAN),
+        per_min_load: in_window(start, load_end).count() as f64 * 60.0 / load_secs,
+        per_min_idle: in_window(idle_start, idle_end).count() as f64 * 60.0 / idle_secs,
+        by_method: if by_method.is_empty() {
+            "none".into()
+        } else {
+            by_method
+                .iter()
+                .map(|(m, n)| format!("{m} {n}"))
+                .collect::<Vec<_>>()
+                .join(", ")
+        },
+        load_secs,
+        idle_secs,
+        objects,
+    })
+}
+
+// ---------------------------------------------------------------------------------------
 // Report
 
 struct Row {
@@ -735,6 +1154,18 @@ impl Row {
             } else {
                 "–".into()
             },
+        }
+    }
+}
+
+impl Row {
+    /// A row measured on sqlfs only.
+    fn text(name: &str, sqlfs: String) -> Row {
+        Row {
+            name: name.to_string(),
+            native: "–".into(),
+            sqlfs,
+            ratio: "–".into(),
         }
     }
 }
@@ -814,107 +1245,190 @@ fn main() -> Result<()> {
 
     let secs = cfg.secs;
     let mut rows = Vec::new();
-    let mount = Mount::start(&mnt, &cfg.work.join("backing"), &cfg.work.join("sqlfs.log"))?;
+    // The S3-compatible server, when a workload needs it: started first, so that a missing
+    // one is reported before anything else runs.
+    let store = if cfg.runs("s3") || (cfg.runs("restore") && cfg.s3) {
+        step("starting the S3-compatible test server");
+        Some(s3::Server::start(BUCKET)?)
+    } else {
+        None
+    };
+    let side_by_side = ["autocommit", "scan", "plain", "mixed"];
+    let mount = if side_by_side.iter().any(|w| cfg.runs(w)) {
+        Some(Mount::start(
+            &mnt,
+            &cfg.work.join("backing"),
+            &cfg.work.join("sqlfs.log"),
+        )?)
+    } else {
+        None
+    };
 
-    for sync in ["NORMAL", "FULL"] {
+    if cfg.runs("autocommit") {
+        for sync in ["NORMAL", "FULL"] {
+            step(&format!(
+                "autocommit INSERT, synchronous={sync}, {secs} s each"
+            ));
+            let n = autocommit(&native, sync, secs)?;
+            let s = autocommit(&mnt, sync, secs)?;
+            rows.push(Row::pair(
+                format!("autocommit INSERT, synchronous={sync} (tx/s)"),
+                n,
+                s,
+                0,
+            ));
+        }
+    }
+
+    if cfg.runs("scan") {
         step(&format!(
-            "autocommit INSERT, synchronous={sync}, {secs} s each"
+            "bulk load and full scan of a {} MB table",
+            cfg.scan_mb
         ));
-        let n = autocommit(&native, sync, secs)?;
-        let s = autocommit(&mnt, sync, secs)?;
+        let (n_load, n_scan) = load_and_scan(&native, cfg.scan_mb)?;
+        let (s_load, s_scan) = load_and_scan(&mnt, cfg.scan_mb)?;
         rows.push(Row::pair(
-            format!("autocommit INSERT, synchronous={sync} (tx/s)"),
+            format!("bulk load, {} MB in 10 MB transactions (MB/s)", cfg.scan_mb),
+            n_load,
+            s_load,
+            1,
+        ));
+        rows.push(Row::pair(
+            format!("full scan, warm, {} MB table (MB/s)", cfg.scan_mb),
+            n_scan,
+            s_scan,
+            1,
+        ));
+    }
+
+    if cfg.runs("plain") {
+        step("4 KiB pwrite to a plain (non-database) file");
+        let n = plain_writes(&native, secs)?;
+        let s = plain_writes(&mnt, secs)?;
+        rows.push(Row::pair(
+            "4 KiB pwrite to a plain file, one at a time (writes/s)".to_string(),
             n,
             s,
             0,
         ));
     }
 
-    step(&format!(
-        "bulk load and full scan of a {} MB table",
-        cfg.scan_mb
-    ));
-    let (n_load, n_scan) = load_and_scan(&native, cfg.scan_mb)?;
-    let (s_load, s_scan) = load_and_scan(&mnt, cfg.scan_mb)?;
-    rows.push(Row::pair(
-        format!("bulk load, {} MB in 10 MB transactions (MB/s)", cfg.scan_mb),
-        n_load,
-        s_load,
-        1,
-    ));
-    rows.push(Row::pair(
-        format!("full scan, warm, {} MB table (MB/s)", cfg.scan_mb),
-        n_scan,
-        s_scan,
-        1,
-    ));
-
-    step("4 KiB pwrite to a plain (non-database) file");
-    let n = plain_writes(&native, secs)?;
-    let s = plain_writes(&mnt, secs)?;
-    rows.push(Row::pair(
-        "4 KiB pwrite to a plain file, one at a time (writes/s)".to_string(),
-        n,
-        s,
-        0,
-    ));
-
-    let (threads, pct) = (cfg.threads, cfg.read_pct);
-    step(&format!(
-        "mixed {pct}% reads / {}% updates, {threads} connections, {secs} s each",
-        100 - pct
-    ));
-    let n = mixed(&native, threads, pct, secs)?;
-    let s = mixed(&mnt, threads, pct, secs)?;
-    rows.push(Row::pair(
-        format!(
-            "mixed {pct}% point reads / {}% updates, {threads} connections (ops/s)",
+    if cfg.runs("mixed") {
+        let (threads, pct) = (cfg.threads, cfg.read_pct);
+        step(&format!(
+            "mixed {pct}% reads / {}% updates, {threads} connections, {secs} s each",
             100 - pct
-        ),
-        n,
-        s,
-        0,
-    ));
-    mount.stop()?;
-
-    step("replication to a file replica, 50 commits/s");
-    let rep = replication(&cfg)?;
-    rows.push(Row {
-        name: "commit → replica object, p50 / p99 / max (ms), 1 s sync interval".into(),
-        native: "–".into(),
-        sqlfs: format!("{:.0} / {:.0} / {:.0}", rep.p50_ms, rep.p99_ms, rep.max_ms),
-        ratio: "–".into(),
-    });
-    rows.push(Row {
-        name: "replica objects written per minute: under load / idle".into(),
-        native: "–".into(),
-        sqlfs: format!("{:.0} / {:.0}", rep.per_min_load, rep.per_min_idle),
-        ratio: "–".into(),
-    });
-    rows.push(Row {
-        name: "bytes shipped / bytes staged (zstd, 100-byte text rows)".into(),
-        native: "–".into(),
-        sqlfs: format!("{:.2}", rep.shipped_ratio),
-        ratio: "–".into(),
-    });
-
-    step("daemon memory on a fresh mount");
-    let mem = memory(&cfg)?;
-    let mib = |kib: u64| kib as f64 / 1024.0;
-    for p in &mem {
-        let at = if p.db_bytes == 0 {
-            "idle after mount".to_string()
-        } else {
-            format!("{:.0} MB database", p.db_bytes as f64 / MB)
-        };
-        rows.push(Row {
-            name: format!("daemon VmRSS / VmHWM, {at} (MiB)"),
-            native: "–".into(),
-            sqlfs: format!("{:.1} / {:.1}", mib(p.rss), mib(p.hwm)),
-            ratio: "–".into(),
-        });
+        ));
+        let n = mixed(&native, threads, pct, secs)?;
+        let s = mixed(&mnt, threads, pct, secs)?;
+        rows.push(Row::pair(
+            format!(
+                "mixed {pct}% point reads / {}% updates, {threads} connections (ops/s)",
+                100 - pct
+            ),
+            n,
+            s,
+            0,
+        ));
     }
-    let (first, last) = (&mem[1.min(mem.len() - 1)], &mem[mem.len() - 1]);
+    if let Some(m) = mount {
+        m.stop()?;
+    }
+
+    if cfg.runs("replication") {
+        step("replication to a file replica, 50 commits/s");
+        let rep = replication(&cfg)?;
+        rows.push(Row::text(
+            "commit → replica object, p50 / p99 / max (ms), 1 s sync interval",
+            format!("{:.0} / {:.0} / {:.0}", rep.p50_ms, rep.p99_ms, rep.max_ms),
+        ));
+        rows.push(Row::text(
+            "replica objects written per minute: under load / idle",
+            format!("{:.0} / {:.0}", rep.per_min_load, rep.per_min_idle),
+        ));
+        rows.push(Row::text(
+            "bytes shipped / bytes staged (zstd, 100-byte text rows)",
+            format!("{:.2}", rep.shipped_ratio),
+        ));
+    }
+
+    let mib = |kib: u64| kib as f64 / 1024.0;
+    let mut mem_note = String::new();
+    if cfg.runs("memory") {
+        step("daemon memory on a fresh mount");
+        let mem = memory(&cfg)?;
+        for p in &mem {
+            let at = if p.db_bytes == 0 {
+                "idle after mount".to_string()
+            } else {
+                format!("{:.0} MB database", p.db_bytes as f64 / MB)
+            };
+            rows.push(Row::text(
+                &format!("daemon VmRSS / VmHWM, {at} (MiB)"),
+                format!("{:.1} / {:.1}", mib(p.rss), mib(p.hwm)),
+            ));
+        }
+        let (first, last) = (&mem[1.min(mem.len() - 1)], &mem[mem.len() - 1]);
+        mem_note = format!(
+            " Daemon peak memory (VmHWM): {:.1} MiB with a {:.0} MB database, {:.1} MiB at {:.0} MB.",
+            mib(first.hwm),
+            first.db_bytes as f64 / MB,
+            mib(last.hwm),
+            last.db_bytes as f64 / MB,
+        );
+    }
+
+    let mut notes = Vec::new();
+    if cfg.runs("restore") {
+        let r = restore_bench(&cfg, store.as_ref())?;
+        for t in &r.timings {
+            rows.push(Row::text(
+                &format!(
+                    "restore from the {} replica, {}, {} MB database (MB/s, time)",
+                    t.replica,
+                    t.what,
+                    fmt_num(t.bytes as f64 / MB, 0)
+                ),
+                format!("{:.1} ({:.1} s)", t.bytes as f64 / MB / t.secs, t.secs),
+            ));
+        }
+        notes.push(format!(
+            "Restore: a database of {:.0} MB built through a mount in 10 MB transactions, then \
+             {} small transactions (TXIDs {}..={}, mid-window {}). Loading it took \
+             {:.0} s, shipping it to every replica {:.0} s more. The file replica is on the same \
+             disk, read warm from the page cache; the S3-compatible server runs on loopback.",
+            r.db_bytes as f64 / MB,
+            r.txns,
+            r.window.0,
+            r.window.1,
+            r.mid,
+            r.load_secs,
+            r.ship_secs,
+        ));
+    }
+
+    if cfg.runs("s3") {
+        let srv = store.as_ref().expect("the server was started");
+        step("replication to the S3-compatible server through a counting proxy, 50 commits/s");
+        let rep = s3_replication(&cfg, srv)?;
+        rows.push(Row::text(
+            "commit → S3 object readable, p50 / p99 / max (ms), 1 s sync interval",
+            format!("{:.0} / {:.0} / {:.0}", rep.p50_ms, rep.p99_ms, rep.max_ms),
+        ));
+        rows.push(Row::text(
+            "S3 requests per minute: under load / idle",
+            format!("{:.0} / {:.0}", rep.per_min_load, rep.per_min_idle),
+        ));
+        rows.push(Row::text(
+            "S3 requests under load, by method",
+            rep.by_method.clone(),
+        ));
+        notes.push(format!(
+            "S3: requests counted by a proxy in front of the S3-compatible server, {:.0} s of \
+             writes at 50 commits/s, then {:.0} s idle; {} segment objects.",
+            rep.load_secs, rep.idle_secs, rep.objects
+        ));
+    }
 
     let header = format!(
         "sqlfs benchmark, {} UTC: {} cores, Linux {}, SQLite {}, work dir on {fstype}; \
@@ -928,14 +1442,10 @@ fn main() -> Result<()> {
             .trim(),
         rusqlite::version(),
     );
-    let footer = format!(
-        "\nratio = sqlfs / native (higher is better). Daemon peak memory (VmHWM): {:.1} MiB \
-         with a {:.0} MB database, {:.1} MiB at {:.0} MB.\n",
-        mib(first.hwm),
-        first.db_bytes as f64 / MB,
-        mib(last.hwm),
-        last.db_bytes as f64 / MB,
-    );
+    let mut footer = format!("\nratio = sqlfs / native (higher is better).{mem_note}\n");
+    for n in &notes {
+        footer += &format!("\n{n}\n");
+    }
     let report = format!("{header}\n{}{footer}", table(&rows));
     println!("\n{report}");
     if let Some(dir) = cfg.results.parent() {

@@ -164,7 +164,7 @@ impl Opener {
             )
             .map_err(|e| {
                 anyhow::anyhow!(
-                    "cannot decrypt {what}: {e} (is this the key the replica was written for?)"
+                    "cannot decrypt {what}: {e} (is this the identity or passphrase the replica was written for?)"
                 )
             })?;
         let mut out = Vec::with_capacity(n);
@@ -180,7 +180,7 @@ impl Opener {
             .map_err(|e| anyhow::anyhow!("{what} is not a readable encrypted object: {e}"))?;
         let mut r = d
             .decrypt(self.identities.iter().map(|i| i.as_ref() as &dyn age::Identity))
-            .map_err(|e| anyhow::anyhow!("cannot decrypt {what}: {e} (is this the key or passphrase the replica was written for?)"))?;
+            .map_err(|e| anyhow::anyhow!("cannot decrypt {what}: {e} (is this the identity or passphrase the replica was written for?)"))?;
         let mut out = File::create(dst)?;
         io::copy(&mut r, &mut out).map_err(|e| anyhow::anyhow!("cannot decrypt {what}: {e}"))?;
         Ok(())

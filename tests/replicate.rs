@@ -745,42 +745,6 @@ fn copied_data_dir_is_fenced_off_the_shared_replica() {
 // 5. Restore and mount errors
 // ---------------------------------------------------------------------------------------
 
-/// A failed restore: non-zero exit, no panic, no output file and no temporary left.
-fn assert_restore_fails(o: &CmdOut, out: &Path, what: &str) {
-    assert_no_panic(o);
-    assert!(!o.ok(), "{what}: restore succeeded:\n{}", o.describe());
-    assert!(
-        !o.stderr.trim().is_empty(),
-        "{what}: restore failed without a message:\n{}",
-        o.describe()
-    );
-    assert!(
-        !out.exists(),
-        "{what}: a failed restore left {} behind:\n{}",
-        out.display(),
-        o.describe()
-    );
-    let dir = out.parent().unwrap();
-    let stray: Vec<String> = dir_names(dir)
-        .into_iter()
-        .filter(|n| n.starts_with('.'))
-        .collect();
-    assert!(
-        stray.is_empty(),
-        "{what}: a failed restore left temporary files in {}: {stray:?}",
-        dir.display()
-    );
-}
-
-fn assert_says(o: &CmdOut, needle: &str, what: &str) {
-    let all = format!("{}{}", o.stdout, o.stderr);
-    assert!(
-        all.contains(needle),
-        "{what}: the message does not mention {needle:?}:\n{}",
-        o.describe()
-    );
-}
-
 /// `sqlfs mount` that must fail at once; a mount that starts anyway is stopped.
 fn mount_must_fail(mnt: &Path, data: &Path, url: &str) -> CmdOut {
     let dir = tempfile::tempdir().unwrap();
@@ -998,17 +962,6 @@ fn restore_errors_are_clear_and_leave_nothing_behind() {
     );
 }
 
-/// Names of the entries of a directory, sorted.
-fn dir_names(dir: &Path) -> Vec<String> {
-    let mut v: Vec<String> = fs::read_dir(dir)
-        .unwrap()
-        .flatten()
-        .map(|e| e.file_name().to_string_lossy().into_owned())
-        .collect();
-    v.sort();
-    v
-}
-
 // ---------------------------------------------------------------------------------------
 // 6. Folded locally before it could be shipped
 // ---------------------------------------------------------------------------------------
@@ -1173,5 +1126,150 @@ fn shipping_resumes_after_restart_and_kill9() {
         fx.daemon_logs()
     );
     assert_log_no_panic(&logs, "mounts");
+    fx.unmount();
+}
+
+// ---------------------------------------------------------------------------------------
+// 8. --sync: the app's fsync returns once the replica has the transaction
+// ---------------------------------------------------------------------------------------
+
+/// Rows `(count, max id)` of table `s` in a restored database.
+fn sync_rows(path: &Path) -> (i64, i64) {
+    let c = open_db(path);
+    integrity_ok(&c);
+    c.query_row("SELECT count(*), coalesce(max(id), 0) FROM s", [], |r| {
+        Ok((r.get(0)?, r.get(1)?))
+    })
+    .unwrap()
+}
+
+/// One committed row at synchronous=FULL (so the commit fsyncs).
+fn sync_commit(c: &Connection, id: i64, rng: &mut StdRng) {
+    let len = rng.random_range(10..3000);
+    retry_busy(|| {
+        c.execute(
+            "INSERT INTO s(id, v) VALUES (?1, randomblob(?2))",
+            rusqlite::params![id, len],
+        )
+    })
+    .unwrap();
+}
+
+/// Opens `db` in journal mode `mode` at `synchronous` with the table of the `--sync` tests.
+fn sync_open(fx: &Fixture, db: &str, mode: &str, synchronous: &str) -> Connection {
+    let c = open_db(&fx.path(db));
+    set_journal_mode(&c, mode);
+    c.execute_batch(&format!(
+        "PRAGMA synchronous={synchronous}; \
+         CREATE TABLE IF NOT EXISTS s(id INTEGER PRIMARY KEY, v BLOB)"
+    ))
+    .unwrap();
+    c
+}
+
+/// With `--sync` and a sync interval far longer than the test, each commit of an app at
+/// synchronous=FULL returns only once the replica has it: a restore run right after the
+/// commit (no waiting) holds that commit's row, in WAL mode and in a rollback-journal mode
+/// whose commit ends with an fsync of the journal (TRUNCATE, PERSIST; for DELETE see
+/// [`sync_commit_in_delete_journal_mode`]). The control: without `--sync`, with the same
+/// interval, a restore right after a commit does not have it (the replica holds only what
+/// an earlier unmount flushed to it).
+#[test]
+fn sync_commit_is_on_the_replica_when_fsync_returns() {
+    let seed = seed_for("sync_commit_is_on_the_replica_when_fsync_returns");
+    let mut rng = StdRng::seed_from_u64(seed);
+    let (mut fx, dirs) = fixture("sync", &["r"]);
+    let url = file_url(&dirs[0]);
+    fx.opts.sync_interval = Some("60s".into());
+    let out = fx.scratch_path("restored.db");
+    let rb_mode = ["TRUNCATE", "PERSIST"][rng.random_range(0..2)];
+    eprintln!("rollback database in journal_mode={rb_mode}");
+    let dbs = [("sync-wal.db", "WAL"), ("sync-rb.db", rb_mode)];
+    let open = |fx: &Fixture, db: &str, mode: &str| sync_open(fx, db, mode, "FULL");
+
+    // The control, without --sync: row 1 reaches the replica with the unmount's final
+    // shipping pass; row 2, committed on the next mount, is not there right after its commit.
+    fx.mount();
+    for (db, mode) in dbs {
+        sync_commit(&open(&fx, db, mode), 1, &mut rng);
+    }
+    fx.unmount();
+    fx.mount();
+    let mounted = Instant::now();
+    for (db, mode) in dbs {
+        let c = open(&fx, db, mode);
+        sync_commit(&c, 2, &mut rng);
+        let t = restore_ok(&url, db, &out, None);
+        if mounted.elapsed() < Duration::from_secs(45) {
+            assert_eq!(
+                sync_rows(&out),
+                (1, 1),
+                "{db}: without --sync, a restore right after a commit (TXID {t}) already has it \
+                 with a 60 s sync interval: this test could not tell --sync from no --sync"
+            );
+        } else {
+            eprintln!(
+                "{db}: the machine is too slow for the control (over 45 s of a 60 s interval)"
+            );
+        }
+    }
+    fx.unmount();
+
+    // With --sync: every commit is in the replica when it returns.
+    fx.opts.sync = true;
+    fx.mount();
+    for (db, mode) in dbs {
+        let c = open(&fx, db, mode);
+        for id in 3..=12 {
+            sync_commit(&c, id, &mut rng);
+            let t = restore_ok(&url, db, &out, None);
+            assert_eq!(
+                sync_rows(&out),
+                (id, id),
+                "{db}: with --sync, a restore right after the commit of row {id} (restored TXID {t}) \
+                 does not hold it"
+            );
+        }
+        drop(c);
+        let last = last_staged(&fx.mnt, db);
+        assert_eq!(
+            restore_ok(&url, db, &out, None),
+            last,
+            "{db}: the replica is not at the last staged TXID"
+        );
+    }
+    assert!(fx.daemon_running());
+    assert_log_no_panic(&fx.last_daemon_log(), "mount --sync");
+    fx.unmount();
+}
+
+/// In journal_mode=DELETE a commit becomes durable when the journal is unlinked, after the
+/// last fsync of the database file; at synchronous=EXTRA the app then fsyncs the directory.
+/// With `--sync`, that directory fsync should return only once the replica has the commit.
+/// Ignored: the mount does not wait on a directory fsync yet, so a restore right after the
+/// commit misses it (run with `--ignored` to check a fix).
+#[test]
+#[ignore = "--sync does not cover journal_mode=DELETE yet: the directory fsync after the journal's unlink does not wait for the replicas"]
+fn sync_commit_in_delete_journal_mode() {
+    let (mut fx, dirs) = fixture("syncdel", &["r"]);
+    let url = file_url(&dirs[0]);
+    fx.opts.sync_interval = Some("60s".into());
+    fx.opts.sync = true;
+    fx.mount();
+    let db = "sync-del.db";
+    let c = sync_open(&fx, db, "DELETE", "EXTRA");
+    let mut rng = StdRng::seed_from_u64(seed_for("sync_commit_in_delete_journal_mode"));
+    let out = fx.scratch_path("restored.db");
+    for id in 1..=5 {
+        sync_commit(&c, id, &mut rng);
+        let t = restore_ok(&url, db, &out, None);
+        assert_eq!(
+            sync_rows(&out),
+            (id, id),
+            "{db}: with --sync, a restore right after the commit of row {id} (restored TXID {t}) \
+             does not hold it"
+        );
+    }
+    drop(c);
     fx.unmount();
 }

@@ -166,6 +166,10 @@ pub struct MountOpts {
     pub replicas: Option<Vec<String>>,
     /// `--sync-interval` (e.g. "250ms"); `None` leaves the daemon's default.
     pub sync_interval: Option<String>,
+    /// `--age-recipient` for each (encrypted replicas).
+    pub age_recipients: Vec<String>,
+    /// `--sync`: the app's fsync returns once its transactions are on every replica.
+    pub sync: bool,
 }
 
 /// The replica a mount ships to when its options name none: beside its log.
@@ -214,6 +218,12 @@ impl Mount {
         }
         if let Some(i) = &opts.sync_interval {
             cmd.arg("--sync-interval").arg(i);
+        }
+        for r in &opts.age_recipients {
+            cmd.arg("--age-recipient").arg(r);
+        }
+        if opts.sync {
+            cmd.arg("--sync");
         }
         cmd.stdin(Stdio::null())
             .stdout(Stdio::from(logf.try_clone().unwrap()))

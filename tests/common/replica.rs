@@ -191,6 +191,18 @@ fn os(s: impl AsRef<std::ffi::OsStr>) -> OsString {
 
 /// `sqlfs restore --replica URL --db DB -o OUT [--txid N] [--force]`.
 pub fn restore_cmd(url: &str, db: &str, out: &Path, txid: Option<u64>, force: bool) -> CmdOut {
+    restore_with(url, db, out, txid, force, None)
+}
+
+/// `sqlfs restore` with every option; `identity` is passed as `--age-identity`.
+pub fn restore_with(
+    url: &str,
+    db: &str,
+    out: &Path,
+    txid: Option<u64>,
+    force: bool,
+    identity: Option<&Path>,
+) -> CmdOut {
     let mut a = vec![
         os("restore"),
         os("--replica"),
@@ -206,6 +218,10 @@ pub fn restore_cmd(url: &str, db: &str, out: &Path, txid: Option<u64>, force: bo
     }
     if force {
         a.push(os("--force"));
+    }
+    if let Some(k) = identity {
+        a.push(os("--age-identity"));
+        a.push(os(k));
     }
     sqlfs_cli(&a)
 }
@@ -230,8 +246,19 @@ pub fn restored_txid(o: &CmdOut) -> u64 {
 
 /// Restore that must succeed and write OUT; returns the TXID restored.
 pub fn restore_ok(url: &str, db: &str, out: &Path, txid: Option<u64>) -> u64 {
+    restore_ok_with(url, db, out, txid, None)
+}
+
+/// [`restore_ok`] of an encrypted replica, with `--age-identity` when `identity` is set.
+pub fn restore_ok_with(
+    url: &str,
+    db: &str,
+    out: &Path,
+    txid: Option<u64>,
+    identity: Option<&Path>,
+) -> u64 {
     let _ = fs::remove_file(out);
-    let o = restore_cmd(url, db, out, txid, false);
+    let o = restore_with(url, db, out, txid, false, identity);
     assert_no_panic(&o);
     assert!(o.ok(), "sqlfs restore failed:\n{}", o.describe());
     assert!(
@@ -358,4 +385,102 @@ pub fn cp_a(src: &Path, dst: &Path) {
         Duration::from_secs(120),
     );
     assert!(o.ok(), "cp -a failed:\n{}", o.describe());
+}
+
+/// A failed restore: non-zero exit, no panic, no output file and no temporary left.
+pub fn assert_restore_fails(o: &CmdOut, out: &Path, what: &str) {
+    assert_no_panic(o);
+    assert!(!o.ok(), "{what}: restore succeeded:\n{}", o.describe());
+    assert!(
+        !o.stderr.trim().is_empty(),
+        "{what}: restore failed without a message:\n{}",
+        o.describe()
+    );
+    assert!(
+        !out.exists(),
+        "{what}: a failed restore left {} behind:\n{}",
+        out.display(),
+        o.describe()
+    );
+    let dir = out.parent().unwrap();
+    let stray: Vec<String> = dir_names(dir)
+        .into_iter()
+        .filter(|n| n.starts_with('.'))
+        .collect();
+    assert!(
+        stray.is_empty(),
+        "{what}: a failed restore left temporary files in {}: {stray:?}",
+        dir.display()
+    );
+}
+
+/// A command's output (stdout and stderr) must mention `needle`.
+pub fn assert_says(o: &CmdOut, needle: &str, what: &str) {
+    let all = format!("{}{}", o.stdout, o.stderr);
+    assert!(
+        all.contains(needle),
+        "{what}: the message does not mention {needle:?}:\n{}",
+        o.describe()
+    );
+}
+
+/// Names of the entries of a directory, sorted.
+pub fn dir_names(dir: &Path) -> Vec<String> {
+    let mut v: Vec<String> = fs::read_dir(dir)
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .collect();
+    v.sort();
+    v
+}
+
+// ---------------------------------------------------------------------------------------
+// Encrypted replicas
+// ---------------------------------------------------------------------------------------
+
+/// What every encrypted object starts with.
+pub const AGE_HEADER: &[u8] = b"age-encryption.org/v1";
+
+/// `sqlfs keygen -o PATH`: the identity file must be created (owner-only) and the printed
+/// recipient is returned.
+pub fn keygen(path: &Path) -> String {
+    use std::os::unix::fs::PermissionsExt;
+    let o = sqlfs_cli(&[os("keygen"), os("-o"), os(path)]);
+    assert_no_panic(&o);
+    assert!(o.ok(), "sqlfs keygen failed:\n{}", o.describe());
+    let recipient = o
+        .stdout
+        .split_whitespace()
+        .find(|w| w.starts_with("age1"))
+        .unwrap_or_else(|| panic!("sqlfs keygen printed no age1… recipient:\n{}", o.describe()))
+        .to_string();
+    let mode = fs::metadata(path)
+        .unwrap_or_else(|e| panic!("keygen wrote no {}: {e}", path.display()))
+        .permissions()
+        .mode();
+    assert_eq!(
+        mode & 0o077,
+        0,
+        "{}: the identity file is readable by others (mode {mode:o})",
+        path.display()
+    );
+    recipient
+}
+
+/// `bytes` (an object named `what`) must be an encrypted object: the encryption header
+/// first, and nothing of a plain object (its magic) anywhere in it.
+pub fn assert_sealed(bytes: &[u8], what: &str) {
+    assert!(
+        bytes.starts_with(AGE_HEADER),
+        "{what}: not encrypted; it starts with {:?}",
+        String::from_utf8_lossy(&bytes[..bytes.len().min(32)])
+    );
+    for plain in [&OBJ_MAGIC[..7], b"SQLite format 3"] {
+        assert!(
+            !bytes.windows(plain.len()).any(|w| w == plain),
+            "{what}: encrypted, yet {:?} appears in it in plain text",
+            String::from_utf8_lossy(plain)
+        );
+    }
 }

@@ -1,0 +1,291 @@
+//! The benchmark's object store: the S3-compatible test server on loopback (installed by
+//! `make bench` into .venv, as for `make test`; `SQLFS_S3_SERVER` names another binary),
+//! and a counting HTTP proxy in front of it.
+//!
+//! The server has no request counter of its own, so a mount whose requests are to be
+//! counted is pointed at [`Proxy`]: it forwards each request to the server on a connection
+//! of its own (asking both sides to close it afterwards, so that every request is one
+//! connection and needs no parsing of bodies) and records its method, target, status and
+//! when its response was complete.
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{Shutdown, TcpListener, TcpStream};
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::thread;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+
+/// Credentials and region for the loopback server (it checks no signatures).
+pub const ENV: [(&str, &str); 4] = [
+    ("AWS_ACCESS_KEY_ID", "test"),
+    ("AWS_SECRET_ACCESS_KEY", "test-secret"),
+    ("AWS_REGION", "us-east-1"),
+    ("AWS_EC2_METADATA_DISABLED", "true"),
+];
+
+/// The server binary: `SQLFS_S3_SERVER`, or the one `make bench` installs.
+pub fn server_bin() -> Option<PathBuf> {
+    if let Some(p) = std::env::var_os("SQLFS_S3_SERVER") {
+        return Some(PathBuf::from(p));
+    }
+    let p = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join(".venv/bin/moto_server");
+    p.exists().then_some(p)
+}
+
+fn free_port() -> Result<u16> {
+    Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+}
+
+/// One request without a body on a connection of its own; returns the status and body.
+/// The server serves private objects only to requests that carry credentials but does not
+/// verify signatures: a well-formed header with a dummy signature is enough.
+fn request(port: u16, method: &str, path: &str) -> Result<(u16, Vec<u8>)> {
+    let mut s = TcpStream::connect(("127.0.0.1", port))?;
+    s.set_read_timeout(Some(Duration::from_secs(60)))?;
+    write!(
+        s,
+        "{method} {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nAuthorization: AWS4-HMAC-SHA256 \
+         Credential=test/20240101/us-east-1/s3/aws4_request, SignedHeaders=host, Signature={}\r\n\
+         Content-Length: 0\r\nConnection: close\r\n\r\n",
+        "0".repeat(64)
+    )?;
+    let mut raw = Vec::new();
+    s.read_to_end(&mut raw)?;
+    let split = raw
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .context("no end of the response head")?;
+    let head = String::from_utf8_lossy(&raw[..split]).to_ascii_lowercase();
+    if head.contains("transfer-encoding: chunked") {
+        bail!("chunked responses are not expected from the test server");
+    }
+    Ok((status_of(&raw), raw[split + 4..].to_vec()))
+}
+
+/// The final (non-1xx) status code at the start of a response.
+fn status_of(resp: &[u8]) -> u16 {
+    let text = String::from_utf8_lossy(resp);
+    text.split("\r\n")
+        .filter(|l| l.starts_with("HTTP/1."))
+        .filter_map(|l| l.split(' ').nth(1)?.parse::<u16>().ok())
+        .find(|c| *c >= 200)
+        .unwrap_or(0)
+}
+
+pub struct Server {
+    child: Child,
+    pub port: u16,
+}
+
+impl Server {
+    /// Starts the server on a free port and creates `bucket`.
+    pub fn start(bucket: &str) -> Result<Server> {
+        let bin = server_bin().context(
+            "the S3-compatible test server is not installed (.venv/bin/moto_server): run `make bench`, \
+             or set SQLFS_BENCH_S3=0 to leave out the S3 benchmarks",
+        )?;
+        let port = free_port()?;
+        let child = Command::new(&bin)
+            .args(["-H", "127.0.0.1", "-p", &port.to_string()])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .with_context(|| format!("starting {}", bin.display()))?;
+        let mut s = Server { child, port };
+        let deadline = Instant::now() + Duration::from_secs(240);
+        loop {
+            if let Ok((200, _)) = request(port, "PUT", &format!("/{bucket}")) {
+                return Ok(s);
+            }
+            if let Some(st) = s.child.try_wait()? {
+                bail!("the S3-compatible test server exited ({st})");
+            }
+            if Instant::now() > deadline {
+                bail!("the S3-compatible test server did not come up on port {port}");
+            }
+            thread::sleep(Duration::from_millis(200));
+        }
+    }
+
+    /// Replica URL of `bucket/prefix` at `port` (the server's, or a proxy's in front of it).
+    pub fn url_via(port: u16, bucket: &str, prefix: &str) -> String {
+        format!(
+            "s3://{bucket}/{prefix}?endpoint=http://127.0.0.1:{port}&region=us-east-1&force-path-style=true"
+        )
+    }
+
+    pub fn url(&self, bucket: &str, prefix: &str) -> String {
+        Server::url_via(self.port, bucket, prefix)
+    }
+
+    /// The bytes of one object.
+    pub fn object(&self, bucket: &str, key: &str) -> Result<Vec<u8>> {
+        let (status, body) = request(self.port, "GET", &format!("/{bucket}/{key}"))?;
+        if status != 200 {
+            bail!("GET {bucket}/{key}: HTTP {status}");
+        }
+        Ok(body)
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// One request that went through the proxy.
+#[derive(Clone, Debug)]
+pub struct Req {
+    pub method: String,
+    /// Request target: path and query.
+    pub target: String,
+    pub status: u16,
+    /// When the request line arrived and when the response was complete.
+    pub start: Instant,
+    pub end: Instant,
+}
+
+impl Req {
+    /// The object key of a path-style target in `bucket` (no query).
+    pub fn key<'a>(&'a self, bucket: &str) -> Option<&'a str> {
+        let path = self.target.split('?').next()?;
+        path.strip_prefix('/')?
+            .strip_prefix(bucket)?
+            .strip_prefix('/')
+    }
+}
+
+pub struct Proxy {
+    pub port: u16,
+    log: Arc<Mutex<Vec<Req>>>,
+    stop: Arc<AtomicBool>,
+    accept: Option<thread::JoinHandle<()>>,
+}
+
+impl Proxy {
+    /// Listens on a free loopback port and forwards to `upstream` (a loopback port).
+    pub fn start(upstream: u16) -> Result<Proxy> {
+        let listener = TcpListener::bind("127.0.0.1:0")?;
+        let port = listener.local_addr()?.port();
+        listener.set_nonblocking(true)?;
+        let log: Arc<Mutex<Vec<Req>>> = Arc::default();
+        let stop = Arc::new(AtomicBool::new(false));
+        let accept = {
+            let (log, stop) = (log.clone(), stop.clone());
+            thread::spawn(move || {
+                while !stop.load(Ordering::Relaxed) {
+                    match listener.accept() {
+                        Ok((client, _)) => {
+                            let log = log.clone();
+                            thread::spawn(move || {
+                                if let Ok(Some(r)) = forward(client, upstream) {
+                                    log.lock().unwrap().push(r);
+                                }
+                            });
+                        }
+                        Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                            thread::sleep(Duration::from_millis(2));
+                        }
+                        Err(_) => thread::sleep(Duration::from_millis(20)),
+                    }
+                }
+            })
+        };
+        Ok(Proxy {
+            port,
+            log,
+            stop,
+            accept: Some(accept),
+        })
+    }
+
+    /// Every request forwarded so far, in the order their responses completed.
+    pub fn requests(&self) -> Vec<Req> {
+        self.log.lock().unwrap().clone()
+    }
+}
+
+impl Drop for Proxy {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(h) = self.accept.take() {
+            let _ = h.join();
+        }
+    }
+}
+
+/// Forwards one request (the first on `client`) to the server and its response back.
+fn forward(client: TcpStream, upstream: u16) -> Result<Option<Req>> {
+    client.set_nonblocking(false)?;
+    let mut reader = BufReader::new(client.try_clone()?);
+    let mut line = String::new();
+    if reader.read_line(&mut line)? == 0 {
+        return Ok(None);
+    }
+    let start = Instant::now();
+    let mut words = line.split_whitespace();
+    let method = words.next().unwrap_or("").to_string();
+    let target = words.next().unwrap_or("").to_string();
+    let mut head = line.clone();
+    loop {
+        let mut h = String::new();
+        if reader.read_line(&mut h)? == 0 {
+            bail!("the client closed the connection inside a request head");
+        }
+        if h == "\r\n" || h == "\n" {
+            break;
+        }
+        let name = h
+            .split(':')
+            .next()
+            .unwrap_or("")
+            .trim()
+            .to_ascii_lowercase();
+        if name != "connection" && name != "keep-alive" {
+            head += &h;
+        }
+    }
+    head += "Connection: close\r\n\r\n";
+    let mut up = TcpStream::connect(("127.0.0.1", upstream))?;
+    up.write_all(head.as_bytes())?;
+    // The body (if any) and anything after it, client to server, until either side closes.
+    let to_server = {
+        let mut up = up.try_clone()?;
+        thread::spawn(move || {
+            let _ = std::io::copy(&mut reader, &mut up);
+        })
+    };
+    let mut client_w = client;
+    let mut first = Vec::new();
+    let mut buf = vec![0u8; 64 << 10];
+    loop {
+        let n = match up.read(&mut buf) {
+            Ok(0) | Err(_) => break,
+            Ok(n) => n,
+        };
+        if first.len() < 4096 {
+            first.extend_from_slice(&buf[..n.min(4096 - first.len())]);
+        }
+        if client_w.write_all(&buf[..n]).is_err() {
+            break;
+        }
+    }
+    let end = Instant::now();
+    let _ = client_w.shutdown(Shutdown::Both);
+    let _ = up.shutdown(Shutdown::Both);
+    let _ = to_server.join();
+    Ok(Some(Req {
+        method,
+        target,
+        status: status_of(&first),
+        start,
+        end,
+    }))
+}
