@@ -498,9 +498,8 @@ fn s3_encrypted_replica_round_trip() {
         restore_ok_with(&url, db, &out, Some(t), Some(&key));
         let staged = fx.scratch_path(&format!("staged-{t}.db"));
         replay(&fx.cli_dir(), db, t, &staged);
-        assert_eq!(
-            std::fs::read(&out).unwrap(),
-            std::fs::read(&staged).unwrap(),
+        assert!(
+            std::fs::read(&out).unwrap() == as_restored(std::fs::read(&staged).unwrap()),
             "decrypted restore at TXID {t} differs from its replay"
         );
     }
