@@ -586,6 +586,16 @@ impl Filesystem for SqlFs {
                 }
             }
             self.capture.after_unlink(&rel);
+            // --sync: deleting a rollback journal is a commit (journal_mode=DELETE), and no
+            // fsync follows it; the unlink returns once the replicas have the transaction.
+            if let Some(hook) = &self.durable {
+                if classify(&rel).0 == Role::Journal {
+                    if let Err(e) = hook(&rel) {
+                        log::error!("{rel}: failing the app's commit because the replicas do not have it: {e:#}");
+                        return Err(Errno::EIO);
+                    }
+                }
+            }
             Ok(())
         });
         reply_empty(reply, res)

@@ -1249,7 +1249,6 @@ fn sync_commit_is_on_the_replica_when_fsync_returns() {
 /// Ignored: the mount does not wait on a directory fsync yet, so a restore right after the
 /// commit misses it (run with `--ignored` to check a fix).
 #[test]
-#[ignore = "--sync does not cover journal_mode=DELETE yet: the directory fsync after the journal's unlink does not wait for the replicas"]
 fn sync_commit_in_delete_journal_mode() {
     let (mut fx, dirs) = fixture("syncdel", &["r"]);
     let url = file_url(&dirs[0]);
