@@ -515,7 +515,11 @@ impl History {
                 Err(e) => log::warn!(".history: cannot list the replica's restore points: {e:#}"),
             }
         }
-        let mut names: Vec<String> = times.into_iter().map(fmt_time).collect();
+        // Names have milliseconds: round up, so each name resolves to the state it stands for.
+        let mut names: Vec<String> = times
+            .into_iter()
+            .map(|t| fmt_time(t.div_ceil(1_000_000) * 1_000_000))
+            .collect();
         names.dedup();
         names.push("latest".into());
         *l = Some(Listing {
