@@ -154,7 +154,7 @@ struct StagedLog {
 
 /// What a resolution found for one database.
 enum Found {
-    View(DbView),
+    View(Box<DbView>),
     /// The database did not exist at the target (or has no such TXID).
     Absent,
     /// Staging does not reach back to the target: ask the replica.
@@ -169,13 +169,19 @@ pub enum Key {
     Passphrase(String),
 }
 
+/// (id, name) of the replica's databases.
+type DbList = Vec<(String, String)>;
+type PageCache = LruCache<(u64, u32), Arc<Vec<u8>>>;
+/// Record headers of one segment with their offsets.
+type Headers = Vec<(RecordHeader, u64)>;
+
 /// The replica side: its client, key, and cached listings.
 struct ReplicaSide {
     client: Box<dyn ReplicaClient>,
     key: Option<Key>,
     /// Commit time of the last transaction of each object, by key.
     end_times: Mutex<HashMap<String, u64>>,
-    dbs: Mutex<Option<(Instant, Vec<(String, String)>)>>,
+    dbs: Mutex<Option<(Instant, DbList)>>,
     cats: Mutex<HashMap<String, (Instant, DbCatalog)>>,
 }
 
@@ -193,14 +199,15 @@ pub struct History {
     /// Bytes of downloaded objects kept in `cache_dir` (oldest removed first).
     obj_budget: u64,
     page_budget: u64,
-    pages: Mutex<(LruCache<(u64, u32), Arc<Vec<u8>>>, u64)>,
+    /// Pages by (view, pgno), and the bytes they take.
+    pages: Mutex<(PageCache, u64)>,
     views: Mutex<HashMap<String, Arc<TimeView>>>,
     nodes: RwLock<HashMap<u64, VNode>>,
     inos: Mutex<HashMap<(usize, String), u64>>,
     next_ino: AtomicU64,
     next_view: AtomicU64,
     listing: Mutex<Option<Listing>>,
-    headers: Mutex<HashMap<PathBuf, (u64, Vec<(RecordHeader, u64)>)>>,
+    headers: Mutex<HashMap<PathBuf, (u64, Headers)>>,
     fetch_lock: Mutex<()>,
 }
 
@@ -709,8 +716,8 @@ impl History {
     /// One database at `target`: from staging if it holds it, else from the replica.
     fn resolve_one(&self, o: &Origin, target: Target) -> Result<Option<DbView>> {
         if let Some(dir) = &o.stage_dir {
-            match self.from_staging(o, dir, target)? {
-                Found::View(v) => return Ok(Some(v)),
+            match self.staged_view(o, dir, target)? {
+                Found::View(v) => return Ok(Some(*v)),
                 Found::Absent => return Ok(None),
                 Found::NotStaged => {}
             }
@@ -723,7 +730,7 @@ impl History {
             );
             return Ok(None);
         };
-        match self.from_replica(r, o, target) {
+        match self.replica_view(r, o, target) {
             Ok(v) => Ok(v),
             Err(e) => {
                 log::info!(
@@ -832,7 +839,7 @@ impl History {
         )
     }
 
-    fn from_staging(&self, o: &Origin, dir: &Path, target: Target) -> Result<Found> {
+    fn staged_view(&self, o: &Origin, dir: &Path, target: Target) -> Result<Found> {
         let log = self.staged_log(dir)?;
         let base = log.base;
         let last = log.records.last().map_or(base.txid, |(_, h, _)| h.txid);
@@ -913,7 +920,7 @@ impl History {
         if txid == 0 {
             return Ok(Found::Absent);
         }
-        Ok(Found::View(DbView {
+        Ok(Found::View(Box::new(DbView {
             id: self.next_view.fetch_add(1, Ordering::Relaxed),
             origin: o.clone(),
             txid,
@@ -921,7 +928,7 @@ impl History {
             page_size: ps,
             db_pages,
             map: RwLock::new(map),
-        }))
+        })))
     }
 
     /// The local plain copy of object `key`, downloaded (and decrypted, verified) if needed.
@@ -977,7 +984,7 @@ impl History {
         }
     }
 
-    fn from_replica(&self, r: &ReplicaSide, o: &Origin, target: Target) -> Result<Option<DbView>> {
+    fn replica_view(&self, r: &ReplicaSide, o: &Origin, target: Target) -> Result<Option<DbView>> {
         let known = self.replica_dbs(r)?;
         if !known.iter().any(|(id, _)| *id == o.id) {
             bail!("the replica holds no database with id {}", o.id);
@@ -1174,13 +1181,13 @@ impl History {
         let t = Target::Txid(db.txid);
         let mut fresh = None;
         if let Some(dir) = &db.origin.stage_dir {
-            if let Found::View(v) = self.from_staging(&db.origin, dir, t)? {
-                fresh = Some(v);
+            if let Found::View(v) = self.staged_view(&db.origin, dir, t)? {
+                fresh = Some(*v);
             }
         }
         if fresh.is_none() {
             if let Some(r) = &self.replica {
-                fresh = self.from_replica(r, &db.origin, t)?;
+                fresh = self.replica_view(r, &db.origin, t)?;
             }
         }
         let v = fresh.ok_or_else(|| {
