@@ -25,6 +25,8 @@ pub struct Config {
     pub data_dir: Option<PathBuf>,
     pub threads: Option<usize>,
     pub stage_limit: Option<String>,
+    /// Byte budget of the page cache of `.history` views (e.g. 64M).
+    pub history_cache: Option<String>,
     pub sync_interval: Option<String>,
     pub sync: Option<bool>,
     pub restore_if_missing: Option<bool>,
@@ -161,6 +163,9 @@ impl Config {
         levels(&self.compaction, "compaction")?;
         if let Some(s) = &self.stage_limit {
             parse_size(s).map_err(|e| anyhow::anyhow!("stage-limit: {e}"))?;
+        }
+        if let Some(s) = &self.history_cache {
+            parse_size(s).map_err(|e| anyhow::anyhow!("history-cache: {e}"))?;
         }
         if let Some(a) = &self.metrics_addr {
             a.parse::<std::net::SocketAddr>().map_err(|_| {

@@ -4,6 +4,9 @@
 //! Invariants:
 //! - Every path is resolved relative to the backing directory handle, never through the mount.
 //! - `.sqlfs` at the root (sqlfs's own metadata) does not exist as far as the mount shows.
+//! - `.history` at the root is the virtual, read-only directory of history views
+//!   (`history.rs`); a backing file of that name is hidden. Its inodes have the high bit set,
+//!   and every mutating call on or under it fails with EROFS.
 //! - Capture sees each write before it returns to the app (`before_write` → pwrite →
 //!   `after_write`), in the order the app issued them; no write-back caching reorders them.
 //! - No callback panics on an I/O path: errors become errnos, and capture errors are logged by
@@ -31,6 +34,7 @@ use parking_lot::{Mutex, RwLock};
 
 use crate::backing::{join, Backing, META_DIR};
 use crate::capture::{classify, Capture, Role};
+use crate::history::{self, History};
 
 const TTL: Duration = Duration::from_secs(1);
 
@@ -127,6 +131,8 @@ pub struct SqlFs {
     root_ino: u64,
     /// Called after a successful fsync of a database file (`--sync`).
     durable: Option<DurableHook>,
+    /// The `.history` views, if enabled.
+    history: Option<Arc<History>>,
 }
 
 /// Makes the transactions of the database a file belongs to durable elsewhere; see `--sync`.
@@ -164,6 +170,7 @@ impl SqlFs {
             handles: RwLock::new(HashMap::new()),
             next_fh: AtomicU64::new(1),
             durable: None,
+            history: None,
             root_ino: st.st_ino,
         })
     }
@@ -172,6 +179,39 @@ impl SqlFs {
     pub fn with_durability(mut self, hook: DurableHook) -> SqlFs {
         self.durable = Some(hook);
         self
+    }
+
+    /// Serves `.history` at the root.
+    pub fn with_history(mut self, h: Arc<History>) -> SqlFs {
+        self.history = Some(h);
+        self
+    }
+
+    /// Attributes of a virtual `.history` node.
+    fn vattr(&self, e: history::Entry) -> FileAttr {
+        let st = self.backing.stat("").ok();
+        let mtime = UNIX_EPOCH + Duration::from_nanos(e.mtime_ns);
+        FileAttr {
+            ino: INodeNo(e.ino),
+            size: e.size,
+            blocks: e.size.div_ceil(512),
+            atime: mtime,
+            mtime,
+            ctime: mtime,
+            crtime: UNIX_EPOCH,
+            kind: if e.dir {
+                FileType::Directory
+            } else {
+                FileType::RegularFile
+            },
+            perm: if e.dir { 0o555 } else { 0o444 },
+            nlink: if e.dir { 2 } else { 1 },
+            uid: st.map_or(0, |s| s.st_uid),
+            gid: st.map_or(0, |s| s.st_gid),
+            rdev: 0,
+            blksize: 4096,
+            flags: 0,
+        }
     }
 
     fn ino_of(&self, st: &libc::stat) -> u64 {
@@ -205,6 +245,9 @@ impl SqlFs {
     }
 
     fn rel(&self, ino: INodeNo) -> Result<String, Errno> {
+        if History::is_virtual(ino.0) {
+            return Err(Errno::EROFS);
+        }
         self.nodes
             .read()
             .get(&ino.0)
@@ -217,6 +260,9 @@ impl SqlFs {
         let name = name.to_str().ok_or(Errno::EINVAL)?;
         if p.is_empty() && name == META_DIR {
             return Err(Errno::ENOENT);
+        }
+        if p.is_empty() && name == history::NAME {
+            return Err(Errno::EROFS);
         }
         Ok(join(&p, name))
     }
@@ -436,14 +482,30 @@ impl Filesystem for SqlFs {
     }
 
     fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
+        if let Some(h) = &self.history {
+            let root_hist = parent.0 == 1 && name.as_bytes() == history::NAME.as_bytes();
+            if root_hist || History::is_virtual(parent.0) {
+                let r = if root_hist {
+                    Ok(h.root_entry())
+                } else {
+                    let n = name.to_str().ok_or(libc::ENOENT);
+                    n.and_then(|n| h.lookup(parent.0, n))
+                };
+                return match r {
+                    Ok(e) => reply.entry(&TTL, &self.vattr(e), Generation(0)),
+                    Err(e) => reply.error(Errno::from_i32(e)),
+                };
+            }
+        }
         match self.child(parent, name) {
             Ok(rel) => reply_entry(self, rel, reply),
+            Err(Errno::EROFS) => reply.error(Errno::ENOENT),
             Err(e) => reply.error(e),
         }
     }
 
     fn forget(&self, _req: &Request, ino: INodeNo, nlookup: u64) {
-        if ino.0 == 1 {
+        if ino.0 == 1 || History::is_virtual(ino.0) {
             return;
         }
         let mut nodes = self.nodes.write();
@@ -456,6 +518,13 @@ impl Filesystem for SqlFs {
     }
 
     fn getattr(&self, _req: &Request, ino: INodeNo, fh: Option<FileHandle>, reply: ReplyAttr) {
+        if History::is_virtual(ino.0) {
+            return match self.history.as_ref().map(|h| h.getattr(ino.0)) {
+                Some(Ok(e)) => reply.attr(&TTL, &self.vattr(e)),
+                Some(Err(e)) => reply.error(Errno::from_i32(e)),
+                None => reply.error(Errno::ENOENT),
+            };
+        }
         let st = match fh.and_then(|f| self.handle(f).ok()) {
             Some(h) => {
                 // SAFETY: zeroed stat is a valid out-parameter; fd is open.
@@ -510,6 +579,9 @@ impl Filesystem for SqlFs {
     }
 
     fn readlink(&self, _req: &Request, ino: INodeNo, reply: ReplyData) {
+        if History::is_virtual(ino.0) {
+            return reply.error(Errno::EINVAL);
+        }
         let res = self
             .rel(ino)
             .and_then(|rel| std::fs::read_link(self.backing.path(&rel)).map_err(errno));
@@ -683,6 +755,18 @@ impl Filesystem for SqlFs {
     }
 
     fn open(&self, _req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
+        if History::is_virtual(ino.0) {
+            let writes = flags.0 & libc::O_ACCMODE != libc::O_RDONLY
+                || flags.0 & (libc::O_TRUNC | libc::O_APPEND) != 0;
+            let file = self.history.as_ref().is_some_and(|h| h.is_file(ino.0));
+            return if writes {
+                reply.error(Errno::EROFS)
+            } else if !file {
+                reply.error(Errno::EISDIR)
+            } else {
+                reply.opened(FileHandle(0), FopenFlags::FOPEN_KEEP_CACHE)
+            };
+        }
         let res = self.rel(ino).and_then(|rel| {
             let trunc = flags.0 & libc::O_TRUNC != 0;
             if trunc {
@@ -707,7 +791,7 @@ impl Filesystem for SqlFs {
     fn read(
         &self,
         _req: &Request,
-        _ino: INodeNo,
+        ino: INodeNo,
         fh: FileHandle,
         offset: u64,
         size: u32,
@@ -715,6 +799,13 @@ impl Filesystem for SqlFs {
         _lock: Option<LockOwner>,
         reply: ReplyData,
     ) {
+        if History::is_virtual(ino.0) {
+            return match self.history.as_ref().map(|h| h.read(ino.0, offset, size)) {
+                Some(Ok(d)) => reply.data(&d),
+                Some(Err(e)) => reply.error(Errno::from_i32(e)),
+                None => reply.error(Errno::ENOENT),
+            };
+        }
         let h = match self.handle(fh) {
             Ok(h) => h,
             Err(e) => return reply.error(e),
@@ -735,7 +826,7 @@ impl Filesystem for SqlFs {
     fn write(
         &self,
         _req: &Request,
-        _ino: INodeNo,
+        ino: INodeNo,
         fh: FileHandle,
         offset: u64,
         data: &[u8],
@@ -744,6 +835,9 @@ impl Filesystem for SqlFs {
         _lock: Option<LockOwner>,
         reply: ReplyWrite,
     ) {
+        if History::is_virtual(ino.0) {
+            return reply.error(Errno::EROFS);
+        }
         let res = self.handle(fh).and_then(|h| {
             self.write_through(&h, offset, data)?;
             if wf.contains(WriteFlags::FUSE_WRITE_KILL_SUIDGID) {
@@ -760,16 +854,33 @@ impl Filesystem for SqlFs {
     fn copy_file_range(
         &self,
         _req: &Request,
-        _ino_in: INodeNo,
+        ino_in: INodeNo,
         fh_in: FileHandle,
         offset_in: u64,
-        _ino_out: INodeNo,
+        ino_out: INodeNo,
         fh_out: FileHandle,
         offset_out: u64,
         len: u64,
         _flags: fuser::CopyFileRangeFlags,
         reply: ReplyWrite,
     ) {
+        if History::is_virtual(ino_out.0) {
+            return reply.error(Errno::EROFS);
+        }
+        if History::is_virtual(ino_in.0) {
+            let res = self.handle(fh_out).and_then(|hout| {
+                let h = self.history.as_ref().ok_or(Errno::ENOENT)?;
+                let data = h
+                    .read(ino_in.0, offset_in, len.min(1 << 20) as u32)
+                    .map_err(Errno::from_i32)?;
+                self.write_through(&hout, offset_out, &data)?;
+                Ok(data.len())
+            });
+            return match res {
+                Ok(n) => reply.written(n as u32),
+                Err(e) => reply.error(e),
+            };
+        }
         // A read and a write through the capture path; a short copy is allowed.
         let res = self.handle(fh_in).and_then(|hin| {
             let hout = self.handle(fh_out)?;
@@ -816,11 +927,14 @@ impl Filesystem for SqlFs {
     fn fsync(
         &self,
         _req: &Request,
-        _ino: INodeNo,
+        ino: INodeNo,
         fh: FileHandle,
         datasync: bool,
         reply: ReplyEmpty,
     ) {
+        if History::is_virtual(ino.0) {
+            return reply.ok();
+        }
         let h = match self.handle(fh) {
             Ok(h) => h,
             Err(e) => return reply.error(e),
@@ -848,6 +962,14 @@ impl Filesystem for SqlFs {
     }
 
     fn opendir(&self, _req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
+        if History::is_virtual(ino.0) {
+            return match self.history.as_ref().map(|h| h.getattr(ino.0)) {
+                Some(Ok(e)) if e.dir => reply.opened(FileHandle(0), FopenFlags::empty()),
+                Some(Ok(_)) => reply.error(Errno::ENOTDIR),
+                Some(Err(e)) => reply.error(Errno::from_i32(e)),
+                None => reply.error(Errno::ENOENT),
+            };
+        }
         match self.rel(ino).and_then(|rel| {
             self.backing
                 .open_at(&rel, libc::O_RDONLY | libc::O_DIRECTORY, 0)
@@ -862,11 +984,33 @@ impl Filesystem for SqlFs {
     fn readdir(
         &self,
         _req: &Request,
-        _ino: INodeNo,
+        ino: INodeNo,
         fh: FileHandle,
         offset: u64,
         mut reply: ReplyDirectory,
     ) {
+        if History::is_virtual(ino.0) {
+            let list = match self.history.as_ref().map(|h| h.readdir(ino.0)) {
+                Some(Ok(l)) => l,
+                Some(Err(e)) => return reply.error(Errno::from_i32(e)),
+                None => return reply.error(Errno::ENOENT),
+            };
+            let dots = [(ino.0, true, ".".to_string()), (1, true, "..".to_string())];
+            for (i, (n, dir, name)) in dots.into_iter().chain(list).enumerate() {
+                if (i as u64) < offset {
+                    continue;
+                }
+                let kind = if dir {
+                    FileType::Directory
+                } else {
+                    FileType::RegularFile
+                };
+                if reply.add(INodeNo(n), i as u64 + 1, kind, OsStr::new(&name)) {
+                    break;
+                }
+            }
+            return reply.ok();
+        }
         let h = match self.handle(fh) {
             Ok(h) => h,
             Err(e) => return reply.error(e),
@@ -888,6 +1032,7 @@ impl Filesystem for SqlFs {
         // SAFETY: dir is a valid stream.
         unsafe { libc::rewinddir(dir) };
         let mut i = 0u64;
+        let mut full = false;
         loop {
             // SAFETY: dir is valid; readdir returns null at end.
             let ent = unsafe { libc::readdir(dir) };
@@ -897,7 +1042,7 @@ impl Filesystem for SqlFs {
             // SAFETY: d_name is a NUL-terminated array inside a valid dirent.
             let name = unsafe { std::ffi::CStr::from_ptr((*ent).d_name.as_ptr()) };
             let nb = name.to_bytes();
-            if at_root && nb == META_DIR.as_bytes() {
+            if at_root && (nb == META_DIR.as_bytes() || nb == history::NAME.as_bytes()) {
                 continue;
             }
             i += 1;
@@ -917,7 +1062,19 @@ impl Filesystem for SqlFs {
             };
             let ino = if ino == self.root_ino { 1 } else { ino };
             if reply.add(INodeNo(ino), i, kind, OsStr::from_bytes(nb)) {
+                full = true;
                 break;
+            }
+        }
+        if at_root && !full && self.history.is_some() {
+            i += 1;
+            if i > offset {
+                let _ = reply.add(
+                    INodeNo(history::ROOT_INO),
+                    i,
+                    FileType::Directory,
+                    OsStr::new(history::NAME),
+                );
             }
         }
         // SAFETY: closes the stream and its dup'd fd.
@@ -940,11 +1097,14 @@ impl Filesystem for SqlFs {
     fn fsyncdir(
         &self,
         _req: &Request,
-        _ino: INodeNo,
+        ino: INodeNo,
         fh: FileHandle,
         _datasync: bool,
         reply: ReplyEmpty,
     ) {
+        if History::is_virtual(ino.0) {
+            return reply.ok();
+        }
         match self
             .handle(fh)
             .and_then(|h| h.file.sync_all().map_err(errno))
@@ -1000,6 +1160,9 @@ impl Filesystem for SqlFs {
     }
 
     fn getxattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, size: u32, reply: ReplyXattr) {
+        if History::is_virtual(ino.0) {
+            return reply.error(Errno::ENODATA);
+        }
         let (p, n) = match self
             .xattr_path(ino)
             .and_then(|p| Ok((p, cstr(name.as_bytes())?)))
@@ -1021,6 +1184,13 @@ impl Filesystem for SqlFs {
     }
 
     fn listxattr(&self, _req: &Request, ino: INodeNo, size: u32, reply: ReplyXattr) {
+        if History::is_virtual(ino.0) {
+            return if size == 0 {
+                reply.size(0)
+            } else {
+                reply.data(&[])
+            };
+        }
         let p = match self.xattr_path(ino) {
             Ok(p) => p,
             Err(e) => return reply.error(e),
@@ -1042,6 +1212,13 @@ impl Filesystem for SqlFs {
     }
 
     fn access(&self, _req: &Request, ino: INodeNo, mask: AccessFlags, reply: ReplyEmpty) {
+        if History::is_virtual(ino.0) {
+            return if mask.bits() & libc::W_OK != 0 {
+                reply.error(Errno::EROFS)
+            } else {
+                reply.ok()
+            };
+        }
         let res = self.rel(ino).and_then(|rel| {
             let c = Backing::cpath(&rel).map_err(errno)?;
             // SAFETY: valid dirfd and C string.
@@ -1113,13 +1290,16 @@ impl Filesystem for SqlFs {
     fn fallocate(
         &self,
         _req: &Request,
-        _ino: INodeNo,
+        ino: INodeNo,
         fh: FileHandle,
         offset: u64,
         length: u64,
         mode: i32,
         reply: ReplyEmpty,
     ) {
+        if History::is_virtual(ino.0) {
+            return reply.error(Errno::EROFS);
+        }
         let res = self.handle(fh).and_then(|h| {
             // SAFETY: open fd.
             check(unsafe {
@@ -1133,12 +1313,15 @@ impl Filesystem for SqlFs {
     fn lseek(
         &self,
         _req: &Request,
-        _ino: INodeNo,
+        ino: INodeNo,
         fh: FileHandle,
         offset: i64,
         whence: i32,
         reply: fuser::ReplyLseek,
     ) {
+        if History::is_virtual(ino.0) {
+            return reply.error(Errno::ENOSYS);
+        }
         match self.handle(fh) {
             // SAFETY: open fd.
             Ok(h) => {

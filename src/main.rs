@@ -11,6 +11,7 @@ mod config;
 mod control;
 mod crypt;
 mod fs;
+mod history;
 mod inspect;
 mod list;
 mod metrics;
@@ -67,6 +68,10 @@ enum Cmd {
         /// bytes (suffixes k, M, G) [default: 64M].
         #[arg(long, value_parser = config::parse_size)]
         stage_limit: Option<u64>,
+        /// Byte budget of the page cache serving `.history` views (suffixes k, M, G)
+        /// [default: 64M].
+        #[arg(long, value_parser = config::parse_size)]
+        history_cache: Option<u64>,
         /// Ship every database to this replica (repeatable): file:///path or
         /// s3://bucket/prefix?endpoint=URL&region=R&force-path-style=true. Default: a
         /// directory under the user's data directory (~/.local/share/sqlfs/replica).
@@ -315,6 +320,7 @@ fn run() -> Result<i32> {
             data_dir,
             threads,
             stage_limit,
+            history_cache,
             replicas,
             sync_interval,
             snapshot_interval,
@@ -335,6 +341,7 @@ fn run() -> Result<i32> {
                 data_dir,
                 threads,
                 stage_limit,
+                history_cache,
                 replicas,
                 sync_interval,
                 snapshot_interval,

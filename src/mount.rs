@@ -28,6 +28,7 @@ pub struct CliMount {
     pub data_dir: Option<PathBuf>,
     pub threads: Option<usize>,
     pub stage_limit: Option<u64>,
+    pub history_cache: Option<u64>,
     pub replicas: Vec<String>,
     pub sync_interval: Option<Duration>,
     pub snapshot_interval: Option<Duration>,
@@ -52,6 +53,8 @@ pub struct MountOpts {
     pub data_dir: Option<PathBuf>,
     pub threads: usize,
     pub stage_limit: u64,
+    /// Byte budget of the `.history` page cache.
+    pub history_cache: u64,
     /// Empty: the embedded default replica.
     pub replicas: Vec<ReplicaSpec>,
     pub sync_interval: Duration,
@@ -153,6 +156,14 @@ impl MountOpts {
                 Some(n) => n,
                 None => conf
                     .stage_limit
+                    .as_deref()
+                    .and_then(|s| parse_size(s).ok())
+                    .unwrap_or(64 << 20),
+            },
+            history_cache: match cli.history_cache {
+                Some(n) => n,
+                None => conf
+                    .history_cache
                     .as_deref()
                     .and_then(|s| parse_size(s).ok())
                     .unwrap_or(64 << 20),
@@ -389,6 +400,23 @@ pub fn run(o: MountOpts) -> Result<()> {
         .collect();
     let mut fs =
         SqlFs::new(backing.clone(), capture.clone()).context("cannot read the data directory")?;
+    {
+        // History views read the first replica; decrypting it needs the identity or passphrase.
+        let key = match (&o.age_identity, &o.passphrase) {
+            (Some(f), _) => Some(crate::history::Key::IdentityFile(f.clone())),
+            (None, Some(p)) => Some(crate::history::Key::Passphrase(p.clone())),
+            _ => None,
+        };
+        let h = crate::history::History::new(
+            &backing.path(META_DIR),
+            capture.clone(),
+            Some(&specs[0].url),
+            key,
+            o.history_cache,
+        )
+        .context("cannot set up .history")?;
+        fs = fs.with_history(Arc::new(h));
+    }
     if o.sync {
         let (cap, sh) = (capture.clone(), shippers.clone());
         fs = fs.with_durability(Box::new(move |rel: &str| {

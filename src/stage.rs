@@ -416,45 +416,12 @@ impl DbStage {
 
     /// Current base description (TXID 0, empty, if none was written yet).
     pub fn base_meta(&self) -> Result<BaseMeta> {
-        let p = self.dir.join("base.meta");
-        match fs::read_to_string(&p) {
-            Ok(s) => BaseMeta::decode(&s).ok_or(StageError::Corrupt {
-                path: p,
-                offset: 0,
-                why: "unreadable base.meta".into(),
-            }),
-            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(BaseMeta::default()),
-            Err(e) => Err(StageError::Io { path: p, err: e }),
-        }
+        read_base_meta(&self.dir)
     }
 
     /// Sorted (first txid, path) of all segments.
     fn segments(&self) -> Result<Vec<(u64, PathBuf)>> {
-        let logdir = self.dir.join("log");
-        let mut v = Vec::new();
-        let rd = match fs::read_dir(&logdir) {
-            Ok(rd) => rd,
-            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(Vec::new()),
-            Err(e) => {
-                return Err(StageError::Io {
-                    path: logdir,
-                    err: e,
-                })
-            }
-        };
-        for e in rd {
-            let e = e.map_err(io_err(&logdir))?;
-            let name = e.file_name();
-            let name = name.to_string_lossy();
-            if let Some(n) = name
-                .strip_suffix(".seg")
-                .and_then(|n| n.parse::<u64>().ok())
-            {
-                v.push((n, e.path()));
-            }
-        }
-        v.sort();
-        Ok(v)
+        segment_files(&self.dir)
     }
 
     /// Appends one record. `fill` must emit exactly `h.npages` (pgno, page) pairs, each
@@ -724,6 +691,74 @@ impl DbStage {
             })
             .unwrap_or(0)
     }
+}
+
+/// The base description in staging directory `dir` (TXID 0, empty, if none was written yet).
+pub fn read_base_meta(dir: &Path) -> Result<BaseMeta> {
+    let p = dir.join("base.meta");
+    match fs::read_to_string(&p) {
+        Ok(s) => BaseMeta::decode(&s).ok_or(StageError::Corrupt {
+            path: p,
+            offset: 0,
+            why: "unreadable base.meta".into(),
+        }),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(BaseMeta::default()),
+        Err(e) => Err(StageError::Io { path: p, err: e }),
+    }
+}
+
+/// Sorted (first txid, path) of the log segments in staging directory `dir`.
+pub fn segment_files(dir: &Path) -> Result<Vec<(u64, PathBuf)>> {
+    let logdir = dir.join("log");
+    let mut v = Vec::new();
+    let rd = match fs::read_dir(&logdir) {
+        Ok(rd) => rd,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(Vec::new()),
+        Err(e) => {
+            return Err(StageError::Io {
+                path: logdir,
+                err: e,
+            })
+        }
+    };
+    for e in rd {
+        let e = e.map_err(io_err(&logdir))?;
+        let name = e.file_name();
+        let name = name.to_string_lossy();
+        if let Some(n) = name
+            .strip_suffix(".seg")
+            .and_then(|n| n.parse::<u64>().ok())
+        {
+            v.push((n, e.path()));
+        }
+    }
+    v.sort();
+    Ok(v)
+}
+
+/// Headers of the complete records of segment `path` from byte `from` on, with the offset of
+/// each, read without the pages (records are not verified: a reader of a record's pages trusts
+/// staging). Stops at the end of the file, at an incomplete record or at an invalid header.
+pub fn scan_headers(path: &Path, from: u64) -> Result<Vec<(RecordHeader, u64)>> {
+    let f = File::open(path).map_err(io_err(path))?;
+    let len = f.metadata().map_err(io_err(path))?.len();
+    let mut out = Vec::new();
+    let mut off = from;
+    let mut hb = [0u8; RECORD_HEADER];
+    while off + RECORD_HEADER as u64 <= len {
+        if f.read_exact_at(&mut hb, off).is_err() {
+            break;
+        }
+        let Ok(h) = RecordHeader::decode(&hb) else {
+            break;
+        };
+        if off + h.len() > len {
+            break;
+        }
+        out.push((h, off));
+        off += h.len();
+    }
+    Ok(out)
 }
 
 /// Writes one record (header, the pages `fill` emits, CRC trailer) to `w`, buffering up to

@@ -199,8 +199,10 @@ fn pwrite_all(fd: libc::c_int, data: &[u8], off: i64) -> String {
 fn listing(dir: &Path) -> String {
     match fs::read_dir(dir) {
         Ok(rd) => {
+            // `.history` (the virtual history views at a mount's root) has no native twin.
             let mut v: Vec<String> = rd
                 .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+                .filter(|n| n != ".history")
                 .collect();
             v.sort();
             v.join(",")

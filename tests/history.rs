@@ -1,0 +1,544 @@
+//! History views: `.history/<time>/`, `.history/txid-N/` and `.history/latest/` inside the
+//! mount. The reference for every view is `sqlfs restore` of the same target from the replica
+//! (with page 1's bytes 18-19 set to 1: views present rollback journal mode).
+mod common;
+
+use std::ffi::OsString;
+use std::fs;
+use std::io::ErrorKind;
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::thread;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use common::replica::*;
+use common::*;
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+use rusqlite::{Connection, OpenFlags};
+
+const SYNC: &str = "250ms";
+const COVER_TIMEOUT: Duration = Duration::from_secs(30);
+
+fn now_ns() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap()
+        .as_nanos() as u64
+}
+
+/// RFC 3339 UTC with nanoseconds.
+fn rfc3339(ns: u64) -> String {
+    let secs = (ns / 1_000_000_000) as i64;
+    let days = secs.div_euclid(86_400);
+    let rem = secs.rem_euclid(86_400);
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let y = yoe + era * 400;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    let y = if m <= 2 { y + 1 } else { y };
+    format!(
+        "{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}.{:09}Z",
+        rem / 3600,
+        rem % 3600 / 60,
+        rem % 60,
+        ns % 1_000_000_000
+    )
+}
+
+fn fixture(name: &str) -> (Fixture, PathBuf) {
+    let mut fx = Fixture::new(name, false);
+    let dir = fx.scratch_path("replica");
+    fx.opts.replicas = Some(vec![file_url(&dir)]);
+    fx.opts.sync_interval = Some(SYNC.into());
+    (fx, dir)
+}
+
+fn open_rw(path: &Path, journal: &str) -> Connection {
+    let c = Connection::open(path).unwrap();
+    c.busy_timeout(Duration::from_secs(10)).unwrap();
+    let _: String = c
+        .query_row(&format!("PRAGMA journal_mode={journal}"), [], |r| r.get(0))
+        .unwrap();
+    c.execute_batch("CREATE TABLE IF NOT EXISTS t(id INTEGER PRIMARY KEY, v TEXT, b BLOB)")
+        .unwrap();
+    c
+}
+
+/// One random transaction: inserts, updates or deletes, blobs of up to `blob` bytes.
+fn random_txn(c: &Connection, rng: &mut StdRng, blob: usize) {
+    let tx = c.unchecked_transaction().unwrap();
+    for _ in 0..rng.random_range(1..6) {
+        match rng.random_range(0..10) {
+            0..=5 => {
+                let n = rng.random_range(1..=blob);
+                tx.execute(
+                    "INSERT INTO t(v, b) VALUES (?1, randomblob(?2))",
+                    rusqlite::params![format!("v{}", rng.random::<u32>()), n as i64],
+                )
+                .unwrap();
+            }
+            6..=8 => {
+                tx.execute(
+                    "UPDATE t SET v = ?1 WHERE id IN (SELECT id FROM t ORDER BY random() LIMIT 3)",
+                    [format!("u{}", rng.random::<u32>())],
+                )
+                .unwrap();
+            }
+            _ => {
+                tx.execute(
+                    "DELETE FROM t WHERE id IN (SELECT id FROM t ORDER BY random() LIMIT 2)",
+                    [],
+                )
+                .unwrap();
+            }
+        }
+    }
+    tx.commit().unwrap();
+}
+
+fn os(s: impl AsRef<std::ffi::OsStr>) -> OsString {
+    s.as_ref().to_os_string()
+}
+
+/// `sqlfs restore` of `db` at `ts` (RFC 3339) into `out`.
+fn restore_at(url: &str, db: &str, out: &Path, ts: &str) -> CmdOut {
+    let _ = fs::remove_file(out);
+    sqlfs_cli(&[
+        os("restore"),
+        os("--replica"),
+        os(url),
+        os("--db"),
+        os(db),
+        os("-o"),
+        os(out),
+        os("--timestamp"),
+        os(ts),
+    ])
+}
+
+/// Bytes of a restore output as a view presents them: page 1 in rollback journal mode.
+fn as_view(mut b: Vec<u8>) -> Vec<u8> {
+    if b.len() >= 100 && b.starts_with(b"SQLite format 3\0") {
+        for i in [18, 19] {
+            if b[i] == 2 {
+                b[i] = 1;
+            }
+        }
+    }
+    b
+}
+
+fn assert_view_eq(view: &Path, restored: &Path, what: &str) {
+    let v = fs::read(view).unwrap_or_else(|e| panic!("{what}: read {}: {e}", view.display()));
+    let r = as_view(fs::read(restored).unwrap());
+    if v != r {
+        let first = v.iter().zip(&r).position(|(x, y)| x != y);
+        panic!(
+            "{what}: view {} ({} bytes) differs from restore ({} bytes); first differing byte {first:?}",
+            view.display(),
+            v.len(),
+            r.len()
+        );
+    }
+    let st = fs::metadata(view).unwrap();
+    assert_eq!(st.len(), r.len() as u64, "{what}: stat size");
+}
+
+fn count_rows_rusqlite(path: &Path) -> i64 {
+    let c = Connection::open_with_flags(path, OpenFlags::SQLITE_OPEN_READ_ONLY).unwrap();
+    c.query_row("SELECT count(*) FROM t", [], |r| r.get(0))
+        .unwrap()
+}
+
+fn count_rows_cli(path: &Path) -> i64 {
+    let o = std::process::Command::new("sqlite3")
+        .arg(path)
+        .arg("SELECT count(*) FROM t; PRAGMA integrity_check;")
+        .output()
+        .expect("sqlite3 CLI");
+    let out = String::from_utf8_lossy(&o.stdout).into_owned();
+    assert!(
+        o.status.success(),
+        "sqlite3 {} failed: {}{}",
+        path.display(),
+        out,
+        String::from_utf8_lossy(&o.stderr)
+    );
+    let mut lines = out.lines();
+    let n = lines.next().unwrap().trim().parse().unwrap();
+    assert_eq!(
+        lines.next(),
+        Some("ok"),
+        "integrity_check of {}",
+        path.display()
+    );
+    n
+}
+
+fn wait_covered(fx: &Fixture, replica: &Path, db: &str) -> u64 {
+    let last = last_staged(&fx.mnt, db);
+    wait_replica_covers(replica, db, last, COVER_TIMEOUT)
+        .unwrap_or_else(|e| panic!("{db}: replica did not catch up: {e:?}"));
+    last
+}
+
+/// Views at random TXIDs and instants, of a WAL database and a rollback-journal database in a
+/// subdirectory, equal what restore writes; part of the history is only in the replica (the
+/// staging log was folded), part only staged. The sqlite3 CLI and rusqlite query views.
+#[test]
+fn views_equal_restore_at_random_targets() {
+    let seed = seed_for("views_equal_restore_at_random_targets");
+    let mut rng = StdRng::seed_from_u64(seed);
+    let (mut fx, replica) = fixture("hist-eq");
+    let url = file_url(&replica);
+    // Small: sealed 8 MiB segments get folded, so old states come from the replica.
+    fx.opts.stage_limit = Some(1 << 20);
+    fx.mount();
+    fs::create_dir_all(fx.path("sub")).unwrap();
+    let a = open_rw(&fx.path("app.db"), "wal");
+    let b = open_rw(&fx.path("sub/r.db"), "delete");
+    let start = now_ns();
+    let mut instants = vec![];
+    for i in 0..160 {
+        random_txn(&a, &mut rng, if i < 100 { 200_000 } else { 3000 });
+        if i % 3 == 0 {
+            random_txn(&b, &mut rng, 2000);
+        }
+        if i % 40 == 0 {
+            let _ = a.execute_batch("PRAGMA wal_checkpoint(TRUNCATE)");
+        }
+        instants.push(now_ns());
+        sleep_ms(5);
+    }
+    let end = now_ns();
+    let last_a = wait_covered(&fx, &replica, "app.db");
+    let last_b = wait_covered(&fx, &replica, "sub/r.db");
+    sleep_ms(1500);
+
+    // The listing: restore points and `latest`, all readable.
+    let names: Vec<String> = fs::read_dir(fx.path(".history"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    assert!(names.contains(&"latest".to_string()), "{names:?}");
+    assert!(names.len() > 2, "{names:?}");
+    for n in names.iter().filter(|n| *n != "latest").take(5) {
+        assert!(n.ends_with('Z') && n.len() == 24, "{n}");
+        let dir = fx.path(&format!(".history/{n}"));
+        assert!(dir.is_dir(), "{n} listed but not a directory");
+    }
+    // `.history` is not a database and is not replicated.
+    assert!(fs::metadata(fx.path(".history")).unwrap().is_dir());
+    let root: Vec<String> = fs::read_dir(&fx.mnt)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    assert!(root.contains(&".history".to_string()), "{root:?}");
+
+    // Latest equals the live file (after a checkpoint) and the latest restore.
+    a.execute_batch("PRAGMA wal_checkpoint(TRUNCATE)").unwrap();
+    let out = fx.scratch_path("latest.db");
+    restore_ok(&url, "app.db", &out, None);
+    assert_view_eq(&fx.path(".history/latest/app.db"), &out, "latest app.db");
+    assert_eq!(
+        count_rows_cli(&fx.path(".history/latest/app.db")),
+        a.query_row("SELECT count(*) FROM t", [], |r| r.get::<_, i64>(0))
+            .unwrap()
+    );
+
+    // Random TXIDs of both databases.
+    // Staging was folded: states before its base come from the replica only.
+    let base_a = staged_log(&fx.mnt, "app.db").base.map_or(0, |b| b.0);
+    assert!(
+        base_a > 1,
+        "app.db staging was not folded; the replica path is untested"
+    );
+    let mut checked = 0;
+    let mut from_replica = 0;
+    for (db, last) in [("app.db", last_a), ("sub/r.db", last_b)] {
+        let mut picks: Vec<u64> = (0..6).map(|_| rng.random_range(1..=last)).collect();
+        if db == "app.db" {
+            picks.extend([base_a - 1, base_a, base_a + 1, last_a]);
+        }
+        for t in picks {
+            let out = fx.scratch_path(&format!("txid-{t}.db"));
+            let _ = fs::remove_file(&out);
+            let o = restore_cmd(&url, db, &out, Some(t), false);
+            let view = fx.path(&format!(".history/txid-{t}/{db}"));
+            if !o.ok() {
+                // Not restorable from the replica (before its first snapshot); local staging
+                // may still serve the view, which restore cannot check.
+                continue;
+            }
+            assert_view_eq(&view, &out, &format!("{db} txid-{t}"));
+            assert_eq!(count_rows_rusqlite(&view), count_rows_rusqlite(&out));
+            checked += 1;
+            if db == "app.db" && t < base_a {
+                from_replica += 1;
+            }
+        }
+    }
+    // Random instants in the window (and its ends).
+    let mut ts = vec![instants[0], end];
+    for _ in 0..8 {
+        ts.push(rng.random_range(start..end));
+    }
+    for t in ts {
+        let name = rfc3339(t);
+        for db in ["app.db", "sub/r.db"] {
+            let out = fx.scratch_path("at.db");
+            let o = restore_at(&url, db, &out, &name);
+            let view = fx.path(&format!(".history/{name}/{db}"));
+            if !o.ok() {
+                // Not restorable from the replica at that instant; staging may still serve it.
+                let _ = &view;
+                continue;
+            }
+            assert_view_eq(&view, &out, &format!("{db} at {name}"));
+            assert_eq!(
+                count_rows_cli(&view),
+                count_rows_rusqlite(&out),
+                "{db} at {name}"
+            );
+            // mtime is the commit time of the state: at or before the instant.
+            let m = fs::metadata(&view).unwrap();
+            let mt = m.mtime() as u64 * 1_000_000_000 + m.mtime_nsec() as u64;
+            assert!(
+                mt <= t && mt >= start - 10_000_000_000,
+                "{db} at {name}: mtime {mt}"
+            );
+            assert_eq!(m.mode() & 0o777, 0o444);
+            checked += 1;
+        }
+    }
+    assert!(checked > 12);
+    assert!(from_replica > 0, "no view was served from the replica");
+    // cp of a view gives the same bytes.
+    let cp = fx.scratch_path("copy.db");
+    let st = std::process::Command::new("cp")
+        .arg(fx.path(&format!(".history/txid-{last_a}/app.db")))
+        .arg(&cp)
+        .status()
+        .unwrap();
+    assert!(st.success());
+    assert_eq!(
+        fs::read(&cp).unwrap(),
+        fs::read(fx.path(&format!(".history/txid-{last_a}/app.db"))).unwrap()
+    );
+    drop(a);
+    drop(b);
+    assert_log_no_panic(&fx.daemon_logs(), "daemon");
+    fx.unmount();
+}
+
+fn errno_of(r: std::io::Result<impl Sized>) -> Option<i32> {
+    r.err().and_then(|e| e.raw_os_error())
+}
+
+/// Every mutating call on or under `.history` fails with EROFS; instants outside the window
+/// and names that are not times give ENOENT, and the log says why.
+#[test]
+fn history_is_read_only_and_bounded() {
+    let (mut fx, replica) = fixture("hist-ro");
+    fx.mount();
+    let c = open_rw(&fx.path("app.db"), "wal");
+    let mut rng = StdRng::seed_from_u64(seed_for("history_is_read_only_and_bounded"));
+    for _ in 0..10 {
+        random_txn(&c, &mut rng, 500);
+    }
+    wait_covered(&fx, &replica, "app.db");
+    let view_dir = fx.path(".history/txid-5");
+    let view = view_dir.join("app.db");
+    assert!(view.exists());
+    let erofs = Some(libc::EROFS);
+    let w = fs::OpenOptions::new().write(true).open(&view);
+    assert_eq!(errno_of(w), erofs, "open for writing");
+    let w = fs::OpenOptions::new().read(true).write(true).open(&view);
+    assert_eq!(errno_of(w), erofs, "open read-write");
+    let w = fs::OpenOptions::new().append(true).open(&view);
+    assert_eq!(errno_of(w), erofs, "open for append");
+    assert_eq!(
+        errno_of(fs::File::create(view_dir.join("new.db"))),
+        erofs,
+        "create"
+    );
+    assert_eq!(
+        errno_of(fs::File::create(&view)),
+        erofs,
+        "create over (O_TRUNC)"
+    );
+    assert_eq!(errno_of(fs::create_dir(view_dir.join("d"))), erofs, "mkdir");
+    assert_eq!(
+        errno_of(fs::create_dir(fx.path(".history/d"))),
+        erofs,
+        "mkdir in .history"
+    );
+    assert_eq!(errno_of(fs::remove_file(&view)), erofs, "unlink");
+    assert_eq!(errno_of(fs::remove_dir(&view_dir)), erofs, "rmdir");
+    assert_eq!(
+        errno_of(fs::remove_dir(fx.path(".history"))),
+        erofs,
+        "rmdir .history"
+    );
+    assert_eq!(
+        errno_of(fs::rename(&view, view_dir.join("x.db"))),
+        erofs,
+        "rename within"
+    );
+    assert_eq!(
+        errno_of(fs::rename(&view, fx.path("x.db"))),
+        erofs,
+        "rename out"
+    );
+    fs::write(fx.path("plain.txt"), b"x").unwrap();
+    assert_eq!(
+        errno_of(fs::rename(fx.path("plain.txt"), view_dir.join("p.txt"))),
+        erofs,
+        "rename in"
+    );
+    // (A file over a directory is refused by the kernel itself, EISDIR.)
+    fs::create_dir(fx.path("somedir")).unwrap();
+    assert_eq!(
+        errno_of(fs::rename(fx.path("somedir"), fx.path(".history"))),
+        erofs,
+        "rename over .history"
+    );
+    assert_eq!(
+        errno_of(fs::hard_link(fx.path("plain.txt"), view_dir.join("l"))),
+        erofs,
+        "link in"
+    );
+    assert_eq!(
+        errno_of(std::os::unix::fs::symlink("x", view_dir.join("s"))),
+        erofs,
+        "symlink"
+    );
+    let cpath = |p: &Path| std::ffi::CString::new(p.as_os_str().as_encoded_bytes()).unwrap();
+    let v = cpath(&view);
+    // SAFETY: valid C strings.
+    unsafe {
+        assert_eq!(libc::truncate(v.as_ptr(), 0), -1);
+        assert_eq!(*libc::__errno_location(), libc::EROFS, "truncate");
+        assert_eq!(libc::chmod(v.as_ptr(), 0o666), -1);
+        assert_eq!(*libc::__errno_location(), libc::EROFS, "chmod");
+        assert_eq!(libc::utimes(v.as_ptr(), std::ptr::null()), -1);
+        assert_eq!(*libc::__errno_location(), libc::EROFS, "utimes");
+        let n = std::ffi::CString::new("user.x").unwrap();
+        assert_eq!(
+            libc::setxattr(v.as_ptr(), n.as_ptr(), b"1".as_ptr().cast(), 1, 0),
+            -1
+        );
+        assert_eq!(*libc::__errno_location(), libc::EROFS, "setxattr");
+        assert_eq!(libc::removexattr(v.as_ptr(), n.as_ptr()), -1);
+        assert_eq!(*libc::__errno_location(), libc::EROFS, "removexattr");
+        let nod = cpath(&view_dir.join("fifo"));
+        assert_eq!(libc::mknod(nod.as_ptr(), libc::S_IFIFO | 0o644, 0), -1);
+        assert_eq!(*libc::__errno_location(), libc::EROFS, "mknod");
+    }
+    // Still there, unchanged.
+    assert!(view.exists());
+    // Outside the window, or not a time.
+    for bad in [
+        "2000-01-01T00:00:00Z",
+        "2999-01-01T00:00:00Z",
+        "yesterday",
+        "txid-999999",
+        "txid-0",
+    ] {
+        let e = fs::metadata(fx.path(&format!(".history/{bad}")));
+        assert_eq!(
+            e.as_ref().err().map(|e| e.kind()),
+            Some(ErrorKind::NotFound),
+            "{bad}: {e:?}"
+        );
+    }
+    let logs = fx.daemon_logs();
+    assert!(logs.contains(".history/2000-01-01T00:00:00Z"), "{logs}");
+    assert!(logs.contains("future"), "{logs}");
+    assert!(logs.contains("not an RFC 3339 time"), "{logs}");
+    // A real backing file named .history is hidden behind the virtual directory.
+    drop(c);
+    assert_log_no_panic(&fx.daemon_logs(), "daemon");
+    fx.unmount();
+}
+
+/// Concurrent readers of one view see the same bytes while the live database keeps
+/// writing; a view of a database whose file was deleted still reads.
+#[test]
+fn concurrent_readers_and_deleted_databases() {
+    let (mut fx, replica) = fixture("hist-conc");
+    let url = file_url(&replica);
+    fx.mount();
+    let c = open_rw(&fx.path("app.db"), "wal");
+    let g = open_rw(&fx.path("gone.db"), "delete");
+    let mut rng = StdRng::seed_from_u64(seed_for("concurrent_readers_and_deleted_databases"));
+    for _ in 0..30 {
+        random_txn(&c, &mut rng, 4000);
+        random_txn(&g, &mut rng, 4000);
+    }
+    let last = wait_covered(&fx, &replica, "app.db");
+    wait_covered(&fx, &replica, "gone.db");
+    let t = now_ns();
+    let name = rfc3339(t);
+    let gone_ref = fx.scratch_path("gone-ref.db");
+    let o = restore_at(&url, "gone.db", &gone_ref, &name);
+    assert!(o.ok(), "{}", o.describe());
+    drop(g);
+    sleep_ms(20);
+    let view = fx.path(&format!(".history/txid-{last}/app.db"));
+    let reference = fs::read(&view).unwrap();
+    let stop = Arc::new(AtomicBool::new(false));
+    let writer = {
+        let stop = stop.clone();
+        let p = fx.path("app.db");
+        thread::spawn(move || {
+            let c = open_rw(&p, "wal");
+            let mut rng = StdRng::seed_from_u64(7);
+            let mut n = 0;
+            while !stop.load(Ordering::Relaxed) {
+                random_txn(&c, &mut rng, 4000);
+                n += 1;
+            }
+            n
+        })
+    };
+    let readers: Vec<_> = (0..4)
+        .map(|i| {
+            let (view, reference) = (view.clone(), reference.clone());
+            thread::spawn(move || {
+                for _ in 0..15 {
+                    if i % 2 == 0 {
+                        assert_eq!(fs::read(&view).unwrap(), reference);
+                    } else {
+                        let n = count_rows_rusqlite(&view);
+                        assert!(n >= 0);
+                    }
+                }
+            })
+        })
+        .collect();
+    for r in readers {
+        r.join().unwrap();
+    }
+    stop.store(true, Ordering::Relaxed);
+    assert!(writer.join().unwrap() > 0);
+    // The deleted database, at an instant before its deletion.
+    fs::remove_file(fx.path("gone.db")).unwrap();
+    assert!(!fx.path("gone.db").exists());
+    let gv = fx.path(&format!(".history/{name}/gone.db"));
+    assert_view_eq(&gv, &gone_ref, "deleted database");
+    assert_eq!(count_rows_cli(&gv), count_rows_rusqlite(&gone_ref));
+    // Not in `latest`: it is gone.
+    assert!(!fx.path(".history/latest/gone.db").exists());
+    drop(c);
+    assert_log_no_panic(&fx.daemon_logs(), "daemon");
+    fx.unmount();
+}
