@@ -12,6 +12,7 @@
 #![allow(dead_code)]
 
 pub mod replica;
+pub mod s3server;
 pub mod workload;
 
 use std::ffi::OsString;
@@ -166,6 +167,10 @@ pub struct MountOpts {
     pub replicas: Option<Vec<String>>,
     /// `--sync-interval` (e.g. "250ms"); `None` leaves the daemon's default.
     pub sync_interval: Option<String>,
+    /// More arguments appended to the mount command line (e.g. `--compaction 1s,3s`).
+    pub extra_args: Vec<String>,
+    /// Environment variables set for the daemon only.
+    pub env: Vec<(String, String)>,
 }
 
 /// The replica a mount ships to when its options name none: beside its log.
@@ -214,6 +219,10 @@ impl Mount {
         }
         if let Some(i) = &opts.sync_interval {
             cmd.arg("--sync-interval").arg(i);
+        }
+        cmd.args(&opts.extra_args);
+        for (k, v) in &opts.env {
+            cmd.env(k, v);
         }
         cmd.stdin(Stdio::null())
             .stdout(Stdio::from(logf.try_clone().unwrap()))
