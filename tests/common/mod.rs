@@ -12,6 +12,7 @@
 #![allow(dead_code)]
 
 pub mod replica;
+pub mod s3server;
 pub mod workload;
 
 use std::ffi::OsString;
@@ -170,6 +171,10 @@ pub struct MountOpts {
     pub age_recipients: Vec<String>,
     /// `--sync`: the app's fsync returns once its transactions are on every replica.
     pub sync: bool,
+    /// More arguments appended to the mount command line (e.g. `--compaction 1s,3s`).
+    pub extra_args: Vec<String>,
+    /// Environment variables set for the daemon only.
+    pub env: Vec<(String, String)>,
 }
 
 /// The replica a mount ships to when its options name none: beside its log.
@@ -224,6 +229,10 @@ impl Mount {
         }
         if opts.sync {
             cmd.arg("--sync");
+        }
+        cmd.args(&opts.extra_args);
+        for (k, v) in &opts.env {
+            cmd.env(k, v);
         }
         cmd.stdin(Stdio::null())
             .stdout(Stdio::from(logf.try_clone().unwrap()))

@@ -1,0 +1,106 @@
+//! An S3-compatible server (moto) on loopback for object-storage tests: `SQLFS_S3_SERVER`
+//! names the binary, else `.venv/bin/moto_server` (installed by `make deps`), else
+//! `moto_server` on the PATH.
+use std::io::{Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use super::*;
+
+pub struct S3Server {
+    pub child: Child,
+    pub port: u16,
+}
+
+pub fn s3_server_bin() -> PathBuf {
+    if let Some(p) = std::env::var_os("SQLFS_S3_SERVER") {
+        return PathBuf::from(p);
+    }
+    let p = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join(".venv/bin/moto_server");
+    if p.exists() {
+        return p;
+    }
+    if let Some(dirs) = std::env::var_os("PATH") {
+        for d in std::env::split_paths(&dirs) {
+            let c = d.join("moto_server");
+            if c.exists() {
+                return c;
+            }
+        }
+    }
+    panic!(
+        "the S3-compatible test server is not installed at {}: run `make deps` (or `make test`)",
+        p.display()
+    );
+}
+
+/// One HTTP request without a body; returns the status code.
+pub fn http_status(port: u16, method: &str, path: &str) -> std::io::Result<u16> {
+    let mut s = TcpStream::connect(("127.0.0.1", port))?;
+    s.set_read_timeout(Some(Duration::from_secs(10)))?;
+    write!(s, "{method} {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n")?;
+    let mut buf = [0u8; 64];
+    let n = s.read(&mut buf)?;
+    let line = String::from_utf8_lossy(&buf[..n]);
+    Ok(line
+        .split(' ')
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0))
+}
+
+impl S3Server {
+    /// Starts a server on a free port and creates `bucket`.
+    pub fn start(bucket: &str) -> S3Server {
+        let port = TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let mut cmd = Command::new(s3_server_bin());
+        cmd.args(["-H", "127.0.0.1", "-p", &port.to_string()])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null());
+        let child = cmd.spawn().expect("start the S3-compatible test server");
+        let s = S3Server { child, port };
+        let deadline = Instant::now() + Duration::from_secs(240);
+        loop {
+            if let Ok(200) = s.bucket(bucket) {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "the S3-compatible test server did not come up on port {port}"
+            );
+            sleep_ms(200);
+        }
+        s
+    }
+
+    /// Creates `bucket`; returns the HTTP status.
+    pub fn bucket(&self, bucket: &str) -> std::io::Result<u16> {
+        http_status(self.port, "PUT", &format!("/{bucket}"))
+    }
+
+    pub fn url(&self, bucket: &str, prefix: &str) -> String {
+        format!("s3://{bucket}/{prefix}?endpoint=http://127.0.0.1:{}&region=us-east-1&force-path-style=true", self.port)
+    }
+}
+
+impl Drop for S3Server {
+    fn drop(&mut self) {
+        send_signal(self.child.id(), libc::SIGCONT);
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Test credentials for the loopback server, for this process and the daemons it starts.
+pub fn s3_test_credentials() {
+    std::env::set_var("AWS_ACCESS_KEY_ID", "test");
+    std::env::set_var("AWS_SECRET_ACCESS_KEY", "test-secret");
+    std::env::set_var("AWS_REGION", "us-east-1");
+    std::env::set_var("AWS_EC2_METADATA_DISABLED", "true");
+}

@@ -1,0 +1,1347 @@
+//! Replica maintenance and the restore / list CLI: compaction levels, interval snapshots,
+//! retention, restore by timestamp, `sqlfs list`, restore options, passphrase encryption,
+//! the configuration file, `--restore-if-missing`, metrics, and all of it against S3.
+//!
+//! The reference for every restored file is `sqlfs replay` of the same TXID from staging
+//! (every test keeps its whole log staged), compared as restore presents it (`as_restored`).
+mod common;
+
+use std::collections::BTreeSet;
+use std::ffi::OsString;
+use std::fs;
+use std::io::{Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use common::replica::*;
+use common::s3server::*;
+use common::workload::*;
+use common::*;
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+use rusqlite::Connection;
+use serde_json::Value;
+
+#[test]
+fn worker_entry() {
+    worker_main();
+}
+
+const SYNC: &str = "200ms";
+const COVER_TIMEOUT: Duration = Duration::from_secs(30);
+
+// ---------------------------------------------------------------------------------------
+// Helpers
+// ---------------------------------------------------------------------------------------
+
+fn os(s: impl AsRef<std::ffi::OsStr>) -> OsString {
+    s.as_ref().to_os_string()
+}
+
+fn args(v: &[&str]) -> Vec<String> {
+    v.iter().map(|s| s.to_string()).collect()
+}
+
+/// A fixture shipping to one file replica `scratch/r` every [`SYNC`], with `extra` mount
+/// flags and the whole log kept staged.
+fn fixture(name: &str, extra: &[&str]) -> (Fixture, PathBuf, String) {
+    let mut fx = Fixture::new(name, false);
+    let dir = fx.scratch_path("r");
+    let url = file_url(&dir);
+    fx.opts.replicas = Some(vec![url.clone()]);
+    fx.opts.sync_interval = Some(SYNC.into());
+    fx.opts.stage_limit = Some(1 << 30);
+    fx.opts.extra_args = args(extra);
+    (fx, dir, url)
+}
+
+fn fresh_db(path: &Path, journal: &str) -> Connection {
+    let c = open_db(path);
+    set_journal_mode(&c, journal);
+    c.execute_batch(SCHEMA).unwrap();
+    c
+}
+
+/// Runs a sqlfs command with extra environment variables.
+fn sqlfs_env(a: &[OsString], env: &[(&str, &str)]) -> CmdOut {
+    let mut c = Command::new(BIN);
+    c.args(a);
+    for (k, v) in env {
+        c.env(k, v);
+    }
+    run_cmd(c, CLI_TIMEOUT)
+}
+
+/// `sqlfs restore --replica URL --db DB -o OUT` plus `more`.
+fn restore_args(url: &str, db: &str, out: &Path, more: &[&str]) -> Vec<OsString> {
+    let mut a = vec![
+        os("restore"),
+        os("--replica"),
+        os(url),
+        os("--db"),
+        os(db),
+        os("-o"),
+        os(out),
+    ];
+    a.extend(more.iter().map(os));
+    a
+}
+
+fn restore_with(url: &str, db: &str, out: &Path, more: &[&str]) -> CmdOut {
+    let o = sqlfs_cli(&restore_args(url, db, out, more));
+    assert_no_panic(&o);
+    o
+}
+
+/// Restores `db` at `txid` and compares it with the replay of the same TXID from `dir`.
+fn restore_vs_replay(url: &str, dir: &Path, db: &str, txid: Option<u64>, scratch: &Path) -> u64 {
+    let tag = txid.map_or("latest".to_string(), |t| t.to_string());
+    let safe: String = db
+        .chars()
+        .map(|c| if c.is_ascii_alphanumeric() { c } else { '_' })
+        .collect();
+    let out = scratch.join(format!("restore-{safe}-{tag}.db"));
+    let rep = scratch.join(format!("replay-{safe}-{tag}.db"));
+    let t = restore_ok(url, db, &out, txid);
+    replay(dir, db, t, &rep);
+    assert_same_bytes(
+        &rep,
+        &out,
+        &format!("{db}: restore at TXID {t} ({tag}) vs replay of TXID {t}"),
+    );
+    let _ = fs::remove_file(&rep);
+    let _ = fs::remove_file(&out);
+    t
+}
+
+/// Waits until the replica holds everything staged for `db`; returns that TXID.
+fn wait_shipped(fx: &Fixture, replica: &Path, db: &str) -> u64 {
+    let last = last_staged(&fx.cli_dir(), db);
+    assert!(last > 0, "{db}: nothing staged");
+    wait_replica_covers(replica, db, last, COVER_TIMEOUT).unwrap_or_else(|e| panic!("{e}"));
+    last
+}
+
+/// Waits (generously) until `cond` holds; panics with `what` otherwise.
+fn wait_until(what: &str, timeout: Duration, mut cond: impl FnMut() -> bool) {
+    let deadline = Instant::now() + timeout;
+    while !cond() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        sleep_ms(100);
+    }
+}
+
+/// A compacted object of a file replica: `<id>/l<k>/<first>-<last>.seg`.
+#[derive(Clone, Debug)]
+struct Compacted {
+    level: u8,
+    first: u64,
+    last: u64,
+    path: PathBuf,
+}
+
+fn compacted(replica: &Path, id: &str, level: u8) -> Vec<Compacted> {
+    let dir = replica.join(id).join(format!("l{level}"));
+    let mut v: Vec<Compacted> = fs::read_dir(&dir)
+        .map(|rd| {
+            rd.flatten()
+                .filter_map(|e| {
+                    let f = e.file_name().to_string_lossy().into_owned();
+                    let (a, b) = f.strip_suffix(".seg")?.split_once('-')?;
+                    Some(Compacted {
+                        level,
+                        first: u64::from_str_radix(a, 16).ok()?,
+                        last: u64::from_str_radix(b, 16).ok()?,
+                        path: e.path(),
+                    })
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    v.sort_by_key(|o| o.first);
+    v
+}
+
+/// Keys (relative paths) of every object of database `id` in a file replica.
+fn object_keys(replica: &Path, id: &str) -> BTreeSet<String> {
+    tree(&replica.join(id))
+        .into_keys()
+        .filter(|k| k.ends_with(".seg") || k.ends_with(".snap"))
+        .collect()
+}
+
+/// `sqlfs list --replica URL [--db DB] --json`, which must succeed.
+fn list_json(url: &str, db: Option<&str>, env: &[(&str, &str)], more: &[&str]) -> Vec<Value> {
+    let mut a = vec![os("list"), os("--replica"), os(url), os("--json")];
+    if let Some(d) = db {
+        a.push(os("--db"));
+        a.push(os(d));
+    }
+    a.extend(more.iter().map(os));
+    let o = sqlfs_env(&a, env);
+    assert_no_panic(&o);
+    assert!(o.ok(), "sqlfs list failed:\n{}", o.describe());
+    let v: Value = serde_json::from_str(&o.stdout)
+        .unwrap_or_else(|e| panic!("sqlfs list --json is not JSON ({e}):\n{}", o.describe()));
+    v.as_array()
+        .unwrap_or_else(|| panic!("sqlfs list --json is not an array:\n{}", o.describe()))
+        .clone()
+}
+
+fn entry<'a>(list: &'a [Value], name: &str) -> &'a Value {
+    list.iter()
+        .find(|d| d["name"] == name)
+        .unwrap_or_else(|| panic!("no {name} in the listing: {list:?}"))
+}
+
+fn u(v: &Value, k: &str) -> u64 {
+    v[k].as_u64()
+        .unwrap_or_else(|| panic!("{k} is not a number in {v}"))
+}
+
+/// Objects of `level` in a listing entry (0 if the level is absent).
+fn level_objects(d: &Value, level: u64) -> u64 {
+    d["levels"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|l| l["level"] == level)
+        .map_or(0, |l| u(l, "objects"))
+}
+
+/// Formats ns since the epoch as RFC 3339 UTC with milliseconds (truncated).
+fn rfc3339_ms(ns: u64) -> String {
+    let secs = (ns / 1_000_000_000) as i64;
+    let ms = (ns / 1_000_000) % 1000;
+    let z = secs.div_euclid(86_400) + 719_468;
+    let rem = secs.rem_euclid(86_400);
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let y = yoe + era * 400;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    let y = if m <= 2 { y + 1 } else { y };
+    format!(
+        "{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}.{ms:03}Z",
+        rem / 3600,
+        rem % 3600 / 60,
+        rem % 60
+    )
+}
+
+/// Now, truncated to milliseconds: (ns, RFC 3339 text).
+fn instant_now() -> (u64, String) {
+    let ns = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap()
+        .as_nanos() as u64;
+    let ms = ns / 1_000_000 * 1_000_000;
+    (ms, rfc3339_ms(ms))
+}
+
+/// Random transactions on `path` for `secs` seconds (WAL mode unless the caller switches),
+/// with occasional checkpoints; `between` runs after every commit with the elapsed fraction.
+fn drive(path: &Path, seed: u64, secs: f64, mut between: impl FnMut(&mut Driver, f64)) -> u64 {
+    let cfg = DriverCfg {
+        max_blob: 8_000,
+        ..Default::default()
+    };
+    let mut d = Driver::open(path, 1, seed, cfg);
+    let start = Instant::now();
+    let mut n = 0;
+    loop {
+        let f = start.elapsed().as_secs_f64() / secs;
+        if f >= 1.0 {
+            break;
+        }
+        d.random_txn()
+            .unwrap_or_else(|e| panic!("transaction {n}: {e}"));
+        n += 1;
+        if d.rng.random_bool(0.05) {
+            d.random_checkpoint();
+        }
+        between(&mut d, f);
+        let ms = d.rng.random_range(10..40);
+        sleep_ms(ms);
+    }
+    n
+}
+
+/// The id of `db` in a file replica.
+fn db_id(replica: &Path, db: &str) -> String {
+    replica_db_id(replica, db).unwrap_or_else(|| panic!("{}: no {db}", replica.display()))
+}
+
+// ---------------------------------------------------------------------------------------
+// 1. Compaction keeps every TXID restorable
+// ---------------------------------------------------------------------------------------
+
+#[test]
+fn compaction_keeps_every_txid_restorable() {
+    let seed = seed_for("compaction_keeps_every_txid_restorable");
+    let mut rng = StdRng::seed_from_u64(seed);
+    let (mut fx, rdir, url) = fixture(
+        "lvl-compact",
+        &[
+            "--compaction",
+            "1s,3s",
+            "--snapshot-interval",
+            "3s",
+            "--retention",
+            "0",
+        ],
+    );
+    fx.mount();
+    let db = "app.db";
+    drop(fresh_db(&fx.path(db), "WAL"));
+    let (mut vacuumed, mut switched, mut back) = (false, false, false);
+    drive(&fx.path(db), seed, 10.0, |d, f| {
+        if f > 0.35 && !vacuumed {
+            d.exec("VACUUM");
+            vacuumed = true;
+        }
+        if f > 0.5 && !switched {
+            set_journal_mode(&d.conn, "DELETE");
+            switched = true;
+        }
+        if f > 0.7 && !back {
+            set_journal_mode(&d.conn, "WAL");
+            back = true;
+        }
+    });
+    let last = wait_shipped(&fx, &rdir, db);
+    let id = db_id(&rdir, db);
+    // Let the idle mount finish its compaction rounds.
+    wait_until("a level-2 object", Duration::from_secs(30), || {
+        !compacted(&rdir, &id, 2).is_empty()
+    });
+    sleep_ms(1500);
+    fx.unmount();
+    let dir = fx.cli_dir();
+
+    let l0 = segments(&rdir, &id);
+    let l1 = compacted(&rdir, &id, 1);
+    let l2 = compacted(&rdir, &id, 2);
+    let snaps = snapshots(&rdir, &id);
+    eprintln!(
+        "last TXID {last}; {} level-0, {} level-1, {} level-2 objects, snapshots at {:?}",
+        l0.len(),
+        l1.len(),
+        l2.len(),
+        snaps.iter().map(|s| s.key_txid).collect::<Vec<_>>()
+    );
+    assert!(!l1.is_empty(), "no level-1 objects");
+    assert!(!l2.is_empty(), "no level-2 objects");
+    assert!(
+        snaps.len() >= 2,
+        "expected several interval snapshots, found {}",
+        snaps.len()
+    );
+    // Compacted objects: headers agree with keys, and each level is contiguous from its
+    // first object on, along level-0 boundaries.
+    let l0_starts: BTreeSet<u64> = l0.iter().map(|o| o.key_txid).collect();
+    for lv in [&l1, &l2] {
+        for w in lv.windows(2) {
+            assert_eq!(
+                w[1].first,
+                w[0].last + 1,
+                "level {} is not contiguous: {:?} then {:?}",
+                w[0].level,
+                w[0].path,
+                w[1].path
+            );
+        }
+        for o in lv.iter() {
+            let mut h = [0u8; OBJ_HEADER];
+            fs::File::open(&o.path).unwrap().read_exact(&mut h).unwrap();
+            assert_eq!(&h[..8], OBJ_MAGIC, "{:?}", o.path);
+            assert_eq!(h[11], o.level, "{:?}: header level", o.path);
+            assert_eq!(
+                u64::from_be_bytes(h[32..40].try_into().unwrap()),
+                o.first,
+                "{:?}: header first TXID",
+                o.path
+            );
+            assert_eq!(
+                u64::from_be_bytes(h[40..48].try_into().unwrap()),
+                o.last,
+                "{:?}: header last TXID",
+                o.path
+            );
+            assert!(
+                l0_starts.contains(&o.first),
+                "{:?}: not on a level-0 boundary",
+                o.path
+            );
+            assert!(
+                o.last == last || l0_starts.contains(&(o.last + 1)),
+                "{:?}: does not end on a level-0 boundary",
+                o.path
+            );
+        }
+    }
+
+    // TXIDs to restore: every compacted object's boundaries and one inside, snapshots and
+    // their neighbours, a few random ones.
+    let mut picks = BTreeSet::new();
+    for o in l1.iter().chain(&l2) {
+        picks.insert(o.first);
+        picks.insert(o.last);
+        if o.first > 1 {
+            picks.insert(o.first - 1);
+        }
+        if o.last > o.first {
+            picks.insert(rng.random_range(o.first..o.last));
+        }
+    }
+    for s in &snaps {
+        for t in [s.key_txid.saturating_sub(1), s.key_txid, s.key_txid + 1] {
+            picks.insert(t);
+        }
+    }
+    picks.insert(1);
+    picks.insert(last);
+    for _ in 0..5 {
+        picks.insert(rng.random_range(1..=last));
+    }
+    // TXIDs before the first snapshot are not restorable yet (see
+    // `restore_before_the_first_snapshot`).
+    let floor = snaps.first().map_or(1, |s| s.key_txid);
+    picks.retain(|&t| t >= floor && t <= last);
+    // Bound the run time on a busy machine: keep boundaries of the first objects first.
+    let picks: Vec<u64> = picks.into_iter().collect();
+    eprintln!("restoring {} TXIDs: {picks:?}", picks.len());
+    for &t in &picks {
+        restore_vs_replay(&url, &dir, db, Some(t), &fx.scratch);
+    }
+    assert_eq!(restore_vs_replay(&url, &dir, db, None, &fx.scratch), last);
+
+    // The plan for the latest state is short.
+    let out = fx.scratch_path("dry.db");
+    let o = restore_with(&url, db, &out, &["--dry-run", "--json"]);
+    assert!(o.ok(), "{}", o.describe());
+    assert!(!out.exists(), "--dry-run wrote {}", out.display());
+    let plan: Value = serde_json::from_str(&o.stdout).expect("dry-run JSON");
+    let n = plan["objects"].as_array().unwrap().len();
+    assert!(
+        n <= 6 && n < l0.len(),
+        "the latest plan takes {n} objects ({} level-0 objects exist):\n{}",
+        l0.len(),
+        o.stdout
+    );
+    // A target just at the end of a compacted object with no snapshot inside it: the plan
+    // uses compacted objects, and says so.
+    let snap_set: Vec<u64> = snaps.iter().map(|s| s.key_txid).collect();
+    let o_c = l2
+        .iter()
+        .chain(&l1)
+        .find(|o| {
+            // After a snapshot (see `restore_before_the_first_snapshot`).
+            snap_set.iter().any(|&s| s < o.first)
+                && !snap_set.iter().any(|&s| s >= o.first && s <= o.last)
+        })
+        .expect("a compacted object after a snapshot, with no snapshot inside it");
+    let o = restore_with(
+        &url,
+        db,
+        &out,
+        &["--dry-run", "--txid", &o_c.last.to_string()],
+    );
+    assert!(o.ok(), "{}", o.describe());
+    assert!(
+        o.stdout.contains("compacted"),
+        "the plan for TXID {} does not use a compacted object:\n{}",
+        o_c.last,
+        o.stdout
+    );
+    assert!(!out.exists());
+}
+
+/// The chain from TXID 1 is still in the replica (retention 0) and `sqlfs list` says the
+/// window starts at TXID 1, yet once an interval snapshot exists every TXID before it is
+/// refused.
+#[test]
+#[ignore = "bug: catalog::plan refuses TXIDs before the first snapshot although the level-0 chain from TXID 1 is present"]
+fn restore_before_the_first_snapshot() {
+    let seed = seed_for("restore_before_the_first_snapshot");
+    let (mut fx, rdir, url) = fixture(
+        "lvl-presnap",
+        &[
+            "--compaction",
+            "none",
+            "--snapshot-interval",
+            "1s",
+            "--retention",
+            "0",
+        ],
+    );
+    fx.mount();
+    let db = "app.db";
+    drop(fresh_db(&fx.path(db), "WAL"));
+    drive(&fx.path(db), seed, 2.5, |_, _| {});
+    wait_shipped(&fx, &rdir, db);
+    let id = db_id(&rdir, db);
+    wait_until("a snapshot", COVER_TIMEOUT, || {
+        !snapshots(&rdir, &id).is_empty()
+    });
+    fx.unmount();
+    let first_snap = snapshots(&rdir, &id)[0].key_txid;
+    assert!(first_snap > 1);
+    assert_eq!(
+        segments(&rdir, &id)[0].key_txid,
+        1,
+        "the chain from TXID 1 is there"
+    );
+    let list = list_json(&url, Some(db), &[], &[]);
+    assert_eq!(u(entry(&list, db), "earliest_txid"), 1);
+    for t in [1, first_snap - 1] {
+        restore_vs_replay(&url, &fx.cli_dir(), db, Some(t), &fx.scratch);
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// 2. Restore by timestamp
+// ---------------------------------------------------------------------------------------
+
+#[test]
+fn restore_by_timestamp() {
+    let seed = seed_for("restore_by_timestamp");
+    let mut rng = StdRng::seed_from_u64(seed);
+    let (mut fx, rdir, url) = fixture(
+        "lvl-time",
+        &["--compaction", "1s,3s", "--snapshot-interval", "2s"],
+    );
+    fx.mount();
+    let db = "app.db";
+    let (_, before_first) = instant_now();
+    sleep_ms(20);
+    drop(fresh_db(&fx.path(db), "WAL"));
+    let mut instants = Vec::new();
+    drive(&fx.path(db), seed, 6.0, |d, _| {
+        if d.rng.random_bool(0.3) {
+            instants.push(instant_now());
+        }
+    });
+    instants.push(instant_now());
+    wait_shipped(&fx, &rdir, db);
+    sleep_ms(2500);
+    fx.unmount();
+    let dir = fx.cli_dir();
+    let log = log_entries(&dir, db);
+    assert!(log.len() > 10);
+
+    // Before the first commit: an error, no file.
+    let out = fx.scratch_path("t-early.db");
+    let o = restore_with(&url, db, &out, &["--timestamp", &before_first]);
+    assert!(
+        !o.ok(),
+        "restore before the first commit succeeded:\n{}",
+        o.describe()
+    );
+    assert!(!out.exists(), "a failed restore left {}", out.display());
+    assert!(
+        o.stderr.contains("no restore point") || o.stderr.contains("no transactions"),
+        "unclear error:\n{}",
+        o.describe()
+    );
+
+    let mut chosen: Vec<(u64, String)> = Vec::new();
+    instants.sort();
+    instants.dedup();
+    // Up to ~25 instants, always including the last.
+    let stride = (instants.len() / 25).max(1);
+    for (i, x) in instants.iter().enumerate() {
+        if i % stride == 0 || i + 1 == instants.len() || rng.random_bool(0.05) {
+            chosen.push(x.clone());
+        }
+    }
+    // TXIDs before the first snapshot are not restorable yet (see
+    // `restore_before_the_first_snapshot`).
+    let floor = snapshots(&rdir, &db_id(&rdir, db))
+        .first()
+        .map_or(1, |s| s.key_txid);
+    for (ns, text) in &chosen {
+        let want = log
+            .iter()
+            .filter(|e| e.ts <= *ns as u128)
+            .map(|e| e.txid)
+            .max()
+            .expect("a commit before the instant");
+        if want < floor {
+            continue;
+        }
+        let out = fx.scratch_path("t.db");
+        let _ = fs::remove_file(&out);
+        let o = restore_with(&url, db, &out, &["--timestamp", text, "--json"]);
+        assert!(o.ok(), "restore --timestamp {text}:\n{}", o.describe());
+        let r: Value = serde_json::from_str(&o.stdout).expect("JSON");
+        assert_eq!(
+            u(&r, "txid"),
+            want,
+            "restore --timestamp {text} restored another TXID:\n{}",
+            o.stdout
+        );
+        let rep = fx.scratch_path("t-replay.db");
+        replay(&dir, db, want, &rep);
+        assert_same_bytes(&rep, &out, &format!("timestamp {text} (TXID {want})"));
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// 3. Retention
+// ---------------------------------------------------------------------------------------
+
+#[test]
+fn retention_removes_old_objects_and_keeps_the_window() {
+    let seed = seed_for("retention_removes_old_objects_and_keeps_the_window");
+    let mut rng = StdRng::seed_from_u64(seed);
+    let (mut fx, rdir, url) = fixture(
+        "lvl-retention",
+        &[
+            "--compaction",
+            "1s",
+            "--snapshot-interval",
+            "2s",
+            "--retention",
+            "6s",
+        ],
+    );
+    fx.mount();
+    let db = "app.db";
+    drop(fresh_db(&fx.path(db), "WAL"));
+    let mut seen = BTreeSet::new();
+    let mut id = None;
+    let mut polled = Instant::now();
+    drive(&fx.path(db), seed, 15.0, |_, _| {
+        if polled.elapsed() >= Duration::from_millis(100) {
+            polled = Instant::now();
+            if id.is_none() {
+                id = replica_db_id(&rdir, db);
+            }
+            if let Some(id) = &id {
+                seen.extend(object_keys(&rdir, id));
+            }
+        }
+    });
+    let last = wait_shipped(&fx, &rdir, db);
+    let id = db_id(&rdir, db);
+    seen.extend(object_keys(&rdir, &id));
+    sleep_ms(500);
+    fx.unmount();
+    let dir = fx.cli_dir();
+
+    let now = object_keys(&rdir, &id);
+    let count = |s: &BTreeSet<String>, sub: &str| s.iter().filter(|k| k.starts_with(sub)).count();
+    eprintln!(
+        "seen: {} snapshots, {} level-0; left: {} snapshots, {} level-0, {} level-1",
+        count(&seen, "snap/"),
+        count(&seen, "l0/"),
+        count(&now, "snap/"),
+        count(&now, "l0/"),
+        count(&now, "l1/")
+    );
+    assert!(
+        count(&now, "snap/") < count(&seen, "snap/"),
+        "no snapshot was removed"
+    );
+    assert!(
+        count(&now, "l0/") < count(&seen, "l0/"),
+        "no level-0 object was removed"
+    );
+    assert!(now.iter().all(|k| !k.starts_with("l0/0000000000000001")));
+
+    let list = list_json(&url, Some(db), &[], &[]);
+    let d = entry(&list, db);
+    let (first, latest) = (u(d, "earliest_txid"), u(d, "latest_txid"));
+    assert!(first > 1, "the window still starts at TXID 1: {d}");
+    assert_eq!(latest, last, "latest_txid: {d}");
+    let mut picks = BTreeSet::from([first, first + 1, latest]);
+    for _ in 0..8 {
+        picks.insert(rng.random_range(first..=latest));
+    }
+    for t in picks.into_iter().filter(|&t| t <= latest) {
+        restore_vs_replay(&url, &dir, db, Some(t), &fx.scratch);
+    }
+    // Before the window: a clear error naming the window, and no file.
+    let out = fx.scratch_path("old.db");
+    let o = restore_with(&url, db, &out, &["--txid", &(first - 1).to_string()]);
+    assert!(
+        !o.ok(),
+        "restore before the window succeeded:\n{}",
+        o.describe()
+    );
+    assert!(!out.exists());
+    assert!(
+        o.stderr.contains(&format!("TXIDs {first}..={latest}")),
+        "the error does not name the window {first}..={latest}:\n{}",
+        o.describe()
+    );
+}
+
+// ---------------------------------------------------------------------------------------
+// 4. sqlfs list
+// ---------------------------------------------------------------------------------------
+
+#[test]
+fn list_text_and_json() {
+    let seed = seed_for("list_text_and_json");
+    let (mut fx, rdir, url) = fixture(
+        "lvl-list",
+        &["--compaction", "1s", "--snapshot-interval", "1s"],
+    );
+    fx.mount();
+    fs::create_dir_all(fx.path("sub")).unwrap();
+    drop(fresh_db(&fx.path("a.db"), "WAL"));
+    drop(fresh_db(&fx.path("sub/b.db"), "DELETE"));
+    let b = fx.path("sub/b.db");
+    let h = std::thread::spawn(move || drive(&b, seed ^ 1, 3.0, |_, _| {}));
+    drive(&fx.path("a.db"), seed, 3.0, |_, _| {});
+    h.join().unwrap();
+    let la = wait_shipped(&fx, &rdir, "a.db");
+    let lb = wait_shipped(&fx, &rdir, "sub/b.db");
+    sleep_ms(2500);
+    fx.unmount();
+    let dir = fx.cli_dir();
+
+    let list = list_json(&url, None, &[], &[]);
+    assert_eq!(list.len(), 2, "{list:?}");
+    for (name, last) in [("a.db", la), ("sub/b.db", lb)] {
+        let d = entry(&list, name);
+        assert_eq!(d["id"].as_str().unwrap(), db_id(&rdir, name));
+        assert_eq!(u(d, "earliest_txid"), 1, "{d}");
+        assert_eq!(u(d, "latest_txid"), last, "{d}");
+        let log = log_entries(&dir, name);
+        let ts = |t: u64| rfc3339_ms(log.iter().find(|e| e.txid == t).unwrap().ts as u64);
+        assert_eq!(d["earliest_time"].as_str().unwrap(), ts(1), "{d}");
+        assert_eq!(d["latest_time"].as_str().unwrap(), ts(last), "{d}");
+        let snaps = d["snapshots"].as_array().unwrap();
+        assert!(!snaps.is_empty(), "no snapshots: {d}");
+        let files = snapshots(&rdir, &db_id(&rdir, name));
+        assert_eq!(
+            snaps.iter().map(|s| u(s, "txid")).collect::<Vec<_>>(),
+            files.iter().map(|f| f.key_txid).collect::<Vec<_>>()
+        );
+        for s in snaps {
+            assert_eq!(s["time"].as_str().unwrap(), ts(u(s, "txid")), "{s}");
+            assert!(u(s, "bytes") > 0);
+        }
+        assert!(level_objects(d, 0) > 0, "{d}");
+        assert!(level_objects(d, 1) > 0, "no level-1 objects: {d}");
+        assert!(u(d, "total_bytes") > 0);
+    }
+
+    // Text.
+    let o = sqlfs_cli(&[os("list"), os("--replica"), os(&url)]);
+    assert!(o.ok(), "{}", o.describe());
+    for name in ["a.db", "sub/b.db"] {
+        assert!(o.stdout.contains(name), "{}", o.stdout);
+    }
+    assert!(
+        o.stdout.contains(&format!("restore window: TXID 1 (")),
+        "{}",
+        o.stdout
+    );
+    assert!(o.stdout.contains(&format!("TXID {la} (")), "{}", o.stdout);
+    assert!(o.stdout.contains("snapshot TXID"), "{}", o.stdout);
+    assert!(o.stdout.contains("level 1:"), "{}", o.stdout);
+
+    // --db filter.
+    let only = list_json(&url, Some("sub/b.db"), &[], &[]);
+    assert_eq!(only.len(), 1);
+    assert_eq!(only[0]["name"], "sub/b.db");
+    // Unknown database.
+    let o = sqlfs_cli(&[
+        os("list"),
+        os("--replica"),
+        os(&url),
+        os("--db"),
+        os("nope.db"),
+    ]);
+    assert_no_panic(&o);
+    assert!(!o.ok(), "{}", o.describe());
+    assert!(
+        o.stderr.contains("no database named nope.db") && o.stderr.contains("a.db"),
+        "{}",
+        o.describe()
+    );
+}
+
+// ---------------------------------------------------------------------------------------
+// 5. restore options
+// ---------------------------------------------------------------------------------------
+
+#[test]
+fn restore_json_if_not_exists_force_parallel() {
+    let seed = seed_for("restore_json_if_not_exists_force_parallel");
+    let (mut fx, rdir, url) = fixture("lvl-ropts", &["--compaction", "1s"]);
+    fx.mount();
+    let db = "app.db";
+    drop(fresh_db(&fx.path(db), "WAL"));
+    drive(&fx.path(db), seed, 3.0, |_, _| {});
+    let last = wait_shipped(&fx, &rdir, db);
+    fx.unmount();
+    let log = log_entries(&fx.cli_dir(), db);
+    let e = log.last().unwrap();
+    assert_eq!(e.txid, last);
+
+    let out = fx.scratch_path("out.db");
+    let o = restore_with(&url, db, &out, &["--json"]);
+    assert!(o.ok(), "{}", o.describe());
+    let r: Value = serde_json::from_str(&o.stdout).expect("JSON");
+    assert_eq!(r["db"], db);
+    assert_eq!(r["output"].as_str().unwrap(), out.display().to_string());
+    assert_eq!(r["dry_run"], false);
+    assert_eq!(r["skipped"], false);
+    assert_eq!(u(&r, "txid"), last);
+    assert_eq!(r["commit_time"].as_str().unwrap(), rfc3339_ms(e.ts as u64));
+    assert_eq!(u(&r, "pages"), e.size);
+    assert_eq!(u(&r, "bytes"), e.size * u(&r, "page_size"));
+    assert_eq!(fs::metadata(&out).unwrap().len(), u(&r, "bytes"));
+    assert_eq!(
+        r["checksum"].as_str().unwrap(),
+        format!("{:016x}", e.checksum)
+    );
+    assert_eq!(r["was_wal"], true);
+    let objs = r["objects"].as_array().unwrap();
+    assert!(!objs.is_empty());
+    for ob in objs {
+        assert!(ob["key"].as_str().unwrap().starts_with(&db_id(&rdir, db)));
+        assert!(["snapshot", "segment", "compacted"].contains(&ob["kind"].as_str().unwrap()));
+        assert!(u(ob, "first_txid") >= 1);
+    }
+    assert_eq!(
+        u(&r, "downloaded_bytes"),
+        objs.iter().map(|o| u(o, "size")).sum::<u64>()
+    );
+    assert!(r["seconds"].as_f64().is_some());
+
+    // --if-not-exists: untouched, exit 0.
+    let before = fs::read(&out).unwrap();
+    let mtime = fs::metadata(&out).unwrap().modified().unwrap();
+    for t in ["1", &last.to_string()] {
+        let o = restore_with(&url, db, &out, &["--if-not-exists", "--txid", t]);
+        assert!(o.ok(), "{}", o.describe());
+        assert_eq!(fs::read(&out).unwrap(), before);
+        assert_eq!(fs::metadata(&out).unwrap().modified().unwrap(), mtime);
+    }
+    let o = restore_with(&url, db, &out, &["--if-not-exists", "--json"]);
+    assert!(o.ok());
+    let r: Value = serde_json::from_str(&o.stdout).unwrap();
+    assert_eq!(r["skipped"], true);
+    // Without --force: refused, untouched.
+    let o = restore_with(&url, db, &out, &["--txid", "1"]);
+    assert!(!o.ok(), "{}", o.describe());
+    assert!(o.stderr.contains("--force"), "{}", o.describe());
+    assert_eq!(fs::read(&out).unwrap(), before);
+    // With --force: replaced.
+    let o = restore_with(&url, db, &out, &["--txid", "1", "--force"]);
+    assert!(o.ok(), "{}", o.describe());
+    assert_ne!(fs::read(&out).unwrap(), before);
+
+    // --parallel 1 and 8 give the same bytes.
+    let p1 = fx.scratch_path("p1.db");
+    let p8 = fx.scratch_path("p8.db");
+    for t in [last / 2, last] {
+        let ts = t.to_string();
+        let _ = fs::remove_file(&p1);
+        let _ = fs::remove_file(&p8);
+        assert!(restore_with(&url, db, &p1, &["--parallel", "1", "--txid", &ts]).ok());
+        assert!(restore_with(&url, db, &p8, &["--parallel", "8", "--txid", &ts]).ok());
+        assert_eq!(
+            fs::read(&p1).unwrap(),
+            fs::read(&p8).unwrap(),
+            "--parallel 1 and 8 differ at TXID {t}"
+        );
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// 6. Passphrase encryption
+// ---------------------------------------------------------------------------------------
+
+#[test]
+fn passphrase_encrypted_replica() {
+    let seed = seed_for("passphrase_encrypted_replica");
+    let (mut fx, rdir, url) = fixture(
+        "lvl-pass",
+        &[
+            "--passphrase-env",
+            "SQLFS_TEST_PASS",
+            "--compaction",
+            "1s",
+            "--snapshot-interval",
+            "2s",
+        ],
+    );
+    let pass = "correct horse battery staple";
+    fx.opts.env = vec![("SQLFS_TEST_PASS".into(), pass.into())];
+    fx.mount();
+    let db = "app.db";
+    drop(fresh_db(&fx.path(db), "WAL"));
+    drive(&fx.path(db), seed, 4.0, |_, _| {});
+    let last = last_staged(&fx.mnt, db);
+    // Keys are plain; contents are not: wait with `sqlfs list`.
+    wait_until(
+        "the encrypted replica to hold the last TXID",
+        COVER_TIMEOUT,
+        || {
+            let a = [
+                os("list"),
+                os("--replica"),
+                os(&url),
+                os("--json"),
+                os("--passphrase-env"),
+                os("SQLFS_TEST_PASS"),
+            ];
+            let o = sqlfs_env(&a, &[("SQLFS_TEST_PASS", pass)]);
+            o.ok()
+                && serde_json::from_str::<Value>(&o.stdout)
+                    .ok()
+                    .and_then(|v| v[0]["latest_txid"].as_u64())
+                    == Some(last)
+        },
+    );
+    sleep_ms(1500);
+    fx.unmount();
+    let dir = fx.cli_dir();
+
+    let files = tree(&rdir);
+    assert!(!files.is_empty());
+    for k in files.keys() {
+        let b = fs::read(rdir.join(k)).unwrap();
+        assert!(
+            b.starts_with(b"age-encryption.org/v1"),
+            "{k} is not an age file"
+        );
+        assert!(!b.windows(6).any(|w| w == b"app.db"), "{k} shows the name");
+    }
+
+    let env = [("SQLFS_TEST_PASS", pass)];
+    // From the first snapshot on (see `restore_before_the_first_snapshot`).
+    // The name is encrypted: the only database id is the only `names/` entry.
+    let ids: Vec<String> = fs::read_dir(rdir.join("names"))
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .collect();
+    assert_eq!(ids.len(), 1, "{ids:?}");
+    let floor = snapshots(&rdir, &ids[0]).first().map_or(1, |s| s.key_txid);
+    for t in [floor, (floor + last) / 2, last] {
+        let out = fx.scratch_path(&format!("enc-{t}.db"));
+        let mut a = restore_args(&url, db, &out, &["--passphrase-env", "SQLFS_TEST_PASS"]);
+        a.extend([os("--txid"), os(t.to_string())]);
+        let o = sqlfs_env(&a, &env);
+        assert_no_panic(&o);
+        assert!(o.ok(), "{}", o.describe());
+        let rep = fx.scratch_path("enc-replay.db");
+        replay(&dir, db, t, &rep);
+        assert_same_bytes(&rep, &out, &format!("encrypted restore at TXID {t}"));
+    }
+
+    // Wrong passphrase.
+    let out = fx.scratch_path("wrong.db");
+    let a = restore_args(&url, db, &out, &["--passphrase-env", "SQLFS_TEST_PASS"]);
+    let o = sqlfs_env(&a, &[("SQLFS_TEST_PASS", "not it")]);
+    assert_no_panic(&o);
+    assert!(!o.ok(), "{}", o.describe());
+    assert!(!out.exists());
+    assert!(!o.stderr.trim().is_empty(), "{}", o.describe());
+    assert!(!o.stderr.contains(pass));
+    // Missing passphrase.
+    let o = restore_with(&url, db, &out, &[]);
+    assert!(!o.ok(), "{}", o.describe());
+    assert!(!out.exists());
+    assert!(
+        o.stderr.contains("--passphrase-env"),
+        "the error does not name the passphrase option:\n{}",
+        o.describe()
+    );
+    // The variable named but not set.
+    let a = restore_args(
+        &url,
+        db,
+        &out,
+        &["--passphrase-env", "SQLFS_TEST_PASS_UNSET"],
+    );
+    let o = sqlfs_cli(&a);
+    assert!(!o.ok());
+    assert!(
+        o.stderr.contains("SQLFS_TEST_PASS_UNSET"),
+        "{}",
+        o.describe()
+    );
+    assert!(!out.exists());
+}
+
+// ---------------------------------------------------------------------------------------
+// 7. Configuration file
+// ---------------------------------------------------------------------------------------
+
+/// Runs `sqlfs mount --config F`, which must fail before mounting; returns its output.
+fn mount_must_fail(fx: &Fixture, conf: &Path, env: &[(&str, &str)]) -> CmdOut {
+    let mut c = Command::new(BIN);
+    c.arg("mount").arg("--config").arg(conf);
+    for (k, v) in env {
+        c.env(k, v);
+    }
+    c.stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped());
+    let mut child = c.spawn().unwrap();
+    let status = wait_timeout(&mut child, Duration::from_secs(30));
+    if status.is_none() {
+        kill9_child(&mut child);
+        lazy_umount(&fx.mnt);
+        panic!("sqlfs mount --config {} did not fail", conf.display());
+    }
+    let mut so = String::new();
+    let mut se = String::new();
+    child
+        .stdout
+        .take()
+        .unwrap()
+        .read_to_string(&mut so)
+        .unwrap();
+    child
+        .stderr
+        .take()
+        .unwrap()
+        .read_to_string(&mut se)
+        .unwrap();
+    let o = CmdOut {
+        cmdline: format!("sqlfs mount --config {}", conf.display()),
+        status: status.unwrap(),
+        stdout: so,
+        stderr: se,
+    };
+    assert!(!o.ok(), "{}", o.describe());
+    assert_eq!(sqlfs_mounts_at(&fx.mnt), 0, "it mounted:\n{}", o.describe());
+    o
+}
+
+#[test]
+fn config_file() {
+    let seed = seed_for("config_file");
+    let mut fx = Fixture::new("lvl-config", false);
+    let rdir = fx.scratch_path("r");
+    let conf = fx.scratch_path("sqlfs.yml");
+    let yaml = format!(
+        "dir: {}\ndata-dir: {}\nsync-interval: 200ms\nstage-limit: 1G\ncompaction: [1s, 3s]\nretention: \"0\"\nsnapshot-interval: 2s\nreplicas:\n  - url: file://${{SQLFS_TEST_CONF_DIR}}/r\ndatabases:\n  skip.db:\n    replicate: false\n",
+        fx.mnt.display(),
+        fx.backing.display()
+    );
+    fs::write(&conf, &yaml).unwrap();
+    let scratch = fx.scratch.display().to_string();
+    fx.opts.data_dir = None;
+    fx.opts.replicas = Some(Vec::new());
+    fx.opts.extra_args = vec!["--config".into(), conf.display().to_string()];
+    fx.opts.env = vec![("SQLFS_TEST_CONF_DIR".into(), scratch.clone())];
+    fx.mount();
+    for db in ["app.db", "skip.db"] {
+        drop(fresh_db(&fx.path(db), "WAL"));
+    }
+    drive(&fx.path("app.db"), seed, 2.0, |_, _| {});
+    drive(&fx.path("skip.db"), seed ^ 7, 1.0, |_, _| {});
+    let last = wait_shipped(&fx, &rdir, "app.db");
+    sleep_ms(1000);
+    let url = file_url(&rdir);
+    let list = list_json(&url, None, &[], &[]);
+    assert!(list.iter().any(|d| d["name"] == "app.db"), "{list:?}");
+    assert!(
+        !list.iter().any(|d| d["name"] == "skip.db"),
+        "skip.db is in the replica: {list:?}"
+    );
+    assert!(replica_db_id(&rdir, "skip.db").is_none());
+    fx.unmount();
+    assert!(
+        last_staged(&fx.cli_dir(), "skip.db") > 0,
+        "skip.db was not captured"
+    );
+
+    // restore --config F /mountdir/app.db.
+    let out = fx.scratch_path("conf-restore.db");
+    let o = sqlfs_env(
+        &[
+            os("restore"),
+            os("--config"),
+            os(&conf),
+            os(fx.path("app.db")),
+            os("-o"),
+            os(&out),
+        ],
+        &[("SQLFS_TEST_CONF_DIR", &scratch)],
+    );
+    assert_no_panic(&o);
+    assert!(o.ok(), "{}", o.describe());
+    assert_eq!(restored_txid(&o), last);
+    let rep = fx.scratch_path("conf-replay.db");
+    replay(&fx.cli_dir(), "app.db", last, &rep);
+    assert_same_bytes(&rep, &out, "restore --config");
+
+    // Bad configurations: exit non-zero naming the key or variable, and do not mount.
+    let bad = fx.scratch_path("bad.yml");
+    let env = [("SQLFS_TEST_CONF_DIR", scratch.as_str())];
+    fs::write(&bad, format!("{yaml}colour: red\n")).unwrap();
+    let o = mount_must_fail(&fx, &bad, &env);
+    assert!(o.stderr.contains("colour"), "{}", o.describe());
+    fs::write(&bad, yaml.replace("retention: \"0\"", "retention: forever")).unwrap();
+    let o = mount_must_fail(&fx, &bad, &env);
+    assert!(o.stderr.contains("retention"), "{}", o.describe());
+    fs::write(
+        &bad,
+        yaml.replace("compaction: [1s, 3s]", "compaction: [1s, soon]"),
+    )
+    .unwrap();
+    let o = mount_must_fail(&fx, &bad, &env);
+    assert!(o.stderr.contains("compaction"), "{}", o.describe());
+    let o = mount_must_fail(&fx, &conf, &[]);
+    assert!(o.stderr.contains("SQLFS_TEST_CONF_DIR"), "{}", o.describe());
+}
+
+// ---------------------------------------------------------------------------------------
+// 8. --restore-if-missing
+// ---------------------------------------------------------------------------------------
+
+fn rows(path: &Path) -> Vec<(i64, i64, i64)> {
+    let c = Connection::open_with_flags(path, rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY).unwrap();
+    let mut st = c.prepare("SELECT id, w, seq FROM t ORDER BY id").unwrap();
+    let r = st
+        .query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
+        .unwrap()
+        .collect::<Result<Vec<_>, _>>()
+        .unwrap();
+    r
+}
+
+#[test]
+#[ignore = "bug: --restore-if-missing gives the restored database a new id, so the replica holds two databases named app.db and restore by name may pick the old chain"]
+fn restore_if_missing_then_keeps_shipping() {
+    let seed = seed_for("restore_if_missing_then_keeps_shipping");
+    let (mut a, rdir, url) = fixture("lvl-rim-a", &["--compaction", "1s"]);
+    a.mount();
+    let db = "app.db";
+    drop(fresh_db(&a.path(db), "WAL"));
+    drive(&a.path(db), seed, 2.0, |_, _| {});
+    let last_a = wait_shipped(&a, &rdir, db);
+    a.unmount();
+    let rows_a = rows(&a.backing_path(db));
+    let ref_a = a.scratch_path("a-restore.db");
+    restore_ok(&url, db, &ref_a, None);
+
+    let mut b = Fixture::new("lvl-rim-b", false);
+    b.opts.replicas = Some(vec![url.clone()]);
+    b.opts.sync_interval = Some(SYNC.into());
+    b.opts.stage_limit = Some(1 << 30);
+    b.opts.extra_args = args(&["--restore-if-missing", "--compaction", "1s"]);
+    b.mount();
+    assert!(b.backing_path(db).exists(), "app.db was not restored");
+    assert_eq!(
+        fs::read(b.backing_path(db)).unwrap(),
+        fs::read(&ref_a).unwrap(),
+        "the restored file differs from `sqlfs restore` of the latest state"
+    );
+    assert_eq!(rows(&b.path(db)), rows_a);
+
+    // New writes on top are shipped.
+    let mut d = Driver::open(&b.path(db), 2, seed ^ 9, DriverCfg::default());
+    set_journal_mode(&d.conn, "WAL");
+    let mut mine = Vec::new();
+    for _ in 0..20 {
+        mine.push(d.random_txn().unwrap());
+    }
+    drop(d);
+    sleep_ms(1500);
+    b.unmount();
+    let rows_b = rows(&b.backing_path(db));
+    assert!(rows_b.iter().any(|r| r.1 == 2), "no rows of the new writer");
+    let list = list_json(&url, None, &[], &[]);
+    let named: Vec<&Value> = list.iter().filter(|d| d["name"] == db).collect();
+    let out = b.scratch_path("b-restore.db");
+    restore_ok(&url, db, &out, None);
+    assert_eq!(
+        rows(&out),
+        rows_b,
+        "restore of the latest state does not show the writes made after --restore-if-missing ({} databases named {db} in the replica: {named:?}; the first mount ended at TXID {last_a})",
+        named.len()
+    );
+    assert_eq!(named.len(), 1, "{named:?}");
+    assert!(u(named[0], "latest_txid") > last_a, "{:?}", named[0]);
+}
+
+// ---------------------------------------------------------------------------------------
+// 9. Metrics
+// ---------------------------------------------------------------------------------------
+
+fn http_get(addr: &str, path: &str) -> String {
+    let mut s = TcpStream::connect(addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
+    )
+    .unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).unwrap();
+    out
+}
+
+/// The value of the first metric line starting with `prefix`.
+fn metric(body: &str, prefix: &str) -> Option<f64> {
+    body.lines()
+        .find(|l| l.starts_with(prefix))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+}
+
+#[test]
+fn metrics_endpoint() {
+    let seed = seed_for("metrics_endpoint");
+    let port = TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let addr = format!("127.0.0.1:{port}");
+    let (mut fx, rdir, url) = fixture("lvl-metrics", &["--metrics-addr", &addr]);
+    fx.mount();
+    let db = "app.db";
+    drop(fresh_db(&fx.path(db), "WAL"));
+    drive(&fx.path(db), seed, 1.0, |_, _| {});
+    let last = wait_shipped(&fx, &rdir, db);
+    let mut body = String::new();
+    wait_until(
+        "sqlfs_replica_txid to reach the last TXID",
+        COVER_TIMEOUT,
+        || {
+            body = http_get(&addr, "/metrics");
+            metric(&body, "sqlfs_replica_txid{db=\"app.db\"") == Some(last as f64)
+        },
+    );
+    assert!(body.starts_with("HTTP/1.1 200"), "{body}");
+    assert_eq!(
+        metric(&body, "sqlfs_txid{db=\"app.db\"}"),
+        Some(last as f64),
+        "{body}"
+    );
+    let line = format!("sqlfs_replica_txid{{db=\"app.db\",replica=\"");
+    assert!(body.lines().any(|l| l.starts_with(&line)), "{body}");
+    let lag = metric(&body, "sqlfs_replica_lag_seconds{db=\"app.db\"").expect(&body);
+    assert!(lag >= 0.0, "{body}");
+    assert_eq!(metric(&body, "sqlfs_replica_up{"), Some(1.0), "{body}");
+    assert!(
+        body.contains(&rdir.display().to_string()) || body.contains(&url),
+        "{body}"
+    );
+    assert!(http_get(&addr, "/nope").starts_with("HTTP/1.1 404"));
+    fx.unmount();
+}
+
+// ---------------------------------------------------------------------------------------
+// 10. S3: compaction, retention and timestamp restore
+// ---------------------------------------------------------------------------------------
+
+#[test]
+fn s3_compaction_retention_timestamp() {
+    let seed = seed_for("s3_compaction_retention_timestamp");
+    let mut rng = StdRng::seed_from_u64(seed);
+    s3_test_credentials();
+    let srv = S3Server::start("levels");
+    let url = srv.url("levels", "lv/host");
+    let mut fx = Fixture::new("lvl-s3", false);
+    fx.opts.replicas = Some(vec![url.clone()]);
+    fx.opts.sync_interval = Some("300ms".into());
+    fx.opts.stage_limit = Some(1 << 30);
+    fx.opts.extra_args = args(&[
+        "--compaction",
+        "1s,3s",
+        "--snapshot-interval",
+        "2s",
+        "--retention",
+        "6s",
+    ]);
+    fx.mount();
+    let db = "app.db";
+    drop(fresh_db(&fx.path(db), "WAL"));
+    let mut instants = Vec::new();
+    let mut max_snaps = 0;
+    let mut polled = Instant::now();
+    drive(&fx.path(db), seed, 14.0, |d, _| {
+        if d.rng.random_bool(0.2) {
+            instants.push(instant_now());
+        }
+        if polled.elapsed() > Duration::from_secs(1) {
+            polled = Instant::now();
+            let a = [os("list"), os("--replica"), os(&url), os("--json")];
+            let o = sqlfs_cli(&a);
+            if let Ok(v) = serde_json::from_str::<Value>(&o.stdout) {
+                if let Some(s) = v[0]["snapshots"].as_array() {
+                    max_snaps = max_snaps.max(s.len());
+                }
+            }
+        }
+    });
+    let last = last_staged(&fx.mnt, db);
+    wait_until(
+        "the S3 replica to hold the last TXID",
+        Duration::from_secs(60),
+        || {
+            let o = sqlfs_cli(&[os("list"), os("--replica"), os(&url), os("--json")]);
+            serde_json::from_str::<Value>(&o.stdout)
+                .ok()
+                .and_then(|v| v[0]["latest_txid"].as_u64())
+                == Some(last)
+        },
+    );
+    sleep_ms(1000);
+    fx.unmount();
+    let dir = fx.cli_dir();
+
+    let list = list_json(&url, Some(db), &[], &[]);
+    let d = entry(&list, db);
+    eprintln!("S3 listing: {d}");
+    let first = u(d, "earliest_txid");
+    assert!(first > 1, "retention removed nothing: {d}");
+    assert_eq!(u(d, "latest_txid"), last);
+    assert!(level_objects(d, 1) > 0, "no level-1 objects: {d}");
+    assert!(
+        level_objects(d, 2) > 0 || max_snaps > d["snapshots"].as_array().unwrap().len(),
+        "{d}"
+    );
+    for t in [first, rng.random_range(first..=last), last] {
+        restore_vs_replay(&url, &dir, db, Some(t), &fx.scratch);
+    }
+    let o = restore_with(&url, db, &fx.scratch_path("old.db"), &["--txid", "1"]);
+    assert!(!o.ok(), "{}", o.describe());
+    assert!(!fx.scratch_path("old.db").exists());
+
+    // Timestamp restores inside the window.
+    let log = log_entries(&dir, db);
+    let first_ns = log.iter().find(|e| e.txid == first).unwrap().ts;
+    let inside: Vec<&(u64, String)> = instants
+        .iter()
+        .filter(|(ns, _)| *ns as u128 >= first_ns)
+        .collect();
+    assert!(!inside.is_empty());
+    for (ns, text) in inside.iter().rev().step_by((inside.len() / 5).max(1)) {
+        let want = log
+            .iter()
+            .filter(|e| e.ts <= *ns as u128)
+            .map(|e| e.txid)
+            .max()
+            .unwrap();
+        let out = fx.scratch_path("s3t.db");
+        let _ = fs::remove_file(&out);
+        let o = restore_with(&url, db, &out, &["--timestamp", text, "--json"]);
+        assert!(o.ok(), "{}", o.describe());
+        let r: Value = serde_json::from_str(&o.stdout).unwrap();
+        assert_eq!(u(&r, "txid"), want, "timestamp {text}");
+        let rep = fx.scratch_path("s3t-replay.db");
+        replay(&dir, db, want, &rep);
+        assert_same_bytes(&rep, &out, &format!("S3 timestamp {text}"));
+    }
+}
