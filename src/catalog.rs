@@ -498,7 +498,7 @@ pub fn plan(r: &Reader<'_>, c: &DbCatalog, target: Target) -> Result<Plan> {
             upto: s.first,
             until_ns: u64::MAX,
         });
-    } else if !c.snaps.is_empty() || c.starting(0, 1).is_none() {
+    } else if c.starting(0, 1).is_none() {
         // Without a snapshot the chain must start at TXID 1.
         bail!(
             "{} has no restore point at or before {}; {}",

@@ -24,14 +24,19 @@ pub struct Config {
     pub dir: Option<PathBuf>,
     pub data_dir: Option<PathBuf>,
     pub threads: Option<usize>,
+    #[serde(default, deserialize_with = "text")]
     pub stage_limit: Option<String>,
     /// Byte budget of the page cache of `.history` views (e.g. 64M).
+    #[serde(default, deserialize_with = "text")]
     pub history_cache: Option<String>,
+    #[serde(default, deserialize_with = "text")]
     pub sync_interval: Option<String>,
     pub sync: Option<bool>,
     pub restore_if_missing: Option<bool>,
     pub metrics_addr: Option<String>,
+    #[serde(default, deserialize_with = "text")]
     pub snapshot_interval: Option<String>,
+    #[serde(default, deserialize_with = "text")]
     pub retention: Option<String>,
     /// Compaction intervals of levels 1, 2, …; an empty list turns compaction off.
     pub compaction: Option<Vec<String>>,
@@ -51,8 +56,11 @@ pub struct Config {
 #[serde(deny_unknown_fields, rename_all = "kebab-case")]
 pub struct ReplicaConf {
     pub url: String,
+    #[serde(default, deserialize_with = "text")]
     pub sync_interval: Option<String>,
+    #[serde(default, deserialize_with = "text")]
     pub snapshot_interval: Option<String>,
+    #[serde(default, deserialize_with = "text")]
     pub retention: Option<String>,
     pub compaction: Option<Vec<String>>,
 }
@@ -62,9 +70,25 @@ pub struct ReplicaConf {
 pub struct DbConf {
     /// `false`: captured and staged, but shipped to no replica.
     pub replicate: Option<bool>,
+    #[serde(default, deserialize_with = "text")]
     pub snapshot_interval: Option<String>,
+    #[serde(default, deserialize_with = "text")]
     pub retention: Option<String>,
     pub compaction: Option<Vec<String>>,
+}
+
+/// A scalar setting written as text or as a bare number (`retention: 0`, `stage-limit: 1048576`).
+fn text<'de, D: serde::Deserializer<'de>>(d: D) -> std::result::Result<Option<String>, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Scalar {
+        Text(String),
+        Int(u64),
+    }
+    Ok(Option::<Scalar>::deserialize(d)?.map(|s| match s {
+        Scalar::Text(t) => t,
+        Scalar::Int(n) => n.to_string(),
+    }))
 }
 
 /// Replaces `${VAR}` with the environment's value; `what` names the setting in errors.
@@ -297,5 +321,7 @@ mod tests {
         let e = Config::parse("replicas:\n  - url: ftp://x\n").unwrap_err();
         assert!(format!("{e:#}").contains("replicas[0].url"), "{e:#}");
         assert_eq!(expand("a$${b}c", "x").unwrap(), "a${b}c");
+        let c = Config::parse("retention: 0\nstage-limit: 1048576\n").unwrap();
+        assert_eq!(c.retention.as_deref(), Some("0"));
     }
 }

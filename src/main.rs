@@ -397,6 +397,7 @@ fn run() -> Result<i32> {
                 parallel,
                 dry_run,
                 progress: !json,
+                exact: false,
             })?;
             if json {
                 println!("{}", serde_json::to_string_pretty(&report)?);

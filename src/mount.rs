@@ -267,9 +267,33 @@ fn restore_missing(o: &MountOpts, data: &Path, url: &str) -> Result<()> {
             parallel: 4,
             dry_run: false,
             progress: false,
+            exact: true,
         })
         .with_context(|| format!("--restore-if-missing: restoring {name}"))?;
         log::info!("--restore-if-missing: {}", r.text().trim_end());
+        // Staging starts where the replica's chain ends, so TXIDs continue on it.
+        let stage = data.join(META_DIR).join("db").join(&r.id);
+        if !stage.exists() {
+            let meta = crate::stage::BaseMeta {
+                txid: r.txid,
+                checksum: u64::from_str_radix(&r.checksum, 16).unwrap_or(0),
+                page_size: r.page_size,
+                db_pages: r.pages,
+                time_ns: r.commit_time_ns,
+                folding: None,
+            };
+            crate::stage::seed(&stage, &name, &out, &meta)
+                .and_then(|()| {
+                    crate::stage::write_atomic(
+                        &stage.join(format!(
+                            "shipped.{}",
+                            crate::ship::replica_id(&client.describe())
+                        )),
+                        r.txid.to_string().as_bytes(),
+                    )
+                })
+                .with_context(|| format!("--restore-if-missing: seeding staging for {name}"))?;
+        }
     }
     Ok(())
 }

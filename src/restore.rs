@@ -45,6 +45,9 @@ pub struct RestoreOpts {
     pub dry_run: bool,
     /// Show a progress line (on a terminal, unless the summary is JSON).
     pub progress: bool,
+    /// Keep the exact captured bytes (a database that will be served and captured again),
+    /// instead of presenting rollback journal mode.
+    pub exact: bool,
 }
 
 /// What a restore did (or, for a dry run, would do).
@@ -57,6 +60,10 @@ pub struct Report {
     pub skipped: bool,
     pub txid: u64,
     pub commit_time: Option<String>,
+    /// The same, in ns since the epoch.
+    pub commit_time_ns: u64,
+    /// The database's id in the replica.
+    pub id: String,
     pub page_size: u32,
     pub pages: u32,
     pub bytes: u64,
@@ -213,7 +220,7 @@ pub fn run(o: &RestoreOpts) -> Result<Report> {
     // The checksum of the exact captured bytes is verified; now present rollback journal
     // mode (file format bytes 18-19), so the file opens anywhere on its own, with no -wal
     // or -shm, read-only too. History views serve the same bytes.
-    if last.db_pages > 0 {
+    if last.db_pages > 0 && !o.exact {
         let mut v = [0u8; 2];
         out.read_exact_at(&mut v, 18)?;
         if v == [2, 2] {
@@ -241,6 +248,8 @@ pub fn run(o: &RestoreOpts) -> Result<Report> {
     File::open(out_dir).and_then(|d| d.sync_all())?;
     report.txid = last.txid;
     report.commit_time = Some(fmt_time(last.time_ns));
+    report.commit_time_ns = last.time_ns;
+    report.id = id.clone();
     report.page_size = last.page_size;
     report.pages = last.db_pages;
     report.bytes = last.db_pages as u64 * last.page_size as u64;

@@ -113,6 +113,11 @@ fn outbox(path: &Path) -> std::io::Result<fs::File> {
         .open(path)
 }
 
+/// The short stable id of replica `describe` that names its local position files.
+pub fn replica_id(describe: &str) -> String {
+    short_hash(describe)
+}
+
 fn short_hash(s: &str) -> String {
     let mut h: u64 = 0xcbf29ce484222325;
     for b in s.as_bytes() {

@@ -223,6 +223,18 @@ impl BaseMeta {
     }
 }
 
+/// Creates the staging directory `dir` of a database named `name` whose state after
+/// `meta.txid` is the file `db` (copied into `base.db`): a database restored from a replica
+/// continues that replica's chain instead of starting a new one.
+pub fn seed(dir: &Path, name: &str, db: &Path, meta: &BaseMeta) -> io::Result<()> {
+    fs::create_dir_all(dir.join("log"))?;
+    write_atomic(&dir.join("name"), name.as_bytes())?;
+    let base = dir.join("base.db");
+    fs::copy(db, &base)?;
+    File::open(&base)?.sync_all()?;
+    write_atomic(&dir.join("base.meta"), meta.encode().as_bytes())
+}
+
 /// The append side of a database's staging log.
 struct Appender {
     file: File,
