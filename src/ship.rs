@@ -346,18 +346,7 @@ impl Shipper {
         });
         write_atomic(&pending, format!("{key} {last}").as_bytes())
             .context("recording the shipment in progress")?;
-        let res = match &self.sealer {
-            Some(s) => {
-                let sealed = tmp.with_extension("sealed");
-                let r = s
-                    .seal_file(tmp, &sealed)
-                    .map(|()| self.client.put_new(key, &sealed));
-                let _ = fs::remove_file(&sealed);
-                r?
-            }
-            None => self.client.put_new(key, tmp),
-        };
-        match res {
+        match self.seal_and_put_new(key, tmp)? {
             Ok(()) => Ok(last),
             Err(ReplicaError::Exists(k)) if earlier.is_some() => {
                 let held = earlier.unwrap_or(0);
@@ -478,7 +467,20 @@ impl Shipper {
     /// interval snapshot). Its key names exactly what it holds, so finding it there already
     /// (this mount stored it before a restart) is success.
     fn put_derived(&self, key: &str, local: &Path) -> Result<()> {
-        let res = match &self.sealer {
+        match self.seal_and_put_new(key, local)? {
+            Ok(()) | Err(ReplicaError::Exists(_)) => Ok(()),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    /// Encrypts the local object `local` if this replica is encrypted, and creates `key`
+    /// from it. The outer error is local (encryption); the inner one is the replica's.
+    fn seal_and_put_new(
+        &self,
+        key: &str,
+        local: &Path,
+    ) -> Result<std::result::Result<(), ReplicaError>> {
+        Ok(match &self.sealer {
             Some(s) => {
                 let sealed = local.with_extension("sealed");
                 let r = s
@@ -488,11 +490,7 @@ impl Shipper {
                 r?
             }
             None => self.client.put_new(key, local),
-        };
-        match res {
-            Ok(()) | Err(ReplicaError::Exists(_)) => Ok(()),
-            Err(e) => Err(e.into()),
-        }
+        })
     }
 
     /// Snapshot, compaction and retention for `db`, each when it is due.

@@ -4,184 +4,19 @@
 
 mod common;
 
-use std::io::{Read, Write};
-use std::net::{TcpListener, TcpStream};
-use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use common::replica::{
     as_restored, assert_restore_fails, assert_says, assert_sealed, keygen, restore_ok_with,
     restore_with,
 };
+use common::s3server::*;
 use common::workload::{Driver, DriverCfg, SCHEMA};
 use common::*;
 
-struct Server {
-    child: Child,
-    port: u16,
-}
-
-fn server_bin() -> PathBuf {
-    if let Some(p) = std::env::var_os("SQLFS_S3_SERVER") {
-        return PathBuf::from(p);
-    }
-    let p = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join(".venv/bin/moto_server");
-    assert!(
-        p.exists(),
-        "the S3-compatible test server is not installed at {}: run `make deps` (or `make test`)",
-        p.display()
-    );
-    p
-}
-
-/// One HTTP request without a body; returns the status code.
-fn http(port: u16, method: &str, path: &str) -> std::io::Result<u16> {
-    let mut s = TcpStream::connect(("127.0.0.1", port))?;
-    s.set_read_timeout(Some(Duration::from_secs(10)))?;
-    write!(s, "{method} {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n")?;
-    let mut buf = [0u8; 64];
-    let n = s.read(&mut buf)?;
-    let line = String::from_utf8_lossy(&buf[..n]);
-    Ok(line
-        .split(' ')
-        .nth(1)
-        .and_then(|c| c.parse().ok())
-        .unwrap_or(0))
-}
-
-/// One GET without a body; returns the status code and the body. The test server serves
-/// private objects only to requests that carry credentials, but does not verify signatures:
-/// a well-formed header with the test key and a dummy signature is enough.
-fn http_get(port: u16, path: &str) -> std::io::Result<(u16, Vec<u8>)> {
-    let mut s = TcpStream::connect(("127.0.0.1", port))?;
-    s.set_read_timeout(Some(Duration::from_secs(30)))?;
-    write!(
-        s,
-        "GET {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nAuthorization: AWS4-HMAC-SHA256 \
-         Credential=test/20240101/us-east-1/s3/aws4_request, SignedHeaders=host, \
-         Signature={}\r\nConnection: close\r\n\r\n",
-        "0".repeat(64)
-    )?;
-    let mut raw = Vec::new();
-    s.read_to_end(&mut raw)?;
-    let split = raw
-        .windows(4)
-        .position(|w| w == b"\r\n\r\n")
-        .ok_or_else(|| std::io::Error::other("no end of the response head"))?;
-    let head = String::from_utf8_lossy(&raw[..split]).to_ascii_lowercase();
-    let status = head
-        .split(' ')
-        .nth(1)
-        .and_then(|c| c.parse().ok())
-        .unwrap_or(0);
-    let mut body = raw[split + 4..].to_vec();
-    if head.contains("transfer-encoding: chunked") {
-        let (mut plain, mut rest) = (Vec::new(), &body[..]);
-        loop {
-            let eol = rest
-                .windows(2)
-                .position(|w| w == b"\r\n")
-                .unwrap_or(rest.len());
-            let size = std::str::from_utf8(&rest[..eol])
-                .ok()
-                .and_then(|l| usize::from_str_radix(l.split(';').next()?.trim(), 16).ok())
-                .unwrap_or(0);
-            if size == 0 || eol + 2 + size > rest.len() {
-                break;
-            }
-            plain.extend_from_slice(&rest[eol + 2..eol + 2 + size]);
-            rest = &rest[(eol + 4 + size).min(rest.len())..];
-        }
-        body = plain;
-    }
-    Ok((status, body))
-}
-
-impl Server {
-    /// Every key in `bucket` under `prefix` (one listing page: the tests write far fewer
-    /// than a page holds).
-    fn list(&self, bucket: &str, prefix: &str) -> Vec<String> {
-        let (status, body) = http_get(
-            self.port,
-            &format!("/{bucket}?list-type=2&max-keys=1000&prefix={prefix}"),
-        )
-        .expect("listing the bucket");
-        let xml = String::from_utf8_lossy(&body).into_owned();
-        assert_eq!(status, 200, "listing {bucket}/{prefix}: {xml}");
-        assert!(
-            !xml.contains("<IsTruncated>true"),
-            "listing {bucket}/{prefix} is truncated"
-        );
-        xml.split("<Key>")
-            .skip(1)
-            .filter_map(|p| p.split_once("</Key>").map(|(k, _)| k.to_string()))
-            .collect()
-    }
-
-    /// The bytes of one object.
-    fn object(&self, bucket: &str, key: &str) -> Vec<u8> {
-        let (status, body) =
-            http_get(self.port, &format!("/{bucket}/{key}")).expect("reading an object");
-        assert_eq!(status, 200, "GET {bucket}/{key}");
-        body
-    }
-
-    fn start(bucket: &str) -> Server {
-        let port = TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
-        let mut cmd = Command::new(server_bin());
-        cmd.args(["-H", "127.0.0.1", "-p", &port.to_string()])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null());
-        let child = cmd.spawn().expect("start the S3-compatible test server");
-        let s = Server { child, port };
-        let deadline = Instant::now() + Duration::from_secs(240);
-        loop {
-            if let Ok(200) = s.bucket(bucket) {
-                break;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "the S3-compatible test server did not come up on port {port}"
-            );
-            sleep_ms(200);
-        }
-        s
-    }
-
-    /// Creates `bucket`; returns the HTTP status.
-    fn bucket(&self, bucket: &str) -> std::io::Result<u16> {
-        http(self.port, "PUT", &format!("/{bucket}"))
-    }
-
-    fn url(&self, bucket: &str, prefix: &str) -> String {
-        format!("s3://{bucket}/{prefix}?endpoint=http://127.0.0.1:{}&region=us-east-1&force-path-style=true", self.port)
-    }
-
-    fn pause(&self) {
-        send_signal(self.child.id(), libc::SIGSTOP);
-    }
-
-    fn resume(&self) {
-        send_signal(self.child.id(), libc::SIGCONT);
-    }
-}
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        send_signal(self.child.id(), libc::SIGCONT);
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
 /// One server shared by the tests that do not stop it (starting one is slow on a small machine).
-fn shared(bucket: &str) -> &'static Server {
-    static SHARED: std::sync::OnceLock<Server> = std::sync::OnceLock::new();
+fn shared(bucket: &str) -> &'static S3Server {
+    static SHARED: std::sync::OnceLock<S3Server> = std::sync::OnceLock::new();
     static PID: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
     extern "C" fn kill_shared() {
         let pid = PID.load(std::sync::atomic::Ordering::SeqCst);
@@ -190,7 +25,7 @@ fn shared(bucket: &str) -> &'static Server {
         }
     }
     let s = SHARED.get_or_init(|| {
-        let s = Server::start("shared");
+        let s = S3Server::start("shared");
         PID.store(s.child.id(), std::sync::atomic::Ordering::SeqCst);
         // Statics are never dropped: stop the shared server when the test process exits.
         // SAFETY: registers a plain function with no captured state.
@@ -199,14 +34,6 @@ fn shared(bucket: &str) -> &'static Server {
     });
     assert_eq!(s.bucket(bucket).unwrap(), 200, "creating bucket {bucket}");
     s
-}
-
-fn credentials() {
-    // Test credentials for the loopback server; no instance metadata lookups.
-    std::env::set_var("AWS_ACCESS_KEY_ID", "test");
-    std::env::set_var("AWS_SECRET_ACCESS_KEY", "test-secret");
-    std::env::set_var("AWS_REGION", "us-east-1");
-    std::env::set_var("AWS_EC2_METADATA_DISABLED", "true");
 }
 
 fn writes(fx: &Fixture, db: &str, from: i64, n: i64) {
@@ -276,7 +103,7 @@ fn last_txid(fx: &Fixture, db: &str) -> u64 {
 
 #[test]
 fn s3_replica_round_trip_at_every_sampled_txid() {
-    credentials();
+    s3_test_credentials();
     let srv = shared("roundtrip");
     let url = srv.url("roundtrip", "backups/host1");
     let mut fx = Fixture::new("s3rt", false);
@@ -307,8 +134,8 @@ fn s3_replica_round_trip_at_every_sampled_txid() {
 
 #[test]
 fn s3_server_stopped_for_30s_then_catches_up() {
-    credentials();
-    let srv = Server::start("pause");
+    s3_test_credentials();
+    let srv = S3Server::start("pause");
     let url = srv.url("pause", "p");
     let mut fx = Fixture::new("s3pause", false);
     fx.opts.replicas = Some(vec![url.clone()]);
@@ -350,7 +177,7 @@ fn s3_server_stopped_for_30s_then_catches_up() {
 
 #[test]
 fn s3_second_writer_is_fenced_and_the_replica_stays_consistent() {
-    credentials();
+    s3_test_credentials();
     let srv = shared("fence");
     let url = srv.url("fence", "f");
     let mut a = Fixture::new("s3fenceA", false);
@@ -434,7 +261,7 @@ fn s3_bad_urls_are_refused_clearly() {
 /// with another identity or none fails clearly and writes nothing.
 #[test]
 fn s3_encrypted_replica_round_trip() {
-    credentials();
+    s3_test_credentials();
     let seed = seed_for("s3_encrypted_replica_round_trip");
     let srv = shared("crypt");
     let prefix = "enc/host1";

@@ -148,6 +148,17 @@ impl S3Replica {
     }
 }
 
+/// True if a GET failed because the key does not exist.
+fn is_missing(
+    e: &SdkError<
+        aws_sdk_s3::operation::get_object::GetObjectError,
+        aws_sdk_s3::config::http::HttpResponse,
+    >,
+) -> bool {
+    e.as_service_error().is_some_and(|s| s.is_no_such_key())
+        || e.raw_response().is_some_and(|r| r.status().as_u16() == 404)
+}
+
 impl ReplicaClient for S3Replica {
     fn describe(&self) -> String {
         self.shown.clone()
@@ -216,14 +227,8 @@ impl ReplicaClient for S3Replica {
                 .await;
             let out = match r {
                 Ok(o) => o,
-                Err(e) => {
-                    if e.as_service_error().is_some_and(|s| s.is_no_such_key())
-                        || e.raw_response().is_some_and(|r| r.status().as_u16() == 404)
-                    {
-                        return Ok(false);
-                    }
-                    return Err(self.err("get", key, e));
-                }
+                Err(e) if is_missing(&e) => return Ok(false),
+                Err(e) => return Err(self.err("get", key, e)),
             };
             let io_err = |e: io::Error| ReplicaError::Io {
                 replica: self.describe(),
@@ -259,18 +264,12 @@ impl ReplicaClient for S3Replica {
                 .await;
             let out = match r {
                 Ok(o) => o,
-                Err(e) => {
-                    if e.as_service_error().is_some_and(|s| s.is_no_such_key())
-                        || e.raw_response().is_some_and(|r| r.status().as_u16() == 404)
-                    {
-                        return Ok(None);
-                    }
-                    // Past the end of a shorter object.
-                    if e.raw_response().is_some_and(|r| r.status().as_u16() == 416) {
-                        return Ok(Some(Vec::new()));
-                    }
-                    return Err(self.err("get", key, e));
+                Err(e) if is_missing(&e) => return Ok(None),
+                // Past the end of a shorter object.
+                Err(e) if e.raw_response().is_some_and(|r| r.status().as_u16() == 416) => {
+                    return Ok(Some(Vec::new()))
                 }
+                Err(e) => return Err(self.err("get", key, e)),
             };
             let data = out.body.collect().await.map_err(|e| ReplicaError::Io {
                 replica: self.describe(),

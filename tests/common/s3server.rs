@@ -51,7 +51,92 @@ pub fn http_status(port: u16, method: &str, path: &str) -> std::io::Result<u16> 
         .unwrap_or(0))
 }
 
+/// One GET without a body; returns the status code and the body. The test server serves
+/// private objects only to requests that carry credentials, but does not verify signatures:
+/// a well-formed header with the test key and a dummy signature is enough.
+pub fn http_get(port: u16, path: &str) -> std::io::Result<(u16, Vec<u8>)> {
+    let mut s = TcpStream::connect(("127.0.0.1", port))?;
+    s.set_read_timeout(Some(Duration::from_secs(30)))?;
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nAuthorization: AWS4-HMAC-SHA256 \
+         Credential=test/20240101/us-east-1/s3/aws4_request, SignedHeaders=host, \
+         Signature={}\r\nConnection: close\r\n\r\n",
+        "0".repeat(64)
+    )?;
+    let mut raw = Vec::new();
+    s.read_to_end(&mut raw)?;
+    let split = raw
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .ok_or_else(|| std::io::Error::other("no end of the response head"))?;
+    let head = String::from_utf8_lossy(&raw[..split]).to_ascii_lowercase();
+    let status = head
+        .split(' ')
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0);
+    let mut body = raw[split + 4..].to_vec();
+    if head.contains("transfer-encoding: chunked") {
+        let (mut plain, mut rest) = (Vec::new(), &body[..]);
+        loop {
+            let eol = rest
+                .windows(2)
+                .position(|w| w == b"\r\n")
+                .unwrap_or(rest.len());
+            let size = std::str::from_utf8(&rest[..eol])
+                .ok()
+                .and_then(|l| usize::from_str_radix(l.split(';').next()?.trim(), 16).ok())
+                .unwrap_or(0);
+            if size == 0 || eol + 2 + size > rest.len() {
+                break;
+            }
+            plain.extend_from_slice(&rest[eol + 2..eol + 2 + size]);
+            rest = &rest[(eol + 4 + size).min(rest.len())..];
+        }
+        body = plain;
+    }
+    Ok((status, body))
+}
+
 impl S3Server {
+    /// Every key in `bucket` under `prefix` (one listing page: the tests write far fewer
+    /// than a page holds).
+    pub fn list(&self, bucket: &str, prefix: &str) -> Vec<String> {
+        let (status, body) = http_get(
+            self.port,
+            &format!("/{bucket}?list-type=2&max-keys=1000&prefix={prefix}"),
+        )
+        .expect("listing the bucket");
+        let xml = String::from_utf8_lossy(&body).into_owned();
+        assert_eq!(status, 200, "listing {bucket}/{prefix}: {xml}");
+        assert!(
+            !xml.contains("<IsTruncated>true"),
+            "listing {bucket}/{prefix} is truncated"
+        );
+        xml.split("<Key>")
+            .skip(1)
+            .filter_map(|p| p.split_once("</Key>").map(|(k, _)| k.to_string()))
+            .collect()
+    }
+
+    /// The bytes of one object.
+    pub fn object(&self, bucket: &str, key: &str) -> Vec<u8> {
+        let (status, body) =
+            http_get(self.port, &format!("/{bucket}/{key}")).expect("reading an object");
+        assert_eq!(status, 200, "GET {bucket}/{key}");
+        body
+    }
+
+    /// Freezes the server (SIGSTOP): requests hang as with a store that is down.
+    pub fn pause(&self) {
+        send_signal(self.child.id(), libc::SIGSTOP);
+    }
+
+    pub fn resume(&self) {
+        send_signal(self.child.id(), libc::SIGCONT);
+    }
+
     /// Starts a server on a free port and creates `bucket`.
     pub fn start(bucket: &str) -> S3Server {
         let port = TcpListener::bind("127.0.0.1:0")
