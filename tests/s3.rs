@@ -4,6 +4,8 @@
 
 mod common;
 
+use std::path::PathBuf;
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 use common::replica::{
