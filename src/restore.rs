@@ -368,6 +368,35 @@ struct Applied {
     page_size: u32,
     /// Pages past `pages` written by the transaction being applied.
     grown: BTreeSet<u32>,
+    /// Consecutive pages not written out yet: (first page's file offset, bytes).
+    pending: (u64, Vec<u8>),
+}
+
+/// Pending page writes are flushed once they reach this many bytes.
+const WRITE_BATCH: usize = 4 << 20;
+
+impl Applied {
+    /// Writes the pending pages to `out`.
+    fn flush(&mut self, out: &File) -> std::io::Result<()> {
+        if !self.pending.1.is_empty() {
+            out.write_all_at(&self.pending.1, self.pending.0)?;
+            self.pending.1.clear();
+        }
+        Ok(())
+    }
+
+    /// Queues page bytes for offset `at`, writing the queue first unless they continue it.
+    fn queue(&mut self, out: &File, at: u64, d: &[u8]) -> std::io::Result<()> {
+        let (start, buf) = &self.pending;
+        if !buf.is_empty() && (start + buf.len() as u64 != at || buf.len() >= WRITE_BATCH) {
+            self.flush(out)?;
+        }
+        if self.pending.1.is_empty() {
+            self.pending.0 = at;
+        }
+        self.pending.1.extend_from_slice(d);
+        Ok(())
+    }
 }
 
 /// Verifies and applies one local object of the plan: its transactions after the current
@@ -419,21 +448,20 @@ fn apply_object(path: &Path, step: &Step, out: &File, a: &mut Applied) -> Result
             }
             Event::Page(p, d) if !skip => {
                 let ps = d.len() as u64;
-                if p <= a.pages {
-                    let mut old = vec![0u8; d.len()];
-                    out.read_exact_at(&mut old, (p as u64 - 1) * ps)
-                        .map_err(io)?;
-                    a.checksum ^= page_crc(p, &old);
-                } else if !a.grown.insert(p) {
+                // The version being replaced leaves the checksum (pages past the old end
+                // count only once this transaction wrote them).
+                if p <= a.pages || !a.grown.insert(p) {
+                    a.flush(out).map_err(io)?;
                     let mut old = vec![0u8; d.len()];
                     out.read_exact_at(&mut old, (p as u64 - 1) * ps)
                         .map_err(io)?;
                     a.checksum ^= page_crc(p, &old);
                 }
                 a.checksum ^= page_crc(p, d);
-                out.write_all_at(d, (p as u64 - 1) * ps).map_err(io)?;
+                a.queue(out, (p as u64 - 1) * ps, d).map_err(io)?;
             }
             Event::End(h) if !skip => {
+                a.flush(out).map_err(io)?;
                 let ps = h.page_size as u64;
                 let zero = vec![0u8; ps as usize];
                 // Pages past the old end that this transaction did not write are zeros.

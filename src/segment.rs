@@ -15,8 +15,6 @@ use std::fs::File;
 use std::io::{self, BufReader, Read, Seek, SeekFrom, Write};
 use std::path::Path;
 
-use crc::{Crc, Table, CRC_64_XZ};
-
 use crate::stage::{read_pages, write_record, PageSink, RecordHeader, RECORD_HEADER};
 
 const MAGIC: &[u8; 8] = b"SQFSOBJ\0";
@@ -25,7 +23,6 @@ pub const VERSION: u16 = 1;
 /// Size of an object's header.
 pub const HEADER: usize = 128;
 const INDEX_ENTRY: usize = 28;
-const CRC64: Crc<u64, Table<16>> = Crc::<u64, Table<16>>::new(&CRC_64_XZ);
 /// zstd level: fast enough to keep up with the commit stream on a small machine.
 const ZSTD_LEVEL: i32 = 3;
 
@@ -289,7 +286,7 @@ impl ObjectWriter {
         self.file.seek(SeekFrom::Start(0))?;
         self.file.write_all(&self.hdr.encode())?;
         self.file.seek(SeekFrom::Start(0))?;
-        let mut crc = CRC64.digest();
+        let mut crc = crate::sqlite::crc64();
         let mut buf = vec![0u8; 1 << 20];
         let mut r = (&self.file).take(self.pos + self.index.len() as u64);
         loop {
@@ -380,7 +377,7 @@ pub fn verify(file: &File, what: &str) -> Result<ObjHeader> {
     let mut head = [0u8; HEADER];
     r.read_exact(&mut head).map_err(io(what))?;
     let hdr = ObjHeader::decode(&head, what)?;
-    let mut crc = CRC64.digest();
+    let mut crc = crate::sqlite::crc64();
     crc.update(&head);
     let mut left = len - 8 - HEADER as u64;
     let mut buf = vec![0u8; 1 << 20];

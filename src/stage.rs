@@ -18,8 +18,6 @@ use std::io::{self, BufReader, Read, Seek, SeekFrom, Write};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
-use crc::{Crc, Table, CRC_64_XZ};
-
 use crate::backing::shown;
 use parking_lot::Mutex;
 
@@ -35,7 +33,6 @@ pub fn now_ns() -> u64 {
 pub const RECORD_HEADER: usize = 80;
 const RECORD_MAGIC: &[u8; 4] = b"SQTX";
 const RECORD_VERSION: u8 = 1;
-const CRC64: Crc<u64, Table<16>> = Crc::<u64, Table<16>>::new(&CRC_64_XZ);
 /// A segment is sealed (a new one started) once it reaches this size.
 const SEGMENT_BYTES: u64 = 8 << 20;
 
@@ -782,7 +779,7 @@ pub fn write_record(
     fill: impl FnOnce(PageSink<'_>) -> io::Result<()>,
 ) -> io::Result<u64> {
     let mut buf = Vec::with_capacity((h.len() as usize).min(4 << 20));
-    let mut crc = CRC64.digest();
+    let mut crc = crate::sqlite::crc64();
     buf.extend_from_slice(&h.encode());
     let (mut n, mut written) = (0u32, 0u64);
     fill(&mut |pgno, page| {
@@ -851,7 +848,7 @@ pub fn read_pages(
         offset: off,
         why: why.into(),
     };
-    let mut crc = CRC64.digest();
+    let mut crc = crate::sqlite::crc64();
     crc.update(hb);
     let mut entry = vec![0u8; 4 + h.page_size as usize];
     for _ in 0..h.npages {
