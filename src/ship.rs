@@ -290,7 +290,7 @@ impl Shipper {
         let mut pos = pos;
         if pos < base.txid {
             // The transactions after `pos` were folded locally: start over from the base.
-            self.build_snapshot(db, &tmp, base.txid)
+            self.build_snapshot(db, tmp, base.txid)
                 .with_context(|| format!("{name}: building a snapshot"))?;
             let key = snapshot_key(&db.id, base.txid);
             let held = self.store(name, db, &key, tmp, base.txid)?;
@@ -301,7 +301,7 @@ impl Shipper {
                 return Ok(());
             }
         }
-        let file = outbox(&tmp).context("creating the outbox file")?;
+        let file = outbox(tmp).context("creating the outbox file")?;
         let mut w = ObjectWriter::new(file, ObjKind::Segment, 0, &db.id)?;
         db.stage
             .for_each(pos, last, |h, pages| {

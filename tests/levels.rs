@@ -741,7 +741,7 @@ fn list_text_and_json() {
         assert!(o.stdout.contains(name), "{}", o.stdout);
     }
     assert!(
-        o.stdout.contains(&format!("restore window: TXID 1 (")),
+        o.stdout.contains("restore window: TXID 1 ("),
         "{}",
         o.stdout
     );
@@ -1232,7 +1232,7 @@ fn metrics_endpoint() {
         Some(last as f64),
         "{body}"
     );
-    let line = format!("sqlfs_replica_txid{{db=\"app.db\",replica=\"");
+    let line = "sqlfs_replica_txid{db=\"app.db\",replica=\"".to_string();
     assert!(body.lines().any(|l| l.starts_with(&line)), "{body}");
     let lag = metric(&body, "sqlfs_replica_lag_seconds{db=\"app.db\"").expect(&body);
     assert!(lag >= 0.0, "{body}");
