@@ -536,14 +536,17 @@ impl History {
         names
     }
 
-    /// Commit times of the replica's snapshots and compacted-segment ends.
+    /// Commit times of the replica's snapshots and of the ends of its highest level's segments.
     fn replica_points(&self, r: &ReplicaSide) -> Result<Vec<u64>> {
         let mut out = Vec::new();
         let opener = r.opener();
         let reader = Reader::new(r.client.as_ref(), opener.as_ref());
         for (id, name) in self.replica_dbs(r)? {
             let cat = self.replica_catalog(r, &id, &name)?;
-            for o in cat.snaps.iter().chain(cat.levels.iter().skip(1).flatten()) {
+            // Snapshots and the ends of the highest compaction level: a listing that stays
+            // short over a long window (a few dozen entries a day with the defaults).
+            let top = cat.levels.iter().skip(1).rev().find(|l| !l.is_empty());
+            for o in cat.snaps.iter().chain(top.into_iter().flatten()) {
                 let known = r.end_times.lock().get(&o.key).copied();
                 let t = match known {
                     Some(t) => Some(t),
