@@ -505,7 +505,13 @@ impl Filesystem for SqlFs {
     }
 
     fn forget(&self, _req: &Request, ino: INodeNo, nlookup: u64) {
-        if ino.0 == 1 || History::is_virtual(ino.0) {
+        if History::is_virtual(ino.0) {
+            if let Some(h) = &self.history {
+                h.forget(ino.0, nlookup);
+            }
+            return;
+        }
+        if ino.0 == 1 {
             return;
         }
         let mut nodes = self.nodes.write();

@@ -204,6 +204,8 @@ pub struct History {
     views: Mutex<HashMap<String, Arc<TimeView>>>,
     nodes: RwLock<HashMap<u64, VNode>>,
     inos: Mutex<HashMap<(usize, String), u64>>,
+    /// Kernel lookups not yet forgotten, per virtual inode (with its key in `inos`).
+    lookups: Mutex<HashMap<u64, (u64, (usize, String))>>,
     next_ino: AtomicU64,
     next_view: AtomicU64,
     listing: Mutex<Option<Listing>>,
@@ -291,6 +293,7 @@ impl History {
             views: Mutex::new(HashMap::new()),
             nodes: RwLock::new(HashMap::from([(ROOT_INO, VNode::Root)])),
             inos: Mutex::new(HashMap::new()),
+            lookups: Mutex::new(HashMap::new()),
             next_ino: AtomicU64::new(2),
             next_view: AtomicU64::new(1),
             listing: Mutex::new(None),
@@ -315,16 +318,56 @@ impl History {
         }
     }
 
+    /// The inode of `rel` in `view`, for a lookup the kernel will count: it stays until the
+    /// kernel forgets it as often as it was looked up (`forget`), then its node (and with the
+    /// last one, the view's page maps) is dropped.
     fn ino_for(&self, view: &Arc<TimeView>, rel: &str, node: VNode) -> u64 {
         let key = (Arc::as_ptr(view) as usize, rel.to_string());
         let mut inos = self.inos.lock();
-        if let Some(i) = inos.get(&key) {
+        let ino = match inos.get(&key) {
+            Some(i) => *i,
+            None => {
+                let ino = VIRT | self.next_ino.fetch_add(1, Ordering::Relaxed);
+                inos.insert(key.clone(), ino);
+                self.nodes.write().insert(ino, node);
+                ino
+            }
+        };
+        self.lookups.lock().entry(ino).or_insert((0, key)).0 += 1;
+        ino
+    }
+
+    /// The inode a directory listing shows for `rel` in `view`: the looked-up one if there
+    /// is one, else a stable number (a listing creates nothing the kernel would not forget).
+    fn listed_ino(&self, view: &Arc<TimeView>, rel: &str) -> u64 {
+        let key = (Arc::as_ptr(view) as usize, rel.to_string());
+        if let Some(i) = self.inos.lock().get(&key) {
             return *i;
         }
-        let ino = VIRT | self.next_ino.fetch_add(1, Ordering::Relaxed);
-        inos.insert(key, ino);
-        self.nodes.write().insert(ino, node);
-        ino
+        let mut h: u64 = 0xcbf2_9ce4_8422_2325 ^ key.0 as u64;
+        for b in rel.bytes() {
+            h = (h ^ b as u64).wrapping_mul(0x0100_0000_01b3);
+        }
+        VIRT | (h >> 1)
+    }
+
+    /// The kernel dropped `n` references to `ino`.
+    pub fn forget(&self, ino: u64, n: u64) {
+        if ino == ROOT_INO {
+            return;
+        }
+        let mut inos = self.inos.lock();
+        let mut lookups = self.lookups.lock();
+        let Some((count, _)) = lookups.get_mut(&ino) else {
+            return;
+        };
+        *count = count.saturating_sub(n);
+        if *count == 0 {
+            if let Some((_, key)) = lookups.remove(&ino) {
+                inos.remove(&key);
+            }
+            self.nodes.write().remove(&ino);
+        }
     }
 
     fn entry_of(&self, ino: u64) -> Result<Entry, i32> {
@@ -430,26 +473,19 @@ impl History {
         };
         let mut seen = BTreeSet::new();
         let mut out = Vec::new();
-        for (k, db) in &view.dbs {
+        for k in view.dbs.keys() {
             let Some(rest) = k.strip_prefix(&prefix) else {
                 continue;
             };
             match rest.split_once('/') {
                 None => {
-                    let ino = self.ino_for(&view, k, VNode::File { db: db.clone() });
+                    let ino = self.listed_ino(&view, k);
                     out.push((ino, false, rest.to_string()));
                 }
                 Some((d, _)) => {
                     if seen.insert(d.to_string()) {
                         let child = format!("{prefix}{d}");
-                        let ino = self.ino_for(
-                            &view,
-                            &child,
-                            VNode::Dir {
-                                view: view.clone(),
-                                rel: child.clone(),
-                            },
-                        );
+                        let ino = self.listed_ino(&view, &child);
                         out.push((ino, true, d.to_string()));
                     }
                 }
