@@ -157,6 +157,8 @@ pub fn parse_header(b: &[u8], what: &str) -> Result<ObjHeader> {
 /// Builds one object in a local file, one transaction at a time.
 pub struct ObjectWriter {
     file: File,
+    /// One compression context for every frame of the object (creating one is costly).
+    zstd: zstd::bulk::Compressor<'static>,
     hdr: ObjHeader,
     index: Vec<u8>,
     pos: u64,
@@ -198,6 +200,7 @@ impl ObjectWriter {
         };
         Ok(ObjectWriter {
             file,
+            zstd: zstd::bulk::Compressor::new(ZSTD_LEVEL)?,
             hdr,
             index: Vec::new(),
             pos: HEADER as u64,
@@ -224,6 +227,7 @@ impl ObjectWriter {
         let span = FRAME_PAGES * (4 + h.page_size as u64);
         let mut frames = Framer {
             file: &mut self.file,
+            zstd: &mut self.zstd,
             pos: self.pos,
             raw: 0,
             next_cut: RECORD_HEADER as u64 + span,
@@ -310,6 +314,7 @@ const FRAME_PAGES: u64 = 256;
 /// (the first frame also holds the record header, the last its CRC).
 struct Framer<'a> {
     file: &'a mut File,
+    zstd: &'a mut zstd::bulk::Compressor<'static>,
     /// Object offset the next frame starts at.
     pos: u64,
     /// Record bytes received so far.
@@ -327,7 +332,7 @@ impl Framer<'_> {
         if self.buf.is_empty() {
             return Ok(());
         }
-        let z = zstd::bulk::compress(&self.buf, ZSTD_LEVEL)?;
+        let z = self.zstd.compress(&self.buf)?;
         self.file.write_all(&z)?;
         let start = self.raw - self.buf.len() as u64;
         self.frames.push((self.pos, z.len() as u64, start));
