@@ -13,7 +13,13 @@
 //!     file replica and to the S3-compatible test server; `sqlfs restore` of the latest
 //!     state and of a TXID in the middle of the window, from each (MB/s);
 //!  8. replication to the S3-compatible server through a counting proxy: commit → object
-//!     readable lag, and requests per minute under constant writes and idle.
+//!     readable lag, and requests per minute under constant writes and idle;
+//!  9. history views: a large database and small transactions after it on a mount whose
+//!     staging keeps every page locally; open + one point query of `.history/txid-N/`, of
+//!     `.history/<instant>/` and of `.history/latest/` on a fresh connection (the view's first
+//!     access), a warm second query, and a full scan, each against the same on a copy made by
+//!     `sqlfs restore --txid N` on local disk; then the same view with staging folded, so
+//!     that it comes from the file replica.
 //!
 //! The results are printed as a markdown table and written to target/bench-results.md.
 //! The S3-compatible server is the one `make bench` installs (as `make test` does).
@@ -26,9 +32,11 @@
 //!   SQLFS_BENCH_READS    percent of reads in the mixed workload (default 80)
 //!   SQLFS_BENCH_RESTORE_MB    size of the restored database, MiB (default 1024; 0 skips)
 //!   SQLFS_BENCH_RESTORE_TXNS  small transactions after it (default 300)
+//!   SQLFS_BENCH_HISTORY_MB    size of the database behind the history views, MiB
+//!                             (default 1024; 0 skips)
 //!   SQLFS_BENCH_S3=0     leave out everything that needs the S3-compatible server
 //!   SQLFS_BENCH_ONLY     run only these workloads, comma-separated, of: autocommit, scan,
-//!                        plain, mixed, replication, memory, restore, s3
+//!                        plain, mixed, replication, memory, restore, s3, history
 //!   SQLFS_S3_SERVER      the S3-compatible server binary (default: .venv/bin/moto_server)
 //!   SQLFS_BENCH_DIR      where to make the work directory sqlfs-bench-work; on disk, not
 //!                        tmpfs (default: target/bench-work)
@@ -64,6 +72,7 @@ struct Config {
     read_pct: u64,
     restore_mb: u64,
     restore_txns: u64,
+    history_mb: u64,
     s3: bool,
     only: Option<Vec<String>>,
     work: PathBuf,
@@ -100,6 +109,7 @@ impl Config {
             read_pct: env_num("SQLFS_BENCH_READS", 80)?,
             restore_mb: env_num("SQLFS_BENCH_RESTORE_MB", 1024)?,
             restore_txns: env_num("SQLFS_BENCH_RESTORE_TXNS", 300)?,
+            history_mb: env_num("SQLFS_BENCH_HISTORY_MB", 1024)?,
             s3: std::env::var("SQLFS_BENCH_S3").map_or(true, |v| v.trim() != "0"),
             only: std::env::var("SQLFS_BENCH_ONLY")
                 .ok()
@@ -112,7 +122,7 @@ impl Config {
         if cfg.secs <= 0.0 || cfg.threads == 0 || cfg.scan_mb == 0 || cfg.read_pct > 100 {
             bail!("invalid benchmark settings");
         }
-        const KNOWN: [&str; 8] = [
+        const KNOWN: [&str; 9] = [
             "autocommit",
             "scan",
             "plain",
@@ -121,6 +131,7 @@ impl Config {
             "memory",
             "restore",
             "s3",
+            "history",
         ];
         for w in cfg.only.iter().flatten() {
             if !KNOWN.contains(&w.as_str()) {
@@ -141,6 +152,7 @@ impl Config {
             .is_none_or(|o| o.iter().any(|w| w == name));
         match name {
             "restore" => wanted && self.restore_mb > 0,
+            "history" => wanted && self.history_mb > 0,
             "s3" => wanted && self.s3,
             _ => wanted,
         }
@@ -266,6 +278,17 @@ impl Mount {
 
     /// A mount shipping to `replicas` (URLs).
     fn start_with(dir: &Path, backing: &Path, log: &Path, replicas: &[String]) -> Result<Mount> {
+        Mount::start_args(dir, backing, log, replicas, &[])
+    }
+
+    /// A mount shipping to `replicas` (URLs), with more `sqlfs mount` arguments.
+    fn start_args(
+        dir: &Path,
+        backing: &Path,
+        log: &Path,
+        replicas: &[String],
+        extra: &[String],
+    ) -> Result<Mount> {
         fs::create_dir_all(dir)?;
         fs::create_dir_all(backing)?;
         let out = File::create(log)?;
@@ -274,6 +297,7 @@ impl Mount {
         for r in replicas {
             cmd.arg("--replica").arg(r);
         }
+        cmd.args(extra);
         let child = cmd
             .envs(s3::ENV)
             .stdin(Stdio::null())
@@ -898,6 +922,20 @@ struct RestoreRun {
     timings: Vec<RestoreTiming>,
 }
 
+/// Bulk-loads table `t` in 10 MB transactions until the database takes `target` bytes.
+fn grow_to(conn: &Connection, target: u64, mut seed: u64) -> Result<()> {
+    loop {
+        let have = db_bytes(conn)?;
+        if have >= target {
+            return Ok(());
+        }
+        // Rows take a little more room than their data: top up in steps.
+        let left_mb = (target - have).div_ceil(1_000_000).clamp(1, 128);
+        bulk_load(conn, left_mb, 10, seed)?;
+        seed += 1;
+    }
+}
+
 /// A database of `restore_mb` MiB and `restore_txns` small transactions after it, built on a
 /// mount shipping to a file replica (and the S3-compatible server, when there is one); then,
 /// with the mount stopped, `sqlfs restore` of the latest state and of the TXID in the middle
@@ -926,17 +964,7 @@ fn restore_bench(cfg: &Config, store: Option<&s3::Server>) -> Result<RestoreRun>
     ));
     let conn = open(&mnt.join(DB), "NORMAL")?;
     let start = Instant::now();
-    let mut seed = 20;
-    loop {
-        let have = db_bytes(&conn)?;
-        if have >= target {
-            break;
-        }
-        // Rows take a little more room than their data: top up in steps.
-        let left_mb = (target - have).div_ceil(1_000_000).clamp(1, 128);
-        bulk_load(&conn, left_mb, 10, seed)?;
-        seed += 1;
-    }
+    grow_to(&conn, target, 20)?;
     let first = last_txid(&mnt, DB)? + 1;
     step(&format!(
         "restore: {} small transactions after it",
@@ -1002,6 +1030,381 @@ fn restore_bench(cfg: &Config, store: Option<&s3::Server>) -> Result<RestoreRun>
         load_secs,
         ship_secs,
         timings,
+    })
+}
+
+// ---------------------------------------------------------------------------------------
+// History views
+
+/// `sqlfs log` of `db` under a running mount: the staging base's TXID (0 without one) and
+/// (TXID, commit time in ns) of every staged transaction after it.
+fn staged_log(mnt: &Path, db: &str) -> Result<(u64, Vec<(u64, u64)>)> {
+    let out = sqlfs_cli(&[
+        "log".as_ref(),
+        mnt.as_os_str(),
+        "--db".as_ref(),
+        db.as_ref(),
+    ])?;
+    let field = |l: &str, name: &str| -> Option<u64> {
+        l.split(' ')
+            .find_map(|w| w.strip_prefix(name))
+            .and_then(|v| v.parse().ok())
+    };
+    let mut base = 0;
+    let mut txns = Vec::new();
+    for l in out.lines() {
+        if l.starts_with("base ") {
+            base = field(l, "txid=").unwrap_or(0);
+        } else if let (Some(t), Some(ts)) = (field(l, "txid="), field(l, "ts=")) {
+            txns.push((t, ts));
+        }
+    }
+    Ok((base, txns))
+}
+
+/// RFC 3339 name of `ns` in UTC, milliseconds rounded up (as `.history` names its entries,
+/// so that the name stands for the state after the transaction committed at `ns`).
+fn rfc3339_ms(ns: u64) -> String {
+    let ms = ns.div_ceil(1_000_000);
+    let secs = (ms / 1000) as i64;
+    let (days, rem) = (secs.div_euclid(86_400), secs.rem_euclid(86_400));
+    // Civil date from days since 1970-01-01 (H. Hinnant's algorithm).
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    let y = yoe + era * 400 + i64::from(m <= 2);
+    format!(
+        "{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}.{:03}Z",
+        rem / 3600,
+        rem % 3600 / 60,
+        rem % 60,
+        ms % 1000
+    )
+}
+
+/// A fresh read-only connection.
+fn open_ro(path: &Path) -> Result<Connection> {
+    use rusqlite::OpenFlags;
+    Connection::open_with_flags(
+        path,
+        OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX,
+    )
+    .with_context(|| format!("opening {} read-only", path.display()))
+}
+
+/// One point query by primary key: the length of the row's payload.
+fn point_query(conn: &Connection, id: u64) -> Result<i64> {
+    Ok(
+        conn.query_row("SELECT length(x) FROM t WHERE id = ?1", params![id], |r| {
+            r.get(0)
+        })?,
+    )
+}
+
+/// Opens `path` read-only on a fresh connection and answers one point query: the time of
+/// both together, the connection, and the answer.
+fn open_and_query(path: &Path, id: u64) -> Result<(Duration, Connection, i64)> {
+    let start = Instant::now();
+    let conn = open_ro(path)?;
+    let v = point_query(&conn, id)?;
+    Ok((start.elapsed(), conn, v))
+}
+
+/// A point query on an open connection: its time and answer.
+fn timed_query(conn: &Connection, id: u64) -> Result<(Duration, i64)> {
+    let start = Instant::now();
+    let v = point_query(conn, id)?;
+    Ok((start.elapsed(), v))
+}
+
+/// A full scan of `t` on a fresh read-only connection: its time and the sum it computed.
+fn timed_scan(path: &Path) -> Result<(Duration, i64)> {
+    let conn = open_ro(path)?;
+    let start = Instant::now();
+    let sum: i64 = conn.query_row("SELECT sum(length(x)) FROM t", [], |r| r.get(0))?;
+    Ok((start.elapsed(), sum))
+}
+
+fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1e3
+}
+
+/// What the history workload measured, and how its database was built.
+struct HistoryRun {
+    db_bytes: u64,
+    window: (u64, u64),
+    mid: u64,
+    instant: String,
+    load_secs: f64,
+    ship_secs: f64,
+    restore_secs: f64,
+    fold_secs: f64,
+    /// Why the view from the replica could not be read, if it could not.
+    replica_error: Option<String>,
+    rows: Vec<Row>,
+}
+
+/// History views of a database of `history_mb` MiB with small transactions after it, built
+/// through a mount whose `--stage-limit` keeps every page staged locally, shipped to a file
+/// replica. Opens `.history/txid-N/`, `.history/<instant>/` and `.history/latest/` (N in the
+/// middle of the small transactions) on fresh read-only connections and answers one point
+/// query, then a second one, then scans the table; the same on the copy `sqlfs restore
+/// --txid N` writes to local disk. Then remounts with a small `--stage-limit`, waits until
+/// staging is folded past N, and opens `.history/txid-N/` again: now from the replica.
+fn history_bench(cfg: &Config) -> Result<HistoryRun> {
+    const DB: &str = "history.db";
+    const TXNS: u64 = 100;
+    let mnt = cfg.work.join("history-mnt");
+    let backing = cfg.work.join("history-backing");
+    let replica = cfg.work.join("history-replica");
+    let urls = [format!("file://{}", replica.display())];
+    let log = cfg.work.join("history.log");
+    let target = cfg.history_mb << 20;
+    // Large enough that nothing is folded: every page of every TXID stays staged.
+    let stage_limit = (4u64 << 30).max(target * 4);
+    let mount = Mount::start_args(
+        &mnt,
+        &backing,
+        &log,
+        &urls,
+        &["--stage-limit".into(), stage_limit.to_string()],
+    )?;
+    step(&format!(
+        "history: building a {} MiB database, staged locally",
+        cfg.history_mb
+    ));
+    let conn = open(&mnt.join(DB), "NORMAL")?;
+    let start = Instant::now();
+    grow_to(&conn, target, 40)?;
+    let first = last_txid(&mnt, DB)? + 1;
+    step(&format!("history: {TXNS} small transactions after it"));
+    let rows: u64 = conn.query_row("SELECT max(id) FROM t", [], |r| r.get(0))?;
+    let mut rng = Rng::new(11);
+    for i in 0..TXNS {
+        if i % 2 == 0 {
+            conn.execute("INSERT INTO t(x) VALUES (?1)", params![rng.bytes(100)])?;
+        } else {
+            conn.execute(
+                "UPDATE t SET x = ?1 WHERE id = ?2",
+                params![rng.bytes(1000), 1 + rng.below(rows)],
+            )?;
+        }
+        thread::sleep(Duration::from_millis(10));
+    }
+    let last = last_txid(&mnt, DB)?;
+    let load_secs = start.elapsed().as_secs_f64();
+    drop(conn);
+    let mid = first + (last - first) / 2;
+    let (base, staged) = staged_log(&mnt, DB)?;
+    if base >= mid {
+        bail!("history: staging was folded past TXID {mid} (base at {base})");
+    }
+    let mid_ns = staged
+        .iter()
+        .find(|(t, _)| *t == mid)
+        .map(|(_, ns)| *ns)
+        .with_context(|| format!("TXID {mid} is not in `sqlfs log`"))?;
+    let instant = rfc3339_ms(mid_ns);
+    let shipping = Instant::now();
+    wait_shipped(&mnt, DB, last, 1, Duration::from_secs(1800))?;
+    let ship_secs = shipping.elapsed().as_secs_f64();
+
+    step(&format!(
+        "history: sqlfs restore --txid {mid} to local disk"
+    ));
+    let restored = cfg.work.join("history-restored.db");
+    let (got, took) = timed_restore(&urls[0], DB, &restored, Some(mid))?;
+    if got != mid {
+        bail!("restore restored TXID {got}, not {mid}");
+    }
+    let restore_secs = took.as_secs_f64();
+    let db_bytes = fs::metadata(&restored)?.len();
+    let size = format!("{} MB database", fmt_num(db_bytes as f64 / MB, 0));
+
+    // Keys: one for the first query, one far from it for the second.
+    let (id1, id2) = (1 + rows / 3, 1 + rows * 2 / 3);
+    let view = |name: &str| mnt.join(".history").join(name).join(DB);
+    let mut out = Vec::new();
+
+    step("history: open + point query, restored copy and staged views");
+    let (n_open, n_conn, n_v1) = open_and_query(&restored, id1)?;
+    let (n_q2, n_v2) = timed_query(&n_conn, id2)?;
+    drop(n_conn);
+    let (s_open, s_conn, s_v1) = open_and_query(&view(&format!("txid-{mid}")), id1)?;
+    let (s_q2, s_v2) = timed_query(&s_conn, id2)?;
+    drop(s_conn);
+    if (s_v1, s_v2) != (n_v1, n_v2) {
+        bail!(
+            "history view txid-{mid} answers {:?}, the restored copy {:?}",
+            (s_v1, s_v2),
+            (n_v1, n_v2)
+        );
+    }
+    let (t_open, t_conn, t_v1) = open_and_query(&view(&instant), id1)?;
+    drop(t_conn);
+    if t_v1 != n_v1 {
+        bail!("history view {instant} answers {t_v1}, the restored copy (TXID {mid}) {n_v1}");
+    }
+    let (l_open, l_conn, _) = open_and_query(&view("latest"), id1)?;
+    drop(l_conn);
+    out.push(Row::time(
+        format!("history view txid-N, staged: open + point query, first access, {size} (ms; goal < 1000)"),
+        ms(n_open),
+        ms(s_open),
+    ));
+    out.push(Row::time(
+        "history view at an instant (RFC 3339), staged: open + point query, first access (ms)"
+            .into(),
+        ms(n_open),
+        ms(t_open),
+    ));
+    out.push(Row::time(
+        "history view latest, staged: open + point query, first access (ms)".into(),
+        ms(n_open),
+        ms(l_open),
+    ));
+    out.push(Row::time(
+        "history view txid-N, staged: second point query, same connection (ms)".into(),
+        ms(n_q2),
+        ms(s_q2),
+    ));
+
+    step("history: full scans, restored copy and staged view");
+    let mbs = |d: Duration| db_bytes as f64 / MB / d.as_secs_f64();
+    let (n_scan1, n_sum) = timed_scan(&restored)?;
+    let (n_scan2, _) = timed_scan(&restored)?;
+    let (s_scan1, s_sum) = timed_scan(&view(&format!("txid-{mid}")))?;
+    let (s_scan2, _) = timed_scan(&view(&format!("txid-{mid}")))?;
+    if s_sum != n_sum {
+        bail!("a full scan of history view txid-{mid} sums {s_sum}, of the restored copy {n_sum}");
+    }
+    out.push(Row::pair(
+        format!("history view txid-N, staged: full scan, first, {size} (MB/s)"),
+        mbs(n_scan1),
+        mbs(s_scan1),
+        1,
+    ));
+    out.push(Row::pair(
+        "history view txid-N, staged: full scan, second (MB/s)".into(),
+        mbs(n_scan2),
+        mbs(s_scan2),
+        1,
+    ));
+    mount.stop()?;
+
+    // The same view once staging no longer holds TXID N: from the replica.
+    step("history: remounting with a small --stage-limit, waiting for the fold");
+    let mount = Mount::start_args(
+        &mnt,
+        &backing,
+        &log.with_extension("2.log"),
+        &urls,
+        &["--stage-limit".into(), "1k".into()],
+    )?;
+    // Staging folds only closed segments (8 MiB): commit enough after the window to close
+    // the one that holds it.
+    {
+        let conn = open(&mnt.join(DB), "NORMAL")?;
+        bulk_load(&conn, 12, 10, 60)?;
+    }
+    let folding = Instant::now();
+    let deadline = folding + Duration::from_secs(1800);
+    loop {
+        let (base, _) = staged_log(&mnt, DB)?;
+        if base > mid {
+            break;
+        }
+        if Instant::now() > deadline {
+            bail!("staging of {DB} was not folded past TXID {mid} (base at {base})");
+        }
+        thread::sleep(Duration::from_millis(200));
+    }
+    let fold_secs = folding.elapsed().as_secs_f64();
+    step("history: open + point query and full scan, view from the replica");
+    let from_replica = (|| -> Result<(Duration, Duration, Duration)> {
+        let (r_open, r_conn, r_v1) = open_and_query(&view(&format!("txid-{mid}")), id1)?;
+        let (r_q2, r_v2) = timed_query(&r_conn, id2)?;
+        drop(r_conn);
+        if (r_v1, r_v2) != (n_v1, n_v2) {
+            bail!(
+                "history view txid-{mid} from the replica answers {:?}, the restored copy {:?}",
+                (r_v1, r_v2),
+                (n_v1, n_v2)
+            );
+        }
+        let (r_scan, r_sum) = timed_scan(&view(&format!("txid-{mid}")))?;
+        if r_sum != n_sum {
+            bail!(
+                "a full scan of history view txid-{mid} from the replica sums {r_sum}, \
+                 of the restored copy {n_sum}"
+            );
+        }
+        Ok((r_open, r_q2, r_scan))
+    })();
+    let daemon_log = mount.log_tail();
+    mount.stop()?;
+    let replica_name = format!(
+        "history view txid-N, from the file replica (staging folded): open + point query, \
+         first access, {size} (ms)"
+    );
+    let mut replica_error = None;
+    match from_replica {
+        Ok((r_open, r_q2, r_scan)) => {
+            out.push(Row::time(replica_name, ms(n_open), ms(r_open)));
+            out.push(Row::time(
+                "history view txid-N, from the file replica: second point query, same \
+                 connection (ms)"
+                    .into(),
+                ms(n_q2),
+                ms(r_q2),
+            ));
+            out.push(Row::pair(
+                "history view txid-N, from the file replica: full scan, first (MB/s)".into(),
+                mbs(n_scan1),
+                mbs(r_scan),
+                1,
+            ));
+        }
+        Err(e) => {
+            // Reported, not fatal: the rows measured so far stand on their own.
+            let why = daemon_log
+                .lines()
+                .rev()
+                .find(|l| l.contains("cannot be served"))
+                .map(|l| l.split_once("] ").map_or(l, |x| x.1).to_string())
+                .unwrap_or_else(|| format!("{e:#}"));
+            step(&format!("history: the view from the replica failed: {why}"));
+            out.push(Row {
+                name: replica_name,
+                native: fmt_num(ms(n_open), 2),
+                sqlfs: "fails".into(),
+                ratio: "–".into(),
+            });
+            replica_error = Some(why);
+        }
+    }
+    if !cfg.keep {
+        for d in [&backing, &replica] {
+            let _ = fs::remove_dir_all(d);
+        }
+        let _ = fs::remove_file(&restored);
+    }
+    Ok(HistoryRun {
+        db_bytes,
+        window: (first, last),
+        mid,
+        instant,
+        load_secs,
+        ship_secs,
+        restore_secs,
+        fold_secs,
+        replica_error,
+        rows: out,
     })
 }
 
@@ -1159,6 +1562,21 @@ impl Row {
 }
 
 impl Row {
+    /// A latency row (ms): both sides measured, ratio = native / sqlfs, so that higher is
+    /// still better.
+    fn time(name: String, native_ms: f64, sqlfs_ms: f64) -> Row {
+        Row {
+            name,
+            native: fmt_num(native_ms, 2),
+            sqlfs: fmt_num(sqlfs_ms, 2),
+            ratio: if sqlfs_ms > 0.0 {
+                format!("{:.2}", native_ms / sqlfs_ms)
+            } else {
+                "–".into()
+            },
+        }
+    }
+
     /// A row measured on sqlfs only.
     fn text(name: &str, sqlfs: String) -> Row {
         Row {
@@ -1405,6 +1823,38 @@ fn main() -> Result<()> {
             r.load_secs,
             r.ship_secs,
         ));
+    }
+
+    if cfg.runs("history") {
+        let h = history_bench(&cfg)?;
+        rows.extend(h.rows);
+        notes.push(format!(
+            "History views: a database of {:.0} MB built through a mount in 10 MB \
+             transactions with --stage-limit large enough that nothing is folded, then 100 small \
+             transactions (TXIDs {}..={}); N = {} (mid-window), the instant {}. Loading took \
+             {:.0} s, shipping it to the file replica {:.0} s more. In these rows the native \
+             column is the copy `sqlfs restore --txid N` wrote to local disk ({:.1} s), opened \
+             read-only like the view; the `latest` and instant rows compare with the same copy. \
+             \"First access\" is the first lookup of that view name on the mount (resolution \
+             included) on a fresh connection; the pages are in the kernel's page cache on both \
+             sides. For times (ms) the ratio is native / sqlfs, so higher is still better. The \
+             replica rows are on a remount with --stage-limit 1k, after 12 MB more \
+             in two transactions and the fold of staging past N ({:.0} s); the view then reads the replica's objects.",
+            h.db_bytes as f64 / MB,
+            h.window.0,
+            h.window.1,
+            h.mid,
+            h.instant,
+            h.load_secs,
+            h.ship_secs,
+            h.restore_secs,
+            h.fold_secs,
+        ));
+        if let Some(e) = &h.replica_error {
+            notes.push(format!(
+                "History view from the replica: not served; the daemon says: {e}"
+            ));
+        }
     }
 
     if cfg.runs("s3") {
