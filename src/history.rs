@@ -1259,6 +1259,17 @@ fn frame_headers(
     } else {
         hdr.ntxns
     };
+    if n > 1 {
+        // A record of more than 256 pages spans several frames: walk the records in order
+        // (a level-0 object holds one sync interval of transactions).
+        segment::for_each_txn(f, hdr, key, |ev| {
+            if let segment::Event::Start(h) = ev {
+                out.push(*h);
+            }
+            Ok(())
+        })?;
+        return Ok(out);
+    }
     for _ in 0..n {
         if pos >= end {
             bail!("{key}: fewer frames than the header says");
