@@ -318,6 +318,16 @@ impl<'a> Reader<'a> {
         Ok(plain)
     }
 
+    /// The plain form of object `key` whose bytes are in `src` (left as it is): `src` itself,
+    /// or its decryption written to `dst`.
+    pub fn decrypt_copy(&self, key: &str, src: &Path, dst: &Path) -> Result<PathBuf> {
+        if !crypt::file_is_sealed(src)? {
+            return Ok(src.to_path_buf());
+        }
+        self.need_opener(key)?.open_file(src, dst, key)?;
+        Ok(dst.to_path_buf())
+    }
+
     /// Commit time (ns) of the last transaction in `o`.
     pub fn end_time(&self, o: &Obj) -> Result<u64> {
         Ok(self.header(&o.key)?.last_time_ns)

@@ -228,19 +228,26 @@ pub fn run(o: &RestoreOpts) -> Result<Report> {
             report.was_wal = true;
         }
     }
-    out.sync_all()?;
-    if last.db_pages > 0 {
-        // immutable: no -wal or -shm is created next to it, whatever its journal mode.
-        let uri = format!("file:{}?immutable=1", tmp_out.path().display());
-        let conn = rusqlite::Connection::open_with_flags(
-            &uri,
-            rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY | rusqlite::OpenFlags::SQLITE_OPEN_URI,
-        )?;
-        let ok: String = conn.query_row("PRAGMA integrity_check", [], |r| r.get(0))?;
-        if ok != "ok" {
-            bail!("restored database fails PRAGMA integrity_check: {ok}");
+    // SQLite's own check, while the file is written back to disk (both before the rename).
+    std::thread::scope(|sc| -> Result<()> {
+        let synced = sc.spawn(|| out.sync_all());
+        if last.db_pages > 0 {
+            // immutable: no -wal or -shm is created next to it, whatever its journal mode.
+            let uri = format!("file:{}?immutable=1", tmp_out.path().display());
+            let conn = rusqlite::Connection::open_with_flags(
+                &uri,
+                rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY | rusqlite::OpenFlags::SQLITE_OPEN_URI,
+            )?;
+            let ok: String = conn.query_row("PRAGMA integrity_check", [], |r| r.get(0))?;
+            if ok != "ok" {
+                bail!("restored database fails PRAGMA integrity_check: {ok}");
+            }
         }
-    }
+        synced
+            .join()
+            .map_err(|_| anyhow::anyhow!("the fsync thread failed"))??;
+        Ok(())
+    })?;
     tmp_out
         .persist(&o.output)
         .map_err(|e| e.error)
@@ -273,7 +280,7 @@ fn download_and_apply(
     let next = AtomicUsize::new(0);
     let applied = (Mutex::new(0usize), Condvar::new());
     let stop = AtomicBool::new(false);
-    let (tx, rx) = mpsc::channel::<(usize, Result<PathBuf>)>();
+    let (tx, rx) = mpsc::channel::<(usize, Result<(PathBuf, bool)>)>();
     let client = reader.client;
     std::thread::scope(|sc| -> Result<()> {
         for _ in 0..parallel.min(n) {
@@ -292,16 +299,20 @@ fn download_and_apply(
                 }
                 let key = &plan.steps[i].obj.key;
                 let local = scratch.join(format!("{i}.obj"));
-                let r = client
-                    .get(key, &local)
-                    .map_err(anyhow::Error::from)
-                    .and_then(|found| {
-                        if found {
-                            Ok(local)
-                        } else {
-                            bail!("{key} is missing from {}", client.describe())
-                        }
-                    });
+                // (path, owned): a replica's own file is read in place, never removed.
+                let r = match client.local_path(key) {
+                    Some(p) => Ok((p, false)),
+                    None => client
+                        .get(key, &local)
+                        .map_err(anyhow::Error::from)
+                        .and_then(|found| {
+                            if found {
+                                Ok((local, true))
+                            } else {
+                                bail!("{key} is missing from {}", client.describe())
+                            }
+                        }),
+                };
                 if tx.send((i, r)).is_err() {
                     break;
                 }
@@ -309,19 +320,31 @@ fn download_and_apply(
         }
         drop(tx);
         let res = (|| -> Result<()> {
-            let mut ready: Vec<Option<Result<PathBuf>>> = (0..n).map(|_| None).collect();
+            let mut ready: Vec<Option<Result<(PathBuf, bool)>>> = (0..n).map(|_| None).collect();
             let mut done_bytes = 0;
             for i in 0..n {
                 while ready[i].is_none() {
                     let (j, r) = rx.recv().context("a download worker stopped")?;
                     ready[j] = Some(r);
                 }
-                let path = ready[i].take().expect("received")?;
+                let (path, owned) = ready[i].take().expect("received")?;
                 let step = &plan.steps[i];
-                let plain = reader.decrypt_local(&step.obj.key, &path)?;
+                let plain = if owned {
+                    reader.decrypt_local(&step.obj.key, &path)?
+                } else {
+                    reader.decrypt_copy(
+                        &step.obj.key,
+                        &path,
+                        &scratch.join(format!("{i}.plain")),
+                    )?
+                };
                 apply(&plain, step)?;
-                let _ = fs::remove_file(&path);
-                let _ = fs::remove_file(&plain);
+                if owned {
+                    let _ = fs::remove_file(&path);
+                }
+                if plain != path {
+                    let _ = fs::remove_file(&plain);
+                }
                 done_bytes += step.obj.size;
                 *applied.0.lock() = i + 1;
                 applied.1.notify_all();

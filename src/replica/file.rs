@@ -111,6 +111,11 @@ impl ReplicaClient for FileReplica {
         Ok(Some(buf.split_off((off as usize).min(buf.len()))))
     }
 
+    fn local_path(&self, key: &str) -> Option<PathBuf> {
+        let p = self.path(key);
+        p.is_file().then_some(p)
+    }
+
     fn delete(&self, key: &str) -> Result<()> {
         match fs::remove_file(self.path(key)) {
             Ok(()) => Ok(()),

@@ -54,6 +54,11 @@ pub trait ReplicaClient: Send + Sync {
     fn get_range(&self, key: &str, off: u64, len: u64) -> Result<Option<Vec<u8>>>;
     /// Every key under `prefix`, sorted by key.
     fn list(&self, prefix: &str) -> Result<Vec<Listed>>;
+    /// A local file holding `key` that readers may use in place (never modify), if the
+    /// store has one: saves a copy when restoring from a directory.
+    fn local_path(&self, _key: &str) -> Option<PathBuf> {
+        None
+    }
     /// Removes `key`; a key that is already gone is not an error.
     fn delete(&self, key: &str) -> Result<()>;
 }
