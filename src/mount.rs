@@ -224,7 +224,7 @@ fn replica_specs(o: &MountOpts) -> Result<Vec<ReplicaSpec>> {
 }
 
 /// Restores every database the first replica holds that the data directory lacks.
-fn restore_missing(o: &MountOpts, data: &Path, url: &str) -> Result<()> {
+fn restore_missing(o: &MountOpts, data: &Path, url: &str, others: &[String]) -> Result<()> {
     let client = crate::replica::open(url)?;
     let opener = match (&o.age_identity, &o.passphrase) {
         (Some(f), _) => Some(crate::crypt::Opener::from_identity_file(f)?),
@@ -293,6 +293,22 @@ fn restore_missing(o: &MountOpts, data: &Path, url: &str) -> Result<()> {
                     )
                 })
                 .with_context(|| format!("--restore-if-missing: seeding staging for {name}"))?;
+            // The other replicas continue their own chain of this database where it ends
+            // (or get a snapshot if they lack it or lag behind).
+            for other in others {
+                let held = crate::replica::open(other).ok().and_then(|c| {
+                    let rd = crate::catalog::Reader::new(c.as_ref(), opener.as_ref());
+                    let cat = rd.catalog(&r.id, &name).ok()?;
+                    let w = crate::catalog::window(&rd, &cat).ok()??;
+                    Some((c.describe(), w.last_txid.min(r.txid)))
+                });
+                if let Some((desc, t)) = held {
+                    crate::stage::write_atomic(
+                        &stage.join(format!("shipped.{}", crate::ship::replica_id(&desc))),
+                        t.to_string().as_bytes(),
+                    )?;
+                }
+            }
         }
     }
     Ok(())
@@ -395,7 +411,8 @@ pub fn run(o: MountOpts) -> Result<()> {
         None => crate::crypt::Sealer::new(&o.age_recipients)?.map(Arc::new),
     };
     if o.restore_if_missing {
-        restore_missing(&o, &data, &specs[0].url)?;
+        let others: Vec<String> = specs[1..].iter().map(|r| r.url.clone()).collect();
+        restore_missing(&o, &data, &specs[0].url, &others)?;
     }
     let backing = Arc::new(
         Backing::open(&data)
