@@ -1121,6 +1121,9 @@ fn rows(path: &Path) -> Vec<(i64, i64, i64)> {
 fn restore_if_missing_then_keeps_shipping() {
     let seed = seed_for("restore_if_missing_then_keeps_shipping");
     let (mut a, rdir, url) = fixture("lvl-rim-a", &["--compaction", "1s"]);
+    // A second replica: after the restore it must continue its own chain too.
+    let url2 = file_url(&a.scratch_path("r2"));
+    a.opts.replicas = Some(vec![url.clone(), url2.clone()]);
     a.mount();
     let db = "app.db";
     drop(fresh_db(&a.path(db), "WAL"));
@@ -1132,7 +1135,7 @@ fn restore_if_missing_then_keeps_shipping() {
     restore_ok(&url, db, &ref_a, None);
 
     let mut b = Fixture::new("lvl-rim-b", false);
-    b.opts.replicas = Some(vec![url.clone()]);
+    b.opts.replicas = Some(vec![url.clone(), url2.clone()]);
     b.opts.sync_interval = Some(SYNC.into());
     b.opts.stage_limit = Some(1 << 30);
     b.opts.extra_args = args(&["--restore-if-missing", "--compaction", "1s"]);
@@ -1175,6 +1178,18 @@ fn restore_if_missing_then_keeps_shipping() {
     );
     assert_eq!(named.len(), 1, "{named:?}");
     assert!(u(named[0], "latest_txid") > last_a, "{:?}", named[0]);
+    let out2 = b.scratch_path("b-restore-2.db");
+    restore_ok(&url2, db, &out2, None);
+    assert_eq!(
+        rows(&out2),
+        rows_b,
+        "the second replica did not get the new writes"
+    );
+    let logs = b.all_daemon_logs();
+    assert!(
+        !logs.contains("FENCED") && !logs.contains("another sqlfs"),
+        "{logs}"
+    );
 }
 
 // ---------------------------------------------------------------------------------------
