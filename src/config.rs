@@ -240,6 +240,14 @@ pub fn parse_duration(s: &str) -> std::result::Result<Duration, String> {
     })
 }
 
+/// A sync interval: a duration that is not zero.
+pub fn parse_interval(s: &str) -> Result<Duration, String> {
+    match parse_duration(s)? {
+        d if d.is_zero() => Err(format!("the interval must be above zero: {s}")),
+        d => Ok(d),
+    }
+}
+
 /// Parses sizes like `512k`, `64M`, `1G`.
 pub fn parse_size(s: &str) -> std::result::Result<u64, String> {
     let (num, mult) = match s.chars().last() {

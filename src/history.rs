@@ -57,6 +57,9 @@ const MAX_VIEWS: usize = 64;
 /// Pages decoded past the one asked for when a frame is decompressed (sequential readers).
 const READ_AHEAD: usize = 64;
 
+/// A virtual node's identity: its time view (by address) and its path in that view.
+type InoKey = (usize, String);
+
 /// What the FUSE layer needs to describe a virtual node.
 #[derive(Clone, Copy, Debug)]
 pub struct Entry {
@@ -203,9 +206,9 @@ pub struct History {
     pages: Mutex<(PageCache, u64)>,
     views: Mutex<HashMap<String, Arc<TimeView>>>,
     nodes: RwLock<HashMap<u64, VNode>>,
-    inos: Mutex<HashMap<(usize, String), u64>>,
+    inos: Mutex<HashMap<InoKey, u64>>,
     /// Kernel lookups not yet forgotten, per virtual inode (with its key in `inos`).
-    lookups: Mutex<HashMap<u64, (u64, (usize, String))>>,
+    lookups: Mutex<HashMap<u64, (u64, InoKey)>>,
     next_ino: AtomicU64,
     next_view: AtomicU64,
     listing: Mutex<Option<Listing>>,

@@ -25,7 +25,6 @@ mod stage;
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
-use std::time::Duration;
 
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
@@ -53,61 +52,11 @@ enum Cmd {
         after_help = "Examples:\n  sqlfs mount /data                                  # embedded local replica\n  sqlfs mount /data --replica s3://bkt/prod?region=eu-west-1\n  sqlfs mount /data --replica file:///mnt/nfs/backup --age-recipient age1...\n  sqlfs mount /data --replica s3://bkt/prod --sync --retention 72h\n  sqlfs mount --config /etc/sqlfs.yml --restore-if-missing --metrics-addr 127.0.0.1:9090"
     )]
     Mount {
-        /// Directory to mount over (or `dir:` in the configuration file).
-        dir: Option<PathBuf>,
         /// YAML configuration file (example: contrib/sqlfs.yml); flags override it.
         #[arg(long, value_name = "FILE")]
         config: Option<PathBuf>,
-        /// Keep the files here instead of in DIR itself.
-        #[arg(long, value_name = "BACKING")]
-        data_dir: Option<PathBuf>,
-        /// Kernel request threads [default: 4].
-        #[arg(long)]
-        threads: Option<usize>,
-        /// Fold staged transactions into a local base once a database's log exceeds this many
-        /// bytes (suffixes k, M, G) [default: 64M].
-        #[arg(long, value_parser = config::parse_size)]
-        stage_limit: Option<u64>,
-        /// Byte budget of the page cache serving `.history` views (suffixes k, M, G)
-        /// [default: 64M].
-        #[arg(long, value_parser = config::parse_size)]
-        history_cache: Option<u64>,
-        /// Ship every database to this replica (repeatable): file:///path or
-        /// s3://bucket/prefix?endpoint=URL&region=R&force-path-style=true. Default: a
-        /// directory under the user's data directory (~/.local/share/sqlfs/replica).
-        #[arg(long = "replica", value_name = "URL")]
-        replicas: Vec<String>,
-        /// How often new transactions are shipped (e.g. 1s, 500ms) [default: 1s].
-        #[arg(long, value_parser = parse_interval)]
-        sync_interval: Option<Duration>,
-        /// A full snapshot at most this often while a database changes (0: only when needed)
-        /// [default: 6h].
-        #[arg(long, value_parser = config::parse_duration)]
-        snapshot_interval: Option<Duration>,
-        /// Compaction intervals of levels 1, 2, … (`none` to turn it off) [default: 30s,5m,1h].
-        #[arg(long, value_parser = config::parse_levels)]
-        compaction: Option<crate::config::Levels>,
-        /// Keep every restore point this far back; older objects are removed (0: keep
-        /// everything) [default: 24h].
-        #[arg(long, value_parser = config::parse_duration)]
-        retention: Option<Duration>,
-        /// Encrypt every replica object to this age recipient (age1…; repeatable).
-        #[arg(long = "age-recipient", value_name = "RECIPIENT")]
-        age_recipients: Vec<String>,
-        /// Encrypt every replica object with the passphrase in this environment variable.
-        #[arg(long, value_name = "VAR")]
-        passphrase_env: Option<String>,
-        /// The app's fsync of a database returns only when its transactions are on every
-        /// replica (zero loss on machine failure; use with PRAGMA synchronous=FULL).
-        #[arg(long)]
-        sync: bool,
-        /// Before serving, restore each database the first replica holds but the data
-        /// directory lacks (an empty machine, a rebuilt container).
-        #[arg(long)]
-        restore_if_missing: bool,
-        /// Serve Prometheus metrics at http://ADDR/metrics (e.g. 127.0.0.1:9090).
-        #[arg(long, value_name = "ADDR")]
-        metrics_addr: Option<std::net::SocketAddr>,
+        #[command(flatten)]
+        flags: mount::CliMount,
     },
     /// Rebuild a database from a replica alone, as of its latest transaction, a TXID or an
     /// instant. Verified (checksums after every step, integrity_check) before it appears.
@@ -216,14 +165,6 @@ enum Cmd {
     },
 }
 
-/// A sync interval: a duration that is not zero.
-fn parse_interval(s: &str) -> Result<Duration, String> {
-    match config::parse_duration(s)? {
-        d if d.is_zero() => Err(format!("the interval must be above zero: {s}")),
-        d => Ok(d),
-    }
-}
-
 /// Runs an inspect request against a live mount at `dir`, or offline on its data directory.
 fn inspect(
     dir: &Path,
@@ -314,46 +255,12 @@ impl ReplicaSource {
 fn run() -> Result<i32> {
     let cli = Cli::parse();
     match cli.cmd {
-        Cmd::Mount {
-            dir,
-            config,
-            data_dir,
-            threads,
-            stage_limit,
-            history_cache,
-            replicas,
-            sync_interval,
-            snapshot_interval,
-            compaction,
-            retention,
-            age_recipients,
-            passphrase_env,
-            sync,
-            restore_if_missing,
-            metrics_addr,
-        } => {
+        Cmd::Mount { config, flags } => {
             let conf = match &config {
                 Some(f) => config::Config::load(f)?,
                 None => config::Config::default(),
             };
-            let cli = mount::CliMount {
-                dir,
-                data_dir,
-                threads,
-                stage_limit,
-                history_cache,
-                replicas,
-                sync_interval,
-                snapshot_interval,
-                compaction,
-                retention,
-                age_recipients,
-                passphrase_env,
-                sync,
-                restore_if_missing,
-                metrics_addr,
-            };
-            mount::run(mount::MountOpts::resolve(cli, conf)?)?;
+            mount::run(mount::MountOpts::resolve(flags, conf)?)?;
             Ok(0)
         }
         Cmd::Restore {

@@ -23,21 +23,59 @@ use crate::ship::Policy;
 const RETIRED_KEEP: Duration = Duration::from_secs(24 * 3600);
 
 /// The mount command's flags, before the configuration file fills the gaps.
+#[derive(clap::Args)]
 pub struct CliMount {
+    /// Directory to mount over (or `dir:` in the configuration file).
     pub dir: Option<PathBuf>,
+    /// Keep the files here instead of in DIR itself.
+    #[arg(long, value_name = "BACKING")]
     pub data_dir: Option<PathBuf>,
+    /// Kernel request threads [default: 4].
+    #[arg(long)]
     pub threads: Option<usize>,
+    /// Fold staged transactions into a local base once a database's log exceeds this many
+    /// bytes (suffixes k, M, G) [default: 64M].
+    #[arg(long, value_parser = crate::config::parse_size)]
     pub stage_limit: Option<u64>,
+    /// Byte budget of the page cache serving `.history` views (suffixes k, M, G)
+    /// [default: 64M].
+    #[arg(long, value_parser = crate::config::parse_size)]
     pub history_cache: Option<u64>,
+    /// Ship every database to this replica (repeatable): file:///path or
+    /// s3://bucket/prefix?endpoint=URL&region=R&force-path-style=true. Default: a
+    /// directory under the user's data directory (~/.local/share/sqlfs/replica).
+    #[arg(long = "replica", value_name = "URL")]
     pub replicas: Vec<String>,
+    /// How often new transactions are shipped (e.g. 1s, 500ms) [default: 1s].
+    #[arg(long, value_parser = crate::config::parse_interval)]
     pub sync_interval: Option<Duration>,
+    /// A full snapshot at most this often while a database changes (0: only when needed)
+    /// [default: 6h].
+    #[arg(long, value_parser = crate::config::parse_duration)]
     pub snapshot_interval: Option<Duration>,
+    /// Compaction intervals of levels 1, 2, … (`none` to turn it off) [default: 30s,5m,1h].
+    #[arg(long, value_parser = crate::config::parse_levels)]
     pub compaction: Option<crate::config::Levels>,
+    /// Keep every restore point this far back; older objects are removed (0: keep
+    /// everything) [default: 24h].
+    #[arg(long, value_parser = crate::config::parse_duration)]
     pub retention: Option<Duration>,
+    /// Encrypt every replica object to this age recipient (age1…; repeatable).
+    #[arg(long = "age-recipient", value_name = "RECIPIENT")]
     pub age_recipients: Vec<String>,
+    /// Encrypt every replica object with the passphrase in this environment variable.
+    #[arg(long, value_name = "VAR")]
     pub passphrase_env: Option<String>,
+    /// The app's fsync of a database returns only when its transactions are on every
+    /// replica (zero loss on machine failure; use with PRAGMA synchronous=FULL).
+    #[arg(long)]
     pub sync: bool,
+    /// Before serving, restore each database the first replica holds but the data
+    /// directory lacks (an empty machine, a rebuilt container).
+    #[arg(long)]
     pub restore_if_missing: bool,
+    /// Serve Prometheus metrics at http://ADDR/metrics (e.g. 127.0.0.1:9090).
+    #[arg(long, value_name = "ADDR")]
     pub metrics_addr: Option<std::net::SocketAddr>,
 }
 
