@@ -29,30 +29,6 @@ fn now_ns() -> u64 {
         .as_nanos() as u64
 }
 
-/// RFC 3339 UTC with nanoseconds.
-fn rfc3339(ns: u64) -> String {
-    let secs = (ns / 1_000_000_000) as i64;
-    let days = secs.div_euclid(86_400);
-    let rem = secs.rem_euclid(86_400);
-    let z = days + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z - era * 146_097;
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let y = yoe + era * 400;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let d = doy - (153 * mp + 2) / 5 + 1;
-    let m = if mp < 10 { mp + 3 } else { mp - 9 };
-    let y = if m <= 2 { y + 1 } else { y };
-    format!(
-        "{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}.{:09}Z",
-        rem / 3600,
-        rem % 3600 / 60,
-        rem % 60,
-        ns % 1_000_000_000
-    )
-}
-
 fn fixture(name: &str) -> (Fixture, PathBuf) {
     let mut fx = Fixture::new(name, false);
     let dir = fx.scratch_path("replica");
@@ -292,7 +268,7 @@ fn views_equal_restore_at_random_targets() {
         ts.push(rng.random_range(start..end));
     }
     for t in ts {
-        let name = rfc3339(t);
+        let name = rfc3339_ns(t);
         for db in ["app.db", "sub/r.db"] {
             let out = fx.scratch_path("at.db");
             let o = restore_at(&url, db, &out, &name);
@@ -487,7 +463,7 @@ fn concurrent_readers_and_deleted_databases() {
     let last = wait_covered(&fx, &replica, "app.db");
     wait_covered(&fx, &replica, "gone.db");
     let t = now_ns();
-    let name = rfc3339(t);
+    let name = rfc3339_ns(t);
     let gone_ref = fx.scratch_path("gone-ref.db");
     let o = restore_at(&url, "gone.db", &gone_ref, &name);
     assert!(o.ok(), "{}", o.describe());
@@ -541,4 +517,9 @@ fn concurrent_readers_and_deleted_databases() {
     drop(c);
     assert_log_no_panic(&fx.daemon_logs(), "daemon");
     fx.unmount();
+}
+
+/// RFC 3339 UTC with nanoseconds.
+fn rfc3339_ns(ns: u64) -> String {
+    rfc3339(ns, 9)
 }

@@ -95,27 +95,6 @@ fn restore_with(url: &str, db: &str, out: &Path, more: &[&str]) -> CmdOut {
     o
 }
 
-/// Restores `db` at `txid` and compares it with the replay of the same TXID from `dir`.
-fn restore_vs_replay(url: &str, dir: &Path, db: &str, txid: Option<u64>, scratch: &Path) -> u64 {
-    let tag = txid.map_or("latest".to_string(), |t| t.to_string());
-    let safe: String = db
-        .chars()
-        .map(|c| if c.is_ascii_alphanumeric() { c } else { '_' })
-        .collect();
-    let out = scratch.join(format!("restore-{safe}-{tag}.db"));
-    let rep = scratch.join(format!("replay-{safe}-{tag}.db"));
-    let t = restore_ok(url, db, &out, txid);
-    replay(dir, db, t, &rep);
-    assert_same_bytes(
-        &rep,
-        &out,
-        &format!("{db}: restore at TXID {t} ({tag}) vs replay of TXID {t}"),
-    );
-    let _ = fs::remove_file(&rep);
-    let _ = fs::remove_file(&out);
-    t
-}
-
 /// Waits until the replica holds everything staged for `db`; returns that TXID.
 fn wait_shipped(fx: &Fixture, replica: &Path, db: &str) -> u64 {
     let last = last_staged(&fx.cli_dir(), db);
@@ -213,25 +192,7 @@ fn level_objects(d: &Value, level: u64) -> u64 {
 
 /// Formats ns since the epoch as RFC 3339 UTC with milliseconds (truncated).
 fn rfc3339_ms(ns: u64) -> String {
-    let secs = (ns / 1_000_000_000) as i64;
-    let ms = (ns / 1_000_000) % 1000;
-    let z = secs.div_euclid(86_400) + 719_468;
-    let rem = secs.rem_euclid(86_400);
-    let era = z.div_euclid(146_097);
-    let doe = z - era * 146_097;
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let y = yoe + era * 400;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let d = doy - (153 * mp + 2) / 5 + 1;
-    let m = if mp < 10 { mp + 3 } else { mp - 9 };
-    let y = if m <= 2 { y + 1 } else { y };
-    format!(
-        "{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}.{ms:03}Z",
-        rem / 3600,
-        rem % 3600 / 60,
-        rem % 60
-    )
+    rfc3339(ns, 3)
 }
 
 /// Now, truncated to milliseconds: (ns, RFC 3339 text).

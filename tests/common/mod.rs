@@ -1247,3 +1247,33 @@ pub fn spawn_sqlite3(db: &Path, script: String, log: &Path) -> (Child, thread::J
     });
     (child, h)
 }
+
+/// Formats ns since the epoch as RFC 3339 UTC with `digits` (0-9) fractional digits,
+/// truncated.
+pub fn rfc3339(ns: u64, digits: u32) -> String {
+    let secs = (ns / 1_000_000_000) as i64;
+    let days = secs.div_euclid(86_400);
+    let rem = secs.rem_euclid(86_400);
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let y = yoe + era * 400;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    let y = if m <= 2 { y + 1 } else { y };
+    let frac = if digits == 0 {
+        String::new()
+    } else {
+        let f = (ns % 1_000_000_000) / 10u64.pow(9 - digits.min(9));
+        format!(".{f:0w$}", w = digits.min(9) as usize)
+    };
+    format!(
+        "{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}{frac}Z",
+        rem / 3600,
+        rem % 3600 / 60,
+        rem % 60
+    )
+}

@@ -484,3 +484,31 @@ pub fn assert_sealed(bytes: &[u8], what: &str) {
         );
     }
 }
+
+/// Restores `db` from `url` at `txid` (latest when `None`) and compares it with the replay
+/// of the same TXID from `dir`; returns the TXID restored.
+pub fn restore_vs_replay(
+    url: &str,
+    dir: &Path,
+    db: &str,
+    txid: Option<u64>,
+    scratch: &Path,
+) -> u64 {
+    let tag = txid.map_or("latest".to_string(), |t| t.to_string());
+    let safe: String = db
+        .chars()
+        .map(|c| if c.is_ascii_alphanumeric() { c } else { '_' })
+        .collect();
+    let out = scratch.join(format!("restore-{safe}-{tag}.db"));
+    let rep = scratch.join(format!("replay-{safe}-{tag}.db"));
+    let t = restore_ok(url, db, &out, txid);
+    replay(dir, db, t, &rep);
+    assert_same_bytes(
+        &rep,
+        &out,
+        &format!("{db}: restore at TXID {t} ({tag}) vs replay of TXID {t}"),
+    );
+    let _ = fs::remove_file(&rep);
+    let _ = fs::remove_file(&out);
+    t
+}
