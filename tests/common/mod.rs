@@ -161,6 +161,9 @@ pub fn lazy_umount(mnt: &Path) {
 pub struct MountOpts {
     pub data_dir: Option<PathBuf>,
     pub threads: Option<u32>,
+    /// `--stage-limit`; `None` passes 16 GiB, so the whole staged log stays for the samples
+    /// to be checked against (folding then depends on no replica's timing). Tests of folding
+    /// set their own.
     pub stage_limit: Option<u64>,
     /// The replicas to ship to (each passed as `--replica URL`). `None`: one file replica
     /// beside the daemon log (`<log dir>/replica`), never the user's default replica.
@@ -206,9 +209,8 @@ impl Mount {
         if let Some(t) = opts.threads {
             cmd.arg("--threads").arg(t.to_string());
         }
-        if let Some(s) = opts.stage_limit {
-            cmd.arg("--stage-limit").arg(s.to_string());
-        }
+        cmd.arg("--stage-limit")
+            .arg(opts.stage_limit.unwrap_or(16 << 30).to_string());
         match &opts.replicas {
             Some(urls) => {
                 for u in urls {
