@@ -34,6 +34,8 @@ pub struct Config {
     pub sync: Option<bool>,
     pub restore_if_missing: Option<bool>,
     pub metrics_addr: Option<String>,
+    /// auto, on or off: see `--passthrough`.
+    pub passthrough: Option<crate::fs::Passthrough>,
     #[serde(default, deserialize_with = "text")]
     pub snapshot_interval: Option<String>,
     #[serde(default, deserialize_with = "text")]

@@ -20,12 +20,12 @@ use std::os::fd::AsRawFd;
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::FileExt;
 use std::path::Path;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Weak};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use fuser::{
-    AccessFlags, Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags, Generation,
+    AccessFlags, BackingId, Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags, Generation,
     INodeNo, InitFlags, KernelConfig, LockOwner, OpenFlags, RenameFlags, ReplyAttr, ReplyCreate,
     ReplyData, ReplyDirectory, ReplyEmpty, ReplyEntry, ReplyOpen, ReplyStatfs, ReplyWrite,
     ReplyXattr, Request, TimeOrNow, WriteFlags,
@@ -120,6 +120,23 @@ struct Handle {
     file: File,
     rel: Mutex<String>,
     role: Role,
+    ino: u64,
+    /// Kept while the kernel reads and writes this handle's backing file directly.
+    _passthrough: Option<Arc<BackingId>>,
+}
+
+/// When to let the kernel pass reads and writes of WAL and `-shm` files straight to the
+/// backing files (`--passthrough`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default, clap::ValueEnum, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Passthrough {
+    /// Whenever the kernel and the privileges allow it.
+    #[default]
+    Auto,
+    /// Required: the mount fails without it.
+    On,
+    /// Never: every write goes through sqlfs.
+    Off,
 }
 
 pub struct SqlFs {
@@ -133,6 +150,11 @@ pub struct SqlFs {
     durable: Option<DurableHook>,
     /// The `.history` views, if enabled.
     history: Option<Arc<History>>,
+    passthrough: Passthrough,
+    /// Passthrough was negotiated with the kernel and works.
+    pt_live: AtomicBool,
+    /// The kernel wants one backing file per inode for all its passthrough handles.
+    backing_ids: Mutex<HashMap<u64, Weak<BackingId>>>,
 }
 
 /// Makes the transactions of the database a file belongs to durable elsewhere; see `--sync`.
@@ -172,7 +194,57 @@ impl SqlFs {
             durable: None,
             history: None,
             root_ino: st.st_ino,
+            passthrough: Passthrough::Auto,
+            pt_live: AtomicBool::new(false),
+            backing_ids: Mutex::new(HashMap::new()),
         })
+    }
+
+    /// Sets when WAL and `-shm` files are passed straight through.
+    pub fn with_passthrough(mut self, p: Passthrough) -> SqlFs {
+        self.passthrough = p;
+        self
+    }
+
+    /// The backing file id to open `rel` (inode `ino`, descriptor `f`) with, if it goes
+    /// straight through: WAL and `-shm` files, once passthrough works. All handles on one
+    /// inode must agree, so an inode already open the other way stays that way.
+    fn passthrough_for(
+        &self,
+        ino: u64,
+        rel: &str,
+        f: &File,
+        open_backing: impl FnOnce(&File) -> io::Result<BackingId>,
+    ) -> Option<Arc<BackingId>> {
+        let mut ids = self.backing_ids.lock();
+        if let Some(id) = ids.get(&ino).and_then(Weak::upgrade) {
+            return Some(id);
+        }
+        let wanted = matches!(classify(rel).0, Role::Wal) || rel.ends_with("-shm");
+        if !wanted || !self.pt_live.load(Ordering::Relaxed) {
+            return None;
+        }
+        if self.handles.read().values().any(|h| h.ino == ino) {
+            return None;
+        }
+        match open_backing(f) {
+            Ok(id) => {
+                let id = Arc::new(id);
+                ids.retain(|_, w| w.strong_count() > 0);
+                ids.insert(ino, Arc::downgrade(&id));
+                Some(id)
+            }
+            Err(e) => {
+                log::error!(
+                    "{rel}: kernel passthrough failed ({e}); from now on WAL writes go through sqlfs"
+                );
+                self.pt_live.store(false, Ordering::Relaxed);
+                if ids.is_empty() {
+                    self.capture.unobserve();
+                }
+                None
+            }
+        }
     }
 
     /// Sets the hook run after each fsync of a database file.
@@ -284,7 +356,13 @@ impl SqlFs {
         self.handles.read().get(&fh.0).cloned().ok_or(Errno::EBADF)
     }
 
-    fn add_handle(&self, file: File, rel: String) -> FileHandle {
+    fn add_handle(
+        &self,
+        file: File,
+        rel: String,
+        ino: u64,
+        passthrough: Option<Arc<BackingId>>,
+    ) -> FileHandle {
         let role = classify(&rel).0;
         let fh = self.next_fh.fetch_add(1, Ordering::Relaxed);
         self.handles.write().insert(
@@ -293,6 +371,8 @@ impl SqlFs {
                 file,
                 rel: Mutex::new(rel),
                 role,
+                ino,
+                _passthrough: passthrough,
             }),
         );
         FileHandle(fh)
@@ -474,6 +554,28 @@ impl Filesystem for SqlFs {
         // the security.capability xattr before every single write.
         let _ = config.add_capabilities(InitFlags::FUSE_HANDLE_KILLPRIV_V2);
         let _ = config.set_max_readahead(1 << 20);
+        if self.passthrough != Passthrough::Off {
+            // SAFETY: geteuid has no preconditions.
+            let root = unsafe { libc::geteuid() } == 0;
+            let granted = root
+                && config
+                    .add_capabilities(InitFlags::FUSE_PASSTHROUGH)
+                    .is_ok()
+                && config.set_max_stack_depth(1).is_ok();
+            if granted {
+                self.capture.observe()?;
+                self.pt_live.store(true, Ordering::Relaxed);
+                log::info!("WAL and shared-memory files pass straight through (kernel passthrough); commits are read from the WAL");
+            } else if self.passthrough == Passthrough::On {
+                return Err(io::Error::other(if root {
+                    "--passthrough on: this kernel does not offer FUSE passthrough (Linux 6.9 or later is needed)"
+                } else {
+                    "--passthrough on: kernel passthrough needs root (CAP_SYS_ADMIN)"
+                }));
+            } else {
+                log::info!("kernel passthrough unavailable ({}); every write goes through sqlfs", if root { "kernel too old" } else { "not root" });
+            }
+        }
         Ok(())
     }
 
@@ -786,10 +888,13 @@ impl Filesystem for SqlFs {
                 self.capture.after_truncate(&rel, 0);
             }
             self.capture.on_open(&rel);
-            Ok(self.add_handle(f, rel))
+            let pt = self.passthrough_for(ino.0, &rel, &f, |f| reply.open_backing(f));
+            Ok((self.add_handle(f, rel, ino.0, pt.clone()), pt))
         });
         match res {
-            Ok(fh) => reply.opened(fh, FopenFlags::FOPEN_KEEP_CACHE),
+            // The kernel refuses page-cache flags on passthrough handles.
+            Ok((fh, Some(id))) => reply.opened_passthrough(fh, FopenFlags::empty(), &id),
+            Ok((fh, None)) => reply.opened(fh, FopenFlags::FOPEN_KEEP_CACHE),
             Err(e) => reply.error(e),
         }
     }
@@ -922,10 +1027,9 @@ impl Filesystem for SqlFs {
         _flush: bool,
         reply: ReplyEmpty,
     ) {
-        if let Some(h) = self.handles.write().remove(&fh.0) {
-            if h.role == Role::Main {
-                self.capture.on_release(&h.rel.lock());
-            }
+        let h = self.handles.write().remove(&fh.0);
+        if let Some(h) = h {
+            self.capture.on_release(&h.rel.lock());
         }
         reply.ok();
     }
@@ -945,7 +1049,7 @@ impl Filesystem for SqlFs {
             Ok(h) => h,
             Err(e) => return reply.error(e),
         };
-        if h.role != Role::Other {
+        if h.role == Role::Main {
             self.capture.before_fsync(&h.rel.lock());
         }
         let r = if datasync {
@@ -982,7 +1086,7 @@ impl Filesystem for SqlFs {
                 .map_err(errno)
                 .map(|f| (f, rel))
         }) {
-            Ok((f, rel)) => reply.opened(self.add_handle(f, rel), FopenFlags::empty()),
+            Ok((f, rel)) => reply.opened(self.add_handle(f, rel, ino.0, None), FopenFlags::empty()),
             Err(e) => reply.error(e),
         }
     }
@@ -1273,6 +1377,7 @@ impl Filesystem for SqlFs {
             } else if !existed {
                 self.capture.on_create(&rel);
             }
+            self.capture.on_open(&rel);
             let st = self.backing.stat(&rel).map_err(errno)?;
             let attr = self.attr(&st);
             {
@@ -1283,10 +1388,19 @@ impl Filesystem for SqlFs {
                 n.named(rel.clone());
                 n.lookups += 1;
             }
-            Ok((self.add_handle(f, rel), attr))
+            let pt = self.passthrough_for(attr.ino.0, &rel, &f, |f| reply.open_backing(f));
+            Ok((self.add_handle(f, rel, attr.ino.0, pt.clone()), attr, pt))
         });
         match res {
-            Ok((fh, attr)) => {
+            Ok((fh, attr, Some(id))) => reply.created_passthrough(
+                &TTL,
+                &attr,
+                Generation(0),
+                fh,
+                FopenFlags::empty(),
+                &id,
+            ),
+            Ok((fh, attr, None)) => {
                 reply.created(&TTL, &attr, Generation(0), fh, FopenFlags::FOPEN_KEEP_CACHE)
             }
             Err(e) => reply.error(e),

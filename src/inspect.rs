@@ -58,7 +58,7 @@ fn each_db(
             for (name, db) in cap.databases() {
                 if only.is_none_or(|o| o == name) {
                     n += 1;
-                    db.frozen(|| f(&name, &db.stage))?;
+                    cap.frozen(&db, || f(&name, &db.stage))?;
                 }
             }
         }

@@ -16,7 +16,7 @@ use fuser::{Config, MountOption, Session, SessionACL};
 use crate::backing::{Backing, META_DIR};
 use crate::capture::Capture;
 use crate::config::{overlay, parse_duration, parse_size, Config as FileConfig, DbConf};
-use crate::fs::SqlFs;
+use crate::fs::{Passthrough, SqlFs};
 use crate::ship::Policy;
 
 /// How long the staged history of a deleted database is kept.
@@ -77,6 +77,12 @@ pub struct CliMount {
     /// Serve Prometheus metrics at http://ADDR/metrics (e.g. 127.0.0.1:9090).
     #[arg(long, value_name = "ADDR")]
     pub metrics_addr: Option<std::net::SocketAddr>,
+    /// Let the kernel pass WAL and shared-memory file I/O straight to the backing files
+    /// (Linux 6.9+, root); commits are then read from the WAL as SQLite publishes them.
+    /// `auto` uses it when available; `off` sends every write through sqlfs. `--sync`
+    /// implies `off` [default: auto].
+    #[arg(long, value_enum, value_name = "WHEN")]
+    pub passthrough: Option<Passthrough>,
 }
 
 /// One replica to ship to, with its own interval and policy.
@@ -104,6 +110,7 @@ pub struct MountOpts {
     pub sync: bool,
     pub restore_if_missing: bool,
     pub metrics_addr: Option<std::net::SocketAddr>,
+    pub passthrough: Passthrough,
     /// Identity to decrypt the replica with for `restore_if_missing` (configuration only).
     pub age_identity: Option<PathBuf>,
     /// Per-database overrides from the configuration file.
@@ -183,6 +190,14 @@ impl MountOpts {
             ),
             None => None,
         };
+        let sync = cli.sync || conf.sync.unwrap_or(false);
+        let passthrough = match (cli.passthrough.or(conf.passthrough), sync) {
+            (Some(Passthrough::On), true) => bail!(
+                "--sync waits in the app's fsync for its transaction, which it must see written: it cannot be combined with --passthrough on"
+            ),
+            (_, true) => Passthrough::Off,
+            (p, false) => p.unwrap_or_default(),
+        };
         if passphrase.is_some() && !recipients.is_empty() {
             bail!("encrypt either to --age-recipient keys or with --passphrase-env, not both");
         }
@@ -211,7 +226,8 @@ impl MountOpts {
             policy,
             age_recipients: recipients,
             passphrase,
-            sync: cli.sync || conf.sync.unwrap_or(false),
+            sync,
+            passthrough,
             restore_if_missing: cli.restore_if_missing || conf.restore_if_missing.unwrap_or(false),
             metrics_addr: match cli.metrics_addr {
                 Some(a) => Some(a),
@@ -477,8 +493,9 @@ pub fn run(o: MountOpts) -> Result<()> {
             )
         })
         .collect();
-    let mut fs =
-        SqlFs::new(backing.clone(), capture.clone()).context("cannot read the data directory")?;
+    let mut fs = SqlFs::new(backing.clone(), capture.clone())
+        .context("cannot read the data directory")?
+        .with_passthrough(o.passthrough);
     {
         // History views read the first replica; decrypting it needs the identity or passphrase.
         let key = match (&o.age_identity, &o.passphrase) {

@@ -145,6 +145,44 @@ pub struct Frame {
     pub commit: u32,
 }
 
+/// Bytes at the start of a `-shm` file that hold the WAL index header: two copies of 48
+/// bytes, written by SQLite in native byte order (second copy first, then the first).
+pub const WAL_INDEX_HEADER: usize = 96;
+
+/// What the WAL index header in shared memory says is committed: SQLite's readers see
+/// exactly the frames up to `max_frame` of the WAL whose salts are `salt1`/`salt2`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct WalIndexHeader {
+    pub max_frame: u32,
+    pub salt1: u32,
+    pub salt2: u32,
+}
+
+impl WalIndexHeader {
+    /// Parses the first [`WAL_INDEX_HEADER`] bytes of a `-shm` file. `None` while the two
+    /// copies differ (a writer is updating them), before the index is initialised, or when
+    /// the bytes are not an index of this format.
+    pub fn parse(b: &[u8]) -> Option<WalIndexHeader> {
+        if b.len() < WAL_INDEX_HEADER || b[..48] != b[48..96] {
+            return None;
+        }
+        let ne32 = |at: usize| u32::from_ne_bytes([b[at], b[at + 1], b[at + 2], b[at + 3]]);
+        if ne32(0) != 3007000 || b[12] == 0 {
+            return None;
+        }
+        // The header's own checksum covers its first 40 bytes, in native order.
+        if wal_checksum(cfg!(target_endian = "big"), &b[..40], (0, 0)) != (ne32(40), ne32(44)) {
+            return None;
+        }
+        // The salts are kept as the WAL header's bytes, so they read big-endian.
+        Some(WalIndexHeader {
+            max_frame: ne32(16),
+            salt1: be32(b, 32),
+            salt2: be32(b, 36),
+        })
+    }
+}
+
 /// SQLite's WAL checksum: Fibonacci-weighted sums over 32-bit words, seeded with `seed`.
 /// `data.len()` must be a multiple of 8.
 pub fn wal_checksum(big_endian: bool, data: &[u8], seed: (u32, u32)) -> (u32, u32) {

@@ -19,17 +19,19 @@
 
 mod rollback;
 mod wal;
+mod watch;
 
 use std::collections::{BTreeSet, HashMap};
 use std::fs::{self, File};
 use std::io;
 use std::path::PathBuf;
-use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use std::sync::{Arc, OnceLock};
 
 use parking_lot::{Mutex, RwLock};
 
 use crate::backing::{Backing, META_DIR};
-use crate::sqlite::{self, page_crc, FRAME_HEADER};
+use crate::sqlite::{self, page_crc, WalIndexHeader, FRAME_HEADER, WAL_INDEX_HEADER};
 use crate::stage::{write_atomic, Access, DbStage, Kind, RecordHeader, WalPos};
 use rollback::Rollback;
 pub use wal::read_exact_at;
@@ -68,6 +70,9 @@ pub struct Capture {
     backing: Arc<Backing>,
     meta_root: PathBuf,
     dbs: RwLock<HashMap<String, Arc<Db>>>,
+    /// Observed mode (see [`Capture::observe`]): WAL writes bypass sqlfs.
+    observed: Arc<AtomicBool>,
+    watch: OnceLock<Arc<watch::Watch>>,
 }
 
 /// One database being captured.
@@ -76,6 +81,11 @@ pub struct Db {
     name: Mutex<String>,
     pub stage: DbStage,
     state: Mutex<State>,
+    observed: Arc<AtomicBool>,
+    /// Open handles on the `-shm` file: while there are any, SQLite's WAL index in it says
+    /// which commits are published. (In `locking_mode=EXCLUSIVE` SQLite keeps the index in
+    /// its own memory and never opens the file.)
+    shm_users: AtomicU32,
 }
 
 /// The committed state as staged, plus what is known of the files right now.
@@ -90,6 +100,9 @@ struct State {
     wal_fd: Option<File>,
     /// Why the next commit must be a full snapshot (continuity lost), if it must.
     resnapshot: Option<String>,
+    /// Observed mode: after the last catch-up, frames follow the published end (a transaction
+    /// is being written, or is written and about to be published).
+    awaiting: bool,
 }
 
 impl Capture {
@@ -102,6 +115,8 @@ impl Capture {
             backing,
             meta_root,
             dbs: RwLock::new(HashMap::new()),
+            observed: Arc::new(AtomicBool::new(false)),
+            watch: OnceLock::new(),
         };
         for e in fs::read_dir(cap.meta_root.join("db"))? {
             let e = e?;
@@ -157,7 +172,10 @@ impl Capture {
                 main_fd: None,
                 wal_fd: None,
                 resnapshot: None,
+                awaiting: false,
             }),
+            observed: self.observed.clone(),
+            shm_users: AtomicU32::new(0),
         });
         db.reconcile(&self.backing)?;
         Ok(db)
@@ -207,6 +225,7 @@ impl Capture {
             Ok(db) => {
                 log::info!("{db_rel}: capturing new database (id {})", db.id);
                 dbs.insert(db_rel.to_string(), db.clone());
+                self.watch_dir_of(db_rel);
                 Some(db)
             }
             Err(e) => {
@@ -224,8 +243,17 @@ impl Capture {
     /// A file was opened: a database file nobody wrote to since the mount started is taken
     /// into capture now (its first sighting), so its first write is already tracked.
     pub fn on_open(&self, rel: &str) {
-        if let (Role::Main, db_rel) = classify(rel) {
-            self.get_or_start(db_rel, Role::Main, None);
+        match classify(rel) {
+            (Role::Main, db_rel) => {
+                self.get_or_start(db_rel, Role::Main, None);
+            }
+            (Role::Wal, _) => self.on_db(rel, |st, db, b, _| st.open_wal(db, b)),
+            (Role::Other, _) => {
+                if let Some(db) = rel.strip_suffix("-shm").and_then(|d| self.get(d)) {
+                    db.shm_users.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+            _ => {}
         }
     }
 
@@ -276,11 +304,92 @@ impl Capture {
         self.on_db(rel, |st, db, b, role| st.on_fsync(db, b, role));
     }
 
-    /// A handle on `rel` was closed.
+    /// A handle on `rel` was closed (`shm`: it was counted by [`Capture::on_open`]).
     pub fn on_release(&self, rel: &str) {
-        if classify(rel).0 == Role::Main {
-            self.on_db(rel, |st, db, b, role| st.on_fsync(db, b, role));
+        match classify(rel).0 {
+            Role::Main => self.on_db(rel, |st, db, b, role| st.on_fsync(db, b, role)),
+            Role::Wal if self.is_observed() => {
+                self.on_db(rel, |st, db, b, _| st.catch_up(db, b));
+            }
+            Role::Other => {
+                if let Some(db) = rel.strip_suffix("-shm").and_then(|d| self.get(d)) {
+                    let _ = db.shm_users.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| {
+                        n.checked_sub(1)
+                    });
+                    if self.is_observed() {
+                        db.guard(|st, db| st.catch_up(db, &self.backing));
+                    }
+                }
+            }
+            _ => {}
         }
+    }
+
+    /// Switches to observed mode: the mount passes WAL and `-shm` files straight through to
+    /// the backing files (kernel passthrough), so their writes never reach sqlfs. Commits are
+    /// then taken from the WAL up to what SQLite has published in its shared-memory index,
+    /// whenever the kernel reports a WAL write (a watcher thread), before any write to a
+    /// database file (a checkpoint), and when WAL files are truncated, unlinked or closed.
+    pub fn observe(self: &Arc<Self>) -> io::Result<()> {
+        if self.watch.get().is_some() {
+            return Ok(());
+        }
+        let w = Arc::new(watch::Watch::new()?);
+        self.watch
+            .set(w.clone())
+            .map_err(|_| io::Error::other("watcher already running"))?;
+        self.observed.store(true, Ordering::SeqCst);
+        w.add_dir(&self.backing, "");
+        for (name, _) in self.databases() {
+            self.watch_dir_of(&name);
+        }
+        let cap = self.clone();
+        std::thread::Builder::new()
+            .name("sqlfs-watch".into())
+            .spawn(move || w.run(&cap))?;
+        Ok(())
+    }
+
+    /// Leaves observed mode (passthrough could not be set up after all).
+    pub fn unobserve(&self) {
+        self.observed.store(false, Ordering::SeqCst);
+    }
+
+    pub fn is_observed(&self) -> bool {
+        self.observed.load(Ordering::Relaxed)
+    }
+
+    fn watch_dir_of(&self, db_rel: &str) {
+        if let Some(w) = self.watch.get() {
+            let dir = db_rel.rsplit_once('/').map_or("", |(d, _)| d);
+            w.add_dir(&self.backing, dir);
+        }
+    }
+
+    /// Observed mode: stages what SQLite has published in the WAL of `db_rel` since the last
+    /// call. True while frames follow the published end (look again soon).
+    pub fn catch_up(&self, db_rel: &str) -> bool {
+        let Some(db) = self.get_or_start(db_rel, Role::Wal, None) else {
+            return false;
+        };
+        let mut awaiting = false;
+        db.guard(|st, db| {
+            st.open_wal(db, &self.backing)?;
+            st.catch_up(db, &self.backing)?;
+            awaiting = st.awaiting;
+            Ok(())
+        });
+        awaiting
+    }
+
+    /// Runs `f` with the staged stream of `db` current (caught up in observed mode) and no
+    /// capture happening on it meanwhile.
+    pub fn frozen<T>(&self, db: &Db, f: impl FnOnce() -> T) -> T {
+        if self.is_observed() {
+            db.guard(|st, db| st.catch_up(db, &self.backing));
+        }
+        let _g = db.state.lock();
+        f()
     }
 
     /// Before `rel` is unlinked.
@@ -334,12 +443,16 @@ impl Capture {
         // A file renamed into place may be a database nobody has opened yet.
         if rt == Role::Main {
             self.get_or_start(dbt, Role::Main, None);
+            self.watch_dir_of(dbt);
         }
     }
 
     /// Makes every database's staging durable and records a clean-shutdown fingerprint.
     pub fn shutdown(&self) {
         for (name, db) in self.databases() {
+            if self.is_observed() {
+                db.guard(|st, db| st.catch_up(db, &self.backing));
+            }
             db.guard(|st, db| st.flush_journalless(db, &self.backing));
             if let Err(e) = db.stage.sync() {
                 log::error!("{name}: cannot sync staging: {e}");
@@ -433,6 +546,11 @@ impl Db {
         self.name.lock().clone()
     }
 
+    /// Observed mode: WAL writes bypass sqlfs (see [`Capture::observe`]).
+    fn observed(&self) -> bool {
+        self.observed.load(Ordering::Relaxed)
+    }
+
     /// Runs `f` on the state. Capture errors never fail the app's I/O: they are logged, and the
     /// next commit becomes a full snapshot so the stream stays exact.
     fn guard(&self, f: impl FnOnce(&mut State, &Db) -> io::Result<()>) {
@@ -511,7 +629,7 @@ impl Db {
                 }
             } else {
                 // A WAL generation the stream never saw: its commits are compared below.
-                for t in w.advance(fd, None)? {
+                for t in w.advance(fd, None, u64::MAX)? {
                     w.publish_reading(fd, &t)?;
                 }
             }
@@ -659,6 +777,10 @@ impl State {
                 }
             }
             Role::Main => {
+                if db.observed() {
+                    // In WAL mode this is a checkpoint: it may only copy back what is staged.
+                    self.catch_up(db, b)?;
+                }
                 if self.in_wal_mode() {
                     // A checkpoint copying committed frames back.
                     self.barrier(db)?;
@@ -721,6 +843,9 @@ impl State {
 
     fn before_truncate(&mut self, db: &Db, b: &Backing, role: Role, size: u64) -> io::Result<()> {
         self.main(db, b)?;
+        if role == Role::Main && db.observed() {
+            self.catch_up(db, b)?;
+        }
         match role {
             Role::Wal => {
                 self.capture_wal(db, b)?;
@@ -932,7 +1057,7 @@ impl State {
         // The WAL as readers know it: every commit before `start`.
         let mut nw = WalTrack::new(w.hdr);
         while nw.committed_end < start {
-            match nw.advance_one(fd, None)? {
+            match nw.advance_one(fd, None, u64::MAX)? {
                 Some(t) if t.end <= start => nw.publish_reading(fd, &t)?,
                 _ => break,
             }
@@ -995,9 +1120,86 @@ impl State {
         Ok(())
     }
 
-    /// Stages every transaction completed in the WAL since the last call.
+    /// Stages every transaction completed in the WAL since the last call: in observed mode
+    /// what SQLite has published, else every commit its writes completed.
     fn capture_wal(&mut self, db: &Db, b: &Backing) -> io::Result<()> {
-        self.capture_wal_hint(db, b, None)
+        if db.observed() {
+            self.catch_up(db, b)
+        } else {
+            self.capture_wal_hint(db, b, None)
+        }
+    }
+
+    /// A handle on the WAL is opened: keep a descriptor on it (in observed mode no write
+    /// to it will come by to open one).
+    fn open_wal(&mut self, db: &Db, b: &Backing) -> io::Result<()> {
+        if self.wal_fd.is_none() {
+            self.wal_fd = b.open_read(&format!("{}-wal", db.name()))?;
+        }
+        Ok(())
+    }
+
+    /// Observed mode: follows the WAL as it is now. A header that differs from the tracked
+    /// one means a new generation began unseen; that happens only after a checkpoint copied
+    /// every committed frame into the database file, and that checkpoint's writes came
+    /// through sqlfs, which staged those frames first. Then every commit up to what SQLite
+    /// has published is staged. Published frames are final within a generation, so nothing
+    /// staged here is ever rewound.
+    fn catch_up(&mut self, db: &Db, b: &Backing) -> io::Result<()> {
+        self.awaiting = false;
+        let Some(fd) = self.wal_fd.as_ref() else {
+            return Ok(());
+        };
+        let Some(hdr) = WalTrack::read_header(fd)? else {
+            return Ok(());
+        };
+        match &self.wal {
+            Some(w) if w.hdr == hdr => {}
+            Some(_) => {
+                self.main(db, b)?;
+                self.settle_generation(db)?;
+                self.barrier(db)?;
+                self.wal = Some(WalTrack::new(hdr));
+            }
+            None => self.wal = Some(WalTrack::new(hdr)),
+        }
+        let limit = self.published_end(db, b)?;
+        self.main(db, b)?;
+        self.capture_wal_limit(db, b, None, limit)?;
+        if let (Some(w), Some(fd)) = (self.wal.as_ref(), self.wal_fd.as_ref()) {
+            self.awaiting = w.frame_follows(fd)?;
+        }
+        Ok(())
+    }
+
+    /// The end of the last commit SQLite has published: from the WAL index in the `-shm`
+    /// file while anyone has it open, else (exclusive locking mode: a single connection, so
+    /// nobody can overwrite what it committed) the end of the last complete commit.
+    fn published_end(&self, db: &Db, b: &Backing) -> io::Result<u64> {
+        let w = self.wal.as_ref().expect("WAL tracked");
+        if db.shm_users.load(Ordering::Relaxed) == 0 {
+            return Ok(u64::MAX);
+        }
+        let Some(f) = b.open_read(&format!("{}-shm", db.name()))? else {
+            return Ok(w.committed_end);
+        };
+        let mut buf = [0u8; WAL_INDEX_HEADER];
+        // The two copies differ only while a writer updates them: try again shortly.
+        for _ in 0..8 {
+            if !read_exact_at(&f, &mut buf, 0)? {
+                break;
+            }
+            if let Some(h) = WalIndexHeader::parse(&buf) {
+                return Ok(if (h.salt1, h.salt2) == (w.hdr.salt1, w.hdr.salt2) {
+                    sqlite::WAL_HEADER + h.max_frame as u64 * w.hdr.frame_size()
+                } else {
+                    // The index describes another generation (one about to begin).
+                    w.committed_end
+                });
+            }
+            std::thread::yield_now();
+        }
+        Ok(w.committed_end)
     }
 
     /// Like `capture_wal`; `hint` is the write just made, whose bytes spare a read-back.
@@ -1007,10 +1209,21 @@ impl State {
         b: &Backing,
         hint: Option<(u64, &[u8])>,
     ) -> io::Result<()> {
+        self.capture_wal_limit(db, b, hint, u64::MAX)
+    }
+
+    /// Stages the commits completed in the WAL that end at or before byte `limit`.
+    fn capture_wal_limit(
+        &mut self,
+        db: &Db,
+        b: &Backing,
+        hint: Option<(u64, &[u8])>,
+        limit: u64,
+    ) -> io::Result<()> {
         let (Some(w), Some(fd)) = (self.wal.as_mut(), self.wal_fd.as_ref()) else {
             return Ok(());
         };
-        let txns = w.advance(fd, hint)?;
+        let txns = w.advance(fd, hint, limit)?;
         for t in txns {
             self.commit_wal(db, b, t)?;
         }
@@ -1375,11 +1588,12 @@ pub fn live_image(b: &Backing, name: &str, out: &File) -> io::Result<(u32, u32)>
         main_fd: b.open_read(name)?,
         wal_fd: b.open_read(&format!("{name}-wal"))?,
         resnapshot: None,
+        awaiting: false,
     };
     if let Some(fd) = st.wal_fd.as_ref() {
         st.wal = WalTrack::read_header(fd)?.map(WalTrack::new);
         if let Some(w) = st.wal.as_mut() {
-            for t in w.advance(fd, None)? {
+            for t in w.advance(fd, None, u64::MAX)? {
                 w.publish_reading(fd, &t)?;
             }
         }
@@ -1394,10 +1608,4 @@ pub fn live_image(b: &Backing, name: &str, out: &File) -> io::Result<(u32, u32)>
     Ok((ps, pages))
 }
 
-impl Db {
-    /// Runs `f` while no capture can happen on this database (the app's writes wait).
-    pub fn frozen<T>(&self, f: impl FnOnce() -> T) -> T {
-        let _g = self.state.lock();
-        f()
-    }
-}
+

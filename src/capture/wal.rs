@@ -141,15 +141,32 @@ impl WalTrack {
         }
     }
 
-    /// Validates frames after the pending ones as far as they go and returns every transaction
-    /// completed by a valid commit frame, oldest first. `hint` is the write just made (its
-    /// bytes spare a read-back). Call [`WalTrack::publish`] for each, in order.
-    pub fn advance(&mut self, wal: &File, hint: Option<(u64, &[u8])>) -> io::Result<Vec<WalTxn>> {
+    /// Validates frames after the pending ones as far as they go, but not past byte `limit`,
+    /// and returns every transaction completed by a valid commit frame, oldest first. `hint`
+    /// is the write just made (its bytes spare a read-back). Call [`WalTrack::publish`] for
+    /// each, in order.
+    pub fn advance(
+        &mut self,
+        wal: &File,
+        hint: Option<(u64, &[u8])>,
+        limit: u64,
+    ) -> io::Result<Vec<WalTxn>> {
         let mut out = Vec::new();
-        while let Some(t) = self.advance_one(wal, hint)? {
+        while let Some(t) = self.advance_one(wal, hint, limit)? {
             out.push(t);
         }
         Ok(out)
+    }
+
+    /// True if a frame of this generation (its salts match the header) starts right after the
+    /// last commit: a transaction is being written, or was written and not yet published.
+    pub fn frame_follows(&self, wal: &File) -> io::Result<bool> {
+        let mut fh = [0u8; 24];
+        if !read_exact_at(wal, &mut fh, self.committed_end)? {
+            return Ok(false);
+        }
+        let be = |at: usize| u32::from_be_bytes([fh[at], fh[at + 1], fh[at + 2], fh[at + 3]]);
+        Ok(be(8) == self.hdr.salt1 && be(12) == self.hdr.salt2)
     }
 
     /// Records a captured transaction's frames as the newest committed copies of their pages.
@@ -196,7 +213,7 @@ impl WalTrack {
     /// not pass through that point (the WAL changed behind sqlfs's back).
     pub fn seek_to(&mut self, wal: &File, end: u64, cksum: (u32, u32)) -> io::Result<bool> {
         while self.committed_end < end {
-            match self.advance_one(wal, None)? {
+            match self.advance_one(wal, None, u64::MAX)? {
                 Some(t) => self.publish_reading(wal, &t)?,
                 None => break,
             }
@@ -204,11 +221,13 @@ impl WalTrack {
         Ok(self.committed_end == end && self.cksum == cksum)
     }
 
-    /// Validates frames up to the next commit; the transaction it completes, if any.
+    /// Validates frames up to the next commit, none ending past byte `limit`; the transaction
+    /// it completes, if any.
     pub fn advance_one(
         &mut self,
         wal: &File,
         hint: Option<(u64, &[u8])>,
+        limit: u64,
     ) -> io::Result<Option<WalTxn>> {
         let fsz = self.hdr.frame_size();
         let ps = self.hdr.page_size as usize;
@@ -216,6 +235,9 @@ impl WalTrack {
         let mut buf = Vec::new();
         loop {
             let (off, ck) = self.pending_end();
+            if off.saturating_add(fsz) > limit {
+                return Ok(None);
+            }
             match self.hint_hdr {
                 Some((o, h)) if o == off => fh = h,
                 _ => {

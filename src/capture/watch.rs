@@ -1,0 +1,205 @@
+//! Wakes capture when a WAL changes behind it (observed mode, see `Capture::observe`).
+//!
+//! With kernel passthrough, writes to `-wal` files go straight to the backing files and never
+//! reach sqlfs, but the kernel still reports them to inotify watches on the backing
+//! directories. One thread turns each report into a catch-up of that database. Reports are
+//! gathered for a short moment first, so a busy database is caught up in batches of
+//! transactions rather than once per write.
+//!
+//! A writer publishes a commit in the WAL index just after writing it, so a catch-up often
+//! comes a moment too early: while frames follow the published end, the database is looked at
+//! again after a short delay that grows (to at most a second) and stops after a minute (a
+//! writer that died before publishing leaves such frames behind; the next writer's own
+//! reports, or its checkpoint, carry on from there). Nothing is polled otherwise: an idle
+//! mount costs nothing.
+//!
+//! The watcher only brings staging up to date sooner. Correctness does not depend on it:
+//! every write to a database file (a checkpoint), and every truncation, unlink or close of a
+//! WAL, catches up first on the request thread.
+
+use std::collections::{BTreeSet, HashMap};
+use std::ffi::CString;
+use std::io;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::time::{Duration, Instant};
+
+use parking_lot::Mutex;
+
+use super::Capture;
+use crate::backing::{join, Backing};
+
+/// How long reports are gathered before a catch-up.
+const GATHER: Duration = Duration::from_micros(500);
+/// First and last delay before looking again at a database with unpublished frames.
+const RETRY_FIRST: Duration = Duration::from_micros(200);
+const RETRY_MAX: Duration = Duration::from_secs(1);
+/// How long unpublished frames are looked at before the watcher leaves them to other triggers.
+const RETRY_FOR: Duration = Duration::from_secs(60);
+
+pub struct Watch {
+    fd: OwnedFd,
+    /// Watch descriptor → backing directory (relative, "" for the root).
+    dirs: Mutex<HashMap<i32, String>>,
+}
+
+struct Retry {
+    due: Instant,
+    step: Duration,
+    since: Instant,
+}
+
+impl Watch {
+    pub fn new() -> io::Result<Watch> {
+        // SAFETY: plain syscall.
+        let fd = unsafe { libc::inotify_init1(libc::IN_CLOEXEC) };
+        if fd < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(Watch {
+            // SAFETY: fd was just returned by inotify_init1 and is owned by nobody else.
+            fd: unsafe { OwnedFd::from_raw_fd(fd) },
+            dirs: Mutex::new(HashMap::new()),
+        })
+    }
+
+    /// Watches backing directory `dir` for writes to its files (idempotent).
+    pub fn add_dir(&self, b: &Backing, dir: &str) {
+        let path = b.path(dir);
+        let Ok(c) = CString::new(path.as_os_str().as_encoded_bytes()) else {
+            return;
+        };
+        // SAFETY: valid fd and C string.
+        let wd = unsafe {
+            libc::inotify_add_watch(
+                self.fd.as_raw_fd(),
+                c.as_ptr(),
+                libc::IN_MODIFY | libc::IN_ONLYDIR,
+            )
+        };
+        if wd < 0 {
+            log::warn!(
+                "cannot watch directory {:?} for WAL writes: {}; its databases are staged at checkpoints and closes only",
+                dir,
+                io::Error::last_os_error()
+            );
+            return;
+        }
+        self.dirs.lock().insert(wd, dir.to_string());
+    }
+
+    /// The watcher thread's loop; never returns.
+    pub fn run(&self, cap: &Capture) {
+        let mut retry: HashMap<String, Retry> = HashMap::new();
+        let mut buf = vec![0u8; 64 << 10];
+        loop {
+            let timeout = retry
+                .values()
+                .map(|r| r.due.saturating_duration_since(Instant::now()))
+                .min();
+            if self.wait(timeout) {
+                std::thread::sleep(GATHER);
+            }
+            let mut todo: BTreeSet<String> = BTreeSet::new();
+            let mut fresh: BTreeSet<String> = BTreeSet::new();
+            let overflow = self.drain(&mut buf, &mut fresh);
+            if overflow {
+                log::warn!("WAL write reports overflowed; catching up every database");
+                fresh.extend(cap.databases().into_iter().map(|(n, _)| n));
+            }
+            let now = Instant::now();
+            todo.extend(
+                retry
+                    .iter()
+                    .filter(|(_, r)| r.due <= now)
+                    .map(|(n, _)| n.clone()),
+            );
+            todo.extend(fresh.iter().cloned());
+            for db in todo {
+                if !cap.catch_up(&db) {
+                    retry.remove(&db);
+                    continue;
+                }
+                let now = Instant::now();
+                let r = retry.entry(db.clone()).or_insert(Retry {
+                    due: now,
+                    step: RETRY_FIRST,
+                    since: now,
+                });
+                if fresh.contains(&db) {
+                    r.step = RETRY_FIRST;
+                    r.since = now;
+                }
+                if now.duration_since(r.since) > RETRY_FOR {
+                    log::debug!("{db}: unpublished WAL frames left to later writes");
+                    retry.remove(&db);
+                    continue;
+                }
+                r.due = now + r.step;
+                r.step = (r.step * 4).min(RETRY_MAX);
+            }
+        }
+    }
+
+    /// Waits for reports, at most `timeout` (forever if `None`). True if there are some.
+    fn wait(&self, timeout: Option<Duration>) -> bool {
+        let mut p = libc::pollfd {
+            fd: self.fd.as_raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        };
+        let ts = timeout.map(|t| libc::timespec {
+            tv_sec: t.as_secs() as libc::time_t,
+            tv_nsec: t.subsec_nanos() as libc::c_long,
+        });
+        let tsp = ts
+            .as_ref()
+            .map_or(std::ptr::null(), |t| t as *const libc::timespec);
+        // SAFETY: one valid pollfd; tsp is null or points to a live timespec.
+        let n = unsafe { libc::ppoll(&mut p, 1, tsp, std::ptr::null()) };
+        n > 0 && p.revents & libc::POLLIN != 0
+    }
+
+    /// Reads every pending report; the databases whose WAL was written go into `out`.
+    /// True if the kernel dropped reports (queue overflow).
+    fn drain(&self, buf: &mut [u8], out: &mut BTreeSet<String>) -> bool {
+        let mut overflow = false;
+        loop {
+            let mut p = libc::pollfd {
+                fd: self.fd.as_raw_fd(),
+                events: libc::POLLIN,
+                revents: 0,
+            };
+            // SAFETY: one valid pollfd, zero timeout.
+            if unsafe { libc::poll(&mut p, 1, 0) } <= 0 {
+                return overflow;
+            }
+            // SAFETY: buf is valid for buf.len() bytes.
+            let n = unsafe { libc::read(self.fd.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len()) };
+            if n <= 0 {
+                return overflow;
+            }
+            let dirs = self.dirs.lock();
+            let mut i = 0usize;
+            let hdr = std::mem::size_of::<libc::inotify_event>();
+            while i + hdr <= n as usize {
+                // SAFETY: the kernel wrote a whole inotify_event at i (reads may be unaligned).
+                let ev: libc::inotify_event =
+                    unsafe { std::ptr::read_unaligned(buf[i..].as_ptr().cast()) };
+                let name_bytes = &buf[i + hdr..i + hdr + ev.len as usize];
+                i += hdr + ev.len as usize;
+                if ev.mask & libc::IN_Q_OVERFLOW != 0 {
+                    overflow = true;
+                    continue;
+                }
+                let name = name_bytes.split(|&c| c == 0).next().unwrap_or(&[]);
+                let Ok(name) = std::str::from_utf8(name) else {
+                    continue;
+                };
+                let (Some(stem), Some(dir)) = (name.strip_suffix("-wal"), dirs.get(&ev.wd)) else {
+                    continue;
+                };
+                out.insert(join(dir, stem));
+            }
+        }
+    }
+}
