@@ -25,10 +25,10 @@ use std::sync::{Arc, Weak};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use fuser::{
-    AccessFlags, BackingId, Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags, Generation,
-    INodeNo, InitFlags, KernelConfig, LockOwner, OpenFlags, RenameFlags, ReplyAttr, ReplyCreate,
-    ReplyData, ReplyDirectory, ReplyEmpty, ReplyEntry, ReplyOpen, ReplyStatfs, ReplyWrite,
-    ReplyXattr, Request, TimeOrNow, WriteFlags,
+    AccessFlags, BackingId, Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags,
+    Generation, INodeNo, InitFlags, KernelConfig, LockOwner, OpenFlags, RenameFlags, ReplyAttr,
+    ReplyCreate, ReplyData, ReplyDirectory, ReplyEmpty, ReplyEntry, ReplyOpen, ReplyStatfs,
+    ReplyWrite, ReplyXattr, Request, TimeOrNow, WriteFlags,
 };
 use parking_lot::{Mutex, RwLock};
 
@@ -558,9 +558,7 @@ impl Filesystem for SqlFs {
             // SAFETY: geteuid has no preconditions.
             let root = unsafe { libc::geteuid() } == 0;
             let granted = root
-                && config
-                    .add_capabilities(InitFlags::FUSE_PASSTHROUGH)
-                    .is_ok()
+                && config.add_capabilities(InitFlags::FUSE_PASSTHROUGH).is_ok()
                 && config.set_max_stack_depth(1).is_ok();
             if granted {
                 self.capture.observe()?;
@@ -573,7 +571,10 @@ impl Filesystem for SqlFs {
                     "--passthrough on: kernel passthrough needs root (CAP_SYS_ADMIN)"
                 }));
             } else {
-                log::info!("kernel passthrough unavailable ({}); every write goes through sqlfs", if root { "kernel too old" } else { "not root" });
+                log::info!(
+                    "kernel passthrough unavailable ({}); every write goes through sqlfs",
+                    if root { "kernel too old" } else { "not root" }
+                );
             }
         }
         Ok(())
@@ -1392,14 +1393,9 @@ impl Filesystem for SqlFs {
             Ok((self.add_handle(f, rel, attr.ino.0, pt.clone()), attr, pt))
         });
         match res {
-            Ok((fh, attr, Some(id))) => reply.created_passthrough(
-                &TTL,
-                &attr,
-                Generation(0),
-                fh,
-                FopenFlags::empty(),
-                &id,
-            ),
+            Ok((fh, attr, Some(id))) => {
+                reply.created_passthrough(&TTL, &attr, Generation(0), fh, FopenFlags::empty(), &id)
+            }
             Ok((fh, attr, None)) => {
                 reply.created(&TTL, &attr, Generation(0), fh, FopenFlags::FOPEN_KEEP_CACHE)
             }

@@ -155,13 +155,28 @@ pub fn parse_header(b: &[u8], what: &str) -> Result<ObjHeader> {
 }
 
 /// Builds one object in a local file, one transaction at a time.
+///
+/// The body is the records one after another, compressed as zstd frames of about
+/// `FRAME_PAGES` pages. Frames are cut only between pages or between records, so every page
+/// lies whole in one frame; a frame may hold the end of one record and several small ones.
 pub struct ObjectWriter {
     file: File,
     /// One compression context for every frame of the object (creating one is costly).
     zstd: zstd::bulk::Compressor<'static>,
     hdr: ObjHeader,
     index: Vec<u8>,
+    /// Object offset the next frame starts at.
     pos: u64,
+    /// Record bytes not compressed yet (the frame being gathered).
+    buf: Vec<u8>,
+    /// Record bytes received so far, `buf` included.
+    raw: u64,
+    /// Index entries whose frame is not cut yet: page number, TXID, position of the page
+    /// among the record bytes.
+    unresolved: Vec<(u32, u64, u64)>,
+    /// Frames cut while the current record was added: object offset, compressed length,
+    /// position of their first byte among the record bytes.
+    cuts: Vec<(u64, u64, u64)>,
 }
 
 fn io(what: &str) -> impl FnOnce(io::Error) -> ObjectError + '_ {
@@ -204,10 +219,44 @@ impl ObjectWriter {
             hdr,
             index: Vec::new(),
             pos: HEADER as u64,
+            buf: Vec::new(),
+            raw: 0,
+            unresolved: Vec::new(),
+            cuts: Vec::new(),
         })
     }
 
-    /// Adds one transaction (header `h`, pages from `fill`) as a zstd frame.
+    /// Compresses the gathered bytes as one frame and indexes the pages in it.
+    fn cut(&mut self) -> io::Result<()> {
+        if self.buf.is_empty() {
+            return Ok(());
+        }
+        let z = self.zstd.compress(&self.buf)?;
+        self.file.write_all(&z)?;
+        let start = self.raw - self.buf.len() as u64;
+        // Pages of earlier records waiting for this frame: all of them are in it.
+        let (pos, len) = (self.pos, z.len() as u64);
+        for (pgno, txid, at) in std::mem::take(&mut self.unresolved) {
+            self.index_entry(pgno, txid, (pos, len, start), at);
+        }
+        self.cuts.push((pos, len, start));
+        self.pos += len;
+        self.buf.clear();
+        Ok(())
+    }
+
+    fn index_entry(&mut self, pgno: u32, txid: u64, frame: (u64, u64, u64), at: u64) {
+        self.index.extend_from_slice(&pgno.to_be_bytes());
+        self.index.extend_from_slice(&txid.to_be_bytes());
+        self.index.extend_from_slice(&frame.0.to_be_bytes());
+        self.index
+            .extend_from_slice(&(frame.1 as u32).to_be_bytes());
+        self.index
+            .extend_from_slice(&((at - frame.2) as u32).to_be_bytes());
+        self.hdr.nindex += 1;
+    }
+
+    /// Adds one transaction (header `h`, pages from `fill`).
     pub fn add(
         &mut self,
         h: &RecordHeader,
@@ -223,40 +272,37 @@ impl ObjectWriter {
                 h.txid, self.hdr.last_txid
             )));
         }
+        let unit = 4 + h.page_size as u64;
+        let rec_start = self.raw;
         let mut pages = Vec::with_capacity(h.npages as usize);
-        let span = FRAME_PAGES * (4 + h.page_size as u64);
-        let mut frames = Framer {
-            file: &mut self.file,
-            zstd: &mut self.zstd,
-            pos: self.pos,
-            raw: 0,
-            next_cut: RECORD_HEADER as u64 + span,
-            span,
-            buf: Vec::new(),
-            frames: Vec::new(),
-        };
-        write_record(&mut frames, h, |emit| {
-            fill(&mut |pgno, page| {
-                pages.push(pgno);
-                emit(pgno, page)
-            })
-        })?;
-        frames.cut()?;
-        let (pos, frame_list) = (frames.pos, std::mem::take(&mut frames.frames));
-        self.pos = pos;
+        self.cuts.clear();
+        write_record(
+            &mut Framer {
+                w: self,
+                at: 0,
+                unit,
+            },
+            h,
+            |emit| {
+                fill(&mut |pgno, page| {
+                    pages.push(pgno);
+                    emit(pgno, page)
+                })
+            },
+        )?;
+        if self.buf.len() as u64 >= FRAME_PAGES * unit {
+            self.cut()?;
+        }
         for (i, pgno) in pages.into_iter().enumerate() {
-            let raw = RECORD_HEADER as u64 + i as u64 * (4 + h.page_size as u64) + 4;
-            // The frame holding this page: cuts fall on page boundaries only.
-            let k = frame_list.partition_point(|f| f.2 <= raw) - 1;
-            let (frame_off, frame_len, raw_start) = frame_list[k];
-            self.index.extend_from_slice(&pgno.to_be_bytes());
-            self.index.extend_from_slice(&h.txid.to_be_bytes());
-            self.index.extend_from_slice(&frame_off.to_be_bytes());
-            self.index
-                .extend_from_slice(&(frame_len as u32).to_be_bytes());
-            self.index
-                .extend_from_slice(&((raw - raw_start) as u32).to_be_bytes());
-            self.hdr.nindex += 1;
+            let at = rec_start + RECORD_HEADER as u64 + i as u64 * unit + 4;
+            // The frame holding this page, if it is cut already (cuts fall between pages).
+            let k = self.cuts.partition_point(|f| f.2 <= at);
+            let cut_end = self.raw - self.buf.len() as u64;
+            if at < cut_end {
+                self.index_entry(pgno, h.txid, self.cuts[k - 1], at);
+            } else {
+                self.unresolved.push((pgno, h.txid, at));
+            }
         }
         self.hdr.last_txid = h.txid;
         self.hdr.last_time_ns = h.time_ns;
@@ -283,6 +329,7 @@ impl ObjectWriter {
 
     /// Writes the index, the header and the trailing CRC; returns the header and the file.
     pub fn finish(mut self) -> io::Result<(ObjHeader, File)> {
+        self.cut()?;
         self.hdr.body_len = self.pos - HEADER as u64;
         self.hdr.index_off = self.pos;
         self.hdr.index_len = self.index.len() as u64;
@@ -310,49 +357,34 @@ impl ObjectWriter {
 /// Pages per zstd frame: a page is read by decompressing at most this many.
 const FRAME_PAGES: u64 = 256;
 
-/// Compresses one record into zstd frames cut at page boundaries, every `FRAME_PAGES` pages
-/// (the first frame also holds the record header, the last its CRC).
+/// Receives one record's bytes into the writer's frame, cutting the frame at the first page
+/// boundary where it holds `FRAME_PAGES` pages' worth.
 struct Framer<'a> {
-    file: &'a mut File,
-    zstd: &'a mut zstd::bulk::Compressor<'static>,
-    /// Object offset the next frame starts at.
-    pos: u64,
-    /// Record bytes received so far.
-    raw: u64,
-    /// Record offset of the next cut.
-    next_cut: u64,
-    span: u64,
-    buf: Vec<u8>,
-    /// (object offset, compressed length, record offset of its first byte) per frame.
-    frames: Vec<(u64, u64, u64)>,
-}
-
-impl Framer<'_> {
-    fn cut(&mut self) -> io::Result<()> {
-        if self.buf.is_empty() {
-            return Ok(());
-        }
-        let z = self.zstd.compress(&self.buf)?;
-        self.file.write_all(&z)?;
-        let start = self.raw - self.buf.len() as u64;
-        self.frames.push((self.pos, z.len() as u64, start));
-        self.pos += z.len() as u64;
-        self.buf.clear();
-        Ok(())
-    }
+    w: &'a mut ObjectWriter,
+    /// Bytes of the record received so far.
+    at: u64,
+    /// Bytes per page in a record (page number and page).
+    unit: u64,
 }
 
 impl Write for Framer<'_> {
     fn write(&mut self, mut d: &[u8]) -> io::Result<usize> {
         let n = d.len();
+        let hdr = RECORD_HEADER as u64;
         while !d.is_empty() {
-            let take = ((self.next_cut - self.raw) as usize).min(d.len());
-            self.buf.extend_from_slice(&d[..take]);
-            self.raw += take as u64;
+            // The next page boundary in the record: after its header, then after each page.
+            let next = if self.at < hdr {
+                hdr
+            } else {
+                hdr + ((self.at - hdr) / self.unit + 1) * self.unit
+            };
+            let take = ((next - self.at) as usize).min(d.len());
+            self.w.buf.extend_from_slice(&d[..take]);
+            self.w.raw += take as u64;
+            self.at += take as u64;
             d = &d[take..];
-            if self.raw == self.next_cut {
-                self.cut()?;
-                self.next_cut += self.span;
+            if self.at == next && self.w.buf.len() as u64 >= FRAME_PAGES * self.unit {
+                self.w.cut()?;
             }
         }
         Ok(n)
@@ -536,5 +568,80 @@ mod tests {
         })
         .unwrap();
         assert_eq!(seen, n);
+    }
+
+    /// Small records share frames; big ones are cut between pages; every page the index
+    /// names is in its frame, and streaming sees every record in order.
+    #[test]
+    fn small_records_share_frames() {
+        let ps = 512usize;
+        let page = |t: u64, p: u32| vec![((t * 7 + p as u64) % 251) as u8; ps];
+        let sizes: Vec<u32> = (0..900u64)
+            .map(|t| {
+                if t % 300 == 299 {
+                    400
+                } else {
+                    1 + (t % 3) as u32
+                }
+            })
+            .collect();
+        let mut w =
+            ObjectWriter::new(tempfile::tempfile().unwrap(), ObjKind::Segment, 0, "00").unwrap();
+        for (i, &np) in sizes.iter().enumerate() {
+            let t = i as u64 + 1;
+            let h = RecordHeader {
+                kind: Kind::Txn,
+                txid: t,
+                time_ns: t,
+                page_size: ps as u32,
+                db_pages: 500,
+                checksum_before: 0,
+                checksum_after: 0,
+                npages: np,
+                wal: WalPos::default(),
+            };
+            w.add(&h, |emit| (1..=np).try_for_each(|p| emit(p, &page(t, p))))
+                .unwrap();
+        }
+        let (hdr, f) = w.finish().unwrap();
+        assert_eq!(verify(&f, "obj").unwrap(), hdr);
+        let total: u32 = sizes.iter().sum();
+        assert_eq!(hdr.nindex, total);
+        let mut idx = vec![0u8; hdr.index_len as usize];
+        std::os::unix::fs::FileExt::read_exact_at(&f, &mut idx, hdr.index_off).unwrap();
+        let mut frames = std::collections::BTreeSet::new();
+        let mut last_txid = 0;
+        for e in idx.chunks(INDEX_ENTRY) {
+            let pgno = u32::from_be_bytes(e[0..4].try_into().unwrap());
+            let txid = u64::from_be_bytes(e[4..12].try_into().unwrap());
+            let off = u64::from_be_bytes(e[12..20].try_into().unwrap());
+            let len = u32::from_be_bytes(e[20..24].try_into().unwrap()) as usize;
+            let at = u32::from_be_bytes(e[24..28].try_into().unwrap()) as usize;
+            assert!(txid >= last_txid, "index in TXID order");
+            last_txid = txid;
+            frames.insert(off);
+            let mut z = vec![0u8; len];
+            std::os::unix::fs::FileExt::read_exact_at(&f, &mut z, off).unwrap();
+            let raw = zstd::stream::decode_all(&z[..]).unwrap();
+            assert!(
+                raw[at..at + ps] == page(txid, pgno)[..],
+                "TXID {txid} page {pgno}"
+            );
+        }
+        assert!(
+            frames.len() < 30,
+            "{} frames for {} records of {total} pages",
+            frames.len(),
+            sizes.len()
+        );
+        let mut seen = Vec::new();
+        for_each_txn(&f, &hdr, "obj", |ev| {
+            if let Event::Start(h) = ev {
+                seen.push(h.txid);
+            }
+            Ok(())
+        })
+        .unwrap();
+        assert_eq!(seen, (1..=sizes.len() as u64).collect::<Vec<_>>());
     }
 }

@@ -367,6 +367,26 @@ fn four_processes_wal() {
     finish(fx);
 }
 
+/// The same with kernel passthrough off: sqlfs sees every WAL write and stages each commit
+/// from the write that completes it (the path used where passthrough is unavailable).
+#[test]
+fn four_processes_wal_write_through() {
+    let seed = seed_for("four_processes_wal_write_through");
+    let mut fx = Fixture::new("mpwal-wt", false).with_threads(4);
+    fx.opts
+        .extra_args
+        .extend(["--passthrough".into(), "off".into()]);
+    fx.mount();
+    let db = "shared.db";
+    drop(fresh_db(&fx.path(db), None, "WAL"));
+    multi_process(&mut fx, db, &["WAL"; 4], 60, seed);
+    assert!(
+        !fx.last_daemon_log().contains("pass straight through"),
+        "--passthrough off was not honoured"
+    );
+    finish(fx);
+}
+
 #[test]
 fn three_processes_mixed_rollback_modes() {
     let seed = seed_for("three_processes_mixed_rollback_modes");

@@ -286,6 +286,14 @@ fn tail(s: &str, max: usize) -> &str {
     &s[start..]
 }
 
+/// The tests of section 1 need sqlfs to see every WAL write: with kernel passthrough
+/// (observed mode) an unpublished commit is never staged at all (see the last test there).
+fn write_through(fx: &mut Fixture) {
+    fx.opts
+        .extra_args
+        .extend(["--passthrough".into(), "off".into()]);
+}
+
 /// A WAL database through the mount with a few commits and no automatic checkpoints.
 fn wal_setup(fx: &Fixture, db: &str) -> Connection {
     let conn = new_db(&fx.path(db), "WAL");
@@ -303,6 +311,7 @@ fn wal_setup(fx: &Fixture, db: &str) -> Connection {
 #[test]
 fn unpublished_wal_commit_is_rewound_when_overwritten() {
     let mut fx = Fixture::new("rewind", false);
+    write_through(&mut fx);
     fx.mount();
     let db = "app.db";
     let conn = wal_setup(&fx, db);
@@ -350,6 +359,7 @@ fn unpublished_wal_commit_is_rewound_when_overwritten() {
 #[test]
 fn unpublished_wal_commit_dropped_by_checkpoint_truncate() {
     let mut fx = Fixture::new("unpub-ckpt", false);
+    write_through(&mut fx);
     fx.mount();
     let db = "app.db";
     let conn = wal_setup(&fx, db);
@@ -402,6 +412,7 @@ fn unpublished_wal_commit_dropped_by_checkpoint_truncate() {
 #[test]
 fn unpublished_wal_commit_dropped_when_last_connection_closes() {
     let mut fx = Fixture::new("unpub-close", false);
+    write_through(&mut fx);
     fx.mount();
     let db = "app.db";
     let conn = wal_setup(&fx, db);
@@ -437,6 +448,67 @@ fn unpublished_wal_commit_dropped_when_last_connection_closes() {
 // ---------------------------------------------------------------------------------------
 
 const RESTART_DBS: [(&str, &str); 2] = [("wal.db", "WAL"), ("rb.db", "DELETE")];
+
+/// Observed mode (WAL writes pass straight through the kernel): commits are taken from the
+/// WAL only as far as SQLite's WAL index has published them, so a commit frame nobody
+/// published is never staged, and the frames written over it are staged as they commit.
+#[test]
+fn unpublished_wal_commit_is_never_staged_when_observed() {
+    let mut fx = Fixture::new("unpub-observed", false);
+    fx.mount();
+    let log = fx.last_daemon_log();
+    if !log.contains("pass straight through") {
+        eprintln!("kernel passthrough unavailable here; nothing to test:\n{log}");
+        return;
+    }
+    let db = "app.db";
+    let conn = wal_setup(&fx, db);
+    let mut samples = vec![sample(&conn, true, "before the hand-written frame")];
+    let txid_before = last_entry(&log_entries(&fx.mnt, db), db).txid;
+    let u = write_unpublished_commit(&fx, db, &conn);
+    // The watcher sees the write and looks again while the frame stays unpublished.
+    std::thread::sleep(Duration::from_millis(300));
+    let last = last_entry(&log_entries(&fx.mnt, db), db).clone();
+    assert!(
+        last.txid == txid_before && last.checksum == samples[0].checksum,
+        "{db}: the unpublished frame (WAL offset {}) was staged: the log ends with {:?}",
+        u.offset,
+        last.line
+    );
+    for i in 0..4 {
+        insert(&conn, 3, 900).unwrap();
+        samples.push(sample(
+            &conn,
+            true,
+            format!("live commit {i} over the frame"),
+        ));
+    }
+    let wal = fs::read(fx.path(&format!("{db}-wal"))).unwrap();
+    let at = u.offset as usize;
+    assert!(
+        wal.len() >= at + u.frame.len() && wal[at..at + u.frame.len()] != u.frame[..],
+        "scenario: SQLite was expected to overwrite the hand-written frame"
+    );
+    let v = verify(&fx.mnt, None);
+    assert!(v.ok(), "sqlfs verify failed:\n{}", v.describe());
+    let entries = check_final(&fx.mnt, &fx.path(db), db, &fx.scratch);
+    let matched = check_samples(&fx.mnt, db, &entries, &samples, &fx.scratch);
+    assert_eq!(
+        matched.last().copied(),
+        Some(txid_before + 4),
+        "every live commit is one TXID, with nothing in between"
+    );
+    let log = fx.last_daemon_log();
+    assert!(
+        !log.contains("never published") && !log.contains("no reader saw"),
+        "nothing should need reverting:\n{}",
+        tail(&log, 4000)
+    );
+    drop(conn);
+    fx.assert_verify();
+    fx.unmount();
+    assert_verify(&fx.backing);
+}
 
 fn populate_restart_dbs(fx: &Fixture) {
     for (db, mode) in RESTART_DBS {

@@ -313,9 +313,9 @@ impl Capture {
             }
             Role::Other => {
                 if let Some(db) = rel.strip_suffix("-shm").and_then(|d| self.get(d)) {
-                    let _ = db.shm_users.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| {
-                        n.checked_sub(1)
-                    });
+                    let _ = db
+                        .shm_users
+                        .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| n.checked_sub(1));
                     if self.is_observed() {
                         db.guard(|st, db| st.catch_up(db, &self.backing));
                     }
@@ -1147,6 +1147,10 @@ impl State {
     /// staged here is ever rewound.
     fn catch_up(&mut self, db: &Db, b: &Backing) -> io::Result<()> {
         self.awaiting = false;
+        if self.wal.is_some() {
+            // Descriptors are dropped after a failed capture; no write will reopen this one.
+            self.open_wal(db, b)?;
+        }
         let Some(fd) = self.wal_fd.as_ref() else {
             return Ok(());
         };
@@ -1155,7 +1159,16 @@ impl State {
         };
         match &self.wal {
             Some(w) if w.hdr == hdr => {}
-            Some(_) => {
+            Some(w) => {
+                log::debug!(
+                    "{}: a new WAL generation began (salts {:08x}/{:08x} after {:08x}/{:08x}, staged up to offset {})",
+                    db.name(),
+                    hdr.salt1,
+                    hdr.salt2,
+                    w.hdr.salt1,
+                    w.hdr.salt2,
+                    w.committed_end
+                );
                 self.main(db, b)?;
                 self.settle_generation(db)?;
                 self.barrier(db)?;
@@ -1164,7 +1177,16 @@ impl State {
             None => self.wal = Some(WalTrack::new(hdr)),
         }
         let limit = self.published_end(db, b)?;
+        log::trace!(
+            "{}: catch-up to WAL offset {limit} from {:?} ({} shm users)",
+            db.name(),
+            self.wal.as_ref().map(|w| w.committed_end),
+            db.shm_users.load(Ordering::Relaxed)
+        );
         self.main(db, b)?;
+        if let Some(w) = self.wal.as_mut() {
+            w.forget_pending();
+        }
         self.capture_wal_limit(db, b, None, limit)?;
         if let (Some(w), Some(fd)) = (self.wal.as_ref(), self.wal_fd.as_ref()) {
             self.awaiting = w.frame_follows(fd)?;
@@ -1224,13 +1246,22 @@ impl State {
             return Ok(());
         };
         let txns = w.advance(fd, hint, limit)?;
-        for t in txns {
-            self.commit_wal(db, b, t)?;
+        for (i, t) in txns.iter().enumerate() {
+            if let Err(e) = self.commit_wal(db, b, t) {
+                // The tracker is past these commits already: keep its page index true to the
+                // WAL, so the snapshot staged next (see `guard`) reads their pages.
+                if let (Some(w), Some(fd)) = (self.wal.as_mut(), self.wal_fd.as_ref()) {
+                    for t in &txns[i..] {
+                        w.publish_reading(fd, t)?;
+                    }
+                }
+                return Err(e);
+            }
         }
         Ok(())
     }
 
-    fn commit_wal(&mut self, db: &Db, b: &Backing, t: WalTxn) -> io::Result<()> {
+    fn commit_wal(&mut self, db: &Db, b: &Backing, t: &WalTxn) -> io::Result<()> {
         self.main(db, b)?;
         let w = self.wal.as_ref().expect("WAL tracked");
         let ps = w.hdr.page_size;
@@ -1239,7 +1270,7 @@ impl State {
             cksum: t.cksum,
             end: t.end,
         };
-        if self.is_padding(&t, ps)?
+        if self.is_padding(t, ps)?
             || self.resnapshot.is_some()
             || (self.page_size != ps && self.db_pages != 0)
         {
@@ -1248,7 +1279,7 @@ impl State {
                 self.wal.as_mut().expect("WAL tracked"),
                 self.wal_fd.as_ref().expect("WAL open"),
             );
-            w.publish_reading(fd, &t)?;
+            w.publish_reading(fd, t)?;
             if padding {
                 return Ok(());
             }
@@ -1258,7 +1289,7 @@ impl State {
                 .unwrap_or_else(|| "page size changed".into());
             return self.snapshot_with(db, b, &why, walpos);
         }
-        let (pages, checksum, crcs) = self.wal_txn_pages(&t, ps)?;
+        let (pages, checksum, crcs) = self.wal_txn_pages(t, ps)?;
         let h = self.next_header(
             Kind::Txn,
             ps,
@@ -1274,7 +1305,7 @@ impl State {
             None => self.read_page(p, ps, buf),
         })?;
         self.advance_to(&h);
-        self.wal.as_mut().expect("WAL tracked").publish(&t, &crcs);
+        self.wal.as_mut().expect("WAL tracked").publish(t, &crcs);
         Ok(())
     }
 
@@ -1607,5 +1638,3 @@ pub fn live_image(b: &Backing, name: &str, out: &File) -> io::Result<(u32, u32)>
     }
     Ok((ps, pages))
 }
-
-

@@ -158,6 +158,16 @@ impl WalTrack {
         Ok(out)
     }
 
+    /// Forgets the frames validated after the last commit: without seeing the writes, a
+    /// rewrite of them (the writer's own, or another writer's after it died) goes unnoticed,
+    /// so they are validated afresh each time.
+    pub fn forget_pending(&mut self) {
+        self.pending.clear();
+        self.pending_bytes = 0;
+        self.pending_after = self.cksum;
+        self.hint_hdr = None;
+    }
+
     /// True if a frame of this generation (its salts match the header) starts right after the
     /// last commit: a transaction is being written, or was written and not yet published.
     pub fn frame_follows(&self, wal: &File) -> io::Result<bool> {
