@@ -131,6 +131,16 @@ impl Drop for Backing {
     }
 }
 
+/// Lowers the calling thread's scheduling priority: work that trails the app (capture from
+/// the WAL, shipping, folding) yields the CPU to the app's own threads on a busy machine.
+pub fn background_priority() {
+    // SAFETY: plain syscalls on the calling thread.
+    unsafe {
+        let tid = libc::syscall(libc::SYS_gettid) as libc::id_t;
+        libc::setpriority(libc::PRIO_PROCESS, tid, 10);
+    }
+}
+
 /// Joins a parent's relative path and a name.
 pub fn join(parent: &str, name: &str) -> String {
     if parent.is_empty() {

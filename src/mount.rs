@@ -584,6 +584,7 @@ pub fn run(o: MountOpts) -> Result<()> {
         std::thread::Builder::new()
             .name("sqlfs-stage".into())
             .spawn(move || {
+                crate::backing::background_priority();
                 let mut tick = 0u64;
                 while !stop.load(Ordering::Relaxed) {
                     std::thread::sleep(Duration::from_millis(500));

@@ -168,6 +168,7 @@ impl Shipper {
         std::thread::Builder::new()
             .name("sqlfs-ship".into())
             .spawn(move || {
+                crate::backing::background_priority();
                 let mut backoff = Duration::ZERO;
                 let mut next = Instant::now() + interval;
                 loop {

@@ -103,6 +103,9 @@ struct State {
     /// Observed mode: after the last catch-up, frames follow the published end (a transaction
     /// is being written, or is written and about to be published).
     awaiting: bool,
+    /// The `-shm` file, read for SQLite's WAL index; dropped whenever a handle on it opens
+    /// (it may be a new file).
+    shm_fd: Option<File>,
 }
 
 impl Capture {
@@ -173,6 +176,7 @@ impl Capture {
                 wal_fd: None,
                 resnapshot: None,
                 awaiting: false,
+                shm_fd: None,
             }),
             observed: self.observed.clone(),
             shm_users: AtomicU32::new(0),
@@ -251,6 +255,7 @@ impl Capture {
             (Role::Other, _) => {
                 if let Some(db) = rel.strip_suffix("-shm").and_then(|d| self.get(d)) {
                     db.shm_users.fetch_add(1, Ordering::Relaxed);
+                    db.state.lock().shm_fd = None;
                 }
             }
             _ => {}
@@ -568,6 +573,7 @@ impl Db {
         st.resnapshot = Some(format!("an earlier capture failed: {err}"));
         st.main_fd = None;
         st.wal_fd = None;
+        st.shm_fd = None;
     }
 
     /// Brings the state in line with the staging log and the files after a (re)start:
@@ -1151,9 +1157,20 @@ impl State {
             // Descriptors are dropped after a failed capture; no write will reopen this one.
             self.open_wal(db, b)?;
         }
-        let Some(fd) = self.wal_fd.as_ref() else {
+        if self.wal_fd.is_none() {
             return Ok(());
-        };
+        }
+        let index = self.read_index(db, b)?;
+        if let (Some(w), Some(Some(h))) = (self.wal.as_ref(), index) {
+            // Nothing published since the last call: the cheap answer for every page a
+            // checkpoint writes.
+            if (h.salt1, h.salt2) == (w.hdr.salt1, w.hdr.salt2)
+                && w.end_of(h.max_frame) == w.committed_end
+            {
+                return self.note_awaiting();
+            }
+        }
+        let fd = self.wal_fd.as_ref().expect("WAL open");
         let Some(hdr) = WalTrack::read_header(fd)? else {
             return Ok(());
         };
@@ -1176,52 +1193,61 @@ impl State {
             }
             None => self.wal = Some(WalTrack::new(hdr)),
         }
-        let limit = self.published_end(db, b)?;
+        let w = self.wal.as_mut().expect("WAL tracked");
+        // Published: up to the index's last frame, if it describes this generation (else
+        // nothing yet); without readers of the index, every complete commit.
+        let limit = match index {
+            None => u64::MAX,
+            Some(Some(h)) if (h.salt1, h.salt2) == (w.hdr.salt1, w.hdr.salt2) => {
+                w.end_of(h.max_frame)
+            }
+            Some(_) => w.committed_end,
+        };
+        w.forget_pending();
         log::trace!(
-            "{}: catch-up to WAL offset {limit} from {:?} ({} shm users)",
+            "{}: catch-up to WAL offset {limit} from {}",
             db.name(),
-            self.wal.as_ref().map(|w| w.committed_end),
-            db.shm_users.load(Ordering::Relaxed)
+            w.committed_end
         );
         self.main(db, b)?;
-        if let Some(w) = self.wal.as_mut() {
-            w.forget_pending();
-        }
         self.capture_wal_limit(db, b, None, limit)?;
+        self.note_awaiting()
+    }
+
+    /// Records whether frames follow the last staged commit (see `awaiting`).
+    fn note_awaiting(&mut self) -> io::Result<()> {
         if let (Some(w), Some(fd)) = (self.wal.as_ref(), self.wal_fd.as_ref()) {
             self.awaiting = w.frame_follows(fd)?;
         }
         Ok(())
     }
 
-    /// The end of the last commit SQLite has published: from the WAL index in the `-shm`
-    /// file while anyone has it open, else (exclusive locking mode: a single connection, so
-    /// nobody can overwrite what it committed) the end of the last complete commit.
-    fn published_end(&self, db: &Db, b: &Backing) -> io::Result<u64> {
-        let w = self.wal.as_ref().expect("WAL tracked");
+    /// SQLite's WAL index header from the `-shm` file: `None` when nobody has that file
+    /// open (exclusive locking mode keeps the index in the process: a single connection,
+    /// so nobody can overwrite what it committed and every complete commit counts);
+    /// `Some(None)` while it cannot be read consistently (not initialised, being updated).
+    fn read_index(&mut self, db: &Db, b: &Backing) -> io::Result<Option<Option<WalIndexHeader>>> {
         if db.shm_users.load(Ordering::Relaxed) == 0 {
-            return Ok(u64::MAX);
+            return Ok(None);
         }
-        let Some(f) = b.open_read(&format!("{}-shm", db.name()))? else {
-            return Ok(w.committed_end);
+        if self.shm_fd.is_none() {
+            self.shm_fd = b.open_read(&format!("{}-shm", db.name()))?;
+        }
+        let Some(f) = self.shm_fd.as_ref() else {
+            return Ok(Some(None));
         };
         let mut buf = [0u8; WAL_INDEX_HEADER];
         // The two copies differ only while a writer updates them: try again shortly.
         for _ in 0..8 {
-            if !read_exact_at(&f, &mut buf, 0)? {
+            if !read_exact_at(f, &mut buf, 0)? {
                 break;
             }
             if let Some(h) = WalIndexHeader::parse(&buf) {
-                return Ok(if (h.salt1, h.salt2) == (w.hdr.salt1, w.hdr.salt2) {
-                    sqlite::WAL_HEADER + h.max_frame as u64 * w.hdr.frame_size()
-                } else {
-                    // The index describes another generation (one about to begin).
-                    w.committed_end
-                });
+                return Ok(Some(Some(h)));
             }
             std::thread::yield_now();
         }
-        Ok(w.committed_end)
+        Ok(Some(None))
     }
 
     /// Like `capture_wal`; `hint` is the write just made, whose bytes spare a read-back.
@@ -1620,6 +1646,7 @@ pub fn live_image(b: &Backing, name: &str, out: &File) -> io::Result<(u32, u32)>
         wal_fd: b.open_read(&format!("{name}-wal"))?,
         resnapshot: None,
         awaiting: false,
+        shm_fd: None,
     };
     if let Some(fd) = st.wal_fd.as_ref() {
         st.wal = WalTrack::read_header(fd)?.map(WalTrack::new);

@@ -215,6 +215,11 @@ impl WalTrack {
         Ok(out)
     }
 
+    /// Byte offset just past frame number `frame` (1-based) of this WAL.
+    pub fn end_of(&self, frame: u32) -> u64 {
+        WAL_HEADER + frame as u64 * self.hdr.frame_size()
+    }
+
     /// Forgets the frames validated after the last commit: without seeing the writes, a
     /// rewrite of them (the writer's own, or another writer's after it died) goes unnoticed,
     /// so they are validated afresh each time.
