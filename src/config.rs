@@ -316,6 +316,17 @@ mod tests {
         assert_eq!(p.levels.len(), 2);
     }
 
+    /// The example in contrib/ is a valid configuration, every key of it known.
+    #[test]
+    fn contrib_example_parses() {
+        let text = include_str!("../contrib/sqlfs.yml");
+        for v in ["SQLFS_AGE_RECIPIENT", "SQLFS_BUCKET", "HOSTNAME"] {
+            std::env::set_var(v, "x");
+        }
+        let c = Config::parse(text).unwrap_or_else(|e| panic!("contrib/sqlfs.yml: {e:#}"));
+        assert_eq!(c.passthrough, Some(crate::fs::Passthrough::Auto));
+    }
+
     #[test]
     fn clear_errors() {
         let e =

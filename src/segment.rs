@@ -1,9 +1,9 @@
 //! Replica objects: a run of staged transactions (a *segment*) or a whole database (a
 //! *snapshot*), in one self-describing, checksummed file (docs/FORMAT.md, "Replica objects").
 //!
-//! Each transaction's staging record is compressed as zstd frames of at most 256 pages, so a
-//! frame can be fetched and decoded on its own; the page index says which frame (and where in
-//! its decompressed bytes) holds each page version.
+//! The transactions' staging records, back to back, are compressed as zstd frames of about 256
+//! pages (small records share a frame), so a frame can be fetched and decoded on its own; the
+//! page index says which frame (and where in its decompressed bytes) holds each page version.
 //!
 //! Invariants:
 //! - An object is written to a local file first and only then handed to a replica; a reader
