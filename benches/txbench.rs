@@ -41,6 +41,7 @@
 //!   SQLFS_BENCH_DIR      where to make the work directory sqlfs-bench-work; on disk, not
 //!                        tmpfs (default: target/bench-work)
 //!   SQLFS_BENCH_KEEP=1   keep the work directory afterwards
+//!   SQLFS_BENCH_MOUNT_ARGS  more flags for every mount, e.g. "--passthrough off"
 
 mod s3;
 
@@ -298,6 +299,10 @@ impl Mount {
             cmd.arg("--replica").arg(r);
         }
         cmd.args(extra);
+        // More mount flags for every mount of the run (e.g. `--passthrough off`).
+        if let Ok(more) = std::env::var("SQLFS_BENCH_MOUNT_ARGS") {
+            cmd.args(more.split_whitespace());
+        }
         let child = cmd
             .envs(s3::ENV)
             .stdin(Stdio::null())
