@@ -239,7 +239,8 @@ impl SqlFs {
                     "{rel}: kernel passthrough failed ({e}); from now on WAL writes go through sqlfs"
                 );
                 self.pt_live.store(false, Ordering::Relaxed);
-                if ids.is_empty() {
+                if ids.values().all(|w| w.strong_count() == 0) {
+                    // No handle bypasses sqlfs: its writes show every commit again.
                     self.capture.unobserve();
                 }
                 None
