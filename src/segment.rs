@@ -23,7 +23,10 @@ pub const VERSION: u16 = 1;
 /// Size of an object's header.
 pub const HEADER: usize = 128;
 const INDEX_ENTRY: usize = 28;
-/// zstd level: fast enough to keep up with the commit stream on a small machine.
+/// zstd level of level-0 segments: they are cut every sync interval while the app writes,
+/// on the same cores, so speed comes first.
+const ZSTD_LEVEL_L0: i32 = 1;
+/// zstd level of snapshots and compacted objects: written rarely, kept long.
 const ZSTD_LEVEL: i32 = 3;
 
 #[derive(Debug, thiserror::Error)]
@@ -215,7 +218,10 @@ impl ObjectWriter {
         };
         Ok(ObjectWriter {
             file,
-            zstd: zstd::bulk::Compressor::new(ZSTD_LEVEL)?,
+            zstd: zstd::bulk::Compressor::new(match (kind, level) {
+                (ObjKind::Segment, 0) => ZSTD_LEVEL_L0,
+                _ => ZSTD_LEVEL,
+            })?,
             hdr,
             index: Vec::new(),
             pos: HEADER as u64,

@@ -678,13 +678,18 @@ impl DbStage {
         base.sync_all().map_err(io_err(&basep))?;
         state.folding = None;
         write_atomic(&metap, state.encode().as_bytes()).map_err(io_err(&metap))?;
-        for (first, path) in self.segments()? {
-            let _ = first;
-            // A segment is folded when the next one starts at or before upto + 1.
-            if let Some(h) = self.scan_segment(&path, |_, _| Ok(()))? {
-                if h.txid <= upto {
-                    fs::remove_file(&path).map_err(io_err(&path))?;
-                }
+        let segs = self.segments()?;
+        for (i, (_, path)) in segs.iter().enumerate() {
+            // A segment is folded when the next one starts at or before upto + 1; only the
+            // last one has to be read to know where it ends.
+            let folded = match segs.get(i + 1) {
+                Some((next_first, _)) => next_first - 1 <= upto,
+                None => self
+                    .scan_segment(path, |_, _| Ok(()))?
+                    .is_some_and(|h| h.txid <= upto),
+            };
+            if folded {
+                fs::remove_file(path).map_err(io_err(path))?;
             }
         }
         Ok(())

@@ -1351,16 +1351,24 @@ impl State {
         {
             return Ok(false);
         }
-        let mut a = vec![0u8; ps as usize];
-        let mut c = vec![0u8; ps as usize];
+        let mut c = Vec::new();
         let f = &t.frames[0];
         let new = match &f.page {
             Some(p) => &p[..],
             None => {
+                c.resize(ps as usize, 0);
                 read_exact_at(fd, &mut c, f.off + FRAME_HEADER)?;
                 &c[..]
             }
         };
+        // The common case, a new version of the same page, is told apart by its CRC without
+        // reading the previous commit frame back.
+        if let Some(&(off, crc)) = w.index.get(&lp) {
+            if off == loff && crc != page_crc(lp, new) {
+                return Ok(false);
+            }
+        }
+        let mut a = vec![0u8; ps as usize];
         Ok(read_exact_at(fd, &mut a, loff + FRAME_HEADER)? && a == new)
     }
 
