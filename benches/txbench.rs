@@ -21,11 +21,16 @@
 //!     `sqlfs restore --txid N` on local disk; then the same view with staging folded, so
 //!     that it comes from the file replica.
 //!
+//! Workloads 1-4 alternate between the two sides, native first, for several rounds
+//! (`SQLFS_BENCH_ROUNDS`), and report each side's median: this machine's speed drifts over
+//! a run, and alternating keeps that drift from favouring either side.
+//!
 //! The results are printed as a markdown table and written to target/bench-results.md.
 //! The S3-compatible server is the one `make bench` installs (as `make test` does).
 //!
 //! Environment:
-//!   SQLFS_BENCH_SECS     seconds per timed workload (default 5)
+//!   SQLFS_BENCH_SECS     seconds per timed workload and round (default 5)
+//!   SQLFS_BENCH_ROUNDS   rounds of workloads 1-4, each side once per round (default 3)
 //!   SQLFS_BENCH_SCAN_MB  size of the scanned table in MB (default 200)
 //!   SQLFS_BENCH_BIG_MB   size the memory workload grows its database to, MB (default 1024)
 //!   SQLFS_BENCH_THREADS  connections in the mixed workload (default 4)
@@ -66,6 +71,7 @@ const MB: f64 = 1_000_000.0;
 
 struct Config {
     secs: f64,
+    rounds: usize,
     scan_mb: u64,
     small_mb: u64,
     big_mb: u64,
@@ -103,6 +109,7 @@ impl Config {
         };
         let cfg = Config {
             secs: env_num("SQLFS_BENCH_SECS", 5.0)?,
+            rounds: env_num("SQLFS_BENCH_ROUNDS", 3)?,
             scan_mb: env_num("SQLFS_BENCH_SCAN_MB", 200)?,
             small_mb: 10,
             big_mb: env_num("SQLFS_BENCH_BIG_MB", 1024)?,
@@ -120,7 +127,12 @@ impl Config {
             results: target.join("bench-results.md"),
             keep: std::env::var("SQLFS_BENCH_KEEP").is_ok_and(|v| v == "1"),
         };
-        if cfg.secs <= 0.0 || cfg.threads == 0 || cfg.scan_mb == 0 || cfg.read_pct > 100 {
+        if cfg.secs <= 0.0
+            || cfg.rounds == 0
+            || cfg.threads == 0
+            || cfg.scan_mb == 0
+            || cfg.read_pct > 100
+        {
             bail!("invalid benchmark settings");
         }
         const KNOWN: [&str; 9] = [
@@ -509,21 +521,61 @@ fn scan_once(conn: &Connection) -> Result<Duration> {
     Ok(start.elapsed())
 }
 
-/// Bulk load MB/s and warm full-scan MB/s (database bytes over the median of 3 scans).
-fn load_and_scan(dir: &Path, mb: u64) -> Result<(f64, f64)> {
+/// Bulk load of `scan.db` in `dir`: MB/s.
+fn load(dir: &Path, mb: u64) -> Result<f64> {
     let path = dir.join("scan.db");
     remove_db(&path);
     let conn = open(&path, "NORMAL")?;
     let (bytes, took) = bulk_load(&conn, mb, 10, 2)?;
-    let load = bytes as f64 / MB / took.as_secs_f64();
-    drop(conn);
-    // A fresh connection, so that nothing is left in SQLite's own page cache.
-    let conn = open(&path, "NORMAL")?;
-    let size = db_bytes(&conn)?;
-    scan_once(&conn)?; // warm
-    let mut times: Vec<Duration> = (0..3).map(|_| scan_once(&conn)).collect::<Result<_>>()?;
-    times.sort();
-    Ok((load, size as f64 / MB / times[1].as_secs_f64()))
+    Ok(bytes as f64 / MB / took.as_secs_f64())
+}
+
+/// Warm full-scan MB/s of the `scan.db` tables `load` left in `native` and `mnt`: one
+/// warming scan each, then scans alternating between the two; the medians.
+fn scans(native: &Path, mnt: &Path, rounds: usize) -> Result<(f64, f64)> {
+    // Fresh connections, so that nothing is left in SQLite's own page cache.
+    let conns = [
+        open(&native.join("scan.db"), "NORMAL")?,
+        open(&mnt.join("scan.db"), "NORMAL")?,
+    ];
+    let mut rates = [Vec::new(), Vec::new()];
+    for c in &conns {
+        scan_once(c)?;
+    }
+    for _ in 0..rounds.max(1) * 3 {
+        for (c, r) in conns.iter().zip(rates.iter_mut()) {
+            r.push(db_bytes(c)? as f64 / MB / scan_once(c)?.as_secs_f64());
+        }
+    }
+    let [n, s] = rates;
+    Ok((median(n), median(s)))
+}
+
+/// The median of `v` (not empty).
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(|a, b| a.total_cmp(b));
+    let n = v.len();
+    if n % 2 == 1 {
+        v[n / 2]
+    } else {
+        (v[n / 2 - 1] + v[n / 2]) / 2.0
+    }
+}
+
+/// Runs `f` on the native directory and on the mount, alternating, `rounds` times each, and
+/// returns the median result of each side.
+fn alternate(
+    rounds: usize,
+    native: &Path,
+    mnt: &Path,
+    mut f: impl FnMut(&Path) -> Result<f64>,
+) -> Result<(f64, f64)> {
+    let (mut n, mut s) = (Vec::new(), Vec::new());
+    for _ in 0..rounds.max(1) {
+        n.push(f(native)?);
+        s.push(f(mnt)?);
+    }
+    Ok((median(n), median(s)))
 }
 
 /// 4 KiB pwrites cycling over 100 blocks of a plain file for `secs`: the bare cost of one
@@ -1692,8 +1744,7 @@ fn main() -> Result<()> {
             step(&format!(
                 "autocommit INSERT, synchronous={sync}, {secs} s each"
             ));
-            let n = autocommit(&native, sync, secs)?;
-            let s = autocommit(&mnt, sync, secs)?;
+            let (n, s) = alternate(cfg.rounds, &native, &mnt, |d| autocommit(d, sync, secs))?;
             rows.push(Row::pair(
                 format!("autocommit INSERT, synchronous={sync} (tx/s)"),
                 n,
@@ -1708,8 +1759,9 @@ fn main() -> Result<()> {
             "bulk load and full scan of a {} MB table",
             cfg.scan_mb
         ));
-        let (n_load, n_scan) = load_and_scan(&native, cfg.scan_mb)?;
-        let (s_load, s_scan) = load_and_scan(&mnt, cfg.scan_mb)?;
+        let n_load = load(&native, cfg.scan_mb)?;
+        let s_load = load(&mnt, cfg.scan_mb)?;
+        let (n_scan, s_scan) = scans(&native, &mnt, cfg.rounds)?;
         rows.push(Row::pair(
             format!("bulk load, {} MB in 10 MB transactions (MB/s)", cfg.scan_mb),
             n_load,
@@ -1726,8 +1778,7 @@ fn main() -> Result<()> {
 
     if cfg.runs("plain") {
         step("4 KiB pwrite to a plain (non-database) file");
-        let n = plain_writes(&native, secs)?;
-        let s = plain_writes(&mnt, secs)?;
+        let (n, s) = alternate(cfg.rounds, &native, &mnt, |d| plain_writes(d, secs))?;
         rows.push(Row::pair(
             "4 KiB pwrite to a plain file, one at a time (writes/s)".to_string(),
             n,
@@ -1742,8 +1793,7 @@ fn main() -> Result<()> {
             "mixed {pct}% reads / {}% updates, {threads} connections, {secs} s each",
             100 - pct
         ));
-        let n = mixed(&native, threads, pct, secs)?;
-        let s = mixed(&mnt, threads, pct, secs)?;
+        let (n, s) = alternate(cfg.rounds, &native, &mnt, |d| mixed(d, threads, pct, secs))?;
         rows.push(Row::pair(
             format!(
                 "mixed {pct}% point reads / {}% updates, {threads} connections (ops/s)",
@@ -1887,7 +1937,7 @@ fn main() -> Result<()> {
 
     let header = format!(
         "sqlfs benchmark, {} UTC: {} cores, Linux {}, SQLite {}, work dir on {fstype}; \
-         {secs} s per timed workload.\n",
+         {secs} s per timed workload; side-by-side rows are medians of {} alternating rounds.\n",
         command_output("date", &["-u", "+%Y-%m-%d %H:%M"]),
         thread::available_parallelism()
             .map(|n| n.get())
@@ -1896,6 +1946,7 @@ fn main() -> Result<()> {
             .unwrap_or_default()
             .trim(),
         rusqlite::version(),
+        cfg.rounds,
     );
     let mut footer = format!("\nratio = sqlfs / native (higher is better).{mem_note}\n");
     for n in &notes {
