@@ -21,7 +21,8 @@
 //!     `sqlfs restore --txid N` on local disk; then the same view with staging folded, so
 //!     that it comes from the file replica.
 //!
-//! Workloads 1-4 alternate between the two sides, native first, for several rounds
+//! Before the scans, the daemon is given time to finish staging and shipping the load (until
+//! it uses no CPU for half a second). Workloads 1-4 alternate between the two sides, native first, for several rounds
 //! (`SQLFS_BENCH_ROUNDS`), and report each side's median: this machine's speed drifts over
 //! a run, and alternating keeps that drift from favouring either side.
 //!
@@ -352,6 +353,32 @@ impl Mount {
 
     fn pid(&self) -> u32 {
         self.child.as_ref().map(|c| c.id()).unwrap_or(0)
+    }
+
+    /// Waits (up to a minute) until the daemon has used no CPU for half a second: the
+    /// staging, folding and shipping that trail a bulk load are done.
+    fn settle(&self) {
+        let cpu = || -> u64 {
+            fs::read_to_string(format!("/proc/{}/stat", self.pid()))
+                .ok()
+                .and_then(|s| {
+                    // Fields after the command name, which is in parentheses.
+                    let rest = s.rsplit_once(") ")?.1.to_string();
+                    let f: Vec<&str> = rest.split_whitespace().collect();
+                    Some(f.get(11)?.parse::<u64>().ok()? + f.get(12)?.parse::<u64>().ok()?)
+                })
+                .unwrap_or(0)
+        };
+        let deadline = Instant::now() + Duration::from_secs(60);
+        let mut last = cpu();
+        while Instant::now() < deadline {
+            thread::sleep(Duration::from_millis(500));
+            let now = cpu();
+            if now == last {
+                return;
+            }
+            last = now;
+        }
     }
 
     fn log_tail(&self) -> String {
@@ -1761,6 +1788,10 @@ fn main() -> Result<()> {
         ));
         let n_load = load(&native, cfg.scan_mb)?;
         let s_load = load(&mnt, cfg.scan_mb)?;
+        // The scans measure reads: the mount's trailing work on the load is let finish.
+        if let Some(m) = &mount {
+            m.settle();
+        }
         let (n_scan, s_scan) = scans(&native, &mnt, cfg.rounds)?;
         rows.push(Row::pair(
             format!("bulk load, {} MB in 10 MB transactions (MB/s)", cfg.scan_mb),
