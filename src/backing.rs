@@ -131,13 +131,22 @@ impl Drop for Backing {
     }
 }
 
-/// Lowers the calling thread's scheduling priority: work that trails the app (capture from
-/// the WAL, shipping, folding) yields the CPU to the app's own threads on a busy machine.
+/// Lowers the calling thread's scheduling priority by 10 nice levels below the daemon's own:
+/// work that trails the app (capture from the WAL, shipping, folding) yields the CPU to the
+/// app's own threads on a busy machine.
 pub fn background_priority() {
     // SAFETY: plain syscalls on the calling thread.
     unsafe {
         let tid = libc::syscall(libc::SYS_gettid) as libc::id_t;
-        libc::setpriority(libc::PRIO_PROCESS, tid, 10);
+        // getpriority can return -1 legitimately; errno tells an error apart.
+        *libc::__errno_location() = 0;
+        let now = libc::getpriority(libc::PRIO_PROCESS, tid);
+        let now = if *libc::__errno_location() != 0 {
+            0
+        } else {
+            now
+        };
+        libc::setpriority(libc::PRIO_PROCESS, tid, (now + 10).min(19));
     }
 }
 

@@ -351,7 +351,10 @@ impl Capture {
         let cap = self.clone();
         std::thread::Builder::new()
             .name("sqlfs-watch".into())
-            .spawn(move || w.run(&cap))?;
+            .spawn(move || {
+                crate::backing::background_priority();
+                w.run(&cap)
+            })?;
         Ok(())
     }
 
