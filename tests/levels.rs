@@ -421,6 +421,61 @@ fn compaction_keeps_every_txid_restorable() {
         o.stdout
     );
     assert!(!out.exists());
+
+    // A copy that lacks the level-0 segment right after a snapshot (and anything compacted
+    // that starts there): a restore past it must not stop at the snapshot. It fails, naming
+    // the missing TXIDs, the objects on either side and what is restorable.
+    let bounds: Vec<u64> = snap_set.iter().skip(1).copied().chain([last + 1]).collect();
+    let (s, end) = snap_set
+        .iter()
+        .zip(&bounds)
+        .map(|(&s, &e)| (s, e))
+        .find(|&(s, e)| {
+            l0.iter().any(|o| o.key_txid == s + 1)
+                && l0
+                    .iter()
+                    .filter(|o| o.key_txid > s && o.key_txid < e)
+                    .count()
+                    >= 2
+        })
+        .expect("a snapshot followed by two level-0 segments before the next one");
+    let gone = l0.iter().find(|o| o.key_txid == s + 1).unwrap();
+    let next = l0.iter().find(|o| o.key_txid > s + 1).unwrap();
+    let broken = fx.scratch_path("r-broken");
+    cp_a(&rdir, &broken);
+    fs::remove_file(broken.join(&gone.key)).unwrap();
+    for lv in [&l1, &l2] {
+        for o in lv.iter().filter(|o| o.first == s + 1) {
+            fs::remove_file(broken.join(o.path.strip_prefix(&rdir).unwrap())).unwrap();
+        }
+    }
+    let t = end - 1;
+    let log = log_entries(&dir, db);
+    let t_ns = log.iter().find(|e| e.txid == t).unwrap().ts as u64;
+    let snap_key = format!("{id}/snap/{s:016x}.snap");
+    for more in [
+        vec!["--txid".to_string(), t.to_string()],
+        vec!["--timestamp".to_string(), rfc3339_ms(t_ns)],
+        vec!["--txid".to_string(), t.to_string(), "--dry-run".to_string()],
+    ] {
+        let more: Vec<&str> = more.iter().map(String::as_str).collect();
+        let o = restore_with(&file_url(&broken), db, &out, &more);
+        let what = format!("{} missing, restore {more:?}", gone.key);
+        assert!(!o.ok(), "{what}: succeeded:\n{}", o.describe());
+        assert!(!out.exists(), "{what}: wrote {}", out.display());
+        for needle in [
+            format!("TXIDs {}..={}", s + 1, gone.last.unwrap()),
+            snap_key.clone(),
+            next.key.clone(),
+            format!("TXIDs 1..={s}"),
+        ] {
+            assert!(
+                o.stderr.contains(&needle),
+                "{what}: the error does not say {needle:?}:\n{}",
+                o.describe()
+            );
+        }
+    }
 }
 
 /// The chain from TXID 1 is still in the replica (retention 0) and `sqlfs list` says the

@@ -891,11 +891,55 @@ fn restore_errors_are_clear_and_leave_nothing_behind() {
     assert_says(&o, &key, "foreign file as a segment");
     assert_says(&o, "not a sqlfs", "foreign file as a segment");
 
-    // A segment missing from the middle of the chain.
-    let rg = variant("r-gap");
-    fs::remove_file(key_path(&rg, &segs[1].key)).unwrap();
-    let o = restore_cmd(&file_url(&rg), db, &out, None, false);
-    assert_restore_fails(&o, &out, "a segment missing from the chain");
+    // A segment missing from the middle of the chain, and the one before the last (a gap
+    // near the end, which a restore must not silently stop at): latest, an instant after
+    // the last commit and --dry-run all fail, naming the missing TXIDs, the objects on either
+    // side and what is restorable.
+    let after_last = rfc3339(
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_nanos() as u64,
+        3,
+    );
+    let n = segs.len();
+    for (name, gone) in [("r-gap", 1), ("r-gap-end", n - 2)] {
+        let rg = variant(name);
+        fs::remove_file(key_path(&rg, &segs[gone].key)).unwrap();
+        let (before, after) = (&segs[gone - 1], &segs[gone + 1]);
+        let missing = format!(
+            "TXIDs {}..={}",
+            segs[gone].first.unwrap(),
+            segs[gone].last.unwrap()
+        );
+        let restorable = format!("TXIDs 1..={}", before.last.unwrap());
+        for more in [
+            &[][..],
+            &["--timestamp", &after_last][..],
+            &["--dry-run"][..],
+        ] {
+            let a: Vec<std::ffi::OsString> = [
+                "restore",
+                "--replica",
+                &file_url(&rg),
+                "--db",
+                db,
+                "-o",
+                &out.display().to_string(),
+            ]
+            .iter()
+            .chain(more)
+            .map(|s| std::ffi::OsString::from(*s))
+            .collect();
+            let o = sqlfs_cli(&a);
+            let what = format!("{name}: {} missing ({more:?})", segs[gone].key);
+            assert_restore_fails(&o, &out, &what);
+            assert_says(&o, &missing, &what);
+            assert_says(&o, &before.key, &what);
+            assert_says(&o, &after.key, &what);
+            assert_says(&o, &restorable, &what);
+        }
+    }
 
     // Replicas that are not there or not understood.
     let o = restore_cmd(
