@@ -545,7 +545,8 @@ fn civil_from_days(z: i64) -> (i64, u32, u32) {
 /// Plans a restore of `c` to `target`: the newest usable snapshot, then the fewest segments
 /// (highest level first) up to the target.
 ///
-/// The plan reaches the target or fails here, before anything is downloaded: a break in
+/// The plan reaches the target or fails here, before anything is downloaded: a TXID past the
+/// end or an instant before the first commit is an error stating the window, and a break in
 /// the chain (TXIDs no object holds between the start and the target; for the latest state,
 /// the highest TXID the replica holds) is an error naming the missing TXIDs, the objects on
 /// either side and what is restorable. Level-0 segments' ends come from their headers (read
@@ -553,6 +554,16 @@ fn civil_from_days(z: i64) -> (i64, u32, u32) {
 /// targets read commit times from headers too.
 pub fn plan(r: &Reader<'_>, c: &DbCatalog, target: Target) -> Result<Plan> {
     let window = || window_text(r, c);
+    if let Target::Txid(t) = target {
+        // Keys alone bound the end from below; the newest level-0 header says the rest.
+        if t > end_by_keys(c) && t > end_txid(r, c)? {
+            bail!(
+                "TXID {t} of {} is past the end of the replica; {}",
+                c.name,
+                window()?
+            );
+        }
+    }
     // Start: the newest snapshot at or before the target.
     let mut start: Option<&Obj> = None;
     for s in c.snaps.iter().rev() {
@@ -601,7 +612,12 @@ pub fn plan(r: &Reader<'_>, c: &DbCatalog, target: Target) -> Result<Plan> {
     let (more, reached, stop) = walk(r, c, state, limit, until_ns, true)?;
     steps.extend(more);
     if steps.is_empty() {
-        bail!("the replica holds no transactions of {}", c.name);
+        bail!(
+            "{} has no restore point at or before {}; {}",
+            c.name,
+            describe_target(target),
+            window()?
+        );
     }
     if stop == Stop::Break {
         let goal = match target {
@@ -994,6 +1010,10 @@ mod tests {
         // An instant at or after the break: the missing TXIDs may be before it.
         f.fails(Target::Time(10_500_000), &want);
         assert_eq!(f.plan(Target::Time(9_500_000)).unwrap(), vec![a, b]);
+        f.fails(
+            Target::Txid(26),
+            &["TXID 26", "past the end", "TXIDs 1..=25"],
+        );
     }
 
     #[test]
@@ -1018,5 +1038,30 @@ mod tests {
         let c2 = f.lk(2, 20, 30);
         f.fails(Target::Latest, &["TXIDs 11..=19", c1.as_str(), c2.as_str()]);
         assert_eq!(f.plan(Target::Txid(10)).unwrap(), vec![c1]);
+    }
+
+    #[test]
+    fn targets_outside_the_window_say_the_window() {
+        let f = Fake::new();
+        let a = f.l0(1, 4);
+        let b = f.l0(5, 9);
+        let window = ["TXIDs 1..=9 (1970-01-01T00:00:00.001Z .. 1970-01-01T00:00:00.009Z)"];
+        f.fails(
+            Target::Time(999_999),
+            &[&["no restore point"][..], &window].concat(),
+        );
+        f.fails(Target::Txid(10), &[&["past the end"][..], &window].concat());
+        assert_eq!(f.plan(Target::Latest).unwrap(), vec![a.clone(), b.clone()]);
+        assert_eq!(f.plan(Target::Txid(9)).unwrap(), vec![a, b]);
+        // After retention: the window starts at a snapshot.
+        let f = Fake::new();
+        let s = f.snap(5);
+        f.l0(6, 9);
+        f.fails(Target::Txid(2), &["TXID 2", "TXIDs 5..=9"]);
+        f.fails(
+            Target::Time(4_000_000),
+            &["no restore point", "TXIDs 5..=9"],
+        );
+        assert_eq!(f.plan(Target::Txid(5)).unwrap(), vec![s]);
     }
 }

@@ -559,11 +559,43 @@ fn restore_by_timestamp() {
         o.describe()
     );
     assert!(!out.exists(), "a failed restore left {}", out.display());
-    assert!(
-        o.stderr.contains("no restore point") || o.stderr.contains("no transactions"),
-        "unclear error:\n{}",
-        o.describe()
-    );
+    // It states the window: earliest and latest TXID and commit time.
+    let (first_e, last_e) = (&log[0], log.last().unwrap());
+    assert_eq!(first_e.txid, 1);
+    for needle in [
+        "no restore point".to_string(),
+        format!("TXIDs 1..={}", last_e.txid),
+        rfc3339_ms(first_e.ts as u64),
+        rfc3339_ms(last_e.ts as u64),
+    ] {
+        assert!(
+            o.stderr.contains(&needle),
+            "restore before the first commit: the error does not say {needle:?}:\n{}",
+            o.describe()
+        );
+    }
+    // A TXID past the end fails at planning, with --dry-run too, naming the window.
+    for dry in [false, true] {
+        let past = (last_e.txid + 5).to_string();
+        let mut more = vec!["--txid", past.as_str()];
+        if dry {
+            more.push("--dry-run");
+        }
+        let o = restore_with(&url, db, &out, &more);
+        assert!(!o.ok(), "restore {more:?} succeeded:\n{}", o.describe());
+        assert!(!out.exists());
+        for needle in [
+            format!("TXID {past}"),
+            format!("TXIDs 1..={}", last_e.txid),
+            rfc3339_ms(last_e.ts as u64),
+        ] {
+            assert!(
+                o.stderr.contains(&needle),
+                "restore {more:?}: the error does not say {needle:?}:\n{}",
+                o.describe()
+            );
+        }
+    }
 
     let mut chosen: Vec<(u64, String)> = Vec::new();
     instants.sort();
