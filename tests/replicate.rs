@@ -891,6 +891,35 @@ fn restore_errors_are_clear_and_leave_nothing_behind() {
     assert_says(&o, &key, "foreign file as a segment");
     assert_says(&o, "not a sqlfs", "foreign file as a segment");
 
+    // An object of another format version: the version field patched and the trailing
+    // checksum fixed, so the version check is what fires, in a restore and a dry run.
+    let rv = variant("r-version");
+    let p = key_path(&rv, &mid.key);
+    let mut b = fs::read(&p).unwrap();
+    assert_eq!(&b[..8], OBJ_MAGIC);
+    b[8..10].copy_from_slice(&2u16.to_be_bytes());
+    let body = b.len() - 8;
+    let crc = CRC64.checksum(&b[..body]);
+    b[body..].copy_from_slice(&crc.to_be_bytes());
+    fs::write(&p, &b).unwrap();
+    for more in [&[][..], &["--dry-run"][..]] {
+        let mut a = vec![
+            "restore".into(),
+            "--replica".into(),
+            file_url(&rv).into(),
+            "--db".into(),
+            db.into(),
+            "-o".into(),
+            out.clone().into_os_string(),
+        ];
+        a.extend(more.iter().map(std::ffi::OsString::from));
+        let o = sqlfs_cli(&a);
+        let what = format!("an object of format version 2 ({more:?})");
+        assert_restore_fails(&o, &out, &what);
+        assert_says(&o, &mid.key, &what);
+        assert_says(&o, "format version 2", &what);
+    }
+
     // A segment missing from the middle of the chain, and the one before the last (a gap
     // near the end, which a restore must not silently stop at): latest, an instant after
     // the last commit and --dry-run all fail, naming the missing TXIDs, the objects on either
