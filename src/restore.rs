@@ -8,8 +8,9 @@
 //!   applied transaction; then `PRAGMA integrity_check` must pass.
 //! - The output is built in a temporary file next to it, fsynced and renamed: a failure
 //!   never leaves a file behind, and an existing file is only replaced with `--force`.
-//! - Memory does not grow with the database: objects stream page by page from local copies,
-//!   and at most `parallel` objects are downloaded ahead of the one being applied.
+//! - Memory does not grow with the database: objects stream page by page from local copies
+//!   (in a scratch directory next to the output, removed on every path), and at most
+//!   `parallel` objects are downloaded ahead of the one being applied.
 
 use std::collections::BTreeSet;
 use std::fs::{self, File};
@@ -194,7 +195,13 @@ pub fn run(o: &RestoreOpts) -> Result<Report> {
         .prefix(".sqlfs-restore-")
         .tempfile_in(out_dir)
         .with_context(|| format!("creating a temporary file in {}", out_dir.display()))?;
-    let work = tempfile::tempdir().context("creating a scratch directory")?;
+    // Scratch space for downloaded and decrypted objects sits next to the output (on the
+    // disk the output goes to, not in TMPDIR, which may be memory); it goes when `work` is
+    // dropped, on every path.
+    let work = tempfile::Builder::new()
+        .prefix(".sqlfs-restore-")
+        .tempdir_in(out_dir)
+        .with_context(|| format!("creating a scratch directory in {}", out_dir.display()))?;
     let show = o.progress && std::io::stderr().is_terminal();
     let mut state = Applied::default();
     download_and_apply(
