@@ -1002,6 +1002,50 @@ fn restore_errors_are_clear_and_leave_nothing_behind() {
     assert_no_panic(&o);
     assert!(o.ok(), "restore --force failed:\n{}", o.describe());
     assert_same_bytes(&expected, &precious, "restore --force");
+    // Not on a terminal: no progress line.
+    assert!(
+        !o.stderr.contains("restoring:"),
+        "a progress line without a terminal:\n{}",
+        o.describe()
+    );
+    // On a terminal (a pseudo-terminal from `script`): a line counting the bytes downloaded
+    // and applied, ending at every byte of the plan.
+    let quote = |s: &str| format!("'{}'", s.replace('\'', "'\\''"));
+    let line = [
+        BIN,
+        "restore",
+        "--replica",
+        &url,
+        "--db",
+        db,
+        "-o",
+        &precious.display().to_string(),
+        "--force",
+    ]
+    .iter()
+    .map(|a| quote(a))
+    .collect::<Vec<_>>()
+    .join(" ");
+    let mut c = Command::new("script");
+    c.args(["-qec", &line, "/dev/null"]);
+    let o = run_cmd(c, CLI_TIMEOUT);
+    assert!(o.ok(), "restore on a terminal failed:\n{}", o.describe());
+    let shown = o.stdout.rsplit("restoring: ").next().unwrap_or("");
+    let mb: Vec<&str> = shown
+        .split(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .filter(|w| !w.is_empty())
+        .take(3)
+        .collect();
+    assert!(
+        o.stdout.contains("restoring: ")
+            && shown.contains("MB downloaded, ")
+            && shown.contains("MB applied")
+            && mb.len() == 3
+            && mb.iter().all(|v| *v == mb[0]),
+        "no progress line ending at every byte downloaded and applied on a terminal:\n{}",
+        o.describe()
+    );
+    assert_same_bytes(&expected, &precious, "restore on a terminal");
 
     // The damaged copies did not touch the original replica.
     fs::remove_file(&precious).unwrap();
