@@ -499,7 +499,7 @@ fn apply_object(
     segment::for_each_txn(&f, &hdr, key, |ev| {
         if let Event::Page(..) = ev {
             read_pages += 1;
-            if read_pages % 64 == 0 {
+            if read_pages.is_multiple_of(64) {
                 tick((read_pages as f64 * per_page) as u64);
             }
         }
