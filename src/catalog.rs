@@ -15,6 +15,7 @@
 use std::collections::HashMap;
 use std::fs;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicUsize, Ordering};
 
 use anyhow::{bail, Context, Result};
 use parking_lot::Mutex;
@@ -208,6 +209,11 @@ pub struct Reader<'a> {
 /// after an age header of any sensible size.
 const SEALED_HEAD: u64 = 128 * 1024;
 
+/// Header range reads in flight at once when a plan reads many headers.
+const HEADER_READS: usize = 8;
+/// Headers read per batch (an encrypted one holds up to `SEALED_HEAD` bytes until opened).
+const HEADER_BATCH: usize = 64;
+
 impl<'a> Reader<'a> {
     pub fn new(client: &'a dyn ReplicaClient, opener: Option<&'a Opener>) -> Reader<'a> {
         Reader {
@@ -295,6 +301,60 @@ impl<'a> Reader<'a> {
         let h = segment::parse_header(&plain, key)?;
         self.headers.lock().insert(key.to_string(), h.clone());
         Ok(h)
+    }
+
+    /// Reads the headers of `keys` that are not cached yet, [`HEADER_READS`] range reads at a
+    /// time (decryption, if any, on this thread), in batches so memory stays bounded. A header
+    /// that cannot be read is left out: [`Reader::header`] reads it again and says why.
+    pub fn prefetch_headers(&self, keys: &[&str]) {
+        let todo: Vec<&str> = {
+            let cached = self.headers.lock();
+            keys.iter()
+                .copied()
+                .filter(|k| !cached.contains_key(*k))
+                .collect()
+        };
+        if todo.len() < 2 {
+            return;
+        }
+        let client = self.client;
+        for batch in todo.chunks(HEADER_BATCH) {
+            let next = AtomicUsize::new(0);
+            let got = Mutex::new(Vec::with_capacity(batch.len()));
+            std::thread::scope(|sc| {
+                for _ in 0..HEADER_READS.min(batch.len()) {
+                    sc.spawn(|| loop {
+                        let i = next.fetch_add(1, Ordering::Relaxed);
+                        let Some(&key) = batch.get(i) else { break };
+                        let Ok(Some(head)) = client.get_range(key, 0, HEADER as u64) else {
+                            continue;
+                        };
+                        let head = if crypt::is_sealed(&head) {
+                            match client.get_range(key, 0, SEALED_HEAD) {
+                                Ok(Some(h)) => h,
+                                _ => continue,
+                            }
+                        } else {
+                            head
+                        };
+                        got.lock().push((key, head));
+                    });
+                }
+            });
+            for (key, head) in got.into_inner() {
+                let plain = if crypt::is_sealed(&head) {
+                    match self.opener.map(|o| o.open_prefix(&head, HEADER, key)) {
+                        Some(Ok(p)) => p,
+                        _ => continue,
+                    }
+                } else {
+                    head
+                };
+                if let Ok(h) = segment::parse_header(&plain, key) {
+                    self.headers.lock().insert(key.to_string(), h);
+                }
+            }
+        }
     }
 
     /// Downloads object `key` into `scratch`, decrypting it if needed (to `scratch.plain`),
@@ -483,9 +543,27 @@ fn civil_from_days(z: i64) -> (i64, u32, u32) {
 }
 
 /// Plans a restore of `c` to `target`: the newest usable snapshot, then the fewest segments
-/// (highest level first) up to the target. Time targets read object headers.
+/// (highest level first) up to the target.
+///
+/// The plan reaches the target or fails here, before anything is downloaded: a TXID past the
+/// end or an instant before the first commit is an error stating the window, and a break in
+/// the chain (TXIDs no object holds between the start and the target; for the latest state,
+/// the highest TXID the replica holds) is an error naming the missing TXIDs, the objects on
+/// either side and what is restorable. Level-0 segments' ends come from their headers (read
+/// a few at a time), so a missing segment is found even when a later one follows it; time
+/// targets read commit times from headers too.
 pub fn plan(r: &Reader<'_>, c: &DbCatalog, target: Target) -> Result<Plan> {
     let window = || window_text(r, c);
+    if let Target::Txid(t) = target {
+        // Keys alone bound the end from below; the newest level-0 header says the rest.
+        if t > end_by_keys(c) && t > end_txid(r, c)? {
+            bail!(
+                "TXID {t} of {} is past the end of the replica; {}",
+                c.name,
+                window()?
+            );
+        }
+    }
     // Start: the newest snapshot at or before the target.
     let mut start: Option<&Obj> = None;
     for s in c.snaps.iter().rev() {
@@ -522,7 +600,61 @@ pub fn plan(r: &Reader<'_>, c: &DbCatalog, target: Target) -> Result<Plan> {
         Target::Txid(t) => (t, u64::MAX),
         Target::Time(t) => (u64::MAX, t),
     };
-    // Then the chain, highest level first; level 0 may end part way.
+    // A first walk by keys alone finds the level-0 segments the plan is likely to take; their
+    // headers are read together, then the real walk uses them.
+    let (guess, _, _) = walk(r, c, state, limit, u64::MAX, false)?;
+    let keys: Vec<&str> = guess
+        .iter()
+        .filter(|s| s.obj.level == Some(0) || until_ns != u64::MAX)
+        .map(|s| s.obj.key.as_str())
+        .collect();
+    r.prefetch_headers(&keys);
+    let (more, reached, stop) = walk(r, c, state, limit, until_ns, true)?;
+    steps.extend(more);
+    if steps.is_empty() {
+        bail!(
+            "{} has no restore point at or before {}; {}",
+            c.name,
+            describe_target(target),
+            window()?
+        );
+    }
+    if stop == Stop::Break {
+        let goal = match target {
+            Target::Txid(t) => t,
+            Target::Latest | Target::Time(_) => end_txid(r, c)?,
+        };
+        if reached < goal {
+            return Err(break_error(r, c, target, reached, &steps, goal)?);
+        }
+    }
+    Ok(Plan { steps })
+}
+
+/// Why a walk along the chain stopped.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Stop {
+    /// It reached the TXID limit.
+    Reached,
+    /// The next transaction was committed after the time limit.
+    Time,
+    /// No object starts right after the state reached.
+    Break,
+}
+
+/// Walks the chain from `state` towards `limit` (TXID) and `until_ns` (commit time), highest
+/// level first; a level-0 segment may end the walk part way. With `exact`, level-0 ends come
+/// from headers (and the segments taken carry them); without, from the keys of the next
+/// ones (an upper bound, no reads). Returns the steps, the TXID reached and why it stopped.
+fn walk(
+    r: &Reader<'_>,
+    c: &DbCatalog,
+    mut state: u64,
+    limit: u64,
+    until_ns: u64,
+    exact: bool,
+) -> Result<(Vec<Step>, u64, Stop)> {
+    let mut steps = Vec::new();
     'chain: while state < limit {
         for level in (1..c.levels.len()).rev() {
             if let Some(o) = c.starting(level, state + 1) {
@@ -539,26 +671,114 @@ pub fn plan(r: &Reader<'_>, c: &DbCatalog, target: Target) -> Result<Plan> {
             }
         }
         let Some(o) = c.starting(0, state + 1) else {
-            break;
+            // A compacted object that starts after the target instant ends the walk there.
+            if until_ns != u64::MAX {
+                for level in 1..c.levels.len() {
+                    if let Some(o) = c.starting(level, state + 1) {
+                        if r.header(&o.key)?.first_time_ns > until_ns {
+                            return Ok((steps, state, Stop::Time));
+                        }
+                    }
+                }
+            }
+            return Ok((steps, state, Stop::Break));
         };
         if until_ns != u64::MAX && r.header(&o.key)?.first_time_ns > until_ns {
-            break;
+            return Ok((steps, state, Stop::Time));
+        }
+        let mut obj = o.clone();
+        if exact {
+            let h = r.header(&o.key)?;
+            if h.first_txid != o.first || h.last_txid < h.first_txid {
+                bail!(
+                    "{} holds TXIDs {}..={}, not what its key names (from TXID {})",
+                    o.key,
+                    h.first_txid,
+                    h.last_txid,
+                    o.first
+                );
+            }
+            obj.last = h.last_txid;
         }
         let whole = until_ns == u64::MAX || r.end_time(o)? <= until_ns;
+        let last = obj.last;
         steps.push(Step {
-            obj: o.clone(),
+            obj,
             upto: limit,
             until_ns,
         });
-        if !whole || o.last >= limit {
-            break;
+        if !whole {
+            return Ok((steps, state, Stop::Time));
         }
-        state = o.last;
+        if last >= limit {
+            return Ok((steps, limit, Stop::Reached));
+        }
+        state = last;
     }
-    if steps.is_empty() {
-        bail!("the replica holds no transactions of {}", c.name);
+    Ok((steps, state, Stop::Reached))
+}
+
+/// The highest TXID the keys alone show: the newest snapshot, compacted objects' ends, the
+/// first TXID of the newest level-0 segment.
+fn end_by_keys(c: &DbCatalog) -> u64 {
+    let snap = c.snaps.last().map_or(0, |s| s.first);
+    let compacted = c.levels.iter().skip(1).flatten().map(|o| o.last).max();
+    let l0 = c.newest_l0().map(|o| o.first);
+    snap.max(compacted.unwrap_or(0)).max(l0.unwrap_or(0))
+}
+
+/// The highest TXID the replica holds for `c`: [`end_by_keys`], and the newest level-0
+/// segment's last TXID from its header.
+pub fn end_txid(r: &Reader<'_>, c: &DbCatalog) -> Result<u64> {
+    let mut end = end_by_keys(c);
+    if let Some(o) = c.newest_l0() {
+        end = end.max(r.header(&o.key)?.last_txid);
     }
-    Ok(Plan { steps })
+    Ok(end)
+}
+
+/// The error for a chain that stops at TXID `reached` (after `steps`) short of `goal`: the
+/// TXIDs no level-0 segment holds, the objects on either side, and what is restorable.
+fn break_error(
+    r: &Reader<'_>,
+    c: &DbCatalog,
+    target: Target,
+    reached: u64,
+    steps: &[Step],
+    goal: u64,
+) -> Result<anyhow::Error> {
+    let from = reached + 1;
+    // The object after the break: the first of any level (a snapshot included) that starts
+    // after the state reached, or a compacted one starting right there that ends past the
+    // target (it is only ever applied whole).
+    let next = c
+        .objects()
+        .filter(|o| o.first > reached || (o.level.is_some_and(|l| l > 0) && o.first == from))
+        .min_by_key(|o| o.first);
+    let to = match next {
+        Some(n) if n.first > from => n.first - 1,
+        _ => goal,
+    };
+    let prev = steps.last().map(|s| &s.obj);
+    let before = prev.map_or("the empty database".to_string(), |o| o.key.clone());
+    let after = next.map_or_else(
+        || "nothing (no later object)".to_string(),
+        |o| o.key.clone(),
+    );
+    let restorable = match (window(r, c)?, prev) {
+        (Some(w), Some(p)) => format!(
+            "restorable up to the break: TXIDs {}..={reached} ({} .. {})",
+            w.first_txid,
+            fmt_time(w.first_ns),
+            fmt_time(r.end_time(p)?)
+        ),
+        _ => "nothing before the break is restorable".to_string(),
+    };
+    Ok(anyhow::anyhow!(
+        "cannot restore {} to {}: the replica's chain breaks after TXID {reached}: no level-0 segment holds TXIDs {from}..={to} (missing between {before} and {after}); {restorable}",
+        c.name,
+        describe_target(target),
+    ))
 }
 
 fn describe_target(t: Target) -> String {
@@ -678,5 +898,170 @@ mod tests {
         );
         assert_eq!(c.levels[1].len(), 2);
         assert_eq!(c.starting(1, 11).unwrap().last, 19);
+    }
+    /// A file replica of one database built from real object headers (one page per
+    /// transaction, committed TXID milliseconds after the epoch), for planning only.
+    struct Fake {
+        dir: tempfile::TempDir,
+        id: &'static str,
+    }
+
+    impl Fake {
+        fn new() -> Fake {
+            Fake {
+                dir: tempfile::tempdir().unwrap(),
+                id: "0123456789abcdef",
+            }
+        }
+
+        fn put(&self, key: &str, kind: segment::ObjKind, level: u8, first: u64, last: u64) {
+            use crate::stage::{Kind, RecordHeader, WalPos};
+            let path = self.dir.path().join(key);
+            fs::create_dir_all(path.parent().unwrap()).unwrap();
+            let f = fs::OpenOptions::new()
+                .read(true)
+                .write(true)
+                .create(true)
+                .truncate(true)
+                .open(&path)
+                .unwrap();
+            let mut w = segment::ObjectWriter::new(f, kind, level, self.id).unwrap();
+            let txids = if level > 0 || kind == segment::ObjKind::Snapshot {
+                last..=last
+            } else {
+                first..=last
+            };
+            for t in txids {
+                let h = RecordHeader {
+                    kind: if kind == segment::ObjKind::Snapshot {
+                        Kind::Snapshot
+                    } else {
+                        Kind::Txn
+                    },
+                    txid: t,
+                    time_ns: t * 1_000_000,
+                    page_size: 512,
+                    db_pages: 1,
+                    checksum_before: 0,
+                    checksum_after: 0,
+                    npages: 1,
+                    wal: WalPos::default(),
+                };
+                w.add(&h, |emit| emit(1, &[0u8; 512])).unwrap();
+            }
+            if level > 0 {
+                w.set_span(first, first * 1_000_000, 0);
+            }
+            w.finish().unwrap();
+        }
+        fn l0(&self, first: u64, last: u64) -> String {
+            let k = l0_key(self.id, first);
+            self.put(&k, segment::ObjKind::Segment, 0, first, last);
+            k
+        }
+        fn lk(&self, level: u8, first: u64, last: u64) -> String {
+            let k = compacted_key(self.id, level, first, last);
+            self.put(&k, segment::ObjKind::Segment, level, first, last);
+            k
+        }
+        fn snap(&self, t: u64) -> String {
+            let k = snapshot_key(self.id, t);
+            self.put(&k, segment::ObjKind::Snapshot, 0, t, t);
+            k
+        }
+        fn plan(&self, target: Target) -> Result<Vec<String>> {
+            let client = crate::replica::FileReplica::new(self.dir.path().to_path_buf());
+            let r = Reader::new(&client, None);
+            let c = r.catalog(self.id, "app.db")?;
+            Ok(plan(&r, &c, target)?
+                .steps
+                .into_iter()
+                .map(|s| s.obj.key)
+                .collect())
+        }
+        fn fails(&self, target: Target, needles: &[&str]) {
+            let e = format!("{:#}", self.plan(target).unwrap_err());
+            eprintln!("{target:?}: {e}");
+            for n in needles {
+                assert!(e.contains(n), "{target:?}: {e:?} does not say {n:?}");
+            }
+        }
+    }
+
+    #[test]
+    fn a_gap_between_level0_segments_is_an_error() {
+        let f = Fake::new();
+        let (a, b) = (f.l0(1, 4), f.l0(5, 10));
+        let c = f.l0(20, 25);
+        // The segment of TXIDs 11..=19 is missing; a later one follows.
+        let want = [
+            "TXIDs 11..=19",
+            &b,
+            &c,
+            "restorable up to the break: TXIDs 1..=10 (1970-01-01T00:00:00.001Z .. 1970-01-01T00:00:00.010Z)",
+        ];
+        f.fails(Target::Latest, &want);
+        f.fails(Target::Txid(22), &want);
+        f.fails(Target::Time(22_000_000), &want);
+        assert_eq!(
+            f.plan(Target::Txid(10)).unwrap(),
+            vec![a.clone(), b.clone()]
+        );
+        // An instant at or after the break: the missing TXIDs may be before it.
+        f.fails(Target::Time(10_500_000), &want);
+        assert_eq!(f.plan(Target::Time(9_500_000)).unwrap(), vec![a, b]);
+        f.fails(
+            Target::Txid(26),
+            &["TXID 26", "past the end", "TXIDs 1..=25"],
+        );
+    }
+
+    #[test]
+    fn a_break_after_a_snapshot_or_compacted_object_is_an_error() {
+        // A snapshot, then no level-0 segment right after it (the old plan stopped there).
+        let f = Fake::new();
+        f.l0(1, 4);
+        f.l0(5, 10);
+        let s = f.snap(10);
+        let late = f.l0(20, 25);
+        let want = ["TXIDs 11..=19", s.as_str(), late.as_str()];
+        f.fails(Target::Latest, &want);
+        f.fails(Target::Time(30_000_000), &want);
+        f.fails(Target::Time(10_000_000), &want);
+        assert_eq!(f.plan(Target::Txid(10)).unwrap(), vec![s]);
+
+        // A compacted object, then only a higher-level object after the missing segment.
+        let f = Fake::new();
+        f.l0(1, 4);
+        f.l0(5, 10);
+        let c1 = f.lk(1, 1, 10);
+        let c2 = f.lk(2, 20, 30);
+        f.fails(Target::Latest, &["TXIDs 11..=19", c1.as_str(), c2.as_str()]);
+        assert_eq!(f.plan(Target::Txid(10)).unwrap(), vec![c1]);
+    }
+
+    #[test]
+    fn targets_outside_the_window_say_the_window() {
+        let f = Fake::new();
+        let a = f.l0(1, 4);
+        let b = f.l0(5, 9);
+        let window = ["TXIDs 1..=9 (1970-01-01T00:00:00.001Z .. 1970-01-01T00:00:00.009Z)"];
+        f.fails(
+            Target::Time(999_999),
+            &[&["no restore point"][..], &window].concat(),
+        );
+        f.fails(Target::Txid(10), &[&["past the end"][..], &window].concat());
+        assert_eq!(f.plan(Target::Latest).unwrap(), vec![a.clone(), b.clone()]);
+        assert_eq!(f.plan(Target::Txid(9)).unwrap(), vec![a, b]);
+        // After retention: the window starts at a snapshot.
+        let f = Fake::new();
+        let s = f.snap(5);
+        f.l0(6, 9);
+        f.fails(Target::Txid(2), &["TXID 2", "TXIDs 5..=9"]);
+        f.fails(
+            Target::Time(4_000_000),
+            &["no restore point", "TXIDs 5..=9"],
+        );
+        assert_eq!(f.plan(Target::Txid(5)).unwrap(), vec![s]);
     }
 }

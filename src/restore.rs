@@ -8,15 +8,16 @@
 //!   applied transaction; then `PRAGMA integrity_check` must pass.
 //! - The output is built in a temporary file next to it, fsynced and renamed: a failure
 //!   never leaves a file behind, and an existing file is only replaced with `--force`.
-//! - Memory does not grow with the database: objects stream page by page from local copies,
-//!   and at most `parallel` objects are downloaded ahead of the one being applied.
+//! - Memory does not grow with the database: objects stream page by page from local copies
+//!   (in a scratch directory next to the output, removed on every path), and at most
+//!   `parallel` objects are downloaded ahead of the one being applied.
 
 use std::collections::BTreeSet;
 use std::fs::{self, File};
 use std::io::IsTerminal;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::mpsc;
 use std::time::Instant;
 
@@ -194,7 +195,13 @@ pub fn run(o: &RestoreOpts) -> Result<Report> {
         .prefix(".sqlfs-restore-")
         .tempfile_in(out_dir)
         .with_context(|| format!("creating a temporary file in {}", out_dir.display()))?;
-    let work = tempfile::tempdir().context("creating a scratch directory")?;
+    // Scratch space for downloaded and decrypted objects sits next to the output (on the
+    // disk the output goes to, not in TMPDIR, which may be memory); it goes when `work` is
+    // dropped, on every path.
+    let work = tempfile::Builder::new()
+        .prefix(".sqlfs-restore-")
+        .tempdir_in(out_dir)
+        .with_context(|| format!("creating a scratch directory in {}", out_dir.display()))?;
     let show = o.progress && std::io::stderr().is_terminal();
     let mut state = Applied::default();
     download_and_apply(
@@ -203,7 +210,7 @@ pub fn run(o: &RestoreOpts) -> Result<Report> {
         work.path(),
         o.parallel.max(1),
         show,
-        |path, step| apply_object(path, step, tmp_out.as_file(), &mut state),
+        |path, step, tick| apply_object(path, step, tmp_out.as_file(), &mut state, tick),
     )?;
     let Some(last) = state.last else {
         bail!("the replica holds no transactions of {}", o.db)
@@ -265,18 +272,55 @@ pub fn run(o: &RestoreOpts) -> Result<Report> {
     Ok(report)
 }
 
+/// The progress line (only when `show`): bytes of the plan downloaded and applied, redrawn
+/// at most every [`PROGRESS_EVERY`].
+struct Progress<'a> {
+    show: bool,
+    total: u64,
+    downloaded: &'a AtomicU64,
+    drawn: Option<Instant>,
+}
+
+const PROGRESS_EVERY: std::time::Duration = std::time::Duration::from_millis(100);
+
+impl Progress<'_> {
+    fn draw(&mut self, applied: u64, last: bool) {
+        if !self.show || (!last && self.drawn.is_some_and(|d| d.elapsed() < PROGRESS_EVERY)) {
+            return;
+        }
+        self.drawn = Some(Instant::now());
+        let mb = |b: u64| b as f64 / 1e6;
+        eprint!(
+            "\rrestoring: {:.1}/{:.1} MB downloaded, {:.1} MB applied ",
+            mb(self.downloaded.load(Ordering::Relaxed)),
+            mb(self.total),
+            mb(applied.min(self.total))
+        );
+        if last {
+            eprintln!();
+        }
+    }
+}
+
 /// Downloads the plan's objects with `parallel` workers, at most `parallel` ahead of the one
-/// being applied, and hands each local copy to `apply` in plan order.
+/// being applied, and hands each local copy to `apply` in plan order (with a callback for
+/// the bytes of the object applied so far, for the progress line).
 fn download_and_apply(
     reader: &Reader<'_>,
     plan: &Plan,
     scratch: &Path,
     parallel: usize,
     show: bool,
-    mut apply: impl FnMut(&Path, &Step) -> Result<()>,
+    mut apply: impl FnMut(&Path, &Step, &mut dyn FnMut(u64)) -> Result<()>,
 ) -> Result<()> {
     let n = plan.steps.len();
-    let total = plan.bytes();
+    let downloaded = AtomicU64::new(0);
+    let mut progress = Progress {
+        show,
+        total: plan.bytes(),
+        downloaded: &downloaded,
+        drawn: None,
+    };
     let next = AtomicUsize::new(0);
     let applied = (Mutex::new(0usize), Condvar::new());
     let stop = AtomicBool::new(false);
@@ -285,7 +329,7 @@ fn download_and_apply(
     std::thread::scope(|sc| -> Result<()> {
         for _ in 0..parallel.min(n) {
             let tx = tx.clone();
-            let (next, applied, stop) = (&next, &applied, &stop);
+            let (next, applied, stop, downloaded) = (&next, &applied, &stop, &downloaded);
             sc.spawn(move || loop {
                 let i = next.fetch_add(1, Ordering::SeqCst);
                 if i >= n || stop.load(Ordering::SeqCst) {
@@ -313,6 +357,9 @@ fn download_and_apply(
                             }
                         }),
                 };
+                if r.is_ok() {
+                    downloaded.fetch_add(plan.steps[i].obj.size, Ordering::Relaxed);
+                }
                 if tx.send((i, r)).is_err() {
                     break;
                 }
@@ -338,7 +385,9 @@ fn download_and_apply(
                         &scratch.join(format!("{i}.plain")),
                     )?
                 };
-                apply(&plain, step)?;
+                apply(&plain, step, &mut |part| {
+                    progress.draw(done_bytes + part.min(step.obj.size), false)
+                })?;
                 if owned {
                     let _ = fs::remove_file(&path);
                 }
@@ -348,20 +397,13 @@ fn download_and_apply(
                 done_bytes += step.obj.size;
                 *applied.0.lock() = i + 1;
                 applied.1.notify_all();
-                if show {
-                    eprint!(
-                        "\rrestoring: {}/{n} objects, {:.1}/{:.1} MB ",
-                        i + 1,
-                        done_bytes as f64 / 1e6,
-                        total as f64 / 1e6
-                    );
-                }
-            }
-            if show {
-                eprintln!();
+                progress.draw(done_bytes, i + 1 == n);
             }
             Ok(())
         })();
+        if res.is_err() && progress.drawn.is_some() {
+            eprintln!();
+        }
         stop.store(true, Ordering::SeqCst);
         applied.1.notify_all();
         res
@@ -423,11 +465,20 @@ impl Applied {
 }
 
 /// Verifies and applies one local object of the plan: its transactions after the current
-/// state, up to the step's limits.
-fn apply_object(path: &Path, step: &Step, out: &File, a: &mut Applied) -> Result<()> {
+/// state, up to the step's limits. `tick` hears how many of the object's bytes are done (an
+/// estimate: its size in proportion to the page versions read).
+fn apply_object(
+    path: &Path,
+    step: &Step,
+    out: &File,
+    a: &mut Applied,
+    tick: &mut dyn FnMut(u64),
+) -> Result<()> {
     let key = step.obj.key.as_str();
     let f = File::open(path)?;
     let hdr = segment::verify(&f, key)?;
+    let per_page = step.obj.size as f64 / hdr.nindex.max(1) as f64;
+    let mut read_pages = 0u64;
     if hdr.level > 0 && hdr.first_txid != a.txid + 1 {
         bail!(
             "{key} covers TXIDs {}..={} but the restore stands at {}",
@@ -446,6 +497,12 @@ fn apply_object(path: &Path, step: &Step, out: &File, a: &mut Applied) -> Result
         why,
     };
     segment::for_each_txn(&f, &hdr, key, |ev| {
+        if let Event::Page(..) = ev {
+            read_pages += 1;
+            if read_pages.is_multiple_of(64) {
+                tick((read_pages as f64 * per_page) as u64);
+            }
+        }
         match ev {
             Event::Start(h) => {
                 skip = h.txid <= a.txid || h.txid > step.upto || h.time_ns > step.until_ns;

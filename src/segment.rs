@@ -650,4 +650,41 @@ mod tests {
         .unwrap();
         assert_eq!(seen, (1..=sizes.len() as u64).collect::<Vec<_>>());
     }
+    /// An object of another format version (its trailing CRC fixed) is refused by both
+    /// `parse_header` and `verify`, naming it and the version.
+    #[test]
+    fn another_format_version_is_refused() {
+        use std::os::unix::fs::FileExt;
+        let h = RecordHeader {
+            kind: Kind::Txn,
+            txid: 1,
+            time_ns: 1,
+            page_size: 512,
+            db_pages: 1,
+            checksum_before: 0,
+            checksum_after: 0,
+            npages: 1,
+            wal: WalPos::default(),
+        };
+        let mut w =
+            ObjectWriter::new(tempfile::tempfile().unwrap(), ObjKind::Segment, 0, "00").unwrap();
+        w.add(&h, |emit| emit(1, &[7u8; 512])).unwrap();
+        let (_, f) = w.finish().unwrap();
+        let len = f.metadata().unwrap().len();
+        let mut b = vec![0u8; len as usize];
+        f.read_exact_at(&mut b, 0).unwrap();
+        b[8..10].copy_from_slice(&(VERSION + 1).to_be_bytes());
+        let body = b.len() - 8;
+        let mut crc = crate::sqlite::crc64();
+        crc.update(&b[..body]);
+        let sum = crc.finalize().to_be_bytes();
+        b[body..].copy_from_slice(&sum);
+        f.write_all_at(&b, 0).unwrap();
+        let want = format!("obj has object format version {}", VERSION + 1);
+        let e = verify(&f, "obj").unwrap_err();
+        assert!(matches!(e, ObjectError::Version { .. }), "{e}");
+        assert!(e.to_string().starts_with(&want), "{e}");
+        let e = parse_header(&b[..HEADER], "obj").unwrap_err();
+        assert!(e.to_string().starts_with(&want), "{e}");
+    }
 }

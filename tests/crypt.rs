@@ -279,6 +279,25 @@ fn encrypted_file_replica_round_trip() {
         "restore with an identity file of two keys",
     );
     fs::remove_file(&out).unwrap();
+
+    // Scratch space (decrypted objects) is next to the output, not in TMPDIR: a restore works
+    // with TMPDIR pointing nowhere and leaves only the output behind.
+    let mut c = std::process::Command::new(BIN);
+    c.args(["restore", "--replica", &url, "--db", wal, "-o"])
+        .arg(&out)
+        .arg("--age-identity")
+        .arg(&key)
+        .env("TMPDIR", fx.scratch_path("no-such-tmp"));
+    let o = run_cmd(c, CLI_TIMEOUT);
+    assert_no_panic(&o);
+    assert!(o.ok(), "restore with TMPDIR unusable:\n{}", o.describe());
+    assert_eq!(restored_txid(&o), last_staged(&fx.cli_dir(), wal));
+    assert_eq!(
+        dir_names(&outdir),
+        vec!["restored.db".to_string()],
+        "a restore left scratch files next to its output"
+    );
+    fs::remove_file(&out).unwrap();
     assert!(
         dir_names(&outdir).is_empty(),
         "restores left files in {}: {:?}",

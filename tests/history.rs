@@ -242,7 +242,7 @@ fn views_equal_restore_at_random_targets() {
     for (db, last) in [("app.db", last_a), ("sub/r.db", last_b)] {
         let mut picks: Vec<u64> = (0..6).map(|_| rng.random_range(1..=last)).collect();
         if db == "app.db" {
-            picks.extend([base_a - 1, base_a, base_a + 1, last_a]);
+            picks.extend([base_a - 1, base_a, base_a + 1, last_a, 1]);
         }
         for t in picks {
             let out = fx.scratch_path(&format!("txid-{t}.db"));
@@ -250,12 +250,16 @@ fn views_equal_restore_at_random_targets() {
             let o = restore_cmd(&url, db, &out, Some(t), false);
             let view = fx.path(&format!(".history/txid-{t}/{db}"));
             if !o.ok() {
-                // Not restorable from the replica (before its first snapshot); local staging
-                // may still serve the view, which restore cannot check.
+                // Not in the replica (folded locally before it was shipped: the replica got
+                // a snapshot after it instead); local staging may still serve the view, which
+                // restore cannot check.
                 continue;
             }
             assert_view_eq(&view, &out, &format!("{db} txid-{t}"));
-            assert_eq!(count_rows_rusqlite(&view), count_rows_rusqlite(&out));
+            // TXID 1 of app.db is the database as first seen: WAL mode set, no table yet.
+            if !(db == "app.db" && t == 1) {
+                assert_eq!(count_rows_rusqlite(&view), count_rows_rusqlite(&out));
+            }
             checked += 1;
             if db == "app.db" && t < base_a {
                 from_replica += 1;

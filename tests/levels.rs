@@ -370,10 +370,8 @@ fn compaction_keeps_every_txid_restorable() {
     for _ in 0..5 {
         picks.insert(rng.random_range(1..=last));
     }
-    // TXIDs before the first snapshot are not restorable yet (see
-    // `restore_before_the_first_snapshot`).
-    let floor = snaps.first().map_or(1, |s| s.key_txid);
-    picks.retain(|&t| t >= floor && t <= last);
+    // Before the first snapshot too: the chain from TXID 1 is still there (retention 0).
+    picks.retain(|&t| t >= 1 && t <= last);
     // Bound the run time on a busy machine: keep boundaries of the first objects first.
     let picks: Vec<u64> = picks.into_iter().collect();
     eprintln!("restoring {} TXIDs: {picks:?}", picks.len());
@@ -401,12 +399,8 @@ fn compaction_keeps_every_txid_restorable() {
     let o_c = l2
         .iter()
         .chain(&l1)
-        .find(|o| {
-            // After a snapshot (see `restore_before_the_first_snapshot`).
-            snap_set.iter().any(|&s| s < o.first)
-                && !snap_set.iter().any(|&s| s >= o.first && s <= o.last)
-        })
-        .expect("a compacted object after a snapshot, with no snapshot inside it");
+        .find(|o| !snap_set.iter().any(|&s| s >= o.first && s <= o.last))
+        .expect("a compacted object with no snapshot inside it");
     let o = restore_with(
         &url,
         db,
@@ -421,11 +415,65 @@ fn compaction_keeps_every_txid_restorable() {
         o.stdout
     );
     assert!(!out.exists());
+
+    // A copy that lacks the level-0 segment right after a snapshot (and anything compacted
+    // that starts there): a restore past it must not stop at the snapshot. It fails, naming
+    // the missing TXIDs, the objects on either side and what is restorable.
+    let bounds: Vec<u64> = snap_set.iter().skip(1).copied().chain([last + 1]).collect();
+    let (s, end) = snap_set
+        .iter()
+        .zip(&bounds)
+        .map(|(&s, &e)| (s, e))
+        .find(|&(s, e)| {
+            l0.iter().any(|o| o.key_txid == s + 1)
+                && l0
+                    .iter()
+                    .filter(|o| o.key_txid > s && o.key_txid < e)
+                    .count()
+                    >= 2
+        })
+        .expect("a snapshot followed by two level-0 segments before the next one");
+    let gone = l0.iter().find(|o| o.key_txid == s + 1).unwrap();
+    let next = l0.iter().find(|o| o.key_txid > s + 1).unwrap();
+    let broken = fx.scratch_path("r-broken");
+    cp_a(&rdir, &broken);
+    fs::remove_file(broken.join(&gone.key)).unwrap();
+    for lv in [&l1, &l2] {
+        for o in lv.iter().filter(|o| o.first == s + 1) {
+            fs::remove_file(broken.join(o.path.strip_prefix(&rdir).unwrap())).unwrap();
+        }
+    }
+    let t = end - 1;
+    let log = log_entries(&dir, db);
+    let t_ns = log.iter().find(|e| e.txid == t).unwrap().ts as u64;
+    let snap_key = format!("{id}/snap/{s:016x}.snap");
+    for more in [
+        vec!["--txid".to_string(), t.to_string()],
+        vec!["--timestamp".to_string(), rfc3339_ms(t_ns)],
+        vec!["--txid".to_string(), t.to_string(), "--dry-run".to_string()],
+    ] {
+        let more: Vec<&str> = more.iter().map(String::as_str).collect();
+        let o = restore_with(&file_url(&broken), db, &out, &more);
+        let what = format!("{} missing, restore {more:?}", gone.key);
+        assert!(!o.ok(), "{what}: succeeded:\n{}", o.describe());
+        assert!(!out.exists(), "{what}: wrote {}", out.display());
+        for needle in [
+            format!("TXIDs {}..={}", s + 1, gone.last.unwrap()),
+            snap_key.clone(),
+            next.key.clone(),
+            format!("TXIDs 1..={s}"),
+        ] {
+            assert!(
+                o.stderr.contains(&needle),
+                "{what}: the error does not say {needle:?}:\n{}",
+                o.describe()
+            );
+        }
+    }
 }
 
-/// The chain from TXID 1 is still in the replica (retention 0) and `sqlfs list` says the
-/// window starts at TXID 1, yet once an interval snapshot exists every TXID before it is
-/// refused.
+/// The chain from TXID 1 is still in the replica (retention 0), `sqlfs list` says the window
+/// starts at TXID 1, and TXIDs before the first interval snapshot restore from that chain.
 #[test]
 fn restore_before_the_first_snapshot() {
     let seed = seed_for("restore_before_the_first_snapshot");
@@ -504,11 +552,43 @@ fn restore_by_timestamp() {
         o.describe()
     );
     assert!(!out.exists(), "a failed restore left {}", out.display());
-    assert!(
-        o.stderr.contains("no restore point") || o.stderr.contains("no transactions"),
-        "unclear error:\n{}",
-        o.describe()
-    );
+    // It states the window: earliest and latest TXID and commit time.
+    let (first_e, last_e) = (&log[0], log.last().unwrap());
+    assert_eq!(first_e.txid, 1);
+    for needle in [
+        "no restore point".to_string(),
+        format!("TXIDs 1..={}", last_e.txid),
+        rfc3339_ms(first_e.ts as u64),
+        rfc3339_ms(last_e.ts as u64),
+    ] {
+        assert!(
+            o.stderr.contains(&needle),
+            "restore before the first commit: the error does not say {needle:?}:\n{}",
+            o.describe()
+        );
+    }
+    // A TXID past the end fails at planning, with --dry-run too, naming the window.
+    for dry in [false, true] {
+        let past = (last_e.txid + 5).to_string();
+        let mut more = vec!["--txid", past.as_str()];
+        if dry {
+            more.push("--dry-run");
+        }
+        let o = restore_with(&url, db, &out, &more);
+        assert!(!o.ok(), "restore {more:?} succeeded:\n{}", o.describe());
+        assert!(!out.exists());
+        for needle in [
+            format!("TXID {past}"),
+            format!("TXIDs 1..={}", last_e.txid),
+            rfc3339_ms(last_e.ts as u64),
+        ] {
+            assert!(
+                o.stderr.contains(&needle),
+                "restore {more:?}: the error does not say {needle:?}:\n{}",
+                o.describe()
+            );
+        }
+    }
 
     let mut chosen: Vec<(u64, String)> = Vec::new();
     instants.sort();
@@ -520,11 +600,11 @@ fn restore_by_timestamp() {
             chosen.push(x.clone());
         }
     }
-    // TXIDs before the first snapshot are not restorable yet (see
-    // `restore_before_the_first_snapshot`).
-    let floor = snapshots(&rdir, &db_id(&rdir, db))
+    // Instants before the first snapshot included (the chain from TXID 1 is there).
+    let first_snap = snapshots(&rdir, &db_id(&rdir, db))
         .first()
-        .map_or(1, |s| s.key_txid);
+        .map_or(u64::MAX, |s| s.key_txid);
+    let mut before_snapshot = 0;
     for (ns, text) in &chosen {
         let want = log
             .iter()
@@ -532,8 +612,8 @@ fn restore_by_timestamp() {
             .map(|e| e.txid)
             .max()
             .expect("a commit before the instant");
-        if want < floor {
-            continue;
+        if want < first_snap {
+            before_snapshot += 1;
         }
         let out = fx.scratch_path("t.db");
         let _ = fs::remove_file(&out);
@@ -550,6 +630,10 @@ fn restore_by_timestamp() {
         replay(&dir, db, want, &rep);
         assert_same_bytes(&rep, &out, &format!("timestamp {text} (TXID {want})"));
     }
+    assert!(
+        before_snapshot > 0,
+        "no instant before the first snapshot (TXID {first_snap}) was restored"
+    );
 }
 
 // ---------------------------------------------------------------------------------------
@@ -843,7 +927,13 @@ fn passphrase_encrypted_replica() {
     fx.mount();
     let db = "app.db";
     drop(fresh_db(&fx.path(db), "WAL"));
-    drive(&fx.path(db), seed, 4.0, |_, _| {});
+    let mut instants = Vec::new();
+    drive(&fx.path(db), seed, 4.0, |d, _| {
+        if d.rng.random_bool(0.1) {
+            instants.push(instant_now());
+        }
+    });
+    instants.push(instant_now());
     let last = last_staged(&fx.mnt, db);
     // Keys are plain; contents are not: wait with `sqlfs list`.
     wait_until(
@@ -882,7 +972,7 @@ fn passphrase_encrypted_replica() {
     }
 
     let env = [("SQLFS_TEST_PASS", pass)];
-    // From the first snapshot on (see `restore_before_the_first_snapshot`).
+    // TXIDs before the first snapshot (from the chain from TXID 1), at it, and after it.
     // The name is encrypted: the only database id is the only `names/` entry.
     let ids: Vec<String> = fs::read_dir(rdir.join("names"))
         .unwrap()
@@ -891,7 +981,14 @@ fn passphrase_encrypted_replica() {
         .collect();
     assert_eq!(ids.len(), 1, "{ids:?}");
     let floor = snapshots(&rdir, &ids[0]).first().map_or(1, |s| s.key_txid);
-    for t in [floor, (floor + last) / 2, last] {
+    let picks = BTreeSet::from([
+        1,
+        floor.saturating_sub(1).max(1),
+        floor,
+        (floor + last) / 2,
+        last,
+    ]);
+    for t in picks {
         let out = fx.scratch_path(&format!("enc-{t}.db"));
         let mut a = restore_args(&url, db, &out, &["--passphrase-env", "SQLFS_TEST_PASS"]);
         a.extend([os("--txid"), os(t.to_string())]);
@@ -901,6 +998,32 @@ fn passphrase_encrypted_replica() {
         let rep = fx.scratch_path("enc-replay.db");
         replay(&dir, db, t, &rep);
         assert_same_bytes(&rep, &out, &format!("encrypted restore at TXID {t}"));
+    }
+    // Instants: commit times come from encrypted headers.
+    let log = log_entries(&dir, db);
+    for (ns, text) in instants.iter().step_by((instants.len() / 4).max(1)) {
+        let want = log
+            .iter()
+            .filter(|e| e.ts <= *ns as u128)
+            .map(|e| e.txid)
+            .max()
+            .expect("a commit before the instant");
+        let out = fx.scratch_path("enc-t.db");
+        let _ = fs::remove_file(&out);
+        let mut a = restore_args(&url, db, &out, &["--passphrase-env", "SQLFS_TEST_PASS"]);
+        a.extend([os("--timestamp"), os(text), os("--json")]);
+        let o = sqlfs_env(&a, &env);
+        assert_no_panic(&o);
+        assert!(o.ok(), "restore --timestamp {text}:\n{}", o.describe());
+        let r: Value = serde_json::from_str(&o.stdout).expect("JSON");
+        assert_eq!(u(&r, "txid"), want, "encrypted restore --timestamp {text}");
+        let rep = fx.scratch_path("enc-replay.db");
+        replay(&dir, db, want, &rep);
+        assert_same_bytes(
+            &rep,
+            &out,
+            &format!("encrypted restore at {text} (TXID {want})"),
+        );
     }
 
     // Wrong passphrase.
@@ -936,6 +1059,148 @@ fn passphrase_encrypted_replica() {
         o.describe()
     );
     assert!(!out.exists());
+}
+
+/// An encrypted replica (age identity) with compaction and retention: after retention removed
+/// the oldest objects, TXIDs and instants inside the window restore to their replays, targets
+/// before it fail naming the window. Every restore runs with TMPDIR pointing nowhere (scratch
+/// space is next to the output) and leaves nothing but the output behind.
+#[test]
+fn encrypted_replica_with_retention_by_timestamp() {
+    let seed = seed_for("encrypted_replica_with_retention_by_timestamp");
+    let mut rng = StdRng::seed_from_u64(seed);
+    let (mut fx, rdir, url) = fixture(
+        "lvl-enc-ret",
+        &[
+            "--compaction",
+            "1s",
+            "--snapshot-interval",
+            "2s",
+            "--retention",
+            "6s",
+        ],
+    );
+    let key = fx.scratch_path("replica.key");
+    fx.opts.age_recipients = vec![keygen(&key)];
+    fx.mount();
+    let db = "app.db";
+    drop(fresh_db(&fx.path(db), "WAL"));
+    let mut instants = Vec::new();
+    drive(&fx.path(db), seed, 12.0, |d, _| {
+        if d.rng.random_bool(0.2) {
+            instants.push(instant_now());
+        }
+    });
+    instants.push(instant_now());
+    let last = last_staged(&fx.mnt, db);
+    let key_s = key.display().to_string();
+    let id_args = ["--age-identity", key_s.as_str()];
+    wait_until(
+        "the encrypted replica to hold the last TXID",
+        COVER_TIMEOUT,
+        || {
+            let mut a = vec![os("list"), os("--replica"), os(&url), os("--json")];
+            a.extend(id_args.iter().map(os));
+            let o = sqlfs_cli(&a);
+            o.ok()
+                && serde_json::from_str::<Value>(&o.stdout)
+                    .ok()
+                    .and_then(|v| v[0]["latest_txid"].as_u64())
+                    == Some(last)
+        },
+    );
+    sleep_ms(500);
+    fx.unmount();
+    let dir = fx.cli_dir();
+    for (k, _) in tree(&rdir) {
+        assert_sealed(&fs::read(rdir.join(&k)).unwrap(), &k);
+    }
+
+    let list = list_json(&url, Some(db), &[], &id_args);
+    let d = entry(&list, db);
+    let (first, latest) = (u(d, "earliest_txid"), u(d, "latest_txid"));
+    assert!(first > 1, "retention removed nothing: {d}");
+    assert_eq!(latest, last, "latest_txid: {d}");
+
+    // Restores with TMPDIR unusable, into a directory that must hold only the output after.
+    let outdir = fx.scratch_path("enc-ret-out");
+    fs::create_dir_all(&outdir).unwrap();
+    let out = outdir.join("restored.db");
+    let no_tmp = [("TMPDIR", "/nonexistent/sqlfs-tmp")];
+    let restore = |more: &[&str]| {
+        let _ = fs::remove_file(&out);
+        let mut a = restore_args(&url, db, &out, &id_args);
+        a.extend(more.iter().map(os));
+        let o = sqlfs_env(&a, &no_tmp);
+        assert_no_panic(&o);
+        let left: Vec<String> = dir_names(&outdir)
+            .into_iter()
+            .filter(|n| n != "restored.db")
+            .collect();
+        assert!(
+            left.is_empty(),
+            "restore {more:?} left {left:?} in {}",
+            outdir.display()
+        );
+        o
+    };
+    let mut picks = BTreeSet::from([first, latest]);
+    for _ in 0..3 {
+        picks.insert(rng.random_range(first..=latest));
+    }
+    for t in picks {
+        let o = restore(&["--txid", &t.to_string()]);
+        assert!(o.ok(), "restore --txid {t}:\n{}", o.describe());
+        let rep = fx.scratch_path("enc-ret-replay.db");
+        replay(&dir, db, t, &rep);
+        assert_same_bytes(&rep, &out, &format!("encrypted restore at TXID {t}"));
+    }
+    let log = log_entries(&dir, db);
+    let first_ns = log.iter().find(|e| e.txid == first).unwrap().ts;
+    let inside: Vec<&(u64, String)> = instants
+        .iter()
+        .filter(|(ns, _)| *ns as u128 >= first_ns)
+        .collect();
+    assert!(!inside.is_empty(), "no instant inside the window");
+    for (ns, text) in inside.iter().rev().step_by((inside.len() / 4).max(1)) {
+        let want = log
+            .iter()
+            .filter(|e| e.ts <= *ns as u128)
+            .map(|e| e.txid)
+            .max()
+            .unwrap();
+        let o = restore(&["--timestamp", text, "--json"]);
+        assert!(o.ok(), "restore --timestamp {text}:\n{}", o.describe());
+        let r: Value = serde_json::from_str(&o.stdout).expect("JSON");
+        assert_eq!(u(&r, "txid"), want, "encrypted restore --timestamp {text}");
+        let rep = fx.scratch_path("enc-ret-replay.db");
+        replay(&dir, db, want, &rep);
+        assert_same_bytes(
+            &rep,
+            &out,
+            &format!("encrypted restore at {text} (TXID {want})"),
+        );
+    }
+    // Before the window, by TXID and by instant: errors naming it, and no file.
+    let before_ns = log.iter().find(|e| e.txid == first - 1).unwrap().ts as u64;
+    for more in [
+        vec!["--txid".to_string(), (first - 1).to_string()],
+        vec!["--timestamp".to_string(), rfc3339_ms(before_ns)],
+    ] {
+        let more: Vec<&str> = more.iter().map(String::as_str).collect();
+        let o = restore(&more);
+        assert!(
+            !o.ok(),
+            "restore {more:?} before the window succeeded:\n{}",
+            o.describe()
+        );
+        assert!(!out.exists());
+        assert!(
+            o.stderr.contains(&format!("TXIDs {first}..={latest}")),
+            "restore {more:?}: the error does not name the window {first}..={latest}:\n{}",
+            o.describe()
+        );
+    }
 }
 
 // ---------------------------------------------------------------------------------------

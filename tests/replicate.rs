@@ -891,11 +891,84 @@ fn restore_errors_are_clear_and_leave_nothing_behind() {
     assert_says(&o, &key, "foreign file as a segment");
     assert_says(&o, "not a sqlfs", "foreign file as a segment");
 
-    // A segment missing from the middle of the chain.
-    let rg = variant("r-gap");
-    fs::remove_file(key_path(&rg, &segs[1].key)).unwrap();
-    let o = restore_cmd(&file_url(&rg), db, &out, None, false);
-    assert_restore_fails(&o, &out, "a segment missing from the chain");
+    // An object of another format version: the version field patched and the trailing
+    // checksum fixed, so the version check is what fires, in a restore and a dry run.
+    let rv = variant("r-version");
+    let p = key_path(&rv, &mid.key);
+    let mut b = fs::read(&p).unwrap();
+    assert_eq!(&b[..8], OBJ_MAGIC);
+    b[8..10].copy_from_slice(&2u16.to_be_bytes());
+    let body = b.len() - 8;
+    let crc = CRC64.checksum(&b[..body]);
+    b[body..].copy_from_slice(&crc.to_be_bytes());
+    fs::write(&p, &b).unwrap();
+    for more in [&[][..], &["--dry-run"][..]] {
+        let mut a = vec![
+            "restore".into(),
+            "--replica".into(),
+            file_url(&rv).into(),
+            "--db".into(),
+            db.into(),
+            "-o".into(),
+            out.clone().into_os_string(),
+        ];
+        a.extend(more.iter().map(std::ffi::OsString::from));
+        let o = sqlfs_cli(&a);
+        let what = format!("an object of format version 2 ({more:?})");
+        assert_restore_fails(&o, &out, &what);
+        assert_says(&o, &mid.key, &what);
+        assert_says(&o, "format version 2", &what);
+    }
+
+    // A segment missing from the middle of the chain, and the one before the last (a gap
+    // near the end, which a restore must not silently stop at): latest, an instant after
+    // the last commit and --dry-run all fail, naming the missing TXIDs, the objects on either
+    // side and what is restorable.
+    let after_last = rfc3339(
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_nanos() as u64,
+        3,
+    );
+    let n = segs.len();
+    for (name, gone) in [("r-gap", 1), ("r-gap-end", n - 2)] {
+        let rg = variant(name);
+        fs::remove_file(key_path(&rg, &segs[gone].key)).unwrap();
+        let (before, after) = (&segs[gone - 1], &segs[gone + 1]);
+        let missing = format!(
+            "TXIDs {}..={}",
+            segs[gone].first.unwrap(),
+            segs[gone].last.unwrap()
+        );
+        let restorable = format!("TXIDs 1..={}", before.last.unwrap());
+        for more in [
+            &[][..],
+            &["--timestamp", &after_last][..],
+            &["--dry-run"][..],
+        ] {
+            let a: Vec<std::ffi::OsString> = [
+                "restore",
+                "--replica",
+                &file_url(&rg),
+                "--db",
+                db,
+                "-o",
+                &out.display().to_string(),
+            ]
+            .iter()
+            .chain(more)
+            .map(|s| std::ffi::OsString::from(*s))
+            .collect();
+            let o = sqlfs_cli(&a);
+            let what = format!("{name}: {} missing ({more:?})", segs[gone].key);
+            assert_restore_fails(&o, &out, &what);
+            assert_says(&o, &missing, &what);
+            assert_says(&o, &before.key, &what);
+            assert_says(&o, &after.key, &what);
+            assert_says(&o, &restorable, &what);
+        }
+    }
 
     // Replicas that are not there or not understood.
     let o = restore_cmd(
@@ -929,6 +1002,50 @@ fn restore_errors_are_clear_and_leave_nothing_behind() {
     assert_no_panic(&o);
     assert!(o.ok(), "restore --force failed:\n{}", o.describe());
     assert_same_bytes(&expected, &precious, "restore --force");
+    // Not on a terminal: no progress line.
+    assert!(
+        !o.stderr.contains("restoring:"),
+        "a progress line without a terminal:\n{}",
+        o.describe()
+    );
+    // On a terminal (a pseudo-terminal from `script`): a line counting the bytes downloaded
+    // and applied, ending at every byte of the plan.
+    let quote = |s: &str| format!("'{}'", s.replace('\'', "'\\''"));
+    let line = [
+        BIN,
+        "restore",
+        "--replica",
+        &url,
+        "--db",
+        db,
+        "-o",
+        &precious.display().to_string(),
+        "--force",
+    ]
+    .iter()
+    .map(|a| quote(a))
+    .collect::<Vec<_>>()
+    .join(" ");
+    let mut c = Command::new("script");
+    c.args(["-qec", &line, "/dev/null"]);
+    let o = run_cmd(c, CLI_TIMEOUT);
+    assert!(o.ok(), "restore on a terminal failed:\n{}", o.describe());
+    let shown = o.stdout.rsplit("restoring: ").next().unwrap_or("");
+    let mb: Vec<&str> = shown
+        .split(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .filter(|w| !w.is_empty())
+        .take(3)
+        .collect();
+    assert!(
+        o.stdout.contains("restoring: ")
+            && shown.contains("MB downloaded, ")
+            && shown.contains("MB applied")
+            && mb.len() == 3
+            && mb.iter().all(|v| *v == mb[0]),
+        "no progress line ending at every byte downloaded and applied on a terminal:\n{}",
+        o.describe()
+    );
+    assert_same_bytes(&expected, &precious, "restore on a terminal");
 
     // The damaged copies did not touch the original replica.
     fs::remove_file(&precious).unwrap();

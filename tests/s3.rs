@@ -282,6 +282,8 @@ fn s3_encrypted_replica_round_trip() {
             .unwrap();
     }
     let mut d = Driver::open(&fx.path(db), 1, seed, DriverCfg::default());
+    // Instants between batches (ms precision), for restores by timestamp.
+    let mut instants = Vec::new();
     for batch in 0..4 {
         for _ in 0..8 {
             d.random_txn().unwrap();
@@ -291,7 +293,13 @@ fn s3_encrypted_replica_round_trip() {
             d.random_checkpoint();
         }
         // Let a shipping pass or two go by between batches: several objects.
-        sleep_ms(600);
+        sleep_ms(300);
+        let ns = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_nanos() as u64;
+        instants.push(ns / 1_000_000 * 1_000_000);
+        sleep_ms(300);
     }
     drop(d);
     let live = {
@@ -330,6 +338,48 @@ fn s3_encrypted_replica_round_trip() {
         assert!(
             std::fs::read(&out).unwrap() == as_restored(std::fs::read(&staged).unwrap()),
             "decrypted restore at TXID {t} differs from its replay"
+        );
+    }
+
+    // By timestamp: commit times come from the encrypted objects' headers.
+    let log = log_entries(&fx.cli_dir(), db);
+    for (i, ns) in instants.into_iter().enumerate() {
+        let text = rfc3339(ns, 3);
+        let want = log
+            .iter()
+            .filter(|e| e.ts <= ns as u128)
+            .map(|e| e.txid)
+            .max()
+            .unwrap();
+        let out = fx.scratch_path(&format!("at-instant-{i}.db"));
+        let mut a: Vec<std::ffi::OsString> = vec![
+            "restore".into(),
+            "--replica".into(),
+            url.clone().into(),
+            "--db".into(),
+            db.into(),
+            "-o".into(),
+            out.clone().into(),
+            "--age-identity".into(),
+            key.clone().into(),
+        ];
+        a.extend(["--timestamp".into(), text.clone().into()]);
+        let o = sqlfs_cli(&a);
+        assert!(
+            !o.stderr.contains("panicked") && o.ok(),
+            "restore --timestamp {text}:\n{}",
+            o.describe()
+        );
+        assert!(
+            o.stdout.contains(&format!("at TXID {want} ")),
+            "restore --timestamp {text} did not restore TXID {want}:\n{}",
+            o.describe()
+        );
+        let staged = fx.scratch_path(&format!("staged-instant-{i}.db"));
+        replay(&fx.cli_dir(), db, want, &staged);
+        assert!(
+            std::fs::read(&out).unwrap() == as_restored(std::fs::read(&staged).unwrap()),
+            "decrypted restore at {text} (TXID {want}) differs from its replay"
         );
     }
 
