@@ -128,8 +128,19 @@ fn assert_view_eq(view: &Path, restored: &Path, what: &str) {
     assert_eq!(st.len(), r.len() as u64, "{what}: stat size");
 }
 
+/// Rows of `t`, or -1 before the table was created (the first TXIDs of a database).
 fn count_rows_rusqlite(path: &Path) -> i64 {
     let c = Connection::open_with_flags(path, OpenFlags::SQLITE_OPEN_READ_ONLY).unwrap();
+    let has_t: i64 = c
+        .query_row(
+            "SELECT count(*) FROM sqlite_master WHERE type = 'table' AND name = 't'",
+            [],
+            |r| r.get(0),
+        )
+        .unwrap();
+    if has_t == 0 {
+        return -1;
+    }
     c.query_row("SELECT count(*) FROM t", [], |r| r.get(0))
         .unwrap()
 }
