@@ -430,6 +430,77 @@ fn history_is_read_only_and_bounded() {
         assert_eq!(libc::mknod(nod.as_ptr(), libc::S_IFIFO | 0o644, 0), -1);
         assert_eq!(*libc::__errno_location(), libc::EROFS, "mknod");
     }
+    // fallocate and copy_file_range into a view: the view can only be opened read-only, so
+    // the kernel may refuse with EBADF before sqlfs answers EROFS; either way nothing changes.
+    {
+        use std::os::fd::AsRawFd;
+        let before = fs::read(&view).unwrap();
+        let ro = fs::File::open(&view).unwrap();
+        let refused = |what: &str| {
+            let e = std::io::Error::last_os_error().raw_os_error();
+            assert!(
+                e == Some(libc::EROFS) || e == Some(libc::EBADF),
+                "{what}: {e:?}"
+            );
+        };
+        // SAFETY: open descriptors, valid (null) offset pointers.
+        unsafe {
+            assert_eq!(libc::fallocate(ro.as_raw_fd(), 0, 0, 1 << 16), -1);
+            refused("fallocate");
+            assert_eq!(
+                libc::fallocate(
+                    ro.as_raw_fd(),
+                    libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
+                    0,
+                    4096
+                ),
+                -1
+            );
+            refused("fallocate punch hole");
+            let src = fs::File::open(fx.path("plain.txt")).unwrap();
+            let n = libc::copy_file_range(
+                src.as_raw_fd(),
+                std::ptr::null_mut(),
+                ro.as_raw_fd(),
+                std::ptr::null_mut(),
+                1,
+                0,
+            );
+            assert_eq!(n, -1);
+            refused("copy_file_range into a view");
+        }
+        // Out of a view, copy_file_range works (into a live file of the mount).
+        let out = fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(fx.path("copied.bin"))
+            .unwrap();
+        let mut done = 0usize;
+        while done < before.len() {
+            // SAFETY: open descriptors, valid (null) offset pointers.
+            let n = unsafe {
+                libc::copy_file_range(
+                    ro.as_raw_fd(),
+                    std::ptr::null_mut(),
+                    out.as_raw_fd(),
+                    std::ptr::null_mut(),
+                    before.len() - done,
+                    0,
+                )
+            };
+            assert!(
+                n > 0,
+                "copy_file_range out of a view: {}",
+                std::io::Error::last_os_error()
+            );
+            done += n as usize;
+        }
+        drop(out);
+        assert_eq!(fs::read(fx.path("copied.bin")).unwrap(), before);
+        assert_eq!(fs::read(&view).unwrap(), before);
+    }
     // Still there, unchanged.
     assert!(view.exists());
     // Outside the window, or not a time.
