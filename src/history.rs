@@ -65,6 +65,9 @@ const MAX_VIEWS: usize = 64;
 const READ_AHEAD: usize = 64;
 /// Replica objects whose directory is kept open for views (each holds its page index).
 const OPEN_OBJECTS: usize = 256;
+/// Decoded replica frames kept (about 1 MiB each with 4 KiB pages): a scan fetches and
+/// decodes each frame once, though read-ahead fills the page cache with only part of it.
+const RECENT_FRAMES: usize = 8;
 
 /// A virtual node's identity: its time view (by address) and its path in that view.
 type InoKey = (usize, String);
@@ -209,6 +212,8 @@ pub struct History {
     obj_budget: u64,
     /// Objects opened for reading in place, by key.
     objects: Mutex<LruCache<String, Arc<ObjReader>>>,
+    /// Recently decoded frames, by object key and frame (objects never change under a key).
+    frames: Mutex<LruCache<(String, u32), Arc<Vec<u8>>>>,
     /// Objects downloaded whole (format version 1).
     whole_downloads: AtomicU64,
     page_budget: u64,
@@ -286,6 +291,9 @@ impl History {
                 NonZeroUsize::new(OPEN_OBJECTS).expect("not zero"),
             )),
             whole_downloads: AtomicU64::new(0),
+            frames: Mutex::new(LruCache::new(
+                NonZeroUsize::new(RECENT_FRAMES).expect("not zero"),
+            )),
             page_budget: cache_bytes.max(1 << 20),
             pages: Mutex::new((LruCache::unbounded(), 0)),
             views: Mutex::new(HashMap::new()),
@@ -1193,7 +1201,7 @@ impl History {
                 frame,
                 in_frame,
             }) => {
-                let raw = map.objs[obj as usize].frame(frame)?;
+                let raw = self.frame(&map.objs[obj as usize], frame)?;
                 let at = in_frame as usize;
                 page.copy_from_slice(
                     raw.get(at..at + ps)
@@ -1234,6 +1242,17 @@ impl History {
             }
         }
         Ok(Some(page))
+    }
+
+    /// Frame `i` of object `o`, decoded and verified (recent ones are kept).
+    fn frame(&self, o: &ObjReader, i: u32) -> Result<Arc<Vec<u8>>> {
+        let k = (o.key.clone(), i);
+        if let Some(f) = self.frames.lock().get(&k) {
+            return Ok(f.clone());
+        }
+        let f = Arc::new(o.frame(i)?);
+        self.frames.lock().put(k, f.clone());
+        Ok(f)
     }
 
     /// Rebuilds `db`'s map for the same TXID after the staging base moved.

@@ -300,7 +300,7 @@ fn v1_records(f: &File, hdr: &ObjHeader, dir: &Directory, key: &str) -> Result<V
 
 /// `Read + Seek` over ranged reads of one replica object, with a buffer: what age's seekable
 /// reader decrypts from. Each miss fetches at least `read_ahead` bytes (set by the caller to
-/// the span it is about to read) or two encryption chunks.
+/// the span it is about to read) or two encryption chunks; a buffer is dropped once used up.
 struct Ranged {
     client: Arc<dyn ReplicaClient>,
     key: String,
@@ -342,6 +342,11 @@ impl Read for Ranged {
         let n = out.len().min(self.buf.len() - at);
         out[..n].copy_from_slice(&self.buf[at..at + n]);
         self.pos += n as u64;
+        if at + n == self.buf.len() {
+            // All used: do not keep up to a frame's worth of ciphertext per open object.
+            self.buf = Vec::new();
+            self.buf_off = self.pos;
+        }
         Ok(n)
     }
 }
