@@ -182,6 +182,8 @@ pub enum Key {
 /// (id, name) of the replica's databases.
 type DbList = Vec<(String, String)>;
 type PageCache = LruCache<(u64, u32), Arc<Vec<u8>>>;
+/// Decoded frames by (object key, frame).
+type FrameCache = LruCache<(String, u32), Arc<Vec<u8>>>;
 /// Record headers of one segment with their offsets.
 type Headers = Vec<(RecordHeader, u64)>;
 
@@ -213,7 +215,7 @@ pub struct History {
     /// Objects opened for reading in place, by key.
     objects: Mutex<LruCache<String, Arc<ObjReader>>>,
     /// Recently decoded frames, by object key and frame (objects never change under a key).
-    frames: Mutex<LruCache<(String, u32), Arc<Vec<u8>>>>,
+    frames: Mutex<FrameCache>,
     /// Objects downloaded whole (format version 1).
     whole_downloads: AtomicU64,
     page_budget: u64,
