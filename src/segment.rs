@@ -836,6 +836,30 @@ pub fn for_each_txn(
     Ok(())
 }
 
+/// Rewrites a version-2 object as version 1 (no frame table, record table or directory
+/// CRC), as an older build wrote it.
+#[cfg(test)]
+pub(crate) fn downgrade_to_v1(f: &File, hdr: &ObjHeader) -> File {
+    use std::os::unix::fs::FileExt;
+    let mut body = vec![0u8; hdr.body_len as usize];
+    f.read_exact_at(&mut body, hdr.body_off).unwrap();
+    let mut idx = vec![0u8; hdr.nindex as usize * INDEX_ENTRY];
+    f.read_exact_at(&mut idx, hdr.index_off).unwrap();
+    let mut h = hdr.clone();
+    h.version = 1;
+    h.index_len = idx.len() as u64;
+    let mut out = Vec::new();
+    out.extend_from_slice(&h.encode());
+    out.extend_from_slice(&body);
+    out.extend_from_slice(&idx);
+    let mut crc = crate::sqlite::crc64();
+    crc.update(&out);
+    out.extend_from_slice(&crc.finalize().to_be_bytes());
+    let mut t = tempfile::tempfile().unwrap();
+    t.write_all(&out).unwrap();
+    t
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -966,29 +990,6 @@ mod tests {
         })
         .unwrap();
         assert_eq!(seen, (1..=sizes.len() as u64).collect::<Vec<_>>());
-    }
-
-    /// Rewrites a version-2 object as version 1 (no frame table, record table or directory
-    /// CRC), as an older build wrote it.
-    fn downgrade_to_v1(f: &File, hdr: &ObjHeader) -> File {
-        use std::os::unix::fs::FileExt;
-        let mut body = vec![0u8; hdr.body_len as usize];
-        f.read_exact_at(&mut body, hdr.body_off).unwrap();
-        let mut idx = vec![0u8; hdr.nindex as usize * INDEX_ENTRY];
-        f.read_exact_at(&mut idx, hdr.index_off).unwrap();
-        let mut h = hdr.clone();
-        h.version = 1;
-        h.index_len = idx.len() as u64;
-        let mut out = Vec::new();
-        out.extend_from_slice(&h.encode());
-        out.extend_from_slice(&body);
-        out.extend_from_slice(&idx);
-        let mut crc = crate::sqlite::crc64();
-        crc.update(&out);
-        out.extend_from_slice(&crc.finalize().to_be_bytes());
-        let mut t = tempfile::tempfile().unwrap();
-        t.write_all(&out).unwrap();
-        t
     }
 
     fn sample_object(ps: usize, sizes: &[u32]) -> (ObjHeader, File) {
