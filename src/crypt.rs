@@ -5,7 +5,9 @@
 //!
 //! A sealed object is an age file wrapping the whole plain object, so nothing of its content
 //! (not even its header) is readable without an identity; keys stay as they are (they carry
-//! ids, levels and TXIDs only). Decryption needs nothing but the identity file.
+//! ids, levels and TXIDs only). Decryption needs nothing but the identity file. age encrypts
+//! in authenticated 64 KiB chunks, so a reader can also seek: decrypt just the chunks holding
+//! the bytes it wants (`Opener::open_seekable`).
 
 use std::fs::File;
 use std::io::{self, BufReader, Read, Write};
@@ -172,6 +174,21 @@ impl Opener {
             .read_to_end(&mut out)
             .map_err(|e| anyhow::anyhow!("cannot decrypt {what}: {e}"))?;
         Ok(out)
+    }
+
+    /// A seekable reader of the plain bytes of the encrypted object `what`, whose bytes `src`
+    /// reads from its first one. Only the age header is read here; afterwards each seek reads
+    /// just the encryption chunks it lands in, and every chunk is authenticated as it is
+    /// decrypted (a truncated or altered object fails to read).
+    pub fn open_seekable<R: Read + io::Seek>(
+        &self,
+        src: R,
+        what: &str,
+    ) -> Result<age::stream::StreamReader<R>> {
+        let d = age::Decryptor::new(src)
+            .map_err(|e| anyhow::anyhow!("{what} is not a readable encrypted object: {e}"))?;
+        d.decrypt(self.identities.iter().map(|i| i.as_ref() as &dyn age::Identity))
+            .map_err(|e| anyhow::anyhow!("cannot decrypt {what}: {e} (is this the identity or passphrase the replica was written for?)"))
     }
 
     /// Decrypts `src` (an object named `what`) into `dst`.

@@ -3,9 +3,15 @@
 //!
 //! One job: resolve a name to a set of database views, and serve a view's pages. Resolution
 //! prefers local staging (base image + log records) and falls back to the mount's first replica
-//! (the restore plan's objects, downloaded into `.sqlfs/history/`). A view is a page map, pgno →
-//! where the newest version at or before the target lives (a staged record, the staging base, or
-//! an object's zstd frame); pages are read one at a time through a byte-bounded LRU cache.
+//! (the restore plan's objects, read in place: `objread`). A view is a page map, pgno → where
+//! the newest version at or before the target lives (a staged record, the staging base, or an
+//! object's zstd frame); pages are read one at a time through a byte-bounded LRU cache.
+//!
+//! Serving from the replica never materialises a database: opening a view reads each plan
+//! object's header and directory (kept, per object, in a bounded cache), and a page read
+//! fetches the one frame holding it, verified by its CRC. Only objects of the old format
+//! version 1 (no per-frame checksums) are downloaded whole into `.sqlfs/history/` (a bounded
+//! cache) and verified before use.
 //!
 //! Invariants:
 //! - A view's bytes are exactly what `sqlfs restore` writes for the same target, with page 1's
@@ -18,7 +24,7 @@
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::fs::{self, File};
-use std::io::{self, Read};
+use std::num::NonZeroUsize;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -30,10 +36,11 @@ use lru::LruCache;
 use parking_lot::{Mutex, RwLock};
 
 use crate::capture::Capture;
-use crate::catalog::{self, fmt_time, parse_time, DbCatalog, Reader, Target};
+use crate::catalog::{self, fmt_time, parse_time, DbCatalog, Obj, Reader, Target};
 use crate::crypt::Opener;
-use crate::replica::ReplicaClient;
-use crate::segment::{self, ObjHeader, ObjKind};
+use crate::objread::{ObjReader, Opened};
+use crate::replica::{Counted, ReplicaClient};
+use crate::segment;
 use crate::stage::{
     now_ns, read_base_meta, scan_headers, segment_files, BaseMeta, Kind, RecordHeader,
     RECORD_HEADER,
@@ -54,8 +61,13 @@ const LATEST_TTL: Duration = Duration::from_secs(1);
 const STAGED_POINTS: usize = 100;
 /// Resolved time views kept (their inodes stay valid while the kernel holds them).
 const MAX_VIEWS: usize = 64;
-/// Pages decoded past the one asked for when a frame is decompressed (sequential readers).
+/// Pages kept past the one asked for when a frame is decompressed (sequential readers).
 const READ_AHEAD: usize = 64;
+/// Replica objects whose directory is kept open for views (each holds its page index).
+const OPEN_OBJECTS: usize = 256;
+/// Decoded replica frames kept (about 1 MiB each with 4 KiB pages): a scan fetches and
+/// decodes each frame once, though read-ahead fills the page cache with only part of it.
+const RECENT_FRAMES: usize = 8;
 
 /// A virtual node's identity: its time view (by address) and its path in that view.
 type InoKey = (usize, String);
@@ -74,14 +86,8 @@ pub struct Entry {
 enum Loc {
     /// Raw page bytes at `off` in staged file `file`.
     Raw { file: u32, off: u64 },
-    /// In the zstd frame at `frame_off` (`frame_len` bytes) of object file `file`, at
-    /// `in_frame` within the decompressed frame.
-    Frame {
-        file: u32,
-        frame_off: u64,
-        frame_len: u32,
-        in_frame: u32,
-    },
+    /// In frame `frame` of replica object `obj`, at `in_frame` within the decompressed frame.
+    Frame { obj: u32, frame: u32, in_frame: u32 },
 }
 
 /// The staging base a view reads pages from, valid while `base.meta` still says `meta`.
@@ -94,6 +100,7 @@ struct BaseRef {
 /// Page map of one view: explicit locations, else the base up to `base_limit`, else zeros.
 struct PageMap {
     files: Vec<Arc<File>>,
+    objs: Vec<Arc<ObjReader>>,
     pages: HashMap<u32, Loc>,
     base: Option<BaseRef>,
     base_limit: u32,
@@ -175,12 +182,15 @@ pub enum Key {
 /// (id, name) of the replica's databases.
 type DbList = Vec<(String, String)>;
 type PageCache = LruCache<(u64, u32), Arc<Vec<u8>>>;
+/// Decoded frames by (object key, frame).
+type FrameCache = LruCache<(String, u32), Arc<Vec<u8>>>;
 /// Record headers of one segment with their offsets.
 type Headers = Vec<(RecordHeader, u64)>;
 
 /// The replica side: its client, key, and cached listings.
 struct ReplicaSide {
-    client: Box<dyn ReplicaClient>,
+    /// Counts what views read from the replica (metrics).
+    client: Arc<Counted>,
     key: Option<Key>,
     /// Commit time of the last transaction of each object, by key.
     end_times: Mutex<HashMap<String, u64>>,
@@ -199,8 +209,15 @@ pub struct History {
     capture: Arc<Capture>,
     replica: Option<ReplicaSide>,
     cache_dir: PathBuf,
-    /// Bytes of downloaded objects kept in `cache_dir` (oldest removed first).
+    /// Bytes of downloaded (format version 1) objects kept in `cache_dir` (oldest removed
+    /// first).
     obj_budget: u64,
+    /// Objects opened for reading in place, by key.
+    objects: Mutex<LruCache<String, Arc<ObjReader>>>,
+    /// Recently decoded frames, by object key and frame (objects never change under a key).
+    frames: Mutex<FrameCache>,
+    /// Objects downloaded whole (format version 1).
+    whole_downloads: AtomicU64,
     page_budget: u64,
     /// Pages by (view, pgno), and the bytes they take.
     pages: Mutex<(PageCache, u64)>,
@@ -214,25 +231,6 @@ pub struct History {
     listing: Mutex<Option<Listing>>,
     headers: Mutex<HashMap<PathBuf, (u64, Headers)>>,
     fetch_lock: Mutex<()>,
-}
-
-/// Reads `[pos, end)` of a file with positional reads.
-struct At<'a> {
-    f: &'a File,
-    pos: u64,
-    end: u64,
-}
-
-impl Read for At<'_> {
-    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        let n = (buf.len() as u64).min(self.end.saturating_sub(self.pos)) as usize;
-        if n == 0 {
-            return Ok(0);
-        }
-        let r = self.f.read_at(&mut buf[..n], self.pos)?;
-        self.pos += r as u64;
-        Ok(r)
-    }
 }
 
 fn mtime_ns(p: &Path) -> Option<u64> {
@@ -276,7 +274,7 @@ impl History {
                     opener_for(k)?;
                 }
                 Some(ReplicaSide {
-                    client: crate::replica::open(u)?,
+                    client: Arc::new(Counted::new(crate::replica::open(u)?)),
                     key,
                     end_times: Mutex::new(HashMap::new()),
                     dbs: Mutex::new(None),
@@ -291,6 +289,13 @@ impl History {
             replica,
             cache_dir,
             obj_budget: (cache_bytes * 16).max(1 << 30),
+            objects: Mutex::new(LruCache::new(
+                NonZeroUsize::new(OPEN_OBJECTS).expect("not zero"),
+            )),
+            whole_downloads: AtomicU64::new(0),
+            frames: Mutex::new(LruCache::new(
+                NonZeroUsize::new(RECENT_FRAMES).expect("not zero"),
+            )),
             page_budget: cache_bytes.max(1 << 20),
             pages: Mutex::new((LruCache::unbounded(), 0)),
             views: Mutex::new(HashMap::new()),
@@ -303,6 +308,13 @@ impl History {
             headers: Mutex::new(HashMap::new()),
             fetch_lock: Mutex::new(()),
         })
+    }
+
+    /// What views read from the replica so far: (read requests, bytes received, objects
+    /// downloaded whole); zeros without a replica.
+    pub fn replica_reads(&self) -> (u64, u64, u64) {
+        let (n, b) = self.replica.as_ref().map_or((0, 0), |r| r.client.stats());
+        (n, b, self.whole_downloads.load(Ordering::Relaxed))
     }
 
     pub fn is_virtual(ino: u64) -> bool {
@@ -917,6 +929,7 @@ impl History {
         };
         let mut map = PageMap {
             files: log.files.clone(),
+            objs: Vec::new(),
             pages: HashMap::new(),
             base: None,
             base_limit: base.db_pages,
@@ -973,8 +986,29 @@ impl History {
         })))
     }
 
-    /// The local plain copy of object `key`, downloaded (and decrypted, verified) if needed.
-    fn object(&self, r: &ReplicaSide, key: &str) -> Result<(File, ObjHeader)> {
+    /// Object `o` of the replica, opened for reading in place (its header and directory read
+    /// and verified; cached). An object of format version 1 is downloaded whole instead
+    /// (decrypted, verified) and read from its local copy.
+    fn object(&self, r: &ReplicaSide, o: &Obj) -> Result<Arc<ObjReader>> {
+        if let Some(x) = self.objects.lock().get(&o.key) {
+            return Ok(x.clone());
+        }
+        let opener = r.opener();
+        let client: Arc<dyn ReplicaClient> = r.client.clone();
+        let x = match ObjReader::open(&client, &o.key, o.size, opener.as_ref())? {
+            Opened::Ranged(x) => Arc::new(*x),
+            Opened::Whole => {
+                let (f, hdr) = self.download(r, &o.key)?;
+                Arc::new(ObjReader::local(&o.key, f, hdr)?)
+            }
+        };
+        self.objects.lock().put(o.key.clone(), x.clone());
+        Ok(x)
+    }
+
+    /// The local plain copy of object `key`, downloaded (and decrypted, verified) if needed:
+    /// for objects of format version 1 only.
+    fn download(&self, r: &ReplicaSide, key: &str) -> Result<(File, segment::ObjHeader)> {
         let _g = self.fetch_lock.lock();
         let local = self.cache_dir.join(key.replace('/', "_"));
         if let Ok(f) = File::open(&local) {
@@ -990,6 +1024,7 @@ impl History {
             .join(format!(".{}.part", key.replace('/', "_")));
         let opener = r.opener();
         let plain = Reader::new(r.client.as_ref(), opener.as_ref()).fetch(key, &scratch)?;
+        self.whole_downloads.fetch_add(1, Ordering::Relaxed);
         let f = File::open(&plain)?;
         let h = match segment::verify(&f, key) {
             Ok(h) => h,
@@ -1037,6 +1072,7 @@ impl History {
         let plan = catalog::plan(&reader, &cat, target)?;
         let mut map = PageMap {
             files: Vec::new(),
+            objs: Vec::new(),
             pages: HashMap::new(),
             base: None,
             base_limit: 0,
@@ -1045,34 +1081,25 @@ impl History {
         let mut last: Option<RecordHeader> = None;
         let mut ps = 0u32;
         for step in &plan.steps {
-            let (f, hdr) = self.object(r, &step.obj.key)?;
-            let f = Arc::new(f);
-            let fi = map.files.len() as u32;
-            map.files.push(f.clone());
-            // The index, grouped by TXID (it is written in TXID order).
-            let mut idx = vec![0u8; hdr.index_len as usize];
-            f.read_exact_at(&mut idx, hdr.index_off)?;
-            let mut by_txid: HashMap<u64, Vec<(u32, Loc)>> = HashMap::new();
-            let mut frame_len: HashMap<u64, u32> = HashMap::new();
-            for e in idx.chunks_exact(28) {
-                let pgno = u32::from_be_bytes(e[0..4].try_into()?);
-                let txid = u64::from_be_bytes(e[4..12].try_into()?);
-                let frame_off = u64::from_be_bytes(e[12..20].try_into()?);
-                let flen = u32::from_be_bytes(e[20..24].try_into()?);
-                let in_frame = u32::from_be_bytes(e[24..28].try_into()?);
-                frame_len.insert(frame_off, flen);
-                by_txid.entry(txid).or_default().push((
-                    pgno,
-                    Loc::Frame {
-                        file: fi,
-                        frame_off,
-                        frame_len: flen,
-                        in_frame,
-                    },
-                ));
+            let obj = self.object(r, &step.obj)?;
+            if obj.hdr.level > 0 && obj.hdr.first_txid != state + 1 {
+                bail!(
+                    "{} covers TXIDs {}..={} but the view stands at {state}",
+                    obj.key,
+                    obj.hdr.first_txid,
+                    obj.hdr.last_txid
+                );
             }
-            let records = frame_headers(&f, &hdr, &frame_len, &step.obj.key)?;
-            for h in records {
+            let oi = map.objs.len() as u32;
+            map.objs.push(obj.clone());
+            // The index is in TXID order: walk it alongside the records.
+            let index = &obj.dir.index;
+            let mut at = 0;
+            for h in &obj.dir.records {
+                let from = at;
+                while at < index.len() && index[at].txid <= h.txid {
+                    at += 1;
+                }
                 if h.txid <= state || h.txid > step.upto || h.time_ns > step.until_ns {
                     continue;
                 }
@@ -1080,14 +1107,21 @@ impl History {
                     map.pages.clear();
                 }
                 ps = h.page_size;
-                for (pgno, loc) in by_txid.remove(&h.txid).unwrap_or_default() {
-                    map.pages.insert(pgno, loc);
+                for e in index[from..at].iter().filter(|e| e.txid == h.txid) {
+                    map.pages.insert(
+                        e.pgno,
+                        Loc::Frame {
+                            obj: oi,
+                            frame: e.frame,
+                            in_frame: e.in_frame,
+                        },
+                    );
                 }
                 if last.is_some_and(|l| h.db_pages < l.db_pages) {
                     map.pages.retain(|p, _| *p <= h.db_pages);
                 }
                 state = h.txid;
-                last = Some(h);
+                last = Some(*h);
             }
         }
         let Some(last) = last else {
@@ -1164,45 +1198,39 @@ impl History {
             Some(Loc::Raw { file, off }) => {
                 map.files[*file as usize].read_exact_at(&mut page, *off)?;
             }
-            Some(Loc::Frame {
-                file,
-                frame_off,
-                frame_len,
+            Some(&Loc::Frame {
+                obj,
+                frame,
                 in_frame,
             }) => {
-                let f = &map.files[*file as usize];
-                let mut dec = zstd::stream::read::Decoder::with_buffer(io::BufReader::new(At {
-                    f,
-                    pos: *frame_off,
-                    end: frame_off + *frame_len as u64,
-                }))?
-                .single_frame();
-                io::copy(&mut (&mut dec).take(*in_frame as u64), &mut io::sink())?;
-                dec.read_exact(&mut page)?;
+                let raw = self.frame(&map.objs[obj as usize], frame)?;
+                let at = in_frame as usize;
+                page.copy_from_slice(
+                    raw.get(at..at + ps)
+                        .ok_or_else(|| anyhow!("a page index entry points past its frame"))?,
+                );
                 // Read ahead: the entries that follow in the same frame, if the map points at
-                // them (sequential scans decode each frame once).
-                let mut at = *in_frame as u64 + ps as u64;
-                let mut entry = vec![0u8; 4 + ps];
+                // them (sequential scans fetch and decode each frame once).
+                let mut at = at + ps;
                 for _ in 0..READ_AHEAD {
-                    if dec.read_exact(&mut entry).is_err() {
+                    let Some(entry) = raw.get(at..at + 4 + ps) else {
                         break;
-                    }
+                    };
                     let p = u32::from_be_bytes(entry[..4].try_into()?);
                     at += 4;
-                    if p != 1 && p <= db.db_pages {
-                        if let Some(Loc::Frame {
-                            file: f2,
-                            frame_off: o2,
+                    if p != 1 && p != pgno && p <= db.db_pages {
+                        if let Some(&Loc::Frame {
+                            obj: o2,
+                            frame: f2,
                             in_frame: i2,
-                            ..
                         }) = map.pages.get(&p)
                         {
-                            if f2 == file && o2 == frame_off && *i2 as u64 == at {
+                            if o2 == obj && f2 == frame && i2 as usize == at {
                                 self.remember((db.id, p), Arc::new(entry[4..].to_vec()));
                             }
                         }
                     }
-                    at += ps as u64;
+                    at += ps;
                 }
             }
             None => {
@@ -1216,6 +1244,17 @@ impl History {
             }
         }
         Ok(Some(page))
+    }
+
+    /// Frame `i` of object `o`, decoded and verified (recent ones are kept).
+    fn frame(&self, o: &ObjReader, i: u32) -> Result<Arc<Vec<u8>>> {
+        let k = (o.key.clone(), i);
+        if let Some(f) = self.frames.lock().get(&k) {
+            return Ok(f.clone());
+        }
+        let f = Arc::new(o.frame(i)?);
+        self.frames.lock().put(k, f.clone());
+        Ok(f)
     }
 
     /// Rebuilds `db`'s map for the same TXID after the staging base moved.
@@ -1245,61 +1284,6 @@ impl History {
         *db.map.write() = v.map.into_inner();
         Ok(())
     }
-}
-
-/// Headers of every record in object `f`, in order, by decoding the start of each frame.
-fn frame_headers(
-    f: &File,
-    hdr: &ObjHeader,
-    frame_len: &HashMap<u64, u32>,
-    key: &str,
-) -> Result<Vec<RecordHeader>> {
-    let mut out = Vec::new();
-    let mut pos = hdr.body_off;
-    let end = hdr.body_off + hdr.body_len;
-    let n = if hdr.level > 0 || hdr.kind == ObjKind::Snapshot {
-        1
-    } else {
-        hdr.ntxns
-    };
-    if n > 1 {
-        // A record of more than 256 pages spans several frames: walk the records in order
-        // (a level-0 object holds one sync interval of transactions).
-        segment::for_each_txn(f, hdr, key, |ev| {
-            if let segment::Event::Start(h) = ev {
-                out.push(*h);
-            }
-            Ok(())
-        })?;
-        return Ok(out);
-    }
-    for _ in 0..n {
-        if pos >= end {
-            bail!("{key}: fewer frames than the header says");
-        }
-        let mut dec = zstd::stream::read::Decoder::with_buffer(io::BufReader::with_capacity(
-            4096,
-            At { f, pos, end },
-        ))?
-        .single_frame();
-        let mut hb = [0u8; RECORD_HEADER];
-        dec.read_exact(&mut hb)
-            .with_context(|| format!("{key}: reading a record header"))?;
-        let h = RecordHeader::parse(&hb).map_err(|e| anyhow!("{key}: {e}"))?;
-        out.push(h);
-        let len = match frame_len.get(&pos) {
-            Some(l) => *l as u64,
-            None => {
-                let mut buf = vec![0u8; (end - pos).min(1 << 16) as usize];
-                f.read_exact_at(&mut buf, pos)?;
-                zstd::zstd_safe::find_frame_compressed_size(&buf)
-                    .map_err(|_| anyhow!("{key}: cannot find the end of a frame"))?
-                    as u64
-            }
-        };
-        pos += len;
-    }
-    Ok(out)
 }
 
 fn opener_for(k: &Key) -> Result<Opener> {

@@ -16,6 +16,7 @@ mod inspect;
 mod list;
 mod metrics;
 mod mount;
+mod objread;
 mod replica;
 mod restore;
 mod segment;

@@ -10,6 +10,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use crate::capture::Capture;
+use crate::history::History;
 use crate::ship::Shipper;
 
 /// Starts serving metrics at `addr`.
@@ -17,13 +18,14 @@ pub fn serve(
     addr: SocketAddr,
     cap: Arc<Capture>,
     shippers: Vec<Arc<Shipper>>,
+    history: Option<Arc<History>>,
 ) -> std::io::Result<()> {
     let listener = TcpListener::bind(addr)?;
     std::thread::Builder::new()
         .name("sqlfs-metrics".into())
         .spawn(move || {
             for conn in listener.incoming().flatten() {
-                if let Err(e) = answer(conn, &cap, &shippers) {
+                if let Err(e) = answer(conn, &cap, &shippers, history.as_deref()) {
                     log::debug!("metrics request: {e}");
                 }
             }
@@ -31,7 +33,12 @@ pub fn serve(
     Ok(())
 }
 
-fn answer(conn: TcpStream, cap: &Capture, shippers: &[Arc<Shipper>]) -> std::io::Result<()> {
+fn answer(
+    conn: TcpStream,
+    cap: &Capture,
+    shippers: &[Arc<Shipper>],
+    history: Option<&History>,
+) -> std::io::Result<()> {
     conn.set_read_timeout(Some(Duration::from_secs(5)))?;
     let mut r = BufReader::new(&conn);
     let mut line = String::new();
@@ -42,7 +49,7 @@ fn answer(conn: TcpStream, cap: &Capture, shippers: &[Arc<Shipper>]) -> std::io:
         h.clear();
     }
     let (status, body) = if line.starts_with("GET /metrics") || line.starts_with("GET / ") {
-        ("200 OK", render(cap, shippers))
+        ("200 OK", render(cap, shippers, history))
     } else {
         ("404 Not Found", "try /metrics\n".to_string())
     };
@@ -63,7 +70,7 @@ fn label(s: &str) -> String {
 }
 
 /// The metrics text.
-pub fn render(cap: &Capture, shippers: &[Arc<Shipper>]) -> String {
+pub fn render(cap: &Capture, shippers: &[Arc<Shipper>], history: Option<&History>) -> String {
     let mut o = String::new();
     let dbs = cap.databases();
     let _ = writeln!(
@@ -126,6 +133,15 @@ pub fn render(cap: &Capture, shippers: &[Arc<Shipper>]) -> String {
             "sqlfs_replica_objects_stored_total{{replica=\"{r}\"}} {n}"
         );
         let _ = writeln!(o, "sqlfs_replica_bytes_stored_total{{replica=\"{r}\"}} {b}");
+    }
+    if let Some(h) = history {
+        let (n, b, whole) = h.replica_reads();
+        let _ = writeln!(o, "# HELP sqlfs_history_replica_reads_total Read requests .history views made to the replica.\n# TYPE sqlfs_history_replica_reads_total counter");
+        let _ = writeln!(o, "sqlfs_history_replica_reads_total {n}");
+        let _ = writeln!(o, "# HELP sqlfs_history_replica_bytes_total Bytes .history views read from the replica.\n# TYPE sqlfs_history_replica_bytes_total counter");
+        let _ = writeln!(o, "sqlfs_history_replica_bytes_total {b}");
+        let _ = writeln!(o, "# HELP sqlfs_history_whole_objects_total Objects .history views downloaded whole (format version 1 objects only).\n# TYPE sqlfs_history_whole_objects_total counter");
+        let _ = writeln!(o, "sqlfs_history_whole_objects_total {whole}");
     }
     o
 }

@@ -496,7 +496,7 @@ pub fn run(o: MountOpts) -> Result<()> {
     let mut fs = SqlFs::new(backing.clone(), capture.clone())
         .context("cannot read the data directory")?
         .with_passthrough(o.passthrough);
-    {
+    let history = {
         // History views read the first replica; decrypting it needs the identity or passphrase.
         let key = match (&o.age_identity, &o.passphrase) {
             (Some(f), _) => Some(crate::history::Key::IdentityFile(f.clone())),
@@ -511,8 +511,10 @@ pub fn run(o: MountOpts) -> Result<()> {
             o.history_cache,
         )
         .context("cannot set up .history")?;
-        fs = fs.with_history(Arc::new(h));
-    }
+        let h = Arc::new(h);
+        fs = fs.with_history(h.clone());
+        h
+    };
     if o.sync {
         let (cap, sh) = (capture.clone(), shippers.clone());
         fs = fs.with_durability(Box::new(move |rel: &str| {
@@ -573,8 +575,13 @@ pub fn run(o: MountOpts) -> Result<()> {
         ship_threads.push(s.spawn(interval, stop.clone())?);
     }
     if let Some(addr) = o.metrics_addr {
-        crate::metrics::serve(addr, capture.clone(), shippers.clone())
-            .with_context(|| format!("--metrics-addr {addr}"))?;
+        crate::metrics::serve(
+            addr,
+            capture.clone(),
+            shippers.clone(),
+            Some(history.clone()),
+        )
+        .with_context(|| format!("--metrics-addr {addr}"))?;
         log::info!("metrics at http://{addr}/metrics");
     }
     {

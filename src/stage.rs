@@ -102,7 +102,8 @@ pub struct RecordHeader {
 }
 
 impl RecordHeader {
-    fn encode(&self) -> [u8; RECORD_HEADER] {
+    /// The header's bytes, as they start its record.
+    pub fn encode(&self) -> [u8; RECORD_HEADER] {
         let mut b = [0u8; RECORD_HEADER];
         b[0..4].copy_from_slice(RECORD_MAGIC);
         b[4] = RECORD_VERSION;

@@ -128,8 +128,19 @@ fn assert_view_eq(view: &Path, restored: &Path, what: &str) {
     assert_eq!(st.len(), r.len() as u64, "{what}: stat size");
 }
 
+/// Rows of `t`, or -1 before the table was created (the first TXIDs of a database).
 fn count_rows_rusqlite(path: &Path) -> i64 {
     let c = Connection::open_with_flags(path, OpenFlags::SQLITE_OPEN_READ_ONLY).unwrap();
+    let has_t: i64 = c
+        .query_row(
+            "SELECT count(*) FROM sqlite_master WHERE type = 'table' AND name = 't'",
+            [],
+            |r| r.get(0),
+        )
+        .unwrap();
+    if has_t == 0 {
+        return -1;
+    }
     c.query_row("SELECT count(*) FROM t", [], |r| r.get(0))
         .unwrap()
 }
@@ -423,6 +434,77 @@ fn history_is_read_only_and_bounded() {
         assert_eq!(libc::mknod(nod.as_ptr(), libc::S_IFIFO | 0o644, 0), -1);
         assert_eq!(*libc::__errno_location(), libc::EROFS, "mknod");
     }
+    // fallocate and copy_file_range into a view: the view can only be opened read-only, so
+    // the kernel may refuse with EBADF before sqlfs answers EROFS; either way nothing changes.
+    {
+        use std::os::fd::AsRawFd;
+        let before = fs::read(&view).unwrap();
+        let ro = fs::File::open(&view).unwrap();
+        let refused = |what: &str| {
+            let e = std::io::Error::last_os_error().raw_os_error();
+            assert!(
+                e == Some(libc::EROFS) || e == Some(libc::EBADF),
+                "{what}: {e:?}"
+            );
+        };
+        // SAFETY: open descriptors, valid (null) offset pointers.
+        unsafe {
+            assert_eq!(libc::fallocate(ro.as_raw_fd(), 0, 0, 1 << 16), -1);
+            refused("fallocate");
+            assert_eq!(
+                libc::fallocate(
+                    ro.as_raw_fd(),
+                    libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
+                    0,
+                    4096
+                ),
+                -1
+            );
+            refused("fallocate punch hole");
+            let src = fs::File::open(fx.path("plain.txt")).unwrap();
+            let n = libc::copy_file_range(
+                src.as_raw_fd(),
+                std::ptr::null_mut(),
+                ro.as_raw_fd(),
+                std::ptr::null_mut(),
+                1,
+                0,
+            );
+            assert_eq!(n, -1);
+            refused("copy_file_range into a view");
+        }
+        // Out of a view, copy_file_range works (into a live file of the mount).
+        let out = fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(fx.path("copied.bin"))
+            .unwrap();
+        let mut done = 0usize;
+        while done < before.len() {
+            // SAFETY: open descriptors, valid (null) offset pointers.
+            let n = unsafe {
+                libc::copy_file_range(
+                    ro.as_raw_fd(),
+                    std::ptr::null_mut(),
+                    out.as_raw_fd(),
+                    std::ptr::null_mut(),
+                    before.len() - done,
+                    0,
+                )
+            };
+            assert!(
+                n > 0,
+                "copy_file_range out of a view: {}",
+                std::io::Error::last_os_error()
+            );
+            done += n as usize;
+        }
+        drop(out);
+        assert_eq!(fs::read(fx.path("copied.bin")).unwrap(), before);
+        assert_eq!(fs::read(&view).unwrap(), before);
+    }
     // Still there, unchanged.
     assert!(view.exists());
     // Outside the window, or not a time.
@@ -526,4 +608,480 @@ fn concurrent_readers_and_deleted_databases() {
 /// RFC 3339 UTC with nanoseconds.
 fn rfc3339_ns(ns: u64) -> String {
     rfc3339(ns, 9)
+}
+
+// ---------------------------------------------------------------------------------------
+// Views served from the replica (read in place, never downloaded whole)
+// ---------------------------------------------------------------------------------------
+
+/// How the CLI reads a replica: its URL, and what an encrypted one needs.
+struct Rep {
+    url: String,
+    args: Vec<String>,
+    env: Vec<(String, String)>,
+}
+
+impl Rep {
+    fn plain(url: &str) -> Rep {
+        Rep {
+            url: url.to_string(),
+            args: vec![],
+            env: vec![],
+        }
+    }
+
+    /// `sqlfs restore` of `db` into `out` at `target` (`--txid N` or `--timestamp T`).
+    fn restore(&self, db: &str, out: &Path, target: &[&str]) -> CmdOut {
+        let _ = fs::remove_file(out);
+        let mut c = std::process::Command::new(BIN);
+        c.args(["restore", "--replica", &self.url, "--db", db, "-o"])
+            .arg(out)
+            .args(target)
+            .args(&self.args);
+        for (k, v) in &self.env {
+            c.env(k, v);
+        }
+        let o = run_cmd(c, CLI_TIMEOUT);
+        assert_no_panic(&o);
+        o
+    }
+
+    /// Waits until a restore of `db` reaches `txid`.
+    fn wait_covers(&self, fx: &Fixture, db: &str, txid: u64) {
+        let out = fx.scratch_path("wait-covers.db");
+        let deadline = std::time::Instant::now() + COVER_TIMEOUT * 2;
+        loop {
+            let o = self.restore(db, &out, &[]);
+            if o.ok() && restored_txid(&o) >= txid {
+                return;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the replica did not reach TXID {txid} of {db}; last attempt:\n{}\n{}",
+                o.describe(),
+                fx.daemon_logs()
+            );
+            sleep_ms(300);
+        }
+    }
+}
+
+/// A free loopback address for `--metrics-addr`.
+fn metrics_addr() -> String {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    format!("127.0.0.1:{port}")
+}
+
+/// The value of the metric line starting with `name` at `addr`.
+fn metric(addr: &str, name: &str) -> u64 {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    write!(
+        s,
+        "GET /metrics HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
+    )
+    .unwrap();
+    let mut body = String::new();
+    s.read_to_string(&mut body).unwrap();
+    body.lines()
+        .find(|l| l.starts_with(name) && l[name.len()..].starts_with(' '))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| panic!("no metric {name} in:\n{body}"))
+}
+
+/// Bytes of the files under `dir`.
+fn dir_bytes(dir: &Path) -> u64 {
+    common::replica::tree(dir).values().map(|(n, _)| n).sum()
+}
+
+/// Compares views of `db` in `fx`'s mount with restores from `rep` at each TXID of `txids` and
+/// each instant of `instants` (those the replica can restore); returns the TXIDs compared.
+fn compare_views(fx: &Fixture, rep: &Rep, db: &str, txids: &[u64], instants: &[u64]) -> Vec<u64> {
+    let mut done = vec![];
+    let out = fx.scratch_path("ref.db");
+    for &t in txids {
+        let o = rep.restore(db, &out, &["--txid", &t.to_string()]);
+        if !o.ok() {
+            eprintln!("TXID {t} is not restorable: {}", o.stderr.trim());
+            continue;
+        }
+        let view = fx.path(&format!(".history/txid-{t}/{db}"));
+        assert_view_eq(&view, &out, &format!("{db} txid-{t}"));
+        assert_eq!(count_rows_rusqlite(&view), count_rows_rusqlite(&out));
+        done.push(t);
+    }
+    for &t in instants {
+        let name = rfc3339_ns(t);
+        let o = rep.restore(db, &out, &["--timestamp", &name]);
+        if !o.ok() {
+            continue;
+        }
+        let view = fx.path(&format!(".history/{name}/{db}"));
+        assert_view_eq(&view, &out, &format!("{db} at {name}"));
+        assert_eq!(count_rows_cli(&view), count_rows_rusqlite(&out));
+    }
+    done
+}
+
+/// Writes `n` random transactions (large blobs for the first 60%, so staging outgrows a small
+/// `--stage-limit` and is folded), a checkpoint now and then; returns the instant after each.
+/// Batches of ten are paced so shipping keeps up: staging is then folded only up to what the
+/// replica holds, and the replica's history has no gap (a fold past a lagging replica would
+/// leave one, bridged by a snapshot).
+fn write_history(c: &Connection, rng: &mut StdRng, n: usize) -> Vec<u64> {
+    let mut instants = vec![];
+    for i in 0..n {
+        random_txn(c, rng, if i * 10 < n * 6 { 200_000 } else { 3000 });
+        if i % 30 == 0 {
+            let _ = c.execute_batch("PRAGMA wal_checkpoint(TRUNCATE)");
+        }
+        instants.push(now_ns());
+        sleep_ms(if i % 10 == 9 { 300 } else { 5 });
+    }
+    instants
+}
+
+/// Waits until app.db's staging was folded past TXID 1 (its base moved); returns the base.
+fn wait_folded(fx: &Fixture, db: &str) -> u64 {
+    let deadline = std::time::Instant::now() + COVER_TIMEOUT;
+    loop {
+        let base = staged_log(&fx.mnt, db).base.map_or(0, |b| b.0);
+        if base > 1 {
+            return base;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{db}: staging was never folded; the replica path would go untested\n{}",
+            fx.daemon_logs()
+        );
+        sleep_ms(200);
+    }
+}
+
+/// The shared body of the replica cases: a WAL database written through `fx` (configured for
+/// replica `rep` with a small stage limit, interval snapshots and metrics at `addr`) until its
+/// staging is folded; views at random TXIDs before the staging base (served by the replica
+/// only) and at random instants equal the restore of the same target. Objects are read in
+/// place: nothing is downloaded into `.sqlfs/history`.
+fn replica_views_case(fx: &mut Fixture, rep: &Rep, addr: &str, seed: u64) {
+    let mut rng = StdRng::seed_from_u64(seed);
+    fx.mount();
+    let c = open_rw(&fx.path("app.db"), "wal");
+    let instants = write_history(&c, &mut rng, 120);
+    let last = last_staged(&fx.mnt, "app.db");
+    rep.wait_covers(fx, "app.db", last);
+    let base = wait_folded(fx, "app.db");
+    let mut txids: Vec<u64> = (0..10).map(|_| rng.random_range(1..base)).collect();
+    txids.extend([base - 1, base / 2]);
+    txids.sort();
+    txids.dedup();
+    let mut ts: Vec<u64> = (0..4)
+        .map(|_| instants[rng.random_range(0..instants.len())])
+        .collect();
+    ts.push(instants[instants.len() / 3]);
+    let done = compare_views(fx, rep, "app.db", &txids, &ts);
+    eprintln!("staging base {base}: views at TXIDs {done:?} equal restore");
+    assert!(
+        done.len() * 2 >= txids.len(),
+        "only TXIDs {done:?} of {txids:?} (staging base {base}) were restorable from the replica"
+    );
+    // Read in place: ranged reads only, nothing downloaded whole.
+    assert!(metric(addr, "sqlfs_history_replica_bytes_total") > 0);
+    assert_eq!(metric(addr, "sqlfs_history_whole_objects_total"), 0);
+    assert_eq!(dir_bytes(&fx.backing_path(".sqlfs/history")), 0);
+    drop(c);
+    assert_log_no_panic(&fx.daemon_logs(), "daemon");
+    fx.unmount();
+}
+
+/// Makes `fx` ship to `url` with a small stage limit (below one sealed 8 MiB segment, above
+/// a quarter of it), interval snapshots and metrics.
+fn configure_replica(fx: &mut Fixture, url: &str, addr: &str, extra: &[&str]) {
+    fx.opts.replicas = Some(vec![url.to_string()]);
+    fx.opts.sync_interval = Some(SYNC.into());
+    fx.opts.stage_limit = Some(4 << 20);
+    fx.opts.extra_args = ["--snapshot-interval", "1s", "--metrics-addr", addr]
+        .iter()
+        .chain(extra)
+        .map(|s| s.to_string())
+        .collect();
+}
+
+/// Views older than the (folded) staging log, from a file replica, equal restore.
+#[test]
+fn file_replica_views_equal_restore() {
+    let seed = seed_for("file_replica_views_equal_restore");
+    let addr = metrics_addr();
+    let mut fx = Fixture::new("hist-file", false);
+    let url = file_url(&fx.scratch_path("replica"));
+    configure_replica(&mut fx, &url, &addr, &[]);
+    replica_views_case(&mut fx, &Rep::plain(&url), &addr, seed);
+}
+
+/// The same from an S3 replica (ranged GETs).
+#[test]
+fn s3_replica_views_equal_restore() {
+    let seed = seed_for("s3_replica_views_equal_restore");
+    common::s3server::s3_test_credentials();
+    let srv = common::s3server::S3Server::start("hist");
+    let url = srv.url("hist", "views/host1");
+    let addr = metrics_addr();
+    let mut fx = Fixture::new("hist-s3", false);
+    configure_replica(&mut fx, &url, &addr, &[]);
+    replica_views_case(&mut fx, &Rep::plain(&url), &addr, seed);
+}
+
+/// The same from an encrypted replica (age's seekable reader over ranged reads).
+#[test]
+fn encrypted_replica_views_equal_restore() {
+    let seed = seed_for("encrypted_replica_views_equal_restore");
+    let addr = metrics_addr();
+    let mut fx = Fixture::new("hist-enc", false);
+    let dir = fx.scratch_path("replica");
+    let url = file_url(&dir);
+    let pass = "views of an encrypted replica";
+    configure_replica(
+        &mut fx,
+        &url,
+        &addr,
+        &["--passphrase-env", "SQLFS_TEST_PASS"],
+    );
+    fx.opts.env = vec![("SQLFS_TEST_PASS".into(), pass.into())];
+    let rep = Rep {
+        url: url.clone(),
+        args: vec!["--passphrase-env".into(), "SQLFS_TEST_PASS".into()],
+        env: vec![("SQLFS_TEST_PASS".into(), pass.into())],
+    };
+    replica_views_case(&mut fx, &rep, &addr, seed);
+    for k in common::replica::tree(&dir).keys() {
+        let b = fs::read(dir.join(k)).unwrap();
+        assert!(
+            b.starts_with(b"age-encryption.org/v1"),
+            "{k} is not encrypted"
+        );
+    }
+}
+
+/// After compaction and retention ran, a mount with its own, empty data directory (so every
+/// view comes from the replica) shows views equal to restore at random TXIDs and instants of
+/// the window.
+#[test]
+fn views_after_compaction_and_retention_equal_restore() {
+    let seed = seed_for("views_after_compaction_and_retention_equal_restore");
+    let mut rng = StdRng::seed_from_u64(seed);
+    let (mut fx, replica) = fixture("hist-lvl");
+    let url = file_url(&replica);
+    fx.opts.extra_args = [
+        "--compaction",
+        "1s,3s",
+        "--snapshot-interval",
+        "2s",
+        "--retention",
+        "4s",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    fx.mount();
+    let c = open_rw(&fx.path("app.db"), "wal");
+    let mut instants = vec![];
+    for round in 0..12 {
+        instants.extend(write_history(&c, &mut rng, 12));
+        if round % 3 == 0 {
+            let _ = c.execute_batch("PRAGMA wal_checkpoint(TRUNCATE)");
+        }
+        sleep_ms(700);
+    }
+    let last = wait_covered(&fx, &replica, "app.db");
+    let id = replica_db_id(&replica, "app.db").unwrap();
+    let has =
+        |sub: &str| fs::read_dir(replica.join(&id).join(sub)).is_ok_and(|mut d| d.next().is_some());
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    // Compaction reached level 2, and retention removed the start of the chain.
+    let chain_start = replica.join(&id).join("l0/0000000000000001.seg");
+    while !has("l2") || chain_start.exists() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no level-2 object or no retention pass; replica: {:?}",
+            common::replica::tree(&replica).keys().collect::<Vec<_>>()
+        );
+        sleep_ms(200);
+    }
+    drop(c);
+    fx.unmount();
+    // A second mount, empty, reading the same replica.
+    let addr = metrics_addr();
+    let mut other = Fixture::new("hist-lvl-b", false);
+    other.opts.replicas = Some(vec![url.clone()]);
+    other.opts.extra_args = vec!["--metrics-addr".into(), addr.clone()];
+    let before = common::replica::tree(&replica);
+    other.mount();
+    let mut txids: Vec<u64> = (0..10).map(|_| rng.random_range(1..=last)).collect();
+    txids.push(last);
+    let ts: Vec<u64> = (0..6)
+        .map(|_| instants[rng.random_range(instants.len() / 2..instants.len())])
+        .collect();
+    let done = compare_views(&other, &Rep::plain(&url), "app.db", &txids, &ts);
+    eprintln!(
+        "views at TXIDs {done:?} equal restore; replica: {:?}",
+        before.keys().collect::<Vec<_>>()
+    );
+    assert!(
+        done.len() >= 2,
+        "only TXIDs {done:?} of {txids:?} were restorable after retention"
+    );
+    assert!(metric(&addr, "sqlfs_history_replica_reads_total") > 0);
+    assert_eq!(metric(&addr, "sqlfs_history_whole_objects_total"), 0);
+    // The view-only mount changed nothing in the replica.
+    let after = common::replica::tree(&replica);
+    assert_eq!(
+        before.keys().collect::<Vec<_>>(),
+        after.keys().collect::<Vec<_>>()
+    );
+    assert_log_no_panic(&other.daemon_logs(), "daemon");
+    other.unmount();
+}
+
+/// A database deleted from the live tree whose staged history is gone too (as after the 24 h
+/// staging of deleted databases expired) is still viewable from the replica, at instants
+/// before its deletion; it is not in `latest`.
+#[test]
+fn deleted_database_served_by_the_replica_only() {
+    let seed = seed_for("deleted_database_served_by_the_replica_only");
+    let mut rng = StdRng::seed_from_u64(seed);
+    let (mut fx, replica) = fixture("hist-gone");
+    let url = file_url(&replica);
+    let addr = metrics_addr();
+    fx.opts.extra_args = vec!["--metrics-addr".into(), addr.clone()];
+    fx.mount();
+    let g = open_rw(&fx.path("gone.db"), "delete");
+    let a = open_rw(&fx.path("app.db"), "wal");
+    for _ in 0..25 {
+        random_txn(&g, &mut rng, 5000);
+        random_txn(&a, &mut rng, 5000);
+    }
+    wait_covered(&fx, &replica, "gone.db");
+    wait_covered(&fx, &replica, "app.db");
+    let t = now_ns();
+    let name = rfc3339_ns(t);
+    let reference = fx.scratch_path("gone-ref.db");
+    let o = restore_at(&url, "gone.db", &reference, &name);
+    assert!(o.ok(), "{}", o.describe());
+    drop(g);
+    sleep_ms(20);
+    fs::remove_file(fx.path("gone.db")).unwrap();
+    // The mount marks its staging as deleted; the staging is removed as on expiry.
+    let db_dir = fx.backing_path(".sqlfs/db");
+    let staging = || -> Option<PathBuf> {
+        fs::read_dir(&db_dir)
+            .unwrap()
+            .flatten()
+            .map(|e| e.path())
+            .find(|p| fs::read_to_string(p.join("name")).is_ok_and(|n| n == "gone.db"))
+    };
+    let deadline = std::time::Instant::now() + COVER_TIMEOUT;
+    while !staging().is_some_and(|d| d.join("deleted").exists()) {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "gone.db's staging was never marked deleted"
+        );
+        sleep_ms(100);
+    }
+    drop(a);
+    fx.unmount();
+    fs::remove_dir_all(staging().unwrap()).unwrap();
+    fx.mount();
+    assert!(staging().is_none());
+    assert!(!fx.path("gone.db").exists());
+    let reads = metric(&addr, "sqlfs_history_replica_reads_total");
+    let view = fx.path(&format!(".history/{name}/gone.db"));
+    assert_view_eq(&view, &reference, "deleted database from the replica");
+    assert_eq!(count_rows_cli(&view), count_rows_rusqlite(&reference));
+    assert!(metric(&addr, "sqlfs_history_replica_reads_total") > reads);
+    assert!(!fx.path(".history/latest/gone.db").exists());
+    assert!(fx.path(".history/latest/app.db").exists());
+    assert_log_no_panic(&fx.daemon_logs(), "daemon");
+    fx.unmount();
+}
+
+/// Opening a view served by the replica and answering a point query reads a small part of
+/// the database: the objects' directories and the frames of the pages the query touches,
+/// never a whole snapshot; nothing lands in `.sqlfs/history`.
+#[test]
+fn point_query_on_a_replica_view_reads_a_fraction() {
+    let addr = metrics_addr();
+    let (mut fx, replica) = fixture("hist-point");
+    fx.opts.stage_limit = Some(1 << 20);
+    fx.opts.extra_args = ["--snapshot-interval", "1s", "--metrics-addr", &addr]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+    fx.mount();
+    let c = open_rw(&fx.path("app.db"), "wal");
+    // About 48 MiB of incompressible rows, then small transactions while snapshots of it
+    // are taken.
+    for _ in 0..6 {
+        let tx = c.unchecked_transaction().unwrap();
+        for _ in 0..64 {
+            tx.execute("INSERT INTO t(v, b) VALUES ('row', randomblob(131072))", [])
+                .unwrap();
+        }
+        tx.commit().unwrap();
+    }
+    let _ = c.execute_batch("PRAGMA wal_checkpoint(TRUNCATE)");
+    let mut rng = StdRng::seed_from_u64(seed_for("point_query_on_a_replica_view_reads_a_fraction"));
+    for _ in 0..30 {
+        random_txn(&c, &mut rng, 500);
+        sleep_ms(100);
+    }
+    let _ = c.execute_batch("PRAGMA wal_checkpoint(TRUNCATE)");
+    for _ in 0..10 {
+        random_txn(&c, &mut rng, 200_000);
+    }
+    wait_covered(&fx, &replica, "app.db");
+    let base = wait_folded(&fx, "app.db");
+    let id = replica_db_id(&replica, "app.db").unwrap();
+    // The biggest snapshot the staging no longer holds.
+    let snap = snapshots(&replica, &id)
+        .into_iter()
+        .filter(|s| s.key_txid < base)
+        .max_by_key(|s| fs::metadata(&s.path).unwrap().len())
+        .expect("a snapshot older than the staging base");
+    let snap_bytes = fs::metadata(&snap.path).unwrap().len();
+    assert!(snap_bytes > 32 << 20, "snapshot of {snap_bytes} bytes");
+    let before = metric(&addr, "sqlfs_history_replica_bytes_total");
+    let view = fx.path(&format!(".history/txid-{}/app.db", snap.key_txid));
+    let size = fs::metadata(&view).unwrap().len();
+    assert!(size > 32 << 20, "view of {size} bytes");
+    let v = Connection::open_with_flags(&view, OpenFlags::SQLITE_OPEN_READ_ONLY).unwrap();
+    let got: String = v
+        .query_row("SELECT v FROM t WHERE id = 200", [], |r| r.get(0))
+        .unwrap();
+    drop(v);
+    let read = metric(&addr, "sqlfs_history_replica_bytes_total") - before;
+    eprintln!("open + point query: {read} bytes read of a {snap_bytes}-byte snapshot ({size}-byte database)");
+    assert!(
+        read * 8 < snap_bytes,
+        "open + point query read {read} bytes of a {snap_bytes}-byte snapshot"
+    );
+    assert_eq!(metric(&addr, "sqlfs_history_whole_objects_total"), 0);
+    assert!(dir_bytes(&fx.backing_path(".sqlfs/history")) < 1 << 20);
+    // And the whole view is still the restore's bytes.
+    let out = fx.scratch_path("snap.db");
+    restore_ok(&file_url(&replica), "app.db", &out, Some(snap.key_txid));
+    assert_view_eq(&view, &out, "snapshot view");
+    let r = Connection::open_with_flags(&out, OpenFlags::SQLITE_OPEN_READ_ONLY).unwrap();
+    let want: String = r
+        .query_row("SELECT v FROM t WHERE id = 200", [], |r| r.get(0))
+        .unwrap();
+    assert_eq!(got, want);
+    drop(c);
+    assert_log_no_panic(&fx.daemon_logs(), "daemon");
+    fx.unmount();
 }

@@ -105,10 +105,26 @@ impl ReplicaClient for FileReplica {
             Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
             Err(e) => return Err(self.err("open", key)(e)),
         };
-        let mut buf = Vec::new();
-        io::Read::read_to_end(&mut io::Read::take(&f, off.saturating_add(len)), &mut buf)
-            .map_err(self.err("read", key))?;
-        Ok(Some(buf.split_off((off as usize).min(buf.len()))))
+        // Positional reads of just the range (short only at the end of the file).
+        let size = f.metadata().map_err(self.err("stat", key))?.len();
+        let n = len.min(size.saturating_sub(off));
+        let mut buf = vec![
+            0u8;
+            usize::try_from(n).map_err(|_| self.err("read", key)(
+                io::Error::other("range too large")
+            ))?
+        ];
+        let mut got = 0;
+        while got < buf.len() {
+            match std::os::unix::fs::FileExt::read_at(&f, &mut buf[got..], off + got as u64) {
+                Ok(0) => break,
+                Ok(k) => got += k,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(self.err("read", key)(e)),
+            }
+        }
+        buf.truncate(got);
+        Ok(Some(buf))
     }
 
     fn local_path(&self, key: &str) -> Option<PathBuf> {

@@ -10,6 +10,7 @@ mod s3;
 
 use std::io;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 
 pub use file::FileReplica;
 pub use s3::S3Replica;
@@ -50,7 +51,8 @@ pub trait ReplicaClient: Send + Sync {
     fn put(&self, key: &str, data: &[u8]) -> Result<()>;
     /// Copies `key` into the file `dst`; `Ok(false)` if there is no such key.
     fn get(&self, key: &str, dst: &Path) -> Result<bool>;
-    /// Up to `len` bytes of `key` from offset `off`; `Ok(None)` if there is no such key.
+    /// Up to `len` bytes of `key` from offset `off` (a ranged read: nothing else of the
+    /// object is transferred); `Ok(None)` if there is no such key.
     fn get_range(&self, key: &str, off: u64, len: u64) -> Result<Option<Vec<u8>>>;
     /// Every key under `prefix`, sorted by key.
     fn list(&self, prefix: &str) -> Result<Vec<Listed>>;
@@ -61,6 +63,73 @@ pub trait ReplicaClient: Send + Sync {
     }
     /// Removes `key`; a key that is already gone is not an error.
     fn delete(&self, key: &str) -> Result<()>;
+}
+
+/// A client that counts what is read through it (requests, and bytes received by `get` and
+/// `get_range`), for metrics and tests.
+pub struct Counted {
+    inner: Box<dyn ReplicaClient>,
+    requests: AtomicU64,
+    bytes: AtomicU64,
+}
+
+impl Counted {
+    pub fn new(inner: Box<dyn ReplicaClient>) -> Counted {
+        Counted {
+            inner,
+            requests: AtomicU64::new(0),
+            bytes: AtomicU64::new(0),
+        }
+    }
+
+    /// (read requests, bytes received) so far.
+    pub fn stats(&self) -> (u64, u64) {
+        (
+            self.requests.load(Ordering::Relaxed),
+            self.bytes.load(Ordering::Relaxed),
+        )
+    }
+
+    fn count(&self, bytes: u64) {
+        self.requests.fetch_add(1, Ordering::Relaxed);
+        self.bytes.fetch_add(bytes, Ordering::Relaxed);
+    }
+}
+
+impl ReplicaClient for Counted {
+    fn describe(&self) -> String {
+        self.inner.describe()
+    }
+    fn put_new(&self, key: &str, src: &Path) -> Result<()> {
+        self.inner.put_new(key, src)
+    }
+    fn put(&self, key: &str, data: &[u8]) -> Result<()> {
+        self.inner.put(key, data)
+    }
+    fn get(&self, key: &str, dst: &Path) -> Result<bool> {
+        let r = self.inner.get(key, dst);
+        let n = std::fs::metadata(dst).map_or(0, |m| m.len());
+        self.count(if matches!(r, Ok(true)) { n } else { 0 });
+        r
+    }
+    fn get_range(&self, key: &str, off: u64, len: u64) -> Result<Option<Vec<u8>>> {
+        let r = self.inner.get_range(key, off, len);
+        let n = match &r {
+            Ok(Some(b)) => b.len() as u64,
+            _ => 0,
+        };
+        self.count(n);
+        r
+    }
+    fn list(&self, prefix: &str) -> Result<Vec<Listed>> {
+        self.inner.list(prefix)
+    }
+    fn local_path(&self, key: &str) -> Option<PathBuf> {
+        self.inner.local_path(key)
+    }
+    fn delete(&self, key: &str) -> Result<()> {
+        self.inner.delete(key)
+    }
 }
 
 /// Opens the replica named by `url`: `file:///path` (or a plain absolute path) or
