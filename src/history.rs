@@ -55,6 +55,8 @@ pub const ROOT_INO: u64 = VIRT | 1;
 
 /// How long the listing of `.history` is reused before the replica is asked again.
 const LIST_TTL: Duration = Duration::from_secs(5);
+/// How long reading a staging log waits for a fold in progress to finish.
+const FOLD_WAIT: Duration = Duration::from_secs(10);
 /// How long a resolved `latest` is reused.
 const LATEST_TTL: Duration = Duration::from_secs(1);
 /// Most restore points listed per database from local staging.
@@ -770,10 +772,18 @@ impl History {
     /// One database at `target`: from staging if it holds it, else from the replica.
     fn resolve_one(&self, o: &Origin, target: Target) -> Result<Option<DbView>> {
         if let Some(dir) = &o.stage_dir {
-            match self.staged_view(o, dir, target)? {
-                Found::View(v) => return Ok(Some(*v)),
-                Found::Absent => return Ok(None),
-                Found::NotStaged => {}
+            match self.staged_view(o, dir, target) {
+                Ok(Found::View(v)) => return Ok(Some(*v)),
+                Ok(Found::Absent) => return Ok(None),
+                Ok(Found::NotStaged) => {}
+                // A past state is the same wherever it is read from; `latest` is only what
+                // staging says.
+                Err(e) if target != Target::Latest && self.replica.is_some() => log::warn!(
+                    ".history: {} at {}: cannot read local staging ({e:#}); trying the replica",
+                    o.name,
+                    describe(target)
+                ),
+                Err(e) => return Err(e),
             }
         }
         let Some(r) = &self.replica else {
@@ -840,10 +850,22 @@ impl History {
     /// The staging log of `dir` after its base, segments held open; retried if a fold moved
     /// things underneath.
     fn staged_log(&self, dir: &Path) -> Result<StagedLog> {
-        for _ in 0..5 {
+        // A fold rewrites base.db and then removes segments; wait for it rather than fail.
+        let deadline = Instant::now() + FOLD_WAIT;
+        let mut first = true;
+        loop {
+            if !first {
+                if Instant::now() > deadline {
+                    bail!(
+                        "staging of {} kept changing under the reader for {FOLD_WAIT:?}",
+                        dir.display()
+                    );
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            first = false;
             let base = read_base_meta(dir)?;
             if base.folding.is_some() {
-                std::thread::sleep(Duration::from_millis(20));
                 continue;
             }
             let mut files = Vec::new();
@@ -858,7 +880,11 @@ impl History {
                         break;
                     }
                 };
-                let hs = self.seg_headers(&path)?;
+                let Ok(hs) = self.seg_headers(&path) else {
+                    // Removed by a fold since it was listed.
+                    ok = false;
+                    break;
+                };
                 if hs.last().is_none_or(|(h, _)| h.txid < next) {
                     continue;
                 }
@@ -887,10 +913,6 @@ impl History {
                 });
             }
         }
-        bail!(
-            "staging of {} keeps changing under the reader",
-            dir.display()
-        )
     }
 
     fn staged_view(&self, o: &Origin, dir: &Path, target: Target) -> Result<Found> {
