@@ -320,6 +320,11 @@ impl Shipper {
         let key = l0_key(&db.id, pos + 1);
         let held = self.store(name, db, &key, tmp, hdr.last_txid)?;
         self.set_position(db, held)?;
+        if held != hdr.last_txid {
+            // The replica's object is an earlier attempt holding less than this one: keep no
+            // local copy, compaction must merge what the replica holds.
+            let _ = fs::remove_file(tmp);
+        }
         self.stored(db, &key, Some(0), pos + 1, held, tmp);
         log::debug!(
             "{name}: shipped TXIDs {}..={} to {}",
@@ -448,6 +453,7 @@ impl Shipper {
                 level,
                 first,
                 last,
+                exact: true,
                 size,
                 modified_ns: now_ns(),
             });
