@@ -516,11 +516,13 @@ pub fn run(o: MountOpts) -> Result<()> {
     if o.sync {
         let (cap, sh) = (capture.clone(), shippers.clone());
         fs = fs.with_durability(Box::new(move |rel: &str| {
-            let Some(db) = cap.get(crate::capture::classify(rel).1) else {
+            let name = crate::capture::classify(rel).1;
+            let Some(db) = cap.get(name) else {
                 return Ok(());
             };
             let txid = db.stage.last().map_or(0, |h| h.txid);
-            for s in &sh {
+            // A database excluded from replication (`replicate: false`) waits for nothing.
+            for s in sh.iter().filter(|s| s.replicates(name)) {
                 s.wait_shipped(&db, txid, SYNC_TIMEOUT)?;
             }
             Ok(())

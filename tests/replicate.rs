@@ -1222,6 +1222,55 @@ fn sync_commit_is_on_the_replica_when_fsync_returns() {
     fx.unmount();
 }
 
+/// With `--sync`, a database the configuration excludes from replication (`replicate:
+/// false`) waits for no replica: its commits return like any unsynced commit (rather than
+/// waiting a minute for shipping that never comes, then failing with EIO), while a
+/// replicated database of the same mount is on the replica when its commit returns.
+#[test]
+fn sync_does_not_wait_for_databases_not_replicated() {
+    let mut rng =
+        StdRng::seed_from_u64(seed_for("sync_does_not_wait_for_databases_not_replicated"));
+    let (mut fx, dirs) = fixture("syncskip", &["r"]);
+    let url = file_url(&dirs[0]);
+    fx.opts.sync_interval = Some("60s".into());
+    fx.opts.sync = true;
+    let conf = fx.scratch_path("sqlfs.yml");
+    fs::write(
+        &conf,
+        "databases:\n  local.db:\n    replicate: false\n  local-rb.db:\n    replicate: false\n",
+    )
+    .unwrap();
+    fx.opts.extra_args = vec!["--config".into(), conf.display().to_string()];
+    fx.mount();
+    let out = fx.scratch_path("restored.db");
+    let local = sync_open(&fx, "local.db", "WAL", "FULL");
+    let local_rb = sync_open(&fx, "local-rb.db", "TRUNCATE", "FULL");
+    let app = sync_open(&fx, "app.db", "WAL", "FULL");
+    for id in 1..=5 {
+        // These fail with a disk I/O error if the fsync waits for a replica.
+        sync_commit(&local, id, &mut rng);
+        sync_commit(&local_rb, id, &mut rng);
+        sync_commit(&app, id, &mut rng);
+        let t = restore_ok(&url, "app.db", &out, None);
+        assert_eq!(
+            sync_rows(&out),
+            (id, id),
+            "app.db: with --sync, a restore right after the commit of row {id} (restored TXID {t}) does not hold it"
+        );
+    }
+    drop((local, local_rb, app));
+    for db in ["local.db", "local-rb.db"] {
+        assert!(last_staged(&fx.mnt, db) > 0, "{db} was not captured");
+        assert!(
+            replica_db_id(&dirs[0], db).is_none(),
+            "{db} is in the replica though replicate: false"
+        );
+    }
+    assert!(fx.daemon_running());
+    assert_log_no_panic(&fx.last_daemon_log(), "mount --sync with replicate: false");
+    fx.unmount();
+}
+
 /// In journal_mode=DELETE a commit becomes durable when the journal is unlinked, after the
 /// last fsync of the database file; at synchronous=EXTRA the app then fsyncs the directory.
 /// With `--sync`, that directory fsync should return only once the replica has the commit.
