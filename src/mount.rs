@@ -244,7 +244,7 @@ const SYNC_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// Staging may grow to this many times `--stage-limit` for a lagging replica before it is
 /// folded anyway (that replica then gets a snapshot when it comes back).
-const STAGE_HARD_FACTOR: u64 = 4;
+pub const STAGE_HARD_FACTOR: u64 = 4;
 
 /// The replicas to ship to: those given, or the embedded default directory.
 fn replica_specs(o: &MountOpts) -> Result<Vec<ReplicaSpec>> {
@@ -562,8 +562,13 @@ pub fn run(o: MountOpts) -> Result<()> {
     };
 
     let sock = crate::control::socket_path(&dir);
-    if let Err(e) = crate::control::serve(&sock, backing.clone(), capture.clone(), shippers.clone())
-    {
+    if let Err(e) = crate::control::serve(
+        &sock,
+        backing.clone(),
+        capture.clone(),
+        shippers.clone(),
+        o.stage_limit,
+    ) {
         log::warn!(
             "control socket {} unavailable ({e}); `sqlfs verify` will need the mount stopped",
             sock.display()
@@ -575,7 +580,7 @@ pub fn run(o: MountOpts) -> Result<()> {
         ship_threads.push(s.spawn(interval, stop.clone())?);
     }
     if let Some(addr) = o.metrics_addr {
-        crate::metrics::serve(addr, capture.clone(), shippers.clone())
+        crate::metrics::serve(addr, capture.clone(), shippers.clone(), o.stage_limit)
             .with_context(|| format!("--metrics-addr {addr}"))?;
         log::info!("metrics at http://{addr}/metrics");
     }
