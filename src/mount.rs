@@ -42,7 +42,7 @@ pub struct CliMount {
     #[arg(long, value_parser = crate::config::parse_size)]
     pub history_cache: Option<u64>,
     /// Ship every database to this replica (repeatable): file:///path or
-    /// s3://bucket/prefix?endpoint=URL&region=R&force-path-style=true. Default: a
+    /// s3://bucket/prefix?endpoint=URL&region=R&force-path-style=true&timeout=30s. Default: a
     /// directory under the user's data directory (~/.local/share/sqlfs/replica).
     #[arg(long = "replica", value_name = "URL")]
     pub replicas: Vec<String>,

@@ -346,3 +346,78 @@ fn s3_encrypted_replica_round_trip() {
     assert_restore_fails(&o, &out, "restore without --age-identity");
     assert_says(&o, "--age-identity", "restore without --age-identity");
 }
+
+/// `sqlfs status DIR` output (it must answer).
+fn status_text(fx: &Fixture) -> String {
+    let o = sqlfs_cli(&["status".into(), fx.mnt.as_os_str().to_os_string()]);
+    assert!(!o.stderr.contains("panicked"), "{}", o.describe());
+    assert!(
+        o.status.code().is_some_and(|c| c == 0 || c == 1),
+        "{}",
+        o.describe()
+    );
+    o.stdout
+}
+
+/// A store that stops answering (frozen with SIGSTOP: connections are accepted, nothing is
+/// ever answered) must become an error the shipper reports and retries, not a request that
+/// hangs forever: `sqlfs status` shows the replica failing with a timeout (the URL's
+/// `timeout=` shortens the wait for the test). Once the store answers again, everything
+/// reaches it.
+#[test]
+fn s3_store_that_stops_answering_is_a_timeout_not_a_hang() {
+    s3_test_credentials();
+    let srv = S3Server::start("hang");
+    let url = format!("{}&timeout=2s", srv.url("hang", "p"));
+    let mut fx = Fixture::new("s3hang", false);
+    fx.opts.replicas = Some(vec![url.clone()]);
+    fx.opts.sync_interval = Some("200ms".into());
+    fx.mount();
+    writes(&fx, "app.db", 1, 30);
+    wait_replicated(
+        &fx,
+        &url,
+        "app.db",
+        last_txid(&fx, "app.db"),
+        Duration::from_secs(60),
+    );
+    srv.pause();
+    writes(&fx, "app.db", 1000, 10);
+    let deadline = Instant::now() + Duration::from_secs(120);
+    let text = loop {
+        let text = status_text(&fx);
+        let failing = text
+            .lines()
+            .find(|l| l.starts_with("replica s3://"))
+            .is_some_and(|l| l.contains("FAILING") && l.to_lowercase().contains("timeout"));
+        if failing {
+            break text;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the replica of a frozen store never failed with a timeout:\n{text}\ndaemon:\n{}",
+            fx.daemon_logs()
+        );
+        sleep_ms(500);
+    };
+    eprintln!("{text}");
+    assert!(
+        !text.contains("test-secret"),
+        "a secret in the status:\n{text}"
+    );
+    assert!(fx.daemon_running());
+    srv.resume();
+    writes(&fx, "app.db", 2000, 5);
+    let last = last_txid(&fx, "app.db");
+    wait_replicated(&fx, &url, "app.db", last, Duration::from_secs(120));
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while status_text(&fx).contains("FAILING") {
+        assert!(
+            Instant::now() < deadline,
+            "status still failing after the store came back:\n{}",
+            status_text(&fx)
+        );
+        sleep_ms(300);
+    }
+    fx.unmount();
+}

@@ -64,7 +64,7 @@ pub trait ReplicaClient: Send + Sync {
 }
 
 /// Opens the replica named by `url`: `file:///path` (or a plain absolute path) or
-/// `s3://bucket/prefix?endpoint=URL&region=R&force-path-style=true`.
+/// `s3://bucket/prefix?endpoint=URL&region=R&force-path-style=true&timeout=30s`.
 pub fn open(url: &str) -> Result<Box<dyn ReplicaClient>> {
     let bad = |why: &str| ReplicaError::BadUrl {
         url: url.to_string(),
