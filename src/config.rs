@@ -121,14 +121,21 @@ pub fn expand(s: &str, what: &str) -> Result<String> {
     Ok(out)
 }
 
-/// Expands `${VAR}` in every string of a YAML tree.
-fn expand_tree(v: &mut serde_norway::Value, path: &str) -> Result<()> {
+/// Expands `${VAR}` in every string of a YAML tree; `expanded` collects the strings that
+/// came out different (they hold a variable's value, perhaps a secret).
+fn expand_tree(v: &mut serde_norway::Value, path: &str, expanded: &mut Vec<String>) -> Result<()> {
     use serde_norway::Value;
     match v {
-        Value::String(s) => *s = expand(s, path)?,
+        Value::String(s) => {
+            let e = expand(s, path)?;
+            if e != *s {
+                expanded.push(e.clone());
+            }
+            *s = e;
+        }
         Value::Sequence(seq) => {
             for (i, x) in seq.iter_mut().enumerate() {
-                expand_tree(x, &format!("{path}[{i}]"))?;
+                expand_tree(x, &format!("{path}[{i}]"), expanded)?;
             }
         }
         Value::Mapping(m) => {
@@ -139,7 +146,7 @@ fn expand_tree(v: &mut serde_norway::Value, path: &str) -> Result<()> {
                 } else {
                     format!("{path}.{key}")
                 };
-                expand_tree(x, &p)?;
+                expand_tree(x, &p, expanded)?;
             }
         }
         _ => {}
@@ -163,8 +170,17 @@ impl Config {
         if tree.is_null() {
             return Ok(Config::default());
         }
-        expand_tree(&mut tree, "")?;
-        let c: Config = serde_norway::from_value(tree).map_err(|e| anyhow::anyhow!("{e}"))?;
+        let mut expanded = Vec::new();
+        expand_tree(&mut tree, "", &mut expanded)?;
+        let c: Config = serde_norway::from_value(tree).map_err(|e| {
+            // A type error quotes the value; one that came from the environment may be a
+            // secret.
+            let mut msg = e.to_string();
+            for v in expanded.iter().filter(|v| !v.is_empty()) {
+                msg = msg.replace(v.as_str(), "***");
+            }
+            anyhow::anyhow!("{msg}")
+        })?;
         c.check()?;
         Ok(c)
     }
@@ -342,6 +358,17 @@ mod tests {
         let e = Config::parse("replicas:\n  - url: ftp://x\n").unwrap_err();
         assert!(format!("{e:#}").contains("replicas[0].url"), "{e:#}");
         assert_eq!(expand("a$${b}c", "x").unwrap(), "a${b}c");
+        // Values from the environment are never echoed: not in a type error, not in a URL.
+        std::env::set_var("SQLFS_TEST_SECRET", "hunter2-s3cr3t");
+        for text in [
+            "threads: ${SQLFS_TEST_SECRET}\n",
+            "replicas:\n  - url: s3://b/p?endpoint=http://k:${SQLFS_TEST_SECRET}@h:9\n",
+            "replicas:\n  - url: s3://b/p?token=${SQLFS_TEST_SECRET}\n",
+            "databases:\n  x.db:\n    replicate: ${SQLFS_TEST_SECRET}\n",
+        ] {
+            let e = format!("{:#}", Config::parse(text).unwrap_err());
+            assert!(!e.contains("hunter2"), "{text}: {e}");
+        }
         let c = Config::parse("retention: 0\nstage-limit: 1048576\n").unwrap();
         assert_eq!(c.retention.as_deref(), Some("0"));
     }

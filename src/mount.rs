@@ -288,7 +288,7 @@ fn restore_missing(o: &MountOpts, data: &Path, url: &str, others: &[String]) -> 
     let reader = crate::catalog::Reader::new(client.as_ref(), opener.as_ref());
     let dbs = reader
         .databases()
-        .with_context(|| format!("--restore-if-missing: reading {url}"))?;
+        .with_context(|| format!("--restore-if-missing: reading {}", client.describe()))?;
     for (_, name) in dbs {
         let out = data.join(&name);
         if name
@@ -306,8 +306,9 @@ fn restore_missing(o: &MountOpts, data: &Path, url: &str, others: &[String]) -> 
             std::fs::create_dir_all(d)?;
         }
         log::info!(
-            "--restore-if-missing: {name} is not in {}; restoring it from {url}",
-            data.display()
+            "--restore-if-missing: {name} is not in {}; restoring it from {}",
+            data.display(),
+            client.describe()
         );
         let r = crate::restore::run(&crate::restore::RestoreOpts {
             replica: url.to_string(),

@@ -257,6 +257,71 @@ fn s3_bad_urls_are_refused_clearly() {
     }
 }
 
+/// Secrets put where they do not belong in a replica URL (user information, a signed
+/// endpoint, an unknown parameter), straight or through `${VAR}` in the configuration, are
+/// refused without being echoed; the bucket, prefix and endpoint host stay readable.
+#[test]
+fn s3_url_errors_never_show_secrets() {
+    for url in [
+        "s3://AKIAEXAMPLE:hunter2@bk/pre",
+        "s3://bk/pre?endpoint=http://k:hunter2@127.0.0.1:9000&region=eu-west-1",
+        "s3://bk/pre?endpoint=http://127.0.0.1:9000&secret-key=hunter2",
+        "s3://bk/pre?endpoint=http://127.0.0.1:9000/?X-Amz-Signature=hunter2&timeout=never",
+    ] {
+        let fx = Fixture::new("s3secret", false);
+        let r = sqlfs_cli(&[
+            "mount".into(),
+            fx.mnt.clone().into(),
+            "--replica".into(),
+            url.into(),
+        ]);
+        assert!(
+            !r.ok() && !r.stderr.contains("panicked"),
+            "{url}: {}",
+            r.describe()
+        );
+        let all = format!("{}{}", r.stdout, r.stderr);
+        assert!(
+            !all.contains("hunter2"),
+            "{url}: a secret in the error:\n{all}"
+        );
+        assert!(all.contains("bad replica URL"), "{url}: {all}");
+        if !url.contains('@') {
+            assert!(
+                all.contains("s3://bk/pre") && all.contains("127.0.0.1:9000"),
+                "{url}: bucket, prefix and endpoint host should stay readable:\n{all}"
+            );
+        }
+        // The same through the configuration file and an environment variable.
+        let conf = fx.scratch_path("sqlfs.yml");
+        std::fs::write(
+            &conf,
+            format!(
+                "dir: {}\nreplicas:\n  - url: ${{SQLFS_TEST_URL}}\n",
+                fx.mnt.display()
+            ),
+        )
+        .unwrap();
+        let mut c = Command::new(BIN);
+        c.arg("mount")
+            .arg("--config")
+            .arg(&conf)
+            .env("SQLFS_TEST_URL", url);
+        let r = run_cmd(c, CLI_TIMEOUT);
+        assert!(
+            !r.ok() && !r.stderr.contains("panicked"),
+            "{url}: {}",
+            r.describe()
+        );
+        assert!(
+            !format!("{}{}", r.stdout, r.stderr).contains("hunter2"),
+            "{url} via the configuration: a secret in the error:\n{}",
+            r.describe()
+        );
+        assert!(r.stderr.contains("replicas[0].url"), "{}", r.describe());
+    }
+}
+
 /// An encrypted replica on the S3-compatible server: a random workload shipped in several
 /// objects, then with the mount stopped every object in the bucket is encrypted, a restore
 /// with the identity is the live database and the replay of sampled TXIDs, and a restore

@@ -70,6 +70,11 @@ fn parse(url: &str) -> std::result::Result<Url, String> {
     if bucket.is_empty() {
         return Err("no bucket name".into());
     }
+    if bucket.contains('@') {
+        return Err(
+            "credentials do not belong in the URL: they come from the environment, a profile or an instance role".into(),
+        );
+    }
     let mut u = Url {
         bucket: bucket.into(),
         prefix: prefix.trim_matches('/').into(),
@@ -81,7 +86,17 @@ fn parse(url: &str) -> std::result::Result<Url, String> {
     for kv in query.split('&').filter(|s| !s.is_empty()) {
         let (k, v) = kv.split_once('=').unwrap_or((kv, ""));
         match k {
-            "endpoint" => u.endpoint = Some(v.to_string()),
+            "endpoint" => {
+                let host = v.split_once("://").map_or(v, |(_, r)| r);
+                if host
+                    .split(['/', '?'])
+                    .next()
+                    .is_some_and(|a| a.contains('@'))
+                {
+                    return Err("credentials do not belong in the endpoint: they come from the environment, a profile or an instance role".into());
+                }
+                u.endpoint = Some(v.to_string())
+            }
             "region" => u.region = Some(v.to_string()),
             "force-path-style" => u.path_style = matches!(v, "true" | "1" | "yes" | ""),
             "timeout" => {
@@ -126,8 +141,9 @@ impl S3Replica {
         if let Some(e) = &u.endpoint {
             conf = conf.endpoint_url(e.clone());
         }
+        // Without secrets: the endpoint may carry user information or a signed query.
         let shown = match &u.endpoint {
-            Some(e) => format!("s3://{}/{} at {e}", u.bucket, u.prefix),
+            Some(e) => format!("s3://{}/{} at {}", u.bucket, u.prefix, super::redact_url(e)),
             None => format!("s3://{}/{}", u.bucket, u.prefix),
         };
         Ok(S3Replica {
