@@ -343,6 +343,75 @@ mod tests {
         assert_eq!(c.passthrough, Some(crate::fs::Passthrough::Auto));
     }
 
+    /// The sidecar example is complete: its configuration parses, every `${VAR}` in it is
+    /// set by the sqlfs container, and the files it names are mounted there.
+    #[test]
+    fn sidecar_example_is_complete() {
+        use serde::Deserialize as _;
+        use serde_norway::Value;
+        let text = include_str!("../contrib/sidecar/pod.yaml");
+        let docs: Vec<Value> = serde_norway::Deserializer::from_str(text)
+            .map(|d| Value::deserialize(d).expect("pod.yaml is YAML"))
+            .collect();
+        let kind = |k: &str| {
+            docs.iter()
+                .find(|d| d["kind"].as_str() == Some(k))
+                .unwrap_or_else(|| panic!("no {k} in pod.yaml"))
+        };
+        let conf = kind("ConfigMap")["data"]["sqlfs.yml"]
+            .as_str()
+            .expect("the ConfigMap holds sqlfs.yml");
+        let pod = kind("Pod");
+        let sidecar = pod["spec"]["containers"]
+            .as_sequence()
+            .unwrap()
+            .iter()
+            .find(|c| c["name"].as_str() == Some("sqlfs"))
+            .expect("a container named sqlfs");
+        let env: Vec<&str> = sidecar["env"]
+            .as_sequence()
+            .unwrap()
+            .iter()
+            .filter_map(|e| e["name"].as_str())
+            .collect();
+        let mut rest = conf;
+        while let Some(i) = rest.find("${") {
+            let end = rest[i..].find('}').unwrap();
+            let var = &rest[i + 2..i + end];
+            assert!(
+                env.contains(&var),
+                "sqlfs.yml uses ${{{var}}}, which the pod does not set"
+            );
+            std::env::set_var(var, "x");
+            rest = &rest[i + end..];
+        }
+        let c = Config::parse(conf).unwrap_or_else(|e| panic!("pod.yaml's sqlfs.yml: {e:#}"));
+        let mounts: Vec<&str> = sidecar["volumeMounts"]
+            .as_sequence()
+            .unwrap()
+            .iter()
+            .filter_map(|m| m["mountPath"].as_str())
+            .collect();
+        let args: Vec<&str> = sidecar["args"]
+            .as_sequence()
+            .unwrap()
+            .iter()
+            .filter_map(|a| a.as_str())
+            .collect();
+        let conf_path = args[args.iter().position(|a| *a == "--config").unwrap() + 1];
+        let identity = c
+            .age_identity
+            .expect("an identity for --restore-if-missing");
+        for f in [Path::new(conf_path), identity.as_path()] {
+            assert!(
+                mounts.iter().any(|m| f.parent() == Some(Path::new(m))),
+                "{} is in no volume of the sqlfs container",
+                f.display()
+            );
+        }
+        assert!(c.replicas.iter().all(|r| r.url.starts_with("s3://")));
+    }
+
     #[test]
     fn clear_errors() {
         let e =
