@@ -1528,3 +1528,69 @@ fn status_shows_a_replica_that_needs_a_snapshot() {
     assert!(!snapshots(&b, &replica_db_id(&b, db).unwrap()).is_empty());
     fx.unmount();
 }
+
+// ---------------------------------------------------------------------------------------
+// 10. The embedded default replica
+// ---------------------------------------------------------------------------------------
+
+/// Without any replica configured, a mount ships to the embedded default replica under the
+/// user's data directory (`$XDG_DATA_HOME`, else `$HOME/.local/share`, an empty variable
+/// being no variable) and says at startup that it does not protect against losing the
+/// machine; what it ships there restores.
+#[test]
+fn embedded_default_replica_with_its_startup_note() {
+    let seed = seed_for("embedded_default_replica_with_its_startup_note");
+    let mut fx = Fixture::new("defrep", false);
+    fx.opts.replicas = Some(Vec::new());
+    fx.opts.sync_interval = Some(SYNC.into());
+    let db = "app.db";
+    let home = fx.scratch_path("home");
+    fs::create_dir_all(&home).unwrap();
+    let xdg = fx.scratch_path("xdg");
+    let runs = [
+        (
+            vec![
+                ("XDG_DATA_HOME", xdg.display().to_string()),
+                ("HOME", home.display().to_string()),
+            ],
+            xdg.join("sqlfs/replica"),
+        ),
+        (
+            vec![
+                ("XDG_DATA_HOME", String::new()),
+                ("HOME", home.display().to_string()),
+            ],
+            home.join(".local/share/sqlfs/replica"),
+        ),
+    ];
+    for (i, (env, r)) in runs.iter().enumerate() {
+        fx.opts.env = env
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.clone()))
+            .collect();
+        fx.mount();
+        let log = fx.last_daemon_log();
+        assert!(
+            log.contains("no --replica given")
+                && log.contains(&r.display().to_string())
+                && log.contains("does not protect against losing this machine"),
+            "no startup note naming the default replica {}:\n{log}",
+            r.display()
+        );
+        if i == 0 {
+            drop(fresh_db(&fx.path(db), "WAL"));
+        }
+        let mut d = Driver::open(&fx.path(db), 1, seed + i as u64, DriverCfg::default());
+        for _ in 0..10 {
+            d.random_txn().unwrap();
+        }
+        drop(d);
+        let last = wait_shipped(&fx, r, db);
+        assert_chain(r, db);
+        assert_eq!(
+            restore_vs_replay(&file_url(r), &fx.mnt, db, None, &fx.scratch),
+            last
+        );
+        fx.unmount();
+    }
+}

@@ -134,15 +134,18 @@ pub fn redact_url(url: &str) -> String {
     out
 }
 
-/// The embedded default replica: a directory under the user's data directory.
+/// The embedded default replica: a directory under the user's data directory
+/// (`$XDG_DATA_HOME`, else `$HOME/.local/share`, else `/var/lib`). Like any XDG base
+/// directory, a variable that is empty or not an absolute path is ignored.
 pub fn default_dir() -> PathBuf {
-    let base = std::env::var_os("XDG_DATA_HOME")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| {
-            std::env::var_os("HOME")
-                .map(|h| PathBuf::from(h).join(".local/share"))
-                .unwrap_or_else(|| PathBuf::from("/var/lib"))
-        });
+    let abs = |v: &str| {
+        std::env::var_os(v)
+            .map(PathBuf::from)
+            .filter(|p| p.is_absolute())
+    };
+    let base = abs("XDG_DATA_HOME")
+        .or_else(|| abs("HOME").map(|h| h.join(".local/share")))
+        .unwrap_or_else(|| PathBuf::from("/var/lib"));
     base.join("sqlfs/replica")
 }
 
