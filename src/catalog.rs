@@ -54,9 +54,12 @@ pub struct Obj {
     /// `None` for a snapshot; the compaction level of a segment.
     pub level: Option<u8>,
     pub first: u64,
-    /// Last TXID; for a level-0 segment the key does not say, so this is the TXID before the
-    /// next level-0 segment (an upper bound), or `u64::MAX` for the newest.
+    /// Last TXID. For a level-0 segment the key does not say: unless `exact`, this is the
+    /// TXID before the next level-0 segment (an upper bound: a snapshot may stand between
+    /// them, after a gap), or `u64::MAX` for the newest.
     pub last: u64,
+    /// `last` is the object's own (its key, or this process stored it), not inferred.
+    pub exact: bool,
     pub size: u64,
     /// When it was stored (ns; 0 if unknown).
     pub modified_ns: u64,
@@ -78,6 +81,7 @@ fn parse_key(key: &str, rel: &str, size: u64, modified_ns: u64) -> Option<Obj> {
             level: None,
             first: t,
             last: t,
+            exact: true,
             size,
             modified_ns,
         });
@@ -98,6 +102,7 @@ fn parse_key(key: &str, rel: &str, size: u64, modified_ns: u64) -> Option<Obj> {
         level: Some(level),
         first,
         last,
+        exact: level > 0,
         size,
         modified_ns,
     })
@@ -145,13 +150,29 @@ impl DbCatalog {
         c
     }
 
-    /// Sets each level-0 segment's `last` to the TXID before the next one.
+    /// Sets the `last` of each level-0 segment whose end is not known exactly to the TXID
+    /// before the next one (or `u64::MAX` for the newest).
     pub fn infer_l0_ends(&mut self) {
         if let Some(l0) = self.levels.first_mut() {
             for i in 0..l0.len() {
-                l0[i].last = l0.get(i + 1).map_or(u64::MAX, |n| n.first - 1);
+                if !l0[i].exact {
+                    l0[i].last = l0.get(i + 1).map_or(u64::MAX, |n| n.first - 1);
+                }
             }
         }
+    }
+
+    /// True if a snapshot of the state after `txid` is in the catalog.
+    pub fn has_snapshot(&self, txid: u64) -> bool {
+        self.snaps.binary_search_by_key(&txid, |o| o.first).is_ok()
+    }
+
+    /// True if `b` certainly starts right after `a` ends (same level). A level-0 end inferred
+    /// from the next key is uncertain where a snapshot stands at it: the chain may have
+    /// restarted there after a gap (transactions folded away locally before this replica
+    /// got them), with `a` ending earlier.
+    pub fn adjacent(&self, a: &Obj, b: &Obj) -> bool {
+        a.last != u64::MAX && b.first == a.last + 1 && (a.exact || !self.has_snapshot(a.last))
     }
 
     /// Adds an object this process just stored.

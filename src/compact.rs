@@ -125,9 +125,12 @@ pub fn merge(
     Ok(hdr)
 }
 
-/// The next run of level `level - 1` to merge into `level`: the contiguous segments after the
-/// last one `level` covers (or after `skip_to`), stopping at a gap. Runs of one object are
-/// left for later (merging one object gains nothing).
+/// The next run of level `level - 1` to merge into `level`: contiguous segments after the
+/// last one `level` covers (or after `skip_to`). A run never crosses a gap, nor a level-0
+/// boundary where a snapshot stands and the end before it is only inferred (the chain may
+/// restart there after a gap: see `DbCatalog::adjacent`). A single object before a gap is
+/// left at its level and the search goes on after it; a single object at the end is left
+/// for later (merging one object gains nothing).
 pub fn next_run(c: &DbCatalog, level: usize, skip_to: u64) -> Vec<Obj> {
     let done = c
         .levels
@@ -141,8 +144,11 @@ pub fn next_run(c: &DbCatalog, level: usize, skip_to: u64) -> Vec<Obj> {
     let mut run: Vec<Obj> = Vec::new();
     for o in lower.iter().filter(|o| o.first > done) {
         if let Some(prev) = run.last() {
-            if prev.last == u64::MAX || o.first != prev.last + 1 {
-                break;
+            if !c.adjacent(prev, o) {
+                if run.len() >= 2 {
+                    break;
+                }
+                run.clear();
             }
         }
         run.push(o.clone());
@@ -234,5 +240,105 @@ mod tests {
         assert_eq!(e, want);
         // No snapshot old enough: nothing goes.
         assert!(expired(&c, 1000, 950).is_empty());
+    }
+
+    fn firsts(run: &[Obj]) -> Vec<u64> {
+        run.iter().map(|o| o.first).collect()
+    }
+
+    /// A replica that fell behind got a snapshot at 0x40 after its transactions 0x21..=0x40
+    /// were folded away locally; its level-0 chain restarts at 0x41. From a listing the end
+    /// of `l0/0x18` (really 0x20) can only be inferred as 0x40: no run may cross it.
+    #[test]
+    fn runs_stop_at_a_snapshot_after_a_gap() {
+        let id = "0123456789abcdef";
+        let mut c = cat(&[
+            (l0_key(id, 1), 1),
+            (l0_key(id, 0x10), 2),
+            (l0_key(id, 0x18), 3),
+            (snapshot_key(id, 0x40), 4),
+            (l0_key(id, 0x41), 5),
+            (l0_key(id, 0x50), 6),
+        ]);
+        assert_eq!(firsts(&next_run(&c, 1, 0)), vec![1, 0x10, 0x18]);
+        // Once that run is merged, the next one starts after the snapshot.
+        c.add(Obj {
+            key: compacted_key(id, 1, 1, 0x20),
+            level: Some(1),
+            first: 1,
+            last: 0x20,
+            exact: true,
+            size: 1,
+            modified_ns: 7,
+        });
+        assert_eq!(firsts(&next_run(&c, 1, 0)), vec![0x41, 0x50]);
+        // A lone object before the gap is left at level 0; the runs after it still merge.
+        let mut c = cat(&[
+            (compacted_key(id, 1, 1, 0x17), 1),
+            (l0_key(id, 1), 1),
+            (l0_key(id, 0x10), 2),
+            (l0_key(id, 0x18), 3),
+            (snapshot_key(id, 0x40), 4),
+            (l0_key(id, 0x41), 5),
+            (l0_key(id, 0x50), 6),
+            (l0_key(id, 0x58), 7),
+        ]);
+        assert_eq!(firsts(&next_run(&c, 1, 0)), vec![0x41, 0x50, 0x58]);
+        // Level-0 ends this process knows exactly: a gap breaks the run, and an interval
+        // snapshot at a boundary the chain really continues from does not.
+        c.add(Obj {
+            key: l0_key(id, 0x60),
+            level: Some(0),
+            first: 0x60,
+            last: 0x67,
+            exact: true,
+            size: 1,
+            modified_ns: 8,
+        });
+        c.add(Obj {
+            key: snapshot_key(id, 0x67),
+            level: None,
+            first: 0x67,
+            last: 0x67,
+            exact: true,
+            size: 1,
+            modified_ns: 9,
+        });
+        c.add(Obj {
+            key: l0_key(id, 0x68),
+            level: Some(0),
+            first: 0x68,
+            last: 0x70,
+            exact: true,
+            size: 1,
+            modified_ns: 10,
+        });
+        assert_eq!(
+            firsts(&next_run(&c, 1, 0x5f)),
+            vec![0x60, 0x68],
+            "an exact end at an interval snapshot continues the run"
+        );
+        let mut g = cat(&[(l0_key(id, 1), 1)]);
+        g.levels[0][0].exact = true;
+        g.levels[0][0].last = 5;
+        g.add(Obj {
+            key: l0_key(id, 9),
+            level: Some(0),
+            first: 9,
+            last: 12,
+            exact: true,
+            size: 1,
+            modified_ns: 2,
+        });
+        g.add(Obj {
+            key: l0_key(id, 13),
+            level: Some(0),
+            first: 13,
+            last: 15,
+            exact: true,
+            size: 1,
+            modified_ns: 3,
+        });
+        assert_eq!(firsts(&next_run(&g, 1, 0)), vec![9, 13], "a gap after 5");
     }
 }

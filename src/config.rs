@@ -121,14 +121,21 @@ pub fn expand(s: &str, what: &str) -> Result<String> {
     Ok(out)
 }
 
-/// Expands `${VAR}` in every string of a YAML tree.
-fn expand_tree(v: &mut serde_norway::Value, path: &str) -> Result<()> {
+/// Expands `${VAR}` in every string of a YAML tree; `expanded` collects the strings that
+/// came out different (they hold a variable's value, perhaps a secret).
+fn expand_tree(v: &mut serde_norway::Value, path: &str, expanded: &mut Vec<String>) -> Result<()> {
     use serde_norway::Value;
     match v {
-        Value::String(s) => *s = expand(s, path)?,
+        Value::String(s) => {
+            let e = expand(s, path)?;
+            if e != *s {
+                expanded.push(e.clone());
+            }
+            *s = e;
+        }
         Value::Sequence(seq) => {
             for (i, x) in seq.iter_mut().enumerate() {
-                expand_tree(x, &format!("{path}[{i}]"))?;
+                expand_tree(x, &format!("{path}[{i}]"), expanded)?;
             }
         }
         Value::Mapping(m) => {
@@ -139,7 +146,7 @@ fn expand_tree(v: &mut serde_norway::Value, path: &str) -> Result<()> {
                 } else {
                     format!("{path}.{key}")
                 };
-                expand_tree(x, &p)?;
+                expand_tree(x, &p, expanded)?;
             }
         }
         _ => {}
@@ -163,8 +170,17 @@ impl Config {
         if tree.is_null() {
             return Ok(Config::default());
         }
-        expand_tree(&mut tree, "")?;
-        let c: Config = serde_norway::from_value(tree).map_err(|e| anyhow::anyhow!("{e}"))?;
+        let mut expanded = Vec::new();
+        expand_tree(&mut tree, "", &mut expanded)?;
+        let c: Config = serde_norway::from_value(tree).map_err(|e| {
+            // A type error quotes the value; one that came from the environment may be a
+            // secret.
+            let mut msg = e.to_string();
+            for v in expanded.iter().filter(|v| !v.is_empty()) {
+                msg = msg.replace(v.as_str(), "***");
+            }
+            anyhow::anyhow!("{msg}")
+        })?;
         c.check()?;
         Ok(c)
     }
@@ -327,6 +343,75 @@ mod tests {
         assert_eq!(c.passthrough, Some(crate::fs::Passthrough::Auto));
     }
 
+    /// The sidecar example is complete: its configuration parses, every `${VAR}` in it is
+    /// set by the sqlfs container, and the files it names are mounted there.
+    #[test]
+    fn sidecar_example_is_complete() {
+        use serde::Deserialize as _;
+        use serde_norway::Value;
+        let text = include_str!("../contrib/sidecar/pod.yaml");
+        let docs: Vec<Value> = serde_norway::Deserializer::from_str(text)
+            .map(|d| Value::deserialize(d).expect("pod.yaml is YAML"))
+            .collect();
+        let kind = |k: &str| {
+            docs.iter()
+                .find(|d| d["kind"].as_str() == Some(k))
+                .unwrap_or_else(|| panic!("no {k} in pod.yaml"))
+        };
+        let conf = kind("ConfigMap")["data"]["sqlfs.yml"]
+            .as_str()
+            .expect("the ConfigMap holds sqlfs.yml");
+        let pod = kind("Pod");
+        let sidecar = pod["spec"]["containers"]
+            .as_sequence()
+            .unwrap()
+            .iter()
+            .find(|c| c["name"].as_str() == Some("sqlfs"))
+            .expect("a container named sqlfs");
+        let env: Vec<&str> = sidecar["env"]
+            .as_sequence()
+            .unwrap()
+            .iter()
+            .filter_map(|e| e["name"].as_str())
+            .collect();
+        let mut rest = conf;
+        while let Some(i) = rest.find("${") {
+            let end = rest[i..].find('}').unwrap();
+            let var = &rest[i + 2..i + end];
+            assert!(
+                env.contains(&var),
+                "sqlfs.yml uses ${{{var}}}, which the pod does not set"
+            );
+            std::env::set_var(var, "x");
+            rest = &rest[i + end..];
+        }
+        let c = Config::parse(conf).unwrap_or_else(|e| panic!("pod.yaml's sqlfs.yml: {e:#}"));
+        let mounts: Vec<&str> = sidecar["volumeMounts"]
+            .as_sequence()
+            .unwrap()
+            .iter()
+            .filter_map(|m| m["mountPath"].as_str())
+            .collect();
+        let args: Vec<&str> = sidecar["args"]
+            .as_sequence()
+            .unwrap()
+            .iter()
+            .filter_map(|a| a.as_str())
+            .collect();
+        let conf_path = args[args.iter().position(|a| *a == "--config").unwrap() + 1];
+        let identity = c
+            .age_identity
+            .expect("an identity for --restore-if-missing");
+        for f in [Path::new(conf_path), identity.as_path()] {
+            assert!(
+                mounts.iter().any(|m| f.parent() == Some(Path::new(m))),
+                "{} is in no volume of the sqlfs container",
+                f.display()
+            );
+        }
+        assert!(c.replicas.iter().all(|r| r.url.starts_with("s3://")));
+    }
+
     #[test]
     fn clear_errors() {
         let e =
@@ -342,6 +427,17 @@ mod tests {
         let e = Config::parse("replicas:\n  - url: ftp://x\n").unwrap_err();
         assert!(format!("{e:#}").contains("replicas[0].url"), "{e:#}");
         assert_eq!(expand("a$${b}c", "x").unwrap(), "a${b}c");
+        // Values from the environment are never echoed: not in a type error, not in a URL.
+        std::env::set_var("SQLFS_TEST_SECRET", "hunter2-s3cr3t");
+        for text in [
+            "threads: ${SQLFS_TEST_SECRET}\n",
+            "replicas:\n  - url: s3://b/p?endpoint=http://k:${SQLFS_TEST_SECRET}@h:9\n",
+            "replicas:\n  - url: s3://b/p?token=${SQLFS_TEST_SECRET}\n",
+            "databases:\n  x.db:\n    replicate: ${SQLFS_TEST_SECRET}\n",
+        ] {
+            let e = format!("{:#}", Config::parse(text).unwrap_err());
+            assert!(!e.contains("hunter2"), "{text}: {e}");
+        }
         let c = Config::parse("retention: 0\nstage-limit: 1048576\n").unwrap();
         assert_eq!(c.retention.as_deref(), Some("0"));
     }

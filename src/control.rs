@@ -41,6 +41,7 @@ pub fn serve(
     backing: Arc<Backing>,
     capture: Arc<Capture>,
     shippers: Vec<Arc<Shipper>>,
+    stage_limit: u64,
 ) -> io::Result<()> {
     if let Some(d) = path.parent() {
         std::fs::create_dir_all(d)?;
@@ -55,7 +56,7 @@ pub fn serve(
                 let _ = std::thread::Builder::new()
                     .name("sqlfs-control-req".into())
                     .spawn(move || {
-                        if let Err(e) = handle(conn, &b, &c, &sh) {
+                        if let Err(e) = handle(conn, &b, &c, &sh, stage_limit) {
                             log::warn!("control request failed: {e}");
                         }
                     });
@@ -69,6 +70,7 @@ fn handle(
     b: &Backing,
     cap: &Capture,
     shippers: &[Arc<Shipper>],
+    stage_limit: u64,
 ) -> io::Result<()> {
     let mut line = String::new();
     BufReader::new(&conn).read_line(&mut line)?;
@@ -78,7 +80,7 @@ fn handle(
         ["verify", db] => inspect::verify(b, &src, (*db != "-").then_some(*db))
             .map(|(s, ok)| (s, if ok { 0 } else { 1 })),
         ["log", db] => inspect::log(b, &src, db).map(|s| (s, 0)),
-        ["status"] => Ok(status(cap, shippers)),
+        ["status"] => Ok(status(cap, shippers, stage_limit)),
         ["replay", db, txid, out] => match txid.parse() {
             Ok(t) => inspect::replay(b, &src, db, t, Path::new(out)).map(|s| (s, 0)),
             Err(_) => Ok((format!("error: bad TXID {txid}\n"), 2)),
@@ -92,8 +94,10 @@ fn handle(
 }
 
 /// Per database: its staged TXID and staging size; per replica: what it has, how far behind it
-/// is, and its last error. Exit code 1 if any replica is failing or fenced.
-fn status(cap: &Capture, shippers: &[Arc<Shipper>]) -> (String, i32) {
+/// is, and its last error. A replica that staging was folded past (it was behind while
+/// staging outgrew its hard limit) is flagged as needing a snapshot, with its true lag.
+/// Exit code 1 if any replica is failing, fenced or needs a snapshot.
+fn status(cap: &Capture, shippers: &[Arc<Shipper>], stage_limit: u64) -> (String, i32) {
     use std::fmt::Write as _;
     let mut out = String::new();
     let mut code = 0;
@@ -109,28 +113,47 @@ fn status(cap: &Capture, shippers: &[Arc<Shipper>]) -> (String, i32) {
             }
         }
     }
+    let hard = stage_limit.saturating_mul(crate::mount::STAGE_HARD_FACTOR);
     for (name, db) in cap.databases() {
         let txid = db.stage.last().map_or(0, |h| h.txid);
-        let _ = writeln!(
-            out,
-            "{name}: TXID {txid}, staged log {} KiB",
-            db.stage.log_bytes() >> 10
-        );
-        for s in shippers {
-            let pos = s.position(&db);
-            let fenced = if s.is_fenced(&db) {
-                code = 1;
-                " FENCED (another writer)"
-            } else {
-                ""
-            };
-            let _ = writeln!(
+        let bytes = db.stage.log_bytes();
+        let _ = write!(out, "{name}: TXID {txid}, staged log {} KiB", bytes >> 10);
+        let ships: Vec<&Arc<Shipper>> = shippers.iter().filter(|s| s.replicates(&name)).collect();
+        if ships.is_empty() {
+            let _ = writeln!(out, ", not replicated (replicate: false)");
+            continue;
+        }
+        let slowest = ships.iter().map(|s| s.position(&db)).min().unwrap_or(txid);
+        if bytes > stage_limit && slowest < txid {
+            let _ = write!(
                 out,
-                "  {}: TXID {pos}, {} behind, lag {:.1}s{fenced}",
+                ", over --stage-limit ({} KiB): kept for a replica that is behind, folded anyway past {} KiB",
+                stage_limit >> 10,
+                hard >> 10
+            );
+        }
+        let _ = writeln!(out);
+        for s in ships {
+            let pos = s.position(&db);
+            let _ = write!(
+                out,
+                "  {}: TXID {pos}, {} behind, lag {:.1}s",
                 s.describe(),
                 txid.saturating_sub(pos),
                 s.lag(&db).as_secs_f64()
             );
+            if s.is_fenced(&db) {
+                code = 1;
+                let _ = write!(out, ", FENCED (another writer)");
+            } else if s.needs_snapshot(&db) {
+                code = 1;
+                let _ = write!(
+                    out,
+                    ", NEEDS A SNAPSHOT: it fell behind while staging outgrew its hard limit ({} KiB) and was folded past its position; it gets the whole database when it is reachable again",
+                    hard >> 10
+                );
+            }
+            let _ = writeln!(out);
         }
     }
     (out, code)

@@ -19,13 +19,14 @@ pub fn serve(
     cap: Arc<Capture>,
     shippers: Vec<Arc<Shipper>>,
     history: Option<Arc<History>>,
+    stage_limit: u64,
 ) -> std::io::Result<()> {
     let listener = TcpListener::bind(addr)?;
     std::thread::Builder::new()
         .name("sqlfs-metrics".into())
         .spawn(move || {
             for conn in listener.incoming().flatten() {
-                if let Err(e) = answer(conn, &cap, &shippers, history.as_deref()) {
+                if let Err(e) = answer(conn, &cap, &shippers, history.as_deref(), stage_limit) {
                     log::debug!("metrics request: {e}");
                 }
             }
@@ -38,6 +39,7 @@ fn answer(
     cap: &Capture,
     shippers: &[Arc<Shipper>],
     history: Option<&History>,
+    stage_limit: u64,
 ) -> std::io::Result<()> {
     conn.set_read_timeout(Some(Duration::from_secs(5)))?;
     let mut r = BufReader::new(&conn);
@@ -49,7 +51,7 @@ fn answer(
         h.clear();
     }
     let (status, body) = if line.starts_with("GET /metrics") || line.starts_with("GET / ") {
-        ("200 OK", render(cap, shippers, history))
+        ("200 OK", render(cap, shippers, history, stage_limit))
     } else {
         ("404 Not Found", "try /metrics\n".to_string())
     };
@@ -69,8 +71,13 @@ fn label(s: &str) -> String {
         .replace('\n', "\\n")
 }
 
-/// The metrics text.
-pub fn render(cap: &Capture, shippers: &[Arc<Shipper>], history: Option<&History>) -> String {
+/// The metrics text. Per-replica series leave out databases that are not replicated.
+pub fn render(
+    cap: &Capture,
+    shippers: &[Arc<Shipper>],
+    history: Option<&History>,
+    stage_limit: u64,
+) -> String {
     let mut o = String::new();
     let dbs = cap.databases();
     let _ = writeln!(
@@ -90,28 +97,43 @@ pub fn render(cap: &Capture, shippers: &[Arc<Shipper>], history: Option<&History
             db.stage.log_bytes()
         );
     }
-    let _ = writeln!(o, "# HELP sqlfs_replica_txid Newest transaction of a database on a replica.\n# TYPE sqlfs_replica_txid gauge");
-    let _ = writeln!(o, "# HELP sqlfs_replica_lag_seconds Age of the oldest transaction a replica does not have yet.\n# TYPE sqlfs_replica_lag_seconds gauge");
-    let _ = writeln!(o, "# HELP sqlfs_replica_fenced 1 if shipping stopped because another writer owns the database there.\n# TYPE sqlfs_replica_fenced gauge");
-    for s in shippers {
-        let r = label(&s.describe());
-        for (name, db) in &dbs {
-            let d = label(name);
-            let _ = writeln!(
-                o,
-                "sqlfs_replica_txid{{db=\"{d}\",replica=\"{r}\"}} {}",
-                s.position(db)
-            );
-            let _ = writeln!(
-                o,
-                "sqlfs_replica_lag_seconds{{db=\"{d}\",replica=\"{r}\"}} {:.3}",
-                s.lag(db).as_secs_f64()
-            );
-            let _ = writeln!(
-                o,
-                "sqlfs_replica_fenced{{db=\"{d}\",replica=\"{r}\"}} {}",
-                s.is_fenced(db) as u8
-            );
+    let _ = writeln!(o, "# HELP sqlfs_stage_limit_bytes --stage-limit: staging is folded past this size, past {}x even before a lagging replica has it.\n# TYPE sqlfs_stage_limit_bytes gauge\nsqlfs_stage_limit_bytes {stage_limit}", crate::mount::STAGE_HARD_FACTOR);
+    // Each family's samples in one group, as the exposition format wants.
+    type Sample = fn(&Shipper, &crate::capture::Db) -> String;
+    let families: [(&str, &str, Sample); 4] = [
+        (
+            "sqlfs_replica_txid",
+            "Newest transaction of a database on a replica.",
+            |s, db| s.position(db).to_string(),
+        ),
+        (
+            "sqlfs_replica_lag_seconds",
+            "Age of the oldest transaction a replica does not have yet (true also once staging folded it away).",
+            |s, db| format!("{:.3}", s.lag(db).as_secs_f64()),
+        ),
+        (
+            "sqlfs_replica_fenced",
+            "1 if shipping stopped because another writer owns the database there.",
+            |s, db| (s.is_fenced(db) as u8).to_string(),
+        ),
+        (
+            "sqlfs_replica_needs_snapshot",
+            "1 if staging was folded past what a replica holds (it fell behind past the staging hard limit); its next shipment is a snapshot.",
+            |s, db| (s.needs_snapshot(db) as u8).to_string(),
+        ),
+    ];
+    for (metric, help, value) in families {
+        let _ = writeln!(o, "# HELP {metric} {help}\n# TYPE {metric} gauge");
+        for s in shippers {
+            let r = label(&s.describe());
+            for (name, db) in dbs.iter().filter(|(n, _)| s.replicates(n)) {
+                let _ = writeln!(
+                    o,
+                    "{metric}{{db=\"{}\",replica=\"{r}\"}} {}",
+                    label(name),
+                    value(s, db)
+                );
+            }
         }
     }
     let _ = writeln!(o, "# HELP sqlfs_replica_up 0 while the last shipment to a replica failed.\n# TYPE sqlfs_replica_up gauge");
@@ -123,16 +145,28 @@ pub fn render(cap: &Capture, shippers: &[Arc<Shipper>], history: Option<&History
             s.last_error().is_none() as u8
         );
     }
-    let _ = writeln!(o, "# HELP sqlfs_replica_objects_stored_total Objects stored in a replica by this process.\n# TYPE sqlfs_replica_objects_stored_total counter");
-    let _ = writeln!(o, "# HELP sqlfs_replica_bytes_stored_total Bytes stored in a replica by this process.\n# TYPE sqlfs_replica_bytes_stored_total counter");
-    for s in shippers {
-        let (n, b) = s.stored_totals();
-        let r = label(&s.describe());
-        let _ = writeln!(
-            o,
-            "sqlfs_replica_objects_stored_total{{replica=\"{r}\"}} {n}"
-        );
-        let _ = writeln!(o, "sqlfs_replica_bytes_stored_total{{replica=\"{r}\"}} {b}");
+    for (metric, help, bytes) in [
+        (
+            "sqlfs_replica_objects_stored_total",
+            "Objects stored in a replica by this process.",
+            false,
+        ),
+        (
+            "sqlfs_replica_bytes_stored_total",
+            "Bytes stored in a replica by this process.",
+            true,
+        ),
+    ] {
+        let _ = writeln!(o, "# HELP {metric} {help}\n# TYPE {metric} counter");
+        for s in shippers {
+            let (n, b) = s.stored_totals();
+            let _ = writeln!(
+                o,
+                "{metric}{{replica=\"{}\"}} {}",
+                label(&s.describe()),
+                if bytes { b } else { n }
+            );
+        }
     }
     if let Some(h) = history {
         let (n, b, whole) = h.replica_reads();

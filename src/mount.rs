@@ -42,7 +42,7 @@ pub struct CliMount {
     #[arg(long, value_parser = crate::config::parse_size)]
     pub history_cache: Option<u64>,
     /// Ship every database to this replica (repeatable): file:///path or
-    /// s3://bucket/prefix?endpoint=URL&region=R&force-path-style=true. Default: a
+    /// s3://bucket/prefix?endpoint=URL&region=R&force-path-style=true&timeout=30s. Default: a
     /// directory under the user's data directory (~/.local/share/sqlfs/replica).
     #[arg(long = "replica", value_name = "URL")]
     pub replicas: Vec<String>,
@@ -244,7 +244,7 @@ const SYNC_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// Staging may grow to this many times `--stage-limit` for a lagging replica before it is
 /// folded anyway (that replica then gets a snapshot when it comes back).
-const STAGE_HARD_FACTOR: u64 = 4;
+pub const STAGE_HARD_FACTOR: u64 = 4;
 
 /// The replicas to ship to: those given, or the embedded default directory.
 fn replica_specs(o: &MountOpts) -> Result<Vec<ReplicaSpec>> {
@@ -288,7 +288,7 @@ fn restore_missing(o: &MountOpts, data: &Path, url: &str, others: &[String]) -> 
     let reader = crate::catalog::Reader::new(client.as_ref(), opener.as_ref());
     let dbs = reader
         .databases()
-        .with_context(|| format!("--restore-if-missing: reading {url}"))?;
+        .with_context(|| format!("--restore-if-missing: reading {}", client.describe()))?;
     for (_, name) in dbs {
         let out = data.join(&name);
         if name
@@ -306,8 +306,9 @@ fn restore_missing(o: &MountOpts, data: &Path, url: &str, others: &[String]) -> 
             std::fs::create_dir_all(d)?;
         }
         log::info!(
-            "--restore-if-missing: {name} is not in {}; restoring it from {url}",
-            data.display()
+            "--restore-if-missing: {name} is not in {}; restoring it from {}",
+            data.display(),
+            client.describe()
         );
         let r = crate::restore::run(&crate::restore::RestoreOpts {
             replica: url.to_string(),
@@ -518,11 +519,13 @@ pub fn run(o: MountOpts) -> Result<()> {
     if o.sync {
         let (cap, sh) = (capture.clone(), shippers.clone());
         fs = fs.with_durability(Box::new(move |rel: &str| {
-            let Some(db) = cap.get(crate::capture::classify(rel).1) else {
+            let name = crate::capture::classify(rel).1;
+            let Some(db) = cap.get(name) else {
                 return Ok(());
             };
             let txid = db.stage.last().map_or(0, |h| h.txid);
-            for s in &sh {
+            // A database excluded from replication (`replicate: false`) waits for nothing.
+            for s in sh.iter().filter(|s| s.replicates(name)) {
                 s.wait_shipped(&db, txid, SYNC_TIMEOUT)?;
             }
             Ok(())
@@ -562,8 +565,13 @@ pub fn run(o: MountOpts) -> Result<()> {
     };
 
     let sock = crate::control::socket_path(&dir);
-    if let Err(e) = crate::control::serve(&sock, backing.clone(), capture.clone(), shippers.clone())
-    {
+    if let Err(e) = crate::control::serve(
+        &sock,
+        backing.clone(),
+        capture.clone(),
+        shippers.clone(),
+        o.stage_limit,
+    ) {
         log::warn!(
             "control socket {} unavailable ({e}); `sqlfs verify` will need the mount stopped",
             sock.display()
@@ -580,6 +588,7 @@ pub fn run(o: MountOpts) -> Result<()> {
             capture.clone(),
             shippers.clone(),
             Some(history.clone()),
+            o.stage_limit,
         )
         .with_context(|| format!("--metrics-addr {addr}"))?;
         log::info!("metrics at http://{addr}/metrics");

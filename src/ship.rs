@@ -96,6 +96,8 @@ pub struct Shipper {
     positions: Mutex<HashMap<String, u64>>,
     named: Mutex<HashSet<String>>,
     fenced: Mutex<HashSet<String>>,
+    /// Per database id: the oldest TXID this replica lacks and its commit time.
+    missing: Mutex<HashMap<String, (u64, u64)>>,
     last_error: Mutex<Option<String>>,
     /// Set (and signalled) to ship now instead of at the end of the interval.
     wake: (Mutex<bool>, Condvar),
@@ -148,6 +150,7 @@ impl Shipper {
             positions: Mutex::new(HashMap::new()),
             named: Mutex::new(HashSet::new()),
             fenced: Mutex::new(HashSet::new()),
+            missing: Mutex::new(HashMap::new()),
             last_error: Mutex::new(None),
             wake: (Mutex::new(false), Condvar::new()),
             progress: (Mutex::new(0), Condvar::new()),
@@ -244,7 +247,7 @@ impl Shipper {
     pub fn ship_all(&self) -> Result<()> {
         let mut first_err = None;
         for (name, db) in self.capture.databases() {
-            if self.rules.get(&name).and_then(|r| r.replicate) == Some(false) {
+            if !self.replicates(&name) {
                 continue;
             }
             let res = self
@@ -306,6 +309,9 @@ impl Shipper {
         let mut w = ObjectWriter::new(file, ObjKind::Segment, 0, &db.id)?;
         db.stage
             .for_each(pos, last, |h, pages| {
+                if h.txid == pos + 1 {
+                    self.remember_missing(db, h.txid, h.time_ns);
+                }
                 w.add(h, |emit| pages(emit).map_err(std::io::Error::other))
                     .map_err(|e| crate::stage::StageError::Io {
                         path: tmp.to_path_buf(),
@@ -320,6 +326,11 @@ impl Shipper {
         let key = l0_key(&db.id, pos + 1);
         let held = self.store(name, db, &key, tmp, hdr.last_txid)?;
         self.set_position(db, held)?;
+        if held != hdr.last_txid {
+            // The replica's object is an earlier attempt holding less than this one: keep no
+            // local copy, compaction must merge what the replica holds.
+            let _ = fs::remove_file(tmp);
+        }
         self.stored(db, &key, Some(0), pos + 1, held, tmp);
         log::debug!(
             "{name}: shipped TXIDs {}..={} to {}",
@@ -448,6 +459,7 @@ impl Shipper {
                 level,
                 first,
                 last,
+                exact: true,
                 size,
                 modified_ns: now_ns(),
             });
@@ -664,9 +676,19 @@ impl Shipper {
         Ok(())
     }
 
+    /// True unless the configuration excludes database `name` from replication
+    /// (`replicate: false`): such a database is captured and staged, never shipped.
+    pub fn replicates(&self, name: &str) -> bool {
+        self.rules.get(name).and_then(|r| r.replicate) != Some(false)
+    }
+
     /// Blocks until this replica holds `db` up to `txid` (shipping right away), or fails
-    /// with the replica's error, or `timeout` passes.
+    /// with the replica's error, or `timeout` passes. Returns at once for a database that is
+    /// not replicated: nothing will ever ship it.
     pub fn wait_shipped(&self, db: &Db, txid: u64, timeout: Duration) -> Result<()> {
+        if !self.replicates(&db.name()) {
+            return Ok(());
+        }
         let deadline = Instant::now() + timeout;
         loop {
             if self.position(db) >= txid {
@@ -700,21 +722,63 @@ impl Shipper {
     }
 
     /// How long the oldest transaction of `db` this replica lacks has been waiting (zero
-    /// when it has everything).
+    /// when it has everything). Still true once that transaction was folded away locally
+    /// (the replica then needs a snapshot): its commit time was remembered when it was
+    /// seen missing, or else the base's commit time bounds it (every folded transaction
+    /// committed no later than the base), so the lag is never understated as zero.
     pub fn lag(&self, db: &Db) -> Duration {
         let pos = self.position(db);
+        match self.oldest_missing_ns(db, pos) {
+            Some(t) => Duration::from_nanos(now_ns().saturating_sub(t)),
+            None => Duration::ZERO,
+        }
+    }
+
+    /// Commit time (ns) of TXID `pos + 1` of `db`, the oldest one this replica lacks, if it
+    /// lacks any.
+    fn oldest_missing_ns(&self, db: &Db, pos: u64) -> Option<u64> {
         if db.stage.last().is_none_or(|h| h.txid <= pos) {
-            return Duration::ZERO;
+            self.missing.lock().remove(&db.id);
+            return None;
+        }
+        if let Some(&(txid, t)) = self.missing.lock().get(&db.id) {
+            if txid == pos + 1 {
+                return Some(t);
+            }
         }
         let mut t = None;
         let _ = db.stage.for_each(pos, pos + 1, |h, _| {
             t = Some(h.time_ns);
             Ok(())
         });
-        // Folded away locally already: the replica waits for a snapshot; count from now.
-        t.map_or(Duration::ZERO, |t| {
-            Duration::from_nanos(now_ns().saturating_sub(t))
-        })
+        match t {
+            Some(t) => {
+                self.remember_missing(db, pos + 1, t);
+                Some(t)
+            }
+            None => {
+                let base = db.stage.base_meta().ok()?;
+                Some(if base.time_ns != 0 {
+                    base.time_ns
+                } else {
+                    now_ns()
+                })
+            }
+        }
+    }
+
+    /// Remembers the commit time of `txid`, the oldest transaction of `db` this replica
+    /// lacks, so the lag stays known after staging folds it away.
+    fn remember_missing(&self, db: &Db, txid: u64, time_ns: u64) {
+        self.missing.lock().insert(db.id.clone(), (txid, time_ns));
+    }
+
+    /// True if staging was folded past this replica's position for `db` (it outgrew its
+    /// hard limit while the replica was behind): the replica's chain cannot continue and
+    /// the next shipment starts with a snapshot.
+    pub fn needs_snapshot(&self, db: &Db) -> bool {
+        let pos = self.position(db);
+        db.stage.base_meta().is_ok_and(|b| pos < b.txid)
     }
 
     /// Objects and bytes stored in the replica by this process.

@@ -512,6 +512,172 @@ fn restore_before_the_first_snapshot() {
     }
 }
 
+/// A replica that fell so far behind that staging was folded past its position gets a
+/// snapshot and its level-0 chain restarts after it, leaving a gap. Compaction must not merge
+/// across that gap (the level-0 segment before it looks, from the keys alone, as if it ended
+/// at the snapshot): both sides are compacted, no error is logged, every TXID the replica
+/// holds restores as before, and the TXIDs in the gap are refused clearly.
+#[test]
+fn compaction_continues_after_a_forced_snapshot() {
+    let seed = seed_for("compaction_continues_after_a_forced_snapshot");
+    // Phase 1: no compaction yet (so the level-0 objects before the gap are still there when
+    // the gap appears), a small staging limit so a lagging replica is folded past.
+    let (mut fx, rdir, url) = fixture(
+        "lvl-gap",
+        &[
+            "--compaction",
+            "1h",
+            "--retention",
+            "0",
+            "--snapshot-interval",
+            "0",
+        ],
+    );
+    fx.opts.stage_limit = Some(64 << 10);
+    fx.mount();
+    let db = "gap.db";
+    drop(fresh_db(&fx.path(db), "WAL"));
+    let mut d = Driver::open(&fx.path(db), 1, seed, DriverCfg::default());
+    for _ in 0..4 {
+        for _ in 0..3 {
+            d.random_txn().unwrap();
+        }
+        sleep_ms(500);
+    }
+    let pre_end = wait_shipped(&fx, &rdir, db);
+    let id = db_id(&rdir, db);
+    assert!(
+        segments(&rdir, &id).len() >= 2,
+        "expected several level-0 objects before the gap"
+    );
+    assert_eq!(
+        restore_vs_replay(&url, &fx.mnt, db, Some(pre_end), &fx.scratch),
+        pre_end
+    );
+    // What each TXID before the gap restores to from the plain level-0 chain.
+    let refs: Vec<(u64, PathBuf)> = (1..=pre_end)
+        .map(|t| {
+            let out = fx.scratch_path(&format!("ref-{t}.db"));
+            assert_eq!(restore_ok(&url, db, &out, Some(t)), t);
+            (t, out)
+        })
+        .collect();
+
+    // The replica stops taking objects; large transactions push staging past its hard limit
+    // (4 x --stage-limit), so it is folded past the replica's position.
+    let away = break_replica(&rdir);
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let mut big = 0;
+    let base = loop {
+        if let Some((b, ..)) = staged_log(&fx.mnt, db).base.filter(|b| b.0 > pre_end) {
+            break b;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "staging was not folded past the lagging replica after {big} large transactions:\n{}",
+            fx.daemon_logs()
+        );
+        if big < 12 {
+            d.big_txn(3 << 20).unwrap();
+            d.random_txn().unwrap();
+            big += 1;
+            if big % 2 == 0 {
+                d.exec("PRAGMA wal_checkpoint(TRUNCATE)");
+            }
+        } else {
+            sleep_ms(200);
+        }
+    };
+    drop(d);
+    fx.unmount();
+    eprintln!("shipped up to TXID {pre_end}; staging folded to {base} meanwhile");
+
+    // Phase 2: the replica is back; compaction every second, nothing folded any more.
+    fix_replica(&rdir, &away);
+    fx.opts.stage_limit = Some(1 << 30);
+    fx.opts.extra_args = args(&[
+        "--compaction",
+        "1s",
+        "--retention",
+        "0",
+        "--snapshot-interval",
+        "0",
+    ]);
+    fx.mount();
+    let mut d = Driver::open(&fx.path(db), 1, seed ^ 1, DriverCfg::default());
+    for _ in 0..4 {
+        for _ in 0..2 {
+            d.random_txn().unwrap();
+        }
+        sleep_ms(500);
+    }
+    drop(d);
+    let last = wait_shipped(&fx, &rdir, db);
+    let snaps = snapshots(&rdir, &id);
+    let snap = snaps
+        .iter()
+        .map(|s| s.key_txid)
+        .find(|&t| t > pre_end)
+        .unwrap_or_else(|| panic!("no snapshot after the gap: {snaps:?}"));
+    assert!(snap >= base, "snapshot at {snap}, staging base {base}");
+    wait_until(
+        "level-1 objects on both sides of the gap",
+        Duration::from_secs(60),
+        || {
+            let l1 = compacted(&rdir, &id, 1);
+            l1.iter().any(|o| o.first == 1) && l1.iter().any(|o| o.first > snap)
+        },
+    );
+    let l1 = compacted(&rdir, &id, 1);
+    eprintln!(
+        "level 1: {:?}",
+        l1.iter().map(|o| (o.first, o.last)).collect::<Vec<_>>()
+    );
+    for o in &l1 {
+        assert!(
+            o.last <= pre_end || o.first > snap,
+            "{:?} spans the gap {}..={snap}",
+            o.path,
+            pre_end + 1
+        );
+    }
+    assert_eq!(
+        l1.iter().find(|o| o.first == 1).map(|o| o.last),
+        Some(pre_end),
+        "the run before the gap ends where the replica's chain ended"
+    );
+    let log = fx.last_daemon_log();
+    assert!(
+        !log.contains("compacting into level") && !log.contains("retrying in"),
+        "compaction or shipping failed:\n{log}"
+    );
+    fx.unmount();
+
+    // Every TXID the replica holds restores: before the gap as it did from level 0 alone,
+    // from the snapshot on as staging replays it.
+    let dir = fx.cli_dir();
+    for (t, want) in &refs {
+        let out = fx.scratch_path("after.db");
+        let _ = fs::remove_file(&out);
+        assert_eq!(restore_ok(&url, db, &out, Some(*t)), *t);
+        assert_same_bytes(want, &out, &format!("TXID {t} before and after compaction"));
+    }
+    for t in snap..=last {
+        restore_vs_replay(&url, &dir, db, Some(t), &fx.scratch);
+    }
+    assert_eq!(restore_vs_replay(&url, &dir, db, None, &fx.scratch), last);
+    // The transactions folded away before the replica got them are not in it, and a
+    // restore says so.
+    for t in [pre_end + 1, snap - 1] {
+        if t > pre_end && t < snap {
+            let out = fx.scratch_path("gap.db");
+            let o = restore_with(&url, db, &out, &["--txid", &t.to_string()]);
+            assert_restore_fails(&o, &out, &format!("TXID {t} in the gap"));
+            assert_says(&o, "not in the replica", &format!("TXID {t} in the gap"));
+        }
+    }
+}
+
 // ---------------------------------------------------------------------------------------
 // 2. Restore by timestamp
 // ---------------------------------------------------------------------------------------

@@ -1339,6 +1339,55 @@ fn sync_commit_is_on_the_replica_when_fsync_returns() {
     fx.unmount();
 }
 
+/// With `--sync`, a database the configuration excludes from replication (`replicate:
+/// false`) waits for no replica: its commits return like any unsynced commit (rather than
+/// waiting a minute for shipping that never comes, then failing with EIO), while a
+/// replicated database of the same mount is on the replica when its commit returns.
+#[test]
+fn sync_does_not_wait_for_databases_not_replicated() {
+    let mut rng =
+        StdRng::seed_from_u64(seed_for("sync_does_not_wait_for_databases_not_replicated"));
+    let (mut fx, dirs) = fixture("syncskip", &["r"]);
+    let url = file_url(&dirs[0]);
+    fx.opts.sync_interval = Some("60s".into());
+    fx.opts.sync = true;
+    let conf = fx.scratch_path("sqlfs.yml");
+    fs::write(
+        &conf,
+        "databases:\n  local.db:\n    replicate: false\n  local-rb.db:\n    replicate: false\n",
+    )
+    .unwrap();
+    fx.opts.extra_args = vec!["--config".into(), conf.display().to_string()];
+    fx.mount();
+    let out = fx.scratch_path("restored.db");
+    let local = sync_open(&fx, "local.db", "WAL", "FULL");
+    let local_rb = sync_open(&fx, "local-rb.db", "TRUNCATE", "FULL");
+    let app = sync_open(&fx, "app.db", "WAL", "FULL");
+    for id in 1..=5 {
+        // These fail with a disk I/O error if the fsync waits for a replica.
+        sync_commit(&local, id, &mut rng);
+        sync_commit(&local_rb, id, &mut rng);
+        sync_commit(&app, id, &mut rng);
+        let t = restore_ok(&url, "app.db", &out, None);
+        assert_eq!(
+            sync_rows(&out),
+            (id, id),
+            "app.db: with --sync, a restore right after the commit of row {id} (restored TXID {t}) does not hold it"
+        );
+    }
+    drop((local, local_rb, app));
+    for db in ["local.db", "local-rb.db"] {
+        assert!(last_staged(&fx.mnt, db) > 0, "{db} was not captured");
+        assert!(
+            replica_db_id(&dirs[0], db).is_none(),
+            "{db} is in the replica though replicate: false"
+        );
+    }
+    assert!(fx.daemon_running());
+    assert_log_no_panic(&fx.last_daemon_log(), "mount --sync with replicate: false");
+    fx.unmount();
+}
+
 /// In journal_mode=DELETE a commit becomes durable when the journal is unlinked, after the
 /// last fsync of the database file; at synchronous=EXTRA the app then fsyncs the directory.
 /// With `--sync`, that directory fsync should return only once the replica has the commit.
@@ -1367,4 +1416,298 @@ fn sync_commit_in_delete_journal_mode() {
     }
     drop(c);
     fx.unmount();
+}
+
+// ---------------------------------------------------------------------------------------
+// 9. `sqlfs status` and metrics of a replica that falls behind
+// ---------------------------------------------------------------------------------------
+
+/// `sqlfs status DIR`: (stdout, exit code); it must not fail otherwise.
+fn status(mnt: &Path) -> (String, i32) {
+    let o = sqlfs_cli(&["status".into(), mnt.as_os_str().to_os_string()]);
+    assert_no_panic(&o);
+    let code = o.status.code().unwrap_or(-1);
+    assert!(code == 0 || code == 1, "sqlfs status:\n{}", o.describe());
+    (o.stdout, code)
+}
+
+/// The line of `status` output that starts (after indentation) with `prefix`.
+fn status_line<'a>(text: &'a str, prefix: &str) -> &'a str {
+    text.lines()
+        .find(|l| l.trim_start().starts_with(prefix))
+        .unwrap_or_else(|| panic!("no line starting with {prefix:?} in:\n{text}"))
+}
+
+/// True if a line of `status` output starts (after indentation) with `prefix` and contains
+/// `needle`.
+fn has_line(text: &str, prefix: &str, needle: &str) -> bool {
+    text.lines()
+        .any(|l| l.trim_start().starts_with(prefix) && l.contains(needle))
+}
+
+/// The lag in seconds shown in a replica line of `status` ("…, lag 12.3s…").
+fn status_lag(line: &str) -> f64 {
+    line.split("lag ")
+        .nth(1)
+        .and_then(|r| r.split('s').next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("no lag in {line:?}"))
+}
+
+/// A value of the metrics text, by the start of its line.
+fn metric_value(body: &str, prefix: &str) -> Option<f64> {
+    body.lines()
+        .find(|l| l.starts_with(prefix))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+}
+
+/// `sqlfs status` (and the metrics) of a mount with two replicas, one of which falls behind
+/// until staging is folded past it: each replica's position, lag and last error; the one
+/// that fell behind is flagged as needing a snapshot with its true lag (not zero because its
+/// oldest missing transaction was folded away), while the other keeps up; a database the
+/// configuration does not replicate says so. Once the replica is back, all is well again.
+#[test]
+fn status_shows_a_replica_that_needs_a_snapshot() {
+    let seed = seed_for("status_shows_a_replica_that_needs_a_snapshot");
+    let (mut fx, dirs) = fixture("status", &["a", "b"]);
+    let (a, b) = (dirs[0].clone(), dirs[1].clone());
+    let (url_a, url_b) = (file_url(&a), file_url(&b));
+    fx.opts.stage_limit = Some(64 << 10);
+    let conf = fx.scratch_path("sqlfs.yml");
+    fs::write(&conf, "databases:\n  local.db:\n    replicate: false\n").unwrap();
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    fx.opts.extra_args = vec![
+        "--config".into(),
+        conf.display().to_string(),
+        "--metrics-addr".into(),
+        format!("127.0.0.1:{port}"),
+    ];
+    fx.mount();
+    let db = "app.db";
+    drop(fresh_db(&fx.path(db), "WAL"));
+    drop(fresh_db(&fx.path("local.db"), "WAL"));
+    let mut d = Driver::open(&fx.path(db), 1, seed, DriverCfg::default());
+    for _ in 0..5 {
+        d.random_txn().unwrap();
+    }
+    let last = wait_shipped(&fx, &a, db);
+    wait_shipped(&fx, &b, db);
+
+    // Everything shipped: exit 0, both replicas up to date, local.db not replicated.
+    let deadline = Instant::now() + COVER_TIMEOUT;
+    let text = loop {
+        let (text, code) = status(&fx.mnt);
+        let caught_up = [&url_a, &url_b]
+            .iter()
+            .all(|u| has_line(&text, &format!("{u}: TXID {last},"), ", 0 behind, lag 0.0s"));
+        if code == 0 && caught_up {
+            break text;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "status never showed both replicas caught up at TXID {last}:\n{text}"
+        );
+        sleep_ms(100);
+    };
+    for u in [&url_a, &url_b] {
+        assert_eq!(
+            status_line(&text, &format!("replica {u}:")).trim(),
+            format!("replica {u}: ok")
+        );
+    }
+    assert!(status_line(&text, &format!("{db}: TXID {last},")).contains("staged log"));
+    assert!(
+        status_line(&text, "local.db: TXID").contains("not replicated"),
+        "{text}"
+    );
+    assert!(
+        !text.contains("NEEDS A SNAPSHOT") && !text.contains("FAILING"),
+        "{text}"
+    );
+
+    // Replica b stops taking objects. The first transaction it lacks is committed at
+    // `missing_since` at the latest; large transactions then push staging past its hard limit,
+    // so it is folded past b's position.
+    let away = break_replica(&b);
+    d.random_txn().unwrap();
+    let missing_since = Instant::now();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let mut big = 0;
+    loop {
+        if staged_log(&fx.mnt, db).base.is_some_and(|b| b.0 > last) {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "staging was not folded past the broken replica after {big} large transactions:\n{}",
+            fx.daemon_logs()
+        );
+        if big < 12 {
+            d.big_txn(3 << 20).unwrap();
+            big += 1;
+            if big % 2 == 0 {
+                d.exec("PRAGMA wal_checkpoint(TRUNCATE)");
+            }
+        } else {
+            sleep_ms(200);
+        }
+    }
+    let now_last = last_staged(&fx.mnt, db);
+    wait_replica_covers(&a, db, now_last, COVER_TIMEOUT).unwrap_or_else(|e| panic!("{e}"));
+    let deadline = Instant::now() + COVER_TIMEOUT;
+    let (text, code, asked) = loop {
+        let asked = missing_since.elapsed().as_secs_f64();
+        let (text, code) = status(&fx.mnt);
+        let a_ok = has_line(&text, &format!("{url_a}: TXID"), ", 0 behind,");
+        if text.contains("NEEDS A SNAPSHOT") && a_ok {
+            break (text, code, asked);
+        }
+        assert!(
+            Instant::now() < deadline,
+            "status never flagged {url_b} as needing a snapshot while {url_a} kept up:\n{text}"
+        );
+        sleep_ms(200);
+    };
+    eprintln!("{text}");
+    assert_eq!(
+        code, 1,
+        "status exits 1 while a replica needs a snapshot:\n{text}"
+    );
+    assert!(
+        status_line(&text, &format!("replica {url_b}:")).contains("FAILING"),
+        "{text}"
+    );
+    assert_eq!(
+        status_line(&text, &format!("replica {url_a}:")).trim(),
+        format!("replica {url_a}: ok")
+    );
+    let line_b = status_line(&text, &format!("{url_b}: TXID {last},"));
+    assert!(line_b.contains("NEEDS A SNAPSHOT"), "{text}");
+    let lag = status_lag(line_b);
+    assert!(lag > 0.0, "{text}");
+    assert!(
+        lag + 0.2 >= asked,
+        "{url_b}: lag {lag}s, yet its oldest missing transaction committed over {asked:.1}s before status was asked:\n{text}"
+    );
+    let line_a = status_line(&text, &format!("{url_a}: TXID"));
+    assert!(!line_a.contains("NEEDS"), "{text}");
+    // The metrics say the same.
+    let (st, body) = common::s3server::http_get(port, "/metrics").unwrap();
+    let body = String::from_utf8_lossy(&body).into_owned();
+    assert_eq!(st, 200, "{body}");
+    let series = |m: &str, u: &str| format!("{m}{{db=\"{db}\",replica=\"{u}\"}}");
+    assert_eq!(
+        metric_value(&body, &series("sqlfs_replica_needs_snapshot", &url_b)),
+        Some(1.0),
+        "{body}"
+    );
+    assert_eq!(
+        metric_value(&body, &series("sqlfs_replica_needs_snapshot", &url_a)),
+        Some(0.0),
+        "{body}"
+    );
+    let mlag = metric_value(&body, &series("sqlfs_replica_lag_seconds", &url_b)).expect(&body);
+    // Asked later; status rounds to tenths.
+    assert!(
+        mlag + 0.05 >= lag,
+        "metrics lag {mlag} < status lag {lag}:\n{body}"
+    );
+    assert!(
+        !body.contains("db=\"local.db\",replica="),
+        "per-replica series of a database that is not replicated:\n{body}"
+    );
+
+    // b is back: it gets a snapshot and catches up; status is all clear.
+    fix_replica(&b, &away);
+    d.random_txn().unwrap();
+    drop(d);
+    let last = wait_shipped(&fx, &b, db);
+    let deadline = Instant::now() + COVER_TIMEOUT;
+    loop {
+        let (text, code) = status(&fx.mnt);
+        let clear = [&url_a, &url_b]
+            .iter()
+            .all(|u| has_line(&text, &format!("{u}: TXID {last},"), ", 0 behind, lag 0.0s"));
+        if code == 0 && clear && !text.contains("NEEDS") && !text.contains("FAILING") {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "status did not clear after {url_b} caught up:\n{text}"
+        );
+        sleep_ms(200);
+    }
+    assert!(!snapshots(&b, &replica_db_id(&b, db).unwrap()).is_empty());
+    fx.unmount();
+}
+
+// ---------------------------------------------------------------------------------------
+// 10. The embedded default replica
+// ---------------------------------------------------------------------------------------
+
+/// Without any replica configured, a mount ships to the embedded default replica under the
+/// user's data directory (`$XDG_DATA_HOME`, else `$HOME/.local/share`, an empty variable
+/// being no variable) and says at startup that it does not protect against losing the
+/// machine; what it ships there restores.
+#[test]
+fn embedded_default_replica_with_its_startup_note() {
+    let seed = seed_for("embedded_default_replica_with_its_startup_note");
+    let mut fx = Fixture::new("defrep", false);
+    fx.opts.replicas = Some(Vec::new());
+    fx.opts.sync_interval = Some(SYNC.into());
+    let db = "app.db";
+    let home = fx.scratch_path("home");
+    fs::create_dir_all(&home).unwrap();
+    let xdg = fx.scratch_path("xdg");
+    let runs = [
+        (
+            vec![
+                ("XDG_DATA_HOME", xdg.display().to_string()),
+                ("HOME", home.display().to_string()),
+            ],
+            xdg.join("sqlfs/replica"),
+        ),
+        (
+            vec![
+                ("XDG_DATA_HOME", String::new()),
+                ("HOME", home.display().to_string()),
+            ],
+            home.join(".local/share/sqlfs/replica"),
+        ),
+    ];
+    for (i, (env, r)) in runs.iter().enumerate() {
+        fx.opts.env = env
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.clone()))
+            .collect();
+        fx.mount();
+        let log = fx.last_daemon_log();
+        assert!(
+            log.contains("no --replica given")
+                && log.contains(&r.display().to_string())
+                && log.contains("does not protect against losing this machine"),
+            "no startup note naming the default replica {}:\n{log}",
+            r.display()
+        );
+        if i == 0 {
+            drop(fresh_db(&fx.path(db), "WAL"));
+        }
+        let mut d = Driver::open(&fx.path(db), 1, seed + i as u64, DriverCfg::default());
+        for _ in 0..10 {
+            d.random_txn().unwrap();
+        }
+        drop(d);
+        let last = wait_shipped(&fx, r, db);
+        assert_chain(r, db);
+        assert_eq!(
+            restore_vs_replay(&file_url(r), &fx.mnt, db, None, &fx.scratch),
+            last
+        );
+        fx.unmount();
+    }
 }

@@ -257,6 +257,71 @@ fn s3_bad_urls_are_refused_clearly() {
     }
 }
 
+/// Secrets put where they do not belong in a replica URL (user information, a signed
+/// endpoint, an unknown parameter), straight or through `${VAR}` in the configuration, are
+/// refused without being echoed; the bucket, prefix and endpoint host stay readable.
+#[test]
+fn s3_url_errors_never_show_secrets() {
+    for url in [
+        "s3://AKIAEXAMPLE:hunter2@bk/pre",
+        "s3://bk/pre?endpoint=http://k:hunter2@127.0.0.1:9000&region=eu-west-1",
+        "s3://bk/pre?endpoint=http://127.0.0.1:9000&secret-key=hunter2",
+        "s3://bk/pre?endpoint=http://127.0.0.1:9000/?X-Amz-Signature=hunter2&timeout=never",
+    ] {
+        let fx = Fixture::new("s3secret", false);
+        let r = sqlfs_cli(&[
+            "mount".into(),
+            fx.mnt.clone().into(),
+            "--replica".into(),
+            url.into(),
+        ]);
+        assert!(
+            !r.ok() && !r.stderr.contains("panicked"),
+            "{url}: {}",
+            r.describe()
+        );
+        let all = format!("{}{}", r.stdout, r.stderr);
+        assert!(
+            !all.contains("hunter2"),
+            "{url}: a secret in the error:\n{all}"
+        );
+        assert!(all.contains("bad replica URL"), "{url}: {all}");
+        if !url.contains('@') {
+            assert!(
+                all.contains("s3://bk/pre") && all.contains("127.0.0.1:9000"),
+                "{url}: bucket, prefix and endpoint host should stay readable:\n{all}"
+            );
+        }
+        // The same through the configuration file and an environment variable.
+        let conf = fx.scratch_path("sqlfs.yml");
+        std::fs::write(
+            &conf,
+            format!(
+                "dir: {}\nreplicas:\n  - url: ${{SQLFS_TEST_URL}}\n",
+                fx.mnt.display()
+            ),
+        )
+        .unwrap();
+        let mut c = Command::new(BIN);
+        c.arg("mount")
+            .arg("--config")
+            .arg(&conf)
+            .env("SQLFS_TEST_URL", url);
+        let r = run_cmd(c, CLI_TIMEOUT);
+        assert!(
+            !r.ok() && !r.stderr.contains("panicked"),
+            "{url}: {}",
+            r.describe()
+        );
+        assert!(
+            !format!("{}{}", r.stdout, r.stderr).contains("hunter2"),
+            "{url} via the configuration: a secret in the error:\n{}",
+            r.describe()
+        );
+        assert!(r.stderr.contains("replicas[0].url"), "{}", r.describe());
+    }
+}
+
 /// An encrypted replica on the S3-compatible server: a random workload shipped in several
 /// objects, then with the mount stopped every object in the bucket is encrypted, a restore
 /// with the identity is the live database and the replay of sampled TXIDs, and a restore
@@ -395,4 +460,260 @@ fn s3_encrypted_replica_round_trip() {
     let o = restore_with(&url, db, &out, None, false, None);
     assert_restore_fails(&o, &out, "restore without --age-identity");
     assert_says(&o, "--age-identity", "restore without --age-identity");
+}
+
+/// `sqlfs status DIR` output (it must answer).
+fn status_text(fx: &Fixture) -> String {
+    let o = sqlfs_cli(&["status".into(), fx.mnt.as_os_str().to_os_string()]);
+    assert!(!o.stderr.contains("panicked"), "{}", o.describe());
+    assert!(
+        o.status.code().is_some_and(|c| c == 0 || c == 1),
+        "{}",
+        o.describe()
+    );
+    o.stdout
+}
+
+/// A store that stops answering (frozen with SIGSTOP: connections are accepted, nothing is
+/// ever answered) must become an error the shipper reports and retries, not a request that
+/// hangs forever: `sqlfs status` shows the replica failing with a timeout (the URL's
+/// `timeout=` shortens the wait for the test). Once the store answers again, everything
+/// reaches it.
+#[test]
+fn s3_store_that_stops_answering_is_a_timeout_not_a_hang() {
+    s3_test_credentials();
+    let srv = S3Server::start("hang");
+    let url = format!("{}&timeout=2s", srv.url("hang", "p"));
+    let mut fx = Fixture::new("s3hang", false);
+    fx.opts.replicas = Some(vec![url.clone()]);
+    fx.opts.sync_interval = Some("200ms".into());
+    fx.mount();
+    writes(&fx, "app.db", 1, 30);
+    wait_replicated(
+        &fx,
+        &url,
+        "app.db",
+        last_txid(&fx, "app.db"),
+        Duration::from_secs(60),
+    );
+    srv.pause();
+    writes(&fx, "app.db", 1000, 10);
+    let deadline = Instant::now() + Duration::from_secs(120);
+    let text = loop {
+        let text = status_text(&fx);
+        let failing = text
+            .lines()
+            .find(|l| l.starts_with("replica s3://"))
+            .is_some_and(|l| l.contains("FAILING") && l.to_lowercase().contains("timeout"));
+        if failing {
+            break text;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the replica of a frozen store never failed with a timeout:\n{text}\ndaemon:\n{}",
+            fx.daemon_logs()
+        );
+        sleep_ms(500);
+    };
+    eprintln!("{text}");
+    assert!(
+        !text.contains("test-secret"),
+        "a secret in the status:\n{text}"
+    );
+    assert!(fx.daemon_running());
+    srv.resume();
+    writes(&fx, "app.db", 2000, 5);
+    let last = last_txid(&fx, "app.db");
+    wait_replicated(&fx, &url, "app.db", last, Duration::from_secs(120));
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while status_text(&fx).contains("FAILING") {
+        assert!(
+            Instant::now() < deadline,
+            "status still failing after the store came back:\n{}",
+            status_text(&fx)
+        );
+        sleep_ms(300);
+    }
+    fx.unmount();
+}
+
+/// A file replica and an S3 replica on one mount progress each on its own: while the store is
+/// frozen (SIGSTOP), the file replica keeps receiving every transaction and `sqlfs status`
+/// shows the S3 replica behind; once the store answers again it catches up, and both
+/// replicas restore the staged state.
+#[test]
+fn s3_and_file_replicas_progress_independently() {
+    s3_test_credentials();
+    let srv = S3Server::start("mixed");
+    let s3url = srv.url("mixed", "m");
+    let mut fx = Fixture::new("s3mixed", false);
+    let fdir = fx.scratch_path("file-replica");
+    let furl = common::replica::file_url(&fdir);
+    fx.opts.replicas = Some(vec![s3url.clone(), furl.clone()]);
+    fx.opts.sync_interval = Some("200ms".into());
+    fx.mount();
+    writes(&fx, "app.db", 1, 30);
+    let first = last_txid(&fx, "app.db");
+    wait_replicated(&fx, &s3url, "app.db", first, Duration::from_secs(60));
+    common::replica::wait_replica_covers(&fdir, "app.db", first, Duration::from_secs(60))
+        .unwrap_or_else(|e| panic!("{e}"));
+
+    srv.pause();
+    let mut last = first;
+    for round in 0..3 {
+        writes(&fx, "app.db", 1000 + round * 100, 10);
+        last = last_txid(&fx, "app.db");
+        common::replica::wait_replica_covers(&fdir, "app.db", last, Duration::from_secs(30))
+            .unwrap_or_else(|e| panic!("round {round}, the store frozen: {e}"));
+    }
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let text = loop {
+        let text = status_text(&fx);
+        let file_ok = text.lines().any(|l| {
+            l.trim_start()
+                .starts_with(&format!("{furl}: TXID {last}, 0 behind"))
+        });
+        if file_ok {
+            break text;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "status does not show the file replica up to date:\n{text}"
+        );
+        sleep_ms(200);
+    };
+    let s3_line = text
+        .lines()
+        .find(|l| l.trim_start().starts_with("s3://mixed/m"))
+        .unwrap_or_else(|| panic!("no S3 replica line:\n{text}"));
+    let held: u64 = s3_line
+        .split("TXID ")
+        .nth(1)
+        .and_then(|r| r.split(',').next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("{s3_line}"));
+    assert!(
+        held < last,
+        "the frozen store holds TXID {held} of {last}:\n{text}"
+    );
+
+    srv.resume();
+    let from_s3 = wait_replicated(&fx, &s3url, "app.db", last, Duration::from_secs(120));
+    let from_file = fx.scratch_path("from-file.db");
+    let r = restore(&furl, "app.db", &from_file, None);
+    assert!(r.ok(), "{}", r.describe());
+    let staged = fx.scratch_path("staged.db");
+    replay(&fx.cli_dir(), "app.db", last, &staged);
+    let want = as_restored(std::fs::read(&staged).unwrap());
+    assert!(
+        std::fs::read(&from_s3).unwrap() == want,
+        "S3 restore differs"
+    );
+    assert!(
+        std::fs::read(&from_file).unwrap() == want,
+        "file restore differs"
+    );
+    fx.unmount();
+}
+
+/// A TCP relay to `port` on loopback that counts the bytes its clients send.
+struct Relay {
+    port: u16,
+    sent: std::sync::Arc<std::sync::atomic::AtomicU64>,
+}
+
+impl Relay {
+    fn start(to: u16) -> Relay {
+        use std::io::{Read, Write};
+        use std::net::{Shutdown, TcpListener, TcpStream};
+        use std::sync::atomic::Ordering;
+        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = l.local_addr().unwrap().port();
+        let sent = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let counter = sent.clone();
+        std::thread::spawn(move || {
+            for c in l.incoming().flatten() {
+                let Ok(s) = TcpStream::connect(("127.0.0.1", to)) else {
+                    continue;
+                };
+                let (mut c_in, mut s_out) = (c.try_clone().unwrap(), s.try_clone().unwrap());
+                let counter = counter.clone();
+                std::thread::spawn(move || {
+                    let mut buf = vec![0u8; 64 << 10];
+                    while let Ok(n) = c_in.read(&mut buf) {
+                        if n == 0 || s_out.write_all(&buf[..n]).is_err() {
+                            break;
+                        }
+                        counter.fetch_add(n as u64, Ordering::SeqCst);
+                    }
+                    let _ = s_out.shutdown(Shutdown::Write);
+                });
+                let (mut s_in, mut c_out) = (s, c);
+                std::thread::spawn(move || {
+                    let _ = std::io::copy(&mut s_in, &mut c_out);
+                    let _ = c_out.shutdown(Shutdown::Write);
+                });
+            }
+        });
+        Relay { port, sent }
+    }
+
+    fn sent(&self) -> u64 {
+        self.sent.load(std::sync::atomic::Ordering::SeqCst)
+    }
+}
+
+/// An idle mount costs no requests: once what was written is shipped and compacted, the
+/// mount sends nothing at all to the store (counted by a relay in front of it) over many
+/// sync and compaction intervals; the next write is shipped again.
+#[test]
+fn s3_idle_mount_sends_no_requests() {
+    s3_test_credentials();
+    let srv = shared("idle");
+    let relay = Relay::start(srv.port);
+    let through = format!(
+        "s3://idle/p?endpoint=http://127.0.0.1:{}&region=us-east-1&force-path-style=true",
+        relay.port
+    );
+    let direct = srv.url("idle", "p");
+    let mut fx = Fixture::new("s3idle", false);
+    fx.opts.replicas = Some(vec![through]);
+    fx.opts.sync_interval = Some("200ms".into());
+    fx.opts.extra_args = vec!["--compaction".into(), "1s".into()];
+    fx.mount();
+    for round in 0..3 {
+        writes(&fx, "app.db", 1 + round * 100, 10);
+        sleep_ms(400);
+    }
+    let last = last_txid(&fx, "app.db");
+    wait_replicated(&fx, &direct, "app.db", last, Duration::from_secs(60));
+    // Let the shipments and the compaction they make due finish.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let mut before = relay.sent();
+    loop {
+        sleep_ms(3000);
+        let now = relay.sent();
+        if now == before {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the mount never went quiet: {now} bytes sent to the store"
+        );
+        before = now;
+    }
+    assert!(before > 0, "nothing went through the relay");
+    // Idle: many sync (200 ms) and compaction (1 s) intervals without a byte.
+    sleep_ms(6000);
+    assert_eq!(
+        relay.sent(),
+        before,
+        "an idle mount sent requests to the store"
+    );
+    // The next write is shipped through the relay again.
+    writes(&fx, "app.db", 1000, 3);
+    let last = last_txid(&fx, "app.db");
+    wait_replicated(&fx, &direct, "app.db", last, Duration::from_secs(60));
+    assert!(relay.sent() > before);
+    fx.unmount();
 }

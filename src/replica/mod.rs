@@ -26,7 +26,8 @@ pub enum ReplicaError {
         key: String,
         err: io::Error,
     },
-    #[error("bad replica URL {url}: {why}")]
+    /// `url` is shown through [`redact_url`]: never a credential.
+    #[error("bad replica URL {}: {why}", redact_url(url))]
     BadUrl { url: String, why: String },
 }
 
@@ -133,7 +134,7 @@ impl ReplicaClient for Counted {
 }
 
 /// Opens the replica named by `url`: `file:///path` (or a plain absolute path) or
-/// `s3://bucket/prefix?endpoint=URL&region=R&force-path-style=true`.
+/// `s3://bucket/prefix?endpoint=URL&region=R&force-path-style=true&timeout=30s`.
 pub fn open(url: &str) -> Result<Box<dyn ReplicaClient>> {
     let bad = |why: &str| ReplicaError::BadUrl {
         url: url.to_string(),
@@ -153,19 +154,96 @@ pub fn open(url: &str) -> Result<Box<dyn ReplicaClient>> {
     if url.starts_with("s3://") {
         return Ok(Box::new(S3Replica::open(url)?));
     }
+    if url
+        .split_once("://")
+        .is_some_and(|(_, r)| r.split(['/', '?']).next().is_some_and(|a| a.contains('@')))
+    {
+        return Err(bad("credentials do not belong in a replica URL"));
+    }
     Err(bad(
         "unknown scheme (supported: file:///path, s3://bucket/prefix)",
     ))
 }
 
-/// The embedded default replica: a directory under the user's data directory.
+/// Query parameters whose values are shown as they are; every other value is hidden.
+const PLAIN_PARAMS: [&str; 3] = ["region", "force-path-style", "timeout"];
+
+/// `url` as logs and errors may show it: the scheme, host, bucket and path stay readable;
+/// user information (`user:password@`) and the values of query parameters that may carry a
+/// secret become `***`. An `endpoint=` value is itself shown redacted.
+pub fn redact_url(url: &str) -> String {
+    let (scheme, rest) = match url.split_once("://") {
+        Some((s, r)) => (format!("{s}://"), r),
+        None => (String::new(), url),
+    };
+    let (main, query) = match rest.split_once('?') {
+        Some((m, q)) => (m, Some(q)),
+        None => (rest, None),
+    };
+    let auth_end = main.find('/').unwrap_or(main.len());
+    let (authority, path) = main.split_at(auth_end);
+    let authority = match authority.rsplit_once('@') {
+        Some((_, host)) => format!("***@{host}"),
+        None => authority.to_string(),
+    };
+    let mut out = format!("{scheme}{authority}{path}");
+    if let Some(q) = query {
+        let params: Vec<String> = q
+            .split('&')
+            .map(|kv| match kv.split_once('=') {
+                Some((k, v)) if k == "endpoint" => format!("{k}={}", redact_url(v)),
+                Some((k, v)) if PLAIN_PARAMS.contains(&k) => format!("{k}={v}"),
+                Some((k, _)) => format!("{k}=***"),
+                None => kv.to_string(),
+            })
+            .collect();
+        out.push('?');
+        out.push_str(&params.join("&"));
+    }
+    out
+}
+
+/// The embedded default replica: a directory under the user's data directory
+/// (`$XDG_DATA_HOME`, else `$HOME/.local/share`, else `/var/lib`). Like any XDG base
+/// directory, a variable that is empty or not an absolute path is ignored.
 pub fn default_dir() -> PathBuf {
-    let base = std::env::var_os("XDG_DATA_HOME")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| {
-            std::env::var_os("HOME")
-                .map(|h| PathBuf::from(h).join(".local/share"))
-                .unwrap_or_else(|| PathBuf::from("/var/lib"))
-        });
+    let abs = |v: &str| {
+        std::env::var_os(v)
+            .map(PathBuf::from)
+            .filter(|p| p.is_absolute())
+    };
+    let base = abs("XDG_DATA_HOME")
+        .or_else(|| abs("HOME").map(|h| h.join(".local/share")))
+        .unwrap_or_else(|| PathBuf::from("/var/lib"));
     base.join("sqlfs/replica")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn urls_are_shown_without_secrets() {
+        assert_eq!(
+            redact_url("s3://bk/some/prefix?endpoint=https://user:pw@minio.lan:9000/x?token=t0p&region=eu-west-1&force-path-style=true&secret=abc"),
+            "s3://bk/some/prefix?endpoint=https://***@minio.lan:9000/x?token=***&region=eu-west-1&force-path-style=true&secret=***"
+        );
+        assert_eq!(redact_url("s3://AKIA:s3cr3t@bk/p"), "s3://***@bk/p");
+        assert_eq!(redact_url("file:///srv/replica"), "file:///srv/replica");
+        assert_eq!(
+            redact_url("https://u:p@host/path?sig=zz"),
+            "https://***@host/path?sig=***"
+        );
+        for url in [
+            "ftp://user:hunter2@host/dir",
+            "s3://AKIAX:hunter2@bucket/prefix",
+            "s3://b/p?endpoint=http://k:hunter2@127.0.0.1:9&colour=red",
+            "s3://b/p?session-token=hunter2",
+            "s3://b/p?endpoint=http://127.0.0.1:9/?X-Amz-Signature=hunter2&timeout=never",
+        ] {
+            let e = open(url).err().expect(url).to_string();
+            assert!(!e.contains("hunter2"), "{url}: {e}");
+            assert!(e.contains("bad replica URL"), "{e}");
+        }
+    }
 }

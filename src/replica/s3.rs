@@ -1,15 +1,22 @@
 //! A replica in S3 or an S3-compatible store:
-//! `s3://bucket/prefix?endpoint=URL&region=R&force-path-style=true` (all query parameters
-//! optional). Credentials come from the standard chain (environment, profile, instance role)
-//! and never appear in logs or errors.
+//! `s3://bucket/prefix?endpoint=URL&region=R&force-path-style=true&timeout=30s` (all query
+//! parameters optional). Credentials come from the standard chain (environment, profile,
+//! instance role) and never appear in logs or errors.
 //!
-//! Invariant: `put_new` is a conditional PUT (`If-None-Match: *`): the store refuses it when
-//! the key exists, which is the fence against a second writer. Request checksums are only sent
-//! when an operation requires them, because many S3-compatible stores reject the rest.
+//! Invariants:
+//! - `put_new` is a conditional PUT (`If-None-Match: *`): the store refuses it when the key
+//!   exists, which is the fence against a second writer. Request checksums are only sent when
+//!   an operation requires them, because many S3-compatible stores reject the rest.
+//! - No request waits forever: connecting is bounded by 5 s, each attempt by `timeout`
+//!   (default 30 s) plus a second per MiB it transfers, the whole operation (retries
+//!   included) by four attempts, and every read of a downloaded body by `timeout`. A store
+//!   that stops answering becomes an error the shipper retries and `sqlfs status` shows.
 
 use std::io;
 use std::path::Path;
+use std::time::Duration;
 
+use aws_sdk_s3::config::timeout::TimeoutConfig;
 use aws_sdk_s3::config::{RequestChecksumCalculation, ResponseChecksumValidation};
 use aws_sdk_s3::error::{ProvideErrorMetadata, SdkError};
 use aws_sdk_s3::primitives::ByteStream;
@@ -22,7 +29,28 @@ pub struct S3Replica {
     bucket: String,
     prefix: String,
     shown: String,
+    /// How long one small request may take (the URL's `timeout`).
+    timeout: Duration,
     rt: tokio::runtime::Runtime,
+}
+
+/// Default of the URL's `timeout`: how long one request may wait on the store.
+const DEFAULT_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long establishing a connection may take (at most `timeout`).
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+/// The slowest transfer a request is given time for beyond its timeout: 1 MiB/s.
+const MIN_BYTES_PER_SEC: u64 = 1 << 20;
+
+/// Timeouts for a request that transfers about `bytes`: each attempt gets `base` plus a
+/// second per MiB, the operation (up to three attempts and the pauses between them) four
+/// times that.
+fn timeouts(base: Duration, bytes: u64) -> TimeoutConfig {
+    let attempt = base + Duration::from_secs(bytes / MIN_BYTES_PER_SEC);
+    TimeoutConfig::builder()
+        .connect_timeout(CONNECT_TIMEOUT.min(base))
+        .operation_attempt_timeout(attempt)
+        .operation_timeout(attempt * 4)
+        .build()
 }
 
 /// Parsed `s3://` URL.
@@ -32,6 +60,7 @@ struct Url {
     endpoint: Option<String>,
     region: Option<String>,
     path_style: bool,
+    timeout: Duration,
 }
 
 fn parse(url: &str) -> std::result::Result<Url, String> {
@@ -41,22 +70,41 @@ fn parse(url: &str) -> std::result::Result<Url, String> {
     if bucket.is_empty() {
         return Err("no bucket name".into());
     }
+    if bucket.contains('@') {
+        return Err(
+            "credentials do not belong in the URL: they come from the environment, a profile or an instance role".into(),
+        );
+    }
     let mut u = Url {
         bucket: bucket.into(),
         prefix: prefix.trim_matches('/').into(),
         endpoint: None,
         region: None,
         path_style: false,
+        timeout: DEFAULT_TIMEOUT,
     };
     for kv in query.split('&').filter(|s| !s.is_empty()) {
         let (k, v) = kv.split_once('=').unwrap_or((kv, ""));
         match k {
-            "endpoint" => u.endpoint = Some(v.to_string()),
+            "endpoint" => {
+                let host = v.split_once("://").map_or(v, |(_, r)| r);
+                if host
+                    .split(['/', '?'])
+                    .next()
+                    .is_some_and(|a| a.contains('@'))
+                {
+                    return Err("credentials do not belong in the endpoint: they come from the environment, a profile or an instance role".into());
+                }
+                u.endpoint = Some(v.to_string())
+            }
             "region" => u.region = Some(v.to_string()),
             "force-path-style" => u.path_style = matches!(v, "true" | "1" | "yes" | ""),
+            "timeout" => {
+                u.timeout = crate::config::parse_interval(v).map_err(|e| format!("timeout: {e}"))?
+            }
             _ => {
                 return Err(format!(
-                    "unknown parameter {k:?} (known: endpoint, region, force-path-style)"
+                    "unknown parameter {k:?} (known: endpoint, region, force-path-style, timeout)"
                 ))
             }
         }
@@ -85,15 +133,17 @@ impl S3Replica {
         let mut conf = aws_sdk_s3::config::Builder::from(&shared)
             .force_path_style(u.path_style)
             .request_checksum_calculation(RequestChecksumCalculation::WhenRequired)
-            .response_checksum_validation(ResponseChecksumValidation::WhenRequired);
+            .response_checksum_validation(ResponseChecksumValidation::WhenRequired)
+            .timeout_config(timeouts(u.timeout, 0));
         if shared.region().is_none() {
             conf = conf.region(aws_sdk_s3::config::Region::new("us-east-1"));
         }
         if let Some(e) = &u.endpoint {
             conf = conf.endpoint_url(e.clone());
         }
+        // Without secrets: the endpoint may carry user information or a signed query.
         let shown = match &u.endpoint {
-            Some(e) => format!("s3://{}/{} at {e}", u.bucket, u.prefix),
+            Some(e) => format!("s3://{}/{} at {}", u.bucket, u.prefix, super::redact_url(e)),
             None => format!("s3://{}/{}", u.bucket, u.prefix),
         };
         Ok(S3Replica {
@@ -101,8 +151,22 @@ impl S3Replica {
             bucket: u.bucket,
             prefix: u.prefix,
             shown,
+            timeout: u.timeout,
             rt,
         })
+    }
+
+    /// The error of a body read that took longer than the timeout.
+    fn stalled(&self, op: &'static str, key: &str) -> ReplicaError {
+        ReplicaError::Io {
+            replica: self.describe(),
+            op,
+            key: key.to_string(),
+            err: io::Error::new(
+                io::ErrorKind::TimedOut,
+                format!("timeout: no data for {:?}", self.timeout),
+            ),
+        }
     }
 
     fn full(&self, key: &str) -> String {
@@ -174,6 +238,7 @@ impl ReplicaClient for S3Replica {
                     key: key.to_string(),
                     err: io::Error::other(e.to_string()),
                 })?;
+            let size = body.size_hint().0;
             let r = self
                 .client
                 .put_object()
@@ -181,6 +246,11 @@ impl ReplicaClient for S3Replica {
                 .key(self.full(key))
                 .if_none_match("*")
                 .body(body)
+                .customize()
+                .config_override(
+                    aws_sdk_s3::config::Builder::default()
+                        .timeout_config(timeouts(self.timeout, size)),
+                )
                 .send()
                 .await;
             match r {
@@ -238,9 +308,9 @@ impl ReplicaClient for S3Replica {
             };
             let mut f = std::fs::File::create(dst).map_err(io_err)?;
             let mut body = out.body;
-            while let Some(chunk) = body
-                .try_next()
+            while let Some(chunk) = tokio::time::timeout(self.timeout, body.try_next())
                 .await
+                .map_err(|_| self.stalled("download", key))?
                 .map_err(|e| io_err(io::Error::other(e.to_string())))?
             {
                 io::Write::write_all(&mut f, &chunk).map_err(io_err)?;
@@ -271,12 +341,18 @@ impl ReplicaClient for S3Replica {
                 }
                 Err(e) => return Err(self.err("get", key, e)),
             };
-            let data = out.body.collect().await.map_err(|e| ReplicaError::Io {
-                replica: self.describe(),
-                op: "download",
-                key: key.to_string(),
-                err: io::Error::other(e.to_string()),
-            })?;
+            let within = timeouts(self.timeout, len)
+                .operation_attempt_timeout()
+                .unwrap_or(self.timeout);
+            let data = tokio::time::timeout(within, out.body.collect())
+                .await
+                .map_err(|_| self.stalled("download", key))?
+                .map_err(|e| ReplicaError::Io {
+                    replica: self.describe(),
+                    op: "download",
+                    key: key.to_string(),
+                    err: io::Error::other(e.to_string()),
+                })?;
             let mut v = data.into_bytes().to_vec();
             v.truncate(len as usize);
             Ok(Some(v))
@@ -340,6 +416,16 @@ mod tests {
         assert_eq!((u.bucket.as_str(), u.prefix.as_str()), ("b", "some/prefix"));
         assert_eq!(u.endpoint.as_deref(), Some("http://127.0.0.1:9000"));
         assert!(u.path_style);
+        assert_eq!(u.timeout, super::DEFAULT_TIMEOUT);
+        let u = super::parse("s3://b/p?timeout=5s").unwrap();
+        assert_eq!(u.timeout, std::time::Duration::from_secs(5));
+        assert!(super::parse("s3://b/p?timeout=0").is_err());
+        assert!(super::parse("s3://b/p?timeout=soon").is_err());
+        let t = super::timeouts(std::time::Duration::from_secs(30), 64 << 20);
+        assert_eq!(
+            t.operation_attempt_timeout(),
+            Some(std::time::Duration::from_secs(94))
+        );
         assert!(super::parse("s3:///x").is_err());
         assert!(super::parse("s3://b?color=red").is_err());
     }
