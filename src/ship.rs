@@ -70,6 +70,17 @@ impl Default for Policy {
     }
 }
 
+/// The policy of a database on a replica: the replica's (defaults, the configuration's top
+/// level, command-line flags, the replica's own settings), then the database's own settings
+/// from the configuration, which are the most specific and win.
+pub fn db_policy(replica: &Policy, db: Option<&DbConf>) -> Policy {
+    let mut p = replica.clone();
+    if let Some(r) = db {
+        overlay(&mut p, &r.snapshot_interval, &r.retention, &r.compaction);
+    }
+    p
+}
+
 /// What the shipper knows of one database on its replica.
 struct Maint {
     cat: DbCatalog,
@@ -380,13 +391,9 @@ impl Shipper {
         }
     }
 
-    /// The policy for database `name`: this replica's, with the database's overrides.
+    /// The policy for database `name`: this replica's, with the database's own settings.
     fn policy_for(&self, name: &str) -> Policy {
-        let mut p = self.policy.clone();
-        if let Some(r) = self.rules.get(name) {
-            overlay(&mut p, &r.snapshot_interval, &r.retention, &r.compaction);
-        }
-        p
+        db_policy(&self.policy, self.rules.get(name))
     }
 
     /// Loads what the replica holds for `db` (one listing) the first time it ships in this
