@@ -3,7 +3,9 @@
 //! Every mount option, the replicas with their own sync interval, snapshot, compaction and
 //! retention settings, and per-database overrides (or exclusion). `${VAR}` anywhere in a
 //! value is replaced by the environment variable VAR (`$${` is a literal `${`); a variable
-//! that is not set is an error naming it. Command-line flags override the file.
+//! that is not set is an error naming it. The more specific setting wins: command-line flags
+//! override the file's top level; a replica's own settings override both, and a database's
+//! own settings override everything (see `MountOpts::resolve`, `ship::db_policy`).
 //!
 //! Invariant: secrets (passphrases, credentials in URLs) are never echoed: errors name the
 //! setting, never its value.

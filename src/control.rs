@@ -142,6 +142,10 @@ fn status(cap: &Capture, shippers: &[Arc<Shipper>], stage_limit: u64) -> (String
                 txid.saturating_sub(pos),
                 s.lag(&db).as_secs_f64()
             );
+            if let Some(e) = s.db_error(&db) {
+                code = 1;
+                let _ = write!(out, ", FAILING: {e}");
+            }
             if s.is_fenced(&db) {
                 code = 1;
                 let _ = write!(out, ", FENCED (another writer)");

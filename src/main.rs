@@ -53,7 +53,8 @@ enum Cmd {
         after_help = "Examples:\n  sqlfs mount /data                                  # embedded local replica\n  sqlfs mount /data --replica s3://bkt/prod?region=eu-west-1\n  sqlfs mount /data --replica file:///mnt/nfs/backup --age-recipient age1...\n  sqlfs mount /data --replica s3://bkt/prod --sync --retention 72h\n  sqlfs mount --config /etc/sqlfs.yml --restore-if-missing --metrics-addr 127.0.0.1:9090"
     )]
     Mount {
-        /// YAML configuration file (example: contrib/sqlfs.yml); flags override it.
+        /// YAML configuration file (example: contrib/sqlfs.yml); flags override its top level,
+        /// its per-replica and per-database settings override flags.
         #[arg(long, value_name = "FILE")]
         config: Option<PathBuf>,
         #[command(flatten)]

@@ -118,7 +118,10 @@ pub struct MountOpts {
 }
 
 impl MountOpts {
-    /// Flags over the configuration file over the defaults.
+    /// Resolves the settings, the more specific winning: the defaults, then the
+    /// configuration file's top level, then the command-line flags (which stand in for the
+    /// file's top level), then each replica's own settings in the file; each database's own
+    /// settings apply over all of these when it is shipped (`ship::Shipper`).
     pub fn resolve(cli: CliMount, conf: FileConfig) -> Result<MountOpts> {
         let dir = cli.dir.or(conf.dir.clone()).context(
             "which directory? pass DIR (sqlfs mount /data) or set `dir:` in the configuration",
@@ -135,28 +138,22 @@ impl MountOpts {
             &conf.retention,
             &conf.compaction,
         );
-        let cli_policy = |p: &mut Policy| {
-            if let Some(d) = cli.snapshot_interval {
-                p.snapshot_interval = d;
-            }
-            if let Some(d) = cli.retention {
-                p.retention = d;
-            }
-            if let Some(l) = &cli.compaction {
-                p.levels = l.0.clone();
-            }
-        };
+        if let Some(d) = cli.snapshot_interval {
+            policy.snapshot_interval = d;
+        }
+        if let Some(d) = cli.retention {
+            policy.retention = d;
+        }
+        if let Some(l) = &cli.compaction {
+            policy.levels = l.0.clone();
+        }
         let replicas = if !cli.replicas.is_empty() {
             cli.replicas
                 .iter()
-                .map(|u| {
-                    let mut p = policy.clone();
-                    cli_policy(&mut p);
-                    ReplicaSpec {
-                        url: u.clone(),
-                        sync_interval,
-                        policy: p,
-                    }
+                .map(|u| ReplicaSpec {
+                    url: u.clone(),
+                    sync_interval,
+                    policy: policy.clone(),
                 })
                 .collect()
         } else {
@@ -165,19 +162,16 @@ impl MountOpts {
                 .map(|r| {
                     let mut p = policy.clone();
                     overlay(&mut p, &r.snapshot_interval, &r.retention, &r.compaction);
-                    cli_policy(&mut p);
                     ReplicaSpec {
                         url: r.url.clone(),
-                        sync_interval: cli
-                            .sync_interval
-                            .or(dur(&r.sync_interval).filter(|d| !d.is_zero()))
+                        sync_interval: dur(&r.sync_interval)
+                            .filter(|d| !d.is_zero())
                             .unwrap_or(sync_interval),
                         policy: p,
                     }
                 })
                 .collect()
         };
-        cli_policy(&mut policy);
         let recipients = if cli.age_recipients.is_empty() {
             conf.age_recipients.clone().unwrap_or_default()
         } else {
@@ -740,4 +734,84 @@ fn which(cmd: &str) -> Option<PathBuf> {
             .map(|d| d.join(cmd))
             .find(|p| p.exists())
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    #[derive(Parser)]
+    struct Cmd {
+        #[command(flatten)]
+        m: CliMount,
+    }
+
+    fn resolve(args: &[&str], yaml: &str) -> MountOpts {
+        let cli = Cmd::try_parse_from(std::iter::once("mount").chain(args.iter().copied()))
+            .unwrap()
+            .m;
+        MountOpts::resolve(cli, FileConfig::parse(yaml).unwrap()).unwrap()
+    }
+
+    const H: u64 = 3600;
+
+    /// Defaults < the file's top level < command-line flags < a replica's own settings <
+    /// a database's own settings.
+    #[test]
+    fn more_specific_settings_win() {
+        let yaml = "dir: /d\nretention: 1h\nsync-interval: 2s\ncompaction: [10s]\nreplicas:\n  - url: file:///r1\n    retention: 5h\n    sync-interval: 7s\n  - url: file:///r2\ndatabases:\n  a.db:\n    retention: 9h\n";
+        let secs = Duration::from_secs;
+        let o = resolve(&[], yaml);
+        let (r1, r2) = (&o.replicas[0], &o.replicas[1]);
+        assert_eq!(
+            (r1.policy.retention, r1.sync_interval),
+            (secs(5 * H), secs(7))
+        );
+        assert_eq!((r2.policy.retention, r2.sync_interval), (secs(H), secs(2)));
+        assert_eq!(r1.policy.levels, vec![secs(10)]);
+        assert_eq!(
+            r1.policy.snapshot_interval,
+            Policy::default().snapshot_interval
+        );
+
+        // Flags stand in for the file's top level; a replica's own settings still win.
+        let o = resolve(
+            &[
+                "--retention",
+                "3h",
+                "--sync-interval",
+                "500ms",
+                "--compaction",
+                "none",
+            ],
+            yaml,
+        );
+        let (r1, r2) = (&o.replicas[0], &o.replicas[1]);
+        assert_eq!(
+            (r1.policy.retention, r1.sync_interval),
+            (secs(5 * H), secs(7))
+        );
+        assert_eq!(
+            (r2.policy.retention, r2.sync_interval),
+            (secs(3 * H), Duration::from_millis(500))
+        );
+        assert!(r1.policy.levels.is_empty() && r2.policy.levels.is_empty());
+
+        // A database's own settings win over all of it; other databases keep the replica's.
+        let db = crate::ship::db_policy(&r1.policy, o.databases.get("a.db"));
+        assert_eq!(db.retention, secs(9 * H));
+        assert_eq!(db.levels, r1.policy.levels);
+        let other = crate::ship::db_policy(&r1.policy, o.databases.get("b.db"));
+        assert_eq!(other.retention, secs(5 * H));
+
+        // --replica replaces the file's replicas, which take the top level and the flags.
+        let o = resolve(&["--replica", "file:///x", "--retention", "2h"], yaml);
+        assert_eq!(o.replicas.len(), 1);
+        assert_eq!(o.replicas[0].url, "file:///x");
+        assert_eq!(
+            (o.replicas[0].policy.retention, o.replicas[0].sync_interval),
+            (secs(2 * H), secs(2))
+        );
+    }
 }

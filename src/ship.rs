@@ -21,8 +21,9 @@
 //!   machine, a copy of the data directory) collides on the next key and is stopped, loudly;
 //!   the replica is never overwritten.
 //! - Nothing to ship costs zero requests.
-//! - Errors (a store that is down, a full disk) are retried with backoff; the staged
-//!   transactions stay until shipped (folding never passes the slowest replica unless
+//! - Errors (a store that is down, a full disk) are retried with backoff, per database so
+//!   one failing database never delays the others; the staged transactions stay until
+//!   shipped (folding never passes the slowest replica unless
 //!   staging grows past its hard limit, which is logged).
 
 use std::collections::{BTreeMap, HashMap, HashSet};
@@ -70,6 +71,17 @@ impl Default for Policy {
     }
 }
 
+/// The policy of a database on a replica: the replica's (defaults, the configuration's top
+/// level, command-line flags, the replica's own settings), then the database's own settings
+/// from the configuration, which are the most specific and win.
+pub fn db_policy(replica: &Policy, db: Option<&DbConf>) -> Policy {
+    let mut p = replica.clone();
+    if let Some(r) = db {
+        overlay(&mut p, &r.snapshot_interval, &r.retention, &r.compaction);
+    }
+    p
+}
+
 /// What the shipper knows of one database on its replica.
 struct Maint {
     cat: DbCatalog,
@@ -98,11 +110,21 @@ pub struct Shipper {
     fenced: Mutex<HashSet<String>>,
     /// Per database id: the oldest TXID this replica lacks and its commit time.
     missing: Mutex<HashMap<String, (u64, u64)>>,
-    last_error: Mutex<Option<String>>,
+    /// Databases whose last attempt failed, by id.
+    failing: Mutex<BTreeMap<String, Failing>>,
     /// Set (and signalled) to ship now instead of at the end of the interval.
     wake: (Mutex<bool>, Condvar),
     /// Signalled whenever a position advances or a shipment fails.
     progress: (Mutex<u64>, Condvar),
+}
+
+/// A database whose last shipment (or maintenance) on a replica failed.
+struct Failing {
+    msg: String,
+    /// The current backoff: doubles with each failure, up to a minute.
+    backoff: Duration,
+    /// No new attempt before this (unless forced).
+    retry_at: Instant,
 }
 
 /// A fresh local file an object is built in (read back for its checksum).
@@ -151,7 +173,7 @@ impl Shipper {
             named: Mutex::new(HashSet::new()),
             fenced: Mutex::new(HashSet::new()),
             missing: Mutex::new(HashMap::new()),
-            last_error: Mutex::new(None),
+            failing: Mutex::new(BTreeMap::new()),
             wake: (Mutex::new(false), Condvar::new()),
             progress: (Mutex::new(0), Condvar::new()),
         })
@@ -172,45 +194,29 @@ impl Shipper {
             .name("sqlfs-ship".into())
             .spawn(move || {
                 crate::backing::background_priority();
-                let mut backoff = Duration::ZERO;
                 let mut next = Instant::now() + interval;
                 loop {
                     let stopping = stop.load(Ordering::Relaxed);
+                    let mut asked = false;
                     if !stopping && Instant::now() < next {
                         // Sleep until the interval ends, a --sync waiter asks, or stop.
-                        let mut asked = me.wake.0.lock();
-                        if !*asked {
+                        let mut wake = me.wake.0.lock();
+                        if !*wake {
                             let wait = Duration::from_millis(50)
                                 .min(next.saturating_duration_since(Instant::now()));
-                            me.wake.1.wait_for(&mut asked, wait);
+                            me.wake.1.wait_for(&mut wake, wait);
                         }
-                        if !std::mem::take(&mut *asked) {
+                        asked = std::mem::take(&mut *wake);
+                        if !asked {
                             continue;
                         }
                     }
-                    let res = me.ship_all();
+                    // Databases in backoff wait for their turn, unless someone waits for
+                    // them or this is the last pass.
+                    me.ship_all(stopping || asked);
                     *me.progress.0.lock() += 1;
                     me.progress.1.notify_all();
-                    match res {
-                        Ok(()) => {
-                            backoff = Duration::ZERO;
-                            *me.last_error.lock() = None;
-                            next = Instant::now() + interval;
-                        }
-                        Err(e) => {
-                            // Exponential backoff with jitter, capped at a minute.
-                            backoff = (backoff * 2)
-                                .clamp(Duration::from_secs(1), Duration::from_secs(60));
-                            let jitter = Duration::from_millis((now_ns() % 1000) / 2);
-                            let mut msg = format!("{e:#}");
-                            if !msg.contains(&me.describe()) {
-                                msg = format!("replica {}: {msg}", me.describe());
-                            }
-                            log::warn!("{msg}; retrying in {:?}", backoff + jitter);
-                            *me.last_error.lock() = Some(msg);
-                            next = Instant::now() + backoff + jitter;
-                        }
-                    }
+                    next = Instant::now() + interval;
                     if stopping {
                         break;
                     }
@@ -242,22 +248,56 @@ impl Shipper {
         Ok(())
     }
 
-    /// Ships every database that has something new; the first error is returned after all
-    /// databases were tried.
-    pub fn ship_all(&self) -> Result<()> {
-        let mut first_err = None;
+    /// Ships (and maintains) every replicated database that has something new. A database
+    /// whose last attempt failed is retried with its own exponential backoff and jitter
+    /// (1 s doubling up to a minute), so one failing database never delays the others;
+    /// `force` retries them all now. Returns false if any attempt failed.
+    pub fn ship_all(&self, force: bool) -> bool {
+        let mut ok = true;
         for (name, db) in self.capture.databases() {
             if !self.replicates(&name) {
+                continue;
+            }
+            let waiting = self
+                .failing
+                .lock()
+                .get(&db.id)
+                .is_some_and(|f| Instant::now() < f.retry_at);
+            if waiting && !force {
                 continue;
             }
             let res = self
                 .ship_db(&name, &db)
                 .and_then(|()| self.maintain(&name, &db));
-            if let Err(e) = res {
-                first_err.get_or_insert(e);
+            let mut failing = self.failing.lock();
+            match res {
+                Ok(()) => {
+                    failing.remove(&db.id);
+                }
+                Err(e) => {
+                    ok = false;
+                    let backoff = failing
+                        .get(&db.id)
+                        .map_or(Duration::ZERO, |f| f.backoff * 2);
+                    let backoff = backoff.clamp(Duration::from_secs(1), Duration::from_secs(60));
+                    let jitter = Duration::from_millis((now_ns() % 1000) / 2);
+                    let mut msg = format!("{e:#}");
+                    if !msg.contains(&self.describe()) {
+                        msg = format!("replica {}: {msg}", self.describe());
+                    }
+                    log::warn!("{msg}; retrying {name} in {:?}", backoff + jitter);
+                    failing.insert(
+                        db.id.clone(),
+                        Failing {
+                            msg,
+                            backoff,
+                            retry_at: Instant::now() + backoff + jitter,
+                        },
+                    );
+                }
             }
         }
-        first_err.map_or(Ok(()), Err)
+        ok
     }
 
     fn ship_db(&self, name: &str, db: &Db) -> Result<()> {
@@ -380,13 +420,9 @@ impl Shipper {
         }
     }
 
-    /// The policy for database `name`: this replica's, with the database's overrides.
+    /// The policy for database `name`: this replica's, with the database's own settings.
     fn policy_for(&self, name: &str) -> Policy {
-        let mut p = self.policy.clone();
-        if let Some(r) = self.rules.get(name) {
-            overlay(&mut p, &r.snapshot_interval, &r.retention, &r.compaction);
-        }
-        p
+        db_policy(&self.policy, self.rules.get(name))
     }
 
     /// Loads what the replica holds for `db` (one listing) the first time it ships in this
@@ -715,7 +751,7 @@ impl Shipper {
                 }
             }
             drop(rounds);
-            if let (Some(e), true) = (self.last_error(), self.position(db) < txid) {
+            if let (Some(e), true) = (self.db_error(db), self.position(db) < txid) {
                 anyhow::bail!("{}: {e}", self.describe());
             }
         }
@@ -791,8 +827,19 @@ impl Shipper {
         self.fenced.lock().contains(&db.id)
     }
 
-    /// The last shipping error, if the last attempt failed.
+    /// The error of a database whose last attempt failed (the first by id), noting how many
+    /// more are failing; `None` when every database's last attempt succeeded.
     pub fn last_error(&self) -> Option<String> {
-        self.last_error.lock().clone()
+        let f = self.failing.lock();
+        let first = f.values().next()?;
+        Some(match f.len() {
+            1 => first.msg.clone(),
+            n => format!("{} (and {} more databases failing)", first.msg, n - 1),
+        })
+    }
+
+    /// The error of the last attempt to ship `db`, if it failed.
+    pub fn db_error(&self, db: &Db) -> Option<String> {
+        self.failing.lock().get(&db.id).map(|f| f.msg.clone())
     }
 }

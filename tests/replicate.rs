@@ -1711,3 +1711,67 @@ fn embedded_default_replica_with_its_startup_note() {
         fx.unmount();
     }
 }
+
+// ---------------------------------------------------------------------------------------
+// 11. One failing database
+// ---------------------------------------------------------------------------------------
+
+/// A database that cannot be shipped (its directory in the replica is replaced by a plain
+/// file) backs off on its own: the other database on the same replica keeps shipping every
+/// commit promptly while the failing one's backoff grows past what the waits here allow
+/// (with one backoff for the whole replica, the seventh round alone would wait 32 s);
+/// status names the failing database. Once repaired, it catches up.
+#[test]
+fn one_failing_database_does_not_hold_back_the_others() {
+    let seed = seed_for("one_failing_database_does_not_hold_back_the_others");
+    let (mut fx, dirs) = fixture("dbbackoff", &["r"]);
+    let r = dirs[0].clone();
+    let url = file_url(&r);
+    fx.mount();
+    let (bad, good) = ("bad.db", "good.db");
+    for db in [bad, good] {
+        drop(fresh_db(&fx.path(db), "WAL"));
+    }
+    let mut db_bad = Driver::open(&fx.path(bad), 1, seed, DriverCfg::default());
+    let mut db_good = Driver::open(&fx.path(good), 2, seed ^ 1, DriverCfg::default());
+    db_bad.random_txn().unwrap();
+    db_good.random_txn().unwrap();
+    wait_shipped(&fx, &r, bad);
+    wait_shipped(&fx, &r, good);
+    let id = replica_db_id(&r, bad).unwrap();
+    let away = break_replica(&r.join(&id));
+
+    for round in 0..8 {
+        db_bad.random_txn().unwrap();
+        db_good.random_txn().unwrap();
+        let last = last_staged(&fx.mnt, good);
+        wait_replica_covers(&r, good, last, Duration::from_secs(30))
+            .unwrap_or_else(|e| panic!("round {round}, {bad} failing: {e}"));
+        sleep_ms(SYNC_MS);
+    }
+    let o = sqlfs_cli(&["status".into(), fx.mnt.as_os_str().to_os_string()]);
+    assert_eq!(o.status.code(), Some(1), "{}", o.describe());
+    let line = |db: &str| {
+        o.stdout
+            .lines()
+            .skip_while(|l| !l.starts_with(&format!("{db}: ")))
+            .nth(1)
+            .unwrap_or_else(|| panic!("no replica line for {db}:\n{}", o.stdout))
+            .to_string()
+    };
+    assert!(line(bad).contains("FAILING"), "{}", o.stdout);
+    assert!(!line(good).contains("FAILING"), "{}", o.stdout);
+    assert!(o.stdout.contains("replica ") && o.stdout.contains("FAILING"));
+
+    fix_replica(&r.join(&id), &away);
+    db_bad.random_txn().unwrap();
+    drop((db_bad, db_good));
+    // The failing database retries after its own backoff (at most a minute).
+    let last = last_staged(&fx.mnt, bad);
+    wait_replica_covers(&r, bad, last, Duration::from_secs(90)).unwrap_or_else(|e| panic!("{e}"));
+    assert_chain(&r, bad);
+    for db in [bad, good] {
+        restore_vs_replay(&url, &fx.mnt, db, None, &fx.scratch);
+    }
+    fx.unmount();
+}
