@@ -932,16 +932,25 @@ fn stage_limit_folds_old_transactions() {
         }
     }
     drop(d);
-    // Folding runs in the background; wait for it.
+    // Folding runs in the background (the stage thread looks every 500 ms, and may fold
+    // more than once, as shipping lets it): wait until there is a base that stays put for 3 s.
     let deadline = Instant::now() + Duration::from_secs(30);
+    let mut last: Option<(u64, Instant)> = None;
     let log = loop {
         let l = staged_log(&fx.mnt, db);
-        if l.base.is_some() {
-            break l;
+        let base = l.base.map(|b| b.0);
+        match (base, last) {
+            (Some(b), Some((lb, since))) if b == lb => {
+                if since.elapsed() > Duration::from_secs(3) {
+                    break l;
+                }
+            }
+            (Some(b), _) => last = Some((b, Instant::now())),
+            (None, _) => {}
         }
         assert!(
             Instant::now() < deadline,
-            "nothing was folded with --stage-limit 1MiB: {l:?}"
+            "nothing was folded with --stage-limit 1MiB, or folding did not settle: {l:?}"
         );
         std::thread::sleep(Duration::from_millis(200));
     };
