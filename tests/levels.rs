@@ -673,7 +673,9 @@ fn compaction_continues_after_a_forced_snapshot() {
             let out = fx.scratch_path("gap.db");
             let o = restore_with(&url, db, &out, &["--txid", &t.to_string()]);
             assert_restore_fails(&o, &out, &format!("TXID {t} in the gap"));
-            assert_says(&o, "not in the replica", &format!("TXID {t} in the gap"));
+            let what = format!("TXID {t} in the gap");
+            assert_says(&o, "chain breaks after TXID", &what);
+            assert_says(&o, &format!("TXIDs {}..={}", pre_end + 1, snap - 1), &what);
         }
     }
 }
