@@ -15,7 +15,6 @@
 
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, BufReader, Read, Seek, SeekFrom, Write};
-use std::os::fd::AsRawFd;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
@@ -241,14 +240,13 @@ struct Appender {
     len: u64,
     /// Bytes appended since the last fsync.
     dirty: bool,
-    /// Offset up to which writeback was started (see [`WRITEBACK_STEP`]).
+    /// Offset up to which writeback was started: every [`WRITEBACK_STEP`] bytes appended, so
+    /// that the next fsync (the periodic one, or a barrier a checkpoint waits on) finds little
+    /// left to write.
     kicked: u64,
 }
 
-/// Appended bytes after which their writeback to disk is started without waiting for it, so
-/// that the next fsync (the periodic one, or a barrier a checkpoint waits on) finds little
-/// left to write.
-const WRITEBACK_STEP: u64 = 256 << 10;
+use crate::backing::WRITEBACK_STEP;
 
 impl Appender {
     /// Starts writeback of what was appended since the last call, once there is enough of it.
@@ -257,15 +255,7 @@ impl Appender {
         if self.len < self.kicked + WRITEBACK_STEP {
             return;
         }
-        // SAFETY: plain syscall on an open descriptor; it reads no memory of ours.
-        unsafe {
-            libc::sync_file_range(
-                self.file.as_raw_fd(),
-                self.kicked as libc::off64_t,
-                (self.len - self.kicked) as libc::off64_t,
-                libc::SYNC_FILE_RANGE_WRITE,
-            );
-        }
+        crate::backing::start_writeback(&self.file, self.kicked, self.len - self.kicked);
         self.kicked = self.len;
     }
 }

@@ -1275,6 +1275,7 @@ impl State {
             return Ok(());
         };
         let txns = w.advance(fd, hint, limit)?;
+        w.kick(fd);
         for (i, t) in txns.iter().enumerate() {
             if let Err(e) = self.commit_wal(db, b, t) {
                 // The tracker is past these commits already: keep its page index true to the

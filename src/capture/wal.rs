@@ -67,6 +67,8 @@ pub struct WalTrack {
     pub last_commit: Option<(u32, u64)>,
     /// Database size in pages after the last committed transaction of this generation.
     pub db_pages: Option<u32>,
+    /// Offset up to which writeback of the WAL file was started (see [`WalTrack::kick`]).
+    kicked: u64,
 }
 
 /// Reads a WAL ahead in large pieces, for one pass over frames that follow each other.
@@ -135,6 +137,17 @@ pub fn read_exact_at(f: &File, buf: &mut [u8], off: u64) -> io::Result<bool> {
 }
 
 impl WalTrack {
+    /// Starts writeback of the committed frames not yet started, once there are enough of
+    /// them. The app syncs its WAL before every checkpoint; with the frames already on their
+    /// way, that sync (which the checkpoint, and the commit that runs it, waits for) finds
+    /// little left to write. A hint only: nothing depends on it.
+    pub fn kick(&mut self, wal: &File) {
+        if self.committed_end >= self.kicked + crate::backing::WRITEBACK_STEP {
+            crate::backing::start_writeback(wal, self.kicked, self.committed_end - self.kicked);
+            self.kicked = self.committed_end;
+        }
+    }
+
     pub fn new(hdr: WalHeader) -> WalTrack {
         WalTrack {
             hdr,
@@ -147,6 +160,7 @@ impl WalTrack {
             index: HashMap::new(),
             last_commit: None,
             db_pages: None,
+            kicked: 0,
         }
     }
 
