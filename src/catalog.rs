@@ -864,6 +864,123 @@ pub fn window(r: &Reader<'_>, c: &DbCatalog) -> Result<Option<Window>> {
     }))
 }
 
+/// A stretch of TXIDs every one of which a restore can reach: from its start (the empty
+/// database before TXID 1, or a snapshot) along the chain without a break.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Range {
+    pub first_txid: u64,
+    pub first_ns: u64,
+    pub last_txid: u64,
+    pub last_ns: u64,
+}
+
+/// TXIDs after a [`Range`] that no restore reaches: the chain breaks after `first_txid - 1`
+/// because no object holds `missing_first..=missing_last`. It ends where the next range
+/// starts (a snapshot), or at the highest TXID the replica holds if none follows.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Gap {
+    pub first_txid: u64,
+    pub last_txid: u64,
+    pub missing_first: u64,
+    pub missing_last: u64,
+    /// The object the chain reaches last before the gap, and the first one after it.
+    pub before: String,
+    pub after: Option<String>,
+}
+
+/// The restorable ranges of `c` and the gaps between them (and after the last one), as
+/// restore plans see them: a TXID is restorable if the chain from the newest start at or
+/// before it (a snapshot, else the empty database) reaches it without a break. A gap-free
+/// chain gives one range and no gap. Reads the headers of the level-0 segments the chain
+/// passes through (several at a time), as a plan does.
+pub fn ranges(r: &Reader<'_>, c: &DbCatalog) -> Result<(Vec<Range>, Vec<Gap>)> {
+    // Starts: the empty database (if the chain from TXID 1 is there), then every snapshot.
+    let mut starts: Vec<(u64, Option<&Obj>)> = Vec::new();
+    if c.starting(0, 1).is_some() {
+        starts.push((0, None));
+    }
+    for s in &c.snaps {
+        if starts.last().is_none_or(|(t, _)| *t < s.first) {
+            starts.push((s.first, Some(s)));
+        }
+    }
+    // Each start's walk stops at the next start; read the level-0 headers they need at once.
+    let limits: Vec<u64> = (0..starts.len())
+        .map(|i| starts.get(i + 1).map_or(u64::MAX, |s| s.0))
+        .collect();
+    let mut keys = Vec::new();
+    for (&(start, _), &limit) in starts.iter().zip(&limits) {
+        let (steps, _, _) = walk(r, c, start, limit, u64::MAX, false)?;
+        keys.extend(
+            steps
+                .into_iter()
+                .filter(|s| s.obj.level == Some(0))
+                .map(|s| s.obj.key),
+        );
+    }
+    r.prefetch_headers(&keys.iter().map(String::as_str).collect::<Vec<_>>());
+
+    let mut ranges: Vec<Range> = Vec::new();
+    let mut gaps = Vec::new();
+    for (i, (&(start, snap), &limit)) in starts.iter().zip(&limits).enumerate() {
+        let (first_txid, first_ns) = match snap {
+            Some(s) => (s.first, r.end_time(s)?),
+            None => {
+                let o = c.starting(0, 1).expect("the chain from TXID 1");
+                let h = r.header(&o.key)?;
+                (h.first_txid, h.first_time_ns)
+            }
+        };
+        let (steps, reached, _) = walk(r, c, start, limit, u64::MAX, true)?;
+        let last = steps.last().map(|s| &s.obj).or(snap);
+        let (last_txid, last_ns) = match last {
+            Some(o) => (reached, r.end_time(o)?),
+            None => continue,
+        };
+        // Contiguous with the range before it: one range.
+        match ranges.last_mut() {
+            Some(prev) if prev.last_txid + 1 >= first_txid => {
+                prev.last_txid = last_txid;
+                prev.last_ns = last_ns;
+            }
+            _ => ranges.push(Range {
+                first_txid,
+                first_ns,
+                last_txid,
+                last_ns,
+            }),
+        }
+        // A break before the next start (or before the end of what the replica holds).
+        let next_start = starts.get(i + 1).map(|s| s.0);
+        let goal = match next_start {
+            Some(n) => n.saturating_sub(1),
+            None => end_txid(r, c)?,
+        };
+        if reached < goal {
+            let from = reached + 1;
+            let next = c
+                .objects()
+                .filter(|o| {
+                    o.first > reached || (o.level.is_some_and(|l| l > 0) && o.first == from)
+                })
+                .min_by_key(|o| o.first);
+            let missing_last = match next {
+                Some(n) if n.first > from => (n.first - 1).min(goal),
+                _ => goal,
+            };
+            gaps.push(Gap {
+                first_txid: from,
+                last_txid: goal,
+                missing_first: from,
+                missing_last,
+                before: last.map(|o| o.key.clone()).unwrap_or_default(),
+                after: next.map(|o| o.key.clone()),
+            });
+        }
+    }
+    Ok((ranges, gaps))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1059,6 +1176,71 @@ mod tests {
         let c2 = f.lk(2, 20, 30);
         f.fails(Target::Latest, &["TXIDs 11..=19", c1.as_str(), c2.as_str()]);
         assert_eq!(f.plan(Target::Txid(10)).unwrap(), vec![c1]);
+    }
+
+    #[test]
+    fn ranges_split_at_a_gap() {
+        let ms = 1_000_000;
+        let range = |a: u64, b: u64| Range {
+            first_txid: a,
+            first_ns: a * ms,
+            last_txid: b,
+            last_ns: b * ms,
+        };
+        let ranges_of = |f: &Fake| {
+            let client = crate::replica::FileReplica::new(f.dir.path().to_path_buf());
+            let r = Reader::new(&client, None);
+            let c = r.catalog(f.id, "app.db").unwrap();
+            ranges(&r, &c).unwrap()
+        };
+        // Gap-free, with a snapshot and a compacted object: one range.
+        let f = Fake::new();
+        f.l0(1, 4);
+        f.l0(5, 10);
+        f.lk(1, 1, 10);
+        f.snap(10);
+        f.l0(11, 12);
+        assert_eq!(ranges_of(&f), (vec![range(1, 12)], vec![]));
+
+        // TXIDs 11..=15 missing; a snapshot at 18 starts a second range.
+        let f = Fake::new();
+        f.l0(1, 4);
+        let b = f.l0(5, 10);
+        let c = f.l0(16, 18);
+        f.snap(18);
+        f.l0(19, 25);
+        let (r, g) = ranges_of(&f);
+        assert_eq!(r, vec![range(1, 10), range(18, 25)]);
+        assert_eq!(
+            g,
+            vec![Gap {
+                first_txid: 11,
+                last_txid: 17,
+                missing_first: 11,
+                missing_last: 15,
+                before: b.clone(),
+                after: Some(c),
+            }]
+        );
+
+        // Nothing restarts the chain after the gap: what follows it is held, not restorable.
+        let f = Fake::new();
+        f.l0(1, 4);
+        let b = f.l0(5, 10);
+        let c = f.l0(20, 25);
+        let (r, g) = ranges_of(&f);
+        assert_eq!(r, vec![range(1, 10)]);
+        assert_eq!(
+            g,
+            vec![Gap {
+                first_txid: 11,
+                last_txid: 25,
+                missing_first: 11,
+                missing_last: 19,
+                before: b,
+                after: Some(c),
+            }]
+        );
     }
 
     #[test]

@@ -1,14 +1,16 @@
 //! The configuration file (`--config FILE`, YAML; example in contrib/sqlfs.yml).
 //!
-//! Every mount option, the replicas with their own sync interval, snapshot, compaction and
-//! retention settings, and per-database overrides (or exclusion). `${VAR}` anywhere in a
-//! value is replaced by the environment variable VAR (`$${` is a literal `${`); a variable
-//! that is not set is an error naming it. The more specific setting wins: command-line flags
-//! override the file's top level; a replica's own settings override both, and a database's
-//! own settings override everything (see `MountOpts::resolve`, `ship::db_policy`).
+//! Every mount option, the replicas with their own sync interval, snapshot, compaction,
+//! retention and encryption settings, and per-database overrides (exclusion, `sync`,
+//! maintenance). `${VAR}` anywhere in a value is replaced by the environment variable VAR
+//! (`$${` is a literal `${`); a variable that is not set is an error naming it. The more
+//! specific setting wins: command-line flags override the file's top level; a replica's own
+//! settings override both, and a database's own settings override everything (see
+//! `MountOpts::resolve`, `ship::db_policy`, [`resolve_seal`], [`resolve_read`], [`db_sync`]).
+//! Encryption is per replica (a database has no encryption setting of its own).
 //!
 //! Invariant: secrets (passphrases, credentials in URLs) are never echoed: errors name the
-//! setting, never its value.
+//! setting (and a replica by its redacted URL), never its value.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -67,6 +69,13 @@ pub struct ReplicaConf {
     #[serde(default, deserialize_with = "text")]
     pub retention: Option<String>,
     pub compaction: Option<Vec<String>>,
+    /// This replica's own recipients (an empty list: this replica is not encrypted).
+    pub age_recipients: Option<Vec<String>>,
+    /// This replica is encrypted with the passphrase in this environment variable.
+    pub passphrase_env: Option<String>,
+    /// The identity file that decrypts this replica (restore, list, --restore-if-missing,
+    /// history views).
+    pub age_identity: Option<PathBuf>,
 }
 
 #[derive(Debug, Default, Clone, Deserialize)]
@@ -74,6 +83,9 @@ pub struct ReplicaConf {
 pub struct DbConf {
     /// `false`: captured and staged, but shipped to no replica.
     pub replicate: Option<bool>,
+    /// Overrides the mount-wide `sync` for this database: `true` makes its fsync wait for
+    /// every replica, `false` lets it return without waiting.
+    pub sync: Option<bool>,
     #[serde(default, deserialize_with = "text")]
     pub snapshot_interval: Option<String>,
     #[serde(default, deserialize_with = "text")]
@@ -223,6 +235,16 @@ impl Config {
             dur(&r.retention, &format!("{w}.retention"))?;
             levels(&r.compaction, &format!("{w}.compaction"))?;
             crate::replica::open(&r.url).map_err(|e| anyhow::anyhow!("{w}.url: {e}"))?;
+            let named = format!("{w} ({})", crate::replica::redact_url(&r.url));
+            if r.passphrase_env.is_some() && r.age_recipients.is_some() {
+                bail!("{named}: age-recipients and passphrase-env: choose one way to encrypt this replica (an empty age-recipients list means it is not encrypted)");
+            }
+            if r.passphrase_env.is_some() && r.age_identity.is_some() {
+                bail!("{named}: age-identity and passphrase-env: this replica is encrypted with the passphrase, which also decrypts it; age-identity is for replicas encrypted to age-recipients");
+            }
+            if let Some(v) = &r.passphrase_env {
+                check_var_name(v).map_err(|e| anyhow::anyhow!("{named}: passphrase-env: {e}"))?;
+            }
         }
         for (name, d) in &self.databases {
             let w = format!("databases.{name}");
@@ -235,8 +257,139 @@ impl Config {
         {
             bail!("passphrase-env and age-recipients: choose one way to encrypt");
         }
+        if let Some(v) = &self.passphrase_env {
+            check_var_name(v).map_err(|e| anyhow::anyhow!("passphrase-env: {e}"))?;
+        }
+        if self.passthrough == Some(crate::fs::Passthrough::On) {
+            if self.sync == Some(true) {
+                bail!("sync: true and passthrough: on: a synced database's fsync waits for its transaction, which sqlfs must see written (not passed through the kernel); use passthrough: auto");
+            }
+            if let Some((name, _)) = self.databases.iter().find(|(_, d)| d.sync == Some(true)) {
+                bail!("databases.{name}: sync: true and passthrough: on: a synced database's fsync waits for its transaction, which sqlfs must see written (not passed through the kernel); use passthrough: auto");
+            }
+        }
         Ok(())
     }
+
+    /// The encryption settings of the file's top level.
+    pub fn keys(&self) -> KeyLayer {
+        KeyLayer {
+            age_recipients: self.age_recipients.clone(),
+            passphrase_env: self.passphrase_env.clone(),
+            age_identity: self.age_identity.clone(),
+        }
+    }
+
+    /// The replica entry with exactly this URL (after `${VAR}` expansion), with its index.
+    pub fn replica(&self, url: &str) -> Option<(usize, &ReplicaConf)> {
+        self.replicas.iter().enumerate().find(|(_, r)| r.url == url)
+    }
+}
+
+impl ReplicaConf {
+    /// This replica's own encryption settings.
+    pub fn keys(&self) -> KeyLayer {
+        KeyLayer {
+            age_recipients: self.age_recipients.clone(),
+            passphrase_env: self.passphrase_env.clone(),
+            age_identity: self.age_identity.clone(),
+        }
+    }
+
+    /// How errors name this replica: its index and its URL without credentials.
+    pub fn describe(&self, i: usize) -> String {
+        format!("replicas[{i}] ({})", crate::replica::redact_url(&self.url))
+    }
+}
+
+/// A passphrase variable must be a plain name (the setting holds the name, not the secret).
+fn check_var_name(v: &str) -> std::result::Result<(), String> {
+    if v.is_empty() || !v.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_') {
+        // Not echoed: a passphrase pasted here by mistake must not reach the log.
+        return Err(
+            "not an environment variable name (give the variable's name, not the passphrase)"
+                .into(),
+        );
+    }
+    Ok(())
+}
+
+/// The encryption settings of one layer: the file's top level (with the command-line flags
+/// over it), or one replica's entry.
+#[derive(Clone, Debug, Default)]
+pub struct KeyLayer {
+    /// Encrypt to these recipients; `Some(empty)`: do not encrypt.
+    pub age_recipients: Option<Vec<String>>,
+    /// Encrypt (and decrypt) with the passphrase in this environment variable.
+    pub passphrase_env: Option<String>,
+    /// Decrypt with this identity file.
+    pub age_identity: Option<PathBuf>,
+}
+
+impl KeyLayer {
+    fn seals(&self) -> bool {
+        self.age_recipients.is_some() || self.passphrase_env.is_some()
+    }
+
+    fn reads(&self) -> bool {
+        self.age_identity.is_some() || self.passphrase_env.is_some()
+    }
+}
+
+/// How a replica's objects are encrypted when they are written.
+#[derive(Clone, Default)]
+pub enum Seal {
+    #[default]
+    Plain,
+    /// To these age recipients.
+    Recipients(Vec<String>),
+    /// With this passphrase (the value, never shown).
+    Passphrase(String),
+}
+
+/// What decrypts a replica's objects: an identity file and/or a passphrase (the value,
+/// never shown).
+#[derive(Clone, Default)]
+pub struct ReadKey {
+    pub identity: Option<PathBuf>,
+    pub passphrase: Option<String>,
+}
+
+/// The value of the passphrase variable `var`.
+pub fn passphrase(var: &str) -> Result<String> {
+    check_var_name(var).map_err(|e| anyhow::anyhow!("the passphrase variable: {e}"))?;
+    std::env::var(var).map_err(|_| anyhow::anyhow!("the passphrase variable {var} is not set"))
+}
+
+/// How one replica is encrypted: by its own entry (`own`) if it says (`age-recipients`, even
+/// empty, or `passphrase-env`), else by `base` (the top level, flags over the file). Reads
+/// the passphrase variable; its value appears in no error.
+pub fn resolve_seal(base: &KeyLayer, own: Option<&KeyLayer>) -> Result<Seal> {
+    let l = own.filter(|o| o.seals()).unwrap_or(base);
+    Ok(match (&l.passphrase_env, &l.age_recipients) {
+        (Some(_), Some(r)) if !r.is_empty() => {
+            bail!("encrypt either to age recipients or with a passphrase, not both")
+        }
+        (Some(v), _) => Seal::Passphrase(passphrase(v)?),
+        (None, Some(r)) if !r.is_empty() => Seal::Recipients(r.clone()),
+        _ => Seal::Plain,
+    })
+}
+
+/// What decrypts one replica: its own entry's `age-identity` or `passphrase-env` if it names
+/// one, else `base`'s (the top level, flags over the file).
+pub fn resolve_read(base: &KeyLayer, own: Option<&KeyLayer>) -> Result<ReadKey> {
+    let l = own.filter(|o| o.reads()).unwrap_or(base);
+    Ok(ReadKey {
+        identity: l.age_identity.clone(),
+        passphrase: l.passphrase_env.as_deref().map(passphrase).transpose()?,
+    })
+}
+
+/// Whether database `db`'s fsync waits for the replicas: its own `sync` setting if it has
+/// one, else the mount-wide one (`--sync`, top-level `sync:`).
+pub fn db_sync(mount_wide: bool, db: Option<&DbConf>) -> bool {
+    db.and_then(|d| d.sync).unwrap_or(mount_wide)
 }
 
 /// Parses durations like `500ms`, `1s`, `5m`, `24h`, `7d`; `0` means "off" where allowed.
@@ -338,11 +491,35 @@ mod tests {
     #[test]
     fn contrib_example_parses() {
         let text = include_str!("../contrib/sqlfs.yml");
-        for v in ["SQLFS_AGE_RECIPIENT", "SQLFS_BUCKET", "HOSTNAME"] {
+        for v in [
+            "SQLFS_AGE_RECIPIENT",
+            "SQLFS_OFFSITE_RECIPIENT",
+            "SQLFS_BUCKET",
+            "HOSTNAME",
+        ] {
             std::env::set_var(v, "x");
         }
         let c = Config::parse(text).unwrap_or_else(|e| panic!("contrib/sqlfs.yml: {e:#}"));
         assert_eq!(c.passthrough, Some(crate::fs::Passthrough::Auto));
+        // The replicas' own keys and the databases' own sync settings are there.
+        let (base, r) = (c.keys(), &c.replicas);
+        assert!(matches!(
+            resolve_seal(&base, Some(&r[0].keys())).unwrap(),
+            Seal::Recipients(_)
+        ));
+        assert_eq!(
+            resolve_read(&base, Some(&r[0].keys()))
+                .unwrap()
+                .identity
+                .as_deref(),
+            Some(Path::new("/etc/sqlfs/offsite.key"))
+        );
+        assert!(matches!(
+            resolve_seal(&base, Some(&r[1].keys())).unwrap(),
+            Seal::Plain
+        ));
+        assert!(!db_sync(true, c.databases.get("cache.db")));
+        assert!(db_sync(false, c.databases.get("billing.db")));
     }
 
     /// The sidecar example is complete: its configuration parses, every `${VAR}` in it is
@@ -442,5 +619,104 @@ mod tests {
         }
         let c = Config::parse("retention: 0\nstage-limit: 1048576\n").unwrap();
         assert_eq!(c.retention.as_deref(), Some("0"));
+    }
+
+    /// Encryption per replica: a replica's own `age-recipients` (an empty list: plain) or
+    /// `passphrase-env` replaces the top level's; its own `age-identity` or `passphrase-env`
+    /// decrypts it.
+    #[test]
+    fn encryption_per_replica() {
+        std::env::set_var("SQLFS_TEST_REPLICA_PASS", "pass-of-r2");
+        let c = Config::parse(
+            "age-recipients: [age1top]\nage-identity: /top.key\nreplicas:\n  - url: file:///r1\n  - url: file:///r2\n    passphrase-env: SQLFS_TEST_REPLICA_PASS\n  - url: file:///r3\n    age-recipients: []\n  - url: file:///r4\n    age-recipients: [age1own]\n    age-identity: /own.key\n",
+        )
+        .unwrap();
+        let base = c.keys();
+        let seal = |i: usize| resolve_seal(&base, Some(&c.replicas[i].keys())).unwrap();
+        let read = |i: usize| resolve_read(&base, Some(&c.replicas[i].keys())).unwrap();
+        assert!(matches!(seal(0), Seal::Recipients(r) if r == ["age1top"]));
+        assert!(matches!(seal(1), Seal::Passphrase(p) if p == "pass-of-r2"));
+        assert!(matches!(seal(2), Seal::Plain));
+        assert!(matches!(seal(3), Seal::Recipients(r) if r == ["age1own"]));
+        let (r0, r1, r3) = (read(0), read(1), read(3));
+        assert_eq!(r0.identity.as_deref(), Some(Path::new("/top.key")));
+        assert!(r0.passphrase.is_none());
+        assert_eq!(r1.identity, None);
+        assert_eq!(r1.passphrase.as_deref(), Some("pass-of-r2"));
+        assert_eq!(r3.identity.as_deref(), Some(Path::new("/own.key")));
+        // A replica without keys of its own takes the top level's.
+        assert_eq!(read(2).identity.as_deref(), Some(Path::new("/top.key")));
+        assert_eq!(c.replica("file:///r2").map(|(i, _)| i), Some(1));
+
+        // Both ways on one replica: an error naming it by its redacted URL.
+        std::env::set_var("SQLFS_TEST_SECRET2", "hunter3-s3cr3t");
+        for (extra, says) in [
+            (
+                "    age-recipients: [age1x]\n    passphrase-env: P\n",
+                "choose one way",
+            ),
+            (
+                "    age-recipients: []\n    passphrase-env: P\n",
+                "choose one way",
+            ),
+            (
+                "    age-identity: /k\n    passphrase-env: P\n",
+                "age-identity",
+            ),
+            (
+                "    passphrase-env: \"correct horse\"\n",
+                "not an environment variable name",
+            ),
+        ] {
+            let text = format!(
+                "replicas:\n  - url: file:///ok\n  - url: s3://b/p?endpoint=http://h:9/x?sig=${{SQLFS_TEST_SECRET2}}\n{extra}"
+            );
+            let e = format!("{:#}", Config::parse(&text).unwrap_err());
+            assert!(
+                e.contains("replicas[1] (s3://b/p?endpoint=http://h:9/x?sig=***)"),
+                "{e}"
+            );
+            assert!(e.contains(says), "{e}");
+            assert!(!e.contains("hunter3") && !e.contains("horse"), "{e}");
+        }
+        // A passphrase variable that is not set is named; the value of one never is.
+        let c = Config::parse(
+            "replicas:\n  - url: file:///r\n    passphrase-env: SQLFS_SURELY_UNSET_PASS\n",
+        )
+        .unwrap();
+        let e = resolve_seal(&c.keys(), Some(&c.replicas[0].keys()))
+            .err()
+            .map(|e| format!("{e:#}"))
+            .unwrap_or_default();
+        assert!(e.contains("SQLFS_SURELY_UNSET_PASS is not set"), "{e}");
+    }
+
+    /// `sync` per database overrides the mount-wide one; `passthrough: on` with any synced
+    /// database is an error naming it.
+    #[test]
+    fn sync_per_database() {
+        let c = Config::parse("databases:\n  a.db:\n    sync: true\n  b.db:\n    sync: false\n")
+            .unwrap();
+        for wide in [false, true] {
+            assert!(db_sync(wide, c.databases.get("a.db")));
+            assert!(!db_sync(wide, c.databases.get("b.db")));
+            assert_eq!(db_sync(wide, c.databases.get("other.db")), wide);
+        }
+        let e =
+            Config::parse("passthrough: on\ndatabases:\n  x/a.db:\n    sync: true\n").unwrap_err();
+        assert!(
+            format!("{e:#}").contains("databases.x/a.db: sync: true and passthrough: on"),
+            "{e:#}"
+        );
+        let e = Config::parse("passthrough: on\nsync: true\n").unwrap_err();
+        assert!(
+            format!("{e:#}").contains("sync: true and passthrough: on"),
+            "{e:#}"
+        );
+        // Without any synced database, passthrough: on is fine.
+        Config::parse("passthrough: on\nsync: false\ndatabases:\n  a.db:\n    sync: false\n")
+            .unwrap();
+        let e = Config::parse("databases:\n  a.db:\n    sync: sometimes\n").unwrap_err();
+        assert!(format!("{e:#}").contains("expected a boolean"), "{e:#}");
     }
 }

@@ -73,6 +73,16 @@ impl Sealer {
         })
     }
 
+    /// The sealer a replica's resolved encryption setting asks for (`None`: not encrypted).
+    pub fn for_seal(seal: &crate::config::Seal) -> Result<Option<Sealer>> {
+        use crate::config::Seal;
+        match seal {
+            Seal::Plain => Ok(None),
+            Seal::Recipients(r) => Sealer::new(r),
+            Seal::Passphrase(p) => Sealer::with_passphrase(p).map(Some),
+        }
+    }
+
     /// Parses `age1…` recipient strings; `None` when there are none (no encryption).
     pub fn new(recipients: &[String]) -> Result<Option<Sealer>> {
         if recipients.is_empty() {
@@ -139,6 +149,16 @@ impl Opener {
             bail!("{} holds no age identity", path.display());
         }
         Ok(Opener { identities })
+    }
+
+    /// The opener for a replica's resolved key: its identity file if it has one, else its
+    /// passphrase; `None` without either.
+    pub fn for_key(key: &crate::config::ReadKey) -> Result<Option<Opener>> {
+        match (&key.identity, &key.passphrase) {
+            (Some(f), _) => Opener::from_identity_file(f).map(Some),
+            (None, Some(p)) => Opener::from_passphrase(p).map(Some),
+            (None, None) => Ok(None),
+        }
     }
 
     /// Decrypts with a passphrase (objects written with `--passphrase-env`).

@@ -151,6 +151,9 @@ pub struct SqlFs {
     /// The `.history` views, if enabled.
     history: Option<Arc<History>>,
     passthrough: Passthrough,
+    /// Databases (by name) whose WAL and `-shm` files never pass straight through, because
+    /// their fsync must find every commit staged (`sync`).
+    written_through: Option<WrittenThrough>,
     /// Passthrough was negotiated with the kernel and works.
     pt_live: AtomicBool,
     /// The kernel wants one backing file per inode for all its passthrough handles.
@@ -159,6 +162,9 @@ pub struct SqlFs {
 
 /// Makes the transactions of the database a file belongs to durable elsewhere; see `--sync`.
 pub type DurableHook = Box<dyn Fn(&str) -> anyhow::Result<()> + Send + Sync>;
+
+/// True for a database (by name) whose files must all be written through sqlfs.
+pub type WrittenThrough = Box<dyn Fn(&str) -> bool + Send + Sync>;
 
 fn to_system_time(sec: i64, nsec: i64) -> SystemTime {
     if sec >= 0 {
@@ -195,6 +201,7 @@ impl SqlFs {
             history: None,
             root_ino: st.st_ino,
             passthrough: Passthrough::Auto,
+            written_through: None,
             pt_live: AtomicBool::new(false),
             backing_ids: Mutex::new(HashMap::new()),
         })
@@ -206,9 +213,17 @@ impl SqlFs {
         self
     }
 
+    /// Keeps the WAL and `-shm` files of the databases `f` names written through sqlfs even
+    /// where passthrough works (their commits are then staged as they are written).
+    pub fn with_written_through(mut self, f: WrittenThrough) -> SqlFs {
+        self.written_through = Some(f);
+        self
+    }
+
     /// The backing file id to open `rel` (inode `ino`, descriptor `f`) with, if it goes
-    /// straight through: WAL and `-shm` files, once passthrough works. All handles on one
-    /// inode must agree, so an inode already open the other way stays that way.
+    /// straight through: WAL and `-shm` files, once passthrough works, unless their database
+    /// is to be written through (decided by its name when the file is opened). All handles on
+    /// one inode must agree, so an inode already open the other way stays that way.
     fn passthrough_for(
         &self,
         ino: u64,
@@ -220,8 +235,13 @@ impl SqlFs {
         if let Some(id) = ids.get(&ino).and_then(Weak::upgrade) {
             return Some(id);
         }
-        let wanted = matches!(classify(rel).0, Role::Wal) || rel.ends_with("-shm");
-        if !wanted || !self.pt_live.load(Ordering::Relaxed) {
+        let db = match (classify(rel), rel.strip_suffix("-shm")) {
+            ((Role::Wal, db), _) | (_, Some(db)) => db,
+            _ => return None,
+        };
+        if !self.pt_live.load(Ordering::Relaxed)
+            || self.written_through.as_ref().is_some_and(|w| w(db))
+        {
             return None;
         }
         if self.handles.read().values().any(|h| h.ino == ino) {

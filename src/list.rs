@@ -1,5 +1,10 @@
 //! `sqlfs list`: the databases a replica holds, each with its restore window, snapshots and
-//! objects per level. One listing per database plus a few header reads; changes nothing.
+//! objects per level. One listing per database plus header reads (the level-0 segments the
+//! chain passes through, several at a time); changes nothing.
+//!
+//! The window is shown as the ranges a restore can actually reach: where the chain breaks
+//! (TXIDs no object holds), the ranges before and after the break are shown apart and the
+//! gap is named, with the missing TXIDs and the objects on either side.
 
 use anyhow::Result;
 
@@ -15,9 +20,34 @@ pub struct DbListing {
     pub earliest_time: Option<String>,
     pub latest_txid: Option<u64>,
     pub latest_time: Option<String>,
+    /// The restorable ranges, oldest first: one unless the chain has a gap.
+    pub ranges: Vec<RangeInfo>,
+    /// TXIDs no restore reaches, after the range they follow.
+    pub gaps: Vec<GapInfo>,
     pub snapshots: Vec<SnapshotInfo>,
     pub levels: Vec<LevelInfo>,
     pub total_bytes: u64,
+}
+
+#[derive(Debug, serde::Serialize)]
+pub struct RangeInfo {
+    pub first_txid: u64,
+    pub first_time: String,
+    pub last_txid: u64,
+    pub last_time: String,
+}
+
+#[derive(Debug, serde::Serialize)]
+pub struct GapInfo {
+    /// TXIDs `first_txid..=last_txid` cannot be restored ...
+    pub first_txid: u64,
+    pub last_txid: u64,
+    /// ... because no object holds `missing_first..=missing_last`,
+    pub missing_first: u64,
+    pub missing_last: u64,
+    /// between these two objects (`after` is absent if nothing follows).
+    pub before: String,
+    pub after: Option<String>,
 }
 
 #[derive(Debug, serde::Serialize)]
@@ -57,7 +87,7 @@ pub fn run(
     let mut out = Vec::new();
     for (id, name) in dbs {
         let c = reader.catalog(&id, &name)?;
-        let w = catalog::window(&reader, &c)?;
+        let (ranges, gaps) = catalog::ranges(&reader, &c)?;
         let snapshots = c
             .snaps
             .iter()
@@ -78,13 +108,34 @@ pub fn run(
                 bytes: l.iter().map(|o| o.size).sum(),
             })
             .collect();
+        let (first, last) = (ranges.first(), ranges.last());
         out.push(DbListing {
             name,
             id,
-            earliest_txid: w.map(|w| w.first_txid),
-            earliest_time: w.map(|w| fmt_time(w.first_ns)),
-            latest_txid: w.map(|w| w.last_txid),
-            latest_time: w.map(|w| fmt_time(w.last_ns)),
+            earliest_txid: first.map(|w| w.first_txid),
+            earliest_time: first.map(|w| fmt_time(w.first_ns)),
+            latest_txid: last.map(|w| w.last_txid),
+            latest_time: last.map(|w| fmt_time(w.last_ns)),
+            ranges: ranges
+                .iter()
+                .map(|w| RangeInfo {
+                    first_txid: w.first_txid,
+                    first_time: fmt_time(w.first_ns),
+                    last_txid: w.last_txid,
+                    last_time: fmt_time(w.last_ns),
+                })
+                .collect(),
+            gaps: gaps
+                .into_iter()
+                .map(|g| GapInfo {
+                    first_txid: g.first_txid,
+                    last_txid: g.last_txid,
+                    missing_first: g.missing_first,
+                    missing_last: g.missing_last,
+                    before: g.before,
+                    after: g.after,
+                })
+                .collect(),
             snapshots,
             levels,
             total_bytes: c.objects().map(|o| o.size).sum(),
@@ -108,16 +159,23 @@ pub fn text(dbs: &[DbListing]) -> String {
             d.id,
             d.total_bytes as f64 / 1e6
         );
-        match (d.earliest_txid, d.latest_txid) {
-            (Some(a), Some(b)) => {
-                let _ = writeln!(
-                    o,
-                    "  restore window: TXID {a} ({}) .. TXID {b} ({})",
-                    d.earliest_time.as_deref().unwrap_or("?"),
-                    d.latest_time.as_deref().unwrap_or("?")
-                );
+        if d.ranges.is_empty() {
+            o.push_str("  restore window: none\n");
+        }
+        // Each range, then the gap after it (if any), in TXID order.
+        let mut gaps = d.gaps.iter().peekable();
+        for r in &d.ranges {
+            while let Some(g) = gaps.next_if(|g| g.first_txid < r.first_txid) {
+                gap_line(&mut o, g);
             }
-            _ => o.push_str("  restore window: none\n"),
+            let _ = writeln!(
+                o,
+                "  restore window: TXID {} ({}) .. TXID {} ({})",
+                r.first_txid, r.first_time, r.last_txid, r.last_time
+            );
+        }
+        for g in gaps {
+            gap_line(&mut o, g);
         }
         for s in &d.snapshots {
             let _ = writeln!(
@@ -139,4 +197,18 @@ pub fn text(dbs: &[DbListing]) -> String {
         }
     }
     o
+}
+
+/// "gap: TXIDs A..=B cannot be restored: no object holds TXIDs C..=D (missing between X and Y)".
+fn gap_line(o: &mut String, g: &GapInfo) {
+    use std::fmt::Write as _;
+    let after = match &g.after {
+        Some(k) => format!("between {} and {k}", g.before),
+        None => format!("after {}; nothing follows", g.before),
+    };
+    let _ = writeln!(
+        o,
+        "  gap: TXIDs {}..={} cannot be restored: no object holds TXIDs {}..={} (missing {after})",
+        g.first_txid, g.last_txid, g.missing_first, g.missing_last
+    );
 }

@@ -82,7 +82,8 @@ enum Cmd {
         /// instant (2026-11-25T10:00:00Z; fractions and offsets allowed).
         #[arg(long, value_name = "T")]
         timestamp: Option<String>,
-        /// Take the replica (the first one) and keys from this configuration file.
+        /// Take the replica (the first one, or the one --replica names) and its keys from
+        /// this configuration file; a replica's own keys there win over the flags.
         #[arg(long, value_name = "FILE")]
         config: Option<PathBuf>,
         /// Replace OUTPUT if it exists.
@@ -117,7 +118,8 @@ enum Cmd {
         /// Only this database.
         #[arg(long)]
         db: Option<String>,
-        /// Take the replica (the first one) and keys from this configuration file.
+        /// Take the replica (the first one, or the one --replica names) and its keys from
+        /// this configuration file; a replica's own keys there win over the flags.
         #[arg(long, value_name = "FILE")]
         config: Option<PathBuf>,
         /// age identity file, to read an encrypted replica's times.
@@ -193,7 +195,8 @@ fn inspect(
     Ok(code)
 }
 
-/// Where restore and list read from: flags, or the configuration file's first replica.
+/// Where restore and list read from: flags, or the configuration file's first replica; with
+/// the keys of that replica (its own entry's, else the top level's with the flags over it).
 struct ReplicaSource {
     replica: String,
     age_identity: Option<PathBuf>,
@@ -220,17 +223,33 @@ impl ReplicaSource {
             }
             None => anyhow::bail!("which replica? pass --replica URL (or --config FILE)"),
         };
-        let passphrase = match passphrase_env.or(conf.passphrase_env) {
-            Some(var) => Some(
-                std::env::var(&var)
-                    .with_context(|| format!("the passphrase variable {var} is not set"))?,
-            ),
-            None => None,
+        let flagged = age_identity.is_some() || passphrase_env.is_some();
+        let mut base = conf.keys();
+        if age_identity.is_some() {
+            base.age_identity = age_identity;
+        }
+        if passphrase_env.is_some() {
+            base.passphrase_env = passphrase_env;
+        }
+        // A replica the configuration lists (the first, or the one --replica names) is read
+        // with its own key if it has one.
+        let key = match conf.replica(&replica) {
+            Some((i, r)) => {
+                let own = r.keys();
+                if flagged && (own.age_identity.is_some() || own.passphrase_env.is_some()) {
+                    log::warn!(
+                        "{}: reading it with its own key from the configuration, not the one given on the command line",
+                        r.describe(i)
+                    );
+                }
+                config::resolve_read(&base, Some(&own)).with_context(|| r.describe(i))?
+            }
+            None => config::resolve_read(&base, None)?,
         };
         Ok(ReplicaSource {
             replica,
-            age_identity: age_identity.or(conf.age_identity),
-            passphrase,
+            age_identity: key.identity,
+            passphrase: key.passphrase,
             mount_dir: conf.dir,
         })
     }

@@ -15,7 +15,10 @@ use fuser::{Config, MountOption, Session, SessionACL};
 
 use crate::backing::{Backing, META_DIR};
 use crate::capture::Capture;
-use crate::config::{overlay, parse_duration, parse_size, Config as FileConfig, DbConf};
+use crate::config::{
+    db_sync, overlay, parse_duration, parse_size, resolve_read, resolve_seal, Config as FileConfig,
+    DbConf, KeyLayer, ReadKey, Seal,
+};
 use crate::fs::{Passthrough, SqlFs};
 use crate::ship::Policy;
 
@@ -67,7 +70,8 @@ pub struct CliMount {
     #[arg(long, value_name = "VAR")]
     pub passphrase_env: Option<String>,
     /// The app's fsync of a database returns only when its transactions are on every
-    /// replica (zero loss on machine failure; use with PRAGMA synchronous=FULL).
+    /// replica (zero loss on machine failure; use with PRAGMA synchronous=FULL). A
+    /// database's own `sync:` in the configuration overrides it.
     #[arg(long)]
     pub sync: bool,
     /// Before serving, restore each database the first replica holds but the data
@@ -79,17 +83,21 @@ pub struct CliMount {
     pub metrics_addr: Option<std::net::SocketAddr>,
     /// Let the kernel pass WAL and shared-memory file I/O straight to the backing files
     /// (Linux 6.9+, root); commits are then read from the WAL as SQLite publishes them.
-    /// `auto` uses it when available; `off` sends every write through sqlfs. `--sync`
-    /// implies `off` [default: auto].
+    /// `auto` uses it when available; `off` sends every write through sqlfs. Databases with
+    /// sync never use it (with `--sync` and no database excepted, it is off) [default: auto].
     #[arg(long, value_enum, value_name = "WHEN")]
     pub passthrough: Option<Passthrough>,
 }
 
-/// One replica to ship to, with its own interval and policy.
+/// One replica to ship to, with its own interval, policy and keys.
 pub struct ReplicaSpec {
     pub url: String,
     pub sync_interval: Duration,
     pub policy: Policy,
+    /// How its objects are encrypted.
+    pub seal: Seal,
+    /// What decrypts them (`--restore-if-missing`, `.history` views).
+    pub key: ReadKey,
 }
 
 pub struct MountOpts {
@@ -103,16 +111,14 @@ pub struct MountOpts {
     pub replicas: Vec<ReplicaSpec>,
     pub sync_interval: Duration,
     pub policy: Policy,
-    pub age_recipients: Vec<String>,
-    pub passphrase: Option<String>,
-    /// The app's fsync of a database file returns only once its transactions are on every
-    /// replica.
+    /// The top level's encryption (flags over the file), for the embedded default replica.
+    pub keys: KeyLayer,
+    /// Mount-wide: the app's fsync of a database file returns only once its transactions are
+    /// on every replica (a database's own `sync` overrides it: [`db_sync`]).
     pub sync: bool,
     pub restore_if_missing: bool,
     pub metrics_addr: Option<std::net::SocketAddr>,
     pub passthrough: Passthrough,
-    /// Identity to decrypt the replica with for `restore_if_missing` (configuration only).
-    pub age_identity: Option<PathBuf>,
     /// Per-database overrides from the configuration file.
     pub databases: BTreeMap<String, DbConf>,
 }
@@ -120,8 +126,9 @@ pub struct MountOpts {
 impl MountOpts {
     /// Resolves the settings, the more specific winning: the defaults, then the
     /// configuration file's top level, then the command-line flags (which stand in for the
-    /// file's top level), then each replica's own settings in the file; each database's own
-    /// settings apply over all of these when it is shipped (`ship::Shipper`).
+    /// file's top level), then each replica's own settings in the file (encryption
+    /// included); each database's own settings apply over all of these when it is shipped
+    /// (`ship::Shipper`) and when its fsync decides whether to wait (`sync`).
     pub fn resolve(cli: CliMount, conf: FileConfig) -> Result<MountOpts> {
         let dir = cli.dir.or(conf.dir.clone()).context(
             "which directory? pass DIR (sqlfs mount /data) or set `dir:` in the configuration",
@@ -147,54 +154,73 @@ impl MountOpts {
         if let Some(l) = &cli.compaction {
             policy.levels = l.0.clone();
         }
+        // Encryption: the top level (flags over the file), then each replica's own.
+        let keys = KeyLayer {
+            age_recipients: if cli.age_recipients.is_empty() {
+                conf.age_recipients.clone()
+            } else {
+                Some(cli.age_recipients)
+            },
+            passphrase_env: cli.passphrase_env.or(conf.passphrase_env.clone()),
+            age_identity: conf.age_identity.clone(),
+        };
+        if keys.passphrase_env.is_some()
+            && keys.age_recipients.as_ref().is_some_and(|r| !r.is_empty())
+        {
+            bail!("encrypt either to --age-recipient keys or with --passphrase-env, not both");
+        }
         let replicas = if !cli.replicas.is_empty() {
             cli.replicas
                 .iter()
-                .map(|u| ReplicaSpec {
-                    url: u.clone(),
-                    sync_interval,
-                    policy: policy.clone(),
+                .map(|u| {
+                    let what = || format!("replica {}", crate::replica::redact_url(u));
+                    Ok(ReplicaSpec {
+                        url: u.clone(),
+                        sync_interval,
+                        policy: policy.clone(),
+                        seal: resolve_seal(&keys, None).with_context(what)?,
+                        key: resolve_read(&keys, None).with_context(what)?,
+                    })
                 })
-                .collect()
+                .collect::<Result<Vec<_>>>()?
         } else {
             conf.replicas
                 .iter()
-                .map(|r| {
+                .enumerate()
+                .map(|(i, r)| {
                     let mut p = policy.clone();
                     overlay(&mut p, &r.snapshot_interval, &r.retention, &r.compaction);
-                    ReplicaSpec {
+                    let own = r.keys();
+                    Ok(ReplicaSpec {
                         url: r.url.clone(),
                         sync_interval: dur(&r.sync_interval)
                             .filter(|d| !d.is_zero())
                             .unwrap_or(sync_interval),
                         policy: p,
-                    }
+                        seal: resolve_seal(&keys, Some(&own)).with_context(|| r.describe(i))?,
+                        key: resolve_read(&keys, Some(&own)).with_context(|| r.describe(i))?,
+                    })
                 })
-                .collect()
-        };
-        let recipients = if cli.age_recipients.is_empty() {
-            conf.age_recipients.clone().unwrap_or_default()
-        } else {
-            cli.age_recipients
-        };
-        let passphrase = match cli.passphrase_env.or(conf.passphrase_env.clone()) {
-            Some(var) => Some(
-                std::env::var(&var)
-                    .with_context(|| format!("the passphrase variable {var} is not set"))?,
-            ),
-            None => None,
+                .collect::<Result<Vec<_>>>()?
         };
         let sync = cli.sync || conf.sync.unwrap_or(false);
-        let passthrough = match (cli.passthrough.or(conf.passthrough), sync) {
-            (Some(Passthrough::On), true) => bail!(
-                "--sync waits in the app's fsync for its transaction, which it must see written: it cannot be combined with --passthrough on"
-            ),
-            (_, true) => Passthrough::Off,
-            (p, false) => p.unwrap_or_default(),
+        // Synced databases need their WAL written through sqlfs; kernel passthrough stays for
+        // the others, and is off when every database syncs.
+        let synced = conf.databases.iter().find(|(_, d)| d.sync == Some(true));
+        let all_sync = sync && !conf.databases.values().any(|d| d.sync == Some(false));
+        let passthrough = match cli.passthrough.or(conf.passthrough) {
+            Some(Passthrough::On) if sync || synced.is_some() => {
+                let who = match synced {
+                    Some((name, _)) if !sync => format!("databases.{name}: sync: true"),
+                    _ => "--sync".to_string(),
+                };
+                bail!(
+                    "{who} waits in the app's fsync for its transaction, which sqlfs must see written: it cannot be combined with --passthrough on (use auto: synced databases are then written through, the others passed through)"
+                )
+            }
+            _ if all_sync => Passthrough::Off,
+            p => p.unwrap_or_default(),
         };
-        if passphrase.is_some() && !recipients.is_empty() {
-            bail!("encrypt either to --age-recipient keys or with --passphrase-env, not both");
-        }
         Ok(MountOpts {
             dir,
             data_dir: cli.data_dir.or(conf.data_dir.clone()),
@@ -218,8 +244,7 @@ impl MountOpts {
             replicas,
             sync_interval,
             policy,
-            age_recipients: recipients,
-            passphrase,
+            keys,
             sync,
             passthrough,
             restore_if_missing: cli.restore_if_missing || conf.restore_if_missing.unwrap_or(false),
@@ -227,9 +252,13 @@ impl MountOpts {
                 Some(a) => Some(a),
                 None => conf.metrics_addr.as_deref().and_then(|a| a.parse().ok()),
             },
-            age_identity: conf.age_identity,
             databases: conf.databases,
         })
+    }
+
+    /// True if any database may sync (mount-wide `sync`, or a database's own `sync: true`).
+    pub fn any_sync(&self) -> bool {
+        self.sync || self.databases.values().any(|d| d.sync == Some(true))
     }
 }
 
@@ -250,6 +279,8 @@ fn replica_specs(o: &MountOpts) -> Result<Vec<ReplicaSpec>> {
                 url: r.url.clone(),
                 sync_interval: r.sync_interval,
                 policy: r.policy.clone(),
+                seal: r.seal.clone(),
+                key: r.key.clone(),
             })
             .collect());
     }
@@ -268,17 +299,17 @@ fn replica_specs(o: &MountOpts) -> Result<Vec<ReplicaSpec>> {
         url: format!("file://{}", dir.display()),
         sync_interval: o.sync_interval,
         policy: o.policy.clone(),
+        seal: resolve_seal(&o.keys, None)?,
+        key: resolve_read(&o.keys, None)?,
     }])
 }
 
-/// Restores every database the first replica holds that the data directory lacks.
-fn restore_missing(o: &MountOpts, data: &Path, url: &str, others: &[String]) -> Result<()> {
+/// Restores every database the first replica holds that the data directory lacks; each
+/// replica is read with its own key.
+fn restore_missing(data: &Path, first: &ReplicaSpec, others: &[ReplicaSpec]) -> Result<()> {
+    let url = first.url.as_str();
     let client = crate::replica::open(url)?;
-    let opener = match (&o.age_identity, &o.passphrase) {
-        (Some(f), _) => Some(crate::crypt::Opener::from_identity_file(f)?),
-        (None, Some(p)) => Some(crate::crypt::Opener::from_passphrase(p)?),
-        _ => None,
-    };
+    let opener = crate::crypt::Opener::for_key(&first.key)?;
     let reader = crate::catalog::Reader::new(client.as_ref(), opener.as_ref());
     let dbs = reader
         .databases()
@@ -311,8 +342,11 @@ fn restore_missing(o: &MountOpts, data: &Path, url: &str, others: &[String]) -> 
             target: crate::catalog::Target::Latest,
             force: false,
             if_not_exists: true,
-            age_identity: o.age_identity.clone(),
-            passphrase: o.passphrase.clone(),
+            age_identity: first.key.identity.clone(),
+            passphrase: match first.key.identity {
+                Some(_) => None,
+                None => first.key.passphrase.clone(),
+            },
             parallel: 4,
             dry_run: false,
             progress: false,
@@ -345,7 +379,8 @@ fn restore_missing(o: &MountOpts, data: &Path, url: &str, others: &[String]) -> 
             // The other replicas continue their own chain of this database where it ends
             // (or get a snapshot if they lack it or lag behind).
             for other in others {
-                let held = crate::replica::open(other).ok().and_then(|c| {
+                let held = crate::replica::open(&other.url).ok().and_then(|c| {
+                    let opener = crate::crypt::Opener::for_key(&other.key).ok()?;
                     let rd = crate::catalog::Reader::new(c.as_ref(), opener.as_ref());
                     let cat = rd.catalog(&r.id, &name).ok()?;
                     let w = crate::catalog::window(&rd, &cat).ok()??;
@@ -453,15 +488,14 @@ pub fn run(o: MountOpts) -> Result<()> {
     let specs = replica_specs(&o)?;
     let mut replicas = Vec::new();
     for r in &specs {
-        replicas.push((crate::replica::open(&r.url)?, r));
+        // Each replica is encrypted with its own settings.
+        let sealer = crate::crypt::Sealer::for_seal(&r.seal)
+            .with_context(|| format!("replica {}", crate::replica::redact_url(&r.url)))?
+            .map(Arc::new);
+        replicas.push((crate::replica::open(&r.url)?, r, sealer));
     }
-    let sealer = match &o.passphrase {
-        Some(p) => Some(Arc::new(crate::crypt::Sealer::with_passphrase(p)?)),
-        None => crate::crypt::Sealer::new(&o.age_recipients)?.map(Arc::new),
-    };
     if o.restore_if_missing {
-        let others: Vec<String> = specs[1..].iter().map(|r| r.url.clone()).collect();
-        restore_missing(&o, &data, &specs[0].url, &others)?;
+        restore_missing(&data, &specs[0], &specs[1..])?;
     }
     let backing = Arc::new(
         Backing::open(&data)
@@ -477,12 +511,12 @@ pub fn run(o: MountOpts) -> Result<()> {
     let mut intervals = Vec::new();
     let shippers: Vec<Arc<crate::ship::Shipper>> = replicas
         .into_iter()
-        .map(|(c, spec)| {
+        .map(|(c, spec, sealer)| {
             intervals.push(spec.sync_interval);
             crate::ship::Shipper::new(
                 c,
                 capture.clone(),
-                sealer.clone(),
+                sealer,
                 spec.policy.clone(),
                 rules.clone(),
             )
@@ -491,9 +525,35 @@ pub fn run(o: MountOpts) -> Result<()> {
     let mut fs = SqlFs::new(backing.clone(), capture.clone())
         .context("cannot read the data directory")?
         .with_passthrough(o.passthrough);
+    if o.any_sync() {
+        if o.passthrough == Passthrough::Off {
+            log::info!("sync: every write goes through sqlfs (no kernel passthrough)");
+        } else {
+            // Passthrough for the other databases; a synced one's fsync must find its commit
+            // staged, so its WAL (and -shm) always go through sqlfs.
+            let (sync, rules) = (o.sync, rules.clone());
+            fs =
+                fs.with_written_through(Box::new(move |name: &str| db_sync(sync, rules.get(name))));
+            let named: Vec<&str> = o
+                .databases
+                .iter()
+                .filter(|(_, d)| d.sync == Some(true))
+                .map(|(n, _)| n.as_str())
+                .collect();
+            log::info!(
+                "sync: the WAL and -shm files of synced databases ({}) go through sqlfs, never kernel passthrough",
+                if o.sync {
+                    "every database but those with sync: false".to_string()
+                } else {
+                    named.join(", ")
+                }
+            );
+        }
+    }
     let history = {
-        // History views read the first replica; decrypting it needs the identity or passphrase.
-        let key = match (&o.age_identity, &o.passphrase) {
+        // History views read the first replica, with that replica's key.
+        let k = &specs[0].key;
+        let key = match (&k.identity, &k.passphrase) {
             (Some(f), _) => Some(crate::history::Key::IdentityFile(f.clone())),
             (None, Some(p)) => Some(crate::history::Key::Passphrase(p.clone())),
             _ => None,
@@ -510,10 +570,15 @@ pub fn run(o: MountOpts) -> Result<()> {
         fs = fs.with_history(h.clone());
         h
     };
-    if o.sync {
+    if o.any_sync() {
         let (cap, sh) = (capture.clone(), shippers.clone());
+        let (sync, rules) = (o.sync, rules.clone());
         fs = fs.with_durability(Box::new(move |rel: &str| {
             let name = crate::capture::classify(rel).1;
+            // Only databases whose resolved sync is true wait.
+            if !db_sync(sync, rules.get(name)) {
+                return Ok(());
+            }
             let Some(db) = cap.get(name) else {
                 return Ok(());
             };
@@ -747,11 +812,87 @@ mod tests {
         m: CliMount,
     }
 
-    fn resolve(args: &[&str], yaml: &str) -> MountOpts {
+    fn try_resolve(args: &[&str], yaml: &str) -> Result<MountOpts> {
         let cli = Cmd::try_parse_from(std::iter::once("mount").chain(args.iter().copied()))
             .unwrap()
             .m;
-        MountOpts::resolve(cli, FileConfig::parse(yaml).unwrap()).unwrap()
+        MountOpts::resolve(cli, FileConfig::parse(yaml).unwrap())
+    }
+
+    fn resolve(args: &[&str], yaml: &str) -> MountOpts {
+        try_resolve(args, yaml).unwrap()
+    }
+
+    /// Each replica gets its own encryption: its entry's, else the top level's with the
+    /// flags over it; `--replica` replicas have only the latter.
+    #[test]
+    fn encryption_per_replica() {
+        std::env::set_var("SQLFS_TEST_MOUNT_PASS", "p2");
+        let yaml = "dir: /d\nage-recipients: [age1file]\nreplicas:\n  - url: file:///r1\n  - url: file:///r2\n    passphrase-env: SQLFS_TEST_MOUNT_PASS\n  - url: file:///r3\n    age-recipients: []\n";
+        let kinds = |o: &MountOpts| -> Vec<String> {
+            o.replicas
+                .iter()
+                .map(|r| match &r.seal {
+                    Seal::Plain => "plain".into(),
+                    Seal::Recipients(v) => v.join(","),
+                    Seal::Passphrase(p) => format!("pass:{p}"),
+                })
+                .collect()
+        };
+        assert_eq!(kinds(&resolve(&[], yaml)), ["age1file", "pass:p2", "plain"]);
+        // The flag stands in for the top level; the replicas' own settings still win.
+        let o = resolve(&["--age-recipient", "age1flag"], yaml);
+        assert_eq!(kinds(&o), ["age1flag", "pass:p2", "plain"]);
+        assert_eq!(o.replicas[1].key.passphrase.as_deref(), Some("p2"));
+        let o = resolve(
+            &["--replica", "file:///x", "--age-recipient", "age1flag"],
+            yaml,
+        );
+        assert_eq!(kinds(&o), ["age1flag"]);
+        // A replica's own passphrase variable must be set; the error names the replica.
+        let e = try_resolve(
+            &[],
+            "dir: /d\nreplicas:\n  - url: file:///r1\n  - url: file:///r2\n    passphrase-env: SQLFS_SURELY_UNSET_MOUNT_PASS\n",
+        )
+        .err()
+        .map(|e| format!("{e:#}"))
+        .unwrap_or_default();
+        assert!(
+            e.contains("replicas[1] (file:///r2)") && e.contains("SQLFS_SURELY_UNSET_MOUNT_PASS"),
+            "{e}"
+        );
+    }
+
+    /// Kernel passthrough is off only when every database syncs; `--passthrough on` with any
+    /// synced database is an error naming it.
+    #[test]
+    fn sync_and_passthrough() {
+        let dbs = "dir: /d\ndatabases:\n  a.db:\n    sync: true\n";
+        let o = resolve(&[], dbs);
+        assert!(!o.sync && o.any_sync());
+        assert_eq!(o.passthrough, Passthrough::Auto);
+        let o = resolve(&["--sync"], "dir: /d\n");
+        assert_eq!(o.passthrough, Passthrough::Off);
+        let o = resolve(
+            &["--sync"],
+            "dir: /d\ndatabases:\n  cache.db:\n    sync: false\n",
+        );
+        assert_eq!(o.passthrough, Passthrough::Auto);
+        let e = try_resolve(&["--passthrough", "on"], dbs).err().unwrap();
+        assert!(
+            format!("{e:#}").contains("databases.a.db: sync: true"),
+            "{e:#}"
+        );
+        let e = try_resolve(&["--passthrough", "on", "--sync"], "dir: /d\n")
+            .err()
+            .unwrap();
+        assert!(format!("{e:#}").contains("--sync"), "{e:#}");
+        let o = resolve(
+            &["--passthrough", "on"],
+            "dir: /d\ndatabases:\n  a.db:\n    sync: false\n",
+        );
+        assert_eq!(o.passthrough, Passthrough::On);
+        assert!(!o.any_sync());
     }
 
     const H: u64 = 3600;

@@ -305,3 +305,224 @@ fn encrypted_file_replica_round_trip() {
         dir_names(&outdir)
     );
 }
+
+/// `sqlfs ARGS` with extra environment variables.
+fn cli_env(a: &[&str], env: &[(&str, &str)]) -> CmdOut {
+    let mut c = std::process::Command::new(BIN);
+    c.args(a);
+    for (k, v) in env {
+        c.env(k, v);
+    }
+    let o = run_cmd(c, CLI_TIMEOUT);
+    assert_no_panic(&o);
+    o
+}
+
+/// True if some object of the file replica `dir` is encrypted with an age stanza of `kind`
+/// (`X25519`: to a recipient; `scrypt`: with a passphrase).
+fn has_stanza(dir: &Path, kind: &str) -> bool {
+    let stanza = format!("\n-> {kind} ");
+    tree(dir).keys().any(|k| {
+        fs::read(dir.join(k)).is_ok_and(|b| b.windows(stanza.len()).any(|w| w == stanza.as_bytes()))
+    })
+}
+
+/// Encryption per replica, from the configuration file: the top level encrypts to a
+/// recipient and names its identity; the first replica has a passphrase of its own, the
+/// third `age-recipients: []` (plain). Each replica is written with its own setting; `restore
+/// --config` (the first replica, or the one `--replica` names) and `list --config` read each
+/// with its own key; each encrypted replica fails clearly with the other's key. Then
+/// `--restore-if-missing` on an empty data directory restores from the first replica with its
+/// passphrase, and every replica (read with its own key) continues its chain from there. The
+/// passphrase appears in no output.
+#[test]
+fn each_replica_encrypted_with_its_own_key() {
+    let seed = seed_for("each_replica_encrypted_with_its_own_key");
+    let mut fx = Fixture::new("crypt-each", false);
+    let key = fx.scratch_path("replica.key");
+    let recipient = keygen(&key);
+    let (rp, ra, rn) = (
+        fx.scratch_path("r-pass"),
+        fx.scratch_path("r-age"),
+        fx.scratch_path("r-plain"),
+    );
+    let (up, ua, un) = (file_url(&rp), file_url(&ra), file_url(&rn));
+    let pass = "tr0ub4dor-per-replica";
+    const VAR: &str = "SQLFS_TEST_REPLICA_PASS";
+    let conf = fx.scratch_path("sqlfs.yml");
+    fs::write(
+        &conf,
+        format!(
+            "sync-interval: 250ms\nage-recipients: [{recipient}]\nage-identity: {}\nreplicas:\n  - url: {up}\n    passphrase-env: {VAR}\n  - url: {ua}\n  - url: {un}\n    age-recipients: []\n",
+            key.display()
+        ),
+    )
+    .unwrap();
+    let env = [(VAR, pass)];
+    fx.opts.replicas = Some(Vec::new());
+    fx.opts.stage_limit = Some(1 << 30);
+    fx.opts.extra_args = vec!["--config".into(), conf.display().to_string()];
+    fx.opts.env = vec![(VAR.into(), pass.into())];
+    fx.mount();
+    let db = "app.db";
+    let c = open_db(&fx.path(db));
+    set_journal_mode(&c, "WAL");
+    c.execute_batch(SCHEMA).unwrap();
+    drop(c);
+    let mut d = Driver::open(&fx.path(db), 1, seed, DriverCfg::default());
+    for _ in 0..30 {
+        d.random_txn().unwrap();
+    }
+    drop(d);
+    // The last shipping pass at unmount brings every replica up to the last TXID.
+    fx.unmount();
+    let last = last_staged(&fx.cli_dir(), db);
+    let mut outputs = vec![fx.last_daemon_log()];
+
+    // Each replica written with its own setting.
+    assert_replica_sealed(&rp);
+    assert_replica_sealed(&ra);
+    assert!(
+        has_stanza(&rp, "scrypt") && !has_stanza(&rp, "X25519"),
+        "r-pass is not passphrase-encrypted"
+    );
+    assert!(
+        has_stanza(&ra, "X25519") && !has_stanza(&ra, "scrypt"),
+        "r-age is not encrypted to the recipient"
+    );
+    let id = replica_db_id(&rn, db).expect("the plain replica names app.db in plain text");
+    assert!(
+        segments(&rn, &id).iter().all(|s| s.first.is_some()),
+        "the plain replica holds unreadable objects"
+    );
+
+    // restore --config: each replica with its own key, to the last TXID, equal to the replay.
+    let outdir = fx.scratch_path("out");
+    fs::create_dir_all(&outdir).unwrap();
+    let out = outdir.join("restored.db");
+    let rep = fx.scratch_path("replay.db");
+    replay(&fx.cli_dir(), db, last, &rep);
+    let conf_s = conf.to_str().unwrap();
+    let out_s = out.to_str().unwrap();
+    for url in [None, Some(&ua), Some(&un)] {
+        let _ = fs::remove_file(&out);
+        let mut a = vec!["restore", "--config", conf_s];
+        if let Some(u) = url {
+            a.extend(["--replica", u.as_str()]);
+        }
+        a.extend(["--db", db, "-o", out_s]);
+        let o = cli_env(&a, &env);
+        assert!(o.ok(), "{}", o.describe());
+        assert_eq!(restored_txid(&o), last, "{}", o.describe());
+        assert_same_bytes(&rep, &out, &format!("restore --config from {url:?}"));
+        outputs.push(o.stdout + &o.stderr);
+    }
+    let latest = fx.scratch_path("latest.db");
+    fs::rename(&out, &latest).unwrap();
+    // list --config: the first replica (times need its passphrase) and the second.
+    for url in [None, Some(&ua)] {
+        let mut a = vec!["list", "--json", "--config", conf_s];
+        if let Some(u) = url {
+            a.extend(["--replica", u.as_str()]);
+        }
+        let o = cli_env(&a, &env);
+        assert!(o.ok(), "{}", o.describe());
+        assert!(
+            o.stdout.contains(&format!("\"latest_txid\": {last}")),
+            "list --config of {url:?}: {}",
+            o.describe()
+        );
+        outputs.push(o.stdout + &o.stderr);
+    }
+
+    // The other replica's key fails clearly, and writes nothing.
+    let wrong = [
+        (&ua, vec!["--passphrase-env", VAR]),
+        (&up, vec!["--age-identity", key.to_str().unwrap()]),
+    ];
+    for (url, keyargs) in wrong {
+        let mut a = vec![
+            "restore",
+            "--replica",
+            url.as_str(),
+            "--db",
+            db,
+            "-o",
+            out_s,
+        ];
+        a.extend(keyargs.iter().copied());
+        let o = cli_env(&a, &env);
+        let what = format!("{url} read with {keyargs:?}");
+        assert_restore_fails(&o, &out, &what);
+        assert_says(&o, "cannot decrypt", &what);
+        assert_says(&o, "identity or passphrase", &what);
+        outputs.push(o.stdout + &o.stderr);
+    }
+    // The first replica's variable unset: an error naming it and the replica.
+    let o = cli_env(
+        &["restore", "--config", conf_s, "--db", db, "-o", out_s],
+        &[],
+    );
+    assert_restore_fails(&o, &out, "restore --config without the passphrase variable");
+    assert_says(&o, VAR, "restore --config without the passphrase variable");
+    assert_says(
+        &o,
+        &format!("replicas[0] ({up})"),
+        "restore --config without the passphrase variable",
+    );
+
+    // --restore-if-missing from the first replica (its passphrase); every replica continues
+    // its own chain (the others are read with their own keys to find where they stand).
+    let mut b = Fixture::new("crypt-each-b", false);
+    b.opts.replicas = Some(Vec::new());
+    b.opts.stage_limit = Some(1 << 30);
+    b.opts.extra_args = vec![
+        "--config".into(),
+        conf.display().to_string(),
+        "--restore-if-missing".into(),
+    ];
+    b.opts.env = vec![(VAR.into(), pass.into())];
+    b.mount();
+    assert!(
+        as_restored(fs::read(b.backing_path(db)).unwrap()) == fs::read(&latest).unwrap(),
+        "--restore-if-missing did not restore the latest state of the first replica"
+    );
+    let mut d = Driver::open(&b.path(db), 2, seed ^ 0xb, DriverCfg::default());
+    for _ in 0..5 {
+        d.random_txn().unwrap();
+    }
+    drop(d);
+    b.unmount();
+    let log = b.last_daemon_log();
+    assert_log_no_panic(&log, "mount --restore-if-missing");
+    assert!(
+        !log.contains("another sqlfs") && !log.contains("fenced"),
+        "a replica did not continue its chain after --restore-if-missing:\n{log}"
+    );
+    let last_b = last_staged(&b.cli_dir(), db);
+    assert!(last_b > last, "nothing new staged on the second mount");
+    for url in [None, Some(&ua), Some(&un)] {
+        let _ = fs::remove_file(&out);
+        let mut a = vec!["restore", "--config", conf_s];
+        if let Some(u) = url {
+            a.extend(["--replica", u.as_str()]);
+        }
+        a.extend(["--db", db, "-o", out_s]);
+        let o = cli_env(&a, &env);
+        assert!(o.ok(), "{}", o.describe());
+        assert_eq!(
+            restored_txid(&o),
+            last_b,
+            "{url:?} after --restore-if-missing: {}",
+            o.describe()
+        );
+        outputs.push(o.stdout + &o.stderr);
+    }
+    outputs.push(log);
+    for o in &outputs {
+        assert!(
+            !o.contains(pass),
+            "the passphrase appears in an output:\n{o}"
+        );
+    }
+}

@@ -983,6 +983,142 @@ fn list_text_and_json() {
     );
 }
 
+/// A replica whose chain has a gap (a level-0 segment removed before the first snapshot):
+/// `sqlfs list` shows two restorable ranges, TXID 1 up to the gap and the snapshot after it
+/// up to the end, and names the gap (the TXIDs no restore reaches, the missing ones, the
+/// objects on either side); restores agree with the ranges.
+#[test]
+fn list_shows_the_ranges_around_a_gap() {
+    let seed = seed_for("list_shows_the_ranges_around_a_gap");
+    let (mut fx, rdir, url) = fixture(
+        "lvl-list-gap",
+        &[
+            "--compaction",
+            "none",
+            "--snapshot-interval",
+            "1s",
+            "--retention",
+            "0",
+        ],
+    );
+    fx.mount();
+    let db = "app.db";
+    drop(fresh_db(&fx.path(db), "WAL"));
+    // Until the replica holds a snapshot with at least two level-0 segments after the first
+    // one ending before it (one to remove, one to follow the gap).
+    let mut round = 0;
+    let (segs, snap) = loop {
+        drive(&fx.path(db), seed ^ round, 1.0, |_, _| {});
+        wait_shipped(&fx, &rdir, db);
+        let id = db_id(&rdir, db);
+        let segs = segments(&rdir, &id);
+        let snap = snapshots(&rdir, &id).first().map(|s| s.key_txid);
+        if let Some(s) = snap {
+            if segs.iter().filter(|o| o.last.unwrap() < s).count() >= 3 {
+                break (segs, s);
+            }
+        }
+        round += 1;
+        assert!(round < 20, "no snapshot after three segments: {segs:?}");
+    };
+    let last = wait_shipped(&fx, &rdir, db);
+    fx.unmount();
+
+    let gone = &segs[1];
+    let (a, b) = (gone.first.unwrap(), gone.last.unwrap());
+    fs::remove_file(&gone.path).unwrap();
+    eprintln!(
+        "removed {} (TXIDs {a}..={b}); first snapshot at TXID {snap}",
+        gone.key
+    );
+    let next = &segs[2];
+    let after = if next.key_txid == snap {
+        snapshots(&rdir, &db_id(&rdir, db))[0].key.clone()
+    } else {
+        next.key.clone()
+    };
+
+    let list = list_json(&url, Some(db), &[], &[]);
+    let d = entry(&list, db);
+    let ranges: Vec<(u64, u64)> = d["ranges"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| (u(r, "first_txid"), u(r, "last_txid")))
+        .collect();
+    assert_eq!(ranges, vec![(1, a - 1), (snap, last)], "{d}");
+    assert_eq!(
+        (u(d, "earliest_txid"), u(d, "latest_txid")),
+        (1, last),
+        "{d}"
+    );
+    let gaps = d["gaps"].as_array().unwrap();
+    assert_eq!(gaps.len(), 1, "{d}");
+    let g = &gaps[0];
+    assert_eq!(
+        (
+            u(g, "first_txid"),
+            u(g, "last_txid"),
+            u(g, "missing_first"),
+            u(g, "missing_last")
+        ),
+        (a, snap - 1, a, b),
+        "{d}"
+    );
+    assert_eq!(g["before"].as_str(), Some(segs[0].key.as_str()), "{d}");
+    assert_eq!(g["after"].as_str(), Some(after.as_str()), "{d}");
+
+    // Text: the two ranges, the gap between them.
+    let o = sqlfs_cli(&[os("list"), os("--replica"), os(&url)]);
+    assert!(o.ok(), "{}", o.describe());
+    let lines: Vec<&str> = o
+        .stdout
+        .lines()
+        .map(str::trim)
+        .filter(|l| l.starts_with("restore window:") || l.starts_with("gap:"))
+        .collect();
+    assert_eq!(lines.len(), 3, "{}", o.stdout);
+    assert!(
+        lines[0].starts_with("restore window: TXID 1 (")
+            && lines[0].contains(&format!(".. TXID {} (", a - 1)),
+        "{}",
+        o.stdout
+    );
+    assert_eq!(
+        lines[1],
+        format!(
+            "gap: TXIDs {a}..={} cannot be restored: no object holds TXIDs {a}..={b} (missing between {} and {after})",
+            snap - 1,
+            segs[0].key
+        ),
+        "{}",
+        o.stdout
+    );
+    assert!(
+        lines[2].starts_with(&format!("restore window: TXID {snap} ("))
+            && lines[2].contains(&format!(".. TXID {last} (")),
+        "{}",
+        o.stdout
+    );
+
+    // Restores agree: both ends of each range restore, the gap does not.
+    let out = fx.scratch_path("gap-restore.db");
+    for t in [1, a - 1, snap, last] {
+        let _ = fs::remove_file(&out);
+        let o = restore_with(&url, db, &out, &["--txid", &t.to_string()]);
+        assert!(o.ok(), "restore --txid {t}:\n{}", o.describe());
+    }
+    for t in [a, snap - 1] {
+        let _ = fs::remove_file(&out);
+        let o = restore_with(&url, db, &out, &["--txid", &t.to_string()]);
+        assert!(
+            !o.ok(),
+            "restore --txid {t} inside the gap succeeded:\n{}",
+            o.describe()
+        );
+    }
+}
+
 // ---------------------------------------------------------------------------------------
 // 5. restore options
 // ---------------------------------------------------------------------------------------

@@ -1389,6 +1389,121 @@ fn sync_does_not_wait_for_databases_not_replicated() {
     fx.unmount();
 }
 
+/// `sync` per database from the configuration file. Mounted without `--sync`, a database with
+/// `sync: true` is on the replica when its commit returns (checked right after the commit:
+/// the replica already holds the TXID just staged, and a restore has the row), in WAL mode
+/// (its WAL written through sqlfs although other databases' WALs pass through the kernel) and
+/// in a rollback-journal mode, while a database without it is not waited for. Mounted with
+/// `--sync`, a database with `sync: false` keeps working without waiting, while the others
+/// wait. Every database's stream replays to its files.
+#[test]
+fn sync_per_database() {
+    let mut rng = StdRng::seed_from_u64(seed_for("sync_per_database"));
+    let (mut fx, dirs) = fixture("syncdb", &["r"]);
+    let url = file_url(&dirs[0]);
+    fx.opts.sync_interval = Some("60s".into());
+    let conf = fx.scratch_path("sqlfs.yml");
+    fs::write(
+        &conf,
+        "databases:\n  synced.db:\n    sync: true\n  synced-rb.db:\n    sync: true\n  fast.db:\n    sync: false\n",
+    )
+    .unwrap();
+    fx.opts.extra_args = vec!["--config".into(), conf.display().to_string()];
+    let out = fx.scratch_path("restored.db");
+    let held_right_after = |fx: &Fixture, db: &str| {
+        let staged = last_staged(&fx.mnt, db);
+        (staged, replica_last_txid(&dirs[0], db))
+    };
+
+    // Without --sync: synced.db and synced-rb.db wait, plain.db does not.
+    fx.mount();
+    let mounted = Instant::now();
+    let synced = sync_open(&fx, "synced.db", "WAL", "FULL");
+    let synced_rb = sync_open(&fx, "synced-rb.db", "TRUNCATE", "FULL");
+    let plain = sync_open(&fx, "plain.db", "WAL", "FULL");
+    for id in 1..=6 {
+        for (db, c) in [("synced.db", &synced), ("synced-rb.db", &synced_rb)] {
+            sync_commit(c, id, &mut rng);
+            let (staged, held) = held_right_after(&fx, db);
+            assert!(
+                held >= staged,
+                "{db} (sync: true): right after the commit of row {id} (TXID {staged}) the replica holds only TXID {held}"
+            );
+            let t = restore_ok(&url, db, &out, None);
+            assert_eq!(
+                sync_rows(&out),
+                (id, id),
+                "{db} (sync: true): a restore right after the commit of row {id} (restored TXID {t}) does not hold it"
+            );
+        }
+        // Each synced commit shipped everything staged so far; this one waits for nothing.
+        sync_commit(&plain, id, &mut rng);
+        let (staged, held) = held_right_after(&fx, "plain.db");
+        if mounted.elapsed() < Duration::from_secs(45) {
+            assert!(
+                held < staged,
+                "plain.db (no sync): TXID {staged} is on the replica right after its commit with a 60 s sync interval: its fsync waited"
+            );
+        }
+    }
+    drop((synced, synced_rb, plain));
+    let log = fx.last_daemon_log();
+    if log.contains("pass straight through (kernel passthrough)") {
+        assert!(
+            log.contains("synced databases (synced-rb.db, synced.db) go through sqlfs"),
+            "no note that the synced databases are written through:\n{log}"
+        );
+    }
+    assert!(fx.daemon_running());
+    fx.unmount();
+
+    // With --sync: fast.db (sync: false) does not wait and keeps working; app.db waits.
+    fx.opts.sync = true;
+    fx.mount();
+    let mounted = Instant::now();
+    let app = sync_open(&fx, "app.db", "WAL", "FULL");
+    let fast = sync_open(&fx, "fast.db", "WAL", "FULL");
+    for id in 1..=6 {
+        sync_commit(&app, id, &mut rng);
+        let (staged, held) = held_right_after(&fx, "app.db");
+        assert!(
+            held >= staged,
+            "app.db (--sync): right after the commit of row {id} (TXID {staged}) the replica holds only TXID {held}"
+        );
+        for _ in 0..3 {
+            let n: i64 = fast
+                .query_row("SELECT coalesce(max(id), 0) + 1 FROM s", [], |r| r.get(0))
+                .unwrap();
+            sync_commit(&fast, n, &mut rng);
+        }
+        let (staged, held) = held_right_after(&fx, "fast.db");
+        if mounted.elapsed() < Duration::from_secs(45) {
+            assert!(
+                held < staged,
+                "fast.db (sync: false): TXID {staged} is on the replica right after its commit under --sync: its fsync waited"
+            );
+        }
+    }
+    drop((app, fast));
+    assert!(fx.daemon_running());
+    assert_log_no_panic(&fx.last_daemon_log(), "mount --sync with sync: false");
+    fx.unmount();
+    assert_log_no_panic(&fx.all_daemon_logs(), "mounts with per-database sync");
+    fx.assert_verify();
+    // Everything reached the replica at the unmounts, and restores to the staged state.
+    for db in ["synced.db", "synced-rb.db", "plain.db", "app.db", "fast.db"] {
+        let last = last_staged(&fx.cli_dir(), db);
+        assert_eq!(restore_ok(&url, db, &out, None), last, "{db}");
+        let rep = fx.scratch_path("replay.db");
+        replay(&fx.cli_dir(), db, last, &rep);
+        assert_same_bytes(
+            &rep,
+            &out,
+            &format!("{db}: restore vs replay of TXID {last}"),
+        );
+    }
+}
+
 /// In journal_mode=DELETE a commit becomes durable when the journal is unlinked, after the
 /// last fsync of the database file; at synchronous=EXTRA the app then fsyncs the directory.
 /// With `--sync`, that directory fsync should return only once the replica has the commit.

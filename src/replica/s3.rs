@@ -1,7 +1,8 @@
 //! A replica in S3 or an S3-compatible store:
 //! `s3://bucket/prefix?endpoint=URL&region=R&force-path-style=true&timeout=30s` (all query
-//! parameters optional). Credentials come from the standard chain (environment, profile,
-//! instance role) and never appear in logs or errors.
+//! parameters optional). Credentials come from the standard chain (environment, profile —
+//! `credential_process` and SSO profiles included —, web identity, container and instance
+//! role) and never appear in logs or errors.
 //!
 //! Invariants:
 //! - `put_new` is a conditional PUT (`If-None-Match: *`): the store refuses it when the key
