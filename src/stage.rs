@@ -839,7 +839,7 @@ pub fn write_record(
 }
 
 /// Page images an [`Applier`] holds before writing them out.
-const APPLY_BUFFER: usize = 16 << 20;
+const APPLY_BUFFER: usize = 4 << 20;
 
 /// Applies records, in order, to a database file. The newest image of each page is kept in
 /// memory (up to [`APPLY_BUFFER`] bytes) and written once: a run of small transactions that
