@@ -877,7 +877,7 @@ pub struct Range {
 /// TXIDs after a [`Range`] that no restore reaches: the chain breaks after `first_txid - 1`
 /// because no object holds `missing_first..=missing_last`. It ends where the next range
 /// starts (a snapshot), or at the highest TXID the replica holds if none follows.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
 pub struct Gap {
     pub first_txid: u64,
     pub last_txid: u64,

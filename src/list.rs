@@ -23,7 +23,7 @@ pub struct DbListing {
     /// The restorable ranges, oldest first: one unless the chain has a gap.
     pub ranges: Vec<RangeInfo>,
     /// TXIDs no restore reaches, after the range they follow.
-    pub gaps: Vec<GapInfo>,
+    pub gaps: Vec<crate::catalog::Gap>,
     pub snapshots: Vec<SnapshotInfo>,
     pub levels: Vec<LevelInfo>,
     pub total_bytes: u64,
@@ -35,19 +35,6 @@ pub struct RangeInfo {
     pub first_time: String,
     pub last_txid: u64,
     pub last_time: String,
-}
-
-#[derive(Debug, serde::Serialize)]
-pub struct GapInfo {
-    /// TXIDs `first_txid..=last_txid` cannot be restored ...
-    pub first_txid: u64,
-    pub last_txid: u64,
-    /// ... because no object holds `missing_first..=missing_last`,
-    pub missing_first: u64,
-    pub missing_last: u64,
-    /// between these two objects (`after` is absent if nothing follows).
-    pub before: String,
-    pub after: Option<String>,
 }
 
 #[derive(Debug, serde::Serialize)]
@@ -125,17 +112,7 @@ pub fn run(
                     last_time: fmt_time(w.last_ns),
                 })
                 .collect(),
-            gaps: gaps
-                .into_iter()
-                .map(|g| GapInfo {
-                    first_txid: g.first_txid,
-                    last_txid: g.last_txid,
-                    missing_first: g.missing_first,
-                    missing_last: g.missing_last,
-                    before: g.before,
-                    after: g.after,
-                })
-                .collect(),
+            gaps,
             snapshots,
             levels,
             total_bytes: c.objects().map(|o| o.size).sum(),
@@ -200,7 +177,7 @@ pub fn text(dbs: &[DbListing]) -> String {
 }
 
 /// "gap: TXIDs A..=B cannot be restored: no object holds TXIDs C..=D (missing between X and Y)".
-fn gap_line(o: &mut String, g: &GapInfo) {
+fn gap_line(o: &mut String, g: &crate::catalog::Gap) {
     use std::fmt::Write as _;
     let after = match &g.after {
         Some(k) => format!("between {} and {k}", g.before),

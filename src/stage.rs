@@ -19,7 +19,7 @@ use std::io::{self, BufReader, Read, Seek, SeekFrom, Write};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
-use crate::backing::shown;
+use crate::backing::{shown, WRITEBACK_STEP};
 use parking_lot::Mutex;
 
 /// Nanoseconds since the Unix epoch.
@@ -246,8 +246,6 @@ struct Appender {
     /// left to write.
     kicked: u64,
 }
-
-use crate::backing::WRITEBACK_STEP;
 
 impl Appender {
     /// Starts writeback of what was appended since the last call, once there is enough of it.

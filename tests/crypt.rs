@@ -404,14 +404,18 @@ fn each_replica_encrypted_with_its_own_key() {
     replay(&fx.cli_dir(), db, last, &rep);
     let conf_s = conf.to_str().unwrap();
     let out_s = out.to_str().unwrap();
-    for url in [None, Some(&ua), Some(&un)] {
+    // `restore --config` into `out`, from the first replica or the one `url` names.
+    let restore_with_config = |url: Option<&String>| {
         let _ = fs::remove_file(&out);
         let mut a = vec!["restore", "--config", conf_s];
         if let Some(u) = url {
             a.extend(["--replica", u.as_str()]);
         }
         a.extend(["--db", db, "-o", out_s]);
-        let o = cli_env(&a, &env);
+        cli_env(&a, &env)
+    };
+    for url in [None, Some(&ua), Some(&un)] {
+        let o = restore_with_config(url);
         assert!(o.ok(), "{}", o.describe());
         assert_eq!(restored_txid(&o), last, "{}", o.describe());
         assert_same_bytes(&rep, &out, &format!("restore --config from {url:?}"));
@@ -502,13 +506,7 @@ fn each_replica_encrypted_with_its_own_key() {
     let last_b = last_staged(&b.cli_dir(), db);
     assert!(last_b > last, "nothing new staged on the second mount");
     for url in [None, Some(&ua), Some(&un)] {
-        let _ = fs::remove_file(&out);
-        let mut a = vec!["restore", "--config", conf_s];
-        if let Some(u) = url {
-            a.extend(["--replica", u.as_str()]);
-        }
-        a.extend(["--db", db, "-o", out_s]);
-        let o = cli_env(&a, &env);
+        let o = restore_with_config(url);
         assert!(o.ok(), "{}", o.describe());
         assert_eq!(
             restored_txid(&o),
