@@ -46,6 +46,17 @@ fn args(v: &[&str]) -> Vec<String> {
 
 /// A fixture shipping to one file replica `scratch/r` every [`SYNC`], with `extra` mount
 /// flags and the whole log kept staged.
+/// Mount flags under which the replica keeps every level-0 segment (no compaction, no
+/// retention) and takes a snapshot every second.
+const KEEP_EVERY_SEGMENT: &[&str] = &[
+    "--compaction",
+    "none",
+    "--snapshot-interval",
+    "1s",
+    "--retention",
+    "0",
+];
+
 fn fixture(name: &str, extra: &[&str]) -> (Fixture, PathBuf, String) {
     let mut fx = Fixture::new(name, false);
     let dir = fx.scratch_path("r");
@@ -477,17 +488,7 @@ fn compaction_keeps_every_txid_restorable() {
 #[test]
 fn restore_before_the_first_snapshot() {
     let seed = seed_for("restore_before_the_first_snapshot");
-    let (mut fx, rdir, url) = fixture(
-        "lvl-presnap",
-        &[
-            "--compaction",
-            "none",
-            "--snapshot-interval",
-            "1s",
-            "--retention",
-            "0",
-        ],
-    );
+    let (mut fx, rdir, url) = fixture("lvl-presnap", KEEP_EVERY_SEGMENT);
     fx.mount();
     let db = "app.db";
     drop(fresh_db(&fx.path(db), "WAL"));
@@ -990,17 +991,7 @@ fn list_text_and_json() {
 #[test]
 fn list_shows_the_ranges_around_a_gap() {
     let seed = seed_for("list_shows_the_ranges_around_a_gap");
-    let (mut fx, rdir, url) = fixture(
-        "lvl-list-gap",
-        &[
-            "--compaction",
-            "none",
-            "--snapshot-interval",
-            "1s",
-            "--retention",
-            "0",
-        ],
-    );
+    let (mut fx, rdir, url) = fixture("lvl-list-gap", KEEP_EVERY_SEGMENT);
     fx.mount();
     let db = "app.db";
     drop(fresh_db(&fx.path(db), "WAL"));
