@@ -57,6 +57,17 @@ const KEEP_EVERY_SEGMENT: &[&str] = &[
     "0",
 ];
 
+/// Mount flags under which level 1 compacts every second, a snapshot is taken every 2 s and
+/// retention removes what a restore 6 s back no longer needs.
+const SHORT_RETENTION: &[&str] = &[
+    "--compaction",
+    "1s",
+    "--snapshot-interval",
+    "2s",
+    "--retention",
+    "6s",
+];
+
 fn fixture(name: &str, extra: &[&str]) -> (Fixture, PathBuf, String) {
     let mut fx = Fixture::new(name, false);
     let dir = fx.scratch_path("r");
@@ -813,17 +824,7 @@ fn restore_by_timestamp() {
 fn retention_removes_old_objects_and_keeps_the_window() {
     let seed = seed_for("retention_removes_old_objects_and_keeps_the_window");
     let mut rng = StdRng::seed_from_u64(seed);
-    let (mut fx, rdir, url) = fixture(
-        "lvl-retention",
-        &[
-            "--compaction",
-            "1s",
-            "--snapshot-interval",
-            "2s",
-            "--retention",
-            "6s",
-        ],
-    );
+    let (mut fx, rdir, url) = fixture("lvl-retention", SHORT_RETENTION);
     fx.mount();
     let db = "app.db";
     drop(fresh_db(&fx.path(db), "WAL"));
@@ -1364,17 +1365,7 @@ fn passphrase_encrypted_replica() {
 fn encrypted_replica_with_retention_by_timestamp() {
     let seed = seed_for("encrypted_replica_with_retention_by_timestamp");
     let mut rng = StdRng::seed_from_u64(seed);
-    let (mut fx, rdir, url) = fixture(
-        "lvl-enc-ret",
-        &[
-            "--compaction",
-            "1s",
-            "--snapshot-interval",
-            "2s",
-            "--retention",
-            "6s",
-        ],
-    );
+    let (mut fx, rdir, url) = fixture("lvl-enc-ret", SHORT_RETENTION);
     let key = fx.scratch_path("replica.key");
     fx.opts.age_recipients = vec![keygen(&key)];
     fx.mount();
