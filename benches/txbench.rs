@@ -23,9 +23,11 @@
 //!     that it comes from the file replica.
 //!
 //! Before the scans, the daemon is given time to finish staging and shipping the load (until
-//! it uses no CPU for half a second). Workloads 1-4 alternate between the two sides, native first, for several rounds
-//! (`SQLFS_BENCH_ROUNDS`), and report each side's median: this machine's speed drifts over
-//! a run, and alternating keeps that drift from favouring either side.
+//! it uses no CPU for half a second). Workloads 1-4 alternate between the two sides for
+//! several rounds (`SQLFS_BENCH_ROUNDS`), the side that goes first swapping every round, and
+//! report each side's median: this machine's speed drifts over a run, and alternating keeps
+//! that drift from favouring either side. Each timed run starts after a sync(2), so that
+//! neither side pays for writing back what the other left dirty.
 //!
 //! The results are printed as a markdown table and written to target/bench-results.md.
 //! The S3-compatible server is the one `make bench` installs (as `make test` does).
@@ -558,21 +560,22 @@ fn load(dir: &Path, mb: u64) -> Result<f64> {
     Ok(bytes as f64 / MB / took.as_secs_f64())
 }
 
-/// Warm full-scan MB/s of the `scan.db` tables `load` left in `native` and `mnt`: one
-/// warming scan each, then scans alternating between the two; the medians.
+/// Warm full-scan MB/s of the `scan.db` tables `load` left in `native` and `mnt`: the
+/// medians of scans alternating between the two, each on a fresh connection that scans once
+/// to warm up and is timed on its second scan, the side that goes first swapping every round.
+///
+/// Fresh connections and the swapped order matter: with two connections held open in one
+/// process, whichever was opened second scanned about 25% slower on this machine, whichever
+/// directory it was on.
 fn scans(native: &Path, mnt: &Path, rounds: usize) -> Result<(f64, f64)> {
-    // Fresh connections, so that nothing is left in SQLite's own page cache.
-    let conns = [
-        open(&native.join("scan.db"), "NORMAL")?,
-        open(&mnt.join("scan.db"), "NORMAL")?,
-    ];
+    let paths = [native.join("scan.db"), mnt.join("scan.db")];
     let mut rates = [Vec::new(), Vec::new()];
-    for c in &conns {
-        scan_once(c)?;
-    }
-    for _ in 0..rounds.max(1) * 3 {
-        for (c, r) in conns.iter().zip(rates.iter_mut()) {
-            r.push(db_bytes(c)? as f64 / MB / scan_once(c)?.as_secs_f64());
+    for round in 0..rounds.max(1) * 3 {
+        let order = if round % 2 == 0 { [0, 1] } else { [1, 0] };
+        for i in order {
+            let conn = open(&paths[i], "NORMAL")?;
+            scan_once(&conn)?;
+            rates[i].push(db_bytes(&conn)? as f64 / MB / scan_once(&conn)?.as_secs_f64());
         }
     }
     let [n, s] = rates;
@@ -598,11 +601,19 @@ fn alternate(
     mnt: &Path,
     mut f: impl FnMut(&Path) -> Result<f64>,
 ) -> Result<(f64, f64)> {
-    let (mut n, mut s) = (Vec::new(), Vec::new());
-    for _ in 0..rounds.max(1) {
-        n.push(f(native)?);
-        s.push(f(mnt)?);
+    let mut r = [Vec::new(), Vec::new()];
+    let dirs = [native, mnt];
+    for round in 0..rounds.max(1) {
+        // Each side starts with nothing of the other's left to write back, and neither always
+        // goes first.
+        let order = if round % 2 == 0 { [0, 1] } else { [1, 0] };
+        for i in order {
+            // SAFETY: sync(2) has no preconditions.
+            unsafe { libc::sync() };
+            r[i].push(f(dirs[i])?);
+        }
     }
+    let [n, s] = r;
     Ok((median(n), median(s)))
 }
 
