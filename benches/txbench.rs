@@ -5,7 +5,9 @@
 //!  1. small autocommit INSERTs (~100-byte rows) at synchronous=NORMAL, for a fixed time;
 //!  2. the same at synchronous=FULL;
 //!  3. bulk load of a large table (10 MB transactions), then a warm full scan of it;
-//!  4. mixed point reads / updates by primary key from several connections;
+//!  4. mixed point reads / updates by primary key from several connections; beside these,
+//!     4 KiB writes to a plain file and extended-attribute lookups (one kernel-to-daemon
+//!     round trip each, the fixed price of every request the mount cannot pass through);
 //!  5. resident memory of the sqlfs daemon with a small database and after growing it
 //!     to a large one (on a fresh mount of its own);
 //!  6. replication to a file replica: commit → object lag, objects per minute, compression;
@@ -45,7 +47,7 @@
 //!                             (default 1024; 0 skips)
 //!   SQLFS_BENCH_S3=0     leave out everything that needs the S3-compatible server
 //!   SQLFS_BENCH_ONLY     run only these workloads, comma-separated, of: autocommit, scan,
-//!                        plain, mixed, replication, memory, restore, s3, history
+//!                        plain, roundtrip, mixed, replication, memory, restore, s3, history
 //!   SQLFS_S3_SERVER      the S3-compatible server binary (default: .venv/bin/moto_server)
 //!   SQLFS_BENCH_DIR      where to make the work directory sqlfs-bench-work; on disk, not
 //!                        tmpfs (default: target/bench-work)
@@ -139,10 +141,11 @@ impl Config {
         {
             bail!("invalid benchmark settings");
         }
-        const KNOWN: [&str; 9] = [
+        const KNOWN: [&str; 10] = [
             "autocommit",
             "scan",
             "plain",
+            "roundtrip",
             "mixed",
             "replication",
             "memory",
@@ -619,6 +622,33 @@ fn alternate(
 
 /// 4 KiB pwrites cycling over 100 blocks of a plain file for `secs`: the bare cost of one
 /// write passing through the mount, for a file capture never looks at. Returns writes/s.
+/// Calls/s of a request the kernel hands to the filesystem every time: reading an extended
+/// attribute that a plain file does not have. Through the mount this is the bare cost of a
+/// round trip between the kernel and sqlfs, the price every fsync pays on top of its own.
+fn round_trips(dir: &Path, secs: f64) -> Result<f64> {
+    use std::os::unix::ffi::OsStrExt;
+    let path = dir.join("roundtrip.bin");
+    fs::write(&path, b"x")?;
+    let c_path = std::ffi::CString::new(path.as_os_str().as_bytes())?;
+    let name = c"user.sqlfs-bench-absent";
+    let start = Instant::now();
+    let mut n = 0u64;
+    while start.elapsed().as_secs_f64() < secs {
+        for _ in 0..100 {
+            // SAFETY: valid C strings; a null buffer of size 0 asks only for the size.
+            let r =
+                unsafe { libc::getxattr(c_path.as_ptr(), name.as_ptr(), std::ptr::null_mut(), 0) };
+            if r >= 0 {
+                bail!("{}: the attribute exists", path.display());
+            }
+        }
+        n += 100;
+    }
+    let rate = n as f64 / start.elapsed().as_secs_f64();
+    fs::remove_file(&path)?;
+    Ok(rate)
+}
+
 fn plain_writes(dir: &Path, secs: f64) -> Result<f64> {
     use std::os::unix::fs::FileExt;
     let path = dir.join("plain.bin");
@@ -1775,7 +1805,7 @@ fn main() -> Result<()> {
     } else {
         None
     };
-    let side_by_side = ["autocommit", "scan", "plain", "mixed"];
+    let side_by_side = ["autocommit", "scan", "plain", "roundtrip", "mixed"];
     let mount = if side_by_side.iter().any(|w| cfg.runs(w)) {
         Some(Mount::start(
             &mnt,
@@ -1832,6 +1862,17 @@ fn main() -> Result<()> {
         let (n, s) = alternate(cfg.rounds, &native, &mnt, |d| plain_writes(d, secs))?;
         rows.push(Row::pair(
             "4 KiB pwrite to a plain file, one at a time (writes/s)".to_string(),
+            n,
+            s,
+            0,
+        ));
+    }
+
+    if cfg.runs("roundtrip") {
+        step("extended-attribute lookups, a round trip to the filesystem each");
+        let (n, s) = alternate(cfg.rounds, &native, &mnt, |d| round_trips(d, secs.min(1.0)))?;
+        rows.push(Row::pair(
+            "getxattr of a missing attribute, one at a time (calls/s)".to_string(),
             n,
             s,
             0,
