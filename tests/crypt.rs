@@ -318,15 +318,6 @@ fn cli_env(a: &[&str], env: &[(&str, &str)]) -> CmdOut {
     o
 }
 
-/// True if some object of the file replica `dir` is encrypted with an age stanza of `kind`
-/// (`X25519`: to a recipient; `scrypt`: with a passphrase).
-fn has_stanza(dir: &Path, kind: &str) -> bool {
-    let stanza = format!("\n-> {kind} ");
-    tree(dir).keys().any(|k| {
-        fs::read(dir.join(k)).is_ok_and(|b| b.windows(stanza.len()).any(|w| w == stanza.as_bytes()))
-    })
-}
-
 /// Encryption per replica, from the configuration file: the top level encrypts to a
 /// recipient and names its identity; the first replica has a passphrase of its own, the
 /// third `age-recipients: []` (plain). Each replica is written with its own setting; `restore

@@ -868,6 +868,80 @@ fn encrypted_replica_views_equal_restore() {
     }
 }
 
+/// Views of the first replica read it with that replica's own key from the configuration
+/// file. The top level encrypts to a recipient and names its identity; the first replica has
+/// a passphrase of its own (so the top-level identity cannot read it), the second takes the
+/// top level's. Once staging is folded, views of TXIDs before its base (only the first
+/// replica holds them) equal the restore of the same target and answer queries; the
+/// passphrase appears in no log.
+#[test]
+fn views_read_the_first_replica_with_its_own_key() {
+    let seed = seed_for("views_read_the_first_replica_with_its_own_key");
+    let addr = metrics_addr();
+    let mut fx = Fixture::new("hist-own-key", false);
+    let key = fx.scratch_path("replica.key");
+    let recipient = keygen(&key);
+    let (rp, ra) = (fx.scratch_path("r-pass"), fx.scratch_path("r-age"));
+    let (up, ua) = (file_url(&rp), file_url(&ra));
+    let pass = "views with a key of their own";
+    const VAR: &str = "SQLFS_TEST_HISTORY_PASS";
+    let conf = fx.scratch_path("sqlfs.yml");
+    fs::write(
+        &conf,
+        format!(
+            "age-recipients: [{recipient}]\nage-identity: {}\nreplicas:\n  - url: {up}\n    passphrase-env: {VAR}\n  - url: {ua}\n",
+            key.display()
+        ),
+    )
+    .unwrap();
+    // As `configure_replica`, with the replicas and their keys from the file.
+    fx.opts.replicas = Some(Vec::new());
+    fx.opts.sync_interval = Some(SYNC.into());
+    fx.opts.stage_limit = Some(4 << 20);
+    fx.opts.extra_args = [
+        "--config",
+        conf.to_str().unwrap(),
+        "--snapshot-interval",
+        "1s",
+        "--metrics-addr",
+        &addr,
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    fx.opts.env = vec![(VAR.into(), pass.into())];
+    let rep = Rep {
+        url: up.clone(),
+        args: vec!["--passphrase-env".into(), VAR.into()],
+        env: vec![(VAR.into(), pass.into())],
+    };
+    replica_views_case(&mut fx, &rep, &addr, seed);
+    let log = fx.all_daemon_logs();
+    assert!(!log.contains(pass), "the passphrase appears in the log");
+    // Each replica was written with its own key.
+    assert!(
+        has_stanza(&rp, "scrypt") && !has_stanza(&rp, "X25519"),
+        "the first replica is not passphrase-encrypted"
+    );
+    assert!(
+        has_stanza(&ra, "X25519") && !has_stanza(&ra, "scrypt"),
+        "the second replica is not encrypted to the recipient"
+    );
+    // The top level's identity does not read the first replica: the views used its own key.
+    let out = fx.scratch_path("wrong-key.db");
+    let wrong = Rep {
+        url: up,
+        args: vec!["--age-identity".into(), key.display().to_string()],
+        env: vec![],
+    };
+    let o = wrong.restore("app.db", &out, &[]);
+    assert!(
+        !o.ok() && o.stderr.contains("cannot decrypt"),
+        "the first replica read with the top level's identity:\n{}",
+        o.describe()
+    );
+}
+
 /// After compaction and retention ran, a mount with its own, empty data directory (so every
 /// view comes from the replica) shows views equal to restore at random TXIDs and instants of
 /// the window.
