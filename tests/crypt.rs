@@ -10,7 +10,7 @@ mod common;
 
 use std::fs;
 use std::path::{Path, PathBuf};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use common::replica::*;
 use common::workload::*;
@@ -28,20 +28,21 @@ fn segment_files(replica: &Path) -> usize {
 
 /// Waits until the replica holds more than `n` segment objects.
 fn wait_more_segments(fx: &Fixture, replica: &Path, n: usize) -> usize {
-    let deadline = Instant::now() + SHIP_TIMEOUT;
-    loop {
-        let got = segment_files(replica);
-        if got > n {
-            return got;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "{}: no new segment object after {SHIP_TIMEOUT:?} (still {got}); daemon:\n{}",
-            replica.display(),
-            fx.daemon_logs()
-        );
-        sleep_ms(50);
-    }
+    wait_until(
+        SHIP_TIMEOUT,
+        50,
+        || match segment_files(replica) {
+            got if got > n => Ok(got),
+            got => Err(got),
+        },
+        |got| {
+            format!(
+                "{}: no new segment object after {SHIP_TIMEOUT:?} (still {got}); daemon:\n{}",
+                replica.display(),
+                fx.daemon_logs()
+            )
+        },
+    )
 }
 
 /// Every file of an encrypted file replica: a key of the replica layout (`<id>/name`,

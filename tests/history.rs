@@ -649,20 +649,25 @@ impl Rep {
     /// Waits until a restore of `db` reaches `txid`.
     fn wait_covers(&self, fx: &Fixture, db: &str, txid: u64) {
         let out = fx.scratch_path("wait-covers.db");
-        let deadline = std::time::Instant::now() + COVER_TIMEOUT * 2;
-        loop {
-            let o = self.restore(db, &out, &[]);
-            if o.ok() && restored_txid(&o) >= txid {
-                return;
-            }
-            assert!(
-                std::time::Instant::now() < deadline,
-                "the replica did not reach TXID {txid} of {db}; last attempt:\n{}\n{}",
-                o.describe(),
-                fx.daemon_logs()
-            );
-            sleep_ms(300);
-        }
+        wait_until(
+            COVER_TIMEOUT * 2,
+            300,
+            || {
+                let o = self.restore(db, &out, &[]);
+                if o.ok() && restored_txid(&o) >= txid {
+                    Ok(())
+                } else {
+                    Err(o)
+                }
+            },
+            |o| {
+                format!(
+                    "the replica did not reach TXID {txid} of {db}; last attempt:\n{}\n{}",
+                    o.describe(),
+                    fx.daemon_logs()
+                )
+            },
+        )
     }
 }
 
@@ -749,19 +754,20 @@ fn write_history(c: &Connection, rng: &mut StdRng, n: usize) -> Vec<u64> {
 
 /// Waits until app.db's staging was folded past TXID 1 (its base moved); returns the base.
 fn wait_folded(fx: &Fixture, db: &str) -> u64 {
-    let deadline = std::time::Instant::now() + COVER_TIMEOUT;
-    loop {
-        let base = staged_log(&fx.mnt, db).base.map_or(0, |b| b.0);
-        if base > 1 {
-            return base;
-        }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "{db}: staging was never folded; the replica path would go untested\n{}",
-            fx.daemon_logs()
-        );
-        sleep_ms(200);
-    }
+    wait_until(
+        COVER_TIMEOUT,
+        200,
+        || match staged_log(&fx.mnt, db).base.map_or(0, |b| b.0) {
+            base if base > 1 => Ok(base),
+            _ => Err(()),
+        },
+        |()| {
+            format!(
+                "{db}: staging was never folded; the replica path would go untested\n{}",
+                fx.daemon_logs()
+            )
+        },
+    )
 }
 
 /// The shared body of the replica cases: a WAL database written through `fx` (configured for
@@ -976,17 +982,19 @@ fn views_after_compaction_and_retention_equal_restore() {
     let id = replica_db_id(&replica, "app.db").unwrap();
     let has =
         |sub: &str| fs::read_dir(replica.join(&id).join(sub)).is_ok_and(|mut d| d.next().is_some());
-    let deadline = std::time::Instant::now() + Duration::from_secs(60);
     // Compaction reached level 2, and retention removed the start of the chain.
     let chain_start = replica.join(&id).join("l0/0000000000000001.seg");
-    while !has("l2") || chain_start.exists() {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "no level-2 object or no retention pass; replica: {:?}",
-            common::replica::tree(&replica).keys().collect::<Vec<_>>()
-        );
-        sleep_ms(200);
-    }
+    wait_for(
+        Duration::from_secs(60),
+        200,
+        || has("l2") && !chain_start.exists(),
+        || {
+            format!(
+                "no level-2 object or no retention pass; replica: {:?}",
+                common::replica::tree(&replica).keys().collect::<Vec<_>>()
+            )
+        },
+    );
     drop(c);
     fx.unmount();
     // A second mount, empty, reading the same replica.
@@ -1061,14 +1069,12 @@ fn deleted_database_served_by_the_replica_only() {
             .map(|e| e.path())
             .find(|p| fs::read_to_string(p.join("name")).is_ok_and(|n| n == "gone.db"))
     };
-    let deadline = std::time::Instant::now() + COVER_TIMEOUT;
-    while !staging().is_some_and(|d| d.join("deleted").exists()) {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "gone.db's staging was never marked deleted"
-        );
-        sleep_ms(100);
-    }
+    wait_for(
+        COVER_TIMEOUT,
+        100,
+        || staging().is_some_and(|d| d.join("deleted").exists()),
+        || "gone.db's staging was never marked deleted".to_string(),
+    );
     drop(a);
     fx.unmount();
     fs::remove_dir_all(staging().unwrap()).unwrap();
