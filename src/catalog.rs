@@ -1060,7 +1060,7 @@ mod tests {
         }
 
         fn put(&self, key: &str, kind: segment::ObjKind, level: u8, first: u64, last: u64) {
-            use crate::stage::{Kind, RecordHeader, WalPos};
+            use crate::stage::{Kind, RecordHeader};
             let path = self.dir.path().join(key);
             fs::create_dir_all(path.parent().unwrap()).unwrap();
             let f = fs::OpenOptions::new()
@@ -1077,20 +1077,14 @@ mod tests {
                 first..=last
             };
             for t in txids {
+                let record = if kind == segment::ObjKind::Snapshot {
+                    Kind::Snapshot
+                } else {
+                    Kind::Txn
+                };
                 let h = RecordHeader {
-                    kind: if kind == segment::ObjKind::Snapshot {
-                        Kind::Snapshot
-                    } else {
-                        Kind::Txn
-                    },
-                    txid: t,
                     time_ns: t * 1_000_000,
-                    page_size: 512,
-                    db_pages: 1,
-                    checksum_before: 0,
-                    checksum_after: 0,
-                    npages: 1,
-                    wal: WalPos::default(),
+                    ..RecordHeader::test(record, t, 512, 1)
                 };
                 w.add(&h, |emit| emit(1, &[0u8; 512])).unwrap();
             }
