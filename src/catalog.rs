@@ -15,7 +15,7 @@
 use std::collections::HashMap;
 use std::fs;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 
 use anyhow::{bail, Context, Result};
 use parking_lot::Mutex;
@@ -224,6 +224,8 @@ pub struct Reader<'a> {
     pub client: &'a dyn ReplicaClient,
     opener: Option<&'a Opener>,
     headers: Mutex<HashMap<String, ObjHeader>>,
+    /// An object read so far was encrypted: read the first encryption chunk at once.
+    sealed: AtomicBool,
 }
 
 /// How many bytes of an encrypted object hold its first encryption chunk (64 KiB plus tag)
@@ -235,12 +237,33 @@ const HEADER_READS: usize = 8;
 /// Headers read per batch (an encrypted one holds up to `SEALED_HEAD` bytes until opened).
 const HEADER_BATCH: usize = 64;
 
+/// The first bytes of object `key`: its header, or for an encrypted object enough to hold its
+/// first encryption chunk. Once an object turned out encrypted, `sealed` is set and later
+/// reads ask for that much at once (one range read per header rather than two).
+fn read_head(
+    client: &dyn ReplicaClient,
+    key: &str,
+    sealed: &AtomicBool,
+) -> crate::replica::Result<Option<Vec<u8>>> {
+    if sealed.load(Ordering::Relaxed) {
+        return client.get_range(key, 0, SEALED_HEAD);
+    }
+    match client.get_range(key, 0, HEADER as u64)? {
+        Some(head) if crypt::is_sealed(&head) => {
+            sealed.store(true, Ordering::Relaxed);
+            client.get_range(key, 0, SEALED_HEAD)
+        }
+        head => Ok(head),
+    }
+}
+
 impl<'a> Reader<'a> {
     pub fn new(client: &'a dyn ReplicaClient, opener: Option<&'a Opener>) -> Reader<'a> {
         Reader {
             client,
             opener,
             headers: Mutex::new(HashMap::new()),
+            sealed: AtomicBool::new(false),
         }
     }
 
@@ -305,16 +328,9 @@ impl<'a> Reader<'a> {
         if let Some(h) = self.headers.lock().get(key) {
             return Ok(h.clone());
         }
-        let missing = || anyhow::anyhow!("{key} is missing from {}", self.client.describe());
-        let head = self
-            .client
-            .get_range(key, 0, HEADER as u64)?
-            .ok_or_else(missing)?;
+        let head = read_head(self.client, key, &self.sealed)?
+            .ok_or_else(|| anyhow::anyhow!("{key} is missing from {}", self.client.describe()))?;
         let plain = if crypt::is_sealed(&head) {
-            let head = self
-                .client
-                .get_range(key, 0, SEALED_HEAD)?
-                .ok_or_else(missing)?;
             self.need_opener(key)?.open_prefix(&head, HEADER, key)?
         } else {
             head
@@ -338,7 +354,7 @@ impl<'a> Reader<'a> {
         if todo.len() < 2 {
             return;
         }
-        let client = self.client;
+        let (client, sealed) = (self.client, &self.sealed);
         for batch in todo.chunks(HEADER_BATCH) {
             let next = AtomicUsize::new(0);
             let got = Mutex::new(Vec::with_capacity(batch.len()));
@@ -347,18 +363,9 @@ impl<'a> Reader<'a> {
                     sc.spawn(|| loop {
                         let i = next.fetch_add(1, Ordering::Relaxed);
                         let Some(&key) = batch.get(i) else { break };
-                        let Ok(Some(head)) = client.get_range(key, 0, HEADER as u64) else {
-                            continue;
-                        };
-                        let head = if crypt::is_sealed(&head) {
-                            match client.get_range(key, 0, SEALED_HEAD) {
-                                Ok(Some(h)) => h,
-                                _ => continue,
-                            }
-                        } else {
-                            head
-                        };
-                        got.lock().push((key, head));
+                        if let Ok(Some(head)) = read_head(client, key, sealed) {
+                            got.lock().push((key, head));
+                        }
                     });
                 }
             });
@@ -1053,7 +1060,7 @@ mod tests {
         }
 
         fn put(&self, key: &str, kind: segment::ObjKind, level: u8, first: u64, last: u64) {
-            use crate::stage::{Kind, RecordHeader, WalPos};
+            use crate::stage::{Kind, RecordHeader};
             let path = self.dir.path().join(key);
             fs::create_dir_all(path.parent().unwrap()).unwrap();
             let f = fs::OpenOptions::new()
@@ -1070,20 +1077,14 @@ mod tests {
                 first..=last
             };
             for t in txids {
+                let record = if kind == segment::ObjKind::Snapshot {
+                    Kind::Snapshot
+                } else {
+                    Kind::Txn
+                };
                 let h = RecordHeader {
-                    kind: if kind == segment::ObjKind::Snapshot {
-                        Kind::Snapshot
-                    } else {
-                        Kind::Txn
-                    },
-                    txid: t,
                     time_ns: t * 1_000_000,
-                    page_size: 512,
-                    db_pages: 1,
-                    checksum_before: 0,
-                    checksum_after: 0,
-                    npages: 1,
-                    wal: WalPos::default(),
+                    ..RecordHeader::test(record, t, 512, 1)
                 };
                 w.add(&h, |emit| emit(1, &[0u8; 512])).unwrap();
             }
@@ -1176,6 +1177,50 @@ mod tests {
         let c2 = f.lk(2, 20, 30);
         f.fails(Target::Latest, &["TXIDs 11..=19", c1.as_str(), c2.as_str()]);
         assert_eq!(f.plan(Target::Txid(10)).unwrap(), vec![c1]);
+    }
+
+    /// On an encrypted replica a plan reads each object's header with one range read (but
+    /// the first, which finds the replica encrypted), and a second plan reads nothing again.
+    #[test]
+    fn a_plan_reads_each_encrypted_header_once() {
+        let f = Fake::new();
+        let keys = [
+            f.l0(1, 4),
+            f.l0(5, 10),
+            f.lk(1, 1, 10),
+            f.snap(10),
+            f.l0(11, 12),
+            f.l0(13, 20),
+        ];
+        let sealer = crypt::Sealer::with_passphrase("pw").unwrap();
+        for k in &keys {
+            let p = f.dir.path().join(k);
+            let sealed = p.with_extension("age");
+            sealer.seal_file(&p, &sealed).unwrap();
+            fs::rename(&sealed, &p).unwrap();
+        }
+        let client = crate::replica::Counted::new(Box::new(crate::replica::FileReplica::new(
+            f.dir.path().to_path_buf(),
+        )));
+        let opener = Opener::from_passphrase("pw").unwrap();
+        let r = Reader::new(&client, Some(&opener));
+        let c = r.catalog(f.id, "app.db").unwrap();
+        let steps = |t| -> Vec<String> {
+            plan(&r, &c, t)
+                .unwrap()
+                .steps
+                .into_iter()
+                .map(|s| s.obj.key)
+                .collect()
+        };
+        assert_eq!(
+            steps(Target::Time(15_500_000)),
+            vec![keys[3].clone(), keys[4].clone(), keys[5].clone()]
+        );
+        let read = client.stats().0;
+        assert_eq!(read, r.headers.lock().len() as u64 + 1);
+        assert_eq!(steps(Target::Latest).len(), 3);
+        assert_eq!(client.stats().0, read, "a header was read again");
     }
 
     #[test]

@@ -8,13 +8,27 @@
 //! ids, levels and TXIDs only). Decryption needs nothing but the identity file. age encrypts
 //! in authenticated 64 KiB chunks, so a reader can also seek: decrypt just the chunks holding
 //! the bytes it wants (`Opener::open_seekable`).
+//!
+//! Every object's age header carries its own file key, wrapped for each recipient; with a
+//! passphrase it is wrapped under a key derived with scrypt from a salt of that object, so
+//! the derivation cannot be shared between objects. An `Opener` keeps the file keys it
+//! unwrapped ([`FileKeys`]), so an object opened more than once (its header while a plan is
+//! made, then the whole of it) pays the derivation once. A cached key is only used for the
+//! very recipient stanzas it was unwrapped from, and age still checks the header's MAC and
+//! every chunk's tag with it.
 
 use std::fs::File;
 use std::io::{self, BufReader, Read, Write};
+use std::num::NonZeroUsize;
 use std::path::Path;
 use std::str::FromStr;
+use std::sync::Arc;
 
+use age::secrecy::ExposeSecret;
+use age_core::format::{FileKey, Stanza};
 use anyhow::{bail, Context, Result};
+use lru::LruCache;
+use parking_lot::Mutex;
 
 const AGE_MAGIC: &[u8] = b"age-encryption.org/v1";
 
@@ -33,7 +47,6 @@ pub fn file_is_sealed(path: &Path) -> io::Result<bool> {
 /// Writes a new X25519 identity to `path` (mode 0600, never overwriting); returns its
 /// recipient (public key) string.
 pub fn keygen(path: &Path) -> Result<String> {
-    use age::secrecy::ExposeSecret;
     use std::os::unix::fs::OpenOptionsExt;
     let id = age::x25519::Identity::generate();
     let public = id.to_public().to_string();
@@ -133,12 +146,84 @@ impl Sealer {
     }
 }
 
-/// Decrypts objects with the identities of an age identity file.
+/// How many unwrapped file keys [`FileKeys`] keeps (about 150 bytes each): more than the
+/// objects of any sensible restore plan, so a plan's objects are all still there when the
+/// restore decrypts them.
+const FILE_KEYS: usize = 65_536;
+
+/// File keys unwrapped so far, by the recipient stanzas of the object header they came
+/// from; cloning shares the cache (openers built per use for one replica share one).
+#[derive(Clone)]
+pub struct FileKeys(Arc<Mutex<LruCache<Vec<u8>, [u8; 16]>>>);
+
+impl Default for FileKeys {
+    fn default() -> FileKeys {
+        FileKeys(Arc::new(Mutex::new(LruCache::new(
+            NonZeroUsize::new(FILE_KEYS).expect("not zero"),
+        ))))
+    }
+}
+
+/// The cache key of an object's recipient stanzas: all of their bytes (tags, arguments,
+/// wrapped keys; for a passphrase, its salt is among the arguments).
+fn stanzas_id(stanzas: &[Stanza]) -> Vec<u8> {
+    let mut id = Vec::new();
+    for s in stanzas {
+        for part in std::iter::once(&s.tag).chain(&s.args) {
+            id.extend_from_slice(part.as_bytes());
+            id.push(0);
+        }
+        id.extend_from_slice(&(s.body.len() as u32).to_be_bytes());
+        id.extend_from_slice(&s.body);
+    }
+    id
+}
+
+/// An opener's identities as the one identity age is given: a file key already unwrapped
+/// from the same stanzas comes from the cache, anything else from the identities, in order
+/// (as age itself would ask them).
+struct Cached<'a>(&'a Opener);
+
+impl age::Identity for Cached<'_> {
+    fn unwrap_stanza(&self, stanza: &Stanza) -> Option<Result<FileKey, age::DecryptError>> {
+        self.unwrap_stanzas(std::slice::from_ref(stanza))
+    }
+
+    fn unwrap_stanzas(&self, stanzas: &[Stanza]) -> Option<Result<FileKey, age::DecryptError>> {
+        let id = stanzas_id(stanzas);
+        if let Some(k) = self.0.file_keys.0.lock().get(&id) {
+            return Some(Ok(FileKey::new(Box::new(*k))));
+        }
+        let found = self
+            .0
+            .identities
+            .iter()
+            .find_map(|i| i.unwrap_stanzas(stanzas))?;
+        if let Ok(k) = &found {
+            self.0.file_keys.0.lock().put(id, *k.expose_secret());
+        }
+        Some(found)
+    }
+}
+
+/// Decrypts objects with the identities of an age identity file, or a passphrase.
 pub struct Opener {
     identities: Vec<Box<dyn age::Identity>>,
+    file_keys: FileKeys,
 }
 
 impl Opener {
+    /// The same opener, keeping its file keys in `keys` (shared with other openers).
+    pub fn sharing(mut self, keys: &FileKeys) -> Opener {
+        self.file_keys = keys.clone();
+        self
+    }
+
+    /// What age is given to decrypt an object.
+    fn identity(&self) -> Cached<'_> {
+        Cached(self)
+    }
+
     pub fn from_identity_file(path: &Path) -> Result<Opener> {
         let f = age::IdentityFile::from_file(path.display().to_string())
             .with_context(|| format!("reading age identity file {}", path.display()))?;
@@ -148,7 +233,10 @@ impl Opener {
         if identities.is_empty() {
             bail!("{} holds no age identity", path.display());
         }
-        Ok(Opener { identities })
+        Ok(Opener {
+            identities,
+            file_keys: FileKeys::default(),
+        })
     }
 
     /// The opener for a replica's resolved key: its identity file if it has one, else its
@@ -170,6 +258,7 @@ impl Opener {
         id.set_max_work_factor(22);
         Ok(Opener {
             identities: vec![Box::new(id)],
+            file_keys: FileKeys::default(),
         })
     }
 
@@ -179,11 +268,7 @@ impl Opener {
         let d = age::Decryptor::new_buffered(head)
             .map_err(|e| anyhow::anyhow!("{what} is not a readable encrypted object: {e}"))?;
         let r = d
-            .decrypt(
-                self.identities
-                    .iter()
-                    .map(|i| i.as_ref() as &dyn age::Identity),
-            )
+            .decrypt(std::iter::once(&self.identity() as &dyn age::Identity))
             .map_err(|e| {
                 anyhow::anyhow!(
                     "cannot decrypt {what}: {e} (is this the identity or passphrase the replica was written for?)"
@@ -207,7 +292,7 @@ impl Opener {
     ) -> Result<age::stream::StreamReader<R>> {
         let d = age::Decryptor::new(src)
             .map_err(|e| anyhow::anyhow!("{what} is not a readable encrypted object: {e}"))?;
-        d.decrypt(self.identities.iter().map(|i| i.as_ref() as &dyn age::Identity))
+        d.decrypt(std::iter::once(&self.identity() as &dyn age::Identity))
             .map_err(|e| anyhow::anyhow!("cannot decrypt {what}: {e} (is this the identity or passphrase the replica was written for?)"))
     }
 
@@ -216,10 +301,82 @@ impl Opener {
         let d = age::Decryptor::new_buffered(BufReader::new(File::open(src)?))
             .map_err(|e| anyhow::anyhow!("{what} is not a readable encrypted object: {e}"))?;
         let mut r = d
-            .decrypt(self.identities.iter().map(|i| i.as_ref() as &dyn age::Identity))
+            .decrypt(std::iter::once(&self.identity() as &dyn age::Identity))
             .map_err(|e| anyhow::anyhow!("cannot decrypt {what}: {e} (is this the identity or passphrase the replica was written for?)"))?;
         let mut out = File::create(dst)?;
         io::copy(&mut r, &mut out).map_err(|e| anyhow::anyhow!("cannot decrypt {what}: {e}"))?;
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    /// An opener's identities that count how often age asks them for a file key.
+    struct Counting(Vec<Box<dyn age::Identity>>, Arc<AtomicUsize>);
+
+    impl age::Identity for Counting {
+        fn unwrap_stanza(&self, stanza: &Stanza) -> Option<Result<FileKey, age::DecryptError>> {
+            self.1.fetch_add(1, Ordering::Relaxed);
+            self.0.iter().find_map(|i| i.unwrap_stanza(stanza))
+        }
+    }
+
+    fn counting(passphrase: &str) -> (Opener, Arc<AtomicUsize>) {
+        let calls = Arc::new(AtomicUsize::new(0));
+        let inner = Opener::from_passphrase(passphrase).unwrap();
+        let o = Opener {
+            identities: vec![Box::new(Counting(inner.identities, calls.clone()))],
+            file_keys: FileKeys::default(),
+        };
+        (o, calls)
+    }
+
+    /// A passphrase object opened again (its header, then all of it) derives its key once;
+    /// openers sharing the cache reuse it; each new object needs its own derivation; and a
+    /// cached key still goes through age's header check.
+    #[test]
+    fn an_object_opened_twice_derives_its_key_once() {
+        let sealer = Sealer::with_passphrase("correct horse").unwrap();
+        let (a_plain, b_plain) = (vec![7u8; 100_000], vec![9u8; 5000]);
+        let (a, b) = (
+            sealer.seal_bytes(&a_plain).unwrap(),
+            sealer.seal_bytes(&b_plain).unwrap(),
+        );
+        let (opener, calls) = counting("correct horse");
+        assert_eq!(opener.open_prefix(&a, 128, "a").unwrap(), a_plain[..128]);
+        assert_eq!(calls.load(Ordering::Relaxed), 1);
+        let tmp = tempfile::tempdir().unwrap();
+        let (sealed, plain) = (tmp.path().join("a.age"), tmp.path().join("a"));
+        std::fs::write(&sealed, &a).unwrap();
+        opener.open_file(&sealed, &plain, "a").unwrap();
+        assert_eq!(std::fs::read(&plain).unwrap(), a_plain);
+        assert_eq!(
+            calls.load(Ordering::Relaxed),
+            1,
+            "a's key was derived again"
+        );
+        assert_eq!(opener.open_prefix(&b, 10, "b").unwrap(), b_plain[..10]);
+        assert_eq!(calls.load(Ordering::Relaxed), 2);
+
+        let (other, other_calls) = counting("correct horse");
+        let other = other.sharing(&opener.file_keys);
+        assert_eq!(other.open_prefix(&b, 10, "b").unwrap(), b_plain[..10]);
+        assert_eq!(other_calls.load(Ordering::Relaxed), 0);
+
+        // The same stanzas with a damaged header MAC: the cached key is refused by age.
+        let mac = a.windows(4).position(|w| w == b"--- ").unwrap() + 4;
+        let mut bad = a.clone();
+        bad[mac] = if bad[mac] == b'A' { b'B' } else { b'A' };
+        assert!(opener.open_prefix(&bad, 10, "a").is_err());
+        // A wrong passphrase, with a cache of its own, cannot decrypt.
+        let e = Opener::from_passphrase("wrong")
+            .unwrap()
+            .open_prefix(&a, 10, "a")
+            .err()
+            .unwrap();
+        assert!(e.to_string().contains("cannot decrypt a"), "{e}");
     }
 }

@@ -37,7 +37,7 @@ use parking_lot::{Mutex, RwLock};
 
 use crate::capture::Capture;
 use crate::catalog::{self, fmt_time, parse_time, DbCatalog, Obj, Reader, Target};
-use crate::crypt::Opener;
+use crate::crypt::{FileKeys, Opener};
 use crate::objread::{ObjReader, Opened};
 use crate::replica::{Counted, ReplicaClient};
 use crate::segment;
@@ -174,7 +174,7 @@ enum Found {
 }
 
 /// How to decrypt the replica (an opener is built per use: it is not shareable across
-/// threads).
+/// threads; the openers of one replica share its cache of unwrapped file keys).
 #[derive(Clone)]
 pub enum Key {
     IdentityFile(PathBuf),
@@ -194,6 +194,9 @@ struct ReplicaSide {
     /// Counts what views read from the replica (metrics).
     client: Arc<Counted>,
     key: Option<Key>,
+    /// File keys unwrapped by this replica's openers: an object whose header a plan read
+    /// and which a view then opens pays the key derivation once.
+    file_keys: FileKeys,
     /// Commit time of the last transaction of each object, by key.
     end_times: Mutex<HashMap<String, u64>>,
     dbs: Mutex<Option<(Instant, DbList)>>,
@@ -278,6 +281,7 @@ impl History {
                 Some(ReplicaSide {
                     client: Arc::new(Counted::new(crate::replica::open(u)?)),
                     key,
+                    file_keys: FileKeys::default(),
                     end_times: Mutex::new(HashMap::new()),
                     dbs: Mutex::new(None),
                     cats: Mutex::new(HashMap::new()),
@@ -1317,7 +1321,10 @@ fn opener_for(k: &Key) -> Result<Opener> {
 
 impl ReplicaSide {
     fn opener(&self) -> Option<Opener> {
-        self.key.as_ref().and_then(|k| opener_for(k).ok())
+        self.key
+            .as_ref()
+            .and_then(|k| opener_for(k).ok())
+            .map(|o| o.sharing(&self.file_keys))
     }
 }
 

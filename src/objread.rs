@@ -369,7 +369,7 @@ mod tests {
     use super::*;
     use crate::replica::{Counted, FileReplica};
     use crate::segment::ObjectWriter;
-    use crate::stage::{Kind, WalPos};
+    use crate::stage::Kind;
     use std::io::Write;
 
     fn object(dir: &std::path::Path, ps: usize, npages: u32) -> std::path::PathBuf {
@@ -382,15 +382,8 @@ mod tests {
             .unwrap();
         let mut w = ObjectWriter::new(f, ObjKind::Snapshot, 0, "0123456789abcdef").unwrap();
         let h = RecordHeader {
-            kind: Kind::Snapshot,
-            txid: 9,
             time_ns: 5,
-            page_size: ps as u32,
-            db_pages: npages,
-            checksum_before: 0,
-            checksum_after: 0,
-            npages,
-            wal: WalPos::default(),
+            ..RecordHeader::test(Kind::Snapshot, 9, ps as u32, npages)
         };
         // Pages that do not compress away, so the object is much bigger than one frame.
         let page = |p: u32| -> Vec<u8> {

@@ -869,7 +869,7 @@ pub(crate) fn downgrade_to_v1(f: &File, hdr: &ObjHeader) -> File {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::stage::{Kind, WalPos};
+    use crate::stage::Kind;
 
     /// A large record is cut into frames, and every page named by the index can be read by
     /// decompressing just its frame; streaming still sees the whole record.
@@ -879,15 +879,8 @@ mod tests {
         let n = 600u32;
         let page = |p: u32| vec![(p % 251) as u8; ps];
         let h = RecordHeader {
-            kind: Kind::Snapshot,
-            txid: 7,
             time_ns: 1,
-            page_size: ps as u32,
-            db_pages: n,
-            checksum_before: 0,
-            checksum_after: 0,
-            npages: n,
-            wal: WalPos::default(),
+            ..RecordHeader::test(Kind::Snapshot, 7, ps as u32, n)
         };
         let mut w =
             ObjectWriter::new(tempfile::tempfile().unwrap(), ObjKind::Snapshot, 0, "00").unwrap();
@@ -943,15 +936,8 @@ mod tests {
         for (i, &np) in sizes.iter().enumerate() {
             let t = i as u64 + 1;
             let h = RecordHeader {
-                kind: Kind::Txn,
-                txid: t,
-                time_ns: t,
-                page_size: ps as u32,
                 db_pages: 500,
-                checksum_before: 0,
-                checksum_after: 0,
-                npages: np,
-                wal: WalPos::default(),
+                ..RecordHeader::test(Kind::Txn, t, ps as u32, np)
             };
             w.add(&h, |emit| (1..=np).try_for_each(|p| emit(p, &page(t, p))))
                 .unwrap();
@@ -1002,17 +988,7 @@ mod tests {
     #[test]
     fn another_format_version_is_refused() {
         use std::os::unix::fs::FileExt;
-        let h = RecordHeader {
-            kind: Kind::Txn,
-            txid: 1,
-            time_ns: 1,
-            page_size: 512,
-            db_pages: 1,
-            checksum_before: 0,
-            checksum_after: 0,
-            npages: 1,
-            wal: WalPos::default(),
-        };
+        let h = RecordHeader::test(Kind::Txn, 1, 512, 1);
         let mut w =
             ObjectWriter::new(tempfile::tempfile().unwrap(), ObjKind::Segment, 0, "00").unwrap();
         w.add(&h, |emit| emit(1, &[7u8; 512])).unwrap();
@@ -1041,15 +1017,9 @@ mod tests {
         for (i, &np) in sizes.iter().enumerate() {
             let t = i as u64 + 1;
             let h = RecordHeader {
-                kind: Kind::Txn,
-                txid: t,
                 time_ns: 1000 + t,
-                page_size: ps as u32,
                 db_pages: 700,
-                checksum_before: 0,
-                checksum_after: 0,
-                npages: np,
-                wal: WalPos::default(),
+                ..RecordHeader::test(Kind::Txn, t, ps as u32, np)
             };
             w.add(&h, |emit| {
                 (1..=np).try_for_each(|p| emit(p, &vec![((t * 13 + p as u64) % 251) as u8; ps]))

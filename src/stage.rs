@@ -101,6 +101,27 @@ pub struct RecordHeader {
     pub wal: WalPos,
 }
 
+/// Headers for unit tests.
+#[cfg(test)]
+impl RecordHeader {
+    /// `npages` pages of `page_size` bytes that make up the whole database (`db_pages` =
+    /// `npages`), committed `txid` ns after the epoch; zero checksums, no WAL position.
+    /// Tests set any other field with struct update syntax.
+    pub(crate) fn test(kind: Kind, txid: u64, page_size: u32, npages: u32) -> RecordHeader {
+        RecordHeader {
+            kind,
+            txid,
+            time_ns: txid,
+            page_size,
+            db_pages: npages,
+            checksum_before: 0,
+            checksum_after: 0,
+            npages,
+            wal: WalPos::default(),
+        }
+    }
+}
+
 impl RecordHeader {
     /// The header's bytes, as they start its record.
     pub fn encode(&self) -> [u8; RECORD_HEADER] {
@@ -1015,15 +1036,10 @@ mod tests {
 
     fn hdr(txid: u64, pages: u32) -> RecordHeader {
         RecordHeader {
-            kind: Kind::Txn,
-            txid,
             time_ns: txid * 1000,
-            page_size: 512,
             db_pages: pages,
-            checksum_before: 0,
             checksum_after: txid,
-            npages: 1,
-            wal: WalPos::default(),
+            ..RecordHeader::test(Kind::Txn, txid, 512, 1)
         }
     }
 

@@ -55,31 +55,6 @@ fn finish(mut fx: Fixture) {
     assert_verify(&fx.backing);
 }
 
-fn wait_workers(
-    children: &mut [std::process::Child],
-    logs: &[std::path::PathBuf],
-    timeout: Duration,
-) {
-    let deadline = Instant::now() + timeout;
-    for (c, log) in children.iter_mut().zip(logs) {
-        let left = deadline.saturating_duration_since(Instant::now());
-        match wait_timeout(c, left) {
-            Some(s) => assert!(
-                s.success(),
-                "worker exited with {s}; its output:\n{}",
-                file_tail(log, 3000)
-            ),
-            None => {
-                kill9_child(c);
-                panic!(
-                    "worker did not finish in time; its output:\n{}",
-                    file_tail(log, 3000)
-                );
-            }
-        }
-    }
-}
-
 #[test]
 fn wal_two_connections_all_checkpoint_modes() {
     let seed = seed_for("wal_two_connections_all_checkpoint_modes");

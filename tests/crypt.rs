@@ -10,7 +10,7 @@ mod common;
 
 use std::fs;
 use std::path::{Path, PathBuf};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use common::replica::*;
 use common::workload::*;
@@ -28,20 +28,21 @@ fn segment_files(replica: &Path) -> usize {
 
 /// Waits until the replica holds more than `n` segment objects.
 fn wait_more_segments(fx: &Fixture, replica: &Path, n: usize) -> usize {
-    let deadline = Instant::now() + SHIP_TIMEOUT;
-    loop {
-        let got = segment_files(replica);
-        if got > n {
-            return got;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "{}: no new segment object after {SHIP_TIMEOUT:?} (still {got}); daemon:\n{}",
-            replica.display(),
-            fx.daemon_logs()
-        );
-        sleep_ms(50);
-    }
+    wait_until(
+        SHIP_TIMEOUT,
+        50,
+        || match segment_files(replica) {
+            got if got > n => Ok(got),
+            got => Err(got),
+        },
+        |got| {
+            format!(
+                "{}: no new segment object after {SHIP_TIMEOUT:?} (still {got}); daemon:\n{}",
+                replica.display(),
+                fx.daemon_logs()
+            )
+        },
+    )
 }
 
 /// Every file of an encrypted file replica: a key of the replica layout (`<id>/name`,
@@ -316,15 +317,6 @@ fn cli_env(a: &[&str], env: &[(&str, &str)]) -> CmdOut {
     let o = run_cmd(c, CLI_TIMEOUT);
     assert_no_panic(&o);
     o
-}
-
-/// True if some object of the file replica `dir` is encrypted with an age stanza of `kind`
-/// (`X25519`: to a recipient; `scrypt`: with a passphrase).
-fn has_stanza(dir: &Path, kind: &str) -> bool {
-    let stanza = format!("\n-> {kind} ");
-    tree(dir).keys().any(|k| {
-        fs::read(dir.join(k)).is_ok_and(|b| b.windows(stanza.len()).any(|w| w == stanza.as_bytes()))
-    })
 }
 
 /// Encryption per replica, from the configuration file: the top level encrypts to a

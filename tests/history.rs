@@ -649,20 +649,25 @@ impl Rep {
     /// Waits until a restore of `db` reaches `txid`.
     fn wait_covers(&self, fx: &Fixture, db: &str, txid: u64) {
         let out = fx.scratch_path("wait-covers.db");
-        let deadline = std::time::Instant::now() + COVER_TIMEOUT * 2;
-        loop {
-            let o = self.restore(db, &out, &[]);
-            if o.ok() && restored_txid(&o) >= txid {
-                return;
-            }
-            assert!(
-                std::time::Instant::now() < deadline,
-                "the replica did not reach TXID {txid} of {db}; last attempt:\n{}\n{}",
-                o.describe(),
-                fx.daemon_logs()
-            );
-            sleep_ms(300);
-        }
+        wait_until(
+            COVER_TIMEOUT * 2,
+            300,
+            || {
+                let o = self.restore(db, &out, &[]);
+                if o.ok() && restored_txid(&o) >= txid {
+                    Ok(())
+                } else {
+                    Err(o)
+                }
+            },
+            |o| {
+                format!(
+                    "the replica did not reach TXID {txid} of {db}; last attempt:\n{}\n{}",
+                    o.describe(),
+                    fx.daemon_logs()
+                )
+            },
+        )
     }
 }
 
@@ -749,19 +754,20 @@ fn write_history(c: &Connection, rng: &mut StdRng, n: usize) -> Vec<u64> {
 
 /// Waits until app.db's staging was folded past TXID 1 (its base moved); returns the base.
 fn wait_folded(fx: &Fixture, db: &str) -> u64 {
-    let deadline = std::time::Instant::now() + COVER_TIMEOUT;
-    loop {
-        let base = staged_log(&fx.mnt, db).base.map_or(0, |b| b.0);
-        if base > 1 {
-            return base;
-        }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "{db}: staging was never folded; the replica path would go untested\n{}",
-            fx.daemon_logs()
-        );
-        sleep_ms(200);
-    }
+    wait_until(
+        COVER_TIMEOUT,
+        200,
+        || match staged_log(&fx.mnt, db).base.map_or(0, |b| b.0) {
+            base if base > 1 => Ok(base),
+            _ => Err(()),
+        },
+        |()| {
+            format!(
+                "{db}: staging was never folded; the replica path would go untested\n{}",
+                fx.daemon_logs()
+            )
+        },
+    )
 }
 
 /// The shared body of the replica cases: a WAL database written through `fx` (configured for
@@ -868,6 +874,80 @@ fn encrypted_replica_views_equal_restore() {
     }
 }
 
+/// Views of the first replica read it with that replica's own key from the configuration
+/// file. The top level encrypts to a recipient and names its identity; the first replica has
+/// a passphrase of its own (so the top-level identity cannot read it), the second takes the
+/// top level's. Once staging is folded, views of TXIDs before its base (only the first
+/// replica holds them) equal the restore of the same target and answer queries; the
+/// passphrase appears in no log.
+#[test]
+fn views_read_the_first_replica_with_its_own_key() {
+    let seed = seed_for("views_read_the_first_replica_with_its_own_key");
+    let addr = metrics_addr();
+    let mut fx = Fixture::new("hist-own-key", false);
+    let key = fx.scratch_path("replica.key");
+    let recipient = keygen(&key);
+    let (rp, ra) = (fx.scratch_path("r-pass"), fx.scratch_path("r-age"));
+    let (up, ua) = (file_url(&rp), file_url(&ra));
+    let pass = "views with a key of their own";
+    const VAR: &str = "SQLFS_TEST_HISTORY_PASS";
+    let conf = fx.scratch_path("sqlfs.yml");
+    fs::write(
+        &conf,
+        format!(
+            "age-recipients: [{recipient}]\nage-identity: {}\nreplicas:\n  - url: {up}\n    passphrase-env: {VAR}\n  - url: {ua}\n",
+            key.display()
+        ),
+    )
+    .unwrap();
+    // As `configure_replica`, with the replicas and their keys from the file.
+    fx.opts.replicas = Some(Vec::new());
+    fx.opts.sync_interval = Some(SYNC.into());
+    fx.opts.stage_limit = Some(4 << 20);
+    fx.opts.extra_args = [
+        "--config",
+        conf.to_str().unwrap(),
+        "--snapshot-interval",
+        "1s",
+        "--metrics-addr",
+        &addr,
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    fx.opts.env = vec![(VAR.into(), pass.into())];
+    let rep = Rep {
+        url: up.clone(),
+        args: vec!["--passphrase-env".into(), VAR.into()],
+        env: vec![(VAR.into(), pass.into())],
+    };
+    replica_views_case(&mut fx, &rep, &addr, seed);
+    let log = fx.all_daemon_logs();
+    assert!(!log.contains(pass), "the passphrase appears in the log");
+    // Each replica was written with its own key.
+    assert!(
+        has_stanza(&rp, "scrypt") && !has_stanza(&rp, "X25519"),
+        "the first replica is not passphrase-encrypted"
+    );
+    assert!(
+        has_stanza(&ra, "X25519") && !has_stanza(&ra, "scrypt"),
+        "the second replica is not encrypted to the recipient"
+    );
+    // The top level's identity does not read the first replica: the views used its own key.
+    let out = fx.scratch_path("wrong-key.db");
+    let wrong = Rep {
+        url: up,
+        args: vec!["--age-identity".into(), key.display().to_string()],
+        env: vec![],
+    };
+    let o = wrong.restore("app.db", &out, &[]);
+    assert!(
+        !o.ok() && o.stderr.contains("cannot decrypt"),
+        "the first replica read with the top level's identity:\n{}",
+        o.describe()
+    );
+}
+
 /// After compaction and retention ran, a mount with its own, empty data directory (so every
 /// view comes from the replica) shows views equal to restore at random TXIDs and instants of
 /// the window.
@@ -902,17 +982,19 @@ fn views_after_compaction_and_retention_equal_restore() {
     let id = replica_db_id(&replica, "app.db").unwrap();
     let has =
         |sub: &str| fs::read_dir(replica.join(&id).join(sub)).is_ok_and(|mut d| d.next().is_some());
-    let deadline = std::time::Instant::now() + Duration::from_secs(60);
     // Compaction reached level 2, and retention removed the start of the chain.
     let chain_start = replica.join(&id).join("l0/0000000000000001.seg");
-    while !has("l2") || chain_start.exists() {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "no level-2 object or no retention pass; replica: {:?}",
-            common::replica::tree(&replica).keys().collect::<Vec<_>>()
-        );
-        sleep_ms(200);
-    }
+    wait_for(
+        Duration::from_secs(60),
+        200,
+        || has("l2") && !chain_start.exists(),
+        || {
+            format!(
+                "no level-2 object or no retention pass; replica: {:?}",
+                common::replica::tree(&replica).keys().collect::<Vec<_>>()
+            )
+        },
+    );
     drop(c);
     fx.unmount();
     // A second mount, empty, reading the same replica.
@@ -987,14 +1069,12 @@ fn deleted_database_served_by_the_replica_only() {
             .map(|e| e.path())
             .find(|p| fs::read_to_string(p.join("name")).is_ok_and(|n| n == "gone.db"))
     };
-    let deadline = std::time::Instant::now() + COVER_TIMEOUT;
-    while !staging().is_some_and(|d| d.join("deleted").exists()) {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "gone.db's staging was never marked deleted"
-        );
-        sleep_ms(100);
-    }
+    wait_for(
+        COVER_TIMEOUT,
+        100,
+        || staging().is_some_and(|d| d.join("deleted").exists()),
+        || "gone.db's staging was never marked deleted".to_string(),
+    );
     drop(a);
     fx.unmount();
     fs::remove_dir_all(staging().unwrap()).unwrap();

@@ -126,12 +126,10 @@ fn wait_shipped(fx: &Fixture, replica: &Path, db: &str) -> u64 {
 }
 
 /// Waits (generously) until `cond` holds; panics with `what` otherwise.
-fn wait_until(what: &str, timeout: Duration, mut cond: impl FnMut() -> bool) {
-    let deadline = Instant::now() + timeout;
-    while !cond() {
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        sleep_ms(100);
-    }
+fn wait_cond(what: &str, timeout: Duration, cond: impl FnMut() -> bool) {
+    wait_for(timeout, 100, cond, || {
+        format!("timed out waiting for {what}")
+    });
 }
 
 /// A compacted object of a file replica: `<id>/l<k>/<first>-<last>.seg`.
@@ -300,7 +298,7 @@ fn compaction_keeps_every_txid_restorable() {
     let last = wait_shipped(&fx, &rdir, db);
     let id = db_id(&rdir, db);
     // Let the idle mount finish its compaction rounds.
-    wait_until("a level-2 object", Duration::from_secs(30), || {
+    wait_cond("a level-2 object", Duration::from_secs(30), || {
         !compacted(&rdir, &id, 2).is_empty()
     });
     sleep_ms(1500);
@@ -506,7 +504,7 @@ fn restore_before_the_first_snapshot() {
     drive(&fx.path(db), seed, 2.5, |_, _| {});
     wait_shipped(&fx, &rdir, db);
     let id = db_id(&rdir, db);
-    wait_until("a snapshot", COVER_TIMEOUT, || {
+    wait_cond("a snapshot", COVER_TIMEOUT, || {
         !snapshots(&rdir, &id).is_empty()
     });
     fx.unmount();
@@ -578,28 +576,15 @@ fn compaction_continues_after_a_forced_snapshot() {
     // The replica stops taking objects; large transactions push staging past its hard limit
     // (4 x --stage-limit), so it is folded past the replica's position.
     let away = break_replica(&rdir);
-    let deadline = Instant::now() + Duration::from_secs(60);
-    let mut big = 0;
-    let base = loop {
-        if let Some((b, ..)) = staged_log(&fx.mnt, db).base.filter(|b| b.0 > pre_end) {
-            break b;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "staging was not folded past the lagging replica after {big} large transactions:\n{}",
-            fx.daemon_logs()
-        );
-        if big < 12 {
-            d.big_txn(3 << 20).unwrap();
-            d.random_txn().unwrap();
-            big += 1;
-            if big % 2 == 0 {
-                d.exec("PRAGMA wal_checkpoint(TRUNCATE)");
-            }
-        } else {
-            sleep_ms(200);
-        }
-    };
+    let base = fold_past(
+        &fx,
+        &mut d,
+        db,
+        pre_end,
+        true,
+        Duration::from_secs(60),
+        "the lagging replica's position",
+    );
     drop(d);
     fx.unmount();
     eprintln!("shipped up to TXID {pre_end}; staging folded to {base} meanwhile");
@@ -632,7 +617,7 @@ fn compaction_continues_after_a_forced_snapshot() {
         .find(|&t| t > pre_end)
         .unwrap_or_else(|| panic!("no snapshot after the gap: {snaps:?}"));
     assert!(snap >= base, "snapshot at {snap}, staging base {base}");
-    wait_until(
+    wait_cond(
         "level-1 objects on both sides of the gap",
         Duration::from_secs(60),
         || {
@@ -1232,7 +1217,7 @@ fn passphrase_encrypted_replica() {
     instants.push(instant_now());
     let last = last_staged(&fx.mnt, db);
     // Keys are plain; contents are not: wait with `sqlfs list`.
-    wait_until(
+    wait_cond(
         "the encrypted replica to hold the last TXID",
         COVER_TIMEOUT,
         || {
@@ -1381,7 +1366,7 @@ fn encrypted_replica_with_retention_by_timestamp() {
     let last = last_staged(&fx.mnt, db);
     let key_s = key.display().to_string();
     let id_args = ["--age-identity", key_s.as_str()];
-    wait_until(
+    wait_cond(
         "the encrypted replica to hold the last TXID",
         COVER_TIMEOUT,
         || {
@@ -1745,7 +1730,7 @@ fn metrics_endpoint() {
     drive(&fx.path(db), seed, 1.0, |_, _| {});
     let last = wait_shipped(&fx, &rdir, db);
     let mut body = String::new();
-    wait_until(
+    wait_cond(
         "sqlfs_replica_txid to reach the last TXID",
         COVER_TIMEOUT,
         || {
@@ -1817,7 +1802,7 @@ fn s3_compaction_retention_timestamp() {
         }
     });
     let last = last_staged(&fx.mnt, db);
-    wait_until(
+    wait_cond(
         "the S3 replica to hold the last TXID",
         Duration::from_secs(60),
         || {

@@ -166,27 +166,6 @@ fn assert_file_is_sample(s: &Sample, file: &Path, what: &str) {
     }
 }
 
-fn wait_workers(children: &mut [std::process::Child], logs: &[PathBuf], timeout: Duration) {
-    let deadline = Instant::now() + timeout;
-    for (c, log) in children.iter_mut().zip(logs) {
-        let left = deadline.saturating_duration_since(Instant::now());
-        match wait_timeout(c, left) {
-            Some(s) => assert!(
-                s.success(),
-                "worker exited with {s}; its output:\n{}",
-                file_tail(log, 3000)
-            ),
-            None => {
-                kill9_child(c);
-                panic!(
-                    "worker did not finish in time; its output:\n{}",
-                    file_tail(log, 3000)
-                );
-            }
-        }
-    }
-}
-
 /// A writer thread running random transactions until [`Writer::finish`] (or drop, so a
 /// failing test does not leave it writing into a mount being torn down). It stops at its
 /// first error (a mount killed under it).
@@ -1078,35 +1057,21 @@ fn folded_before_shipping_gets_a_snapshot() {
     let db = "fold.db";
     drop(fresh_db(&fx.path(db), "WAL"));
     let mut d = Driver::open(&fx.path(db), 1, seed, DriverCfg::default());
-    let deadline = Instant::now() + Duration::from_secs(30);
-    let mut big = 0;
-    let base = loop {
-        if let Some(b) = staged_log(&fx.mnt, db).base {
-            break b.0;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "nothing was folded after {big} transactions of 3 MiB with --stage-limit 64k:\n{}",
-            fx.daemon_logs()
-        );
-        if big < 12 {
-            d.big_txn(3 << 20).unwrap();
-            d.random_txn().unwrap();
-            big += 1;
-            if big % 2 == 0 {
-                d.exec("PRAGMA wal_checkpoint(TRUNCATE)");
-            }
-        } else {
-            sleep_ms(200);
-        }
-    };
+    let base = fold_past(
+        &fx,
+        &mut d,
+        db,
+        0,
+        true,
+        Duration::from_secs(30),
+        "--stage-limit 64k",
+    );
     assert_eq!(
         replica_last_txid(&r, db),
         0,
         "something was shipped to an unusable replica"
     );
     assert!(fx.daemon_running());
-    eprintln!("folded up to TXID {base} after {big} large transactions");
 
     // The replica becomes usable; more transactions follow.
     fs::remove_file(&r).unwrap();
@@ -1561,6 +1526,13 @@ fn has_line(text: &str, prefix: &str, needle: &str) -> bool {
         .any(|l| l.trim_start().starts_with(prefix) && l.contains(needle))
 }
 
+/// True if `status` output shows every replica of `urls` at TXID `last`, nothing behind and
+/// no lag.
+fn all_caught_up(text: &str, urls: &[&String], last: u64) -> bool {
+    urls.iter()
+        .all(|u| has_line(text, &format!("{u}: TXID {last},"), ", 0 behind, lag 0.0s"))
+}
+
 /// The lag in seconds shown in a replica line of `status` ("…, lag 12.3s…").
 fn status_lag(line: &str) -> f64 {
     line.split("lag ")
@@ -1615,21 +1587,19 @@ fn status_shows_a_replica_that_needs_a_snapshot() {
     wait_shipped(&fx, &b, db);
 
     // Everything shipped: exit 0, both replicas up to date, local.db not replicated.
-    let deadline = Instant::now() + COVER_TIMEOUT;
-    let text = loop {
-        let (text, code) = status(&fx.mnt);
-        let caught_up = [&url_a, &url_b]
-            .iter()
-            .all(|u| has_line(&text, &format!("{u}: TXID {last},"), ", 0 behind, lag 0.0s"));
-        if code == 0 && caught_up {
-            break text;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "status never showed both replicas caught up at TXID {last}:\n{text}"
-        );
-        sleep_ms(100);
-    };
+    let text = wait_until(
+        COVER_TIMEOUT,
+        100,
+        || {
+            let (text, code) = status(&fx.mnt);
+            if code == 0 && all_caught_up(&text, &[&url_a, &url_b], last) {
+                Ok(text)
+            } else {
+                Err(text)
+            }
+        },
+        |text| format!("status never showed both replicas caught up at TXID {last}:\n{text}"),
+    );
     for u in [&url_a, &url_b] {
         assert_eq!(
             status_line(&text, &format!("replica {u}:")).trim(),
@@ -1652,43 +1622,36 @@ fn status_shows_a_replica_that_needs_a_snapshot() {
     let away = break_replica(&b);
     d.random_txn().unwrap();
     let missing_since = Instant::now();
-    let deadline = Instant::now() + Duration::from_secs(60);
-    let mut big = 0;
-    loop {
-        if staged_log(&fx.mnt, db).base.is_some_and(|b| b.0 > last) {
-            break;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "staging was not folded past the broken replica after {big} large transactions:\n{}",
-            fx.daemon_logs()
-        );
-        if big < 12 {
-            d.big_txn(3 << 20).unwrap();
-            big += 1;
-            if big % 2 == 0 {
-                d.exec("PRAGMA wal_checkpoint(TRUNCATE)");
-            }
-        } else {
-            sleep_ms(200);
-        }
-    }
+    fold_past(
+        &fx,
+        &mut d,
+        db,
+        last,
+        false,
+        Duration::from_secs(60),
+        "the broken replica's position",
+    );
     let now_last = last_staged(&fx.mnt, db);
     wait_replica_covers(&a, db, now_last, COVER_TIMEOUT).unwrap_or_else(|e| panic!("{e}"));
-    let deadline = Instant::now() + COVER_TIMEOUT;
-    let (text, code, asked) = loop {
-        let asked = missing_since.elapsed().as_secs_f64();
-        let (text, code) = status(&fx.mnt);
-        let a_ok = has_line(&text, &format!("{url_a}: TXID"), ", 0 behind,");
-        if text.contains("NEEDS A SNAPSHOT") && a_ok {
-            break (text, code, asked);
-        }
-        assert!(
-            Instant::now() < deadline,
-            "status never flagged {url_b} as needing a snapshot while {url_a} kept up:\n{text}"
-        );
-        sleep_ms(200);
-    };
+    let (text, code, asked) = wait_until(
+        COVER_TIMEOUT,
+        200,
+        || {
+            let asked = missing_since.elapsed().as_secs_f64();
+            let (text, code) = status(&fx.mnt);
+            let a_ok = has_line(&text, &format!("{url_a}: TXID"), ", 0 behind,");
+            if text.contains("NEEDS A SNAPSHOT") && a_ok {
+                Ok((text, code, asked))
+            } else {
+                Err(text)
+            }
+        },
+        |text| {
+            format!(
+                "status never flagged {url_b} as needing a snapshot while {url_a} kept up:\n{text}"
+            )
+        },
+    );
     eprintln!("{text}");
     assert_eq!(
         code, 1,
@@ -1743,21 +1706,20 @@ fn status_shows_a_replica_that_needs_a_snapshot() {
     d.random_txn().unwrap();
     drop(d);
     let last = wait_shipped(&fx, &b, db);
-    let deadline = Instant::now() + COVER_TIMEOUT;
-    loop {
-        let (text, code) = status(&fx.mnt);
-        let clear = [&url_a, &url_b]
-            .iter()
-            .all(|u| has_line(&text, &format!("{u}: TXID {last},"), ", 0 behind, lag 0.0s"));
-        if code == 0 && clear && !text.contains("NEEDS") && !text.contains("FAILING") {
-            break;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "status did not clear after {url_b} caught up:\n{text}"
-        );
-        sleep_ms(200);
-    }
+    wait_until(
+        COVER_TIMEOUT,
+        200,
+        || {
+            let (text, code) = status(&fx.mnt);
+            let clear = all_caught_up(&text, &[&url_a, &url_b], last);
+            if code == 0 && clear && !text.contains("NEEDS") && !text.contains("FAILING") {
+                Ok(())
+            } else {
+                Err(text)
+            }
+        },
+        |text| format!("status did not clear after {url_b} caught up:\n{text}"),
+    );
     assert!(!snapshots(&b, &replica_db_id(&b, db).unwrap()).is_empty());
     fx.unmount();
 }

@@ -79,21 +79,46 @@ fn restore(url: &str, db: &str, out: &std::path::Path, txid: Option<u64>) -> Cmd
 /// Waits until a restore from `url` reaches `txid`; returns the restored file.
 fn wait_replicated(fx: &Fixture, url: &str, db: &str, txid: u64, timeout: Duration) -> PathBuf {
     let out = fx.scratch_path(&format!("restored-{txid}.db"));
-    let deadline = Instant::now() + timeout;
-    loop {
-        let r = restore(url, db, &out, None);
-        assert!(!r.stderr.contains("panicked"), "{}", r.describe());
-        if r.ok() && r.stdout.contains(&format!("at TXID {txid} ")) {
-            return out;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "the replica did not reach TXID {txid}; last attempt:\n{}\ndaemon:\n{}",
-            r.describe(),
-            fx.daemon_logs()
-        );
-        sleep_ms(300);
-    }
+    wait_until(
+        timeout,
+        300,
+        || {
+            let r = restore(url, db, &out, None);
+            assert!(!r.stderr.contains("panicked"), "{}", r.describe());
+            if r.ok() && r.stdout.contains(&format!("at TXID {txid} ")) {
+                Ok(())
+            } else {
+                Err(r)
+            }
+        },
+        |r| {
+            format!(
+                "the replica did not reach TXID {txid}; last attempt:\n{}\ndaemon:\n{}",
+                r.describe(),
+                fx.daemon_logs()
+            )
+        },
+    );
+    out
+}
+
+/// Waits (up to a minute) until app.db is on `url` up to its last staged TXID; returns it.
+fn wait_app_replicated(fx: &Fixture, url: &str) -> u64 {
+    let last = last_txid(fx, "app.db");
+    wait_replicated(fx, url, "app.db", last, Duration::from_secs(60));
+    last
+}
+
+/// Waits until app.db is on `url` up to TXID `last`, and checks that the latest restore is
+/// the replay of that TXID from `fx`'s staging.
+fn assert_latest_is_staged(fx: &Fixture, url: &str, last: u64, timeout: Duration) {
+    let latest = wait_replicated(fx, url, "app.db", last, timeout);
+    let staged = fx.scratch_path("staged.db");
+    replay(&fx.cli_dir(), "app.db", last, &staged);
+    assert!(
+        std::fs::read(&latest).unwrap() == as_restored(std::fs::read(&staged).unwrap()),
+        "restore at latest differs from the staged state"
+    );
 }
 
 fn last_txid(fx: &Fixture, db: &str) -> u64 {
@@ -113,13 +138,7 @@ fn s3_replica_round_trip_at_every_sampled_txid() {
     fx.mount();
     writes(&fx, "app.db", 1, 300);
     let last = last_txid(&fx, "app.db");
-    let latest = wait_replicated(&fx, &url, "app.db", last, Duration::from_secs(60));
-    let staged = fx.scratch_path("staged.db");
-    replay(&fx.cli_dir(), "app.db", last, &staged);
-    assert!(
-        std::fs::read(&latest).unwrap() == as_restored(std::fs::read(&staged).unwrap()),
-        "restore at latest differs from the staged state"
-    );
+    assert_latest_is_staged(&fx, &url, last, Duration::from_secs(60));
     for t in [1, 2, last / 3, last / 2, last - 1] {
         let out = fx.scratch_path(&format!("at-{t}.db"));
         let r = restore(&url, "app.db", &out, Some(t));
@@ -143,13 +162,7 @@ fn s3_server_stopped_for_30s_then_catches_up() {
     fx.opts.replicas = Some(vec![url.clone()]);
     fx.mount();
     writes(&fx, "app.db", 1, 50);
-    wait_replicated(
-        &fx,
-        &url,
-        "app.db",
-        last_txid(&fx, "app.db"),
-        Duration::from_secs(60),
-    );
+    wait_app_replicated(&fx, &url);
     srv.pause();
     let t0 = Instant::now();
     let mut next = 1000;
@@ -165,13 +178,7 @@ fn s3_server_stopped_for_30s_then_catches_up() {
     );
     srv.resume();
     let last = last_txid(&fx, "app.db");
-    let latest = wait_replicated(&fx, &url, "app.db", last, Duration::from_secs(120));
-    let staged = fx.scratch_path("staged.db");
-    replay(&fx.cli_dir(), "app.db", last, &staged);
-    assert!(
-        std::fs::read(&latest).unwrap() == as_restored(std::fs::read(&staged).unwrap()),
-        "restore at latest differs from the staged state"
-    );
+    assert_latest_is_staged(&fx, &url, last, Duration::from_secs(120));
     let logs = fx.daemon_logs();
     assert!(!logs.contains("panicked"), "{logs}");
     fx.unmount();
@@ -186,13 +193,7 @@ fn s3_second_writer_is_fenced_and_the_replica_stays_consistent() {
     a.opts.replicas = Some(vec![url.clone()]);
     a.mount();
     writes(&a, "app.db", 1, 20);
-    wait_replicated(
-        &a,
-        &url,
-        "app.db",
-        last_txid(&a, "app.db"),
-        Duration::from_secs(60),
-    );
+    wait_app_replicated(&a, &url);
     a.unmount();
     // A copy of the data directory, staging included: a second writer of the same database.
     let mut b = Fixture::new("s3fenceB", false);
@@ -208,30 +209,24 @@ fn s3_second_writer_is_fenced_and_the_replica_stays_consistent() {
     b.mount();
     writes(&a, "app.db", 100, 30);
     writes(&b, "app.db", 500, 30);
-    let deadline = Instant::now() + Duration::from_secs(60);
-    let a_fenced = loop {
-        let (la, lb) = (a.daemon_logs(), b.daemon_logs());
-        if la.contains("another sqlfs") {
-            break true;
-        }
-        if lb.contains("another sqlfs") {
-            break false;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "no writer was fenced off:\nA:\n{la}\nB:\n{lb}"
-        );
-        sleep_ms(300);
-    };
+    let a_fenced = wait_until(
+        Duration::from_secs(60),
+        300,
+        || {
+            let (la, lb) = (a.daemon_logs(), b.daemon_logs());
+            if la.contains("another sqlfs") {
+                Ok(true)
+            } else if lb.contains("another sqlfs") {
+                Ok(false)
+            } else {
+                Err((la, lb))
+            }
+        },
+        |(la, lb)| format!("no writer was fenced off:\nA:\n{la}\nB:\n{lb}"),
+    );
     let keeper = if a_fenced { &b } else { &a };
     let last = last_txid(keeper, "app.db");
-    let latest = wait_replicated(keeper, &url, "app.db", last, Duration::from_secs(60));
-    let staged = keeper.scratch_path("staged.db");
-    replay(&keeper.cli_dir(), "app.db", last, &staged);
-    assert!(
-        std::fs::read(&latest).unwrap() == as_restored(std::fs::read(&staged).unwrap()),
-        "restore at latest differs from the staged state"
-    );
+    assert_latest_is_staged(keeper, &url, last, Duration::from_secs(60));
     a.unmount();
     b.unmount();
 }
@@ -489,32 +484,31 @@ fn s3_store_that_stops_answering_is_a_timeout_not_a_hang() {
     fx.opts.sync_interval = Some("200ms".into());
     fx.mount();
     writes(&fx, "app.db", 1, 30);
-    wait_replicated(
-        &fx,
-        &url,
-        "app.db",
-        last_txid(&fx, "app.db"),
-        Duration::from_secs(60),
-    );
+    wait_app_replicated(&fx, &url);
     srv.pause();
     writes(&fx, "app.db", 1000, 10);
-    let deadline = Instant::now() + Duration::from_secs(120);
-    let text = loop {
-        let text = status_text(&fx);
-        let failing = text
-            .lines()
-            .find(|l| l.starts_with("replica s3://"))
-            .is_some_and(|l| l.contains("FAILING") && l.to_lowercase().contains("timeout"));
-        if failing {
-            break text;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "the replica of a frozen store never failed with a timeout:\n{text}\ndaemon:\n{}",
-            fx.daemon_logs()
-        );
-        sleep_ms(500);
-    };
+    let text = wait_until(
+        Duration::from_secs(120),
+        500,
+        || {
+            let text = status_text(&fx);
+            let failing = text
+                .lines()
+                .find(|l| l.starts_with("replica s3://"))
+                .is_some_and(|l| l.contains("FAILING") && l.to_lowercase().contains("timeout"));
+            if failing {
+                Ok(text)
+            } else {
+                Err(text)
+            }
+        },
+        |text| {
+            format!(
+                "the replica of a frozen store never failed with a timeout:\n{text}\ndaemon:\n{}",
+                fx.daemon_logs()
+            )
+        },
+    );
     eprintln!("{text}");
     assert!(
         !text.contains("test-secret"),
@@ -525,15 +519,17 @@ fn s3_store_that_stops_answering_is_a_timeout_not_a_hang() {
     writes(&fx, "app.db", 2000, 5);
     let last = last_txid(&fx, "app.db");
     wait_replicated(&fx, &url, "app.db", last, Duration::from_secs(120));
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while status_text(&fx).contains("FAILING") {
-        assert!(
-            Instant::now() < deadline,
-            "status still failing after the store came back:\n{}",
-            status_text(&fx)
-        );
-        sleep_ms(300);
-    }
+    wait_for(
+        Duration::from_secs(60),
+        300,
+        || !status_text(&fx).contains("FAILING"),
+        || {
+            format!(
+                "status still failing after the store came back:\n{}",
+                status_text(&fx)
+            )
+        },
+    );
     fx.unmount();
 }
 
@@ -566,22 +562,23 @@ fn s3_and_file_replicas_progress_independently() {
         common::replica::wait_replica_covers(&fdir, "app.db", last, Duration::from_secs(30))
             .unwrap_or_else(|e| panic!("round {round}, the store frozen: {e}"));
     }
-    let deadline = Instant::now() + Duration::from_secs(30);
-    let text = loop {
-        let text = status_text(&fx);
-        let file_ok = text.lines().any(|l| {
-            l.trim_start()
-                .starts_with(&format!("{furl}: TXID {last}, 0 behind"))
-        });
-        if file_ok {
-            break text;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "status does not show the file replica up to date:\n{text}"
-        );
-        sleep_ms(200);
-    };
+    let text = wait_until(
+        Duration::from_secs(30),
+        200,
+        || {
+            let text = status_text(&fx);
+            let file_ok = text.lines().any(|l| {
+                l.trim_start()
+                    .starts_with(&format!("{furl}: TXID {last}, 0 behind"))
+            });
+            if file_ok {
+                Ok(text)
+            } else {
+                Err(text)
+            }
+        },
+        |text| format!("status does not show the file replica up to date:\n{text}"),
+    );
     let s3_line = text
         .lines()
         .find(|l| l.trim_start().starts_with("s3://mixed/m"))

@@ -54,6 +54,64 @@ pub fn sleep_ms(ms: u64) {
     thread::sleep(Duration::from_millis(ms));
 }
 
+/// Tries `probe` every `every_ms` until it returns `Ok`, and returns its value. A try that
+/// still returns `Err` once `timeout` has passed fails the test with the message `failure`
+/// makes of that `Err` (the state the probe last saw). The probe may act as well (write,
+/// fold): it runs once per try.
+pub fn wait_until<T, E>(
+    timeout: Duration,
+    every_ms: u64,
+    mut probe: impl FnMut() -> Result<T, E>,
+    failure: impl FnOnce(E) -> String,
+) -> T {
+    let deadline = Instant::now() + timeout;
+    loop {
+        match probe() {
+            Ok(v) => return v,
+            Err(e) if Instant::now() >= deadline => panic!("{}", failure(e)),
+            Err(_) => sleep_ms(every_ms),
+        }
+    }
+}
+
+/// [`wait_until`] for a condition that has nothing to return.
+pub fn wait_for(
+    timeout: Duration,
+    every_ms: u64,
+    mut cond: impl FnMut() -> bool,
+    failure: impl FnOnce() -> String,
+) {
+    wait_until(
+        timeout,
+        every_ms,
+        || if cond() { Ok(()) } else { Err(()) },
+        |()| failure(),
+    )
+}
+
+/// Waits for worker processes (with their logs) to exit successfully, all within `timeout`;
+/// one that is still running then is killed and fails the test with its output.
+pub fn wait_workers(children: &mut [Child], logs: &[PathBuf], timeout: Duration) {
+    let deadline = Instant::now() + timeout;
+    for (c, log) in children.iter_mut().zip(logs) {
+        let left = deadline.saturating_duration_since(Instant::now());
+        match wait_timeout(c, left) {
+            Some(s) => assert!(
+                s.success(),
+                "worker exited with {s}; its output:\n{}",
+                file_tail(log, 3000)
+            ),
+            None => {
+                kill9_child(c);
+                panic!(
+                    "worker did not finish in time; its output:\n{}",
+                    file_tail(log, 3000)
+                );
+            }
+        }
+    }
+}
+
 /// Last `max` bytes of a text file, for failure messages.
 pub fn file_tail(path: &Path, max: usize) -> String {
     match fs::read(path) {

@@ -485,6 +485,15 @@ pub fn assert_sealed(bytes: &[u8], what: &str) {
     }
 }
 
+/// True if some object of the file replica `dir` is encrypted with an age stanza of `kind`
+/// (`X25519`: to a recipient; `scrypt`: with a passphrase).
+pub fn has_stanza(dir: &Path, kind: &str) -> bool {
+    let stanza = format!("\n-> {kind} ");
+    tree(dir).keys().any(|k| {
+        fs::read(dir.join(k)).is_ok_and(|b| b.windows(stanza.len()).any(|w| w == stanza.as_bytes()))
+    })
+}
+
 /// Restores `db` from `url` at `txid` (latest when `None`) and compares it with the replay
 /// of the same TXID from `dir`; returns the TXID restored.
 pub fn restore_vs_replay(

@@ -372,6 +372,55 @@ impl Driver {
     }
 }
 
+/// Pushes `db`'s staging in `fx`'s mount past its limit with transactions of 3 MiB through
+/// `d` (each followed by a small one when `small_too`, a truncating checkpoint after every
+/// second; at most 12, then only waiting) until it is folded to a base after TXID `past`;
+/// returns (and prints) the base's TXID. Fails after `timeout`, naming `what` the fold was
+/// for.
+pub fn fold_past(
+    fx: &Fixture,
+    d: &mut Driver,
+    db: &str,
+    past: u64,
+    small_too: bool,
+    timeout: Duration,
+    what: &str,
+) -> u64 {
+    let mut big = 0;
+    wait_until(
+        timeout,
+        0,
+        || {
+            if let Some(b) = staged_log(&fx.mnt, db).base.filter(|b| b.0 > past) {
+                eprintln!(
+                    "{db}: folded up to TXID {} after {big} large transactions",
+                    b.0
+                );
+                return Ok(b.0);
+            }
+            if big < 12 {
+                d.big_txn(3 << 20).unwrap();
+                if small_too {
+                    d.random_txn().unwrap();
+                }
+                big += 1;
+                if big % 2 == 0 {
+                    d.exec("PRAGMA wal_checkpoint(TRUNCATE)");
+                }
+            } else {
+                sleep_ms(200);
+            }
+            Err(big)
+        },
+        |big| {
+            format!(
+                "{db}: staging was not folded past TXID {past} ({what}) after {big} transactions of 3 MiB:\n{}",
+                fx.daemon_logs()
+            )
+        },
+    )
+}
+
 /// Every id range in `commits` must be fully present in table t.
 pub fn assert_commits_present(conn: &Connection, commits: &[(i64, i64)], what: &str) {
     let mut st = conn
