@@ -347,8 +347,10 @@ impl Shipper {
         }
         let file = outbox(tmp).context("creating the outbox file")?;
         let mut w = ObjectWriter::new(file, ObjKind::Segment, 0, &db.id)?;
+        let mut first = None;
         db.stage
             .for_each(pos, last, |h, pages| {
+                first.get_or_insert(h.txid);
                 if h.txid == pos + 1 {
                     self.remember_missing(db, h.txid, h.time_ns);
                 }
@@ -360,6 +362,16 @@ impl Shipper {
             })
             .with_context(|| format!("{name}: reading staged transactions {}..={last}", pos + 1))?;
         if w.len() == 0 {
+            return Ok(());
+        }
+        if first != Some(pos + 1) {
+            // A fold moved the base past `pos` after it was read above: the records that
+            // follow `pos` are gone, and this object would claim TXIDs it does not hold. The
+            // next pass finds `pos` below the base and ships a snapshot first.
+            log::debug!(
+                "{name}: staging was folded while shipping (TXID {} expected, {first:?} found); shipping a snapshot next",
+                pos + 1
+            );
             return Ok(());
         }
         let (hdr, _) = w.finish()?;
