@@ -36,6 +36,9 @@ const RECORD_MAGIC: &[u8; 4] = b"SQTX";
 const RECORD_VERSION: u8 = 1;
 /// A segment is sealed (a new one started) once it reaches this size.
 const SEGMENT_BYTES: u64 = 8 << 20;
+/// Bytes of small records [`DbStage::append`] gathers before writing them out; records larger
+/// than this are written at once.
+const FLUSH_AT: usize = 256 << 10;
 
 #[derive(Debug, thiserror::Error)]
 pub enum StageError {
@@ -266,6 +269,14 @@ struct Appender {
     /// that the next fsync (the periodic one, or a barrier a checkpoint waits on) finds little
     /// left to write.
     kicked: u64,
+    /// Whole records appended but not written to the file yet (see [`DbStage::flush`]), and
+    /// the header of the last of them.
+    pending: Vec<u8>,
+    pending_last: Option<RecordHeader>,
+    /// A write of gathered records failed: they are gone. Set until [`DbStage::flush`] reports
+    /// it (a sync from another thread may be the one that failed); appends fail meanwhile, so
+    /// no later record lands on file after the gap.
+    lost: bool,
 }
 
 impl Appender {
@@ -474,14 +485,25 @@ impl DbStage {
 
     /// Appends one record. `fill` must emit exactly `h.npages` (pgno, page) pairs, each
     /// `h.page_size` bytes. Not durable until [`DbStage::sync`].
+    /// Appends a record. Small records are gathered in memory and reach the file together at
+    /// the next [`DbStage::flush`] (or once [`FLUSH_AT`] bytes are gathered): one write of many
+    /// records costs the kernel far less than one write each. Until then [`DbStage::last`]
+    /// does not show them, and readers of the log do not see them.
     pub fn append(
         &self,
         h: &RecordHeader,
         fill: impl FnOnce(PageSink<'_>) -> io::Result<()>,
     ) -> Result<()> {
         let mut guard = self.app.lock();
-        if guard.as_ref().is_none_or(|a| a.len >= SEGMENT_BYTES) {
+        if let Some(a) = guard.as_ref().filter(|a| a.lost) {
+            return Err(lost_error(&a.path));
+        }
+        if guard
+            .as_ref()
+            .is_none_or(|a| a.len + a.pending.len() as u64 >= SEGMENT_BYTES)
+        {
             if let Some(old) = guard.as_mut() {
+                self.flush_locked(old)?;
                 if old.dirty {
                     old.file.sync_data().map_err(io_err(&old.path))?;
                 }
@@ -513,26 +535,88 @@ impl DbStage {
                 len,
                 dirty: false,
                 kicked: len,
+                pending: Vec::new(),
+                pending_last: None,
+                lost: false,
             });
         }
         let a = guard.as_mut().expect("appender opened above");
-        let start_len = a.len;
-        let res = write_record(&mut a.file, h, fill);
-        if let Ok(n) = res {
-            a.len += n;
+        if h.len() > FLUSH_AT as u64 {
+            // A large record goes straight to the file, after what was gathered.
+            self.flush_locked(a)?;
+            let start_len = a.len;
+            let res = write_record(&mut a.file, h, fill);
+            match res {
+                Ok(n) => a.len += n,
+                Err(e) => {
+                    // Never leave a partial record for a later one to follow.
+                    let _ = a.file.set_len(start_len);
+                    a.len = start_len;
+                    return Err(StageError::Io {
+                        path: a.path.clone(),
+                        err: e,
+                    });
+                }
+            }
+            a.dirty = true;
+            a.kick();
+            *self.last.lock() = Some(*h);
+            return Ok(());
         }
-        if let Err(e) = res {
-            // Never leave a partial record for a later one to follow.
-            let _ = a.file.set_len(start_len);
-            a.len = start_len;
+        let start = a.pending.len();
+        if let Err(e) = write_record(&mut a.pending, h, fill) {
+            a.pending.truncate(start);
             return Err(StageError::Io {
                 path: a.path.clone(),
                 err: e,
             });
         }
+        a.pending_last = Some(*h);
+        if a.pending.len() >= FLUSH_AT {
+            self.flush_locked(a)?;
+        }
+        Ok(())
+    }
+
+    /// Writes the records gathered by [`DbStage::append`] to the file. An error means records
+    /// are gone, in this write or in an earlier one by [`DbStage::sync`] (the file is cut back
+    /// to the last whole record before them): the caller must go back to the state of
+    /// [`DbStage::last`]. Each loss is reported once.
+    pub fn flush(&self) -> Result<()> {
+        match self.app.lock().as_mut() {
+            Some(a) => {
+                let r = self.flush_locked(a);
+                a.lost = false;
+                r
+            }
+            None => Ok(()),
+        }
+    }
+
+    fn flush_locked(&self, a: &mut Appender) -> Result<()> {
+        if a.lost {
+            a.pending.clear();
+            a.pending_last = None;
+            return Err(lost_error(&a.path));
+        }
+        let Some(last) = a.pending_last.take() else {
+            return Ok(());
+        };
+        let res = a.file.write_all(&a.pending);
+        let n = a.pending.len() as u64;
+        a.pending.clear();
+        if let Err(e) = res {
+            let _ = a.file.set_len(a.len);
+            a.lost = true;
+            return Err(StageError::Io {
+                path: a.path.clone(),
+                err: e,
+            });
+        }
+        a.len += n;
         a.dirty = true;
         a.kick();
-        *self.last.lock() = Some(*h);
+        *self.last.lock() = Some(last);
         Ok(())
     }
 
@@ -540,6 +624,7 @@ impl DbStage {
     pub fn sync(&self) -> Result<()> {
         let mut g = self.app.lock();
         if let Some(a) = g.as_mut() {
+            self.flush_locked(a)?;
             if a.dirty {
                 a.file.sync_data().map_err(io_err(&a.path))?;
                 a.dirty = false;
@@ -550,7 +635,10 @@ impl DbStage {
 
     /// True if records were appended since the last sync.
     pub fn is_dirty(&self) -> bool {
-        self.app.lock().as_ref().is_some_and(|a| a.dirty)
+        self.app
+            .lock()
+            .as_ref()
+            .is_some_and(|a| a.dirty || a.pending_last.is_some())
     }
 
     /// Calls `f` for each record of one segment (header, pages iterator source) and returns the
@@ -747,6 +835,13 @@ impl DbStage {
                     .sum()
             })
             .unwrap_or(0)
+    }
+}
+
+fn lost_error(path: &Path) -> StageError {
+    StageError::Io {
+        path: path.to_path_buf(),
+        err: io::Error::other("records gathered for the staging log were lost in a failed write"),
     }
 }
 
@@ -1095,6 +1190,34 @@ mod tests {
                 }
             }
         }
+    }
+
+    /// Small records wait in memory until a flush (or a sync) and then reach the file in one
+    /// write; a record over [`FLUSH_AT`] goes out at once, after those gathered before it.
+    #[test]
+    fn appends_are_gathered_until_a_flush() {
+        let d = tempfile::tempdir().unwrap();
+        let st = DbStage::open(d.path(), Access::Write).unwrap();
+        let page = vec![7u8; 512];
+        for t in 1..=3u64 {
+            st.append(&hdr(t, 1), |emit| emit(1, &page)).unwrap();
+        }
+        assert!(st.last().is_none(), "gathered records are not shown yet");
+        assert!(st.headers().unwrap().is_empty());
+        assert!(st.is_dirty());
+        st.flush().unwrap();
+        assert_eq!(st.last().unwrap().txid, 3);
+        assert_eq!(st.headers().unwrap().len(), 3);
+        st.append(&hdr(4, 1), |emit| emit(1, &page)).unwrap();
+        let big = FLUSH_AT as u32 / 512 + 1;
+        let mut h = hdr(5, big);
+        h.npages = big;
+        h.db_pages = big;
+        st.append(&h, |emit| (1..=big).try_for_each(|p| emit(p, &page)))
+            .unwrap();
+        let txids: Vec<u64> = st.headers().unwrap().iter().map(|h| h.txid).collect();
+        assert_eq!(txids, vec![1, 2, 3, 4, 5]);
+        assert_eq!(st.last().unwrap().txid, 5);
     }
 
     #[test]

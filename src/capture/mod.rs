@@ -559,20 +559,29 @@ impl Db {
         self.observed.load(Ordering::Relaxed)
     }
 
-    /// Runs `f` on the state. Capture errors never fail the app's I/O: they are logged, and the
-    /// next commit becomes a full snapshot so the stream stays exact.
+    /// Runs `f` on the state, then writes out the records it appended (they reach the staging
+    /// file together, see [`DbStage::append`]), so no record is left in memory once the
+    /// request or catch-up that made it is done. Capture errors never fail the app's I/O: they
+    /// are logged, the state goes back to what the staging log holds (records that could not
+    /// be written are gone, and their TXIDs are given again: no gap), and the next commit
+    /// becomes a full snapshot so the stream stays exact.
     fn guard(&self, f: impl FnOnce(&mut State, &Db) -> io::Result<()>) {
         let mut st = self.state.lock();
         let res = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| f(&mut st, self)));
-        let err = match res {
-            Ok(Ok(())) => return,
-            Ok(Err(e)) => e.to_string(),
-            Err(_) => "internal error (panic) in capture".to_string(),
+        let flushed = self.stage.flush();
+        let err = match (res, flushed) {
+            (Ok(Ok(())), Ok(())) => return,
+            (Ok(Err(e)), _) => e.to_string(),
+            (Err(_), _) => "internal error (panic) in capture".to_string(),
+            (Ok(Ok(())), Err(e)) => e.to_string(),
         };
         log::error!(
             "{}: capture failed: {err}; the next transaction will be staged as a full snapshot",
             self.name()
         );
+        if let Err(e) = st.rewind_to_staged(self) {
+            log::error!("{}: cannot read the staging log's base: {e}", self.name());
+        }
         st.resnapshot = Some(format!("an earlier capture failed: {err}"));
         st.main_fd = None;
         st.wal_fd = None;
@@ -664,7 +673,7 @@ impl Db {
             let pos = st.current_walpos();
             st.snapshot_with(self, b, &why, pos)?;
         }
-        Ok(())
+        self.stage.flush().map_err(io::Error::other)
     }
 }
 
@@ -1551,6 +1560,21 @@ impl State {
             npages,
             wal,
         }
+    }
+
+    /// The state after the last record the staging log holds (its base if it holds none).
+    fn rewind_to_staged(&mut self, db: &Db) -> io::Result<()> {
+        match db.stage.last() {
+            Some(h) => self.advance_to(&h),
+            None => {
+                let base = db.stage.base_meta().map_err(io::Error::other)?;
+                self.txid = base.txid;
+                self.checksum = base.checksum;
+                self.page_size = base.page_size;
+                self.db_pages = base.db_pages;
+            }
+        }
+        Ok(())
     }
 
     /// The state after a staged record.
