@@ -1220,6 +1220,42 @@ mod tests {
         assert_eq!(st.last().unwrap().txid, 5);
     }
 
+    /// A failed write of gathered records loses them and nothing after them lands: the
+    /// failure is reported once (by the flush that failed, or by the next flush when a sync
+    /// failed), appends fail until then, and the file keeps only whole records before the gap.
+    #[test]
+    fn a_failed_write_of_gathered_records_is_reported_once() {
+        let d = tempfile::tempdir().unwrap();
+        let st = DbStage::open(d.path(), Access::Write).unwrap();
+        let page = vec![7u8; 512];
+        let add = |t: u64| st.append(&hdr(t, 1), |emit| emit(1, &page));
+        // Writes to the segment fail from now on (a descriptor opened for reading only).
+        let break_writes = || {
+            let mut g = st.app.lock();
+            let a = g.as_mut().unwrap();
+            a.file = File::open(&a.path).unwrap();
+        };
+        add(1).unwrap();
+        st.flush().unwrap();
+        add(2).unwrap();
+        break_writes();
+        assert!(st.flush().is_err());
+        assert!(st.flush().is_ok(), "reported once");
+        // A sync that fails holds the loss until a flush reports it.
+        *st.app.lock() = None;
+        add(2).unwrap();
+        break_writes();
+        assert!(st.sync().is_err());
+        assert!(add(3).is_err(), "no record may follow the gap");
+        assert!(st.flush().is_err());
+        *st.app.lock() = None;
+        add(2).unwrap();
+        st.sync().unwrap();
+        let txids: Vec<u64> = st.headers().unwrap().iter().map(|h| h.txid).collect();
+        assert_eq!(txids, vec![1, 2]);
+        assert_eq!(st.last().unwrap().txid, 2);
+    }
+
     #[test]
     fn append_materialize_fold_and_torn_tail() {
         let d = tempfile::tempdir().unwrap();
