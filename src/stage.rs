@@ -564,7 +564,9 @@ impl DbStage {
             return Ok(());
         }
         let start = a.pending.len();
-        if let Err(e) = write_record(&mut a.pending, h, fill) {
+        // Encoded straight into the gathered bytes: a record this small never spills.
+        let mut no_spill = |_: &[u8]| Err(io::Error::other("record larger than announced"));
+        if let Err(e) = encode_record(&mut a.pending, h, fill, &mut no_spill) {
             a.pending.truncate(start);
             return Err(StageError::Io {
                 path: a.path.clone(),
@@ -922,9 +924,24 @@ pub fn write_record(
     fill: impl FnOnce(PageSink<'_>) -> io::Result<()>,
 ) -> io::Result<u64> {
     let mut buf = Vec::with_capacity((h.len() as usize).min(4 << 20));
+    let n = encode_record(&mut buf, h, fill, &mut |chunk| w.write_all(chunk))?;
+    w.write_all(&buf)?;
+    Ok(n)
+}
+
+/// Encodes one record at the end of `buf`; whenever more than 4 MiB of it is there, those
+/// bytes go to `spill` and leave `buf`. Returns the record's length. On error `buf` may hold
+/// part of the record (the caller cuts it).
+fn encode_record(
+    buf: &mut Vec<u8>,
+    h: &RecordHeader,
+    fill: impl FnOnce(PageSink<'_>) -> io::Result<()>,
+    spill: &mut dyn FnMut(&[u8]) -> io::Result<()>,
+) -> io::Result<u64> {
+    let start = buf.len();
     let mut crc = crate::sqlite::crc64();
     buf.extend_from_slice(&h.encode());
-    let (mut n, mut written) = (0u32, 0u64);
+    let (mut n, mut spilled) = (0u32, 0u64);
     fill(&mut |pgno, page| {
         if page.len() != h.page_size as usize {
             return Err(io::Error::other("page of the wrong size"));
@@ -932,11 +949,11 @@ pub fn write_record(
         buf.extend_from_slice(&pgno.to_be_bytes());
         buf.extend_from_slice(page);
         n += 1;
-        if buf.len() >= 4 << 20 {
-            crc.update(&buf);
-            w.write_all(&buf)?;
-            written += buf.len() as u64;
-            buf.clear();
+        if buf.len() - start >= 4 << 20 {
+            crc.update(&buf[start..]);
+            spill(&buf[start..])?;
+            spilled += (buf.len() - start) as u64;
+            buf.truncate(start);
         }
         Ok(())
     })?;
@@ -946,10 +963,9 @@ pub fn write_record(
             h.npages
         )));
     }
-    crc.update(&buf);
+    crc.update(&buf[start..]);
     buf.extend_from_slice(&crc.finalize().to_be_bytes());
-    w.write_all(&buf)?;
-    Ok(written + buf.len() as u64)
+    Ok(spilled + (buf.len() - start) as u64)
 }
 
 /// Page images an [`Applier`] holds before writing them out.
