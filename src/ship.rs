@@ -322,6 +322,12 @@ impl Shipper {
         if self.fenced.lock().contains(&db.id) {
             return Ok(());
         }
+        // Only durable records leave the machine. A replica holding a transaction that a
+        // machine crash then takes from staging would disagree with the restarted mount, which
+        // stages its own records under those TXIDs (a snapshot, if continuity is not proven).
+        db.stage
+            .sync()
+            .with_context(|| format!("{name}: syncing staging before shipping"))?;
         if !self.named.lock().contains(&db.id) {
             let data = match &self.sealer {
                 Some(s) => s.seal_bytes(name.as_bytes())?,

@@ -594,21 +594,9 @@ impl Db {
     fn reconcile(&self, b: &Backing) -> io::Result<()> {
         let name = self.name();
         let mut st = self.state.lock();
-        let base = self.stage.base_meta().map_err(io::Error::other)?;
-        let (txid, checksum, ps, pages, walpos) = match self.stage.last() {
-            Some(h) => (h.txid, h.checksum_after, h.page_size, h.db_pages, h.wal),
-            None => (
-                base.txid,
-                base.checksum,
-                base.page_size,
-                base.db_pages,
-                WalPos::default(),
-            ),
-        };
-        st.txid = txid;
-        st.checksum = checksum;
-        st.page_size = ps;
-        st.db_pages = pages;
+        st.rewind_to_staged(self)?;
+        let txid = st.txid;
+        let walpos = self.stage.last().map(|h| h.wal).unwrap_or_default();
         let clean_path = self.stage.dir().join("clean");
         let unchanged = fs::read_to_string(&clean_path).ok().as_deref()
             == Some(fingerprint(b, &name, txid).as_str());
