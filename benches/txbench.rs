@@ -8,6 +8,9 @@
 //!  4. mixed point reads / updates by primary key from several connections; beside these,
 //!     4 KiB writes to a plain file and extended-attribute lookups (one kernel-to-daemon
 //!     round trip each, the fixed price of every request the mount cannot pass through);
+//!     and the floor under FULL: a commit-like loop (24-byte header, 4 KiB page, fdatasync)
+//!     natively and through a bare passthrough FUSE server that captures nothing
+//!     (`floor.rs`, as root only);
 //!  5. resident memory of the sqlfs daemon with a small database and after growing it
 //!     to a large one (on a fresh mount of its own);
 //!  6. replication to a file replica: commit → object lag, objects per minute, compression;
@@ -47,13 +50,15 @@
 //!                             (default 1024; 0 skips)
 //!   SQLFS_BENCH_S3=0     leave out everything that needs the S3-compatible server
 //!   SQLFS_BENCH_ONLY     run only these workloads, comma-separated, of: autocommit, scan,
-//!                        plain, roundtrip, mixed, replication, memory, restore, s3, history
+//!                        plain, roundtrip, floor, mixed, replication, memory, restore, s3,
+//!                        history
 //!   SQLFS_S3_SERVER      the S3-compatible server binary (default: .venv/bin/moto_server)
 //!   SQLFS_BENCH_DIR      where to make the work directory sqlfs-bench-work; on disk, not
 //!                        tmpfs (default: target/bench-work)
 //!   SQLFS_BENCH_KEEP=1   keep the work directory afterwards
 //!   SQLFS_BENCH_MOUNT_ARGS  more flags for every mount, e.g. "--passthrough off"
 
+mod floor;
 mod s3;
 
 use std::collections::HashMap;
@@ -141,11 +146,12 @@ impl Config {
         {
             bail!("invalid benchmark settings");
         }
-        const KNOWN: [&str; 10] = [
+        const KNOWN: [&str; 11] = [
             "autocommit",
             "scan",
             "plain",
             "roundtrip",
+            "floor",
             "mixed",
             "replication",
             "memory",
@@ -1873,6 +1879,25 @@ fn main() -> Result<()> {
         let (n, s) = alternate(cfg.rounds, &native, &mnt, |d| round_trips(d, secs.min(1.0)))?;
         rows.push(Row::pair(
             "getxattr of a missing attribute, one at a time (calls/s)".to_string(),
+            n,
+            s,
+            0,
+        ));
+    }
+
+    // SAFETY: geteuid has no preconditions.
+    if cfg.runs("floor") && unsafe { libc::geteuid() } != 0 {
+        println!("[bench] the FUSE floor needs root (kernel passthrough); left out");
+    } else if cfg.runs("floor") {
+        step("commit-like fsync loop through a bare passthrough FUSE server");
+        let floor = floor::Floor::mount(&cfg.work.join("floor"), &cfg.work.join("floor.backing"))?;
+        let res = alternate(cfg.rounds, &native.join("floor.bin"), floor.file(), |p| {
+            floor::fsync_loop(p, secs)
+        });
+        floor.stop()?;
+        let (n, s) = res?;
+        rows.push(Row::pair(
+            "the floor under FULL: 24 B + 4 KiB write and fdatasync, native vs. a bare passthrough FUSE server that captures nothing (commits/s)".to_string(),
             n,
             s,
             0,
