@@ -375,19 +375,24 @@ impl Capture {
     }
 
     /// Observed mode: stages what SQLite has published in the WAL of `db_rel` since the last
-    /// call. True while frames follow the published end (look again soon).
-    pub fn catch_up(&self, db_rel: &str) -> bool {
+    /// call, and says how many transactions that was and whether frames follow the published
+    /// end (look again soon).
+    pub fn catch_up(&self, db_rel: &str) -> CaughtUp {
+        let mut out = CaughtUp::default();
         let Some(db) = self.get_or_start(db_rel, Role::Wal, None) else {
-            return false;
+            return out;
         };
-        let mut awaiting = false;
         db.guard(|st, db| {
+            let before = st.txid;
             st.open_wal(db, &self.backing)?;
             st.catch_up(db, &self.backing)?;
-            awaiting = st.awaiting;
+            out = CaughtUp {
+                awaiting: st.awaiting,
+                staged: st.txid.saturating_sub(before),
+            };
             Ok(())
         });
-        awaiting
+        out
     }
 
     /// Runs `f` with the staged stream of `db` current (caught up in observed mode) and no
@@ -1688,4 +1693,13 @@ pub fn live_image(b: &Backing, name: &str, out: &File) -> io::Result<(u32, u32)>
         std::os::unix::fs::FileExt::write_all_at(out, &buf, (p as u64 - 1) * ps as u64)?;
     }
     Ok((ps, pages))
+}
+
+/// What a catch-up of one database found.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct CaughtUp {
+    /// Valid frames follow the published end: a commit is probably about to be published.
+    pub awaiting: bool,
+    /// Transactions staged.
+    pub staged: u64,
 }

@@ -4,7 +4,11 @@
 //! reach sqlfs, but the kernel still reports them to inotify watches on the backing
 //! directories. One thread turns each report into a catch-up of that database. Reports are
 //! gathered for a short moment first, so a busy database is caught up in batches of
-//! transactions rather than once per write.
+//! transactions rather than once per write. The moment adapts to the pace of commits: it
+//! doubles (up to 2 ms) while catch-ups find fewer than [`BATCH`] transactions each, and
+//! halves (down to 0.25 ms) while they find more than four times that. Slow commits (each one
+//! synced, as with synchronous=FULL) are then gathered a few at a time instead of waking the
+//! thread once each, and fast ones do not pile up for the checkpoint to stage.
 //!
 //! A writer publishes a commit in the WAL index just after writing it, so a catch-up often
 //! comes a moment too early: while frames follow the published end, the database is looked at
@@ -28,10 +32,15 @@ use parking_lot::Mutex;
 use super::Capture;
 use crate::backing::{join, Backing};
 
-/// How long reports are gathered before a catch-up.
+/// How long reports are gathered before a catch-up: at first, at least and at most.
 const GATHER: Duration = Duration::from_micros(500);
-/// First and last delay before looking again at a database with unpublished frames.
-const RETRY_FIRST: Duration = Duration::from_micros(200);
+const GATHER_MIN: Duration = Duration::from_micros(250);
+const GATHER_MAX: Duration = Duration::from_millis(2);
+/// Transactions one catch-up should find, for the gathering time to stay as it is (up to
+/// four times as many).
+const BATCH: u64 = 4;
+/// Last delay before looking again at a database with unpublished frames (the first one is
+/// the gathering time).
 const RETRY_MAX: Duration = Duration::from_secs(1);
 /// How long unpublished frames are looked at before the watcher leaves them to other triggers.
 const RETRY_FOR: Duration = Duration::from_secs(60);
@@ -91,13 +100,14 @@ impl Watch {
     pub fn run(&self, cap: &Capture) {
         let mut retry: HashMap<String, Retry> = HashMap::new();
         let mut buf = vec![0u8; 64 << 10];
+        let mut gather = GATHER;
         loop {
             let timeout = retry
                 .values()
                 .map(|r| r.due.saturating_duration_since(Instant::now()))
                 .min();
             if self.wait(timeout) {
-                std::thread::sleep(GATHER);
+                std::thread::sleep(gather);
             }
             let mut todo: BTreeSet<String> = BTreeSet::new();
             let mut fresh: BTreeSet<String> = BTreeSet::new();
@@ -114,19 +124,22 @@ impl Watch {
                     .map(|(n, _)| n.clone()),
             );
             todo.extend(fresh.iter().cloned());
+            let mut staged = 0;
             for db in todo {
-                if !cap.catch_up(&db) {
+                let found = cap.catch_up(&db);
+                staged += found.staged;
+                if !found.awaiting {
                     retry.remove(&db);
                     continue;
                 }
                 let now = Instant::now();
                 let r = retry.entry(db.clone()).or_insert(Retry {
                     due: now,
-                    step: RETRY_FIRST,
+                    step: gather,
                     since: now,
                 });
                 if fresh.contains(&db) {
-                    r.step = RETRY_FIRST;
+                    r.step = gather;
                     r.since = now;
                 }
                 if now.duration_since(r.since) > RETRY_FOR {
@@ -136,6 +149,9 @@ impl Watch {
                 }
                 r.due = now + r.step;
                 r.step = (r.step * 4).min(RETRY_MAX);
+            }
+            if staged > 0 {
+                gather = next_gather(gather, staged);
             }
         }
     }
@@ -201,5 +217,39 @@ impl Watch {
                 out.insert(join(dir, stem));
             }
         }
+    }
+}
+
+/// The gathering time after a catch-up that staged `staged` transactions (more than zero).
+fn next_gather(gather: Duration, staged: u64) -> Duration {
+    if staged < BATCH {
+        (gather * 2).min(GATHER_MAX)
+    } else if staged > 4 * BATCH {
+        (gather / 2).max(GATHER_MIN)
+    } else {
+        gather
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn gathering_follows_the_pace_of_commits() {
+        // One synced commit per catch-up: gather longer, up to the limit.
+        let mut g = GATHER;
+        for _ in 0..10 {
+            g = next_gather(g, 1);
+        }
+        assert_eq!(g, GATHER_MAX);
+        // A batch of the size aimed at: unchanged.
+        assert_eq!(next_gather(g, BATCH), g);
+        assert_eq!(next_gather(g, 4 * BATCH), g);
+        // Many commits per catch-up: shorter, down to the limit.
+        for _ in 0..10 {
+            g = next_gather(g, 40);
+        }
+        assert_eq!(g, GATHER_MIN);
     }
 }
