@@ -2,8 +2,8 @@
 //! writes to a backing file with kernel passthrough, and answers fsync with an fdatasync of
 //! that file, through the same FUSE library sqlfs uses. It captures nothing. A commit-like
 //! loop (a 24-byte frame header, a 4 KiB page, fdatasync) through it pays what any FUSE
-//! filesystem pays on this machine for an fsync: the kernel hands every fsync to the daemon,
-//! passthrough or not, and nothing else. The bench sets the same loop on the native directory
+//! filesystem pays on this machine for an fsync (the kernel hands every fsync to the daemon,
+//! passthrough or not) and nothing more. The bench runs the same loop on the native directory
 //! beside it.
 
 use std::ffi::OsStr;
