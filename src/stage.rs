@@ -484,11 +484,11 @@ impl DbStage {
     }
 
     /// Appends one record. `fill` must emit exactly `h.npages` (pgno, page) pairs, each
-    /// `h.page_size` bytes. Not durable until [`DbStage::sync`].
-    /// Appends a record. Small records are gathered in memory and reach the file together at
-    /// the next [`DbStage::flush`] (or once [`FLUSH_AT`] bytes are gathered): one write of many
-    /// records costs the kernel far less than one write each. Until then [`DbStage::last`]
-    /// does not show them, and readers of the log do not see them.
+    /// `h.page_size` bytes. Not durable until [`DbStage::sync`]. Small records are gathered in
+    /// memory and reach the file together at the next [`DbStage::flush`] (or once [`FLUSH_AT`]
+    /// bytes are gathered): one write of many records costs the kernel far less than one write
+    /// each. Until then [`DbStage::last`] does not show them, and readers of the log do not
+    /// see them.
     pub fn append(
         &self,
         h: &RecordHeader,
