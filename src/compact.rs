@@ -107,6 +107,7 @@ pub fn merge(
         checksum_after: last.checksum_after,
         npages: present.len() as u32,
         wal: WalPos::default(),
+        coded: None,
     };
     let mut w = ObjectWriter::new(out, ObjKind::Segment, level, db_id)?;
     let ps = h.page_size as usize;

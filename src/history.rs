@@ -88,6 +88,8 @@ pub struct Entry {
 enum Loc {
     /// Raw page bytes at `off` in staged file `file`.
     Raw { file: u32, off: u64 },
+    /// The delta-coded page entry at `at` in staged file `file` (see `crate::delta`).
+    Coded { file: u32, at: u64 },
     /// In frame `frame` of replica object `obj`, at `in_frame` within the decompressed frame.
     Frame { obj: u32, frame: u32, in_frame: u32 },
 }
@@ -977,17 +979,31 @@ impl History {
                 map.pages.clear();
                 map.base_limit = 0;
             }
-            let step = 4 + h.page_size as u64;
-            for i in 0..h.npages as u64 {
-                let at = off + RECORD_HEADER as u64 + i * step;
-                f.read_exact_at(&mut num, at)?;
-                map.pages.insert(
-                    u32::from_be_bytes(num),
-                    Loc::Raw {
-                        file: *fi,
-                        off: at + 4,
-                    },
-                );
+            if h.coded.is_some() {
+                for (pgno, at, whole) in crate::stage::coded_entries(f, *off, h)? {
+                    let loc = if whole {
+                        Loc::Raw {
+                            file: *fi,
+                            off: at + crate::delta::ENTRY_HEAD as u64,
+                        }
+                    } else {
+                        Loc::Coded { file: *fi, at }
+                    };
+                    map.pages.insert(pgno, loc);
+                }
+            } else {
+                let step = 4 + h.page_size as u64;
+                for i in 0..h.npages as u64 {
+                    let at = off + RECORD_HEADER as u64 + i * step;
+                    f.read_exact_at(&mut num, at)?;
+                    map.pages.insert(
+                        u32::from_be_bytes(num),
+                        Loc::Raw {
+                            file: *fi,
+                            off: at + 4,
+                        },
+                    );
+                }
             }
             if h.db_pages < db_pages {
                 map.pages.retain(|p, _| *p <= h.db_pages);
@@ -1223,6 +1239,9 @@ impl History {
         match map.pages.get(&pgno) {
             Some(Loc::Raw { file, off }) => {
                 map.files[*file as usize].read_exact_at(&mut page, *off)?;
+            }
+            Some(Loc::Coded { file, at }) => {
+                crate::delta::read_entry(&map.files[*file as usize], *at, &mut page, 0)?;
             }
             Some(&Loc::Frame {
                 obj,

@@ -10,6 +10,7 @@ mod compact;
 mod config;
 mod control;
 mod crypt;
+mod delta;
 mod fs;
 mod history;
 mod inspect;

@@ -301,6 +301,8 @@ impl ObjectWriter {
         h: &RecordHeader,
         fill: impl FnOnce(PageSink<'_>) -> io::Result<()>,
     ) -> io::Result<()> {
+        // Replica objects hold whole pages, however staging coded them.
+        let h = &RecordHeader { coded: None, ..*h };
         if self.hdr.ntxns == 0 {
             self.hdr.first_txid = h.txid;
             self.hdr.first_time_ns = h.time_ns;

@@ -711,6 +711,7 @@ impl Shipper {
             checksum_after: meta.checksum,
             npages: meta.db_pages,
             wal: WalPos::default(),
+            coded: None,
         };
         let mut w = ObjectWriter::new(outbox(tmp)?, ObjKind::Snapshot, 0, &db.id)?;
         let ps = h.page_size as usize;

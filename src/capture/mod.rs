@@ -1552,6 +1552,7 @@ impl State {
             checksum_after: checksum,
             npages,
             wal,
+            coded: None,
         }
     }
 

@@ -1,0 +1,278 @@
+//! Coded page entries of staging records (record format 2, docs/FORMAT.md): a page is staged
+//! either whole or as the byte runs in which it differs from an earlier entry of the same page
+//! in the same segment file. A one-row transaction then stages a few hundred bytes instead of
+//! whole pages.
+//!
+//! Entry layout: `pgno u32 | tag u8 | …`
+//! - tag [`WHOLE`]: the page (page size bytes).
+//! - tag [`DELTA`]: `base u64` (segment offset of the entry this one changes), `len u32`, then
+//!   `len` bytes of runs, each `offset u32 | length u32 | bytes`.
+//!
+//! Invariants (kept by [`Bases`] on the writing side, checked on the reading side):
+//! - A delta's base lies earlier in the same segment file, is an entry of the same page and
+//!   the same page size, and is never more than [`MAX_DEPTH`] deltas away from a whole page.
+//!   Segments are removed whole, so a base lives as long as the entries built on it.
+//! - Runs lie inside the page. The page is the base's image with every run written over it.
+
+use std::collections::HashMap;
+use std::fs::File;
+use std::io;
+use std::os::unix::fs::FileExt;
+
+/// Entry tag: the whole page follows.
+pub const WHOLE: u8 = 0;
+/// Entry tag: runs that change an earlier entry follow.
+pub const DELTA: u8 = 1;
+/// Bytes of an entry before its page or runs: page number and tag.
+pub const ENTRY_HEAD: usize = 5;
+/// Bytes of a delta entry after its head, before its runs: base offset and runs length.
+pub const DELTA_HEAD: usize = 12;
+/// Longest chain of deltas from a whole page. Bounds what a random read of one page costs.
+pub const MAX_DEPTH: u8 = 8;
+/// Bytes of page images the writer keeps as bases for the next deltas; past it they are
+/// dropped and pages are staged whole again.
+const BASES_MEMORY: usize = 4 << 20;
+/// Equal bytes between two changed stretches below which they are coded as one run (a run's
+/// own header costs 8 bytes).
+const RUN_GAP: usize = 8;
+
+/// The changed stretches of `new` against `old` (same length): (offset, length) pairs in order.
+pub fn runs(old: &[u8], new: &[u8]) -> Vec<(usize, usize)> {
+    debug_assert_eq!(old.len(), new.len());
+    let n = new.len();
+    let mut out = Vec::new();
+    let mut i = 0;
+    while i < n {
+        if i % 64 == 0 && i + 64 <= n && old[i..i + 64] == new[i..i + 64] {
+            i += 64;
+            continue;
+        }
+        if old[i] == new[i] {
+            i += 1;
+            continue;
+        }
+        // A changed stretch: extend it while the next change is within RUN_GAP bytes.
+        let start = i;
+        let mut end = i + 1;
+        let mut j = end;
+        while j < n && j - end < RUN_GAP {
+            if old[j] != new[j] {
+                end = j + 1;
+            }
+            j += 1;
+        }
+        out.push((start, end - start));
+        i = end;
+    }
+    out
+}
+
+/// Bytes the runs take coded.
+fn runs_len(runs: &[(usize, usize)]) -> usize {
+    runs.iter().map(|r| 8 + r.1).sum()
+}
+
+/// Writes `new`'s runs against `old` to `out`.
+fn put_runs(out: &mut Vec<u8>, runs: &[(usize, usize)], new: &[u8]) {
+    for &(off, len) in runs {
+        out.extend_from_slice(&(off as u32).to_be_bytes());
+        out.extend_from_slice(&(len as u32).to_be_bytes());
+        out.extend_from_slice(&new[off..off + len]);
+    }
+}
+
+/// Writes coded runs over `page`. Errors if a run is malformed or leaves the page.
+pub fn apply_runs(page: &mut [u8], mut runs: &[u8]) -> Result<(), String> {
+    while !runs.is_empty() {
+        if runs.len() < 8 {
+            return Err("truncated run".into());
+        }
+        let off = u32::from_be_bytes(runs[0..4].try_into().unwrap()) as usize;
+        let len = u32::from_be_bytes(runs[4..8].try_into().unwrap()) as usize;
+        let bytes = runs
+            .get(8..8 + len)
+            .ok_or_else(|| "truncated run".to_string())?;
+        let size = page.len();
+        let dst = off
+            .checked_add(len)
+            .and_then(|end| page.get_mut(off..end))
+            .ok_or_else(|| format!("run {off}+{len} outside a page of {size}"))?;
+        dst.copy_from_slice(bytes);
+        runs = &runs[8 + len..];
+    }
+    Ok(())
+}
+
+/// The newest staged image of a page, as a base for its next delta.
+struct Base {
+    /// Segment offset of its entry.
+    at: u64,
+    /// Deltas between it and a whole page.
+    depth: u8,
+    page: Vec<u8>,
+}
+
+/// The writer's bases: the newest staged image of recently changed pages of the segment being
+/// appended to. Cleared whenever the file may no longer hold them (a new segment, a failed
+/// write cut the file back).
+#[derive(Default)]
+pub struct Bases {
+    pages: HashMap<u32, Base>,
+    bytes: usize,
+}
+
+/// What coding one entry changes in [`Bases`], applied once its whole record is written.
+pub struct Update {
+    pgno: u32,
+    base: Base,
+}
+
+impl Bases {
+    pub fn clear(&mut self) {
+        self.pages.clear();
+        self.bytes = 0;
+    }
+
+    /// Codes page `pgno` as the entry at segment offset `at`, appended to `out`, whole or as a
+    /// delta against its base. Returns the change to make to the bases once the record is on
+    /// its way to the file.
+    pub fn code(&self, out: &mut Vec<u8>, at: u64, pgno: u32, page: &[u8]) -> Update {
+        out.extend_from_slice(&pgno.to_be_bytes());
+        let delta = self
+            .pages
+            .get(&pgno)
+            .filter(|b| b.page.len() == page.len() && b.depth < MAX_DEPTH)
+            .and_then(|b| {
+                let r = runs(&b.page, page);
+                // A delta must be well worth it: otherwise the page is staged whole, which
+                // also ends the chain.
+                (DELTA_HEAD + runs_len(&r) < page.len() / 2).then_some((b, r))
+            });
+        let depth = match delta {
+            Some((b, r)) => {
+                out.push(DELTA);
+                out.extend_from_slice(&b.at.to_be_bytes());
+                out.extend_from_slice(&(runs_len(&r) as u32).to_be_bytes());
+                put_runs(out, &r, page);
+                b.depth + 1
+            }
+            None => {
+                out.push(WHOLE);
+                out.extend_from_slice(page);
+                0
+            }
+        };
+        Update {
+            pgno,
+            base: Base {
+                at,
+                depth,
+                page: page.to_vec(),
+            },
+        }
+    }
+
+    /// Makes the entries of a record that reached the append buffer the bases of later ones.
+    pub fn apply(&mut self, updates: Vec<Update>) {
+        for u in updates {
+            let size = u.base.page.len();
+            if let Some(old) = self.pages.insert(u.pgno, u.base) {
+                self.bytes -= old.page.len();
+            }
+            self.bytes += size;
+        }
+        if self.bytes > BASES_MEMORY {
+            self.clear();
+        }
+    }
+}
+
+/// Reads into `page` the image of the coded entry at offset `at` of segment file `f`,
+/// following delta bases. `depth` is how many deltas were followed to get here.
+pub fn read_entry(f: &File, at: u64, page: &mut [u8], depth: u8) -> io::Result<u32> {
+    let bad = |why: String| io::Error::new(io::ErrorKind::InvalidData, why);
+    let mut head = [0u8; ENTRY_HEAD + DELTA_HEAD];
+    f.read_exact_at(&mut head[..ENTRY_HEAD], at)?;
+    let pgno = u32::from_be_bytes(head[0..4].try_into().unwrap());
+    match head[4] {
+        WHOLE => f.read_exact_at(page, at + ENTRY_HEAD as u64)?,
+        DELTA => {
+            f.read_exact_at(&mut head[ENTRY_HEAD..], at + ENTRY_HEAD as u64)?;
+            let base = u64::from_be_bytes(head[5..13].try_into().unwrap());
+            let len = u32::from_be_bytes(head[13..17].try_into().unwrap()) as usize;
+            if base >= at || depth >= MAX_DEPTH {
+                return Err(bad(format!(
+                    "page entry at {at} has base {base} (chain depth {depth})"
+                )));
+            }
+            if len > 2 * page.len() + 64 {
+                return Err(bad(format!("page entry at {at} has {len} bytes of runs")));
+            }
+            if read_entry(f, base, page, depth + 1)? != pgno {
+                return Err(bad(format!(
+                    "page entry at {at} has a base of another page"
+                )));
+            }
+            let mut r = vec![0u8; len];
+            f.read_exact_at(&mut r, at + (ENTRY_HEAD + DELTA_HEAD) as u64)?;
+            apply_runs(page, &r).map_err(|e| bad(format!("page entry at {at}: {e}")))?;
+        }
+        t => return Err(bad(format!("page entry at {at} has tag {t}"))),
+    }
+    Ok(pgno)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Any change, coded as runs and written over the old page, gives the new page.
+    #[test]
+    fn runs_rebuild_the_page() {
+        let mut seed = 0x2545_f491_4f6c_dd1du64;
+        let mut rnd = move || {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            seed
+        };
+        for ps in [512usize, 4096, 65536] {
+            for _ in 0..200 {
+                let old: Vec<u8> = (0..ps).map(|_| rnd() as u8).collect();
+                let mut new = old.clone();
+                for _ in 0..rnd() % 12 {
+                    let at = rnd() as usize % ps;
+                    let len = (rnd() as usize % 300).min(ps - at);
+                    for b in &mut new[at..at + len] {
+                        *b = rnd() as u8;
+                    }
+                }
+                let r = runs(&old, &new);
+                let mut coded = Vec::new();
+                put_runs(&mut coded, &r, &new);
+                assert_eq!(coded.len(), runs_len(&r));
+                let mut got = old.clone();
+                apply_runs(&mut got, &coded).unwrap();
+                assert_eq!(got, new);
+            }
+        }
+        // Equal pages have no runs; runs never start or end on an unchanged byte.
+        assert!(runs(&[7; 4096], &[7; 4096]).is_empty());
+        let (a, mut b) = (vec![0u8; 4096], vec![0u8; 4096]);
+        b[100] = 1;
+        b[103] = 1;
+        b[4095] = 1;
+        assert_eq!(runs(&a, &b), vec![(100, 4), (4095, 1)]);
+    }
+
+    #[test]
+    fn runs_outside_the_page_are_refused() {
+        let mut page = vec![0u8; 512];
+        let mut r = Vec::new();
+        r.extend_from_slice(&510u32.to_be_bytes());
+        r.extend_from_slice(&4u32.to_be_bytes());
+        r.extend_from_slice(&[1, 2, 3, 4]);
+        assert!(apply_runs(&mut page, &r).is_err());
+        assert!(apply_runs(&mut page, &r[..6]).is_err());
+    }
+}
