@@ -648,7 +648,8 @@ struct SegRecord {
     txid: u64,
 }
 
-/// Record boundaries of a segment, from the header fields (magic, page size, page count).
+/// Record boundaries of a segment, from the header fields (magic, version, page size, page
+/// count, or the bytes of coded entries).
 fn segment_records(b: &[u8], path: &Path) -> Vec<SegRecord> {
     let mut v = Vec::new();
     let mut off = 0;
@@ -661,7 +662,10 @@ fn segment_records(b: &[u8], path: &Path) -> Vec<SegRecord> {
         );
         let ps = be32(b, off + 24) as usize;
         let n = be32(b, off + 48) as usize;
-        let len = 80 + n * (4 + ps) + 8;
+        let len = match b[off + 4] {
+            2 => 80 + be32(b, off + 68) as usize + 8,
+            _ => 80 + n * (4 + ps) + 8,
+        };
         if off + len > b.len() {
             break;
         }
