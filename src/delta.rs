@@ -7,6 +7,8 @@
 //! - tag [`WHOLE`]: the page (page size bytes).
 //! - tag [`DELTA`]: `base u64` (segment offset of the entry this one changes), `len u32`, then
 //!   `len` bytes of runs, each `offset u32 | length u32 | bytes`.
+//! - tag [`ZEROS`]: `len u32` and runs, written over a page of zeros (a new page holding
+//!   little yet).
 //!
 //! Invariants (kept by [`Bases`] on the writing side, checked on the reading side):
 //! - A delta's base lies earlier in the same segment file, is an entry of the same page and
@@ -23,12 +25,17 @@ use std::os::unix::fs::FileExt;
 pub const WHOLE: u8 = 0;
 /// Entry tag: runs that change an earlier entry follow.
 pub const DELTA: u8 = 1;
+/// Entry tag: runs that change a page of zeros follow.
+pub const ZEROS: u8 = 2;
 /// Bytes of an entry before its page or runs: page number and tag.
 pub const ENTRY_HEAD: usize = 5;
 /// Bytes of a delta entry after its head, before its runs: base offset and runs length.
 pub const DELTA_HEAD: usize = 12;
-/// Longest chain of deltas from a whole page. Bounds what a random read of one page costs.
-pub const MAX_DEPTH: u8 = 8;
+/// Bytes of a zeros entry after its head, before its runs: runs length.
+pub const ZEROS_HEAD: usize = 4;
+/// Longest chain of deltas from a page read on its own (whole or zeros). Bounds what a random
+/// read of one page costs.
+pub const MAX_DEPTH: u8 = 32;
 /// Bytes of page images the writer keeps as bases for the next deltas; past it they are
 /// dropped and pages are staged whole again.
 const BASES_MEMORY: usize = 4 << 20;
@@ -157,8 +164,15 @@ impl Bases {
                 b.depth + 1
             }
             None => {
-                out.push(WHOLE);
-                out.extend_from_slice(page);
+                let r = runs(&vec![0u8; page.len()], page);
+                if ZEROS_HEAD + runs_len(&r) < page.len() / 2 {
+                    out.push(ZEROS);
+                    out.extend_from_slice(&(runs_len(&r) as u32).to_be_bytes());
+                    put_runs(out, &r, page);
+                } else {
+                    out.push(WHOLE);
+                    out.extend_from_slice(page);
+                }
                 0
             }
         };
@@ -196,6 +210,20 @@ pub fn read_entry(f: &File, at: u64, page: &mut [u8], depth: u8) -> io::Result<u
     let pgno = u32::from_be_bytes(head[0..4].try_into().unwrap());
     match head[4] {
         WHOLE => f.read_exact_at(page, at + ENTRY_HEAD as u64)?,
+        ZEROS => {
+            f.read_exact_at(
+                &mut head[ENTRY_HEAD..ENTRY_HEAD + ZEROS_HEAD],
+                at + ENTRY_HEAD as u64,
+            )?;
+            let len = u32::from_be_bytes(head[5..9].try_into().unwrap()) as usize;
+            if len > page.len() {
+                return Err(bad(format!("page entry at {at} has {len} bytes of runs")));
+            }
+            let mut r = vec![0u8; len];
+            f.read_exact_at(&mut r, at + (ENTRY_HEAD + ZEROS_HEAD) as u64)?;
+            page.fill(0);
+            apply_runs(page, &r).map_err(|e| bad(format!("page entry at {at}: {e}")))?;
+        }
         DELTA => {
             f.read_exact_at(&mut head[ENTRY_HEAD..], at + ENTRY_HEAD as u64)?;
             let base = u64::from_be_bytes(head[5..13].try_into().unwrap());

@@ -955,7 +955,7 @@ pub fn scan_headers(path: &Path, from: u64) -> Result<Vec<(RecordHeader, u64)>> 
 /// offset of the entry, whether it holds the whole page) each, in order; read without
 /// verifying the record (a reader of staged pages trusts staging).
 pub fn coded_entries(f: &File, off: u64, h: &RecordHeader) -> io::Result<Vec<(u32, u64, bool)>> {
-    use crate::delta::{DELTA, DELTA_HEAD, ENTRY_HEAD, WHOLE};
+    use crate::delta::{DELTA, DELTA_HEAD, ENTRY_HEAD, WHOLE, ZEROS, ZEROS_HEAD};
     let bad = |why: &str| {
         io::Error::new(
             io::ErrorKind::InvalidData,
@@ -977,6 +977,12 @@ pub fn coded_entries(f: &File, off: u64, h: &RecordHeader) -> io::Result<Vec<(u3
                     .get(pos + ENTRY_HEAD + 8..pos + ENTRY_HEAD + DELTA_HEAD)
                     .ok_or_else(|| bad("truncated page entry"))?;
                 DELTA_HEAD + u32::from_be_bytes(l.try_into().unwrap()) as usize
+            }
+            ZEROS => {
+                let l = body
+                    .get(pos + ENTRY_HEAD..pos + ENTRY_HEAD + ZEROS_HEAD)
+                    .ok_or_else(|| bad("truncated page entry"))?;
+                ZEROS_HEAD + u32::from_be_bytes(l.try_into().unwrap()) as usize
             }
             _ => return Err(bad("unknown page entry tag")),
         };
@@ -1291,7 +1297,7 @@ fn read_body(
     let body = &body[..n];
     let mut page = vec![0u8; ps];
     let (mut pos, mut count) = (0usize, 0u32);
-    use crate::delta::{apply_runs, DELTA, DELTA_HEAD, ENTRY_HEAD, WHOLE};
+    use crate::delta::{apply_runs, DELTA, DELTA_HEAD, ENTRY_HEAD, WHOLE, ZEROS, ZEROS_HEAD};
     while pos < n {
         let at = off + (RECORD_HEADER + pos) as u64;
         let head = body
@@ -1309,6 +1315,19 @@ fn read_body(
                     .ok_or_else(|| corrupt("truncated page entry".into()))?;
                 page.copy_from_slice(img);
                 pos += ps;
+            }
+            ZEROS => {
+                let zh = body
+                    .get(pos..pos + ZEROS_HEAD)
+                    .ok_or_else(|| corrupt("truncated page entry".into()))?;
+                let len = u32::from_be_bytes(zh.try_into().unwrap()) as usize;
+                pos += ZEROS_HEAD;
+                let runs = body
+                    .get(pos..pos + len)
+                    .ok_or_else(|| corrupt("truncated page entry".into()))?;
+                pos += len;
+                page.fill(0);
+                apply_runs(&mut page, runs).map_err(|e| corrupt(format!("page {pgno}: {e}")))?;
             }
             DELTA => {
                 let dh = body
