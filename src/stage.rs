@@ -700,7 +700,10 @@ impl DbStage {
                 f(&h, &mut pages_fn)?;
             }
             if !consumed {
-                read_body(&mut r, &h, &hb, path, off, None, None)?;
+                // Coded pages are decoded all the same: later records build on them.
+                let mut skip = |_: u32, _: &[u8]| Ok(());
+                let sink = h.coded.is_some().then_some(&mut skip as PageSink<'_>);
+                read_body(&mut r, &h, &hb, path, off, sink, Some(&mut images))?;
             }
             off += h.len();
             last = Some(h);
@@ -1239,6 +1242,14 @@ impl Images {
     }
 
     fn remember(&mut self, pgno: u32, at: u64, page: &[u8]) {
+        match self.pages.get_mut(&pgno) {
+            Some(e) if e.1.len() == page.len() => {
+                e.0 = at;
+                e.1.copy_from_slice(page);
+                return;
+            }
+            _ => {}
+        }
         let old = self.pages.insert(pgno, (at, page.to_vec()));
         self.bytes += page.len();
         self.bytes -= old.map_or(0, |o| o.1.len());
