@@ -12,7 +12,8 @@
 //!
 //! Invariants (kept by [`Bases`] on the writing side, checked on the reading side):
 //! - A delta's base lies earlier in the same segment file, is an entry of the same page and
-//!   the same page size, and is never more than [`MAX_DEPTH`] deltas away from a whole page.
+//!   the same page size, and is never more than [`MAX_DEPTH`] deltas away from an entry read on
+//!   its own (whole or zeros).
 //!   Segments are removed whole, so a base lives as long as the entries built on it.
 //! - Runs lie inside the page. The page is the base's image with every run written over it.
 
@@ -114,7 +115,7 @@ pub fn apply_runs(page: &mut [u8], mut runs: &[u8]) -> Result<(), String> {
 struct Base {
     /// Segment offset of its entry.
     at: u64,
-    /// Deltas between it and a whole page.
+    /// Deltas between it and an entry read on its own (whole or zeros).
     depth: u8,
     page: Vec<u8>,
 }
