@@ -202,52 +202,62 @@ impl Bases {
     }
 }
 
+/// Bytes read at once at the start of an entry: its head and, for most deltas, their runs.
+const ENTRY_READ: usize = 512;
+
 /// Reads into `page` the image of the coded entry at offset `at` of segment file `f`,
-/// following delta bases. `depth` is how many deltas were followed to get here.
+/// following delta bases. `depth` is how many deltas were followed to get here. Returns the
+/// entry's page number.
 pub fn read_entry(f: &File, at: u64, page: &mut [u8], depth: u8) -> io::Result<u32> {
     let bad = |why: String| io::Error::new(io::ErrorKind::InvalidData, why);
-    let mut head = [0u8; ENTRY_HEAD + DELTA_HEAD];
-    f.read_exact_at(&mut head[..ENTRY_HEAD], at)?;
-    let pgno = u32::from_be_bytes(head[0..4].try_into().unwrap());
-    match head[4] {
-        WHOLE => f.read_exact_at(page, at + ENTRY_HEAD as u64)?,
-        ZEROS => {
-            f.read_exact_at(
-                &mut head[ENTRY_HEAD..ENTRY_HEAD + ZEROS_HEAD],
-                at + ENTRY_HEAD as u64,
-            )?;
-            let len = u32::from_be_bytes(head[5..9].try_into().unwrap()) as usize;
-            if len > page.len() {
-                return Err(bad(format!("page entry at {at} has {len} bytes of runs")));
-            }
-            let mut r = vec![0u8; len];
-            f.read_exact_at(&mut r, at + (ENTRY_HEAD + ZEROS_HEAD) as u64)?;
-            page.fill(0);
-            apply_runs(page, &r).map_err(|e| bad(format!("page entry at {at}: {e}")))?;
+    // One read usually holds the whole entry (a delta's runs are under half a page, and most
+    // are far smaller); the end of the file may come sooner.
+    let mut buf = vec![0u8; ENTRY_READ];
+    let mut got = 0;
+    while got < ENTRY_HEAD + DELTA_HEAD {
+        match f.read_at(&mut buf[got..], at + got as u64)? {
+            0 => return Err(io::ErrorKind::UnexpectedEof.into()),
+            n => got += n,
         }
-        DELTA => {
-            f.read_exact_at(&mut head[ENTRY_HEAD..], at + ENTRY_HEAD as u64)?;
-            let base = u64::from_be_bytes(head[5..13].try_into().unwrap());
-            let len = u32::from_be_bytes(head[13..17].try_into().unwrap()) as usize;
-            if base >= at || depth >= MAX_DEPTH {
-                return Err(bad(format!(
-                    "page entry at {at} has base {base} (chain depth {depth})"
-                )));
-            }
-            if len > 2 * page.len() + 64 {
-                return Err(bad(format!("page entry at {at} has {len} bytes of runs")));
-            }
-            if read_entry(f, base, page, depth + 1)? != pgno {
-                return Err(bad(format!(
-                    "page entry at {at} has a base of another page"
-                )));
-            }
-            let mut r = vec![0u8; len];
-            f.read_exact_at(&mut r, at + (ENTRY_HEAD + DELTA_HEAD) as u64)?;
-            apply_runs(page, &r).map_err(|e| bad(format!("page entry at {at}: {e}")))?;
-        }
-        t => return Err(bad(format!("page entry at {at} has tag {t}"))),
     }
+    buf.truncate(got);
+    let pgno = u32::from_be_bytes(buf[0..4].try_into().unwrap());
+    let u32at = |i: usize| u32::from_be_bytes(buf[i..i + 4].try_into().unwrap()) as usize;
+    // The runs of a delta or zeros entry: (offset after the head, length).
+    let (head, len) = match buf[4] {
+        WHOLE => {
+            f.read_exact_at(page, at + ENTRY_HEAD as u64)?;
+            return Ok(pgno);
+        }
+        ZEROS => (ENTRY_HEAD + ZEROS_HEAD, u32at(ENTRY_HEAD)),
+        DELTA => (ENTRY_HEAD + DELTA_HEAD, u32at(ENTRY_HEAD + 8)),
+        t => return Err(bad(format!("page entry at {at} has tag {t}"))),
+    };
+    if len > page.len() {
+        return Err(bad(format!("page entry at {at} has {len} bytes of runs")));
+    }
+    if buf.len() < head + len {
+        let have = buf.len();
+        buf.resize(head + len, 0);
+        f.read_exact_at(&mut buf[have..], at + have as u64)?;
+    }
+    if buf[4] == DELTA {
+        let base = u64::from_be_bytes(buf[ENTRY_HEAD..ENTRY_HEAD + 8].try_into().unwrap());
+        if base >= at || depth >= MAX_DEPTH {
+            return Err(bad(format!(
+                "page entry at {at} has base {base} (chain depth {depth})"
+            )));
+        }
+        if read_entry(f, base, page, depth + 1)? != pgno {
+            return Err(bad(format!(
+                "page entry at {at} has a base of another page"
+            )));
+        }
+    } else {
+        page.fill(0);
+    }
+    apply_runs(page, &buf[head..head + len])
+        .map_err(|e| bad(format!("page entry at {at}: {e}")))?;
     Ok(pgno)
 }
 

@@ -94,6 +94,42 @@ enum Loc {
     Frame { obj: u32, frame: u32, in_frame: u32 },
 }
 
+/// Bytes of a staged segment read at a time while a view indexes its coded records (one read
+/// instead of one per record).
+const INDEX_WINDOW: u64 = 4 << 20;
+
+/// A stretch of one staged segment, read ahead for indexing.
+#[derive(Default)]
+struct Window {
+    file: u32,
+    start: u64,
+    bytes: Vec<u8>,
+}
+
+impl Window {
+    /// `len` bytes at `off` of staged file `file`, read (with what follows, up to
+    /// [`INDEX_WINDOW`]) unless the window holds them.
+    fn get(
+        &mut self,
+        files: &[Arc<File>],
+        file: u32,
+        off: u64,
+        len: u64,
+    ) -> std::io::Result<&[u8]> {
+        let end = self.start + self.bytes.len() as u64;
+        if self.file != file || off < self.start || off + len > end {
+            let f = &files[file as usize];
+            let size = f.metadata()?.len();
+            let want = INDEX_WINDOW.min(size.saturating_sub(off)).max(len);
+            self.bytes.resize(want as usize, 0);
+            f.read_exact_at(&mut self.bytes, off)?;
+            (self.file, self.start) = (file, off);
+        }
+        let at = (off - self.start) as usize;
+        Ok(&self.bytes[at..at + len as usize])
+    }
+}
+
 /// The staging base a view reads pages from, valid while `base.meta` still says `meta`.
 struct BaseRef {
     dir: PathBuf,
@@ -973,14 +1009,16 @@ impl History {
             });
         }
         let mut num = [0u8; 4];
+        let mut window = Window::default();
         for (fi, h, off) in &log.records[..n] {
             let f = &log.files[*fi as usize];
             if h.kind == Kind::Snapshot || (ps != 0 && h.page_size != ps) {
                 map.pages.clear();
                 map.base_limit = 0;
             }
-            if h.coded.is_some() {
-                for (pgno, at, whole) in crate::stage::coded_entries(f, *off, h)? {
+            if let Some(n) = h.coded {
+                let body = window.get(&log.files, *fi, off + RECORD_HEADER as u64, n as u64)?;
+                for (pgno, at, whole) in crate::stage::parse_coded_entries(body, *off, h)? {
                     let loc = if whole {
                         Loc::Raw {
                             file: *fi,

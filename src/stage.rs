@@ -954,10 +954,15 @@ pub fn scan_headers(path: &Path, from: u64) -> Result<Vec<(RecordHeader, u64)>> 
     Ok(out)
 }
 
-/// The page entries of the coded record `h` at offset `off` of segment `f`: (page number,
-/// offset of the entry, whether it holds the whole page) each, in order; read without
-/// verifying the record (a reader of staged pages trusts staging).
-pub fn coded_entries(f: &File, off: u64, h: &RecordHeader) -> io::Result<Vec<(u32, u64, bool)>> {
+/// The page entries of the coded record `h` at offset `off` of its segment, whose entry bytes
+/// (`h.coded` of them, from offset `off + RECORD_HEADER`) are `body`: (page number, offset of
+/// the entry, whether it holds the whole page) each, in order. Not verified against the
+/// record's CRC (a reader of staged pages trusts staging).
+pub fn parse_coded_entries(
+    body: &[u8],
+    off: u64,
+    h: &RecordHeader,
+) -> io::Result<Vec<(u32, u64, bool)>> {
     use crate::delta::{DELTA, DELTA_HEAD, ENTRY_HEAD, WHOLE, ZEROS, ZEROS_HEAD};
     let bad = |why: &str| {
         io::Error::new(
@@ -966,8 +971,9 @@ pub fn coded_entries(f: &File, off: u64, h: &RecordHeader) -> io::Result<Vec<(u3
         )
     };
     let n = h.coded.ok_or_else(|| bad("not coded"))? as usize;
-    let mut body = vec![0u8; n];
-    f.read_exact_at(&mut body, off + RECORD_HEADER as u64)?;
+    if body.len() != n {
+        return Err(bad("entry bytes of the wrong length"));
+    }
     let mut out = Vec::with_capacity(h.npages as usize);
     let mut pos = 0usize;
     while pos + ENTRY_HEAD <= n {
@@ -1612,9 +1618,16 @@ mod tests {
         assert!(st.materialize(10, &out2).is_err());
     }
 
+    fn coded_entries(f: &File, off: u64, h: &RecordHeader) -> Vec<(u32, u64, bool)> {
+        let mut body = vec![0u8; h.coded.unwrap() as usize];
+        f.read_exact_at(&mut body, off + RECORD_HEADER as u64)
+            .unwrap();
+        parse_coded_entries(&body, off, h).unwrap()
+    }
+
     /// Small records code their pages against earlier ones; every way of reading staging
     /// gives back the pages as appended: replay (`materialize`), random access to one entry
-    /// (`coded_entries` + `read_entry`), after reopening, after a fold. Large records stay
+    /// (`parse_coded_entries` + `read_entry`), after reopening, after a fold. Large records stay
     /// whole.
     #[test]
     fn coded_pages_read_back_as_appended() {
@@ -1711,7 +1724,7 @@ mod tests {
                         continue;
                     }
                     let (pages, state) = &states[h.txid as usize];
-                    let entries = coded_entries(&f, off, &h).unwrap();
+                    let entries = coded_entries(&f, off, &h);
                     assert_eq!(entries.iter().map(|e| e.0).collect::<Vec<_>>(), *pages);
                     for (pgno, at, _) in entries {
                         let mut page = vec![0u8; PS];
