@@ -1288,8 +1288,10 @@ fn read_body(
     };
     let ps = h.page_size as usize;
     let n = n as usize;
-    // Each entry takes at most a whole page and its head.
-    if n > h.npages as usize * (crate::delta::ENTRY_HEAD + ps) {
+    // Each entry takes at most a whole page and its head, and only records of up to FLUSH_AT
+    // bytes of whole pages are coded: a larger length is a damaged header, not an allocation
+    // to make.
+    if n > h.npages as usize * (crate::delta::ENTRY_HEAD + ps) || n > 2 * FLUSH_AT {
         return Err(corrupt(format!(
             "{n} bytes of entries for {} pages",
             h.npages
