@@ -111,6 +111,88 @@ pub fn apply_runs(page: &mut [u8], mut runs: &[u8]) -> Result<(), String> {
     Ok(())
 }
 
+/// How an entry gives its page.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Coding {
+    /// Its data is the page.
+    Whole,
+    /// Its data is runs over the page of the entry at segment offset `base`.
+    Delta { base: u64 },
+    /// Its data is runs over a page of zeros.
+    Zeros,
+}
+
+/// The head of the entry at the start of `b`: page number, coding, and where its data lies
+/// (offset in `b`, length). Only the head has to be in `b`. `at` is the entry's segment
+/// offset (a base must lie before it) and `page_size` its page size.
+pub fn head(b: &[u8], at: u64, page_size: usize) -> Result<(u32, Coding, usize, usize), String> {
+    let truncated = || "truncated page entry".to_string();
+    let u32at = |i: usize| -> Result<usize, String> {
+        let x = b.get(i..i + 4).ok_or_else(truncated)?;
+        Ok(u32::from_be_bytes(x.try_into().unwrap()) as usize)
+    };
+    let pgno = u32at(0)? as u32;
+    if pgno == 0 {
+        return Err("page number 0".into());
+    }
+    let (coding, data, len) = match b.get(4).ok_or_else(truncated)? {
+        &WHOLE => (Coding::Whole, ENTRY_HEAD, page_size),
+        &ZEROS => (Coding::Zeros, ENTRY_HEAD + ZEROS_HEAD, u32at(ENTRY_HEAD)?),
+        &DELTA => {
+            let x = b.get(ENTRY_HEAD..ENTRY_HEAD + 8).ok_or_else(truncated)?;
+            let base = u64::from_be_bytes(x.try_into().unwrap());
+            if base >= at {
+                return Err(format!(
+                    "page {pgno} at {at} has its base after it ({base})"
+                ));
+            }
+            (
+                Coding::Delta { base },
+                ENTRY_HEAD + DELTA_HEAD,
+                u32at(ENTRY_HEAD + 8)?,
+            )
+        }
+        t => return Err(format!("page entry tag {t}")),
+    };
+    if len > page_size {
+        return Err(format!("page {pgno} at {at} has {len} bytes of runs"));
+    }
+    Ok((pgno, coding, data, len))
+}
+
+/// One entry of a coded record's entry bytes.
+pub struct Entry {
+    pub pgno: u32,
+    /// Segment offset of the entry.
+    pub at: u64,
+    pub coding: Coding,
+    /// Where its page or runs lie in the entry bytes.
+    pub data: std::ops::Range<usize>,
+}
+
+/// The entries of a coded record whose entry bytes, at segment offset `at`, are `body`.
+/// Errors if they do not fill `body` exactly.
+pub fn entries(body: &[u8], at: u64, page_size: usize) -> Result<Vec<Entry>, String> {
+    let mut out = Vec::new();
+    let mut pos = 0;
+    while pos < body.len() {
+        let e_at = at + pos as u64;
+        let (pgno, coding, data, len) = head(&body[pos..], e_at, page_size)?;
+        let data = pos + data..pos + data + len;
+        if data.end > body.len() {
+            return Err("truncated page entry".into());
+        }
+        pos = data.end;
+        out.push(Entry {
+            pgno,
+            at: e_at,
+            coding,
+            data,
+        });
+    }
+    Ok(out)
+}
+
 /// The newest staged image of a page, as a base for its next delta.
 struct Base {
     /// Segment offset of its entry.
@@ -221,43 +303,33 @@ pub fn read_entry(f: &File, at: u64, page: &mut [u8], depth: u8) -> io::Result<u
         }
     }
     buf.truncate(got);
-    let pgno = u32::from_be_bytes(buf[0..4].try_into().unwrap());
-    let u32at = |i: usize| u32::from_be_bytes(buf[i..i + 4].try_into().unwrap()) as usize;
-    // The runs of a delta or zeros entry: (offset after the head, length).
-    let (head, len) = match buf[4] {
-        WHOLE => {
-            f.read_exact_at(page, at + ENTRY_HEAD as u64)?;
+    let (pgno, coding, data, len) = head(&buf, at, page.len()).map_err(bad)?;
+    match coding {
+        Coding::Whole => {
+            f.read_exact_at(page, at + data as u64)?;
             return Ok(pgno);
         }
-        ZEROS => (ENTRY_HEAD + ZEROS_HEAD, u32at(ENTRY_HEAD)),
-        DELTA => (ENTRY_HEAD + DELTA_HEAD, u32at(ENTRY_HEAD + 8)),
-        t => return Err(bad(format!("page entry at {at} has tag {t}"))),
-    };
-    if len > page.len() {
-        return Err(bad(format!("page entry at {at} has {len} bytes of runs")));
+        Coding::Zeros => page.fill(0),
+        Coding::Delta { base } => {
+            if depth >= MAX_DEPTH {
+                return Err(bad(format!(
+                    "page {pgno} at {at}: a chain of over {MAX_DEPTH} deltas"
+                )));
+            }
+            if read_entry(f, base, page, depth + 1)? != pgno {
+                return Err(bad(format!(
+                    "page {pgno} at {at} has a base of another page"
+                )));
+            }
+        }
     }
-    if buf.len() < head + len {
+    if buf.len() < data + len {
         let have = buf.len();
-        buf.resize(head + len, 0);
+        buf.resize(data + len, 0);
         f.read_exact_at(&mut buf[have..], at + have as u64)?;
     }
-    if buf[4] == DELTA {
-        let base = u64::from_be_bytes(buf[ENTRY_HEAD..ENTRY_HEAD + 8].try_into().unwrap());
-        if base >= at || depth >= MAX_DEPTH {
-            return Err(bad(format!(
-                "page entry at {at} has base {base} (chain depth {depth})"
-            )));
-        }
-        if read_entry(f, base, page, depth + 1)? != pgno {
-            return Err(bad(format!(
-                "page entry at {at} has a base of another page"
-            )));
-        }
-    } else {
-        page.fill(0);
-    }
-    apply_runs(page, &buf[head..head + len])
-        .map_err(|e| bad(format!("page entry at {at}: {e}")))?;
+    apply_runs(page, &buf[data..data + len])
+        .map_err(|e| bad(format!("page {pgno} at {at}: {e}")))?;
     Ok(pgno)
 }
 
@@ -313,5 +385,43 @@ mod tests {
         r.extend_from_slice(&[1, 2, 3, 4]);
         assert!(apply_runs(&mut page, &r).is_err());
         assert!(apply_runs(&mut page, &r[..6]).is_err());
+    }
+
+    /// Entries as coded parse back to their pages and codings; bytes that do not make whole
+    /// entries, or a base that is not before its entry, are refused.
+    #[test]
+    fn entries_parse_what_was_coded() {
+        let mut bases = Bases::default();
+        let mut body = Vec::new();
+        let at = 1000u64;
+        let old: Vec<u8> = (0..4096u32).map(|i| (i * 7) as u8).collect();
+        let mut new = old.clone();
+        new[10] ^= 1;
+        let mut sparse = vec![0u8; 4096];
+        sparse[4000..4010].fill(9);
+        let u = bases.code(&mut body, at, 3, &old);
+        bases.apply(vec![u]);
+        let next = at + body.len() as u64;
+        let u = bases.code(&mut body, next, 3, &new);
+        bases.apply(vec![u]);
+        let next = at + body.len() as u64;
+        bases.code(&mut body, next, 9, &sparse);
+        let es = entries(&body, at, 4096).unwrap();
+        let got: Vec<(u32, Coding)> = es.iter().map(|e| (e.pgno, e.coding)).collect();
+        assert_eq!(
+            got,
+            vec![
+                (3, Coding::Whole),
+                (3, Coding::Delta { base: at }),
+                (9, Coding::Zeros)
+            ]
+        );
+        let mut page = old.clone();
+        apply_runs(&mut page, &body[es[1].data.clone()]).unwrap();
+        assert_eq!(page, new);
+        assert!(entries(&body[..body.len() - 1], at, 4096).is_err());
+        // The same bytes placed before their base.
+        let delta = &body[es[1].at as usize - at as usize..es[2].at as usize - at as usize];
+        assert!(entries(delta, 10, 4096).is_err());
     }
 }

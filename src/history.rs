@@ -1017,17 +1017,22 @@ impl History {
                 map.base_limit = 0;
             }
             if let Some(n) = h.coded {
-                let body = window.get(&log.files, *fi, off + RECORD_HEADER as u64, n as u64)?;
-                for (pgno, at, whole) in crate::stage::parse_coded_entries(body, *off, h)? {
-                    let loc = if whole {
-                        Loc::Raw {
+                let at = off + RECORD_HEADER as u64;
+                let body = window.get(&log.files, *fi, at, n as u64)?;
+                let entries = crate::delta::entries(body, at, h.page_size as usize)
+                    .map_err(|e| anyhow!("staged record at {off}: {e}"))?;
+                for e in entries {
+                    let loc = match e.coding {
+                        crate::delta::Coding::Whole => Loc::Raw {
                             file: *fi,
-                            off: at + crate::delta::ENTRY_HEAD as u64,
-                        }
-                    } else {
-                        Loc::Coded { file: *fi, at }
+                            off: at + e.data.start as u64,
+                        },
+                        _ => Loc::Coded {
+                            file: *fi,
+                            at: e.at,
+                        },
                     };
-                    map.pages.insert(pgno, loc);
+                    map.pages.insert(e.pgno, loc);
                 }
             } else {
                 let step = 4 + h.page_size as u64;

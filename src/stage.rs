@@ -20,6 +20,7 @@ use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
 use crate::backing::{shown, WRITEBACK_STEP};
+use crate::delta::{apply_runs, Coding};
 use parking_lot::Mutex;
 
 /// Nanoseconds since the Unix epoch.
@@ -954,56 +955,6 @@ pub fn scan_headers(path: &Path, from: u64) -> Result<Vec<(RecordHeader, u64)>> 
     Ok(out)
 }
 
-/// The page entries of the coded record `h` at offset `off` of its segment, whose entry bytes
-/// (`h.coded` of them, from offset `off + RECORD_HEADER`) are `body`: (page number, offset of
-/// the entry, whether it holds the whole page) each, in order. Not verified against the
-/// record's CRC (a reader of staged pages trusts staging).
-pub fn parse_coded_entries(
-    body: &[u8],
-    off: u64,
-    h: &RecordHeader,
-) -> io::Result<Vec<(u32, u64, bool)>> {
-    use crate::delta::{DELTA, DELTA_HEAD, ENTRY_HEAD, WHOLE, ZEROS, ZEROS_HEAD};
-    let bad = |why: &str| {
-        io::Error::new(
-            io::ErrorKind::InvalidData,
-            format!("staged record at {off}: {why}"),
-        )
-    };
-    let n = h.coded.ok_or_else(|| bad("not coded"))? as usize;
-    if body.len() != n {
-        return Err(bad("entry bytes of the wrong length"));
-    }
-    let mut out = Vec::with_capacity(h.npages as usize);
-    let mut pos = 0usize;
-    while pos + ENTRY_HEAD <= n {
-        let pgno = u32::from_be_bytes(body[pos..pos + 4].try_into().unwrap());
-        let at = off + (RECORD_HEADER + pos) as u64;
-        let len = match body[pos + 4] {
-            WHOLE => h.page_size as usize,
-            DELTA => {
-                let l = body
-                    .get(pos + ENTRY_HEAD + 8..pos + ENTRY_HEAD + DELTA_HEAD)
-                    .ok_or_else(|| bad("truncated page entry"))?;
-                DELTA_HEAD + u32::from_be_bytes(l.try_into().unwrap()) as usize
-            }
-            ZEROS => {
-                let l = body
-                    .get(pos + ENTRY_HEAD..pos + ENTRY_HEAD + ZEROS_HEAD)
-                    .ok_or_else(|| bad("truncated page entry"))?;
-                ZEROS_HEAD + u32::from_be_bytes(l.try_into().unwrap()) as usize
-            }
-            _ => return Err(bad("unknown page entry tag")),
-        };
-        out.push((pgno, at, body[pos + 4] == WHOLE));
-        pos += ENTRY_HEAD + len;
-    }
-    if pos != n || out.len() != h.npages as usize {
-        return Err(bad("page entries do not add up"));
-    }
-    Ok(out)
-}
-
 /// Writes one record of whole pages (header, the pages `fill` emits, CRC trailer) to `w`,
 /// buffering up to 4 MiB at a time. Returns the bytes written. `fill` must emit exactly
 /// `h.npages` pages of `h.page_size` bytes.
@@ -1314,69 +1265,30 @@ fn read_body(
         return Err(corrupt("coded pages read outside their segment".into()));
     };
     let body = &body[..n];
-    let mut page = vec![0u8; ps];
-    let (mut pos, mut count) = (0usize, 0u32);
-    use crate::delta::{apply_runs, DELTA, DELTA_HEAD, ENTRY_HEAD, WHOLE, ZEROS, ZEROS_HEAD};
-    while pos < n {
-        let at = off + (RECORD_HEADER + pos) as u64;
-        let head = body
-            .get(pos..pos + ENTRY_HEAD)
-            .ok_or_else(|| corrupt("truncated page entry".into()))?;
-        let pgno = u32::from_be_bytes(head[0..4].try_into().unwrap());
-        if pgno == 0 {
-            return Err(corrupt("page number 0".into()));
-        }
-        pos += ENTRY_HEAD;
-        match head[4] {
-            WHOLE => {
-                let img = body
-                    .get(pos..pos + ps)
-                    .ok_or_else(|| corrupt("truncated page entry".into()))?;
-                page.copy_from_slice(img);
-                pos += ps;
-            }
-            ZEROS => {
-                let zh = body
-                    .get(pos..pos + ZEROS_HEAD)
-                    .ok_or_else(|| corrupt("truncated page entry".into()))?;
-                let len = u32::from_be_bytes(zh.try_into().unwrap()) as usize;
-                pos += ZEROS_HEAD;
-                let runs = body
-                    .get(pos..pos + len)
-                    .ok_or_else(|| corrupt("truncated page entry".into()))?;
-                pos += len;
-                page.fill(0);
-                apply_runs(&mut page, runs).map_err(|e| corrupt(format!("page {pgno}: {e}")))?;
-            }
-            DELTA => {
-                let dh = body
-                    .get(pos..pos + DELTA_HEAD)
-                    .ok_or_else(|| corrupt("truncated page entry".into()))?;
-                let base = u64::from_be_bytes(dh[0..8].try_into().unwrap());
-                let len = u32::from_be_bytes(dh[8..12].try_into().unwrap()) as usize;
-                pos += DELTA_HEAD;
-                let runs = body
-                    .get(pos..pos + len)
-                    .ok_or_else(|| corrupt("truncated page entry".into()))?;
-                pos += len;
-                if base >= at {
-                    return Err(corrupt(format!("page {pgno} has a base after it")));
-                }
-                seg.base(pgno, base, &mut page)
-                    .map_err(|e| corrupt(format!("page {pgno}: {e}")))?;
-                apply_runs(&mut page, runs).map_err(|e| corrupt(format!("page {pgno}: {e}")))?;
-            }
-            t => return Err(corrupt(format!("page entry tag {t}"))),
-        }
-        sink(pgno, &page).map_err(io_err(path))?;
-        seg.remember(pgno, at, &page);
-        count += 1;
-    }
-    if count != h.npages {
+    let entries = crate::delta::entries(body, off + RECORD_HEADER as u64, ps).map_err(corrupt)?;
+    if entries.len() != h.npages as usize {
         return Err(corrupt(format!(
-            "{count} page entries where the header says {}",
+            "{} page entries where the header says {}",
+            entries.len(),
             h.npages
         )));
+    }
+    let mut page = vec![0u8; ps];
+    for e in entries {
+        let data = &body[e.data];
+        let pgno = e.pgno;
+        match e.coding {
+            Coding::Whole => page.copy_from_slice(data),
+            Coding::Zeros => page.fill(0),
+            Coding::Delta { base } => seg
+                .base(pgno, base, &mut page)
+                .map_err(|err| corrupt(format!("page {pgno}: {err}")))?,
+        }
+        if e.coding != Coding::Whole {
+            apply_runs(&mut page, data).map_err(|err| corrupt(format!("page {pgno}: {err}")))?;
+        }
+        sink(pgno, &page).map_err(io_err(path))?;
+        seg.remember(pgno, e.at, &page);
     }
     Ok(())
 }
@@ -1620,16 +1532,18 @@ mod tests {
         assert!(st.materialize(10, &out2).is_err());
     }
 
-    fn coded_entries(f: &File, off: u64, h: &RecordHeader) -> Vec<(u32, u64, bool)> {
+    /// (page number, segment offset) of each entry of the coded record `h` at `off`.
+    fn coded_entries(f: &File, off: u64, h: &RecordHeader) -> Vec<(u32, u64)> {
         let mut body = vec![0u8; h.coded.unwrap() as usize];
-        f.read_exact_at(&mut body, off + RECORD_HEADER as u64)
-            .unwrap();
-        parse_coded_entries(&body, off, h).unwrap()
+        let at = off + RECORD_HEADER as u64;
+        f.read_exact_at(&mut body, at).unwrap();
+        let es = crate::delta::entries(&body, at, h.page_size as usize).unwrap();
+        es.iter().map(|e| (e.pgno, e.at)).collect()
     }
 
     /// Small records code their pages against earlier ones; every way of reading staging
     /// gives back the pages as appended: replay (`materialize`), random access to one entry
-    /// (`parse_coded_entries` + `read_entry`), after reopening, after a fold. Large records stay
+    /// (`delta::entries` + `read_entry`), after reopening, after a fold. Large records stay
     /// whole.
     #[test]
     fn coded_pages_read_back_as_appended() {
@@ -1728,7 +1642,7 @@ mod tests {
                     let (pages, state) = &states[h.txid as usize];
                     let entries = coded_entries(&f, off, &h);
                     assert_eq!(entries.iter().map(|e| e.0).collect::<Vec<_>>(), *pages);
-                    for (pgno, at, _) in entries {
+                    for (pgno, at) in entries {
                         let mut page = vec![0u8; PS];
                         crate::delta::read_entry(&f, at, &mut page, 0).unwrap();
                         assert_eq!(page, state[pgno as usize - 1], "TXID {}", h.txid);
