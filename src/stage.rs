@@ -998,15 +998,21 @@ fn encode_record(
         }
         Ok(())
     })?;
+    promised(h, n)?;
+    crc.update(&buf[start..]);
+    buf.extend_from_slice(&crc.finalize().to_be_bytes());
+    Ok(spilled + (buf.len() - start) as u64)
+}
+
+/// Errors unless a record's `fill` emitted the `n` pages its header promised.
+fn promised(h: &RecordHeader, n: u32) -> io::Result<()> {
     if n != h.npages {
         return Err(io::Error::other(format!(
             "record promised {} pages, got {n}",
             h.npages
         )));
     }
-    crc.update(&buf[start..]);
-    buf.extend_from_slice(&crc.finalize().to_be_bytes());
-    Ok(spilled + (buf.len() - start) as u64)
+    Ok(())
 }
 
 /// A record coded by [`encode_coded`]: its header as written, and what it changes in the
@@ -1039,12 +1045,7 @@ fn encode_coded(
         n += 1;
         Ok(())
     })?;
-    if n != h.npages {
-        return Err(io::Error::other(format!(
-            "record promised {} pages, got {n}",
-            h.npages
-        )));
-    }
+    promised(h, n)?;
     let body = u32::try_from(buf.len() - start - RECORD_HEADER)
         .map_err(|_| io::Error::other("coded record too large"))?;
     let header = RecordHeader {
@@ -1378,17 +1379,21 @@ mod tests {
         }
     }
 
-    /// The buffered applier leaves a file exactly as writing every record in turn would:
-    /// random pages, sizes that shrink and grow back, snapshots, flushes at any point.
-    #[test]
-    fn applier_matches_record_by_record() {
-        let mut seed = 0x9e37_79b9_7f4a_7c15u64;
-        let mut rnd = move |n: u64| {
+    /// A small deterministic generator: `rnd(n)` is in `0..n`.
+    fn xorshift(mut seed: u64) -> impl FnMut(u64) -> u64 {
+        move |n| {
             seed ^= seed << 13;
             seed ^= seed >> 7;
             seed ^= seed << 17;
             seed % n
-        };
+        }
+    }
+
+    /// The buffered applier leaves a file exactly as writing every record in turn would:
+    /// random pages, sizes that shrink and grow back, snapshots, flushes at any point.
+    #[test]
+    fn applier_matches_record_by_record() {
+        let mut rnd = xorshift(0x9e37_79b9_7f4a_7c15);
         for limit in [512, 4096, 1 << 20] {
             let f = tempfile::tempfile().unwrap();
             let mut model: Vec<u8> = Vec::new();
@@ -1548,13 +1553,7 @@ mod tests {
     #[test]
     fn coded_pages_read_back_as_appended() {
         const PS: usize = 4096;
-        let mut seed = 0x51_7cc1_b727_220au64;
-        let mut rnd = move |n: u64| {
-            seed ^= seed << 13;
-            seed ^= seed >> 7;
-            seed ^= seed << 17;
-            seed % n
-        };
+        let mut rnd = xorshift(0x51_7cc1_b727_220a);
         let d = tempfile::tempdir().unwrap();
         let st = DbStage::open(d.path(), Access::Write).unwrap();
         let mut model = vec![vec![0u8; PS]; 8];
