@@ -44,6 +44,9 @@ const BASES_MEMORY: usize = 4 << 20;
 /// own header costs 8 bytes).
 const RUN_GAP: usize = 8;
 
+/// A page of zeros of the largest page size, to code new pages against without allocating.
+static NO_BYTES: [u8; 65536] = [0; 65536];
+
 /// The changed stretches of `new` against `old` (same length): (offset, length) pairs in order.
 pub fn runs(old: &[u8], new: &[u8]) -> Vec<(usize, usize)> {
     debug_assert_eq!(old.len(), new.len());
@@ -247,7 +250,7 @@ impl Bases {
                 b.depth + 1
             }
             None => {
-                let r = runs(&vec![0u8; page.len()], page);
+                let r = runs(&NO_BYTES[..page.len()], page);
                 if ZEROS_HEAD + runs_len(&r) < page.len() / 2 {
                     out.push(ZEROS);
                     out.extend_from_slice(&(runs_len(&r) as u32).to_be_bytes());
