@@ -217,6 +217,9 @@ impl Config {
         dur(&self.snapshot_interval, "snapshot-interval")?;
         dur(&self.retention, "retention")?;
         levels(&self.compaction, "compaction")?;
+        if let Some(n) = self.threads {
+            parse_threads(&n.to_string()).map_err(|e| anyhow::anyhow!("threads: {e}"))?;
+        }
         if let Some(s) = &self.stage_limit {
             parse_size(s).map_err(|e| anyhow::anyhow!("stage-limit: {e}"))?;
         }
@@ -402,15 +405,19 @@ pub fn parse_duration(s: &str) -> std::result::Result<Duration, String> {
     let i = s.find(|c: char| !c.is_ascii_digit()).ok_or_else(bad)?;
     let (num, unit) = s.split_at(i);
     let n: u64 = num.parse().map_err(|_| bad())?;
-    let secs = |k: u64| Duration::from_secs(n.saturating_mul(k));
-    Ok(match unit {
-        "ms" => Duration::from_millis(n),
+    let secs = |k: u64| {
+        n.checked_mul(k)
+            .map(Duration::from_secs)
+            .ok_or_else(|| format!("duration too long: {s}"))
+    };
+    match unit {
+        "ms" => Ok(Duration::from_millis(n)),
         "s" => secs(1),
         "m" => secs(60),
         "h" => secs(3600),
         "d" => secs(86_400),
-        _ => return Err(bad()),
-    })
+        _ => Err(bad()),
+    }
 }
 
 /// A sync interval: a duration that is not zero.
@@ -418,6 +425,16 @@ pub fn parse_interval(s: &str) -> Result<Duration, String> {
     match parse_duration(s)? {
         d if d.is_zero() => Err(format!("the interval must be above zero: {s}")),
         d => Ok(d),
+    }
+}
+
+/// A count of kernel request threads: at least one (none would answer no request).
+pub fn parse_threads(s: &str) -> std::result::Result<usize, String> {
+    match s.trim().parse::<usize>() {
+        Ok(0) => Err("0 would leave no thread to answer the kernel (at least 1)".into()),
+        Ok(n) if n > 1024 => Err(format!("{n} threads is past the limit of 1024")),
+        Ok(n) => Ok(n),
+        Err(_) => Err(format!("not a number of threads: {s}")),
     }
 }
 
@@ -429,9 +446,13 @@ pub fn parse_size(s: &str) -> std::result::Result<u64, String> {
         Some('g' | 'G') => (&s[..s.len() - 1], 1 << 30),
         _ => (s, 1),
     };
-    num.parse::<u64>()
-        .map(|n| n * mult)
-        .map_err(|_| format!("not a size: {s} (examples: 512k, 64M, 1G)"))
+    let n = num
+        .parse::<u64>()
+        .map_err(|_| format!("not a size: {s} (examples: 512k, 64M, 1G)"))?;
+    // A size past what 64 bits hold is refused, never wrapped: a wrapped limit would be
+    // silently small (or zero).
+    n.checked_mul(mult)
+        .ok_or_else(|| format!("size too large: {s} (at most {} bytes)", u64::MAX))
 }
 
 /// Compaction intervals of levels 1, 2, … as one command-line value.
@@ -471,6 +492,27 @@ pub fn overlay(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Sizes and durations past 64 bits are refused, never wrapped into small values.
+    #[test]
+    fn units_refuse_overflow() {
+        assert_eq!(parse_size("1G"), Ok(1 << 30));
+        assert_eq!(parse_size("17179869183G"), Ok(17179869183 << 30));
+        for bad in [
+            "17179869184G",
+            "17179869185G",
+            "18446744073709551616",
+            "G",
+            "",
+            "-1k",
+        ] {
+            assert!(parse_size(bad).is_err(), "{bad:?} accepted");
+        }
+        assert!(parse_duration("307445734561825861m").is_err());
+        assert_eq!(parse_duration("2d"), Ok(Duration::from_secs(172_800)));
+        assert!(Config::parse("threads: 0\n").is_err());
+        assert!(Config::parse("stage-limit: 17179869184G\n").is_err());
+    }
 
     #[test]
     fn parses_and_expands() {

@@ -87,7 +87,7 @@ fn each_db(
 pub fn verify(b: &Backing, src: &Source, only: Option<&str>) -> io::Result<(String, bool)> {
     let mut out = String::new();
     let mut ok = true;
-    each_db(b, src, only, |name, st| {
+    let n = each_db(b, src, only, |name, st| {
         if let Some((why, _)) = st.damage() {
             ok = false;
             let _ = writeln!(out, "{name}: DAMAGED: {why}");
@@ -115,6 +115,21 @@ pub fn verify(b: &Backing, src: &Source, only: Option<&str>) -> io::Result<(Stri
         );
         Ok(())
     })?;
+    if n == 0 {
+        match src {
+            // A running mount that has not seen a database yet has nothing to disagree with.
+            Source::Live(_) => out.push_str("no database captured yet\n"),
+            // Offline, nothing staged means nothing was verified: not a success.
+            Source::Offline => {
+                ok = false;
+                let _ = writeln!(
+                    out,
+                    "no staged database in {}: nothing to verify (is this a directory sqlfs has served? staging lives in its {META_DIR}/)",
+                    crate::backing::shown(&b.path("")).display()
+                );
+            }
+        }
+    }
     Ok((out, ok))
 }
 

@@ -27,6 +27,10 @@ pub struct DbListing {
     pub snapshots: Vec<SnapshotInfo>,
     pub levels: Vec<LevelInfo>,
     pub total_bytes: u64,
+    /// Why this database's objects could not be read (a damaged or foreign object, a wrong
+    /// key); the other fields are then empty. Other databases are listed all the same.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
 }
 
 #[derive(Debug, serde::Serialize)]
@@ -73,6 +77,31 @@ pub fn run(
     }
     let mut out = Vec::new();
     for (id, name) in dbs {
+        match listing(&reader, &id, &name) {
+            Ok(l) => out.push(l),
+            Err(e) => out.push(DbListing {
+                name,
+                id,
+                earliest_txid: None,
+                earliest_time: None,
+                latest_txid: None,
+                latest_time: None,
+                ranges: Vec::new(),
+                gaps: Vec::new(),
+                snapshots: Vec::new(),
+                levels: Vec::new(),
+                total_bytes: 0,
+                error: Some(format!("{e:#}")),
+            }),
+        }
+    }
+    Ok(out)
+}
+
+/// One database's listing; an error names the object that could not be read.
+fn listing(reader: &Reader, id: &str, name: &str) -> Result<DbListing> {
+    let (id, name) = (id.to_string(), name.to_string());
+    {
         let c = reader.catalog(&id, &name)?;
         let (ranges, gaps) = catalog::ranges(&reader, &c)?;
         let snapshots = c
@@ -96,7 +125,7 @@ pub fn run(
             })
             .collect();
         let (first, last) = (ranges.first(), ranges.last());
-        out.push(DbListing {
+        Ok(DbListing {
             name,
             id,
             earliest_txid: first.map(|w| w.first_txid),
@@ -116,9 +145,9 @@ pub fn run(
             snapshots,
             levels,
             total_bytes: c.objects().map(|o| o.size).sum(),
-        });
+            error: None,
+        })
     }
-    Ok(out)
 }
 
 /// The listing as text.
@@ -136,6 +165,10 @@ pub fn text(dbs: &[DbListing]) -> String {
             d.id,
             d.total_bytes as f64 / 1e6
         );
+        if let Some(e) = &d.error {
+            let _ = writeln!(o, "  UNREADABLE: {e}");
+            continue;
+        }
         if d.ranges.is_empty() {
             o.push_str("  restore window: none\n");
         }

@@ -356,6 +356,21 @@ fn run() -> Result<i32> {
             } else {
                 print!("{}", list::text(&dbs));
             }
+            // Every readable database is listed; an unreadable one makes the exit code say so.
+            let bad: Vec<&str> = dbs
+                .iter()
+                .filter(|d| d.error.is_some())
+                .map(|d| d.name.as_str())
+                .collect();
+            if !bad.is_empty() {
+                eprintln!(
+                    "sqlfs: error: {} of {} databases could not be read: {}",
+                    bad.len(),
+                    dbs.len(),
+                    bad.join(", ")
+                );
+                return Ok(1);
+            }
             Ok(0)
         }
         Cmd::Status { dir } => inspect(&dir, &["status"], |_| {

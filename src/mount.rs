@@ -34,7 +34,7 @@ pub struct CliMount {
     #[arg(long, value_name = "BACKING")]
     pub data_dir: Option<PathBuf>,
     /// Kernel request threads [default: 4].
-    #[arg(long)]
+    #[arg(long, value_parser = crate::config::parse_threads)]
     pub threads: Option<usize>,
     /// Fold staged transactions into a local base once a database's log exceeds this many
     /// bytes (suffixes k, M, G) [default: 64M].
@@ -456,6 +456,32 @@ fn rollback_hot_journals(b: &Backing, rel: &str, depth: usize) {
     }
 }
 
+/// A mount point and a data directory that differ must not contain one another: files of
+/// the data directory under the mount point would be reached through the mount itself (every
+/// access to them a request back to this daemon), and a mount point inside the data directory
+/// would show the mount within itself.
+fn nesting_refused(mnt: &Path, data: &Path) -> Result<()> {
+    if mnt == data {
+        return Ok(());
+    }
+    if data.starts_with(mnt) {
+        bail!(
+            "data directory {} is inside the mount point {}: the mount would hide its own files (choose a data directory outside it, or mount {} in place without --data-dir)",
+            data.display(),
+            mnt.display(),
+            mnt.display()
+        );
+    }
+    if mnt.starts_with(data) {
+        bail!(
+            "mount point {} is inside the data directory {}: the mount would show itself within itself (choose a mount point outside it)",
+            mnt.display(),
+            data.display()
+        );
+    }
+    Ok(())
+}
+
 pub fn run(o: MountOpts) -> Result<()> {
     // Catch SIGINT/SIGTERM from the start: one arriving while the mount comes up must still
     // lead to a clean unmount, not kill the daemon with the mount half made.
@@ -476,6 +502,7 @@ pub fn run(o: MountOpts) -> Result<()> {
             .with_context(|| format!("data directory {} does not exist", d.display()))?,
         None => dir.clone(),
     };
+    nesting_refused(&dir, &data)?;
     if !Path::new("/dev/fuse").exists() {
         bail!("FUSE is unavailable: /dev/fuse is missing (load the module with `modprobe fuse`; in a container, pass the device /dev/fuse and CAP_SYS_ADMIN)");
     }

@@ -96,6 +96,7 @@ fn parse(url: &str) -> std::result::Result<Url, String> {
                 {
                     return Err("credentials do not belong in the endpoint: they come from the environment, a profile or an instance role".into());
                 }
+                check_endpoint(v)?;
                 u.endpoint = Some(v.to_string())
             }
             "region" => u.region = Some(v.to_string()),
@@ -111,6 +112,48 @@ fn parse(url: &str) -> std::result::Result<Url, String> {
         }
     }
     Ok(u)
+}
+
+/// An endpoint is `http://` or `https://`, a host, an optional numeric port and an optional
+/// path: checked when the URL is read, so a typo stops the mount instead of every request
+/// failing later. The message never shows the value (it may carry a signed query).
+fn check_endpoint(v: &str) -> std::result::Result<(), String> {
+    let bad = |why: &str| {
+        Err(format!(
+            "endpoint: {why} (expected http://HOST[:PORT] or https://HOST[:PORT])"
+        ))
+    };
+    let Some(rest) = v
+        .strip_prefix("http://")
+        .or_else(|| v.strip_prefix("https://"))
+    else {
+        return bad("not an http:// or https:// URL");
+    };
+    let authority = rest.split(['/', '?', '#']).next().unwrap_or("");
+    // `[v6]:port`, `[v6]`, `host:port` or `host`.
+    let (host, port) = match authority.strip_prefix('[') {
+        Some(v6) => match v6.split_once(']') {
+            Some((h, "")) => (h, None),
+            Some((h, p)) => match p.strip_prefix(':') {
+                Some(p) => (h, Some(p)),
+                None => return bad("text after the IPv6 address"),
+            },
+            None => return bad("an unclosed IPv6 address"),
+        },
+        None => match authority.split_once(':') {
+            Some((h, p)) => (h, Some(p)),
+            None => (authority, None),
+        },
+    };
+    if host.is_empty() || host.contains(char::is_whitespace) {
+        return bad("no host");
+    }
+    if let Some(p) = port {
+        if p.parse::<u16>().map_or(true, |n| n == 0) {
+            return bad("the port is not a number from 1 to 65535");
+        }
+    }
+    Ok(())
 }
 
 impl S3Replica {
@@ -413,6 +456,26 @@ impl ReplicaClient for S3Replica {
 mod tests {
     #[test]
     fn urls() {
+        for bad in [
+            "not-a-url",
+            "http://",
+            "ftp://host:21",
+            "http://host:port",
+            "http://host:99999",
+            "http://:9000",
+        ] {
+            let Err(e) = super::parse(&format!("s3://b/p?endpoint={bad}")) else {
+                panic!("endpoint {bad} accepted");
+            };
+            assert!(e.contains("endpoint"), "{bad}: {e}");
+        }
+        for good in [
+            "http://127.0.0.1:9000",
+            "https://s3.example.com",
+            "http://[::1]:9000/x",
+        ] {
+            super::parse(&format!("s3://b/p?endpoint={good}")).unwrap();
+        }
         let u = super::parse("s3://b/some/prefix/?endpoint=http://127.0.0.1:9000&region=eu-west-1&force-path-style=true").unwrap();
         assert_eq!((u.bucket.as_str(), u.prefix.as_str()), ("b", "some/prefix"));
         assert_eq!(u.endpoint.as_deref(), Some("http://127.0.0.1:9000"));
