@@ -1,29 +1,4 @@
-//! sqlfs: a filesystem under SQLite apps that captures every committed transaction.
-//!
-//! Pipeline (see docs/ARCHITECTURE.md): `fs` (kernel requests) → `capture` (WAL/journal →
-//! transactions) → `stage` (local durable log); `inspect` reads the stream back.
-
-mod backing;
-mod capture;
-mod catalog;
-mod compact;
-mod config;
-mod control;
-mod crypt;
-mod delta;
-mod fs;
-mod history;
-mod inspect;
-mod list;
-mod metrics;
-mod mount;
-mod objread;
-mod replica;
-mod restore;
-mod segment;
-mod ship;
-mod sqlite;
-mod stage;
+//! The `sqlfs` command line: parses arguments and calls into the library (`src/lib.rs`).
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -31,8 +6,9 @@ use std::process::ExitCode;
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
 
-use crate::backing::Backing;
-use crate::inspect::Source;
+use sqlfs::backing::Backing;
+use sqlfs::inspect::Source;
+use sqlfs::{catalog, config, control, crypt, inspect, list, mount, restore};
 
 #[derive(Parser)]
 #[command(

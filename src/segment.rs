@@ -22,7 +22,7 @@ use std::path::Path;
 
 use crate::stage::{read_pages, write_record, PageSink, RecordHeader, RECORD_HEADER};
 
-const MAGIC: &[u8; 8] = b"SQFSOBJ\0";
+pub const MAGIC: &[u8; 8] = b"SQFSOBJ\0";
 /// Object format version this build writes (it reads this one and every one down to
 /// `OLDEST_VERSION`).
 pub const VERSION: u16 = 2;

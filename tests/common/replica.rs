@@ -10,10 +10,8 @@ use std::time::{Duration, Instant, SystemTime};
 
 use super::*;
 
-/// Magic at the start of every replica object.
-pub const OBJ_MAGIC: &[u8; 8] = b"SQFSOBJ\0";
-/// Size of an object's header.
-pub const OBJ_HEADER: usize = 128;
+/// Magic at the start of every replica object, and the size of an object's header.
+pub use sqlfs::segment::{HEADER as OBJ_HEADER, MAGIC as OBJ_MAGIC};
 
 /// `file://` URL of a directory.
 pub fn file_url(dir: &Path) -> String {
