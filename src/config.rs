@@ -14,12 +14,12 @@
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
 use serde::Deserialize;
 
 use crate::ship::Policy;
+use crate::units::{parse_duration, parse_size, parse_threads};
 
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields, rename_all = "kebab-case")]
@@ -395,81 +395,6 @@ pub fn db_sync(mount_wide: bool, db: Option<&DbConf>) -> bool {
     db.and_then(|d| d.sync).unwrap_or(mount_wide)
 }
 
-/// Parses durations like `500ms`, `1s`, `5m`, `24h`, `7d`; `0` means "off" where allowed.
-pub fn parse_duration(s: &str) -> std::result::Result<Duration, String> {
-    let s = s.trim();
-    let bad = || format!("not a duration: {s:?} (examples: 500ms, 1s, 5m, 24h, 7d)");
-    if s == "0" {
-        return Ok(Duration::ZERO);
-    }
-    let i = s.find(|c: char| !c.is_ascii_digit()).ok_or_else(bad)?;
-    let (num, unit) = s.split_at(i);
-    let n: u64 = num.parse().map_err(|_| bad())?;
-    let secs = |k: u64| {
-        n.checked_mul(k)
-            .map(Duration::from_secs)
-            .ok_or_else(|| format!("duration too long: {s}"))
-    };
-    match unit {
-        "ms" => Ok(Duration::from_millis(n)),
-        "s" => secs(1),
-        "m" => secs(60),
-        "h" => secs(3600),
-        "d" => secs(86_400),
-        _ => Err(bad()),
-    }
-}
-
-/// A sync interval: a duration that is not zero.
-pub fn parse_interval(s: &str) -> Result<Duration, String> {
-    match parse_duration(s)? {
-        d if d.is_zero() => Err(format!("the interval must be above zero: {s}")),
-        d => Ok(d),
-    }
-}
-
-/// A count of kernel request threads: at least one (none would answer no request).
-pub fn parse_threads(s: &str) -> std::result::Result<usize, String> {
-    match s.trim().parse::<usize>() {
-        Ok(0) => Err("0 would leave no thread to answer the kernel (at least 1)".into()),
-        Ok(n) if n > 1024 => Err(format!("{n} threads is past the limit of 1024")),
-        Ok(n) => Ok(n),
-        Err(_) => Err(format!("not a number of threads: {s}")),
-    }
-}
-
-/// Parses sizes like `512k`, `64M`, `1G`.
-pub fn parse_size(s: &str) -> std::result::Result<u64, String> {
-    let (num, mult) = match s.chars().last() {
-        Some('k' | 'K') => (&s[..s.len() - 1], 1u64 << 10),
-        Some('m' | 'M') => (&s[..s.len() - 1], 1 << 20),
-        Some('g' | 'G') => (&s[..s.len() - 1], 1 << 30),
-        _ => (s, 1),
-    };
-    let n = num
-        .parse::<u64>()
-        .map_err(|_| format!("not a size: {s} (examples: 512k, 64M, 1G)"))?;
-    // A size past what 64 bits hold is refused, never wrapped: a wrapped limit would be
-    // silently small (or zero).
-    n.checked_mul(mult)
-        .ok_or_else(|| format!("size too large: {s} (at most {} bytes)", u64::MAX))
-}
-
-/// Compaction intervals of levels 1, 2, … as one command-line value.
-#[derive(Clone, Debug)]
-pub struct Levels(pub Vec<Duration>);
-
-/// Parses a comma-separated list of level intervals (`30s,5m,1h`; `none` for no compaction).
-pub fn parse_levels(s: &str) -> std::result::Result<Levels, String> {
-    if s.trim() == "none" || s.trim().is_empty() {
-        return Ok(Levels(Vec::new()));
-    }
-    s.split(',')
-        .map(parse_duration)
-        .collect::<std::result::Result<_, _>>()
-        .map(Levels)
-}
-
 /// Applies the policy settings of one layer (global, replica or database) over `p`.
 pub fn overlay(
     p: &mut Policy,
@@ -492,26 +417,14 @@ pub fn overlay(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::time::Duration;
 
-    /// Sizes and durations past 64 bits are refused, never wrapped into small values.
+    /// Limits past 64 bits or no request threads stop the configuration, as on the command line.
     #[test]
-    fn units_refuse_overflow() {
-        assert_eq!(parse_size("1G"), Ok(1 << 30));
-        assert_eq!(parse_size("17179869183G"), Ok(17179869183 << 30));
-        for bad in [
-            "17179869184G",
-            "17179869185G",
-            "18446744073709551616",
-            "G",
-            "",
-            "-1k",
-        ] {
-            assert!(parse_size(bad).is_err(), "{bad:?} accepted");
-        }
-        assert!(parse_duration("307445734561825861m").is_err());
-        assert_eq!(parse_duration("2d"), Ok(Duration::from_secs(172_800)));
+    fn bad_limits_are_refused() {
         assert!(Config::parse("threads: 0\n").is_err());
         assert!(Config::parse("stage-limit: 17179869184G\n").is_err());
+        assert!(Config::parse("history-cache: 17179869185G\n").is_err());
     }
 
     #[test]

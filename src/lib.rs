@@ -27,3 +27,4 @@ pub mod segment;
 pub mod ship;
 pub mod sqlite;
 pub mod stage;
+pub mod units;

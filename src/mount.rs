@@ -16,11 +16,12 @@ use fuser::{Config, MountOption, Session, SessionACL};
 use crate::backing::{Backing, META_DIR};
 use crate::capture::Capture;
 use crate::config::{
-    db_sync, overlay, parse_duration, parse_size, resolve_read, resolve_seal, Config as FileConfig,
-    DbConf, KeyLayer, ReadKey, Seal,
+    db_sync, overlay, resolve_read, resolve_seal, Config as FileConfig, DbConf, KeyLayer, ReadKey,
+    Seal,
 };
 use crate::fs::{Passthrough, SqlFs};
 use crate::ship::Policy;
+use crate::units::{parse_duration, parse_size};
 
 /// How long the staged history of a deleted database is kept.
 const RETIRED_KEEP: Duration = Duration::from_secs(24 * 3600);
@@ -34,15 +35,15 @@ pub struct CliMount {
     #[arg(long, value_name = "BACKING")]
     pub data_dir: Option<PathBuf>,
     /// Kernel request threads [default: 4].
-    #[arg(long, value_parser = crate::config::parse_threads)]
+    #[arg(long, value_parser = crate::units::parse_threads)]
     pub threads: Option<usize>,
     /// Fold staged transactions into a local base once a database's log exceeds this many
     /// bytes (suffixes k, M, G) [default: 64M].
-    #[arg(long, value_parser = crate::config::parse_size)]
+    #[arg(long, value_parser = crate::units::parse_size)]
     pub stage_limit: Option<u64>,
     /// Byte budget of the page cache serving `.history` views (suffixes k, M, G)
     /// [default: 64M].
-    #[arg(long, value_parser = crate::config::parse_size)]
+    #[arg(long, value_parser = crate::units::parse_size)]
     pub history_cache: Option<u64>,
     /// Ship every database to this replica (repeatable): file:///path or
     /// s3://bucket/prefix?endpoint=URL&region=R&force-path-style=true&timeout=30s. Default: a
@@ -50,18 +51,18 @@ pub struct CliMount {
     #[arg(long = "replica", value_name = "URL")]
     pub replicas: Vec<String>,
     /// How often new transactions are shipped (e.g. 1s, 500ms) [default: 1s].
-    #[arg(long, value_parser = crate::config::parse_interval)]
+    #[arg(long, value_parser = crate::units::parse_interval)]
     pub sync_interval: Option<Duration>,
     /// A full snapshot at most this often while a database changes (0: only when needed)
     /// [default: 6h].
-    #[arg(long, value_parser = crate::config::parse_duration)]
+    #[arg(long, value_parser = crate::units::parse_duration)]
     pub snapshot_interval: Option<Duration>,
     /// Compaction intervals of levels 1, 2, … (`none` to turn it off) [default: 30s,5m,1h].
-    #[arg(long, value_parser = crate::config::parse_levels)]
-    pub compaction: Option<crate::config::Levels>,
+    #[arg(long, value_parser = crate::units::parse_levels)]
+    pub compaction: Option<crate::units::Levels>,
     /// Keep every restore point this far back; older objects are removed (0: keep
     /// everything) [default: 24h].
-    #[arg(long, value_parser = crate::config::parse_duration)]
+    #[arg(long, value_parser = crate::units::parse_duration)]
     pub retention: Option<Duration>,
     /// Encrypt every replica object to this age recipient (age1…; repeatable).
     #[arg(long = "age-recipient", value_name = "RECIPIENT")]

@@ -102,7 +102,7 @@ fn parse(url: &str) -> std::result::Result<Url, String> {
             "region" => u.region = Some(v.to_string()),
             "force-path-style" => u.path_style = matches!(v, "true" | "1" | "yes" | ""),
             "timeout" => {
-                u.timeout = crate::config::parse_interval(v).map_err(|e| format!("timeout: {e}"))?
+                u.timeout = crate::units::parse_interval(v).map_err(|e| format!("timeout: {e}"))?
             }
             _ => {
                 return Err(format!(
