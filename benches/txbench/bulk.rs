@@ -1,0 +1,89 @@
+//! Rows "bulk load, N MB in 10 MB transactions (MB/s)" and "full scan, warm, N MB table
+//! (MB/s)" (`SQLFS_BENCH_SCAN_MB`): [`load`] appends 1000-byte random rows in 10 MB
+//! transactions, once on each side; [`scans`] times warm full scans on fresh connections,
+//! alternating sides. [`bulk_load`] and [`grow_to`] also build the large databases of
+//! memory.rs, restore.rs and history.rs.
+
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use anyhow::Result;
+use rusqlite::{params, Connection};
+
+use crate::harness::{db_bytes, median, open, remove_db, Rng, MB};
+
+/// Appends `mb` MB of 1000-byte random rows to table `t` in transactions of `tx_mb` MB.
+/// Returns the bytes of row data written and the elapsed time.
+pub fn bulk_load(conn: &Connection, mb: u64, tx_mb: u64, seed: u64) -> Result<(u64, Duration)> {
+    const ROW: usize = 1000;
+    conn.execute_batch("CREATE TABLE IF NOT EXISTS t(id INTEGER PRIMARY KEY, x BLOB NOT NULL);")?;
+    let total_rows = mb * 1_000_000 / ROW as u64;
+    let rows_per_tx = (tx_mb * 1_000_000 / ROW as u64).max(1);
+    let mut rng = Rng::new(seed);
+    let start = Instant::now();
+    let mut done = 0u64;
+    while done < total_rows {
+        let n = rows_per_tx.min(total_rows - done);
+        conn.execute_batch("BEGIN")?;
+        {
+            let mut stmt = conn.prepare_cached("INSERT INTO t(x) VALUES (?1)")?;
+            for _ in 0..n {
+                stmt.execute(params![rng.bytes(ROW)])?;
+            }
+        }
+        conn.execute_batch("COMMIT")?;
+        done += n;
+    }
+    Ok((done * ROW as u64, start.elapsed()))
+}
+
+pub fn scan_once(conn: &Connection) -> Result<Duration> {
+    let start = Instant::now();
+    let _sum: i64 = conn.query_row("SELECT sum(length(x)) FROM t", [], |r| r.get(0))?;
+    Ok(start.elapsed())
+}
+
+/// Bulk load of `scan.db` in `dir`: MB/s.
+pub fn load(dir: &Path, mb: u64) -> Result<f64> {
+    let path = dir.join("scan.db");
+    remove_db(&path);
+    let conn = open(&path, "NORMAL")?;
+    let (bytes, took) = bulk_load(&conn, mb, 10, 2)?;
+    Ok(bytes as f64 / MB / took.as_secs_f64())
+}
+
+/// Warm full-scan MB/s of the `scan.db` tables `load` left in `native` and `mnt`: the
+/// medians of scans alternating between the two, each on a fresh connection that scans once
+/// to warm up and is timed on its second scan, the side that goes first swapping every round.
+///
+/// Fresh connections and the swapped order matter: with two connections held open in one
+/// process, whichever was opened second scanned about 25% slower on this machine, whichever
+/// directory it was on.
+pub fn scans(native: &Path, mnt: &Path, rounds: usize) -> Result<(f64, f64)> {
+    let paths = [native.join("scan.db"), mnt.join("scan.db")];
+    let mut rates = [Vec::new(), Vec::new()];
+    for round in 0..rounds.max(1) * 3 {
+        let order = if round % 2 == 0 { [0, 1] } else { [1, 0] };
+        for i in order {
+            let conn = open(&paths[i], "NORMAL")?;
+            scan_once(&conn)?;
+            rates[i].push(db_bytes(&conn)? as f64 / MB / scan_once(&conn)?.as_secs_f64());
+        }
+    }
+    let [n, s] = rates;
+    Ok((median(n), median(s)))
+}
+
+/// Bulk-loads table `t` in 10 MB transactions until the database takes `target` bytes.
+pub fn grow_to(conn: &Connection, target: u64, mut seed: u64) -> Result<()> {
+    loop {
+        let have = db_bytes(conn)?;
+        if have >= target {
+            return Ok(());
+        }
+        // Rows take a little more room than their data: top up in steps.
+        let left_mb = (target - have).div_ceil(1_000_000).clamp(1, 128);
+        bulk_load(conn, left_mb, 10, seed)?;
+        seed += 1;
+    }
+}
