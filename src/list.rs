@@ -103,7 +103,7 @@ fn listing(reader: &Reader, id: &str, name: &str) -> Result<DbListing> {
     let (id, name) = (id.to_string(), name.to_string());
     {
         let c = reader.catalog(&id, &name)?;
-        let (ranges, gaps) = catalog::ranges(&reader, &c)?;
+        let (ranges, gaps) = catalog::ranges(reader, &c)?;
         let snapshots = c
             .snaps
             .iter()

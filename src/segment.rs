@@ -369,6 +369,11 @@ impl ObjectWriter {
         self.hdr.ntxns
     }
 
+    /// True while no transaction has been added.
+    pub fn is_empty(&self) -> bool {
+        self.hdr.ntxns == 0
+    }
+
     /// Writes the directory (page index, frame table, record table, its CRC), the header and
     /// the trailing CRC; returns the header and the file.
     pub fn finish(mut self) -> io::Result<(ObjHeader, File)> {
