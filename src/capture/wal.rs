@@ -386,3 +386,309 @@ impl WalTrack {
         }
     }
 }
+
+/// WAL-mode commit detection fed with synthetic WAL bytes: restarts, salts, partial frames,
+/// frames rewritten in place, padding frames, both checksum byte orders.
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::sqlite::wal_checksum;
+
+    const PS: usize = 512;
+
+    /// A WAL built the way SQLite writes one: a header, then frames whose cumulative
+    /// checksums chain from it.
+    struct Synth {
+        big_endian: bool,
+        salts: (u32, u32),
+        bytes: Vec<u8>,
+        /// Running checksum after the last frame appended.
+        ck: (u32, u32),
+    }
+
+    impl Synth {
+        fn new(big_endian: bool, salts: (u32, u32)) -> Synth {
+            let mut s = Synth {
+                big_endian,
+                salts,
+                bytes: Vec::new(),
+                ck: (0, 0),
+            };
+            s.bytes = s.header();
+            s
+        }
+
+        fn header(&mut self) -> Vec<u8> {
+            let mut h = Vec::with_capacity(32);
+            let magic: u32 = if self.big_endian {
+                0x377f0683
+            } else {
+                0x377f0682
+            };
+            for w in [magic, 3007000, PS as u32, 0, self.salts.0, self.salts.1] {
+                h.extend_from_slice(&w.to_be_bytes());
+            }
+            let c = wal_checksum(self.big_endian, &h, (0, 0));
+            h.extend_from_slice(&c.0.to_be_bytes());
+            h.extend_from_slice(&c.1.to_be_bytes());
+            self.ck = c;
+            h
+        }
+
+        /// Starts a new generation over the same bytes: a new header with other salts; the
+        /// old frames stay behind it until overwritten.
+        fn restart(&mut self) {
+            self.salts = (self.salts.0.wrapping_add(1), self.salts.1 ^ 0x5a5a_1234);
+            let h = self.header();
+            self.bytes[..32].copy_from_slice(&h);
+        }
+
+        fn frame_bytes(
+            &self,
+            pgno: u32,
+            commit: u32,
+            page: &[u8],
+            prev: (u32, u32),
+        ) -> (Vec<u8>, (u32, u32)) {
+            let mut fh = Vec::with_capacity(24);
+            for w in [pgno, commit, self.salts.0, self.salts.1] {
+                fh.extend_from_slice(&w.to_be_bytes());
+            }
+            let c = wal_checksum(self.big_endian, &fh[..8], prev);
+            let c = wal_checksum(self.big_endian, page, c);
+            fh.extend_from_slice(&c.0.to_be_bytes());
+            fh.extend_from_slice(&c.1.to_be_bytes());
+            fh.extend_from_slice(page);
+            (fh, c)
+        }
+
+        /// Writes frame number `n` (0-based) at its place, chaining from `prev`.
+        fn put(
+            &mut self,
+            n: usize,
+            pgno: u32,
+            commit: u32,
+            page: &[u8],
+            prev: (u32, u32),
+        ) -> (u32, u32) {
+            let (b, c) = self.frame_bytes(pgno, commit, page, prev);
+            let off = 32 + n * (24 + PS);
+            if self.bytes.len() < off + b.len() {
+                self.bytes.resize(off + b.len(), 0);
+            }
+            self.bytes[off..off + b.len()].copy_from_slice(&b);
+            self.ck = c;
+            c
+        }
+
+        /// Appends a frame after the last one.
+        fn push(&mut self, pgno: u32, commit: u32, fill: u8) {
+            let n = (self.bytes.len() - 32) / (24 + PS);
+            let ck = self.ck;
+            self.put(n, pgno, commit, &page(pgno, fill), ck);
+        }
+
+        fn file(&self) -> File {
+            let f = tempfile::tempfile().unwrap();
+            f.write_all_at(&self.bytes, 0).unwrap();
+            f
+        }
+    }
+
+    fn page(pgno: u32, fill: u8) -> Vec<u8> {
+        let mut p = vec![fill; PS];
+        p[..4].copy_from_slice(&pgno.to_be_bytes());
+        p
+    }
+
+    fn track(f: &File) -> WalTrack {
+        WalTrack::new(WalTrack::read_header(f).unwrap().expect("a valid header"))
+    }
+
+    fn frame_off(n: usize) -> u64 {
+        32 + (n * (24 + PS)) as u64
+    }
+
+    /// Pages of a transaction as (pgno, first fill byte), reading back pages not kept.
+    fn pages(f: &File, t: &WalTxn) -> Vec<(u32, u8)> {
+        t.frames
+            .iter()
+            .map(|fr| {
+                let b = match &fr.page {
+                    Some(p) => p.clone(),
+                    None => {
+                        let mut b = vec![0; PS];
+                        f.read_exact_at(&mut b, fr.off + FRAME_HEADER).unwrap();
+                        b
+                    }
+                };
+                (fr.pgno, b[4])
+            })
+            .collect()
+    }
+
+    #[test]
+    fn transactions_complete_at_their_commit_frames_in_both_byte_orders() {
+        for be in [false, true] {
+            let mut w = Synth::new(be, (7, 9));
+            w.push(1, 0, 0xa1);
+            w.push(2, 2, 0xa2);
+            w.push(2, 0, 0xb2);
+            w.push(3, 3, 0xb3);
+            w.push(4, 0, 0xc4); // an open transaction: no commit frame yet
+            let f = w.file();
+            let mut t = track(&f);
+            let txns = t.advance(&f, None, u64::MAX).unwrap();
+            assert_eq!(txns.len(), 2, "big-endian {be}");
+            assert_eq!(pages(&f, &txns[0]), vec![(1, 0xa1), (2, 0xa2)]);
+            assert_eq!(txns[0].db_pages, 2);
+            assert_eq!(pages(&f, &txns[1]), vec![(2, 0xb2), (3, 0xb3)]);
+            assert_eq!(txns[1].db_pages, 3);
+            assert_eq!(t.committed_end, frame_off(4));
+            for x in &txns {
+                t.publish_reading(&f, x).unwrap();
+            }
+            // The newest committed copy of page 2 is the second transaction's.
+            assert_eq!(t.index[&2].0, frame_off(2));
+            assert_eq!(t.db_pages, Some(3));
+            assert!(
+                t.frame_follows(&f).unwrap(),
+                "the open transaction's frame follows"
+            );
+        }
+    }
+
+    #[test]
+    fn a_partly_written_commit_frame_completes_nothing_until_whole() {
+        let mut w = Synth::new(false, (1, 2));
+        w.push(1, 0, 1);
+        w.push(2, 2, 2);
+        let whole = w.bytes.clone();
+        // Header of the commit frame written, its page only half.
+        let cut = frame_off(1) as usize + 24 + PS / 2;
+        let f = tempfile::tempfile().unwrap();
+        f.write_all_at(&whole[..cut], 0).unwrap();
+        let mut t = track(&f);
+        assert!(t.advance(&f, None, u64::MAX).unwrap().is_empty());
+        // A limit that stops short of the commit frame's end completes nothing either.
+        f.write_all_at(&whole[cut..], cut as u64).unwrap();
+        t.forget_pending();
+        assert!(t.advance(&f, None, frame_off(2) - 1).unwrap().is_empty());
+        let txns = t.advance(&f, None, frame_off(2)).unwrap();
+        assert_eq!(txns.len(), 1);
+        assert_eq!(pages(&f, &txns[0]), vec![(1, 1), (2, 2)]);
+    }
+
+    #[test]
+    fn a_damaged_frame_stops_validation_there() {
+        let mut w = Synth::new(false, (1, 2));
+        w.push(1, 1, 1);
+        w.push(1, 0, 2);
+        w.push(2, 2, 3);
+        let at = frame_off(1) as usize + 24 + 100;
+        w.bytes[at] ^= 0xff;
+        let f = w.file();
+        let mut t = track(&f);
+        let txns = t.advance(&f, None, u64::MAX).unwrap();
+        assert_eq!(
+            txns.len(),
+            1,
+            "only the transaction before the damaged frame"
+        );
+        assert_eq!(t.committed_end, frame_off(1));
+    }
+
+    #[test]
+    fn after_a_restart_frames_of_the_old_generation_are_stale() {
+        let mut w = Synth::new(false, (100, 200));
+        for i in 0..4u32 {
+            w.push(i + 1, i + 1, i as u8); // four one-page transactions
+        }
+        let old = w.file();
+        assert_eq!(track(&old).advance(&old, None, u64::MAX).unwrap().len(), 4);
+        // A checkpoint completed; the next writer restarts the WAL and overwrites frame 0 only.
+        w.restart();
+        w.put(0, 1, 1, &page(1, 0xee), w.ck);
+        let f = w.file();
+        let mut t = track(&f);
+        assert_eq!(t.hdr.salt1, 101);
+        let txns = t.advance(&f, None, u64::MAX).unwrap();
+        assert_eq!(txns.len(), 1, "frames 1..3 carry the old salts");
+        assert_eq!(pages(&f, &txns[0]), vec![(1, 0xee)]);
+        assert_eq!(t.committed_end, frame_off(1));
+        assert!(
+            !t.frame_follows(&f).unwrap(),
+            "a stale frame is not a frame of this generation"
+        );
+    }
+
+    #[test]
+    fn frames_rewritten_in_place_are_validated_again() {
+        let mut w = Synth::new(false, (5, 6));
+        // An open transaction of three frames, validated while written.
+        let c0 = w.ck;
+        let c1 = w.put(0, 1, 0, &page(1, 1), c0);
+        let c2 = w.put(1, 2, 0, &page(2, 1), c1);
+        w.put(2, 3, 0, &page(3, 1), c2);
+        let f = w.file();
+        let mut t = track(&f);
+        assert!(t.advance(&f, None, u64::MAX).unwrap().is_empty());
+        // The writer rewrites frame 1 in place (a page changed again before commit), then
+        // re-checksums the frames after it and commits with frame 2.
+        let c2 = w.put(1, 2, 0, &page(2, 9), c1);
+        w.put(2, 3, 3, &page(3, 9), c2);
+        let (off, len) = (frame_off(1) as usize, 24 + PS);
+        f.write_all_at(&w.bytes[off..off + 2 * len], off as u64)
+            .unwrap();
+        t.note_write(off as u64, &w.bytes[off..off + 24]);
+        t.note_write(off as u64 + 24, &w.bytes[off + 24..off + len]);
+        t.note_write(off as u64 + len as u64, &w.bytes[off + len..off + 2 * len]);
+        let txns = t.advance(&f, None, u64::MAX).unwrap();
+        assert_eq!(txns.len(), 1);
+        assert_eq!(pages(&f, &txns[0]), vec![(1, 1), (2, 9), (3, 9)]);
+    }
+
+    #[test]
+    fn padding_copies_of_the_commit_frame_follow_it_as_one_frame_transactions() {
+        let mut w = Synth::new(false, (3, 4));
+        w.push(1, 0, 1);
+        w.push(2, 2, 2);
+        // synchronous=FULL without powersafe overwrite pads to a sector with copies of the
+        // commit frame: each carries the commit size and chains its checksum.
+        w.push(2, 2, 2);
+        w.push(2, 2, 2);
+        let f = w.file();
+        let mut t = track(&f);
+        let txns = t.advance(&f, None, u64::MAX).unwrap();
+        assert_eq!(txns.len(), 3);
+        t.publish_reading(&f, &txns[0]).unwrap();
+        let last = t.last_commit.unwrap();
+        for p in &txns[1..] {
+            assert_eq!(p.frames.len(), 1);
+            assert_eq!(
+                p.frames[0].pgno, last.0,
+                "a copy of the commit frame's page"
+            );
+            assert_eq!(pages(&f, p), vec![(2, 2)]);
+            assert_eq!(p.db_pages, txns[0].db_pages);
+        }
+    }
+
+    #[test]
+    fn seek_to_finds_a_recorded_commit_or_says_the_chain_changed() {
+        let mut w = Synth::new(true, (8, 8));
+        for i in 0..3u32 {
+            w.push(i + 1, i + 1, i as u8);
+        }
+        let f = w.file();
+        let mut first = track(&f);
+        let txns = first.advance(&f, None, u64::MAX).unwrap();
+        let (end, ck) = (txns[1].end, txns[1].cksum);
+        let mut t = track(&f);
+        assert!(t.seek_to(&f, end, ck).unwrap());
+        assert_eq!(t.index.len(), 2);
+        // The same offset with another checksum: the WAL changed behind the recorder's back.
+        let mut t = track(&f);
+        assert!(!t.seek_to(&f, end, (ck.0 ^ 1, ck.1)).unwrap());
+    }
+}
