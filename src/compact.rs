@@ -25,8 +25,8 @@ use std::path::Path;
 use anyhow::{bail, Context, Result};
 
 use crate::catalog::{DbCatalog, Obj};
+use crate::record::{Kind, RecordHeader, WalPos};
 use crate::segment::{self, Event, ObjHeader, ObjKind, ObjectWriter};
-use crate::stage::{Kind, RecordHeader, WalPos};
 
 /// Merges the verified local objects `inputs` (consecutive, in TXID order) into one
 /// compacted object of `level` written to `out`, using `pages_tmp` as scratch for page

@@ -28,9 +28,9 @@ use anyhow::{anyhow, bail, Context, Result};
 use parking_lot::Mutex;
 
 use crate::crypt::{self, Opener};
+use crate::record::{RecordHeader, RECORD_HEADER};
 use crate::replica::ReplicaClient;
 use crate::segment::{self, Directory, ObjHeader, ObjKind, HEADER};
-use crate::stage::{RecordHeader, RECORD_HEADER};
 
 /// The first request for an object asks for this much: the header, and all of a small object
 /// (whose directory and frames are then served from memory).
@@ -367,9 +367,9 @@ impl Seek for Ranged {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::record::Kind;
     use crate::replica::{Counted, FileReplica};
     use crate::segment::ObjectWriter;
-    use crate::stage::Kind;
     use std::io::Write;
 
     fn object(dir: &std::path::Path, ps: usize, npages: u32) -> std::path::PathBuf {

@@ -26,10 +26,10 @@ use parking_lot::{Condvar, Mutex};
 
 use crate::catalog::{self, fmt_time, Plan, Reader, Step, Target};
 use crate::crypt::Opener;
+use crate::record::Kind;
 use crate::replica;
 use crate::segment::{self, Event};
 use crate::sqlite::page_crc;
-use crate::stage::Kind;
 
 pub struct RestoreOpts {
     pub replica: String,

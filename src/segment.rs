@@ -20,7 +20,7 @@ use std::fs::File;
 use std::io::{self, BufReader, Read, Seek, SeekFrom, Write};
 use std::path::Path;
 
-use crate::stage::{read_pages, write_record, PageSink, RecordHeader, RECORD_HEADER};
+use crate::record::{read_pages, write_record, PageSink, RecordHeader, RECORD_HEADER};
 
 pub const MAGIC: &[u8; 8] = b"SQFSOBJ\0";
 /// Object format version this build writes (it reads this one and every one down to
@@ -876,7 +876,7 @@ pub(crate) fn downgrade_to_v1(f: &File, hdr: &ObjHeader) -> File {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::stage::Kind;
+    use crate::record::Kind;
 
     /// A large record is cut into frames, and every page named by the index can be read by
     /// decompressing just its frame; streaming still sees the whole record.
