@@ -354,8 +354,28 @@ impl Shipper {
         let file = outbox(tmp).context("creating the outbox file")?;
         let mut w = ObjectWriter::new(file, ObjKind::Segment, 0, &db.id)?;
         let mut first = None;
+        // Nothing that a restore's checksum check would refuse leaves the machine: each
+        // transaction must start from the checksum the record before it (the one at `pos`,
+        // read for its header only, or the base) ended with. A snapshot starts afresh.
+        let mut prev = (pos == base.txid).then_some((base.txid, base.checksum));
         db.stage
-            .for_each(pos, last, |h, pages| {
+            .for_each(pos.saturating_sub(1), last, |h, pages| {
+                if h.txid == pos {
+                    prev = Some((h.txid, h.checksum_after));
+                    return Ok(());
+                }
+                if let Some((t, after)) = prev {
+                    // (A first record past `pos + 1` is a fold racing this read: see below.)
+                    let gap = h.txid != t + 1 && first.is_some();
+                    let broken = h.txid == t + 1 && h.kind == Kind::Txn && h.checksum_before != after;
+                    if gap || broken {
+                        return Err(crate::stage::StageError::Damaged(format!(
+                            "staged TXID {} does not follow TXID {t} (checksum before {:016x}, after TXID {t} {after:016x}): not shipped",
+                            h.txid, h.checksum_before
+                        )));
+                    }
+                }
+                prev = Some((h.txid, h.checksum_after));
                 first.get_or_insert(h.txid);
                 if h.txid == pos + 1 {
                     self.remember_missing(db, h.txid, h.time_ns);
