@@ -74,6 +74,9 @@ pub struct Capture {
     /// Observed mode (see [`Capture::observe`]): WAL writes bypass sqlfs.
     observed: Arc<AtomicBool>,
     watch: OnceLock<Arc<watch::Watch>>,
+    /// What [`Capture::shutdown`] found, once it ran (the unmount and the main thread both
+    /// call it).
+    shut: Mutex<Option<bool>>,
 }
 
 /// One database being captured.
@@ -151,6 +154,7 @@ impl Capture {
             dbs: RwLock::new(HashMap::new()),
             observed: Arc::new(AtomicBool::new(false)),
             watch: OnceLock::new(),
+            shut: Mutex::new(None),
         };
         for e in fs::read_dir(cap.meta_root.join("db"))? {
             let e = e?;
@@ -523,6 +527,10 @@ impl Capture {
     /// fingerprint, so the next mount compares its files with the stream and stages what is
     /// missing (invariant 5).
     pub fn shutdown(&self) -> bool {
+        let mut shut = self.shut.lock();
+        if let Some(all) = *shut {
+            return all;
+        }
         let mut all = true;
         for (name, db) in self.databases() {
             if self.is_observed() {
@@ -568,6 +576,7 @@ impl Capture {
                 log::error!("{name}: cannot record clean shutdown: {e}");
             }
         }
+        *shut = Some(all);
         all
     }
 
