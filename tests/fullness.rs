@@ -299,6 +299,7 @@ fn full_disk_staging_fails_loudly_and_recovers_by_itself() {
         "status exits 0 while staging fails:\n{}",
         s.describe()
     );
+    assert!(s.stdout.contains("STAGING FAILING"), "{}", s.describe());
     let m = metrics(&addr);
     assert!(
         m.contains(&format!("sqlfs_staging_failing{{db=\"{DB}\"}} 1")),
