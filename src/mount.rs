@@ -582,6 +582,10 @@ pub fn run(o: MountOpts) -> Result<()> {
             let Some(db) = cap.get(name) else {
                 return Ok(());
             };
+            if let Some(f) = db.staging_failure() {
+                // Its last commits are not staged: no replica can be waited for.
+                anyhow::bail!("{name}: commits are not being staged: {}", f.error);
+            }
             let txid = db.stage.last().map_or(0, |h| h.txid);
             // A database excluded from replication (`replicate: false`) waits for nothing.
             for s in sh.iter().filter(|s| s.replicates(name)) {

@@ -452,6 +452,13 @@ impl Capture {
         if self.is_observed() {
             db.guard(|st, db| st.catch_up(db, &self.backing));
         }
+        if db.failing.lock().is_some() {
+            // What is read should be as staged as it can be: try the snapshot now.
+            db.guard(|st, db| {
+                st.last_retry = None;
+                st.retry(db, &self.backing)
+            });
+        }
         let _g = db.state.lock();
         f()
     }
