@@ -305,6 +305,27 @@ fn full_disk_staging_fails_loudly_and_recovers_by_itself() {
         m.contains(&format!("sqlfs_staging_failing{{db=\"{DB}\"}} 1")),
         "metrics do not say staging fails:\n{m}"
     );
+    // A checkpoint now would destroy WAL frames that are not staged: it is refused, and the
+    // WAL keeps them.
+    let wal = fx.backing_path(&format!("{DB}-wal"));
+    let wal_len = fs::metadata(&wal).unwrap().len();
+    let r = c.query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |r| {
+        Ok((
+            r.get::<_, i64>(0)?,
+            r.get::<_, i64>(1)?,
+            r.get::<_, i64>(2)?,
+        ))
+    });
+    eprintln!("checkpoint while staging fails: {r:?}");
+    assert!(
+        r.is_err() || r.as_ref().is_ok_and(|r| r.0 != 0),
+        "a checkpoint went through while staging fails: {r:?}"
+    );
+    assert_eq!(
+        fs::metadata(&wal).unwrap().len(),
+        wal_len,
+        "the WAL changed size under a refused checkpoint"
+    );
     // Less space than a snapshot of the database needs: still failing, commits go on.
     lfs.free(&filler, Some(64 << 10));
     for i in 0..40 {
