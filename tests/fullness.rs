@@ -387,11 +387,9 @@ fn full_disk_staging_fails_loudly_and_recovers_by_itself() {
 /// A stop while staging fails exits non-zero and leaves no clean-shutdown mark; `verify`
 /// says the staged stream lacks the files' state; a mount on the still full disk says
 /// staging fails, and once space returns it stages what is missing: verify passes and the
-/// restore holds every acknowledged commit. (Written through: every WAL write reaches
-/// sqlfs.)
-#[test]
-fn stop_while_staging_fails_exits_nonzero_and_the_next_mount_stages_the_rest() {
-    let (mut fx, lfs) = small_fixture("fullness-stop", &["--passthrough", "off"]);
+/// restore holds every acknowledged commit.
+fn stop_while_staging_fails(name: &str, extra: &[&str]) {
+    let (mut fx, lfs) = small_fixture(name, extra);
     fx.mount();
     let c = app(&fx);
     let mut acked = Vec::new();
@@ -457,4 +455,16 @@ fn stop_while_staging_fails_exits_nonzero_and_the_next_mount_stages_the_rest() {
     fx.unmount();
     assert_verify(&fx.backing);
     check_restore(&fx, &acked);
+}
+
+/// Written through: every WAL write reaches sqlfs.
+#[test]
+fn stop_while_staging_fails_exits_nonzero_and_the_next_mount_stages_the_rest() {
+    stop_while_staging_fails("fullness-stop", &["--passthrough", "off"]);
+}
+
+/// Observed: commits are read from the WAL.
+#[test]
+fn stop_while_staging_fails_observed() {
+    stop_while_staging_fails("fullness-stop-obs", &[]);
 }
