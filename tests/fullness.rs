@@ -468,3 +468,63 @@ fn stop_while_staging_fails_exits_nonzero_and_the_next_mount_stages_the_rest() {
 fn stop_while_staging_fails_observed() {
     stop_while_staging_fails("fullness-stop-obs", &[]);
 }
+
+/// Rollback journal (PERSIST, so the journal's blocks are reused; rows go into free pages, so
+/// the database file does not grow): the database file is the only copy of what could not be
+/// staged. Staging says it fails, recovers by itself with a snapshot once space returns, and
+/// the restore holds every acknowledged commit.
+#[test]
+fn full_disk_rollback_journal() {
+    let (mut fx, lfs) = small_fixture("fullness-rollback", &[]);
+    fx.mount();
+    let c = open_db(&fx.path(DB));
+    set_journal_mode(&c, "PERSIST");
+    c.execute_batch("CREATE TABLE t(id INTEGER PRIMARY KEY, v BLOB);")
+        .unwrap();
+    c.execute_batch("BEGIN").unwrap();
+    for _ in 0..500 {
+        c.execute("INSERT INTO t(v) VALUES (randomblob(3000))", [])
+            .unwrap();
+    }
+    c.execute_batch("COMMIT").unwrap();
+    // Free pages for the rows to come, and a journal as large as a big transaction.
+    c.execute_batch("DELETE FROM t WHERE id > 100").unwrap();
+    let filler = lfs.dir.join("filler");
+    lfs.fill(&filler);
+    let mut acked = Vec::new();
+    let s = commit_until_staging_fails(&fx, &c, &mut acked);
+    assert!(
+        !s.ok() && s.stdout.contains("STAGING FAILING"),
+        "status does not say staging fails:\n{}",
+        s.describe()
+    );
+    for i in 0..10 {
+        acked.extend(commit(&c, 10_000 + i));
+    }
+    lfs.free(&filler, None);
+    wait_for(
+        Duration::from_secs(60),
+        100,
+        || status(&fx.mnt).ok(),
+        || {
+            format!(
+                "staging did not recover by itself:\n{}\nlog:\n{}",
+                status(&fx.mnt).describe(),
+                fx.last_daemon_log()
+            )
+        },
+    );
+    for i in 0..10 {
+        acked.extend(commit(&c, 20_000 + i));
+    }
+    drop(c);
+    assert_verify(&fx.mnt);
+    fx.unmount();
+    assert_verify(&fx.backing);
+    assert!(
+        acked.len() > 20,
+        "only {} commits acknowledged",
+        acked.len()
+    );
+    check_restore(&fx, &acked);
+}
