@@ -614,11 +614,14 @@ impl Capture {
     }
 
     /// Syncs every database's staging log that has unsynced records.
+    /// A failed sync puts the database in the failing state (logged once, shown by status):
+    /// what it staged may not be durable, so the next record is a snapshot.
     pub fn sync_all(&self) {
-        for (name, db) in self.databases() {
+        for (_, db) in self.databases() {
             if db.stage.is_dirty() {
                 if let Err(e) = db.stage.sync() {
-                    log::error!("{name}: cannot sync staging: {e}");
+                    let e = io::Error::other(format!("cannot sync staging: {e}"));
+                    db.guard(|_, _| Err(e));
                 }
             }
         }
