@@ -21,11 +21,13 @@ build:
 	$(CARGO) build --release
 
 # Debian packages the tests and the mount need: the fuse3 userspace tools
-# (fusermount3) and the sqlite3 command-line shell. Skipped when present.
+# (fusermount3), the sqlite3 command-line shell, and mkfs.ext4 (e2fsprogs: the full-disk
+# tests build a small loop-mounted filesystem). Skipped when present.
 deps:
 	@missing=""; \
 	command -v sqlite3 >/dev/null 2>&1 || missing="$$missing sqlite3"; \
 	command -v fusermount3 >/dev/null 2>&1 || missing="$$missing fuse3"; \
+	PATH="$$PATH:/sbin:/usr/sbin" command -v mkfs.ext4 >/dev/null 2>&1 || missing="$$missing e2fsprogs"; \
 	if [ -n "$$missing" ]; then \
 		echo "installing:$$missing"; \
 		$(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get update -qq && \

@@ -96,7 +96,8 @@ fn handle(
 /// Per database: its staged TXID and staging size; per replica: what it has, how far behind it
 /// is, and its last error. A replica that staging was folded past (it was behind while
 /// staging outgrew its hard limit) is flagged as needing a snapshot, with its true lag.
-/// Exit code 1 if any replica is failing, fenced or needs a snapshot.
+/// Exit code 1 if any replica is failing, fenced or needs a snapshot, or if a database's
+/// commits cannot be staged.
 fn status(cap: &Capture, shippers: &[Arc<Shipper>], stage_limit: u64) -> (String, i32) {
     use std::fmt::Write as _;
     let mut out = String::new();
@@ -118,6 +119,20 @@ fn status(cap: &Capture, shippers: &[Arc<Shipper>], stage_limit: u64) -> (String
         let txid = db.stage.last().map_or(0, |h| h.txid);
         let bytes = db.stage.log_bytes();
         let _ = write!(out, "{name}: TXID {txid}, staged log {} KiB", bytes >> 10);
+        if let Some(f) = db.staging_failure() {
+            code = 1;
+            let since = f
+                .since
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_nanos() as u64);
+            let _ = write!(
+                out,
+                ", STAGING FAILING since {} ({} commit(s) not staged, retried): {}",
+                crate::catalog::fmt_time(since),
+                f.waiting,
+                f.error
+            );
+        }
         let ships: Vec<&Arc<Shipper>> = shippers.iter().filter(|s| s.replicates(&name)).collect();
         if ships.is_empty() {
             let _ = writeln!(out, ", not replicated (replicate: false)");

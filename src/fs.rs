@@ -465,7 +465,8 @@ impl SqlFs {
 
     /// truncate of `rel` (through the open handle if there is one), reported to capture.
     fn set_size(&self, rel: &str, fh: Option<FileHandle>, size: u64) -> Result<(), Errno> {
-        self.capture.before_truncate(rel, size);
+        // Refused while a WAL-mode checkpoint must wait for staging (capture says why).
+        self.capture.before_truncate(rel, size).map_err(errno)?;
         let r = match fh.and_then(|f| self.handle(f).ok()) {
             Some(h) => h.file.set_len(size),
             None => self
@@ -527,7 +528,10 @@ impl SqlFs {
     fn write_through(&self, h: &Handle, offset: u64, data: &[u8]) -> Result<(), Errno> {
         let rel = (h.role != Role::Other).then(|| h.rel.lock().clone());
         if let Some(rel) = &rel {
-            self.capture.before_write(rel, offset, data);
+            // Refused while a WAL-mode checkpoint must wait for staging (capture says why).
+            self.capture
+                .before_write(rel, offset, data)
+                .map_err(errno)?;
         }
         h.file.write_all_at(data, offset).map_err(errno)?;
         if let Some(rel) = &rel {
@@ -900,7 +904,7 @@ impl Filesystem for SqlFs {
         let res = self.rel(ino).and_then(|rel| {
             let trunc = flags.0 & libc::O_TRUNC != 0;
             if trunc {
-                self.capture.before_truncate(&rel, 0);
+                let _ = self.capture.before_truncate(&rel, 0);
             }
             let f = self
                 .backing
@@ -1381,7 +1385,7 @@ impl Filesystem for SqlFs {
             let existed = self.backing.exists(&rel);
             let trunc = existed && flags & libc::O_TRUNC != 0;
             if trunc {
-                self.capture.before_truncate(&rel, 0);
+                let _ = self.capture.before_truncate(&rel, 0);
             }
             let f = self
                 .backing

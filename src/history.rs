@@ -308,7 +308,13 @@ impl History {
         cache_bytes: u64,
     ) -> Result<History> {
         let cache_dir = meta_root.join("history");
-        let _ = fs::remove_dir_all(&cache_dir);
+        // Emptied, not recreated: on a full disk a new directory cannot be made.
+        if let Ok(rd) = fs::read_dir(&cache_dir) {
+            for e in rd.flatten() {
+                let p = e.path();
+                let _ = fs::remove_dir_all(&p).or_else(|_| fs::remove_file(&p));
+            }
+        }
         fs::create_dir_all(&cache_dir)
             .with_context(|| format!("creating {}", cache_dir.display()))?;
         let replica = match replica_url {

@@ -97,6 +97,24 @@ pub fn render(
             db.stage.log_bytes()
         );
     }
+    let _ = writeln!(o, "# HELP sqlfs_staging_failing 1 while a database's commits cannot be staged (a full disk); its next record is a snapshot, retried until staged.\n# TYPE sqlfs_staging_failing gauge");
+    for (name, db) in &dbs {
+        let failing = db.staging_failure().is_some() as u8;
+        let _ = writeln!(
+            o,
+            "sqlfs_staging_failing{{db=\"{}\"}} {failing}",
+            label(name)
+        );
+    }
+    let _ = writeln!(o, "# HELP sqlfs_staging_errors_total Failed attempts to stage a database's records since the mount started.\n# TYPE sqlfs_staging_errors_total counter");
+    for (name, db) in &dbs {
+        let _ = writeln!(
+            o,
+            "sqlfs_staging_errors_total{{db=\"{}\"}} {}",
+            label(name),
+            db.stage_errors()
+        );
+    }
     let _ = writeln!(o, "# HELP sqlfs_stage_limit_bytes --stage-limit: staging is folded past this size, past {}x even before a lagging replica has it.\n# TYPE sqlfs_stage_limit_bytes gauge\nsqlfs_stage_limit_bytes {stage_limit}", crate::mount::STAGE_HARD_FACTOR);
     // Each family's samples in one group, as the exposition format wants.
     type Sample = fn(&Shipper, &crate::capture::Db) -> String;

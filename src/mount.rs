@@ -610,6 +610,10 @@ pub fn run(o: MountOpts) -> Result<()> {
             let Some(db) = cap.get(name) else {
                 return Ok(());
             };
+            if let Some(f) = db.staging_failure() {
+                // Its last commits are not staged: no replica can be waited for.
+                anyhow::bail!("{name}: commits are not being staged: {}", f.error);
+            }
             let txid = db.stage.last().map_or(0, |h| h.txid);
             // A database excluded from replication (`replicate: false`) waits for nothing.
             for s in sh.iter().filter(|s| s.replicates(name)) {
@@ -692,6 +696,8 @@ pub fn run(o: MountOpts) -> Result<()> {
                 while !stop.load(Ordering::Relaxed) {
                     std::thread::sleep(Duration::from_millis(500));
                     cap.sync_all();
+                    // Staging that failed (a full disk) recovers without waiting for a commit.
+                    cap.retry_failed();
                     tick += 1;
                     if tick % 120 == 1 {
                         cap.expire_retired(RETIRED_KEEP);
@@ -747,7 +753,7 @@ pub fn run(o: MountOpts) -> Result<()> {
         capture.databases().len()
     );
     let res = session.run();
-    capture.shutdown();
+    let staged = capture.shutdown();
     // The shippers make a last pass over what was staged before stopping.
     stop.store(true, Ordering::Relaxed);
     for t in ship_threads {
@@ -760,6 +766,13 @@ pub fn run(o: MountOpts) -> Result<()> {
     }
     let _ = std::fs::remove_file(&sock);
     res.context("filesystem session ended with an error")?;
+    if !staged {
+        // The exit code tells the truth: the last state of a database is not staged.
+        bail!(
+            "unmounted {}, but the last state of a database could not be staged (see above); the next mount stages it",
+            dir.display()
+        );
+    }
     log::info!("unmounted {}", dir.display());
     Ok(())
 }

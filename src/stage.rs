@@ -158,12 +158,31 @@ struct Appender {
     /// it (a sync from another thread may be the one that failed); appends fail meanwhile, so
     /// no later record lands on file after the gap.
     lost: bool,
+    /// A failed write could not be cut back: the file may hold a partial record past `len`.
+    /// Nothing is written (appends would land after it) until a cut succeeds.
+    uncut: bool,
     /// The newest image of recently changed pages in this segment, which the next small
     /// records code their pages against.
     bases: crate::delta::Bases,
 }
 
 impl Appender {
+    /// Cuts the file back to its last whole record after a failed write. Until that works
+    /// (it may fail on a full disk too), nothing may be appended after the partial bytes.
+    fn cut_back(&mut self) -> io::Result<()> {
+        let r = self.file.set_len(self.len);
+        self.uncut = r.is_err();
+        r
+    }
+
+    /// Before a write: the file ends with the last whole record.
+    fn whole(&mut self) -> Result<()> {
+        if self.uncut {
+            self.cut_back().map_err(io_err(&self.path))?;
+        }
+        Ok(())
+    }
+
     /// Starts writeback of what was appended since the last call, once there is enough of it.
     /// Only a hint to the kernel: durability still comes from [`DbStage::sync`].
     fn kick(&mut self) {
@@ -422,6 +441,7 @@ impl DbStage {
                 pending: Vec::new(),
                 pending_last: None,
                 lost: false,
+                uncut: false,
                 bases: Default::default(),
             });
         }
@@ -429,14 +449,13 @@ impl DbStage {
         if h.len() > FLUSH_AT as u64 {
             // A large record goes straight to the file, after what was gathered.
             self.flush_locked(a)?;
-            let start_len = a.len;
+            a.whole()?;
             let res = write_record(&mut a.file, h, fill);
             match res {
                 Ok(n) => a.len += n,
                 Err(e) => {
                     // Never leave a partial record for a later one to follow.
-                    let _ = a.file.set_len(start_len);
-                    a.len = start_len;
+                    let _ = a.cut_back();
                     a.bases.clear();
                     return Err(StageError::Io {
                         path: a.path.clone(),
@@ -495,18 +514,17 @@ impl DbStage {
         let Some(last) = a.pending_last.take() else {
             return Ok(());
         };
-        let res = a.file.write_all(&a.pending);
+        let res = a
+            .whole()
+            .and_then(|()| a.file.write_all(&a.pending).map_err(io_err(&a.path)));
         let n = a.pending.len() as u64;
         a.pending.clear();
         if let Err(e) = res {
-            let _ = a.file.set_len(a.len);
+            let _ = a.cut_back();
             a.lost = true;
             // The lost records held bases of the next ones.
             a.bases.clear();
-            return Err(StageError::Io {
-                path: a.path.clone(),
-                err: e,
-            });
+            return Err(e);
         }
         a.len += n;
         a.dirty = true;

@@ -25,8 +25,9 @@ use std::collections::{BTreeSet, HashMap};
 use std::fs::{self, File};
 use std::io;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
+use std::time::{Duration, Instant, SystemTime};
 
 use parking_lot::{Mutex, RwLock};
 
@@ -73,6 +74,9 @@ pub struct Capture {
     /// Observed mode (see [`Capture::observe`]): WAL writes bypass sqlfs.
     observed: Arc<AtomicBool>,
     watch: OnceLock<Arc<watch::Watch>>,
+    /// What [`Capture::shutdown`] found, once it ran (the unmount and the main thread both
+    /// call it).
+    shut: Mutex<Option<bool>>,
 }
 
 /// One database being captured.
@@ -86,7 +90,33 @@ pub struct Db {
     /// which commits are published. (In `locking_mode=EXCLUSIVE` SQLite keeps the index in
     /// its own memory and never opens the file.)
     shm_users: AtomicU32,
+    /// Set while commits cannot be staged (see [`StagingFailure`]); read by status and
+    /// metrics without taking the state lock.
+    failing: Mutex<Option<StagingFailure>>,
+    /// Capture attempts that failed since the mount started (each failed write of records
+    /// or snapshot counts once).
+    stage_errors: AtomicU64,
 }
+
+/// Why and since when a database's commits are not being staged. Set at the first failed
+/// capture, cleared by the first record staged after it (a snapshot: see [`Db::guard`]).
+/// While set, the state stays at the last record on file, the next record is a snapshot that
+/// chains from it, a WAL-mode checkpoint is refused (it would destroy frames that are not
+/// staged), and the snapshot is retried every [`RETRY_GAP`] (commits, checkpoints and the
+/// staging thread all try), so staging recovers on its own as soon as space returns.
+#[derive(Clone, Debug)]
+pub struct StagingFailure {
+    /// The last error.
+    pub error: String,
+    /// When the first failure of this episode happened.
+    pub since: SystemTime,
+    /// Commits seen since then that are not staged (an upper bound).
+    pub waiting: u64,
+}
+
+/// How often a failing database's snapshot is retried at most: each attempt reads the
+/// whole database.
+const RETRY_GAP: Duration = Duration::from_millis(200);
 
 /// The committed state as staged, plus what is known of the files right now.
 struct State {
@@ -106,6 +136,10 @@ struct State {
     /// The `-shm` file, read for SQLite's WAL index; dropped whenever a handle on it opens
     /// (it may be a new file).
     shm_fd: Option<File>,
+    /// Commits recognised so far (counts the ones that could not be staged).
+    commits_seen: u64,
+    /// When the last snapshot was tried while staging was failing.
+    last_retry: Option<Instant>,
 }
 
 impl Capture {
@@ -120,6 +154,7 @@ impl Capture {
             dbs: RwLock::new(HashMap::new()),
             observed: Arc::new(AtomicBool::new(false)),
             watch: OnceLock::new(),
+            shut: Mutex::new(None),
         };
         for e in fs::read_dir(cap.meta_root.join("db"))? {
             let e = e?;
@@ -177,9 +212,13 @@ impl Capture {
                 resnapshot: None,
                 awaiting: false,
                 shm_fd: None,
+                commits_seen: 0,
+                last_retry: None,
             }),
             observed: self.observed.clone(),
             shm_users: AtomicU32::new(0),
+            failing: Mutex::new(None),
+            stage_errors: AtomicU64::new(0),
         });
         db.reconcile(&self.backing)?;
         Ok(db)
@@ -262,18 +301,24 @@ impl Capture {
         }
     }
 
-    /// Before a write of `data` at `off` to file `rel` is passed through.
-    pub fn before_write(&self, rel: &str, off: u64, data: &[u8]) {
+    /// Before a write of `data` at `off` to file `rel` is passed through. An error (ENOSPC)
+    /// refuses the write: a WAL-mode checkpoint while staging fails (see
+    /// [`StagingFailure`]); SQLite leaves the WAL as it is and checkpoints later.
+    pub fn before_write(&self, rel: &str, off: u64, data: &[u8]) -> io::Result<()> {
         let (role, db_rel) = classify(rel);
         let db = match role {
-            Role::Other => return,
+            Role::Other => return Ok(()),
             Role::Main if off == 0 => self.get_or_start(db_rel, role, Some(data)),
             Role::Main => self.get(db_rel),
             _ => self.get_or_start(db_rel, role, None),
         };
         if let Some(db) = db {
             db.guard(|st, db| st.before_write(db, &self.backing, role, off, data));
+            if role == Role::Main && db.refuses_checkpoint() {
+                return Err(io::Error::from_raw_os_error(libc::ENOSPC));
+            }
         }
+        Ok(())
     }
 
     /// After a write to `rel` succeeded.
@@ -294,9 +339,15 @@ impl Capture {
         }
     }
 
-    /// Before `rel` is truncated (or extended) to `size`.
-    pub fn before_truncate(&self, rel: &str, size: u64) {
+    /// Before `rel` is truncated (or extended) to `size`; an error refuses it, as for
+    /// [`Capture::before_write`].
+    pub fn before_truncate(&self, rel: &str, size: u64) -> io::Result<()> {
         self.on_db(rel, |st, db, b, role| st.before_truncate(db, b, role, size));
+        let (role, db_rel) = classify(rel);
+        if role == Role::Main && self.get(db_rel).is_some_and(|db| db.refuses_checkpoint()) {
+            return Err(io::Error::from_raw_os_error(libc::ENOSPC));
+        }
+        Ok(())
     }
 
     /// After `rel` was truncated to `size`.
@@ -401,6 +452,13 @@ impl Capture {
         if self.is_observed() {
             db.guard(|st, db| st.catch_up(db, &self.backing));
         }
+        if db.failing.lock().is_some() {
+            // What is read should be as staged as it can be: try the snapshot now.
+            db.guard(|st, db| {
+                st.last_retry = None;
+                st.retry(db, &self.backing)
+            });
+        }
         let _g = db.state.lock();
         f()
     }
@@ -460,23 +518,73 @@ impl Capture {
         }
     }
 
-    /// Makes every database's staging durable and records a clean-shutdown fingerprint.
-    pub fn shutdown(&self) {
+    /// While staging fails: retries each failing database's snapshot (the staging thread
+    /// calls this, so recovery needs no commit to arrive).
+    pub fn retry_failed(&self) {
+        for (_, db) in self.databases() {
+            if db.failing.lock().is_some() {
+                db.guard(|st, db| st.retry(db, &self.backing));
+            }
+        }
+    }
+
+    /// Makes every database's staging durable and records a clean-shutdown fingerprint for
+    /// each whose files hold nothing more than its staged stream. Returns false if any
+    /// database's last state could not be staged (or its staging not synced): it gets no
+    /// fingerprint, so the next mount compares its files with the stream and stages what is
+    /// missing (invariant 5).
+    pub fn shutdown(&self) -> bool {
+        let mut shut = self.shut.lock();
+        if let Some(all) = *shut {
+            return all;
+        }
+        let mut all = true;
         for (name, db) in self.databases() {
             if self.is_observed() {
                 db.guard(|st, db| st.catch_up(db, &self.backing));
             }
             db.guard(|st, db| st.flush_journalless(db, &self.backing));
+            if db.failing.lock().is_some() {
+                // One last try, due or not.
+                db.guard(|st, db| {
+                    st.last_retry = None;
+                    st.retry(db, &self.backing)
+                });
+            }
+            if let Some(f) = db.staging_failure() {
+                log::error!(
+                    "{name}: stopping while commits are not staged ({} commit(s) since {}: {}); no clean-shutdown mark: the next mount compares the files with the staged stream and stages what is missing",
+                    f.waiting,
+                    crate::catalog::fmt_time(
+                        f.since
+                            .duration_since(std::time::SystemTime::UNIX_EPOCH)
+                            .map_or(0, |d| d.as_nanos() as u64)
+                    ),
+                    f.error
+                );
+                all = false;
+                if let Err(e) = db.stage.sync() {
+                    log::error!("{name}: cannot sync staging: {e}");
+                }
+                continue;
+            }
             if let Err(e) = db.stage.sync() {
                 log::error!("{name}: cannot sync staging: {e}");
+                all = false;
                 continue;
             }
             let st = db.state.lock();
+            if st.resnapshot.is_some() {
+                // The stream lacks what the files hold: no fingerprint may vouch for it.
+                continue;
+            }
             let fp = fingerprint(&self.backing, &name, st.txid);
             if let Err(e) = write_atomic(&db.stage.dir().join("clean"), fp.as_bytes()) {
                 log::error!("{name}: cannot record clean shutdown: {e}");
             }
         }
+        *shut = Some(all);
+        all
     }
 
     /// Removes the staging of databases deleted (or replaced) longer than `keep` ago.
@@ -506,11 +614,14 @@ impl Capture {
     }
 
     /// Syncs every database's staging log that has unsynced records.
+    /// A failed sync puts the database in the failing state (logged once, shown by status):
+    /// what it staged may not be durable, so the next record is a snapshot.
     pub fn sync_all(&self) {
-        for (name, db) in self.databases() {
+        for (_, db) in self.databases() {
             if db.stage.is_dirty() {
                 if let Err(e) = db.stage.sync() {
-                    log::error!("{name}: cannot sync staging: {e}");
+                    let e = io::Error::other(format!("cannot sync staging: {e}"));
+                    db.guard(|_, _| Err(e));
                 }
             }
         }
@@ -569,28 +680,104 @@ impl Db {
     /// request or catch-up that made it is done. Capture errors never fail the app's I/O: they
     /// are logged, the state goes back to what the staging log holds (records that could not
     /// be written are gone, and their TXIDs are given again: no gap), and the next commit
-    /// becomes a full snapshot so the stream stays exact.
+    /// becomes a full snapshot so the stream stays exact (see [`StagingFailure`]).
     fn guard(&self, f: impl FnOnce(&mut State, &Db) -> io::Result<()>) {
         let mut st = self.state.lock();
+        let seen = st.commits_seen;
         let res = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| f(&mut st, self)));
         let flushed = self.stage.flush();
         let err = match (res, flushed) {
-            (Ok(Ok(())), Ok(())) => return,
+            (Ok(Ok(())), Ok(())) => {
+                self.note_success(&st, st.commits_seen - seen);
+                return;
+            }
             (Ok(Err(e)), _) => e.to_string(),
             (Err(_), _) => "internal error (panic) in capture".to_string(),
             (Ok(Ok(())), Err(e)) => e.to_string(),
         };
-        log::error!(
-            "{}: capture failed: {err}; the next transaction will be staged as a full snapshot",
-            self.name()
-        );
+        let lost = st.commits_seen - seen;
+        self.failed(&mut st, err, lost);
+    }
+
+    /// A capture attempt failed: back to the last record on file, the next record a snapshot
+    /// chaining from it. Logged at the first failure of an episode, not at every retry.
+    fn failed(&self, st: &mut State, err: String, lost: u64) {
+        self.stage_errors.fetch_add(1, Ordering::Relaxed);
+        let mut failing = self.failing.lock();
+        match failing.as_mut() {
+            None => {
+                log::error!(
+                    "{}: capture failed, commits are not being staged: {err}; the next transaction will be staged as a full snapshot (retried until it succeeds)",
+                    self.name()
+                );
+                *failing = Some(StagingFailure {
+                    error: err.clone(),
+                    since: SystemTime::now(),
+                    waiting: lost,
+                });
+            }
+            Some(f) => {
+                log::debug!("{}: staging still fails: {err}", self.name());
+                f.error = err.clone();
+                f.waiting += lost;
+            }
+        }
+        drop(failing);
         if let Err(e) = st.rewind_to_staged(self) {
             log::error!("{}: cannot read the staging log's base: {e}", self.name());
         }
-        st.resnapshot = Some(format!("an earlier capture failed: {err}"));
+        // Keep the first reason: it is the one the log explains.
+        if st.resnapshot.is_none() {
+            st.resnapshot = Some(format!("an earlier capture failed: {err}"));
+        }
         st.main_fd = None;
         st.wal_fd = None;
         st.shm_fd = None;
+    }
+
+    /// A capture attempt succeeded: if staging was failing and the snapshot that makes the
+    /// stream whole is now on file, it has recovered.
+    fn note_success(&self, st: &State, seen: u64) {
+        let mut failing = self.failing.lock();
+        let Some(f) = failing.as_mut() else {
+            return;
+        };
+        if st.resnapshot.is_some() {
+            f.waiting += seen;
+            return;
+        }
+        log::warn!(
+            "{}: staging works again: TXID {} is a full snapshot of the database, after {} commit(s) could not be staged individually since {}",
+            self.name(),
+            st.txid,
+            f.waiting + seen,
+            crate::catalog::fmt_time(
+                f.since
+                    .duration_since(SystemTime::UNIX_EPOCH)
+                    .map_or(0, |d| d.as_nanos() as u64)
+            )
+        );
+        *failing = None;
+    }
+
+    /// Why this database's commits are not being staged, if they are not.
+    pub fn staging_failure(&self) -> Option<StagingFailure> {
+        self.failing.lock().clone()
+    }
+
+    /// Failed capture attempts since the mount started.
+    pub fn stage_errors(&self) -> u64 {
+        self.stage_errors.load(Ordering::Relaxed)
+    }
+
+    /// True while a write of the database file must be refused: in WAL mode such a write is a
+    /// checkpoint, and while staging fails it would destroy WAL frames that are not staged.
+    fn refuses_checkpoint(&self) -> bool {
+        if self.failing.lock().is_none() {
+            return false;
+        }
+        let st = self.state.lock();
+        st.in_wal_mode() && st.resnapshot.is_some()
     }
 
     /// Brings the state in line with the staging log and the files after a (re)start:
@@ -645,28 +832,43 @@ impl Db {
                 }
             }
         }
-        if st.resnapshot.is_none() && txid > 0 {
-            st.capture_wal(self, b)?;
-            if !unchanged {
-                let actual = st.full_checksum(self, b)?;
-                if actual != (st.checksum, st.page_size, st.db_pages) {
-                    st.resnapshot = Some(format!(
-                        "the files changed while sqlfs was not running (staged checksum {:016x}, files {:016x})",
-                        st.checksum, actual.0
-                    ));
-                } else {
-                    log::info!(
-                        "{name}: continuity with the staged stream verified by checksum (TXID {})",
-                        st.txid
-                    );
-                }
+        if st.resnapshot.is_none() && txid > 0 && !unchanged {
+            // Continuity is proven before anything is derived from it: the files as of the
+            // last staged commit (the WAL re-entered there) must give the staged checksum.
+            // Commits after it are then staged from the WAL on a state known to be right; if
+            // the database file took frames that were never staged (a checkpoint while
+            // staging failed), deriving them incrementally would stage wrong checksums.
+            let actual = st.full_checksum(self, b)?;
+            if actual != (st.checksum, st.page_size, st.db_pages) {
+                st.resnapshot = Some(format!(
+                    "the files changed while sqlfs was not running (staged checksum {:016x}, files {:016x})",
+                    st.checksum, actual.0
+                ));
+            } else {
+                log::info!(
+                    "{name}: continuity with the staged stream verified by checksum (TXID {})",
+                    st.txid
+                );
             }
         }
-        if let Some(why) = st.resnapshot.clone() {
-            let pos = st.current_walpos();
-            st.snapshot_with(self, b, &why, pos)?;
+        // A full disk at start does not stop the mount: the database is captured as failing,
+        // and the snapshot is retried until it is staged.
+        let seen = st.commits_seen;
+        let stage_rest = |st: &mut State| -> io::Result<()> {
+            if st.resnapshot.is_none() && txid > 0 {
+                st.capture_wal(self, b)?;
+            }
+            if let Some(why) = st.resnapshot.clone() {
+                let pos = st.current_walpos();
+                st.snapshot_with(self, b, &why, pos)?;
+            }
+            self.stage.flush().map_err(io::Error::other)
+        };
+        if let Err(e) = stage_rest(&mut st) {
+            let lost = st.commits_seen - seen;
+            self.failed(&mut st, e.to_string(), lost);
         }
-        self.stage.flush().map_err(io::Error::other)
+        Ok(())
     }
 }
 
@@ -793,7 +995,9 @@ impl State {
                     self.catch_up(db, b)?;
                 }
                 if self.in_wal_mode() {
-                    // A checkpoint copying committed frames back.
+                    // A checkpoint copying committed frames back: it may only go ahead once
+                    // everything is staged (see `Db::refuses_checkpoint`).
+                    self.retry(db, b)?;
                     self.barrier(db)?;
                 } else {
                     if self.rb.is_clean() {
@@ -885,7 +1089,10 @@ impl State {
                 self.rb.truncated = true;
                 Ok(())
             }
-            Role::Main => self.barrier(db),
+            Role::Main => {
+                self.retry(db, b)?;
+                self.barrier(db)
+            }
             _ => Ok(()),
         }
     }
@@ -1273,6 +1480,11 @@ impl State {
         hint: Option<(u64, &[u8])>,
         limit: u64,
     ) -> io::Result<()> {
+        if self.wal.is_some() {
+            // Descriptors are dropped after a failed capture; without one, commits written
+            // through would go unseen until the WAL is opened again.
+            self.open_wal(db, b)?;
+        }
         let (Some(w), Some(fd)) = (self.wal.as_mut(), self.wal_fd.as_ref()) else {
             return Ok(());
         };
@@ -1315,12 +1527,14 @@ impl State {
             if padding {
                 return Ok(());
             }
+            self.commits_seen += 1;
             let why = self
                 .resnapshot
                 .clone()
                 .unwrap_or_else(|| "page size changed".into());
-            return self.snapshot_with(db, b, &why, walpos);
+            return self.resnapshot_now(db, b, &why, walpos);
         }
+        self.commits_seen += 1;
         let (pages, checksum, crcs) = self.wal_txn_pages(t, ps)?;
         let h = self.next_header(
             Kind::Txn,
@@ -1441,6 +1655,7 @@ impl State {
             return Ok(());
         }
         let rb = std::mem::take(&mut self.rb);
+        self.commits_seen += 1;
         self.main(db, b)?;
         let f = self.main_fd.as_ref().expect("opened above");
         let size = f.metadata()?.len();
@@ -1475,7 +1690,7 @@ impl State {
                 .resnapshot
                 .clone()
                 .unwrap_or_else(|| "page size changed".into());
-            return self.snapshot_with(db, b, &why, WalPos::default());
+            return self.resnapshot_now(db, b, &why, WalPos::default());
         }
         let old_pages = self.db_pages;
         let mut pages: BTreeSet<u32> = rb
@@ -1593,7 +1808,14 @@ impl State {
     /// Stages the whole current database (main file overlaid with committed WAL frames) as
     /// the next TXID, and says why.
     fn snapshot_with(&mut self, db: &Db, b: &Backing, why: &str, wal: WalPos) -> io::Result<()> {
-        if self.txid == 0 {
+        if db.failing.lock().is_some() {
+            // Retried until it is staged: logged when it is (see `Db::note_success`).
+            log::debug!(
+                "{}: trying to stage a full snapshot as TXID {}: {why}",
+                db.name(),
+                self.txid + 1
+            );
+        } else if self.txid == 0 {
             log::info!(
                 "{}: staging the initial snapshot as TXID 1 ({why})",
                 db.name()
@@ -1606,6 +1828,11 @@ impl State {
             );
         }
         self.main(db, b)?;
+        if self.wal.is_some() {
+            // The committed frames are read from the WAL (its descriptor may have been
+            // dropped by a failed capture).
+            self.open_wal(db, b)?;
+        }
         let (checksum, ps, pages) = self.full_checksum(db, b)?;
         let h = self.next_header(Kind::Snapshot, ps, pages, checksum, pages, wal);
         let all: Vec<u32> = (1..=pages).collect();
@@ -1615,6 +1842,40 @@ impl State {
         self.resnapshot = None;
         self.rb = Rollback::default();
         Ok(())
+    }
+
+    /// Stages the snapshot the state asks for, unless staging is failing and one was tried less
+    /// than [`RETRY_GAP`] ago: then it stays asked for, and the commit waits in the files
+    /// (the WAL, whose checkpoints are refused meanwhile, or the database file).
+    fn resnapshot_now(&mut self, db: &Db, b: &Backing, why: &str, wal: WalPos) -> io::Result<()> {
+        if db.failing.lock().is_some() {
+            if self.last_retry.is_some_and(|t| t.elapsed() < RETRY_GAP) {
+                self.resnapshot.get_or_insert_with(|| why.to_string());
+                return Ok(());
+            }
+            self.last_retry = Some(Instant::now());
+        }
+        self.snapshot_with(db, b, why, wal)
+    }
+
+    /// While staging fails: takes what the WAL published (observed mode) and tries the
+    /// snapshot again if it is due and the files are between transactions (never in the
+    /// middle of a rollback-journal transaction).
+    fn retry(&mut self, db: &Db, b: &Backing) -> io::Result<()> {
+        if db.failing.lock().is_none() {
+            return Ok(());
+        }
+        if db.observed() {
+            self.catch_up(db, b)?;
+        }
+        let Some(why) = self.resnapshot.clone() else {
+            return Ok(());
+        };
+        if !self.in_wal_mode() && (self.rb.journal_live || !self.rb.is_clean()) {
+            return Ok(());
+        }
+        let pos = self.current_walpos();
+        self.resnapshot_now(db, b, &why, pos)
     }
 
     /// Page size and size in pages of the database as its files hold it now: the last
@@ -1677,6 +1938,8 @@ pub fn live_image(b: &Backing, name: &str, out: &File) -> io::Result<(u32, u32)>
         resnapshot: None,
         awaiting: false,
         shm_fd: None,
+        commits_seen: 0,
+        last_retry: None,
     };
     if let Some(fd) = st.wal_fd.as_ref() {
         st.wal = WalTrack::read_header(fd)?.map(WalTrack::new);

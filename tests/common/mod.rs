@@ -372,6 +372,24 @@ impl Mount {
         );
     }
 
+    /// SIGTERM and wait (30 s at most); the daemon's exit status, whatever it is. The mount
+    /// point is cleared if the daemon left it behind.
+    pub fn stop_status(&mut self) -> ExitStatus {
+        let mut child = self.child.take().expect("daemon running");
+        send_signal(child.id(), libc::SIGTERM);
+        let status = wait_timeout(&mut child, Duration::from_secs(30));
+        if sqlfs_mounts_at(&self.mnt) > 0 {
+            lazy_umount(&self.mnt);
+        }
+        status.unwrap_or_else(|| {
+            kill9_child(&mut child);
+            panic!(
+                "sqlfs did not exit within 30 s of SIGTERM; output:\n{}",
+                file_tail(&self.log, 4000)
+            )
+        })
+    }
+
     /// kill -9 the daemon, then `umount -l` the dead mount point.
     pub fn kill9(&mut self) {
         if let Some(mut child) = self.child.take() {
@@ -466,6 +484,11 @@ impl Fixture {
         if let Some(mut m) = self.mount.take() {
             m.stop();
         }
+    }
+
+    /// SIGTERM; the daemon's exit status, unchecked (see [`Mount::stop_status`]).
+    pub fn unmount_status(&mut self) -> ExitStatus {
+        self.mount.take().expect("mounted").stop_status()
     }
 
     /// kill -9 of the daemon and `umount -l`.
