@@ -18,7 +18,7 @@ use std::path::{Path, PathBuf};
 use anyhow::{bail, Context, Result};
 use serde::Deserialize;
 
-use crate::ship::Policy;
+pub use crate::crypt::{ReadKey, Seal};
 use crate::units::{parse_duration, parse_size, parse_threads};
 
 #[derive(Debug, Default, Deserialize)]
@@ -339,25 +339,6 @@ impl KeyLayer {
     }
 }
 
-/// How a replica's objects are encrypted when they are written.
-#[derive(Clone, Default)]
-pub enum Seal {
-    #[default]
-    Plain,
-    /// To these age recipients.
-    Recipients(Vec<String>),
-    /// With this passphrase (the value, never shown).
-    Passphrase(String),
-}
-
-/// What decrypts a replica's objects: an identity file and/or a passphrase (the value,
-/// never shown).
-#[derive(Clone, Default)]
-pub struct ReadKey {
-    pub identity: Option<PathBuf>,
-    pub passphrase: Option<String>,
-}
-
 /// The value of the passphrase variable `var`.
 pub fn passphrase(var: &str) -> Result<String> {
     check_var_name(var).map_err(|e| anyhow::anyhow!("the passphrase variable: {e}"))?;
@@ -395,25 +376,6 @@ pub fn db_sync(mount_wide: bool, db: Option<&DbConf>) -> bool {
     db.and_then(|d| d.sync).unwrap_or(mount_wide)
 }
 
-/// Applies the policy settings of one layer (global, replica or database) over `p`.
-pub fn overlay(
-    p: &mut Policy,
-    snapshot: &Option<String>,
-    retention: &Option<String>,
-    compaction: &Option<Vec<String>>,
-) {
-    // Values were checked when the file was loaded.
-    if let Some(d) = snapshot.as_deref().and_then(|s| parse_duration(s).ok()) {
-        p.snapshot_interval = d;
-    }
-    if let Some(d) = retention.as_deref().and_then(|s| parse_duration(s).ok()) {
-        p.retention = d;
-    }
-    if let Some(l) = compaction {
-        p.levels = l.iter().filter_map(|s| parse_duration(s).ok()).collect();
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -436,8 +398,8 @@ mod tests {
         .unwrap();
         assert_eq!(c.replicas[0].url, "file:///tmp/b1");
         assert_eq!(c.databases["cache.db"].replicate, Some(false));
-        let mut p = Policy::default();
-        overlay(&mut p, &c.snapshot_interval, &c.retention, &c.compaction);
+        let mut p = crate::ship::Policy::default();
+        p.overlay(&c.snapshot_interval, &c.retention, &c.compaction);
         assert_eq!(p.retention, Duration::from_secs(72 * 3600));
         assert_eq!(p.levels.len(), 2);
     }

@@ -114,7 +114,7 @@ fn status(cap: &Capture, shippers: &[Arc<Shipper>], stage_limit: u64) -> (String
             }
         }
     }
-    let hard = stage_limit.saturating_mul(crate::mount::STAGE_HARD_FACTOR);
+    let hard = stage_limit.saturating_mul(crate::stage::HARD_FACTOR);
     for (name, db) in cap.databases() {
         let txid = db.stage.last().map_or(0, |h| h.txid);
         let bytes = db.stage.log_bytes();

@@ -30,6 +30,25 @@ use anyhow::{bail, Context, Result};
 use lru::LruCache;
 use parking_lot::Mutex;
 
+/// How a replica's objects are encrypted when they are written.
+#[derive(Clone, Default)]
+pub enum Seal {
+    #[default]
+    Plain,
+    /// To these age recipients.
+    Recipients(Vec<String>),
+    /// With this passphrase (the value, never shown).
+    Passphrase(String),
+}
+
+/// What decrypts a replica's objects: an identity file and/or a passphrase (the value,
+/// never shown).
+#[derive(Clone, Default)]
+pub struct ReadKey {
+    pub identity: Option<std::path::PathBuf>,
+    pub passphrase: Option<String>,
+}
+
 const AGE_MAGIC: &[u8] = b"age-encryption.org/v1";
 
 /// True if `head` (the first bytes of an object) is an age file.
@@ -87,8 +106,7 @@ impl Sealer {
     }
 
     /// The sealer a replica's resolved encryption setting asks for (`None`: not encrypted).
-    pub fn for_seal(seal: &crate::config::Seal) -> Result<Option<Sealer>> {
-        use crate::config::Seal;
+    pub fn for_seal(seal: &Seal) -> Result<Option<Sealer>> {
         match seal {
             Seal::Plain => Ok(None),
             Seal::Recipients(r) => Sealer::new(r),
@@ -241,7 +259,7 @@ impl Opener {
 
     /// The opener for a replica's resolved key: its identity file if it has one, else its
     /// passphrase; `None` without either.
-    pub fn for_key(key: &crate::config::ReadKey) -> Result<Option<Opener>> {
+    pub fn for_key(key: &ReadKey) -> Result<Option<Opener>> {
         match (&key.identity, &key.passphrase) {
             (Some(f), _) => Opener::from_identity_file(f).map(Some),
             (None, Some(p)) => Opener::from_passphrase(p).map(Some),

@@ -16,8 +16,7 @@ use fuser::{Config, MountOption, Session, SessionACL};
 use crate::backing::{Backing, META_DIR};
 use crate::capture::Capture;
 use crate::config::{
-    db_sync, overlay, resolve_read, resolve_seal, Config as FileConfig, DbConf, KeyLayer, ReadKey,
-    Seal,
+    db_sync, resolve_read, resolve_seal, Config as FileConfig, DbConf, KeyLayer, ReadKey, Seal,
 };
 use crate::fs::{Passthrough, SqlFs};
 use crate::ship::Policy;
@@ -140,12 +139,7 @@ impl MountOpts {
             .or(dur(&conf.sync_interval).filter(|d| !d.is_zero()))
             .unwrap_or(Duration::from_secs(1));
         let mut policy = Policy::default();
-        overlay(
-            &mut policy,
-            &conf.snapshot_interval,
-            &conf.retention,
-            &conf.compaction,
-        );
+        policy.overlay(&conf.snapshot_interval, &conf.retention, &conf.compaction);
         if let Some(d) = cli.snapshot_interval {
             policy.snapshot_interval = d;
         }
@@ -190,7 +184,7 @@ impl MountOpts {
                 .enumerate()
                 .map(|(i, r)| {
                     let mut p = policy.clone();
-                    overlay(&mut p, &r.snapshot_interval, &r.retention, &r.compaction);
+                    p.overlay(&r.snapshot_interval, &r.retention, &r.compaction);
                     let own = r.keys();
                     Ok(ReplicaSpec {
                         url: r.url.clone(),
@@ -265,10 +259,6 @@ impl MountOpts {
 
 /// How long a `--sync` fsync waits for the replicas before failing the app's fsync.
 const SYNC_TIMEOUT: Duration = Duration::from_secs(60);
-
-/// Staging may grow to this many times `--stage-limit` for a lagging replica before it is
-/// folded anyway (that replica then gets a snapshot when it comes back).
-pub const STAGE_HARD_FACTOR: u64 = 4;
 
 /// The replicas to ship to: those given, or the embedded default directory.
 fn replica_specs(o: &MountOpts) -> Result<Vec<ReplicaSpec>> {
@@ -708,9 +698,9 @@ pub fn run(o: MountOpts) -> Result<()> {
                             // Fold only what every replica has, unless staging outgrows its
                             // hard limit: then say so, and the lagging replica gets a snapshot.
                             let shipped = shippers.iter().map(|s| s.position(&db)).min().unwrap_or(u64::MAX);
-                            let upto = if bytes > limit * STAGE_HARD_FACTOR {
+                            let upto = if bytes > limit * crate::stage::HARD_FACTOR {
                                 if shipped < db.stage.last().map_or(0, |h| h.txid) {
-                                    log::error!("{name}: a replica is behind and staging holds {} MiB (over {}x --stage-limit); folding anyway, that replica will get a snapshot", bytes >> 20, STAGE_HARD_FACTOR);
+                                    log::error!("{name}: a replica is behind and staging holds {} MiB (over {}x --stage-limit); folding anyway, that replica will get a snapshot", bytes >> 20, crate::stage::HARD_FACTOR);
                                 }
                                 u64::MAX
                             } else {

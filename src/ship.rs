@@ -39,11 +39,12 @@ use parking_lot::{Condvar, Mutex};
 use crate::capture::{Capture, Db};
 use crate::catalog::{compacted_key, l0_key, name_key, snapshot_key, DbCatalog, Obj, Reader};
 use crate::compact;
-use crate::config::{overlay, DbConf};
+use crate::config::DbConf;
 use crate::crypt::Sealer;
 use crate::replica::{ReplicaClient, ReplicaError};
 use crate::segment::{ObjKind, ObjectWriter};
 use crate::stage::{now_ns, write_atomic, Kind, RecordHeader, WalPos};
+use crate::units::parse_duration;
 
 /// How a replica's objects are snapshotted, compacted and expired.
 #[derive(Clone, Debug)]
@@ -71,13 +72,34 @@ impl Default for Policy {
     }
 }
 
+impl Policy {
+    /// Sets the values a configuration layer gives (those it leaves out stay as they are).
+    pub fn overlay(
+        &mut self,
+        snapshot: &Option<String>,
+        retention: &Option<String>,
+        compaction: &Option<Vec<String>>,
+    ) {
+        // Values were checked when the file was loaded.
+        if let Some(d) = snapshot.as_deref().and_then(|s| parse_duration(s).ok()) {
+            self.snapshot_interval = d;
+        }
+        if let Some(d) = retention.as_deref().and_then(|s| parse_duration(s).ok()) {
+            self.retention = d;
+        }
+        if let Some(l) = compaction {
+            self.levels = l.iter().filter_map(|s| parse_duration(s).ok()).collect();
+        }
+    }
+}
+
 /// The policy of a database on a replica: the replica's (defaults, the configuration's top
 /// level, command-line flags, the replica's own settings), then the database's own settings
 /// from the configuration, which are the most specific and win.
 pub fn db_policy(replica: &Policy, db: Option<&DbConf>) -> Policy {
     let mut p = replica.clone();
     if let Some(r) = db {
-        overlay(&mut p, &r.snapshot_interval, &r.retention, &r.compaction);
+        p.overlay(&r.snapshot_interval, &r.retention, &r.compaction);
     }
     p
 }

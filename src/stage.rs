@@ -34,6 +34,9 @@ pub fn now_ns() -> u64 {
         .unwrap_or(0)
 }
 
+/// Staging may grow to this many times `--stage-limit` for a lagging replica before it is
+/// folded anyway (that replica then gets a snapshot when it comes back).
+pub const HARD_FACTOR: u64 = 4;
 /// A segment is sealed (a new one started) once it reaches this size.
 const SEGMENT_BYTES: u64 = 8 << 20;
 /// Bytes of small records [`DbStage::append`] gathers before writing them out; records larger
