@@ -32,6 +32,8 @@ pub struct S3Replica {
     shown: String,
     /// How long one small request may take (the URL's `timeout`).
     timeout: Duration,
+    /// Keys asked for per listing page (`None`: the store's default, 1000 on S3).
+    list_page: Option<i32>,
     rt: tokio::runtime::Runtime,
 }
 
@@ -196,8 +198,16 @@ impl S3Replica {
             prefix: u.prefix,
             shown,
             timeout: u.timeout,
+            list_page: None,
             rt,
         })
+    }
+
+    /// Lists `n` keys per page instead of the store's default: lets tests cross page
+    /// boundaries with a few objects.
+    pub fn with_list_page(mut self, n: i32) -> S3Replica {
+        self.list_page = Some(n);
+        self
     }
 
     /// The error of a body read that took longer than the timeout.
@@ -429,6 +439,7 @@ impl ReplicaClient for S3Replica {
                 .list_objects_v2()
                 .bucket(&self.bucket)
                 .prefix(self.full(prefix))
+                .set_max_keys(self.list_page)
                 .into_paginator()
                 .send();
             while let Some(page) = pages.next().await {
