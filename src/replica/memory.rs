@@ -56,11 +56,13 @@ struct Faults {
     calls: HashMap<Op, u64>,
 }
 
+/// A stored object: its bytes and when it was stored (ns since the epoch).
+type Object = (Arc<Vec<u8>>, u64);
+
 struct Inner {
     name: String,
     timeout: Duration,
-    /// key → (bytes, stored at ns since the epoch).
-    objects: Mutex<BTreeMap<String, (Arc<Vec<u8>>, u64)>>,
+    objects: Mutex<BTreeMap<String, Object>>,
     faults: Mutex<Faults>,
 }
 
