@@ -44,8 +44,9 @@ pub struct Listed {
     pub modified_ns: u64,
 }
 
-/// One place objects are stored. Every backend implements exactly this, and passes
-/// `tests/conformance.rs`, which checks each point below.
+/// One place objects are stored. Every backend implements exactly this and keeps the contract
+/// below; `tests/conformance.rs` checks it case by case over every backend (all but the
+/// points a single loopback server cannot show: other machines, a store that stops).
 ///
 /// **Keys** are `/`-separated paths: not empty, no leading or trailing `/`, no empty segment
 /// and none starting with `.` (so no `..`); a backend refuses any other key with an error
