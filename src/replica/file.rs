@@ -1,14 +1,23 @@
 //! A replica in a local directory (a second disk, an NFS mount).
 //!
-//! Invariant: an object appears under its key complete or not at all (written to a temporary
-//! name, fsynced, then hard-linked into place — the link fails if the key exists, which is the
-//! fence — and the directory fsynced).
+//! Invariants:
+//! - An object appears under its key complete or not at all (written to a temporary name of
+//!   its own — unique per call, so concurrent writers never share one —, fsynced, then
+//!   hard-linked into place — the link fails if the key exists, which is the fence — and the
+//!   directory fsynced).
+//! - Every key passes [`check_key`] before it becomes a path: no key reaches outside the
+//!   directory, and the temporary names (`.tmp-…`) are never keys.
+//! - A path that is a directory is no key (missing to `get`, `get_range` and `delete`).
 
 use std::fs::{self, File};
 use std::io;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 
-use super::{Listed, ReplicaClient, ReplicaError, Result};
+use super::{check_key, Listed, ReplicaClient, ReplicaError, Result};
+
+/// Makes temporary names unique within the process (the process id, across processes).
+static TMP_SEQ: AtomicU64 = AtomicU64::new(0);
 
 pub struct FileReplica {
     root: PathBuf,
@@ -19,8 +28,21 @@ impl FileReplica {
         FileReplica { root }
     }
 
-    fn path(&self, key: &str) -> PathBuf {
-        self.root.join(key)
+    /// The file of `key`, once the key is checked.
+    fn path(&self, op: &'static str, key: &str) -> Result<PathBuf> {
+        check_key(&self.describe(), op, key, false)?;
+        Ok(self.root.join(key))
+    }
+
+    /// Opens the file of `key` for reading; `None` if there is no such key.
+    fn open(&self, op: &'static str, key: &str) -> Result<Option<File>> {
+        let f = match File::open(self.path(op, key)?) {
+            Ok(f) => f,
+            Err(e) if is_missing(&e) => return Ok(None),
+            Err(e) => return Err(self.err("open", key)(e)),
+        };
+        let m = f.metadata().map_err(self.err("stat", key))?;
+        Ok(m.is_file().then_some(f))
     }
 
     fn err(&self, op: &'static str, key: &str) -> impl FnOnce(io::Error) -> ReplicaError + '_ {
@@ -34,13 +56,18 @@ impl FileReplica {
     }
 
     /// Writes `fill` to a temporary file next to `key`, fsynced; returns its path.
-    fn stage(&self, key: &str, fill: impl FnOnce(&mut File) -> io::Result<()>) -> Result<PathBuf> {
-        let dst = self.path(key);
+    fn stage(
+        &self,
+        dst: &Path,
+        key: &str,
+        fill: impl FnOnce(&mut File) -> io::Result<()>,
+    ) -> Result<PathBuf> {
         let dir = dst.parent().unwrap_or(&self.root).to_path_buf();
         fs::create_dir_all(&dir).map_err(self.err("create directory for", key))?;
         let tmp = dir.join(format!(
-            ".tmp-{}-{}",
+            ".tmp-{}-{}-{}",
             std::process::id(),
+            TMP_SEQ.fetch_add(1, Ordering::Relaxed),
             dst.file_name().and_then(|n| n.to_str()).unwrap_or("obj")
         ));
         let res = File::create(&tmp).and_then(|mut f| {
@@ -54,8 +81,7 @@ impl FileReplica {
         Ok(tmp)
     }
 
-    fn sync_dir(&self, key: &str) -> Result<()> {
-        let dst = self.path(key);
+    fn sync_dir(&self, dst: &Path, key: &str) -> Result<()> {
         let dir = dst.parent().unwrap_or(&self.root);
         File::open(dir)
             .and_then(|d| d.sync_all())
@@ -69,11 +95,14 @@ impl ReplicaClient for FileReplica {
     }
 
     fn put_new(&self, key: &str, src: &Path) -> Result<()> {
-        let tmp = self.stage(key, |f| io::copy(&mut File::open(src)?, f).map(|_| ()))?;
-        let res = fs::hard_link(&tmp, self.path(key));
+        let dst = self.path("put_new", key)?;
+        let tmp = self.stage(&dst, key, |f| {
+            io::copy(&mut File::open(src)?, f).map(|_| ())
+        })?;
+        let res = fs::hard_link(&tmp, &dst);
         let _ = fs::remove_file(&tmp);
         match res {
-            Ok(()) => self.sync_dir(key),
+            Ok(()) => self.sync_dir(&dst, key),
             Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {
                 Err(ReplicaError::Exists(key.to_string()))
             }
@@ -82,28 +111,27 @@ impl ReplicaClient for FileReplica {
     }
 
     fn put(&self, key: &str, data: &[u8]) -> Result<()> {
-        let tmp = self.stage(key, |f| io::Write::write_all(f, data))?;
-        fs::rename(&tmp, self.path(key)).map_err(self.err("rename into", key))?;
-        self.sync_dir(key)
+        let dst = self.path("put", key)?;
+        let tmp = self.stage(&dst, key, |f| io::Write::write_all(f, data))?;
+        if let Err(e) = fs::rename(&tmp, &dst) {
+            let _ = fs::remove_file(&tmp);
+            return Err(self.err("rename into", key)(e));
+        }
+        self.sync_dir(&dst, key)
     }
 
     fn get(&self, key: &str, dst: &Path) -> Result<bool> {
-        match File::open(self.path(key)) {
-            Ok(mut f) => {
-                let mut out = File::create(dst).map_err(self.err("create local copy of", key))?;
-                io::copy(&mut f, &mut out).map_err(self.err("read", key))?;
-                Ok(true)
-            }
-            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(false),
-            Err(e) => Err(self.err("open", key)(e)),
-        }
+        let Some(mut f) = self.open("get", key)? else {
+            return Ok(false);
+        };
+        let mut out = File::create(dst).map_err(self.err("create local copy of", key))?;
+        io::copy(&mut f, &mut out).map_err(self.err("read", key))?;
+        Ok(true)
     }
 
     fn get_range(&self, key: &str, off: u64, len: u64) -> Result<Option<Vec<u8>>> {
-        let f = match File::open(self.path(key)) {
-            Ok(f) => f,
-            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
-            Err(e) => return Err(self.err("open", key)(e)),
+        let Some(f) = self.open("get_range", key)? else {
+            return Ok(None);
         };
         // Positional reads of just the range (short only at the end of the file).
         let size = f.metadata().map_err(self.err("stat", key))?.len();
@@ -128,62 +156,79 @@ impl ReplicaClient for FileReplica {
     }
 
     fn local_path(&self, key: &str) -> Option<PathBuf> {
-        let p = self.path(key);
+        let p = self.path("local_path", key).ok()?;
         p.is_file().then_some(p)
     }
 
     fn delete(&self, key: &str) -> Result<()> {
-        match fs::remove_file(self.path(key)) {
+        let p = self.path("delete", key)?;
+        match fs::remove_file(&p) {
             Ok(()) => Ok(()),
-            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+            Err(e) if is_missing(&e) => Ok(()),
+            // A directory is no key.
+            Err(_) if p.is_dir() => Ok(()),
             Err(e) => Err(self.err("delete", key)(e)),
         }
     }
 
     fn list(&self, prefix: &str) -> Result<Vec<Listed>> {
+        check_key(&self.describe(), "list", prefix, true)?;
+        // The prefix is a string prefix: walk from the directory of its last `/`, so that
+        // `a` finds `ab` beside `a/`.
         let mut out = Vec::new();
-        let start = self.path(prefix);
-        let mut stack = vec![if start.is_dir() {
-            start
-        } else {
-            start
-                .parent()
-                .map(Path::to_path_buf)
-                .unwrap_or_else(|| self.root.clone())
+        let mut stack = vec![match prefix.rfind('/') {
+            Some(i) => self.root.join(&prefix[..i]),
+            None => self.root.clone(),
         }];
         while let Some(d) = stack.pop() {
             let rd = match fs::read_dir(&d) {
                 Ok(rd) => rd,
-                Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
+                Err(e) if is_missing(&e) => continue,
                 Err(e) => return Err(self.err("list", prefix)(e)),
             };
-            for e in rd.flatten() {
+            for e in rd {
+                let e = e.map_err(self.err("list", prefix))?;
                 let p = e.path();
-                let name = e.file_name();
-                if name.to_string_lossy().starts_with(".tmp-") {
+                if e.file_name().to_string_lossy().starts_with(".tmp-") {
                     continue;
                 }
-                let Ok(m) = e.metadata() else { continue };
+                let m = match e.metadata() {
+                    Ok(m) => m,
+                    // Deleted while listing.
+                    Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
+                    Err(e) => return Err(self.err("list", prefix)(e)),
+                };
+                let Ok(rel) = p.strip_prefix(&self.root) else {
+                    continue;
+                };
+                let key = rel.to_string_lossy();
                 if m.is_dir() {
-                    stack.push(p);
-                } else if let Ok(rel) = p.strip_prefix(&self.root) {
-                    let key = rel.to_string_lossy().into_owned();
-                    if key.starts_with(prefix) {
-                        let modified_ns = m
-                            .modified()
-                            .ok()
-                            .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
-                            .map_or(0, |d| d.as_nanos() as u64);
-                        out.push(Listed {
-                            key,
-                            size: m.len(),
-                            modified_ns,
-                        });
+                    // Only directories that can hold keys under the prefix.
+                    let dir = format!("{key}/");
+                    if dir.starts_with(prefix) || prefix.starts_with(&dir) {
+                        stack.push(p);
                     }
+                } else if key.starts_with(prefix) {
+                    let modified_ns = m
+                        .modified()
+                        .ok()
+                        .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+                        .map_or(0, |d| d.as_nanos() as u64);
+                    out.push(Listed {
+                        key: key.into_owned(),
+                        size: m.len(),
+                        modified_ns,
+                    });
                 }
             }
         }
         out.sort_by(|a, b| a.key.cmp(&b.key));
         Ok(out)
     }
+}
+
+/// True if `e` says the path (or a directory on it) does not exist.
+fn is_missing(e: &io::Error) -> bool {
+    // ENOTDIR: a key below a key (`a/b/c` where `a/b` is an object).
+    e.kind() == io::ErrorKind::NotFound || e.raw_os_error() == Some(libc::ENOTDIR)
 }

@@ -6,6 +6,7 @@
 //! database can never both extend its chain.
 
 mod file;
+pub mod memory;
 mod s3;
 
 use std::io;
@@ -13,6 +14,7 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 
 pub use file::FileReplica;
+pub use memory::MemoryReplica;
 pub use s3::S3Replica;
 
 #[derive(Debug, thiserror::Error)]
@@ -42,28 +44,84 @@ pub struct Listed {
     pub modified_ns: u64,
 }
 
-/// One place objects are stored. Every backend implements exactly this.
+/// One place objects are stored. Every backend implements exactly this and keeps the contract
+/// below; `tests/conformance.rs` checks it case by case over every backend (all but the
+/// points a single loopback server cannot show: other machines, a store that stops).
+///
+/// **Keys** are `/`-separated paths: not empty, no leading or trailing `/`, no empty segment
+/// and none starting with `.` (so no `..`); a backend refuses any other key with an error
+/// ([`check_key`]) and touches nothing. A key is never also the directory of other keys
+/// (`a/b` beside `a/b/c`: a directory store cannot hold both; sqlfs's layout never does
+/// this). A `list` prefix is a plain string prefix (`"a"` matches `a/1` and `ab`), under
+/// the same rules except that it may be empty or end with `/`.
+///
+/// **Consistency** sqlfs relies on: once a call that stores or deletes a key has returned
+/// `Ok`, every later `get`, `get_range` and `put_new` of that key, from any client of the
+/// same replica, sees it (read-after-write, also across machines). `list` should be as
+/// fresh; a listing that lags only makes `restore`, `list` and `.history` see an older chain
+/// and weakens the start-up check for another writer, never the fence, which is `put_new`.
+///
+/// **Errors** name the operation and the key ([`ReplicaError::Io`]) and never carry a
+/// credential, nor does [`describe`](Self::describe). A failed call may have taken effect
+/// (a `put_new` whose answer was lost stored the object: a retry then gets `Exists`).
+///
+/// **No call hangs**: network backends bound every request with a timeout and turn its
+/// expiry into an error. (`file://` makes plain system calls: it is as bounded as the
+/// filesystem under it, e.g. an NFS mount's own timeouts.)
 pub trait ReplicaClient: Send + Sync {
     /// The replica's URL, without secrets, for logs and errors.
     fn describe(&self) -> String;
-    /// Stores the file `src` as `key`, only if `key` does not exist yet.
+    /// The fence: stores the file `src` as `key` only if `key` does not exist, else
+    /// `Err(Exists(key))` with the stored object unchanged. Atomic: of concurrent `put_new`s
+    /// of one key (from any clients), exactly one succeeds; readers see the whole object or
+    /// no key, never part of it.
     fn put_new(&self, key: &str, src: &Path) -> Result<()>;
-    /// Stores `data` as `key`, replacing it.
+    /// Stores `data` as `key`, replacing any object there (whole, atomically for readers).
     fn put(&self, key: &str, data: &[u8]) -> Result<()>;
-    /// Copies `key` into the file `dst`; `Ok(false)` if there is no such key.
+    /// Copies `key` into the file `dst` (created or truncated) and returns `Ok(true)`;
+    /// `Ok(false)`, with `dst` left as it was, if there is no such key.
     fn get(&self, key: &str, dst: &Path) -> Result<bool>;
-    /// Up to `len` bytes of `key` from offset `off` (a ranged read: nothing else of the
-    /// object is transferred); `Ok(None)` if there is no such key.
+    /// Bytes `off..min(off + len, size)` of `key` (a ranged read: nothing else of the object
+    /// is transferred): short at the end of the object, empty at or past its end or for
+    /// `len == 0`; `Ok(None)` if there is no such key, whatever the range.
     fn get_range(&self, key: &str, off: u64, len: u64) -> Result<Option<Vec<u8>>>;
-    /// Every key under `prefix`, sorted by key.
+    /// Every key that starts with `prefix`, each once, sorted by key (byte order), with its
+    /// size: the whole listing, however many pages the store returns it in.
     fn list(&self, prefix: &str) -> Result<Vec<Listed>>;
     /// A local file holding `key` that readers may use in place (never modify), if the
     /// store has one: saves a copy when restoring from a directory.
     fn local_path(&self, _key: &str) -> Option<PathBuf> {
         None
     }
-    /// Removes `key`; a key that is already gone is not an error.
+    /// Removes `key`. Idempotent: a key that is already gone is `Ok(())`.
     fn delete(&self, key: &str) -> Result<()>;
+}
+
+/// Checks a key (or, with `prefix`, a listing prefix) against the rules of
+/// [`ReplicaClient`]; the error names the key. Every backend calls it first, so a key can
+/// never address something outside the replica (`/etc/x`, `../x`).
+pub fn check_key(replica: &str, op: &'static str, key: &str, prefix: bool) -> Result<()> {
+    let mut segs: Vec<&str> = key.split('/').collect();
+    if prefix && segs.last() == Some(&"") {
+        segs.pop();
+    }
+    let bad = if segs.is_empty() {
+        !prefix
+    } else {
+        segs.iter().any(|s| s.is_empty() || s.starts_with('.'))
+    };
+    if bad {
+        return Err(ReplicaError::Io {
+            replica: replica.to_string(),
+            op,
+            key: key.to_string(),
+            err: io::Error::new(
+                io::ErrorKind::InvalidInput,
+                "not a replica key (a /-separated path without empty parts or parts starting with .)",
+            ),
+        });
+    }
+    Ok(())
 }
 
 /// A client that counts what is read through it (requests, and bytes received by `get` and

@@ -23,7 +23,7 @@ use aws_sdk_s3::error::{ProvideErrorMetadata, SdkError};
 use aws_sdk_s3::primitives::ByteStream;
 use aws_sdk_s3::Client;
 
-use super::{Listed, ReplicaClient, ReplicaError, Result};
+use super::{check_key, Listed, ReplicaClient, ReplicaError, Result};
 
 pub struct S3Replica {
     client: Client,
@@ -32,6 +32,8 @@ pub struct S3Replica {
     shown: String,
     /// How long one small request may take (the URL's `timeout`).
     timeout: Duration,
+    /// Keys asked for per listing page (`None`: the store's default, 1000 on S3).
+    list_page: Option<i32>,
     rt: tokio::runtime::Runtime,
 }
 
@@ -196,8 +198,16 @@ impl S3Replica {
             prefix: u.prefix,
             shown,
             timeout: u.timeout,
+            list_page: None,
             rt,
         })
+    }
+
+    /// Lists `n` keys per page instead of the store's default: lets tests cross page
+    /// boundaries with a few objects.
+    pub fn with_list_page(mut self, n: i32) -> S3Replica {
+        self.list_page = Some(n);
+        self
     }
 
     /// The error of a body read that took longer than the timeout.
@@ -273,6 +283,7 @@ impl ReplicaClient for S3Replica {
     }
 
     fn put_new(&self, key: &str, src: &Path) -> Result<()> {
+        check_key(&self.shown, "put_new", key, false)?;
         self.rt.block_on(async {
             let body = ByteStream::from_path(src)
                 .await
@@ -317,6 +328,7 @@ impl ReplicaClient for S3Replica {
     }
 
     fn put(&self, key: &str, data: &[u8]) -> Result<()> {
+        check_key(&self.shown, "put", key, false)?;
         self.rt.block_on(async {
             self.client
                 .put_object()
@@ -331,6 +343,7 @@ impl ReplicaClient for S3Replica {
     }
 
     fn get(&self, key: &str, dst: &Path) -> Result<bool> {
+        check_key(&self.shown, "get", key, false)?;
         self.rt.block_on(async {
             let r = self
                 .client
@@ -364,16 +377,16 @@ impl ReplicaClient for S3Replica {
     }
 
     fn get_range(&self, key: &str, off: u64, len: u64) -> Result<Option<Vec<u8>>> {
-        if len == 0 {
-            return Ok(Some(Vec::new()));
-        }
+        check_key(&self.shown, "get_range", key, false)?;
+        // A zero-length read still asks for a byte: a missing key must answer `None`.
+        let last = off.saturating_add(len.max(1) - 1);
         self.rt.block_on(async {
             let r = self
                 .client
                 .get_object()
                 .bucket(&self.bucket)
                 .key(self.full(key))
-                .range(format!("bytes={off}-{}", off + len - 1))
+                .range(format!("bytes={off}-{last}"))
                 .send()
                 .await;
             let out = match r {
@@ -385,7 +398,12 @@ impl ReplicaClient for S3Replica {
                 }
                 Err(e) => return Err(self.err("get", key, e)),
             };
-            let within = timeouts(self.timeout, len)
+            // Time for the bytes the store sends (not for a `len` that reaches far past the end).
+            let sent = out
+                .content_length()
+                .map_or(len, |n| n.max(0) as u64)
+                .min(len);
+            let within = timeouts(self.timeout, sent)
                 .operation_attempt_timeout()
                 .unwrap_or(self.timeout);
             let data = tokio::time::timeout(within, out.body.collect())
@@ -398,12 +416,13 @@ impl ReplicaClient for S3Replica {
                     err: io::Error::other(e.to_string()),
                 })?;
             let mut v = data.into_bytes().to_vec();
-            v.truncate(len as usize);
+            v.truncate(usize::try_from(len).unwrap_or(usize::MAX));
             Ok(Some(v))
         })
     }
 
     fn delete(&self, key: &str) -> Result<()> {
+        check_key(&self.shown, "delete", key, false)?;
         self.rt.block_on(async {
             self.client
                 .delete_object()
@@ -417,6 +436,7 @@ impl ReplicaClient for S3Replica {
     }
 
     fn list(&self, prefix: &str) -> Result<Vec<Listed>> {
+        check_key(&self.shown, "list", prefix, true)?;
         self.rt.block_on(async {
             let mut out = Vec::new();
             let strip = if self.prefix.is_empty() {
@@ -429,6 +449,7 @@ impl ReplicaClient for S3Replica {
                 .list_objects_v2()
                 .bucket(&self.bucket)
                 .prefix(self.full(prefix))
+                .set_max_keys(self.list_page)
                 .into_paginator()
                 .send();
             while let Some(page) = pages.next().await {
