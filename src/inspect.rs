@@ -8,7 +8,7 @@ use std::fs::{self, File};
 use std::io;
 use std::path::Path;
 
-use crate::backing::{Backing, META_DIR};
+use crate::backing::Backing;
 use crate::capture::{live_image, Capture};
 use crate::stage::{Access, DbStage};
 
@@ -21,7 +21,7 @@ pub enum Source<'a> {
 /// The staged databases under `b`: (name, stage) pairs, sorted by name.
 fn offline_stages(b: &Backing) -> io::Result<Vec<(String, DbStage)>> {
     let mut v = Vec::new();
-    let root = b.path(META_DIR).join("db");
+    let root = b.meta_path().join("db");
     let rd = match fs::read_dir(&root) {
         Ok(rd) => rd,
         Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(v),
