@@ -256,8 +256,9 @@ impl Backing {
         Ok((dir, cstring(last)?))
     }
 
-    /// A read-only handle on the regular file `rel`, or `None` if it does not exist. Never
-    /// blocks: anything but a regular file is refused (EINVAL) before it is opened for reading.
+    /// A read-only handle on the regular file `rel` for sqlfs's own reads (its access time
+    /// never moves), or `None` if it does not exist. Never blocks: anything but a regular file
+    /// is refused (EINVAL) before it is opened for reading.
     pub fn open_read<R: AsRef<[u8]> + ?Sized>(&self, rel: &R) -> io::Result<Option<File>> {
         let fd = match self.open_beneath(rel, libc::O_PATH, 0) {
             Ok(fd) => fd,
@@ -267,7 +268,15 @@ impl Backing {
         if fstat(fd.as_raw_fd())?.st_mode & libc::S_IFMT != libc::S_IFREG {
             return Err(io::Error::from_raw_os_error(libc::EINVAL));
         }
-        reopen(fd.as_raw_fd(), libc::O_RDONLY).map(Some)
+        // sqlfs's own reads never move the file's access time (relatime would, and the app
+        // that set it with UTIME_OMIT would see it change): O_NOATIME, which needs the
+        // file's owner or CAP_FOWNER; without either, a plain read-only open.
+        match reopen(fd.as_raw_fd(), libc::O_RDONLY | libc::O_NOATIME) {
+            Err(e) if e.raw_os_error() == Some(libc::EPERM) => {
+                reopen(fd.as_raw_fd(), libc::O_RDONLY).map(Some)
+            }
+            r => r.map(Some),
+        }
     }
 
     /// lstat of `rel` relative to the root (the link itself if `rel` is one).
