@@ -844,3 +844,78 @@ fn o_tmpfile_fails_cleanly() {
     );
     fx.unmount();
 }
+
+/// Two databases swapped with RENAME_EXCHANGE keep their histories under their new names:
+/// capture learns of the swap like a rename each way, so what is staged under each name
+/// still replays to what the app sees there, before and after more commits and a restart.
+#[test]
+fn exchanged_databases_keep_their_histories() {
+    let mut fx = Fixture::new("exchange-db", false);
+    fx.mount();
+    let mnt = fx.mnt.clone();
+    let count = |name: &str| -> i64 {
+        let c = open_db(&mnt.join(name));
+        c.query_row("SELECT count(*) FROM t", [], |r| r.get(0))
+            .unwrap()
+    };
+    let insert = |name: &str, n: i64| {
+        let c = open_db(&mnt.join(name));
+        for i in 0..n {
+            c.execute("INSERT INTO t VALUES (?1, randomblob(300))", [i])
+                .unwrap();
+        }
+    };
+    for (name, n) in [("a.db", 10), ("b.db", 20)] {
+        let c = open_db(&fx.path(name));
+        set_journal_mode(&c, "DELETE");
+        c.execute_batch("CREATE TABLE t(x, b)").unwrap();
+        drop(c);
+        insert(name, n);
+    }
+    fx.assert_verify();
+    let before_a = log_entries(&fx.mnt, "a.db");
+    let before_b = log_entries(&fx.mnt, "b.db");
+    let (a, b) = (cpath(&fx.path("a.db")), cpath(&fx.path("b.db")));
+    // SAFETY: valid C strings.
+    let r = unsafe {
+        libc::renameat2(
+            libc::AT_FDCWD,
+            a.as_ptr(),
+            libc::AT_FDCWD,
+            b.as_ptr(),
+            libc::RENAME_EXCHANGE,
+        )
+    };
+    assert_eq!(r, 0, "renameat2: {}", errname(errno()));
+    assert_eq!((count("a.db"), count("b.db")), (20, 10));
+    fx.assert_verify();
+    insert("a.db", 5);
+    insert("b.db", 7);
+    assert_eq!((count("a.db"), count("b.db")), (25, 17));
+    fx.assert_verify();
+    // Each name's staged history is the other's, continued without a snapshot.
+    for (name, was) in [("a.db", &before_b), ("b.db", &before_a)] {
+        let now = log_entries(&fx.mnt, name);
+        assert!(
+            now.len() > was.len(),
+            "{name}: nothing staged after the exchange"
+        );
+        for (x, y) in was.iter().zip(&now) {
+            assert_eq!(
+                x.line, y.line,
+                "{name}: its history is not the one it was swapped with"
+            );
+        }
+        assert!(
+            now[was.len()..]
+                .iter()
+                .all(|e| !e.line.contains("kind=snapshot")),
+            "{name}: a snapshot after the exchange: the history was not followed"
+        );
+        assert_gap_free(&now, name);
+    }
+    fx.remount();
+    assert_eq!((count("a.db"), count("b.db")), (25, 17));
+    fx.assert_verify();
+    fx.unmount();
+}
