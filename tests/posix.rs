@@ -417,7 +417,7 @@ fn symlink_swap_never_reaches_outside_the_mount() {
         let mut i = 0u64;
         while mono_secs() < end {
             i += 1;
-            if i % 2 == 0 {
+            if i.is_multiple_of(2) {
                 libc::symlink(target.as_ptr(), tmp_link.as_ptr());
                 libc::rename(tmp_link.as_ptr(), f.as_ptr());
             } else {
