@@ -358,3 +358,88 @@ pub fn join_bytes(parent: &[u8], name: &[u8]) -> Vec<u8> {
         v
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn tree() -> (tempfile::TempDir, Backing) {
+        let t = tempfile::tempdir().unwrap();
+        let root = t.path().join("root");
+        std::fs::create_dir_all(root.join("d/e")).unwrap();
+        std::fs::write(root.join("d/e/f"), b"inside").unwrap();
+        std::fs::write(t.path().join("outside"), b"outside").unwrap();
+        std::os::unix::fs::symlink(t.path().join("outside"), root.join("abs")).unwrap();
+        std::os::unix::fs::symlink("d", root.join("rel")).unwrap();
+        std::os::unix::fs::symlink(root.join("d"), root.join("absdir")).unwrap();
+        let b = Backing::open(&root).unwrap();
+        (t, b)
+    }
+
+    fn err(r: io::Result<impl Sized>) -> i32 {
+        r.err().and_then(|e| e.raw_os_error()).unwrap_or(0)
+    }
+
+    fn check_resolution(b: &Backing) {
+        // Plain paths resolve.
+        let f = b.open_read("d/e/f").unwrap().unwrap();
+        let mut s = String::new();
+        std::io::Read::read_to_string(&mut &f, &mut s).unwrap();
+        assert_eq!(s, "inside");
+        assert!(b.exists("d/e"));
+        assert!(b.open_read("d/nothing").unwrap().is_none());
+        // No link is followed: not as the final component, not in the middle.
+        assert_ne!(err(b.open_read("abs")), 0);
+        assert_ne!(err(b.open_beneath("abs", libc::O_RDONLY, 0)), 0);
+        assert_ne!(err(b.open_beneath("rel/e/f", libc::O_RDONLY, 0)), 0);
+        assert_ne!(err(b.open_beneath("absdir/e/f", libc::O_RDONLY, 0)), 0);
+        assert_ne!(err(b.stat("rel/e")), 0);
+        assert_ne!(err(b.parent_of("absdir/e/f")), 0);
+        // A link itself can be looked at.
+        let st = b.stat("abs").unwrap();
+        assert_eq!(st.st_mode & libc::S_IFMT, libc::S_IFLNK);
+        let fd = b.open_beneath("abs", libc::O_PATH, 0).unwrap();
+        assert_eq!(
+            fstat(fd.as_raw_fd()).unwrap().st_mode & libc::S_IFMT,
+            libc::S_IFLNK
+        );
+        // Nothing outside the root.
+        assert_ne!(err(b.open_beneath("../outside", libc::O_RDONLY, 0)), 0);
+        assert_ne!(err(b.open_beneath("/etc/passwd", libc::O_RDONLY, 0)), 0);
+        // Parent and name.
+        let (dir, name) = b.parent_of("d/e/f").unwrap();
+        assert_eq!(name.as_bytes(), b"f");
+        assert_eq!(
+            stat_in(dir.as_raw_fd(), &name).unwrap().st_size,
+            "inside".len() as i64
+        );
+    }
+
+    #[test]
+    fn nothing_is_followed_or_left_with_openat2() {
+        let (_t, b) = tree();
+        check_resolution(&b);
+    }
+
+    #[test]
+    fn nothing_is_followed_or_left_on_the_component_walk() {
+        let (_t, b) = tree();
+        let walk = |rel: &str, flags: i32| b.walk(rel.as_bytes(), flags | libc::O_NOFOLLOW, 0);
+        assert!(walk("d/e/f", libc::O_RDONLY).is_ok());
+        assert!(walk("", libc::O_PATH).is_ok());
+        for bad in [
+            "abs",
+            "rel/e/f",
+            "absdir/e/f",
+            "../outside",
+            "d/../../outside",
+        ] {
+            assert_ne!(err(walk(bad, libc::O_RDONLY)), 0, "{bad}");
+        }
+        let fd = walk("abs", libc::O_PATH).unwrap();
+        assert_eq!(
+            fstat(fd.as_raw_fd()).unwrap().st_mode & libc::S_IFMT,
+            libc::S_IFLNK
+        );
+    }
+}

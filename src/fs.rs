@@ -1926,3 +1926,40 @@ impl Filesystem for SqlFs {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn r(s: &[u8]) -> Rel {
+        s.to_vec()
+    }
+
+    #[test]
+    fn paths_follow_renames_and_exchanges() {
+        let mut p = r(b"a/b/c");
+        rebase(&mut p, b"a/b", b"x", false);
+        assert_eq!(p, b"x/c");
+        let mut p = r(b"a/bc");
+        rebase(&mut p, b"a/b", b"x", false);
+        assert_eq!(p, b"a/bc", "a sibling with a longer name is not below");
+        let mut p = r(b"y/z");
+        rebase(&mut p, b"x", b"y", true);
+        assert_eq!(p, b"x/z", "an exchange moves the other side back");
+        let mut p = r(b"y/z");
+        rebase(&mut p, b"x", b"y", false);
+        assert_eq!(p, b"y/z", "a plain rename leaves the target's old children");
+        let mut p = r(b"caf\xe9/f");
+        rebase(&mut p, b"caf\xe9", b"\xff", false);
+        assert_eq!(p, b"\xff/f");
+    }
+
+    #[test]
+    fn a_removed_name_hands_over_to_another_link() {
+        let mut n = Node::new(r(b"a"));
+        n.named(r(b"b"));
+        assert_eq!(n.rel, b"b");
+        assert_eq!(n.unnamed(b"b"), Some(r(b"a")));
+        assert_eq!(n.unnamed(b"a"), None);
+    }
+}
