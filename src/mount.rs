@@ -459,9 +459,11 @@ fn rollback_hot_journals(b: &Backing, rel: &str, depth: usize) {
                 .is_ok_and(|st| st.st_mode & libc::S_IFMT == libc::S_IFREG);
             if hot && regular {
                 log::warn!("{db}: rolling back a hot journal left by a crashed writer");
+                // Checked above to be a regular file (not a link) in a directory reached
+                // without following any; this runs before the mount exists, so the path
+                // SQLite resolves cannot lead into it.
                 let file = dir_path.join(name.strip_suffix("-journal").unwrap_or(&name));
                 let flags = rusqlite::OpenFlags::SQLITE_OPEN_READ_WRITE
-                    | rusqlite::OpenFlags::SQLITE_OPEN_NOFOLLOW
                     | rusqlite::OpenFlags::SQLITE_OPEN_NO_MUTEX;
                 let r = rusqlite::Connection::open_with_flags(file, flags)
                     .and_then(|c| c.query_row("PRAGMA schema_version", [], |r| r.get::<_, i64>(0)));
