@@ -464,13 +464,8 @@ impl Capture {
                 }
             }
         } else {
-            for (r, rel) in [(ra, a), (rb, b)] {
-                self.replaced(rel, "swapped with another file");
-                if r != Role::Main {
-                    if let Some(db) = self.get(classify(rel).1) {
-                        db.guard(|st, db| st.reopen(db, &self.backing, r));
-                    }
-                }
+            for rel in [a, b] {
+                self.replaced(rel, "swapped with a file of another kind");
             }
         }
         for (r, db) in [(ra, dba), (rb, dbb)] {
