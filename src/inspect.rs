@@ -8,7 +8,7 @@ use std::fs::{self, File};
 use std::io;
 use std::path::Path;
 
-use crate::backing::{Backing, META_DIR};
+use crate::backing::Backing;
 use crate::capture::{live_image, Capture};
 use crate::stage::{Access, DbStage};
 
@@ -21,7 +21,7 @@ pub enum Source<'a> {
 /// The staged databases under `b`: (name, stage) pairs, sorted by name.
 fn offline_stages(b: &Backing) -> io::Result<Vec<(String, DbStage)>> {
     let mut v = Vec::new();
-    let root = b.path(META_DIR).join("db");
+    let root = b.meta_path().join("db");
     let rd = match fs::read_dir(&root) {
         Ok(rd) => rd,
         Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(v),
@@ -124,8 +124,9 @@ pub fn verify(b: &Backing, src: &Source, only: Option<&str>) -> io::Result<(Stri
                 ok = false;
                 let _ = writeln!(
                     out,
-                    "no staged database in {}: nothing to verify (is this a directory sqlfs has served? staging lives in its {META_DIR}/)",
-                    crate::backing::shown(&b.path("")).display()
+                    "no staged database in {}: nothing to verify (is this a directory sqlfs has served? staging lives in its {}/)",
+                    crate::backing::shown(&b.meta_path()).parent().map_or_else(|| "it".into(), |p| p.display().to_string()),
+                    crate::backing::META_DIR
                 );
             }
         }

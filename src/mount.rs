@@ -5,6 +5,7 @@
 //! folds it when it grows past `--stage-limit`, the control socket, and the signal watcher.
 
 use std::collections::BTreeMap;
+use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -419,11 +420,20 @@ fn rollback_hot_journals(b: &Backing, rel: &str, depth: usize) {
     if depth > 64 {
         return;
     }
-    let Ok(rd) = std::fs::read_dir(b.path(rel)) else {
+    // The directory is opened beneath the backing root (no link followed) and listed, and its
+    // databases opened, through its descriptor.
+    let Ok(dir) = b.open_beneath(rel, libc::O_RDONLY | libc::O_DIRECTORY, 0) else {
+        return;
+    };
+    let dir_path = crate::backing::proc_fd_path(dir.as_raw_fd());
+    let Ok(rd) = std::fs::read_dir(&dir_path) else {
         return;
     };
     for e in rd.flatten() {
-        let name = e.file_name().to_string_lossy().into_owned();
+        // Names that are not UTF-8 are never captured; SQLite rolls their journals back itself.
+        let Some(name) = e.file_name().to_str().map(str::to_string) else {
+            continue;
+        };
         if rel.is_empty() && name == META_DIR {
             continue;
         }
@@ -435,9 +445,18 @@ fn rollback_hot_journals(b: &Backing, rel: &str, depth: usize) {
             let mut m = [0u8; 8];
             let hot = matches!(b.open_read(&child), Ok(Some(f)) if crate::capture::read_exact_at(&f, &mut m, 0).unwrap_or(false))
                 && m == crate::sqlite::JOURNAL_MAGIC;
-            if hot && b.exists(db) {
+            let regular = b
+                .stat(db)
+                .is_ok_and(|st| st.st_mode & libc::S_IFMT == libc::S_IFREG);
+            if hot && regular {
                 log::warn!("{db}: rolling back a hot journal left by a crashed writer");
-                let r = rusqlite::Connection::open(b.path(db))
+                // Checked above to be a regular file (not a link) in a directory reached
+                // without following any; this runs before the mount exists, so the path
+                // SQLite resolves cannot lead into it.
+                let file = dir_path.join(name.strip_suffix("-journal").unwrap_or(&name));
+                let flags = rusqlite::OpenFlags::SQLITE_OPEN_READ_WRITE
+                    | rusqlite::OpenFlags::SQLITE_OPEN_NO_MUTEX;
+                let r = rusqlite::Connection::open_with_flags(file, flags)
                     .and_then(|c| c.query_row("PRAGMA schema_version", [], |r| r.get::<_, i64>(0)));
                 if let Err(e) = r {
                     log::error!("{db}: hot journal rollback failed: {e}");
@@ -577,7 +596,7 @@ pub fn run(o: MountOpts) -> Result<()> {
             _ => None,
         };
         let h = crate::history::History::new(
-            &backing.path(META_DIR),
+            &backing.meta_path(),
             capture.clone(),
             Some(&specs[0].url),
             key,

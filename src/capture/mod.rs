@@ -146,7 +146,7 @@ impl Capture {
     /// Opens the capture state of a backing directory: loads every known database and
     /// reconciles it with the files (see [`Db::load`]).
     pub fn open(backing: Arc<Backing>) -> io::Result<Capture> {
-        let meta_root = backing.path(META_DIR);
+        let meta_root = backing.meta_path();
         fs::create_dir_all(meta_root.join("db"))?;
         let cap = Capture {
             backing,
@@ -489,24 +489,11 @@ impl Capture {
         let (rf, dbf) = classify(from);
         let (rt, dbt) = classify(to);
         // The target's old identity is gone.
-        if rt == Role::Main {
-            let old = self.dbs.write().remove(dbt);
-            if let Some(old) = old {
-                retire(&old, dbt, "replaced by a rename");
-            }
-        } else if let Some(db) = self.get(dbt) {
-            db.guard(|st, db| st.reopen(db, &self.backing, rt));
-        }
+        self.replaced(to, "replaced by a rename");
         if rf == Role::Main {
             let moved = self.dbs.write().remove(dbf);
             if let Some(db) = moved {
-                *db.name.lock() = dbt.to_string();
-                if let Err(e) = write_atomic(&db.stage.dir().join("name"), dbt.as_bytes()) {
-                    log::error!("{dbt}: cannot record the new name in staging: {e}");
-                }
-                db.guard(|st, db| st.reopen(db, &self.backing, Role::Main));
-                log::info!("{dbf}: renamed to {dbt}");
-                self.dbs.write().insert(dbt.to_string(), db);
+                self.moved(db, dbf, dbt);
             }
         } else if let Some(db) = self.get(dbf) {
             db.guard(|st, db| st.reopen(db, &self.backing, rf));
@@ -526,6 +513,70 @@ impl Capture {
                 db.guard(|st, db| st.retry(db, &self.backing));
             }
         }
+    }
+
+    /// `a` and `b` were swapped (`renameat2(RENAME_EXCHANGE)`): like a rename each way. Two
+    /// database files swap their identities; any other pair is reopened, and a database file
+    /// swapped with a file of another kind loses its identity.
+    pub fn after_exchange(&self, a: &str, b: &str) {
+        let (ra, dba) = classify(a);
+        let (rb, dbb) = classify(b);
+        if ra == Role::Main && rb == Role::Main {
+            let (da, db) = {
+                let mut dbs = self.dbs.write();
+                (dbs.remove(dba), dbs.remove(dbb))
+            };
+            for (d, from, to) in [(da, dba, dbb), (db, dbb, dba)] {
+                if let Some(d) = d {
+                    self.moved(d, from, to);
+                }
+            }
+        } else {
+            for rel in [a, b] {
+                self.replaced(rel, "swapped with a file of another kind");
+            }
+        }
+        for (r, db) in [(ra, dba), (rb, dbb)] {
+            if r == Role::Main {
+                self.get_or_start(db, Role::Main, None);
+                self.watch_dir_of(db);
+            }
+        }
+    }
+
+    /// A file capture could not follow by name (its name was not UTF-8) now stands at `to`.
+    pub fn arrived(&self, to: &str) {
+        self.replaced(to, "replaced by a rename");
+        let (rt, dbt) = classify(to);
+        if rt == Role::Main {
+            self.get_or_start(dbt, Role::Main, None);
+            self.watch_dir_of(dbt);
+        }
+    }
+
+    /// What stood at `rel` is gone: a database file's identity ends, another of its files is
+    /// reopened.
+    fn replaced(&self, rel: &str, why: &str) {
+        let (r, db_rel) = classify(rel);
+        if r == Role::Main {
+            let old = self.dbs.write().remove(db_rel);
+            if let Some(old) = old {
+                retire(&old, db_rel, why);
+            }
+        } else if let Some(db) = self.get(db_rel) {
+            db.guard(|st, db| st.reopen(db, &self.backing, r));
+        }
+    }
+
+    /// Database `db` (out of the table) is now named `to`.
+    fn moved(&self, db: Arc<Db>, from: &str, to: &str) {
+        *db.name.lock() = to.to_string();
+        if let Err(e) = write_atomic(&db.stage.dir().join("name"), to.as_bytes()) {
+            log::error!("{to}: cannot record the new name in staging: {e}");
+        }
+        db.guard(|st, db| st.reopen(db, &self.backing, Role::Main));
+        log::info!("{from}: renamed to {to}");
+        self.dbs.write().insert(to.to_string(), db);
     }
 
     /// Makes every database's staging durable and records a clean-shutdown fingerprint for

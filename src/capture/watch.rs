@@ -22,7 +22,7 @@
 //! WAL, catches up first on the request thread.
 
 use std::collections::{BTreeSet, HashMap};
-use std::ffi::CString;
+
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::time::{Duration, Instant};
@@ -73,10 +73,16 @@ impl Watch {
 
     /// Watches backing directory `dir` for writes to its files (idempotent).
     pub fn add_dir(&self, b: &Backing, dir: &str) {
-        let path = b.path(dir);
-        let Ok(c) = CString::new(path.as_os_str().as_encoded_bytes()) else {
-            return;
+        // The directory opened beneath the backing root (no link followed); its /proc entry
+        // names exactly that directory.
+        let fd = match b.open_beneath(dir, libc::O_PATH | libc::O_DIRECTORY, 0) {
+            Ok(fd) => fd,
+            Err(e) => {
+                log::warn!("cannot watch directory {dir:?} for WAL writes: {e}; its databases are staged at checkpoints and closes only");
+                return;
+            }
         };
+        let c = crate::backing::proc_fd(fd.as_raw_fd());
         // SAFETY: valid fd and C string.
         let wd = unsafe {
             libc::inotify_add_watch(
