@@ -217,6 +217,28 @@ impl DbCatalog {
     pub fn newest_l0(&self) -> Option<&Obj> {
         self.levels.first().and_then(|l| l.last())
     }
+
+    /// The highest TXID the chain reaches without a break from its newest snapshot (or from
+    /// the empty database before TXID 1), by the keys and the ends known exactly (objects this
+    /// process stored, their ends read back from the replica); no request. `u64::MAX` when it
+    /// runs into the newest level-0 segment and only that segment's header knows its end.
+    /// A shipper's position past this is a chain a restore cannot follow.
+    pub fn reach(&self) -> u64 {
+        let mut state = self.snaps.last().map_or(0, |s| s.first);
+        loop {
+            let next = (0..self.levels.len())
+                .filter_map(|l| self.starting(l, state + 1))
+                .map(|o| o.last)
+                .max();
+            match next {
+                Some(n) if n > state => state = n,
+                _ => return state,
+            }
+            if state == u64::MAX {
+                return state;
+            }
+        }
+    }
 }
 
 /// Reads what a replica holds: listings, object headers (cached), whole objects.
@@ -296,7 +318,34 @@ impl<'a> Reader<'a> {
             out.push((id.to_string(), name));
         }
         out.sort_by(|a, b| a.1.cmp(&b.1));
+        self.follow_claims(&mut out)?;
         Ok(out)
+    }
+
+    /// Where several database ids carry one name (a writer that took the name over, a
+    /// database deleted and created again), keeps only the id the name's claim names
+    /// (`owner::claim_key`): restore, list and history views follow the owner. A name without
+    /// a claim (a replica written before claims) keeps every id, as before.
+    fn follow_claims(&self, dbs: &mut Vec<(String, String)>) -> Result<()> {
+        let mut shared: Vec<String> = dbs
+            .windows(2)
+            .filter(|w| w[0].1 == w[1].1)
+            .map(|w| w[0].1.clone())
+            .collect();
+        shared.dedup();
+        for name in shared {
+            let key = crate::owner::claim_key(&name);
+            let claim = self
+                .client
+                .get_range(&key, 0, 4096)?
+                .and_then(|b| crate::owner::Claim::parse(&b));
+            if let Some(c) = claim {
+                if dbs.iter().any(|(id, n)| *n == name && *id == c.db_id) {
+                    dbs.retain(|(id, n)| *n != name || *id == c.db_id);
+                }
+            }
+        }
+        Ok(())
     }
 
     /// The id of database `name`, or an error listing what the replica holds.
