@@ -388,7 +388,10 @@ fn restore_missing(data: &Path, first: &ReplicaSpec, others: &[ReplicaSpec]) -> 
                         let desc = crate::replica::open(&o.url).map(|c| c.describe());
                         match desc {
                             Ok(d) => {
-                                let m = crate::ship::takeover_marker(&stage, &crate::ship::replica_id(&d));
+                                let m = crate::ship::takeover_marker(
+                                    &stage,
+                                    &crate::ship::replica_id(&d),
+                                );
                                 crate::stage::write_atomic(&m, b"")
                             }
                             Err(_) => Ok(()),

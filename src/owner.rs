@@ -158,7 +158,9 @@ pub fn for_offline(data: &Path) -> Result<Offline> {
         .map(|m| PathBuf::from(m.trim()));
     let holder = describe_holder(&mut f);
     match mountpoint {
-        Some(mountpoint) if holder.starts_with("pid ") => Ok(Offline::Mounted { mountpoint, holder }),
+        Some(mountpoint) if holder.starts_with("pid ") => {
+            Ok(Offline::Mounted { mountpoint, holder })
+        }
         _ => Err(OwnerError::Held {
             dir: data.to_path_buf(),
             holder,

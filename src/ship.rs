@@ -51,8 +51,8 @@ use parking_lot::{Condvar, Mutex};
 use crate::capture::{Capture, Db};
 use crate::catalog::{compacted_key, l0_key, name_key, snapshot_key, DbCatalog, Obj, Reader};
 use crate::compact;
-use crate::config::{overlay, DbConf};
 use crate::config::ReadKey;
+use crate::config::{overlay, DbConf};
 use crate::crypt::{Opener, Sealer};
 use crate::owner::{claim_key, Claim};
 use crate::replica::{ReplicaClient, ReplicaError};
@@ -143,7 +143,10 @@ struct Attempt {
 
 impl Attempt {
     fn line(&self) -> String {
-        format!("{} {} {} {:016x}\n", self.key, self.last, self.fp.0, self.fp.1)
+        format!(
+            "{} {} {} {:016x}\n",
+            self.key, self.last, self.fp.0, self.fp.1
+        )
     }
 
     fn parse(l: &str) -> Option<Attempt> {
@@ -415,7 +418,15 @@ impl Shipper {
         if last <= pos && self.claims.lock().contains_key(&db.id) {
             return Ok(());
         }
-        self.check_claim(name, db)?;
+        let checked = self.claims.lock().contains_key(&db.id);
+        if let Err(e) = self.check_claim(name, db) {
+            if !checked {
+                return Err(e);
+            }
+            // The claim was this mount's at the last check: a store that cannot answer now
+            // does not stop the shipment (which finds out for itself); read it next time.
+            log::debug!("{name}: cannot read its claim again: {e:#}");
+        }
         if self.is_fenced(db) || last <= pos {
             return Ok(());
         }
@@ -547,7 +558,12 @@ impl Shipper {
         let pending = self.pending_file(db);
         let mut head = Vec::new();
         fs::File::open(send)
-            .and_then(|f| std::io::Read::read_to_end(&mut std::io::Read::take(f, FINGERPRINT_BYTES), &mut head))
+            .and_then(|f| {
+                std::io::Read::read_to_end(
+                    &mut std::io::Read::take(f, FINGERPRINT_BYTES),
+                    &mut head,
+                )
+            })
             .context("reading the object to send")?;
         let mut attempts: Vec<Attempt> = fs::read_to_string(&pending)
             .unwrap_or_default()
@@ -577,11 +593,23 @@ impl Shipper {
     /// and a key is configured); an encrypted object this mount cannot decrypt is matched
     /// against its own `attempts` by its first bytes. Returns the last TXID it holds; fences
     /// the database if the object is not this database's staged state.
-    fn read_back(&self, name: &str, db: &Db, key: &str, want: &Want, attempts: &[Attempt]) -> Result<u64> {
+    fn read_back(
+        &self,
+        name: &str,
+        db: &Db,
+        key: &str,
+        want: &Want,
+        attempts: &[Attempt],
+    ) -> Result<u64> {
         let head = self
             .client
             .get_range(key, 0, FINGERPRINT_BYTES)?
-            .ok_or_else(|| anyhow::anyhow!("{key} exists in {} but cannot be read back (removed meanwhile?)", self.describe()))?;
+            .ok_or_else(|| {
+                anyhow::anyhow!(
+                    "{key} exists in {} but cannot be read back (removed meanwhile?)",
+                    self.describe()
+                )
+            })?;
         let opener = match crate::crypt::is_sealed(&head) {
             true => Opener::for_key(&self.key)?,
             false => None,
@@ -607,14 +635,22 @@ impl Shipper {
                 let msg = format!("{key} already exists in {} and {why}: another sqlfs (another machine, or a copy of this data directory) is writing {name} to the same replica. Shipping of {name} to it is stopped; the replica is left as it is", self.describe());
                 log::error!("{name}: {msg}");
                 self.fence(db, msg);
-                Err(anyhow::anyhow!("{name}: fenced off {} by another writer", self.describe()))
+                Err(anyhow::anyhow!(
+                    "{name}: fenced off {} by another writer",
+                    self.describe()
+                ))
             }
         }
     }
 
     /// The last TXID the object whose header is `h` holds, if it is a prefix of what this
     /// mount staged from `want.first` (same database, same checksums); else why not.
-    fn check_header(&self, db: &Db, h: &ObjHeader, want: &Want) -> std::result::Result<u64, String> {
+    fn check_header(
+        &self,
+        db: &Db,
+        h: &ObjHeader,
+        want: &Want,
+    ) -> std::result::Result<u64, String> {
         let id = String::from_utf8_lossy(&h.db_id).into_owned();
         if id != db.id {
             return Err(format!("holds database id {id}, not {}", db.id));
@@ -630,7 +666,9 @@ impl Shipper {
             .checked_sub(want.first)
             .and_then(|i| want.after.get(i as usize));
         match staged {
-            Some(&c) if c == h.checksum_after && h.checksum_before == want.checksum_before => Ok(h.last_txid),
+            Some(&c) if c == h.checksum_after && h.checksum_before == want.checksum_before => {
+                Ok(h.last_txid)
+            }
             Some(_) => Err(format!(
                 "holds TXIDs {}..={} with checksums that differ from what this mount staged",
                 h.first_txid, h.last_txid
@@ -674,14 +712,22 @@ impl Shipper {
         let theirs = loop {
             let Some(b) = self.client.get_range(&key, 0, 4096)? else {
                 if created {
-                    anyhow::bail!("{name}: the claim {key} just created in {} cannot be read back", self.describe());
+                    anyhow::bail!(
+                        "{name}: the claim {key} just created in {} cannot be read back",
+                        self.describe()
+                    );
                 }
                 write_atomic(&tmp, &mine.encode()).context("writing a claim")?;
                 let r = self.client.put_new(&key, &tmp);
                 let _ = fs::remove_file(&tmp);
                 match r {
                     Ok(()) => {
-                        log::info!("{name}: claimed the name in {} for database {} (writer {})", self.describe(), db.id, self.writer.id);
+                        log::info!(
+                            "{name}: claimed the name in {} for database {} (writer {})",
+                            self.describe(),
+                            db.id,
+                            self.writer.id
+                        );
                         break None;
                     }
                     // Made meanwhile (by another writer, or by an attempt of this one that
@@ -700,7 +746,8 @@ impl Shipper {
             if ours && theirs.as_ref().is_some_and(|c| c.db_id == db.id) {
                 // Ours already.
             } else if (ours && first) || takeover {
-                let was = theirs.map_or_else(|| "an unreadable claim".to_string(), |c| c.describe());
+                let was =
+                    theirs.map_or_else(|| "an unreadable claim".to_string(), |c| c.describe());
                 self.client.put(&key, &mine.encode())?;
                 if ours {
                     log::info!("{name}: the name in {} now belongs to database {} of this data directory (was {was})", self.describe(), db.id);
@@ -714,7 +761,8 @@ impl Shipper {
                     );
                 }
             } else {
-                let who = theirs.map_or_else(|| "an unreadable claim".to_string(), |c| c.describe());
+                let who =
+                    theirs.map_or_else(|| "an unreadable claim".to_string(), |c| c.describe());
                 let msg = format!(
                     "{name} in {} belongs to another sqlfs: {who}. Shipping of {name} to it is stopped; to hand the name over to this mount, restart it with --takeover",
                     self.describe()
@@ -725,7 +773,9 @@ impl Shipper {
             }
         }
         let _ = fs::remove_file(&marker);
-        self.claims.lock().insert(db.id.clone(), (name.to_string(), Instant::now()));
+        self.claims
+            .lock()
+            .insert(db.id.clone(), (name.to_string(), Instant::now()));
         Ok(())
     }
 

@@ -19,8 +19,8 @@ struct State {
     queue: Vec<Vec<u8>>,
     /// Connections forwarded as they are (shut when a stall begins).
     live: Vec<TcpStream>,
-    /// Every request held so far: its first line.
-    held: Vec<String>,
+    /// Every request held so far: its first line and its Content-Length.
+    held: Vec<(String, u64)>,
     /// Each held request replayed late: its first line and the server's status.
     replayed: Vec<(String, u16)>,
 }
@@ -37,6 +37,24 @@ fn first_line(b: &[u8]) -> String {
         .position(|w| w == b"\r\n")
         .unwrap_or(b.len().min(200));
     String::from_utf8_lossy(&b[..end]).into_owned()
+}
+
+/// The Content-Length of the request whose head is in `b` (0 if it has none).
+fn content_length(b: &[u8]) -> u64 {
+    let end = b
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .unwrap_or(b.len());
+    String::from_utf8_lossy(&b[..end])
+        .lines()
+        .find_map(|l| {
+            let (k, v) = l.split_once(':')?;
+            k.trim()
+                .eq_ignore_ascii_case("content-length")
+                .then(|| v.trim().parse().ok())
+                .flatten()
+        })
+        .unwrap_or(0)
 }
 
 /// Copies `from` to `to` until either side ends.
@@ -75,9 +93,10 @@ fn hold(st: &Arc<Mutex<State>>, mut c: TcpStream) {
             Ok(0) => break,
             Ok(n) => {
                 buf.extend_from_slice(&chunk[..n]);
-                if !noted && buf.windows(2).any(|w| w == b"\r\n") {
+                if !noted && buf.windows(4).any(|w| w == b"\r\n\r\n") {
                     noted = true;
-                    st.lock().unwrap().held.push(first_line(&buf));
+                    let len = content_length(&buf);
+                    st.lock().unwrap().held.push((first_line(&buf), len));
                 }
             }
             Err(e)
@@ -191,8 +210,8 @@ impl FaultProxy {
         }
     }
 
-    /// The first line of every request held so far.
-    pub fn held(&self) -> Vec<String> {
+    /// The first line and Content-Length of every request held so far.
+    pub fn held(&self) -> Vec<(String, u64)> {
         self.state.lock().unwrap().held.clone()
     }
 
