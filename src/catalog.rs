@@ -335,10 +335,14 @@ impl<'a> Reader<'a> {
         shared.dedup();
         for name in shared {
             let key = crate::owner::claim_key(&name);
-            let claim = self
-                .client
-                .get_range(&key, 0, 4096)?
-                .and_then(|b| crate::owner::Claim::parse(&b));
+            let claim = match self.client.get_range(&key, 0, 4096)? {
+                Some(b) if crypt::is_sealed(&b) => self
+                    .opener
+                    .and_then(|o| o.open_prefix(&b, 4096, &key).ok())
+                    .and_then(|p| crate::owner::Claim::parse(&p)),
+                Some(b) => crate::owner::Claim::parse(&b),
+                None => None,
+            };
             if let Some(c) = claim {
                 if dbs.iter().any(|(id, n)| *n == name && *id == c.db_id) {
                     dbs.retain(|(id, n)| *n != name || *id == c.db_id);

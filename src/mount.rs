@@ -541,6 +541,7 @@ pub fn run(o: MountOpts) -> Result<()> {
             .with_context(|| format!("cannot read or make {}/{META_DIR}/writer", data.display()))?,
         host: crate::owner::hostname(),
         data_dir: data.display().to_string(),
+        meta_dir: data.join(META_DIR),
         takeover: o.takeover,
     };
     let shippers: Vec<Arc<crate::ship::Shipper>> = replicas
