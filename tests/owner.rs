@@ -6,7 +6,7 @@ mod common;
 
 use std::fs;
 use std::path::{Path, PathBuf};
-use std::process::Command;
+use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use common::replica::*;
@@ -227,29 +227,36 @@ fn a_data_directory_is_served_by_one_mount() {
     let pid = fx.daemon_pid().unwrap();
     let mnt2: PathBuf = fx.root.join("mnt2");
     fs::create_dir_all(&mnt2).unwrap();
-    let mut cmd = Command::new(BIN);
-    cmd.arg("mount")
+    let err = fx.scratch_path("mount2.err");
+    let mut child = Command::new(BIN)
+        .arg("mount")
         .arg(&mnt2)
         .arg("--data-dir")
         .arg(&fx.backing)
         .arg("--replica")
-        .arg(file_url(&fx.scratch_path("replica2")));
-    let o = run_cmd(cmd, Duration::from_secs(60));
+        .arg(file_url(&fx.scratch_path("replica2")))
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::from(fs::File::create(&err).unwrap()))
+        .spawn()
+        .unwrap();
+    let exited = wait_timeout(&mut child, Duration::from_secs(30));
+    if exited.is_none() {
+        kill9_child(&mut child);
+    }
     let mounted = sqlfs_mounts_at(&mnt2);
     if mounted > 0 {
         lazy_umount(&mnt2);
     }
+    let stderr = fs::read_to_string(&err).unwrap_or_default();
     assert!(
-        !o.ok() && mounted == 0,
-        "a second mount of one data directory was accepted:\n{}",
-        o.describe()
+        exited.is_some_and(|s| !s.success()) && mounted == 0,
+        "a second mount of one data directory was accepted ({exited:?}):\n{stderr}"
     );
     assert!(
-        o.stderr.contains(&format!("pid {pid}"))
-            && o.stderr.contains(&fx.mnt.display().to_string()),
-        "the refusal does not name the holder (pid {pid}, {}):\n{}",
-        fx.mnt.display(),
-        o.describe()
+        stderr.contains(&format!("pid {pid}")) && stderr.contains(&fx.mnt.display().to_string()),
+        "the refusal does not name the holder (pid {pid}, {}):\n{stderr}",
+        fx.mnt.display()
     );
     // Inspection of the data directory goes through the mount that serves it.
     let v = verify(&fx.backing, None);
