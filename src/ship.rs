@@ -612,19 +612,28 @@ impl Shipper {
                     self.describe()
                 )
             })?;
-        let opener = match crate::crypt::is_sealed(&head) {
-            true => Opener::for_key(&self.key)?,
-            false => None,
-        };
-        let held = if crate::crypt::is_sealed(&head) && opener.is_none() {
-            let fp = fingerprint(&head);
-            attempts.iter().rev().find(|a| a.fp == fp).map(|a| a.last).ok_or_else(|| {
-                format!("{key} is encrypted, this mount has no key to read it (age-identity or passphrase-env for this replica), and its first bytes match none of this mount's attempts at it")
-            })
-        } else {
-            let reader = Reader::new(self.client.as_ref(), opener.as_ref());
-            let h = reader.header(key)?;
-            self.check_header(db, &h, want)
+        let sealed = crate::crypt::is_sealed(&head);
+        let fp = fingerprint(&head);
+        let mine = attempts.iter().rev().find(|a| a.fp == fp).map(|a| a.last);
+        let held = match (sealed, mine) {
+            // One of this mount's own encryptions (each is unique): it holds what that
+            // attempt held.
+            (true, Some(last)) => Ok(last),
+            (true, None) => match Opener::for_key(&self.key)? {
+                Some(opener) => {
+                    let reader = Reader::new(self.client.as_ref(), Some(&opener));
+                    match reader.header(key) {
+                        Ok(h) => self.check_header(db, &h, want),
+                        Err(e) => Err(format!("cannot be decrypted with this replica's key ({e:#}), and its first bytes match none of this mount's attempts at it")),
+                    }
+                }
+                None => Err("is encrypted, this mount has no key to read it (age-identity or passphrase-env for this replica), and its first bytes match none of this mount's attempts at it".to_string()),
+            },
+            (false, _) => {
+                let reader = Reader::new(self.client.as_ref(), None);
+                let h = reader.header(key)?;
+                self.check_header(db, &h, want)
+            }
         };
         match held {
             Ok(held) => {
