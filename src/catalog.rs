@@ -1097,6 +1097,40 @@ mod tests {
         assert_eq!(c.levels[1].len(), 2);
         assert_eq!(c.starting(1, 11).unwrap().last, 19);
     }
+
+    /// `reach` follows the chain from the newest snapshot by keys and known ends, and stops
+    /// where no object starts right after the state reached.
+    #[test]
+    fn reach_stops_at_a_break() {
+        let id = "0123456789abcdef";
+        let obj = |key: String, level: Option<u8>, first: u64, last: u64| Obj {
+            key,
+            level,
+            first,
+            last,
+            exact: true,
+            size: 1,
+            modified_ns: 0,
+        };
+        let mut c = DbCatalog::default();
+        assert_eq!(c.reach(), 0);
+        c.add(obj(l0_key(id, 1), Some(0), 1, 10));
+        assert_eq!(c.reach(), 10);
+        // What a shipper that assumed a key held its last attempt would have recorded next:
+        // a segment after a hole.
+        c.add(obj(l0_key(id, 40), Some(0), 40, 50));
+        assert_eq!(c.reach(), 10);
+        c.add(obj(l0_key(id, 11), Some(0), 11, 39));
+        assert_eq!(c.reach(), 50);
+        c.add(obj(snapshot_key(id, 60), None, 60, 60));
+        assert_eq!(c.reach(), 60);
+        let mut d = DbCatalog::default();
+        d.add(Obj {
+            exact: false,
+            ..obj(l0_key(id, 1), Some(0), 1, 1)
+        });
+        assert_eq!(d.reach(), u64::MAX, "the newest segment's end is unknown by keys");
+    }
     /// A file replica of one database built from real object headers (one page per
     /// transaction, committed TXID milliseconds after the epoch), for planning only.
     struct Fake {
