@@ -1129,7 +1129,11 @@ mod tests {
             exact: false,
             ..obj(l0_key(id, 1), Some(0), 1, 1)
         });
-        assert_eq!(d.reach(), u64::MAX, "the newest segment's end is unknown by keys");
+        assert_eq!(
+            d.reach(),
+            u64::MAX,
+            "the newest segment's end is unknown by keys"
+        );
     }
     /// A file replica of one database built from real object headers (one page per
     /// transaction, committed TXID milliseconds after the epoch), for planning only.

@@ -877,3 +877,51 @@ fn stall_and_replay_late(sealed: bool) {
     assert!(!fx.daemon_logs().contains("panicked"));
     fx.unmount();
 }
+
+/// Two data directories shipping `app.db` to one bucket prefix: the name's claim (a
+/// conditional create in the store) belongs to the first; the second is fenced (`status`
+/// exits 1 and says so) and every restore returns the first one's database.
+#[test]
+fn s3_second_data_dir_with_the_same_name_is_fenced() {
+    s3_test_credentials();
+    let srv = shared("claim");
+    let url = srv.url("claim", "c");
+    let mut a = Fixture::new("s3claimA", false);
+    a.opts.replicas = Some(vec![url.clone()]);
+    a.opts.sync_interval = Some("200ms".into());
+    let mut b = Fixture::new("s3claimB", false);
+    b.opts.replicas = Some(vec![url.clone()]);
+    b.opts.sync_interval = Some("200ms".into());
+    a.mount();
+    writes(&a, "app.db", 1, 20);
+    wait_app_replicated(&a, &url);
+    b.mount();
+    writes(&b, "app.db", 500, 40);
+    let o = wait_until(
+        Duration::from_secs(60),
+        300,
+        || {
+            let o = sqlfs_cli(&["status".into(), b.mnt.as_os_str().to_os_string()]);
+            if o.stdout.contains("FENCED") {
+                Ok(o)
+            } else {
+                Err(o)
+            }
+        },
+        |o| {
+            format!(
+                "the second data directory is not fenced:\n{}\n{}",
+                o.describe(),
+                b.daemon_logs()
+            )
+        },
+    );
+    assert_eq!(o.status.code(), Some(1), "{}", o.describe());
+    writes(&a, "app.db", 100, 10);
+    let last = last_txid(&a, "app.db");
+    assert_latest_is_staged(&a, &url, last, Duration::from_secs(60));
+    let keys = srv.list("claim", "c/names/");
+    assert_eq!(keys.len(), 1, "database ids named in the replica: {keys:?}");
+    a.unmount();
+    b.unmount();
+}
