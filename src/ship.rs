@@ -630,8 +630,7 @@ impl Shipper {
                 None => Err("is encrypted, this mount has no key to read it (age-identity or passphrase-env for this replica), and its first bytes match none of this mount's attempts at it".to_string()),
             },
             (false, _) => {
-                let reader = Reader::new(self.client.as_ref(), None);
-                let h = reader.header(key)?;
+                let h = crate::segment::parse_header(&head, key)?;
                 self.check_header(db, &h, want)
             }
         };
