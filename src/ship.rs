@@ -23,8 +23,8 @@
 //! - Nothing is assumed about what a key holds that was not read from it. A key that exists
 //!   when this shipper creates it (an earlier attempt that timed out client-side but reached
 //!   the store, a request the store replayed late, another writer) is read back: its header
-//!   (decrypted if the replica is sealed and a key is configured; else the object's first
-//!   bytes, compared with each attempt this mount made at that key) says which TXIDs it
+//!   (for an encrypted object: the attempt of this mount whose first bytes it has, else its
+//!   header decrypted with the replica's key if one is configured) says which TXIDs it
 //!   holds, and the position moves to exactly that. A header that is not this database's
 //!   staged state (another id, other checksums) fences the database.
 //! - A database name has one owner per replica: its claim (`owner`). A shipper ships a name
@@ -591,9 +591,9 @@ impl Shipper {
 
     /// What the existing object `key` holds, checked against what this mount staged
     /// (`want`: this attempt, which holds at least as much as any earlier one at this key).
-    /// Its header says it, read with a ranged read (decrypted when the replica is sealed
-    /// and a key is configured); an encrypted object this mount cannot decrypt is matched
-    /// against its own `attempts` by its first bytes. Returns the last TXID it holds; fences
+    /// A plain object's header says it (a ranged read); an encrypted one is matched against
+    /// this mount's own `attempts` by its first bytes, else its header is decrypted with the
+    /// replica's key if one is configured. Returns the last TXID it holds; fences
     /// the database if the object is not this database's staged state.
     fn read_back(
         &self,
