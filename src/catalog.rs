@@ -217,6 +217,28 @@ impl DbCatalog {
     pub fn newest_l0(&self) -> Option<&Obj> {
         self.levels.first().and_then(|l| l.last())
     }
+
+    /// The highest TXID the chain reaches without a break from its newest snapshot (or from
+    /// the empty database before TXID 1), by the keys and the ends known exactly (objects this
+    /// process stored, their ends read back from the replica); no request. `u64::MAX` when it
+    /// runs into the newest level-0 segment and only that segment's header knows its end.
+    /// A shipper's position past this is a chain a restore cannot follow.
+    pub fn reach(&self) -> u64 {
+        let mut state = self.snaps.last().map_or(0, |s| s.first);
+        loop {
+            let next = (0..self.levels.len())
+                .filter_map(|l| self.starting(l, state + 1))
+                .map(|o| o.last)
+                .max();
+            match next {
+                Some(n) if n > state => state = n,
+                _ => return state,
+            }
+            if state == u64::MAX {
+                return state;
+            }
+        }
+    }
 }
 
 /// Reads what a replica holds: listings, object headers (cached), whole objects.
@@ -296,7 +318,38 @@ impl<'a> Reader<'a> {
             out.push((id.to_string(), name));
         }
         out.sort_by(|a, b| a.1.cmp(&b.1));
+        self.follow_claims(&mut out)?;
         Ok(out)
+    }
+
+    /// Where several database ids carry one name (a writer that took the name over, a
+    /// database deleted and created again), keeps only the id the name's claim names
+    /// (`owner::claim_key`): restore, list and history views follow the owner. A name without
+    /// a claim (a replica written before claims) keeps every id, as before.
+    fn follow_claims(&self, dbs: &mut Vec<(String, String)>) -> Result<()> {
+        let mut shared: Vec<String> = dbs
+            .windows(2)
+            .filter(|w| w[0].1 == w[1].1)
+            .map(|w| w[0].1.clone())
+            .collect();
+        shared.dedup();
+        for name in shared {
+            let key = crate::owner::claim_key(&name);
+            let claim = match self.client.get_range(&key, 0, 4096)? {
+                Some(b) if crypt::is_sealed(&b) => self
+                    .opener
+                    .and_then(|o| o.open_prefix(&b, 4096, &key).ok())
+                    .and_then(|p| crate::owner::Claim::parse(&p)),
+                Some(b) => crate::owner::Claim::parse(&b),
+                None => None,
+            };
+            if let Some(c) = claim {
+                if dbs.iter().any(|(id, n)| *n == name && *id == c.db_id) {
+                    dbs.retain(|(id, n)| *n != name || *id == c.db_id);
+                }
+            }
+        }
+        Ok(())
     }
 
     /// The id of database `name`, or an error listing what the replica holds.
@@ -1043,6 +1096,44 @@ mod tests {
         );
         assert_eq!(c.levels[1].len(), 2);
         assert_eq!(c.starting(1, 11).unwrap().last, 19);
+    }
+
+    /// `reach` follows the chain from the newest snapshot by keys and known ends, and stops
+    /// where no object starts right after the state reached.
+    #[test]
+    fn reach_stops_at_a_break() {
+        let id = "0123456789abcdef";
+        let obj = |key: String, level: Option<u8>, first: u64, last: u64| Obj {
+            key,
+            level,
+            first,
+            last,
+            exact: true,
+            size: 1,
+            modified_ns: 0,
+        };
+        let mut c = DbCatalog::default();
+        assert_eq!(c.reach(), 0);
+        c.add(obj(l0_key(id, 1), Some(0), 1, 10));
+        assert_eq!(c.reach(), 10);
+        // What a shipper that assumed a key held its last attempt would have recorded next:
+        // a segment after a hole.
+        c.add(obj(l0_key(id, 40), Some(0), 40, 50));
+        assert_eq!(c.reach(), 10);
+        c.add(obj(l0_key(id, 11), Some(0), 11, 39));
+        assert_eq!(c.reach(), 50);
+        c.add(obj(snapshot_key(id, 60), None, 60, 60));
+        assert_eq!(c.reach(), 60);
+        let mut d = DbCatalog::default();
+        d.add(Obj {
+            exact: false,
+            ..obj(l0_key(id, 1), Some(0), 1, 1)
+        });
+        assert_eq!(
+            d.reach(),
+            u64::MAX,
+            "the newest segment's end is unknown by keys"
+        );
     }
     /// A file replica of one database built from real object headers (one page per
     /// transaction, committed TXID milliseconds after the epoch), for planning only.

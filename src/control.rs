@@ -149,7 +149,8 @@ fn status(cap: &Capture, shippers: &[Arc<Shipper>], stage_limit: u64) -> (String
         }
         let _ = writeln!(out);
         for s in ships {
-            let pos = s.position(&db);
+            // What a restore can follow, never more than the chain holds contiguously.
+            let pos = s.held(&db);
             let _ = write!(
                 out,
                 "  {}: TXID {pos}, {} behind, lag {:.1}s",
@@ -161,9 +162,13 @@ fn status(cap: &Capture, shippers: &[Arc<Shipper>], stage_limit: u64) -> (String
                 code = 1;
                 let _ = write!(out, ", FAILING: {e}");
             }
-            if s.is_fenced(&db) {
+            if pos < s.position(&db) {
                 code = 1;
-                let _ = write!(out, ", FENCED (another writer)");
+                let _ = write!(out, ", CHAIN BROKEN: the replica's chain ends at TXID {pos}, short of the recorded position {}", s.position(&db));
+            }
+            if let Some(why) = s.fence_reason(&db) {
+                code = 1;
+                let _ = write!(out, ", FENCED (another writer): {why}");
             } else if s.needs_snapshot(&db) {
                 code = 1;
                 let _ = write!(

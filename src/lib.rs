@@ -21,6 +21,7 @@ pub mod list;
 pub mod metrics;
 pub mod mount;
 pub mod objread;
+pub mod owner;
 pub mod record;
 pub mod replica;
 pub mod restore;

@@ -8,7 +8,7 @@ use clap::{Parser, Subcommand};
 
 use sqlfs::backing::Backing;
 use sqlfs::inspect::Source;
-use sqlfs::{catalog, config, control, crypt, inspect, list, mount, restore};
+use sqlfs::{catalog, config, control, crypt, inspect, list, mount, owner, restore};
 
 #[derive(Parser)]
 #[command(
@@ -166,6 +166,23 @@ fn inspect(
             ),
         }
     }
+    // A data directory a mount serves from elsewhere (`--data-dir`) is asked through that
+    // mount; otherwise the shared lock keeps a mount from starting while it is read.
+    let _shared = match owner::for_offline(&dir)? {
+        owner::Offline::Free(lock) => lock,
+        owner::Offline::Mounted { mountpoint, holder } => {
+            return match control::request(&mountpoint, words)? {
+                Some((text, code)) => {
+                    print!("{text}");
+                    Ok(code)
+                }
+                None => anyhow::bail!(
+                    "{} is served by sqlfs {holder}, whose control socket does not answer",
+                    dir.display()
+                ),
+            };
+        }
+    };
     let b = Backing::open(&dir).with_context(|| format!("cannot open {}", dir.display()))?;
     let (text, code) = offline(&b)?;
     print!("{text}");

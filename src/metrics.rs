@@ -121,8 +121,8 @@ pub fn render(
     let families: [(&str, &str, Sample); 4] = [
         (
             "sqlfs_replica_txid",
-            "Newest transaction of a database on a replica.",
-            |s, db| s.position(db).to_string(),
+            "Newest transaction of a database a restore from a replica reaches.",
+            |s, db| s.held(db).to_string(),
         ),
         (
             "sqlfs_replica_lag_seconds",

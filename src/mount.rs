@@ -79,6 +79,11 @@ pub struct CliMount {
     /// directory lacks (an empty machine, a rebuilt container).
     #[arg(long)]
     pub restore_if_missing: bool,
+    /// Take over the names of the databases this mount ships in each replica, even where
+    /// another writer (another data directory) holds them: that writer is refused from then
+    /// on. Logged; without it, a name another writer holds is not shipped (fenced).
+    #[arg(long)]
+    pub takeover: bool,
     /// Serve Prometheus metrics at http://ADDR/metrics (e.g. 127.0.0.1:9090).
     #[arg(long, value_name = "ADDR")]
     pub metrics_addr: Option<std::net::SocketAddr>,
@@ -118,6 +123,8 @@ pub struct MountOpts {
     /// on every replica (a database's own `sync` overrides it: [`db_sync`]).
     pub sync: bool,
     pub restore_if_missing: bool,
+    /// `--takeover`: replace other writers' claims of the names this mount ships.
+    pub takeover: bool,
     pub metrics_addr: Option<std::net::SocketAddr>,
     pub passthrough: Passthrough,
     /// Per-database overrides from the configuration file.
@@ -244,6 +251,7 @@ impl MountOpts {
             sync,
             passthrough,
             restore_if_missing: cli.restore_if_missing || conf.restore_if_missing.unwrap_or(false),
+            takeover: cli.takeover,
             metrics_addr: match cli.metrics_addr {
                 Some(a) => Some(a),
                 None => conf.metrics_addr.as_deref().and_then(|a| a.parse().ok()),
@@ -357,15 +365,31 @@ fn restore_missing(data: &Path, first: &ReplicaSpec, others: &[ReplicaSpec]) -> 
                 time_ns: r.commit_time_ns,
                 folding: None,
             };
+            let rid = crate::ship::replica_id(&client.describe());
             crate::stage::seed(&stage, &name, &out, &meta)
                 .and_then(|()| {
                     crate::stage::write_atomic(
-                        &stage.join(format!(
-                            "shipped.{}",
-                            crate::ship::replica_id(&client.describe())
-                        )),
+                        &stage.join(format!("shipped.{rid}")),
                         r.txid.to_string().as_bytes(),
                     )
+                })
+                // This data directory continues the chain: it takes the name over in every
+                // replica (the claim, see `owner`) when it first ships it.
+                .and_then(|()| {
+                    others.iter().try_for_each(|o| {
+                        let desc = crate::replica::open(&o.url).map(|c| c.describe());
+                        match desc {
+                            Ok(d) => {
+                                let m = crate::ship::takeover_marker(
+                                    &stage,
+                                    &crate::ship::replica_id(&d),
+                                );
+                                crate::stage::write_atomic(&m, b"")
+                            }
+                            Err(_) => Ok(()),
+                        }
+                    })?;
+                    crate::stage::write_atomic(&crate::ship::takeover_marker(&stage, &rid), b"")
                 })
                 .with_context(|| format!("--restore-if-missing: seeding staging for {name}"))?;
             // The other replicas continue their own chain of this database where it ends
@@ -513,6 +537,9 @@ pub fn run(o: MountOpts) -> Result<()> {
         None => dir.clone(),
     };
     nesting_refused(&dir, &data)?;
+    // One sqlfs per data directory, before anything in it is read or written (held until
+    // this process exits).
+    let _lock = crate::owner::DirLock::acquire(&data, &dir)?;
     if !Path::new("/dev/fuse").exists() {
         bail!("FUSE is unavailable: /dev/fuse is missing (load the module with `modprobe fuse`; in a container, pass the device /dev/fuse and CAP_SYS_ADMIN)");
     }
@@ -546,6 +573,14 @@ pub fn run(o: MountOpts) -> Result<()> {
     let stop = Arc::new(AtomicBool::new(false));
     let rules = Arc::new(o.databases.clone());
     let mut intervals = Vec::new();
+    let writer = crate::ship::Writer {
+        id: crate::owner::writer_id(&data.join(META_DIR))
+            .with_context(|| format!("cannot read or make {}/{META_DIR}/writer", data.display()))?,
+        host: crate::owner::hostname(),
+        data_dir: data.display().to_string(),
+        meta_dir: data.join(META_DIR),
+        takeover: o.takeover,
+    };
     let shippers: Vec<Arc<crate::ship::Shipper>> = replicas
         .into_iter()
         .map(|(c, spec, sealer)| {
@@ -553,7 +588,8 @@ pub fn run(o: MountOpts) -> Result<()> {
             crate::ship::Shipper::new(
                 c,
                 capture.clone(),
-                sealer,
+                (sealer, spec.key.clone()),
+                writer.clone(),
                 spec.policy.clone(),
                 rules.clone(),
             )

@@ -20,6 +20,18 @@
 //! - Objects are created with `put_new`: a second writer of the same database (another
 //!   machine, a copy of the data directory) collides on the next key and is stopped, loudly;
 //!   the replica is never overwritten.
+//! - Nothing is assumed about what a key holds that was not read from it. A key that exists
+//!   when this shipper creates it (an earlier attempt that timed out client-side but reached
+//!   the store, a request the store replayed late, another writer) is read back: its header
+//!   (for an encrypted object: the attempt of this mount whose first bytes it has, else its
+//!   header decrypted with the replica's key if one is configured) says which TXIDs it
+//!   holds, and the position moves to exactly that. A header that is not this database's
+//!   staged state (another id, other checksums) fences the database.
+//! - A database name has one owner per replica: its claim (`owner`). A shipper ships a name
+//!   only while the claim names this data directory's writer (checked when it first ships
+//!   the name in this process, and again at most every `CLAIM_RECHECK` before shipping);
+//!   another writer's claim fences it. Replacing a claim is explicit: `--takeover`, or a
+//!   database `--restore-if-missing` restored.
 //! - Nothing to ship costs zero requests.
 //! - Errors (a store that is down, a full disk) are retried with backoff, per database so
 //!   one failing database never delays the others; the staged transactions stay until
@@ -40,9 +52,10 @@ use crate::capture::{Capture, Db};
 use crate::catalog::{compacted_key, l0_key, name_key, snapshot_key, DbCatalog, Obj, Reader};
 use crate::compact;
 use crate::config::DbConf;
-use crate::crypt::Sealer;
+use crate::crypt::{Opener, ReadKey, Sealer};
+use crate::owner::{claim_key, Claim};
 use crate::replica::{ReplicaClient, ReplicaError};
-use crate::segment::{ObjKind, ObjectWriter};
+use crate::segment::{ObjHeader, ObjKind, ObjectWriter};
 use crate::stage::{now_ns, write_atomic, Kind, RecordHeader, WalPos};
 use crate::units::parse_duration;
 
@@ -104,6 +117,81 @@ pub fn db_policy(replica: &Policy, db: Option<&DbConf>) -> Policy {
     p
 }
 
+/// How often a shipper that ships a name reads its claim again (a writer that took the name
+/// over fences this one within this long of its next shipment).
+const CLAIM_RECHECK: Duration = Duration::from_secs(10);
+
+/// How many first bytes of an object sent identify the attempt (for an encrypted replica this
+/// mount cannot decrypt: the age header's random file key makes every encryption unique).
+const FINGERPRINT_BYTES: u64 = 1024;
+
+/// This mount as the writer of the names it ships (`owner`).
+#[derive(Clone, Debug)]
+pub struct Writer {
+    /// The data directory's writer id (`owner::writer_id`).
+    pub id: String,
+    pub host: String,
+    pub data_dir: String,
+    /// The data directory's metadata directory (`.sqlfs/`).
+    pub meta_dir: PathBuf,
+    /// `--takeover`: replace another writer's claim of a name at this mount's first check of
+    /// it, instead of being fenced.
+    pub takeover: bool,
+}
+
+/// The marker in a database's staging that makes the shipper of replica `rid` take the
+/// database's name over at its first check (left by `--restore-if-missing`).
+pub fn takeover_marker(stage_dir: &Path, rid: &str) -> PathBuf {
+    stage_dir.join(format!("takeover.{rid}"))
+}
+
+/// What an object being stored holds, to check a key that already exists against.
+struct Want {
+    kind: ObjKind,
+    first: u64,
+    /// The last TXID this attempt holds.
+    last: u64,
+    checksum_before: u64,
+    /// The rolling checksum after each TXID `first..=last` as staged.
+    after: Vec<u64>,
+}
+
+/// One attempt to store a key, as recorded in the `shipping.<rid>` file before it is sent.
+struct Attempt {
+    key: String,
+    last: u64,
+    /// Length and CRC-64 of the first bytes sent.
+    fp: (u64, u64),
+}
+
+impl Attempt {
+    fn line(&self) -> String {
+        format!(
+            "{} {} {} {:016x}\n",
+            self.key, self.last, self.fp.0, self.fp.1
+        )
+    }
+
+    fn parse(l: &str) -> Option<Attempt> {
+        let mut w = l.split_whitespace();
+        let key = w.next()?.to_string();
+        let last = w.next()?.parse().ok()?;
+        let fp = match (w.next(), w.next()) {
+            (Some(n), Some(c)) => (n.parse().ok()?, u64::from_str_radix(c, 16).ok()?),
+            _ => (0, 0),
+        };
+        Some(Attempt { key, last, fp })
+    }
+}
+
+/// Length and CRC-64 of the first [`FINGERPRINT_BYTES`] of `b` (or all of it).
+fn fingerprint(b: &[u8]) -> (u64, u64) {
+    let b = &b[..b.len().min(FINGERPRINT_BYTES as usize)];
+    let mut d = crate::sqlite::crc64();
+    d.update(b);
+    (b.len() as u64, d.finalize())
+}
+
 /// What the shipper knows of one database on its replica.
 struct Maint {
     cat: DbCatalog,
@@ -118,6 +206,12 @@ struct Maint {
 pub struct Shipper {
     client: Box<dyn ReplicaClient>,
     sealer: Option<Arc<Sealer>>,
+    /// The key that decrypts this replica's objects, if one is configured (headers of keys
+    /// that already exist are read with it).
+    key: ReadKey,
+    writer: Writer,
+    /// Per database id: the name whose claim was last found this mount's, and when.
+    claims: Mutex<HashMap<String, (String, Instant)>>,
     policy: Policy,
     /// Per-database overrides by name (configuration file).
     rules: Arc<BTreeMap<String, DbConf>>,
@@ -129,7 +223,8 @@ pub struct Shipper {
     capture: Arc<Capture>,
     positions: Mutex<HashMap<String, u64>>,
     named: Mutex<HashSet<String>>,
-    fenced: Mutex<HashSet<String>>,
+    /// Databases whose shipping stopped because another writer owns them here, by id: why.
+    fenced: Mutex<HashMap<String, String>>,
     /// Per database id: the oldest TXID this replica lacks and its commit time.
     missing: Mutex<HashMap<String, (u64, u64)>>,
     /// Databases whose last attempt failed, by id.
@@ -198,7 +293,8 @@ impl Shipper {
     pub fn new(
         client: Box<dyn ReplicaClient>,
         capture: Arc<Capture>,
-        sealer: Option<Arc<Sealer>>,
+        (sealer, key): (Option<Arc<Sealer>>, ReadKey),
+        writer: Writer,
         policy: Policy,
         rules: Arc<BTreeMap<String, DbConf>>,
     ) -> Arc<Shipper> {
@@ -206,6 +302,9 @@ impl Shipper {
         Arc::new(Shipper {
             client,
             sealer,
+            key,
+            writer,
+            claims: Mutex::new(HashMap::new()),
             policy,
             rules,
             maint: Mutex::new(HashMap::new()),
@@ -214,7 +313,7 @@ impl Shipper {
             capture,
             positions: Mutex::new(HashMap::new()),
             named: Mutex::new(HashSet::new()),
-            fenced: Mutex::new(HashSet::new()),
+            fenced: Mutex::new(HashMap::new()),
             missing: Mutex::new(HashMap::new()),
             failing: Mutex::new(BTreeMap::new()),
             wake: (Mutex::new(false), Condvar::new()),
@@ -353,18 +452,33 @@ impl Shipper {
     }
 
     fn ship_db_via(&self, name: &str, db: &Db, tmp: &Path) -> Result<()> {
-        if self.fenced.lock().contains(&db.id) {
+        if self.is_fenced(db) {
             return Ok(());
         }
         let pos = self.position(db);
         let last = db.stage.last().map(|h| h.txid).unwrap_or(0);
-        if last <= pos {
+        // The name's claim is checked once at start even with nothing to ship (a second
+        // writer is refused at once), then only before shipments (idle costs nothing).
+        if last <= pos && self.claims.lock().contains_key(&db.id) {
+            return Ok(());
+        }
+        let checked = self.claims.lock().contains_key(&db.id);
+        if let Err(e) = self.check_claim(name, db) {
+            if !checked {
+                return Err(e);
+            }
+            // The claim was this mount's at the last check: a store that cannot answer now
+            // does not stop the shipment (which finds out for itself); read it next time.
+            log::debug!("{name}: cannot read its claim again: {e:#}");
+        }
+        if self.is_fenced(db) || last <= pos {
             return Ok(());
         }
         self.load_catalog(name, db, pos)?;
-        if self.fenced.lock().contains(&db.id) {
+        if self.is_fenced(db) {
             return Ok(());
         }
+        let pos = self.position(db);
         // Only durable records leave the machine. A replica holding a transaction that a
         // machine crash then takes from staging would disagree with the restarted mount, which
         // stages its own records under those TXIDs (a snapshot, if continuity is not proven).
@@ -383,10 +497,18 @@ impl Shipper {
         let mut pos = pos;
         if pos < base.txid {
             // The transactions after `pos` were folded locally: start over from the base.
-            self.build_snapshot(db, tmp, base.txid)
+            let hdr = self
+                .build_snapshot(db, tmp, base.txid)
                 .with_context(|| format!("{name}: building a snapshot"))?;
             let key = snapshot_key(&db.id, base.txid);
-            let held = self.store(name, db, &key, tmp, base.txid)?;
+            let want = Want {
+                kind: ObjKind::Snapshot,
+                first: hdr.first_txid,
+                last: hdr.last_txid,
+                checksum_before: hdr.checksum_before,
+                after: vec![hdr.checksum_after],
+            };
+            let held = self.store(name, db, &key, tmp, &want)?;
             self.set_position(db, held)?;
             self.stored(db, &key, None, base.txid, base.txid, tmp);
             pos = base.txid;
@@ -401,6 +523,7 @@ impl Shipper {
         // transaction must start from the checksum the record before it (the one at `pos`,
         // read for its header only, or the base) ended with. A snapshot starts afresh.
         let mut prev = (pos == base.txid).then_some((base.txid, base.checksum));
+        let mut after = Vec::new();
         db.stage
             .for_each(pos.saturating_sub(1), last, |h, pages| {
                 if h.txid == pos {
@@ -414,6 +537,7 @@ impl Shipper {
                 }
                 prev = Some((h.txid, h.checksum_after));
                 first.get_or_insert(h.txid);
+                after.push(h.checksum_after);
                 if h.txid == pos + 1 {
                     self.remember_missing(db, h.txid, h.time_ns);
                 }
@@ -424,7 +548,7 @@ impl Shipper {
                     })
             })
             .with_context(|| format!("{name}: reading staged transactions {}..={last}", pos + 1))?;
-        if w.len() == 0 {
+        if w.is_empty() {
             return Ok(());
         }
         if first != Some(pos + 1) {
@@ -439,7 +563,14 @@ impl Shipper {
         }
         let (hdr, _) = w.finish()?;
         let key = l0_key(&db.id, pos + 1);
-        let held = self.store(name, db, &key, tmp, hdr.last_txid)?;
+        let want = Want {
+            kind: ObjKind::Segment,
+            first: hdr.first_txid,
+            last: hdr.last_txid,
+            checksum_before: hdr.checksum_before,
+            after,
+        };
+        let held = self.store(name, db, &key, tmp, &want)?;
         self.set_position(db, held)?;
         if held != hdr.last_txid {
             // The replica's object is an earlier attempt holding less than this one: keep no
@@ -456,43 +587,321 @@ impl Shipper {
         Ok(())
     }
 
-    /// Stores the local object `tmp` as `key`; a key that exists means another writer.
+    /// The record of the attempts to store the key at this database's position.
     fn pending_file(&self, db: &Db) -> PathBuf {
         db.stage.dir().join(format!("shipping.{}", self.rid))
     }
 
-    /// Stores the local object `tmp` (holding TXIDs up to `last`) as `key`; returns the TXID
-    /// the replica now holds up to. A key that exists means another writer, unless this mount
-    /// was storing that very key when it last stopped short of recording its position (a
-    /// crash, a full disk): then the object is its own, holding what that attempt held.
-    fn store(&self, name: &str, db: &Db, key: &str, tmp: &Path, last: u64) -> Result<u64> {
+    /// Stores the local object `tmp` (holding `want`) as `key`; returns the TXID the replica
+    /// now holds up to. Each attempt is recorded (its last TXID and a fingerprint of its
+    /// first bytes, see [`Attempt`]) before it is sent. A key that already exists is read
+    /// back and never assumed to hold this attempt: see [`Shipper::read_back`].
+    fn store(&self, name: &str, db: &Db, key: &str, tmp: &Path, want: &Want) -> Result<u64> {
+        let sealed = tmp.with_extension("sealed");
+        let send = match &self.sealer {
+            Some(s) => {
+                s.seal_file(tmp, &sealed)?;
+                sealed.as_path()
+            }
+            None => tmp,
+        };
+        let res = self.store_file(name, db, key, send, want);
+        if self.sealer.is_some() {
+            let _ = fs::remove_file(&sealed);
+        }
+        res
+    }
+
+    fn store_file(&self, name: &str, db: &Db, key: &str, send: &Path, want: &Want) -> Result<u64> {
         let pending = self.pending_file(db);
-        let earlier: Option<u64> = fs::read_to_string(&pending).ok().and_then(|p| {
-            p.split_once(' ')
-                .and_then(|(k, t)| (k == key).then(|| t.trim().parse().ok()).flatten())
+        let mut head = Vec::new();
+        fs::File::open(send)
+            .and_then(|f| {
+                std::io::Read::read_to_end(
+                    &mut std::io::Read::take(f, FINGERPRINT_BYTES),
+                    &mut head,
+                )
+            })
+            .context("reading the object to send")?;
+        let mut attempts: Vec<Attempt> = fs::read_to_string(&pending)
+            .unwrap_or_default()
+            .lines()
+            .filter_map(Attempt::parse)
+            .filter(|a| a.key == key)
+            .collect();
+        attempts.push(Attempt {
+            key: key.to_string(),
+            last: want.last,
+            fp: fingerprint(&head),
         });
-        write_atomic(&pending, format!("{key} {last}").as_bytes())
-            .context("recording the shipment in progress")?;
-        match self.seal_and_put_new(key, tmp)? {
-            Ok(()) => Ok(last),
-            Err(ReplicaError::Exists(k)) if earlier.is_some() => {
-                let held = earlier.unwrap_or(0);
-                log::warn!("{name}: {k} is already in {} from an earlier attempt of this mount; it holds TXIDs up to {held}", self.describe());
+        let text: String = attempts.iter().map(Attempt::line).collect();
+        write_atomic(&pending, text.as_bytes()).context("recording the shipment in progress")?;
+        match self.client.put_new(key, send) {
+            Ok(()) => Ok(want.last),
+            Err(ReplicaError::Exists(_)) => self.read_back(name, db, key, want, &attempts),
+            // Ambiguous (a timeout, a reset connection): the object may still land. Nothing
+            // advances; the next attempt at this key finds out what it holds.
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    /// What the existing object `key` holds, checked against what this mount staged
+    /// (`want`: this attempt, which holds at least as much as any earlier one at this key).
+    /// A plain object's header says it (a ranged read); an encrypted one is matched against
+    /// this mount's own `attempts` by its first bytes, else its header is decrypted with the
+    /// replica's key if one is configured. Returns the last TXID it holds; fences
+    /// the database if the object is not this database's staged state.
+    fn read_back(
+        &self,
+        name: &str,
+        db: &Db,
+        key: &str,
+        want: &Want,
+        attempts: &[Attempt],
+    ) -> Result<u64> {
+        let head = self
+            .client
+            .get_range(key, 0, FINGERPRINT_BYTES)?
+            .ok_or_else(|| {
+                anyhow::anyhow!(
+                    "{key} exists in {} but cannot be read back (removed meanwhile?)",
+                    self.describe()
+                )
+            })?;
+        let sealed = crate::crypt::is_sealed(&head);
+        let fp = fingerprint(&head);
+        let mine = attempts.iter().rev().find(|a| a.fp == fp).map(|a| a.last);
+        let held = match (sealed, mine) {
+            // One of this mount's own encryptions (each is unique): it holds what that
+            // attempt held.
+            (true, Some(last)) => Ok(last),
+            (true, None) => match Opener::for_key(&self.key)? {
+                Some(opener) => {
+                    let reader = Reader::new(self.client.as_ref(), Some(&opener));
+                    match reader.header(key) {
+                        Ok(h) => self.check_header(db, &h, want),
+                        Err(e) => Err(format!("cannot be decrypted with this replica's key ({e:#}), and its first bytes match none of this mount's attempts at it")),
+                    }
+                }
+                None => Err("is encrypted, this mount has no key to read it (age-identity or passphrase-env for this replica), and its first bytes match none of this mount's attempts at it".to_string()),
+            },
+            (false, _) => {
+                let h = crate::segment::parse_header(&head, key)?;
+                self.check_header(db, &h, want)
+            }
+        };
+        match held {
+            Ok(held) => {
+                if held < want.last {
+                    log::warn!("{name}: {key} was already in {} from an earlier attempt (a request that timed out here reached the store); it holds TXIDs {}..={held}, the rest follows in the next segment", self.describe(), want.first);
+                }
                 Ok(held)
             }
-            Err(ReplicaError::Exists(k)) => {
-                self.fenced.lock().insert(db.id.clone());
-                log::error!(
-                    "{name}: {k} already exists in {}: another sqlfs (another machine, or a copy of this data directory) is writing this database to the same replica. Shipping of {name} to it is stopped; the replica is left as it is.",
-                    self.describe()
-                );
+            Err(why) => {
+                let msg = format!("{key} already exists in {} and {why}: another sqlfs (another machine, or a copy of this data directory) is writing {name} to the same replica. Shipping of {name} to it is stopped; the replica is left as it is", self.describe());
+                log::error!("{name}: {msg}");
+                self.fence(db, msg);
                 Err(anyhow::anyhow!(
                     "{name}: fenced off {} by another writer",
                     self.describe()
                 ))
             }
-            Err(e) => Err(e.into()),
         }
+    }
+
+    /// The last TXID the object whose header is `h` holds, if it is a prefix of what this
+    /// mount staged from `want.first` (same database, same checksums); else why not.
+    fn check_header(
+        &self,
+        db: &Db,
+        h: &ObjHeader,
+        want: &Want,
+    ) -> std::result::Result<u64, String> {
+        let id = String::from_utf8_lossy(&h.db_id).into_owned();
+        if id != db.id {
+            return Err(format!("holds database id {id}, not {}", db.id));
+        }
+        if h.kind != want.kind || h.level != 0 || h.first_txid != want.first {
+            return Err(format!(
+                "holds a {:?} of level {} from TXID {}, not this mount's {:?} from TXID {}",
+                h.kind, h.level, h.first_txid, want.kind, want.first
+            ));
+        }
+        let staged = h
+            .last_txid
+            .checked_sub(want.first)
+            .and_then(|i| want.after.get(i as usize));
+        match staged {
+            Some(&c) if c == h.checksum_after && h.checksum_before == want.checksum_before => {
+                Ok(h.last_txid)
+            }
+            Some(_) => Err(format!(
+                "holds TXIDs {}..={} with checksums that differ from what this mount staged",
+                h.first_txid, h.last_txid
+            )),
+            None => Err(format!(
+                "holds TXIDs {}..={}, beyond what this mount staged (TXID {})",
+                h.first_txid, h.last_txid, want.last
+            )),
+        }
+    }
+
+    /// Stops shipping `db` to this replica: another writer owns it here.
+    fn fence(&self, db: &Db, why: String) {
+        self.fenced.lock().insert(db.id.clone(), why);
+    }
+
+    /// Where this data directory keeps the exact bytes of the claim of `key` it last wrote
+    /// to this replica (with the database id it named): an encrypted claim this mount cannot
+    /// decrypt is recognised as its own by them.
+    fn claim_record(&self, key: &str) -> PathBuf {
+        self.writer
+            .meta_dir
+            .join(format!("claims.{}", self.rid))
+            .join(key.trim_start_matches("claims/"))
+    }
+
+    /// The claim `b` read from `key`: its own parse, or for an encrypted one, its decryption
+    /// with this replica's key, or this mount's record of what it wrote; `None` if it cannot
+    /// be read.
+    fn read_claim(&self, key: &str, b: &[u8], mine: &Claim) -> Option<Claim> {
+        if let Ok(rec) = fs::read(self.claim_record(key)) {
+            if let Some(i) = rec.iter().position(|&c| c == b'\n') {
+                if &rec[i + 1..] == b {
+                    return Some(Claim {
+                        db_id: String::from_utf8_lossy(&rec[..i]).into_owned(),
+                        ..mine.clone()
+                    });
+                }
+            }
+        }
+        if !crate::crypt::is_sealed(b) {
+            return Claim::parse(b);
+        }
+        let opener = Opener::for_key(&self.key).ok().flatten()?;
+        Claim::parse(&opener.open_prefix(b, 4096, key).ok()?)
+    }
+
+    /// Writes `mine` as the claim `key`: the local record first (a write whose outcome is
+    /// unknown here is still recognised later), then the store, with the conditional create
+    /// unless `replace`.
+    fn write_claim(
+        &self,
+        db: &Db,
+        key: &str,
+        mine: &Claim,
+        replace: bool,
+    ) -> Result<std::result::Result<(), ReplicaError>> {
+        let bytes = match &self.sealer {
+            Some(s) => s.seal_bytes(&mine.encode())?,
+            None => mine.encode(),
+        };
+        let rec = self.claim_record(key);
+        if let Some(d) = rec.parent() {
+            fs::create_dir_all(d).context("recording a claim")?;
+        }
+        let mut text = format!("{}\n", mine.db_id).into_bytes();
+        text.extend_from_slice(&bytes);
+        write_atomic(&rec, &text).context("recording a claim")?;
+        if replace {
+            return Ok(self.client.put(key, &bytes));
+        }
+        let tmp = db.stage.dir().join(format!("claim.{}.tmp", self.rid));
+        write_atomic(&tmp, &bytes).context("writing a claim")?;
+        let r = self.client.put_new(key, &tmp);
+        let _ = fs::remove_file(&tmp);
+        Ok(r)
+    }
+
+    /// Checks that the claim of `name` in this replica is this mount's, making it if there is
+    /// none (the store's conditional create), moving it to `db` if this data directory
+    /// created the database again under the name, or replacing it when a takeover was asked
+    /// for. Another writer's claim fences `db`. Checked when `name` first ships in this
+    /// process, then at most every [`CLAIM_RECHECK`].
+    fn check_claim(&self, name: &str, db: &Db) -> Result<()> {
+        let first = match self.claims.lock().get(&db.id) {
+            Some((n, t)) if n == name && t.elapsed() < CLAIM_RECHECK => return Ok(()),
+            Some((n, _)) => n != name,
+            None => true,
+        };
+        let key = claim_key(name);
+        let mine = Claim {
+            db_id: db.id.clone(),
+            writer: self.writer.id.clone(),
+            since_ns: now_ns(),
+            host: Some(self.writer.host.clone()),
+            data_dir: Some(self.writer.data_dir.clone()),
+        };
+        let marker = takeover_marker(db.stage.dir(), &self.rid);
+        let takeover = first && (self.writer.takeover || marker.exists());
+        let mut created = false;
+        let theirs = loop {
+            let Some(b) = self.client.get_range(&key, 0, 4096)? else {
+                if created {
+                    anyhow::bail!(
+                        "{name}: the claim {key} just created in {} cannot be read back",
+                        self.describe()
+                    );
+                }
+                match self.write_claim(db, &key, &mine, false)? {
+                    Ok(()) => {
+                        log::info!(
+                            "{name}: claimed the name in {} for database {} (writer {})",
+                            self.describe(),
+                            db.id,
+                            self.writer.id
+                        );
+                        break None;
+                    }
+                    // Made meanwhile (by another writer, or by an attempt of this one that
+                    // timed out here but reached the store): read it.
+                    Err(ReplicaError::Exists(_)) => {
+                        created = true;
+                        continue;
+                    }
+                    Err(e) => return Err(e.into()),
+                }
+            };
+            break Some(self.read_claim(&key, &b, &mine));
+        };
+        if let Some(theirs) = theirs {
+            let ours = theirs.as_ref().is_some_and(|c| c.writer == mine.writer);
+            let who = theirs.as_ref().map_or_else(
+                || "a claim this mount did not write and cannot read (encrypted, and no key for this replica is configured here)".to_string(),
+                |c| c.describe(),
+            );
+            if ours && theirs.as_ref().is_some_and(|c| c.db_id == db.id) {
+                // Ours already.
+            } else if (ours && first) || takeover {
+                if let Err(e) = self.write_claim(db, &key, &mine, true)? {
+                    return Err(e.into());
+                }
+                if ours {
+                    log::info!("{name}: the name in {} now belongs to database {} of this data directory (was {who})", self.describe(), db.id);
+                } else {
+                    log::warn!(
+                        "{name}: TAKING OVER the name in {}: it belonged to {who}; it now belongs to database {} of writer {} ({}), and that writer is refused from now on",
+                        self.describe(),
+                        db.id,
+                        self.writer.id,
+                        if self.writer.takeover { "--takeover" } else { "--restore-if-missing" }
+                    );
+                }
+            } else {
+                let msg = format!(
+                    "{name} in {} belongs to another sqlfs: {who}. Shipping of {name} to it is stopped; to hand the name over to this mount, restart it with --takeover",
+                    self.describe()
+                );
+                log::error!("{name}: {msg}");
+                self.fence(db, msg);
+                return Ok(());
+            }
+        }
+        let _ = fs::remove_file(&marker);
+        self.claims
+            .lock()
+            .insert(db.id.clone(), (name.to_string(), Instant::now()));
+        Ok(())
     }
 
     /// The policy for database `name`: this replica's, with the database's own settings.
@@ -516,13 +925,26 @@ impl Shipper {
             .objects()
             .find(|o| o.first > pos + 1 && Some(&o.key) != pending_key.as_ref())
         {
-            self.fenced.lock().insert(db.id.clone());
-            log::error!(
-                "{name}: {} holds {} beyond this mount's position (TXID {pos}): another sqlfs (another machine, or a copy of this data directory) is writing this database to it. Shipping of {name} to it is stopped; the replica is left as it is.",
+            let msg = format!(
+                "{} holds {} beyond this mount's position (TXID {pos}): another sqlfs (another machine, or a copy of this data directory) is writing this database to it. Shipping of {name} to it is stopped; the replica is left as it is",
                 self.describe(),
                 o.key
             );
+            log::error!("{name}: {msg}");
+            self.fence(db, msg);
             return Ok(());
+        }
+        // A position past what the chain holds (objects removed from the replica, or a
+        // position recorded by a build that assumed what a key held): ship from where the
+        // chain really ends (a snapshot, if staging no longer holds what follows).
+        let reach = cat.reach();
+        if reach < pos {
+            log::error!(
+                "{name}: {} holds a chain that ends at TXID {reach}, short of the recorded position {pos}; shipping again from TXID {}",
+                self.describe(),
+                reach + 1
+            );
+            self.set_position(db, reach)?;
         }
         // A chain without snapshots starts at TXID 1 (the first record is a full snapshot
         // staged at first sighting): the first interval snapshot is due one interval on.
@@ -751,7 +1173,7 @@ impl Shipper {
     }
 
     /// Writes a snapshot object of the staged base (the state after `txid`) to `tmp`.
-    fn build_snapshot(&self, db: &Db, tmp: &Path, txid: u64) -> Result<()> {
+    fn build_snapshot(&self, db: &Db, tmp: &Path, txid: u64) -> Result<ObjHeader> {
         let out = tempfile::tempfile()?;
         let meta = db.stage.materialize(txid, &out)?;
         let h = RecordHeader {
@@ -784,8 +1206,7 @@ impl Shipper {
             }
             Ok(())
         })?;
-        w.finish()?;
-        Ok(())
+        Ok(w.finish()?.0)
     }
 
     /// True unless the configuration excludes database `name` from replication
@@ -900,7 +1321,22 @@ impl Shipper {
 
     /// True if shipping `db` to this replica stopped because another writer owns it.
     pub fn is_fenced(&self, db: &Db) -> bool {
-        self.fenced.lock().contains(&db.id)
+        self.fenced.lock().contains_key(&db.id)
+    }
+
+    /// Why shipping `db` to this replica stopped, if another writer owns it.
+    pub fn fence_reason(&self, db: &Db) -> Option<String> {
+        self.fenced.lock().get(&db.id).cloned()
+    }
+
+    /// The TXID up to which a restore can follow `db`'s chain on this replica: the position,
+    /// unless the chain this shipper knows breaks before it ([`DbCatalog::reach`]).
+    pub fn held(&self, db: &Db) -> u64 {
+        let pos = self.position(db);
+        match self.maint.lock().get(&db.id) {
+            Some(m) => pos.min(m.cat.reach()),
+            None => pos,
+        }
     }
 
     /// The error of a database whose last attempt failed (the first by id), noting how many

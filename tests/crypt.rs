@@ -46,7 +46,7 @@ fn wait_more_segments(fx: &Fixture, replica: &Path, n: usize) -> usize {
 }
 
 /// Every file of an encrypted file replica: a key of the replica layout (`<id>/name`,
-/// `<id>/l0/<txid>.seg`, `<id>/snap/<txid>.snap`) holding an encrypted object. Returns
+/// `<id>/l0/<txid>.seg`, `<id>/snap/<txid>.snap`, `claims/<hash>`) holding an encrypted object. Returns
 /// (database ids, segments, snapshots).
 fn assert_replica_sealed(replica: &Path) -> (usize, usize, usize) {
     let files = tree(replica);
@@ -64,6 +64,8 @@ fn assert_replica_sealed(replica: &Path) -> (usize, usize, usize) {
         let parts: Vec<&str> = key.split('/').collect();
         let known = match parts.as_slice() {
             ["names", id] => hex16(&format!("{id}.n"), ".n"),
+            // The claim of a name: `claims/<SHA-256 of the name>`.
+            ["claims", h] => h.len() == 64 && h.bytes().all(|c| c.is_ascii_hexdigit()),
             [_, "l0", f] if hex16(f, ".seg") => {
                 segs += 1;
                 true
@@ -79,7 +81,7 @@ fn assert_replica_sealed(replica: &Path) -> (usize, usize, usize) {
             "{}: {key} is not an object of the replica layout (a temporary left behind?)",
             replica.display()
         );
-        if parts[0] != "names" {
+        if parts[0] != "names" && parts[0] != "claims" {
             ids.insert(parts[0].to_string());
         }
         assert_sealed(&fs::read(replica.join(key)).unwrap(), key);

@@ -714,3 +714,214 @@ fn s3_idle_mount_sends_no_requests() {
     assert!(relay.sent() > before);
     fx.unmount();
 }
+
+/// The status line of `app.db` on the S3 replica (`  s3://…: TXID n, k behind, …`).
+fn s3_status_line(text: &str) -> Option<String> {
+    text.lines()
+        .find(|l| l.trim_start().starts_with("s3://"))
+        .map(str::to_string)
+}
+
+/// A store that stalls while the app commits, then runs the requests it queued late: each
+/// attempt to store the next segment timed out at the client, the store kept them, and when
+/// it resumes the first (smallest) attempt creates the key and the later, larger ones are
+/// refused. The shipper must read what the key holds (never assume it holds its own last
+/// attempt), so the chain has no hole: once `sqlfs status` says the replica is 0 behind, a
+/// restore of the latest state succeeds and equals the app's database, and status is clean.
+#[test]
+fn s3_store_that_stalls_and_replays_late_requests_leaves_no_hole() {
+    stall_and_replay_late(false);
+}
+
+/// The same on an encrypted replica whose mount has no key to decrypt it (recipients only):
+/// the object at the key is recognised by its first bytes as one of the mount's own attempts.
+#[test]
+fn s3_encrypted_store_that_stalls_and_replays_late_requests_leaves_no_hole() {
+    stall_and_replay_late(true);
+}
+
+fn stall_and_replay_late(sealed: bool) {
+    s3_test_credentials();
+    let srv = S3Server::start("stall");
+    let proxy = common::faultproxy::FaultProxy::start(srv.port);
+    let url = proxy.url("stall", "p", "1s");
+    let direct = srv.url("stall", "p");
+    let mut fx = Fixture::new("s3stall", false);
+    let key = fx.scratch_path("replica.key");
+    if sealed {
+        fx.opts.age_recipients = vec![keygen(&key)];
+    }
+    let identity = sealed.then_some(key.as_path());
+    let restore =
+        |out: &std::path::Path| restore_with(&direct, "app.db", out, None, true, identity);
+    fx.opts.replicas = Some(vec![url.clone()]);
+    fx.opts.sync_interval = Some("200ms".into());
+    fx.opts.extra_args = vec!["--compaction".into(), "none".into()];
+    fx.mount();
+    writes(&fx, "app.db", 1, 30);
+    let first = last_txid(&fx, "app.db");
+    let probe = fx.scratch_path("stall-probe.db");
+    wait_until(
+        Duration::from_secs(60),
+        300,
+        || {
+            let r = restore(&probe);
+            if r.ok() && r.stdout.contains(&format!("at TXID {first} ")) {
+                Ok(())
+            } else {
+                Err(r)
+            }
+        },
+        |r| {
+            format!(
+                "the replica never reached TXID {first}:\n{}\n{}",
+                r.describe(),
+                fx.daemon_logs()
+            )
+        },
+    );
+
+    // The store stalls while the app goes on committing: several attempts at the next
+    // segment's key, each holding more transactions than the one before, are held.
+    proxy.stall();
+    // Distinct attempts (bodies of different sizes) at level-0 keys.
+    let puts = || {
+        let mut sizes: Vec<u64> = proxy
+            .held()
+            .iter()
+            .filter(|(l, _)| l.starts_with("PUT ") && l.contains("/l0/"))
+            .map(|(_, n)| *n)
+            .collect();
+        sizes.sort();
+        sizes.dedup();
+        sizes.len()
+    };
+    let mut round = 0;
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while puts() < 3 {
+        writes(&fx, "app.db", 1000 + round * 20, 5);
+        round += 1;
+        sleep_ms(700);
+        assert!(
+            Instant::now() < deadline,
+            "the shipper made {} attempts at a segment while the store stalled:\n{}",
+            puts(),
+            fx.daemon_logs()
+        );
+    }
+    let last = last_txid(&fx, "app.db");
+    let replayed = proxy.release();
+    eprintln!("replayed late: {replayed:#?}");
+    assert!(
+        replayed
+            .iter()
+            .any(|(l, s)| l.starts_with("PUT ") && l.contains("/l0/") && *s == 200),
+        "no late attempt created a segment: {replayed:?}"
+    );
+
+    // Status says 0 behind only for a chain a restore follows to the end.
+    let out = fx.scratch_path("stall-latest.db");
+    let text = wait_until(
+        Duration::from_secs(120),
+        300,
+        || {
+            let text = status_text(&fx);
+            let zero = s3_status_line(&text)
+                .is_some_and(|l| l.contains(&format!("TXID {last}, 0 behind")));
+            if zero {
+                Ok(text)
+            } else {
+                Err(text)
+            }
+        },
+        |text| {
+            format!(
+                "the replica never caught up after the store resumed:\n{text}\n{}",
+                fx.daemon_logs()
+            )
+        },
+    );
+    let r = restore(&out);
+    assert!(
+        r.ok() && r.stdout.contains(&format!("at TXID {last} ")),
+        "status said {:?} but the latest restore fails:\n{}\n{}",
+        s3_status_line(&text),
+        r.describe(),
+        fx.daemon_logs()
+    );
+    let staged = fx.scratch_path("stall-staged.db");
+    replay(&fx.cli_dir(), "app.db", last, &staged);
+    assert!(
+        std::fs::read(&out).unwrap() == as_restored(std::fs::read(&staged).unwrap()),
+        "restore at latest differs from the staged state"
+    );
+    let rows = |p: &std::path::Path| -> (i64, i64) {
+        let c = rusqlite::Connection::open(p).unwrap();
+        c.query_row("SELECT count(*), total(length(v)) FROM t", [], |r| {
+            Ok((r.get(0)?, r.get::<_, f64>(1)? as i64))
+        })
+        .unwrap()
+    };
+    assert_eq!(
+        rows(&out),
+        rows(&fx.path("app.db")),
+        "restore vs the app's database"
+    );
+    // After recovery the status is clean.
+    let o = sqlfs_cli(&["status".into(), fx.mnt.as_os_str().to_os_string()]);
+    assert!(
+        o.ok() && !o.stdout.contains("FAILING") && !o.stdout.contains("BROKEN"),
+        "{}",
+        o.describe()
+    );
+    assert!(!fx.daemon_logs().contains("panicked"));
+    fx.unmount();
+}
+
+/// Two data directories shipping `app.db` to one bucket prefix: the name's claim (a
+/// conditional create in the store) belongs to the first; the second is fenced (`status`
+/// exits 1 and says so) and every restore returns the first one's database.
+#[test]
+fn s3_second_data_dir_with_the_same_name_is_fenced() {
+    s3_test_credentials();
+    let srv = shared("claim");
+    let url = srv.url("claim", "c");
+    let mut a = Fixture::new("s3claimA", false);
+    a.opts.replicas = Some(vec![url.clone()]);
+    a.opts.sync_interval = Some("200ms".into());
+    let mut b = Fixture::new("s3claimB", false);
+    b.opts.replicas = Some(vec![url.clone()]);
+    b.opts.sync_interval = Some("200ms".into());
+    a.mount();
+    writes(&a, "app.db", 1, 20);
+    wait_app_replicated(&a, &url);
+    b.mount();
+    writes(&b, "app.db", 500, 40);
+    let o = wait_until(
+        Duration::from_secs(60),
+        300,
+        || {
+            let o = sqlfs_cli(&["status".into(), b.mnt.as_os_str().to_os_string()]);
+            if o.stdout.contains("FENCED") {
+                Ok(o)
+            } else {
+                Err(o)
+            }
+        },
+        |o| {
+            format!(
+                "the second data directory is not fenced:\n{}\n{}",
+                o.describe(),
+                b.daemon_logs()
+            )
+        },
+    );
+    assert_eq!(o.status.code(), Some(1), "{}", o.describe());
+    writes(&a, "app.db", 100, 10);
+    let last = last_txid(&a, "app.db");
+    assert_latest_is_staged(&a, &url, last, Duration::from_secs(60));
+    let keys = srv.list("claim", "c/names/");
+    assert_eq!(keys.len(), 1, "database ids named in the replica: {keys:?}");
+    a.unmount();
+    b.unmount();
+}
