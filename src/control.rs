@@ -128,7 +128,7 @@ fn status(cap: &Capture, shippers: &[Arc<Shipper>], stage_limit: u64) -> (String
             let _ = write!(
                 out,
                 ", STAGING FAILING since {} ({} commit(s) not staged, retried): {}",
-                crate::catalog::fmt_time(since),
+                crate::time::fmt_time(since),
                 f.waiting,
                 f.error
             );

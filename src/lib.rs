@@ -29,4 +29,5 @@ pub mod segment;
 pub mod ship;
 pub mod sqlite;
 pub mod stage;
+pub mod time;
 pub mod units;

@@ -8,8 +8,9 @@
 
 use anyhow::Result;
 
-use crate::catalog::{self, fmt_time, Reader};
+use crate::catalog::{self, Reader};
 use crate::crypt::Opener;
+use crate::time::fmt_time;
 
 #[derive(Debug, serde::Serialize)]
 pub struct DbListing {

@@ -304,7 +304,7 @@ fn run() -> Result<i32> {
             };
             let target = match (txid, timestamp) {
                 (Some(t), _) => catalog::Target::Txid(t),
-                (None, Some(ts)) => catalog::Target::Time(catalog::parse_time(&ts)?),
+                (None, Some(ts)) => catalog::Target::Time(sqlfs::time::parse_time(&ts)?),
                 (None, None) => catalog::Target::Latest,
             };
             let report = restore::run(&restore::RestoreOpts {

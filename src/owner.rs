@@ -119,7 +119,7 @@ impl DirLock {
             "pid {}\nmountpoint {}\nsince {}\n",
             std::process::id(),
             mountpoint.display(),
-            crate::catalog::fmt_time(crate::stage::now_ns())
+            crate::time::fmt_time(crate::stage::now_ns())
         );
         f.set_len(0)
             .and_then(|()| f.rewind())
@@ -287,7 +287,7 @@ impl Claim {
             } else {
                 format!(" ({})", at.join(", "))
             },
-            crate::catalog::fmt_time(self.since_ns)
+            crate::time::fmt_time(self.since_ns)
         )
     }
 }

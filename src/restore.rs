@@ -24,12 +24,13 @@ use std::time::Instant;
 use anyhow::{bail, Context, Result};
 use parking_lot::{Condvar, Mutex};
 
-use crate::catalog::{self, fmt_time, Plan, Reader, Step, Target};
+use crate::catalog::{self, Plan, Reader, Step, Target};
 use crate::crypt::Opener;
 use crate::record::Kind;
 use crate::replica;
 use crate::segment::{self, Event};
 use crate::sqlite::page_crc;
+use crate::time::fmt_time;
 
 pub struct RestoreOpts {
     pub replica: String,

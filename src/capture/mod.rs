@@ -606,7 +606,7 @@ impl Capture {
                 log::error!(
                     "{name}: stopping while commits are not staged ({} commit(s) since {}: {}); no clean-shutdown mark: the next mount compares the files with the staged stream and stages what is missing",
                     f.waiting,
-                    crate::catalog::fmt_time(
+                    crate::time::fmt_time(
                         f.since
                             .duration_since(std::time::SystemTime::UNIX_EPOCH)
                             .map_or(0, |d| d.as_nanos() as u64)
@@ -802,7 +802,7 @@ impl Db {
             self.name(),
             st.txid,
             f.waiting + seen,
-            crate::catalog::fmt_time(
+            crate::time::fmt_time(
                 f.since
                     .duration_since(SystemTime::UNIX_EPOCH)
                     .map_or(0, |d| d.as_nanos() as u64)
