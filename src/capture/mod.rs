@@ -17,6 +17,7 @@
 //!   incrementally (first sighting, a page size change, files changed while unmounted), a full
 //!   snapshot record is written instead, and the log says why.
 
+mod hot;
 mod rollback;
 mod wal;
 mod watch;
@@ -34,6 +35,7 @@ use parking_lot::{Mutex, RwLock};
 use crate::backing::{Backing, META_DIR};
 use crate::sqlite::{self, page_crc, WalIndexHeader, FRAME_HEADER, WAL_INDEX_HEADER};
 use crate::stage::{write_atomic, Access, DbStage, Kind, RecordHeader, WalPos};
+pub use hot::rollback_hot_journals;
 use rollback::Rollback;
 pub use wal::read_exact_at;
 use wal::{WalTrack, WalTxn};
