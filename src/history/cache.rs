@@ -36,9 +36,8 @@ impl History {
             };
             match got {
                 Some(mut page) => {
-                    if pgno == 1 && page.len() >= 20 && page.starts_with(b"SQLite format 3\0") {
-                        page[18] = 1;
-                        page[19] = 1;
+                    if pgno == 1 {
+                        crate::sqlite::as_rollback_journal(&mut page);
                     }
                     let p = Arc::new(page);
                     self.remember((db.id, pgno), p.clone());

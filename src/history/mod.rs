@@ -52,8 +52,7 @@ use crate::objread::{ObjReader, Opened};
 use crate::replica::{Counted, ReplicaClient};
 use crate::segment;
 use crate::stage::{
-    now_ns, read_base_meta, scan_headers, segment_files, BaseMeta, Kind, RecordHeader,
-    RECORD_HEADER,
+    now_ns, read_base_meta, scan_headers, segment_files, BaseMeta, RecordHeader, RECORD_HEADER,
 };
 
 /// The reserved name of the history directory at the mount's root.

@@ -158,7 +158,7 @@ impl History {
                 if h.txid <= state || h.txid > step.upto || h.time_ns > step.until_ns {
                     continue;
                 }
-                if h.kind == Kind::Snapshot || (ps != 0 && h.page_size != ps) {
+                if h.replaces_state(ps) {
                     map.pages.clear();
                 }
                 ps = h.page_size;

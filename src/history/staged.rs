@@ -203,7 +203,7 @@ impl History {
         let mut window = Window::default();
         for (fi, h, off) in &log.records[..n] {
             let f = &log.files[*fi as usize];
-            if h.kind == Kind::Snapshot || (ps != 0 && h.page_size != ps) {
+            if h.replaces_state(ps) {
                 map.pages.clear();
                 map.base_limit = 0;
             }
