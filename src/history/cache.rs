@@ -99,7 +99,7 @@ impl History {
                 if let Some(b) = map.base.as_ref().filter(|_| pgno <= map.base_limit) {
                     b.file
                         .read_exact_at(&mut page, (pgno as u64 - 1) * ps as u64)?;
-                    if read_base_meta(&b.dir).ok() != Some(b.meta) {
+                    if !b.staging.still_current().unwrap_or(false) {
                         return Ok(None);
                     }
                 }

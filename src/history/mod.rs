@@ -23,7 +23,8 @@
 //!   bytes 18 and 19 set to 1 (rollback journal mode), so any client opens it read-only as is.
 //! - A view never changes once resolved: staged segments are held open (a fold deletes them, the
 //!   open handle stays valid); base.db pages are read under a check of `base.meta` before and
-//!   after, and a fold that moved the base makes the view rebuild its map for the same TXID.
+//!   after (`stage::StagedReader`), and a fold that moved the base makes the view rebuild its
+//!   map for the same TXID.
 //! - Nothing here writes to the live databases or their staging; no request is made to the
 //!   replica unless someone lists `.history` or looks up a view staging cannot serve.
 
@@ -51,9 +52,7 @@ use crate::crypt::{FileKeys, Opener};
 use crate::objread::{ObjReader, Opened};
 use crate::replica::{Counted, ReplicaClient};
 use crate::segment;
-use crate::stage::{
-    now_ns, read_base_meta, scan_headers, segment_files, BaseMeta, RecordHeader, RECORD_HEADER,
-};
+use crate::stage::{now_ns, scan_headers, BaseMeta, RecordHeader, StagedReader, RECORD_HEADER};
 
 /// The reserved name of the history directory at the mount's root.
 pub const NAME: &str = ".history";
@@ -103,11 +102,11 @@ enum Loc {
     Frame { obj: u32, frame: u32, in_frame: u32 },
 }
 
-/// The staging base a view reads pages from, valid while `base.meta` still says `meta`.
+/// The staging base a view reads pages from (`base.db`), valid while `staging` is still
+/// current.
 struct BaseRef {
-    dir: PathBuf,
     file: File,
-    meta: BaseMeta,
+    staging: StagedReader,
 }
 
 /// Page map of one view: explicit locations, else the base up to `base_limit`, else zeros.
@@ -170,6 +169,8 @@ struct Staged {
 /// The records of one staging log after its base, with their segments held open.
 struct StagedLog {
     base: BaseMeta,
+    /// The reader the log was read through, standing on `base`.
+    staging: StagedReader,
     files: Vec<Arc<File>>,
     /// (segment index, header, record offset), TXIDs base+1, base+2, … without gap.
     records: Vec<(u32, RecordHeader, u64)>,

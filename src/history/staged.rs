@@ -1,5 +1,7 @@
 //! Page maps from local staging: the staged databases under `.sqlfs/db/`, their logs after
 //! the base (segments held open) and a view's page map built from the base and the records.
+//! Staging is read through `stage::StagedReader` (base, segments, the check that the base
+//! did not move) and `stage::scan_headers`: the fold protocol is stage's to know.
 
 use super::*;
 
@@ -97,15 +99,15 @@ impl History {
                 std::thread::sleep(Duration::from_millis(20));
             }
             first = false;
-            let base = read_base_meta(dir)?;
-            if base.folding.is_some() {
+            let Some(staging) = StagedReader::open(dir)? else {
                 continue;
-            }
+            };
+            let base = staging.base();
             let mut files = Vec::new();
             let mut records = Vec::new();
             let mut ok = true;
             let mut next = base.txid + 1;
-            for (_, path) in segment_files(dir)? {
+            for (_, path) in staging.segments()? {
                 let f = match File::open(&path) {
                     Ok(f) => f,
                     Err(_) => {
@@ -138,9 +140,10 @@ impl History {
                     break;
                 }
             }
-            if ok && read_base_meta(dir)? == base {
+            if ok && staging.still_current()? {
                 return Ok(StagedLog {
                     base,
+                    staging,
                     files,
                     records,
                 });
@@ -192,11 +195,9 @@ impl History {
         let (mut txid, mut time_ns, mut ps, mut db_pages) =
             (base.txid, base.time_ns, base.page_size, base.db_pages);
         if base.db_pages > 0 {
-            let p = dir.join("base.db");
             map.base = Some(BaseRef {
-                dir: dir.to_path_buf(),
-                file: File::open(&p).with_context(|| format!("opening {}", p.display()))?,
-                meta: base,
+                file: log.staging.open_base()?,
+                staging: log.staging,
             });
         }
         let mut num = [0u8; 4];
