@@ -72,7 +72,7 @@ pub fn merge(
         segment::for_each_txn(&f, &hdr, key, |ev| {
             match ev {
                 Event::Start(h) => {
-                    if h.kind == Kind::Snapshot || (page_size != 0 && h.page_size != page_size) {
+                    if h.replaces_state(page_size) {
                         // Every page of the database is in this record.
                         present.clear();
                         pages.set_len(0).map_err(io)?;

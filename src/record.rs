@@ -133,6 +133,14 @@ impl RecordHeader {
 }
 
 impl RecordHeader {
+    /// True if this record holds every page of the database, so that the state before it
+    /// is dropped rather than updated: a snapshot, or a record whose page size differs from
+    /// the state's (`prev_page_size`; 0 before any record). Every reader that replays
+    /// records (compaction, restore, history views) applies this one rule.
+    pub fn replaces_state(&self, prev_page_size: u32) -> bool {
+        self.kind == Kind::Snapshot || (prev_page_size != 0 && self.page_size != prev_page_size)
+    }
+
     /// The header's bytes, as they start its record.
     pub fn encode(&self) -> [u8; RECORD_HEADER] {
         let mut b = [0u8; RECORD_HEADER];
@@ -546,4 +554,20 @@ pub(crate) fn read_record(
     };
     read_body(r, &h, &hb, path, off, None, None)?;
     Ok(Some(h))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn snapshot_or_page_size_change_replaces_state() {
+        let txn = RecordHeader::test(Kind::Txn, 2, 4096, 1);
+        let snap = RecordHeader::test(Kind::Snapshot, 2, 4096, 1);
+        assert!(!txn.replaces_state(4096));
+        assert!(!txn.replaces_state(0));
+        assert!(txn.replaces_state(1024));
+        assert!(snap.replaces_state(4096));
+        assert!(snap.replaces_state(0));
+    }
 }

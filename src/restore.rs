@@ -29,7 +29,7 @@ use crate::crypt::Opener;
 use crate::record::Kind;
 use crate::replica;
 use crate::segment::{self, Event};
-use crate::sqlite::page_crc;
+use crate::sqlite::{self, page_crc};
 use crate::time::fmt_time;
 
 pub struct RestoreOpts {
@@ -229,10 +229,10 @@ pub fn run(o: &RestoreOpts) -> Result<Report> {
     // mode (file format bytes 18-19), so the file opens anywhere on its own, with no -wal
     // or -shm, read-only too. History views serve the same bytes.
     if last.db_pages > 0 && !o.exact {
-        let mut v = [0u8; 2];
-        out.read_exact_at(&mut v, 18)?;
-        if v == [2, 2] {
-            out.write_all_at(&[1, 1], 18)?;
+        let mut head = [0u8; 20];
+        out.read_exact_at(&mut head, 0)?;
+        if sqlite::as_rollback_journal(&mut head) {
+            out.write_all_at(&head[18..], 18)?;
             report.was_wal = true;
         }
     }
@@ -518,7 +518,7 @@ fn apply_object(
                 if h.kind != Kind::Snapshot && first != a.txid + 1 {
                     return Err(corrupt(format!("TXID {first} does not follow {}", a.txid)));
                 }
-                if h.kind == Kind::Snapshot || (a.page_size != 0 && h.page_size != a.page_size) {
+                if h.replaces_state(a.page_size) {
                     // The whole database is in this record.
                     out.set_len(0).map_err(io)?;
                     a.checksum = 0;

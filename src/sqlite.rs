@@ -18,6 +18,18 @@ pub fn is_db_header(b: &[u8]) -> bool {
     b.len() >= 16 && &b[..16] == DB_MAGIC
 }
 
+/// Presents a database in WAL mode as one in rollback journal mode, so that it opens on its
+/// own (no `-wal`, no `-shm`, read-only too): if `page1` (at least its first 20 bytes) is a
+/// database header whose file format bytes 18 and 19 say WAL (2), sets them to 1. Returns
+/// true if it did. Restored files and history views present the same bytes this way.
+pub fn as_rollback_journal(page1: &mut [u8]) -> bool {
+    if page1.len() >= 20 && is_db_header(page1) && page1[18..20] == [2, 2] {
+        page1[18..20].copy_from_slice(&[1, 1]);
+        return true;
+    }
+    false
+}
+
 /// Page size from a database header (offset 16, u16 BE; 1 means 65536). `None` if invalid.
 pub fn db_page_size(hdr: &[u8]) -> Option<u32> {
     if hdr.len() < 18 {
@@ -237,6 +249,25 @@ pub fn image_checksum(image: &[u8], page_size: usize) -> u64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn wal_mode_header_presented_as_rollback_journal() {
+        let mut p = vec![0u8; 100];
+        p[..16].copy_from_slice(DB_MAGIC);
+        p[18..20].copy_from_slice(&[2, 2]);
+        assert!(as_rollback_journal(&mut p));
+        assert_eq!(p[18..20], [1, 1]);
+        // Already in rollback journal mode: nothing to do.
+        assert!(!as_rollback_journal(&mut p));
+        assert_eq!(p[18..20], [1, 1]);
+        // Not a database header, or too short: left alone.
+        let mut q = vec![0u8; 100];
+        q[18..20].copy_from_slice(&[2, 2]);
+        assert!(!as_rollback_journal(&mut q));
+        assert_eq!(q[18..20], [2, 2]);
+        let mut short = DB_MAGIC.to_vec();
+        assert!(!as_rollback_journal(&mut short));
+    }
 
     fn header(big: bool, ps: u32, salt: (u32, u32)) -> Vec<u8> {
         let mut h = Vec::new();
