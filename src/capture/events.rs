@@ -5,6 +5,7 @@
 
 use std::io;
 
+use super::walmode::Upto;
 use super::{Db, Role, State};
 use crate::backing::Backing;
 use crate::sqlite::{self, page_crc};
@@ -23,7 +24,7 @@ impl State {
             Role::Wal => {
                 if off < sqlite::WAL_HEADER {
                     // A new WAL generation starts: the old frames will be overwritten.
-                    self.capture_wal(db, b)?;
+                    self.capture_wal(db, b, Upto::Now)?;
                     self.settle_generation(db)?;
                     self.barrier(db)?;
                 } else if self.wal.as_ref().is_some_and(|w| off < w.committed_end)
@@ -78,7 +79,7 @@ impl State {
                 if let Some(w) = self.wal.as_mut() {
                     w.note_write(off, data);
                 }
-                self.capture_wal_hint(db, b, Some((off, data)))?;
+                self.capture_wal(db, b, Upto::Written(off, data))?;
             }
             Role::Journal => {
                 if off == 0 && data.len() >= 8 {
@@ -112,7 +113,7 @@ impl State {
         }
         match role {
             Role::Wal => {
-                self.capture_wal(db, b)?;
+                self.capture_wal(db, b, Upto::Now)?;
                 if size < sqlite::WAL_HEADER
                     || self.wal.as_ref().is_some_and(|w| size < w.committed_end)
                 {
@@ -174,7 +175,7 @@ impl State {
     pub(super) fn before_unlink(&mut self, db: &Db, b: &Backing, role: Role) -> io::Result<()> {
         match role {
             Role::Wal => {
-                self.capture_wal(db, b)?;
+                self.capture_wal(db, b, Upto::Now)?;
                 self.settle_generation(db)?;
                 self.barrier(db)
             }

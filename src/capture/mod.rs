@@ -5,6 +5,13 @@
 //! fsync) for files whose names make them part of a database: `X` (the database), `X-wal`,
 //! `X-journal`. All SQLite knowledge lives here.
 //!
+//! This file holds the registry of captured databases ([`Capture`], [`Db`]), the event API the
+//! filesystem calls, and the per-database `State`. The rest: file roles (`role.rs`), events
+//! applied to a state (`events.rs`), the staged state (`state.rs`), WAL frames (`wal.rs`) and
+//! WAL-mode commits (`walmode.rs`), rollback-journal commits (`journal.rs`), snapshots and
+//! staging failures (`snapshot.rs`), reconciliation at mount (`reconcile.rs`, `hot.rs`), the
+//! passthrough watcher (`watch.rs`).
+//!
 //! Invariants:
 //! - A transaction is staged before the write call that completed it returns to the app, so no
 //!   later operation (a checkpoint, a WAL restart, the next rollback transaction) can overwrite

@@ -8,6 +8,7 @@
 use std::fs;
 use std::io;
 
+use super::walmode::Upto;
 use super::{fingerprint, read_exact_at, Db, Role, State};
 use crate::backing::Backing;
 use crate::sqlite;
@@ -89,7 +90,7 @@ impl Db {
         let seen = st.commits_seen;
         let stage_rest = |st: &mut State| -> io::Result<()> {
             if st.resnapshot.is_none() && txid > 0 {
-                st.capture_wal(self, b)?;
+                st.capture_wal(self, b, Upto::Now)?;
             }
             if let Some(why) = st.resnapshot.clone() {
                 let pos = st.current_walpos();

@@ -1,7 +1,7 @@
 //! WAL-mode commit detection: stages each transaction completed in the WAL, in commit order.
 //! Written-through mode sees every write to the WAL and stages each commit its writes
 //! complete; observed mode catches up with what SQLite has published in its WAL index. One
-//! path ([`State::stage_wal`]) stages the commits either finds.
+//! path ([`State::capture_wal`]) stages the commits either finds.
 //!
 //! Invariants:
 //! - A commit is staged before the write that completed it returns, and the tracker's page
@@ -33,6 +33,19 @@ pub(super) fn frame_page(wal: &File, f: &wal::WalFrame, buf: &mut [u8]) -> io::R
         }
     }
     Ok(())
+}
+
+/// How far [`State::capture_wal`] stages the WAL's completed commits.
+#[derive(Clone, Copy, Debug)]
+pub(super) enum Upto<'a> {
+    /// Every commit completed now: in observed mode what SQLite has published (a catch-up),
+    /// else every commit the writes so far completed.
+    Now,
+    /// Written through: every commit completed, the write just made (offset, bytes) sparing
+    /// a read-back of its bytes.
+    Written(u64, &'a [u8]),
+    /// The commits that end at or before this byte offset (what SQLite has published).
+    Published(u64),
 }
 
 impl State {
@@ -213,16 +226,6 @@ impl State {
         Ok(())
     }
 
-    /// Stages every transaction completed in the WAL since the last call: in observed mode
-    /// what SQLite has published, else every commit its writes completed.
-    pub(super) fn capture_wal(&mut self, db: &Db, b: &Backing) -> io::Result<()> {
-        if db.observed() {
-            self.catch_up(db, b)
-        } else {
-            self.capture_wal_hint(db, b, None)
-        }
-    }
-
     /// A handle on the WAL is opened: keep a descriptor on it (in observed mode no write
     /// to it will come by to open one).
     pub(super) fn open_wal(&mut self, db: &Db, b: &Backing) -> io::Result<()> {
@@ -297,7 +300,7 @@ impl State {
             w.committed_end
         );
         self.main(db, b)?;
-        self.capture_wal_limit(db, b, None, limit)?;
+        self.capture_wal(db, b, Upto::Published(limit))?;
         self.note_awaiting()
     }
 
@@ -341,24 +344,15 @@ impl State {
         Ok(Some(None))
     }
 
-    /// Like `capture_wal`; `hint` is the write just made, whose bytes spare a read-back.
-    pub(super) fn capture_wal_hint(
-        &mut self,
-        db: &Db,
-        b: &Backing,
-        hint: Option<(u64, &[u8])>,
-    ) -> io::Result<()> {
-        self.capture_wal_limit(db, b, hint, u64::MAX)
-    }
-
-    /// Stages the commits completed in the WAL that end at or before byte `limit`.
-    pub(super) fn capture_wal_limit(
-        &mut self,
-        db: &Db,
-        b: &Backing,
-        hint: Option<(u64, &[u8])>,
-        limit: u64,
-    ) -> io::Result<()> {
+    /// Stages the transactions completed in the WAL since the last call, up to `upto`; the one
+    /// path by which WAL-mode commits reach the staging log.
+    pub(super) fn capture_wal(&mut self, db: &Db, b: &Backing, upto: Upto) -> io::Result<()> {
+        let (hint, limit) = match upto {
+            Upto::Now if db.observed() => return self.catch_up(db, b),
+            Upto::Now => (None, u64::MAX),
+            Upto::Written(off, data) => (Some((off, data)), u64::MAX),
+            Upto::Published(limit) => (None, limit),
+        };
         if self.wal.is_some() {
             // Descriptors are dropped after a failed capture; without one, commits written
             // through would go unseen until the WAL is opened again.
