@@ -1,0 +1,173 @@
+//! Rollback-journal commits: following a transaction on the database file (which byte ranges
+//! it wrote, and the checksum contribution of each page's committed version before it was
+//! overwritten), and staging the pages it changed when it ends (journal deleted, truncated or
+//! zeroed, or a journal-less write synced or closed).
+//!
+//! Invariant: a page's old CRC is recorded before the first write of the transaction touches
+//! it, so the rolling checksum can be advanced without keeping old page images; a page changed
+//! without its old version seen gives a snapshot instead.
+
+use std::collections::{BTreeSet, HashMap};
+use std::io;
+
+use super::{append_pages, read_exact_at, Db, State};
+use crate::backing::Backing;
+use crate::sqlite::{self, page_crc};
+use crate::stage::{Kind, WalPos};
+
+#[derive(Debug, Default)]
+pub struct Rollback {
+    /// The journal holds a valid header: a transaction (or a hot-journal rollback) is open.
+    pub journal_live: bool,
+    /// Byte ranges written to the database file since the last commit.
+    writes: Vec<(u64, u64)>,
+    /// CRC of the committed version of each page touched, keyed by page number.
+    pub old_crc: HashMap<u32, u64>,
+    /// The file was truncated during the transaction.
+    pub truncated: bool,
+}
+
+impl Rollback {
+    /// Nothing written since the last commit.
+    pub fn is_clean(&self) -> bool {
+        self.writes.is_empty() && !self.truncated
+    }
+
+    /// Records a write; returns the committed pages (of `ps` bytes, `pages` of them) it
+    /// touches whose old CRC is not known yet.
+    pub fn note_write(&mut self, off: u64, len: u64, ps: u32, pages: u32) -> Vec<u32> {
+        self.writes.push((off, off + len));
+        if ps == 0 || len == 0 {
+            return Vec::new();
+        }
+        let first = (off / ps as u64) as u32 + 1;
+        let last = ((off + len - 1) / ps as u64) as u32 + 1;
+        (first..=last.min(pages))
+            .filter(|p| !self.old_crc.contains_key(p))
+            .collect()
+    }
+
+    /// The pages of size `ps` the recorded writes touched.
+    pub fn dirty_pages(&self, ps: u32) -> BTreeSet<u32> {
+        let ps = ps as u64;
+        let mut s = BTreeSet::new();
+        for &(a, e) in &self.writes {
+            if e > a {
+                s.extend((a / ps) as u32 + 1..=((e - 1) / ps) as u32 + 1);
+            }
+        }
+        s
+    }
+}
+
+impl State {
+    /// Writes made to the database file with no journal and no WAL (journal_mode=OFF or
+    /// MEMORY) are committed when the app syncs or closes the file.
+    pub(super) fn flush_journalless(&mut self, db: &Db, b: &Backing) -> io::Result<()> {
+        if !self.in_wal_mode() && !self.rb.journal_live && !self.rb.is_clean() {
+            log::debug!("{}: journal-less writes committed at sync/close", db.name());
+            self.commit_rollback(db, b)?;
+        }
+        Ok(())
+    }
+
+    /// A rollback-journal transaction ended (journal deleted, truncated or zeroed, or a
+    /// journal-less write was synced): stage the pages it changed.
+    pub(super) fn commit_rollback(&mut self, db: &Db, b: &Backing) -> io::Result<()> {
+        self.rb.journal_live = false;
+        if self.rb.is_clean() {
+            return Ok(());
+        }
+        let rb = std::mem::take(&mut self.rb);
+        self.commits_seen += 1;
+        self.main(db, b)?;
+        let f = self.main_fd.as_ref().expect("opened above");
+        let size = f.metadata()?.len();
+        let mut hdr = [0u8; 100];
+        let ps = if read_exact_at(f, &mut hdr, 0)? {
+            sqlite::db_page_size(&hdr)
+        } else {
+            None
+        };
+        let Some(ps) = ps else {
+            if size == 0 {
+                // Emptied to a zero-page database.
+                let h = self.next_header(
+                    Kind::Txn,
+                    self.page_size.max(512),
+                    0,
+                    0,
+                    0,
+                    WalPos::default(),
+                );
+                append_pages(db, &h, &[], &mut |_, _| Ok(()))?;
+                self.advance_to(&h);
+                return Ok(());
+            }
+            self.resnapshot =
+                Some("the database file has no valid header after a transaction".into());
+            return Ok(());
+        };
+        let new_pages = sqlite::db_pages(&hdr, ps, size);
+        if self.resnapshot.is_some() || (self.page_size != ps && self.db_pages != 0) {
+            let why = self
+                .resnapshot
+                .clone()
+                .unwrap_or_else(|| "page size changed".into());
+            return self.resnapshot_now(db, b, &why, WalPos::default());
+        }
+        let old_pages = self.db_pages;
+        let mut pages: BTreeSet<u32> = rb
+            .dirty_pages(ps)
+            .into_iter()
+            .filter(|&p| p <= new_pages)
+            .collect();
+        pages.extend(old_pages + 1..=new_pages);
+        let mut checksum = self.checksum;
+        let gone = new_pages + 1..=old_pages;
+        for p in pages
+            .iter()
+            .copied()
+            .filter(|&p| p <= old_pages)
+            .chain(gone)
+        {
+            match rb.old_crc.get(&p) {
+                Some(c) => checksum ^= c,
+                None => {
+                    return self.snapshot_with(
+                        db,
+                        b,
+                        &format!("page {p} changed without its old version being seen"),
+                        WalPos::default(),
+                    )
+                }
+            }
+        }
+        if pages.is_empty() && new_pages == old_pages {
+            // Only bytes past the end of the database changed (the file shrinking to the
+            // size a commit already recorded): the database itself did not.
+            return Ok(());
+        }
+        let mut buf = vec![0u8; ps as usize];
+        let read = |p: u32, buf: &mut [u8]| -> io::Result<()> {
+            buf.fill(0);
+            read_exact_at(f, buf, (p as u64 - 1) * ps as u64).map(|_| ())
+        };
+        for &p in &pages {
+            read(p, &mut buf)?;
+            checksum ^= page_crc(p, &buf);
+        }
+        let pages: Vec<u32> = pages.into_iter().collect();
+        let h = self.next_header(
+            Kind::Txn,
+            ps,
+            new_pages,
+            checksum,
+            pages.len() as u32,
+            WalPos::default(),
+        );
+        append_pages(db, &h, &pages, &mut |p, buf| read(p, buf))?;
+        self.advance_to(&h);
+        Ok(())
+    }
+}
