@@ -157,7 +157,7 @@ impl SqlFs {
 
 impl SqlFs {
     pub(super) fn do_getattr(&self, ino: INodeNo, fh: Option<FileHandle>, reply: ReplyAttr) {
-        if History::is_virtual(ino.0) {
+        if is_virtual(ino.0) {
             return match self.history.as_ref().map(|h| h.getattr(ino.0)) {
                 Some(Ok(e)) => reply.attr(&TTL, &self.vattr(e)),
                 Some(Err(e)) => reply.error(Errno::from_i32(e)),
@@ -224,7 +224,7 @@ impl SqlFs {
     }
 
     pub(super) fn do_readlink(&self, ino: INodeNo, reply: ReplyData) {
-        if History::is_virtual(ino.0) {
+        if is_virtual(ino.0) {
             return reply.error(Errno::EINVAL);
         }
         let res = self.pin(ino).and_then(|p| {
@@ -249,7 +249,7 @@ impl SqlFs {
     }
 
     pub(super) fn do_access(&self, ino: INodeNo, mask: AccessFlags, reply: ReplyEmpty) {
-        if History::is_virtual(ino.0) {
+        if is_virtual(ino.0) {
             return if mask.bits() & libc::W_OK != 0 {
                 reply.error(Errno::EROFS)
             } else {

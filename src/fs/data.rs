@@ -73,7 +73,7 @@ impl SqlFs {
 
 impl SqlFs {
     pub(super) fn do_open(&self, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
-        if History::is_virtual(ino.0) {
+        if is_virtual(ino.0) {
             let writes = flags.0 & libc::O_ACCMODE != libc::O_RDONLY
                 || flags.0 & (libc::O_TRUNC | libc::O_APPEND) != 0;
             let file = self.history.as_ref().is_some_and(|h| h.is_file(ino.0));
@@ -127,7 +127,7 @@ impl SqlFs {
         size: u32,
         reply: ReplyData,
     ) {
-        if History::is_virtual(ino.0) {
+        if is_virtual(ino.0) {
             return match self.history.as_ref().map(|h| h.read(ino.0, offset, size)) {
                 Some(Ok(d)) => reply.data(&d),
                 Some(Err(e)) => reply.error(Errno::from_i32(e)),
@@ -160,7 +160,7 @@ impl SqlFs {
         wf: WriteFlags,
         reply: ReplyWrite,
     ) {
-        if History::is_virtual(ino.0) {
+        if is_virtual(ino.0) {
             return reply.error(Errno::EROFS);
         }
         let res = self.handle(fh).and_then(|h| {
@@ -188,10 +188,10 @@ impl SqlFs {
         len: u64,
         reply: ReplyWrite,
     ) {
-        if History::is_virtual(ino_out.0) {
+        if is_virtual(ino_out.0) {
             return reply.error(Errno::EROFS);
         }
-        if History::is_virtual(ino_in.0) {
+        if is_virtual(ino_in.0) {
             let res = self.handle(fh_out).and_then(|hout| {
                 let h = self.history.as_ref().ok_or(Errno::ENOENT)?;
                 let data = h
@@ -220,7 +220,7 @@ impl SqlFs {
     }
 
     pub(super) fn do_fsync(&self, ino: INodeNo, fh: FileHandle, datasync: bool, reply: ReplyEmpty) {
-        if History::is_virtual(ino.0) {
+        if is_virtual(ino.0) {
             return reply.ok();
         }
         let h = match self.handle(fh) {
@@ -258,7 +258,7 @@ impl SqlFs {
         mode: i32,
         reply: ReplyEmpty,
     ) {
-        if History::is_virtual(ino.0) {
+        if is_virtual(ino.0) {
             return reply.error(Errno::EROFS);
         }
         let res = self.handle(fh).and_then(|h| {

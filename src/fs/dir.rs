@@ -2,7 +2,7 @@ use super::*;
 
 impl SqlFs {
     pub(super) fn do_opendir(&self, ino: INodeNo, reply: ReplyOpen) {
-        if History::is_virtual(ino.0) {
+        if is_virtual(ino.0) {
             return match self.history.as_ref().map(|h| h.getattr(ino.0)) {
                 Some(Ok(e)) if e.dir => reply.opened(FileHandle(0), FopenFlags::empty()),
                 Some(Ok(_)) => reply.error(Errno::ENOTDIR),
@@ -27,7 +27,7 @@ impl SqlFs {
         offset: u64,
         mut reply: ReplyDirectory,
     ) {
-        if History::is_virtual(ino.0) {
+        if is_virtual(ino.0) {
             let list = match self.history.as_ref().map(|h| h.readdir(ino.0)) {
                 Some(Ok(l)) => l,
                 Some(Err(e)) => return reply.error(Errno::from_i32(e)),
@@ -80,7 +80,7 @@ impl SqlFs {
             // SAFETY: d_name is a NUL-terminated array inside a valid dirent.
             let name = unsafe { std::ffi::CStr::from_ptr((*ent).d_name.as_ptr()) };
             let nb = name.to_bytes();
-            if at_root && (nb == META_DIR.as_bytes() || nb == history::NAME.as_bytes()) {
+            if at_root && (nb == META_DIR.as_bytes() || nb == VIEWS_DIR.as_bytes()) {
                 continue;
             }
             i += 1;
@@ -104,14 +104,14 @@ impl SqlFs {
                 break;
             }
         }
-        if at_root && !full && self.history.is_some() {
+        if let (true, false, Some(h)) = (at_root, full, &self.history) {
             i += 1;
             if i > offset {
                 let _ = reply.add(
-                    INodeNo(history::ROOT_INO),
+                    INodeNo(h.root().ino),
                     i,
                     FileType::Directory,
-                    OsStr::new(history::NAME),
+                    OsStr::new(VIEWS_DIR),
                 );
             }
         }
@@ -121,7 +121,7 @@ impl SqlFs {
     }
 
     pub(super) fn do_fsyncdir(&self, ino: INodeNo, fh: FileHandle, reply: ReplyEmpty) {
-        if History::is_virtual(ino.0) {
+        if is_virtual(ino.0) {
             return reply.ok();
         }
         match self

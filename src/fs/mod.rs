@@ -58,10 +58,10 @@ mod passthrough;
 mod views;
 mod xattr;
 
-use crate::history::{self, History};
 use handles::{Handle, Handles};
 use nodes::{Node, Pin};
 pub use passthrough::Passthrough;
+pub use views::{is_virtual, ViewEntry, Views, VIEWS_DIR, VIRTUAL};
 
 const TTL: Duration = Duration::from_secs(1);
 
@@ -126,8 +126,8 @@ pub struct SqlFs {
     root_ino: u64,
     /// Called after a successful fsync of a database file (`--sync`).
     durable: Option<DurableHook>,
-    /// The `.history` views, if enabled.
-    history: Option<Arc<History>>,
+    /// The read-only virtual tree served at `.history` (history views), if enabled.
+    history: Option<Arc<dyn Views>>,
     passthrough: Passthrough,
     /// Databases (by name) whose WAL and `-shm` files never pass straight through, because
     /// their fsync must find every commit staged (`sync`).
@@ -187,8 +187,8 @@ impl SqlFs {
         self
     }
 
-    /// Serves `.history` at the root.
-    pub fn with_history(mut self, h: Arc<History>) -> SqlFs {
+    /// Serves the virtual tree `h` (history views) as `.history` at the root.
+    pub fn with_history(mut self, h: Arc<dyn Views>) -> SqlFs {
         self.history = Some(h);
         self
     }
@@ -208,7 +208,7 @@ impl Filesystem for SqlFs {
     }
 
     fn forget(&self, _req: &Request, ino: INodeNo, nlookup: u64) {
-        if History::is_virtual(ino.0) {
+        if is_virtual(ino.0) {
             if let Some(h) = &self.history {
                 h.forget(ino.0, nlookup);
             }
@@ -533,7 +533,7 @@ impl Filesystem for SqlFs {
         whence: i32,
         reply: fuser::ReplyLseek,
     ) {
-        if History::is_virtual(ino.0) {
+        if is_virtual(ino.0) {
             return reply.error(Errno::ENOSYS);
         }
         match self.handle(fh) {

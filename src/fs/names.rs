@@ -53,10 +53,10 @@ impl SqlFs {
 impl SqlFs {
     pub(super) fn do_lookup(&self, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
         if let Some(h) = &self.history {
-            let root_hist = parent.0 == 1 && name.as_bytes() == history::NAME.as_bytes();
-            if root_hist || History::is_virtual(parent.0) {
+            let root_hist = parent.0 == 1 && name.as_bytes() == VIEWS_DIR.as_bytes();
+            if root_hist || is_virtual(parent.0) {
                 let r = if root_hist {
-                    Ok(h.root_entry())
+                    Ok(h.root())
                 } else {
                     let n = name.to_str().ok_or(libc::ENOENT);
                     n.and_then(|n| h.lookup(parent.0, n))

@@ -143,7 +143,7 @@ impl SqlFs {
     /// kernel then looks the name up afresh). A handle comes first: it is the file itself even
     /// when unlinked or renamed, and costs no path resolution.
     pub(super) fn pin(&self, ino: INodeNo) -> Result<Pin, Errno> {
-        if History::is_virtual(ino.0) {
+        if is_virtual(ino.0) {
             return Err(Errno::EROFS);
         }
         if ino.0 == 1 {
@@ -207,7 +207,7 @@ impl SqlFs {
         if p.is_empty() && nb == META_DIR.as_bytes() {
             return Err(Errno::ENOENT);
         }
-        if p.is_empty() && nb == history::NAME.as_bytes() {
+        if p.is_empty() && nb == VIEWS_DIR.as_bytes() {
             return Err(Errno::EROFS);
         }
         Ok((dir, join(&p, nb), cstr(nb)?))

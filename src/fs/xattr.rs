@@ -38,7 +38,7 @@ impl SqlFs {
     }
 
     pub(super) fn do_getxattr(&self, ino: INodeNo, name: &OsStr, size: u32, reply: ReplyXattr) {
-        if History::is_virtual(ino.0) {
+        if is_virtual(ino.0) {
             return reply.error(Errno::ENODATA);
         }
         let (f, n) = match self
@@ -65,7 +65,7 @@ impl SqlFs {
                 reply.data(&[])
             }
         };
-        if History::is_virtual(ino.0) {
+        if is_virtual(ino.0) {
             return empty(reply);
         }
         let f = match self.pin(ino).and_then(|p| p.real()) {
