@@ -48,8 +48,7 @@ impl SqlFs {
         let Some(rel) = h.rel.lock().clone() else {
             return;
         };
-        let header = offset == 0 && crate::sqlite::is_db_header(data);
-        if header || rel.ends_with(b"-wal") || rel.ends_with(b"-journal") {
+        if capture::shows_db(&rel, offset, data) {
             self.warn_uncaptured(&rel);
         }
     }
@@ -57,10 +56,7 @@ impl SqlFs {
     /// Logs (once per name) that the database being written at `rel`, a name that is not
     /// UTF-8, is not captured.
     pub(super) fn warn_uncaptured(&self, rel: &[u8]) {
-        let db = [b"-wal".as_slice(), b"-journal"]
-            .iter()
-            .find_map(|s| rel.strip_suffix(*s))
-            .unwrap_or(rel);
+        let db = capture::journal_db_of(rel).unwrap_or(rel);
         let mut w = self.warned.lock();
         if w.len() < WARN_MAX && w.insert(db.to_vec()) {
             log::warn!(

@@ -46,7 +46,7 @@ use parking_lot::{Mutex, RwLock};
 use crate::backing::{
     self, cstring, fstat, join_bytes as join, proc_fd, stat_in, Backing, META_DIR,
 };
-use crate::capture::{classify, Capture, Role};
+use crate::capture::{self, classify, Capture, Role};
 
 mod attr;
 mod data;

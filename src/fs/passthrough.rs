@@ -31,7 +31,7 @@ impl SqlFs {
             return Some(id);
         }
         let rel = rel?;
-        let db = match (classify(rel), rel.strip_suffix("-shm")) {
+        let db = match (classify(rel), capture::wal_index_of(rel)) {
             ((Role::Wal, db), _) | (_, Some(db)) => db,
             _ => return None,
         };
