@@ -1,3 +1,9 @@
+//! Attributes: stat → `FileAttr` (inode numbers, kinds, times), and the attribute calls
+//! (getattr, setattr: mode, owner, size, times; readlink; access).
+//!
+//! Invariant: a truncate is reported to capture before and after, like a write (see
+//! `data.rs`); setattr acts through the kernel's handle first, so on the open file itself.
+
 use super::*;
 
 pub(super) fn to_system_time(sec: i64, nsec: i64) -> SystemTime {

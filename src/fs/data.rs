@@ -1,3 +1,13 @@
+//! The data path: open, read, write, copy_file_range, fsync, fallocate on handles, with
+//! capture told of every write and truncate.
+//!
+//! Invariants:
+//! - Capture sees each write before it returns to the app (`before_write` → pwrite →
+//!   `after_write`), in the order the app issued them; no write-back caching reorders them.
+//! - Names are bytes: a name that is not UTF-8 is served like any other. Capture knows files by
+//!   UTF-8 names only, so such a file is never captured; a database among them is logged once.
+//! - `--sync`: an fsync of a database's file returns once the replicas have its transactions.
+
 use super::*;
 
 /// Clears set-user-ID and set-group-ID bits after a write by someone other than the owner.

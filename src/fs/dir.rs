@@ -1,3 +1,6 @@
+//! Directories: opendir, readdir (hiding `.sqlfs` and a backing `.history` at the root, and
+//! adding the virtual tree's directory there), fsyncdir.
+
 use super::*;
 
 impl SqlFs {

@@ -1,3 +1,10 @@
+//! Open handles: the file each one holds, the name capture knows it by (following renames
+//! and unlinks), its role, and the index of handles per inode.
+//!
+//! Invariant: operations on an open descriptor (fstat, ftruncate, fchmod, futimens, fsync,
+//! fallocate…) act on that file even after it was unlinked or renamed: a handle open on an
+//! inode is the first way to reach it (see `nodes.rs`).
+
 use super::*;
 
 pub(super) struct Handle {

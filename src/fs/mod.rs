@@ -1,27 +1,15 @@
 //! The FUSE layer: translates kernel requests into operations on the backing directory and
-//! reports the ones capture cares about. It knows nothing of SQLite.
+//! reports the ones capture cares about. It knows nothing of SQLite: what a file is to a
+//! database, capture says by its name.
 //!
-//! Invariants:
-//! - Every path is resolved relative to the backing directory handle, never through the mount,
-//!   and no access follows a symbolic link or leaves the backing directory (`backing.rs`): an
-//!   inode is reached through a descriptor already open on it (a handle of the app's, the
-//!   kernel's `fh` first), else by its recorded path opened `O_PATH` beneath the root and
-//!   checked to still be that inode (a stale path is ESTALE, and the kernel looks the name up
-//!   again). Name operations work on (descriptor of the parent, name). So no request thread
-//!   ever waits on the mount, and a racing rename never makes the daemon act on another file
-//!   than the one the app named or holds open.
-//! - Operations on an open descriptor (fstat, ftruncate, fchmod, futimens, fsync, fallocate…)
-//!   act on that file even after it was unlinked or renamed.
-//! - Names are bytes: a name that is not UTF-8 is served like any other. Capture knows files by
-//!   UTF-8 names only, so such a file is never captured; a database among them is logged once.
-//! - `.sqlfs` at the root (sqlfs's own metadata) does not exist as far as the mount shows.
-//! - `.history` at the root is the virtual, read-only directory of history views
-//!   (`history.rs`); a backing file of that name is hidden. Its inodes have the high bit set,
-//!   and every mutating call on or under it fails with EROFS.
-//! - Capture sees each write before it returns to the app (`before_write` → pwrite →
-//!   `after_write`), in the order the app issued them; no write-back caching reorders them.
-//! - No callback panics on an I/O path: errors become errnos, and capture errors are logged by
-//!   capture itself and never fail the app's I/O.
+//! This file holds [`SqlFs`], its builder, and the `Filesystem` adapter, whose callbacks
+//! route to the files of this folder by job: `nodes.rs` (inode table, pins), `handles.rs`
+//! (open handles), `attr.rs` (attributes), `names.rs` (name operations), `data.rs` (reads,
+//! writes, fsync), `dir.rs` (directories), `xattr.rs`, `passthrough.rs` (kernel passthrough),
+//! `views.rs` (the read-only virtual tree at `.history`). Each states its invariants.
+//!
+//! Invariant: no callback panics on an I/O path: errors become errnos, and capture errors are
+//! logged by capture itself and never fail the app's I/O.
 
 use std::collections::{HashMap, HashSet};
 use std::ffi::{CStr, CString, OsStr};

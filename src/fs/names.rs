@@ -1,3 +1,15 @@
+//! Name operations: lookup, creation (mknod, mkdir, symlink, link, create), removal (unlink,
+//! rmdir) and rename, each on (descriptor of the parent, name), reported to capture and kept
+//! in the inode table.
+//!
+//! Invariants:
+//! - A node sqlfs creates (running as root) is given to the requesting user, and only while
+//!   it is still sqlfs's own: a file a racing rename put there keeps its owner.
+//! - Capture cannot follow a file to a name that is not UTF-8: to capture, a file renamed to
+//!   such a name is gone, and one renamed from one has just arrived.
+//! - `--sync`: deleting a rollback journal is a commit; the unlink returns once the replicas
+//!   have it.
+
 use super::*;
 
 pub(super) fn euid_is_root() -> bool {

@@ -1,3 +1,19 @@
+//! The inode table: each inode the kernel knows, with its path and its other names (hard
+//! links), kept up to date through renames, exchanges and unlinks; and pins, the descriptors
+//! through which every request reaches an inode's backing file.
+//!
+//! Invariants:
+//! - Every path is resolved relative to the backing directory handle, never through the mount,
+//!   and no access follows a symbolic link or leaves the backing directory (`backing.rs`): an
+//!   inode is reached through a descriptor already open on it (a handle of the app's, the
+//!   kernel's `fh` first), else by its recorded path opened `O_PATH` beneath the root and
+//!   checked to still be that inode (a stale path is ESTALE, and the kernel looks the name up
+//!   again). Name operations work on (descriptor of the parent, name). So no request thread
+//!   ever waits on the mount, and a racing rename never makes the daemon act on another file
+//!   than the one the app named or holds open.
+//! - `.sqlfs` at the root (sqlfs's own metadata) does not exist as far as the mount shows, and
+//!   no name operation reaches the virtual tree's name ([`VIEWS_DIR`]) in the backing root.
+
 use super::*;
 
 /// What is left of `r` below `p` (`Some("")` for `p` itself, `Some("/x")` below it).

@@ -1,3 +1,13 @@
+//! Kernel passthrough: negotiating it at `init`, and deciding per open which files the kernel
+//! reads and writes straight to the backing file (WAL and WAL-index files, by capture's naming,
+//! unless their database is written through).
+//!
+//! Invariants:
+//! - All handles on one inode agree: an inode already open through sqlfs stays so, and one
+//!   passed through shares one backing id while any handle holds it.
+//! - Once opening a backing id fails, passthrough is off for the rest of the mount; when no
+//!   handle bypasses sqlfs any more, capture goes back to seeing every write (`unobserve`).
+
 use super::*;
 
 /// When to let the kernel pass reads and writes of WAL and `-shm` files straight to the

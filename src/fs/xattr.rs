@@ -1,3 +1,6 @@
+//! Extended attributes, on the pinned file itself: symbolic links and special files are
+//! never followed or opened (set refused, get and list show none).
+
 use super::*;
 
 pub(super) fn xattr_reply(reply: ReplyXattr, size: u32, r: isize, buf: &[u8]) {
