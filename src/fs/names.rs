@@ -86,6 +86,7 @@ impl SqlFs {
         }
     }
 
+    #[allow(clippy::too_many_arguments)]
     pub(super) fn do_mknod(
         &self,
         req: &Request,
@@ -305,6 +306,7 @@ impl SqlFs {
         }
     }
 
+    #[allow(clippy::too_many_arguments)]
     pub(super) fn do_create(
         &self,
         req: &Request,
