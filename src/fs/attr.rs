@@ -4,7 +4,23 @@
 //! Invariant: a truncate is reported to capture before and after, like a write (see
 //! `data.rs`); setattr acts through the kernel's handle first, so on the open file itself.
 
-use super::*;
+use super::{
+    check, errno, handles::Handle, is_type, last_err, nodes::Pin, reply_empty, utf8,
+    views::is_virtual, SqlFs, EMPTY, TTL,
+};
+use crate::backing;
+use crate::backing::fstat;
+use crate::backing::proc_fd;
+use fuser::{
+    AccessFlags, Errno, FileAttr, FileHandle, FileType, INodeNo, ReplyAttr, ReplyData, ReplyEmpty,
+    TimeOrNow,
+};
+use std::io;
+use std::os::fd::AsRawFd;
+use std::sync::Arc;
+use std::time::Duration;
+use std::time::SystemTime;
+use std::time::UNIX_EPOCH;
 
 pub(super) fn to_system_time(sec: i64, nsec: i64) -> SystemTime {
     if sec >= 0 {

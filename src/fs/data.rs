@@ -8,7 +8,21 @@
 //!   UTF-8 names only, so such a file is never captured; a database among them is logged once.
 //! - `--sync`: an fsync of a database's file returns once the replicas have its transactions.
 
-use super::*;
+use super::{
+    check, errno, handles::Handle, is_type, reply_empty, show, utf8, views::is_virtual, SqlFs,
+    WARN_MAX,
+};
+use crate::backing;
+use crate::capture;
+use crate::capture::Role;
+use fuser::{
+    Errno, FileHandle, FopenFlags, INodeNo, OpenFlags, ReplyData, ReplyEmpty, ReplyOpen,
+    ReplyWrite, WriteFlags,
+};
+use std::fs::File;
+use std::io;
+use std::os::fd::AsRawFd;
+use std::os::unix::fs::FileExt;
 
 /// Clears set-user-ID and set-group-ID bits after a write by someone other than the owner.
 pub(super) fn kill_suidgid(f: &File) {

@@ -1,7 +1,15 @@
 //! Directories: opendir, readdir (hiding `.sqlfs` and a backing `.history` at the root, and
 //! adding the virtual tree's directory there), fsyncdir.
 
-use super::*;
+use super::{errno, last_err, views::is_virtual, views::VIEWS_DIR, SqlFs};
+use crate::backing;
+use crate::backing::META_DIR;
+use fuser::{
+    Errno, FileHandle, FileType, FopenFlags, INodeNo, ReplyDirectory, ReplyEmpty, ReplyOpen,
+};
+use std::ffi::OsStr;
+use std::os::fd::AsRawFd;
+use std::os::unix::ffi::OsStrExt;
 
 impl SqlFs {
     pub(super) fn do_opendir(&self, ino: INodeNo, reply: ReplyOpen) {

@@ -5,7 +5,15 @@
 //! fallocate…) act on that file even after it was unlinked or renamed: a handle open on an
 //! inode is the first way to reach it (see `nodes.rs`).
 
-use super::*;
+use super::{utf8, Rel, SqlFs};
+use crate::capture::classify;
+use crate::capture::Role;
+use fuser::{BackingId, Errno, FileHandle};
+use parking_lot::Mutex;
+use std::collections::HashMap;
+use std::fs::File;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
 
 pub(super) struct Handle {
     pub(super) file: File,

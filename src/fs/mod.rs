@@ -13,28 +13,22 @@
 
 use std::collections::{HashMap, HashSet};
 use std::ffi::{CStr, CString, OsStr};
-use std::fs::File;
 use std::io;
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
-use std::os::unix::ffi::OsStrExt;
-use std::os::unix::fs::FileExt;
+use std::os::fd::AsRawFd;
 use std::path::Path;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64};
 use std::sync::{Arc, Weak};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime};
 
 use fuser::{
-    AccessFlags, BackingId, Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags,
-    Generation, INodeNo, InitFlags, KernelConfig, LockOwner, OpenFlags, RenameFlags, ReplyAttr,
-    ReplyCreate, ReplyData, ReplyDirectory, ReplyEmpty, ReplyEntry, ReplyOpen, ReplyStatfs,
-    ReplyWrite, ReplyXattr, Request, TimeOrNow, WriteFlags,
+    AccessFlags, BackingId, Errno, FileHandle, Filesystem, INodeNo, KernelConfig, LockOwner,
+    OpenFlags, RenameFlags, ReplyAttr, ReplyCreate, ReplyData, ReplyDirectory, ReplyEmpty,
+    ReplyEntry, ReplyOpen, ReplyStatfs, ReplyWrite, ReplyXattr, Request, TimeOrNow, WriteFlags,
 };
 use parking_lot::{Mutex, RwLock};
 
-use crate::backing::{
-    self, cstring, fstat, join_bytes as join, proc_fd, stat_in, Backing, META_DIR,
-};
-use crate::capture::{self, classify, Capture, Role};
+use crate::backing::{cstring, join_bytes as join, Backing};
+use crate::capture::Capture;
 
 mod attr;
 mod data;
@@ -46,8 +40,8 @@ mod passthrough;
 mod views;
 mod xattr;
 
-use handles::{Handle, Handles};
-use nodes::{Node, Pin};
+use handles::Handles;
+use nodes::Node;
 pub use passthrough::Passthrough;
 pub use views::{is_virtual, ViewEntry, Views, VIEWS_DIR, VIRTUAL};
 

@@ -10,7 +10,28 @@
 //! - `--sync`: deleting a rollback journal is a commit; the unlink returns once the replicas
 //!   have it.
 
-use super::*;
+use super::{
+    check, cstr, errno, is_type, last_err, nodes::Node, nodes::Pin, reply_empty, utf8,
+    views::is_virtual, views::VIEWS_DIR, Rel, SqlFs, EMPTY, TTL,
+};
+use crate::backing::fstat;
+use crate::backing::proc_fd;
+use crate::backing::stat_in;
+use crate::capture::classify;
+use crate::capture::Role;
+use fuser::{
+    Errno, FopenFlags, Generation, INodeNo, RenameFlags, ReplyCreate, ReplyEmpty, ReplyEntry,
+    Request,
+};
+use std::ffi::CStr;
+use std::ffi::OsStr;
+use std::fs::File;
+use std::io;
+use std::os::fd::AsRawFd;
+use std::os::fd::FromRawFd;
+use std::os::fd::OwnedFd;
+use std::os::unix::ffi::OsStrExt;
+use std::path::Path;
 
 pub(super) fn euid_is_root() -> bool {
     // SAFETY: geteuid has no preconditions.

@@ -14,7 +14,21 @@
 //! - `.sqlfs` at the root (sqlfs's own metadata) does not exist as far as the mount shows, and
 //!   no name operation reaches the virtual tree's name ([`VIEWS_DIR`]) in the backing root.
 
-use super::*;
+use super::{
+    cstr, errno, handles::Handle, is_type, join, views::is_virtual, views::VIEWS_DIR, Rel, SqlFs,
+};
+use crate::backing;
+use crate::backing::fstat;
+use crate::backing::META_DIR;
+use fuser::{Errno, FileAttr, INodeNo};
+use std::ffi::CString;
+use std::ffi::OsStr;
+use std::fs::File;
+use std::os::fd::AsRawFd;
+use std::os::fd::OwnedFd;
+use std::os::fd::RawFd;
+use std::os::unix::ffi::OsStrExt;
+use std::sync::Arc;
 
 /// What is left of `r` below `p` (`Some("")` for `p` itself, `Some("/x")` below it).
 pub(super) fn below<'a>(r: &'a [u8], p: &[u8]) -> Option<&'a [u8]> {

@@ -8,7 +8,16 @@
 //! - Once opening a backing id fails, passthrough is off for the rest of the mount; when no
 //!   handle bypasses sqlfs any more, capture goes back to seeing every write (`unobserve`).
 
-use super::*;
+use super::SqlFs;
+use crate::capture;
+use crate::capture::classify;
+use crate::capture::Role;
+use fuser::{BackingId, InitFlags, KernelConfig};
+use std::fs::File;
+use std::io;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::sync::Weak;
 
 /// When to let the kernel pass reads and writes of WAL and `-shm` files straight to the
 /// backing files (`--passthrough`).

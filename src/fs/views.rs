@@ -10,7 +10,11 @@
 //! - The provider is independent of this layer: it knows no FUSE type, and this layer knows
 //!   nothing of what it serves (history views implement [`Views`] in `history`).
 
-use super::*;
+use super::SqlFs;
+use crate::backing::fstat;
+use fuser::{FileAttr, FileType, INodeNo};
+use std::time::Duration;
+use std::time::UNIX_EPOCH;
 
 /// Inodes with this bit set belong to the virtual tree; backing inodes never have it.
 pub const VIRTUAL: u64 = 1 << 63;

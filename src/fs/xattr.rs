@@ -1,7 +1,10 @@
 //! Extended attributes, on the pinned file itself: symbolic links and special files are
 //! never followed or opened (set refused, get and list show none).
 
-use super::*;
+use super::{check, cstr, last_err, reply_empty, views::is_virtual, SqlFs};
+use fuser::{Errno, INodeNo, ReplyEmpty, ReplyXattr};
+use std::ffi::OsStr;
+use std::os::unix::ffi::OsStrExt;
 
 pub(super) fn xattr_reply(reply: ReplyXattr, size: u32, r: isize, buf: &[u8]) {
     if r < 0 {
