@@ -50,7 +50,7 @@ use crate::sqlite;
 use crate::stage::{write_atomic, Access, DbStage};
 pub use hot::rollback_hot_journals;
 use journal::Rollback;
-pub use role::{classify, Role};
+pub use role::{classify, journal_db_of, shows_db, wal_index_of, Role};
 pub use snapshot::live_image;
 use state::append_pages;
 pub use wal::read_exact_at;

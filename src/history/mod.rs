@@ -32,6 +32,7 @@ mod cache;
 mod replica;
 mod resolve;
 mod staged;
+mod views;
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::fs::{self, File};

@@ -1,0 +1,118 @@
+//! Open handles: the file each one holds, the name capture knows it by (following renames
+//! and unlinks), its role, and the index of handles per inode.
+//!
+//! Invariant: operations on an open descriptor (fstat, ftruncate, fchmod, futimens, fsync,
+//! fallocate…) act on that file even after it was unlinked or renamed: a handle open on an
+//! inode is the first way to reach it (see `nodes.rs`).
+
+use super::{utf8, Rel, SqlFs};
+use crate::capture::classify;
+use crate::capture::Role;
+use fuser::{BackingId, Errno, FileHandle};
+use parking_lot::Mutex;
+use std::collections::HashMap;
+use std::fs::File;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+
+pub(super) struct Handle {
+    pub(super) file: File,
+    /// The file's path, as capture names it; `None` once the file has no name left.
+    pub(super) rel: Mutex<Option<Rel>>,
+    pub(super) role: Role,
+    /// The name was not UTF-8 when the file was opened: capture never sees it.
+    pub(super) uncaptured: bool,
+    pub(super) ino: u64,
+    /// Kept while the kernel reads and writes this handle's backing file directly.
+    pub(super) _passthrough: Option<Arc<BackingId>>,
+}
+
+impl Handle {
+    /// The name capture knows this file by, if it has one capture can know.
+    pub(super) fn cap_rel(&self) -> Option<String> {
+        self.rel
+            .lock()
+            .as_deref()
+            .and_then(utf8)
+            .map(str::to_string)
+    }
+}
+
+/// Open handles, by handle number and by inode.
+#[derive(Default)]
+pub(super) struct Handles {
+    pub(super) by_fh: HashMap<u64, Arc<Handle>>,
+    pub(super) by_ino: HashMap<u64, Vec<u64>>,
+}
+
+impl Handles {
+    pub(super) fn insert(&mut self, fh: u64, h: Arc<Handle>) {
+        self.by_ino.entry(h.ino).or_default().push(fh);
+        self.by_fh.insert(fh, h);
+    }
+
+    pub(super) fn remove(&mut self, fh: u64) -> Option<Arc<Handle>> {
+        let h = self.by_fh.remove(&fh)?;
+        if let Some(v) = self.by_ino.get_mut(&h.ino) {
+            v.retain(|&f| f != fh);
+            if v.is_empty() {
+                self.by_ino.remove(&h.ino);
+            }
+        }
+        Some(h)
+    }
+
+    /// Any handle open on inode `ino`.
+    pub(super) fn on(&self, ino: u64) -> Option<Arc<Handle>> {
+        let fh = self.by_ino.get(&ino)?.first()?;
+        self.by_fh.get(fh).cloned()
+    }
+
+    /// Every handle open on inode `ino`.
+    pub(super) fn all_on(&self, ino: u64) -> impl Iterator<Item = &Arc<Handle>> {
+        self.by_ino
+            .get(&ino)
+            .into_iter()
+            .flatten()
+            .filter_map(|fh| self.by_fh.get(fh))
+    }
+}
+
+impl SqlFs {
+    pub(super) fn handle(&self, fh: FileHandle) -> Result<Arc<Handle>, Errno> {
+        self.handles
+            .read()
+            .by_fh
+            .get(&fh.0)
+            .cloned()
+            .ok_or(Errno::EBADF)
+    }
+
+    pub(super) fn add_handle(
+        &self,
+        file: File,
+        rel: Option<Rel>,
+        ino: u64,
+        passthrough: Option<Arc<BackingId>>,
+    ) -> FileHandle {
+        let name = rel.as_deref().map(utf8);
+        let role = match name {
+            Some(Some(r)) => classify(r).0,
+            _ => Role::Other,
+        };
+        let uncaptured = matches!(name, Some(None));
+        let fh = self.next_fh.fetch_add(1, Ordering::Relaxed);
+        self.handles.write().insert(
+            fh,
+            Arc::new(Handle {
+                file,
+                rel: Mutex::new(rel),
+                role,
+                uncaptured,
+                ino,
+                _passthrough: passthrough,
+            }),
+        );
+        FileHandle(fh)
+    }
+}
