@@ -28,6 +28,45 @@ pub use writer::ObjectWriter;
 
 use std::io;
 
+// Byte layout of a plain object, version 2 (docs/FORMAT.md, "Replica objects"; integers
+// big-endian; an encrypted object is an age file wrapping exactly these bytes):
+//
+//   offset  size   field
+//   0       8      magic `SQFSOBJ\0`
+//   8       2      object format version (2)
+//   10      1      kind: 1 = segment, 2 = snapshot
+//   11      1      level (0 = as shipped)
+//   12      4      flags (bit 0: transactions are zstd frames; always set)
+//   16      16     database id (ASCII hex)
+//   32      8      first TXID
+//   40      8      last TXID
+//   48      8      commit time of the first transaction (ns since the epoch)
+//   56      8      commit time of the last transaction
+//   64      4      page size after the last transaction
+//   68      4      database size in pages after the last transaction
+//   72      8      rolling checksum before the first transaction
+//   80      8      rolling checksum after the last transaction
+//   88      4      number of transactions
+//   92      4      number of page-index entries
+//   96      8      body offset (128)
+//   104     8      body length
+//   112     8      directory offset (version 1: page-index offset)
+//   120     8      directory length (version 1: page-index length)
+//   128     …      body: the staging records (version 1, CRC included) in TXID order,
+//                  compressed as zstd frames of about 256 pages, cut only between pages
+//                  or between records
+//   …       28 × n directory part 1, page index: pgno (4), TXID (8), frame offset (8),
+//                  frame length (4), offset of the page in the decompressed frame (4)
+//   …       24 × f part 2, frame table: offset (8), compressed length (4),
+//                  decompressed length (4), CRC-64 of the compressed bytes (8)
+//   …       80 × t part 3, record table: each record's 80-byte header, in order
+//   …       4      number of frames f
+//   …       4      reserved (0)
+//   …       8      CRC-64 of the header (bytes 0–127) and the directory bytes before it
+//   end     8      CRC-64 of every byte before it
+//
+// Version 1: same header and body, then just the page index, then the trailing CRC-64.
+
 pub const MAGIC: &[u8; 8] = b"SQFSOBJ\0";
 /// Object format version this build writes (it reads this one and every one down to
 /// `OLDEST_VERSION`).
