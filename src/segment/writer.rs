@@ -1,0 +1,283 @@
+//! Writing an object: records are framed into zstd frames of about `FRAME_PAGES` pages, then
+//! the directory (page index, frame table, record table, directory CRC) and the trailing CRC-64
+//! are written after the body, and the header is written last.
+
+use std::fs::File;
+use std::io::{self, Read, Seek, SeekFrom, Write};
+
+use crate::record::{write_record, PageSink, RecordHeader, RECORD_HEADER};
+
+use super::*;
+
+/// Builds one object in a local file, one transaction at a time.
+///
+/// The body is the records one after another, compressed as zstd frames of about
+/// `FRAME_PAGES` pages. Frames are cut only between pages or between records, so every page
+/// lies whole in one frame; a frame may hold the end of one record and several small ones.
+pub struct ObjectWriter {
+    file: File,
+    /// One compression context for every frame of the object (creating one is costly).
+    zstd: zstd::bulk::Compressor<'static>,
+    hdr: ObjHeader,
+    index: Vec<u8>,
+    /// Object offset the next frame starts at.
+    pos: u64,
+    /// Record bytes not compressed yet (the frame being gathered).
+    buf: Vec<u8>,
+    /// Record bytes received so far, `buf` included.
+    raw: u64,
+    /// Index entries whose frame is not cut yet: page number, TXID, position of the page
+    /// among the record bytes.
+    unresolved: Vec<(u32, u64, u64)>,
+    /// Frames cut while the current record was added: object offset, compressed length,
+    /// position of their first byte among the record bytes.
+    cuts: Vec<(u64, u64, u64)>,
+    /// The frame table (directory), one entry per frame cut.
+    frames: Vec<u8>,
+    /// The record table (directory): each record's header.
+    records: Vec<u8>,
+}
+
+impl ObjectWriter {
+    /// Starts an object of `kind` at `level` for database `db_id` (16 hex digits) in `file`.
+    pub fn new(mut file: File, kind: ObjKind, level: u8, db_id: &str) -> io::Result<ObjectWriter> {
+        let mut id = [b'0'; 16];
+        let b = db_id.as_bytes();
+        id[..b.len().min(16)].copy_from_slice(&b[..b.len().min(16)]);
+        file.set_len(0)?;
+        file.write_all(&[0u8; HEADER])?;
+        let hdr = ObjHeader {
+            version: VERSION,
+            kind,
+            level,
+            db_id: id,
+            first_txid: 0,
+            last_txid: 0,
+            first_time_ns: 0,
+            last_time_ns: 0,
+            page_size: 0,
+            db_pages: 0,
+            checksum_before: 0,
+            checksum_after: 0,
+            ntxns: 0,
+            nindex: 0,
+            body_off: HEADER as u64,
+            body_len: 0,
+            index_off: 0,
+            index_len: 0,
+        };
+        Ok(ObjectWriter {
+            file,
+            zstd: zstd::bulk::Compressor::new(match (kind, level) {
+                (ObjKind::Segment, 0) => ZSTD_LEVEL_L0,
+                _ => ZSTD_LEVEL,
+            })?,
+            hdr,
+            index: Vec::new(),
+            pos: HEADER as u64,
+            buf: Vec::new(),
+            raw: 0,
+            unresolved: Vec::new(),
+            cuts: Vec::new(),
+            frames: Vec::new(),
+            records: Vec::new(),
+        })
+    }
+
+    /// Compresses the gathered bytes as one frame and indexes the pages in it.
+    fn cut(&mut self) -> io::Result<()> {
+        if self.buf.is_empty() {
+            return Ok(());
+        }
+        let z = self.zstd.compress(&self.buf)?;
+        self.file.write_all(&z)?;
+        let too_big = || io::Error::other("a frame of more than 4 GiB");
+        let zlen = u32::try_from(z.len()).map_err(|_| too_big())?;
+        let rawlen = u32::try_from(self.buf.len()).map_err(|_| too_big())?;
+        let mut crc = crate::sqlite::crc64();
+        crc.update(&z);
+        self.frames.extend_from_slice(&self.pos.to_be_bytes());
+        self.frames.extend_from_slice(&zlen.to_be_bytes());
+        self.frames.extend_from_slice(&rawlen.to_be_bytes());
+        self.frames.extend_from_slice(&crc.finalize().to_be_bytes());
+        let start = self.raw - self.buf.len() as u64;
+        // Pages of earlier records waiting for this frame: all of them are in it.
+        let (pos, len) = (self.pos, z.len() as u64);
+        for (pgno, txid, at) in std::mem::take(&mut self.unresolved) {
+            self.index_entry(pgno, txid, (pos, len, start), at);
+        }
+        self.cuts.push((pos, len, start));
+        self.pos += len;
+        self.buf.clear();
+        Ok(())
+    }
+
+    fn index_entry(&mut self, pgno: u32, txid: u64, frame: (u64, u64, u64), at: u64) {
+        self.index.extend_from_slice(&pgno.to_be_bytes());
+        self.index.extend_from_slice(&txid.to_be_bytes());
+        self.index.extend_from_slice(&frame.0.to_be_bytes());
+        self.index
+            .extend_from_slice(&(frame.1 as u32).to_be_bytes());
+        self.index
+            .extend_from_slice(&((at - frame.2) as u32).to_be_bytes());
+        self.hdr.nindex += 1;
+    }
+
+    /// Adds one transaction (header `h`, pages from `fill`).
+    pub fn add(
+        &mut self,
+        h: &RecordHeader,
+        fill: impl FnOnce(PageSink<'_>) -> io::Result<()>,
+    ) -> io::Result<()> {
+        // Replica objects hold whole pages, however staging coded them.
+        let h = &RecordHeader { coded: None, ..*h };
+        if self.hdr.ntxns == 0 {
+            self.hdr.first_txid = h.txid;
+            self.hdr.first_time_ns = h.time_ns;
+            self.hdr.checksum_before = h.checksum_before;
+        } else if h.txid != self.hdr.last_txid + 1 {
+            return Err(io::Error::other(format!(
+                "TXID {} does not follow {}",
+                h.txid, self.hdr.last_txid
+            )));
+        }
+        let unit = 4 + h.page_size as u64;
+        let rec_start = self.raw;
+        let mut pages = Vec::with_capacity(h.npages as usize);
+        self.cuts.clear();
+        write_record(
+            &mut Framer {
+                w: self,
+                at: 0,
+                unit,
+            },
+            h,
+            |emit| {
+                fill(&mut |pgno, page| {
+                    pages.push(pgno);
+                    emit(pgno, page)
+                })
+            },
+        )?;
+        if self.buf.len() as u64 >= FRAME_PAGES * unit {
+            self.cut()?;
+        }
+        for (i, pgno) in pages.into_iter().enumerate() {
+            let at = rec_start + RECORD_HEADER as u64 + i as u64 * unit + 4;
+            // The frame holding this page, if it is cut already (cuts fall between pages).
+            let k = self.cuts.partition_point(|f| f.2 <= at);
+            let cut_end = self.raw - self.buf.len() as u64;
+            if at < cut_end {
+                self.index_entry(pgno, h.txid, self.cuts[k - 1], at);
+            } else {
+                self.unresolved.push((pgno, h.txid, at));
+            }
+        }
+        self.records.extend_from_slice(&h.encode());
+        self.hdr.last_txid = h.txid;
+        self.hdr.last_time_ns = h.time_ns;
+        self.hdr.page_size = h.page_size;
+        self.hdr.db_pages = h.db_pages;
+        self.hdr.checksum_after = h.checksum_after;
+        self.hdr.ntxns += 1;
+        Ok(())
+    }
+
+    /// Makes this a compacted object: its one record (TXID `last`) stands for TXIDs
+    /// `first..=last`, which began at `first_time_ns` from a database with checksum
+    /// `checksum_before`.
+    pub fn set_span(&mut self, first: u64, first_time_ns: u64, checksum_before: u64) {
+        self.hdr.first_txid = first;
+        self.hdr.first_time_ns = first_time_ns;
+        self.hdr.checksum_before = checksum_before;
+    }
+
+    /// Number of transactions added so far.
+    pub fn len(&self) -> u32 {
+        self.hdr.ntxns
+    }
+
+    /// True while no transaction has been added.
+    pub fn is_empty(&self) -> bool {
+        self.hdr.ntxns == 0
+    }
+
+    /// Writes the directory (page index, frame table, record table, its CRC), the header and
+    /// the trailing CRC; returns the header and the file.
+    pub fn finish(mut self) -> io::Result<(ObjHeader, File)> {
+        self.cut()?;
+        let nframes = (self.frames.len() / FRAME_ENTRY) as u32;
+        self.hdr.body_len = self.pos - HEADER as u64;
+        self.hdr.index_off = self.pos;
+        self.hdr.index_len =
+            (self.index.len() + self.frames.len() + self.records.len() + DIR_TRAILER) as u64;
+        let head = self.hdr.encode();
+        let mut dir_crc = crate::sqlite::crc64();
+        dir_crc.update(&head);
+        let mut trailer = Vec::with_capacity(DIR_TRAILER);
+        trailer.extend_from_slice(&nframes.to_be_bytes());
+        trailer.extend_from_slice(&0u32.to_be_bytes());
+        for part in [&self.index, &self.frames, &self.records, &trailer] {
+            dir_crc.update(part);
+            self.file.write_all(part)?;
+        }
+        self.file.write_all(&dir_crc.finalize().to_be_bytes())?;
+        self.file.seek(SeekFrom::Start(0))?;
+        self.file.write_all(&head)?;
+        self.file.seek(SeekFrom::Start(0))?;
+        let mut crc = crate::sqlite::crc64();
+        let mut buf = vec![0u8; 1 << 20];
+        let mut r = (&self.file).take(self.pos + self.hdr.index_len);
+        loop {
+            let n = r.read(&mut buf)?;
+            if n == 0 {
+                break;
+            }
+            crc.update(&buf[..n]);
+        }
+        self.file.seek(SeekFrom::End(0))?;
+        self.file.write_all(&crc.finalize().to_be_bytes())?;
+        self.file.sync_all()?;
+        Ok((self.hdr, self.file))
+    }
+}
+
+/// Pages per zstd frame: a page is read by decompressing at most this many.
+const FRAME_PAGES: u64 = 256;
+
+/// Receives one record's bytes into the writer's frame, cutting the frame at the first page
+/// boundary where it holds `FRAME_PAGES` pages' worth.
+struct Framer<'a> {
+    w: &'a mut ObjectWriter,
+    /// Bytes of the record received so far.
+    at: u64,
+    /// Bytes per page in a record (page number and page).
+    unit: u64,
+}
+
+impl Write for Framer<'_> {
+    fn write(&mut self, mut d: &[u8]) -> io::Result<usize> {
+        let n = d.len();
+        let hdr = RECORD_HEADER as u64;
+        while !d.is_empty() {
+            // The next page boundary in the record: after its header, then after each page.
+            let next = if self.at < hdr {
+                hdr
+            } else {
+                hdr + ((self.at - hdr) / self.unit + 1) * self.unit
+            };
+            let take = ((next - self.at) as usize).min(d.len());
+            self.w.buf.extend_from_slice(&d[..take]);
+            self.w.raw += take as u64;
+            self.at += take as u64;
+            d = &d[take..];
+            if self.at == next && self.w.buf.len() as u64 >= FRAME_PAGES * self.unit {
+                self.w.cut()?;
+            }
+        }
+        Ok(n)
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}

@@ -1,0 +1,348 @@
+//! Maintenance of a database on a replica: interval snapshots, compaction runs, retention.
+
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use anyhow::{Context, Result};
+
+use super::{db_policy, outbox, Policy, Shipper};
+use crate::capture::Db;
+use crate::catalog::{compacted_key, snapshot_key, DbCatalog, Obj, Reader};
+use crate::compact;
+use crate::replica::ReplicaError;
+use crate::segment::{ObjHeader, ObjKind, ObjectWriter};
+use crate::stage::{now_ns, Kind, RecordHeader, WalPos};
+
+/// What the shipper knows of one database on its replica.
+pub(super) struct Maint {
+    pub(super) cat: DbCatalog,
+    /// When each level last ran (index = level).
+    pub(super) last_compact: Vec<Instant>,
+    /// Per level: TXIDs up to which runs were skipped (not cached locally, encrypted).
+    pub(super) skip_to: Vec<u64>,
+    /// When the newest snapshot was stored (ns).
+    pub(super) last_snapshot_ns: u64,
+}
+
+impl Shipper {
+    /// The policy for database `name`: this replica's, with the database's own settings.
+    pub(super) fn policy_for(&self, name: &str) -> Policy {
+        db_policy(&self.policy, self.rules.get(name))
+    }
+
+    /// Loads what the replica holds for `db` (one listing) the first time it ships in this
+    /// process. Objects past this mount's position (other than its own unfinished one) mean
+    /// another writer moved the chain on: that fences it, even where retention removed the
+    /// key this mount would collide on.
+    pub(super) fn load_catalog(&self, name: &str, db: &Db, pos: u64) -> Result<()> {
+        if self.maint.lock().contains_key(&db.id) {
+            return Ok(());
+        }
+        let reader = Reader::new(self.client.as_ref(), None);
+        let cat = reader.catalog(&db.id, name)?;
+        let pending = fs::read_to_string(self.pending_file(db)).unwrap_or_default();
+        let pending_key = pending.split_once(' ').map(|(k, _)| k.to_string());
+        if let Some(o) = cat
+            .objects()
+            .find(|o| o.first > pos + 1 && Some(&o.key) != pending_key.as_ref())
+        {
+            let msg = format!(
+                "{} holds {} beyond this mount's position (TXID {pos}): another sqlfs (another machine, or a copy of this data directory) is writing this database to it. Shipping of {name} to it is stopped; the replica is left as it is",
+                self.describe(),
+                o.key
+            );
+            log::error!("{name}: {msg}");
+            self.fence(db, msg);
+            return Ok(());
+        }
+        // A position past what the chain holds (objects removed from the replica, or a
+        // position recorded by a build that assumed what a key held): ship from where the
+        // chain really ends (a snapshot, if staging no longer holds what follows).
+        let reach = cat.reach();
+        if reach < pos {
+            log::error!(
+                "{name}: {} holds a chain that ends at TXID {reach}, short of the recorded position {pos}; shipping again from TXID {}",
+                self.describe(),
+                reach + 1
+            );
+            self.set_position(db, reach)?;
+        }
+        // A chain without snapshots starts at TXID 1 (the first record is a full snapshot
+        // staged at first sighting): the first interval snapshot is due one interval on.
+        let last_snapshot_ns = cat
+            .snaps
+            .iter()
+            .map(|o| o.modified_ns)
+            .max()
+            .unwrap_or_else(now_ns);
+        let n = self.policy_for(name).levels.len() + 1;
+        self.maint.lock().insert(
+            db.id.clone(),
+            Maint {
+                cat,
+                last_compact: vec![Instant::now(); n],
+                skip_to: vec![0; n],
+                last_snapshot_ns,
+            },
+        );
+        Ok(())
+    }
+
+    /// Local copy of an object this shipper stored, kept until a higher level merges it.
+    pub(super) fn cache_path(&self, db: &Db, key: &str) -> PathBuf {
+        db.stage
+            .dir()
+            .join(format!("objects.{}", self.rid))
+            .join(key.replace('/', "_"))
+    }
+
+    /// Records an object just stored from the local file `local`: in the catalog, and in the
+    /// local cache when a higher level will merge it.
+    pub(super) fn stored(
+        &self,
+        db: &Db,
+        key: &str,
+        level: Option<u8>,
+        first: u64,
+        last: u64,
+        local: &Path,
+    ) {
+        let size = fs::metadata(local).map_or(0, |m| m.len());
+        {
+            let mut t = self.totals.lock();
+            t.0 += 1;
+            t.1 += size;
+        }
+        let mut levels = self.policy.levels.len();
+        if let Some(m) = self.maint.lock().get_mut(&db.id) {
+            levels = self.policy_for(&m.cat.name).levels.len();
+            m.cat.add(Obj {
+                key: key.to_string(),
+                level,
+                first,
+                last,
+                exact: true,
+                size,
+                modified_ns: now_ns(),
+            });
+            if level.is_none() {
+                m.last_snapshot_ns = now_ns();
+            }
+        }
+        if level.is_some_and(|l| (l as usize) < levels) {
+            let dst = self.cache_path(db, key);
+            let _ = dst.parent().map(fs::create_dir_all);
+            if let Err(e) = fs::rename(local, &dst) {
+                log::debug!("cannot keep a local copy of {key}: {e}");
+            }
+        }
+    }
+
+    /// Stores an object derived from ones already in the replica (a compacted segment, an
+    /// interval snapshot). Its key names exactly what it holds, so finding it there already
+    /// (this mount stored it before a restart) is success.
+    pub(super) fn put_derived(&self, key: &str, local: &Path) -> Result<()> {
+        match self.seal_and_put_new(key, local)? {
+            Ok(()) | Err(ReplicaError::Exists(_)) => Ok(()),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    /// Encrypts the local object `local` if this replica is encrypted, and creates `key`
+    /// from it. The outer error is local (encryption); the inner one is the replica's.
+    pub(super) fn seal_and_put_new(
+        &self,
+        key: &str,
+        local: &Path,
+    ) -> Result<std::result::Result<(), ReplicaError>> {
+        Ok(match &self.sealer {
+            Some(s) => {
+                let sealed = local.with_extension("sealed");
+                let r = s
+                    .seal_file(local, &sealed)
+                    .map(|()| self.client.put_new(key, &sealed));
+                let _ = fs::remove_file(&sealed);
+                r?
+            }
+            None => self.client.put_new(key, local),
+        })
+    }
+
+    /// Snapshot, compaction and retention for `db`, each when it is due.
+    pub(super) fn maintain(&self, name: &str, db: &Db) -> Result<()> {
+        if self.is_fenced(db) || !self.maint.lock().contains_key(&db.id) {
+            return Ok(());
+        }
+        let pos = self.position(db);
+        let tmp = db.stage.dir().join(format!("maint.{}.tmp", self.rid));
+        let res = self.maintain_via(name, db, pos, &tmp);
+        let _ = fs::remove_file(&tmp);
+        let _ = fs::remove_file(tmp.with_extension("pages"));
+        res
+    }
+
+    pub(super) fn maintain_via(&self, name: &str, db: &Db, pos: u64, tmp: &Path) -> Result<()> {
+        let p = &self.policy_for(name);
+        // An interval snapshot of the shipped state, built from staging.
+        let due = {
+            let m = self.maint.lock();
+            let m = m.get(&db.id).expect("loaded");
+            let newest = m.cat.snaps.last().map_or(0, |s| s.first);
+            !p.snapshot_interval.is_zero()
+                && pos > newest
+                && now_ns().saturating_sub(m.last_snapshot_ns)
+                    >= p.snapshot_interval.as_nanos() as u64
+        };
+        if due && pos >= db.stage.base_meta()?.txid {
+            self.build_snapshot(db, tmp, pos)
+                .with_context(|| format!("{name}: building a snapshot"))?;
+            let key = snapshot_key(&db.id, pos);
+            self.put_derived(&key, tmp)?;
+            self.stored(db, &key, None, pos, pos, tmp);
+            log::info!(
+                "{name}: snapshot at TXID {pos} stored in {}",
+                self.describe()
+            );
+        }
+        // Compaction, lowest level first so a higher level sees the newest runs.
+        for level in 1..=p.levels.len() {
+            let run = {
+                let mut m = self.maint.lock();
+                let m = m.get_mut(&db.id).expect("loaded");
+                if m.last_compact[level].elapsed() < p.levels[level - 1] {
+                    continue;
+                }
+                m.last_compact[level] = Instant::now();
+                compact::next_run(&m.cat, level, m.skip_to[level])
+            };
+            if !run.is_empty() {
+                self.compact_run(name, db, level as u8, &run, tmp)?;
+            }
+        }
+        // Retention.
+        if !p.retention.is_zero() {
+            let keys = {
+                let m = self.maint.lock();
+                compact::expired(&m[&db.id].cat, now_ns(), p.retention.as_nanos() as u64)
+            };
+            for key in &keys {
+                self.client.delete(key)?;
+                let _ = fs::remove_file(self.cache_path(db, key));
+                if let Some(m) = self.maint.lock().get_mut(&db.id) {
+                    m.cat.remove(key);
+                }
+            }
+            if !keys.is_empty() {
+                log::info!(
+                    "{name}: retention removed {} objects older than {:?} from {}",
+                    keys.len(),
+                    p.retention,
+                    self.describe()
+                );
+            }
+        }
+        Ok(())
+    }
+
+    /// Merges `run` (consecutive objects one level below) into one object of `level`.
+    pub(super) fn compact_run(
+        &self,
+        name: &str,
+        db: &Db,
+        level: u8,
+        run: &[Obj],
+        tmp: &Path,
+    ) -> Result<()> {
+        let mut inputs = Vec::new();
+        let mut fetched = Vec::new();
+        let reader = Reader::new(self.client.as_ref(), None);
+        for (i, o) in run.iter().enumerate() {
+            let c = self.cache_path(db, &o.key);
+            if c.exists() {
+                inputs.push((o.key.clone(), c));
+            } else if self.sealer.is_none() {
+                let local = db.stage.dir().join(format!("fetch.{}.{i}", self.rid));
+                fetched.push(local.clone());
+                inputs.push((o.key.clone(), reader.fetch(&o.key, &local)?));
+            } else {
+                // Encrypted, and this machine has no key: leave the run to the lower level.
+                let last = run.last().map_or(0, |o| o.last);
+                log::info!("{name}: level {level} skips TXIDs {}..: {} has no local copy (stored before this mount started) and is encrypted", run[0].first, o.key);
+                if let Some(m) = self.maint.lock().get_mut(&db.id) {
+                    m.skip_to[level as usize] = last;
+                }
+                return Ok(());
+            }
+        }
+        let refs: Vec<(String, &Path)> = inputs
+            .iter()
+            .map(|(k, p)| (k.clone(), p.as_path()))
+            .collect();
+        let res = compact::merge(
+            &refs,
+            level,
+            &db.id,
+            outbox(tmp)?,
+            &tmp.with_extension("pages"),
+        );
+        for f in &fetched {
+            let _ = fs::remove_file(f);
+        }
+        let hdr = res.with_context(|| format!("{name}: compacting into level {level}"))?;
+        let key = compacted_key(&db.id, level, hdr.first_txid, hdr.last_txid);
+        self.put_derived(&key, tmp)?;
+        self.stored(db, &key, Some(level), hdr.first_txid, hdr.last_txid, tmp);
+        for (k, p) in &inputs {
+            if p.starts_with(db.stage.dir().join(format!("objects.{}", self.rid))) {
+                let _ = fs::remove_file(p);
+            }
+            let _ = k;
+        }
+        log::debug!(
+            "{name}: compacted {} objects (TXIDs {}..={}) into level {level} of {}",
+            run.len(),
+            hdr.first_txid,
+            hdr.last_txid,
+            self.describe()
+        );
+        Ok(())
+    }
+
+    /// Writes a snapshot object of the staged base (the state after `txid`) to `tmp`.
+    pub(super) fn build_snapshot(&self, db: &Db, tmp: &Path, txid: u64) -> Result<ObjHeader> {
+        let out = tempfile::tempfile()?;
+        let meta = db.stage.materialize(txid, &out)?;
+        let h = RecordHeader {
+            kind: Kind::Snapshot,
+            txid,
+            time_ns: if meta.time_ns != 0 {
+                meta.time_ns
+            } else {
+                now_ns()
+            },
+            page_size: meta.page_size.max(512),
+            db_pages: meta.db_pages,
+            checksum_before: 0,
+            checksum_after: meta.checksum,
+            npages: meta.db_pages,
+            wal: WalPos::default(),
+            coded: None,
+        };
+        let mut w = ObjectWriter::new(outbox(tmp)?, ObjKind::Snapshot, 0, &db.id)?;
+        let ps = h.page_size as usize;
+        w.add(&h, |emit| {
+            let mut buf = vec![0u8; ps];
+            for p in 1..=h.db_pages {
+                std::os::unix::fs::FileExt::read_exact_at(
+                    &out,
+                    &mut buf,
+                    (p as u64 - 1) * ps as u64,
+                )?;
+                emit(p, &buf)?;
+            }
+            Ok(())
+        })?;
+        Ok(w.finish()?.0)
+    }
+}

@@ -1,0 +1,599 @@
+//! Shipping: one thread per replica moves each database's staged transactions to it.
+//!
+//! Every sync interval, for each database with transactions the replica does not have yet,
+//! the shipper builds one level-0 segment object (docs/FORMAT.md) of all of them and stores it
+//! under a key named by its first TXID. A database the replica has never seen, or whose
+//! needed transactions were folded away locally, first gets a snapshot object of the staged
+//! base.
+//!
+//! After shipping, the same thread maintains the database on that replica (docs/FORMAT.md):
+//! a snapshot every `snapshot_interval`, compaction of each level's runs into the next level
+//! at that level's interval (from local copies of the objects it stored, so encrypted
+//! replicas compact without a key on this machine), and retention. All of it is decided
+//! from an in-memory catalog loaded with one listing when a database first ships in this
+//! process, so a database with no new work costs no requests.
+//!
+//! Invariants:
+//! - The replica's chain for a database is gap-free: a segment starts right after the
+//!   previous one (or right after a snapshot), and the shipped position only advances after
+//!   the object is stored.
+//! - Objects are created with `put_new`: a second writer of the same database (another
+//!   machine, a copy of the data directory) collides on the next key and is stopped, loudly;
+//!   the replica is never overwritten.
+//! - Nothing is assumed about what a key holds that was not read from it. A key that exists
+//!   when this shipper creates it (an earlier attempt that timed out client-side but reached
+//!   the store, a request the store replayed late, another writer) is read back: its header
+//!   (for an encrypted object: the attempt of this mount whose first bytes it has, else its
+//!   header decrypted with the replica's key if one is configured) says which TXIDs it
+//!   holds, and the position moves to exactly that. A header that is not this database's
+//!   staged state (another id, other checksums) fences the database.
+//! - A database name has one owner per replica: its claim (`owner`). A shipper ships a name
+//!   only while the claim names this data directory's writer (checked when it first ships
+//!   the name in this process, and again at most every `CLAIM_RECHECK` before shipping);
+//!   another writer's claim fences it. Replacing a claim is explicit: `--takeover`, or a
+//!   database `--restore-if-missing` restored.
+//! - Nothing to ship costs zero requests.
+//! - Errors (a store that is down, a full disk) are retried with backoff, per database so
+//!   one failing database never delays the others; the staged transactions stay until
+//!   shipped (folding never passes the slowest replica unless
+//!   staging grows past its hard limit, which is logged).
+
+mod chain;
+mod claim;
+mod maintain;
+mod policy;
+mod store;
+
+pub use policy::{db_policy, Policy};
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result};
+use parking_lot::{Condvar, Mutex};
+
+use crate::capture::{Capture, Db};
+use crate::catalog::{l0_key, name_key, snapshot_key};
+use crate::config::DbConf;
+use crate::crypt::{ReadKey, Sealer};
+use crate::replica::ReplicaClient;
+use crate::segment::{ObjKind, ObjectWriter};
+use crate::stage::{now_ns, write_atomic};
+
+use chain::chain_break;
+use maintain::Maint;
+use store::Want;
+
+/// This mount as the writer of the names it ships (`owner`).
+#[derive(Clone, Debug)]
+pub struct Writer {
+    /// The data directory's writer id (`owner::writer_id`).
+    pub id: String,
+    pub host: String,
+    pub data_dir: String,
+    /// The data directory's metadata directory (`.sqlfs/`).
+    pub meta_dir: PathBuf,
+    /// `--takeover`: replace another writer's claim of a name at this mount's first check of
+    /// it, instead of being fenced.
+    pub takeover: bool,
+}
+
+/// The marker in a database's staging that makes the shipper of replica `rid` take the
+/// database's name over at its first check (left by `--restore-if-missing`).
+pub fn takeover_marker(stage_dir: &Path, rid: &str) -> PathBuf {
+    stage_dir.join(format!("takeover.{rid}"))
+}
+
+pub struct Shipper {
+    client: Box<dyn ReplicaClient>,
+    sealer: Option<Arc<Sealer>>,
+    /// The key that decrypts this replica's objects, if one is configured (headers of keys
+    /// that already exist are read with it).
+    key: ReadKey,
+    writer: Writer,
+    /// Per database id: the name whose claim was last found this mount's, and when.
+    claims: Mutex<HashMap<String, (String, Instant)>>,
+    policy: Policy,
+    /// Per-database overrides by name (configuration file).
+    rules: Arc<BTreeMap<String, DbConf>>,
+    maint: Mutex<HashMap<String, Maint>>,
+    /// Objects and bytes stored by this process.
+    totals: Mutex<(u64, u64)>,
+    /// Short stable id of the replica, for local position files.
+    rid: String,
+    capture: Arc<Capture>,
+    positions: Mutex<HashMap<String, u64>>,
+    named: Mutex<HashSet<String>>,
+    /// Databases whose shipping stopped because another writer owns them here, by id: why.
+    fenced: Mutex<HashMap<String, String>>,
+    /// Per database id: the oldest TXID this replica lacks and its commit time.
+    missing: Mutex<HashMap<String, (u64, u64)>>,
+    /// Databases whose last attempt failed, by id.
+    failing: Mutex<BTreeMap<String, Failing>>,
+    /// Set (and signalled) to ship now instead of at the end of the interval.
+    wake: (Mutex<bool>, Condvar),
+    /// Signalled whenever a position advances or a shipment fails.
+    progress: (Mutex<u64>, Condvar),
+}
+
+/// A database whose last shipment (or maintenance) on a replica failed.
+struct Failing {
+    msg: String,
+    /// The current backoff: doubles with each failure, up to a minute.
+    backoff: Duration,
+    /// No new attempt before this (unless forced).
+    retry_at: Instant,
+}
+
+/// A fresh local file an object is built in (read back for its checksum).
+fn outbox(path: &Path) -> std::io::Result<fs::File> {
+    fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .open(path)
+}
+
+/// The short stable id of replica `describe` that names its local position files.
+pub fn replica_id(describe: &str) -> String {
+    short_hash(describe)
+}
+
+fn short_hash(s: &str) -> String {
+    let mut h: u64 = 0xcbf29ce484222325;
+    for b in s.as_bytes() {
+        h ^= *b as u64;
+        h = h.wrapping_mul(0x100000001b3);
+    }
+    format!("{:08x}", h >> 32)
+}
+
+impl Shipper {
+    pub fn new(
+        client: Box<dyn ReplicaClient>,
+        capture: Arc<Capture>,
+        (sealer, key): (Option<Arc<Sealer>>, ReadKey),
+        writer: Writer,
+        policy: Policy,
+        rules: Arc<BTreeMap<String, DbConf>>,
+    ) -> Arc<Shipper> {
+        let rid = short_hash(&client.describe());
+        Arc::new(Shipper {
+            client,
+            sealer,
+            key,
+            writer,
+            claims: Mutex::new(HashMap::new()),
+            policy,
+            rules,
+            maint: Mutex::new(HashMap::new()),
+            totals: Mutex::new((0, 0)),
+            rid,
+            capture,
+            positions: Mutex::new(HashMap::new()),
+            named: Mutex::new(HashSet::new()),
+            fenced: Mutex::new(HashMap::new()),
+            missing: Mutex::new(HashMap::new()),
+            failing: Mutex::new(BTreeMap::new()),
+            wake: (Mutex::new(false), Condvar::new()),
+            progress: (Mutex::new(0), Condvar::new()),
+        })
+    }
+
+    pub fn describe(&self) -> String {
+        self.client.describe()
+    }
+
+    /// Runs the shipping loop until `stop`, then ships once more.
+    pub fn spawn(
+        self: &Arc<Self>,
+        interval: Duration,
+        stop: Arc<AtomicBool>,
+    ) -> std::io::Result<std::thread::JoinHandle<()>> {
+        let me = self.clone();
+        std::thread::Builder::new()
+            .name("sqlfs-ship".into())
+            .spawn(move || {
+                crate::backing::background_priority();
+                let mut next = Instant::now() + interval;
+                loop {
+                    let stopping = stop.load(Ordering::Relaxed);
+                    let mut asked = false;
+                    if !stopping && Instant::now() < next {
+                        // Sleep until the interval ends, a --sync waiter asks, or stop.
+                        let mut wake = me.wake.0.lock();
+                        if !*wake {
+                            let wait = Duration::from_millis(50)
+                                .min(next.saturating_duration_since(Instant::now()));
+                            me.wake.1.wait_for(&mut wake, wait);
+                        }
+                        asked = std::mem::take(&mut *wake);
+                        if !asked {
+                            continue;
+                        }
+                    }
+                    // Databases in backoff wait for their turn, unless someone waits for
+                    // them or this is the last pass.
+                    me.ship_all(stopping || asked);
+                    *me.progress.0.lock() += 1;
+                    me.progress.1.notify_all();
+                    next = Instant::now() + interval;
+                    if stopping {
+                        break;
+                    }
+                }
+            })
+    }
+
+    /// The TXID up to which database `db` is on this replica.
+    pub fn position(&self, db: &Db) -> u64 {
+        if let Some(p) = self.positions.lock().get(&db.id) {
+            return *p;
+        }
+        let p = fs::read_to_string(self.pos_file(db))
+            .ok()
+            .and_then(|s| s.trim().parse().ok())
+            .unwrap_or(0);
+        self.positions.lock().insert(db.id.clone(), p);
+        p
+    }
+
+    fn pos_file(&self, db: &Db) -> PathBuf {
+        db.stage.dir().join(format!("shipped.{}", self.rid))
+    }
+
+    fn set_position(&self, db: &Db, txid: u64) -> Result<()> {
+        write_atomic(&self.pos_file(db), txid.to_string().as_bytes())
+            .context("recording the shipped position")?;
+        self.positions.lock().insert(db.id.clone(), txid);
+        Ok(())
+    }
+
+    /// Ships (and maintains) every replicated database that has something new. A database
+    /// whose last attempt failed is retried with its own exponential backoff and jitter
+    /// (1 s doubling up to a minute), so one failing database never delays the others;
+    /// `force` retries them all now. Returns false if any attempt failed.
+    pub fn ship_all(&self, force: bool) -> bool {
+        let mut ok = true;
+        for (name, db) in self.capture.databases() {
+            if !self.replicates(&name) {
+                continue;
+            }
+            let waiting = self
+                .failing
+                .lock()
+                .get(&db.id)
+                .is_some_and(|f| Instant::now() < f.retry_at);
+            if waiting && !force {
+                continue;
+            }
+            let res = self
+                .ship_db(&name, &db)
+                .and_then(|()| self.maintain(&name, &db));
+            let mut failing = self.failing.lock();
+            match res {
+                Ok(()) => {
+                    failing.remove(&db.id);
+                }
+                Err(e) => {
+                    ok = false;
+                    let backoff = failing
+                        .get(&db.id)
+                        .map_or(Duration::ZERO, |f| f.backoff * 2);
+                    let backoff = backoff.clamp(Duration::from_secs(1), Duration::from_secs(60));
+                    let jitter = Duration::from_millis((now_ns() % 1000) / 2);
+                    let mut msg = format!("{e:#}");
+                    if !msg.contains(&self.describe()) {
+                        msg = format!("replica {}: {msg}", self.describe());
+                    }
+                    log::warn!("{msg}; retrying {name} in {:?}", backoff + jitter);
+                    failing.insert(
+                        db.id.clone(),
+                        Failing {
+                            msg,
+                            backoff,
+                            retry_at: Instant::now() + backoff + jitter,
+                        },
+                    );
+                }
+            }
+        }
+        ok
+    }
+
+    fn ship_db(&self, name: &str, db: &Db) -> Result<()> {
+        // Objects are built in the staging directory; whatever happens, no partial object is
+        // left there to take space (on a full disk, that space is the app's).
+        let tmp = db.stage.dir().join(format!("outbox.{}.tmp", self.rid));
+        let res = self.ship_db_via(name, db, &tmp);
+        let _ = fs::remove_file(&tmp);
+        res
+    }
+
+    fn ship_db_via(&self, name: &str, db: &Db, tmp: &Path) -> Result<()> {
+        if self.is_fenced(db) {
+            return Ok(());
+        }
+        let pos = self.position(db);
+        let last = db.stage.last().map(|h| h.txid).unwrap_or(0);
+        // The name's claim is checked once at start even with nothing to ship (a second
+        // writer is refused at once), then only before shipments (idle costs nothing).
+        if last <= pos && self.claims.lock().contains_key(&db.id) {
+            return Ok(());
+        }
+        let checked = self.claims.lock().contains_key(&db.id);
+        if let Err(e) = self.check_claim(name, db) {
+            if !checked {
+                return Err(e);
+            }
+            // The claim was this mount's at the last check: a store that cannot answer now
+            // does not stop the shipment (which finds out for itself); read it next time.
+            log::debug!("{name}: cannot read its claim again: {e:#}");
+        }
+        if self.is_fenced(db) || last <= pos {
+            return Ok(());
+        }
+        self.load_catalog(name, db, pos)?;
+        if self.is_fenced(db) {
+            return Ok(());
+        }
+        let pos = self.position(db);
+        // Only durable records leave the machine. A replica holding a transaction that a
+        // machine crash then takes from staging would disagree with the restarted mount, which
+        // stages its own records under those TXIDs (a snapshot, if continuity is not proven).
+        db.stage
+            .sync()
+            .with_context(|| format!("{name}: syncing staging before shipping"))?;
+        if !self.named.lock().contains(&db.id) {
+            let data = match &self.sealer {
+                Some(s) => s.seal_bytes(name.as_bytes())?,
+                None => name.as_bytes().to_vec(),
+            };
+            self.client.put(&name_key(&db.id), &data)?;
+            self.named.lock().insert(db.id.clone());
+        }
+        let base = db.stage.base_meta().map_err(anyhow::Error::from)?;
+        let mut pos = pos;
+        if pos < base.txid {
+            // The transactions after `pos` were folded locally: start over from the base.
+            let hdr = self
+                .build_snapshot(db, tmp, base.txid)
+                .with_context(|| format!("{name}: building a snapshot"))?;
+            let key = snapshot_key(&db.id, base.txid);
+            let want = Want {
+                kind: ObjKind::Snapshot,
+                first: hdr.first_txid,
+                last: hdr.last_txid,
+                checksum_before: hdr.checksum_before,
+                after: vec![hdr.checksum_after],
+            };
+            let held = self.store(name, db, &key, tmp, &want)?;
+            self.set_position(db, held)?;
+            self.stored(db, &key, None, base.txid, base.txid, tmp);
+            pos = base.txid;
+            if last <= pos {
+                return Ok(());
+            }
+        }
+        let file = outbox(tmp).context("creating the outbox file")?;
+        let mut w = ObjectWriter::new(file, ObjKind::Segment, 0, &db.id)?;
+        let mut first = None;
+        // Nothing that a restore's checksum check would refuse leaves the machine: each
+        // transaction must start from the checksum the record before it (the one at `pos`,
+        // read for its header only, or the base) ended with. A snapshot starts afresh.
+        let mut prev = (pos == base.txid).then_some((base.txid, base.checksum));
+        let mut after = Vec::new();
+        db.stage
+            .for_each(pos.saturating_sub(1), last, |h, pages| {
+                if h.txid == pos {
+                    prev = Some((h.txid, h.checksum_after));
+                    return Ok(());
+                }
+                if let Some(why) = chain_break(prev, h, first.is_some()) {
+                    return Err(crate::stage::StageError::Damaged(format!(
+                        "{why}: not shipped"
+                    )));
+                }
+                prev = Some((h.txid, h.checksum_after));
+                first.get_or_insert(h.txid);
+                after.push(h.checksum_after);
+                if h.txid == pos + 1 {
+                    self.remember_missing(db, h.txid, h.time_ns);
+                }
+                w.add(h, |emit| pages(emit).map_err(std::io::Error::other))
+                    .map_err(|e| crate::stage::StageError::Io {
+                        path: tmp.to_path_buf(),
+                        err: e,
+                    })
+            })
+            .with_context(|| format!("{name}: reading staged transactions {}..={last}", pos + 1))?;
+        if w.is_empty() {
+            return Ok(());
+        }
+        if first != Some(pos + 1) {
+            // A fold moved the base past `pos` after it was read above: the records that
+            // follow `pos` are gone, and this object would claim TXIDs it does not hold. The
+            // next pass finds `pos` below the base and ships a snapshot first.
+            log::debug!(
+                "{name}: staging was folded while shipping (TXID {} expected, {first:?} found); shipping a snapshot next",
+                pos + 1
+            );
+            return Ok(());
+        }
+        let (hdr, _) = w.finish()?;
+        let key = l0_key(&db.id, pos + 1);
+        let want = Want {
+            kind: ObjKind::Segment,
+            first: hdr.first_txid,
+            last: hdr.last_txid,
+            checksum_before: hdr.checksum_before,
+            after,
+        };
+        let held = self.store(name, db, &key, tmp, &want)?;
+        self.set_position(db, held)?;
+        if held != hdr.last_txid {
+            // The replica's object is an earlier attempt holding less than this one: keep no
+            // local copy, compaction must merge what the replica holds.
+            let _ = fs::remove_file(tmp);
+        }
+        self.stored(db, &key, Some(0), pos + 1, held, tmp);
+        log::debug!(
+            "{name}: shipped TXIDs {}..={} to {}",
+            pos + 1,
+            hdr.last_txid,
+            self.describe()
+        );
+        Ok(())
+    }
+
+    /// True unless the configuration excludes database `name` from replication
+    /// (`replicate: false`): such a database is captured and staged, never shipped.
+    pub fn replicates(&self, name: &str) -> bool {
+        self.rules.get(name).and_then(|r| r.replicate) != Some(false)
+    }
+
+    /// Blocks until this replica holds `db` up to `txid` (shipping right away), or fails
+    /// with the replica's error, or `timeout` passes. Returns at once for a database that is
+    /// not replicated: nothing will ever ship it.
+    pub fn wait_shipped(&self, db: &Db, txid: u64, timeout: Duration) -> Result<()> {
+        if !self.replicates(&db.name()) {
+            return Ok(());
+        }
+        let deadline = Instant::now() + timeout;
+        loop {
+            if self.position(db) >= txid {
+                return Ok(());
+            }
+            if self.is_fenced(db) {
+                anyhow::bail!("{} is fenced off by another writer", self.describe());
+            }
+            let mut rounds = self.progress.0.lock();
+            let seen = *rounds;
+            *self.wake.0.lock() = true;
+            self.wake.1.notify_all();
+            while *rounds == seen {
+                if self
+                    .progress
+                    .1
+                    .wait_until(&mut rounds, deadline)
+                    .timed_out()
+                {
+                    anyhow::bail!(
+                        "{} did not receive TXID {txid} within {timeout:?}",
+                        self.describe()
+                    );
+                }
+            }
+            drop(rounds);
+            if let (Some(e), true) = (self.db_error(db), self.position(db) < txid) {
+                anyhow::bail!("{}: {e}", self.describe());
+            }
+        }
+    }
+
+    /// How long the oldest transaction of `db` this replica lacks has been waiting (zero
+    /// when it has everything). Still true once that transaction was folded away locally
+    /// (the replica then needs a snapshot): its commit time was remembered when it was
+    /// seen missing, or else the base's commit time bounds it (every folded transaction
+    /// committed no later than the base), so the lag is never understated as zero.
+    pub fn lag(&self, db: &Db) -> Duration {
+        let pos = self.position(db);
+        match self.oldest_missing_ns(db, pos) {
+            Some(t) => Duration::from_nanos(now_ns().saturating_sub(t)),
+            None => Duration::ZERO,
+        }
+    }
+
+    /// Commit time (ns) of TXID `pos + 1` of `db`, the oldest one this replica lacks, if it
+    /// lacks any.
+    fn oldest_missing_ns(&self, db: &Db, pos: u64) -> Option<u64> {
+        if db.stage.last().is_none_or(|h| h.txid <= pos) {
+            self.missing.lock().remove(&db.id);
+            return None;
+        }
+        if let Some(&(txid, t)) = self.missing.lock().get(&db.id) {
+            if txid == pos + 1 {
+                return Some(t);
+            }
+        }
+        let mut t = None;
+        let _ = db.stage.for_each(pos, pos + 1, |h, _| {
+            t = Some(h.time_ns);
+            Ok(())
+        });
+        match t {
+            Some(t) => {
+                self.remember_missing(db, pos + 1, t);
+                Some(t)
+            }
+            None => {
+                let base = db.stage.base_meta().ok()?;
+                Some(if base.time_ns != 0 {
+                    base.time_ns
+                } else {
+                    now_ns()
+                })
+            }
+        }
+    }
+
+    /// Remembers the commit time of `txid`, the oldest transaction of `db` this replica
+    /// lacks, so the lag stays known after staging folds it away.
+    fn remember_missing(&self, db: &Db, txid: u64, time_ns: u64) {
+        self.missing.lock().insert(db.id.clone(), (txid, time_ns));
+    }
+
+    /// True if staging was folded past this replica's position for `db` (it outgrew its
+    /// hard limit while the replica was behind): the replica's chain cannot continue and
+    /// the next shipment starts with a snapshot.
+    pub fn needs_snapshot(&self, db: &Db) -> bool {
+        let pos = self.position(db);
+        db.stage.base_meta().is_ok_and(|b| pos < b.txid)
+    }
+
+    /// Objects and bytes stored in the replica by this process.
+    pub fn stored_totals(&self) -> (u64, u64) {
+        *self.totals.lock()
+    }
+
+    /// True if shipping `db` to this replica stopped because another writer owns it.
+    pub fn is_fenced(&self, db: &Db) -> bool {
+        self.fenced.lock().contains_key(&db.id)
+    }
+
+    /// Why shipping `db` to this replica stopped, if another writer owns it.
+    pub fn fence_reason(&self, db: &Db) -> Option<String> {
+        self.fenced.lock().get(&db.id).cloned()
+    }
+
+    /// The TXID up to which a restore can follow `db`'s chain on this replica: the position,
+    /// unless the chain this shipper knows breaks before it ([`DbCatalog::reach`]).
+    pub fn held(&self, db: &Db) -> u64 {
+        let pos = self.position(db);
+        match self.maint.lock().get(&db.id) {
+            Some(m) => pos.min(m.cat.reach()),
+            None => pos,
+        }
+    }
+
+    /// The error of a database whose last attempt failed (the first by id), noting how many
+    /// more are failing; `None` when every database's last attempt succeeded.
+    pub fn last_error(&self) -> Option<String> {
+        let f = self.failing.lock();
+        let first = f.values().next()?;
+        Some(match f.len() {
+            1 => first.msg.clone(),
+            n => format!("{} (and {} more databases failing)", first.msg, n - 1),
+        })
+    }
+
+    /// The error of the last attempt to ship `db`, if it failed.
+    pub fn db_error(&self, db: &Db) -> Option<String> {
+        self.failing.lock().get(&db.id).map(|f| f.msg.clone())
+    }
+}
