@@ -1,5 +1,12 @@
 //! The claim check: a shipper ships a name only while the name's claim on the replica names
 //! this data directory's writer.
+//!
+//! Invariants:
+//! - A database name has one owner per replica: its claim (`owner`). A shipper ships a name
+//!   only while the claim names this data directory's writer (checked when it first ships
+//!   the name in this process, and again at most every `CLAIM_RECHECK` before shipping);
+//!   another writer's claim fences it. Replacing a claim is explicit: `--takeover`, or a
+//!   database `--restore-if-missing` restored.
 
 use std::fs;
 use std::path::PathBuf;

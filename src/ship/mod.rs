@@ -17,21 +17,8 @@
 //! - The replica's chain for a database is gap-free: a segment starts right after the
 //!   previous one (or right after a snapshot), and the shipped position only advances after
 //!   the object is stored.
-//! - Objects are created with `put_new`: a second writer of the same database (another
-//!   machine, a copy of the data directory) collides on the next key and is stopped, loudly;
-//!   the replica is never overwritten.
-//! - Nothing is assumed about what a key holds that was not read from it. A key that exists
-//!   when this shipper creates it (an earlier attempt that timed out client-side but reached
-//!   the store, a request the store replayed late, another writer) is read back: its header
-//!   (for an encrypted object: the attempt of this mount whose first bytes it has, else its
-//!   header decrypted with the replica's key if one is configured) says which TXIDs it
-//!   holds, and the position moves to exactly that. A header that is not this database's
-//!   staged state (another id, other checksums) fences the database.
-//! - A database name has one owner per replica: its claim (`owner`). A shipper ships a name
-//!   only while the claim names this data directory's writer (checked when it first ships
-//!   the name in this process, and again at most every `CLAIM_RECHECK` before shipping);
-//!   another writer's claim fences it. Replacing a claim is explicit: `--takeover`, or a
-//!   database `--restore-if-missing` restored.
+//! - Storing with the fence and reading back keys that exist: see `store`; claims of
+//!   names: see `claim`.
 //! - Nothing to ship costs zero requests.
 //! - Errors (a store that is down, a full disk) are retried with backoff, per database so
 //!   one failing database never delays the others; the staged transactions stay until

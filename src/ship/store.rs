@@ -1,5 +1,17 @@
 //! Storing an object with the fence: every attempt is recorded before it is sent, and a key
 //! that already exists is read back and its header checked, never assumed to hold this attempt.
+//!
+//! Invariants:
+//! - Objects are created with `put_new`: a second writer of the same database (another
+//!   machine, a copy of the data directory) collides on the next key and is stopped, loudly;
+//!   the replica is never overwritten.
+//! - Nothing is assumed about what a key holds that was not read from it. A key that exists
+//!   when this shipper creates it (an earlier attempt that timed out client-side but reached
+//!   the store, a request the store replayed late, another writer) is read back: its header
+//!   (for an encrypted object: the attempt of this mount whose first bytes it has, else its
+//!   header decrypted with the replica's key if one is configured) says which TXIDs it
+//!   holds, and the position moves to exactly that. A header that is not this database's
+//!   staged state (another id, other checksums) fences the database.
 
 use std::fs;
 use std::path::{Path, PathBuf};
