@@ -121,10 +121,18 @@ impl DirLock {
             mountpoint.display(),
             crate::time::fmt_time(crate::stage::now_ns())
         );
-        f.set_len(0)
+        // The lock is the flock, not the text: a full disk (the text cannot be written) must
+        // not keep the mount from serving, it only leaves the holder unnamed.
+        if let Err(e) = f
+            .set_len(0)
             .and_then(|()| f.rewind())
             .and_then(|()| f.write_all(text.as_bytes()))
-            .map_err(io_err("cannot write", &path))?;
+        {
+            log::warn!(
+                "{}: cannot record this mount as the holder of the lock ({e}); the lock is held all the same",
+                path.display()
+            );
+        }
         Ok(DirLock { _file: f })
     }
 }
