@@ -21,6 +21,20 @@ use serde::Deserialize;
 pub use crate::crypt::{ReadKey, Seal};
 use crate::units::{parse_duration, parse_size, parse_threads};
 
+/// When to let the kernel pass reads and writes of WAL and `-shm` files straight to the
+/// backing files (`--passthrough`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default, clap::ValueEnum, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Passthrough {
+    /// Whenever the kernel and the privileges allow it.
+    #[default]
+    Auto,
+    /// Required: the mount fails without it.
+    On,
+    /// Never: every write goes through sqlfs.
+    Off,
+}
+
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields, rename_all = "kebab-case")]
 pub struct Config {
@@ -39,7 +53,7 @@ pub struct Config {
     pub restore_if_missing: Option<bool>,
     pub metrics_addr: Option<String>,
     /// auto, on or off: see `--passthrough`.
-    pub passthrough: Option<crate::fs::Passthrough>,
+    pub passthrough: Option<Passthrough>,
     #[serde(default, deserialize_with = "text")]
     pub snapshot_interval: Option<String>,
     #[serde(default, deserialize_with = "text")]
@@ -263,7 +277,7 @@ impl Config {
         if let Some(v) = &self.passphrase_env {
             check_var_name(v).map_err(|e| anyhow::anyhow!("passphrase-env: {e}"))?;
         }
-        if self.passthrough == Some(crate::fs::Passthrough::On) {
+        if self.passthrough == Some(Passthrough::On) {
             if self.sync == Some(true) {
                 bail!("sync: true and passthrough: on: a synced database's fsync waits for its transaction, which sqlfs must see written (not passed through the kernel); use passthrough: auto");
             }
@@ -417,7 +431,7 @@ mod tests {
             std::env::set_var(v, "x");
         }
         let c = Config::parse(text).unwrap_or_else(|e| panic!("contrib/sqlfs.yml: {e:#}"));
-        assert_eq!(c.passthrough, Some(crate::fs::Passthrough::Auto));
+        assert_eq!(c.passthrough, Some(Passthrough::Auto));
         // The replicas' own keys and the databases' own sync settings are there.
         let (base, r) = (c.keys(), &c.replicas);
         assert!(matches!(

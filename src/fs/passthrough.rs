@@ -19,19 +19,7 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::sync::Weak;
 
-/// When to let the kernel pass reads and writes of WAL and `-shm` files straight to the
-/// backing files (`--passthrough`).
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Default, clap::ValueEnum, serde::Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Passthrough {
-    /// Whenever the kernel and the privileges allow it.
-    #[default]
-    Auto,
-    /// Required: the mount fails without it.
-    On,
-    /// Never: every write goes through sqlfs.
-    Off,
-}
+pub use crate::config::Passthrough;
 
 impl SqlFs {
     /// The backing file id to open `rel` (inode `ino`, descriptor `f`) with, if it goes
