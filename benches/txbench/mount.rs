@@ -4,6 +4,7 @@
 //! [`mounts`] reads /proc/self/mountinfo (a crashed run's leftovers, the work directory's
 //! filesystem type).
 
+use sqlfs::mount::is_sqlfs_mount;
 use std::fs::{self, File};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -48,14 +49,6 @@ pub fn mounts() -> Vec<(PathBuf, String, String)> {
             Some((PathBuf::from(unescape_mountinfo(point)), fstype, source))
         })
         .collect()
-}
-
-/// An sqlfs mount shows up as type `fuse.sqlfs`, or as type `fuse` with source `sqlfs`
-/// when the kernel mount was made without a subtype.
-fn is_sqlfs_mount(dir: &Path) -> bool {
-    mounts()
-        .iter()
-        .any(|(p, t, s)| p == dir && (t == "fuse.sqlfs" || (t == "fuse" && s == "sqlfs")))
 }
 
 /// Filesystem type of the mount that holds `path`.
