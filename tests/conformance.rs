@@ -1,6 +1,6 @@
 //! The replica-client contract (the doc comments of `ReplicaClient` in src/replica/mod.rs),
 //! checked case by case over every backend: a directory (`file://`), the S3 test server on
-//! loopback (`s3://`) and the in-memory client (which also gets cases of its own showing that
+//! loopback (`s3://`), a private OpenSSH server on loopback (`sftp://`) and the in-memory client (which also gets cases of its own showing that
 //! its injected faults work).
 //!
 //! **Adding a backend** is one function in `mod backends` that returns a fresh, empty
@@ -83,6 +83,33 @@ mod backends {
             _guard: Box::new(()),
             list_page: Some(page),
             secrets: vec!["test-secret".into()],
+        }
+    }
+
+    /// One private sshd for the whole process, one directory per case.
+    pub fn sftp(case: &str) -> Backend {
+        use common::sshserver::SshServer;
+        static SERVER: OnceLock<SshServer> = OnceLock::new();
+        static PID: AtomicU32 = AtomicU32::new(0);
+        extern "C" fn kill_server() {
+            let pid = PID.load(Ordering::SeqCst);
+            if pid != 0 {
+                common::send_signal(pid, libc::SIGKILL);
+            }
+        }
+        let server = SERVER.get_or_init(|| {
+            let s = SshServer::start();
+            PID.store(s.child.id(), Ordering::SeqCst);
+            // SAFETY: registers a plain function with no captured state.
+            unsafe { libc::atexit(kill_server) };
+            s
+        });
+        let client = sqlfs::replica::SftpReplica::open(&server.url(&unique(case))).unwrap();
+        Backend {
+            client: Box::new(client),
+            _guard: Box::new(()),
+            list_page: None,
+            secrets: vec![],
         }
     }
 
@@ -533,7 +560,7 @@ macro_rules! conformance {
 }
 
 conformance! {
-    backends: [file, s3, memory],
+    backends: [file, s3, sftp, memory],
     cases: [
         put_new_then_read,
         put_new_existing_is_refused,

@@ -8,6 +8,7 @@
 mod file;
 pub mod memory;
 mod s3;
+mod sftp;
 
 use std::io;
 use std::path::{Path, PathBuf};
@@ -16,6 +17,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 pub use file::FileReplica;
 pub use memory::MemoryReplica;
 pub use s3::S3Replica;
+pub use sftp::SftpReplica;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ReplicaError {
@@ -191,8 +193,9 @@ impl ReplicaClient for Counted {
     }
 }
 
-/// Opens the replica named by `url`: `file:///path` (or a plain absolute path) or
-/// `s3://bucket/prefix?endpoint=URL&region=R&force-path-style=true&timeout=30s`.
+/// Opens the replica named by `url`: `file:///path` (or a plain absolute path),
+/// `s3://bucket/prefix?endpoint=URL&region=R&force-path-style=true&timeout=30s` or
+/// `sftp://user@host[:port]/path?identity-file=PATH&known-hosts=PATH&timeout=30s`.
 pub fn open(url: &str) -> Result<Box<dyn ReplicaClient>> {
     let bad = |why: &str| ReplicaError::BadUrl {
         url: url.to_string(),
@@ -212,6 +215,9 @@ pub fn open(url: &str) -> Result<Box<dyn ReplicaClient>> {
     if url.starts_with("s3://") {
         return Ok(Box::new(S3Replica::open(url)?));
     }
+    if url.starts_with("sftp://") {
+        return Ok(Box::new(SftpReplica::open(url)?));
+    }
     if url
         .split_once("://")
         .is_some_and(|(_, r)| r.split(['/', '?']).next().is_some_and(|a| a.contains('@')))
@@ -219,12 +225,20 @@ pub fn open(url: &str) -> Result<Box<dyn ReplicaClient>> {
         return Err(bad("credentials do not belong in a replica URL"));
     }
     Err(bad(
-        "unknown scheme (supported: file:///path, s3://bucket/prefix)",
+        "unknown scheme (supported: file:///path, s3://bucket/prefix, sftp://user@host/path)",
     ))
 }
 
 /// Query parameters whose values are shown as they are; every other value is hidden.
-const PLAIN_PARAMS: [&str; 3] = ["region", "force-path-style", "timeout"];
+const PLAIN_PARAMS: &[&str] = &[
+    "region",
+    "force-path-style",
+    "timeout",
+    // sftp://: local paths and a public fingerprint.
+    "identity-file",
+    "known-hosts",
+    "host-key-fingerprint",
+];
 
 /// `url` as logs and errors may show it: the scheme, host, bucket and path stay readable;
 /// user information (`user:password@`) and the values of query parameters that may carry a

@@ -14,6 +14,7 @@
 pub mod faultproxy;
 pub mod replica;
 pub mod s3server;
+pub mod sshserver;
 pub mod workload;
 
 use std::ffi::OsString;
