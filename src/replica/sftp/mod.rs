@@ -16,6 +16,9 @@
 //!   the same way. A call retries a dropped connection or a timeout at most [`ATTEMPTS`]
 //!   times with a growing pause, on a new connection each time, then returns the error (the
 //!   shipper retries later and loses nothing).
+//! - A temporary file outlives its upload only when the connection failed: the client removes
+//!   it after its next successful call (watching for [`LITTER_WATCH`] for one a stalled
+//!   server creates late), and a listing removes any a day old (a client that stopped).
 //! - Idle costs nothing: no request and no keepalive is sent while nothing is asked; a
 //!   connection the server closed meanwhile is replaced on the next call.
 
@@ -26,7 +29,7 @@ use std::fs::File;
 use std::io::{self, Read, Seek, SeekFrom, Write};
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use parking_lot::Mutex;
 use ssh2::{ErrorCode, OpenFlags, OpenType, RenameFlags, Sftp};
@@ -38,6 +41,10 @@ use session::{Conn, ConnectError};
 const ATTEMPTS: u32 = 3;
 /// The pause before the second try; each later pause is four times longer.
 const FIRST_PAUSE: Duration = Duration::from_millis(250);
+/// Age (by the server's clock) past which a listing removes a temporary file.
+const STALE_TMP_SECS: u64 = 24 * 3600;
+/// How long a temporary file a failed upload may have left is looked for.
+const LITTER_WATCH: Duration = Duration::from_secs(120);
 /// Connections kept open for the next calls (more are opened while calls overlap).
 const POOL: usize = 4;
 
@@ -54,6 +61,9 @@ pub struct SftpReplica {
     shown: String,
     /// Idle connections.
     pool: Mutex<Vec<Conn>>,
+    /// Temporary files a failed upload could not remove (its connection had dropped):
+    /// removed after the next call that succeeds.
+    litter: Mutex<Vec<(String, Instant)>>,
 }
 
 /// Why one try of a call failed.
@@ -143,6 +153,7 @@ impl SftpReplica {
             url: u,
             shown,
             pool: Mutex::new(Vec::new()),
+            litter: Mutex::new(Vec::new()),
         })
     }
 
@@ -190,6 +201,7 @@ impl SftpReplica {
             };
             let e = match f(&conn) {
                 Ok(v) => {
+                    self.sweep(&conn);
                     self.give_back(conn);
                     return Ok(v);
                 }
@@ -232,6 +244,35 @@ impl SftpReplica {
         }
     }
 
+    /// Removes the temporary file `tmp` of an upload that failed, or, if the connection is
+    /// gone, remembers it for [`sweep`](Self::sweep).
+    fn discard(&self, c: &Conn, tmp: &str) {
+        if let Err(e) = c.sftp.unlink(Path::new(tmp)) {
+            if status(&e).is_none() {
+                self.litter.lock().push((tmp.to_string(), Instant::now()));
+            }
+        }
+    }
+
+    /// Removes the temporary files failed uploads left (best effort). One that is not there
+    /// is looked for again for [`LITTER_WATCH`]: a request the client gave up on may still
+    /// create it when a stalled server resumes.
+    fn sweep(&self, c: &Conn) {
+        let left = std::mem::take(&mut *self.litter.lock());
+        if left.is_empty() {
+            return;
+        }
+        let mut keep = Vec::new();
+        for (tmp, since) in left {
+            match c.sftp.unlink(Path::new(&tmp)) {
+                Ok(()) => {}
+                Err(e) if status(&e).is_some() && since.elapsed() > LITTER_WATCH => {}
+                Err(_) => keep.push((tmp, since)),
+            }
+        }
+        self.litter.lock().extend(keep);
+    }
+
     fn give_back(&self, c: Conn) {
         let mut p = self.pool.lock();
         if p.len() < POOL {
@@ -241,7 +282,7 @@ impl SftpReplica {
 
     /// Uploads what `fill` writes to a new temporary file beside `dst` (creating the
     /// directories on the way), fsynced where the server can; returns its path.
-    fn upload(c: &Conn, dst: &str, fill: &dyn Fn(&mut dyn Write) -> Try<()>) -> Try<String> {
+    fn upload(&self, c: &Conn, dst: &str, fill: &dyn Fn(&mut dyn Write) -> Try<()>) -> Try<String> {
         let sftp = &c.sftp;
         let (dir, name) = dst.rsplit_once('/').unwrap_or(("", dst));
         let tmp = format!(
@@ -252,13 +293,21 @@ impl SftpReplica {
             rand_u32()
         );
         let flags = OpenFlags::WRITE | OpenFlags::CREATE | OpenFlags::EXCLUSIVE;
-        let mut f = match sftp.open_mode(Path::new(&tmp), flags, 0o644, OpenType::File) {
+        let opened = match sftp.open_mode(Path::new(&tmp), flags, 0o644, OpenType::File) {
+            Err(e) if is_missing(&e) && !dir.is_empty() => mkdirs(sftp, dir).and_then(|()| {
+                Ok(sftp.open_mode(Path::new(&tmp), flags, 0o644, OpenType::File)?)
+            }),
+            r => r.map_err(Fail::Ssh),
+        };
+        let mut f = match opened {
             Ok(f) => f,
-            Err(e) if is_missing(&e) && !dir.is_empty() => {
-                mkdirs(sftp, dir)?;
-                sftp.open_mode(Path::new(&tmp), flags, 0o644, OpenType::File)?
+            Err(e) => {
+                if matches!(&e, Fail::Ssh(se) if status(se).is_none()) {
+                    // The open may still run on the server after this client gave up on it.
+                    self.litter.lock().push((tmp, Instant::now()));
+                }
+                return Err(e);
             }
-            Err(e) => return Err(e.into()),
         };
         let res = fill(&mut f).map_err(|e| c.failed(e)).and_then(|()| {
             // Durable before it gets its name; a server without fsync@openssh.com still
@@ -270,7 +319,7 @@ impl SftpReplica {
         });
         let closed = f.close().map_err(|e| c.failed(Fail::Ssh(e)));
         if let Err(e) = res.and(closed) {
-            let _ = sftp.unlink(Path::new(&tmp));
+            self.discard(c, &tmp);
             return Err(e);
         }
         Ok(tmp)
@@ -341,7 +390,7 @@ impl ReplicaClient for SftpReplica {
             copy(&mut f, w, Side::Reader)
         };
         let stored = self.call("put_new", key, |c| {
-            let tmp = Self::upload(c, &dst, &fill)?;
+            let tmp = self.upload(c, &dst, &fill)?;
             // Plain rename: refused when `dst` exists (the fence); no flags, so a server of
             // protocol version 5 or later does not overwrite either.
             match c
@@ -350,7 +399,7 @@ impl ReplicaClient for SftpReplica {
             {
                 Ok(()) => Ok(true),
                 Err(e) => {
-                    let _ = c.sftp.unlink(Path::new(&tmp));
+                    self.discard(c, &tmp);
                     if status(&e).is_some() && c.sftp.lstat(Path::new(&dst)).is_ok() {
                         Ok(false)
                     } else {
@@ -371,7 +420,7 @@ impl ReplicaClient for SftpReplica {
         let dst = self.path(key);
         let fill = |w: &mut dyn Write| -> Try<()> { w.write_all(data).map_err(Fail::Transfer) };
         self.call("put", key, |c| {
-            let tmp = Self::upload(c, &dst, &fill)?;
+            let tmp = self.upload(c, &dst, &fill)?;
             let res = match c.posix_rename(&tmp, &dst) {
                 Ok(true) => Ok(()),
                 // A server without the extension: remove, then rename (readers may find
@@ -389,7 +438,7 @@ impl ReplicaClient for SftpReplica {
                 Err(e) => Err(e),
             };
             if res.is_err() {
-                let _ = c.sftp.unlink(Path::new(&tmp));
+                self.discard(c, &tmp);
             }
             res.map_err(Fail::Ssh)
         })
@@ -441,6 +490,9 @@ impl ReplicaClient for SftpReplica {
         check_key(&self.shown, "list", prefix, true)?;
         // A plain string prefix: walk from the directory of its last `/`.
         let start = prefix.rfind('/').map_or("", |i| &prefix[..=i]);
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs());
         let mut out = self.call("list", prefix, |c| {
             let mut out = Vec::new();
             // (directory key with a trailing `/`, or "" for the root)
@@ -465,8 +517,18 @@ impl ReplicaClient for SftpReplica {
                     let Some(name) = p.file_name().and_then(|n| n.to_str()) else {
                         continue;
                     };
-                    // Temporary files and anything else no key can name.
+                    // Temporary files and anything else no key can name. A temporary
+                    // file a day old is an upload that was cut off (its client stopped
+                    // before it could remove it): removed, best effort.
                     if name.starts_with('.') {
+                        if name.starts_with(".tmp-")
+                            && st.is_file()
+                            && st
+                                .mtime
+                                .is_some_and(|m| m.saturating_add(STALE_TMP_SECS) < now)
+                        {
+                            let _ = c.sftp.unlink(&p);
+                        }
                         continue;
                     }
                     let key = format!("{dk}{name}");
