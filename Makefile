@@ -21,13 +21,19 @@ build:
 	$(CARGO) build --release
 
 # Debian packages the tests and the mount need: the fuse3 userspace tools
-# (fusermount3), the sqlite3 command-line shell, and mkfs.ext4 (e2fsprogs: the full-disk
-# tests build a small loop-mounted filesystem). Skipped when present.
+# (fusermount3), the sqlite3 command-line shell, mkfs.ext4 (e2fsprogs: the full-disk
+# tests build a small loop-mounted filesystem), OpenSSH's server (the SFTP tests start a
+# private sshd) and client (ssh-keygen), and OpenSSL's headers with pkg-config (the bundled
+# libssh2 of sftp:// replicas builds against them). Skipped when present.
 deps:
 	@missing=""; \
 	command -v sqlite3 >/dev/null 2>&1 || missing="$$missing sqlite3"; \
 	command -v fusermount3 >/dev/null 2>&1 || missing="$$missing fuse3"; \
 	PATH="$$PATH:/sbin:/usr/sbin" command -v mkfs.ext4 >/dev/null 2>&1 || missing="$$missing e2fsprogs"; \
+	PATH="$$PATH:/sbin:/usr/sbin" command -v sshd >/dev/null 2>&1 || missing="$$missing openssh-server"; \
+	command -v ssh-keygen >/dev/null 2>&1 || missing="$$missing openssh-client"; \
+	command -v pkg-config >/dev/null 2>&1 || missing="$$missing pkg-config"; \
+	[ -e /usr/include/openssl/ssl.h ] || missing="$$missing libssl-dev"; \
 	if [ -n "$$missing" ]; then \
 		echo "installing:$$missing"; \
 		$(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get update -qq && \

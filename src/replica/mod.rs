@@ -312,6 +312,7 @@ mod tests {
             "s3://b/p?endpoint=http://k:hunter2@127.0.0.1:9&colour=red",
             "s3://b/p?session-token=hunter2",
             "s3://b/p?endpoint=http://127.0.0.1:9/?X-Amz-Signature=hunter2&timeout=never",
+            "sftp://backup:hunter2@host/srv/r",
         ] {
             let e = open(url).err().expect(url).to_string();
             assert!(!e.contains("hunter2"), "{url}: {e}");
