@@ -448,3 +448,60 @@ fn sftp_server_stopped_then_down_loses_nothing() {
     assert!(!logs.contains("panicked"), "{logs}");
     fx.unmount();
 }
+
+/// Without `identity-file`, the SSH agent logs in: a private `ssh-agent` holding the test
+/// key, and a `$HOME` without keys of its own.
+#[test]
+fn sftp_agent_login() {
+    let srv = SshServer::start();
+    let sock = srv.path("agent.sock");
+    let home = srv.path("home");
+    std::fs::create_dir_all(&home).unwrap();
+    let mut agent = Command::new("ssh-agent")
+        .arg("-D")
+        .arg("-a")
+        .arg(&sock)
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .expect("start ssh-agent (openssh-client)");
+    wait_for(
+        Duration::from_secs(20),
+        50,
+        || sock.exists(),
+        || "ssh-agent made no socket".into(),
+    );
+    let st = Command::new("ssh-add")
+        .arg("-q")
+        .arg(srv.path("user_key"))
+        .env("SSH_AUTH_SOCK", &sock)
+        .status()
+        .unwrap();
+    assert!(st.success(), "ssh-add");
+    let url = srv.url("agent");
+    let keyless = url
+        .split_once("identity-file=")
+        .map(|(a, b)| format!("{a}{}", b.split_once('&').map_or("", |(_, r)| r)))
+        .unwrap();
+    assert!(!keyless.contains("user_key"), "{keyless}");
+    let list = |with_agent: bool| {
+        let mut c = Command::new(BIN);
+        c.args(["list", "--replica", &keyless]).env("HOME", &home);
+        if with_agent {
+            c.env("SSH_AUTH_SOCK", &sock);
+        } else {
+            c.env_remove("SSH_AUTH_SOCK");
+        }
+        c.env_remove("SQLFS_SFTP_PASSWORD");
+        run_cmd(c, Duration::from_secs(60))
+    };
+    let o = list(true);
+    assert!(o.ok(), "login through the agent failed:\n{}", o.describe());
+    let o = list(false);
+    assert!(
+        !o.ok() && o.stderr.contains("refused to log in"),
+        "no key and no agent, yet:\n{}",
+        o.describe()
+    );
+    let _ = agent.kill();
+    let _ = agent.wait();
+}
