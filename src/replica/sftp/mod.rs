@@ -425,16 +425,16 @@ impl ReplicaClient for SftpReplica {
                 Ok(true) => Ok(()),
                 // A server without the extension: remove, then rename (readers may find
                 // the key missing for that moment).
-                Ok(false) => match {
+                Ok(false) => {
                     log::warn!(
                         "{}: the server lacks posix-rename@openssh.com: replacing {key} is not atomic",
                         self.shown
                     );
-                    c.sftp.unlink(Path::new(&dst))
-                } {
-                    Err(e) if !is_missing(&e) => Err(e),
-                    _ => c.sftp.rename(Path::new(&tmp), Path::new(&dst), None),
-                },
+                    match c.sftp.unlink(Path::new(&dst)) {
+                        Err(e) if !is_missing(&e) => Err(e),
+                        _ => c.sftp.rename(Path::new(&tmp), Path::new(&dst), None),
+                    }
+                }
                 Err(e) => Err(e),
             };
             if res.is_err() {
