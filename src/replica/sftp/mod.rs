@@ -589,7 +589,8 @@ fn copy(r: &mut dyn Read, w: &mut dyn Write, local: Side) -> Try<()> {
             Fail::Local(op, e)
         }
     };
-    let mut buf = vec![0u8; 256 << 10];
+    // libssh2 keeps a whole buffer's worth of requests in flight: 2 MiB fills the pipe.
+    let mut buf = vec![0u8; 2 << 20];
     loop {
         let n = match r.read(&mut buf) {
             Ok(0) => return Ok(()),
