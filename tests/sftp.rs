@@ -339,9 +339,22 @@ fn sftp_unknown_host_key_is_refused() {
         "a wrong pin was accepted:\n{}",
         o.describe()
     );
-    // The known key itself works.
+    // The known key itself works, also from a hashed known_hosts (`ssh-keygen -H`, as
+    // Debian's ssh writes it).
     let o = sqlfs(&["list", "--replica", &srv.url("hk")]);
     assert!(o.ok(), "{}", o.describe());
+    let st = Command::new("ssh-keygen")
+        .arg("-q")
+        .arg("-H")
+        .arg("-f")
+        .arg(srv.path("known_hosts"))
+        .status()
+        .unwrap();
+    assert!(st.success());
+    let hashed = std::fs::read_to_string(srv.path("known_hosts")).unwrap();
+    assert!(hashed.starts_with("|1|"), "{hashed}");
+    let o = sqlfs(&["list", "--replica", &srv.url("hk")]);
+    assert!(o.ok(), "hashed known_hosts:\n{}", o.describe());
 
     let with_pw = srv
         .url("hk")
