@@ -233,10 +233,21 @@ fn check_host_key(sess: &Session, u: &SftpUrl) -> Result<(), ConnectError> {
 fn authenticate(sess: &Session, u: &SftpUrl) -> Result<(), ConnectError> {
     let mut tried: Vec<String> = Vec::new();
     let mut last = String::new();
+    // The connection failed while logging in (not a refusal): worth another try.
+    let mut dropped = false;
     let mut note = |what: String, r: Result<(), ssh2::Error>| match r {
         Ok(()) => true,
         Err(e) => {
             last = e.message().to_string();
+            dropped |= matches!(
+                e.code(),
+                ssh2::ErrorCode::Session(
+                    libssh2_sys::LIBSSH2_ERROR_SOCKET_SEND
+                        | libssh2_sys::LIBSSH2_ERROR_SOCKET_RECV
+                        | libssh2_sys::LIBSSH2_ERROR_SOCKET_DISCONNECT
+                        | libssh2_sys::LIBSSH2_ERROR_TIMEOUT
+                )
+            );
             tried.push(what);
             false
         }
@@ -286,6 +297,15 @@ fn authenticate(sess: &Session, u: &SftpUrl) -> Result<(), ConnectError> {
     } else {
         format!("tried {} ({last})", tried.join(", "))
     };
+    if dropped {
+        return Err(ConnectError::Transient(io::Error::new(
+            io::ErrorKind::ConnectionAborted,
+            format!(
+                "{}:{}: the connection failed while logging in {}: {tried}",
+                u.host, u.port, u.user
+            ),
+        )));
+    }
     Err(ConnectError::Refused(io::Error::new(
         io::ErrorKind::PermissionDenied,
         format!(

@@ -57,9 +57,13 @@ pub fn parse(url: &str) -> Result<SftpUrl, String> {
     let user = match user {
         Some(u) if !u.is_empty() => u.to_string(),
         Some(_) => return Err("an empty user name".into()),
-        None => std::env::var("USER")
-            .or_else(|_| std::env::var("LOGNAME"))
-            .map_err(|_| "no user name: write sftp://USER@HOST/path".to_string())?,
+        None => match std::env::var("USER").or_else(|_| std::env::var("LOGNAME")) {
+            Ok(u) if !u.is_empty() => u,
+            // A service started without a login environment.
+            // SAFETY: getuid has no preconditions.
+            _ if unsafe { libc::getuid() } == 0 => "root".to_string(),
+            _ => return Err("no user name: write sftp://USER@HOST/path".into()),
+        },
     };
     // `[v6]:port`, `[v6]`, `host:port` or `host`.
     let (host, port) = match hostport.strip_prefix('[') {
