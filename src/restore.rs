@@ -131,15 +131,6 @@ impl Report {
     }
 }
 
-fn opener(o: &RestoreOpts) -> Result<Option<Opener>> {
-    match (&o.age_identity, &o.passphrase) {
-        (Some(_), Some(_)) => bail!("pass either --age-identity or --passphrase-env, not both"),
-        (Some(f), None) => Ok(Some(Opener::from_identity_file(f)?)),
-        (None, Some(p)) => Ok(Some(Opener::from_passphrase(p)?)),
-        (None, None) => Ok(None),
-    }
-}
-
 fn entry(s: &Step) -> PlanEntry {
     PlanEntry {
         key: s.obj.key.clone(),
@@ -154,18 +145,17 @@ fn entry(s: &Step) -> PlanEntry {
     }
 }
 
-pub fn run(o: &RestoreOpts) -> Result<Report> {
-    let started = Instant::now();
-    let mut report = Report {
-        db: o.db.clone(),
-        output: o.output.display().to_string(),
-        dry_run: o.dry_run,
-        ..Default::default()
-    };
+/// `Some(report)` if the output exists and `--if-not-exists` leaves it; an error if it
+/// exists and may not be replaced.
+fn existing(o: &RestoreOpts) -> Result<Option<Report>> {
     if o.output.exists() && !o.dry_run {
         if o.if_not_exists {
-            report.skipped = true;
-            return Ok(report);
+            return Ok(Some(Report {
+                db: o.db.clone(),
+                output: o.output.display().to_string(),
+                skipped: true,
+                ..Default::default()
+            }));
         }
         if !o.force {
             bail!(
@@ -174,10 +164,44 @@ pub fn run(o: &RestoreOpts) -> Result<Report> {
             );
         }
     }
+    Ok(None)
+}
+
+/// The key opener `o` asks for (an identity file or a passphrase), if any.
+pub fn opener(o: &RestoreOpts) -> Result<Option<Opener>> {
+    match (&o.age_identity, &o.passphrase) {
+        (Some(_), Some(_)) => bail!("pass either --age-identity or --passphrase-env, not both"),
+        (Some(f), None) => Ok(Some(Opener::from_identity_file(f)?)),
+        (None, Some(p)) => Ok(Some(Opener::from_passphrase(p)?)),
+        (None, None) => Ok(None),
+    }
+}
+
+pub fn run(o: &RestoreOpts) -> Result<Report> {
+    if let Some(r) = existing(o)? {
+        return Ok(r);
+    }
     let client = replica::open(&o.replica)?;
     let opener = opener(o)?;
     let reader = Reader::new(client.as_ref(), opener.as_ref());
     let id = reader.find(&o.db)?;
+    run_from(o, &reader, &id)
+}
+
+/// Restores `o.db`, whose id in the replica `reader` reads is `id` (`restore --all` shares
+/// one reader among its workers and lists the names once).
+pub fn run_from(o: &RestoreOpts, reader: &Reader<'_>, id: &str) -> Result<Report> {
+    let started = Instant::now();
+    let mut report = Report {
+        db: o.db.clone(),
+        output: o.output.display().to_string(),
+        dry_run: o.dry_run,
+        ..Default::default()
+    };
+    if let Some(r) = existing(o)? {
+        return Ok(r);
+    }
+    let id = id.to_string();
     let cat = reader.catalog(&id, &o.db)?;
     let plan = catalog::plan(&reader, &cat, o.target)?;
     report.objects = plan.steps.iter().map(entry).collect();

@@ -131,7 +131,7 @@ pub fn run(o: MountOpts) -> Result<()> {
     );
     crate::capture::rollback_hot_journals(&backing, "", 0);
     let capture = Arc::new(
-        Capture::open(backing.clone())
+        Capture::open(backing.clone(), o.exclude.clone())
             .with_context(|| format!("cannot open staging in {}/{META_DIR}", data.display()))?,
     );
     let stop = Arc::new(AtomicBool::new(false));
@@ -355,13 +355,25 @@ pub fn run(o: MountOpts) -> Result<()> {
             }
         })?;
 
+    if !o.exclude.is_empty() {
+        log::info!(
+            "excluded from capture and shipping: {}",
+            o.exclude.patterns().join(", ")
+        );
+    }
+    // Databases nobody opens are found by the scan while the mount serves.
+    let scan_stop = Arc::new(AtomicBool::new(false));
+    let scan = capture.spawn_scan(scan_stop.clone())?;
     eprintln!(
-        "sqlfs: serving {} (data in {}, {} databases known)",
+        "sqlfs: serving {} (data in {}, {} databases known; scanning for the others)",
         dir.display(),
         data.display(),
         capture.databases().len()
     );
     let res = session.run();
+    // The scan finishes the file it is at (it stages nothing half-way) before shutdown.
+    scan_stop.store(true, Ordering::Relaxed);
+    let _ = scan.join();
     let staged = capture.shutdown();
     // The shippers make a last pass over what was staged before stopping.
     stop.store(true, Ordering::Relaxed);
