@@ -59,7 +59,9 @@ impl Exclude {
     pub fn new<S: AsRef<str>>(pats: &[S]) -> Result<Exclude, String> {
         let pats = pats
             .iter()
-            .map(|p| parse(p.as_ref()).map_err(|e| format!("exclude pattern {:?}: {e}", p.as_ref())))
+            .map(|p| {
+                parse(p.as_ref()).map_err(|e| format!("exclude pattern {:?}: {e}", p.as_ref()))
+            })
             .collect::<Result<Vec<_>, _>>()?;
         Ok(Exclude { pats })
     }
@@ -80,9 +82,9 @@ impl Exclude {
             return false;
         }
         let parts: Vec<&str> = rel.split('/').filter(|c| !c.is_empty()).collect();
-        self.pats.iter().any(|p| {
-            (1..=parts.len()).any(|n| match_comps(&p.comps, &parts[..n]))
-        })
+        self.pats
+            .iter()
+            .any(|p| (1..=parts.len()).any(|n| match_comps(&p.comps, &parts[..n])))
     }
 }
 
@@ -242,7 +244,9 @@ mod tests {
 
     #[test]
     fn bad_patterns_are_refused() {
-        for p in ["", "/abs.db", "a//b", "../x", "a/**b", "[abc", "x\\", "[z-a]"] {
+        for p in [
+            "", "/abs.db", "a//b", "../x", "a/**b", "[abc", "x\\", "[z-a]",
+        ] {
             assert!(Exclude::new(&[p]).is_err(), "{p:?} accepted");
         }
         assert!(Exclude::new::<&str>(&[]).unwrap().is_empty());

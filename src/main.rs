@@ -8,9 +8,7 @@ use clap::{Parser, Subcommand};
 
 use sqlfs::backing::Backing;
 use sqlfs::inspect::Source;
-use sqlfs::{
-    catalog, config, control, crypt, inspect, list, mount, owner, restore, restore_all,
-};
+use sqlfs::{catalog, config, control, crypt, inspect, list, mount, owner, restore, restore_all};
 
 #[derive(Parser)]
 #[command(
@@ -422,7 +420,13 @@ fn run() -> Result<i32> {
             Ok(0)
         }
         Cmd::Status { dir, all, json } => {
-            let how = if json { "json" } else if all { "all" } else { "summary" };
+            let how = if json {
+                "json"
+            } else if all {
+                "all"
+            } else {
+                "summary"
+            };
             inspect(&dir, &["status", how], |_| {
                 anyhow::bail!("{} is not a running sqlfs mount", dir.display())
             })

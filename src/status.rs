@@ -223,7 +223,11 @@ impl Status {
             let behind: usize = self
                 .databases
                 .iter()
-                .filter(|d| d.replicas.iter().any(|x| x.replica == r.replica && x.behind > 0))
+                .filter(|d| {
+                    d.replicas
+                        .iter()
+                        .any(|x| x.replica == r.replica && x.behind > 0)
+                })
                 .count();
             if let Some((d, x)) = worst {
                 let _ = writeln!(

@@ -673,7 +673,11 @@ impl Capture {
     /// capture).
     fn moved(&self, db: Arc<Db>, from: &str, to: &str) {
         if self.exclude.matches(to) {
-            retire(&db, from, &format!("renamed to {to}, which is excluded by configuration"));
+            retire(
+                &db,
+                from,
+                &format!("renamed to {to}, which is excluded by configuration"),
+            );
             return;
         }
         *db.name.lock() = to.to_string();

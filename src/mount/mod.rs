@@ -142,7 +142,9 @@ pub fn run(o: MountOpts) -> Result<()> {
             .with_context(|| format!("cannot read or make {}/{META_DIR}/writer", data.display()))?,
         host: crate::owner::hostname(),
         data_dir: data.display().to_string(),
-        meta_dir: data.join(META_DIR),
+        // Through the backing descriptor: in place, `data` is the mount point once mounted,
+        // whose `.sqlfs` no access through the mount reaches.
+        meta_dir: backing.meta_path(),
         takeover: o.takeover,
     };
     let shippers: Vec<Arc<crate::ship::Shipper>> = replicas
