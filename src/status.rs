@@ -316,12 +316,12 @@ fn scan_line(p: &ScanProgress) -> String {
         return "scan: not started\n".into();
     }
     format!(
-        "scan: {} ({:.1}s), {} of {} files listed{} scanned, {} databases found ({} taken in by the scan), {} excluded, {} failed\n",
+        "scan: {} ({:.1}s): {}/{} files checked{}, {} databases found ({} taken in by the scan), {} excluded, {} failed\n",
         if p.done { "done" } else { "running" },
         p.seconds,
         p.files_scanned,
         p.files_listed,
-        if p.done { "" } else { " so far" },
+        if p.done { "" } else { " (directories still being listed)" },
         p.found,
         p.taken_in,
         p.excluded,

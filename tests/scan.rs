@@ -72,6 +72,41 @@ fn make_wal_db_with_frames(dir: &Path, scratch: &Path, rel: &str) -> Vec<u8> {
     image
 }
 
+/// A rollback-mode database with a hot journal beside it (copied in the middle of a
+/// transaction that had spilled into the database file, as after a crash); returns the
+/// committed image (its bytes before that transaction).
+fn make_hot_journal_db(dir: &Path, scratch: &Path, rel: &str) -> Vec<u8> {
+    let src = scratch.join(format!("src-{}", rel.replace('/', "_")));
+    let c = Connection::open(&src).unwrap();
+    c.execute_batch("PRAGMA journal_mode=DELETE; CREATE TABLE t(id INTEGER PRIMARY KEY, v TEXT)")
+        .unwrap();
+    for i in 0..200 {
+        c.execute(
+            "INSERT INTO t(v) VALUES (?1)",
+            [format!("hot-{i}").repeat(30)],
+        )
+        .unwrap();
+    }
+    let committed = fs::read(&src).unwrap();
+    // A cache of a few pages: the update spills into the database file before it commits.
+    c.execute_batch(
+        "PRAGMA cache_size=10; PRAGMA cache_spill=ON; BEGIN; UPDATE t SET v = v || hex(randomblob(3000))",
+    )
+    .unwrap();
+    let journal = PathBuf::from(format!("{}-journal", src.display()));
+    assert!(journal.exists(), "the transaction has a journal");
+    assert!(
+        fs::read(&src).unwrap() != committed,
+        "the transaction spilled"
+    );
+    let dst = dir.join(rel);
+    fs::create_dir_all(dst.parent().unwrap()).unwrap();
+    fs::copy(&src, &dst).unwrap();
+    fs::copy(&journal, format!("{}-journal", dst.display())).unwrap();
+    c.execute_batch("ROLLBACK").unwrap();
+    committed
+}
+
 /// Waits until `sqlfs status` says the scan is done; returns its output.
 fn wait_scan_done(mnt: &Path) -> String {
     wait_until(
@@ -147,6 +182,7 @@ fn mount_over_existing_databases_ships_every_one() {
     make_db(&b.join("a/b/deep-wal.db"), "WAL", 30);
     make_db(&b.join("a/b/deep-persist.db"), "PERSIST", 20);
     let wal_image = make_wal_db_with_frames(&b, &fx.scratch, "a/frames.db");
+    let hot_image = make_hot_journal_db(&b, &fx.scratch, "a/b/hot.db");
     fs::write(b.join("notes.txt"), b"not a database").unwrap();
     fs::write(b.join("a/short"), b"SQLite").unwrap();
     std::os::unix::fs::symlink("top.db", b.join("link.db")).unwrap();
@@ -156,7 +192,10 @@ fn mount_over_existing_databases_ships_every_one() {
     let images: Vec<(String, Vec<u8>)> = closed
         .iter()
         .map(|r| (r.to_string(), as_restored(fs::read(b.join(r)).unwrap())))
-        .chain([("a/frames.db".to_string(), as_restored(wal_image))])
+        .chain([
+            ("a/frames.db".to_string(), as_restored(wal_image)),
+            ("a/b/hot.db".to_string(), as_restored(hot_image)),
+        ])
         .collect();
 
     fx.mount();
@@ -171,7 +210,7 @@ fn mount_over_existing_databases_ships_every_one() {
         wait_in_replica(&replica, db);
     }
     assert!(
-        status.contains("4 databases found (4 taken in by the scan)"),
+        status.contains("5 databases found (5 taken in by the scan)"),
         "status shows the scan's findings:\n{status}"
     );
     // Nothing but the databases themselves: no link, nothing through a linked directory.
@@ -180,6 +219,7 @@ fn mount_over_existing_databases_ships_every_one() {
         vec![
             "a/b/deep-persist.db",
             "a/b/deep-wal.db",
+            "a/b/hot.db",
             "a/frames.db",
             "top.db"
         ]
@@ -212,7 +252,7 @@ fn mount_over_existing_databases_ships_every_one() {
     let o = restore_all(&url, &all, &[]);
     assert!(o.ok(), "restore --all:\n{}", o.describe());
     assert!(
-        o.stdout.contains("restored 4 databases") && o.stdout.contains("failed 0"),
+        o.stdout.contains("restored 5 databases") && o.stdout.contains("failed 0"),
         "{}",
         o.describe()
     );
