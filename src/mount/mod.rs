@@ -2,7 +2,9 @@
 //! reconciliation), mounts, serves until SIGINT/SIGTERM, then flushes staging and unmounts.
 //!
 //! Threads: fuser request loops (`--threads`), one background thread that syncs staging and
-//! folds it when it grows past `--stage-limit`, the control socket, and the signal watcher.
+//! folds it when it grows past `--stage-limit`, the scan for databases nobody opened
+//! (`capture::Capture::spawn_scan`, started once the mount serves, joined before shutdown),
+//! the control socket, and the signal watcher.
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
