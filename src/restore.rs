@@ -203,7 +203,7 @@ pub fn run_from(o: &RestoreOpts, reader: &Reader<'_>, id: &str) -> Result<Report
     }
     let id = id.to_string();
     let cat = reader.catalog(&id, &o.db)?;
-    let plan = catalog::plan(&reader, &cat, o.target)?;
+    let plan = catalog::plan(reader, &cat, o.target)?;
     report.objects = plan.steps.iter().map(entry).collect();
     report.downloaded_bytes = plan.bytes();
     if o.dry_run {
@@ -230,7 +230,7 @@ pub fn run_from(o: &RestoreOpts, reader: &Reader<'_>, id: &str) -> Result<Report
     let show = o.progress && std::io::stderr().is_terminal();
     let mut state = Applied::default();
     download_and_apply(
-        &reader,
+        reader,
         &plan,
         work.path(),
         o.parallel.max(1),
@@ -244,7 +244,7 @@ pub fn run_from(o: &RestoreOpts, reader: &Reader<'_>, id: &str) -> Result<Report
         Target::Txid(t) if t != last.txid => bail!(
             "TXID {t} of {} is not in the replica; {}",
             o.db,
-            catalog::window_text(&reader, &cat)?
+            catalog::window_text(reader, &cat)?
         ),
         _ => {}
     }
