@@ -169,7 +169,7 @@ impl Capture {
                 let before = self.dbs.read().contains_key(rel);
                 match self.get_or_start(rel, Role::Main, Some(&head)) {
                     Some(_) if !before => {
-                        log::info!("{rel}: found by the scan at mount");
+                        log::debug!("{rel}: found by the scan at mount");
                         self.scan.lock().taken_in += 1;
                         Some(true)
                     }
