@@ -125,7 +125,7 @@ pub fn run(o: MountOpts) -> Result<()> {
         replicas.push((crate::replica::open(&r.url)?, r, sealer));
     }
     if o.restore_if_missing {
-        restore_missing(&data, &specs[0], &specs[1..])?;
+        restore_missing(&data, &specs[0], &specs[1..], &o.exclude)?;
     }
     let backing = Arc::new(
         Backing::open(&data)
