@@ -70,6 +70,9 @@ pub struct Config {
     /// Per-database overrides, by path under the mount.
     #[serde(default)]
     pub databases: BTreeMap<String, DbConf>,
+    /// Databases never captured nor shipped: globs relative to the mount root (syntax in
+    /// `exclude.rs`).
+    pub exclude: Option<Vec<String>>,
 }
 
 #[derive(Debug, Default, Clone, Deserialize)]
@@ -262,6 +265,9 @@ impl Config {
             if let Some(v) = &r.passphrase_env {
                 check_var_name(v).map_err(|e| anyhow::anyhow!("{named}: passphrase-env: {e}"))?;
             }
+        }
+        if let Some(x) = &self.exclude {
+            crate::exclude::Exclude::new(x).map_err(|e| anyhow::anyhow!("exclude: {e}"))?;
         }
         for (name, d) in &self.databases {
             let w = format!("databases.{name}");

@@ -2,7 +2,7 @@
 //! stream of an in-place mount, whose backing files the mount itself hides.
 //!
 //! Protocol: the client sends one line, tab-separated words (`verify\t<db or ->`,
-//! `log\t<db>`, `replay\t<db>\t<txid>\t<absolute out path>`); the server answers with text and
+//! `log\t<db>`, `status[\tall|\tjson]`, `replay\t<db>\t<txid>\t<absolute out path>`); the server answers with text and
 //! a last line `exit <code>`. One request per connection.
 
 use std::io::{self, BufRead, BufReader, Write};
@@ -80,7 +80,17 @@ fn handle(
         ["verify", db] => inspect::verify(b, &src, (*db != "-").then_some(*db))
             .map(|(s, ok)| (s, if ok { 0 } else { 1 })),
         ["log", db] => inspect::log(b, &src, db).map(|s| (s, 0)),
-        ["status"] => Ok(status(cap, shippers, stage_limit)),
+        ["status", how @ ..] => {
+            let st = crate::status::Status::gather(cap, shippers, stage_limit);
+            let text = match how.first().copied() {
+                Some("json") => serde_json::to_string_pretty(&st)
+                    .map(|j| j + "\n")
+                    .map_err(io::Error::other)?,
+                Some("all") => st.text(true),
+                _ => st.text(false),
+            };
+            Ok((text, st.code))
+        }
         ["replay", db, txid, out] => match txid.parse() {
             Ok(t) => inspect::replay(b, &src, db, t, Path::new(out)).map(|s| (s, 0)),
             Err(_) => Ok((format!("error: bad TXID {txid}\n"), 2)),
@@ -91,96 +101,6 @@ fn handle(
     let mut conn = conn;
     conn.write_all(text.as_bytes())?;
     writeln!(conn, "exit {code}")
-}
-
-/// Per database: its staged TXID and staging size; per replica: what it has, how far behind it
-/// is, and its last error. A replica that staging was folded past (it was behind while
-/// staging outgrew its hard limit) is flagged as needing a snapshot, with its true lag.
-/// Exit code 1 if any replica is failing, fenced or needs a snapshot, or if a database's
-/// commits cannot be staged.
-fn status(cap: &Capture, shippers: &[Arc<Shipper>], stage_limit: u64) -> (String, i32) {
-    use std::fmt::Write as _;
-    let mut out = String::new();
-    let mut code = 0;
-    for s in shippers {
-        let _ = write!(out, "replica {}: ", s.describe());
-        match s.last_error() {
-            Some(e) => {
-                code = 1;
-                let _ = writeln!(out, "FAILING: {e}");
-            }
-            None => {
-                let _ = writeln!(out, "ok");
-            }
-        }
-    }
-    let hard = stage_limit.saturating_mul(crate::stage::HARD_FACTOR);
-    for (name, db) in cap.databases() {
-        let txid = db.stage.last().map_or(0, |h| h.txid);
-        let bytes = db.stage.log_bytes();
-        let _ = write!(out, "{name}: TXID {txid}, staged log {} KiB", bytes >> 10);
-        if let Some(f) = db.staging_failure() {
-            code = 1;
-            let since = f
-                .since
-                .duration_since(std::time::UNIX_EPOCH)
-                .map_or(0, |d| d.as_nanos() as u64);
-            let _ = write!(
-                out,
-                ", STAGING FAILING since {} ({} commit(s) not staged, retried): {}",
-                crate::time::fmt_time(since),
-                f.waiting,
-                f.error
-            );
-        }
-        let ships: Vec<&Arc<Shipper>> = shippers.iter().filter(|s| s.replicates(&name)).collect();
-        if ships.is_empty() {
-            let _ = writeln!(out, ", not replicated (replicate: false)");
-            continue;
-        }
-        let slowest = ships.iter().map(|s| s.position(&db)).min().unwrap_or(txid);
-        if bytes > stage_limit && slowest < txid {
-            let _ = write!(
-                out,
-                ", over --stage-limit ({} KiB): kept for a replica that is behind, folded anyway past {} KiB",
-                stage_limit >> 10,
-                hard >> 10
-            );
-        }
-        let _ = writeln!(out);
-        for s in ships {
-            // What a restore can follow, never more than the chain holds contiguously.
-            let pos = s.held(&db);
-            let _ = write!(
-                out,
-                "  {}: TXID {pos}, {} behind, lag {:.1}s",
-                s.describe(),
-                txid.saturating_sub(pos),
-                s.lag(&db).as_secs_f64()
-            );
-            if let Some(e) = s.db_error(&db) {
-                code = 1;
-                let _ = write!(out, ", FAILING: {e}");
-            }
-            if pos < s.position(&db) {
-                code = 1;
-                let _ = write!(out, ", CHAIN BROKEN: the replica's chain ends at TXID {pos}, short of the recorded position {}", s.position(&db));
-            }
-            if let Some(why) = s.fence_reason(&db) {
-                code = 1;
-                let _ = write!(out, ", FENCED (another writer): {why}");
-            } else if s.needs_snapshot(&db) {
-                code = 1;
-                let _ = write!(
-                    out,
-                    ", NEEDS A SNAPSHOT: it fell behind while staging outgrew its hard limit ({} KiB) and was folded past its position; it gets the whole database when it is reachable again",
-                    hard >> 10
-                );
-            }
-            let _ = writeln!(out);
-        }
-    }
-    (out, code)
 }
 
 /// Sends a request to the mount at `mountpoint`; `None` if no mount answers there.

@@ -151,13 +151,74 @@ fn listing(reader: &Reader, id: &str, name: &str) -> Result<DbListing> {
     }
 }
 
-/// The listing as text.
-pub fn text(dbs: &[DbListing]) -> String {
+/// Above this many databases, the text is a summary unless details are asked for.
+pub const SUMMARY_ABOVE: usize = 20;
+
+/// The listing as text: every database in full when `all` or when there are few, else a
+/// summary.
+pub fn text(dbs: &[DbListing], all: bool) -> String {
+    if all || dbs.len() <= SUMMARY_ABOVE {
+        details(dbs)
+    } else {
+        summary(dbs)
+    }
+}
+
+/// Many databases: the counts and sizes, the database whose latest restorable state is the
+/// oldest, and every database that is unreadable or has gaps, in full.
+fn summary(dbs: &[DbListing]) -> String {
     use std::fmt::Write as _;
     let mut o = String::new();
-    if dbs.is_empty() {
-        o.push_str("no databases\n");
+    let total: u64 = dbs.iter().map(|d| d.total_bytes).sum();
+    let unreadable: Vec<&DbListing> = dbs.iter().filter(|d| d.error.is_some()).collect();
+    let gapped: Vec<&DbListing> = dbs.iter().filter(|d| !d.gaps.is_empty()).collect();
+    let empty = dbs
+        .iter()
+        .filter(|d| d.error.is_none() && d.ranges.is_empty())
+        .count();
+    let oldest_latest = dbs
+        .iter()
+        .filter_map(|d| d.latest_time.as_ref().map(|t| (t, &d.name)))
+        .min();
+    let _ = writeln!(
+        o,
+        "{} databases, {:.1} MB: {} unreadable, {} with gaps, {} with no restore window",
+        dbs.len(),
+        total as f64 / 1e6,
+        unreadable.len(),
+        gapped.len(),
+        empty
+    );
+    if let Some((t, n)) = oldest_latest {
+        let _ = writeln!(o, "the oldest latest restorable state: {t} ({n})");
     }
+    let newest = dbs.iter().filter_map(|d| d.latest_time.as_ref()).max();
+    if let Some(t) = newest {
+        let _ = writeln!(o, "the newest latest restorable state: {t}");
+    }
+    let bad: Vec<&DbListing> = dbs
+        .iter()
+        .filter(|d| d.error.is_some() || !d.gaps.is_empty())
+        .collect();
+    if !bad.is_empty() {
+        o.push_str("needing attention:\n");
+        o.push_str(&details_of(bad.into_iter()));
+    }
+    o.push_str("(every database in full: --all; everything as JSON: --json)\n");
+    o
+}
+
+/// Every database in full.
+fn details(dbs: &[DbListing]) -> String {
+    if dbs.is_empty() {
+        return "no databases\n".into();
+    }
+    details_of(dbs.iter())
+}
+
+fn details_of<'a>(dbs: impl Iterator<Item = &'a DbListing>) -> String {
+    use std::fmt::Write as _;
+    let mut o = String::new();
     for d in dbs {
         let _ = writeln!(
             o,

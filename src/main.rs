@@ -8,14 +8,14 @@ use clap::{Parser, Subcommand};
 
 use sqlfs::backing::Backing;
 use sqlfs::inspect::Source;
-use sqlfs::{catalog, config, control, crypt, inspect, list, mount, owner, restore};
+use sqlfs::{catalog, config, control, crypt, inspect, list, mount, owner, restore, restore_all};
 
 #[derive(Parser)]
 #[command(
     name = "sqlfs",
     version,
     about = "Capture every committed SQLite transaction at the filesystem layer",
-    after_help = "Examples:\n  sqlfs mount /data                      # serve /data in place\n  sqlfs mount /data --data-dir /srv/db   # files live in /srv/db\n  sqlfs verify /data                     # replay the stream, compare with the files\n  sqlfs log /data --db app.db            # list staged transactions\n  sqlfs replay /data --db app.db --txid 42 -o /tmp/app-42.db\n  sqlfs list --replica file:///backup       # databases and restore windows\n  sqlfs restore --replica file:///backup --db app.db --timestamp 2026-11-25T10:00:00Z -o app.db\n\nLog verbosity: RUST_LOG=debug|info|warn (default info)."
+    after_help = "Examples:\n  sqlfs mount /data                      # serve /data in place\n  sqlfs mount /data --data-dir /srv/db   # files live in /srv/db\n  sqlfs verify /data                     # replay the stream, compare with the files\n  sqlfs log /data --db app.db            # list staged transactions\n  sqlfs replay /data --db app.db --txid 42 -o /tmp/app-42.db\n  sqlfs list --replica file:///backup       # databases and restore windows\n  sqlfs restore --replica file:///backup --db app.db --timestamp 2026-11-25T10:00:00Z -o app.db\n  sqlfs restore --all --replica file:///backup -o /srv/restored   # every database\n\nLog verbosity: RUST_LOG=debug|info|warn (default info)."
 )]
 struct Cli {
     #[command(subcommand)]
@@ -27,7 +27,7 @@ enum Cmd {
     /// Mount DIR (in place unless --data-dir) and capture every SQLite transaction under it.
     /// Runs in the foreground; SIGINT/SIGTERM flush staging and unmount.
     #[command(
-        after_help = "Examples:\n  sqlfs mount /data                                  # embedded local replica\n  sqlfs mount /data --replica s3://bkt/prod?region=eu-west-1\n  sqlfs mount /data --replica file:///mnt/nfs/backup --age-recipient age1...\n  sqlfs mount /data --replica s3://bkt/prod --sync --retention 72h\n  sqlfs mount /data --replica 'sftp://sqlfs@backup.lan/srv/sqlfs?identity-file=/etc/sqlfs/id_ed25519'\n  sqlfs mount --config /etc/sqlfs.yml --restore-if-missing --metrics-addr 127.0.0.1:9090"
+        after_help = "Examples:\n  sqlfs mount /data                                  # embedded local replica\n  sqlfs mount /data --replica s3://bkt/prod?region=eu-west-1\n  sqlfs mount /data --replica file:///mnt/nfs/backup --age-recipient age1...\n  sqlfs mount /data --replica s3://bkt/prod --sync --retention 72h\n  sqlfs mount /data --replica 'sftp://sqlfs@backup.lan/srv/sqlfs?identity-file=/etc/sqlfs/id_ed25519'\n  sqlfs mount --config /etc/sqlfs.yml --restore-if-missing --metrics-addr 127.0.0.1:9090\n  sqlfs mount /data --exclude 'cache/**' --exclude '**/*-scratch.db'"
     )]
     Mount {
         /// YAML configuration file (example: contrib/sqlfs.yml); flags override its top level,
@@ -39,8 +39,9 @@ enum Cmd {
     },
     /// Rebuild a database from a replica alone, as of its latest transaction, a TXID or an
     /// instant. Verified (checksums after every step, integrity_check) before it appears.
+    /// With --all, every database of the replica, into a directory tree.
     #[command(
-        after_help = "Examples:\n  sqlfs restore --replica file:///backup --db app.db -o /tmp/app.db\n  sqlfs restore --replica file:///backup --db app.db --timestamp 2026-11-25T10:00:00Z -o app.db\n  sqlfs restore --replica s3://bkt/prod --db tenants/42.db --txid 1200 -o 42.db --dry-run\n  sqlfs restore --config /etc/sqlfs.yml /data/app.db -o /tmp/app.db --json"
+        after_help = "Examples:\n  sqlfs restore --replica file:///backup --db app.db -o /tmp/app.db\n  sqlfs restore --replica file:///backup --db app.db --timestamp 2026-11-25T10:00:00Z -o app.db\n  sqlfs restore --replica s3://bkt/prod --db tenants/42.db --txid 1200 -o 42.db --dry-run\n  sqlfs restore --config /etc/sqlfs.yml /data/app.db -o /tmp/app.db --json\n  sqlfs restore --all --replica s3://bkt/prod -o /srv/restored                    # every database, latest\n  sqlfs restore --all --replica file:///backup -o /srv/r --timestamp 2026-11-25T10:00:00Z --jobs 8"
     )]
     Restore {
         /// With --config: the database as a path under the configured mount (/data/app.db).
@@ -48,10 +49,19 @@ enum Cmd {
         #[arg(long, value_name = "URL")]
         replica: Option<String>,
         /// The database's path relative to the mount root (app.db, tenants/42.db).
-        #[arg(long)]
+        #[arg(long, conflicts_with = "all")]
         db: Option<String>,
+        /// The output file (with --all: the directory the databases are restored into, each
+        /// at its path under the mount root).
         #[arg(short, long)]
         output: PathBuf,
+        /// Every database of the replica, to the same instant (the latest, or --timestamp),
+        /// several at once (--jobs); a summary names each that failed, and why (exit 1).
+        #[arg(long, conflicts_with_all = ["txid", "path", "dry_run"])]
+        all: bool,
+        /// With --all: databases restored at once.
+        #[arg(long, default_value_t = 4, value_name = "N")]
+        jobs: usize,
         /// Restore the state right after this transaction (default: the latest).
         #[arg(long, conflicts_with = "timestamp")]
         txid: Option<u64>,
@@ -87,7 +97,7 @@ enum Cmd {
     },
     /// List the databases in a replica with their restore windows, snapshots and objects.
     #[command(
-        after_help = "Examples:\n  sqlfs list --replica file:///backup\n  sqlfs list --replica s3://bkt/prod?endpoint=http://127.0.0.1:9000 --db app.db --json"
+        after_help = "Examples:\n  sqlfs list --replica file:///backup\n  sqlfs list --replica file:///backup --all        # every database in full\n  sqlfs list --replica s3://bkt/prod?endpoint=http://127.0.0.1:9000 --db app.db --json"
     )]
     List {
         #[arg(long, value_name = "URL")]
@@ -107,6 +117,10 @@ enum Cmd {
         passphrase_env: Option<String>,
         #[arg(long)]
         json: bool,
+        /// Every database in full, however many (by default, above 20 databases the text is
+        /// a summary: counts, and the databases that are unreadable or have gaps).
+        #[arg(long, short = 'v')]
+        all: bool,
     },
     /// Create an age key pair for encrypted replicas: the identity goes to FILE (keep it safe,
     /// off this machine), the recipient to pass to `mount --age-recipient` is printed.
@@ -125,9 +139,21 @@ enum Cmd {
         #[arg(long)]
         db: Option<String>,
     },
-    /// Show a running mount's databases and replicas: positions, lag, errors (exit 1 if a
-    /// replica is failing or fenced).
-    Status { dir: PathBuf },
+    /// Show a running mount's databases and replicas: positions, lag, errors, and the scan
+    /// for databases at mount (exit 1 if a replica is failing or fenced). Above 20 databases
+    /// the text is a summary (counts, the worst lag, every unwell database).
+    #[command(
+        after_help = "Examples:\n  sqlfs status /data\n  sqlfs status /data --all     # every database in full\n  sqlfs status /data --json    # everything, for scripts"
+    )]
+    Status {
+        dir: PathBuf,
+        /// Every database in full, however many.
+        #[arg(long, short = 'v')]
+        all: bool,
+        /// Everything as JSON.
+        #[arg(long, conflicts_with = "all")]
+        json: bool,
+    },
     /// List the staged transactions of one database.
     Log {
         dir: PathBuf,
@@ -283,6 +309,8 @@ fn run() -> Result<i32> {
             replica,
             db,
             output,
+            all,
+            jobs,
             txid,
             timestamp,
             config,
@@ -296,6 +324,30 @@ fn run() -> Result<i32> {
         } => {
             let src =
                 ReplicaSource::resolve(config.as_deref(), replica, age_identity, passphrase_env)?;
+            if all {
+                let target = match timestamp {
+                    Some(ts) => catalog::Target::Time(sqlfs::time::parse_time(&ts)?),
+                    None => catalog::Target::Latest,
+                };
+                let report = restore_all::run(&restore_all::AllOpts {
+                    replica: src.replica,
+                    out_dir: output,
+                    target,
+                    force,
+                    if_not_exists,
+                    age_identity: src.age_identity,
+                    passphrase: src.passphrase,
+                    workers: jobs,
+                    parallel,
+                    progress: !json,
+                })?;
+                if json {
+                    println!("{}", serde_json::to_string_pretty(&report)?);
+                } else {
+                    print!("{}", report.text());
+                }
+                return Ok(if report.failed.is_empty() { 0 } else { 1 });
+            }
             let db = match (db, path) {
                 (Some(d), None) => d,
                 (None, Some(p)) => src.db_name(&p)?,
@@ -335,6 +387,7 @@ fn run() -> Result<i32> {
             age_identity,
             passphrase_env,
             json,
+            all,
         } => {
             let src =
                 ReplicaSource::resolve(config.as_deref(), replica, age_identity, passphrase_env)?;
@@ -347,7 +400,7 @@ fn run() -> Result<i32> {
             if json {
                 println!("{}", serde_json::to_string_pretty(&dbs)?);
             } else {
-                print!("{}", list::text(&dbs));
+                print!("{}", list::text(&dbs, all));
             }
             // Every readable database is listed; an unreadable one makes the exit code say so.
             let bad: Vec<&str> = dbs
@@ -366,9 +419,18 @@ fn run() -> Result<i32> {
             }
             Ok(0)
         }
-        Cmd::Status { dir } => inspect(&dir, &["status"], |_| {
-            anyhow::bail!("{} is not a running sqlfs mount", dir.display())
-        }),
+        Cmd::Status { dir, all, json } => {
+            let how = if json {
+                "json"
+            } else if all {
+                "all"
+            } else {
+                "summary"
+            };
+            inspect(&dir, &["status", how], |_| {
+                anyhow::bail!("{} is not a running sqlfs mount", dir.display())
+            })
+        }
         Cmd::Keygen { output } => {
             println!("{}", crypt::keygen(&output)?);
             Ok(0)

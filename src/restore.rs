@@ -131,15 +131,6 @@ impl Report {
     }
 }
 
-fn opener(o: &RestoreOpts) -> Result<Option<Opener>> {
-    match (&o.age_identity, &o.passphrase) {
-        (Some(_), Some(_)) => bail!("pass either --age-identity or --passphrase-env, not both"),
-        (Some(f), None) => Ok(Some(Opener::from_identity_file(f)?)),
-        (None, Some(p)) => Ok(Some(Opener::from_passphrase(p)?)),
-        (None, None) => Ok(None),
-    }
-}
-
 fn entry(s: &Step) -> PlanEntry {
     PlanEntry {
         key: s.obj.key.clone(),
@@ -154,18 +145,17 @@ fn entry(s: &Step) -> PlanEntry {
     }
 }
 
-pub fn run(o: &RestoreOpts) -> Result<Report> {
-    let started = Instant::now();
-    let mut report = Report {
-        db: o.db.clone(),
-        output: o.output.display().to_string(),
-        dry_run: o.dry_run,
-        ..Default::default()
-    };
+/// `Some(report)` if the output exists and `--if-not-exists` leaves it; an error if it
+/// exists and may not be replaced.
+fn existing(o: &RestoreOpts) -> Result<Option<Report>> {
     if o.output.exists() && !o.dry_run {
         if o.if_not_exists {
-            report.skipped = true;
-            return Ok(report);
+            return Ok(Some(Report {
+                db: o.db.clone(),
+                output: o.output.display().to_string(),
+                skipped: true,
+                ..Default::default()
+            }));
         }
         if !o.force {
             bail!(
@@ -174,12 +164,46 @@ pub fn run(o: &RestoreOpts) -> Result<Report> {
             );
         }
     }
+    Ok(None)
+}
+
+/// The key opener `o` asks for (an identity file or a passphrase), if any.
+pub fn opener(o: &RestoreOpts) -> Result<Option<Opener>> {
+    match (&o.age_identity, &o.passphrase) {
+        (Some(_), Some(_)) => bail!("pass either --age-identity or --passphrase-env, not both"),
+        (Some(f), None) => Ok(Some(Opener::from_identity_file(f)?)),
+        (None, Some(p)) => Ok(Some(Opener::from_passphrase(p)?)),
+        (None, None) => Ok(None),
+    }
+}
+
+pub fn run(o: &RestoreOpts) -> Result<Report> {
+    if let Some(r) = existing(o)? {
+        return Ok(r);
+    }
     let client = replica::open(&o.replica)?;
     let opener = opener(o)?;
     let reader = Reader::new(client.as_ref(), opener.as_ref());
     let id = reader.find(&o.db)?;
+    run_from(o, &reader, &id)
+}
+
+/// Restores `o.db`, whose id in the replica `reader` reads is `id` (`restore --all` shares
+/// one reader among its workers and lists the names once).
+pub fn run_from(o: &RestoreOpts, reader: &Reader<'_>, id: &str) -> Result<Report> {
+    let started = Instant::now();
+    let mut report = Report {
+        db: o.db.clone(),
+        output: o.output.display().to_string(),
+        dry_run: o.dry_run,
+        ..Default::default()
+    };
+    if let Some(r) = existing(o)? {
+        return Ok(r);
+    }
+    let id = id.to_string();
     let cat = reader.catalog(&id, &o.db)?;
-    let plan = catalog::plan(&reader, &cat, o.target)?;
+    let plan = catalog::plan(reader, &cat, o.target)?;
     report.objects = plan.steps.iter().map(entry).collect();
     report.downloaded_bytes = plan.bytes();
     if o.dry_run {
@@ -206,7 +230,7 @@ pub fn run(o: &RestoreOpts) -> Result<Report> {
     let show = o.progress && std::io::stderr().is_terminal();
     let mut state = Applied::default();
     download_and_apply(
-        &reader,
+        reader,
         &plan,
         work.path(),
         o.parallel.max(1),
@@ -220,7 +244,7 @@ pub fn run(o: &RestoreOpts) -> Result<Report> {
         Target::Txid(t) if t != last.txid => bail!(
             "TXID {t} of {} is not in the replica; {}",
             o.db,
-            catalog::window_text(&reader, &cat)?
+            catalog::window_text(reader, &cat)?
         ),
         _ => {}
     }

@@ -10,7 +10,7 @@
 //! applied to a state (`events.rs`), the staged state (`state.rs`), WAL frames (`wal.rs`) and
 //! WAL-mode commits (`walmode.rs`), rollback-journal commits (`journal.rs`), snapshots and
 //! staging failures (`snapshot.rs`), reconciliation at mount (`reconcile.rs`, `hot.rs`), the
-//! passthrough watcher (`watch.rs`).
+//! scan for databases nobody opened (`scan.rs`), the passthrough watcher (`watch.rs`).
 //!
 //! Invariants:
 //! - A transaction is staged before the write call that completed it returns to the app, so no
@@ -23,12 +23,19 @@
 //!   the state after `txid` (see `sqlite::page_crc`). When the state cannot be derived
 //!   incrementally (first sighting, a page size change, files changed while unmounted), a full
 //!   snapshot record is written instead, and the log says why.
+//! - One capture per database name: a database is taken into capture by one thread
+//!   ([`Capture::get_or_start`], whoever calls it: an app's open, a write, the scan at
+//!   mount), behind a gate of its name; every other event on that name waits at the gate
+//!   until it is in the registry (or failed), so no event is missed and no second staging
+//!   starts. Other names never wait for it.
+//! - Names matched by `exclude` are never taken into capture.
 
 mod events;
 mod hot;
 mod journal;
 mod reconcile;
 mod role;
+mod scan;
 mod snapshot;
 mod state;
 mod wal;
@@ -39,18 +46,20 @@ use std::collections::HashMap;
 use std::fs::{self, File};
 use std::io;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant, SystemTime};
 
-use parking_lot::{Mutex, RwLock};
+use parking_lot::{Condvar, Mutex, RwLock};
 
 use crate::backing::Backing;
+use crate::exclude::Exclude;
 use crate::sqlite;
 use crate::stage::{write_atomic, Access, DbStage};
 pub use hot::rollback_hot_journals;
 use journal::Rollback;
 pub use role::{classify, journal_db_of, shows_db, wal_index_of, Role};
+pub use scan::ScanProgress;
 pub use snapshot::live_image;
 use state::append_pages;
 pub use wal::read_exact_at;
@@ -64,6 +73,14 @@ pub struct Capture {
     backing: Arc<Backing>,
     meta_root: PathBuf,
     dbs: RwLock<HashMap<String, Arc<Db>>>,
+    /// Names being taken into capture right now, each with the gate its other events wait
+    /// at (see the module invariants); `n_starting` spares every other event the lookup.
+    starting: Mutex<HashMap<String, Arc<Gate>>>,
+    n_starting: AtomicUsize,
+    /// Databases never captured (`exclude:`).
+    exclude: Exclude,
+    /// What the scan at mount has done so far.
+    scan: Mutex<ScanProgress>,
     /// Observed mode (see [`Capture::observe`]): WAL writes bypass sqlfs.
     observed: Arc<AtomicBool>,
     watch: OnceLock<Arc<watch::Watch>>,
@@ -135,16 +152,41 @@ struct State {
     last_retry: Option<Instant>,
 }
 
+/// Opened once the database behind it is in the registry, or failed to start.
+#[derive(Default)]
+struct Gate {
+    open: Mutex<bool>,
+    cv: Condvar,
+}
+
+impl Gate {
+    fn wait(&self) {
+        let mut o = self.open.lock();
+        while !*o {
+            self.cv.wait(&mut o);
+        }
+    }
+
+    fn release(&self) {
+        *self.open.lock() = true;
+        self.cv.notify_all();
+    }
+}
+
 impl Capture {
-    /// Opens the capture state of a backing directory: loads every known database and
-    /// reconciles it with the files (see [`Db::load`]).
-    pub fn open(backing: Arc<Backing>) -> io::Result<Capture> {
+    /// Opens the capture state of a backing directory: loads every known database that
+    /// `exclude` does not match and reconciles it with the files (see [`Db::load`]).
+    pub fn open(backing: Arc<Backing>, exclude: Exclude) -> io::Result<Capture> {
         let meta_root = backing.meta_path();
         fs::create_dir_all(meta_root.join("db"))?;
         let cap = Capture {
             backing,
             meta_root,
             dbs: RwLock::new(HashMap::new()),
+            starting: Mutex::new(HashMap::new()),
+            n_starting: AtomicUsize::new(0),
+            exclude,
+            scan: Mutex::new(ScanProgress::default()),
             observed: Arc::new(AtomicBool::new(false)),
             watch: OnceLock::new(),
             shut: Mutex::new(None),
@@ -157,6 +199,10 @@ impl Capture {
                 continue;
             };
             if dir.join("deleted").exists() {
+                continue;
+            }
+            if cap.exclude.matches(&name) {
+                log::info!("{name}: excluded by configuration: not captured nor shipped (its staged history is kept)");
                 continue;
             }
             if !cap.backing.exists(&name) {
@@ -217,13 +263,39 @@ impl Capture {
         Ok(db)
     }
 
-    /// The database `db_rel` if it is known.
+    /// The database `db_rel` if it is known (waiting, if it is being taken into capture
+    /// right now, until it is).
     pub fn get(&self, db_rel: &str) -> Option<Arc<Db>> {
+        if let Some(db) = self.dbs.read().get(db_rel) {
+            return Some(db.clone());
+        }
+        if self.n_starting.load(Ordering::Acquire) == 0 {
+            return None;
+        }
+        self.settle(db_rel);
         self.dbs.read().get(db_rel).cloned()
+    }
+
+    /// Waits until `db_rel` is not being taken into capture.
+    fn settle(&self, db_rel: &str) {
+        if self.n_starting.load(Ordering::Acquire) == 0 {
+            return;
+        }
+        let gate = self.starting.lock().get(db_rel).cloned();
+        if let Some(g) = gate {
+            g.wait();
+        }
+    }
+
+    /// True if `exclude` keeps `db_rel` out of capture.
+    pub fn excluded(&self, db_rel: &str) -> bool {
+        self.exclude.matches(db_rel)
     }
 
     /// The database `db_rel`, starting to capture it if its files show it is one: a database
     /// header in the main file, or a WAL/journal being written next to an existing main file.
+    /// The first sighting stages a snapshot (see [`Db::reconcile`]); only the events of this
+    /// name wait for it (see the module invariants).
     pub fn get_or_start(
         &self,
         db_rel: &str,
@@ -232,6 +304,9 @@ impl Capture {
     ) -> Option<Arc<Db>> {
         if let Some(db) = self.get(db_rel) {
             return Some(db);
+        }
+        if self.exclude.matches(db_rel) {
+            return None;
         }
         let is_db = match role {
             Role::Main => match first_bytes {
@@ -248,27 +323,56 @@ impl Capture {
         if !is_db {
             return None;
         }
-        let mut dbs = self.dbs.write();
-        if let Some(db) = dbs.get(db_rel) {
-            return Some(db.clone());
-        }
+        let gate = {
+            let mut starting = self.starting.lock();
+            if let Some(g) = starting.get(db_rel).cloned() {
+                // Another thread is taking it in: its result is ours.
+                drop(starting);
+                g.wait();
+                return self.dbs.read().get(db_rel).cloned();
+            }
+            if let Some(db) = self.dbs.read().get(db_rel) {
+                return Some(db.clone());
+            }
+            let g = Arc::new(Gate::default());
+            starting.insert(db_rel.to_string(), g.clone());
+            self.n_starting.fetch_add(1, Ordering::AcqRel);
+            g
+        };
         let id = new_id();
         let dir = self.meta_root.join("db").join(&id);
         let res = fs::create_dir_all(&dir)
             .and_then(|_| write_atomic(&dir.join("name"), db_rel.as_bytes()))
             .and_then(|_| self.load(db_rel, id));
-        match res {
+        let out = match res {
             Ok(db) => {
-                log::info!("{db_rel}: capturing new database (id {})", db.id);
-                dbs.insert(db_rel.to_string(), db.clone());
-                self.watch_dir_of(db_rel);
-                Some(db)
+                let mut dbs = self.dbs.write();
+                match dbs.get(db_rel) {
+                    // A rename put another identity here meanwhile: it stays.
+                    Some(other) => {
+                        let other = other.clone();
+                        drop(dbs);
+                        retire(&db, db_rel, "taken in twice");
+                        Some(other)
+                    }
+                    None => {
+                        log::info!("{db_rel}: capturing new database (id {})", db.id);
+                        dbs.insert(db_rel.to_string(), db.clone());
+                        drop(dbs);
+                        self.watch_dir_of(db_rel);
+                        Some(db)
+                    }
+                }
             }
             Err(e) => {
                 log::error!("{db_rel}: cannot start capturing: {e}");
                 None
             }
-        }
+        };
+        self.starting.lock().remove(db_rel);
+        self.n_starting.fetch_sub(1, Ordering::AcqRel);
+        gate.release();
+        out
     }
 
     fn main_has_header(&self, rel: &str) -> bool {
@@ -484,6 +588,7 @@ impl Capture {
         // The target's old identity is gone.
         self.replaced(to, "replaced by a rename");
         if rf == Role::Main {
+            self.settle(dbf);
             let moved = self.dbs.write().remove(dbf);
             if let Some(db) = moved {
                 self.moved(db, dbf, dbt);
@@ -515,6 +620,8 @@ impl Capture {
         let (ra, dba) = classify(a);
         let (rb, dbb) = classify(b);
         if ra == Role::Main && rb == Role::Main {
+            self.settle(dba);
+            self.settle(dbb);
             let (da, db) = {
                 let mut dbs = self.dbs.write();
                 (dbs.remove(dba), dbs.remove(dbb))
@@ -552,6 +659,7 @@ impl Capture {
     fn replaced(&self, rel: &str, why: &str) {
         let (r, db_rel) = classify(rel);
         if r == Role::Main {
+            self.settle(db_rel);
             let old = self.dbs.write().remove(db_rel);
             if let Some(old) = old {
                 retire(&old, db_rel, why);
@@ -561,15 +669,28 @@ impl Capture {
         }
     }
 
-    /// Database `db` (out of the table) is now named `to`.
+    /// Database `db` (out of the table) is now named `to` (an excluded name ends its
+    /// capture).
     fn moved(&self, db: Arc<Db>, from: &str, to: &str) {
+        if self.exclude.matches(to) {
+            retire(
+                &db,
+                from,
+                &format!("renamed to {to}, which is excluded by configuration"),
+            );
+            return;
+        }
         *db.name.lock() = to.to_string();
         if let Err(e) = write_atomic(&db.stage.dir().join("name"), to.as_bytes()) {
             log::error!("{to}: cannot record the new name in staging: {e}");
         }
         db.guard(|st, db| st.reopen(db, &self.backing, Role::Main));
         log::info!("{from}: renamed to {to}");
-        self.dbs.write().insert(to.to_string(), db);
+        self.settle(to);
+        let old = self.dbs.write().insert(to.to_string(), db.clone());
+        if let Some(old) = old.filter(|o| !Arc::ptr_eq(o, &db)) {
+            retire(&old, to, "replaced by a rename");
+        }
     }
 
     /// Makes every database's staging durable and records a clean-shutdown fingerprint for

@@ -2,7 +2,9 @@
 //! reconciliation), mounts, serves until SIGINT/SIGTERM, then flushes staging and unmounts.
 //!
 //! Threads: fuser request loops (`--threads`), one background thread that syncs staging and
-//! folds it when it grows past `--stage-limit`, the control socket, and the signal watcher.
+//! folds it when it grows past `--stage-limit`, the scan for databases nobody opened
+//! (`capture::Capture::spawn_scan`, started once the mount serves, joined before shutdown),
+//! the control socket, and the signal watcher.
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -123,7 +125,7 @@ pub fn run(o: MountOpts) -> Result<()> {
         replicas.push((crate::replica::open(&r.url)?, r, sealer));
     }
     if o.restore_if_missing {
-        restore_missing(&data, &specs[0], &specs[1..])?;
+        restore_missing(&data, &specs[0], &specs[1..], &o.exclude)?;
     }
     let backing = Arc::new(
         Backing::open(&data)
@@ -131,7 +133,7 @@ pub fn run(o: MountOpts) -> Result<()> {
     );
     crate::capture::rollback_hot_journals(&backing, "", 0);
     let capture = Arc::new(
-        Capture::open(backing.clone())
+        Capture::open(backing.clone(), o.exclude.clone())
             .with_context(|| format!("cannot open staging in {}/{META_DIR}", data.display()))?,
     );
     let stop = Arc::new(AtomicBool::new(false));
@@ -142,7 +144,9 @@ pub fn run(o: MountOpts) -> Result<()> {
             .with_context(|| format!("cannot read or make {}/{META_DIR}/writer", data.display()))?,
         host: crate::owner::hostname(),
         data_dir: data.display().to_string(),
-        meta_dir: data.join(META_DIR),
+        // Through the backing descriptor: in place, `data` is the mount point once mounted,
+        // whose `.sqlfs` no access through the mount reaches.
+        meta_dir: backing.meta_path(),
         takeover: o.takeover,
     };
     let shippers: Vec<Arc<crate::ship::Shipper>> = replicas
@@ -355,13 +359,25 @@ pub fn run(o: MountOpts) -> Result<()> {
             }
         })?;
 
+    if !o.exclude.is_empty() {
+        log::info!(
+            "excluded from capture and shipping: {}",
+            o.exclude.patterns().join(", ")
+        );
+    }
+    // Databases nobody opens are found by the scan while the mount serves.
+    let scan_stop = Arc::new(AtomicBool::new(false));
+    let scan = capture.spawn_scan(scan_stop.clone())?;
     eprintln!(
-        "sqlfs: serving {} (data in {}, {} databases known)",
+        "sqlfs: serving {} (data in {}, {} databases known; scanning for the others)",
         dir.display(),
         data.display(),
         capture.databases().len()
     );
     let res = session.run();
+    // The scan finishes the file it is at (it stages nothing half-way) before shutdown.
+    scan_stop.store(true, Ordering::Relaxed);
+    let _ = scan.join();
     let staged = capture.shutdown();
     // The shippers make a last pass over what was staged before stopping.
     stop.store(true, Ordering::Relaxed);

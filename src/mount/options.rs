@@ -83,6 +83,12 @@ pub struct CliMount {
     /// sync never use it (with `--sync` and no database excepted, it is off) [default: auto].
     #[arg(long, value_enum, value_name = "WHEN")]
     pub passthrough: Option<Passthrough>,
+    /// Never capture nor ship the databases this glob matches, relative to the mount root
+    /// (repeatable; replaces the configuration's `exclude:`): `*` and `?` within a path
+    /// component, `[a-z]`, `**` for any number of components; a directory excludes what
+    /// is under it. Examples: `cache.db`, `**/*-tmp.db`, `scratch`.
+    #[arg(long = "exclude", value_name = "GLOB")]
+    pub exclude: Vec<String>,
 }
 
 /// One replica to ship to, with its own interval, policy and keys.
@@ -119,6 +125,8 @@ pub struct MountOpts {
     pub passthrough: Passthrough,
     /// Per-database overrides from the configuration file.
     pub databases: BTreeMap<String, DbConf>,
+    /// Databases never captured nor shipped (`--exclude`, else the file's `exclude:`).
+    pub exclude: crate::exclude::Exclude,
 }
 
 impl MountOpts {
@@ -247,6 +255,14 @@ impl MountOpts {
                 None => conf.metrics_addr.as_deref().and_then(|a| a.parse().ok()),
             },
             databases: conf.databases,
+            exclude: {
+                let pats = if cli.exclude.is_empty() {
+                    conf.exclude.clone().unwrap_or_default()
+                } else {
+                    cli.exclude.clone()
+                };
+                crate::exclude::Exclude::new(&pats).map_err(|e| anyhow::anyhow!("{e}"))?
+            },
         })
     }
 

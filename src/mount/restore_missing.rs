@@ -9,12 +9,13 @@ use anyhow::{Context, Result};
 use super::options::ReplicaSpec;
 use crate::backing::META_DIR;
 
-/// Restores every database the first replica holds that the data directory lacks; each
-/// replica is read with its own key.
+/// Restores every database the first replica holds that the data directory lacks and
+/// `exclude` does not match; each replica is read with its own key.
 pub(super) fn restore_missing(
     data: &Path,
     first: &ReplicaSpec,
     others: &[ReplicaSpec],
+    exclude: &crate::exclude::Exclude,
 ) -> Result<()> {
     let url = first.url.as_str();
     let client = crate::replica::open(url)?;
@@ -34,6 +35,10 @@ pub(super) fn restore_missing(
             continue;
         }
         if out.exists() {
+            continue;
+        }
+        if exclude.matches(&name) {
+            log::info!("--restore-if-missing: {name} is excluded by configuration; not restored");
             continue;
         }
         if let Some(d) = out.parent() {
