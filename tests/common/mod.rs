@@ -11,6 +11,7 @@
 //! * Worker processes: the test binary re-executes itself (see [`workload`]).
 #![allow(dead_code)]
 
+pub mod cloudservers;
 pub mod faultproxy;
 pub mod replica;
 pub mod s3server;
