@@ -368,6 +368,12 @@ impl ReplicaClient for AzureReplica {
             format!("{}/", self.prefix)
         };
         let wanted = format!("{strip}{prefix}");
+        // The client drops a blob named exactly like the prefix it lists: ask for one
+        // character less (the filter below keeps only what starts with `prefix`).
+        let asked = wanted
+            .char_indices()
+            .last()
+            .map_or("", |(i, _)| &wanted[..i]);
         let mut out = Vec::new();
         let mut token: Option<String> = None;
         loop {
@@ -378,7 +384,7 @@ impl ReplicaClient for AzureReplica {
             };
             let page = self.run("list", prefix, cloud::op_budget(self.timeout, 1 << 20), async {
                 self.store
-                    .list_paginated((!wanted.is_empty()).then_some(wanted.as_str()), opts)
+                    .list_paginated((!asked.is_empty()).then_some(asked), opts)
                     .await
                     .map_err(|e| self.store_err("list", prefix, &e))
             })?;
