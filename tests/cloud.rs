@@ -259,10 +259,12 @@ fn end_to_end(store: Box<dyn Store>, tag: &str) {
     fx.unmount();
 }
 
-/// The store is stopped (SIGSTOP) for 20 s while the app writes on; the daemon keeps
-/// serving, and once the store answers again the replica catches up with nothing lost.
+/// The store is stopped (SIGSTOP) for 20 s while the app writes on: requests to it time out
+/// (3 s), the daemon keeps serving, and once the store answers again the replica catches up
+/// with nothing lost.
 fn stopped_store_catches_up(store: Box<dyn Store>, tag: &str) {
-    let url = store.url("p");
+    // A short request timeout: requests to the stopped store fail (and are retried later).
+    let url = format!("{}&timeout=3s", store.url("p"));
     let db = "app.db";
     let mut fx = Fixture::new(&format!("{tag}pause"), false);
     fx.opts.replicas = Some(vec![url.clone()]);
@@ -271,6 +273,13 @@ fn stopped_store_catches_up(store: Box<dyn Store>, tag: &str) {
     writes(&fx, db, 1, 50, 300);
     wait_replicated(&fx, &url, db, last_staged(&fx.mnt, db), false, Duration::from_secs(60));
     store.server().pause();
+    let port = store.server().port;
+    wait_until(
+        Duration::from_secs(10),
+        200,
+        || if answers(port) { Err(()) } else { Ok(()) },
+        |_| "the store still answers while stopped".to_string(),
+    );
     let t0 = Instant::now();
     let mut next = 1000;
     while t0.elapsed() < Duration::from_secs(20) {
@@ -282,6 +291,11 @@ fn stopped_store_catches_up(store: Box<dyn Store>, tag: &str) {
         fx.daemon_running(),
         "the daemon died while the store was down:\n{}",
         fx.daemon_logs()
+    );
+    let logs = fx.daemon_logs();
+    assert!(
+        logs.contains("timeout") || logs.contains("timed out"),
+        "no request to the stopped store timed out:\n{logs}"
     );
     store.server().resume();
     let last = last_staged(&fx.mnt, db);
@@ -295,6 +309,18 @@ fn stopped_store_catches_up(store: Box<dyn Store>, tag: &str) {
     let logs = fx.daemon_logs();
     assert!(!logs.contains("panicked"), "{logs}");
     fx.unmount();
+}
+
+/// True if the server on `port` answers a request within a second.
+fn answers(port: u16) -> bool {
+    use std::io::{Read, Write};
+    let Ok(mut s) = std::net::TcpStream::connect(("127.0.0.1", port)) else {
+        return false;
+    };
+    let _ = s.set_read_timeout(Some(Duration::from_secs(1)));
+    let _ = s.write_all(b"GET / HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n");
+    let mut b = [0u8; 16];
+    matches!(s.read(&mut b), Ok(n) if n > 0)
 }
 
 #[test]
