@@ -2,7 +2,8 @@
 //! emulator and Azurite, installed by `make deps`; what each cannot show is written in
 //! tests/common/cloudservers.rs). Per backend: mount → write with SQLite → ship (encrypted) →
 //! restore at TXIDs → `.history` views read from the replica → a second data directory with
-//! the same database fenced; and a store stopped for a while loses nothing and catches up.
+//! the same database fenced; a store stopped for a while loses nothing and catches up; an idle
+//! mount sends nothing.
 
 mod common;
 
@@ -10,6 +11,7 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use common::cloudservers::*;
+use common::relay::Relay;
 use common::replica::{as_restored, assert_sealed, last_staged};
 use common::*;
 
@@ -311,6 +313,54 @@ fn stopped_store_catches_up(store: Box<dyn Store>, tag: &str) {
     fx.unmount();
 }
 
+/// An idle mount costs no requests: once what was written is shipped and compacted, nothing
+/// goes to the store (counted by a relay in front of it) over many sync and compaction
+/// intervals; the next write is shipped again.
+fn idle_sends_nothing(store: Box<dyn Store>, tag: &str) {
+    let relay = Relay::start(store.server().port);
+    let direct = store.url("p");
+    let through = direct.replace(
+        &format!("127.0.0.1:{}", store.server().port),
+        &format!("127.0.0.1:{}", relay.port),
+    );
+    let db = "app.db";
+    let mut fx = Fixture::new(&format!("{tag}idle"), false);
+    fx.opts.replicas = Some(vec![through]);
+    fx.opts.sync_interval = Some("200ms".into());
+    fx.opts.extra_args = vec!["--compaction".into(), "1s".into()];
+    fx.mount();
+    for round in 0..3 {
+        writes(&fx, db, 1 + round * 100, 10, 300);
+        sleep_ms(400);
+    }
+    let last = last_staged(&fx.mnt, db);
+    wait_replicated(&fx, &direct, db, last, false, Duration::from_secs(60));
+    // Let the shipments and the compaction they make due finish.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let mut before = relay.sent();
+    loop {
+        sleep_ms(3000);
+        let now = relay.sent();
+        if now == before {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the mount never went quiet: {now} bytes sent to the store"
+        );
+        before = now;
+    }
+    assert!(before > 0, "nothing went through the relay");
+    // Idle: many sync (200 ms) and compaction (1 s) intervals without a byte.
+    sleep_ms(6000);
+    assert_eq!(relay.sent(), before, "an idle mount sent requests to the store");
+    writes(&fx, db, 1000, 3, 300);
+    let last = last_staged(&fx.mnt, db);
+    wait_replicated(&fx, &direct, db, last, false, Duration::from_secs(60));
+    assert!(relay.sent() > before);
+    fx.unmount();
+}
+
 /// True if the server on `port` answers a request within a second.
 fn answers(port: u16) -> bool {
     use std::io::{Read, Write};
@@ -331,6 +381,16 @@ fn gcs_end_to_end_sealed_restore_history_and_fence() {
 #[test]
 fn azure_end_to_end_sealed_restore_history_and_fence() {
     end_to_end(azure(), "az");
+}
+
+#[test]
+fn gcs_idle_mount_sends_no_requests() {
+    idle_sends_nothing(gcs(), "gcs");
+}
+
+#[test]
+fn azure_idle_mount_sends_no_requests() {
+    idle_sends_nothing(azure(), "az");
 }
 
 #[test]

@@ -13,6 +13,7 @@
 
 pub mod cloudservers;
 pub mod faultproxy;
+pub mod relay;
 pub mod replica;
 pub mod s3server;
 pub mod workload;
