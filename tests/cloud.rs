@@ -99,7 +99,14 @@ fn restore(url: &str, db: &str, out: &Path, txid: Option<u64>, sealed: bool) -> 
 }
 
 /// Waits until a restore from `url` reaches `txid`; returns the restored file.
-fn wait_replicated(fx: &Fixture, url: &str, db: &str, txid: u64, sealed: bool, timeout: Duration) -> PathBuf {
+fn wait_replicated(
+    fx: &Fixture,
+    url: &str,
+    db: &str,
+    txid: u64,
+    sealed: bool,
+    timeout: Duration,
+) -> PathBuf {
     let out = fx.scratch_path(&format!("restored-{txid}.db"));
     wait_until(
         timeout,
@@ -150,7 +157,8 @@ fn integrity_and_rows(path: &Path) -> i64 {
     if has_t == 0 {
         return -1;
     }
-    c.query_row("SELECT count(*) FROM t", [], |r| r.get(0)).unwrap()
+    c.query_row("SELECT count(*) FROM t", [], |r| r.get(0))
+        .unwrap()
 }
 
 fn end_to_end(store: Box<dyn Store>, tag: &str) {
@@ -197,19 +205,30 @@ fn end_to_end(store: Box<dyn Store>, tag: &str) {
     );
     for k in &keys {
         let dst = fx.scratch_path("object");
-        assert!(client.get(&k.key, &dst).unwrap(), "{} listed but missing", k.key);
+        assert!(
+            client.get(&k.key, &dst).unwrap(),
+            "{} listed but missing",
+            k.key
+        );
         assert_sealed(&std::fs::read(&dst).unwrap(), &k.key);
     }
 
     // Restores at TXIDs equal the `.history` view of the same TXID; before the staging's base
     // the view is read from the replica (ranged reads).
     let base = staged_log(&fx.mnt, db).base.map_or(0, |b| b.0);
-    assert!(base > 2, "staging was not folded: the replica's views are untested");
+    assert!(
+        base > 2,
+        "staging was not folded: the replica's views are untested"
+    );
     for t in [1, base / 2, base - 1, base, last - 1, last] {
         let out = fx.scratch_path(&format!("at-{t}.db"));
         let o = restore(&url, db, &out, Some(t), true);
         assert!(o.ok(), "restore at TXID {t}:\n{}", o.describe());
-        assert!(o.stdout.contains(&format!("at TXID {t} ")), "{}", o.describe());
+        assert!(
+            o.stdout.contains(&format!("at TXID {t} ")),
+            "{}",
+            o.describe()
+        );
         let rows = integrity_and_rows(&out);
         let view = fx.path(&format!(".history/txid-{t}/{db}"));
         let v = std::fs::read(&view).unwrap_or_else(|e| panic!("read {}: {e}", view.display()));
@@ -273,7 +292,14 @@ fn stopped_store_catches_up(store: Box<dyn Store>, tag: &str) {
     fx.opts.sync_interval = Some("250ms".into());
     fx.mount();
     writes(&fx, db, 1, 50, 300);
-    wait_replicated(&fx, &url, db, last_staged(&fx.mnt, db), false, Duration::from_secs(60));
+    wait_replicated(
+        &fx,
+        &url,
+        db,
+        last_staged(&fx.mnt, db),
+        false,
+        Duration::from_secs(60),
+    );
     store.server().pause();
     let port = store.server().port;
     wait_until(
@@ -353,7 +379,11 @@ fn idle_sends_nothing(store: Box<dyn Store>, tag: &str) {
     assert!(before > 0, "nothing went through the relay");
     // Idle: many sync (200 ms) and compaction (1 s) intervals without a byte.
     sleep_ms(6000);
-    assert_eq!(relay.sent(), before, "an idle mount sent requests to the store");
+    assert_eq!(
+        relay.sent(),
+        before,
+        "an idle mount sent requests to the store"
+    );
     writes(&fx, db, 1000, 3, 300);
     let last = last_staged(&fx.mnt, db);
     wait_replicated(&fx, &direct, db, last, false, Duration::from_secs(60));
@@ -420,19 +450,32 @@ fn cloud_urls_are_checked_and_show_no_secret() {
         ("gs://b/p?region=x", "unknown parameter"),
         ("az://c/p?account=a&sig=hunter2", "unknown parameter"),
         ("gs://user:hunter2@b/p", "credentials"),
-        ("az://c/p?account=a&endpoint=http://u:hunter2@127.0.0.1:1", "credentials"),
+        (
+            "az://c/p?account=a&endpoint=http://u:hunter2@127.0.0.1:1",
+            "credentials",
+        ),
     ] {
         let o = sqlfs_cli(&["list".into(), "--replica".into(), url.into()]);
         assert!(!o.ok(), "{url} accepted:\n{}", o.describe());
         assert!(o.stderr.contains(needle), "{url}:\n{}", o.describe());
-        assert!(!o.stderr.contains("hunter2") && !o.stdout.contains("hunter2"), "{}", o.describe());
+        assert!(
+            !o.stderr.contains("hunter2") && !o.stdout.contains("hunter2"),
+            "{}",
+            o.describe()
+        );
     }
     // A wrong key: a clear error that shows neither key.
     let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_sqlfs"));
-    cmd.args(["list", "--replica", &az])
-        .env("AZURE_STORAGE_ACCOUNT_KEY", "d3Jvbmcga2V5IGZvciB0aGUgdGVzdA==");
+    cmd.args(["list", "--replica", &az]).env(
+        "AZURE_STORAGE_ACCOUNT_KEY",
+        "d3Jvbmcga2V5IGZvciB0aGUgdGVzdA==",
+    );
     let o = run_cmd(cmd, Duration::from_secs(120));
     assert!(!o.ok(), "a wrong key was accepted:\n{}", o.describe());
-    assert!(!o.stderr.contains("d3Jvbmcga2V5") && !o.stderr.contains(AZURITE_KEY), "{}", o.describe());
+    assert!(
+        !o.stderr.contains("d3Jvbmcga2V5") && !o.stderr.contains(AZURITE_KEY),
+        "{}",
+        o.describe()
+    );
     assert!(!o.stderr.contains("panicked"), "{}", o.describe());
 }

@@ -8,11 +8,11 @@ use std::path::PathBuf;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
+use common::relay::Relay;
 use common::replica::{
     as_restored, assert_restore_fails, assert_says, assert_sealed, keygen, restore_ok_with,
     restore_with,
 };
-use common::relay::Relay;
 use common::s3server::*;
 use common::workload::{Driver, DriverCfg, SCHEMA};
 use common::*;
@@ -613,7 +613,6 @@ fn s3_and_file_replicas_progress_independently() {
     );
     fx.unmount();
 }
-
 
 /// An idle mount costs no requests: once what was written is shipped and compacted, the
 /// mount sends nothing at all to the store (counted by a relay in front of it) over many

@@ -28,7 +28,9 @@ use futures_util::StreamExt;
 use object_store::azure::{AzureConfigKey, MicrosoftAzure, MicrosoftAzureBuilder};
 use object_store::list::{PaginatedListOptions, PaginatedListStore};
 use object_store::path::Path as ObjPath;
-use object_store::{GetOptions, GetRange, ObjectStore, ObjectStoreExt, PutMode, PutOptions, PutPayload};
+use object_store::{
+    GetOptions, GetRange, ObjectStore, ObjectStoreExt, PutMode, PutOptions, PutPayload,
+};
 
 use super::cloud::{self, Secrets};
 use super::{check_key, Listed, ReplicaClient, ReplicaError, Result};
@@ -105,16 +107,17 @@ impl AzureReplica {
             url: url.to_string(),
             why,
         };
-        let u = cloud::parse_url(url, &["az://", "abs://"], "container", &["account"]).map_err(bad)?;
+        let u =
+            cloud::parse_url(url, &["az://", "abs://"], "container", &["account"]).map_err(bad)?;
         let mut secrets = Secrets::default();
         secrets.add_env(&SECRET_VARS);
         // The connection string first, so that every other source overrides it.
         let mut b = MicrosoftAzureBuilder::new();
         if let Ok(cs) = std::env::var("AZURE_STORAGE_CONNECTION_STRING") {
-            for (_, v) in connection_string(&cs)
-                .iter()
-                .filter(|(k, _)| k.eq_ignore_ascii_case("AccountKey") || k.eq_ignore_ascii_case("SharedAccessSignature"))
-            {
+            for (_, v) in connection_string(&cs).iter().filter(|(k, _)| {
+                k.eq_ignore_ascii_case("AccountKey")
+                    || k.eq_ignore_ascii_case("SharedAccessSignature")
+            }) {
                 secrets.add(v);
             }
             for (k, v) in from_connection_string(&cs) {
@@ -206,9 +209,8 @@ impl AzureReplica {
 
     fn store_err(&self, op: &'static str, key: &str, e: &object_store::Error) -> ReplicaError {
         let kind = match e {
-            object_store::Error::PermissionDenied { .. } | object_store::Error::Unauthenticated { .. } => {
-                io::ErrorKind::PermissionDenied
-            }
+            object_store::Error::PermissionDenied { .. }
+            | object_store::Error::Unauthenticated { .. } => io::ErrorKind::PermissionDenied,
             _ => io::ErrorKind::Other,
         };
         self.fail(op, key, kind, &chain(e))
@@ -238,13 +240,16 @@ impl AzureReplica {
             ..Default::default()
         };
         self.run(op, key, budget, async {
-            match self.store.put_opts(&path, PutPayload::from(data), opts).await {
+            match self
+                .store
+                .put_opts(&path, PutPayload::from(data), opts)
+                .await
+            {
                 Ok(_) => Ok(()),
-                Err(object_store::Error::AlreadyExists { .. } | object_store::Error::Precondition { .. })
-                    if fence =>
-                {
-                    Err(ReplicaError::Exists(key.to_string()))
-                }
+                Err(
+                    object_store::Error::AlreadyExists { .. }
+                    | object_store::Error::Precondition { .. },
+                ) if fence => Err(ReplicaError::Exists(key.to_string())),
                 Err(e) => Err(self.store_err(op, key, &e)),
             }
         })
@@ -322,31 +327,36 @@ impl ReplicaClient for AzureReplica {
         // A zero-length read still asks for a byte: a missing key must answer `None`.
         let end = off.saturating_add(len.max(1));
         let sized = len.min(1 << 30);
-        self.run("get_range", key, cloud::op_budget(self.timeout, sized), async {
-            let opts = GetOptions {
-                range: Some(GetRange::Bounded(off..end)),
-                ..Default::default()
-            };
-            let r = match self.store.get_opts(&path, opts).await {
-                Ok(r) => r,
-                Err(object_store::Error::NotFound { .. }) => return Ok(None),
-                Err(e) => {
-                    // A range at or past the end is refused (416): the object's size tells.
-                    return match self.store.head(&path).await {
-                        Err(object_store::Error::NotFound { .. }) => Ok(None),
-                        Ok(m) if m.size <= off => Ok(Some(Vec::new())),
-                        _ => Err(self.store_err("get_range", key, &e)),
-                    };
-                }
-            };
-            let data = r
-                .bytes()
-                .await
-                .map_err(|e| self.store_err("download", key, &e))?;
-            let mut v = data.to_vec();
-            v.truncate(usize::try_from(len).unwrap_or(usize::MAX));
-            Ok(Some(v))
-        })
+        self.run(
+            "get_range",
+            key,
+            cloud::op_budget(self.timeout, sized),
+            async {
+                let opts = GetOptions {
+                    range: Some(GetRange::Bounded(off..end)),
+                    ..Default::default()
+                };
+                let r = match self.store.get_opts(&path, opts).await {
+                    Ok(r) => r,
+                    Err(object_store::Error::NotFound { .. }) => return Ok(None),
+                    Err(e) => {
+                        // A range at or past the end is refused (416): the object's size tells.
+                        return match self.store.head(&path).await {
+                            Err(object_store::Error::NotFound { .. }) => Ok(None),
+                            Ok(m) if m.size <= off => Ok(Some(Vec::new())),
+                            _ => Err(self.store_err("get_range", key, &e)),
+                        };
+                    }
+                };
+                let data = r
+                    .bytes()
+                    .await
+                    .map_err(|e| self.store_err("download", key, &e))?;
+                let mut v = data.to_vec();
+                v.truncate(usize::try_from(len).unwrap_or(usize::MAX));
+                Ok(Some(v))
+            },
+        )
     }
 
     fn delete(&self, key: &str) -> Result<()> {
@@ -382,12 +392,17 @@ impl ReplicaClient for AzureReplica {
                 page_token: token.clone(),
                 ..Default::default()
             };
-            let page = self.run("list", prefix, cloud::op_budget(self.timeout, 1 << 20), async {
-                self.store
-                    .list_paginated((!asked.is_empty()).then_some(asked), opts)
-                    .await
-                    .map_err(|e| self.store_err("list", prefix, &e))
-            })?;
+            let page = self.run(
+                "list",
+                prefix,
+                cloud::op_budget(self.timeout, 1 << 20),
+                async {
+                    self.store
+                        .list_paginated((!asked.is_empty()).then_some(asked), opts)
+                        .await
+                        .map_err(|e| self.store_err("list", prefix, &e))
+                },
+            )?;
             for o in page.result.objects {
                 let name = o.location.as_ref();
                 let Some(k) = name.strip_prefix(&strip) else {
@@ -399,7 +414,10 @@ impl ReplicaClient for AzureReplica {
                 out.push(Listed {
                     key: k.to_string(),
                     size: o.size,
-                    modified_ns: o.last_modified.timestamp_nanos_opt().map_or(0, |n| n.max(0) as u64),
+                    modified_ns: o
+                        .last_modified
+                        .timestamp_nanos_opt()
+                        .map_or(0, |n| n.max(0) as u64),
                 });
             }
             match page.page_token.filter(|t| !t.is_empty()) {

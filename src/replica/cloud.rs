@@ -35,7 +35,8 @@ pub(super) fn op_budget(base: Duration, bytes: u64) -> Duration {
 
 /// The pause before retry `n` (1, 2, …): 200 ms doubling, at most 5 s.
 pub(super) fn backoff(n: u32) -> Duration {
-    Duration::from_millis(200u64.saturating_mul(1 << n.min(6).saturating_sub(1))).min(Duration::from_secs(5))
+    Duration::from_millis(200u64.saturating_mul(1 << n.min(6).saturating_sub(1)))
+        .min(Duration::from_secs(5))
 }
 
 /// A parsed `SCHEME://bucket/prefix?k=v` URL: the query parameters in order.
@@ -63,7 +64,8 @@ pub(super) fn parse_url(
         .ok_or_else(|| format!("not a {} URL", schemes.join(" or ")))?;
     let (path, query) = rest.split_once('?').unwrap_or((rest, ""));
     let (bucket, prefix) = path.split_once('/').unwrap_or((path, ""));
-    let no_creds = "credentials do not belong in the URL: they come from the environment (see the README)";
+    let no_creds =
+        "credentials do not belong in the URL: they come from the environment (see the README)";
     if bucket.is_empty() {
         return Err(format!("no {what} name"));
     }
@@ -82,15 +84,18 @@ pub(super) fn parse_url(
         match k {
             "endpoint" => {
                 let host = v.split_once("://").map_or(v, |(_, r)| r);
-                if host.split(['/', '?']).next().is_some_and(|a| a.contains('@')) {
+                if host
+                    .split(['/', '?'])
+                    .next()
+                    .is_some_and(|a| a.contains('@'))
+                {
                     return Err(no_creds.into());
                 }
                 super::s3::check_endpoint(v)?;
                 u.endpoint = Some(v.trim_end_matches('/').to_string());
             }
             "timeout" => {
-                u.timeout =
-                    crate::units::parse_interval(v).map_err(|e| format!("timeout: {e}"))?
+                u.timeout = crate::units::parse_interval(v).map_err(|e| format!("timeout: {e}"))?
             }
             k if known.contains(&k) => u.params.push((k.to_string(), v.to_string())),
             _ => {
@@ -181,7 +186,12 @@ pub(super) fn error(
 }
 
 /// The error of an operation that outlived its budget.
-pub(super) fn timed_out(replica: &str, op: &'static str, key: &str, budget: Duration) -> ReplicaError {
+pub(super) fn timed_out(
+    replica: &str,
+    op: &'static str,
+    key: &str,
+    budget: Duration,
+) -> ReplicaError {
     error(
         replica,
         op,
@@ -233,7 +243,10 @@ mod tests {
             "gs://b/p?timeout=soon",
             "s3://b/p",
         ] {
-            assert!(parse_url(bad, &["gs://"], "bucket", &["anonymous"]).is_err(), "{bad}");
+            assert!(
+                parse_url(bad, &["gs://"], "bucket", &["anonymous"]).is_err(),
+                "{bad}"
+            );
         }
         assert_eq!(
             attempt_timeout(Duration::from_secs(30), 64 << 20),

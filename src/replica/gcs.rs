@@ -66,7 +66,12 @@ fn boundary(data: &[u8]) -> String {
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_nanos() as u64);
     (0u64..)
-        .map(|i| format!("sqlfs-part-{:016x}", seed.wrapping_add(i.wrapping_mul(0x9e37_79b9_7f4a_7c15))))
+        .map(|i| {
+            format!(
+                "sqlfs-part-{:016x}",
+                seed.wrapping_add(i.wrapping_mul(0x9e37_79b9_7f4a_7c15))
+            )
+        })
         .find(|b| !data.windows(b.len()).any(|w| w == b.as_bytes()))
         .unwrap_or_default()
 }
@@ -221,7 +226,12 @@ impl GcsReplica {
     }
 
     /// The error of an answer that is not the one expected, with the store's message.
-    async fn status_error(&self, op: &'static str, key: &str, r: reqwest::Response) -> ReplicaError {
+    async fn status_error(
+        &self,
+        op: &'static str,
+        key: &str,
+        r: reqwest::Response,
+    ) -> ReplicaError {
         let status = r.status();
         let body = r.text().await.unwrap_or_default();
         let kind = match status {
@@ -250,18 +260,31 @@ impl GcsReplica {
             }
             if let Some(a) = &self.auth {
                 let c = a.get_credential().await.map_err(|e| {
-                    self.fail(op, key, io::ErrorKind::PermissionDenied, &format!("credentials: {}", chain(&e)))
+                    self.fail(
+                        op,
+                        key,
+                        io::ErrorKind::PermissionDenied,
+                        &format!("credentials: {}", chain(&e)),
+                    )
                 })?;
                 rb = rb.bearer_auth(&c.bearer);
             }
             let last = n >= cloud::ATTEMPTS;
             match rb.send().await {
-                Ok(r) if !last && (r.status() == StatusCode::TOO_MANY_REQUESTS || r.status().is_server_error()) => {
+                Ok(r)
+                    if !last
+                        && (r.status() == StatusCode::TOO_MANY_REQUESTS
+                            || r.status().is_server_error()) =>
+                {
                     log::debug!("{}: {op} {key}: HTTP {}, retrying", self.shown, r.status());
                 }
                 Ok(r) => return Ok(r),
                 Err(e) if !last => {
-                    log::debug!("{}: {op} {key}: {}, retrying", self.shown, self.secrets.scrub(&chain(&e)));
+                    log::debug!(
+                        "{}: {op} {key}: {}, retrying",
+                        self.shown,
+                        self.secrets.scrub(&chain(&e))
+                    );
                 }
                 Err(e) => {
                     let kind = if e.is_timeout() {
@@ -325,7 +348,9 @@ impl GcsReplica {
                 .await?;
             match r.status() {
                 s if s.is_success() => Ok(()),
-                StatusCode::PRECONDITION_FAILED if fence => Err(ReplicaError::Exists(key.to_string())),
+                StatusCode::PRECONDITION_FAILED if fence => {
+                    Err(ReplicaError::Exists(key.to_string()))
+                }
                 _ => Err(self.status_error(op, key, r).await),
             }
         })
@@ -353,9 +378,10 @@ impl ReplicaClient for GcsReplica {
         let url = format!("{}?alt=media", self.object_url(key));
         self.rt.block_on(async {
             let budget = cloud::op_budget(self.timeout, 0);
-            let mut r = tokio::time::timeout(budget, self.send("get", key, None, || self.http.get(&url)))
-                .await
-                .unwrap_or_else(|_| Err(cloud::timed_out(&self.shown, "get", key, budget)))?;
+            let mut r =
+                tokio::time::timeout(budget, self.send("get", key, None, || self.http.get(&url)))
+                    .await
+                    .unwrap_or_else(|_| Err(cloud::timed_out(&self.shown, "get", key, budget)))?;
             match r.status() {
                 StatusCode::NOT_FOUND => return Ok(false),
                 s if s.is_success() => {}
@@ -389,41 +415,50 @@ impl ReplicaClient for GcsReplica {
         let url = format!("{}?alt=media", self.object_url(key));
         // Time for what may come back (a `len` far past the end brings only the rest).
         let sized = len.min(1 << 30);
-        self.run("get_range", key, cloud::op_budget(self.timeout, sized), async {
-            let r = self
-                .send("get_range", key, Some(sized), || {
-                    self.http.get(&url).header(RANGE, format!("bytes={off}-{last}"))
-                })
-                .await?;
-            let whole = match r.status() {
-                StatusCode::NOT_FOUND => return Ok(None),
-                // At or past the end of the object (an empty one included).
-                StatusCode::RANGE_NOT_SATISFIABLE => return Ok(Some(Vec::new())),
-                StatusCode::PARTIAL_CONTENT => false,
-                StatusCode::OK => true,
-                _ => return Err(self.status_error("get_range", key, r).await),
-            };
-            let body = r
-                .bytes()
-                .await
-                .map_err(|e| self.fail("download", key, io::ErrorKind::Other, &chain(&e)))?;
-            let mut v = if whole {
-                // The store ignored the range and sent the whole object.
-                let from = usize::try_from(off).unwrap_or(usize::MAX).min(body.len());
-                body[from..].to_vec()
-            } else {
-                body.to_vec()
-            };
-            v.truncate(usize::try_from(len).unwrap_or(usize::MAX));
-            Ok(Some(v))
-        })
+        self.run(
+            "get_range",
+            key,
+            cloud::op_budget(self.timeout, sized),
+            async {
+                let r = self
+                    .send("get_range", key, Some(sized), || {
+                        self.http
+                            .get(&url)
+                            .header(RANGE, format!("bytes={off}-{last}"))
+                    })
+                    .await?;
+                let whole = match r.status() {
+                    StatusCode::NOT_FOUND => return Ok(None),
+                    // At or past the end of the object (an empty one included).
+                    StatusCode::RANGE_NOT_SATISFIABLE => return Ok(Some(Vec::new())),
+                    StatusCode::PARTIAL_CONTENT => false,
+                    StatusCode::OK => true,
+                    _ => return Err(self.status_error("get_range", key, r).await),
+                };
+                let body = r
+                    .bytes()
+                    .await
+                    .map_err(|e| self.fail("download", key, io::ErrorKind::Other, &chain(&e)))?;
+                let mut v = if whole {
+                    // The store ignored the range and sent the whole object.
+                    let from = usize::try_from(off).unwrap_or(usize::MAX).min(body.len());
+                    body[from..].to_vec()
+                } else {
+                    body.to_vec()
+                };
+                v.truncate(usize::try_from(len).unwrap_or(usize::MAX));
+                Ok(Some(v))
+            },
+        )
     }
 
     fn delete(&self, key: &str) -> Result<()> {
         check_key(&self.shown, "delete", key, false)?;
         let url = self.object_url(key);
         self.run("delete", key, cloud::op_budget(self.timeout, 0), async {
-            let r = self.send("delete", key, Some(0), || self.http.delete(&url)).await?;
+            let r = self
+                .send("delete", key, Some(0), || self.http.delete(&url))
+                .await?;
             match r.status() {
                 s if s.is_success() || s == StatusCode::NOT_FOUND => Ok(()),
                 _ => Err(self.status_error("delete", key, r).await),
@@ -456,19 +491,31 @@ impl ReplicaClient for GcsReplica {
                 url.push_str(&format!("&pageToken={}", enc(t)));
             }
             // A page of 1000 keys is about 300 KB of JSON.
-            let page: Page = self.run("list", prefix, cloud::op_budget(self.timeout, 1 << 20), async {
-                let r = self.send("list", prefix, Some(1 << 20), || self.http.get(&url)).await?;
-                if !r.status().is_success() {
-                    return Err(self.status_error("list", prefix, r).await);
-                }
-                let body = r
-                    .bytes()
-                    .await
-                    .map_err(|e| self.fail("list", prefix, io::ErrorKind::Other, &chain(&e)))?;
-                serde_json::from_slice(&body).map_err(|e| {
-                    self.fail("list", prefix, io::ErrorKind::InvalidData, &format!("unreadable listing: {e}"))
-                })
-            })?;
+            let page: Page = self.run(
+                "list",
+                prefix,
+                cloud::op_budget(self.timeout, 1 << 20),
+                async {
+                    let r = self
+                        .send("list", prefix, Some(1 << 20), || self.http.get(&url))
+                        .await?;
+                    if !r.status().is_success() {
+                        return Err(self.status_error("list", prefix, r).await);
+                    }
+                    let body = r
+                        .bytes()
+                        .await
+                        .map_err(|e| self.fail("list", prefix, io::ErrorKind::Other, &chain(&e)))?;
+                    serde_json::from_slice(&body).map_err(|e| {
+                        self.fail(
+                            "list",
+                            prefix,
+                            io::ErrorKind::InvalidData,
+                            &format!("unreadable listing: {e}"),
+                        )
+                    })
+                },
+            )?;
             for it in page.items {
                 let Some(k) = it.name.strip_prefix(&strip) else {
                     continue;
@@ -511,13 +558,21 @@ mod tests {
         let data = format!("xx{b}yy");
         let b2 = boundary(data.as_bytes());
         assert!(!b2.is_empty() && !data.contains(&b2));
-        assert_eq!(message(r#"{"error":{"code":403,"message":"no access"}}"#), "no access");
+        assert_eq!(
+            message(r#"{"error":{"code":403,"message":"no access"}}"#),
+            "no access"
+        );
         assert_eq!(message("plain text"), "plain text");
     }
 
     #[test]
     fn urls() {
-        for bad in ["gs://", "gs://b/p?region=x", "gs://k:s@b/p", "gs://b/p?endpoint=nope"] {
+        for bad in [
+            "gs://",
+            "gs://b/p?region=x",
+            "gs://k:s@b/p",
+            "gs://b/p?endpoint=nope",
+        ] {
             let Err(e) = GcsReplica::open(bad) else {
                 panic!("{bad} accepted");
             };
@@ -525,6 +580,9 @@ mod tests {
         }
         let r = GcsReplica::open("gs://b/p/q?endpoint=http://127.0.0.1:9&anonymous=true").unwrap();
         assert_eq!(r.describe(), "gs://b/p/q at http://127.0.0.1:9");
-        assert_eq!(r.object_url("x/y"), "http://127.0.0.1:9/storage/v1/b/b/o/p%2Fq%2Fx%2Fy");
+        assert_eq!(
+            r.object_url("x/y"),
+            "http://127.0.0.1:9/storage/v1/b/b/o/p%2Fq%2Fx%2Fy"
+        );
     }
 }

@@ -237,7 +237,13 @@ pub fn open(url: &str) -> Result<Box<dyn ReplicaClient>> {
 }
 
 /// Query parameters whose values are shown as they are; every other value is hidden.
-const PLAIN_PARAMS: [&str; 5] = ["region", "force-path-style", "timeout", "account", "anonymous"];
+const PLAIN_PARAMS: [&str; 5] = [
+    "region",
+    "force-path-style",
+    "timeout",
+    "account",
+    "anonymous",
+];
 
 /// `url` as logs and errors may show it: the scheme, host, bucket and path stay readable;
 /// user information (`user:password@`) and the values of query parameters that may carry a

