@@ -139,6 +139,12 @@ impl AzureReplica {
         if let Some(e) = &u.endpoint {
             b = b.with_endpoint(e.clone());
         }
+        let emulator = b
+            .get_config_value(&AzureConfigKey::UseEmulator)
+            .is_some_and(|v| cloud::flag(&v.to_ascii_lowercase()));
+        if !emulator && b.get_config_value(&AzureConfigKey::AccountName).is_none() {
+            return Err(bad("no storage account: add account=NAME to the URL (or set AZURE_STORAGE_ACCOUNT_NAME or AZURE_STORAGE_CONNECTION_STRING)".into()));
+        }
         let http = b
             .get_config_value(&AzureConfigKey::Endpoint)
             .is_some_and(|e| e.starts_with("http://"));
@@ -461,6 +467,7 @@ mod tests {
         for bad in [
             "az://",
             "az://c/p?region=x",
+            "az://c/p?endpoint=http://127.0.0.1:1",
             "az://k:s@c/p",
             "abs://c/p?endpoint=nope",
         ] {
