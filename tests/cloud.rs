@@ -478,4 +478,34 @@ fn cloud_urls_are_checked_and_show_no_secret() {
         o.describe()
     );
     assert!(!o.stderr.contains("panicked"), "{}", o.describe());
+
+    // A connection string alone names the account, its key and the endpoint.
+    let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_sqlfs"));
+    cmd.args(["list", "--replica", "az://sqlfs-test/p"])
+        .env_remove("AZURE_STORAGE_ACCOUNT_KEY")
+        .env(
+            "AZURE_STORAGE_CONNECTION_STRING",
+            format!(
+                "DefaultEndpointsProtocol=http;AccountName={AZURITE_ACCOUNT};AccountKey={AZURITE_KEY};BlobEndpoint=http://127.0.0.1:{}/{AZURITE_ACCOUNT};",
+                azure.0.port
+            ),
+        );
+    let o = run_cmd(cmd, Duration::from_secs(120));
+    assert!(o.ok(), "the connection string was not used:\n{}", o.describe());
+    assert!(!o.stderr.contains(AZURITE_KEY) && !o.stdout.contains(AZURITE_KEY));
+
+    // Application Default Credentials that name a missing file: a clear error at once.
+    let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_sqlfs"));
+    cmd.args(["list", "--replica", "gs://b/p"]).env(
+        "GOOGLE_APPLICATION_CREDENTIALS",
+        "/nonexistent/sqlfs-test-key.json",
+    );
+    let o = run_cmd(cmd, Duration::from_secs(120));
+    assert!(!o.ok(), "{}", o.describe());
+    assert!(
+        o.stderr.contains("credentials") && o.stderr.contains("sqlfs-test-key.json"),
+        "{}",
+        o.describe()
+    );
+    assert!(!o.stderr.contains("panicked"), "{}", o.describe());
 }
