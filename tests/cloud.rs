@@ -491,7 +491,11 @@ fn cloud_urls_are_checked_and_show_no_secret() {
             ),
         );
     let o = run_cmd(cmd, Duration::from_secs(120));
-    assert!(o.ok(), "the connection string was not used:\n{}", o.describe());
+    assert!(
+        o.ok(),
+        "the connection string was not used:\n{}",
+        o.describe()
+    );
     assert!(!o.stderr.contains(AZURITE_KEY) && !o.stdout.contains(AZURITE_KEY));
 
     // Application Default Credentials that name a missing file: a clear error at once.

@@ -32,7 +32,7 @@ use object_store::{
     GetOptions, GetRange, ObjectStore, ObjectStoreExt, PutMode, PutOptions, PutPayload,
 };
 
-use super::cloud::{self, Secrets};
+use super::cloud::{self, chain, Secrets};
 use super::{check_key, Listed, ReplicaClient, ReplicaError, Result};
 
 pub struct AzureReplica {
@@ -260,20 +260,6 @@ impl AzureReplica {
             }
         })
     }
-}
-
-/// `e` and its causes, one after another.
-fn chain(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut src = e.source();
-    while let Some(c) = src {
-        let t = c.to_string();
-        if !s.contains(&t) {
-            s = format!("{s}: {t}");
-        }
-        src = c.source();
-    }
-    s
 }
 
 impl ReplicaClient for AzureReplica {

@@ -169,6 +169,20 @@ impl Secrets {
     }
 }
 
+/// `e` and its causes, one after another (a cause whose text is already there is left out).
+pub(super) fn chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut src = e.source();
+    while let Some(c) = src {
+        let t = c.to_string();
+        if !s.contains(&t) {
+            s = format!("{s}: {t}");
+        }
+        src = c.source();
+    }
+    s
+}
+
 /// The error of operation `op` on `key`, with `detail` scrubbed of secrets.
 pub(super) fn error(
     replica: &str,

@@ -25,7 +25,7 @@ use object_store::gcp::{GcpCredentialProvider, GoogleCloudStorageBuilder};
 use reqwest::header::{CONTENT_TYPE, RANGE};
 use reqwest::StatusCode;
 
-use super::cloud::{self, Secrets};
+use super::cloud::{self, chain, Secrets};
 use super::{check_key, Listed, ReplicaClient, ReplicaError, Result};
 
 const DEFAULT_BASE: &str = "https://storage.googleapis.com";
@@ -107,17 +107,6 @@ fn message(body: &str) -> String {
         m.truncate(cut);
     }
     m
-}
-
-/// `e` and its causes, one after another.
-fn chain(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut src = e.source();
-    while let Some(c) = src {
-        s = format!("{s}: {c}");
-        src = c.source();
-    }
-    s
 }
 
 impl GcsReplica {
