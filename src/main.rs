@@ -27,7 +27,7 @@ enum Cmd {
     /// Mount DIR (in place unless --data-dir) and capture every SQLite transaction under it.
     /// Runs in the foreground; SIGINT/SIGTERM flush staging and unmount.
     #[command(
-        after_help = "Examples:\n  sqlfs mount /data                                  # embedded local replica\n  sqlfs mount /data --replica s3://bkt/prod?region=eu-west-1\n  sqlfs mount /data --replica file:///mnt/nfs/backup --age-recipient age1...\n  sqlfs mount /data --replica s3://bkt/prod --sync --retention 72h\n  sqlfs mount /data --replica 'sftp://sqlfs@backup.lan/srv/sqlfs?identity-file=/etc/sqlfs/id_ed25519'\n  sqlfs mount --config /etc/sqlfs.yml --restore-if-missing --metrics-addr 127.0.0.1:9090\n  sqlfs mount /data --exclude 'cache/**' --exclude '**/*-scratch.db'"
+        after_help = "Examples:\n  sqlfs mount /data                                  # embedded local replica\n  sqlfs mount /data --replica s3://bkt/prod?region=eu-west-1\n  sqlfs mount /data --replica file:///mnt/nfs/backup --age-recipient age1...\n  sqlfs mount /data --replica s3://bkt/prod --sync --retention 72h\n  sqlfs mount /data --replica 'sftp://sqlfs@backup.lan/srv/sqlfs?identity-file=/etc/sqlfs/id_ed25519'\n  sqlfs mount /data --replica gs://bkt/prod --replica 'az://backups/prod?account=acme'\n  sqlfs mount --config /etc/sqlfs.yml --restore-if-missing --metrics-addr 127.0.0.1:9090\n  sqlfs mount /data --exclude 'cache/**' --exclude '**/*-scratch.db'"
     )]
     Mount {
         /// YAML configuration file (example: contrib/sqlfs.yml); flags override its top level,
@@ -97,7 +97,7 @@ enum Cmd {
     },
     /// List the databases in a replica with their restore windows, snapshots and objects.
     #[command(
-        after_help = "Examples:\n  sqlfs list --replica file:///backup\n  sqlfs list --replica file:///backup --all        # every database in full\n  sqlfs list --replica s3://bkt/prod?endpoint=http://127.0.0.1:9000 --db app.db --json"
+        after_help = "Examples:\n  sqlfs list --replica file:///backup\n  sqlfs list --replica file:///backup --all        # every database in full\n  sqlfs list --replica s3://bkt/prod?endpoint=http://127.0.0.1:9000 --db app.db --json\n  sqlfs list --replica 'gs://bkt/prod?endpoint=http://127.0.0.1:4443&anonymous=true'"
     )]
     List {
         #[arg(long, value_name = "URL")]

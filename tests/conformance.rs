@@ -1,6 +1,8 @@
 //! The replica-client contract (the doc comments of `ReplicaClient` in src/replica/mod.rs),
 //! checked case by case over every backend: a directory (`file://`), the S3 test server on
-//! loopback (`s3://`), a private OpenSSH server on loopback (`sftp://`) and the in-memory client (which also gets cases of its own showing that
+//! loopback (`s3://`), a private OpenSSH server on loopback (`sftp://`), the GCS emulator
+//! (`gs://`) and Azurite (`az://`) on loopback (what each emulator cannot show:
+//! tests/common/cloudservers.rs) and the in-memory client (which also gets cases of its own showing that
 //! its injected faults work).
 //!
 //! **Adding a backend** is one function in `mod backends` that returns a fresh, empty
@@ -110,6 +112,69 @@ mod backends {
             _guard: Box::new(()),
             list_page: None,
             secrets: vec![],
+        }
+    }
+
+    /// One GCS emulator for the whole process, one prefix per case.
+    pub fn gcs(case: &str) -> Backend {
+        use common::cloudservers::GcsServer;
+        static SERVER: OnceLock<GcsServer> = OnceLock::new();
+        static PID: AtomicU32 = AtomicU32::new(0);
+        extern "C" fn kill_server() {
+            let pid = PID.load(Ordering::SeqCst);
+            if pid != 0 {
+                common::send_signal(pid, libc::SIGKILL);
+            }
+        }
+        let server = SERVER.get_or_init(|| {
+            let s = GcsServer::start("conformance");
+            PID.store(s.0.child.id(), Ordering::SeqCst);
+            // SAFETY: registers a plain function with no captured state.
+            unsafe { libc::atexit(kill_server) };
+            s
+        });
+        let page = 7;
+        let url = server.url("conformance", &format!("p/{}", unique(case)));
+        let client = sqlfs::replica::GcsReplica::open(&url)
+            .unwrap()
+            .with_list_page(page);
+        Backend {
+            client: Box::new(client),
+            _guard: Box::new(()),
+            list_page: Some(page),
+            secrets: vec![],
+        }
+    }
+
+    /// One Azurite for the whole process, one prefix per case.
+    pub fn azure(case: &str) -> Backend {
+        use common::cloudservers::{azurite_credentials, Azurite, AZURITE_KEY};
+        static SERVER: OnceLock<Azurite> = OnceLock::new();
+        static PID: AtomicU32 = AtomicU32::new(0);
+        extern "C" fn kill_server() {
+            let pid = PID.load(Ordering::SeqCst);
+            if pid != 0 {
+                common::send_signal(pid, libc::SIGKILL);
+            }
+        }
+        let server = SERVER.get_or_init(|| {
+            azurite_credentials();
+            let s = Azurite::start("conformance");
+            PID.store(s.0.child.id(), Ordering::SeqCst);
+            // SAFETY: registers a plain function with no captured state.
+            unsafe { libc::atexit(kill_server) };
+            s
+        });
+        let page = 7;
+        let url = server.url("conformance", &format!("p/{}", unique(case)));
+        let client = sqlfs::replica::AzureReplica::open(&url)
+            .unwrap()
+            .with_list_page(page);
+        Backend {
+            client: Box::new(client),
+            _guard: Box::new(()),
+            list_page: Some(page),
+            secrets: vec![AZURITE_KEY.into()],
         }
     }
 
@@ -560,7 +625,7 @@ macro_rules! conformance {
 }
 
 conformance! {
-    backends: [file, s3, sftp, memory],
+    backends: [file, s3, sftp, gcs, azure, memory],
     cases: [
         put_new_then_read,
         put_new_existing_is_refused,

@@ -8,6 +8,7 @@ use std::path::PathBuf;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
+use common::relay::Relay;
 use common::replica::{
     as_restored, assert_restore_fails, assert_says, assert_sealed, keygen, restore_ok_with,
     restore_with,
@@ -611,53 +612,6 @@ fn s3_and_file_replicas_progress_independently() {
         "file restore differs"
     );
     fx.unmount();
-}
-
-/// A TCP relay to `port` on loopback that counts the bytes its clients send.
-struct Relay {
-    port: u16,
-    sent: std::sync::Arc<std::sync::atomic::AtomicU64>,
-}
-
-impl Relay {
-    fn start(to: u16) -> Relay {
-        use std::io::{Read, Write};
-        use std::net::{Shutdown, TcpListener, TcpStream};
-        use std::sync::atomic::Ordering;
-        let l = TcpListener::bind("127.0.0.1:0").unwrap();
-        let port = l.local_addr().unwrap().port();
-        let sent = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
-        let counter = sent.clone();
-        std::thread::spawn(move || {
-            for c in l.incoming().flatten() {
-                let Ok(s) = TcpStream::connect(("127.0.0.1", to)) else {
-                    continue;
-                };
-                let (mut c_in, mut s_out) = (c.try_clone().unwrap(), s.try_clone().unwrap());
-                let counter = counter.clone();
-                std::thread::spawn(move || {
-                    let mut buf = vec![0u8; 64 << 10];
-                    while let Ok(n) = c_in.read(&mut buf) {
-                        if n == 0 || s_out.write_all(&buf[..n]).is_err() {
-                            break;
-                        }
-                        counter.fetch_add(n as u64, Ordering::SeqCst);
-                    }
-                    let _ = s_out.shutdown(Shutdown::Write);
-                });
-                let (mut s_in, mut c_out) = (s, c);
-                std::thread::spawn(move || {
-                    let _ = std::io::copy(&mut s_in, &mut c_out);
-                    let _ = c_out.shutdown(Shutdown::Write);
-                });
-            }
-        });
-        Relay { port, sent }
-    }
-
-    fn sent(&self) -> u64 {
-        self.sent.load(std::sync::atomic::Ordering::SeqCst)
-    }
 }
 
 /// An idle mount costs no requests: once what was written is shipped and compacted, the

@@ -35,8 +35,9 @@ pub struct CliMount {
     #[arg(long, value_parser = crate::units::parse_size)]
     pub history_cache: Option<u64>,
     /// Ship every database to this replica (repeatable): file:///path,
-    /// s3://bucket/prefix?endpoint=URL&region=R&force-path-style=true&timeout=30s or
-    /// sftp://user@host[:port]/path?identity-file=PATH&known-hosts=PATH&host-key-fingerprint=SHA256:…&timeout=30s.
+    /// s3://bucket/prefix?endpoint=URL&region=R&force-path-style=true&timeout=30s,
+    /// sftp://user@host[:port]/path?identity-file=PATH&known-hosts=PATH&host-key-fingerprint=SHA256:…&timeout=30s,
+    /// gs://bucket/prefix or az://container/prefix?account=NAME.
     /// Default: a directory under the user's data directory (~/.local/share/sqlfs/replica).
     #[arg(long = "replica", value_name = "URL")]
     pub replicas: Vec<String>,

@@ -5,7 +5,10 @@
 //! content. `put_new` is the fence: it fails when the key exists, so two writers of one
 //! database can never both extend its chain.
 
+mod azure;
+mod cloud;
 mod file;
+mod gcs;
 pub mod memory;
 mod s3;
 mod sftp;
@@ -14,7 +17,9 @@ use std::io;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 
+pub use azure::AzureReplica;
 pub use file::FileReplica;
+pub use gcs::GcsReplica;
 pub use memory::MemoryReplica;
 pub use s3::S3Replica;
 pub use sftp::SftpReplica;
@@ -194,8 +199,10 @@ impl ReplicaClient for Counted {
 }
 
 /// Opens the replica named by `url`: `file:///path` (or a plain absolute path),
-/// `s3://bucket/prefix?endpoint=URL&region=R&force-path-style=true&timeout=30s` or
-/// `sftp://user@host[:port]/path?identity-file=PATH&known-hosts=PATH&timeout=30s`.
+/// `s3://bucket/prefix?endpoint=URL&region=R&force-path-style=true&timeout=30s`,
+/// `sftp://user@host[:port]/path?identity-file=PATH&known-hosts=PATH&timeout=30s`,
+/// `gs://bucket/prefix?endpoint=URL&anonymous=true&timeout=30s` or
+/// `az://container/prefix?account=NAME&endpoint=URL&timeout=30s` (also `abs://`).
 pub fn open(url: &str) -> Result<Box<dyn ReplicaClient>> {
     let bad = |why: &str| ReplicaError::BadUrl {
         url: url.to_string(),
@@ -218,6 +225,12 @@ pub fn open(url: &str) -> Result<Box<dyn ReplicaClient>> {
     if url.starts_with("sftp://") {
         return Ok(Box::new(SftpReplica::open(url)?));
     }
+    if url.starts_with("gs://") {
+        return Ok(Box::new(GcsReplica::open(url)?));
+    }
+    if url.starts_with("az://") || url.starts_with("abs://") {
+        return Ok(Box::new(AzureReplica::open(url)?));
+    }
     if url
         .split_once("://")
         .is_some_and(|(_, r)| r.split(['/', '?']).next().is_some_and(|a| a.contains('@')))
@@ -225,7 +238,7 @@ pub fn open(url: &str) -> Result<Box<dyn ReplicaClient>> {
         return Err(bad("credentials do not belong in a replica URL"));
     }
     Err(bad(
-        "unknown scheme (supported: file:///path, s3://bucket/prefix, sftp://user@host/path)",
+        "unknown scheme (supported: file:///path, s3://bucket/prefix, sftp://user@host/path, gs://bucket/prefix, az://container/prefix)",
     ))
 }
 
@@ -238,6 +251,9 @@ const PLAIN_PARAMS: &[&str] = &[
     "identity-file",
     "known-hosts",
     "host-key-fingerprint",
+    // gs:// and az://: an account name and a flag.
+    "account",
+    "anonymous",
 ];
 
 /// `url` as logs and errors may show it: the scheme, host, bucket and path stay readable;
@@ -303,6 +319,10 @@ mod tests {
         assert_eq!(redact_url("s3://AKIA:s3cr3t@bk/p"), "s3://***@bk/p");
         assert_eq!(redact_url("file:///srv/replica"), "file:///srv/replica");
         assert_eq!(
+            redact_url("az://c/p?account=acct&endpoint=https://acct.blob.core.windows.net&sig=x"),
+            "az://c/p?account=acct&endpoint=https://acct.blob.core.windows.net&sig=***"
+        );
+        assert_eq!(
             redact_url("https://u:p@host/path?sig=zz"),
             "https://***@host/path?sig=***"
         );
@@ -313,6 +333,10 @@ mod tests {
             "s3://b/p?session-token=hunter2",
             "s3://b/p?endpoint=http://127.0.0.1:9/?X-Amz-Signature=hunter2&timeout=never",
             "sftp://backup:hunter2@host/srv/r",
+            "gs://b/p?endpoint=http://k:hunter2@127.0.0.1:9",
+            "gs://b/p?token=hunter2",
+            "az://c/p?account=a&sig=hunter2",
+            "abs://k:hunter2@c/p?account=a",
         ] {
             let e = open(url).err().expect(url).to_string();
             assert!(!e.contains("hunter2"), "{url}: {e}");

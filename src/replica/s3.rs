@@ -119,7 +119,7 @@ fn parse(url: &str) -> std::result::Result<Url, String> {
 /// An endpoint is `http://` or `https://`, a host, an optional numeric port and an optional
 /// path: checked when the URL is read, so a typo stops the mount instead of every request
 /// failing later. The message never shows the value (it may carry a signed query).
-fn check_endpoint(v: &str) -> std::result::Result<(), String> {
+pub(super) fn check_endpoint(v: &str) -> std::result::Result<(), String> {
     let bad = |why: &str| {
         Err(format!(
             "endpoint: {why} (expected http://HOST[:PORT] or https://HOST[:PORT])"

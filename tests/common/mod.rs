@@ -11,7 +11,9 @@
 //! * Worker processes: the test binary re-executes itself (see [`workload`]).
 #![allow(dead_code)]
 
+pub mod cloudservers;
 pub mod faultproxy;
+pub mod relay;
 pub mod replica;
 pub mod s3server;
 pub mod sshserver;
