@@ -189,6 +189,21 @@ pub fn expired(c: &DbCatalog, now_ns: u64, window_ns: u64) -> Vec<String> {
     out
 }
 
+/// When [`expired`] will next find something to delete with a window of `window_ns` (ns
+/// since the epoch), if ever with what `c` holds now: the earliest time a snapshot becomes
+/// the one kept while something older than it is still there.
+pub fn next_expiry(c: &DbCatalog, window_ns: u64) -> Option<u64> {
+    c.snaps
+        .iter()
+        .filter(|s| s.modified_ns != 0)
+        .filter(|s| {
+            c.snaps.iter().any(|o| o.first < s.first)
+                || c.levels.iter().any(|l| l.iter().any(|o| o.last <= s.first))
+        })
+        .map(|s| s.modified_ns.saturating_add(window_ns))
+        .min()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -2,7 +2,8 @@
 //! reconciliation), mounts, serves until SIGINT/SIGTERM, then flushes staging and unmounts.
 //!
 //! Threads: fuser request loops (`--threads`), one background thread that syncs staging and
-//! folds it when it grows past `--stage-limit`, the control socket, and the signal watcher.
+//! folds it when it grows past `--stage-limit` (`upkeep`), each replica's shipping workers,
+//! the control socket, and the signal watcher.
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -19,6 +20,7 @@ use crate::fs::{Passthrough, SqlFs};
 
 mod options;
 mod restore_missing;
+mod upkeep;
 
 use options::replica_specs;
 pub use options::{CliMount, MountOpts, ReplicaSpec};
@@ -136,7 +138,6 @@ pub fn run(o: MountOpts) -> Result<()> {
     );
     let stop = Arc::new(AtomicBool::new(false));
     let rules = Arc::new(o.databases.clone());
-    let mut intervals = Vec::new();
     let writer = crate::ship::Writer {
         id: crate::owner::writer_id(&data.join(META_DIR))
             .with_context(|| format!("cannot read or make {}/{META_DIR}/writer", data.display()))?,
@@ -148,7 +149,6 @@ pub fn run(o: MountOpts) -> Result<()> {
     let shippers: Vec<Arc<crate::ship::Shipper>> = replicas
         .into_iter()
         .map(|(c, spec, sealer)| {
-            intervals.push(spec.sync_interval);
             crate::ship::Shipper::new(
                 c,
                 capture.clone(),
@@ -156,6 +156,7 @@ pub fn run(o: MountOpts) -> Result<()> {
                 writer.clone(),
                 spec.policy.clone(),
                 rules.clone(),
+                (spec.sync_interval, spec.concurrency),
             )
         })
         .collect();
@@ -279,8 +280,8 @@ pub fn run(o: MountOpts) -> Result<()> {
     }
 
     let mut ship_threads = Vec::new();
-    for (s, interval) in shippers.iter().zip(intervals) {
-        ship_threads.push(s.spawn(interval, stop.clone())?);
+    for s in &shippers {
+        ship_threads.extend(s.start()?);
     }
     if let Some(addr) = o.metrics_addr {
         crate::metrics::serve(
@@ -293,50 +294,13 @@ pub fn run(o: MountOpts) -> Result<()> {
         .with_context(|| format!("--metrics-addr {addr}"))?;
         log::info!("metrics at http://{addr}/metrics");
     }
-    {
-        let (cap, stop) = (capture.clone(), stop.clone());
-        let limit = o.stage_limit;
-        let shippers = shippers.clone();
-        std::thread::Builder::new()
-            .name("sqlfs-stage".into())
-            .spawn(move || {
-                crate::backing::background_priority();
-                let mut tick = 0u64;
-                while !stop.load(Ordering::Relaxed) {
-                    std::thread::sleep(Duration::from_millis(500));
-                    cap.sync_all();
-                    // Staging that failed (a full disk) recovers without waiting for a commit.
-                    cap.retry_failed();
-                    tick += 1;
-                    if tick % 120 == 1 {
-                        cap.expire_retired(RETIRED_KEEP);
-                    }
-                    for (name, db) in cap.databases() {
-                        let bytes = db.stage.log_bytes();
-                        if bytes > limit {
-                            // Fold only what every replica has, unless staging outgrows its
-                            // hard limit: then say so, and the lagging replica gets a snapshot.
-                            let shipped = shippers.iter().map(|s| s.position(&db)).min().unwrap_or(u64::MAX);
-                            let upto = if bytes > limit * crate::stage::HARD_FACTOR {
-                                if shipped < db.stage.last().map_or(0, |h| h.txid) {
-                                    log::error!("{name}: a replica is behind and staging holds {} MiB (over {}x --stage-limit); folding anyway, that replica will get a snapshot", bytes >> 20, crate::stage::HARD_FACTOR);
-                                }
-                                u64::MAX
-                            } else {
-                                shipped
-                            };
-                            match db.stage.fold(upto) {
-                                Ok(n) if n > 0 => log::info!(
-                                    "{name}: folded {n} bytes of staged log into the local base"
-                                ),
-                                Ok(_) => {}
-                                Err(e) => log::error!("{name}: cannot fold staging: {e}"),
-                            }
-                        }
-                    }
-                }
-            })?;
-    }
+    upkeep::spawn(
+        capture.clone(),
+        shippers.clone(),
+        o.stage_limit,
+        stop.clone(),
+        RETIRED_KEEP,
+    )?;
     let mut unmounter = session.unmount_callable();
     let sig_dir = dir.clone();
     std::thread::Builder::new()
@@ -365,6 +329,9 @@ pub fn run(o: MountOpts) -> Result<()> {
     let staged = capture.shutdown();
     // The shippers make a last pass over what was staged before stopping.
     stop.store(true, Ordering::Relaxed);
+    for s in &shippers {
+        s.finish();
+    }
     for t in ship_threads {
         let _ = t.join();
     }
