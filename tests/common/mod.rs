@@ -12,6 +12,7 @@
 #![allow(dead_code)]
 
 pub mod faultproxy;
+pub mod holdproxy;
 pub mod replica;
 pub mod s3server;
 pub mod workload;
