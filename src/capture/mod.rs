@@ -386,6 +386,11 @@ impl Capture {
                     if self.is_observed() {
                         db.guard(|st, db| st.catch_up(db, &self.backing));
                     }
+                    if db.shm_users.load(Ordering::Relaxed) == 0 {
+                        // Nobody has the index open: a database left alone holds no
+                        // descriptor on it (it is opened again when read).
+                        db.state.lock().shm_fd = None;
+                    }
                 }
             }
             _ => {}
@@ -481,6 +486,11 @@ impl Capture {
 
     /// After `rel` was unlinked.
     pub fn after_unlink(&self, rel: &str) {
+        if let Some(db) = rel.strip_suffix("-shm").and_then(|d| self.get(d)) {
+            // The last connection removed the index: no descriptor is kept on it (the next
+            // connection makes a new one, opened when read).
+            db.state.lock().shm_fd = None;
+        }
         let (role, db_rel) = classify(rel);
         let Some(db) = self.get(db_rel) else { return };
         db.guard(|st, db| st.after_unlink(db, &self.backing, role));

@@ -84,6 +84,7 @@ fn nesting_refused(mnt: &Path, data: &Path) -> Result<()> {
 
 pub fn run(o: MountOpts) -> Result<()> {
     few_malloc_arenas();
+    raise_open_files();
     // Catch SIGINT/SIGTERM from the start: one arriving while the mount comes up must still
     // lead to a clean unmount, not kill the daemon with the mount half made.
     let mut signals = signal_hook::iterator::Signals::new([
@@ -362,6 +363,22 @@ fn few_malloc_arenas() {
     // SAFETY: mallopt only tunes the allocator; called before the daemon starts its threads.
     unsafe {
         libc::mallopt(libc::M_ARENA_MAX, 2);
+    }
+}
+
+/// Raises the soft limit on open files to the hard one: each captured database keeps a
+/// descriptor on its file, and each app's open file is one more here, so a mount of
+/// thousands of databases needs more than the usual 1024.
+fn raise_open_files() {
+    // SAFETY: getrlimit/setrlimit on a local struct.
+    unsafe {
+        let mut r: libc::rlimit = std::mem::zeroed();
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut r) == 0 && r.rlim_cur < r.rlim_max {
+            r.rlim_cur = r.rlim_max;
+            if libc::setrlimit(libc::RLIMIT_NOFILE, &r) != 0 {
+                log::debug!("cannot raise the open-file limit");
+            }
+        }
     }
 }
 
