@@ -1,12 +1,14 @@
-//! Shipping: one thread per replica moves each database's staged transactions to it.
+//! Shipping: each replica's shipper moves each database's staged transactions to it.
 //!
-//! Every sync interval, for each database with transactions the replica does not have yet,
-//! the shipper builds one level-0 segment object (docs/FORMAT.md) of all of them and stores it
-//! under a key named by its first TXID. A database the replica has never seen, or whose
-//! needed transactions were folded away locally, first gets a snapshot object of the staged
-//! base.
+//! When records reach a database's staging log, the database falls due (`sched`): at once
+//! if its last shipment started a sync interval ago or more, else when that interval ends. A
+//! bounded pool of workers per replica (`--replica-concurrency`) takes due databases one at a
+//! time each; a worker builds one level-0 segment object (docs/FORMAT.md) of every
+//! transaction the replica does not have yet and stores it under a key named by its first
+//! TXID. A database the replica has never seen, or whose needed transactions were folded away
+//! locally, first gets a snapshot object of the staged base.
 //!
-//! After shipping, the same thread maintains the database on that replica (docs/FORMAT.md):
+//! After shipping, the same worker maintains the database on that replica (docs/FORMAT.md):
 //! a snapshot every `snapshot_interval`, compaction of each level's runs into the next level
 //! at that level's interval (from local copies of the objects it stored, so encrypted
 //! replicas compact without a key on this machine), and retention. All of it is decided
@@ -19,7 +21,8 @@
 //!   the object is stored.
 //! - Storing with the fence and reading back keys that exist: see `store`; claims of
 //!   names: see `claim`.
-//! - Nothing to ship costs zero requests.
+//! - Nothing to ship costs zero requests, and an idle database no work on any timer: only
+//!   staged records, maintenance that falls due, a retry or a waiter schedule it.
 //! - Errors (a store that is down, a full disk) are retried with backoff, per database so
 //!   one failing database never delays the others; the staged transactions stay until
 //!   shipped (folding never passes the slowest replica unless
