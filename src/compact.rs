@@ -256,6 +256,14 @@ mod tests {
         assert_eq!(e, want);
         // No snapshot old enough: nothing goes.
         assert!(expired(&c, 1000, 950).is_empty());
+        // Retention next has work when the snapshot stored at 100 leaves the window (l0/1
+        // is older than it), and it agrees with `expired` on either side of that instant.
+        assert_eq!(next_expiry(&c, 850), Some(950));
+        assert!(expired(&c, 949, 850).is_empty());
+        assert!(!expired(&c, 950, 850).is_empty());
+        // Nothing older than the only snapshot: retention never has work.
+        let lone = cat(&[(snapshot_key(id, 0x10), 100), (l0_key(id, 0x11), 110)]);
+        assert_eq!(next_expiry(&lone, 850), None);
     }
 
     fn firsts(run: &[Obj]) -> Vec<u64> {
