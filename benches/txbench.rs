@@ -432,7 +432,13 @@ fn main() -> Result<()> {
             m.idle_cpu_pct,
             m.idle_secs,
         ));
-        if let Some(b) = &m.big {
+        if let Some(Err(e)) = &m.big {
+            notes.push(format!(
+                "{} databases in one mount: failed: {e}",
+                cfg.many_big
+            ));
+        }
+        if let Some(Ok(b)) = &m.big {
             let k = b.m;
             rows.push(Row::text(
                 &format!("{k} databases in one mount: every database on the file replica (s after the last was created)"),

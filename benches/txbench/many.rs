@@ -56,7 +56,8 @@ pub struct Many {
     pub idle_cpu_pct: f64,
     pub startup_requests: usize,
     pub startup_quiet_secs: f64,
-    pub big: Option<Big>,
+    /// The larger part's figures, or why it failed.
+    pub big: Option<std::result::Result<Big, String>>,
 }
 
 pub struct Big {
@@ -318,7 +319,7 @@ pub fn many(cfg: &Config, srv: &s3::Server) -> Result<Many> {
     mount.stop()?;
 
     let big = if cfg.many_big > 0 {
-        Some(big(cfg)?)
+        Some(big(cfg).map_err(|e| format!("{e:#}")))
     } else {
         None
     };
