@@ -410,7 +410,10 @@ fn main() -> Result<()> {
             format!("{:.0}", m.req_per_sec),
         ));
         rows.push(Row::text(
-            &format!("{n} idle databases: S3 requests / daemon CPU (% of one core), over {:.0} s", m.idle_secs),
+            &format!(
+                "{n} idle databases: S3 requests / daemon CPU (% of one core), over {:.0} s",
+                m.idle_secs
+            ),
             format!("{} / {:.2}", m.idle_requests, m.idle_cpu_pct),
         ));
         notes.push(format!(
@@ -449,7 +452,9 @@ fn main() -> Result<()> {
                 format!("{:.1} / {:.1}", mib(b.rss_kib), mib(b.hwm_kib)),
             ));
             rows.push(Row::text(
-                &format!("{k} databases in one mount: mount serving (s from start), VmRSS after (MiB)"),
+                &format!(
+                    "{k} databases in one mount: mount serving (s from start), VmRSS after (MiB)"
+                ),
                 format!("{:.2}, {:.1}", b.serving_secs, mib(b.remount_rss_kib)),
             ));
             notes.push(format!(

@@ -98,7 +98,10 @@ fn assert_restores_as_staged(fx: &Fixture, url: &str, db: &str) -> u64 {
 
 /// The database id sqlfs gave `db` (from its staging directory's `name`).
 fn db_id(fx: &Fixture, db: &str) -> String {
-    for e in fs::read_dir(fx.backing.join(".sqlfs/db")).unwrap().flatten() {
+    for e in fs::read_dir(fx.backing.join(".sqlfs/db"))
+        .unwrap()
+        .flatten()
+    {
         if fs::read_to_string(e.path().join("name")).is_ok_and(|n| n == db) {
             return e.file_name().to_string_lossy().into_owned();
         }
@@ -188,7 +191,12 @@ fn a_database_the_store_holds_back_delays_no_other() {
         Duration::from_secs(60),
         100,
         || if proxy.held().0 > 0 { Ok(()) } else { Err(()) },
-        |_| format!("slow.db's shipment never reached the store:\n{}", fx.daemon_logs()),
+        |_| {
+            format!(
+                "slow.db's shipment never reached the store:\n{}",
+                fx.daemon_logs()
+            )
+        },
     );
     let slow_at = last_staged(&fx.cli_dir(), "slow.db");
     // Every other database is shipped meanwhile, more than once.

@@ -114,7 +114,10 @@ fn create(mnt: &Path, n: usize, keep: bool) -> Result<Vec<Vec<(usize, Connection
     }
     handles
         .into_iter()
-        .map(|h| h.join().map_err(|_| anyhow::anyhow!("a creator panicked"))?)
+        .map(|h| {
+            h.join()
+                .map_err(|_| anyhow::anyhow!("a creator panicked"))?
+        })
         .collect()
 }
 
@@ -153,7 +156,9 @@ pub fn many(cfg: &Config, srv: &s3::Server) -> Result<Many> {
     let backing = cfg.work.join("many-backing");
     let log = cfg.work.join("many.log");
     let mount = Mount::start_with(&mnt, &backing, &log, std::slice::from_ref(&url))?;
-    step(&format!("creating {n} databases through one mount (S3 replica)"));
+    step(&format!(
+        "creating {n} databases through one mount (S3 replica)"
+    ));
     let t = Instant::now();
     let groups = create(&mnt, n, true)?;
     let create_secs = t.elapsed().as_secs_f64();
@@ -212,11 +217,14 @@ pub fn many(cfg: &Config, srv: &s3::Server) -> Result<Many> {
             Ok(())
         }));
     }
-    thread::sleep((start + Duration::from_secs_f64(secs)).saturating_duration_since(Instant::now()));
+    thread::sleep(
+        (start + Duration::from_secs_f64(secs)).saturating_duration_since(Instant::now()),
+    );
     stop.store(true, Ordering::Relaxed);
     let load_end = Instant::now();
     for w in writers {
-        w.join().map_err(|_| anyhow::anyhow!("a writer panicked"))??;
+        w.join()
+            .map_err(|_| anyhow::anyhow!("a writer panicked"))??;
     }
     // The last commits reach the store.
     thread::sleep(Duration::from_secs(4));
@@ -258,7 +266,9 @@ pub fn many(cfg: &Config, srv: &s3::Server) -> Result<Many> {
                 let i = next.fetch_add(1, Ordering::Relaxed);
                 let Some(r) = sample.get(i) else { return };
                 let Some(key) = r.key(BUCKET) else { continue };
-                let Ok(b) = srv.object(BUCKET, key) else { continue };
+                let Ok(b) = srv.object(BUCKET, key) else {
+                    continue;
+                };
                 if b.len() < 128 || &b[..8] != b"SQFSOBJ\0" {
                     continue;
                 }
@@ -287,7 +297,9 @@ pub fn many(cfg: &Config, srv: &s3::Server) -> Result<Many> {
             .unwrap_or(f64::NAN)
     };
 
-    step(&format!("{n} idle databases: a fresh mount of the same data"));
+    step(&format!(
+        "{n} idle databases: a fresh mount of the same data"
+    ));
     let proxy2 = s3::Proxy::start(srv.port)?;
     let url2 = s3::Server::url_via(proxy2.port, BUCKET, "many");
     let mount = Mount::start_with(&mnt, &backing, &log, &[url2])?;
@@ -353,9 +365,9 @@ fn on_file_replica(dir: &Path) -> usize {
     rd.flatten()
         .filter(|e| e.file_name() != "names" && e.file_name() != "claims")
         .filter(|e| {
-            ["snap", "l0"].iter().any(|k| {
-                fs::read_dir(e.path().join(k)).is_ok_and(|mut d| d.next().is_some())
-            })
+            ["snap", "l0"]
+                .iter()
+                .any(|k| fs::read_dir(e.path().join(k)).is_ok_and(|mut d| d.next().is_some()))
         })
         .count()
 }
@@ -369,7 +381,9 @@ fn big(cfg: &Config) -> Result<Big> {
     let replica = backing.with_extension("replica");
     let log = cfg.work.join("big.log");
     let mount = Mount::start(&mnt, &backing, &log)?;
-    step(&format!("creating {m} databases through one mount (file replica)"));
+    step(&format!(
+        "creating {m} databases through one mount (file replica)"
+    ));
     let t = Instant::now();
     create(&mnt, m, false)?;
     let create_secs = t.elapsed().as_secs_f64();
@@ -392,7 +406,11 @@ fn big(cfg: &Config) -> Result<Big> {
     mount.settle();
     let (remount_rss_kib, _) = mount.memory()?;
     let known = fs::read_dir(mnt.join("tenants"))
-        .map(|d| d.flatten().filter(|e| e.file_name().to_string_lossy().ends_with(".db")).count())
+        .map(|d| {
+            d.flatten()
+                .filter(|e| e.file_name().to_string_lossy().ends_with(".db"))
+                .count()
+        })
         .unwrap_or(0);
     if known < m {
         bail!("the remount shows {known} of {m} databases");

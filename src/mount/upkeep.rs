@@ -35,7 +35,10 @@ pub(super) fn spawn(
     {
         let changed = changed.clone();
         cap.on_staged(Box::new(move |db| {
-            changed.lock().entry(db.id.clone()).or_insert_with(|| db.clone());
+            changed
+                .lock()
+                .entry(db.id.clone())
+                .or_insert_with(|| db.clone());
         }));
     }
     // What a previous mount left over the limit is looked at once.

@@ -259,7 +259,8 @@ impl Shipper {
         let m = self.maint.lock();
         let m = m.get(&db.id)?;
         let now = Instant::now();
-        let at_ns = |due_ns: u64| now + std::time::Duration::from_nanos(due_ns.saturating_sub(now_ns()));
+        let at_ns =
+            |due_ns: u64| now + std::time::Duration::from_nanos(due_ns.saturating_sub(now_ns()));
         let mut due: Vec<Instant> = Vec::new();
         let newest = m.cat.snaps.last().map_or(0, |s| s.first);
         if !p.snapshot_interval.is_zero() && pos > newest {

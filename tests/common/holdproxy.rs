@@ -81,7 +81,11 @@ impl HoldProxy {
 
 /// Forwards the one request on `client` to the server (after waiting while it is held), and
 /// the response back.
-fn forward(st: &Arc<(Mutex<State>, Condvar)>, client: TcpStream, upstream: u16) -> std::io::Result<()> {
+fn forward(
+    st: &Arc<(Mutex<State>, Condvar)>,
+    client: TcpStream,
+    upstream: u16,
+) -> std::io::Result<()> {
     let mut reader = BufReader::new(client.try_clone()?);
     let mut line = String::new();
     if reader.read_line(&mut line)? == 0 {
@@ -96,7 +100,12 @@ fn forward(st: &Arc<(Mutex<State>, Condvar)>, client: TcpStream, upstream: u16) 
         if h == "\r\n" || h == "\n" {
             break;
         }
-        let name = h.split(':').next().unwrap_or("").trim().to_ascii_lowercase();
+        let name = h
+            .split(':')
+            .next()
+            .unwrap_or("")
+            .trim()
+            .to_ascii_lowercase();
         if name != "connection" && name != "keep-alive" {
             head += &h;
         }
