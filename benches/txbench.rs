@@ -25,7 +25,10 @@
 //!     `.history/<instant>/` and of `.history/latest/` on a fresh connection (the view's first
 //!     access), a warm second query, and a full scan, each against the same on a copy made by
 //!     `sqlfs restore --txid N` on local disk; then the same view with staging folded, so
-//!     that it comes from the file replica.
+//!     that it comes from the file replica;
+//! 10. many databases in one mount (`many.rs`): commit → S3 lag with every database committing
+//!     once a second, requests and CPU of an idle mount of them all, and the memory, shipping
+//!     and mount time of a larger number.
 //!
 //! Before the scans, the daemon is given time to finish staging and shipping the load (until
 //! it uses no CPU for half a second). Workloads 1-4 alternate between the two sides for
@@ -57,10 +60,15 @@
 //!   SQLFS_BENCH_RESTORE_TXNS  small transactions after it (default 300)
 //!   SQLFS_BENCH_HISTORY_MB    size of the database behind the history views, MiB
 //!                             (default 1024; 0 skips)
+//!   SQLFS_BENCH_MANY     databases committing once a second each in the many-databases
+//!                        workload (default 200; the target is 1000)
+//!   SQLFS_BENCH_MANY_BIG databases of its memory and mount-time part (default 1000; the
+//!                        target is 10000; 0 skips it)
+//!   SQLFS_BENCH_MANY_IDLE_SECS  seconds its idle mount is watched (default 20)
 //!   SQLFS_BENCH_S3=0     leave out everything that needs the S3-compatible server
 //!   SQLFS_BENCH_ONLY     run only these workloads, comma-separated, of: autocommit, scan,
 //!                        plain, roundtrip, floor, mixed, replication, memory, restore, s3,
-//!                        history
+//!                        history, many
 //!   SQLFS_S3_SERVER      the S3-compatible server binary (default: .venv/bin/moto_server)
 //!   SQLFS_BENCH_DIR      where to make the work directory sqlfs-bench-work; on disk, not
 //!                        tmpfs (default: target/bench-work)
@@ -80,6 +88,8 @@ mod commits;
 mod harness;
 #[path = "txbench/history.rs"]
 mod history;
+#[path = "txbench/many.rs"]
+mod many;
 #[path = "txbench/memory.rs"]
 mod memory;
 #[path = "txbench/mount.rs"]
@@ -140,7 +150,7 @@ fn main() -> Result<()> {
     let mut rows = Vec::new();
     // The S3-compatible server, when a workload needs it: started first, so that a missing
     // one is reported before anything else runs.
-    let store = if cfg.runs("s3") || (cfg.runs("restore") && cfg.s3) {
+    let store = if cfg.runs("s3") || cfg.runs("many") || (cfg.runs("restore") && cfg.s3) {
         step("starting the S3-compatible test server");
         Some(s3::Server::start(BUCKET)?)
     } else {
@@ -385,6 +395,73 @@ fn main() -> Result<()> {
              writes at 50 commits/s, then {:.0} s idle; {} segment objects.",
             rep.load_secs, rep.idle_secs, rep.objects
         ));
+    }
+
+    if cfg.runs("many") {
+        let srv = store.as_ref().expect("the server was started");
+        let m = many::many(&cfg, srv)?;
+        let n = m.n;
+        rows.push(Row::text(
+            &format!("{n} databases committing once a second each: commit → S3 object readable, p50 / p99 / max (ms)"),
+            format!("{:.0} / {:.0} / {:.0}", m.p50_ms, m.p99_ms, m.max_ms),
+        ));
+        rows.push(Row::text(
+            &format!("{n} databases committing once a second each: S3 requests per second"),
+            format!("{:.0}", m.req_per_sec),
+        ));
+        rows.push(Row::text(
+            &format!(
+                "{n} idle databases: S3 requests / daemon CPU (% of one core), over {:.0} s",
+                m.idle_secs
+            ),
+            format!("{} / {:.2}", m.idle_requests, m.idle_cpu_pct),
+        ));
+        notes.push(format!(
+            "Many databases: {n} databases under tenants/ created through one mount in {:.1} s \
+             ({} writer threads); every one had its first object on the S3 replica {:.1} s \
+             after the last was created. Then {} commits in {:.1} s, each database once a \
+             second; requests during the load by method: {}. Idle: the same data directory \
+             mounted again made {} requests at start (a claim check per database) and was \
+             quiet after {:.1} s; then {} requests and {:.2}% of a core over {:.0} s.",
+            m.create_secs,
+            many::WRITERS,
+            m.first_objects_secs,
+            m.commits,
+            m.load_secs,
+            m.by_method,
+            m.startup_requests,
+            m.startup_quiet_secs,
+            m.idle_requests,
+            m.idle_cpu_pct,
+            m.idle_secs,
+        ));
+        if let Some(Err(e)) = &m.big {
+            notes.push(format!(
+                "{} databases in one mount: failed: {e}",
+                cfg.many_big
+            ));
+        }
+        if let Some(Ok(b)) = &m.big {
+            let k = b.m;
+            rows.push(Row::text(
+                &format!("{k} databases in one mount: every database on the file replica (s after the last was created)"),
+                format!("{:.1} ({} of {k})", b.all_on_replica_secs, b.on_replica),
+            ));
+            rows.push(Row::text(
+                &format!("{k} databases in one mount: daemon VmRSS / VmHWM (MiB)"),
+                format!("{:.1} / {:.1}", mib(b.rss_kib), mib(b.hwm_kib)),
+            ));
+            rows.push(Row::text(
+                &format!(
+                    "{k} databases in one mount: mount serving (s from start), VmRSS after (MiB)"
+                ),
+                format!("{:.2}, {:.1}", b.serving_secs, mib(b.remount_rss_kib)),
+            ));
+            notes.push(format!(
+                "{k} databases created through one mount (file replica) in {:.0} s, a table and a row each.",
+                b.create_secs
+            ));
+        }
     }
 
     let header = format!(

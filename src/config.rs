@@ -19,7 +19,7 @@ use anyhow::{bail, Context, Result};
 use serde::Deserialize;
 
 pub use crate::crypt::{ReadKey, Seal};
-use crate::units::{parse_duration, parse_size, parse_threads};
+use crate::units::{parse_concurrency, parse_duration, parse_size, parse_threads};
 
 /// When to let the kernel pass reads and writes of WAL and `-shm` files straight to the
 /// backing files (`--passthrough`).
@@ -42,6 +42,8 @@ pub struct Config {
     pub dir: Option<PathBuf>,
     pub data_dir: Option<PathBuf>,
     pub threads: Option<usize>,
+    /// Requests in flight to each replica at most (databases shipped at once).
+    pub replica_concurrency: Option<usize>,
     #[serde(default, deserialize_with = "text")]
     pub stage_limit: Option<String>,
     /// Byte budget of the page cache of `.history` views (e.g. 64M).
@@ -79,6 +81,8 @@ pub struct Config {
 #[serde(deny_unknown_fields, rename_all = "kebab-case")]
 pub struct ReplicaConf {
     pub url: String,
+    /// This replica's own bound on requests in flight.
+    pub replica_concurrency: Option<usize>,
     #[serde(default, deserialize_with = "text")]
     pub sync_interval: Option<String>,
     #[serde(default, deserialize_with = "text")]
@@ -237,6 +241,10 @@ impl Config {
         if let Some(n) = self.threads {
             parse_threads(&n.to_string()).map_err(|e| anyhow::anyhow!("threads: {e}"))?;
         }
+        if let Some(n) = self.replica_concurrency {
+            parse_concurrency(&n.to_string())
+                .map_err(|e| anyhow::anyhow!("replica-concurrency: {e}"))?;
+        }
         if let Some(s) = &self.stage_limit {
             parse_size(s).map_err(|e| anyhow::anyhow!("stage-limit: {e}"))?;
         }
@@ -251,6 +259,10 @@ impl Config {
         for (i, r) in self.replicas.iter().enumerate() {
             let w = format!("replicas[{i}]");
             dur(&r.sync_interval, &format!("{w}.sync-interval"))?;
+            if let Some(n) = r.replica_concurrency {
+                parse_concurrency(&n.to_string())
+                    .map_err(|e| anyhow::anyhow!("{w}.replica-concurrency: {e}"))?;
+            }
             dur(&r.snapshot_interval, &format!("{w}.snapshot-interval"))?;
             dur(&r.retention, &format!("{w}.retention"))?;
             levels(&r.compaction, &format!("{w}.compaction"))?;

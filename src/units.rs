@@ -47,6 +47,16 @@ pub fn parse_threads(s: &str) -> Result<usize, String> {
     }
 }
 
+/// Parses a replica's bound on requests in flight (1–1024).
+pub fn parse_concurrency(s: &str) -> Result<usize, String> {
+    match s.trim().parse::<usize>() {
+        Ok(0) => Err("0 would ship nothing (at least 1)".into()),
+        Ok(n) if n > 1024 => Err(format!("{n} requests in flight is past the limit of 1024")),
+        Ok(n) => Ok(n),
+        Err(_) => Err(format!("not a number of requests: {s}")),
+    }
+}
+
 /// Parses sizes like `512k`, `64M`, `1G`.
 pub fn parse_size(s: &str) -> Result<u64, String> {
     let (num, mult) = match s.chars().last() {

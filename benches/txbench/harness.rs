@@ -31,6 +31,11 @@ pub struct Config {
     pub restore_mb: u64,
     pub restore_txns: u64,
     pub history_mb: u64,
+    /// Databases of the many-databases workload that commit once a second each.
+    pub many: usize,
+    /// Databases of its memory and mount-time part (0 skips it).
+    pub many_big: usize,
+    pub many_idle_secs: f64,
     pub s3: bool,
     pub only: Option<Vec<String>>,
     pub work: PathBuf,
@@ -69,6 +74,9 @@ impl Config {
             restore_mb: env_num("SQLFS_BENCH_RESTORE_MB", 1024)?,
             restore_txns: env_num("SQLFS_BENCH_RESTORE_TXNS", 300)?,
             history_mb: env_num("SQLFS_BENCH_HISTORY_MB", 1024)?,
+            many: env_num("SQLFS_BENCH_MANY", 200)?,
+            many_big: env_num("SQLFS_BENCH_MANY_BIG", 1000)?,
+            many_idle_secs: env_num("SQLFS_BENCH_MANY_IDLE_SECS", 20.0)?,
             s3: std::env::var("SQLFS_BENCH_S3").map_or(true, |v| v.trim() != "0"),
             only: std::env::var("SQLFS_BENCH_ONLY")
                 .ok()
@@ -86,7 +94,7 @@ impl Config {
         {
             bail!("invalid benchmark settings");
         }
-        const KNOWN: [&str; 11] = [
+        const KNOWN: [&str; 12] = [
             "autocommit",
             "scan",
             "plain",
@@ -98,6 +106,7 @@ impl Config {
             "restore",
             "s3",
             "history",
+            "many",
         ];
         for w in cfg.only.iter().flatten() {
             if !KNOWN.contains(&w.as_str()) {
@@ -120,6 +129,7 @@ impl Config {
             "restore" => wanted && self.restore_mb > 0,
             "history" => wanted && self.history_mb > 0,
             "s3" => wanted && self.s3,
+            "many" => wanted && self.s3 && self.many > 0,
             _ => wanted,
         }
     }

@@ -33,6 +33,7 @@
 mod events;
 mod hot;
 mod journal;
+mod notify;
 mod reconcile;
 mod role;
 mod scan;
@@ -58,6 +59,7 @@ use crate::sqlite;
 use crate::stage::{write_atomic, Access, DbStage};
 pub use hot::rollback_hot_journals;
 use journal::Rollback;
+pub use notify::Listener;
 pub use role::{classify, journal_db_of, shows_db, wal_index_of, Role};
 pub use scan::ScanProgress;
 pub use snapshot::live_image;
@@ -87,6 +89,13 @@ pub struct Capture {
     /// What [`Capture::shutdown`] found, once it ran (the unmount and the main thread both
     /// call it).
     shut: Mutex<Option<bool>>,
+    /// Told whenever records reach a database's staging log (`notify.rs`).
+    listeners: Arc<notify::Listeners>,
+    /// Databases whose staging is failing right now: the staging thread retries only while
+    /// this is not zero.
+    failing_now: Arc<AtomicU64>,
+    /// True while `.sqlfs/db/` may hold retired staging to expire.
+    retired_left: AtomicBool,
 }
 
 /// One database being captured.
@@ -103,6 +112,8 @@ pub struct Db {
     /// Set while commits cannot be staged (see [`StagingFailure`]); read by status and
     /// metrics without taking the state lock.
     failing: Mutex<Option<StagingFailure>>,
+    /// The mount's count of failing databases ([`Capture::retry_failed`] skips the scan at 0).
+    failing_now: Arc<AtomicU64>,
     /// Capture attempts that failed since the mount started (each failed write of records
     /// or snapshot counts once).
     stage_errors: AtomicU64,
@@ -190,6 +201,9 @@ impl Capture {
             observed: Arc::new(AtomicBool::new(false)),
             watch: OnceLock::new(),
             shut: Mutex::new(None),
+            listeners: Arc::default(),
+            failing_now: Arc::default(),
+            retired_left: AtomicBool::new(false),
         };
         for e in fs::read_dir(cap.meta_root.join("db"))? {
             let e = e?;
@@ -199,6 +213,7 @@ impl Capture {
                 continue;
             };
             if dir.join("deleted").exists() {
+                cap.retired_left.store(true, Ordering::Relaxed);
                 continue;
             }
             if cap.exclude.matches(&name) {
@@ -208,6 +223,7 @@ impl Capture {
             if !cap.backing.exists(&name) {
                 log::info!("{name}: database file is gone; its staged history is kept");
                 let _ = write_atomic(&dir.join("deleted"), b"");
+                cap.retired_left.store(true, Ordering::Relaxed);
                 continue;
             }
             match cap.load(&name, id) {
@@ -257,8 +273,10 @@ impl Capture {
             observed: self.observed.clone(),
             shm_users: AtomicU32::new(0),
             failing: Mutex::new(None),
+            failing_now: self.failing_now.clone(),
             stage_errors: AtomicU64::new(0),
         });
+        self.connect(&db);
         db.reconcile(&self.backing)?;
         Ok(db)
     }
@@ -472,6 +490,11 @@ impl Capture {
                     if self.is_observed() {
                         db.guard(|st, db| st.catch_up(db, &self.backing));
                     }
+                    if db.shm_users.load(Ordering::Relaxed) == 0 {
+                        // Nobody has the index open: a database left alone holds no
+                        // descriptor on it (it is opened again when read).
+                        db.state.lock().shm_fd = None;
+                    }
                 }
             }
             _ => {}
@@ -567,12 +590,18 @@ impl Capture {
 
     /// After `rel` was unlinked.
     pub fn after_unlink(&self, rel: &str) {
+        if let Some(db) = rel.strip_suffix("-shm").and_then(|d| self.get(d)) {
+            // The last connection removed the index: no descriptor is kept on it (the next
+            // connection makes a new one, opened when read).
+            db.state.lock().shm_fd = None;
+        }
         let (role, db_rel) = classify(rel);
         let Some(db) = self.get(db_rel) else { return };
         db.guard(|st, db| st.after_unlink(db, &self.backing, role));
         if role == Role::Main {
             self.dbs.write().remove(db_rel);
             retire(&db, db_rel, "deleted");
+            self.retired_left.store(true, Ordering::Relaxed);
         }
     }
 
@@ -606,6 +635,9 @@ impl Capture {
     /// While staging fails: retries each failing database's snapshot (the staging thread
     /// calls this, so recovery needs no commit to arrive).
     pub fn retry_failed(&self) {
+        if self.failing_now.load(Ordering::Relaxed) == 0 {
+            return;
+        }
         for (_, db) in self.databases() {
             if db.failing.lock().is_some() {
                 db.guard(|st, db| st.retry(db, &self.backing));
@@ -663,6 +695,7 @@ impl Capture {
             let old = self.dbs.write().remove(db_rel);
             if let Some(old) = old {
                 retire(&old, db_rel, why);
+                self.retired_left.store(true, Ordering::Relaxed);
             }
         } else if let Some(db) = self.get(db_rel) {
             db.guard(|st, db| st.reopen(db, &self.backing, r));
@@ -753,8 +786,13 @@ impl Capture {
     }
 
     /// Removes the staging of databases deleted (or replaced) longer than `keep` ago.
+    /// Costs nothing while no database was retired (no scan of `.sqlfs/db/`).
     pub fn expire_retired(&self, keep: std::time::Duration) {
+        if !self.retired_left.swap(false, Ordering::Relaxed) {
+            return;
+        }
         let Ok(rd) = fs::read_dir(self.meta_root.join("db")) else {
+            self.retired_left.store(true, Ordering::Relaxed);
             return;
         };
         for e in rd.flatten() {
@@ -763,6 +801,10 @@ impl Capture {
                 .and_then(|m| m.modified())
                 .ok()
                 .and_then(|t| t.elapsed().ok());
+            if age.is_some_and(|a| a <= keep) {
+                // Not due yet: look again at a later call.
+                self.retired_left.store(true, Ordering::Relaxed);
+            }
             if age.is_some_and(|a| a > keep) {
                 let name = fs::read_to_string(dir.join("name")).unwrap_or_default();
                 match fs::remove_dir_all(&dir) {
@@ -773,20 +815,6 @@ impl Capture {
                     Err(e) => {
                         log::warn!("{name}: cannot remove old staging {}: {e}", dir.display())
                     }
-                }
-            }
-        }
-    }
-
-    /// Syncs every database's staging log that has unsynced records.
-    /// A failed sync puts the database in the failing state (logged once, shown by status):
-    /// what it staged may not be durable, so the next record is a snapshot.
-    pub fn sync_all(&self) {
-        for (_, db) in self.databases() {
-            if db.stage.is_dirty() {
-                if let Err(e) = db.stage.sync() {
-                    let e = io::Error::other(format!("cannot sync staging: {e}"));
-                    db.guard(|_, _| Err(e));
                 }
             }
         }
@@ -843,6 +871,13 @@ impl Db {
     /// Why this database's commits are not being staged, if they are not.
     pub fn staging_failure(&self) -> Option<StagingFailure> {
         self.failing.lock().clone()
+    }
+
+    /// A sync of the staging log failed: the database is failing (what it staged may not be
+    /// durable, so the next record is a snapshot).
+    pub fn sync_failed(&self, e: crate::stage::StageError) {
+        let e = io::Error::other(format!("cannot sync staging: {e}"));
+        self.guard(|_, _| Err(e));
     }
 
     /// Failed capture attempts since the mount started.

@@ -55,6 +55,7 @@ impl Db {
                     "{}: capture failed, commits are not being staged: {err}; the next transaction will be staged as a full snapshot (retried until it succeeds)",
                     self.name()
                 );
+                self.failing_now.fetch_add(1, Ordering::Relaxed);
                 *failing = Some(StagingFailure {
                     error: err.clone(),
                     since: SystemTime::now(),
@@ -103,6 +104,7 @@ impl Db {
             )
         );
         *failing = None;
+        self.failing_now.fetch_sub(1, Ordering::Relaxed);
     }
 }
 

@@ -2,8 +2,9 @@
 //! reconciliation), mounts, serves until SIGINT/SIGTERM, then flushes staging and unmounts.
 //!
 //! Threads: fuser request loops (`--threads`), one background thread that syncs staging and
-//! folds it when it grows past `--stage-limit`, the scan for databases nobody opened
+//! folds it when it grows past `--stage-limit` (`upkeep`), the scan for databases nobody opened
 //! (`capture::Capture::spawn_scan`, started once the mount serves, joined before shutdown),
+//! each replica's shipping workers,
 //! the control socket, and the signal watcher.
 
 use std::path::{Path, PathBuf};
@@ -21,6 +22,7 @@ use crate::fs::{Passthrough, SqlFs};
 
 mod options;
 mod restore_missing;
+mod upkeep;
 
 use options::replica_specs;
 pub use options::{CliMount, MountOpts, ReplicaSpec};
@@ -83,6 +85,8 @@ fn nesting_refused(mnt: &Path, data: &Path) -> Result<()> {
 }
 
 pub fn run(o: MountOpts) -> Result<()> {
+    few_malloc_arenas();
+    raise_open_files();
     // Catch SIGINT/SIGTERM from the start: one arriving while the mount comes up must still
     // lead to a clean unmount, not kill the daemon with the mount half made.
     let mut signals = signal_hook::iterator::Signals::new([
@@ -138,7 +142,6 @@ pub fn run(o: MountOpts) -> Result<()> {
     );
     let stop = Arc::new(AtomicBool::new(false));
     let rules = Arc::new(o.databases.clone());
-    let mut intervals = Vec::new();
     let writer = crate::ship::Writer {
         id: crate::owner::writer_id(&data.join(META_DIR))
             .with_context(|| format!("cannot read or make {}/{META_DIR}/writer", data.display()))?,
@@ -152,7 +155,6 @@ pub fn run(o: MountOpts) -> Result<()> {
     let shippers: Vec<Arc<crate::ship::Shipper>> = replicas
         .into_iter()
         .map(|(c, spec, sealer)| {
-            intervals.push(spec.sync_interval);
             crate::ship::Shipper::new(
                 c,
                 capture.clone(),
@@ -160,6 +162,7 @@ pub fn run(o: MountOpts) -> Result<()> {
                 writer.clone(),
                 spec.policy.clone(),
                 rules.clone(),
+                (spec.sync_interval, spec.concurrency),
             )
         })
         .collect();
@@ -283,8 +286,8 @@ pub fn run(o: MountOpts) -> Result<()> {
     }
 
     let mut ship_threads = Vec::new();
-    for (s, interval) in shippers.iter().zip(intervals) {
-        ship_threads.push(s.spawn(interval, stop.clone())?);
+    for s in &shippers {
+        ship_threads.extend(s.start()?);
     }
     if let Some(addr) = o.metrics_addr {
         crate::metrics::serve(
@@ -297,50 +300,13 @@ pub fn run(o: MountOpts) -> Result<()> {
         .with_context(|| format!("--metrics-addr {addr}"))?;
         log::info!("metrics at http://{addr}/metrics");
     }
-    {
-        let (cap, stop) = (capture.clone(), stop.clone());
-        let limit = o.stage_limit;
-        let shippers = shippers.clone();
-        std::thread::Builder::new()
-            .name("sqlfs-stage".into())
-            .spawn(move || {
-                crate::backing::background_priority();
-                let mut tick = 0u64;
-                while !stop.load(Ordering::Relaxed) {
-                    std::thread::sleep(Duration::from_millis(500));
-                    cap.sync_all();
-                    // Staging that failed (a full disk) recovers without waiting for a commit.
-                    cap.retry_failed();
-                    tick += 1;
-                    if tick % 120 == 1 {
-                        cap.expire_retired(RETIRED_KEEP);
-                    }
-                    for (name, db) in cap.databases() {
-                        let bytes = db.stage.log_bytes();
-                        if bytes > limit {
-                            // Fold only what every replica has, unless staging outgrows its
-                            // hard limit: then say so, and the lagging replica gets a snapshot.
-                            let shipped = shippers.iter().map(|s| s.position(&db)).min().unwrap_or(u64::MAX);
-                            let upto = if bytes > limit * crate::stage::HARD_FACTOR {
-                                if shipped < db.stage.last().map_or(0, |h| h.txid) {
-                                    log::error!("{name}: a replica is behind and staging holds {} MiB (over {}x --stage-limit); folding anyway, that replica will get a snapshot", bytes >> 20, crate::stage::HARD_FACTOR);
-                                }
-                                u64::MAX
-                            } else {
-                                shipped
-                            };
-                            match db.stage.fold(upto) {
-                                Ok(n) if n > 0 => log::info!(
-                                    "{name}: folded {n} bytes of staged log into the local base"
-                                ),
-                                Ok(_) => {}
-                                Err(e) => log::error!("{name}: cannot fold staging: {e}"),
-                            }
-                        }
-                    }
-                }
-            })?;
-    }
+    upkeep::spawn(
+        capture.clone(),
+        shippers.clone(),
+        o.stage_limit,
+        stop.clone(),
+        RETIRED_KEEP,
+    )?;
     let mut unmounter = session.unmount_callable();
     let sig_dir = dir.clone();
     std::thread::Builder::new()
@@ -381,6 +347,9 @@ pub fn run(o: MountOpts) -> Result<()> {
     let staged = capture.shutdown();
     // The shippers make a last pass over what was staged before stopping.
     stop.store(true, Ordering::Relaxed);
+    for s in &shippers {
+        s.finish();
+    }
     for t in ship_threads {
         let _ = t.join();
     }
@@ -400,6 +369,33 @@ pub fn run(o: MountOpts) -> Result<()> {
     }
     log::info!("unmounted {}", dir.display());
     Ok(())
+}
+
+/// Keeps the C allocator to two arenas. By default it gives each thread that allocates its
+/// own (up to eight per core), and memory freed in one stays there: with a replica's shipping
+/// workers each building objects, that alone doubled the daemon's resident memory.
+fn few_malloc_arenas() {
+    #[cfg(target_env = "gnu")]
+    // SAFETY: mallopt only tunes the allocator; called before the daemon starts its threads.
+    unsafe {
+        libc::mallopt(libc::M_ARENA_MAX, 2);
+    }
+}
+
+/// Raises the soft limit on open files to the hard one: each captured database keeps a
+/// descriptor on its file, and each app's open file is one more here, so a mount of
+/// thousands of databases needs more than the usual 1024.
+fn raise_open_files() {
+    // SAFETY: getrlimit/setrlimit on a local struct.
+    unsafe {
+        let mut r: libc::rlimit = std::mem::zeroed();
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut r) == 0 && r.rlim_cur < r.rlim_max {
+            r.rlim_cur = r.rlim_max;
+            if libc::setrlimit(libc::RLIMIT_NOFILE, &r) != 0 {
+                log::debug!("cannot raise the open-file limit");
+            }
+        }
+    }
 }
 
 /// Mounts a FUSE filesystem of type `fuse.sqlfs` at `dir` with mount(2) and returns the

@@ -41,6 +41,10 @@ pub struct CliMount {
     /// Default: a directory under the user's data directory (~/.local/share/sqlfs/replica).
     #[arg(long = "replica", value_name = "URL")]
     pub replicas: Vec<String>,
+    /// Requests in flight to each replica at most: how many databases are shipped at once
+    /// (1-1024) [default: 16].
+    #[arg(long, value_parser = crate::units::parse_concurrency, value_name = "N")]
+    pub replica_concurrency: Option<usize>,
     /// How often new transactions are shipped (e.g. 1s, 500ms) [default: 1s].
     #[arg(long, value_parser = crate::units::parse_interval)]
     pub sync_interval: Option<Duration>,
@@ -92,10 +96,17 @@ pub struct CliMount {
     pub exclude: Vec<String>,
 }
 
+/// Requests in flight to a replica at most, unless configured: enough to keep up with a
+/// thousand databases committing every second on a store that answers in tens of
+/// milliseconds, few enough for a small store (docs/PERFORMANCE.md).
+pub const DEFAULT_CONCURRENCY: usize = 16;
+
 /// One replica to ship to, with its own interval, policy and keys.
 pub struct ReplicaSpec {
     pub url: String,
     pub sync_interval: Duration,
+    /// Requests in flight to it at most.
+    pub concurrency: usize,
     pub policy: Policy,
     /// How its objects are encrypted.
     pub seal: Seal,
@@ -113,6 +124,8 @@ pub struct MountOpts {
     /// Empty: the embedded default replica.
     pub replicas: Vec<ReplicaSpec>,
     pub sync_interval: Duration,
+    /// Requests in flight to each replica at most (a replica's own setting wins).
+    pub replica_concurrency: usize,
     pub policy: Policy,
     /// The top level's encryption (flags over the file), for the embedded default replica.
     pub keys: KeyLayer,
@@ -145,6 +158,10 @@ impl MountOpts {
             .sync_interval
             .or(dur(&conf.sync_interval).filter(|d| !d.is_zero()))
             .unwrap_or(Duration::from_secs(1));
+        let concurrency = cli
+            .replica_concurrency
+            .or(conf.replica_concurrency)
+            .unwrap_or(DEFAULT_CONCURRENCY);
         let mut policy = Policy::default();
         policy.overlay(&conf.snapshot_interval, &conf.retention, &conf.compaction);
         if let Some(d) = cli.snapshot_interval {
@@ -179,6 +196,7 @@ impl MountOpts {
                     Ok(ReplicaSpec {
                         url: u.clone(),
                         sync_interval,
+                        concurrency,
                         policy: policy.clone(),
                         seal: resolve_seal(&keys, None).with_context(what)?,
                         key: resolve_read(&keys, None).with_context(what)?,
@@ -198,6 +216,7 @@ impl MountOpts {
                         sync_interval: dur(&r.sync_interval)
                             .filter(|d| !d.is_zero())
                             .unwrap_or(sync_interval),
+                        concurrency: r.replica_concurrency.unwrap_or(concurrency),
                         policy: p,
                         seal: resolve_seal(&keys, Some(&own)).with_context(|| r.describe(i))?,
                         key: resolve_read(&keys, Some(&own)).with_context(|| r.describe(i))?,
@@ -245,6 +264,7 @@ impl MountOpts {
             },
             replicas,
             sync_interval,
+            replica_concurrency: concurrency,
             policy,
             keys,
             sync,
@@ -282,6 +302,7 @@ pub(super) fn replica_specs(o: &MountOpts) -> Result<Vec<ReplicaSpec>> {
             .map(|r| ReplicaSpec {
                 url: r.url.clone(),
                 sync_interval: r.sync_interval,
+                concurrency: r.concurrency,
                 policy: r.policy.clone(),
                 seal: r.seal.clone(),
                 key: r.key.clone(),
@@ -302,6 +323,7 @@ pub(super) fn replica_specs(o: &MountOpts) -> Result<Vec<ReplicaSpec>> {
     Ok(vec![ReplicaSpec {
         url: format!("file://{}", dir.display()),
         sync_interval: o.sync_interval,
+        concurrency: o.replica_concurrency,
         policy: o.policy.clone(),
         seal: resolve_seal(&o.keys, None)?,
         key: resolve_read(&o.keys, None)?,

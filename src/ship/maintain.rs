@@ -245,6 +245,44 @@ impl Shipper {
         Ok(())
     }
 
+    /// When `db`'s maintenance on this replica falls due next, if anything is pending: an
+    /// interval snapshot of a shipped state newer than the newest snapshot, a level with a run
+    /// to merge, objects retention will delete. `None` when nothing is pending (an idle
+    /// database whose objects are merged as far as they go sits on no timer). Never sooner
+    /// than a sync interval from now, so a decision that keeps coming out due cannot spin.
+    pub(super) fn next_maintenance(&self, name: &str, db: &Db) -> Option<Instant> {
+        if self.is_fenced(db) {
+            return None;
+        }
+        let p = self.policy_for(name);
+        let pos = self.position(db);
+        let m = self.maint.lock();
+        let m = m.get(&db.id)?;
+        let now = Instant::now();
+        let at_ns =
+            |due_ns: u64| now + std::time::Duration::from_nanos(due_ns.saturating_sub(now_ns()));
+        let mut due: Vec<Instant> = Vec::new();
+        let newest = m.cat.snaps.last().map_or(0, |s| s.first);
+        if !p.snapshot_interval.is_zero() && pos > newest {
+            due.push(at_ns(
+                m.last_snapshot_ns
+                    .saturating_add(p.snapshot_interval.as_nanos() as u64),
+            ));
+        }
+        for level in 1..=p.levels.len() {
+            if !compact::next_run(&m.cat, level, m.skip_to[level]).is_empty() {
+                due.push(m.last_compact[level] + p.levels[level - 1]);
+            }
+        }
+        if !p.retention.is_zero() {
+            if let Some(t) = compact::next_expiry(&m.cat, p.retention.as_nanos() as u64) {
+                due.push(at_ns(t));
+            }
+        }
+        let soonest = now + self.sched.interval().max(std::time::Duration::from_secs(1));
+        due.into_iter().min().map(|t| t.max(soonest))
+    }
+
     /// Merges `run` (consecutive objects one level below) into one object of `level`.
     pub(super) fn compact_run(
         &self,

@@ -1,12 +1,14 @@
-//! Shipping: one thread per replica moves each database's staged transactions to it.
+//! Shipping: each replica's shipper moves each database's staged transactions to it.
 //!
-//! Every sync interval, for each database with transactions the replica does not have yet,
-//! the shipper builds one level-0 segment object (docs/FORMAT.md) of all of them and stores it
-//! under a key named by its first TXID. A database the replica has never seen, or whose
-//! needed transactions were folded away locally, first gets a snapshot object of the staged
-//! base.
+//! When records reach a database's staging log, the database falls due (`sched`): at once
+//! if its last shipment started a sync interval ago or more, else when that interval ends. A
+//! bounded pool of workers per replica (`--replica-concurrency`) takes due databases one at a
+//! time each; a worker builds one level-0 segment object (docs/FORMAT.md) of every
+//! transaction the replica does not have yet and stores it under a key named by its first
+//! TXID. A database the replica has never seen, or whose needed transactions were folded away
+//! locally, first gets a snapshot object of the staged base.
 //!
-//! After shipping, the same thread maintains the database on that replica (docs/FORMAT.md):
+//! After shipping, the same worker maintains the database on that replica (docs/FORMAT.md):
 //! a snapshot every `snapshot_interval`, compaction of each level's runs into the next level
 //! at that level's interval (from local copies of the objects it stored, so encrypted
 //! replicas compact without a key on this machine), and retention. All of it is decided
@@ -19,7 +21,8 @@
 //!   the object is stored.
 //! - Storing with the fence and reading back keys that exist: see `store`; claims of
 //!   names: see `claim`.
-//! - Nothing to ship costs zero requests.
+//! - Nothing to ship costs zero requests, and an idle database no work on any timer: only
+//!   staged records, maintenance that falls due, a retry or a waiter schedule it.
 //! - Errors (a store that is down, a full disk) are retried with backoff, per database so
 //!   one failing database never delays the others; the staged transactions stay until
 //!   shipped (folding never passes the slowest replica unless
@@ -29,6 +32,7 @@ mod chain;
 mod claim;
 mod maintain;
 mod policy;
+mod sched;
 mod store;
 
 pub use policy::{db_policy, Policy};
@@ -36,7 +40,6 @@ pub use policy::{db_policy, Policy};
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::fs;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -53,6 +56,7 @@ use crate::stage::{now_ns, write_atomic};
 
 use chain::chain_break;
 use maintain::Maint;
+use sched::{Sched, Why};
 use store::Want;
 
 /// This mount as the writer of the names it ships (`owner`).
@@ -101,8 +105,10 @@ pub struct Shipper {
     missing: Mutex<HashMap<String, (u64, u64)>>,
     /// Databases whose last attempt failed, by id.
     failing: Mutex<BTreeMap<String, Failing>>,
-    /// Set (and signalled) to ship now instead of at the end of the interval.
-    wake: (Mutex<bool>, Condvar),
+    /// Which database is due when, for the workers.
+    sched: Sched,
+    /// Worker threads: the bound on requests in flight to this replica.
+    workers: usize,
     /// Signalled whenever a position advances or a shipment fails.
     progress: (Mutex<u64>, Condvar),
 }
@@ -113,6 +119,7 @@ struct Failing {
     /// The current backoff: doubles with each failure, up to a minute.
     backoff: Duration,
     /// No new attempt before this (unless forced).
+    #[allow(dead_code)]
     retry_at: Instant,
 }
 
@@ -148,6 +155,7 @@ impl Shipper {
         writer: Writer,
         policy: Policy,
         rules: Arc<BTreeMap<String, DbConf>>,
+        (interval, workers): (Duration, usize),
     ) -> Arc<Shipper> {
         let rid = short_hash(&client.describe());
         Arc::new(Shipper {
@@ -167,7 +175,8 @@ impl Shipper {
             fenced: Mutex::new(HashMap::new()),
             missing: Mutex::new(HashMap::new()),
             failing: Mutex::new(BTreeMap::new()),
-            wake: (Mutex::new(false), Condvar::new()),
+            sched: Sched::new(interval),
+            workers,
             progress: (Mutex::new(0), Condvar::new()),
         })
     }
@@ -176,45 +185,100 @@ impl Shipper {
         self.client.describe()
     }
 
-    /// Runs the shipping loop until `stop`, then ships once more.
-    pub fn spawn(
-        self: &Arc<Self>,
-        interval: Duration,
-        stop: Arc<AtomicBool>,
-    ) -> std::io::Result<std::thread::JoinHandle<()>> {
-        let me = self.clone();
-        std::thread::Builder::new()
-            .name("sqlfs-ship".into())
-            .spawn(move || {
-                crate::backing::background_priority();
-                let mut next = Instant::now() + interval;
-                loop {
-                    let stopping = stop.load(Ordering::Relaxed);
-                    let mut asked = false;
-                    if !stopping && Instant::now() < next {
-                        // Sleep until the interval ends, a --sync waiter asks, or stop.
-                        let mut wake = me.wake.0.lock();
-                        if !*wake {
-                            let wait = Duration::from_millis(50)
-                                .min(next.saturating_duration_since(Instant::now()));
-                            me.wake.1.wait_for(&mut wake, wait);
+    /// Starts shipping: `workers` threads (at most that many requests in flight to this
+    /// replica) take databases as they fall due (`sched`). Every database is looked at once
+    /// now (what a previous mount staged, the claims); after that only capture's news of
+    /// staged records, maintenance that falls due and retries schedule a database.
+    pub fn start(self: &Arc<Self>) -> std::io::Result<Vec<std::thread::JoinHandle<()>>> {
+        let me = Arc::downgrade(self);
+        self.capture.on_staged(Box::new(move |db| {
+            if let Some(me) = me.upgrade() {
+                me.sched.wake(db, Why::Staged);
+            }
+        }));
+        for (_, db) in self.capture.databases() {
+            self.sched.wake(&db, Why::Now);
+        }
+        let mut threads = Vec::new();
+        for i in 0..self.workers.max(1) {
+            let me = self.clone();
+            threads.push(
+                std::thread::Builder::new()
+                    .name(format!("sqlfs-ship-{i}"))
+                    .spawn(move || {
+                        crate::backing::background_priority();
+                        while let Some(db) = me.sched.next() {
+                            me.run(&db);
                         }
-                        asked = std::mem::take(&mut *wake);
-                        if !asked {
-                            continue;
-                        }
-                    }
-                    // Databases in backoff wait for their turn, unless someone waits for
-                    // them or this is the last pass.
-                    me.ship_all(stopping || asked);
-                    *me.progress.0.lock() += 1;
-                    me.progress.1.notify_all();
-                    next = Instant::now() + interval;
-                    if stopping {
-                        break;
-                    }
+                    })?,
+            );
+        }
+        Ok(threads)
+    }
+
+    /// Unmount: every database gets one last look (what is staged is shipped, backoff or
+    /// not), then the workers stop; join the threads [`Shipper::start`] returned.
+    pub fn finish(&self) {
+        for (_, db) in self.capture.databases() {
+            self.sched.wake(&db, Why::Now);
+        }
+        self.sched.drain();
+    }
+
+    /// One worker's turn at `db`: ships what is new, maintains, and schedules what follows
+    /// (the backoff after a failure, the next maintenance that falls due).
+    fn run(&self, db: &Arc<Db>) {
+        let name = db.name();
+        // Only a database the mount still serves under its name is shipped.
+        let live = self.capture.get(&name).is_some_and(|d| Arc::ptr_eq(&d, db));
+        if !live || !self.replicates(&name) {
+            self.sched.done(db, None, None);
+            return;
+        }
+        if db.stage.last().is_some_and(|h| h.txid > self.position(db)) {
+            self.sched.started(db);
+        }
+        let res = self
+            .ship_db(&name, db)
+            .and_then(|()| self.maintain(&name, db));
+        let failed_until = {
+            let mut failing = self.failing.lock();
+            match res {
+                Ok(()) => {
+                    failing.remove(&db.id);
+                    None
                 }
-            })
+                Err(e) => {
+                    let backoff = failing
+                        .get(&db.id)
+                        .map_or(Duration::ZERO, |f| f.backoff * 2);
+                    let backoff = backoff.clamp(Duration::from_secs(1), Duration::from_secs(60));
+                    let jitter = Duration::from_millis((now_ns() % 1000) / 2);
+                    let mut msg = format!("{e:#}");
+                    if !msg.contains(&self.describe()) {
+                        msg = format!("replica {}: {msg}", self.describe());
+                    }
+                    log::warn!("{msg}; retrying {name} in {:?}", backoff + jitter);
+                    let retry_at = Instant::now() + backoff + jitter;
+                    failing.insert(
+                        db.id.clone(),
+                        Failing {
+                            msg,
+                            backoff,
+                            retry_at,
+                        },
+                    );
+                    Some(retry_at)
+                }
+            }
+        };
+        let next = match failed_until {
+            None => self.next_maintenance(&name, db),
+            Some(_) => None,
+        };
+        self.sched.done(db, failed_until, next);
+        *self.progress.0.lock() += 1;
+        self.progress.1.notify_all();
     }
 
     /// The TXID up to which database `db` is on this replica.
@@ -239,58 +303,6 @@ impl Shipper {
             .context("recording the shipped position")?;
         self.positions.lock().insert(db.id.clone(), txid);
         Ok(())
-    }
-
-    /// Ships (and maintains) every replicated database that has something new. A database
-    /// whose last attempt failed is retried with its own exponential backoff and jitter
-    /// (1 s doubling up to a minute), so one failing database never delays the others;
-    /// `force` retries them all now. Returns false if any attempt failed.
-    pub fn ship_all(&self, force: bool) -> bool {
-        let mut ok = true;
-        for (name, db) in self.capture.databases() {
-            if !self.replicates(&name) {
-                continue;
-            }
-            let waiting = self
-                .failing
-                .lock()
-                .get(&db.id)
-                .is_some_and(|f| Instant::now() < f.retry_at);
-            if waiting && !force {
-                continue;
-            }
-            let res = self
-                .ship_db(&name, &db)
-                .and_then(|()| self.maintain(&name, &db));
-            let mut failing = self.failing.lock();
-            match res {
-                Ok(()) => {
-                    failing.remove(&db.id);
-                }
-                Err(e) => {
-                    ok = false;
-                    let backoff = failing
-                        .get(&db.id)
-                        .map_or(Duration::ZERO, |f| f.backoff * 2);
-                    let backoff = backoff.clamp(Duration::from_secs(1), Duration::from_secs(60));
-                    let jitter = Duration::from_millis((now_ns() % 1000) / 2);
-                    let mut msg = format!("{e:#}");
-                    if !msg.contains(&self.describe()) {
-                        msg = format!("replica {}: {msg}", self.describe());
-                    }
-                    log::warn!("{msg}; retrying {name} in {:?}", backoff + jitter);
-                    failing.insert(
-                        db.id.clone(),
-                        Failing {
-                            msg,
-                            backoff,
-                            retry_at: Instant::now() + backoff + jitter,
-                        },
-                    );
-                }
-            }
-        }
-        ok
     }
 
     fn ship_db(&self, name: &str, db: &Db) -> Result<()> {
@@ -447,7 +459,7 @@ impl Shipper {
     /// Blocks until this replica holds `db` up to `txid` (shipping right away), or fails
     /// with the replica's error, or `timeout` passes. Returns at once for a database that is
     /// not replicated: nothing will ever ship it.
-    pub fn wait_shipped(&self, db: &Db, txid: u64, timeout: Duration) -> Result<()> {
+    pub fn wait_shipped(&self, db: &Arc<Db>, txid: u64, timeout: Duration) -> Result<()> {
         if !self.replicates(&db.name()) {
             return Ok(());
         }
@@ -460,10 +472,9 @@ impl Shipper {
                 anyhow::bail!("{} is fenced off by another writer", self.describe());
             }
             let mut rounds = self.progress.0.lock();
-            let seen = *rounds;
-            *self.wake.0.lock() = true;
-            self.wake.1.notify_all();
-            while *rounds == seen {
+            let seen = self.sched.runs(db);
+            self.sched.wake(db, Why::Now);
+            while self.sched.runs(db) == seen {
                 if self
                     .progress
                     .1

@@ -208,6 +208,8 @@ pub struct DbStage {
     fold_lock: Mutex<()>,
     last: Mutex<Option<RecordHeader>>,
     damage: Mutex<Option<(String, u64)>>,
+    /// Called each time records reach the log ([`DbStage::on_append`]).
+    appended: std::sync::OnceLock<Box<dyn Fn() + Send + Sync>>,
 }
 
 /// How a staging log is opened.
@@ -313,6 +315,7 @@ impl DbStage {
             fold_lock: Mutex::new(()),
             last: Mutex::new(None),
             damage: Mutex::new(None),
+            appended: std::sync::OnceLock::new(),
         };
         let meta = st.base_meta()?;
         if let (Some(upto), Access::Write) = (meta.folding, access) {
@@ -370,6 +373,19 @@ impl DbStage {
     /// If a damaged segment was set aside at open: why, and the highest TXID it held.
     pub fn damage(&self) -> Option<(String, u64)> {
         self.damage.lock().clone()
+    }
+
+    /// Sets what is called each time records reach the log file ([`DbStage::last`] moved
+    /// on); only the first call sets it. It runs with the log's append lock held: it must be
+    /// quick and take no lock that is held while appending.
+    pub fn on_append(&self, f: Box<dyn Fn() + Send + Sync>) {
+        let _ = self.appended.set(f);
+    }
+
+    fn appended(&self) {
+        if let Some(f) = self.appended.get() {
+            f();
+        }
     }
 
     /// The directory this stage lives in.
@@ -472,6 +488,7 @@ impl DbStage {
             a.dirty = true;
             a.kick();
             *self.last.lock() = Some(*h);
+            self.appended();
             return Ok(());
         }
         let start = a.pending.len();
@@ -536,6 +553,7 @@ impl DbStage {
         a.dirty = true;
         a.kick();
         *self.last.lock() = Some(last);
+        self.appended();
         Ok(())
     }
 

@@ -13,6 +13,7 @@
 
 pub mod cloudservers;
 pub mod faultproxy;
+pub mod holdproxy;
 pub mod relay;
 pub mod replica;
 pub mod s3server;
