@@ -1,7 +1,7 @@
 //! Directories: opendir, readdir (hiding `.sqlfs` and a backing `.history` at the root, and
 //! adding the virtual tree's directory there), fsyncdir.
 
-use super::{errno, last_err, views::is_virtual, views::VIEWS_DIR, SqlFs};
+use super::{errno, last_err, passthrough::Route, views::is_virtual, views::VIEWS_DIR, SqlFs};
 use crate::backing;
 use crate::backing::META_DIR;
 use fuser::{
@@ -26,7 +26,10 @@ impl SqlFs {
                 .map_err(errno)
                 .map(|f| (f, Some(rel)))
         }) {
-            Ok((f, rel)) => reply.opened(self.add_handle(f, rel, ino.0, None), FopenFlags::empty()),
+            Ok((f, rel)) => reply.opened(
+                self.add_handle(f, rel, ino.0, Route::through()),
+                FopenFlags::empty(),
+            ),
             Err(e) => reply.error(e),
         }
     }
