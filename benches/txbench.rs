@@ -106,7 +106,7 @@ use crate::harness::{alternate, step, Config, BUCKET, MB};
 use crate::history::history_bench;
 use crate::memory::memory;
 use crate::mount::{force_unmount, fstype_of, mounts, Mount};
-use crate::plainfile::{plain_writes, round_trips};
+use crate::plainfile::{creates, plain_appends, plain_reads, plain_writes, round_trips, stat_walk};
 use crate::replication::{replication, s3_replication};
 use crate::report::{command_output, fmt_num, table, Row};
 use crate::restore::restore_bench;
@@ -199,10 +199,38 @@ fn main() -> Result<()> {
     }
 
     if cfg.runs("plain") {
-        step("4 KiB pwrite to a plain (non-database) file");
+        step("plain (non-database) files: writes, reads, creation, stat walk");
         let (n, s) = alternate(cfg.rounds, &native, &mnt, |d| plain_writes(d, secs))?;
         rows.push(Row::pair(
-            "4 KiB pwrite to a plain file, one at a time (writes/s)".to_string(),
+            "4 KiB pwrite to a plain file opened write-only, one at a time (writes/s)".to_string(),
+            n,
+            s,
+            0,
+        ));
+        let (n, s) = alternate(cfg.rounds, &native, &mnt, |d| plain_appends(d, secs))?;
+        rows.push(Row::pair(
+            "4 KiB appends to a new plain file opened write-only, 256 MiB each (MB/s)".to_string(),
+            n,
+            s,
+            0,
+        ));
+        let (n, s) = alternate(cfg.rounds, &native, &mnt, |d| plain_reads(d, secs))?;
+        rows.push(Row::pair(
+            "sequential read of a warm 64 MiB plain file, 128 KiB reads (MB/s)".to_string(),
+            n,
+            s,
+            0,
+        ));
+        let (n, s) = alternate(cfg.rounds, &native, &mnt, |d| creates(d, secs))?;
+        rows.push(Row::pair(
+            "small files created: open write-only, 4 KiB, close (files/s)".to_string(),
+            n,
+            s,
+            0,
+        ));
+        let (n, s) = alternate(cfg.rounds, &native, &mnt, |d| stat_walk(d, secs))?;
+        rows.push(Row::pair(
+            "directory walk, 2,000 files: readdir and lstat of each entry (entries/s)".to_string(),
             n,
             s,
             0,
