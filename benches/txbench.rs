@@ -51,6 +51,8 @@
 //!   SQLFS_BENCH_ROUNDS   rounds of workloads 1-4, each side once per round (default 3)
 //!   SQLFS_BENCH_SCAN_MB  size of the scanned table in MB (default 200)
 //!   SQLFS_BENCH_BIG_MB   size the memory workload grows its database to, MB (default 1024)
+//!   SQLFS_BENCH_VACUUM_MB  size of the database CREATE INDEX and VACUUM run on, MB
+//!                        (default 100, so that `make bench` stays short; 0 skips)
 //!   SQLFS_BENCH_THREADS  connections in the mixed workload (default 4)
 //!   SQLFS_BENCH_READS    percent of reads in the mixed workload (default 80)
 //!   SQLFS_BENCH_RESTORE_MB    size of the restored database, MiB (default 1024; 0 skips)
@@ -59,8 +61,8 @@
 //!                             (default 1024; 0 skips)
 //!   SQLFS_BENCH_S3=0     leave out everything that needs the S3-compatible server
 //!   SQLFS_BENCH_ONLY     run only these workloads, comma-separated, of: autocommit, scan,
-//!                        plain, roundtrip, floor, mixed, replication, memory, restore, s3,
-//!                        history
+//!                        vacuum, plain, roundtrip, floor, mixed, replication, memory, restore,
+//!                        s3, history
 //!   SQLFS_S3_SERVER      the S3-compatible server binary (default: .venv/bin/moto_server)
 //!   SQLFS_BENCH_DIR      where to make the work directory sqlfs-bench-work; on disk, not
 //!                        tmpfs (default: target/bench-work)
@@ -100,7 +102,7 @@ use std::time::Instant;
 
 use anyhow::{Context, Result};
 
-use crate::bulk::{load, scans};
+use crate::bulk::{index_and_vacuum, load, scans};
 use crate::commits::{autocommit, mixed};
 use crate::harness::{alternate, step, Config, BUCKET, MB};
 use crate::history::history_bench;
@@ -146,7 +148,7 @@ fn main() -> Result<()> {
     } else {
         None
     };
-    let side_by_side = ["autocommit", "scan", "plain", "roundtrip", "mixed"];
+    let side_by_side = ["autocommit", "scan", "vacuum", "plain", "roundtrip", "mixed"];
     let mount = if side_by_side.iter().any(|w| cfg.runs(w)) {
         Some(Mount::start(
             &mnt,
@@ -194,6 +196,24 @@ fn main() -> Result<()> {
             format!("full scan, warm, {} MB table (MB/s)", cfg.scan_mb),
             n_scan,
             s_scan,
+            1,
+        ));
+    }
+
+    if cfg.runs("vacuum") {
+        let mb = cfg.vacuum_mb;
+        step(&format!("CREATE INDEX and VACUUM of a {mb} MB database"));
+        let [(ni, si), (nv, sv)] = index_and_vacuum(&native, &mnt, mb, cfg.rounds)?;
+        rows.push(Row::pair(
+            format!("CREATE INDEX of a {mb} MB database (MB/s)"),
+            ni,
+            si,
+            1,
+        ));
+        rows.push(Row::pair(
+            format!("VACUUM of a {mb} MB database (MB/s)"),
+            nv,
+            sv,
             1,
         ));
     }

@@ -229,7 +229,7 @@ impl SqlFs {
             if granted {
                 self.capture.observe()?;
                 self.pt_live.store(true, Ordering::Relaxed);
-                log::info!("WAL and shared-memory files pass straight through (kernel passthrough); commits are read from the WAL");
+                log::info!("WAL, shared-memory and plain files pass straight through (kernel passthrough); commits are read from the WAL");
             } else if self.passthrough == Passthrough::On {
                 return Err(io::Error::other(if root {
                     "--passthrough on: this kernel does not offer FUSE passthrough (Linux 6.9 or later is needed)"
