@@ -148,7 +148,14 @@ fn main() -> Result<()> {
     } else {
         None
     };
-    let side_by_side = ["autocommit", "scan", "vacuum", "plain", "roundtrip", "mixed"];
+    let side_by_side = [
+        "autocommit",
+        "scan",
+        "vacuum",
+        "plain",
+        "roundtrip",
+        "mixed",
+    ];
     let mount = if side_by_side.iter().any(|w| cfg.runs(w)) {
         Some(Mount::start(
             &mnt,

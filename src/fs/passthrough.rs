@@ -19,6 +19,7 @@
 //!   rename), and the handles' later writes are caught at their fsync or close as above;
 //! - a database renamed onto its name: the database is another inode, whose handles go
 //!   through sqlfs; the plain file's handles keep writing the old, unnamed inode.
+//!
 //! While a writable handle goes straight to a file, its WAL or rollback journal cannot be
 //! opened (EBUSY), so SQLite cannot start a transaction whose writes to it capture would
 //! miss; and a database capture knows cannot be opened for writing (EBUSY) while its inode
