@@ -54,6 +54,8 @@
 //!   SQLFS_BENCH_ROUNDS   rounds of workloads 1-4, each side once per round (default 3)
 //!   SQLFS_BENCH_SCAN_MB  size of the scanned table in MB (default 200)
 //!   SQLFS_BENCH_BIG_MB   size the memory workload grows its database to, MB (default 1024)
+//!   SQLFS_BENCH_VACUUM_MB  size of the database CREATE INDEX and VACUUM run on, MB
+//!                        (default 100, so that `make bench` stays short; 0 skips)
 //!   SQLFS_BENCH_THREADS  connections in the mixed workload (default 4)
 //!   SQLFS_BENCH_READS    percent of reads in the mixed workload (default 80)
 //!   SQLFS_BENCH_RESTORE_MB    size of the restored database, MiB (default 1024; 0 skips)
@@ -67,8 +69,8 @@
 //!   SQLFS_BENCH_MANY_IDLE_SECS  seconds its idle mount is watched (default 20)
 //!   SQLFS_BENCH_S3=0     leave out everything that needs the S3-compatible server
 //!   SQLFS_BENCH_ONLY     run only these workloads, comma-separated, of: autocommit, scan,
-//!                        plain, roundtrip, floor, mixed, replication, memory, restore, s3,
-//!                        history, many
+//!                        vacuum, plain, roundtrip, floor, mixed, replication, memory, restore,
+//!                        s3, history, many
 //!   SQLFS_S3_SERVER      the S3-compatible server binary (default: .venv/bin/moto_server)
 //!   SQLFS_BENCH_DIR      where to make the work directory sqlfs-bench-work; on disk, not
 //!                        tmpfs (default: target/bench-work)
@@ -110,13 +112,13 @@ use std::time::Instant;
 
 use anyhow::{Context, Result};
 
-use crate::bulk::{load, scans};
+use crate::bulk::{index_and_vacuum, load, scans};
 use crate::commits::{autocommit, mixed};
 use crate::harness::{alternate, step, Config, BUCKET, MB};
 use crate::history::history_bench;
 use crate::memory::memory;
 use crate::mount::{force_unmount, fstype_of, mounts, Mount};
-use crate::plainfile::{plain_writes, round_trips};
+use crate::plainfile::{creates, plain_appends, plain_reads, plain_writes, round_trips, stat_walk};
 use crate::replication::{replication, s3_replication};
 use crate::report::{command_output, fmt_num, table, Row};
 use crate::restore::restore_bench;
@@ -156,7 +158,14 @@ fn main() -> Result<()> {
     } else {
         None
     };
-    let side_by_side = ["autocommit", "scan", "plain", "roundtrip", "mixed"];
+    let side_by_side = [
+        "autocommit",
+        "scan",
+        "vacuum",
+        "plain",
+        "roundtrip",
+        "mixed",
+    ];
     let mount = if side_by_side.iter().any(|w| cfg.runs(w)) {
         Some(Mount::start(
             &mnt,
@@ -208,11 +217,57 @@ fn main() -> Result<()> {
         ));
     }
 
+    if cfg.runs("vacuum") {
+        let mb = cfg.vacuum_mb;
+        step(&format!("CREATE INDEX and VACUUM of a {mb} MB database"));
+        let [(ni, si), (nv, sv)] = index_and_vacuum(&native, &mnt, mb, cfg.rounds)?;
+        rows.push(Row::pair(
+            format!("CREATE INDEX of a {mb} MB database (MB/s)"),
+            ni,
+            si,
+            1,
+        ));
+        rows.push(Row::pair(
+            format!("VACUUM of a {mb} MB database (MB/s)"),
+            nv,
+            sv,
+            1,
+        ));
+    }
+
     if cfg.runs("plain") {
-        step("4 KiB pwrite to a plain (non-database) file");
+        step("plain (non-database) files: writes, reads, creation, stat walk");
         let (n, s) = alternate(cfg.rounds, &native, &mnt, |d| plain_writes(d, secs))?;
         rows.push(Row::pair(
-            "4 KiB pwrite to a plain file, one at a time (writes/s)".to_string(),
+            "4 KiB pwrite to a plain file opened write-only, one at a time (writes/s)".to_string(),
+            n,
+            s,
+            0,
+        ));
+        let (n, s) = alternate(cfg.rounds, &native, &mnt, |d| plain_appends(d, secs))?;
+        rows.push(Row::pair(
+            "4 KiB appends to a new plain file opened write-only, 256 MiB each (MB/s)".to_string(),
+            n,
+            s,
+            0,
+        ));
+        let (n, s) = alternate(cfg.rounds, &native, &mnt, |d| plain_reads(d, secs))?;
+        rows.push(Row::pair(
+            "sequential read of a warm 64 MiB plain file, 128 KiB reads (MB/s)".to_string(),
+            n,
+            s,
+            0,
+        ));
+        let (n, s) = alternate(cfg.rounds, &native, &mnt, |d| creates(d, secs))?;
+        rows.push(Row::pair(
+            "small files created: open write-only, 4 KiB, close (files/s)".to_string(),
+            n,
+            s,
+            0,
+        ));
+        let (n, s) = alternate(cfg.rounds, &native, &mnt, |d| stat_walk(d, secs))?;
+        rows.push(Row::pair(
+            "directory walk, 2,000 files: readdir and lstat of each entry (entries/s)".to_string(),
             n,
             s,
             0,

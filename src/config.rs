@@ -21,8 +21,8 @@ use serde::Deserialize;
 pub use crate::crypt::{ReadKey, Seal};
 use crate::units::{parse_concurrency, parse_duration, parse_size, parse_threads};
 
-/// When to let the kernel pass reads and writes of WAL and `-shm` files straight to the
-/// backing files (`--passthrough`).
+/// When to let the kernel pass reads and writes of WAL, `-shm` and plain (non-database) files
+/// straight to the backing files (`--passthrough`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default, clap::ValueEnum, serde::Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Passthrough {

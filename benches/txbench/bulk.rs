@@ -87,3 +87,57 @@ pub fn grow_to(conn: &Connection, target: u64, mut seed: u64) -> Result<()> {
         seed += 1;
     }
 }
+
+/// Rows "CREATE INDEX / VACUUM of an N MB database (MB/s)" (`SQLFS_BENCH_VACUUM_MB`): a
+/// database of `mb` MB (WAL mode, synchronous=NORMAL; 1000-byte rows with a random integer
+/// key) is built on each side, untimed, then `CREATE INDEX` on the key and `VACUUM` are timed,
+/// alternating sides for `rounds` rounds, each timed step after a sync(2). Returns the medians
+/// (native, sqlfs) of each, as MB of database per second.
+pub fn index_and_vacuum(
+    native: &Path,
+    mnt: &Path,
+    mb: u64,
+    rounds: usize,
+) -> Result<[(f64, f64); 2]> {
+    let dirs = [native, mnt];
+    let mut rates = [[Vec::new(), Vec::new()], [Vec::new(), Vec::new()]];
+    for round in 0..rounds.max(1) {
+        let order = if round % 2 == 0 { [0, 1] } else { [1, 0] };
+        for i in order {
+            let path = dirs[i].join("vacuum.db");
+            remove_db(&path);
+            let conn = open(&path, "NORMAL")?;
+            conn.execute_batch(
+                "CREATE TABLE t(id INTEGER PRIMARY KEY, k INTEGER NOT NULL, x BLOB NOT NULL);",
+            )?;
+            let mut rng = Rng::new(11);
+            let rows = mb * 1_000_000 / 1000;
+            let mut done = 0;
+            while done < rows {
+                conn.execute_batch("BEGIN")?;
+                {
+                    let mut stmt = conn.prepare_cached("INSERT INTO t(k, x) VALUES (?1, ?2)")?;
+                    for _ in 0..10_000.min(rows - done) {
+                        stmt.execute(params![rng.below(1 << 40) as i64, rng.bytes(1000)])?;
+                        done += 1;
+                    }
+                }
+                conn.execute_batch("COMMIT")?;
+            }
+            // Leave holes, as a database that lived a while has, for VACUUM to close.
+            conn.execute_batch("DELETE FROM t WHERE id % 4 = 0; PRAGMA wal_checkpoint(TRUNCATE);")?;
+            for (j, sql) in ["CREATE INDEX tk ON t(k)", "VACUUM"].iter().enumerate() {
+                // SAFETY: sync(2) has no preconditions.
+                unsafe { libc::sync() };
+                let start = Instant::now();
+                conn.execute_batch(sql)?;
+                let took = start.elapsed().as_secs_f64();
+                rates[j][i].push(db_bytes(&conn)? as f64 / MB / took);
+            }
+            drop(conn);
+            remove_db(&path);
+        }
+    }
+    let [[ni, si], [nv, sv]] = rates;
+    Ok([(median(ni), median(si)), (median(nv), median(sv))])
+}

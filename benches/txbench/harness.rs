@@ -26,6 +26,7 @@ pub struct Config {
     pub scan_mb: u64,
     pub small_mb: u64,
     pub big_mb: u64,
+    pub vacuum_mb: u64,
     pub threads: usize,
     pub read_pct: u64,
     pub restore_mb: u64,
@@ -69,6 +70,7 @@ impl Config {
             scan_mb: env_num("SQLFS_BENCH_SCAN_MB", 200)?,
             small_mb: 10,
             big_mb: env_num("SQLFS_BENCH_BIG_MB", 1024)?,
+            vacuum_mb: env_num("SQLFS_BENCH_VACUUM_MB", 100)?,
             threads: env_num("SQLFS_BENCH_THREADS", 4)?,
             read_pct: env_num("SQLFS_BENCH_READS", 80)?,
             restore_mb: env_num("SQLFS_BENCH_RESTORE_MB", 1024)?,
@@ -97,6 +99,7 @@ impl Config {
         const KNOWN: [&str; 12] = [
             "autocommit",
             "scan",
+            "vacuum",
             "plain",
             "roundtrip",
             "floor",
@@ -128,6 +131,7 @@ impl Config {
         match name {
             "restore" => wanted && self.restore_mb > 0,
             "history" => wanted && self.history_mb > 0,
+            "vacuum" => wanted && self.vacuum_mb > 0,
             "s3" => wanted && self.s3,
             "many" => wanted && self.s3 && self.many > 0,
             _ => wanted,

@@ -529,6 +529,40 @@ impl Capture {
         Ok(())
     }
 
+    /// A handle wrote `rel` without sqlfs seeing the writes (kernel passthrough of a plain
+    /// file) and was fsynced or closed: a file that now shows a database header is captured
+    /// from here (first sighting: a snapshot); a database capture already knows (it became
+    /// one while the handle was open) is staged as a snapshot if its files moved past the
+    /// staged stream.
+    pub fn written_past(&self, rel: &str) {
+        let (role, db_rel) = classify(rel);
+        if role != Role::Main {
+            return;
+        }
+        let Some(db) = self.get(db_rel) else {
+            if self.get_or_start(db_rel, Role::Main, None).is_some() {
+                self.watch_dir_of(db_rel);
+            }
+            return;
+        };
+        db.guard(|st, db| {
+            if self.is_observed() {
+                st.catch_up(db, &self.backing)?;
+            }
+            let now = st.full_checksum(db, &self.backing)?;
+            if now == (st.checksum, st.page_size, st.db_pages) {
+                return Ok(());
+            }
+            let pos = st.current_walpos();
+            st.resnapshot_now(
+                db,
+                &self.backing,
+                "written by a handle that bypassed sqlfs",
+                pos,
+            )
+        });
+    }
+
     /// Leaves observed mode (passthrough could not be set up after all).
     pub fn unobserve(&self) {
         self.observed.store(false, Ordering::SeqCst);

@@ -92,6 +92,16 @@ impl SqlFs {
 }
 
 impl SqlFs {
+    /// Open flags of a handle through sqlfs on inode `ino`: the kernel keeps its page cache,
+    /// unless a handle wrote the file straight through since (then that cache may be stale).
+    pub(super) fn cache_flags(&self, ino: u64) -> FopenFlags {
+        if self.take_written_past(ino) {
+            FopenFlags::empty()
+        } else {
+            FopenFlags::FOPEN_KEEP_CACHE
+        }
+    }
+
     pub(super) fn do_open(&self, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
         if is_virtual(ino.0) {
             let writes = flags.0 & libc::O_ACCMODE != libc::O_RDONLY
@@ -115,6 +125,9 @@ impl SqlFs {
                 return Err(Errno::EINVAL);
             }
             let rel = pin.rel();
+            if rel.as_deref().is_some_and(|r| self.journal_blocked(r)) {
+                return Err(Errno::EBUSY);
+            }
             let name = rel.as_deref().and_then(utf8);
             let trunc = flags.0 & libc::O_TRUNC != 0;
             if let (true, Some(r)) = (trunc, name) {
@@ -128,13 +141,14 @@ impl SqlFs {
                 }
                 self.capture.on_open(r);
             }
-            let pt = self.passthrough_for(ino.0, name, &f, |f| reply.open_backing(f));
-            Ok((self.add_handle(f, rel, ino.0, pt.clone()), pt))
+            let route = self.route(ino.0, name, &f, flags.0, |f| reply.open_backing(f))?;
+            let id = route.id.clone();
+            Ok((self.add_handle(f, rel, ino.0, route), id))
         });
         match res {
             // The kernel refuses page-cache flags on passthrough handles.
             Ok((fh, Some(id))) => reply.opened_passthrough(fh, FopenFlags::empty(), &id),
-            Ok((fh, None)) => reply.opened(fh, FopenFlags::FOPEN_KEEP_CACHE),
+            Ok((fh, None)) => reply.opened(fh, self.cache_flags(ino.0)),
             Err(e) => reply.error(e),
         }
     }
@@ -258,6 +272,11 @@ impl SqlFs {
         };
         if let Err(e) = r {
             return reply.error(errno(e));
+        }
+        if h.plain_writer {
+            if let Some(r) = h.rel.lock().clone() {
+                self.recheck_plain(&r);
+            }
         }
         // --sync: the app's fsync returns once its transactions are off the machine.
         if let (Some(hook), Some(rel)) = (&self.durable, rel) {

@@ -1,7 +1,7 @@
 //! Directories: opendir, readdir (hiding `.sqlfs` and a backing `.history` at the root, and
 //! adding the virtual tree's directory there), fsyncdir.
 
-use super::{errno, last_err, views::is_virtual, views::VIEWS_DIR, SqlFs};
+use super::{errno, last_err, passthrough::Route, views::is_virtual, views::VIEWS_DIR, SqlFs};
 use crate::backing;
 use crate::backing::META_DIR;
 use fuser::{
@@ -10,6 +10,10 @@ use fuser::{
 use std::ffi::OsStr;
 use std::os::fd::AsRawFd;
 use std::os::unix::ffi::OsStrExt;
+
+/// The offset after the virtual tree's entry, which ends the root's listing (no backing
+/// directory position is this large: they are non-negative `off_t`s).
+const AFTER_VIEWS: u64 = u64::MAX;
 
 impl SqlFs {
     pub(super) fn do_opendir(&self, ino: INodeNo, reply: ReplyOpen) {
@@ -26,7 +30,13 @@ impl SqlFs {
                 .map_err(errno)
                 .map(|f| (f, Some(rel)))
         }) {
-            Ok((f, rel)) => reply.opened(self.add_handle(f, rel, ino.0, None), FopenFlags::empty()),
+            // The kernel may keep a directory's listing between opens: every change made
+            // through the mount drops it, and so does a changed mtime the kernel sees once
+            // the directory's attributes expire (TTL), as for names and attributes.
+            Ok((f, rel)) => reply.opened(
+                self.add_handle(f, rel, ino.0, Route::through()),
+                FopenFlags::FOPEN_CACHE_DIR | FopenFlags::FOPEN_KEEP_CACHE,
+            ),
             Err(e) => reply.error(e),
         }
     }
@@ -65,7 +75,12 @@ impl SqlFs {
             Err(e) => return reply.error(e),
         };
         let at_root = h.ino == 1;
-        // Read the whole directory through a dup of the handle's fd; offsets are indexes.
+        if offset == AFTER_VIEWS {
+            return reply.ok();
+        }
+        // The backing directory's own positions (telldir cookies) are the offsets: they stay
+        // valid while entries are removed, so a listing interleaved with unlinks (rm -r)
+        // skips nothing, and each call reads on from where the last one stopped.
         // SAFETY: dup of an open fd.
         let dfd = unsafe { libc::dup(h.file.as_raw_fd()) };
         if dfd < 0 {
@@ -78,9 +93,14 @@ impl SqlFs {
             unsafe { libc::close(dfd) };
             return reply.error(last_err());
         }
-        // SAFETY: dir is a valid stream.
-        unsafe { libc::rewinddir(dir) };
-        let mut i = 0u64;
+        // SAFETY: dir is a valid stream; the offset is a cookie an earlier call handed out.
+        unsafe {
+            if offset == 0 {
+                libc::rewinddir(dir)
+            } else {
+                libc::seekdir(dir, offset as libc::c_long)
+            }
+        };
         let mut full = false;
         loop {
             // SAFETY: dir is valid; readdir returns null at end.
@@ -94,12 +114,8 @@ impl SqlFs {
             if at_root && (nb == META_DIR.as_bytes() || nb == VIEWS_DIR.as_bytes()) {
                 continue;
             }
-            i += 1;
-            if i <= offset {
-                continue;
-            }
             // SAFETY: valid dirent.
-            let (ino, dtype) = unsafe { ((*ent).d_ino, (*ent).d_type) };
+            let (ino, dtype, next) = unsafe { ((*ent).d_ino, (*ent).d_type, (*ent).d_off) };
             let kind = match dtype {
                 libc::DT_DIR => FileType::Directory,
                 libc::DT_LNK => FileType::Symlink,
@@ -110,21 +126,18 @@ impl SqlFs {
                 _ => FileType::RegularFile,
             };
             let ino = if ino == self.root_ino { 1 } else { ino };
-            if reply.add(INodeNo(ino), i, kind, OsStr::from_bytes(nb)) {
+            if reply.add(INodeNo(ino), next as u64, kind, OsStr::from_bytes(nb)) {
                 full = true;
                 break;
             }
         }
         if let (true, false, Some(h)) = (at_root, full, &self.history) {
-            i += 1;
-            if i > offset {
-                let _ = reply.add(
-                    INodeNo(h.root().ino),
-                    i,
-                    FileType::Directory,
-                    OsStr::new(VIEWS_DIR),
-                );
-            }
+            let _ = reply.add(
+                INodeNo(h.root().ino),
+                AFTER_VIEWS,
+                FileType::Directory,
+                OsStr::new(VIEWS_DIR),
+            );
         }
         // SAFETY: closes the stream and its dup'd fd.
         unsafe { libc::closedir(dir) };

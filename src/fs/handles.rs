@@ -5,7 +5,7 @@
 //! fallocate…) act on that file even after it was unlinked or renamed: a handle open on an
 //! inode is the first way to reach it (see `nodes.rs`).
 
-use super::{utf8, Rel, SqlFs};
+use super::{passthrough::Route, utf8, Rel, SqlFs};
 use crate::capture::classify;
 use crate::capture::Role;
 use fuser::{BackingId, Errno, FileHandle};
@@ -25,6 +25,9 @@ pub(super) struct Handle {
     pub(super) ino: u64,
     /// Kept while the kernel reads and writes this handle's backing file directly.
     pub(super) _passthrough: Option<Arc<BackingId>>,
+    /// A plain file opened for writing whose writes go straight through (see
+    /// `passthrough.rs`): looked at again at fsync and close.
+    pub(super) plain_writer: bool,
 }
 
 impl Handle {
@@ -93,7 +96,7 @@ impl SqlFs {
         file: File,
         rel: Option<Rel>,
         ino: u64,
-        passthrough: Option<Arc<BackingId>>,
+        route: Route,
     ) -> FileHandle {
         let name = rel.as_deref().map(utf8);
         let role = match name {
@@ -102,6 +105,9 @@ impl SqlFs {
         };
         let uncaptured = matches!(name, Some(None));
         let fh = self.next_fh.fetch_add(1, Ordering::Relaxed);
+        if route.plain_writer {
+            self.plain_writers.fetch_add(1, Ordering::Relaxed);
+        }
         self.handles.write().insert(
             fh,
             Arc::new(Handle {
@@ -110,7 +116,8 @@ impl SqlFs {
                 role,
                 uncaptured,
                 ino,
-                _passthrough: passthrough,
+                _passthrough: route.id,
+                plain_writer: route.plain_writer,
             }),
         );
         FileHandle(fh)

@@ -16,7 +16,7 @@ use std::ffi::{CStr, CString, OsStr};
 use std::io;
 use std::os::fd::AsRawFd;
 use std::path::Path;
-use std::sync::atomic::{AtomicBool, AtomicU64};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize};
 use std::sync::{Arc, Weak};
 use std::time::{Duration, SystemTime};
 
@@ -118,6 +118,11 @@ pub struct SqlFs {
     pt_live: AtomicBool,
     /// The kernel wants one backing file per inode for all its passthrough handles.
     backing_ids: Mutex<HashMap<u64, Weak<BackingId>>>,
+    /// Inodes a writable handle wrote straight through since they were last opened through
+    /// sqlfs (their kernel page cache is dropped at that open).
+    pt_written: Mutex<HashSet<u64>>,
+    /// Open plain-file handles that write straight through (see `passthrough.rs`).
+    plain_writers: AtomicUsize,
     /// Databases with names that are not UTF-8 already logged as not captured.
     warned: Mutex<HashSet<Rel>>,
 }
@@ -146,6 +151,8 @@ impl SqlFs {
             written_through: None,
             pt_live: AtomicBool::new(false),
             backing_ids: Mutex::new(HashMap::new()),
+            pt_written: Mutex::new(HashSet::new()),
+            plain_writers: AtomicUsize::new(0),
             warned: Mutex::new(HashSet::new()),
         })
     }
@@ -360,10 +367,19 @@ impl Filesystem for SqlFs {
         &self,
         _req: &Request,
         _ino: INodeNo,
-        _fh: FileHandle,
+        fh: FileHandle,
         _lock_owner: LockOwner,
         reply: ReplyEmpty,
     ) {
+        // Every close(2) flushes, and the app waits for it (the release comes later, on its
+        // own): a file written straight through is looked at here, before close returns.
+        if let Ok(h) = self.handle(fh) {
+            if h.plain_writer {
+                if let Some(r) = h.rel.lock().clone() {
+                    self.recheck_plain(&r);
+                }
+            }
+        }
         reply.ok();
     }
 
@@ -378,6 +394,15 @@ impl Filesystem for SqlFs {
         reply: ReplyEmpty,
     ) {
         let h = self.handles.write().remove(fh.0);
+        if let Some(h) = &h {
+            if h.plain_writer {
+                self.plain_writers
+                    .fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+                if let Some(r) = h.rel.lock().clone() {
+                    self.recheck_plain(&r);
+                }
+            }
+        }
         if let Some(r) = h.and_then(|h| h.cap_rel()) {
             self.capture.on_release(&r);
         }

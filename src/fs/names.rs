@@ -339,6 +339,9 @@ impl SqlFs {
         reply: ReplyCreate,
     ) {
         let res = self.child(parent, name).and_then(|(dir, rel, c)| {
+            if self.journal_blocked(&rel) {
+                return Err(Errno::EBUSY);
+            }
             let existed = stat_in(dir.fd(), &c).is_ok();
             let cap = utf8(&rel);
             let trunc = existed && flags & libc::O_TRUNC != 0;
@@ -384,6 +387,7 @@ impl SqlFs {
             }
             let st = fstat(fd).map_err(errno)?;
             let attr = self.attr(&st);
+            let route = self.route(attr.ino.0, cap, &f, flags, |f| reply.open_backing(f))?;
             {
                 let mut nodes = self.nodes.write();
                 let n = nodes
@@ -392,19 +396,16 @@ impl SqlFs {
                 n.named(rel.clone());
                 n.lookups += 1;
             }
-            let pt = self.passthrough_for(attr.ino.0, cap, &f, |f| reply.open_backing(f));
-            Ok((
-                self.add_handle(f, Some(rel), attr.ino.0, pt.clone()),
-                attr,
-                pt,
-            ))
+            let id = route.id.clone();
+            Ok((self.add_handle(f, Some(rel), attr.ino.0, route), attr, id))
         });
         match res {
             Ok((fh, attr, Some(id))) => {
                 reply.created_passthrough(&TTL, &attr, Generation(0), fh, FopenFlags::empty(), &id)
             }
             Ok((fh, attr, None)) => {
-                reply.created(&TTL, &attr, Generation(0), fh, FopenFlags::FOPEN_KEEP_CACHE)
+                let keep = self.cache_flags(attr.ino.0);
+                reply.created(&TTL, &attr, Generation(0), fh, keep)
             }
             Err(e) => reply.error(e),
         }

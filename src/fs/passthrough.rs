@@ -1,73 +1,215 @@
-//! Kernel passthrough: negotiating it at `init`, and deciding per open which files the kernel
-//! reads and writes straight to the backing file (WAL and WAL-index files, by capture's naming,
-//! unless their database is written through).
+//! Kernel passthrough: negotiating it at `init`, and deciding per open which handles the
+//! kernel reads and writes straight to the backing file: WAL and WAL-index files (by capture's
+//! naming, unless their database is written through), and plain files, which no database
+//! write can reach through such a handle without capture learning of it.
+//!
+//! The plain-file rule (docs/ARCHITECTURE.md, invariant 14). A file that is not a WAL, a
+//! journal or a `-shm` file goes straight through when capture does not know it as a
+//! database (its first bytes, read at open, are no SQLite header) and SQLite could not make
+//! it one through this handle: opened read-only or write-only (SQLite needs both), or
+//! read-write on a file that is not empty (SQLite refuses such a file as not a database).
+//! An empty file opened read-write (a new database, maybe) and every database go through
+//! sqlfs. A plain file still becomes a database in three ways, and each is caught:
+//! - its header written through a handle that goes straight through (a copy into a new
+//!   file): when such a writable handle is fsynced or closed the file is looked at again,
+//!   and a file that now shows a database is captured from there (a snapshot; one capture
+//!   already knows, because it became a database meanwhile, stages a snapshot if its
+//!   contents moved past the staged stream);
+//! - renamed or linked over a database's name: capture reads the header then (`capture`'s
+//!   rename), and the handles' later writes are caught at their fsync or close as above;
+//! - a database renamed onto its name: the database is another inode, whose handles go
+//!   through sqlfs; the plain file's handles keep writing the old, unnamed inode.
+//!
+//! While a writable handle goes straight to a file, its WAL or rollback journal cannot be
+//! opened (EBUSY), so SQLite cannot start a transaction whose writes to it capture would
+//! miss; and a database capture knows cannot be opened for writing (EBUSY) while its inode
+//! is held that way (the kernel does not mix the two kinds of handle on one inode).
 //!
 //! Invariants:
 //! - All handles on one inode agree: an inode already open through sqlfs stays so, and one
 //!   passed through shares one backing id while any handle holds it.
 //! - Once opening a backing id fails, passthrough is off for the rest of the mount; when no
 //!   handle bypasses sqlfs any more, capture goes back to seeing every write (`unobserve`).
+//! - An inode written straight through is opened without the kernel's kept page cache the
+//!   next time it is opened through sqlfs, so no page cached before is read stale.
 
-use super::SqlFs;
+use super::{errno, utf8, SqlFs};
+use crate::backing::fstat;
 use crate::capture;
 use crate::capture::classify;
 use crate::capture::Role;
-use fuser::{BackingId, InitFlags, KernelConfig};
+use fuser::{BackingId, Errno, InitFlags, KernelConfig};
 use std::fs::File;
 use std::io;
+use std::os::fd::AsRawFd;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::sync::Weak;
 
 pub use crate::config::Passthrough;
 
+/// What a file is to passthrough, by its name and what capture knows of it.
+enum Kind {
+    /// A WAL or `-shm` file: observed mode.
+    WalIndex,
+    /// Neither a WAL, a journal nor a `-shm` file; `db`: capture knows it as a database.
+    Plain { db: bool },
+    /// A rollback journal, or sqlfs's own: always through sqlfs.
+    Never,
+}
+
+/// How a new handle reaches its file.
+pub(super) struct Route {
+    /// The backing id the kernel reads and writes through, if it does.
+    pub(super) id: Option<Arc<BackingId>>,
+    /// A plain file opened for writing that goes straight through: looked at again when it
+    /// is fsynced or closed.
+    pub(super) plain_writer: bool,
+}
+
+impl Route {
+    pub(super) fn through() -> Route {
+        Route {
+            id: None,
+            plain_writer: false,
+        }
+    }
+}
+
 impl SqlFs {
-    /// The backing file id to open `rel` (inode `ino`, descriptor `f`) with, if it goes
-    /// straight through: WAL and `-shm` files, once passthrough works, unless their database
-    /// is to be written through (decided by its name when the file is opened). All handles on
-    /// one inode must agree, so an inode already open the other way stays that way.
-    pub(super) fn passthrough_for(
+    fn kind(&self, rel: &str) -> Kind {
+        if capture::wal_index_of(rel).is_some() {
+            return Kind::WalIndex;
+        }
+        match classify(rel) {
+            (Role::Wal, _) => Kind::WalIndex,
+            (Role::Main, db) => Kind::Plain {
+                db: self.capture.get(db).is_some(),
+            },
+            _ => Kind::Never,
+        }
+    }
+
+    /// How to open `rel` (inode `ino`, descriptor `f`, opened with `flags`): straight through
+    /// the kernel or through sqlfs (see the module's rules); EBUSY for a database capture
+    /// knows that would have to join writable handles the kernel passes straight through.
+    pub(super) fn route(
         &self,
         ino: u64,
         rel: Option<&str>,
         f: &File,
+        flags: i32,
         open_backing: impl FnOnce(&File) -> io::Result<BackingId>,
-    ) -> Option<Arc<BackingId>> {
+    ) -> Result<Route, Errno> {
+        let acc = flags & libc::O_ACCMODE;
+        let writable = acc != libc::O_RDONLY;
         let mut ids = self.backing_ids.lock();
-        if let Some(id) = ids.get(&ino).and_then(Weak::upgrade) {
-            return Some(id);
+        let joined = ids.get(&ino).and_then(Weak::upgrade);
+        let kind = rel.map(|r| self.kind(r));
+        let plain = matches!(kind, Some(Kind::Plain { .. }));
+        if let Some(id) = joined {
+            // The kernel wants every handle of this inode passed through.
+            if let (Some(Kind::Plain { db: true }), true) = (&kind, writable) {
+                log::warn!(
+                    "{}: refusing to open a database for writing while another process writes it past sqlfs (EBUSY)",
+                    rel.unwrap_or_default()
+                );
+                return Err(Errno::EBUSY);
+            }
+            return Ok(Route {
+                id: Some(id),
+                plain_writer: plain && writable,
+            });
         }
-        let rel = rel?;
-        let db = match (classify(rel), capture::wal_index_of(rel)) {
-            ((Role::Wal, db), _) | (_, Some(db)) => db,
-            _ => return None,
+        let (Some(rel), Some(kind)) = (rel, kind) else {
+            return Ok(Route::through());
         };
-        if !self.pt_live.load(Ordering::Relaxed)
-            || self.written_through.as_ref().is_some_and(|w| w(db))
-        {
-            return None;
+        if !self.pt_live.load(Ordering::Relaxed) {
+            return Ok(Route::through());
         }
-        if self.handles.read().by_ino.contains_key(&ino) {
-            return None;
+        let eligible = match kind {
+            Kind::WalIndex => {
+                let db = capture::wal_index_of(rel).unwrap_or_else(|| classify(rel).1);
+                !self.written_through.as_ref().is_some_and(|w| w(db))
+            }
+            Kind::Plain { db: false } => {
+                let empty = fstat(f.as_raw_fd()).map_err(errno)?.st_size == 0;
+                let sqlite_could_write = acc == libc::O_RDWR && empty;
+                // An empty file read through sqlfs costs nothing, and keeps the inode free
+                // for a read-write open that may make it a database.
+                let pointless = acc == libc::O_RDONLY && empty;
+                !sqlite_could_write
+                    && !pointless
+                    && !self.written_through.as_ref().is_some_and(|w| w(rel))
+            }
+            _ => false,
+        };
+        if !eligible || self.handles.read().by_ino.contains_key(&ino) {
+            return Ok(Route::through());
         }
         match open_backing(f) {
             Ok(id) => {
                 let id = Arc::new(id);
                 ids.retain(|_, w| w.strong_count() > 0);
                 ids.insert(ino, Arc::downgrade(&id));
-                Some(id)
+                if plain && writable {
+                    self.pt_written.lock().insert(ino);
+                }
+                Ok(Route {
+                    id: Some(id),
+                    plain_writer: plain && writable,
+                })
             }
             Err(e) => {
                 log::error!(
-                    "{rel}: kernel passthrough failed ({e}); from now on WAL writes go through sqlfs"
+                    "{rel}: kernel passthrough failed ({e}); from now on every write goes through sqlfs"
                 );
                 self.pt_live.store(false, Ordering::Relaxed);
                 if ids.values().all(|w| w.strong_count() == 0) {
                     // No handle bypasses sqlfs: its writes show every commit again.
                     self.capture.unobserve();
                 }
-                None
+                Ok(Route::through())
             }
+        }
+    }
+
+    /// True if `rel`, about to be opened, is the WAL or rollback journal of a file a writable
+    /// handle writes straight to: refused (EBUSY), so that SQLite starts no transaction on a
+    /// database whose writes capture would miss.
+    pub(super) fn journal_blocked(&self, rel: &[u8]) -> bool {
+        if self.plain_writers.load(Ordering::Relaxed) == 0 {
+            return false;
+        }
+        let Some(db) = capture::journal_db_of(rel) else {
+            return false;
+        };
+        let Ok(st) = self.backing.stat(db) else {
+            return false;
+        };
+        let ino = self.ino_of(&st);
+        let blocked = self.handles.read().all_on(ino).any(|h| h.plain_writer);
+        if blocked {
+            log::warn!(
+                "{}: refusing to open it while another process writes its database past sqlfs (EBUSY)",
+                String::from_utf8_lossy(rel)
+            );
+        }
+        blocked
+    }
+
+    /// True (once) if inode `ino` was written straight through since it was last opened
+    /// through sqlfs: the kernel's page cache of it may be stale.
+    pub(super) fn take_written_past(&self, ino: u64) -> bool {
+        let mut w = self.pt_written.lock();
+        !w.is_empty() && w.remove(&ino)
+    }
+
+    /// A writable handle that went straight through was fsynced or closed: the file it
+    /// names now may have become a database (see the module's rules).
+    pub(super) fn recheck_plain(&self, rel: &[u8]) {
+        if let Some(r) = utf8(rel) {
+            self.capture.written_past(r);
         }
     }
 }
@@ -88,7 +230,7 @@ impl SqlFs {
             if granted {
                 self.capture.observe()?;
                 self.pt_live.store(true, Ordering::Relaxed);
-                log::info!("WAL and shared-memory files pass straight through (kernel passthrough); commits are read from the WAL");
+                log::info!("WAL, shared-memory and plain files pass straight through (kernel passthrough); commits are read from the WAL");
             } else if self.passthrough == Passthrough::On {
                 return Err(io::Error::other(if root {
                     "--passthrough on: this kernel does not offer FUSE passthrough (Linux 6.9 or later is needed)"
