@@ -96,7 +96,7 @@ impl Config {
         {
             bail!("invalid benchmark settings");
         }
-        const KNOWN: [&str; 12] = [
+        const KNOWN: [&str; 13] = [
             "autocommit",
             "scan",
             "vacuum",
