@@ -463,8 +463,10 @@ mod tests {
                 .as_deref(),
             Some(Path::new("/etc/sqlfs/offsite.key"))
         );
+        // The file replica (after the SFTP one) turns encryption off.
+        assert!(r[2].url.starts_with("file://"));
         assert!(matches!(
-            resolve_seal(&base, Some(&r[1].keys())).unwrap(),
+            resolve_seal(&base, Some(&r[2].keys())).unwrap(),
             Seal::Plain
         ));
         assert!(!db_sync(true, c.databases.get("cache.db")));

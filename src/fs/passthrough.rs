@@ -93,14 +93,22 @@ impl SqlFs {
     /// How to open `rel` (inode `ino`, descriptor `f`, opened with `flags`): straight through
     /// the kernel or through sqlfs (see the module's rules); EBUSY for a database capture
     /// knows that would have to join writable handles the kernel passes straight through.
-    pub(super) fn route(
+    ///
+    /// The decision and `register` (which records the new handle) happen under one lock, so
+    /// two opens of one inode racing each other can never be routed two ways: the daemon
+    /// records a handle before the kernel learns of it and forgets it only after the kernel
+    /// closed it, so what it sees open is always at least what the kernel has open, and the
+    /// kernel never gets a handle of the other kind for an inode (it would fail that open
+    /// with EIO).
+    pub(super) fn route<R>(
         &self,
         ino: u64,
         rel: Option<&str>,
-        f: &File,
+        f: File,
         flags: i32,
         open_backing: impl FnOnce(&File) -> io::Result<BackingId>,
-    ) -> Result<Route, Errno> {
+        register: impl FnOnce(File, Route) -> R,
+    ) -> Result<R, Errno> {
         let acc = flags & libc::O_ACCMODE;
         let writable = acc != libc::O_RDONLY;
         let mut ids = self.backing_ids.lock();
@@ -116,16 +124,17 @@ impl SqlFs {
                 );
                 return Err(Errno::EBUSY);
             }
-            return Ok(Route {
+            let route = Route {
                 id: Some(id),
                 plain_writer: plain && writable,
-            });
+            };
+            return Ok(register(f, route));
         }
         let (Some(rel), Some(kind)) = (rel, kind) else {
-            return Ok(Route::through());
+            return Ok(register(f, Route::through()));
         };
         if !self.pt_live.load(Ordering::Relaxed) {
-            return Ok(Route::through());
+            return Ok(register(f, Route::through()));
         }
         let eligible = match kind {
             Kind::WalIndex => {
@@ -145,9 +154,9 @@ impl SqlFs {
             _ => false,
         };
         if !eligible || self.handles.read().by_ino.contains_key(&ino) {
-            return Ok(Route::through());
+            return Ok(register(f, Route::through()));
         }
-        match open_backing(f) {
+        match open_backing(&f) {
             Ok(id) => {
                 let id = Arc::new(id);
                 ids.retain(|_, w| w.strong_count() > 0);
@@ -155,10 +164,11 @@ impl SqlFs {
                 if plain && writable {
                     self.pt_written.lock().insert(ino);
                 }
-                Ok(Route {
+                let route = Route {
                     id: Some(id),
                     plain_writer: plain && writable,
-                })
+                };
+                Ok(register(f, route))
             }
             Err(e) => {
                 log::error!(
@@ -169,7 +179,7 @@ impl SqlFs {
                     // No handle bypasses sqlfs: its writes show every commit again.
                     self.capture.unobserve();
                 }
-                Ok(Route::through())
+                Ok(register(f, Route::through()))
             }
         }
     }
@@ -184,6 +194,12 @@ impl SqlFs {
         let Some(db) = capture::journal_db_of(rel) else {
             return false;
         };
+        // A database capture never takes (excluded, or a name that is not UTF-8) loses
+        // nothing to a writer past sqlfs: SQLite works on it as on any directory.
+        match utf8(db) {
+            Some(name) if !self.capture.excluded(name) => {}
+            _ => return false,
+        }
         let Ok(st) = self.backing.stat(db) else {
             return false;
         };
