@@ -67,10 +67,12 @@
 //!   SQLFS_BENCH_MANY_BIG databases of its memory and mount-time part (default 1000; the
 //!                        target is 10000; 0 skips it)
 //!   SQLFS_BENCH_MANY_IDLE_SECS  seconds its idle mount is watched (default 20)
+//!   SQLFS_BENCH_BACKENDS_MB  size of the database restored from each backend (sftp://, gs://,
+//!                        az://, S3, file) in the backends group, MiB (default 256; 0 skips)
 //!   SQLFS_BENCH_S3=0     leave out everything that needs the S3-compatible server
 //!   SQLFS_BENCH_ONLY     run only these workloads, comma-separated, of: autocommit, scan,
 //!                        vacuum, plain, roundtrip, floor, mixed, replication, memory, restore,
-//!                        s3, history, many
+//!                        s3, history, many, backends
 //!   SQLFS_S3_SERVER      the S3-compatible server binary (default: .venv/bin/moto_server)
 //!   SQLFS_BENCH_DIR      where to make the work directory sqlfs-bench-work; on disk, not
 //!                        tmpfs (default: target/bench-work)
@@ -80,6 +82,8 @@
 mod floor;
 mod s3;
 
+#[path = "txbench/backends.rs"]
+mod backends;
 #[path = "txbench/bulk.rs"]
 mod bulk;
 #[path = "txbench/cli.rs"]
@@ -517,6 +521,12 @@ fn main() -> Result<()> {
                 b.create_secs
             ));
         }
+    }
+
+    if cfg.runs("backends") {
+        let (r, n) = backends::backends(&cfg, store.as_ref())?;
+        rows.extend(r);
+        notes.extend(n);
     }
 
     let header = format!(
