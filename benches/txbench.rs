@@ -29,6 +29,9 @@
 //! 10. many databases in one mount (`many.rs`): commit → S3 lag with every database committing
 //!     once a second, requests and CPU of an idle mount of them all, and the memory, shipping
 //!     and mount time of a larger number.
+//! 11. every replica backend against its loopback server (`backends.rs`: S3, SFTP via sshd, the
+//!     GCS emulator, Azurite): commit → object readable lag, and restore speed beside the file
+//!     replica's.
 //!
 //! Before the scans, the daemon is given time to finish staging and shipping the load (until
 //! it uses no CPU for half a second). Workloads 1-4 alternate between the two sides for

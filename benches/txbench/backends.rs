@@ -123,15 +123,21 @@ pub fn backends(cfg: &Config, store: Option<&s3::Server>) -> Result<(Vec<Row>, V
     cloudservers::azurite_credentials();
     match try_start(|| cloudservers::Azurite::start(BUCKET)) {
         Ok(s) => servers.push(("Azure", Srv::Azure(s))),
-        Err(e) => notes.push(format!("Backends: Azure left out, Azurite did not start: {e}")),
+        Err(e) => notes.push(format!(
+            "Backends: Azure left out, Azurite did not start: {e}"
+        )),
     }
 
     let secs = cfg.secs.max(3.0);
     for (name, srv) in &servers {
-        step(&format!("backends: commit → readable on the {name} replica, {secs:.0} s"));
+        step(&format!(
+            "backends: commit → readable on the {name} replica, {secs:.0} s"
+        ));
         match lag(cfg, name, &srv.url("be-lag"), secs) {
             Ok(l) => rows.push(Row::text(
-                &format!("{name}: commit → object readable, p50 / p99 / max (ms), 1 s sync interval"),
+                &format!(
+                    "{name}: commit → object readable, p50 / p99 / max (ms), 1 s sync interval"
+                ),
                 format!("{:.0} / {:.0} / {:.0}", l.p50, l.p99, l.max),
             )),
             Err(e) => notes.push(format!("Backends: {name} lag failed: {e:#}")),
@@ -219,7 +225,10 @@ fn lag(cfg: &Config, name: &str, url: &str, secs: f64) -> Result<Lag> {
         while start.elapsed().as_secs_f64() < secs {
             conn.execute(
                 "INSERT INTO t(x) VALUES (?1)",
-                params![format!("row {i} of the backends benchmark, {}", i * 7919 % 1000)],
+                params![format!(
+                    "row {i} of the backends benchmark, {}",
+                    i * 7919 % 1000
+                )],
             )?;
             i += 1;
             thread::sleep(Duration::from_millis(20));
