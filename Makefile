@@ -67,7 +67,7 @@ cloud-servers: $(GCS_EMULATOR) $(AZURITE)
 test: deps $(VENV)/bin/moto_server cloud-servers
 	$(CARGO) test --release --no-fail-fast
 
-bench: deps $(VENV)/bin/moto_server
+bench: deps $(VENV)/bin/moto_server cloud-servers
 	$(CARGO) bench --bench txbench
 
 install: build

@@ -29,6 +29,9 @@
 //! 10. many databases in one mount (`many.rs`): commit → S3 lag with every database committing
 //!     once a second, requests and CPU of an idle mount of them all, and the memory, shipping
 //!     and mount time of a larger number.
+//! 11. every replica backend against its loopback server (`backends.rs`: S3, SFTP via sshd, the
+//!     GCS emulator, Azurite): commit → object readable lag, and restore speed beside the file
+//!     replica's.
 //!
 //! Before the scans, the daemon is given time to finish staging and shipping the load (until
 //! it uses no CPU for half a second). Workloads 1-4 alternate between the two sides for
@@ -67,10 +70,12 @@
 //!   SQLFS_BENCH_MANY_BIG databases of its memory and mount-time part (default 1000; the
 //!                        target is 10000; 0 skips it)
 //!   SQLFS_BENCH_MANY_IDLE_SECS  seconds its idle mount is watched (default 20)
+//!   SQLFS_BENCH_BACKENDS_MB  size of the database restored from each backend (sftp://, gs://,
+//!                        az://, S3, file) in the backends group, MiB (default 256; 0 skips)
 //!   SQLFS_BENCH_S3=0     leave out everything that needs the S3-compatible server
 //!   SQLFS_BENCH_ONLY     run only these workloads, comma-separated, of: autocommit, scan,
 //!                        vacuum, plain, roundtrip, floor, mixed, replication, memory, restore,
-//!                        s3, history, many
+//!                        s3, history, many, backends
 //!   SQLFS_S3_SERVER      the S3-compatible server binary (default: .venv/bin/moto_server)
 //!   SQLFS_BENCH_DIR      where to make the work directory sqlfs-bench-work; on disk, not
 //!                        tmpfs (default: target/bench-work)
@@ -80,6 +85,8 @@
 mod floor;
 mod s3;
 
+#[path = "txbench/backends.rs"]
+mod backends;
 #[path = "txbench/bulk.rs"]
 mod bulk;
 #[path = "txbench/cli.rs"]
@@ -517,6 +524,12 @@ fn main() -> Result<()> {
                 b.create_secs
             ));
         }
+    }
+
+    if cfg.runs("backends") {
+        let (r, n) = backends::backends(&cfg, store.as_ref())?;
+        rows.extend(r);
+        notes.extend(n);
     }
 
     let header = format!(

@@ -96,7 +96,8 @@ impl Config {
         {
             bail!("invalid benchmark settings");
         }
-        const KNOWN: [&str; 13] = [
+        const KNOWN: [&str; 14] = [
+            "backends",
             "autocommit",
             "scan",
             "vacuum",
