@@ -143,10 +143,17 @@ impl SqlFs {
             }
             // `name` borrows `rel`: the handle takes a copy.
             let named = rel.clone();
-            self.route(ino.0, name, f, flags.0, |f| reply.open_backing(f), |f, route| {
-                let id = route.id.clone();
-                (self.add_handle(f, named, ino.0, route), id)
-            })
+            self.route(
+                ino.0,
+                name,
+                f,
+                flags.0,
+                |f| reply.open_backing(f),
+                |f, route| {
+                    let id = route.id.clone();
+                    (self.add_handle(f, named, ino.0, route), id)
+                },
+            )
         });
         match res {
             // The kernel refuses page-cache flags on passthrough handles.

@@ -389,18 +389,25 @@ impl SqlFs {
             let attr = self.attr(&st);
             // `cap` borrows `rel`: the handle takes a copy.
             let named = rel.clone();
-            self.route(attr.ino.0, cap, f, flags, |f| reply.open_backing(f), |f, route| {
-                {
-                    let mut nodes = self.nodes.write();
-                    let n = nodes
-                        .entry(attr.ino.0)
-                        .or_insert_with(|| Node::new(named.clone()));
-                    n.named(named.clone());
-                    n.lookups += 1;
-                }
-                let id = route.id.clone();
-                (self.add_handle(f, Some(named), attr.ino.0, route), attr, id)
-            })
+            self.route(
+                attr.ino.0,
+                cap,
+                f,
+                flags,
+                |f| reply.open_backing(f),
+                |f, route| {
+                    {
+                        let mut nodes = self.nodes.write();
+                        let n = nodes
+                            .entry(attr.ino.0)
+                            .or_insert_with(|| Node::new(named.clone()));
+                        n.named(named.clone());
+                        n.lookups += 1;
+                    }
+                    let id = route.id.clone();
+                    (self.add_handle(f, Some(named), attr.ino.0, route), attr, id)
+                },
+            )
         });
         match res {
             Ok((fh, attr, Some(id))) => {
