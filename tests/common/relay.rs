@@ -1,10 +1,11 @@
 //! A TCP relay on loopback that counts what clients send through it: shows that an idle
-//! mount sends nothing to its store.
+//! mount sends nothing to its store (bytes and connections).
 
 /// A TCP relay to `port` on loopback that counts the bytes its clients send.
 pub struct Relay {
     pub port: u16,
     sent: std::sync::Arc<std::sync::atomic::AtomicU64>,
+    conns: std::sync::Arc<std::sync::atomic::AtomicU64>,
 }
 
 impl Relay {
@@ -16,8 +17,11 @@ impl Relay {
         let port = l.local_addr().unwrap().port();
         let sent = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
         let counter = sent.clone();
+        let conns = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let accepted = conns.clone();
         std::thread::spawn(move || {
             for c in l.incoming().flatten() {
+                accepted.fetch_add(1, Ordering::SeqCst);
                 let Ok(s) = TcpStream::connect(("127.0.0.1", to)) else {
                     continue;
                 };
@@ -40,11 +44,16 @@ impl Relay {
                 });
             }
         });
-        Relay { port, sent }
+        Relay { port, sent, conns }
     }
 
     /// Bytes the clients sent so far.
     pub fn sent(&self) -> u64 {
         self.sent.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
+    /// Connections the clients opened so far.
+    pub fn connections(&self) -> u64 {
+        self.conns.load(std::sync::atomic::Ordering::SeqCst)
     }
 }
