@@ -170,7 +170,9 @@ fn level_objects(d: &Value, level: u64) -> u64 {
 
 /// With `--sync` and a sync interval far longer than the test, each commit (WAL mode,
 /// synchronous=FULL) returns once the replica has it: a restore run right after the commit,
-/// without waiting, holds that commit's row.
+/// without waiting, holds that commit's row. The control: without `--sync`, a commit made on
+/// a fresh mount is not in the replica right after it returns (only what the previous
+/// unmount flushed is), so the test tells the two apart.
 #[test]
 fn sync_commit_is_on_each_backend_when_it_returns() {
     let servers = Servers::start();
@@ -180,10 +182,46 @@ fn sync_commit_is_on_each_backend_when_it_returns() {
         let mut fx = Fixture::new(&format!("bk-sync-{}", b.tag), false);
         fx.opts.replicas = Some(vec![url.clone()]);
         fx.opts.sync_interval = Some("60s".into());
+        let out = fx.scratch_path("restored.db");
+
+        // The control, without --sync: row 1 is flushed by the unmount; of rows 2-4, committed
+        // on the next mount, some are not there right after their commit (the mount's first
+        // shipping pass may still catch one).
+        fx.mount();
+        writes(&fx, db, 1, 1);
+        fx.unmount();
+        fx.mount();
+        let mounted = Instant::now();
+        let mut missed = Vec::new();
+        for id in 2..=4 {
+            writes(&fx, db, id, 1);
+            restore_ok(&url, db, &out, None);
+            if ids(&out).last() != Some(&id) {
+                missed.push(id);
+            }
+        }
+        eprintln!(
+            "{}: without --sync, rows not yet shipped right after their commit: {missed:?}",
+            b.tag
+        );
+        if mounted.elapsed() < Duration::from_secs(45) {
+            assert!(
+                !missed.is_empty(),
+                "{}: without --sync, a restore right after each commit already had it with a \
+                 60 s sync interval: this test could not tell --sync from no --sync",
+                b.tag
+            );
+        } else {
+            eprintln!(
+                "{}: too slow for the control (over 45 s of a 60 s interval)",
+                b.tag
+            );
+        }
+        fx.unmount();
+
         fx.opts.sync = true;
         fx.mount();
-        let out = fx.scratch_path("restored.db");
-        for id in 1..=6 {
+        for id in 5..=10 {
             writes(&fx, db, id, 1);
             let t = restore_ok(&url, db, &out, None);
             assert_eq!(
@@ -347,7 +385,8 @@ fn levels_retention_and_list_on_each_backend() {
             live.page_size,
             &format!("{}: restore at latest vs the live database", b.tag),
         );
-        // Before the window: a clear refusal.
+        // Stopped, so retention no longer moves the window while it is checked.
+        fx.unmount();
         let first = wait_until(
             Duration::from_secs(60),
             300,
@@ -379,7 +418,7 @@ fn levels_retention_and_list_on_each_backend() {
         );
         // Inside the window, restores equal the replay of the same TXID from staging.
         for t in [first, (first + last) / 2, last] {
-            restore_vs_replay(&url, &fx.mnt, db, Some(t), &fx.scratch);
+            restore_vs_replay(&url, &fx.backing, db, Some(t), &fx.scratch);
         }
         let o = list(&url, false);
         assert!(o.ok(), "{}: {}", b.tag, o.describe());
