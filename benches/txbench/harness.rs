@@ -96,7 +96,7 @@ impl Config {
         {
             bail!("invalid benchmark settings");
         }
-        const KNOWN: [&str; 13] = [
+        const KNOWN: [&str; 14] = [
             "autocommit",
             "scan",
             "vacuum",
@@ -110,6 +110,7 @@ impl Config {
             "s3",
             "history",
             "many",
+            "compare",
         ];
         for w in cfg.only.iter().flatten() {
             if !KNOWN.contains(&w.as_str()) {
