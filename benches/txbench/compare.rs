@@ -24,7 +24,7 @@
 //! beside the replicator, not to the native column: that comes from an earlier part of the run,
 //! and this machine's speed drifts.
 
-use std::collections::HashMap;
+use std::collections::HashSet;
 use std::fs;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -254,7 +254,7 @@ fn sqlfs_instants(dir: &Path) -> Result<Vec<i64>> {
         &mnt,
         &dir.join("sqlfs-backing"),
         &dir.join("sqlfs.log"),
-        &[url.clone()],
+        std::slice::from_ref(&url),
     )?;
     let (_, conn) = fresh(&mnt, DB, "NORMAL")?;
     let instants = timed_commits(&conn)?;
@@ -391,14 +391,12 @@ fn measure(cfg: &Config, bin: &Path, dir: &Path) -> Result<Figures> {
                     .filter(|p| p.extension().is_some_and(|e| e == "ltx"))
             };
             let watcher = s.spawn(move || {
-                let mut known: HashMap<PathBuf, f64> = ltx().map(|p| (p, 0.0)).collect();
+                let mut known: HashSet<PathBuf> = ltx().collect();
                 let mut seen = Vec::new();
                 while !stop.load(Ordering::Relaxed) {
                     for p in ltx() {
-                        if !known.contains_key(&p) {
-                            let at = t0.elapsed().as_secs_f64();
-                            known.insert(p, at);
-                            seen.push(at);
+                        if known.insert(p) {
+                            seen.push(t0.elapsed().as_secs_f64());
                         }
                     }
                     thread::sleep(Duration::from_millis(5));
@@ -540,6 +538,10 @@ fn put(rows: &mut Vec<Row>, prefix: &str, name: &str, cell: String, native: Opti
         None if cell.is_empty() => {}
         None => {
             let mut r = Row::text(name, "–".into());
+            if let Some(n) = native {
+                // The native figure measured beside it, as the native column has none.
+                r.native = fmt_num(n, if n < 1000.0 { 1 } else { 0 });
+            }
             r.other = Some(cell);
             rows.push(r);
         }
