@@ -28,10 +28,13 @@
 //!     that it comes from the file replica;
 //! 10. many databases in one mount (`many.rs`): commit → S3 lag with every database committing
 //!     once a second, requests and CPU of an idle mount of them all, and the memory, shipping
-//!     and mount time of a larger number.
+//!     and mount time of a larger number;
 //! 11. every replica backend against its loopback server (`backends.rs`: S3, SFTP via sshd, the
 //!     GCS emulator, Azurite): commit → object readable lag, and restore speed beside the file
-//!     replica's.
+//!     replica's;
+//! 12. the Litestream column (`compare.rs`): Litestream, where `make bench` could install it,
+//!     replicating the native directory through workloads 1-3, 6 and 7, and a restore to an
+//!     instant between two commits by it and by sqlfs.
 //!
 //! Before the scans, the daemon is given time to finish staging and shipping the load (until
 //! it uses no CPU for half a second). Workloads 1-4 alternate between the two sides for
@@ -48,7 +51,7 @@
 //! settings, PRNG, SQLite helpers, alternating rounds; mount.rs: the daemon; cli.rs: the sqlfs
 //! CLI; report.rs: rows and the table) and one file per group of rows: commits.rs (1, 2 and the
 //! mixed workload), bulk.rs (3), plainfile.rs (plain writes, getxattr), memory.rs (5),
-//! replication.rs (6 and 8), restore.rs (7), history.rs (9). floor.rs is the bare passthrough
+//! replication.rs (6 and 8), restore.rs (7), history.rs (9), compare.rs (11). floor.rs is the bare passthrough
 //! FUSE server of the floor row, s3/ the S3-compatible server and its counting proxy.
 //! benches/README.md lists every row with the file that measures it.
 //!
@@ -75,7 +78,8 @@
 //!   SQLFS_BENCH_S3=0     leave out everything that needs the S3-compatible server
 //!   SQLFS_BENCH_ONLY     run only these workloads, comma-separated, of: autocommit, scan,
 //!                        vacuum, plain, roundtrip, floor, mixed, replication, memory, restore,
-//!                        s3, history, many, backends
+//!                        s3, history, many, backends, compare
+//!   SQLFS_BENCH_LITESTREAM  the comparison binary (default: .venv/bin/litestream)
 //!   SQLFS_S3_SERVER      the S3-compatible server binary (default: .venv/bin/moto_server)
 //!   SQLFS_BENCH_DIR      where to make the work directory sqlfs-bench-work; on disk, not
 //!                        tmpfs (default: target/bench-work)
@@ -93,6 +97,8 @@ mod bulk;
 mod cli;
 #[path = "txbench/commits.rs"]
 mod commits;
+#[path = "txbench/compare.rs"]
+mod compare;
 #[path = "txbench/harness.rs"]
 mod harness;
 #[path = "txbench/history.rs"]
@@ -530,6 +536,9 @@ fn main() -> Result<()> {
         let (r, n) = backends::backends(&cfg, store.as_ref())?;
         rows.extend(r);
         notes.extend(n);
+    }
+    if cfg.runs("compare") {
+        notes.extend(compare::compare(&cfg, &mut rows));
     }
 
     let header = format!(

@@ -96,8 +96,7 @@ impl Config {
         {
             bail!("invalid benchmark settings");
         }
-        const KNOWN: [&str; 14] = [
-            "backends",
+        const KNOWN: [&str; 15] = [
             "autocommit",
             "scan",
             "vacuum",
@@ -111,6 +110,8 @@ impl Config {
             "s3",
             "history",
             "many",
+            "backends",
+            "compare",
         ];
         for w in cfg.only.iter().flatten() {
             if !KNOWN.contains(&w.as_str()) {

@@ -341,6 +341,7 @@ pub fn history_bench(cfg: &Config) -> Result<HistoryRun> {
                 native: fmt_num(ms(n_open), 2),
                 sqlfs: "fails".into(),
                 ratio: "–".into(),
+                other: None,
             });
             replica_error = Some(why);
         }

@@ -9,6 +9,8 @@ pub struct Row {
     pub native: String,
     pub sqlfs: String,
     pub ratio: String,
+    /// The Litestream column (compare.rs); `None` on every row leaves the column out.
+    pub other: Option<String>,
 }
 
 impl Row {
@@ -23,6 +25,7 @@ impl Row {
             } else {
                 "–".into()
             },
+            other: None,
         }
     }
 
@@ -38,6 +41,7 @@ impl Row {
             } else {
                 "–".into()
             },
+            other: None,
         }
     }
 
@@ -48,6 +52,7 @@ impl Row {
             native: "–".into(),
             sqlfs,
             ratio: "–".into(),
+            other: None,
         }
     }
 }
@@ -76,13 +81,22 @@ pub fn fmt_num(v: f64, digits: usize) -> String {
 }
 
 pub fn table(rows: &[Row]) -> String {
-    let mut out =
-        String::from("| workload | native | sqlfs | ratio |\n| --- | ---: | ---: | ---: |\n");
+    let other = rows.iter().any(|r| r.other.is_some());
+    let mut out = String::from("| workload | native | sqlfs | ratio |");
+    if other {
+        out += " Litestream (ratio to native) |";
+    }
+    out += "\n| --- | ---: | ---: | ---: |";
+    if other {
+        out += " ---: |";
+    }
+    out += "\n";
     for r in rows {
-        out += &format!(
-            "| {} | {} | {} | {} |\n",
-            r.name, r.native, r.sqlfs, r.ratio
-        );
+        out += &format!("| {} | {} | {} | {} |", r.name, r.native, r.sqlfs, r.ratio);
+        if other {
+            out += &format!(" {} |", r.other.as_deref().unwrap_or(""));
+        }
+        out += "\n";
     }
     out
 }
