@@ -115,7 +115,7 @@ pub fn render(
             db.stage_errors()
         );
     }
-    let _ = writeln!(o, "# HELP sqlfs_stage_limit_bytes --stage-limit: staging is folded past this size, past {}x even before a lagging replica has it.\n# TYPE sqlfs_stage_limit_bytes gauge\nsqlfs_stage_limit_bytes {stage_limit}", crate::stage::HARD_FACTOR);
+    let _ = writeln!(o, "# HELP sqlfs_stage_limit_bytes --stage-limit: staging is folded past this size once every replica has it; past {}x even before a failing or stalled replica has it.\n# TYPE sqlfs_stage_limit_bytes gauge\nsqlfs_stage_limit_bytes {stage_limit}", crate::stage::HARD_FACTOR);
     // Each family's samples in one group, as the exposition format wants.
     type Sample = fn(&Shipper, &crate::capture::Db) -> String;
     let families: [(&str, &str, Sample); 4] = [

@@ -1122,6 +1122,20 @@ fn point_query_on_a_replica_view_reads_a_fraction() {
         random_txn(&c, &mut rng, 500);
         sleep_ms(100);
     }
+    // Snapshots are taken on the shipper's schedule: wait for one of the loaded database, so
+    // the transactions below come after it.
+    wait_for(
+        Duration::from_secs(120),
+        200,
+        || {
+            replica_db_id(&replica, "app.db").is_some_and(|id| {
+                snapshots(&replica, &id)
+                    .iter()
+                    .any(|s| fs::metadata(&s.path).map_or(0, |m| m.len()) > 32 << 20)
+            })
+        },
+        || format!("no snapshot of the loaded database:\n{}", fx.daemon_logs()),
+    );
     let _ = c.execute_batch("PRAGMA wal_checkpoint(TRUNCATE)");
     for _ in 0..10 {
         random_txn(&c, &mut rng, 200_000);

@@ -7,13 +7,18 @@
 //! - Only databases that staged records since the last look (capture tells this thread), or
 //!   that were over the limit at the last look, are looked at: an idle mount of any number of
 //!   databases does no per-database work here.
-//! - Staging is folded only up to the slowest replica's position, unless it outgrows its hard
-//!   limit (logged; that replica then gets a snapshot).
+//! - Staging is folded only up to the slowest replica's position. Past its hard limit
+//!   ([`crate::stage::HARD_FACTOR`] × `--stage-limit`) it is folded anyway, but only when a
+//!   lagging replica is not getting anywhere: its last attempt failed, it is fenced, or its
+//!   position has not moved for [`STALLED`]. A replica that is merely busy shipping a burst is
+//!   waited for, up to [`CEILING_FACTOR`] × `--stage-limit` (a replica slower than the app for
+//!   good). Every forced fold is logged; that replica then gets a snapshot, and its window has a
+//!   gap that `list` reports.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use parking_lot::Mutex;
 
@@ -22,6 +27,20 @@ use crate::ship::Shipper;
 
 /// How often the thread looks.
 const TICK: Duration = Duration::from_millis(500);
+/// A lagging replica whose position has not moved for this long is not waited for past the
+/// hard limit.
+pub const STALLED: Duration = Duration::from_secs(30);
+/// Past this many times `--stage-limit`, staging is folded even for a replica that is still
+/// shipping (it is slower than the app).
+pub const CEILING_FACTOR: u64 = 4 * crate::stage::HARD_FACTOR;
+
+/// What the thread remembers of a database over its limit: the slowest replica's position and
+/// when it last moved.
+struct Lag {
+    shipped: u64,
+    since: Instant,
+    told: bool,
+}
 
 /// Starts the thread; it ends when `stop` is set.
 pub(super) fn spawn(
@@ -52,6 +71,7 @@ pub(super) fn spawn(
         .spawn(move || {
             crate::backing::background_priority();
             let mut tick = 0u64;
+            let mut lags: HashMap<String, Lag> = HashMap::new();
             while !stop.load(Ordering::Relaxed) {
                 std::thread::sleep(TICK);
                 let mut todo = std::mem::take(&mut *changed.lock());
@@ -66,8 +86,10 @@ pub(super) fn spawn(
                 }
                 todo.extend(over.drain());
                 for (id, db) in todo {
-                    if fold(&db, &shippers, limit) {
+                    if fold(&db, &shippers, limit, &mut lags) {
                         over.insert(id, db);
+                    } else {
+                        lags.remove(&id);
                     }
                 }
             }
@@ -86,26 +108,69 @@ fn sync(db: &Db) {
 }
 
 /// Folds `db`'s staging if it is over `limit`; true if it still is (a replica is behind).
-fn fold(db: &Db, shippers: &[Arc<Shipper>], limit: u64) -> bool {
+fn fold(db: &Db, shippers: &[Arc<Shipper>], limit: u64, lags: &mut HashMap<String, Lag>) -> bool {
     let bytes = db.stage.log_bytes();
     if bytes <= limit {
         return false;
     }
     let name = db.name();
-    // Fold only what every replica has, unless staging outgrows its hard limit: then say so,
-    // and the lagging replica gets a snapshot.
+    let last = db.stage.last().map_or(0, |h| h.txid);
+    let behind: Vec<&Arc<Shipper>> = shippers.iter().filter(|s| s.position(db) < last).collect();
     let shipped = shippers
         .iter()
         .map(|s| s.position(db))
         .min()
         .unwrap_or(u64::MAX);
-    let upto = if bytes > limit * crate::stage::HARD_FACTOR {
-        if shipped < db.stage.last().map_or(0, |h| h.txid) {
-            log::error!("{name}: a replica is behind and staging holds {} MiB (over {}x --stage-limit); folding anyway, that replica will get a snapshot", bytes >> 20, crate::stage::HARD_FACTOR);
-        }
-        u64::MAX
-    } else {
+    let now = Instant::now();
+    let lag = lags.entry(db.id.clone()).or_insert(Lag {
+        shipped,
+        since: now,
+        told: false,
+    });
+    if lag.shipped != shipped {
+        *lag = Lag {
+            shipped,
+            since: now,
+            told: lag.told,
+        };
+    }
+    // Fold only what every replica has. Past the hard limit, a replica that is not getting
+    // anywhere is not waited for (it gets a snapshot); one that is shipping is, up to the
+    // ceiling.
+    let upto = if behind.is_empty() || bytes <= limit * crate::stage::HARD_FACTOR {
         shipped
+    } else {
+        let stuck = behind
+            .iter()
+            .find_map(|s| {
+                if s.is_fenced(db) {
+                    Some("is fenced".to_string())
+                } else {
+                    s.db_error(db).map(|e| format!("is failing ({e})"))
+                }
+            })
+            .or_else(|| {
+                (now.duration_since(lag.since) >= STALLED)
+                    .then(|| format!("has not moved for {}s", STALLED.as_secs()))
+            })
+            .or_else(|| {
+                (bytes > limit * CEILING_FACTOR).then(|| {
+                    format!("is slower than the app (staging over {CEILING_FACTOR}x --stage-limit)")
+                })
+            });
+        match stuck {
+            Some(why) => {
+                log::error!("{name}: a replica {why} and staging holds {} MiB (over {}x --stage-limit); folding anyway, that replica will get a snapshot", bytes >> 20, crate::stage::HARD_FACTOR);
+                u64::MAX
+            }
+            None => {
+                if !lag.told {
+                    log::warn!("{name}: staging holds {} MiB (over {}x --stage-limit) while a replica ships it; waiting for it", bytes >> 20, crate::stage::HARD_FACTOR);
+                    lag.told = true;
+                }
+                shipped
+            }
+        }
     };
     match db.stage.fold(upto) {
         Ok(n) if n > 0 => log::info!("{name}: folded {n} bytes of staged log into the local base"),
