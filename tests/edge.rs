@@ -1051,6 +1051,20 @@ fn full_disk_run(name: &str) -> FullDiskRun {
     integrity_ok(&conn);
     let live = sample(&conn, false, "live state after the disk was full");
     drop(conn);
+    // Staging recovers on its own once there is room: the staging thread retries the snapshot
+    // every half second, and the room may come later than the unlink (a shipment being built
+    // in staging holds space until it is sent).
+    wait_for(
+        Duration::from_secs(60),
+        100,
+        || fx.last_daemon_log().contains("staging works again"),
+        || {
+            format!(
+                "staging did not recover after space was freed:\n{}",
+                fx.last_daemon_log()
+            )
+        },
+    );
     let v = verify(&fx.mnt, None);
     assert!(
         v.ok(),
