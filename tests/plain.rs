@@ -48,7 +48,7 @@ fn done_while_stopped<T: Send + 'static>(
     op: impl FnOnce() -> T + Send + 'static,
 ) -> bool {
     let pid = fx.daemon_pid().expect("daemon pid");
-    send_signal(pid, libc::SIGSTOP);
+    stop_process(pid);
     let (tx, rx) = mpsc::channel();
     let t = std::thread::spawn(move || {
         let keep = op();

@@ -151,6 +151,28 @@ pub fn send_signal(pid: u32, sig: libc::c_int) {
     }
 }
 
+/// SIGSTOPs `pid` and returns once every one of its threads is stopped (the signal is
+/// delivered asynchronously: a thread busy at the time could still serve a request).
+pub fn stop_process(pid: u32) {
+    send_signal(pid, libc::SIGSTOP);
+    let all_stopped = || {
+        let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+            return true;
+        };
+        tasks.flatten().all(|t| {
+            std::fs::read_to_string(t.path().join("stat")).map_or(true, |s| {
+                // The state follows the command name's closing parenthesis.
+                s.rsplit_once(')')
+                    .and_then(|(_, rest)| rest.trim_start().chars().next())
+                    .is_none_or(|c| c == 'T' || c == 't' || c == 'Z' || c == 'X')
+            })
+        })
+    };
+    wait_for(Duration::from_secs(30), 5, all_stopped, || {
+        format!("process {pid} did not stop")
+    });
+}
+
 /// SIGKILL a child this test started and reap it.
 pub fn kill9_child(child: &mut Child) {
     send_signal(child.id(), libc::SIGKILL);
