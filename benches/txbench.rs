@@ -125,7 +125,7 @@ use std::time::Instant;
 
 use anyhow::{Context, Result};
 
-use crate::bulk::{index_and_vacuum, load, scans};
+use crate::bulk::{index_and_vacuum, load, page_writes, scans};
 use crate::commits::{autocommit, mixed};
 use crate::harness::{alternate, step, Config, BUCKET, MB};
 use crate::history::history_bench;
@@ -216,10 +216,18 @@ fn main() -> Result<()> {
             m.settle();
         }
         let (n_scan, s_scan) = scans(&native, &mnt, cfg.rounds)?;
+        // Ten 10 MB rounds a side: the floor of the load's checkpoints, in the same run.
+        let (n_pages, s_pages) = alternate(cfg.rounds * 10, &native, &mnt, page_writes)?;
         rows.push(Row::pair(
             format!("bulk load, {} MB in 10 MB transactions (MB/s)", cfg.scan_mb),
             n_load,
             s_load,
+            1,
+        ));
+        rows.push(Row::pair(
+            "checkpoint floor: 10 MB as 4 KiB pwrites + fdatasync to a file the daemon serves, not captured (MB/s)".to_string(),
+            n_pages,
+            s_pages,
             1,
         ));
         rows.push(Row::pair(

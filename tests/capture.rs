@@ -277,6 +277,53 @@ fn large_transactions_spill_the_page_cache() {
     finish(fx);
 }
 
+/// Large WAL transactions of every shape, each followed by a sample with its image: a bulk
+/// append (frames in page order, staged through large WAL reads), a rewrite of rows in random
+/// order and a spilled update (frames out of page order, read one by one), deletes, an index
+/// build and a `VACUUM`; checkpoints of each mode between them. Replaying up to every TXID
+/// a sample names gives, byte for byte, the database the app saw.
+#[test]
+fn large_wal_transactions_replay_at_every_txid() {
+    let seed = seed_for("large_wal_transactions_replay_at_every_txid");
+    let mut fx = Fixture::new("largeall", true);
+    fx.mount();
+    let db = "large_all.db";
+    drop(fresh_db(&fx.path(db), None, "WAL"));
+    let mut d = Driver::open(&fx.path(db), 1, seed, DriverCfg::default());
+    let mut samples = Vec::new();
+    for i in 0..4 {
+        // A small page cache in odd rounds: the transaction spills its pages as it goes.
+        d.exec(if i % 2 == 1 {
+            "PRAGMA cache_size=16"
+        } else {
+            "PRAGMA cache_size=-2000"
+        });
+        d.big_txn((3 + i) << 20).unwrap();
+        samples.push(d.sample(1.0, format!("bulk append {i}")));
+        d.random_txn().unwrap();
+        samples.push(d.sample(1.0, format!("small {i}")));
+        d.exec(&format!(
+            "BEGIN IMMEDIATE; UPDATE t SET b = randomblob(length(b)), v = 'r{i}' \
+             WHERE seq IN (SELECT seq FROM t ORDER BY random() LIMIT 400); COMMIT"
+        ));
+        samples.push(d.sample(1.0, format!("random rewrite {i}")));
+        if i == 1 {
+            d.exec("BEGIN IMMEDIATE; DELETE FROM t WHERE seq % 3 = 0; COMMIT");
+            samples.push(d.sample(1.0, "delete a third"));
+            d.exec("CREATE INDEX IF NOT EXISTS t_v ON t(v)");
+            samples.push(d.sample(1.0, "index built"));
+        }
+        if i == 2 {
+            d.exec("VACUUM");
+            samples.push(d.sample(1.0, "vacuum"));
+        }
+        d.random_checkpoint();
+    }
+    drop(d);
+    check_db(&fx, db, &samples);
+    finish(fx);
+}
+
 fn multi_process(fx: &mut Fixture, db: &str, journals: &[&str], txns: u64, seed: u64) {
     let mut children = Vec::new();
     let mut logs = Vec::new();

@@ -284,7 +284,17 @@ fn writers_killed_at_random_points_wal() {
     assert_verify(&fx.backing);
 }
 
-fn daemon_kill_cycles(fx: &mut Fixture, db: &str, journal: &str, seed: u64, cycles: usize) {
+/// `big`: one writer in two also commits multi-megabyte batches (staged in large reads and
+/// large records, then checkpointed page by page), so kills land in their staging and
+/// checkpoints too.
+fn daemon_kill_cycles(
+    fx: &mut Fixture,
+    db: &str,
+    journal: &str,
+    seed: u64,
+    cycles: usize,
+    big: bool,
+) {
     let mut rng = StdRng::seed_from_u64(seed);
     let wal = journal == "WAL";
     create_db(fx, db, journal);
@@ -297,6 +307,9 @@ fn daemon_kill_cycles(fx: &mut Fixture, db: &str, journal: &str, seed: u64, cycl
             let mut p = writer(fx, db, wid, seed, if wal { None } else { Some(journal) });
             if wal && k == 0 {
                 p = p.set("ckpt_prob", 0.05).set("autockpt", 20);
+            }
+            if big && k == 0 {
+                p = p.set("big_prob", 0.5).set("big_bytes", 4 << 20);
             }
             ws.push(spawn(fx, p, &format!("c{cycle}-w{wid}")));
         }
@@ -332,7 +345,7 @@ fn daemon_killed_mid_workload_rollback() {
     let seed = seed_for("daemon_killed_mid_workload_rollback");
     let mut fx = Fixture::new("daemonrb", true);
     fx.mount();
-    daemon_kill_cycles(&mut fx, "dk_rb.db", "DELETE", seed, 3);
+    daemon_kill_cycles(&mut fx, "dk_rb.db", "DELETE", seed, 3, false);
     fx.unmount();
     assert_verify(&fx.backing);
 }
@@ -342,7 +355,19 @@ fn daemon_killed_mid_workload_wal() {
     let seed = seed_for("daemon_killed_mid_workload_wal");
     let mut fx = Fixture::new("daemonwal", false);
     fx.mount();
-    daemon_kill_cycles(&mut fx, "dk_wal.db", "WAL", seed, 3);
+    daemon_kill_cycles(&mut fx, "dk_wal.db", "WAL", seed, 3, false);
+    fx.unmount();
+    assert_verify(&fx.backing);
+}
+
+/// The daemon killed while large WAL transactions are staged and checkpointed: every commit
+/// a writer saw is staged after the restart and replays to what it saw.
+#[test]
+fn daemon_killed_during_large_wal_transactions() {
+    let seed = seed_for("daemon_killed_during_large_wal_transactions");
+    let mut fx = Fixture::new("daemonbig", false);
+    fx.mount();
+    daemon_kill_cycles(&mut fx, "dk_big.db", "WAL", seed, 3, true);
     fx.unmount();
     assert_verify(&fx.backing);
 }

@@ -2,8 +2,11 @@
 //! (MB/s)" (`SQLFS_BENCH_SCAN_MB`): [`load`] appends 1000-byte random rows in 10 MB
 //! transactions, once on each side; [`scans`] times warm full scans on fresh connections,
 //! alternating sides. [`bulk_load`] and [`grow_to`] also build the large databases of
-//! memory.rs, restore.rs and history.rs.
+//! memory.rs, restore.rs and history.rs. [`page_writes`] measures the floor under a
+//! checkpoint: what 10 MB written one page per call costs where the daemon serves the file.
 
+use std::fs::{self, OpenOptions};
+use std::os::unix::fs::FileExt;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
@@ -35,6 +38,34 @@ pub fn bulk_load(conn: &Connection, mb: u64, tx_mb: u64, seed: u64) -> Result<(u
         done += n;
     }
     Ok((done * ROW as u64, start.elapsed()))
+}
+
+/// Row "checkpoint floor" (MB/s): 10 MB written as 4 KiB pages at increasing offsets, one
+/// `pwrite` each, then one `fdatasync`, as a checkpoint writes a database file, to a new file
+/// in `dir`. Opened read-write while empty, the file is served by the daemon (invariant 14) but
+/// holds no SQLite header, so nothing is captured: under the mount this is the FUSE request
+/// path alone, the bound a checkpoint through the daemon cannot beat.
+pub fn page_writes(dir: &Path) -> Result<f64> {
+    const PAGES: u64 = 2560;
+    let path = dir.join("pages.bin");
+    let _ = fs::remove_file(&path);
+    let f = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .open(&path)?;
+    let mut rng = Rng::new(5);
+    let page = rng.bytes(4096);
+    let start = Instant::now();
+    for i in 0..PAGES {
+        f.write_all_at(&page, i * 4096)?;
+    }
+    f.sync_data()?;
+    let took = start.elapsed().as_secs_f64();
+    drop(f);
+    fs::remove_file(&path)?;
+    Ok((PAGES * 4096) as f64 / MB / took)
 }
 
 pub fn scan_once(conn: &Connection) -> Result<Duration> {
