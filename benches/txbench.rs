@@ -489,6 +489,10 @@ fn main() -> Result<()> {
             format!("{:.0} ({:.0})", m.raw_puts_per_sec, m.raw_server_cpu_pct),
         ));
         rows.push(Row::text(
+            "… the same through the counting proxy (a connection per request)",
+            format!("{:.0}", m.raw_proxy_puts_per_sec),
+        ));
+        rows.push(Row::text(
             &format!(
                 "{n} idle databases: S3 requests / daemon CPU (% of one core), over {:.0} s",
                 m.idle_secs

@@ -68,6 +68,8 @@ pub struct Many {
     /// [`RAW_THREADS`] client threads of this process, straight to it, and its CPU meanwhile.
     pub raw_puts_per_sec: f64,
     pub raw_server_cpu_pct: f64,
+    /// The same through the counting proxy.
+    pub raw_proxy_puts_per_sec: f64,
     /// The larger part's figures, or why it failed.
     pub big: Option<std::result::Result<Big, String>>,
 }
@@ -354,8 +356,14 @@ pub fn many(cfg: &Config, srv: &s3::Server) -> Result<Many> {
         "the S3 server's own rate: conditional PUTs from {RAW_THREADS} threads for 5 s"
     ));
     let (raw_puts_per_sec, raw_server_cpu_pct) = {
-        let (n, secs, ticks) = raw_puts(srv, Duration::from_secs(5))?;
+        let (n, secs, ticks) = raw_puts(srv, srv.client()?, Duration::from_secs(5))?;
         (n as f64 / secs, ticks as f64 / hz / secs * 100.0)
+    };
+    // The same through the counting proxy (a connection per request), as the daemon's were.
+    let via = sqlfs::replica::open(&s3::Server::url_via(proxy.port, BUCKET, "rawproxy"))?;
+    let raw_proxy_puts_per_sec = {
+        let (n, secs, _) = raw_puts(srv, via.as_ref(), Duration::from_secs(5))?;
+        n as f64 / secs
     };
 
     let big = if cfg.many_big > 0 {
@@ -388,15 +396,20 @@ pub fn many(cfg: &Config, srv: &s3::Server) -> Result<Many> {
         load_server_cpu_pct,
         raw_puts_per_sec,
         raw_server_cpu_pct,
+        raw_proxy_puts_per_sec,
         big,
     })
 }
 
 /// Conditional PUTs (`If-None-Match: *`, as the daemon stores objects) of 400-byte objects
-/// from [`RAW_THREADS`] threads of this process for `dur`, straight to the server through
-/// the same S3 client the daemon uses: (PUTs that succeeded, seconds, server CPU ticks).
-fn raw_puts(srv: &s3::Server, dur: Duration) -> Result<(u64, f64, u64)> {
-    let client = srv.client()?;
+/// from [`RAW_THREADS`] threads of this process for `dur` through `client` (the S3 client the
+/// daemon uses, straight to the server or through the proxy): (PUTs that succeeded,
+/// seconds, server CPU ticks).
+fn raw_puts(
+    srv: &s3::Server,
+    client: &dyn sqlfs::replica::ReplicaClient,
+    dur: Duration,
+) -> Result<(u64, f64, u64)> {
     let dir = tempfile::tempdir()?;
     let body = dir.path().join("obj");
     fs::write(&body, vec![0x5a; 400])?;

@@ -511,6 +511,21 @@ impl S3Replica {
 #[cfg(test)]
 mod tests {
     #[test]
+    fn etags() {
+        let m = super::etag_md5("\"d41d8cd98f00b204e9800998ecf8427e\"").unwrap();
+        assert_eq!(m[0], 0xd4);
+        assert_eq!(m[15], 0x7e);
+        for other in [
+            "\"d41d8cd98f00b204e9800998ecf8427e-2\"",
+            "\"\"",
+            "\"zz1d8cd98f00b204e9800998ecf8427e\"",
+            "W/\"x\"",
+        ] {
+            assert_eq!(super::etag_md5(other), None, "{other}");
+        }
+    }
+
+    #[test]
     fn urls() {
         for bad in [
             "not-a-url",
