@@ -474,7 +474,10 @@ fn main() -> Result<()> {
             format!("{:.0} / {:.0} / {:.0}", m.p50_ms, m.p99_ms, m.max_ms),
         ));
         rows.push(Row::text(
-            &format!("{n} databases committing once a second each: S3 requests per second answered ({})", m.server),
+            &format!(
+                "{n} databases committing once a second each: S3 requests per second answered ({})",
+                m.server
+            ),
             format!("{:.0}", m.req_per_sec),
         ));
         rows.push(Row::text(

@@ -174,7 +174,11 @@ impl Server {
 
     /// The bytes of one object of the bucket the server was started with (`bucket`).
     pub fn object(&self, bucket: &str, key: &str) -> Result<Vec<u8>> {
-        anyhow::ensure!(bucket == self.bucket, "only bucket {} is read back", self.bucket);
+        anyhow::ensure!(
+            bucket == self.bucket,
+            "only bucket {} is read back",
+            self.bucket
+        );
         let c = self.client()?;
         c.get_range(key, 0, u64::MAX >> 1)?
             .with_context(|| format!("GET {bucket}/{key}: no such key"))

@@ -438,10 +438,14 @@ impl ReplicaClient for S3Replica {
     }
 
     fn list(&self, prefix: &str) -> Result<Vec<Listed>> {
-        Ok(self.list_etags(prefix)?.into_iter().map(|(l, _)| l).collect())
+        Ok(self
+            .list_etags(prefix)?
+            .into_iter()
+            .map(|(l, _)| l)
+            .collect())
     }
 
-    fn list_md5(&self, prefix: &str) -> Result<Option<Vec<(Listed, Option<[u8; 16]>)>>> {
+    fn list_md5(&self, prefix: &str) -> Result<Option<super::ListedMd5>> {
         let v = self.list_etags(prefix)?;
         Ok(Some(
             v.into_iter()
