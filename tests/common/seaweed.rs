@@ -77,7 +77,13 @@ impl Seaweed {
     /// the master). `key`: the access key and secret every S3 request must be signed with;
     /// `None` accepts any request.
     pub fn start(bin: &Path, key: Option<(&str, &str)>) -> io::Result<Seaweed> {
-        let dir = tempfile::Builder::new().prefix("sqlfs-weed-").tempdir()?;
+        // Under target/tmp when cargo names it: a server held in a static (never dropped)
+        // leaves its files there, not in /tmp.
+        let base = option_env!("CARGO_TARGET_TMPDIR").map_or_else(std::env::temp_dir, Into::into);
+        std::fs::create_dir_all(&base)?;
+        let dir = tempfile::Builder::new()
+            .prefix("sqlfs-weed-")
+            .tempdir_in(base)?;
         let d = dir.path();
         for sub in ["data", "logs"] {
             std::fs::create_dir_all(d.join(sub))?;
