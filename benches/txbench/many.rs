@@ -40,6 +40,9 @@ use crate::s3;
 /// Writer (and creator) threads.
 pub const WRITERS: usize = 4;
 
+/// Client threads of the raw PUT rate (the daemon's default `--replica-concurrency`).
+pub const RAW_THREADS: usize = 16;
+
 pub struct Many {
     pub n: usize,
     pub p50_ms: f64,
@@ -56,6 +59,17 @@ pub struct Many {
     pub idle_cpu_pct: f64,
     pub startup_requests: usize,
     pub startup_quiet_secs: f64,
+    /// The S3 server ("SeaweedFS 4.48", "moto").
+    pub server: String,
+    /// CPU of the daemon and of the S3 server during the load (% of one core).
+    pub load_daemon_cpu_pct: f64,
+    pub load_server_cpu_pct: f64,
+    /// The server's own limit: conditional PUTs of small objects per second from
+    /// [`RAW_THREADS`] client threads of this process, straight to it, and its CPU meanwhile.
+    pub raw_puts_per_sec: f64,
+    pub raw_server_cpu_pct: f64,
+    /// The same through the counting proxy.
+    pub raw_proxy_puts_per_sec: f64,
     /// The larger part's figures, or why it failed.
     pub big: Option<std::result::Result<Big, String>>,
 }
@@ -186,6 +200,8 @@ pub fn many(cfg: &Config, srv: &s3::Server) -> Result<Many> {
             .as_nanos() as u64,
     );
     let start = Instant::now() + Duration::from_millis(100);
+    let daemon_pid = mount.child.as_ref().map(|c| c.id()).unwrap_or(0);
+    let cpu0 = (cpu_ticks(daemon_pid), cpu_ticks(srv.pid()), Instant::now());
     let stop = Arc::new(AtomicBool::new(false));
     let commits = Arc::new(AtomicUsize::new(0));
     let mut writers = Vec::new();
@@ -222,6 +238,7 @@ pub fn many(cfg: &Config, srv: &s3::Server) -> Result<Many> {
     );
     stop.store(true, Ordering::Relaxed);
     let load_end = Instant::now();
+    let cpu1 = (cpu_ticks(daemon_pid), cpu_ticks(srv.pid()), Instant::now());
     for w in writers {
         w.join()
             .map_err(|_| anyhow::anyhow!("a writer panicked"))??;
@@ -329,6 +346,25 @@ pub fn many(cfg: &Config, srv: &s3::Server) -> Result<Many> {
     // SAFETY: sysconf has no preconditions.
     let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64;
     mount.stop()?;
+    let cpu_pct = |t0: u64, t1: u64, secs: f64| t1.saturating_sub(t0) as f64 / hz / secs * 100.0;
+    let load_wall = (cpu1.2 - cpu0.2).as_secs_f64();
+    let (load_daemon_cpu_pct, load_server_cpu_pct) = (
+        cpu_pct(cpu0.0, cpu1.0, load_wall),
+        cpu_pct(cpu0.1, cpu1.1, load_wall),
+    );
+    step(&format!(
+        "the S3 server's own rate: conditional PUTs from {RAW_THREADS} threads for 5 s"
+    ));
+    let (raw_puts_per_sec, raw_server_cpu_pct) = {
+        let (n, secs, ticks) = raw_puts(srv, srv.client()?, Duration::from_secs(5))?;
+        (n as f64 / secs, ticks as f64 / hz / secs * 100.0)
+    };
+    // The same through the counting proxy (a connection per request), as the daemon's were.
+    let via = sqlfs::replica::open(&s3::Server::url_via(proxy.port, BUCKET, "rawproxy"))?;
+    let raw_proxy_puts_per_sec = {
+        let (n, secs, _) = raw_puts(srv, via.as_ref(), Duration::from_secs(5))?;
+        n as f64 / secs
+    };
 
     let big = if cfg.many_big > 0 {
         Some(big(cfg).map_err(|e| format!("{e:#}")))
@@ -355,8 +391,56 @@ pub fn many(cfg: &Config, srv: &s3::Server) -> Result<Many> {
         idle_cpu_pct: (c1 - c0) as f64 / hz / idle_secs * 100.0,
         startup_requests,
         startup_quiet_secs,
+        server: srv.name.clone(),
+        load_daemon_cpu_pct,
+        load_server_cpu_pct,
+        raw_puts_per_sec,
+        raw_server_cpu_pct,
+        raw_proxy_puts_per_sec,
         big,
     })
+}
+
+/// Conditional PUTs (`If-None-Match: *`, as the daemon stores objects) of 400-byte objects
+/// from [`RAW_THREADS`] threads of this process for `dur` through `client` (the S3 client the
+/// daemon uses, straight to the server or through the proxy): (PUTs that succeeded,
+/// seconds, server CPU ticks).
+fn raw_puts(
+    srv: &s3::Server,
+    client: &dyn sqlfs::replica::ReplicaClient,
+    dur: Duration,
+) -> Result<(u64, f64, u64)> {
+    let dir = tempfile::tempdir()?;
+    let body = dir.path().join("obj");
+    fs::write(&body, vec![0x5a; 400])?;
+    let done = AtomicUsize::new(0);
+    let failed = AtomicUsize::new(0);
+    let c0 = cpu_ticks(srv.pid());
+    let t = Instant::now();
+    thread::scope(|sc| {
+        for w in 0..RAW_THREADS {
+            let (done, failed, body) = (&done, &failed, &body);
+            sc.spawn(move || {
+                let mut i = 0u64;
+                while t.elapsed() < dur {
+                    match client.put_new(&format!("rawput/{w}/{i}"), body) {
+                        Ok(()) => done.fetch_add(1, Ordering::Relaxed),
+                        Err(_) => failed.fetch_add(1, Ordering::Relaxed),
+                    };
+                    i += 1;
+                }
+            });
+        }
+    });
+    let secs = t.elapsed().as_secs_f64();
+    let ticks = cpu_ticks(srv.pid()).saturating_sub(c0);
+    if done.load(Ordering::Relaxed) == 0 {
+        bail!(
+            "no raw PUT succeeded ({} failed)",
+            failed.load(Ordering::Relaxed)
+        );
+    }
+    Ok((done.load(Ordering::Relaxed) as u64, secs, ticks))
 }
 
 /// Database ids with a first object (snapshot or segment) in file replica `dir`.

@@ -42,6 +42,10 @@ pub enum ReplicaError {
 
 pub type Result<T> = std::result::Result<T, ReplicaError>;
 
+/// A listing whose keys carry the MD5 of their bytes where the store states it
+/// ([`ReplicaClient::list_md5`]).
+pub type ListedMd5 = Vec<(Listed, Option<[u8; 16]>)>;
+
 /// One key of a listing.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Listed {
@@ -95,6 +99,15 @@ pub trait ReplicaClient: Send + Sync {
     /// Every key that starts with `prefix`, each once, sorted by key (byte order), with its
     /// size: the whole listing, however many pages the store returns it in.
     fn list(&self, prefix: &str) -> Result<Vec<Listed>>;
+    /// [`list`](Self::list), each key with the MD5 of its bytes where the store's listing
+    /// states it (S3: the ETag of a single-part upload), so that a caller that read a key
+    /// can tell from one listing whether it still holds those bytes. `Ok(None)` when this
+    /// store's listings carry no digest (the caller reads the keys instead). A listed digest
+    /// only ever confirms bytes the caller read or wrote itself: an ETag that is not an MD5
+    /// (a multipart upload, some server-side encryption) matches nothing.
+    fn list_md5(&self, _prefix: &str) -> Result<Option<ListedMd5>> {
+        Ok(None)
+    }
     /// A local file holding `key` that readers may use in place (never modify), if the
     /// store has one: saves a copy when restoring from a directory.
     fn local_path(&self, _key: &str) -> Option<PathBuf> {
@@ -189,6 +202,9 @@ impl ReplicaClient for Counted {
     }
     fn list(&self, prefix: &str) -> Result<Vec<Listed>> {
         self.inner.list(prefix)
+    }
+    fn list_md5(&self, prefix: &str) -> Result<Option<ListedMd5>> {
+        self.inner.list_md5(prefix)
     }
     fn local_path(&self, key: &str) -> Option<PathBuf> {
         self.inner.local_path(key)

@@ -378,8 +378,10 @@ impl ReplicaClient for S3Replica {
 
     fn get_range(&self, key: &str, off: u64, len: u64) -> Result<Option<Vec<u8>>> {
         check_key(&self.shown, "get_range", key, false)?;
-        // A zero-length read still asks for a byte: a missing key must answer `None`.
-        let last = off.saturating_add(len.max(1) - 1);
+        // A zero-length read still asks for a byte: a missing key must answer `None`. The
+        // last byte is kept within a signed 64-bit number: some stores (SeaweedFS) answer a
+        // larger one with nothing.
+        let last = off.saturating_add(len.max(1) - 1).min(i64::MAX as u64);
         self.rt.block_on(async {
             let r = self
                 .client
@@ -436,6 +438,40 @@ impl ReplicaClient for S3Replica {
     }
 
     fn list(&self, prefix: &str) -> Result<Vec<Listed>> {
+        Ok(self
+            .list_etags(prefix)?
+            .into_iter()
+            .map(|(l, _)| l)
+            .collect())
+    }
+
+    fn list_md5(&self, prefix: &str) -> Result<Option<super::ListedMd5>> {
+        let v = self.list_etags(prefix)?;
+        Ok(Some(
+            v.into_iter()
+                .map(|(l, e)| (l, e.as_deref().and_then(etag_md5)))
+                .collect(),
+        ))
+    }
+}
+
+/// The MD5 an ETag states: 32 hex digits in quotes (a single-part upload's); `None` for any
+/// other form (a multipart upload's `"…-N"`).
+fn etag_md5(etag: &str) -> Option<[u8; 16]> {
+    let hex = etag.trim().trim_matches('"');
+    if hex.len() != 32 {
+        return None;
+    }
+    let mut out = [0u8; 16];
+    for (i, b) in out.iter_mut().enumerate() {
+        *b = u8::from_str_radix(hex.get(2 * i..2 * i + 2)?, 16).ok()?;
+    }
+    Some(out)
+}
+
+impl S3Replica {
+    /// Every key under `prefix` with its size, time and ETag, sorted by key.
+    fn list_etags(&self, prefix: &str) -> Result<Vec<(Listed, Option<String>)>> {
         check_key(&self.shown, "list", prefix, true)?;
         self.rt.block_on(async {
             let mut out = Vec::new();
@@ -459,15 +495,18 @@ impl ReplicaClient for S3Replica {
                         let k = k.strip_prefix(&strip).unwrap_or(k);
                         let modified_ns =
                             o.last_modified().map_or(0, |t| t.as_nanos().max(0) as u64);
-                        out.push(Listed {
-                            key: k.to_string(),
-                            size: o.size().unwrap_or(0).max(0) as u64,
-                            modified_ns,
-                        });
+                        out.push((
+                            Listed {
+                                key: k.to_string(),
+                                size: o.size().unwrap_or(0).max(0) as u64,
+                                modified_ns,
+                            },
+                            o.e_tag().map(str::to_string),
+                        ));
                     }
                 }
             }
-            out.sort_by(|a, b| a.key.cmp(&b.key));
+            out.sort_by(|a, b| a.0.key.cmp(&b.0.key));
             Ok(out)
         })
     }
@@ -475,6 +514,21 @@ impl ReplicaClient for S3Replica {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn etags() {
+        let m = super::etag_md5("\"d41d8cd98f00b204e9800998ecf8427e\"").unwrap();
+        assert_eq!(m[0], 0xd4);
+        assert_eq!(m[15], 0x7e);
+        for other in [
+            "\"d41d8cd98f00b204e9800998ecf8427e-2\"",
+            "\"\"",
+            "\"zz1d8cd98f00b204e9800998ecf8427e\"",
+            "W/\"x\"",
+        ] {
+            assert_eq!(super::etag_md5(other), None, "{other}");
+        }
+    }
+
     #[test]
     fn urls() {
         for bad in [

@@ -86,8 +86,10 @@ pub struct Shipper {
     /// that already exist are read with it).
     key: ReadKey,
     writer: Writer,
-    /// Per database id: the name whose claim was last found this mount's, and when.
-    claims: Mutex<HashMap<String, (String, Instant)>>,
+    /// Per database id: the name whose claim was last found this mount's, when, and its MD5.
+    claims: Mutex<HashMap<String, claim::Seen>>,
+    /// The last listing of this replica's claims (rechecks answered from one listing).
+    claim_list: Mutex<claim::ClaimList>,
     policy: Policy,
     /// Per-database overrides by name (configuration file).
     rules: Arc<BTreeMap<String, DbConf>>,
@@ -164,6 +166,7 @@ impl Shipper {
             key,
             writer,
             claims: Mutex::new(HashMap::new()),
+            claim_list: Mutex::new(Default::default()),
             policy,
             rules,
             maint: Mutex::new(HashMap::new()),

@@ -17,6 +17,7 @@ pub mod holdproxy;
 pub mod relay;
 pub mod replica;
 pub mod s3server;
+pub mod seaweed;
 pub mod sshserver;
 pub mod workload;
 

@@ -1,6 +1,8 @@
 //! An S3-compatible server (moto) on loopback for object-storage tests: `SQLFS_S3_SERVER`
 //! names the binary, else `.venv/bin/moto_server` (installed by `make deps`), else
-//! `moto_server` on the PATH.
+//! `moto_server` on the PATH. `SQLFS_S3_SERVER` naming a `weed` binary (`.venv/bin/weed`,
+//! SeaweedFS, see `seaweed`) runs the tests against SeaweedFS instead, started to accept any
+//! request as moto does (the conformance suite passes on it; see docs/PERFORMANCE.md).
 use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
 use std::path::PathBuf;
@@ -12,6 +14,8 @@ use super::*;
 pub struct S3Server {
     pub child: Child,
     pub port: u16,
+    /// SeaweedFS only: its filer's port (buckets are made there) and its files.
+    weed: Option<(u16, tempfile::TempDir)>,
 }
 
 pub fn s3_server_bin() -> PathBuf {
@@ -144,12 +148,27 @@ impl S3Server {
             .local_addr()
             .unwrap()
             .port();
-        let mut cmd = Command::new(s3_server_bin());
-        cmd.args(["-H", "127.0.0.1", "-p", &port.to_string()])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null());
-        let child = cmd.spawn().expect("start the S3-compatible test server");
-        let s = S3Server { child, port };
+        let bin = s3_server_bin();
+        let s = if super::seaweed::is_weed(&bin) {
+            let w = super::seaweed::Seaweed::start(&bin, None).expect("start SeaweedFS");
+            S3Server {
+                child: w.child,
+                port: w.port,
+                weed: Some((w.filer_port, w.dir)),
+            }
+        } else {
+            let mut cmd = Command::new(&bin);
+            cmd.args(["-H", "127.0.0.1", "-p", &port.to_string()])
+                .stdout(Stdio::null())
+                .stderr(Stdio::null());
+            let child = cmd.spawn().expect("start the S3-compatible test server");
+            S3Server {
+                child,
+                port,
+                weed: None,
+            }
+        };
+        let port = s.port;
         let deadline = Instant::now() + Duration::from_secs(240);
         loop {
             if let Ok(200) = s.bucket(bucket) {
@@ -164,8 +183,13 @@ impl S3Server {
         s
     }
 
-    /// Creates `bucket`; returns the HTTP status.
+    /// Creates `bucket`; returns the HTTP status (200 when made).
     pub fn bucket(&self, bucket: &str) -> std::io::Result<u16> {
+        if let Some((filer, _)) = &self.weed {
+            // Made through the filer (a directory under /buckets): 201 there.
+            let c = super::seaweed::create_bucket(*filer, bucket)?;
+            return Ok(if (200..300).contains(&c) { 200 } else { c });
+        }
         http_status(self.port, "PUT", &format!("/{bucket}"))
     }
 
