@@ -23,7 +23,7 @@ pub type Listener = Box<dyn Fn(&Arc<Db>) + Send + Sync>;
 pub(super) struct Listeners(RwLock<Vec<Listener>>);
 
 impl Listeners {
-    fn tell(&self, db: &Arc<Db>) {
+    pub(super) fn tell(&self, db: &Arc<Db>) {
         for f in self.0.read().iter() {
             f(db);
         }
