@@ -8,6 +8,8 @@
 //!   a listener only notes the database and wakes its own thread; it never calls back into
 //!   capture or staging.
 //! - Every append is reported (none is coalesced away here); listeners coalesce themselves.
+//! - A database an earlier mount captured is reported once when it is loaded while the mount
+//!   serves (`pending.rs`), so what it staged then is looked at as at the shippers' start.
 
 use std::sync::{Arc, Weak};
 

@@ -405,7 +405,11 @@ impl SqlFs {
                         n.lookups += 1;
                     }
                     let id = route.id.clone();
-                    (self.add_handle(f, Some(named), attr.ino.0, route, usage), attr, id)
+                    (
+                        self.add_handle(f, Some(named), attr.ino.0, route, usage),
+                        attr,
+                        id,
+                    )
                 },
             )
         });
