@@ -315,8 +315,21 @@ fn scan_line(p: &ScanProgress) -> String {
     if !p.started {
         return "scan: not started\n".into();
     }
+    let known = if p.reconciled + p.pending > 0 {
+        format!(
+            "{} known databases loaded{}; ",
+            p.reconciled,
+            if p.pending > 0 {
+                format!(", {} still to load", p.pending)
+            } else {
+                String::new()
+            }
+        )
+    } else {
+        String::new()
+    };
     format!(
-        "scan: {} ({:.1}s): {}/{} files checked{}, {} databases found ({} taken in by the scan), {} excluded, {} failed\n",
+        "scan: {} ({:.1}s): {known}{}/{} files checked{}, {} databases found ({} taken in by the scan), {} excluded, {} failed\n",
         if p.done { "done" } else { "running" },
         p.seconds,
         p.files_scanned,

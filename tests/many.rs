@@ -13,11 +13,13 @@ use std::thread;
 use std::time::Duration;
 
 use common::holdproxy::HoldProxy;
-use common::replica::{as_restored, last_staged};
+use common::replica::{as_restored, last_staged, wait_replica_covers};
 use common::s3server::*;
 use common::*;
 
 const BUCKET: &str = "many";
+/// How long a database may take to reach the file replica.
+const COVER_TIMEOUT: Duration = Duration::from_secs(120);
 
 /// Commits `n` rows to `db` (made in WAL or DELETE journal mode as `wal` says).
 fn writes(fx: &Fixture, db: &str, wal: bool, from: i64, n: i64) {
@@ -276,5 +278,65 @@ fn an_idle_mount_of_many_databases_makes_no_requests() {
     writes(&fx, "tenants/t7.db", true, 500, 2);
     assert_restores_as_staged(&fx, &direct, "tenants/t7.db");
     assert!(proxy.count() > quiet);
+    fx.unmount();
+}
+
+/// The daemon's descriptors open right now.
+fn open_fds(pid: u32) -> usize {
+    fs::read_dir(format!("/proc/{pid}/fd")).map_or(0, |d| d.count())
+}
+
+#[test]
+fn many_databases_under_a_low_open_file_limit_are_all_captured_shipped_and_served() {
+    // Far fewer descriptors than databases: an idle database must hold none.
+    const DBS: usize = 300;
+    let mut fx = Fixture::new("many-nofile", false);
+    fx.opts.sync_interval = Some("200ms".into());
+    fx.opts.nofile = Some(128);
+    fx.mount();
+    let dbs: Vec<String> = (0..DBS).map(|i| format!("tenants/t{i}.db")).collect();
+    for (i, db) in dbs.iter().enumerate() {
+        writes(&fx, db, i % 2 == 0, 0, 2);
+    }
+    let replica = fx.default_replica();
+    for db in &dbs {
+        let last = last_staged(&fx.cli_dir(), db);
+        assert!(last > 0, "{db}: nothing staged\n{}", fx.daemon_logs());
+        if let Err(e) = wait_replica_covers(&replica, db, last, COVER_TIMEOUT) {
+            panic!("{e}\ndaemon:\n{}", fx.daemon_logs());
+        }
+    }
+    let pid = fx.daemon_pid().expect("daemon running");
+    assert!(
+        open_fds(pid) < 100,
+        "the daemon holds {} descriptors with {DBS} idle databases",
+        open_fds(pid)
+    );
+    // A fresh mount of them all (each loaded while the mount serves) serves every app open,
+    // and the next commit of each is shipped.
+    fx.remount();
+    for (i, db) in dbs.iter().enumerate() {
+        let c = open_db(&fx.path(db));
+        let n: i64 = c
+            .query_row("SELECT count(*) FROM t", [], |r| r.get(0))
+            .unwrap_or_else(|e| panic!("{db}: {e}\n{}", fx.daemon_logs()));
+        assert_eq!(n, 2, "{db}");
+        drop(c);
+        if i % 10 == 0 {
+            writes(&fx, db, i % 2 == 0, 100, 1);
+        }
+    }
+    for db in dbs.iter().step_by(10) {
+        let last = last_staged(&fx.cli_dir(), db);
+        if let Err(e) = wait_replica_covers(&replica, db, last, COVER_TIMEOUT) {
+            panic!("{e}\ndaemon:\n{}", fx.daemon_logs());
+        }
+    }
+    let logs = fx.daemon_logs();
+    assert!(
+        !logs.contains("os error 24") && !logs.contains("capture failed"),
+        "the daemon ran short of descriptors:\n{logs}"
+    );
+    fx.assert_verify();
     fx.unmount();
 }

@@ -9,7 +9,7 @@
 //! filesystem calls, and the per-database `State`. The rest: file roles (`role.rs`), events
 //! applied to a state (`events.rs`), the staged state (`state.rs`), WAL frames (`wal.rs`) and
 //! WAL-mode commits (`walmode.rs`), rollback-journal commits (`journal.rs`), snapshots and
-//! staging failures (`snapshot.rs`), reconciliation at mount (`reconcile.rs`, `hot.rs`), the
+//! staging failures (`snapshot.rs`), descriptors of idle databases (`park.rs`), reconciliation at mount (`reconcile.rs`, `hot.rs`) of databases loaded while the mount serves (`pending.rs`), the
 //! scan for databases nobody opened (`scan.rs`), the passthrough watcher (`watch.rs`).
 //!
 //! Invariants:
@@ -34,6 +34,8 @@ mod events;
 mod hot;
 mod journal;
 mod notify;
+mod park;
+mod pending;
 mod reconcile;
 mod rename;
 mod role;
@@ -61,6 +63,7 @@ use crate::stage::{write_atomic, Access, DbStage};
 pub use hot::rollback_hot_journals;
 use journal::Rollback;
 pub use notify::Listener;
+pub use park::Use;
 pub use role::{classify, journal_db_of, shows_db, wal_index_of, Role};
 pub use scan::ScanProgress;
 pub use snapshot::live_image;
@@ -80,6 +83,15 @@ pub struct Capture {
     /// at (see the module invariants); `n_starting` spares every other event the lookup.
     starting: Mutex<HashMap<String, Arc<Gate>>>,
     n_starting: AtomicUsize,
+    /// Databases an earlier mount captured, not loaded yet: name → staging id. Each is loaded
+    /// (reconciled with its files) by the first event on its name, or by the scan at mount,
+    /// which loads them all while the mount serves (`pending.rs`); `n_pending` spares every
+    /// other event the lookup.
+    pending: Mutex<HashMap<String, String>>,
+    n_pending: AtomicUsize,
+    /// Open handles on main files that were not databases when opened, by name (see
+    /// `park.rs`).
+    unborn: Mutex<HashMap<String, std::sync::Weak<park::Users>>>,
     /// Databases never captured (`exclude:`).
     exclude: Exclude,
     /// What the scan at mount has done so far.
@@ -110,6 +122,10 @@ pub struct Db {
     /// which commits are published. (In `locking_mode=EXCLUSIVE` SQLite keeps the index in
     /// its own memory and never opens the file.)
     shm_users: AtomicU32,
+    /// Open handles on the database's files through the mount that capture counted (see
+    /// [`Use`]): when the last one closes, the database is parked (see [`Db::park`]).
+    users: Arc<park::Users>,
+    backing: Arc<Backing>,
     /// Set while commits cannot be staged (see [`StagingFailure`]); read by status and
     /// metrics without taking the state lock.
     failing: Mutex<Option<StagingFailure>>,
@@ -162,6 +178,9 @@ struct State {
     commits_seen: u64,
     /// When the last snapshot was tried while staging was failing.
     last_retry: Option<Instant>,
+    /// Set while the database is parked: which of `main_fd` and `wal_fd` were open and are
+    /// to be opened again (by name, beneath the backing root) before the state is next used.
+    parked: Option<(bool, bool)>,
 }
 
 /// Opened once the database behind it is in the registry, or failed to start.
@@ -186,8 +205,9 @@ impl Gate {
 }
 
 impl Capture {
-    /// Opens the capture state of a backing directory: loads every known database that
-    /// `exclude` does not match and reconciles it with the files (see [`Db::load`]).
+    /// Opens the capture state of a backing directory: lists every known database that
+    /// `exclude` does not match; each is loaded and reconciled with its files (see
+    /// [`Db::reconcile`]) at its first event or by the scan at mount, whichever comes first.
     pub fn open(backing: Arc<Backing>, exclude: Exclude) -> io::Result<Capture> {
         let meta_root = backing.meta_path();
         fs::create_dir_all(meta_root.join("db"))?;
@@ -197,6 +217,9 @@ impl Capture {
             dbs: RwLock::new(HashMap::new()),
             starting: Mutex::new(HashMap::new()),
             n_starting: AtomicUsize::new(0),
+            pending: Mutex::new(HashMap::new()),
+            n_pending: AtomicUsize::new(0),
+            unborn: Mutex::new(HashMap::new()),
             exclude,
             scan: Mutex::new(ScanProgress::default()),
             observed: Arc::new(AtomicBool::new(false)),
@@ -227,13 +250,10 @@ impl Capture {
                 cap.retired_left.store(true, Ordering::Relaxed);
                 continue;
             }
-            match cap.load(&name, id) {
-                Ok(db) => {
-                    cap.dbs.write().insert(name, db);
-                }
-                Err(e) => log::error!("{name}: cannot load staging state: {e}"),
-            }
+            cap.pending.lock().insert(name, id);
         }
+        cap.n_pending
+            .store(cap.pending.lock().len(), Ordering::SeqCst);
         Ok(cap)
     }
 
@@ -270,15 +290,24 @@ impl Capture {
                 shm_fd: None,
                 commits_seen: 0,
                 last_retry: None,
+                parked: None,
             }),
             observed: self.observed.clone(),
             shm_users: AtomicU32::new(0),
+            users: self.adopt_users(name),
+            backing: self.backing.clone(),
             failing: Mutex::new(None),
             failing_now: self.failing_now.clone(),
             stage_errors: AtomicU64::new(0),
         });
+        db.users.adopt(&db);
         self.connect(&db);
         db.reconcile(&self.backing)?;
+        if db.open_handles() == 0 {
+            // Whoever took it in counts its handle afterwards: until then it holds no
+            // descriptor.
+            db.park();
+        }
         Ok(db)
     }
 
@@ -287,6 +316,11 @@ impl Capture {
     pub fn get(&self, db_rel: &str) -> Option<Arc<Db>> {
         if let Some(db) = self.dbs.read().get(db_rel) {
             return Some(db.clone());
+        }
+        if self.n_pending.load(Ordering::Acquire) != 0 {
+            if let Some(db) = self.load_pending(db_rel) {
+                return Some(db);
+            }
         }
         if self.n_starting.load(Ordering::Acquire) == 0 {
             return None;
@@ -400,21 +434,34 @@ impl Capture {
     }
 
     /// A file was opened: a database file nobody wrote to since the mount started is taken
-    /// into capture now (its first sighting), so its first write is already tracked.
-    pub fn on_open(&self, rel: &str) {
-        match classify(rel) {
-            (Role::Main, db_rel) => {
-                self.get_or_start(db_rel, Role::Main, None);
+    /// into capture now (its first sighting), so its first write is already tracked. The
+    /// handle keeps what this returns for a file of a captured database until it closes.
+    #[must_use]
+    pub fn on_open(&self, rel: &str) -> Option<Use> {
+        let db = match classify(rel) {
+            (Role::Main, db_rel) => match self.get_or_start(db_rel, Role::Main, None) {
+                Some(db) => Some(db),
+                // Not a database (yet): counted under its name, for the database it may become.
+                None if !self.exclude.matches(db_rel) => {
+                    return Some(Use::new(self.unborn_users(db_rel)))
+                }
+                None => None,
+            },
+            (Role::Wal, db_rel) => {
+                self.on_db(rel, |st, db, b, _| st.open_wal(db, b));
+                self.get(db_rel)
             }
-            (Role::Wal, _) => self.on_db(rel, |st, db, b, _| st.open_wal(db, b)),
+            (Role::Journal, db_rel) => self.get(db_rel),
             (Role::Other, _) => {
-                if let Some(db) = rel.strip_suffix("-shm").and_then(|d| self.get(d)) {
+                let db = rel.strip_suffix("-shm").and_then(|d| self.get(d));
+                if let Some(db) = &db {
                     db.shm_users.fetch_add(1, Ordering::Relaxed);
                     db.state.lock().shm_fd = None;
                 }
+                db
             }
-            _ => {}
-        }
+        };
+        db.map(|db| Use::new(db.users.clone()))
     }
 
     /// Before a write of `data` at `off` to file `rel` is passed through. An error (ENOSPC)

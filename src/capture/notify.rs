@@ -8,6 +8,8 @@
 //!   a listener only notes the database and wakes its own thread; it never calls back into
 //!   capture or staging.
 //! - Every append is reported (none is coalesced away here); listeners coalesce themselves.
+//! - A database an earlier mount captured is reported once when it is loaded while the mount
+//!   serves (`pending.rs`), so what it staged then is looked at as at the shippers' start.
 
 use std::sync::{Arc, Weak};
 
@@ -23,7 +25,7 @@ pub type Listener = Box<dyn Fn(&Arc<Db>) + Send + Sync>;
 pub(super) struct Listeners(RwLock<Vec<Listener>>);
 
 impl Listeners {
-    fn tell(&self, db: &Arc<Db>) {
+    pub(super) fn tell(&self, db: &Arc<Db>) {
         for f in self.0.read().iter() {
             f(db);
         }

@@ -1,6 +1,9 @@
 //! The scan at mount: every SQLite database already in the tree is taken into capture (its
 //! first snapshot staged, then shipped) without any app opening it.
 //!
+//! It first loads the databases an earlier mount captured that no event loaded yet
+//! (`pending.rs`), then walks the tree.
+//!
 //! It runs in its own thread at background priority while the mount serves, one file at a
 //! time: directories are listed through descriptors opened beneath the backing root (no
 //! symbolic link is followed, `.sqlfs` and `.history` at the root are skipped, and so is
@@ -10,7 +13,7 @@
 //! takes, so an app opening it meanwhile meets the same capture (one per name, see the
 //! module invariants of `capture`), a WAL or hot state beside it is handled as at any first
 //! sighting, and a database already known (its staging continues from an earlier mount, and
-//! was reconciled when staging was opened) is left as it is.
+//! was reconciled when it was loaded) is left as it is.
 
 use std::os::fd::AsRawFd;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -30,6 +33,10 @@ pub struct ScanProgress {
     /// True once it started; `done` once it finished (or stopped at unmount).
     pub started: bool,
     pub done: bool,
+    /// Databases an earlier mount captured, loaded (reconciled) first (see `pending.rs`).
+    pub reconciled: u64,
+    /// Of those, not loaded yet.
+    pub pending: u64,
     /// Directories listed.
     pub dirs: u64,
     /// Regular files listed so far (the total grows while directories remain to be listed).
@@ -50,7 +57,9 @@ pub struct ScanProgress {
 impl Capture {
     /// The scan's progress.
     pub fn scan_progress(&self) -> ScanProgress {
-        self.scan.lock().clone()
+        let mut p = self.scan.lock().clone();
+        p.pending = self.pending() as u64;
+        p
     }
 
     /// Starts the scan in its own thread (`sqlfs-scan`); it stops early once `stop` is set.
@@ -71,6 +80,14 @@ impl Capture {
     pub fn scan(&self, stop: &AtomicBool) {
         let t0 = Instant::now();
         self.scan.lock().started = true;
+        let n = self.load_all_pending(stop);
+        self.scan.lock().seconds = t0.elapsed().as_secs_f64();
+        if n > 0 {
+            log::info!(
+                "scan at mount: {n} databases known from earlier mounts loaded in {:.1}s",
+                t0.elapsed().as_secs_f64()
+            );
+        }
         let mut dirs: Vec<(String, usize)> = vec![(String::new(), 0)];
         while let Some((dir, depth)) = dirs.pop() {
             if stop.load(Ordering::Relaxed) {

@@ -29,8 +29,17 @@ impl Db {
     pub(super) fn guard(&self, f: impl FnOnce(&mut State, &Db) -> io::Result<()>) {
         let mut st = self.state.lock();
         let seen = st.commits_seen;
-        let res = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| f(&mut st, self)));
+        // Parked and nobody's: what runs here (an inspection, a retry, a catch-up) leaves it
+        // parked again.
+        let was_parked = st.parked.is_some();
+        let res = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            st.unpark(self)?;
+            f(&mut st, self)
+        }));
         let flushed = self.stage.flush();
+        if was_parked && self.open_handles() == 0 {
+            st.park();
+        }
         let err = match (res, flushed) {
             (Ok(Ok(())), Ok(())) => {
                 self.note_success(&st, st.commits_seen - seen);
@@ -225,6 +234,7 @@ pub fn live_image(b: &Backing, name: &str, out: &File) -> io::Result<(u32, u32)>
         shm_fd: None,
         commits_seen: 0,
         last_retry: None,
+        parked: None,
     };
     if let Some(fd) = st.wal_fd.as_ref() {
         st.wal = WalTrack::read_header(fd)?.map(WalTrack::new);

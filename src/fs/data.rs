@@ -135,12 +135,12 @@ impl SqlFs {
             }
             // The pinned file itself, opened anew with the app's flags.
             let f = backing::reopen(pin.fd(), Self::open_flags(flags.0)).map_err(errno)?;
-            if let Some(r) = name {
+            let usage = name.and_then(|r| {
                 if trunc {
                     self.capture.after_truncate(r, 0);
                 }
-                self.capture.on_open(r);
-            }
+                self.capture.on_open(r)
+            });
             // `name` borrows `rel`: the handle takes a copy.
             let named = rel.clone();
             self.route(
@@ -151,7 +151,7 @@ impl SqlFs {
                 |f| reply.open_backing(f),
                 |f, route| {
                     let id = route.id.clone();
-                    (self.add_handle(f, named, ino.0, route), id)
+                    (self.add_handle(f, named, ino.0, route, usage), id)
                 },
             )
         });

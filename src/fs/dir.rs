@@ -34,7 +34,7 @@ impl SqlFs {
             // through the mount drops it, and so does a changed mtime the kernel sees once
             // the directory's attributes expire (TTL), as for names and attributes.
             Ok((f, rel)) => reply.opened(
-                self.add_handle(f, rel, ino.0, Route::through()),
+                self.add_handle(f, rel, ino.0, Route::through(), None),
                 FopenFlags::FOPEN_CACHE_DIR | FopenFlags::FOPEN_KEEP_CACHE,
             ),
             Err(e) => reply.error(e),

@@ -28,6 +28,8 @@ pub(super) struct Handle {
     /// A plain file opened for writing whose writes go straight through (see
     /// `passthrough.rs`): looked at again at fsync and close.
     pub(super) plain_writer: bool,
+    /// Capture's count of this handle on a captured database (given back when it drops).
+    pub(super) _usage: Option<crate::capture::Use>,
 }
 
 impl Handle {
@@ -97,6 +99,7 @@ impl SqlFs {
         rel: Option<Rel>,
         ino: u64,
         route: Route,
+        usage: Option<crate::capture::Use>,
     ) -> FileHandle {
         let name = rel.as_deref().map(utf8);
         let role = match name {
@@ -118,6 +121,7 @@ impl SqlFs {
                 ino,
                 _passthrough: route.id,
                 plain_writer: route.plain_writer,
+                _usage: usage,
             }),
         );
         FileHandle(fh)

@@ -377,14 +377,14 @@ impl SqlFs {
                 // SAFETY: open fd (the file just created).
                 unsafe { libc::fchown(fd, req.uid(), req.gid()) };
             }
-            if let Some(r) = cap {
+            let usage = cap.and_then(|r| {
                 if trunc {
                     self.capture.after_truncate(r, 0);
                 } else if !existed {
                     self.capture.on_create(r);
                 }
-                self.capture.on_open(r);
-            }
+                self.capture.on_open(r)
+            });
             let st = fstat(fd).map_err(errno)?;
             let attr = self.attr(&st);
             // `cap` borrows `rel`: the handle takes a copy.
@@ -405,7 +405,11 @@ impl SqlFs {
                         n.lookups += 1;
                     }
                     let id = route.id.clone();
-                    (self.add_handle(f, Some(named), attr.ino.0, route), attr, id)
+                    (
+                        self.add_handle(f, Some(named), attr.ino.0, route, usage),
+                        attr,
+                        id,
+                    )
                 },
             )
         });

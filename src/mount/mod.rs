@@ -338,7 +338,7 @@ pub fn run(o: MountOpts) -> Result<()> {
         "sqlfs: serving {} (data in {}, {} databases known; scanning for the others)",
         dir.display(),
         data.display(),
-        capture.databases().len()
+        capture.databases().len() + capture.pending()
     );
     let res = session.run();
     // The scan finishes the file it is at (it stages nothing half-way) before shutdown.

@@ -97,7 +97,7 @@ pub(super) fn spawn(
     Ok(())
 }
 
-/// Syncs `db`'s staging if it has unsynced records. A failed sync puts the database in the
+/// Syncs `db`'s staging if it has unsynced records, then parks it if nobody has it open. A failed sync puts the database in the
 /// failing state: what it staged may not be durable, so the next record is a snapshot.
 fn sync(db: &Db) {
     if db.stage.is_dirty() {
@@ -105,6 +105,8 @@ fn sync(db: &Db) {
             db.sync_failed(e);
         }
     }
+    // What staged without an app (the scan, a retried snapshot) holds no descriptor after.
+    db.park_if_idle();
 }
 
 /// Folds `db`'s staging if it is over `limit`; true if it still is (a replica is behind).

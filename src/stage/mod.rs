@@ -206,6 +206,9 @@ impl Appender {
 pub struct DbStage {
     dir: PathBuf,
     app: Mutex<Option<Appender>>,
+    /// A log file whose appender was parked ([`DbStage::park`]) before its last records were
+    /// synced: [`DbStage::sync`] syncs it through a descriptor opened for that.
+    unsynced: Mutex<Option<PathBuf>>,
     /// Serialises folds with readers of base.db.
     fold_lock: Mutex<()>,
     last: Mutex<Option<RecordHeader>>,
@@ -314,6 +317,7 @@ impl DbStage {
         let st = DbStage {
             dir: dir.to_path_buf(),
             app: Mutex::new(None),
+            unsynced: Mutex::new(None),
             fold_lock: Mutex::new(()),
             last: Mutex::new(None),
             damage: Mutex::new(None),
@@ -569,6 +573,17 @@ impl DbStage {
                 a.dirty = false;
             }
         }
+        let mut unsynced = self.unsynced.lock();
+        if let Some(p) = unsynced.as_ref() {
+            // The parked appender's file: its records are flushed, not yet durable. A file
+            // folded away meanwhile holds nothing that needs it.
+            match File::open(p) {
+                Ok(f) => f.sync_data().map_err(io_err(p))?,
+                Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+                Err(e) => return Err(io_err(p)(e)),
+            }
+            *unsynced = None;
+        }
         Ok(())
     }
 
@@ -578,6 +593,26 @@ impl DbStage {
             .lock()
             .as_ref()
             .is_some_and(|a| a.dirty || a.pending_last.is_some())
+            || self.unsynced.lock().is_some()
+    }
+
+    /// Closes the log file of a database nobody uses (an idle database holds no descriptor;
+    /// the next [`DbStage::append`] opens it again). Gathered records are written first; if
+    /// that fails, or an earlier loss is not reported yet, the appender stays. Records not
+    /// yet synced stay to be synced by [`DbStage::sync`]. True if it was closed (or was).
+    pub fn park(&self) -> bool {
+        let mut g = self.app.lock();
+        let Some(a) = g.as_mut() else {
+            return true;
+        };
+        if a.lost || a.uncut || self.flush_locked(a).is_err() {
+            return false;
+        }
+        if a.dirty {
+            *self.unsynced.lock() = Some(a.path.clone());
+        }
+        *g = None;
+        true
     }
 
     /// Calls `f` for each record of one segment (header, pages iterator source) and returns the

@@ -264,6 +264,8 @@ pub struct MountOpts {
     pub extra_args: Vec<String>,
     /// Environment variables set for the daemon only.
     pub env: Vec<(String, String)>,
+    /// The daemon's open-file limit (soft and hard: it cannot raise it).
+    pub nofile: Option<u64>,
 }
 
 /// The replica a mount ships to when its options name none: beside its log.
@@ -321,6 +323,22 @@ impl Mount {
         cmd.args(&opts.extra_args);
         for (k, v) in &opts.env {
             cmd.env(k, v);
+        }
+        if let Some(n) = opts.nofile {
+            use std::os::unix::process::CommandExt;
+            // SAFETY: setrlimit is async-signal-safe and touches only the child.
+            unsafe {
+                cmd.pre_exec(move || {
+                    let r = libc::rlimit {
+                        rlim_cur: n,
+                        rlim_max: n,
+                    };
+                    if libc::setrlimit(libc::RLIMIT_NOFILE, &r) != 0 {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                    Ok(())
+                });
+            }
         }
         cmd.stdin(Stdio::null())
             .stdout(Stdio::from(logf.try_clone().unwrap()))
