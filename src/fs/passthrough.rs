@@ -45,6 +45,11 @@ use std::os::fd::AsRawFd;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::sync::Weak;
+use std::time::{Duration, Instant};
+
+/// How long a database opened for writing waits for the kernel's release of a straight
+/// handle on it before it is refused (EBUSY).
+const RELEASE_GRACE: Duration = Duration::from_millis(500);
 
 pub use crate::config::Passthrough;
 
@@ -111,13 +116,28 @@ impl SqlFs {
     ) -> Result<R, Errno> {
         let acc = flags & libc::O_ACCMODE;
         let writable = acc != libc::O_RDONLY;
-        let mut ids = self.backing_ids.lock();
-        let joined = ids.get(&ino).and_then(Weak::upgrade);
         let kind = rel.map(|r| self.kind(r));
         let plain = matches!(kind, Some(Kind::Plain { .. }));
+        let db_write = matches!(kind, Some(Kind::Plain { db: true })) && writable;
+        // A straight handle that was just closed is forgotten when the kernel's release of it
+        // arrives, which it sends after close(2) returned: a database opened for writing right
+        // after a copy into it (`cp`, then SQLite) waits for that release a moment, on another
+        // request thread, before it is refused.
+        let deadline = Instant::now() + RELEASE_GRACE;
+        let (mut ids, joined) = loop {
+            let ids = self.backing_ids.lock();
+            let joined = ids.get(&ino).and_then(Weak::upgrade);
+            if joined.is_some() && db_write && Instant::now() < deadline {
+                drop(joined);
+                drop(ids);
+                std::thread::sleep(Duration::from_millis(5));
+                continue;
+            }
+            break (ids, joined);
+        };
         if let Some(id) = joined {
             // The kernel wants every handle of this inode passed through.
-            if let (Some(Kind::Plain { db: true }), true) = (&kind, writable) {
+            if db_write {
                 log::warn!(
                     "{}: refusing to open a database for writing while another process writes it past sqlfs (EBUSY)",
                     rel.unwrap_or_default()
