@@ -447,6 +447,43 @@ mod cases {
         }
     }
 
+    /// `list_md5` lists what `list` lists, and a digest it states is the MD5 of the bytes
+    /// the key holds now (a replaced key's too): a caller trusts it to tell that a key it
+    /// read still holds those bytes.
+    pub fn list_md5_states_the_bytes(b: &Backend) {
+        use md5::{Digest, Md5};
+        let (c, s) = (b.client.as_ref(), Scratch::new());
+        let put: [(&str, &[u8]); 4] = [
+            ("claims/a", b"first writer"),
+            ("claims/b", b""),
+            ("claims/c", &[7u8; 70_000]),
+            ("other/d", b"not listed"),
+        ];
+        for (i, (k, v)) in put.iter().enumerate() {
+            if i % 2 == 0 {
+                c.put(k, v).unwrap();
+            } else {
+                put_new(c, &s, k, v).unwrap();
+            }
+        }
+        c.put("claims/a", b"second writer").unwrap();
+        let Some(l) = c.list_md5("claims/").unwrap() else {
+            return;
+        };
+        let stated = l.iter().filter(|(_, d)| d.is_some()).count();
+        eprintln!("digests stated for {stated} of {} keys", l.len());
+        let listed: Vec<Listed> = l.iter().map(|(x, _)| x.clone()).collect();
+        assert_eq!(keys(&listed), keys(&c.list("claims/").unwrap()));
+        for (x, d) in &l {
+            let Some(d) = d else { continue };
+            let now: &[u8] = match x.key.as_str() {
+                "claims/a" => b"second writer",
+                k => put.iter().find(|(p, _)| *p == k).unwrap().1,
+            };
+            assert_eq!(d[..], Md5::digest(now)[..], "{}", x.key);
+        }
+    }
+
     /// A listing longer than two of the backend's pages is whole and sorted.
     pub fn list_many_pages(b: &Backend) {
         let c = b.client.as_ref();
@@ -635,6 +672,7 @@ conformance! {
         ranges,
         list_sorted_and_filtered,
         list_many_pages,
+        list_md5_states_the_bytes,
         delete_is_idempotent,
         nested_keys,
         empty_objects,

@@ -91,6 +91,44 @@ struct Item {
     /// A decimal string in the JSON API.
     size: String,
     updated: Option<String>,
+    /// The base64 of the object's MD5 (absent for composite objects).
+    #[serde(rename = "md5Hash")]
+    md5: Option<String>,
+}
+
+/// The 16 bytes of an MD5 written in base64 (24 characters, padded), as the JSON API states
+/// an object's `md5Hash`; `None` for anything else.
+fn b64_md5(s: &str) -> Option<[u8; 16]> {
+    let s = s.trim().strip_suffix("==")?;
+    if s.len() != 22 {
+        return None;
+    }
+    let mut bits = 0u32;
+    let mut n = 0;
+    let mut out = [0u8; 16];
+    let mut i = 0;
+    for c in s.bytes() {
+        let v = match c {
+            b'A'..=b'Z' => c - b'A',
+            b'a'..=b'z' => c - b'a' + 26,
+            b'0'..=b'9' => c - b'0' + 52,
+            b'+' => 62,
+            b'/' => 63,
+            _ => return None,
+        };
+        bits = (bits << 6) | u32::from(v);
+        n += 6;
+        if n >= 8 {
+            n -= 8;
+            if i < 16 {
+                out[i] = (bits >> n) as u8;
+            }
+            i += 1;
+            bits &= (1 << n) - 1;
+        }
+    }
+    // 22 characters carry 132 bits: 16 bytes and 4 bits that must be zero.
+    (i == 16 && bits == 0).then_some(out)
 }
 
 /// The message of a JSON API error body, else the start of the body.
@@ -456,6 +494,22 @@ impl ReplicaClient for GcsReplica {
     }
 
     fn list(&self, prefix: &str) -> Result<Vec<Listed>> {
+        Ok(self
+            .list_digests(prefix)?
+            .into_iter()
+            .map(|(l, _)| l)
+            .collect())
+    }
+
+    fn list_md5(&self, prefix: &str) -> Result<Option<super::ListedMd5>> {
+        self.list_digests(prefix).map(Some)
+    }
+}
+
+impl GcsReplica {
+    /// Every key under `prefix` with its size, time and MD5 (where the listing states one),
+    /// sorted by key.
+    fn list_digests(&self, prefix: &str) -> Result<super::ListedMd5> {
         check_key(&self.shown, "list", prefix, true)?;
         let strip = if self.prefix.is_empty() {
             String::new()
@@ -471,7 +525,7 @@ impl ReplicaClient for GcsReplica {
                 self.base,
                 enc(&self.bucket),
                 enc(&wanted),
-                enc("items(name,size,updated),nextPageToken")
+                enc("items(name,size,updated,md5Hash),nextPageToken")
             );
             if let Some(n) = self.list_page {
                 url.push_str(&format!("&maxResults={n}"));
@@ -512,15 +566,18 @@ impl ReplicaClient for GcsReplica {
                 if !k.starts_with(prefix) {
                     continue;
                 }
-                out.push(Listed {
-                    key: k.to_string(),
-                    size: it.size.parse().unwrap_or(0),
-                    modified_ns: it
-                        .updated
-                        .as_deref()
-                        .and_then(|t| crate::time::parse_time(t).ok())
-                        .unwrap_or(0),
-                });
+                out.push((
+                    Listed {
+                        key: k.to_string(),
+                        size: it.size.parse().unwrap_or(0),
+                        modified_ns: it
+                            .updated
+                            .as_deref()
+                            .and_then(|t| crate::time::parse_time(t).ok())
+                            .unwrap_or(0),
+                    },
+                    it.md5.as_deref().and_then(b64_md5),
+                ));
             }
             match page.next.filter(|t| !t.is_empty()) {
                 // A store that hands back the same token would list forever.
@@ -528,8 +585,8 @@ impl ReplicaClient for GcsReplica {
                 _ => break,
             }
         }
-        out.sort_by(|a, b| a.key.cmp(&b.key));
-        out.dedup_by(|a, b| a.key == b.key);
+        out.sort_by(|a, b| a.0.key.cmp(&b.0.key));
+        out.dedup_by(|a, b| a.0.key == b.0.key);
         Ok(out)
     }
 }
@@ -537,6 +594,33 @@ impl ReplicaClient for GcsReplica {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn md5_hash_is_read_from_base64() {
+        // MD5("") and MD5("abc") as the JSON API writes them.
+        assert_eq!(
+            b64_md5("1B2M2Y8AsgTpgAmY7PhCfg=="),
+            Some([
+                0xd4, 0x1d, 0x8c, 0xd9, 0x8f, 0x00, 0xb2, 0x04, 0xe9, 0x80, 0x09, 0x98, 0xec, 0xf8,
+                0x42, 0x7e
+            ])
+        );
+        assert_eq!(
+            b64_md5("kAFQmDzST7DWlj99KOF/cg=="),
+            Some([
+                0x90, 0x01, 0x50, 0x98, 0x3c, 0xd2, 0x4f, 0xb0, 0xd6, 0x96, 0x3f, 0x7d, 0x28, 0xe1,
+                0x7f, 0x72
+            ])
+        );
+        for bad in [
+            "",
+            "1B2M2Y8AsgTpgAmY7PhCfg",
+            "1B2M2Y8AsgTpgAmY7PhCf!==",
+            "1B2M2Y8AsgTpgAmY7PhCfh==",
+        ] {
+            assert_eq!(b64_md5(bad), None, "{bad}");
+        }
+    }
 
     #[test]
     fn encoding_and_boundaries() {
