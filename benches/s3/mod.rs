@@ -258,24 +258,25 @@ impl Proxy {
     pub fn start(upstream: u16) -> Result<Proxy> {
         let listener = TcpListener::bind("127.0.0.1:0")?;
         let port = listener.local_addr()?.port();
-        listener.set_nonblocking(true)?;
         let log: Arc<Mutex<Vec<Req>>> = Arc::default();
         let stop = Arc::new(AtomicBool::new(false));
+        // Blocking accepts (a connection is taken the moment it arrives); `Drop` wakes the
+        // loop with a connection of its own.
         let accept = {
             let (log, stop) = (log.clone(), stop.clone());
             thread::spawn(move || {
                 while !stop.load(Ordering::Relaxed) {
                     match listener.accept() {
                         Ok((client, _)) => {
+                            if stop.load(Ordering::Relaxed) {
+                                break;
+                            }
                             let log = log.clone();
                             thread::spawn(move || {
                                 if let Ok(Some(r)) = forward(client, upstream) {
                                     log.lock().unwrap().push(r);
                                 }
                             });
-                        }
-                        Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
-                            thread::sleep(Duration::from_millis(2));
                         }
                         Err(_) => thread::sleep(Duration::from_millis(20)),
                     }
@@ -299,6 +300,7 @@ impl Proxy {
 impl Drop for Proxy {
     fn drop(&mut self) {
         self.stop.store(true, Ordering::Relaxed);
+        let _ = TcpStream::connect(("127.0.0.1", self.port));
         if let Some(h) = self.accept.take() {
             let _ = h.join();
         }

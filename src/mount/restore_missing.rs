@@ -81,12 +81,7 @@ pub(super) fn restore_missing(
             };
             let rid = crate::ship::replica_id(&client.describe());
             crate::stage::seed(&stage, &name, &out, &meta)
-                .and_then(|()| {
-                    crate::stage::write_atomic(
-                        &stage.join(format!("shipped.{rid}")),
-                        r.txid.to_string().as_bytes(),
-                    )
-                })
+                .and_then(|()| crate::ship::seed_position(&stage, &rid, r.txid))
                 // This data directory continues the chain: it takes the name over in every
                 // replica (the claim, see `owner`) when it first ships it.
                 .and_then(|()| {
@@ -117,10 +112,7 @@ pub(super) fn restore_missing(
                     Some((c.describe(), w.last_txid.min(r.txid)))
                 });
                 if let Some((desc, t)) = held {
-                    crate::stage::write_atomic(
-                        &stage.join(format!("shipped.{}", crate::ship::replica_id(&desc))),
-                        t.to_string().as_bytes(),
-                    )?;
+                    crate::ship::seed_position(&stage, &crate::ship::replica_id(&desc), t)?;
                 }
             }
         }

@@ -118,9 +118,10 @@ fn fold(db: &Db, shippers: &[Arc<Shipper>], limit: u64, lags: &mut HashMap<Strin
     let name = db.name();
     let last = db.stage.last().map_or(0, |h| h.txid);
     let behind: Vec<&Arc<Shipper>> = shippers.iter().filter(|s| s.position(db) < last).collect();
+    // Only what a crash cannot take back from a replica's position is folded (`ship::ledger`).
     let shipped = shippers
         .iter()
-        .map(|s| s.position(db))
+        .map(|s| s.settle(db).unwrap_or(0).min(s.position(db)))
         .min()
         .unwrap_or(u64::MAX);
     let now = Instant::now();

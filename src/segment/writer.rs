@@ -203,7 +203,7 @@ impl ObjectWriter {
     }
 
     /// Writes the directory (page index, frame table, record table, its CRC), the header and
-    /// the trailing CRC; returns the header and the file.
+    /// the trailing CRC; returns the header and the file (written, not synced).
     pub fn finish(mut self) -> io::Result<(ObjHeader, File)> {
         self.cut()?;
         let nframes = (self.frames.len() / FRAME_ENTRY) as u32;
@@ -226,8 +226,9 @@ impl ObjectWriter {
         self.file.write_all(&head)?;
         self.file.seek(SeekFrom::Start(0))?;
         let mut crc = crate::sqlite::crc64();
-        let mut buf = vec![0u8; 1 << 20];
-        let mut r = (&self.file).take(self.pos + self.hdr.index_len);
+        let len = self.pos + self.hdr.index_len;
+        let mut buf = vec![0u8; len.clamp(4096, 1 << 20) as usize];
+        let mut r = (&self.file).take(len);
         loop {
             let n = r.read(&mut buf)?;
             if n == 0 {
@@ -237,7 +238,8 @@ impl ObjectWriter {
         }
         self.file.seek(SeekFrom::End(0))?;
         self.file.write_all(&crc.finalize().to_be_bytes())?;
-        self.file.sync_all()?;
+        // Not synced: an object leaves the machine from here, and a local copy kept for
+        // compaction is verified (its trailing CRC) before it is used.
         Ok((self.hdr, self.file))
     }
 }

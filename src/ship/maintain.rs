@@ -41,8 +41,7 @@ impl Shipper {
         }
         let reader = Reader::new(self.client.as_ref(), None);
         let cat = reader.catalog(&db.id, name)?;
-        let pending = fs::read_to_string(self.pending_file(db)).unwrap_or_default();
-        let pending_key = pending.split_once(' ').map(|(k, _)| k.to_string());
+        let pending_key = self.ledger(db)?.lock().pending_key().map(str::to_string);
         if let Some(o) = cat
             .objects()
             .find(|o| o.first > pos + 1 && Some(&o.key) != pending_key.as_ref())
@@ -76,12 +75,32 @@ impl Shipper {
             .map(|o| o.modified_ns)
             .max()
             .unwrap_or_else(now_ns);
-        let n = self.policy_for(name).levels.len() + 1;
+        let levels = self.policy_for(name).levels;
+        let n = levels.len() + 1;
+        // Each database's first compaction of a level falls due at its own point of the
+        // level's interval (a hash of its id), so databases that began shipping together (a
+        // mount over thousands) do not all compact at once and hold every worker, and each
+        // later one an interval after that.
+        let now = Instant::now();
+        let last_compact = (0..n)
+            .map(|level| {
+                let every = level
+                    .checked_sub(1)
+                    .and_then(|i| levels.get(i))
+                    .map_or(0, |d| d.as_millis() as u64);
+                let phase =
+                    u64::from_str_radix(&super::short_hash(&format!("{}/{level}", db.id)), 16)
+                        .unwrap_or(0)
+                        % every.max(1);
+                now.checked_sub(std::time::Duration::from_millis(phase))
+                    .unwrap_or(now)
+            })
+            .collect();
         self.maint.lock().insert(
             db.id.clone(),
             Maint {
                 cat,
-                last_compact: vec![Instant::now(); n],
+                last_compact,
                 skip_to: vec![0; n],
                 last_snapshot_ns,
             },
@@ -226,6 +245,10 @@ impl Shipper {
                 let m = self.maint.lock();
                 compact::expired(&m[&db.id].cat, now_ns(), p.retention.as_nanos() as u64)
             };
+            if !keys.is_empty() {
+                // What the position passed must not come back after a crash (`ledger`).
+                self.settle(db)?;
+            }
             for key in &keys {
                 self.client.delete(key)?;
                 let _ = fs::remove_file(self.cache_path(db, key));
@@ -297,7 +320,22 @@ impl Shipper {
         let reader = Reader::new(self.client.as_ref(), None);
         for (i, o) in run.iter().enumerate() {
             let c = self.cache_path(db, &o.key);
-            if c.exists() {
+            // Local copies are not synced when kept: one a crash damaged counts as missing.
+            let intact = match fs::File::open(&c) {
+                Ok(f) => match crate::segment::verify(&f, &o.key) {
+                    Ok(_) => true,
+                    Err(e) => {
+                        log::warn!(
+                            "{name}: the local copy of {} is damaged ({e}); not used",
+                            o.key
+                        );
+                        let _ = fs::remove_file(&c);
+                        false
+                    }
+                },
+                Err(_) => false,
+            };
+            if intact {
                 inputs.push((o.key.clone(), c));
             } else if self.sealer.is_none() {
                 let local = db.stage.dir().join(format!("fetch.{}.{i}", self.rid));
@@ -306,7 +344,7 @@ impl Shipper {
             } else {
                 // Encrypted, and this machine has no key: leave the run to the lower level.
                 let last = run.last().map_or(0, |o| o.last);
-                log::info!("{name}: level {level} skips TXIDs {}..: {} has no local copy (stored before this mount started) and is encrypted", run[0].first, o.key);
+                log::info!("{name}: level {level} skips TXIDs {}..: {} has no intact local copy (stored before this mount started, or damaged by a crash) and is encrypted", run[0].first, o.key);
                 if let Some(m) = self.maint.lock().get_mut(&db.id) {
                     m.skip_to[level as usize] = last;
                 }

@@ -30,11 +30,13 @@
 
 mod chain;
 mod claim;
+mod ledger;
 mod maintain;
 mod policy;
 mod sched;
 mod store;
 
+pub use ledger::seed as seed_position;
 pub use policy::{db_policy, Policy};
 
 use std::collections::{BTreeMap, HashMap, HashSet};
@@ -52,9 +54,10 @@ use crate::config::DbConf;
 use crate::crypt::{ReadKey, Sealer};
 use crate::replica::ReplicaClient;
 use crate::segment::{ObjKind, ObjectWriter};
-use crate::stage::{now_ns, write_atomic};
+use crate::stage::now_ns;
 
 use chain::chain_break;
+use ledger::Ledger;
 use maintain::Maint;
 use sched::{Sched, Why};
 use store::Want;
@@ -99,6 +102,10 @@ pub struct Shipper {
     /// Short stable id of the replica, for local position files.
     rid: String,
     capture: Arc<Capture>,
+    /// Per database id: its shipping ledger here (`ledger`), loaded on first use.
+    ledgers: Mutex<HashMap<String, Arc<Mutex<Ledger>>>>,
+    /// Per database id: the position as this process knows it (read without the ledger's
+    /// lock, which a worker holds while it syncs the ledger).
     positions: Mutex<HashMap<String, u64>>,
     named: Mutex<HashSet<String>>,
     /// Databases whose shipping stopped because another writer owns them here, by id: why.
@@ -173,6 +180,7 @@ impl Shipper {
             totals: Mutex::new((0, 0)),
             rid,
             capture,
+            ledgers: Mutex::new(HashMap::new()),
             positions: Mutex::new(HashMap::new()),
             named: Mutex::new(HashSet::new()),
             fenced: Mutex::new(HashMap::new()),
@@ -226,6 +234,20 @@ impl Shipper {
             self.sched.wake(&db, Why::Now);
         }
         self.sched.drain();
+        let ledgers: Vec<(String, Arc<Mutex<Ledger>>)> = self
+            .ledgers
+            .lock()
+            .iter()
+            .map(|(id, l)| (id.clone(), l.clone()))
+            .collect();
+        for (id, l) in ledgers {
+            if let Err(e) = l.lock().settle() {
+                log::error!(
+                    "database {id}: cannot record the position shipped to {}: {e}",
+                    self.describe()
+                );
+            }
+        }
     }
 
     /// One worker's turn at `db`: ships what is new, maintains, and schedules what follows
@@ -289,23 +311,57 @@ impl Shipper {
         if let Some(p) = self.positions.lock().get(&db.id) {
             return *p;
         }
-        let p = fs::read_to_string(self.pos_file(db))
-            .ok()
-            .and_then(|s| s.trim().parse().ok())
-            .unwrap_or(0);
+        match self.ledger(db) {
+            Ok(l) => l.lock().position(),
+            Err(e) => {
+                log::error!("{}: {e:#}", db.name());
+                0
+            }
+        }
+    }
+
+    /// `db`'s shipping ledger on this replica, read from staging on first use.
+    fn ledger(&self, db: &Db) -> Result<Arc<Mutex<Ledger>>> {
+        if let Some(l) = self.ledgers.lock().get(&db.id) {
+            return Ok(l.clone());
+        }
+        let l = Ledger::load(db.stage.dir(), &self.rid).context("reading the shipping ledger")?;
+        let mut ls = self.ledgers.lock();
+        let l = ls
+            .entry(db.id.clone())
+            .or_insert_with(|| Arc::new(Mutex::new(l)))
+            .clone();
+        let p = l.lock().position();
         self.positions.lock().insert(db.id.clone(), p);
-        p
+        Ok(l)
     }
 
-    fn pos_file(&self, db: &Db) -> PathBuf {
-        db.stage.dir().join(format!("shipped.{}", self.rid))
-    }
-
+    /// Sets the position to `txid` (which may lower it), durably.
     fn set_position(&self, db: &Db, txid: u64) -> Result<()> {
-        write_atomic(&self.pos_file(db), txid.to_string().as_bytes())
-            .context("recording the shipped position")?;
+        let l = self.ledger(db)?;
+        let mut l = l.lock();
+        l.set(txid).context("recording the shipped position")?;
         self.positions.lock().insert(db.id.clone(), txid);
         Ok(())
+    }
+
+    /// The replica holds `db` up to `txid` now: durable with the next attempt recorded, or
+    /// [`Shipper::settle`] (see `ledger`).
+    fn advance(&self, db: &Db, txid: u64) -> Result<()> {
+        let l = self.ledger(db)?;
+        l.lock().advance(txid);
+        self.positions.lock().insert(db.id.clone(), txid);
+        Ok(())
+    }
+
+    /// Makes `db`'s position on this replica durable (before anything below it is removed,
+    /// here or in staging); returns the durable position.
+    pub fn settle(&self, db: &Db) -> Result<u64> {
+        let l = self.ledger(db)?;
+        let mut l = l.lock();
+        l.settle()
+            .with_context(|| format!("{}: recording the shipped position", db.name()))?;
+        Ok(l.durable())
     }
 
     fn ship_db(&self, name: &str, db: &Db) -> Result<()> {
@@ -375,7 +431,7 @@ impl Shipper {
                 after: vec![hdr.checksum_after],
             };
             let held = self.store(name, db, &key, tmp, &want)?;
-            self.set_position(db, held)?;
+            self.advance(db, held)?;
             self.stored(db, &key, None, base.txid, base.txid, tmp);
             pos = base.txid;
             if last <= pos {
@@ -437,7 +493,7 @@ impl Shipper {
             after,
         };
         let held = self.store(name, db, &key, tmp, &want)?;
-        self.set_position(db, held)?;
+        self.advance(db, held)?;
         if held != hdr.last_txid {
             // The replica's object is an earlier attempt holding less than this one: keep no
             // local copy, compaction must merge what the replica holds.

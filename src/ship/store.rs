@@ -14,7 +14,7 @@
 //!   staged state (another id, other checksums) fences the database.
 
 use std::fs;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use anyhow::{Context, Result};
 
@@ -24,7 +24,6 @@ use crate::catalog::Reader;
 use crate::crypt::Opener;
 use crate::replica::ReplicaError;
 use crate::segment::{ObjHeader, ObjKind};
-use crate::stage::write_atomic;
 
 /// How many first bytes of an object sent identify the attempt (for an encrypted replica this
 /// mount cannot decrypt: the age header's random file key makes every encryption unique).
@@ -41,7 +40,9 @@ pub(super) struct Want {
     pub(super) after: Vec<u64>,
 }
 
-/// One attempt to store a key, as recorded in the `shipping.<rid>` file before it is sent.
+/// One attempt to store a key, as recorded in the shipping ledger (`ledger`) before it is
+/// sent.
+#[derive(Clone)]
 pub(super) struct Attempt {
     pub(super) key: String,
     pub(super) last: u64,
@@ -78,11 +79,6 @@ pub(super) fn fingerprint(b: &[u8]) -> (u64, u64) {
 }
 
 impl Shipper {
-    /// The record of the attempts to store the key at this database's position.
-    pub(super) fn pending_file(&self, db: &Db) -> PathBuf {
-        db.stage.dir().join(format!("shipping.{}", self.rid))
-    }
-
     /// Stores the local object `tmp` (holding `want`) as `key`; returns the TXID the replica
     /// now holds up to. Each attempt is recorded (its last TXID and a fingerprint of its
     /// first bytes, see [`Attempt`]) before it is sent. A key that already exists is read
@@ -118,7 +114,6 @@ impl Shipper {
         send: &Path,
         want: &Want,
     ) -> Result<u64> {
-        let pending = self.pending_file(db);
         let mut head = Vec::new();
         fs::File::open(send)
             .and_then(|f| {
@@ -128,19 +123,19 @@ impl Shipper {
                 )
             })
             .context("reading the object to send")?;
-        let mut attempts: Vec<Attempt> = fs::read_to_string(&pending)
-            .unwrap_or_default()
-            .lines()
-            .filter_map(Attempt::parse)
-            .filter(|a| a.key == key)
-            .collect();
-        attempts.push(Attempt {
-            key: key.to_string(),
-            last: want.last,
-            fp: fingerprint(&head),
-        });
-        let text: String = attempts.iter().map(Attempt::line).collect();
-        write_atomic(&pending, text.as_bytes()).context("recording the shipment in progress")?;
+        // Recorded durably before it is sent, with the position every earlier shipment
+        // reached (`ledger`).
+        let attempts = {
+            let l = self.ledger(db)?;
+            let mut l = l.lock();
+            l.attempt(Attempt {
+                key: key.to_string(),
+                last: want.last,
+                fp: fingerprint(&head),
+            })
+            .context("recording the shipment in progress")?;
+            l.attempts().to_vec()
+        };
         match self.client.put_new(key, send) {
             Ok(()) => Ok(want.last),
             Err(ReplicaError::Exists(_)) => self.read_back(name, db, key, want, &attempts),
