@@ -412,7 +412,7 @@ impl Capture {
                         log::info!("{db_rel}: capturing new database (id {})", db.id);
                         dbs.insert(db_rel.to_string(), db.clone());
                         drop(dbs);
-                        self.watch_dir_of(db_rel);
+                        self.watch_wal_of(db_rel);
                         Some(db)
                     }
                 }
@@ -449,7 +449,11 @@ impl Capture {
             },
             (Role::Wal, db_rel) => {
                 self.on_db(rel, |st, db, b, _| st.open_wal(db, b));
-                self.get(db_rel)
+                let db = self.get(db_rel);
+                if db.is_some() {
+                    self.watch_wal_of(db_rel);
+                }
+                db
             }
             (Role::Journal, db_rel) => self.get(db_rel),
             (Role::Other, _) => {
@@ -563,9 +567,8 @@ impl Capture {
             .set(w.clone())
             .map_err(|_| io::Error::other("watcher already running"))?;
         self.observed.store(true, Ordering::SeqCst);
-        w.add_dir(&self.backing, "");
         for (name, _) in self.databases() {
-            self.watch_dir_of(&name);
+            self.watch_wal_of(&name);
         }
         let cap = self.clone();
         std::thread::Builder::new()
@@ -589,7 +592,7 @@ impl Capture {
         }
         let Some(db) = self.get(db_rel) else {
             if self.get_or_start(db_rel, Role::Main, None).is_some() {
-                self.watch_dir_of(db_rel);
+                self.watch_wal_of(db_rel);
             }
             return;
         };
@@ -620,10 +623,10 @@ impl Capture {
         self.observed.load(Ordering::Relaxed)
     }
 
-    fn watch_dir_of(&self, db_rel: &str) {
+    /// Observed mode: watches the WAL of `db_rel` for writes, if it has one (see `watch`).
+    fn watch_wal_of(&self, db_rel: &str) {
         if let Some(w) = self.watch.get() {
-            let dir = db_rel.rsplit_once('/').map_or("", |(d, _)| d);
-            w.add_dir(&self.backing, dir);
+            w.add_wal(&self.backing, db_rel);
         }
     }
 

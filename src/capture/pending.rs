@@ -34,7 +34,7 @@ impl Capture {
         let out = match self.load(name, id) {
             Ok(db) => {
                 self.dbs.write().insert(name.to_string(), db.clone());
-                self.watch_dir_of(name);
+                self.watch_wal_of(name);
                 // What an earlier mount staged and did not ship, or left over the staging
                 // limit, is looked at now, as at the start of the shippers.
                 self.listeners.tell(&db);

@@ -56,7 +56,7 @@ impl Capture {
         // A file renamed into place may be a database nobody has opened yet.
         if rt == Role::Main {
             self.get_or_start(dbt, Role::Main, None);
-            self.watch_dir_of(dbt);
+            self.watch_wal_of(dbt);
         }
     }
 
@@ -86,7 +86,7 @@ impl Capture {
         for (r, db) in [(ra, dba), (rb, dbb)] {
             if r == Role::Main {
                 self.get_or_start(db, Role::Main, None);
-                self.watch_dir_of(db);
+                self.watch_wal_of(db);
             }
         }
     }
@@ -97,7 +97,7 @@ impl Capture {
         let (rt, dbt) = classify(to);
         if rt == Role::Main {
             self.get_or_start(dbt, Role::Main, None);
-            self.watch_dir_of(dbt);
+            self.watch_wal_of(dbt);
         }
     }
 

@@ -1,8 +1,12 @@
 //! Wakes capture when a WAL changes behind it (observed mode, see `Capture::observe`).
 //!
 //! With kernel passthrough, writes to `-wal` files go straight to the backing files and never
-//! reach sqlfs, but the kernel still reports them to inotify watches on the backing
-//! directories. One thread turns each report into a catch-up of that database. Reports are
+//! reach sqlfs, but the kernel still reports them to inotify watches on those files. Each WAL
+//! is watched by itself (from the open of it through the mount, which every writer makes
+//! first; a watch follows the file and ends with it), not through its directory: a
+//! directory's watch would make the kernel report every write to every plain file beside the
+//! databases too, which costs each straight write about as much as the write itself. One
+//! thread turns each report into a catch-up of that database. Reports are
 //! gathered for a short moment first, so a busy database is caught up in batches of
 //! transactions rather than once per write. The moment adapts to the pace of commits: it
 //! doubles (up to 2 ms) while catch-ups find fewer than [`BATCH`] transactions each, and
@@ -30,7 +34,7 @@ use std::time::{Duration, Instant};
 use parking_lot::Mutex;
 
 use super::Capture;
-use crate::backing::{join, Backing};
+use crate::backing::Backing;
 
 /// How long reports are gathered before a catch-up: at first, at least and at most.
 const GATHER: Duration = Duration::from_micros(500);
@@ -47,8 +51,8 @@ const RETRY_FOR: Duration = Duration::from_secs(60);
 
 pub struct Watch {
     fd: OwnedFd,
-    /// Watch descriptor → backing directory (relative, "" for the root).
-    dirs: Mutex<HashMap<i32, String>>,
+    /// Watch descriptor → the database (relative path) whose WAL it watches.
+    wals: Mutex<HashMap<i32, String>>,
 }
 
 struct Retry {
@@ -67,39 +71,37 @@ impl Watch {
         Ok(Watch {
             // SAFETY: fd was just returned by inotify_init1 and is owned by nobody else.
             fd: unsafe { OwnedFd::from_raw_fd(fd) },
-            dirs: Mutex::new(HashMap::new()),
+            wals: Mutex::new(HashMap::new()),
         })
     }
 
-    /// Watches backing directory `dir` for writes to its files (idempotent).
-    pub fn add_dir(&self, b: &Backing, dir: &str) {
-        // The directory opened beneath the backing root (no link followed); its /proc entry
-        // names exactly that directory.
-        let fd = match b.open_beneath(dir, libc::O_PATH | libc::O_DIRECTORY, 0) {
+    /// Watches the WAL of database `db_rel` for writes, if it exists (idempotent: a file
+    /// already watched keeps its watch, now for this name).
+    pub fn add_wal(&self, b: &Backing, db_rel: &str) {
+        let wal = format!("{db_rel}-wal");
+        // The file opened beneath the backing root (no link followed); its /proc entry
+        // names exactly that file.
+        let fd = match b.open_beneath(&wal, libc::O_PATH | libc::O_NOFOLLOW, 0) {
             Ok(fd) => fd,
+            Err(e) if e.raw_os_error() == Some(libc::ENOENT) => return,
             Err(e) => {
-                log::warn!("cannot watch directory {dir:?} for WAL writes: {e}; its databases are staged at checkpoints and closes only");
+                log::warn!("cannot watch {wal:?} for writes: {e}; its transactions are staged at checkpoints and closes only");
                 return;
             }
         };
         let c = crate::backing::proc_fd(fd.as_raw_fd());
         // SAFETY: valid fd and C string.
-        let wd = unsafe {
-            libc::inotify_add_watch(
-                self.fd.as_raw_fd(),
-                c.as_ptr(),
-                libc::IN_MODIFY | libc::IN_ONLYDIR,
-            )
-        };
+        let wd =
+            unsafe { libc::inotify_add_watch(self.fd.as_raw_fd(), c.as_ptr(), libc::IN_MODIFY) };
         if wd < 0 {
             log::warn!(
-                "cannot watch directory {:?} for WAL writes: {}; its databases are staged at checkpoints and closes only",
-                dir,
+                "cannot watch {:?} for writes: {}; its transactions are staged at checkpoints and closes only",
+                wal,
                 io::Error::last_os_error()
             );
             return;
         }
-        self.dirs.lock().insert(wd, dir.to_string());
+        self.wals.lock().insert(wd, db_rel.to_string());
     }
 
     /// The watcher thread's loop; never returns.
@@ -200,7 +202,7 @@ impl Watch {
             if n <= 0 {
                 return overflow;
             }
-            let dirs = self.dirs.lock();
+            let mut wals = self.wals.lock();
             let mut i = 0usize;
             let hdr = std::mem::size_of::<libc::inotify_event>();
             while i + hdr <= n as usize {
@@ -213,14 +215,15 @@ impl Watch {
                     overflow = true;
                     continue;
                 }
-                let name = name_bytes.split(|&c| c == 0).next().unwrap_or(&[]);
-                let Ok(name) = std::str::from_utf8(name) else {
+                let _ = name_bytes;
+                if ev.mask & libc::IN_IGNORED != 0 {
+                    // The file is gone (its watch with it); a new WAL is watched when opened.
+                    wals.remove(&ev.wd);
                     continue;
-                };
-                let (Some(stem), Some(dir)) = (name.strip_suffix("-wal"), dirs.get(&ev.wd)) else {
-                    continue;
-                };
-                out.insert(join(dir, stem));
+                }
+                if let Some(db) = wals.get(&ev.wd) {
+                    out.insert(db.clone());
+                }
             }
         }
     }
