@@ -1,68 +1,191 @@
-//! The floor under synchronous=FULL: a FUSE server that holds one file, passes its reads and
-//! writes to a backing file with kernel passthrough, and answers fsync with an fdatasync of
-//! that file, through the same FUSE library sqlfs uses. It captures nothing. A commit-like
-//! loop (a 24-byte frame header, a 4 KiB page, fdatasync) through it pays what any FUSE
-//! filesystem pays on this machine for an fsync (the kernel hands every fsync to the daemon,
-//! passthrough or not) and nothing more. The bench runs the same loop on the native directory
-//! beside it.
+//! The floors: a bare FUSE server, through the same FUSE library sqlfs uses, that serves a
+//! backing directory and does nothing but pass through. Files are opened with kernel
+//! passthrough (the kernel reads and writes the backing file itself), fsync is an fdatasync
+//! of the backing file, names and attributes are cached for the same second as sqlfs's and
+//! directory listings kept by the kernel as sqlfs's are; getxattr answers ENODATA (a request
+//! the kernel hands to the filesystem every time). It captures nothing and keeps no state but
+//! inode numbers and open handles. What a workload costs through it is what any FUSE server
+//! costs on this machine; the bench runs the same workloads natively and through sqlfs beside
+//! it (the floor under FULL, and one floor per plain-file row that must reach a ratio).
+//!
+//! Minimal on purpose: lookup, getattr, setattr (size only), open, create, release, flush,
+//! fsync, mkdir, unlink, rmdir, opendir, readdir, releasedir, getxattr; inode numbers are the
+//! backing files', the root's 1.
 
-use std::ffi::OsStr;
-use std::fs::{File, OpenOptions};
-use std::os::unix::fs::{FileExt, MetadataExt};
+use std::collections::HashMap;
+use std::ffi::{OsStr, OsString};
+use std::fs::{self, File, OpenOptions};
+use std::os::unix::fs::{DirBuilderExt, DirEntryExt, FileExt, MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Weak};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use anyhow::{bail, Context, Result};
 use fuser::{
     BackgroundSession, BackingId, Config, Errno, FileAttr, FileHandle, FileType, Filesystem,
     FopenFlags, Generation, INodeNo, InitFlags, KernelConfig, LockOwner, MountOption, OpenFlags,
-    ReplyAttr, ReplyEmpty, ReplyEntry, ReplyOpen, Request, Session, SessionACL,
+    ReplyAttr, ReplyCreate, ReplyDirectory, ReplyEmpty, ReplyEntry, ReplyOpen, ReplyXattr, Request,
+    Session, SessionACL, TimeOrNow,
 };
-use parking_lot::Mutex;
+use parking_lot::{Mutex, RwLock};
 
-const NAME: &str = "f";
 const ROOT: u64 = 1;
-const FILE: u64 = 2;
-const TTL: Duration = Duration::from_secs(3600);
+/// sqlfs's: names and attributes are cached for a second.
+const TTL: Duration = Duration::from_secs(1);
+/// The kernel sends no FLUSH at close: nothing here needs to see a close before it returns.
+const OPEN_FLAGS: FopenFlags = FopenFlags::FOPEN_NOFLUSH;
 
-/// The one-file filesystem.
-struct FloorFs {
+/// An open file: the backing file and the kernel's id for it (shared by every handle on the
+/// inode while one is open, as the kernel requires).
+struct Open {
     file: File,
-    /// Kept for the session's lifetime: the kernel's handle on the backing file.
-    backing: Mutex<Option<BackingId>>,
+    _id: Arc<BackingId>,
+}
+
+/// A directory's entries: inode, type, name.
+type Listing = Vec<(u64, FileType, OsString)>;
+
+/// The pass-through filesystem.
+struct FloorFs {
+    root: PathBuf,
+    /// Backing path of every inode the kernel was told of (never forgotten: a bench's worth).
+    paths: RwLock<HashMap<u64, PathBuf>>,
+    ids: Mutex<HashMap<u64, Weak<BackingId>>>,
+    files: Mutex<HashMap<u64, Arc<Open>>>,
+    /// Open directories: their path, and their listing once the kernel asked for it.
+    dirs: Mutex<HashMap<u64, (PathBuf, Option<Listing>)>>,
+    next_fh: AtomicU64,
+}
+
+fn io_errno(e: &std::io::Error) -> Errno {
+    Errno::from_i32(e.raw_os_error().unwrap_or(libc::EIO))
+}
+
+fn kind_of(m: &fs::Metadata) -> FileType {
+    let t = m.file_type();
+    if t.is_dir() {
+        FileType::Directory
+    } else if t.is_symlink() {
+        FileType::Symlink
+    } else {
+        FileType::RegularFile
+    }
 }
 
 impl FloorFs {
-    fn attr(&self, ino: u64) -> std::io::Result<FileAttr> {
-        let m = self.file.metadata()?;
-        let (kind, perm) = if ino == ROOT {
-            (FileType::Directory, 0o755)
+    fn path(&self, ino: INodeNo) -> Result<PathBuf, Errno> {
+        self.paths.read().get(&ino.0).cloned().ok_or(Errno::ENOENT)
+    }
+
+    fn ino(&self, m: &fs::Metadata, path: &Path) -> u64 {
+        if path == self.root {
+            ROOT
         } else {
-            (FileType::RegularFile, 0o644)
-        };
-        let t = |s: i64| UNIX_EPOCH + Duration::from_secs(s.max(0) as u64);
+            m.ino()
+        }
+    }
+
+    fn attr(&self, path: &Path) -> Result<FileAttr, Errno> {
+        let m = fs::symlink_metadata(path).map_err(|e| io_errno(&e))?;
+        let t = |s: i64, ns: i64| UNIX_EPOCH + Duration::new(s.max(0) as u64, ns as u32);
         Ok(FileAttr {
-            ino: INodeNo(ino),
-            size: if ino == ROOT { 0 } else { m.size() },
+            ino: INodeNo(self.ino(&m, path)),
+            size: m.size(),
             blocks: m.blocks(),
-            atime: t(m.atime()),
-            mtime: t(m.mtime()),
-            ctime: t(m.ctime()),
+            atime: t(m.atime(), m.atime_nsec()),
+            mtime: t(m.mtime(), m.mtime_nsec()),
+            ctime: t(m.ctime(), m.ctime_nsec()),
             crtime: SystemTime::UNIX_EPOCH,
-            kind,
-            perm,
-            nlink: 1,
-            uid: 0,
-            gid: 0,
-            rdev: 0,
+            kind: kind_of(&m),
+            perm: (m.mode() & 0o7777) as u16,
+            nlink: m.nlink() as u32,
+            uid: m.uid(),
+            gid: m.gid(),
+            rdev: m.rdev() as u32,
             blksize: 4096,
             flags: 0,
         })
     }
+
+    /// The attributes of `parent`/`name`, its inode remembered.
+    fn entry(&self, parent: INodeNo, name: &OsStr) -> Result<FileAttr, Errno> {
+        let path = self.path(parent)?.join(name);
+        let attr = self.attr(&path)?;
+        self.paths.write().insert(attr.ino.0, path);
+        Ok(attr)
+    }
+
+    /// Registers an open backing file of inode `ino`: its handle and the backing id.
+    fn register(
+        &self,
+        ino: u64,
+        file: File,
+        open_backing: impl FnOnce(&File) -> std::io::Result<BackingId>,
+    ) -> Result<(FileHandle, Arc<BackingId>), Errno> {
+        let mut ids = self.ids.lock();
+        let id = match ids.get(&ino).and_then(Weak::upgrade) {
+            Some(id) => id,
+            None => {
+                let id = Arc::new(open_backing(&file).map_err(|e| io_errno(&e))?);
+                ids.retain(|_, w| w.strong_count() > 0);
+                ids.insert(ino, Arc::downgrade(&id));
+                id
+            }
+        };
+        let fh = self.next_fh.fetch_add(1, Ordering::Relaxed);
+        self.files.lock().insert(
+            fh,
+            Arc::new(Open {
+                file,
+                _id: id.clone(),
+            }),
+        );
+        Ok((FileHandle(fh), id))
+    }
+}
+
+/// The entries of directory `dir` (types from the listing itself: no stat).
+fn list(dir: &Path) -> Result<Listing, Errno> {
+    let mut out = Vec::new();
+    for e in fs::read_dir(dir).map_err(|e| io_errno(&e))? {
+        let e = e.map_err(|e| io_errno(&e))?;
+        let t = e.file_type().map_err(|e| io_errno(&e))?;
+        let kind = if t.is_dir() {
+            FileType::Directory
+        } else if t.is_symlink() {
+            FileType::Symlink
+        } else {
+            FileType::RegularFile
+        };
+        out.push((e.ino(), kind, e.file_name()));
+    }
+    Ok(out)
+}
+
+/// The flags an app's open passes on to the backing file (no creation, no truncation: the
+/// kernel asked for those separately).
+fn open_options(flags: i32) -> OpenOptions {
+    let acc = flags & libc::O_ACCMODE;
+    let mut o = OpenOptions::new();
+    o.read(acc != libc::O_WRONLY)
+        .write(acc != libc::O_RDONLY)
+        .append(flags & libc::O_APPEND != 0)
+        .custom_flags(
+            flags
+                & !(libc::O_ACCMODE
+                    | libc::O_CREAT
+                    | libc::O_EXCL
+                    | libc::O_TRUNC
+                    | libc::O_APPEND),
+        );
+    o
 }
 
 impl Filesystem for FloorFs {
     fn init(&mut self, _req: &Request, config: &mut KernelConfig) -> std::io::Result<()> {
+        // As sqlfs: without it the kernel asks for security.capability before every write.
+        let _ = config.add_capabilities(InitFlags::FUSE_HANDLE_KILLPRIV_V2);
         if config
             .add_capabilities(InitFlags::FUSE_PASSTHROUGH)
             .is_err()
@@ -76,48 +199,94 @@ impl Filesystem for FloorFs {
     }
 
     fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
-        if parent.0 != ROOT || name != NAME {
-            return reply.error(Errno::ENOENT);
-        }
-        match self.attr(FILE) {
+        match self.entry(parent, name) {
             Ok(a) => reply.entry(&TTL, &a, Generation(0)),
-            Err(_) => reply.error(Errno::EIO),
+            Err(e) => reply.error(e),
         }
     }
 
     fn getattr(&self, _req: &Request, ino: INodeNo, _fh: Option<FileHandle>, reply: ReplyAttr) {
-        match self.attr(ino.0) {
-            Ok(a) => reply.attr(&Duration::ZERO, &a),
-            Err(_) => reply.error(Errno::EIO),
+        match self.path(ino).and_then(|p| self.attr(&p)) {
+            Ok(a) => reply.attr(&TTL, &a),
+            Err(e) => reply.error(e),
         }
     }
 
-    fn open(&self, _req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
-        if ino.0 != FILE {
-            return reply.error(Errno::EISDIR);
-        }
-        let mut held = self.backing.lock();
-        if held.is_none() {
-            match reply.open_backing(&self.file) {
-                Ok(id) => *held = Some(id),
-                Err(_) => return reply.error(Errno::EIO),
-            }
-        }
-        let id = held.as_ref().expect("registered above");
-        reply.opened_passthrough(FileHandle(1), FopenFlags::empty(), id);
-    }
-
-    fn fsync(
+    fn setattr(
         &self,
         _req: &Request,
-        _ino: INodeNo,
-        _fh: FileHandle,
-        _datasync: bool,
-        reply: ReplyEmpty,
+        ino: INodeNo,
+        _mode: Option<u32>,
+        _uid: Option<u32>,
+        _gid: Option<u32>,
+        size: Option<u64>,
+        _atime: Option<TimeOrNow>,
+        _mtime: Option<TimeOrNow>,
+        _ctime: Option<SystemTime>,
+        _fh: Option<FileHandle>,
+        _crtime: Option<SystemTime>,
+        _chgtime: Option<SystemTime>,
+        _bkuptime: Option<SystemTime>,
+        _flags: Option<fuser::BsdFileFlags>,
+        reply: ReplyAttr,
     ) {
-        match self.file.sync_data() {
-            Ok(()) => reply.ok(),
-            Err(_) => reply.error(Errno::EIO),
+        let res = self.path(ino).and_then(|p| {
+            if let Some(size) = size {
+                OpenOptions::new()
+                    .write(true)
+                    .open(&p)
+                    .and_then(|f| f.set_len(size))
+                    .map_err(|e| io_errno(&e))?;
+            }
+            self.attr(&p)
+        });
+        match res {
+            Ok(a) => reply.attr(&TTL, &a),
+            Err(e) => reply.error(e),
+        }
+    }
+
+    fn open(&self, _req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
+        let res = self.path(ino).and_then(|p| {
+            let f = open_options(flags.0).open(&p).map_err(|e| io_errno(&e))?;
+            self.register(ino.0, f, |f| reply.open_backing(f))
+        });
+        match res {
+            Ok((fh, id)) => reply.opened_passthrough(fh, OPEN_FLAGS, &id),
+            Err(e) => reply.error(e),
+        }
+    }
+
+    fn create(
+        &self,
+        _req: &Request,
+        parent: INodeNo,
+        name: &OsStr,
+        mode: u32,
+        umask: u32,
+        flags: i32,
+        reply: ReplyCreate,
+    ) {
+        let res = self.path(parent).and_then(|dir| {
+            let path = dir.join(name);
+            let mut o = open_options(flags);
+            o.create(true)
+                .truncate(flags & libc::O_TRUNC != 0)
+                .mode(mode & !umask & 0o7777);
+            if flags & libc::O_EXCL != 0 {
+                o.create_new(true);
+            }
+            let f = o.open(&path).map_err(|e| io_errno(&e))?;
+            let attr = self.attr(&path)?;
+            self.paths.write().insert(attr.ino.0, path);
+            let (fh, id) = self.register(attr.ino.0, f, |f| reply.open_backing(f))?;
+            Ok((attr, fh, id))
+        });
+        match res {
+            Ok((attr, fh, id)) => {
+                reply.created_passthrough(&TTL, &attr, Generation(0), fh, OPEN_FLAGS, &id)
+            }
+            Err(e) => reply.error(e),
         }
     }
 
@@ -131,29 +300,170 @@ impl Filesystem for FloorFs {
     ) {
         reply.ok();
     }
+
+    fn release(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        fh: FileHandle,
+        _flags: OpenFlags,
+        _lock: Option<LockOwner>,
+        _flush: bool,
+        reply: ReplyEmpty,
+    ) {
+        self.files.lock().remove(&fh.0);
+        reply.ok();
+    }
+
+    fn fsync(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        fh: FileHandle,
+        _datasync: bool,
+        reply: ReplyEmpty,
+    ) {
+        let open = self.files.lock().get(&fh.0).cloned();
+        match open.map(|o| o.file.sync_data()) {
+            Some(Ok(())) => reply.ok(),
+            _ => reply.error(Errno::EIO),
+        }
+    }
+
+    fn mkdir(
+        &self,
+        _req: &Request,
+        parent: INodeNo,
+        name: &OsStr,
+        mode: u32,
+        umask: u32,
+        reply: ReplyEntry,
+    ) {
+        let res = self.path(parent).and_then(|dir| {
+            fs::DirBuilder::new()
+                .mode(mode & !umask & 0o7777)
+                .create(dir.join(name))
+                .map_err(|e| io_errno(&e))?;
+            self.entry(parent, name)
+        });
+        match res {
+            Ok(a) => reply.entry(&TTL, &a, Generation(0)),
+            Err(e) => reply.error(e),
+        }
+    }
+
+    fn unlink(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
+        match self
+            .path(parent)
+            .and_then(|d| fs::remove_file(d.join(name)).map_err(|e| io_errno(&e)))
+        {
+            Ok(()) => reply.ok(),
+            Err(e) => reply.error(e),
+        }
+    }
+
+    fn rmdir(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
+        match self
+            .path(parent)
+            .and_then(|d| fs::remove_dir(d.join(name)).map_err(|e| io_errno(&e)))
+        {
+            Ok(()) => reply.ok(),
+            Err(e) => reply.error(e),
+        }
+    }
+
+    fn opendir(&self, _req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
+        match self.path(ino) {
+            Ok(dir) => {
+                let fh = self.next_fh.fetch_add(1, Ordering::Relaxed);
+                self.dirs.lock().insert(fh, (dir, None));
+                // As sqlfs's: the kernel may keep the listing between opens, and then reads
+                // none of it.
+                reply.opened(
+                    FileHandle(fh),
+                    FopenFlags::FOPEN_CACHE_DIR | FopenFlags::FOPEN_KEEP_CACHE,
+                )
+            }
+            Err(e) => reply.error(e),
+        }
+    }
+
+    fn readdir(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        fh: FileHandle,
+        offset: u64,
+        mut reply: ReplyDirectory,
+    ) {
+        let mut dirs = self.dirs.lock();
+        let Some((dir, listing)) = dirs.get_mut(&fh.0) else {
+            return reply.error(Errno::EBADF);
+        };
+        if listing.is_none() {
+            // Read once, at the first readdir of this open.
+            match list(dir) {
+                Ok(l) => *listing = Some(l),
+                Err(e) => return reply.error(e),
+            }
+        }
+        let entries = listing.iter().flatten().enumerate().skip(offset as usize);
+        for (i, (ino, kind, name)) in entries {
+            if reply.add(INodeNo(*ino), i as u64 + 1, *kind, name) {
+                break;
+            }
+        }
+        reply.ok();
+    }
+
+    fn releasedir(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        fh: FileHandle,
+        _flags: OpenFlags,
+        reply: ReplyEmpty,
+    ) {
+        self.dirs.lock().remove(&fh.0);
+        reply.ok();
+    }
+
+    fn getxattr(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        _name: &OsStr,
+        _size: u32,
+        reply: ReplyXattr,
+    ) {
+        // No file here has extended attributes; ENOSYS would stop the kernel from asking.
+        reply.error(Errno::ENODATA);
+    }
 }
 
-/// A mounted one-file floor server.
+/// A mounted floor server.
 pub struct Floor {
     session: Option<BackgroundSession>,
-    file: PathBuf,
+    dir: PathBuf,
 }
 
 impl Floor {
-    /// Mounts the server on `dir`, its file backed by `backing`.
+    /// Mounts the server on `dir`, serving the directory `backing` (both made if missing).
     pub fn mount(dir: &Path, backing: &Path) -> Result<Floor> {
-        std::fs::create_dir_all(dir)?;
-        let file = OpenOptions::new()
-            .create(true)
-            .truncate(true)
-            .read(true)
-            .write(true)
-            .open(backing)
-            .with_context(|| format!("creating {}", backing.display()))?;
+        fs::create_dir_all(dir)?;
+        fs::create_dir_all(backing)?;
+        let root = backing
+            .canonicalize()
+            .with_context(|| format!("resolving {}", backing.display()))?;
         let fs = FloorFs {
-            file,
-            backing: Mutex::new(None),
+            paths: RwLock::new(HashMap::from([(ROOT, root.clone())])),
+            root,
+            ids: Mutex::new(HashMap::new()),
+            files: Mutex::new(HashMap::new()),
+            dirs: Mutex::new(HashMap::new()),
+            next_fh: AtomicU64::new(1),
         };
+        let dev = fs::metadata(dir)?.dev();
         let mut cfg = Config::default();
         cfg.mount_options = vec![MountOption::FSName("sqlfs-bench-floor".into())];
         cfg.acl = SessionACL::Owner;
@@ -162,9 +472,8 @@ impl Floor {
         let session = Session::new(fs, dir, &cfg)
             .with_context(|| format!("mounting the floor server on {}", dir.display()))?
             .spawn()?;
-        let file = dir.join(NAME);
         let start = Instant::now();
-        while std::fs::metadata(&file).is_err() {
+        while fs::metadata(dir).map(|m| m.dev()).unwrap_or(dev) == dev {
             if start.elapsed() > Duration::from_secs(10) {
                 bail!("the floor server at {} did not come up", dir.display());
             }
@@ -172,13 +481,13 @@ impl Floor {
         }
         Ok(Floor {
             session: Some(session),
-            file,
+            dir: dir.to_path_buf(),
         })
     }
 
-    /// The server's file.
-    pub fn file(&self) -> &Path {
-        &self.file
+    /// The mounted directory.
+    pub fn dir(&self) -> &Path {
+        &self.dir
     }
 
     /// Unmounts.

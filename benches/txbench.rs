@@ -8,9 +8,11 @@
 //!  4. mixed point reads / updates by primary key from several connections; beside these,
 //!     4 KiB writes to a plain file and extended-attribute lookups (one kernel-to-daemon
 //!     round trip each, the fixed price of every request the mount cannot pass through);
-//!     and the floor under FULL: a commit-like loop (24-byte header, 4 KiB page, fdatasync)
-//!     natively and through a bare passthrough FUSE server that captures nothing
-//!     (`floor.rs`, as root only);
+//!     and the floors, through a bare passthrough FUSE server that captures nothing
+//!     (`floor.rs`, as root only): under FULL, a commit-like loop (24-byte header, 4 KiB
+//!     page, fdatasync), and under each plain-file row (pwrites, appends, reads, file
+//!     creation, the walk, getxattr), the same workload in the same rounds (native,
+//!     sqlfs and the floor server take turns);
 //!  5. resident memory of the sqlfs daemon with a small database and after growing it
 //!     to a large one (on a fresh mount of its own);
 //!  6. replication to a file replica: commit → object lag, objects per minute, compression;
@@ -52,7 +54,7 @@
 //! CLI; report.rs: rows and the table) and one file per group of rows: commits.rs (1, 2 and the
 //! mixed workload), bulk.rs (3), plainfile.rs (plain writes, getxattr), memory.rs (5),
 //! replication.rs (6 and 8), restore.rs (7), history.rs (9), compare.rs (11). floor.rs is the bare passthrough
-//! FUSE server of the floor row, s3/ the S3-compatible server and its counting proxy.
+//! FUSE server of the floor rows, s3/ the S3-compatible server and its counting proxy.
 //! benches/README.md lists every row with the file that measures it.
 //!
 //! Environment:
@@ -127,7 +129,7 @@ use anyhow::{Context, Result};
 
 use crate::bulk::{index_and_vacuum, load, page_writes, scans};
 use crate::commits::{autocommit, mixed};
-use crate::harness::{alternate, step, Config, BUCKET, MB};
+use crate::harness::{alternate, alternate_all, step, Config, BUCKET, MB};
 use crate::history::history_bench;
 use crate::memory::memory;
 use crate::mount::{force_unmount, fstype_of, mounts, Mount};
@@ -256,73 +258,109 @@ fn main() -> Result<()> {
         ));
     }
 
+    // The bare pass-through FUSE server of the floor rows; it needs kernel passthrough, so root.
+    // SAFETY: geteuid has no preconditions.
+    let root = unsafe { libc::geteuid() } == 0;
+    let floor = if root && ["plain", "roundtrip", "floor"].iter().any(|w| cfg.runs(w)) {
+        Some(floor::Floor::mount(
+            &cfg.work.join("floor"),
+            &cfg.work.join("floor-backing"),
+        )?)
+    } else {
+        if ["plain", "roundtrip", "floor"].iter().any(|w| cfg.runs(w)) {
+            println!("[bench] the floor rows need root (kernel passthrough); left out");
+        }
+        None
+    };
+    let floor_dir = floor.as_ref().map(|f| f.dir().to_path_buf());
+    // A plain-file row, and under it, where the floor server runs, the same workload through it
+    // in the same rounds.
+    let floored = |rows: &mut Vec<Row>,
+                   name: &str,
+                   unit: &str,
+                   f: &mut dyn FnMut(&std::path::Path) -> Result<f64>|
+     -> Result<()> {
+        match &floor_dir {
+            Some(fd) => {
+                let m = alternate_all(cfg.rounds, &[&native, &mnt, fd], f)?;
+                rows.push(Row::pair(format!("{name} ({unit})"), m[0], m[1], 0));
+                rows.push(Row::floor(
+                    format!("*floor:* {name}, through a bare passthrough FUSE server instead of sqlfs ({unit})"),
+                    m[0],
+                    m[2],
+                    m[1],
+                    0,
+                ));
+            }
+            None => {
+                let (n, s) = alternate(cfg.rounds, &native, &mnt, f)?;
+                rows.push(Row::pair(format!("{name} ({unit})"), n, s, 0));
+            }
+        }
+        Ok(())
+    };
+
     if cfg.runs("plain") {
         step("plain (non-database) files: writes, reads, creation, stat walk");
-        let (n, s) = alternate(cfg.rounds, &native, &mnt, |d| plain_writes(d, secs))?;
-        rows.push(Row::pair(
-            "4 KiB pwrite to a plain file opened write-only, one at a time (writes/s)".to_string(),
-            n,
-            s,
-            0,
-        ));
-        let (n, s) = alternate(cfg.rounds, &native, &mnt, |d| plain_appends(d, secs))?;
-        rows.push(Row::pair(
-            "4 KiB appends to a new plain file opened write-only, 256 MiB each (MB/s)".to_string(),
-            n,
-            s,
-            0,
-        ));
-        let (n, s) = alternate(cfg.rounds, &native, &mnt, |d| plain_reads(d, secs))?;
-        rows.push(Row::pair(
-            "sequential read of a warm 64 MiB plain file, 128 KiB reads (MB/s)".to_string(),
-            n,
-            s,
-            0,
-        ));
-        let (n, s) = alternate(cfg.rounds, &native, &mnt, |d| creates(d, secs))?;
-        rows.push(Row::pair(
-            "small files created: open write-only, 4 KiB, close (files/s)".to_string(),
-            n,
-            s,
-            0,
-        ));
-        let (n, s) = alternate(cfg.rounds, &native, &mnt, |d| stat_walk(d, secs))?;
-        rows.push(Row::pair(
-            "directory walk, 2,000 files: readdir and lstat of each entry (entries/s)".to_string(),
-            n,
-            s,
-            0,
-        ));
+        floored(
+            &mut rows,
+            "4 KiB pwrite to a plain file opened write-only, one at a time",
+            "writes/s",
+            &mut |d| plain_writes(d, secs),
+        )?;
+        floored(
+            &mut rows,
+            "4 KiB appends to a new plain file opened write-only, 256 MiB each",
+            "MB/s",
+            &mut |d| plain_appends(d, secs),
+        )?;
+        floored(
+            &mut rows,
+            "sequential read of a warm 64 MiB plain file, 128 KiB reads",
+            "MB/s",
+            &mut |d| plain_reads(d, secs),
+        )?;
+        floored(
+            &mut rows,
+            "small files created: open write-only, 4 KiB, close",
+            "files/s",
+            &mut |d| creates(d, secs),
+        )?;
+        floored(
+            &mut rows,
+            "directory walk, 2,000 files: readdir and lstat of each entry",
+            "entries/s",
+            &mut |d| stat_walk(d, secs),
+        )?;
     }
 
     if cfg.runs("roundtrip") {
         step("extended-attribute lookups, a round trip to the filesystem each");
-        let (n, s) = alternate(cfg.rounds, &native, &mnt, |d| round_trips(d, secs.min(1.0)))?;
-        rows.push(Row::pair(
-            "getxattr of a missing attribute, one at a time (calls/s)".to_string(),
-            n,
-            s,
-            0,
-        ));
+        floored(
+            &mut rows,
+            "getxattr of a missing attribute, one at a time",
+            "calls/s",
+            &mut |d| round_trips(d, secs.min(1.0)),
+        )?;
     }
 
-    // SAFETY: geteuid has no preconditions.
-    if cfg.runs("floor") && unsafe { libc::geteuid() } != 0 {
-        println!("[bench] the FUSE floor needs root (kernel passthrough); left out");
-    } else if cfg.runs("floor") {
+    if let (true, Some(fl)) = (cfg.runs("floor"), &floor) {
         step("commit-like fsync loop through a bare passthrough FUSE server");
-        let floor = floor::Floor::mount(&cfg.work.join("floor"), &cfg.work.join("floor.backing"))?;
-        let res = alternate(cfg.rounds, &native.join("floor.bin"), floor.file(), |p| {
-            floor::fsync_loop(p, secs)
-        });
-        floor.stop()?;
-        let (n, s) = res?;
+        let (n, s) = alternate(
+            cfg.rounds,
+            &native.join("floor.bin"),
+            &fl.dir().join("floor.bin"),
+            |p| floor::fsync_loop(p, secs),
+        )?;
         rows.push(Row::pair(
             "the floor under FULL: 24 B + 4 KiB write and fdatasync, native vs. a bare passthrough FUSE server that captures nothing (commits/s)".to_string(),
             n,
             s,
             0,
         ));
+    }
+    if let Some(fl) = floor {
+        fl.stop()?;
     }
 
     if cfg.runs("mixed") {

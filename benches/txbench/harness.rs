@@ -237,22 +237,32 @@ pub fn alternate(
     rounds: usize,
     native: &Path,
     mnt: &Path,
-    mut f: impl FnMut(&Path) -> Result<f64>,
+    f: impl FnMut(&Path) -> Result<f64>,
 ) -> Result<(f64, f64)> {
-    let mut r = [Vec::new(), Vec::new()];
-    let dirs = [native, mnt];
+    let m = alternate_all(rounds, &[native, mnt], f)?;
+    Ok((m[0], m[1]))
+}
+
+/// `f` on each of `dirs` once a round for `rounds` rounds, the side that goes first moving on
+/// every round; each side's median, in the order of `dirs`.
+pub fn alternate_all(
+    rounds: usize,
+    dirs: &[&Path],
+    mut f: impl FnMut(&Path) -> Result<f64>,
+) -> Result<Vec<f64>> {
+    let n = dirs.len();
+    let mut r = vec![Vec::new(); n];
     for round in 0..rounds.max(1) {
-        // Each side starts with nothing of the other's left to write back, and neither always
+        // Each side starts with nothing of the others' left to write back, and none always
         // goes first.
-        let order = if round % 2 == 0 { [0, 1] } else { [1, 0] };
-        for i in order {
+        for k in 0..n {
+            let i = (round + k) % n;
             // SAFETY: sync(2) has no preconditions.
             unsafe { libc::sync() };
             r[i].push(f(dirs[i])?);
         }
     }
-    let [n, s] = r;
-    Ok((median(n), median(s)))
+    Ok(r.into_iter().map(median).collect())
 }
 
 // ---------------------------------------------------------------------------------------

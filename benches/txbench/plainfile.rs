@@ -2,8 +2,9 @@
 //! `alternate` by main: 4 KiB pwrites to a file opened write-only, sequential reads of a
 //! warm 64 MiB file, small files created, a walk that stats every entry of a directory, and
 //! getxattr of a missing attribute (a request the kernel always hands to the filesystem: the
-//! bare cost of one round trip to the daemon). The floor under FULL, a commit-like fsync loop
-//! through a bare passthrough FUSE server, is floor.rs.
+//! bare cost of one round trip to the daemon). Each function takes the directory it works in,
+//! so main runs it natively, through sqlfs and, for the floor rows, through the bare
+//! passthrough FUSE server of floor.rs.
 
 use std::fs;
 use std::path::Path;

@@ -45,6 +45,23 @@ impl Row {
         }
     }
 
+    /// A floor row under a sqlfs row: the same workload through a bare pass-through FUSE
+    /// server (floor.rs) in the sqlfs column, ratio = floor / native, and beside it sqlfs's
+    /// share of the floor (sqlfs / floor), all three measured in one set of rounds.
+    pub fn floor(name: String, native: f64, floor: f64, sqlfs: f64, digits: usize) -> Row {
+        Row {
+            name,
+            native: fmt_num(native, digits),
+            sqlfs: fmt_num(floor, digits),
+            ratio: if native > 0.0 && floor > 0.0 {
+                format!("{:.2} (sqlfs: {:.2} of it)", floor / native, sqlfs / floor)
+            } else {
+                "–".into()
+            },
+            other: None,
+        }
+    }
+
     /// A row measured on sqlfs only.
     pub fn text(name: &str, sqlfs: String) -> Row {
         Row {
