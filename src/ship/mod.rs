@@ -302,6 +302,14 @@ impl Shipper {
             Some(_) => None,
         };
         self.sched.done(db, failed_until, next);
+        // A shipment can end short of what is staged (a key found holding an earlier, shorter
+        // attempt): the rest is due like newly staged records, not left for the next commit.
+        if failed_until.is_none()
+            && !self.is_fenced(db)
+            && db.stage.last().is_some_and(|h| h.txid > self.position(db))
+        {
+            self.sched.wake(db, Why::Staged);
+        }
         *self.progress.0.lock() += 1;
         self.progress.1.notify_all();
     }
