@@ -57,9 +57,9 @@ pub fn ledger_file(stage_dir: &Path, rid: &str) -> PathBuf {
 
 /// One database's ledger on one replica, as this process knows it.
 pub(super) struct Ledger {
-    path: PathBuf,
-    /// The earlier version's files, removed once this one is written.
-    legacy: Option<(PathBuf, PathBuf)>,
+    path: Box<Path>,
+    /// The earlier version's files exist (removed once this one is written).
+    legacy: bool,
     /// The sequence number of the current slot (0: no slot written yet).
     seq: u64,
     /// The position as last written to the file.
@@ -76,11 +76,10 @@ impl Ledger {
     /// both damaged is reported, not guessed at.
     pub(super) fn load(dir: &Path, rid: &str) -> io::Result<Ledger> {
         let path = ledger_file(dir, rid);
-        let old_pos = dir.join(format!("shipped.{rid}"));
-        let old_try = dir.join(format!("shipping.{rid}"));
+        let (old_pos, old_try) = legacy_files(&path);
         let mut l = Ledger {
-            path,
-            legacy: None,
+            path: path.into_boxed_path(),
+            legacy: false,
             seq: 0,
             durable: 0,
             pos: 0,
@@ -104,9 +103,7 @@ impl Ledger {
                     ));
                 };
                 (l.seq, l.durable, l.pos, l.attempts) = (seq, pos, pos, attempts);
-                if old_pos.exists() || old_try.exists() {
-                    l.legacy = Some((old_pos, old_try));
-                }
+                l.legacy = old_pos.exists() || old_try.exists();
             }
             Err(e) if e.kind() == io::ErrorKind::NotFound => {
                 let pos = fs::read_to_string(&old_pos)
@@ -119,7 +116,7 @@ impl Ledger {
                     .filter_map(Attempt::parse)
                     .collect();
                 (l.durable, l.pos, l.attempts) = (pos, pos, attempts);
-                l.legacy = Some((old_pos, old_try));
+                l.legacy = true;
             }
             Err(e) => return Err(e),
         }
@@ -208,7 +205,8 @@ impl Ledger {
         }
         self.seq = seq;
         self.durable = pos;
-        if let Some((p, t)) = self.legacy.take() {
+        if std::mem::take(&mut self.legacy) {
+            let (p, t) = legacy_files(&self.path);
             let _ = fs::remove_file(p);
             let _ = fs::remove_file(t);
         }
@@ -220,14 +218,27 @@ impl Ledger {
 /// `dir` (a database seeded from a replica's chain).
 pub fn seed(dir: &Path, rid: &str, txid: u64) -> io::Result<()> {
     let mut l = Ledger::load(dir, rid).unwrap_or(Ledger {
-        path: ledger_file(dir, rid),
-        legacy: None,
+        path: ledger_file(dir, rid).into_boxed_path(),
+        legacy: false,
         seq: 0,
         durable: 0,
         pos: 0,
         attempts: Vec::new(),
     });
     l.set(txid)
+}
+
+/// The earlier version's position and attempt files beside ledger `path` (`ship.<rid>`).
+fn legacy_files(path: &Path) -> (PathBuf, PathBuf) {
+    let rid = path
+        .file_name()
+        .and_then(|n| n.to_str())
+        .and_then(|n| n.strip_prefix("ship."))
+        .unwrap_or("");
+    (
+        path.with_file_name(format!("shipped.{rid}")),
+        path.with_file_name(format!("shipping.{rid}")),
+    )
 }
 
 /// Drops the oldest attempts until the rest fit a slot; returns how many were dropped.

@@ -6,7 +6,7 @@ use std::time::Instant;
 
 use anyhow::{Context, Result};
 
-use super::{db_policy, outbox, Policy, Shipper};
+use super::{db_policy, Policy, Shipper};
 use crate::capture::Db;
 use crate::catalog::{compacted_key, snapshot_key, DbCatalog, Obj, Reader};
 use crate::compact;
@@ -23,6 +23,8 @@ pub(super) struct Maint {
     pub(super) skip_to: Vec<u64>,
     /// When the newest snapshot was stored (ns).
     pub(super) last_snapshot_ns: u64,
+    /// The numbers of its spare files (`spare`).
+    pub(super) spares: Vec<u32>,
 }
 
 impl Shipper {
@@ -103,6 +105,7 @@ impl Shipper {
                 last_compact,
                 skip_to: vec![0; n],
                 last_snapshot_ns,
+                spares: self.find_spares(db),
             },
         );
         Ok(())
@@ -110,10 +113,12 @@ impl Shipper {
 
     /// Local copy of an object this shipper stored, kept until a higher level merges it.
     pub(super) fn cache_path(&self, db: &Db, key: &str) -> PathBuf {
-        db.stage
-            .dir()
-            .join(format!("objects.{}", self.rid))
-            .join(key.replace('/', "_"))
+        self.objects_dir(db).join(key.replace('/', "_"))
+    }
+
+    /// Where `db`'s local copies (and spare files) for this replica are kept.
+    pub(super) fn objects_dir(&self, db: &Db) -> PathBuf {
+        db.stage.dir().join(format!("objects.{}", self.rid))
     }
 
     /// Records an object just stored from the local file `local`: in the catalog, and in the
@@ -196,8 +201,14 @@ impl Shipper {
         let pos = self.position(db);
         let tmp = db.stage.dir().join(format!("maint.{}.tmp", self.rid));
         let res = self.maintain_via(name, db, pos, &tmp);
-        let _ = fs::remove_file(&tmp);
-        let _ = fs::remove_file(tmp.with_extension("pages"));
+        if tmp.exists() {
+            self.recycle(db, &tmp);
+        }
+        // Kept empty for the next compaction (no file created each time).
+        let _ = fs::OpenOptions::new()
+            .write(true)
+            .open(tmp.with_extension("pages"))
+            .and_then(|f| f.set_len(0));
         res
     }
 
@@ -359,7 +370,7 @@ impl Shipper {
             &refs,
             level,
             &db.id,
-            outbox(tmp)?,
+            self.fresh_file(db, tmp)?,
             &tmp.with_extension("pages"),
         );
         for f in &fetched {
@@ -370,8 +381,8 @@ impl Shipper {
         self.put_derived(&key, tmp)?;
         self.stored(db, &key, Some(level), hdr.first_txid, hdr.last_txid, tmp);
         for (k, p) in &inputs {
-            if p.starts_with(db.stage.dir().join(format!("objects.{}", self.rid))) {
-                let _ = fs::remove_file(p);
+            if p.starts_with(self.objects_dir(db)) {
+                self.recycle(db, p);
             }
             let _ = k;
         }
@@ -405,7 +416,7 @@ impl Shipper {
             wal: WalPos::default(),
             coded: None,
         };
-        let mut w = ObjectWriter::new(outbox(tmp)?, ObjKind::Snapshot, 0, &db.id)?;
+        let mut w = ObjectWriter::new(self.fresh_file(db, tmp)?, ObjKind::Snapshot, 0, &db.id)?;
         let ps = h.page_size as usize;
         w.add(&h, |emit| {
             let mut buf = vec![0u8; ps];

@@ -34,6 +34,7 @@ mod ledger;
 mod maintain;
 mod policy;
 mod sched;
+mod spare;
 mod store;
 
 pub use ledger::seed as seed_position;
@@ -377,7 +378,9 @@ impl Shipper {
         // left there to take space (on a full disk, that space is the app's).
         let tmp = db.stage.dir().join(format!("outbox.{}.tmp", self.rid));
         let res = self.ship_db_via(name, db, &tmp);
-        let _ = fs::remove_file(&tmp);
+        if tmp.exists() {
+            self.recycle(db, &tmp);
+        }
         res
     }
 
@@ -446,7 +449,9 @@ impl Shipper {
                 return Ok(());
             }
         }
-        let file = outbox(tmp).context("creating the outbox file")?;
+        let file = self
+            .fresh_file(db, tmp)
+            .context("creating the outbox file")?;
         let mut w = ObjectWriter::new(file, ObjKind::Segment, 0, &db.id)?;
         let mut first = None;
         // Nothing that a restore's checksum check would refuse leaves the machine: each

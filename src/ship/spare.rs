@@ -1,0 +1,93 @@
+//! Spare files: the files a shipper builds objects in are reused, not created and deleted.
+//!
+//! Every shipment builds an object in a fresh file, which becomes the local copy compaction
+//! merges later; compaction then deletes a run of such copies. With thousands of databases
+//! shipping every second, creating and deleting inodes that fast cost the filesystem more CPU
+//! than anything else a shipper did (an inode allocator that skips recently deleted inodes
+//! scans far). So a file that is no longer needed (a merged local copy, an object that was
+//! not kept) is emptied and renamed to `objects.<replica>/spare.<n>`, and the next object is
+//! built in a spare renamed into place: a rename and a truncation instead of a create and a
+//! delete. At most [`MAX_SPARES`] are kept per database (about one compaction run's worth);
+//! spares left by an earlier mount are found again when the database first ships.
+//!
+//! A spare holds nothing: it is truncated before it is renamed, and truncated again when
+//! reused (a crash between the two leaves a file whose bytes nothing reads).
+
+use std::fs::{self, OpenOptions};
+use std::io;
+use std::path::{Path, PathBuf};
+
+use super::{outbox, Shipper};
+use crate::capture::Db;
+
+/// Spares kept per database and replica.
+pub(super) const MAX_SPARES: usize = 32;
+
+impl Shipper {
+    fn spare_path(&self, db: &Db, n: u32) -> PathBuf {
+        self.objects_dir(db).join(format!("spare.{n}"))
+    }
+
+    /// The numbers of the spares an earlier mount left for `db` (one listing, when the
+    /// database first ships in this process).
+    pub(super) fn find_spares(&self, db: &Db) -> Vec<u32> {
+        let Ok(rd) = fs::read_dir(self.objects_dir(db)) else {
+            return Vec::new();
+        };
+        let mut found: Vec<u32> = rd
+            .filter_map(|e| e.ok())
+            .filter_map(|e| e.file_name().to_str()?.strip_prefix("spare.")?.parse().ok())
+            .collect();
+        found.sort_unstable();
+        found.truncate(MAX_SPARES);
+        found
+    }
+
+    /// Opens `tmp` empty, to build an object in: a spare of `db`'s renamed into place if
+    /// there is one, else a new file.
+    pub(super) fn fresh_file(&self, db: &Db, tmp: &Path) -> io::Result<fs::File> {
+        let spare = self
+            .maint
+            .lock()
+            .get_mut(&db.id)
+            .and_then(|m| m.spares.pop());
+        if let Some(n) = spare {
+            // A spare that cannot be renamed (gone) just means a new file.
+            let _ = fs::rename(self.spare_path(db, n), tmp);
+        }
+        outbox(tmp)
+    }
+
+    /// `path` (a file of `db`'s staging this shipper no longer needs) becomes a spare, or is
+    /// deleted if `db` has enough of them.
+    pub(super) fn recycle(&self, db: &Db, path: &Path) {
+        let n = {
+            let mut g = self.maint.lock();
+            match g.get_mut(&db.id) {
+                Some(m) if m.spares.len() < MAX_SPARES => {
+                    // The lowest number not in use.
+                    let n = (0..).find(|n| !m.spares.contains(n)).unwrap_or(0);
+                    m.spares.push(n);
+                    Some(n)
+                }
+                _ => None,
+            }
+        };
+        let kept = n.is_some_and(|n| {
+            let dir = self.objects_dir(db);
+            let _ = fs::create_dir_all(&dir);
+            OpenOptions::new()
+                .write(true)
+                .open(path)
+                .and_then(|f| f.set_len(0))
+                .and_then(|()| fs::rename(path, self.spare_path(db, n)))
+                .is_ok()
+        });
+        if !kept {
+            if let (Some(n), Some(m)) = (n, self.maint.lock().get_mut(&db.id)) {
+                m.spares.retain(|&s| s != n);
+            }
+            let _ = fs::remove_file(path);
+        }
+    }
+}
