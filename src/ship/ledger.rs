@@ -56,8 +56,9 @@ pub fn ledger_file(stage_dir: &Path, rid: &str) -> PathBuf {
 }
 
 /// One database's ledger on one replica, as this process knows it.
+/// (Kept for every database that shipped in this process, so it holds no path: the caller
+/// names the file, [`ledger_file`].)
 pub(super) struct Ledger {
-    path: Box<Path>,
     /// The earlier version's files exist (removed once this one is written).
     legacy: bool,
     /// The sequence number of the current slot (0: no slot written yet).
@@ -78,7 +79,6 @@ impl Ledger {
         let path = ledger_file(dir, rid);
         let (old_pos, old_try) = legacy_files(&path);
         let mut l = Ledger {
-            path: path.into_boxed_path(),
             legacy: false,
             seq: 0,
             durable: 0,
@@ -86,7 +86,7 @@ impl Ledger {
             attempts: Vec::new(),
         };
         let mut buf = Vec::new();
-        match File::open(&l.path) {
+        match File::open(&path) {
             Ok(f) => {
                 f.take(2 * SLOT as u64).read_to_end(&mut buf)?;
                 let best = [0, SLOT]
@@ -98,7 +98,7 @@ impl Ledger {
                         io::ErrorKind::InvalidData,
                         format!(
                             "{}: neither slot of the shipping ledger is intact",
-                            l.path.display()
+                            path.display()
                         ),
                     ));
                 };
@@ -145,7 +145,7 @@ impl Ledger {
 
     /// Records `a` (after the earlier attempts at its key; those at other keys are dropped)
     /// together with the current position, durably: call before sending `a`.
-    pub(super) fn attempt(&mut self, a: Attempt) -> io::Result<()> {
+    pub(super) fn attempt(&mut self, file: &Path, a: Attempt) -> io::Result<()> {
         let mut attempts: Vec<Attempt> = std::mem::take(&mut self.attempts)
             .into_iter()
             .filter(|o| o.key == a.key)
@@ -155,12 +155,12 @@ impl Ledger {
         if dropped > 0 {
             log::warn!(
                 "{}: {dropped} oldest attempts at {} dropped from the shipping ledger (it is full)",
-                self.path.display(),
+                file.display(),
                 attempts[0].key
             );
         }
         self.attempts = attempts;
-        self.write(self.pos)
+        self.write(file, self.pos)
     }
 
     /// The replica now holds the database up to `txid` (a shipment stored, or read back):
@@ -171,42 +171,42 @@ impl Ledger {
     }
 
     /// Sets the position to `txid` (which may lower it) durably.
-    pub(super) fn set(&mut self, txid: u64) -> io::Result<()> {
+    pub(super) fn set(&mut self, file: &Path, txid: u64) -> io::Result<()> {
         self.pos = txid;
         self.attempts.clear();
-        self.write(txid)
+        self.write(file, txid)
     }
 
     /// Makes the position durable, if it is not.
-    pub(super) fn settle(&mut self) -> io::Result<()> {
+    pub(super) fn settle(&mut self, file: &Path) -> io::Result<()> {
         if self.durable == self.pos && self.seq > 0 {
             return Ok(());
         }
-        self.write(self.pos)
+        self.write(file, self.pos)
     }
 
-    fn write(&mut self, pos: u64) -> io::Result<()> {
+    fn write(&mut self, file: &Path, pos: u64) -> io::Result<()> {
         let seq = self.seq + 1;
         let slot = encode_slot(seq, pos, &self.attempts);
-        let created = !self.path.exists();
+        let created = !file.exists();
         let f = OpenOptions::new()
             .write(true)
             .create(true)
             .truncate(false)
-            .open(&self.path)?;
+            .open(file)?;
         // Slot 1 for odd sequence numbers, 0 for even: never the current one.
         let off = if seq % 2 == 1 { SLOT as u64 } else { 0 };
         f.write_all_at(&slot, off)?;
         f.sync_data()?;
         if created {
-            if let Some(d) = self.path.parent() {
+            if let Some(d) = file.parent() {
                 File::open(d)?.sync_all()?;
             }
         }
         self.seq = seq;
         self.durable = pos;
         if std::mem::take(&mut self.legacy) {
-            let (p, t) = legacy_files(&self.path);
+            let (p, t) = legacy_files(file);
             let _ = fs::remove_file(p);
             let _ = fs::remove_file(t);
         }
@@ -218,14 +218,13 @@ impl Ledger {
 /// `dir` (a database seeded from a replica's chain).
 pub fn seed(dir: &Path, rid: &str, txid: u64) -> io::Result<()> {
     let mut l = Ledger::load(dir, rid).unwrap_or(Ledger {
-        path: ledger_file(dir, rid).into_boxed_path(),
         legacy: false,
         seq: 0,
         durable: 0,
         pos: 0,
         attempts: Vec::new(),
     });
-    l.set(txid)
+    l.set(&ledger_file(dir, rid), txid)
 }
 
 /// The earlier version's position and attempt files beside ledger `path` (`ship.<rid>`).
@@ -310,46 +309,49 @@ mod tests {
     #[test]
     fn positions_become_durable_with_the_next_attempt_or_a_settle() {
         let d = tempfile::tempdir().unwrap();
+        let f = ledger_file(d.path(), "r");
         let mut l = Ledger::load(d.path(), "r").unwrap();
         assert_eq!((l.position(), l.durable()), (0, 0));
-        l.attempt(att("k1", 5)).unwrap();
+        l.attempt(&f, att("k1", 5)).unwrap();
         l.advance(5);
         assert_eq!((l.position(), l.durable()), (5, 0));
         // A crash now: the position before the shipment, and its attempt.
         let r = Ledger::load(d.path(), "r").unwrap();
         assert_eq!((r.position(), r.pending_key()), (0, Some("k1")));
-        l.attempt(att("k6", 9)).unwrap();
+        l.attempt(&f, att("k6", 9)).unwrap();
         let r = Ledger::load(d.path(), "r").unwrap();
         assert_eq!((r.position(), r.pending_key()), (5, Some("k6")));
         l.advance(9);
-        l.settle().unwrap();
+        l.settle(&f).unwrap();
         let r = Ledger::load(d.path(), "r").unwrap();
         assert_eq!((r.position(), r.pending_key()), (9, None));
         // Lowered, durably.
-        l.set(3).unwrap();
+        l.set(&f, 3).unwrap();
         assert_eq!(Ledger::load(d.path(), "r").unwrap().position(), 3);
     }
 
     #[test]
     fn attempts_at_one_key_accumulate_and_another_key_starts_afresh() {
         let d = tempfile::tempdir().unwrap();
+        let f = ledger_file(d.path(), "r");
         let mut l = Ledger::load(d.path(), "r").unwrap();
-        l.attempt(att("k1", 5)).unwrap();
-        l.attempt(att("k1", 8)).unwrap();
+        l.attempt(&f, att("k1", 5)).unwrap();
+        l.attempt(&f, att("k1", 8)).unwrap();
         let r = Ledger::load(d.path(), "r").unwrap();
         let lasts: Vec<u64> = r.attempts().iter().map(|a| a.last).collect();
         assert_eq!(lasts, [5, 8]);
         assert_eq!(r.attempts()[1].fp, (1024, 56));
-        l.attempt(att("s0", 4)).unwrap();
+        l.attempt(&f, att("s0", 4)).unwrap();
         assert_eq!(Ledger::load(d.path(), "r").unwrap().attempts().len(), 1);
     }
 
     #[test]
     fn a_torn_write_leaves_the_state_before_it() {
         let d = tempfile::tempdir().unwrap();
+        let f = ledger_file(d.path(), "r");
         let mut l = Ledger::load(d.path(), "r").unwrap();
-        l.set(7).unwrap(); // seq 1: slot 1
-        l.attempt(att("k8", 9)).unwrap(); // seq 2: slot 0
+        l.set(&f, 7).unwrap(); // seq 1: slot 1
+        l.attempt(&f, att("k8", 9)).unwrap(); // seq 2: slot 0
         let path = ledger_file(d.path(), "r");
         // Tear the newest slot (0) in its attempts.
         let f = OpenOptions::new().write(true).open(&path).unwrap();
@@ -367,9 +369,10 @@ mod tests {
         let d = tempfile::tempdir().unwrap();
         fs::write(d.path().join("shipped.r"), "12").unwrap();
         fs::write(d.path().join("shipping.r"), att("k13", 20).line()).unwrap();
+        let f = ledger_file(d.path(), "r");
         let mut l = Ledger::load(d.path(), "r").unwrap();
         assert_eq!((l.position(), l.pending_key()), (12, Some("k13")));
-        l.attempt(att("k13", 22)).unwrap();
+        l.attempt(&f, att("k13", 22)).unwrap();
         assert!(!d.path().join("shipped.r").exists());
         assert!(!d.path().join("shipping.r").exists());
         let r = Ledger::load(d.path(), "r").unwrap();

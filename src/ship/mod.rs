@@ -104,10 +104,8 @@ pub struct Shipper {
     rid: String,
     capture: Arc<Capture>,
     /// Per database id: its shipping ledger here (`ledger`), loaded on first use.
-    ledgers: Mutex<HashMap<String, Arc<Mutex<Ledger>>>>,
-    /// Per database id: the position as this process knows it (read without the ledger's
-    /// lock, which a worker holds while it syncs the ledger).
-    positions: Mutex<HashMap<String, u64>>,
+    /// (Keyed by [`ledger_key`]: one is kept for every database that shipped.)
+    ledgers: Mutex<HashMap<u64, Arc<Mutex<Ledger>>>>,
     named: Mutex<HashSet<String>>,
     /// Databases whose shipping stopped because another writer owns them here, by id: why.
     fenced: Mutex<HashMap<String, String>>,
@@ -141,6 +139,16 @@ fn outbox(path: &Path) -> std::io::Result<fs::File> {
         .create(true)
         .truncate(true)
         .open(path)
+}
+
+/// The key of `db`'s ledger in memory: its id (16 hex digits) as a number, else a hash of it.
+fn ledger_key(db: &Db) -> u64 {
+    u64::from_str_radix(&db.id, 16).unwrap_or_else(|_| {
+        use std::hash::{Hash, Hasher};
+        let mut h = std::collections::hash_map::DefaultHasher::new();
+        db.id.hash(&mut h);
+        h.finish()
+    })
 }
 
 /// The short stable id of replica `describe` that names its local position files.
@@ -182,7 +190,6 @@ impl Shipper {
             rid,
             capture,
             ledgers: Mutex::new(HashMap::new()),
-            positions: Mutex::new(HashMap::new()),
             named: Mutex::new(HashSet::new()),
             fenced: Mutex::new(HashMap::new()),
             missing: Mutex::new(HashMap::new()),
@@ -235,18 +242,11 @@ impl Shipper {
             self.sched.wake(&db, Why::Now);
         }
         self.sched.drain();
-        let ledgers: Vec<(String, Arc<Mutex<Ledger>>)> = self
-            .ledgers
-            .lock()
-            .iter()
-            .map(|(id, l)| (id.clone(), l.clone()))
-            .collect();
-        for (id, l) in ledgers {
-            if let Err(e) = l.lock().settle() {
-                log::error!(
-                    "database {id}: cannot record the position shipped to {}: {e}",
-                    self.describe()
-                );
+        for (_, db) in self.capture.databases() {
+            if self.ledgers.lock().contains_key(&ledger_key(&db)) {
+                if let Err(e) = self.settle(&db) {
+                    log::error!("{e:#} in {}", self.describe());
+                }
             }
         }
     }
@@ -317,9 +317,6 @@ impl Shipper {
 
     /// The TXID up to which database `db` is on this replica.
     pub fn position(&self, db: &Db) -> u64 {
-        if let Some(p) = self.positions.lock().get(&db.id) {
-            return *p;
-        }
         match self.ledger(db) {
             Ok(l) => l.lock().position(),
             Err(e) => {
@@ -331,35 +328,35 @@ impl Shipper {
 
     /// `db`'s shipping ledger on this replica, read from staging on first use.
     fn ledger(&self, db: &Db) -> Result<Arc<Mutex<Ledger>>> {
-        if let Some(l) = self.ledgers.lock().get(&db.id) {
+        if let Some(l) = self.ledgers.lock().get(&ledger_key(db)) {
             return Ok(l.clone());
         }
         let l = Ledger::load(db.stage.dir(), &self.rid).context("reading the shipping ledger")?;
-        let mut ls = self.ledgers.lock();
-        let l = ls
-            .entry(db.id.clone())
+        Ok(self
+            .ledgers
+            .lock()
+            .entry(ledger_key(db))
             .or_insert_with(|| Arc::new(Mutex::new(l)))
-            .clone();
-        let p = l.lock().position();
-        self.positions.lock().insert(db.id.clone(), p);
-        Ok(l)
+            .clone())
+    }
+
+    /// `db`'s ledger file for this replica.
+    fn ledger_file(&self, db: &Db) -> PathBuf {
+        ledger::ledger_file(db.stage.dir(), &self.rid)
     }
 
     /// Sets the position to `txid` (which may lower it), durably.
     fn set_position(&self, db: &Db, txid: u64) -> Result<()> {
         let l = self.ledger(db)?;
         let mut l = l.lock();
-        l.set(txid).context("recording the shipped position")?;
-        self.positions.lock().insert(db.id.clone(), txid);
-        Ok(())
+        l.set(&self.ledger_file(db), txid)
+            .context("recording the shipped position")
     }
 
     /// The replica holds `db` up to `txid` now: durable with the next attempt recorded, or
     /// [`Shipper::settle`] (see `ledger`).
     fn advance(&self, db: &Db, txid: u64) -> Result<()> {
-        let l = self.ledger(db)?;
-        l.lock().advance(txid);
-        self.positions.lock().insert(db.id.clone(), txid);
+        self.ledger(db)?.lock().advance(txid);
         Ok(())
     }
 
@@ -368,7 +365,7 @@ impl Shipper {
     pub fn settle(&self, db: &Db) -> Result<u64> {
         let l = self.ledger(db)?;
         let mut l = l.lock();
-        l.settle()
+        l.settle(&self.ledger_file(db))
             .with_context(|| format!("{}: recording the shipped position", db.name()))?;
         Ok(l.durable())
     }

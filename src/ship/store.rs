@@ -128,11 +128,14 @@ impl Shipper {
         let attempts = {
             let l = self.ledger(db)?;
             let mut l = l.lock();
-            l.attempt(Attempt {
-                key: key.to_string(),
-                last: want.last,
-                fp: fingerprint(&head),
-            })
+            l.attempt(
+                &self.ledger_file(db),
+                Attempt {
+                    key: key.to_string(),
+                    last: want.last,
+                    fp: fingerprint(&head),
+                },
+            )
             .context("recording the shipment in progress")?;
             l.attempts().to_vec()
         };
