@@ -209,13 +209,12 @@ impl Watch {
                 // SAFETY: the kernel wrote a whole inotify_event at i (reads may be unaligned).
                 let ev: libc::inotify_event =
                     unsafe { std::ptr::read_unaligned(buf[i..].as_ptr().cast()) };
-                let name_bytes = &buf[i + hdr..i + hdr + ev.len as usize];
+                // A file's own watch reports no name.
                 i += hdr + ev.len as usize;
                 if ev.mask & libc::IN_Q_OVERFLOW != 0 {
                     overflow = true;
                     continue;
                 }
-                let _ = name_bytes;
                 if ev.mask & libc::IN_IGNORED != 0 {
                     // The file is gone (its watch with it); a new WAL is watched when opened.
                     wals.remove(&ev.wd);

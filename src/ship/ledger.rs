@@ -179,7 +179,7 @@ impl Ledger {
 
     /// Makes the position durable, if it is not.
     pub(super) fn settle(&mut self, file: &Path) -> io::Result<()> {
-        if self.durable == self.pos && self.seq > 0 {
+        if self.durable == self.pos {
             return Ok(());
         }
         self.write(file, self.pos)

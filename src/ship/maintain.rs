@@ -204,11 +204,6 @@ impl Shipper {
         if tmp.exists() {
             self.recycle(db, &tmp);
         }
-        // Kept empty for the next compaction (no file created each time).
-        let _ = fs::OpenOptions::new()
-            .write(true)
-            .open(tmp.with_extension("pages"))
-            .and_then(|f| f.set_len(0));
         res
     }
 
@@ -376,6 +371,11 @@ impl Shipper {
         for f in &fetched {
             let _ = fs::remove_file(f);
         }
+        // The page file is kept, emptied, for the next compaction (no file created each time).
+        let _ = fs::OpenOptions::new()
+            .write(true)
+            .open(tmp.with_extension("pages"))
+            .and_then(|f| f.set_len(0));
         let hdr = res.with_context(|| format!("{name}: compacting into level {level}"))?;
         let key = compacted_key(&db.id, level, hdr.first_txid, hdr.last_txid);
         self.put_derived(&key, tmp)?;
