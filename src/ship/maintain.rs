@@ -154,7 +154,7 @@ impl Shipper {
                 m.last_snapshot_ns = now_ns();
             }
         }
-        if level.is_some_and(|l| (l as usize) < levels) {
+        if level.is_some_and(|l| (l as usize) < levels) && room_for_copy(local, size) {
             let dst = self.cache_path(db, key);
             let _ = dst.parent().map(fs::create_dir_all);
             if let Err(e) = fs::rename(local, &dst) {
@@ -432,4 +432,25 @@ impl Shipper {
         })?;
         Ok(w.finish()?.0)
     }
+}
+
+/// True if the filesystem holding `local` keeps room to spare with a local copy of `size`
+/// bytes in it: a tenth of it, at least 16 MiB and at most 1 GiB. A local copy only saves
+/// compaction a download; on a filling disk the room is staging's (and the app's), and
+/// compaction fetches the object from the replica instead (or, encrypted, leaves the run to
+/// the lower level).
+fn room_for_copy(local: &Path, size: u64) -> bool {
+    use std::os::unix::ffi::OsStrExt;
+    let Ok(c) = std::ffi::CString::new(local.as_os_str().as_bytes()) else {
+        return false;
+    };
+    // SAFETY: zeroed statvfs is a valid out-parameter; c is a valid C string.
+    let mut s: libc::statvfs = unsafe { std::mem::zeroed() };
+    if unsafe { libc::statvfs(c.as_ptr(), &mut s) } < 0 {
+        return false;
+    }
+    let unit = s.f_frsize as u64;
+    let (total, free) = (s.f_blocks as u64 * unit, s.f_bavail as u64 * unit);
+    let spare = (total / 10).clamp(16 << 20, 1 << 30);
+    free.saturating_sub(size) >= spare
 }
