@@ -538,7 +538,7 @@ fn main() -> Result<()> {
             format!("{:.0} ({:.0})", m.raw_puts_per_sec, m.raw_server_cpu_pct),
         ));
         rows.push(Row::text(
-            "… the same through the counting proxy (a connection per request)",
+            "… the same through the counting proxy",
             format!("{:.0}", m.raw_proxy_puts_per_sec),
         ));
         rows.push(Row::text(

@@ -6,10 +6,10 @@
 //! binary (a file named `weed` is SeaweedFS).
 //!
 //! The server has no request counter of its own, so a mount whose requests are to be
-//! counted is pointed at [`Proxy`]: it forwards each request to the server on a connection
-//! of its own (asking both sides to close it afterwards, so that every request is one
-//! connection and needs no parsing of bodies) and records its method, target, status and
-//! when its response was complete.
+//! counted is pointed at [`Proxy`]: it forwards each client connection's requests to the
+//! server over a connection of its own, kept open as long as the client keeps its own (so
+//! the proxy costs the client's connections nothing they would not cost without it), and
+//! records each request's method, target, status and when its response was complete.
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{Shutdown, TcpListener, TcpStream};
@@ -273,9 +273,7 @@ impl Proxy {
                             }
                             let log = log.clone();
                             thread::spawn(move || {
-                                if let Ok(Some(r)) = forward(client, upstream) {
-                                    log.lock().unwrap().push(r);
-                                }
+                                let _ = serve(client, upstream, &log);
                             });
                         }
                         Err(_) => thread::sleep(Duration::from_millis(20)),
@@ -307,71 +305,195 @@ impl Drop for Proxy {
     }
 }
 
-/// Forwards one request (the first on `client`) to the server and its response back.
-fn forward(client: TcpStream, upstream: u16) -> Result<Option<Req>> {
+/// Forwards the requests of one client connection to the server, one at a time, over one
+/// upstream connection kept open alongside it (HTTP/1.1 keep-alive; requests are framed by
+/// `Content-Length` or chunked encoding, responses likewise or by the close of the
+/// connection), and logs each request when its response has been passed on.
+fn serve(client: TcpStream, upstream: u16, log: &Mutex<Vec<Req>>) -> Result<()> {
     client.set_nonblocking(false)?;
-    let mut reader = BufReader::new(client.try_clone()?);
+    client.set_nodelay(true)?;
+    let mut from_client = BufReader::new(client.try_clone()?);
+    let mut to_client = client;
+    let mut up: Option<(BufReader<TcpStream>, TcpStream)> = None;
+    loop {
+        // The whole request (head and body, as sent) is kept, so that it can be sent again
+        // on a new connection if the server closed an idle one.
+        let Some((line, head)) = read_head(&mut from_client)? else {
+            return Ok(());
+        };
+        let start = Instant::now();
+        let mut words = line.split_whitespace();
+        let method = words.next().unwrap_or("").to_string();
+        let target = words.next().unwrap_or("").to_string();
+        let mut request = line.clone().into_bytes();
+        for h in &head.lines {
+            // The proxy answers no interim response; the server need not either.
+            if !h.to_ascii_lowercase().starts_with("expect:") {
+                request.extend_from_slice(h.as_bytes());
+            }
+        }
+        request.extend_from_slice(b"\r\n");
+        copy_body(&mut from_client, &mut request, head.request_body())?;
+
+        let mut attempt = 0;
+        let (status, close) = loop {
+            attempt += 1;
+            if up.is_none() {
+                let s = TcpStream::connect(("127.0.0.1", upstream))?;
+                s.set_nodelay(true)?;
+                up = Some((BufReader::new(s.try_clone()?), s));
+            }
+            let (ur, uw) = up.as_mut().unwrap();
+            let sent = uw.write_all(&request);
+            let resp = match sent {
+                Ok(()) => read_head(ur),
+                Err(e) => Err(e.into()),
+            };
+            let (status_line, rhead) = match resp {
+                Ok(Some(h)) => h,
+                // A kept connection the server had closed: once more on a new one.
+                Ok(None) | Err(_) if attempt == 1 => {
+                    up = None;
+                    continue;
+                }
+                Ok(None) => bail!("the server closed the connection without a response"),
+                Err(e) => return Err(e),
+            };
+            let status = status_of(status_line.as_bytes());
+            let mut out = status_line.into_bytes();
+            for h in &rhead.lines {
+                out.extend_from_slice(h.as_bytes());
+            }
+            out.extend_from_slice(b"\r\n");
+            let body = rhead.response_body(&method, status);
+            let to_close = matches!(body, Body::ToClose) || rhead.close;
+            copy_body(ur, &mut out, body)?;
+            to_client.write_all(&out)?;
+            break (status, to_close || head.close);
+        };
+        log.lock().unwrap().push(Req {
+            method,
+            target,
+            status,
+            start,
+            end: Instant::now(),
+        });
+        if close {
+            let _ = to_client.shutdown(Shutdown::Both);
+            return Ok(());
+        }
+    }
+}
+
+/// How a message's body is delimited.
+enum Body {
+    Len(u64),
+    Chunked,
+    /// Until the sender closes the connection (a response without a length).
+    ToClose,
+}
+
+/// A message head: its header lines (each with its line end) and what they say about the
+/// body and the connection.
+struct Head {
+    lines: Vec<String>,
+    length: Option<u64>,
+    chunked: bool,
+    close: bool,
+}
+
+impl Head {
+    fn request_body(&self) -> Body {
+        if self.chunked {
+            Body::Chunked
+        } else {
+            Body::Len(self.length.unwrap_or(0))
+        }
+    }
+
+    fn response_body(&self, method: &str, status: u16) -> Body {
+        if method == "HEAD" || status == 204 || status == 304 || status < 200 {
+            Body::Len(0)
+        } else if self.chunked {
+            Body::Chunked
+        } else if let Some(n) = self.length {
+            Body::Len(n)
+        } else {
+            Body::ToClose
+        }
+    }
+}
+
+/// The start line and head of the next message, or `None` at a clean end of the stream.
+/// Interim (1xx) responses are not expected: requests go without `Expect`.
+fn read_head(r: &mut impl BufRead) -> Result<Option<(String, Head)>> {
     let mut line = String::new();
-    if reader.read_line(&mut line)? == 0 {
+    if r.read_line(&mut line)? == 0 {
         return Ok(None);
     }
-    let start = Instant::now();
-    let mut words = line.split_whitespace();
-    let method = words.next().unwrap_or("").to_string();
-    let target = words.next().unwrap_or("").to_string();
-    let mut head = line.clone();
+    let mut head = Head {
+        lines: Vec::new(),
+        length: None,
+        chunked: false,
+        close: false,
+    };
     loop {
         let mut h = String::new();
-        if reader.read_line(&mut h)? == 0 {
-            bail!("the client closed the connection inside a request head");
+        if r.read_line(&mut h)? == 0 {
+            bail!("the connection closed inside a message head");
         }
         if h == "\r\n" || h == "\n" {
             break;
         }
-        let name = h
-            .split(':')
-            .next()
-            .unwrap_or("")
-            .trim()
-            .to_ascii_lowercase();
-        if name != "connection" && name != "keep-alive" {
-            head += &h;
+        let (name, value) = h.split_once(':').unwrap_or((&h, ""));
+        let (name, value) = (name.trim().to_ascii_lowercase(), value.trim().to_ascii_lowercase());
+        match name.as_str() {
+            "content-length" => head.length = value.parse().ok(),
+            "transfer-encoding" => head.chunked = value.contains("chunked"),
+            "connection" => head.close = value.contains("close"),
+            _ => {}
         }
+        head.lines.push(h);
     }
-    head += "Connection: close\r\n\r\n";
-    let mut up = TcpStream::connect(("127.0.0.1", upstream))?;
-    up.write_all(head.as_bytes())?;
-    // The body (if any) and anything after it, client to server, until either side closes.
-    let to_server = {
-        let mut up = up.try_clone()?;
-        thread::spawn(move || {
-            let _ = std::io::copy(&mut reader, &mut up);
-        })
-    };
-    let mut client_w = client;
-    let mut first = Vec::new();
-    let mut buf = vec![0u8; 64 << 10];
-    loop {
-        let n = match up.read(&mut buf) {
-            Ok(0) | Err(_) => break,
-            Ok(n) => n,
-        };
-        if first.len() < 4096 {
-            first.extend_from_slice(&buf[..n.min(4096 - first.len())]);
+    Ok(Some((line, head)))
+}
+
+/// Appends a body, as framed on the wire, from `r` to `out`.
+fn copy_body(r: &mut impl BufRead, out: &mut Vec<u8>, body: Body) -> Result<()> {
+    match body {
+        Body::Len(n) => {
+            let at = out.len();
+            out.resize(at + n as usize, 0);
+            r.read_exact(&mut out[at..])?;
         }
-        if client_w.write_all(&buf[..n]).is_err() {
-            break;
+        Body::ToClose => {
+            r.read_to_end(out)?;
         }
+        Body::Chunked => loop {
+            let mut size = String::new();
+            if r.read_line(&mut size)? == 0 {
+                bail!("the connection closed inside a chunked body");
+            }
+            out.extend_from_slice(size.as_bytes());
+            let n = u64::from_str_radix(size.trim().split(';').next().unwrap_or("").trim(), 16)
+                .context("a malformed chunk size")?;
+            if n == 0 {
+                // Trailers, up to the empty line.
+                loop {
+                    let mut t = String::new();
+                    if r.read_line(&mut t)? == 0 {
+                        bail!("the connection closed inside a chunked body's trailer");
+                    }
+                    out.extend_from_slice(t.as_bytes());
+                    if t == "\r\n" || t == "\n" {
+                        return Ok(());
+                    }
+                }
+            }
+            let at = out.len();
+            out.resize(at + n as usize + 2, 0);
+            r.read_exact(&mut out[at..])?;
+        },
     }
-    let end = Instant::now();
-    let _ = client_w.shutdown(Shutdown::Both);
-    let _ = up.shutdown(Shutdown::Both);
-    let _ = to_server.join();
-    Ok(Some(Req {
-        method,
-        target,
-        status: status_of(&first),
-        start,
-        end,
-    }))
+    Ok(())
 }

@@ -359,7 +359,7 @@ pub fn many(cfg: &Config, srv: &s3::Server) -> Result<Many> {
         let (n, secs, ticks) = raw_puts(srv, srv.client()?, Duration::from_secs(5))?;
         (n as f64 / secs, ticks as f64 / hz / secs * 100.0)
     };
-    // The same through the counting proxy (a connection per request), as the daemon's were.
+    // The same through the counting proxy, as the daemon's requests go.
     let via = sqlfs::replica::open(&s3::Server::url_via(proxy.port, BUCKET, "rawproxy"))?;
     let raw_proxy_puts_per_sec = {
         let (n, secs, _) = raw_puts(srv, via.as_ref(), Duration::from_secs(5))?;
