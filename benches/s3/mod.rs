@@ -446,7 +446,10 @@ fn read_head(r: &mut impl BufRead) -> Result<Option<(String, Head)>> {
             break;
         }
         let (name, value) = h.split_once(':').unwrap_or((&h, ""));
-        let (name, value) = (name.trim().to_ascii_lowercase(), value.trim().to_ascii_lowercase());
+        let (name, value) = (
+            name.trim().to_ascii_lowercase(),
+            value.trim().to_ascii_lowercase(),
+        );
         match name.as_str() {
             "content-length" => head.length = value.parse().ok(),
             "transfer-encoding" => head.chunked = value.contains("chunked"),
