@@ -28,11 +28,19 @@ use crate::catalog::{DbCatalog, Obj};
 use crate::record::{Kind, RecordHeader, WalPos};
 use crate::segment::{self, Event, ObjHeader, ObjKind, ObjectWriter};
 
+/// One object to merge: a local file, or the byte range `(offset, length)` of one.
+pub struct Input<'a> {
+    pub key: String,
+    pub path: &'a Path,
+    pub range: Option<(u64, u64)>,
+}
+
 /// Merges the verified local objects `inputs` (consecutive, in TXID order) into one
 /// compacted object of `level` written to `out`, using `pages_tmp` as scratch for page
-/// images (sparse, up to the database's size). Returns its header.
+/// images (sparse, up to the database's size; left for the caller to empty or remove, so that
+/// the file can be used again). Returns its header.
 pub fn merge(
-    inputs: &[(String, &Path)],
+    inputs: &[Input<'_>],
     level: u8,
     db_id: &str,
     out: File,
@@ -50,9 +58,13 @@ pub fn merge(
     let mut last: Option<RecordHeader> = None;
     let mut page_size = 0u32;
     let mut replaced = false;
-    for (key, path) in inputs {
+    for Input { key, path, range } in inputs {
         let f = File::open(path).with_context(|| format!("opening the local copy of {key}"))?;
-        let hdr = segment::verify(&f, key)?;
+        let slice = |(off, len): (u64, u64)| segment::Slice::new(&f, off, len);
+        let hdr = match range {
+            Some(r) => segment::verify(slice(*r), key)?,
+            None => segment::verify(&f, key)?,
+        };
         if hdr.kind != ObjKind::Segment {
             bail!("{key} is not a segment");
         }
@@ -69,7 +81,7 @@ pub fn merge(
             what: pages_tmp.display().to_string(),
             err: e,
         };
-        segment::for_each_txn(&f, &hdr, key, |ev| {
+        let visit = |ev: Event<'_>| -> std::result::Result<(), segment::ObjectError> {
             match ev {
                 Event::Start(h) => {
                     if h.replaces_state(page_size) {
@@ -92,7 +104,11 @@ pub fn merge(
                 }
             }
             Ok(())
-        })?;
+        };
+        match range {
+            Some(r) => segment::for_each_txn(slice(*r), &hdr, key, visit)?,
+            None => segment::for_each_txn(&f, &hdr, key, visit)?,
+        }
     }
     let (Some((first_txid, first_time, before)), Some(last)) = (first, last) else {
         bail!("nothing to merge");
@@ -121,8 +137,6 @@ pub fn merge(
     })?;
     w.set_span(first_txid, first_time, before);
     let (hdr, _) = w.finish()?;
-    drop(pages);
-    let _ = std::fs::remove_file(pages_tmp);
     Ok(hdr)
 }
 

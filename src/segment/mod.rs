@@ -17,12 +17,14 @@
 //!   in TXID order, gap-free.
 
 mod reader;
+mod slice;
 #[cfg(test)]
 mod tests;
 mod verify;
 mod writer;
 
 pub use reader::*;
+pub use slice::Slice;
 pub use verify::verify;
 pub use writer::ObjectWriter;
 
@@ -166,7 +168,7 @@ impl ObjHeader {
         b
     }
 
-    fn decode(b: &[u8], what: &str) -> Result<ObjHeader> {
+    pub fn decode(b: &[u8], what: &str) -> Result<ObjHeader> {
         if b.len() < HEADER || &b[0..8] != MAGIC {
             return Err(ObjectError::Foreign { what: what.into() });
         }

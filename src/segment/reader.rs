@@ -2,7 +2,6 @@
 //! the page index), each frame checked by its CRC-64 before it is decompressed, and the
 //! records of a whole object in TXID order.
 
-use std::fs::File;
 use std::io::{self, BufReader, Read, Seek, SeekFrom};
 use std::path::Path;
 
@@ -284,13 +283,14 @@ pub enum Event<'a> {
 
 /// Streams every transaction of a verified object in order, one page at a time (memory does
 /// not grow with the object), verifying each record's own CRC and the TXID sequence.
-pub fn for_each_txn(
-    file: &File,
+pub fn for_each_txn<R: Read + Seek>(
+    file: R,
     hdr: &ObjHeader,
     what: &str,
     mut visit: impl FnMut(Event<'_>) -> Result<()>,
 ) -> Result<()> {
-    let mut r = BufReader::with_capacity(1 << 20, file);
+    let cap = (hdr.body_len as usize).clamp(4096, 1 << 20);
+    let mut r = BufReader::with_capacity(cap, file);
     r.seek(SeekFrom::Start(hdr.body_off)).map_err(io(what))?;
     let body = (&mut r).take(hdr.body_len);
     let mut dec = zstd::stream::read::Decoder::new(body).map_err(io(what))?;
@@ -347,7 +347,7 @@ pub fn for_each_txn(
 /// Rewrites a version-2 object as version 1 (no frame table, record table or directory
 /// CRC), as an older build wrote it.
 #[cfg(test)]
-pub(crate) fn downgrade_to_v1(f: &File, hdr: &ObjHeader) -> File {
+pub(crate) fn downgrade_to_v1(f: &std::fs::File, hdr: &ObjHeader) -> std::fs::File {
     use std::io::Write;
     use std::os::unix::fs::FileExt;
     let mut body = vec![0u8; hdr.body_len as usize];

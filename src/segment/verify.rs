@@ -1,17 +1,19 @@
 //! Verifying a whole object: the trailing CRC-64 before any byte is trusted, then the header
 //! and layout.
 
-use std::fs::File;
 use std::io::{BufReader, Read, Seek, SeekFrom};
 
 use super::*;
 
-/// Verifies an object in `file` (trailing CRC, header) and returns its header.
-pub fn verify(file: &File, what: &str) -> Result<ObjHeader> {
-    let len = file.metadata().map_err(io(what))?.len();
+/// Verifies the object `file` holds from its start to its end (trailing CRC, header) and
+/// returns its header. `file` is a whole file (`&File`) or a [`Slice`] of one.
+pub fn verify<R: Read + Seek>(mut file: R, what: &str) -> Result<ObjHeader> {
+    let len = file.seek(SeekFrom::End(0)).map_err(io(what))?;
     if len < (HEADER + 8) as u64 {
         let mut b = vec![0u8; len as usize];
-        let _ = (&*file).read_exact(&mut b);
+        let _ = file
+            .seek(SeekFrom::Start(0))
+            .and_then(|_| file.read_exact(&mut b));
         return Err(if b.len() >= 8 && &b[..8] == MAGIC {
             ObjectError::Corrupt {
                 what: what.into(),
@@ -21,7 +23,9 @@ pub fn verify(file: &File, what: &str) -> Result<ObjHeader> {
             ObjectError::Foreign { what: what.into() }
         });
     }
-    let mut r = BufReader::with_capacity(1 << 20, file);
+    // Buffers no larger than the object: most are a few hundred bytes.
+    let cap = (len as usize).clamp(4096, 1 << 20);
+    let mut r = BufReader::with_capacity(cap, file);
     r.seek(SeekFrom::Start(0)).map_err(io(what))?;
     let mut head = [0u8; HEADER];
     r.read_exact(&mut head).map_err(io(what))?;
@@ -29,7 +33,7 @@ pub fn verify(file: &File, what: &str) -> Result<ObjHeader> {
     let mut crc = crate::sqlite::crc64();
     crc.update(&head);
     let mut left = len - 8 - HEADER as u64;
-    let mut buf = vec![0u8; 1 << 20];
+    let mut buf = vec![0u8; cap];
     while left > 0 {
         let n = (left as usize).min(buf.len());
         r.read_exact(&mut buf[..n]).map_err(io(what))?;
@@ -60,8 +64,8 @@ pub fn verify(file: &File, what: &str) -> Result<ObjHeader> {
     } else {
         // The directory's own checks (its CRC is covered by the one just verified).
         let mut dir = vec![0u8; hdr.index_len as usize];
-        std::os::unix::fs::FileExt::read_exact_at(file, &mut dir, hdr.index_off)
-            .map_err(io(what))?;
+        r.seek(SeekFrom::Start(hdr.index_off)).map_err(io(what))?;
+        r.read_exact(&mut dir).map_err(io(what))?;
         parse_directory(&head, &hdr, &dir, what)?;
     }
     Ok(hdr)

@@ -6,6 +6,7 @@ use std::time::Instant;
 
 use anyhow::{Context, Result};
 
+use super::pack::Pack;
 use super::{db_policy, Policy, Shipper};
 use crate::capture::Db;
 use crate::catalog::{compacted_key, snapshot_key, DbCatalog, Obj, Reader};
@@ -25,6 +26,8 @@ pub(super) struct Maint {
     pub(super) last_snapshot_ns: u64,
     /// The numbers of its spare files (`spare`).
     pub(super) spares: Vec<u32>,
+    /// The index of its pack of level-0 copies (`pack`).
+    pub(super) pack: Pack,
 }
 
 impl Shipper {
@@ -106,6 +109,7 @@ impl Shipper {
                 skip_to: vec![0; n],
                 last_snapshot_ns,
                 spares: self.find_spares(db),
+                pack: Pack::load(&self.pack_path(db), &db.id),
             },
         );
         Ok(())
@@ -155,6 +159,9 @@ impl Shipper {
             }
         }
         if level.is_some_and(|l| (l as usize) < levels) && room_for_copy(local, size) {
+            if level == Some(0) && self.pack_copy(db, key, local, size) {
+                return;
+            }
             let dst = self.cache_path(db, key);
             let _ = dst.parent().map(fs::create_dir_all);
             if let Err(e) = fs::rename(local, &dst) {
@@ -258,6 +265,7 @@ impl Shipper {
             for key in &keys {
                 self.client.delete(key)?;
                 let _ = fs::remove_file(self.cache_path(db, key));
+                self.unpack(db, [key.as_str()]);
                 if let Some(m) = self.maint.lock().get_mut(&db.id) {
                     m.cat.remove(key);
                 }
@@ -321,12 +329,43 @@ impl Shipper {
         run: &[Obj],
         tmp: &Path,
     ) -> Result<()> {
-        let mut inputs = Vec::new();
+        // (key, file, range of the file): a pack entry, a local copy, or a fetched object.
+        let mut inputs: Vec<(String, PathBuf, Option<(u64, u64)>)> = Vec::new();
         let mut fetched = Vec::new();
         let reader = Reader::new(self.client.as_ref(), None);
+        let pack = self.pack_path(db);
         for (i, o) in run.iter().enumerate() {
-            let c = self.cache_path(db, &o.key);
             // Local copies are not synced when kept: one a crash damaged counts as missing.
+            if let Some((off, len)) = self.packed(db, &o.key) {
+                let intact = fs::File::open(&pack)
+                    .map_err(|e| e.to_string())
+                    .and_then(|f| {
+                        let h = crate::segment::verify(
+                            crate::segment::Slice::new(&f, off, len),
+                            &o.key,
+                        )
+                        .map_err(|e| e.to_string())?;
+                        if (h.first_txid, h.last_txid) == (o.first, o.last) {
+                            Ok(())
+                        } else {
+                            Err(format!("it holds TXIDs {}..={}", h.first_txid, h.last_txid))
+                        }
+                    });
+                match intact {
+                    Ok(()) => {
+                        inputs.push((o.key.clone(), pack.clone(), Some((off, len))));
+                        continue;
+                    }
+                    Err(e) => {
+                        log::warn!(
+                            "{name}: the local copy of {} is damaged ({e}); not used",
+                            o.key
+                        );
+                        self.unpack(db, [o.key.as_str()]);
+                    }
+                }
+            }
+            let c = self.cache_path(db, &o.key);
             let intact = match fs::File::open(&c) {
                 Ok(f) => match crate::segment::verify(&f, &o.key) {
                     Ok(_) => true,
@@ -342,11 +381,11 @@ impl Shipper {
                 Err(_) => false,
             };
             if intact {
-                inputs.push((o.key.clone(), c));
+                inputs.push((o.key.clone(), c, None));
             } else if self.sealer.is_none() {
                 let local = db.stage.dir().join(format!("fetch.{}.{i}", self.rid));
                 fetched.push(local.clone());
-                inputs.push((o.key.clone(), reader.fetch(&o.key, &local)?));
+                inputs.push((o.key.clone(), reader.fetch(&o.key, &local)?, None));
             } else {
                 // Encrypted, and this machine has no key: leave the run to the lower level.
                 let last = run.last().map_or(0, |o| o.last);
@@ -357,9 +396,13 @@ impl Shipper {
                 return Ok(());
             }
         }
-        let refs: Vec<(String, &Path)> = inputs
+        let refs: Vec<compact::Input<'_>> = inputs
             .iter()
-            .map(|(k, p)| (k.clone(), p.as_path()))
+            .map(|(k, p, range)| compact::Input {
+                key: k.clone(),
+                path: p,
+                range: *range,
+            })
             .collect();
         let res = compact::merge(
             &refs,
@@ -380,12 +423,18 @@ impl Shipper {
         let key = compacted_key(&db.id, level, hdr.first_txid, hdr.last_txid);
         self.put_derived(&key, tmp)?;
         self.stored(db, &key, Some(level), hdr.first_txid, hdr.last_txid, tmp);
-        for (k, p) in &inputs {
-            if p.starts_with(self.objects_dir(db)) {
+        for (_, p, range) in &inputs {
+            if range.is_none() && p.starts_with(self.objects_dir(db)) {
                 self.recycle(db, p);
             }
-            let _ = k;
         }
+        self.unpack(
+            db,
+            inputs
+                .iter()
+                .filter(|(_, _, r)| r.is_some())
+                .map(|(k, _, _)| k.as_str()),
+        );
         log::debug!(
             "{name}: compacted {} objects (TXIDs {}..={}) into level {level} of {}",
             run.len(),

@@ -32,6 +32,7 @@ mod chain;
 mod claim;
 mod ledger;
 mod maintain;
+mod pack;
 mod policy;
 mod sched;
 mod spare;
@@ -372,11 +373,15 @@ impl Shipper {
 
     fn ship_db(&self, name: &str, db: &Db) -> Result<()> {
         // Objects are built in the staging directory; whatever happens, no partial object is
-        // left there to take space (on a full disk, that space is the app's).
+        // left there to take space (on a full disk, that space is the app's). The file itself
+        // stays, empty, for the next shipment: no inode is created per shipment (`pack`).
         let tmp = db.stage.dir().join(format!("outbox.{}.tmp", self.rid));
         let res = self.ship_db_via(name, db, &tmp);
-        if tmp.exists() {
-            self.recycle(db, &tmp);
+        if let Ok(f) = fs::OpenOptions::new().write(true).open(&tmp) {
+            if f.set_len(0).is_err() {
+                drop(f);
+                let _ = fs::remove_file(&tmp);
+            }
         }
         res
     }

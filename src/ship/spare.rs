@@ -1,14 +1,16 @@
-//! Spare files: the files a shipper builds objects in are reused, not created and deleted.
+//! Spare files: the files a shipper keeps objects in are reused, not created and deleted.
 //!
-//! Every shipment builds an object in a fresh file, which becomes the local copy compaction
-//! merges later; compaction then deletes a run of such copies. With thousands of databases
-//! shipping every second, creating and deleting inodes that fast cost the filesystem more CPU
-//! than anything else a shipper did (an inode allocator that skips recently deleted inodes
-//! scans far). So a file that is no longer needed (a merged local copy, an object that was
-//! not kept) is emptied and renamed to `objects.<replica>/spare.<n>`, and the next object is
-//! built in a spare renamed into place: a rename and a truncation instead of a create and a
-//! delete. At most [`MAX_SPARES`] are kept per database (about one compaction run's worth);
-//! spares left by an earlier mount are found again when the database first ships.
+//! A local copy compaction merges is, for a small level-0 object, an entry in the database's
+//! pack (`pack.rs`); a larger object, or one the pack has no room for, becomes a file of its
+//! own, which compaction deletes once merged. With thousands of databases shipping every
+//! second, creating and deleting inodes that fast cost the filesystem more CPU than anything
+//! else a shipper did (an inode allocator that skips recently deleted inodes scans far). So a
+//! file that is no longer needed (a merged local copy, an object that was not kept) is emptied
+//! and renamed to `objects.<replica>/spare.<n>`, and an object is built in a spare renamed into
+//! place when the shipment's outbox file is gone (it became a local copy): a rename and a
+//! truncation instead of a create and a delete. At most [`MAX_SPARES`] are kept per database
+//! (about one compaction run's worth); spares left by an earlier mount are found again when the
+//! database first ships.
 //!
 //! A spare holds nothing: it is truncated before it is renamed, and truncated again when
 //! reused (a crash between the two leaves a file whose bytes nothing reads).
@@ -43,9 +45,17 @@ impl Shipper {
         found
     }
 
-    /// Opens `tmp` empty, to build an object in: a spare of `db`'s renamed into place if
-    /// there is one, else a new file.
+    /// Opens `tmp` empty, to build an object in: the file already there (a shipment's
+    /// outbox is kept), else a spare of `db`'s renamed into place, else a new file.
     pub(super) fn fresh_file(&self, db: &Db, tmp: &Path) -> io::Result<fs::File> {
+        if let Ok(f) = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .truncate(true)
+            .open(tmp)
+        {
+            return Ok(f);
+        }
         let spare = self
             .maint
             .lock()
