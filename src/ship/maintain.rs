@@ -330,7 +330,8 @@ impl Shipper {
         tmp: &Path,
     ) -> Result<()> {
         // (key, file, range of the file): a pack entry, a local copy, or a fetched object.
-        let mut inputs: Vec<(String, PathBuf, Option<(u64, u64)>)> = Vec::new();
+        type Source = (String, PathBuf, Option<(u64, u64)>);
+        let mut inputs: Vec<Source> = Vec::new();
         let mut fetched = Vec::new();
         let reader = Reader::new(self.client.as_ref(), None);
         let pack = self.pack_path(db);

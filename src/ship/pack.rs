@@ -120,7 +120,11 @@ impl Shipper {
                 Ok(f) => f,
                 Err(_) => {
                     fs::create_dir_all(self.objects_dir(db))?;
-                    OpenOptions::new().write(true).create(true).open(&path)?
+                    OpenOptions::new()
+                        .write(true)
+                        .create(true)
+                        .truncate(false)
+                        .open(&path)?
                 }
             };
             f.write_all_at(&bytes, at)?;
