@@ -146,8 +146,11 @@ fn another_format_version_is_refused() {
 }
 
 fn sample_object(ps: usize, sizes: &[u32]) -> (ObjHeader, File) {
-    let mut w =
-        ObjectWriter::new(tempfile::tempfile().unwrap(), ObjKind::Segment, 0, "00").unwrap();
+    sample_object_in(tempfile::tempfile().unwrap(), ps, sizes)
+}
+
+fn sample_object_in(f: File, ps: usize, sizes: &[u32]) -> (ObjHeader, File) {
+    let mut w = ObjectWriter::new(f, ObjKind::Segment, 0, "00").unwrap();
     for (i, &np) in sizes.iter().enumerate() {
         let t = i as u64 + 1;
         let h = RecordHeader {
@@ -252,4 +255,27 @@ fn version_1_objects_still_read() {
         parse_header(&head, "x"),
         Err(ObjectError::Version { version: 9, .. })
     ));
+}
+
+/// A file that held a larger object (or any bytes) is reused as it is: the object built in it
+/// is byte for byte the one built in a new file, and nothing of the old bytes is left past it.
+#[test]
+fn an_object_built_over_an_earlier_one_is_exact() {
+    use std::io::{Read, Seek};
+    let read_all = |f: &File| {
+        let mut b = Vec::new();
+        (&*f).seek(std::io::SeekFrom::Start(0)).unwrap();
+        (&*f).read_to_end(&mut b).unwrap();
+        b
+    };
+    let (_, fresh) = sample_object(512, &[1, 2, 3]);
+    let want = read_all(&fresh);
+    let (big, reused) = sample_object(512, &[40, 400, 7, 9]);
+    assert!(big.index_off > want.len() as u64);
+    // Twice over the same file: a context a thread kept compresses as a new one.
+    let (hdr, reused) = sample_object_in(reused, 512, &[1, 2, 3]);
+    let (hdr2, reused) = sample_object_in(reused, 512, &[1, 2, 3]);
+    assert_eq!(hdr, hdr2);
+    assert_eq!(read_all(&reused), want);
+    assert_eq!(verify(&reused, "obj").unwrap(), hdr);
 }

@@ -9,6 +9,60 @@ use crate::record::{write_record, PageSink, RecordHeader, RECORD_HEADER};
 
 use super::*;
 
+thread_local! {
+    /// Compression contexts a thread's finished objects left, by level.
+    static CCTX: std::cell::RefCell<Vec<(i32, zstd::bulk::Compressor<'static>)>> =
+        const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// A compression context at one level, taken from the thread's cache (or made) and given back
+/// to it when dropped: a shipper thread builds many small objects, and making a context each
+/// time (allocating and clearing its tables) cost more than compressing them.
+struct Cctx {
+    level: i32,
+    inner: Option<zstd::bulk::Compressor<'static>>,
+}
+
+impl Cctx {
+    fn take(level: i32) -> io::Result<Cctx> {
+        let cached = CCTX.with(|c| {
+            let mut c = c.borrow_mut();
+            let i = c.iter().position(|(l, _)| *l == level)?;
+            Some(c.swap_remove(i).1)
+        });
+        let inner = match cached {
+            Some(z) => z,
+            None => zstd::bulk::Compressor::new(level)?,
+        };
+        Ok(Cctx {
+            level,
+            inner: Some(inner),
+        })
+    }
+
+    fn get(&mut self) -> io::Result<&mut zstd::bulk::Compressor<'static>> {
+        // Only a drop takes the context out.
+        self.inner
+            .as_mut()
+            .ok_or_else(|| io::Error::other("no compression context"))
+    }
+}
+
+impl Drop for Cctx {
+    fn drop(&mut self) {
+        if let Some(z) = self.inner.take() {
+            let level = self.level;
+            // A thread that is exiting has no cache any more: the context is just freed.
+            let _ = CCTX.try_with(|c| {
+                let mut c = c.borrow_mut();
+                if c.len() < 4 {
+                    c.push((level, z));
+                }
+            });
+        }
+    }
+}
+
 /// Builds one object in a local file, one transaction at a time.
 ///
 /// The body is the records one after another, compressed as zstd frames of about
@@ -16,8 +70,9 @@ use super::*;
 /// lies whole in one frame; a frame may hold the end of one record and several small ones.
 pub struct ObjectWriter {
     file: File,
-    /// One compression context for every frame of the object (creating one is costly).
-    zstd: zstd::bulk::Compressor<'static>,
+    /// One compression context for every frame of the object (creating one is costly, so a
+    /// thread keeps it for its next object).
+    zstd: Cctx,
     hdr: ObjHeader,
     index: Vec<u8>,
     /// Object offset the next frame starts at.
@@ -44,7 +99,9 @@ impl ObjectWriter {
         let mut id = [b'0'; 16];
         let b = db_id.as_bytes();
         id[..b.len().min(16)].copy_from_slice(&b[..b.len().min(16)]);
-        file.set_len(0)?;
+        // The object starts at byte 0; bytes of an earlier object past its end are cut at
+        // `finish` (a file reused as it is costs no truncation to zero, which frees its blocks).
+        file.seek(SeekFrom::Start(0))?;
         file.write_all(&[0u8; HEADER])?;
         let hdr = ObjHeader {
             version: VERSION,
@@ -68,7 +125,7 @@ impl ObjectWriter {
         };
         Ok(ObjectWriter {
             file,
-            zstd: zstd::bulk::Compressor::new(match (kind, level) {
+            zstd: Cctx::take(match (kind, level) {
                 (ObjKind::Segment, 0) => ZSTD_LEVEL_L0,
                 _ => ZSTD_LEVEL,
             })?,
@@ -89,7 +146,7 @@ impl ObjectWriter {
         if self.buf.is_empty() {
             return Ok(());
         }
-        let z = self.zstd.compress(&self.buf)?;
+        let z = self.zstd.get()?.compress(&self.buf)?;
         self.file.write_all(&z)?;
         let too_big = || io::Error::other("a frame of more than 4 GiB");
         let zlen = u32::try_from(z.len()).map_err(|_| too_big())?;
@@ -236,8 +293,11 @@ impl ObjectWriter {
             }
             crc.update(&buf[..n]);
         }
-        self.file.seek(SeekFrom::End(0))?;
+        self.file.seek(SeekFrom::Start(len))?;
         self.file.write_all(&crc.finalize().to_be_bytes())?;
+        if self.file.metadata()?.len() > len + 8 {
+            self.file.set_len(len + 8)?;
+        }
         // Not synced: an object leaves the machine from here, and a local copy kept for
         // compaction is verified (its trailing CRC) before it is used.
         Ok((self.hdr, self.file))

@@ -133,6 +133,10 @@ struct Failing {
 }
 
 /// A fresh local file an object is built in (read back for its checksum).
+/// Largest object whose bytes stay in the outbox file after its shipment (overwritten by the
+/// next one).
+const OUTBOX_KEEP: u64 = 64 << 10;
+
 fn outbox(path: &Path) -> std::io::Result<fs::File> {
     fs::OpenOptions::new()
         .read(true)
@@ -372,13 +376,16 @@ impl Shipper {
     }
 
     fn ship_db(&self, name: &str, db: &Db) -> Result<()> {
-        // Objects are built in the staging directory; whatever happens, no partial object is
+        // Objects are built in the staging directory; whatever happens, no large object is
         // left there to take space (on a full disk, that space is the app's). The file itself
-        // stays, empty, for the next shipment: no inode is created per shipment (`pack`).
+        // stays for the next shipment, so no inode is created per shipment (`pack`), and it
+        // keeps a small object's bytes, which the next one overwrites: truncating it to zero
+        // each time freed its blocks and made the filesystem write it out at close.
         let tmp = db.stage.dir().join(format!("outbox.{}.tmp", self.rid));
         let res = self.ship_db_via(name, db, &tmp);
         if let Ok(f) = fs::OpenOptions::new().write(true).open(&tmp) {
-            if f.set_len(0).is_err() {
+            let big = f.metadata().map_or(true, |m| m.len() > OUTBOX_KEEP);
+            if big && f.set_len(0).is_err() {
                 drop(f);
                 let _ = fs::remove_file(&tmp);
             }

@@ -45,15 +45,12 @@ impl Shipper {
         found
     }
 
-    /// Opens `tmp` empty, to build an object in: the file already there (a shipment's
-    /// outbox is kept), else a spare of `db`'s renamed into place, else a new file.
+    /// Opens `tmp` to build an object in (`ObjectWriter` writes from its start and cuts
+    /// what is left past the object): the file already there (a shipment's outbox is kept,
+    /// with the bytes of the last object if it was small), else a spare of `db`'s renamed into
+    /// place, else a new file.
     pub(super) fn fresh_file(&self, db: &Db, tmp: &Path) -> io::Result<fs::File> {
-        if let Ok(f) = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .truncate(true)
-            .open(tmp)
-        {
+        if let Ok(f) = OpenOptions::new().read(true).write(true).open(tmp) {
             return Ok(f);
         }
         let spare = self
