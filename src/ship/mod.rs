@@ -383,10 +383,13 @@ impl Shipper {
         // each time freed its blocks and made the filesystem write it out at close.
         let tmp = db.stage.dir().join(format!("outbox.{}.tmp", self.rid));
         let res = self.ship_db_via(name, db, &tmp);
-        if let Ok(f) = fs::OpenOptions::new().write(true).open(&tmp) {
-            let big = f.metadata().map_or(true, |m| m.len() > OUTBOX_KEEP);
-            if big && f.set_len(0).is_err() {
-                drop(f);
+        let big = fs::metadata(&tmp).is_ok_and(|m| m.len() > OUTBOX_KEEP);
+        if big {
+            let emptied = fs::OpenOptions::new()
+                .write(true)
+                .open(&tmp)
+                .and_then(|f| f.set_len(0));
+            if emptied.is_err() {
                 let _ = fs::remove_file(&tmp);
             }
         }
