@@ -17,11 +17,18 @@ thread_local! {
 
 /// A compression context at one level, taken from the thread's cache (or made) and given back
 /// to it when dropped: a shipper thread builds many small objects, and making a context each
-/// time (allocating and clearing its tables) cost more than compressing them.
+/// time (allocating and clearing its tables) cost more than compressing them. A context that
+/// compressed a large frame has grown its tables for it and is freed instead, so that idle
+/// threads hold no large contexts (making one is cheap beside compressing such frames).
 struct Cctx {
     level: i32,
     inner: Option<zstd::bulk::Compressor<'static>>,
+    /// It compressed a frame of more than [`CCTX_KEEP_MAX`] bytes.
+    grown: bool,
 }
+
+/// Largest frame a context may have compressed and still be kept by its thread.
+const CCTX_KEEP_MAX: usize = 64 << 10;
 
 impl Cctx {
     fn take(level: i32) -> io::Result<Cctx> {
@@ -37,10 +44,12 @@ impl Cctx {
         Ok(Cctx {
             level,
             inner: Some(inner),
+            grown: false,
         })
     }
 
-    fn get(&mut self) -> io::Result<&mut zstd::bulk::Compressor<'static>> {
+    fn get(&mut self, frame_len: usize) -> io::Result<&mut zstd::bulk::Compressor<'static>> {
+        self.grown |= frame_len > CCTX_KEEP_MAX;
         // Only a drop takes the context out.
         self.inner
             .as_mut()
@@ -50,12 +59,12 @@ impl Cctx {
 
 impl Drop for Cctx {
     fn drop(&mut self) {
-        if let Some(z) = self.inner.take() {
+        if let Some(z) = self.inner.take().filter(|_| !self.grown) {
             let level = self.level;
             // A thread that is exiting has no cache any more: the context is just freed.
             let _ = CCTX.try_with(|c| {
                 let mut c = c.borrow_mut();
-                if c.len() < 4 {
+                if c.len() < 2 {
                     c.push((level, z));
                 }
             });
@@ -146,7 +155,7 @@ impl ObjectWriter {
         if self.buf.is_empty() {
             return Ok(());
         }
-        let z = self.zstd.get()?.compress(&self.buf)?;
+        let z = self.zstd.get(self.buf.len())?.compress(&self.buf)?;
         self.file.write_all(&z)?;
         let too_big = || io::Error::other("a frame of more than 4 GiB");
         let zlen = u32::try_from(z.len()).map_err(|_| too_big())?;
