@@ -132,11 +132,11 @@ struct Failing {
     retry_at: Instant,
 }
 
-/// A fresh local file an object is built in (read back for its checksum).
 /// Largest object whose bytes stay in the outbox file after its shipment (overwritten by the
 /// next one).
 const OUTBOX_KEEP: u64 = 64 << 10;
 
+/// A fresh local file an object is built in (read back for its checksum).
 fn outbox(path: &Path) -> std::io::Result<fs::File> {
     fs::OpenOptions::new()
         .read(true)
