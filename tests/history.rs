@@ -1141,15 +1141,30 @@ fn point_query_on_a_replica_view_reads_a_fraction() {
         random_txn(&c, &mut rng, 200_000);
     }
     wait_covered(&fx, &replica, "app.db");
-    let base = wait_folded(&fx, "app.db");
     let id = replica_db_id(&replica, "app.db").unwrap();
-    // The biggest snapshot the staging no longer holds.
-    let snap = snapshots(&replica, &id)
-        .into_iter()
-        .filter(|s| s.key_txid < base)
-        .max_by_key(|s| fs::metadata(&s.path).unwrap().len())
-        .expect("a snapshot older than the staging base");
-    let snap_bytes = fs::metadata(&snap.path).unwrap().len();
+    // The biggest snapshot the staging no longer holds. A fold during the load may have
+    // moved the base before that snapshot was taken: wait for the fold after it.
+    let len = |s: &ObjInfo| fs::metadata(&s.path).map_or(0, |m| m.len());
+    let snap = wait_until(
+        COVER_TIMEOUT,
+        200,
+        || {
+            let base = staged_log(&fx.mnt, "app.db").base.map_or(0, |b| b.0);
+            snapshots(&replica, &id)
+                .into_iter()
+                .filter(|s| s.key_txid < base)
+                .max_by_key(len)
+                .filter(|s| len(s) > 32 << 20)
+                .ok_or(base)
+        },
+        |base| {
+            format!(
+                "no snapshot of the loaded database older than the staging base ({base})\n{}",
+                fx.daemon_logs()
+            )
+        },
+    );
+    let snap_bytes = len(&snap);
     assert!(snap_bytes > 32 << 20, "snapshot of {snap_bytes} bytes");
     let before = metric(&addr, "sqlfs_history_replica_bytes_total");
     let view = fx.path(&format!(".history/txid-{}/app.db", snap.key_txid));
