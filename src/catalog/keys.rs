@@ -16,6 +16,12 @@ pub fn l0_key(db_id: &str, first: u64) -> String {
     format!("{db_id}/l0/{first:016x}.seg")
 }
 
+/// The first TXID of level-0 segment `key` (as [`l0_key`] makes it), of any database.
+pub fn l0_first(key: &str) -> Option<u64> {
+    let (_, file) = key.rsplit_once("/l0/")?;
+    hex16(file.strip_suffix(".seg")?)
+}
+
 /// Key of a compacted segment covering `first..=last` at `level` (1 and up).
 pub fn compacted_key(db_id: &str, level: u8, first: u64, last: u64) -> String {
     format!("{db_id}/l{level}/{first:016x}-{last:016x}.seg")

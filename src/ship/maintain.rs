@@ -109,7 +109,7 @@ impl Shipper {
                 skip_to: vec![0; n],
                 last_snapshot_ns,
                 spares: self.find_spares(db),
-                pack: Pack::load(&self.pack_path(db), &db.id),
+                pack: Pack::load(&self.pack_path(db)),
             },
         );
         Ok(())

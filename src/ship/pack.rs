@@ -10,9 +10,9 @@
 //! outbox file every time (`ship_db`). Larger objects keep a file of their own.
 //!
 //! Layout: objects back to back, each exactly as stored (header first, trailing CRC-64 last,
-//! docs/FORMAT.md), nothing between them. The index (key → offset, length) is kept in memory
-//! and rebuilt from the file when the database first ships in a process: each object's header
-//! gives its length and TXIDs, hence its key.
+//! docs/FORMAT.md), nothing between them. The index (first TXID → offset, length; the key is
+//! the database's level-0 key for that TXID) is kept in memory and rebuilt from the file when
+//! the database first ships in a process: each object's header gives its length and TXIDs.
 //!
 //! Invariants:
 //! - An object is appended only after the replica stored it as built (never an attempt the
@@ -24,14 +24,13 @@
 //! - Once every entry is merged (or removed by retention) the file is emptied; it grows to at
 //!   most [`PACK_MAX`] bytes between two compactions, and copies past that get files.
 
-use std::collections::HashMap;
 use std::fs::{self, File, OpenOptions};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
 use super::Shipper;
 use crate::capture::Db;
-use crate::catalog::l0_key;
+use crate::catalog::l0_first;
 use crate::segment::{self, ObjHeader, ObjKind, Slice, HEADER};
 
 /// Largest object whose local copy goes to the pack.
@@ -42,16 +41,18 @@ pub(super) const PACK_MAX: u64 = 64 << 20;
 /// The index of one database's pack.
 #[derive(Default)]
 pub(super) struct Pack {
-    /// Key → (offset, length).
-    entries: HashMap<String, (u64, u64)>,
+    /// (first TXID, offset, length) of each object, in TXID order (appends come in that
+    /// order): the key is the database's level-0 key for that TXID. 24 bytes an entry, no
+    /// key text kept: thousands of databases each keep one.
+    entries: Vec<(u64, u64, u64)>,
     /// Where the next object goes (the file's length as this process wrote it).
     end: u64,
 }
 
 impl Pack {
-    /// Indexes the pack at `path` of database `db_id` (none yet: an empty one), cutting off a
+    /// Indexes the pack at `path` (none yet: an empty one), cutting off a
     /// torn or damaged tail.
-    pub(super) fn load(path: &Path, db_id: &str) -> Pack {
+    pub(super) fn load(path: &Path) -> Pack {
         let mut p = Pack::default();
         let Ok(f) = File::open(path) else {
             return p;
@@ -59,7 +60,7 @@ impl Pack {
         let len = f.metadata().map_or(0, |m| m.len());
         while let Some((hdr, n)) = object_at(&f, p.end, len) {
             if hdr.kind == ObjKind::Segment && hdr.level == 0 {
-                p.entries.insert(l0_key(db_id, hdr.first_txid), (p.end, n));
+                p.insert(hdr.first_txid, p.end, n);
             }
             p.end += n;
         }
@@ -75,6 +76,36 @@ impl Pack {
                 .and_then(|f| f.set_len(p.end));
         }
         p
+    }
+}
+
+impl Pack {
+    fn find(&self, first: u64) -> Result<usize, usize> {
+        self.entries.binary_search_by_key(&first, |e| e.0)
+    }
+
+    fn insert(&mut self, first: u64, off: u64, len: u64) {
+        match self.find(first) {
+            Ok(i) => self.entries[i] = (first, off, len),
+            Err(i) => self.entries.insert(i, (first, off, len)),
+        }
+    }
+
+    /// Where the object of level-0 key `key` is: (offset, length).
+    fn get(&self, key: &str) -> Option<(u64, u64)> {
+        let i = self.find(l0_first(key)?).ok()?;
+        let (_, off, len) = self.entries[i];
+        Some((off, len))
+    }
+
+    fn remove(&mut self, key: &str) -> bool {
+        match l0_first(key).map(|f| self.find(f)) {
+            Some(Ok(i)) => {
+                self.entries.remove(i);
+                true
+            }
+            _ => false,
+        }
     }
 }
 
@@ -133,7 +164,10 @@ impl Shipper {
         match res {
             Ok(n) => match self.maint.lock().get_mut(&db.id) {
                 Some(m) => {
-                    m.pack.entries.insert(key.to_string(), (at, n));
+                    let Some(first) = l0_first(key) else {
+                        return false;
+                    };
+                    m.pack.insert(first, at, n);
                     m.pack.end = at + n;
                     true
                 }
@@ -149,7 +183,7 @@ impl Shipper {
     /// Where `db`'s pack holds a copy of `key`: (offset, length).
     pub(super) fn packed(&self, db: &Db, key: &str) -> Option<(u64, u64)> {
         let g = self.maint.lock();
-        g.get(&db.id)?.pack.entries.get(key).copied()
+        g.get(&db.id)?.pack.get(key)
     }
 
     /// Forgets the copies of `keys` (merged, removed from the replica, damaged); the file is
@@ -161,7 +195,7 @@ impl Shipper {
         };
         let mut any = false;
         for k in keys {
-            any |= m.pack.entries.remove(k).is_some();
+            any |= m.pack.remove(k);
         }
         if any && m.pack.entries.is_empty() {
             m.pack.end = 0;
@@ -175,6 +209,7 @@ impl Shipper {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::catalog::l0_key;
     use crate::compact::{merge, Input};
     use crate::record::{Kind, RecordHeader};
     use crate::segment::ObjectWriter;
@@ -216,15 +251,20 @@ mod tests {
         bytes.extend_from_slice(&torn[..torn.len() / 2]);
         fs::write(&path, &bytes).unwrap();
 
-        let p = Pack::load(&path, ID);
+        let p = Pack::load(&path);
         assert_eq!(p.end, whole);
         assert_eq!(fs::metadata(&path).unwrap().len(), whole);
         let mut at = 0;
         for (o, first) in objs.iter().zip([1u64, 3, 4]) {
-            assert_eq!(p.entries[&l0_key(ID, first)], (at, o.len() as u64));
+            assert_eq!(p.get(&l0_key(ID, first)), Some((at, o.len() as u64)));
             at += o.len() as u64;
         }
         assert_eq!(p.entries.len(), 3);
+        assert_eq!(p.get(&l0_key(ID, 2)), None);
+        assert_eq!(
+            p.get("00000000000000ab/l1/0000000000000001-0000000000000002.seg"),
+            None
+        );
 
         // A damaged byte in the middle object: the index stops before it.
         let mut bad = objs.concat();
@@ -232,7 +272,7 @@ mod tests {
         bad[mid] ^= 0xff;
         let badpath = d.path().join("bad.pack");
         fs::write(&badpath, &bad).unwrap();
-        let b = Pack::load(&badpath, ID);
+        let b = Pack::load(&badpath);
         assert_eq!((b.entries.len(), b.end), (1, objs[0].len() as u64));
 
         // Merged in place, and from files.
@@ -259,7 +299,7 @@ mod tests {
             .map(|&first| {
                 let key = l0_key(ID, first);
                 Input {
-                    range: Some(p.entries[&key]),
+                    range: p.get(&key),
                     key,
                     path: &path,
                 }
