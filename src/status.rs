@@ -105,6 +105,9 @@ impl Status {
             })
             .collect();
         let hard = stage_limit.saturating_mul(crate::stage::HARD_FACTOR);
+        // Read before the databases: a scan shown as done has every database it found
+        // among them (each is captured before the scan counts it).
+        let scan = cap.scan_progress();
         let mut databases = Vec::new();
         for (name, db) in cap.databases() {
             let txid = db.stage.last().map_or(0, |h| h.txid);
@@ -156,7 +159,7 @@ impl Status {
         }
         Status {
             replicas,
-            scan: cap.scan_progress(),
+            scan,
             databases,
             code,
             stage_limit,
