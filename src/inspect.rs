@@ -55,11 +55,14 @@ fn each_db(
     let mut n = 0;
     match src {
         Source::Live(cap) => {
-            for (name, db) in cap.databases() {
-                if only.is_none_or(|o| o == name) {
-                    n += 1;
-                    cap.frozen(&db, || f(&name, &db.stage))?;
-                }
+            // A database still loading (the mount just started) is waited for, not skipped.
+            let dbs = match only {
+                Some(o) => cap.get(o).map(|db| (o.to_string(), db)).into_iter().collect(),
+                None => cap.databases_loaded(),
+            };
+            for (name, db) in dbs {
+                n += 1;
+                cap.frozen(&db, || f(&name, &db.stage))?;
             }
         }
         Source::Offline => {

@@ -46,7 +46,8 @@ fn wait_more_segments(fx: &Fixture, replica: &Path, n: usize) -> usize {
 }
 
 /// Every file of an encrypted file replica: a key of the replica layout (`<id>/name`,
-/// `<id>/l0/<txid>.seg`, `<id>/snap/<txid>.snap`, `claims/<hash>`) holding an encrypted object. Returns
+/// `<id>/l0/<txid>.seg`, `<id>/l<N>/<first>-<last>.seg`, `<id>/snap/<txid>.snap`,
+/// `claims/<hash>`) holding an encrypted object. Returns
 /// (database ids, segments, snapshots).
 fn assert_replica_sealed(replica: &Path) -> (usize, usize, usize) {
     let files = tree(replica);
@@ -67,6 +68,17 @@ fn assert_replica_sealed(replica: &Path) -> (usize, usize, usize) {
             // The claim of a name: `claims/<SHA-256 of the name>`.
             ["claims", h] => h.len() == 64 && h.bytes().all(|c| c.is_ascii_hexdigit()),
             [_, "l0", f] if hex16(f, ".seg") => {
+                segs += 1;
+                true
+            }
+            // A compacted segment (a database's first compaction may come early in its
+            // level's interval): `<id>/l<N>/<first>-<last>.seg`.
+            [_, l, f]
+                if l.strip_prefix('l').is_some_and(|n| n.parse::<u8>().is_ok_and(|n| n > 0))
+                    && f.split_once('-').is_some_and(|(a, b)| {
+                        hex16(&format!("{a}.seg"), ".seg") && hex16(b, ".seg")
+                    }) =>
+            {
                 segs += 1;
                 true
             }

@@ -69,6 +69,18 @@ impl Capture {
         n
     }
 
+    /// Every database, those still pending or being loaded included (each is loaded first),
+    /// in name order: for a request about all of them (`sqlfs verify`, `sqlfs log`) made
+    /// while the scan at mount is still loading them.
+    pub fn databases_loaded(&self) -> Vec<(String, Arc<Db>)> {
+        let mut names: Vec<String> = self.pending.lock().keys().cloned().collect();
+        names.extend(self.starting.lock().keys().cloned());
+        for name in names {
+            let _ = self.get(&name);
+        }
+        self.databases()
+    }
+
     /// Known databases not loaded yet.
     pub fn pending(&self) -> usize {
         self.n_pending.load(Ordering::Relaxed)

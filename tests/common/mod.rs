@@ -260,7 +260,8 @@ pub struct MountOpts {
     pub age_recipients: Vec<String>,
     /// `--sync`: the app's fsync returns once its transactions are on every replica.
     pub sync: bool,
-    /// More arguments appended to the mount command line (e.g. `--compaction 1s,3s`).
+    /// More arguments appended to the mount command line (e.g. `--compaction 1s,3s`). Without
+    /// `--compaction` or `--config` among them the mount compacts nothing.
     pub extra_args: Vec<String>,
     /// Environment variables set for the daemon only.
     pub env: Vec<(String, String)>,
@@ -319,6 +320,17 @@ impl Mount {
         }
         if opts.sync {
             cmd.arg("--sync");
+        }
+        // No compaction unless the test asks for it (on the command line or in its
+        // configuration): a database's first compaction comes at its own point of the level's
+        // interval, anywhere from its first shipment on, and a test about something else
+        // would otherwise meet it at random.
+        if !opts
+            .extra_args
+            .iter()
+            .any(|a| a == "--compaction" || a == "--config")
+        {
+            cmd.arg("--compaction").arg("none");
         }
         cmd.args(&opts.extra_args);
         for (k, v) in &opts.env {
