@@ -615,11 +615,14 @@ impl DbStage {
         true
     }
 
-    /// Calls `f` for each record of one segment (header, pages iterator source) and returns the
-    /// last header.
+    /// Calls `f` for each record of one segment (header, pages iterator source) up to the one
+    /// of TXID `upto`, and returns the last header read. It stops there: the last segment may
+    /// be appended to meanwhile, and a record being written past `upto` is not complete yet
+    /// (it would read as truncated).
     fn scan_segment(
         &self,
         path: &Path,
+        upto: u64,
         mut f: impl FnMut(&RecordHeader, PageSource<'_>) -> Result<()>,
     ) -> Result<Option<RecordHeader>> {
         let file = File::open(path).map_err(io_err(path))?;
@@ -645,6 +648,9 @@ impl DbStage {
             }
             off += h.len();
             last = Some(h);
+            if h.txid >= upto {
+                break;
+            }
         }
         Ok(last)
     }
@@ -663,7 +669,7 @@ impl DbStage {
             if next_first <= after + 1 || *first > upto {
                 continue;
             }
-            self.scan_segment(path, |h, pages| {
+            self.scan_segment(path, upto, |h, pages| {
                 if h.txid > after && h.txid <= upto {
                     f(h, pages)
                 } else {
@@ -795,7 +801,7 @@ impl DbStage {
             let folded = match segs.get(i + 1) {
                 Some((next_first, _)) => next_first - 1 <= upto,
                 None => self
-                    .scan_segment(path, |_, _| Ok(()))?
+                    .scan_segment(path, u64::MAX, |_, _| Ok(()))?
                     .is_some_and(|h| h.txid <= upto),
             };
             if folded {

@@ -290,3 +290,33 @@ fn coded_pages_read_back_as_appended() {
     st.fold_upto(300).unwrap();
     check(&st, 301);
 }
+
+/// A reader of records up to the last written one stops there: a record being appended
+/// after it (its first bytes on the file, the rest not yet) is never read as a damaged one.
+#[test]
+fn a_record_being_written_past_the_range_is_not_read() {
+    let d = tempfile::tempdir().unwrap();
+    let st = DbStage::open(d.path(), Access::Write).unwrap();
+    let page = vec![7u8; 512];
+    for t in 1..=3u64 {
+        st.append(&hdr(t, 1), |emit| emit(1, &page)).unwrap();
+    }
+    st.flush().unwrap();
+    // Records after them, the last one short of a byte, as a concurrent append would leave
+    // the file for a moment.
+    let (_, path) = st.segments().unwrap().pop().unwrap();
+    let whole = fs::read(&path).unwrap();
+    let mut f = OpenOptions::new().append(true).open(&path).unwrap();
+    f.write_all(&whole[..whole.len() - 1]).unwrap();
+    let mut seen = Vec::new();
+    st.for_each(0, 3, |h, pages| {
+        seen.push(h.txid);
+        pages(&mut |_, _| Ok(()))
+    })
+    .unwrap();
+    assert_eq!(seen, vec![1, 2, 3]);
+    assert!(
+        st.for_each(0, u64::MAX, |_, _| Ok(())).is_err(),
+        "a read past the last record meets the torn one"
+    );
+}
