@@ -162,7 +162,7 @@ fn files_equal(a: &File, b: &File) -> io::Result<bool> {
 pub fn log(b: &Backing, src: &Source, db: &str) -> io::Result<String> {
     let mut out = String::new();
     each_db(b, src, Some(db), |_, st| {
-        let base = st.base_meta().map_err(io::Error::other)?;
+        let (base, headers) = st.base_and_headers().map_err(io::Error::other)?;
         if base.txid > 0 {
             let _ = writeln!(
                 out,
@@ -170,7 +170,7 @@ pub fn log(b: &Backing, src: &Source, db: &str) -> io::Result<String> {
                 base.txid, base.db_pages, base.checksum
             );
         }
-        for h in st.headers().map_err(io::Error::other)? {
+        for h in headers {
             let _ = writeln!(
                 out,
                 "txid={} ts={} kind={} pages={} size={} page_size={} checksum={:016x}",

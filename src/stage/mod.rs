@@ -682,16 +682,23 @@ impl DbStage {
 
     /// Headers of every staged record after the base.
     pub fn headers(&self) -> Result<Vec<RecordHeader>> {
+        Ok(self.base_and_headers()?.1)
+    }
+
+    /// The base and the headers of every staged record after it, read together: a fold
+    /// waits meanwhile (it would move the base and remove the segments being read).
+    pub fn base_and_headers(&self) -> Result<(BaseMeta, Vec<RecordHeader>)> {
         if let Some((why, _)) = self.damage() {
             return Err(StageError::Damaged(why));
         }
+        let _g = self.fold_lock.lock();
         let mut v = Vec::new();
-        let base = self.base_meta()?.txid;
-        self.for_each(base, u64::MAX, |h, _| {
+        let base = self.base_meta()?;
+        self.for_each(base.txid, u64::MAX, |h, _| {
             v.push(*h);
             Ok(())
         })?;
-        Ok(v)
+        Ok((base, v))
     }
 
     /// Writes the database as of `txid` into `out` (truncated first). Returns the header of
