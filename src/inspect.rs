@@ -57,7 +57,11 @@ fn each_db(
         Source::Live(cap) => {
             // A database still loading (the mount just started) is waited for, not skipped.
             let dbs = match only {
-                Some(o) => cap.get(o).map(|db| (o.to_string(), db)).into_iter().collect(),
+                Some(o) => cap
+                    .get(o)
+                    .map(|db| (o.to_string(), db))
+                    .into_iter()
+                    .collect(),
                 None => cap.databases_loaded(),
             };
             for (name, db) in dbs {

@@ -74,7 +74,8 @@ fn assert_replica_sealed(replica: &Path) -> (usize, usize, usize) {
             // A compacted segment (a database's first compaction may come early in its
             // level's interval): `<id>/l<N>/<first>-<last>.seg`.
             [_, l, f]
-                if l.strip_prefix('l').is_some_and(|n| n.parse::<u8>().is_ok_and(|n| n > 0))
+                if l.strip_prefix('l')
+                    .is_some_and(|n| n.parse::<u8>().is_ok_and(|n| n > 0))
                     && f.split_once('-').is_some_and(|(a, b)| {
                         hex16(&format!("{a}.seg"), ".seg") && hex16(b, ".seg")
                     }) =>
