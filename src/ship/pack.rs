@@ -77,9 +77,7 @@ impl Pack {
         }
         p
     }
-}
 
-impl Pack {
     fn find(&self, first: u64) -> Result<usize, usize> {
         self.entries.binary_search_by_key(&first, |e| e.0)
     }
