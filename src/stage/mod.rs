@@ -685,8 +685,9 @@ impl DbStage {
         Ok(self.base_and_headers()?.1)
     }
 
-    /// The base and the headers of every staged record after it, read together: a fold
-    /// waits meanwhile (it would move the base and remove the segments being read).
+    /// The base and the headers of every staged record after it, up to the last written,
+    /// read together: a fold waits meanwhile (it would move the base and remove the segments
+    /// being read).
     pub fn base_and_headers(&self) -> Result<(BaseMeta, Vec<RecordHeader>)> {
         if let Some((why, _)) = self.damage() {
             return Err(StageError::Damaged(why));
@@ -694,7 +695,9 @@ impl DbStage {
         let _g = self.fold_lock.lock();
         let mut v = Vec::new();
         let base = self.base_meta()?;
-        self.for_each(base.txid, u64::MAX, |h, _| {
+        // Up to the last record written: one being appended after it is not read.
+        let upto = self.last().map_or(u64::MAX, |h| h.txid);
+        self.for_each(base.txid, upto, |h, _| {
             v.push(*h);
             Ok(())
         })?;
