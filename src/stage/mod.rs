@@ -805,14 +805,19 @@ impl DbStage {
         state.folding = None;
         write_atomic(&metap, state.encode().as_bytes()).map_err(io_err(&metap))?;
         let segs = self.segments()?;
-        for (i, (_, path)) in segs.iter().enumerate() {
-            // A segment is folded when the next one starts at or before upto + 1; only the
-            // last one has to be read to know where it ends.
+        for (i, (first, path)) in segs.iter().enumerate() {
+            // A segment is folded when the next one starts at or before upto + 1. The last one
+            // may be taking an append right now: it is read only if it starts at or before
+            // `upto`, and then no further than its first record past `upto`, never into a
+            // record being written after that.
             let folded = match segs.get(i + 1) {
                 Some((next_first, _)) => next_first - 1 <= upto,
-                None => self
-                    .scan_segment(path, u64::MAX, |_, _| Ok(()))?
-                    .is_some_and(|h| h.txid <= upto),
+                None => {
+                    *first <= upto
+                        && self
+                            .scan_segment(path, upto.saturating_add(1), |_, _| Ok(()))?
+                            .is_some_and(|h| h.txid <= upto)
+                }
             };
             if folded {
                 fs::remove_file(path).map_err(io_err(path))?;

@@ -320,3 +320,28 @@ fn a_record_being_written_past_the_range_is_not_read() {
         "a read past the last record meets the torn one"
     );
 }
+
+/// A fold never reads into the segment an append is writing: with the last segment holding
+/// only the first bytes of its first record, the sealed segments before it still fold.
+#[test]
+fn a_fold_does_not_read_a_segment_being_appended() {
+    let d = tempfile::tempdir().unwrap();
+    {
+        let st = DbStage::open(d.path(), Access::Write).unwrap();
+        let page = vec![7u8; 512];
+        for t in 1..=3u64 {
+            st.append(&hdr(t, 1), |emit| emit(1, &page)).unwrap();
+        }
+        st.flush().unwrap();
+    }
+    let st = DbStage::open(d.path(), Access::Write).unwrap();
+    let (_, first) = st.segments().unwrap().pop().unwrap();
+    let whole = fs::read(&first).unwrap();
+    // The next segment, as an append starting it leaves the file for a moment.
+    let next = d.path().join("log").join(seg_name(4));
+    fs::write(&next, &whole[..whole.len() / 3 - 1]).unwrap();
+    st.fold(3).unwrap();
+    assert!(!first.exists(), "the sealed segment was folded");
+    assert!(next.exists(), "the segment being appended stays");
+    assert_eq!(st.base_meta().unwrap().txid, 3);
+}
