@@ -43,6 +43,8 @@ const DEFAULT_TIMEOUT: Duration = Duration::from_secs(30);
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 /// The slowest transfer a request is given time for beyond its timeout: 1 MiB/s.
 const MIN_BYTES_PER_SEC: u64 = 1 << 20;
+/// Objects up to this size are sent from memory, larger ones streamed from their file.
+const SMALL_OBJECT: u64 = 4 << 20;
 
 /// Timeouts for a request that transfers about `bytes`: each attempt gets `base` plus a
 /// second per MiB, the operation (up to three attempts and the pauses between them) four
@@ -284,31 +286,47 @@ impl ReplicaClient for S3Replica {
 
     fn put_new(&self, key: &str, src: &Path) -> Result<()> {
         check_key(&self.shown, "put_new", key, false)?;
+        let unreadable = |e: String| ReplicaError::Io {
+            replica: self.describe(),
+            op: "read local object for",
+            key: key.to_string(),
+            err: io::Error::other(e),
+        };
+        // A small object (every shipment of a database that commits a little) is read here,
+        // on the caller's thread: streaming it from the file would cost the runtime a hop to
+        // its blocking pool for each of the open, the stat and every read.
+        let size = std::fs::metadata(src)
+            .map_err(|e| unreadable(e.to_string()))?
+            .len();
+        let in_memory = if size <= SMALL_OBJECT {
+            Some(std::fs::read(src).map_err(|e| unreadable(e.to_string()))?)
+        } else {
+            None
+        };
         self.rt.block_on(async {
-            let body = ByteStream::from_path(src)
-                .await
-                .map_err(|e| ReplicaError::Io {
-                    replica: self.describe(),
-                    op: "read local object for",
-                    key: key.to_string(),
-                    err: io::Error::other(e.to_string()),
-                })?;
+            let body = match in_memory {
+                Some(b) => ByteStream::from(b),
+                None => ByteStream::from_path(src)
+                    .await
+                    .map_err(|e| unreadable(e.to_string()))?,
+            };
             let size = body.size_hint().0;
-            let r = self
+            let mut req = self
                 .client
                 .put_object()
                 .bucket(&self.bucket)
                 .key(self.full(key))
                 .if_none_match("*")
                 .body(body)
-                .customize()
-                .config_override(
+                .customize();
+            // The client's own timeouts are those of an empty body; a larger one gets more.
+            if size >= MIN_BYTES_PER_SEC {
+                req = req.config_override(
                     aws_sdk_s3::config::Builder::default()
                         .timeout_config(timeouts(self.timeout, size)),
-                )
-                .send()
-                .await;
-            match r {
+                );
+            }
+            match req.send().await {
                 Ok(_) => Ok(()),
                 Err(e) => {
                     let status = e.raw_response().map(|r| r.status().as_u16());
