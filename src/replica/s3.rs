@@ -303,46 +303,55 @@ impl ReplicaClient for S3Replica {
         } else {
             None
         };
-        self.rt.block_on(async {
-            let body = match in_memory {
-                Some(b) => ByteStream::from(b),
-                None => ByteStream::from_path(src)
-                    .await
-                    .map_err(|e| unreadable(e.to_string()))?,
-            };
-            let size = body.size_hint().0;
-            let mut req = self
-                .client
-                .put_object()
-                .bucket(&self.bucket)
-                .key(self.full(key))
-                .if_none_match("*")
-                .body(body)
-                .customize();
-            // The client's own timeouts are those of an empty body; a larger one gets more.
-            if size >= MIN_BYTES_PER_SEC {
-                req = req.config_override(
-                    aws_sdk_s3::config::Builder::default()
-                        .timeout_config(timeouts(self.timeout, size)),
-                );
-            }
-            match req.send().await {
-                Ok(_) => Ok(()),
-                Err(e) => {
-                    let status = e.raw_response().map(|r| r.status().as_u16());
-                    let code = e.as_service_error().and_then(|s| s.code()).unwrap_or("");
-                    if status == Some(412)
-                        || code == "PreconditionFailed"
-                        || status == Some(409)
-                        || code == "ConditionalRequestConflict"
-                    {
-                        Err(ReplicaError::Exists(key.to_string()))
-                    } else {
-                        Err(self.err("put", key, e))
-                    }
+        let body = match in_memory {
+            Some(b) => ByteStream::from(b),
+            None => self
+                .rt
+                .block_on(ByteStream::from_path(src))
+                .map_err(|e| unreadable(e.to_string()))?,
+        };
+        let size = body.size_hint().0;
+        let mut req = self
+            .client
+            .put_object()
+            .bucket(&self.bucket)
+            .key(self.full(key))
+            .if_none_match("*")
+            .body(body)
+            .customize();
+        // The client's own timeouts are those of an empty body; a larger one gets more.
+        if size >= MIN_BYTES_PER_SEC {
+            req = req.config_override(
+                aws_sdk_s3::config::Builder::default().timeout_config(timeouts(self.timeout, size)),
+            );
+        }
+        // Run on the runtime's own threads, beside the connection's task: polled from this
+        // thread instead, each step of the request would be a hand-over between threads.
+        let r = self
+            .rt
+            .block_on(self.rt.spawn(req.send()))
+            .map_err(|e| ReplicaError::Io {
+                replica: self.describe(),
+                op: "put",
+                key: key.to_string(),
+                err: io::Error::other(format!("the request's task failed: {e}")),
+            })?;
+        match r {
+            Ok(_) => Ok(()),
+            Err(e) => {
+                let status = e.raw_response().map(|r| r.status().as_u16());
+                let code = e.as_service_error().and_then(|s| s.code()).unwrap_or("");
+                if status == Some(412)
+                    || code == "PreconditionFailed"
+                    || status == Some(409)
+                    || code == "ConditionalRequestConflict"
+                {
+                    Err(ReplicaError::Exists(key.to_string()))
+                } else {
+                    Err(self.err("put", key, e))
                 }
             }
-        })
+        }
     }
 
     fn put(&self, key: &str, data: &[u8]) -> Result<()> {
