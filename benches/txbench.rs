@@ -515,21 +515,29 @@ fn main() -> Result<()> {
         let srv = store.as_ref().expect("the server was started");
         let m = many::many(&cfg, srv)?;
         let n = m.n;
-        rows.push(Row::text(
-            &format!("{n} databases committing once a second each: commit → S3 object readable, p50 / p99 / max (ms)"),
-            format!("{:.0} / {:.0} / {:.0}", m.p50_ms, m.p99_ms, m.max_ms),
-        ));
-        rows.push(Row::text(
-            &format!(
-                "{n} databases committing once a second each: S3 requests per second answered ({})",
-                m.server
-            ),
-            format!("{:.0}", m.req_per_sec),
-        ));
-        rows.push(Row::text(
-            &format!("{n} databases committing once a second each: CPU of the daemon / of the S3 server (% of one core)"),
-            format!("{:.0} / {:.0}", m.load_daemon_cpu_pct, m.load_server_cpu_pct),
-        ));
+        for l in &m.loads {
+            // The first load is the headline; the second says what the server's priority
+            // does to it.
+            let at = if l.server_nice == 0 {
+                ", the S3 server at the default priority".to_string()
+            } else {
+                format!(", the S3 server at nice {}", l.server_nice)
+            };
+            rows.push(Row::text(
+                &format!("{n} databases committing once a second each{at}: commit → S3 object readable, p50 / p99 / max (ms)"),
+                format!("{:.0} / {:.0} / {:.0}", l.p50_ms, l.p99_ms, l.max_ms),
+            ));
+            rows.push(Row::text(
+                &format!(
+                    "… S3 requests per second answered ({}); CPU of the daemon / of the S3 server (% of one core)",
+                    m.server
+                ),
+                format!(
+                    "{:.0}; {:.0} / {:.0}",
+                    l.req_per_sec, l.daemon_cpu_pct, l.server_cpu_pct
+                ),
+            ));
+        }
         rows.push(Row::text(
             &format!(
                 "the S3 server alone: conditional PUTs/s of 400 B objects, {} client threads (its CPU, %)",
@@ -551,16 +559,21 @@ fn main() -> Result<()> {
         notes.push(format!(
             "Many databases: {n} databases under tenants/ created through one mount in {:.1} s \
              ({} writer threads); every one had its first object on the S3 replica {:.1} s \
-             after the last was created. Then {} commits in {:.1} s, each database once a \
-             second; requests during the load by method: {}. Idle: the same data directory \
+             after the last was created. Then two loads, each database committing once a \
+             second: {}. The daemon's shipping threads run at nice 10. Idle: the same data directory \
              mounted again made {} requests at start (a claim check per database) and was \
              quiet after {:.1} s; then {} requests and {:.2}% of a core over {:.0} s.",
             m.create_secs,
             many::WRITERS,
             m.first_objects_secs,
-            m.commits,
-            m.load_secs,
-            m.by_method,
+            m.loads
+                .iter()
+                .map(|l| format!(
+                    "with the S3 server at nice {}, {} commits in {:.1} s, requests by method {}",
+                    l.server_nice, l.commits, l.load_secs, l.by_method
+                ))
+                .collect::<Vec<_>>()
+                .join("; "),
             m.startup_requests,
             m.startup_quiet_secs,
             m.idle_requests,

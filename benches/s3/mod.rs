@@ -98,6 +98,8 @@ pub struct Server {
     /// A client of the whole bucket, for reading objects back.
     reader: std::sync::OnceLock<Box<dyn ReplicaClient>>,
     bucket: String,
+    /// The nice value last given to every thread of the server ([`Server::set_nice`]).
+    nice: std::sync::atomic::AtomicI32,
 }
 
 impl Server {
@@ -122,6 +124,7 @@ impl Server {
                 _dir: Some(w.dir),
                 reader: Default::default(),
                 bucket: bucket.to_string(),
+                nice: Default::default(),
             };
             let c = seaweed::create_bucket(filer, bucket)?;
             if !(200..300).contains(&c) {
@@ -145,6 +148,7 @@ impl Server {
             _dir: None,
             reader: Default::default(),
             bucket: bucket.to_string(),
+            nice: Default::default(),
         };
         let deadline = Instant::now() + Duration::from_secs(240);
         loop {
@@ -197,6 +201,30 @@ impl Server {
     }
 
     /// The server's process id (for its CPU time).
+    /// Gives every thread of the server nice value `nice` (threads it starts later inherit
+    /// it from the thread that starts them).
+    pub fn set_nice(&self, nice: i32) -> Result<()> {
+        let pid = self.pid();
+        for t in std::fs::read_dir(format!("/proc/{pid}/task"))?.flatten() {
+            let Some(tid) = t
+                .file_name()
+                .to_str()
+                .and_then(|s| s.parse::<libc::id_t>().ok())
+            else {
+                continue;
+            };
+            // SAFETY: setpriority on a thread id; a thread that has just exited fails alone.
+            unsafe { libc::setpriority(libc::PRIO_PROCESS, tid, nice) };
+        }
+        self.nice.store(nice, Ordering::Relaxed);
+        Ok(())
+    }
+
+    /// The nice value last given to the server's threads.
+    pub fn nice(&self) -> i32 {
+        self.nice.load(Ordering::Relaxed)
+    }
+
     pub fn pid(&self) -> u32 {
         self.child.id()
     }

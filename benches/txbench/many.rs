@@ -1,13 +1,18 @@
 //! Rows of many databases in one mount (one database per tenant, `tenants/tN.db`):
 //!
 //! * "N databases committing once a second each: commit → S3 object readable, p50 / p99 /
-//!   max (ms)" and "… S3 requests per second, by method": N databases are created through one
+//!   max (ms)" and "… S3 requests per second; CPU": N databases are created through one
 //!   mount shipping to the S3-compatible server through the counting proxy; once each has its
 //!   first object there, a few writer threads commit one row to every database once a second
 //!   (the databases' turns spread evenly over the second) for `SQLFS_BENCH_SECS` (at least
 //!   10 s). A transaction's lag runs from its commit time in the object header to when the
 //!   server completed the PUT of its level-0 object (up to 4,000 objects are read back, an
-//!   even sample).
+//!   even sample). Two such loads run one after the other on the same mount: the first with
+//!   the server at the priority of the daemon's shipping threads (nice 10), the second with
+//!   the server at the default priority, above them. The server stands in for a store on
+//!   another machine; on this one it takes about half of the CPU, and at the default
+//!   priority it outranks the shipping threads tenfold whenever the cores are busy.
+//!   `SQLFS_BENCH_MANY_DUMP=PATH` writes every request of each load to `PATH.niceK`.
 //! * "N idle databases: S3 requests / daemon CPU (% of one core) over S s": the same data
 //!   directory mounted again; once the start-up requests (one claim check per database) are
 //!   over (no request for 3 s), requests through the proxy and the daemon's CPU time
@@ -43,8 +48,10 @@ pub const WRITERS: usize = 4;
 /// Client threads of the raw PUT rate (the daemon's default `--replica-concurrency`).
 pub const RAW_THREADS: usize = 16;
 
-pub struct Many {
-    pub n: usize,
+/// One load: every database committing once a second for a while.
+pub struct Load {
+    /// The S3 server's nice value meanwhile.
+    pub server_nice: i32,
     pub p50_ms: f64,
     pub p99_ms: f64,
     pub max_ms: f64,
@@ -52,6 +59,16 @@ pub struct Many {
     pub load_secs: f64,
     pub req_per_sec: f64,
     pub by_method: String,
+    /// CPU of the daemon and of the S3 server (% of one core).
+    pub daemon_cpu_pct: f64,
+    pub server_cpu_pct: f64,
+}
+
+pub struct Many {
+    pub n: usize,
+    /// The load with the S3 server at the priority of the daemon's shipping threads, then
+    /// with the server at the default priority (above them).
+    pub loads: Vec<Load>,
     pub create_secs: f64,
     pub first_objects_secs: f64,
     pub idle_secs: f64,
@@ -61,9 +78,6 @@ pub struct Many {
     pub startup_quiet_secs: f64,
     /// The S3 server ("SeaweedFS 4.48", "moto").
     pub server: String,
-    /// CPU of the daemon and of the S3 server during the load (% of one core).
-    pub load_daemon_cpu_pct: f64,
-    pub load_server_cpu_pct: f64,
     /// The server's own limit: conditional PUTs of small objects per second from
     /// [`RAW_THREADS`] client threads of this process, straight to it, and its CPU meanwhile.
     pub raw_puts_per_sec: f64,
@@ -190,8 +204,110 @@ pub fn many(cfg: &Config, srv: &s3::Server) -> Result<Many> {
     let first_objects_secs = t.elapsed().as_secs_f64();
     thread::sleep(Duration::from_secs(2));
 
+    let daemon_pid = mount.child.as_ref().map(|c| c.id()).unwrap_or(0);
+    // The server stands in for a store on another machine, but here it shares two cores
+    // with the daemon and the writers. The first load gives it the priority of the daemon's
+    // shipping threads (`nice` 10: they yield to apps, and the server then yields to apps
+    // too); the second the default one, which outranks the shipping threads tenfold.
+    let mut loads = Vec::new();
+    let mut groups = groups;
+    for nice in [10, 0] {
+        srv.set_nice(nice)?;
+        let (l, back) = load(n, secs, groups, &proxy, srv, daemon_pid)?;
+        groups = back;
+        loads.push(l);
+    }
+    srv.set_nice(0)?;
+    drop(groups);
+    mount.stop()?;
+
     step(&format!(
-        "{n} databases committing once a second each for {secs:.0} s"
+        "{n} idle databases: a fresh mount of the same data"
+    ));
+    let proxy2 = s3::Proxy::start(srv.port)?;
+    let url2 = s3::Server::url_via(proxy2.port, BUCKET, "many");
+    let mount = Mount::start_with(&mnt, &backing, &log, &[url2])?;
+    let pid = mount.child.as_ref().map(|c| c.id()).unwrap_or(0);
+    let t = Instant::now();
+    let mut seen = (0, Instant::now());
+    loop {
+        let k = proxy2.requests().len();
+        if k != seen.0 {
+            seen = (k, Instant::now());
+        }
+        if seen.1.elapsed() > Duration::from_secs(3) || t.elapsed() > Duration::from_secs(300) {
+            break;
+        }
+        thread::sleep(Duration::from_millis(100));
+    }
+    let startup_quiet_secs = t.elapsed().as_secs_f64();
+    let startup_requests = proxy2.requests().len();
+    let idle = cfg.many_idle_secs;
+    let (r0, c0, i0) = (proxy2.requests().len(), cpu_ticks(pid), Instant::now());
+    thread::sleep(Duration::from_secs_f64(idle));
+    let (r1, c1, idle_secs) = (
+        proxy2.requests().len(),
+        cpu_ticks(pid),
+        i0.elapsed().as_secs_f64(),
+    );
+    // SAFETY: sysconf has no preconditions.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64;
+    mount.stop()?;
+    step(&format!(
+        "the S3 server's own rate: conditional PUTs from {RAW_THREADS} threads for 5 s"
+    ));
+    let (raw_puts_per_sec, raw_server_cpu_pct) = {
+        let (n, secs, ticks) = raw_puts(srv, srv.client()?, Duration::from_secs(5))?;
+        (n as f64 / secs, ticks as f64 / hz / secs * 100.0)
+    };
+    // The same through the counting proxy, as the daemon's requests go.
+    let via = sqlfs::replica::open(&s3::Server::url_via(proxy.port, BUCKET, "rawproxy"))?;
+    let raw_proxy_puts_per_sec = {
+        let (n, secs, _) = raw_puts(srv, via.as_ref(), Duration::from_secs(5))?;
+        n as f64 / secs
+    };
+
+    let big = if cfg.many_big > 0 {
+        Some(big(cfg).map_err(|e| format!("{e:#}")))
+    } else {
+        None
+    };
+    Ok(Many {
+        n,
+        loads,
+        create_secs,
+        first_objects_secs,
+        idle_secs,
+        idle_requests: r1 - r0,
+        idle_cpu_pct: (c1 - c0) as f64 / hz / idle_secs * 100.0,
+        startup_requests,
+        startup_quiet_secs,
+        server: srv.name.clone(),
+        raw_puts_per_sec,
+        raw_server_cpu_pct,
+        raw_proxy_puts_per_sec,
+        big,
+    })
+}
+
+/// The connections of each writer thread: (database index, connection).
+type Groups = Vec<Vec<(usize, Connection)>>;
+
+/// One load: every one of the `n` databases commits a row once a second for `secs` (the
+/// databases' turns spread evenly over the second), then 4 s for the last commits to reach
+/// the store; the lag of each transaction in a sample of the level-0 objects stored, read
+/// back for their commit times. Returns the figures and the connections.
+fn load(
+    n: usize,
+    secs: f64,
+    groups: Groups,
+    proxy: &s3::Proxy,
+    srv: &s3::Server,
+    daemon_pid: u32,
+) -> Result<(Load, Groups)> {
+    let server_nice = srv.nice();
+    step(&format!(
+        "{n} databases committing once a second each for {secs:.0} s (the S3 server at nice {server_nice})"
     ));
     let (t0, wall0) = (
         Instant::now(),
@@ -200,38 +316,39 @@ pub fn many(cfg: &Config, srv: &s3::Server) -> Result<Many> {
             .as_nanos() as u64,
     );
     let start = Instant::now() + Duration::from_millis(100);
-    let daemon_pid = mount.child.as_ref().map(|c| c.id()).unwrap_or(0);
     let cpu0 = (cpu_ticks(daemon_pid), cpu_ticks(srv.pid()), Instant::now());
     let stop = Arc::new(AtomicBool::new(false));
     let commits = Arc::new(AtomicUsize::new(0));
     let mut writers = Vec::new();
     for group in groups {
         let (stop, commits) = (stop.clone(), commits.clone());
-        writers.push(thread::spawn(move || -> Result<()> {
-            let mut round = 0u64;
-            while !stop.load(Ordering::Relaxed) {
-                for (i, conn) in &group {
-                    // Database i's turn in each second.
-                    let at = start
-                        + Duration::from_secs(round)
-                        + Duration::from_micros((*i as u64 * 1_000_000) / n as u64);
-                    let now = Instant::now();
-                    if at > now {
-                        thread::sleep(at - now);
+        writers.push(thread::spawn(
+            move || -> Result<Vec<(usize, Connection)>> {
+                let mut round = 0u64;
+                while !stop.load(Ordering::Relaxed) {
+                    for (i, conn) in &group {
+                        // Database i's turn in each second.
+                        let at = start
+                            + Duration::from_secs(round)
+                            + Duration::from_micros((*i as u64 * 1_000_000) / n as u64);
+                        let now = Instant::now();
+                        if at > now {
+                            thread::sleep(at - now);
+                        }
+                        if stop.load(Ordering::Relaxed) {
+                            return Ok(group);
+                        }
+                        conn.execute(
+                            "INSERT INTO t(x) VALUES (?1)",
+                            params![format!("tenant {i} round {round}")],
+                        )?;
+                        commits.fetch_add(1, Ordering::Relaxed);
                     }
-                    if stop.load(Ordering::Relaxed) {
-                        return Ok(());
-                    }
-                    conn.execute(
-                        "INSERT INTO t(x) VALUES (?1)",
-                        params![format!("tenant {i} round {round}")],
-                    )?;
-                    commits.fetch_add(1, Ordering::Relaxed);
+                    round += 1;
                 }
-                round += 1;
-            }
-            Ok(())
-        }));
+                Ok(group)
+            },
+        ));
     }
     thread::sleep(
         (start + Duration::from_secs_f64(secs)).saturating_duration_since(Instant::now()),
@@ -239,16 +356,37 @@ pub fn many(cfg: &Config, srv: &s3::Server) -> Result<Many> {
     stop.store(true, Ordering::Relaxed);
     let load_end = Instant::now();
     let cpu1 = (cpu_ticks(daemon_pid), cpu_ticks(srv.pid()), Instant::now());
+    let mut groups = Vec::new();
     for w in writers {
-        w.join()
-            .map_err(|_| anyhow::anyhow!("a writer panicked"))??;
+        groups.push(
+            w.join()
+                .map_err(|_| anyhow::anyhow!("a writer panicked"))??,
+        );
     }
     // The last commits reach the store.
     thread::sleep(Duration::from_secs(4));
+    let drained = Instant::now();
     let reqs = proxy.requests();
-    mount.stop()?;
+    if let Ok(path) = std::env::var("SQLFS_BENCH_MANY_DUMP") {
+        // Every request of the run (ms from this load's start): for looking at the schedule.
+        let ms = |t: Instant| {
+            t.saturating_duration_since(start).as_secs_f64() * 1e3
+                - start.saturating_duration_since(t).as_secs_f64() * 1e3
+        };
+        let mut out = String::new();
+        for r in &reqs {
+            out += &format!(
+                "{:.3} {:.3} {} {} {}\n",
+                ms(r.start),
+                ms(r.end),
+                r.method,
+                r.status,
+                r.target
+            );
+        }
+        fs::write(format!("{path}.nice{server_nice}"), out)?;
+    }
     let load_secs = (load_end - start).as_secs_f64();
-
     let in_load: Vec<&s3::Req> = reqs
         .iter()
         .filter(|r| r.start >= start && r.start < load_end)
@@ -265,7 +403,7 @@ pub fn many(cfg: &Config, srv: &s3::Server) -> Result<Many> {
     // Level-0 objects stored during the load (and just after it): their commit times.
     let objs: Vec<&s3::Req> = reqs
         .iter()
-        .filter(|r| r.method == "PUT" && r.status == 200 && r.start >= start)
+        .filter(|r| r.method == "PUT" && r.status == 200 && r.start >= start && r.start < drained)
         .filter(|r| r.key(BUCKET).is_some_and(|k| k.contains("/l0/")))
         .collect();
     let step_by = objs.len().div_ceil(4000).max(1);
@@ -313,92 +451,29 @@ pub fn many(cfg: &Config, srv: &s3::Server) -> Result<Many> {
             .copied()
             .unwrap_or(f64::NAN)
     };
-
-    step(&format!(
-        "{n} idle databases: a fresh mount of the same data"
-    ));
-    let proxy2 = s3::Proxy::start(srv.port)?;
-    let url2 = s3::Server::url_via(proxy2.port, BUCKET, "many");
-    let mount = Mount::start_with(&mnt, &backing, &log, &[url2])?;
-    let pid = mount.child.as_ref().map(|c| c.id()).unwrap_or(0);
-    let t = Instant::now();
-    let mut seen = (0, Instant::now());
-    loop {
-        let k = proxy2.requests().len();
-        if k != seen.0 {
-            seen = (k, Instant::now());
-        }
-        if seen.1.elapsed() > Duration::from_secs(3) || t.elapsed() > Duration::from_secs(300) {
-            break;
-        }
-        thread::sleep(Duration::from_millis(100));
-    }
-    let startup_quiet_secs = t.elapsed().as_secs_f64();
-    let startup_requests = proxy2.requests().len();
-    let idle = cfg.many_idle_secs;
-    let (r0, c0, i0) = (proxy2.requests().len(), cpu_ticks(pid), Instant::now());
-    thread::sleep(Duration::from_secs_f64(idle));
-    let (r1, c1, idle_secs) = (
-        proxy2.requests().len(),
-        cpu_ticks(pid),
-        i0.elapsed().as_secs_f64(),
-    );
     // SAFETY: sysconf has no preconditions.
     let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64;
-    mount.stop()?;
-    let cpu_pct = |t0: u64, t1: u64, secs: f64| t1.saturating_sub(t0) as f64 / hz / secs * 100.0;
-    let load_wall = (cpu1.2 - cpu0.2).as_secs_f64();
-    let (load_daemon_cpu_pct, load_server_cpu_pct) = (
-        cpu_pct(cpu0.0, cpu1.0, load_wall),
-        cpu_pct(cpu0.1, cpu1.1, load_wall),
-    );
-    step(&format!(
-        "the S3 server's own rate: conditional PUTs from {RAW_THREADS} threads for 5 s"
-    ));
-    let (raw_puts_per_sec, raw_server_cpu_pct) = {
-        let (n, secs, ticks) = raw_puts(srv, srv.client()?, Duration::from_secs(5))?;
-        (n as f64 / secs, ticks as f64 / hz / secs * 100.0)
-    };
-    // The same through the counting proxy, as the daemon's requests go.
-    let via = sqlfs::replica::open(&s3::Server::url_via(proxy.port, BUCKET, "rawproxy"))?;
-    let raw_proxy_puts_per_sec = {
-        let (n, secs, _) = raw_puts(srv, via.as_ref(), Duration::from_secs(5))?;
-        n as f64 / secs
-    };
-
-    let big = if cfg.many_big > 0 {
-        Some(big(cfg).map_err(|e| format!("{e:#}")))
-    } else {
-        None
-    };
-    Ok(Many {
-        n,
-        p50_ms: pct(0.5),
-        p99_ms: pct(0.99),
-        max_ms: lags.last().copied().unwrap_or(f64::NAN),
-        commits: commits.load(Ordering::Relaxed) as u64,
-        load_secs,
-        req_per_sec: in_load.len() as f64 / load_secs,
-        by_method: by_method
-            .iter()
-            .map(|(m, k)| format!("{m} {k}"))
-            .collect::<Vec<_>>()
-            .join(", "),
-        create_secs,
-        first_objects_secs,
-        idle_secs,
-        idle_requests: r1 - r0,
-        idle_cpu_pct: (c1 - c0) as f64 / hz / idle_secs * 100.0,
-        startup_requests,
-        startup_quiet_secs,
-        server: srv.name.clone(),
-        load_daemon_cpu_pct,
-        load_server_cpu_pct,
-        raw_puts_per_sec,
-        raw_server_cpu_pct,
-        raw_proxy_puts_per_sec,
-        big,
-    })
+    let wall = (cpu1.2 - cpu0.2).as_secs_f64();
+    let cpu_pct = |t0: u64, t1: u64| t1.saturating_sub(t0) as f64 / hz / wall * 100.0;
+    Ok((
+        Load {
+            server_nice,
+            p50_ms: pct(0.5),
+            p99_ms: pct(0.99),
+            max_ms: lags.last().copied().unwrap_or(f64::NAN),
+            commits: commits.load(Ordering::Relaxed) as u64,
+            load_secs,
+            req_per_sec: in_load.len() as f64 / load_secs,
+            by_method: by_method
+                .iter()
+                .map(|(m, k)| format!("{m} {k}"))
+                .collect::<Vec<_>>()
+                .join(", "),
+            daemon_cpu_pct: cpu_pct(cpu0.0, cpu1.0),
+            server_cpu_pct: cpu_pct(cpu0.1, cpu1.1),
+        },
+        groups,
+    ))
 }
 
 /// Conditional PUTs (`If-None-Match: *`, as the daemon stores objects) of 400-byte objects

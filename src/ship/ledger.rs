@@ -188,7 +188,8 @@ impl Ledger {
     fn write(&mut self, file: &Path, pos: u64) -> io::Result<()> {
         let seq = self.seq + 1;
         let slot = encode_slot(seq, pos, &self.attempts);
-        let created = !file.exists();
+        // A ledger with a slot written or read exists already.
+        let created = self.seq == 0 && !file.exists();
         let f = OpenOptions::new()
             .write(true)
             .create(true)
