@@ -234,9 +234,9 @@ enum Tail {
     Damaged(u64),
 }
 
-/// A buffered reader of a segment file: a buffer of the file's size, from 8 KiB to 1 MiB.
-/// (Most segments of a database that commits a little are small; a 1 MiB buffer for each read
-/// of one made the allocator keep megabytes per thread that it did not give back.)
+/// A buffered reader of a segment file: a buffer of the file's size, from 8 KiB to 1 MiB
+/// (most segments of a database that commits a little are a few KiB; each shipment and each
+/// database loaded at mount reads one).
 fn sized_reader(f: File) -> BufReader<File> {
     let len = f.metadata().map(|m| m.len()).unwrap_or(1 << 20);
     BufReader::with_capacity(len.clamp(8 << 10, 1 << 20) as usize, f)

@@ -291,17 +291,23 @@ fn coded_pages_read_back_as_appended() {
     check(&st, 301);
 }
 
-/// A reader of records up to the last written one stops there: a record being appended
-/// after it (its first bytes on the file, the rest not yet) is never read as a damaged one.
-#[test]
-fn a_record_being_written_past_the_range_is_not_read() {
-    let d = tempfile::tempdir().unwrap();
-    let st = DbStage::open(d.path(), Access::Write).unwrap();
+/// A staging log in `dir` holding TXIDs 1..=3, one 512-byte page each, written to its file.
+fn three_records(dir: &Path) -> DbStage {
+    let st = DbStage::open(dir, Access::Write).unwrap();
     let page = vec![7u8; 512];
     for t in 1..=3u64 {
         st.append(&hdr(t, 1), |emit| emit(1, &page)).unwrap();
     }
     st.flush().unwrap();
+    st
+}
+
+/// A reader of records up to the last written one stops there: a record being appended
+/// after it (its first bytes on the file, the rest not yet) is never read as a damaged one.
+#[test]
+fn a_record_being_written_past_the_range_is_not_read() {
+    let d = tempfile::tempdir().unwrap();
+    let st = three_records(d.path());
     // Records after them, the last one short of a byte, as a concurrent append would leave
     // the file for a moment.
     let (_, path) = st.segments().unwrap().pop().unwrap();
@@ -326,14 +332,7 @@ fn a_record_being_written_past_the_range_is_not_read() {
 #[test]
 fn a_fold_does_not_read_a_segment_being_appended() {
     let d = tempfile::tempdir().unwrap();
-    {
-        let st = DbStage::open(d.path(), Access::Write).unwrap();
-        let page = vec![7u8; 512];
-        for t in 1..=3u64 {
-            st.append(&hdr(t, 1), |emit| emit(1, &page)).unwrap();
-        }
-        st.flush().unwrap();
-    }
+    drop(three_records(d.path()));
     let st = DbStage::open(d.path(), Access::Write).unwrap();
     let (_, first) = st.segments().unwrap().pop().unwrap();
     let whole = fs::read(&first).unwrap();
