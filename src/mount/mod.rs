@@ -309,11 +309,14 @@ pub fn run(o: MountOpts) -> Result<()> {
     )?;
     let mut unmounter = session.unmount_callable();
     let sig_dir = dir.clone();
+    let unmounting = Arc::new(AtomicBool::new(false));
+    let sig_unmounting = unmounting.clone();
     std::thread::Builder::new()
         .name("sqlfs-signals".into())
         .spawn(move || {
             if let Some(sig) = signals.forever().next() {
                 log::info!("signal {sig}: flushing staging and unmounting");
+                sig_unmounting.store(true, Ordering::SeqCst);
                 let r = if root {
                     unmount_direct(&sig_dir)
                 } else {
@@ -340,7 +343,7 @@ pub fn run(o: MountOpts) -> Result<()> {
         data.display(),
         capture.databases().len() + capture.pending()
     );
-    let res = session.run();
+    let res = ended_by_unmount(session.run(), &unmounting);
     // The scan finishes the file it is at (it stages nothing half-way) before shutdown.
     scan_stop.store(true, Ordering::Relaxed);
     let _ = scan.join();
@@ -369,6 +372,24 @@ pub fn run(o: MountOpts) -> Result<()> {
     }
     log::info!("unmounted {}", dir.display());
     Ok(())
+}
+
+/// The session's result, where a connection the kernel aborted after our own unmount is a
+/// normal end: once the mount is detached, the kernel may tear the connection down while a
+/// serving thread still reads the device, and that read fails with `ECONNABORTED` instead of
+/// `ENODEV`. An abort nobody asked for (a forced unmount, the connection's `abort` control
+/// file) stays an error.
+fn ended_by_unmount(res: std::io::Result<()>, unmounting: &AtomicBool) -> std::io::Result<()> {
+    match res {
+        Err(e)
+            if e.raw_os_error() == Some(libc::ECONNABORTED)
+                && unmounting.load(Ordering::SeqCst) =>
+        {
+            log::debug!("the kernel ended the connection after the unmount: {e}");
+            Ok(())
+        }
+        r => r,
+    }
 }
 
 /// Keeps the C allocator to two arenas. By default it gives each thread that allocates its
