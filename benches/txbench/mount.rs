@@ -102,7 +102,16 @@ impl Mount {
         fs::create_dir_all(dir)?;
         fs::create_dir_all(backing)?;
         let out = File::create(log)?;
-        let mut cmd = Command::new(SQLFS);
+        // A command to run the daemon under (a profiler, an environment), for investigation.
+        let mut cmd = match std::env::var("SQLFS_BENCH_DAEMON_WRAP") {
+            Ok(w) if !w.trim().is_empty() => {
+                let mut w = w.split_whitespace();
+                let mut c = Command::new(w.next().unwrap_or_default());
+                c.args(w).arg(SQLFS);
+                c
+            }
+            _ => Command::new(SQLFS),
+        };
         cmd.arg("mount").arg(dir).arg("--data-dir").arg(backing);
         for r in replicas {
             cmd.arg("--replica").arg(r);

@@ -85,7 +85,7 @@ fn nesting_refused(mnt: &Path, data: &Path) -> Result<()> {
 }
 
 pub fn run(o: MountOpts) -> Result<()> {
-    few_malloc_arenas();
+    tune_allocator();
     raise_open_files();
     // Catch SIGINT/SIGTERM from the start: one arriving while the mount comes up must still
     // lead to a clean unmount, not kill the daemon with the mount half made.
@@ -392,16 +392,32 @@ fn ended_by_unmount(res: std::io::Result<()>, unmounting: &AtomicBool) -> std::i
     }
 }
 
-/// Keeps the C allocator to two arenas. By default it gives each thread that allocates its
-/// own (up to eight per core), and memory freed in one stays there: with a replica's shipping
-/// workers each building objects, that alone doubled the daemon's resident memory.
-fn few_malloc_arenas() {
+/// Tunes the C allocator for a daemon that lives long and runs many threads.
+///
+/// * Two arenas. By default it gives each thread that allocates its own (up to eight per
+///   core), and memory freed in one stays there: with a replica's shipping workers each
+///   building objects, that alone doubled the daemon's resident memory.
+/// * A fixed threshold above which a block is mapped on its own. By default the threshold
+///   rises to the size of the largest mapped block freed so far, and the filesystem session
+///   frees a 16 MiB request buffer right at its handshake: from then on every block below
+///   16 MiB (the serving threads' own request buffers, segment readers, compression
+///   buffers) came from the arenas, where what is freed stays resident between blocks still
+///   in use. How much stayed depended on timing: with 10,000 databases the daemon's resident
+///   memory was 62 MiB in some runs and 78 MiB in others, and 61 MiB in every run once the
+///   threshold was fixed (docs/PERFORMANCE.md).
+fn tune_allocator() {
     #[cfg(target_env = "gnu")]
     // SAFETY: mallopt only tunes the allocator; called before the daemon starts its threads.
     unsafe {
         libc::mallopt(libc::M_ARENA_MAX, 2);
+        libc::mallopt(libc::M_MMAP_THRESHOLD, MMAP_THRESHOLD);
     }
 }
+
+/// Blocks at least this large are mapped on their own and unmapped when freed (see
+/// [`tune_allocator`]). Below it: every buffer of a shipment of a small commit.
+#[cfg(target_env = "gnu")]
+const MMAP_THRESHOLD: libc::c_int = 4 << 20;
 
 /// Raises the soft limit on open files to the hard one: each captured database keeps a
 /// descriptor on its file, and each app's open file is one more here, so a mount of
