@@ -27,6 +27,8 @@ pub use reader::*;
 pub use slice::Slice;
 pub use verify::verify;
 pub use writer::ObjectWriter;
+#[cfg(test)]
+use writer::MEM_MAX;
 
 use std::io;
 

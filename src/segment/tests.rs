@@ -279,3 +279,47 @@ fn an_object_built_over_an_earlier_one_is_exact() {
     assert_eq!(read_all(&reused), want);
     assert_eq!(verify(&reused, "obj").unwrap(), hdr);
 }
+
+/// A small object is built in memory and written once: the bytes `finish_with_bytes` returns
+/// are the file's, byte for byte. One that outgrows memory continues in its file, returns no
+/// bytes, and verifies the same way.
+#[test]
+fn small_objects_are_built_in_memory_large_ones_in_their_file() {
+    use std::io::{Read, Seek};
+    let build = |pages: u32| {
+        let ps = 4096usize;
+        let h = RecordHeader {
+            time_ns: 1,
+            ..RecordHeader::test(Kind::Txn, 1, ps as u32, pages)
+        };
+        let mut w =
+            ObjectWriter::new(tempfile::tempfile().unwrap(), ObjKind::Segment, 0, "00").unwrap();
+        // Pages that do not compress: the object is about as large as its pages.
+        let mut x = 0x9e37_79b9_7f4a_7c15u64;
+        w.add(&h, |emit| {
+            (1..=pages).try_for_each(|p| {
+                let page: Vec<u8> = (0..ps)
+                    .map(|_| {
+                        x ^= x << 13;
+                        x ^= x >> 7;
+                        x ^= x << 17;
+                        x as u8
+                    })
+                    .collect();
+                emit(p, &page)
+            })
+        })
+        .unwrap();
+        let (hdr, f, bytes) = w.finish_with_bytes().unwrap();
+        assert_eq!(verify(&f, "obj").unwrap(), hdr);
+        let mut on_disk = Vec::new();
+        (&f).seek(std::io::SeekFrom::Start(0)).unwrap();
+        (&f).read_to_end(&mut on_disk).unwrap();
+        (bytes, on_disk)
+    };
+    let (bytes, on_disk) = build(3);
+    assert_eq!(bytes.as_deref(), Some(&on_disk[..]));
+    let (bytes, on_disk) = build(600);
+    assert!(on_disk.len() > MEM_MAX, "{} bytes", on_disk.len());
+    assert!(bytes.is_none());
+}

@@ -79,6 +79,9 @@ impl Drop for Cctx {
 /// lies whole in one frame; a frame may hold the end of one record and several small ones.
 pub struct ObjectWriter {
     file: File,
+    /// The object's bytes so far while it is small (header space first): written to `file`
+    /// in one go at [`finish`](Self::finish), or when it grows past [`MEM_MAX`].
+    mem: Option<Vec<u8>>,
     /// One compression context for every frame of the object (creating one is costly, so a
     /// thread keeps it for its next object).
     zstd: Cctx,
@@ -111,7 +114,8 @@ impl ObjectWriter {
         // The object starts at byte 0; bytes of an earlier object past its end are cut at
         // `finish` (a file reused as it is costs no truncation to zero, which frees its blocks).
         file.seek(SeekFrom::Start(0))?;
-        file.write_all(&[0u8; HEADER])?;
+        let mut mem = Vec::with_capacity(MEM_START);
+        mem.extend_from_slice(&[0u8; HEADER]);
         let hdr = ObjHeader {
             version: VERSION,
             kind,
@@ -134,6 +138,7 @@ impl ObjectWriter {
         };
         Ok(ObjectWriter {
             file,
+            mem: Some(mem),
             zstd: Cctx::take(match (kind, level) {
                 (ObjKind::Segment, 0) => ZSTD_LEVEL_L0,
                 _ => ZSTD_LEVEL,
@@ -156,7 +161,7 @@ impl ObjectWriter {
             return Ok(());
         }
         let z = self.zstd.get(self.buf.len())?.compress(&self.buf)?;
-        self.file.write_all(&z)?;
+        self.put(&z)?;
         let too_big = || io::Error::other("a frame of more than 4 GiB");
         let zlen = u32::try_from(z.len()).map_err(|_| too_big())?;
         let rawlen = u32::try_from(self.buf.len()).map_err(|_| too_big())?;
@@ -176,6 +181,24 @@ impl ObjectWriter {
         self.pos += len;
         self.buf.clear();
         Ok(())
+    }
+
+    /// Appends `b` to the object: in memory while it stays within [`MEM_MAX`], else to the
+    /// file (the bytes gathered in memory first).
+    fn put(&mut self, b: &[u8]) -> io::Result<()> {
+        match &mut self.mem {
+            Some(m) if m.len() + b.len() <= MEM_MAX => {
+                m.extend_from_slice(b);
+                Ok(())
+            }
+            Some(_) => {
+                if let Some(m) = self.mem.take() {
+                    self.file.write_all(&m)?;
+                }
+                self.file.write_all(b)
+            }
+            None => self.file.write_all(b),
+        }
     }
 
     fn index_entry(&mut self, pgno: u32, txid: u64, frame: (u64, u64, u64), at: u64) {
@@ -270,7 +293,14 @@ impl ObjectWriter {
 
     /// Writes the directory (page index, frame table, record table, its CRC), the header and
     /// the trailing CRC; returns the header and the file (written, not synced).
-    pub fn finish(mut self) -> io::Result<(ObjHeader, File)> {
+    pub fn finish(self) -> io::Result<(ObjHeader, File)> {
+        self.finish_with_bytes().map(|(h, f, _)| (h, f))
+    }
+
+    /// [`finish`](Self::finish), and the object's bytes too if it was small enough to be
+    /// built in memory (at most [`MEM_MAX`] bytes before its directory): a caller that sends
+    /// or copies it reads none of it back from the file.
+    pub fn finish_with_bytes(mut self) -> io::Result<(ObjHeader, File, Option<Vec<u8>>)> {
         self.cut()?;
         let nframes = (self.frames.len() / FRAME_ENTRY) as u32;
         self.hdr.body_len = self.pos - HEADER as u64;
@@ -283,6 +313,22 @@ impl ObjectWriter {
         let mut trailer = Vec::with_capacity(DIR_TRAILER);
         trailer.extend_from_slice(&nframes.to_be_bytes());
         trailer.extend_from_slice(&0u32.to_be_bytes());
+        let len = self.pos + self.hdr.index_len;
+        if let Some(mut m) = self.mem.take() {
+            // Built in memory: the whole object is written once, header and CRC included.
+            for part in [&self.index, &self.frames, &self.records, &trailer] {
+                dir_crc.update(part);
+                m.extend_from_slice(part);
+            }
+            m.extend_from_slice(&dir_crc.finalize().to_be_bytes());
+            m[..HEADER].copy_from_slice(&head);
+            let mut crc = crate::sqlite::crc64();
+            crc.update(&m);
+            m.extend_from_slice(&crc.finalize().to_be_bytes());
+            self.file.write_all(&m)?;
+            self.cut_file_at(len + 8)?;
+            return Ok((self.hdr, self.file, Some(m)));
+        }
         for part in [&self.index, &self.frames, &self.records, &trailer] {
             dir_crc.update(part);
             self.file.write_all(part)?;
@@ -292,7 +338,6 @@ impl ObjectWriter {
         self.file.write_all(&head)?;
         self.file.seek(SeekFrom::Start(0))?;
         let mut crc = crate::sqlite::crc64();
-        let len = self.pos + self.hdr.index_len;
         let mut buf = vec![0u8; len.clamp(4096, 1 << 20) as usize];
         let mut r = (&self.file).take(len);
         loop {
@@ -304,14 +349,27 @@ impl ObjectWriter {
         }
         self.file.seek(SeekFrom::Start(len))?;
         self.file.write_all(&crc.finalize().to_be_bytes())?;
-        if self.file.metadata()?.len() > len + 8 {
-            self.file.set_len(len + 8)?;
-        }
+        self.cut_file_at(len + 8)?;
         // Not synced: an object leaves the machine from here, and a local copy kept for
         // compaction is verified (its trailing CRC) before it is used.
-        Ok((self.hdr, self.file))
+        Ok((self.hdr, self.file, None))
+    }
+
+    /// Cuts off what an earlier, longer object left past `end` in a reused file.
+    fn cut_file_at(&self, end: u64) -> io::Result<()> {
+        if self.file.metadata()?.len() > end {
+            self.file.set_len(end)?;
+        }
+        Ok(())
     }
 }
+
+/// Largest object (before its directory) built in memory; a larger one continues in its
+/// file. Objects of a few small transactions, most of a busy mount's shipments, stay below.
+pub(crate) const MEM_MAX: usize = 1 << 20;
+
+/// Bytes reserved for an object built in memory at first.
+const MEM_START: usize = 16 << 10;
 
 /// Pages per zstd frame: a page is read by decompressing at most this many.
 const FRAME_PAGES: u64 = 256;

@@ -135,8 +135,12 @@ impl Shipper {
         first: u64,
         last: u64,
         local: &Path,
+        bytes: Option<&[u8]>,
     ) {
-        let size = fs::metadata(local).map_or(0, |m| m.len());
+        let size = match bytes {
+            Some(b) => b.len() as u64,
+            None => fs::metadata(local).map_or(0, |m| m.len()),
+        };
         {
             let mut t = self.totals.lock();
             t.0 += 1;
@@ -159,7 +163,7 @@ impl Shipper {
             }
         }
         if level.is_some_and(|l| (l as usize) < levels) && room_for_copy(local, size) {
-            if level == Some(0) && self.pack_copy(db, key, local, size) {
+            if level == Some(0) && self.pack_copy(db, key, local, size, bytes) {
                 return;
             }
             let dst = self.cache_path(db, key);
@@ -231,7 +235,7 @@ impl Shipper {
                 .with_context(|| format!("{name}: building a snapshot"))?;
             let key = snapshot_key(&db.id, pos);
             self.put_derived(&key, tmp)?;
-            self.stored(db, &key, None, pos, pos, tmp);
+            self.stored(db, &key, None, pos, pos, tmp, None);
             log::info!(
                 "{name}: snapshot at TXID {pos} stored in {}",
                 self.describe()
@@ -423,7 +427,15 @@ impl Shipper {
         let hdr = res.with_context(|| format!("{name}: compacting into level {level}"))?;
         let key = compacted_key(&db.id, level, hdr.first_txid, hdr.last_txid);
         self.put_derived(&key, tmp)?;
-        self.stored(db, &key, Some(level), hdr.first_txid, hdr.last_txid, tmp);
+        self.stored(
+            db,
+            &key,
+            Some(level),
+            hdr.first_txid,
+            hdr.last_txid,
+            tmp,
+            None,
+        );
         for (_, p, range) in &inputs {
             if range.is_none() && p.starts_with(self.objects_dir(db)) {
                 self.recycle(db, p);

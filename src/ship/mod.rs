@@ -453,9 +453,9 @@ impl Shipper {
                 checksum_before: hdr.checksum_before,
                 after: vec![hdr.checksum_after],
             };
-            let held = self.store(name, db, &key, tmp, &want)?;
+            let held = self.store(name, db, &key, tmp, &want, None)?;
             self.advance(db, held)?;
-            self.stored(db, &key, None, base.txid, base.txid, tmp);
+            self.stored(db, &key, None, base.txid, base.txid, tmp, None);
             pos = base.txid;
             if last <= pos {
                 return Ok(());
@@ -508,7 +508,8 @@ impl Shipper {
             );
             return Ok(());
         }
-        let (hdr, _) = w.finish()?;
+        // A small object comes back in memory too: nothing below reads it from the file.
+        let (hdr, _, bytes) = w.finish_with_bytes()?;
         let key = l0_key(&db.id, pos + 1);
         let want = Want {
             kind: ObjKind::Segment,
@@ -517,14 +518,16 @@ impl Shipper {
             checksum_before: hdr.checksum_before,
             after,
         };
-        let held = self.store(name, db, &key, tmp, &want)?;
+        let held = self.store(name, db, &key, tmp, &want, bytes.as_deref())?;
         self.advance(db, held)?;
+        let mut bytes = bytes;
         if held != hdr.last_txid {
             // The replica's object is an earlier attempt holding less than this one: keep no
             // local copy, compaction must merge what the replica holds.
             let _ = fs::remove_file(tmp);
+            bytes = None;
         }
-        self.stored(db, &key, Some(0), pos + 1, held, tmp);
+        self.stored(db, &key, Some(0), pos + 1, held, tmp, bytes.as_deref());
         log::debug!(
             "{name}: shipped TXIDs {}..={} to {}",
             pos + 1,

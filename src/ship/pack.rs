@@ -129,9 +129,17 @@ impl Shipper {
         self.objects_dir(db).join("l0.pack")
     }
 
-    /// Appends the object in `local` (`size` bytes, stored as `key`) to `db`'s pack; false if
-    /// it does not belong there (too large, the pack full) or cannot be written.
-    pub(super) fn pack_copy(&self, db: &Db, key: &str, local: &Path, size: u64) -> bool {
+    /// Appends the object in `local` (`size` bytes, stored as `key`; `bytes`: the same bytes,
+    /// if the caller has them in memory) to `db`'s pack; false if it does not belong there
+    /// (too large, the pack full) or cannot be written.
+    pub(super) fn pack_copy(
+        &self,
+        db: &Db,
+        key: &str,
+        local: &Path,
+        size: u64,
+        bytes: Option<&[u8]>,
+    ) -> bool {
         if size > PACK_OBJECT_MAX || size < HEADER as u64 + 8 {
             return false;
         }
@@ -144,7 +152,21 @@ impl Shipper {
             return false;
         }
         let path = self.pack_path(db);
-        let res = fs::read(local).and_then(|bytes| {
+        let read;
+        let bytes = match bytes {
+            Some(b) => b,
+            None => match fs::read(local) {
+                Ok(b) => {
+                    read = b;
+                    &read[..]
+                }
+                Err(e) => {
+                    log::debug!("cannot keep a local copy of {key}: {e}");
+                    return false;
+                }
+            },
+        };
+        let res = (|| -> std::io::Result<u64> {
             let f = match OpenOptions::new().write(true).open(&path) {
                 Ok(f) => f,
                 Err(_) => {
@@ -156,9 +178,9 @@ impl Shipper {
                         .open(&path)?
                 }
             };
-            f.write_all_at(&bytes, at)?;
+            f.write_all_at(bytes, at)?;
             Ok(bytes.len() as u64)
-        });
+        })();
         match res {
             Ok(n) => match self.maint.lock().get_mut(&db.id) {
                 Some(m) => {

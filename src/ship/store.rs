@@ -79,8 +79,8 @@ pub(super) fn fingerprint(b: &[u8]) -> (u64, u64) {
 }
 
 impl Shipper {
-    /// Stores the local object `tmp` (holding `want`) as `key`; returns the TXID the replica
-    /// now holds up to. Each attempt is recorded (its last TXID and a fingerprint of its
+    /// Stores the local object `tmp` (holding `want`; `bytes`: the same bytes, if the caller
+    /// has them in memory) as `key`; returns the TXID the replica now holds up to. Each attempt is recorded (its last TXID and a fingerprint of its
     /// first bytes, see [`Attempt`]) before it is sent. A key that already exists is read
     /// back and never assumed to hold this attempt: see [`Shipper::read_back`].
     pub(super) fn store(
@@ -90,16 +90,17 @@ impl Shipper {
         key: &str,
         tmp: &Path,
         want: &Want,
+        bytes: Option<&[u8]>,
     ) -> Result<u64> {
         let sealed = tmp.with_extension("sealed");
-        let send = match &self.sealer {
+        let (send, bytes) = match &self.sealer {
             Some(s) => {
                 s.seal_file(tmp, &sealed)?;
-                sealed.as_path()
+                (sealed.as_path(), None)
             }
-            None => tmp,
+            None => (tmp, bytes),
         };
-        let res = self.store_file(name, db, key, send, want);
+        let res = self.store_file(name, db, key, send, want, bytes);
         if self.sealer.is_some() {
             let _ = fs::remove_file(&sealed);
         }
@@ -113,16 +114,22 @@ impl Shipper {
         key: &str,
         send: &Path,
         want: &Want,
+        bytes: Option<&[u8]>,
     ) -> Result<u64> {
         let mut head = Vec::new();
-        fs::File::open(send)
-            .and_then(|f| {
-                std::io::Read::read_to_end(
-                    &mut std::io::Read::take(f, FINGERPRINT_BYTES),
-                    &mut head,
-                )
-            })
-            .context("reading the object to send")?;
+        match bytes {
+            Some(b) => head.extend_from_slice(&b[..b.len().min(FINGERPRINT_BYTES as usize)]),
+            None => {
+                fs::File::open(send)
+                    .and_then(|f| {
+                        std::io::Read::read_to_end(
+                            &mut std::io::Read::take(f, FINGERPRINT_BYTES),
+                            &mut head,
+                        )
+                    })
+                    .context("reading the object to send")?;
+            }
+        }
         // Recorded durably before it is sent, with the position every earlier shipment
         // reached (`ledger`).
         let attempts = {
