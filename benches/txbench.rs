@@ -525,7 +525,17 @@ fn main() -> Result<()> {
             };
             rows.push(Row::text(
                 &format!("{n} databases committing once a second each{at}: commit → S3 object readable, p50 / p99 / max (ms)"),
-                format!("{:.0} / {:.0} / {:.0}", l.p50_ms, l.p99_ms, l.max_ms),
+                format!(
+                    "{:.0} / {:.0} / {:.0}{}",
+                    l.p50_ms,
+                    l.p99_ms,
+                    l.max_ms,
+                    if l.stall_ms >= 1000.0 {
+                        format!(" (the machine stood still {:.1} s)", l.stall_ms / 1e3)
+                    } else {
+                        String::new()
+                    }
+                ),
             ));
             rows.push(Row::text(
                 &format!(
@@ -569,8 +579,18 @@ fn main() -> Result<()> {
             m.loads
                 .iter()
                 .map(|l| format!(
-                    "with the S3 server at nice {}, {} commits in {:.1} s, requests by method {}",
-                    l.server_nice, l.commits, l.load_secs, l.by_method
+                    "with the S3 server at nice {}, {} commits in {:.1} s, requests by method {}, \
+                     the bench's longest 10 ms sleep {:.0} ms{}",
+                    l.server_nice,
+                    l.commits,
+                    l.load_secs,
+                    l.by_method,
+                    l.stall_ms,
+                    if l.stall_ms >= 1000.0 {
+                        " (the machine stood still: this load's lag is not the daemon's)"
+                    } else {
+                        ""
+                    }
                 ))
                 .collect::<Vec<_>>()
                 .join("; "),

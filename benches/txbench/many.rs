@@ -13,6 +13,8 @@
 //!   another machine; on this one it takes about half of the CPU, and at the default
 //!   priority it outranks the shipping threads tenfold whenever the cores are busy.
 //!   `SQLFS_BENCH_MANY_DUMP=PATH` writes every request of each load to `PATH.niceK`.
+//!   A thread of the bench sleeping 10 ms at a time notes the longest sleep of each load: a
+//!   second or more means the machine stood still (a paused virtual machine), and the row says so.
 //! * "N idle databases: S3 requests / daemon CPU (% of one core) over S s": the same data
 //!   directory mounted again; once the start-up requests (one claim check per database) are
 //!   over (no request for 3 s), requests through the proxy and the daemon's CPU time
@@ -62,6 +64,46 @@ pub struct Load {
     /// CPU of the daemon and of the S3 server (% of one core).
     pub daemon_cpu_pct: f64,
     pub server_cpu_pct: f64,
+    /// The longest a 10 ms sleep of the bench took during the load (ms), by the monotonic or
+    /// the wall clock: seconds mean the machine stood still (a paused virtual machine), and
+    /// the lag figures of that load with it.
+    pub stall_ms: f64,
+}
+
+/// Watches for the machine standing still: a thread that sleeps 10 ms at a time and keeps the
+/// longest any sleep took, by the monotonic clock and by the wall clock (a paused virtual
+/// machine may stop one and jump the other).
+struct StallWatch {
+    stop: Arc<AtomicBool>,
+    thread: thread::JoinHandle<f64>,
+}
+
+impl StallWatch {
+    fn start() -> StallWatch {
+        let stop = Arc::new(AtomicBool::new(false));
+        let s = stop.clone();
+        let thread = thread::spawn(move || {
+            let mut longest = 0f64;
+            let (mut mono, mut wall) = (Instant::now(), std::time::SystemTime::now());
+            while !s.load(Ordering::Relaxed) {
+                thread::sleep(Duration::from_millis(10));
+                let (m, w) = (Instant::now(), std::time::SystemTime::now());
+                let wall_ms = w
+                    .duration_since(wall)
+                    .map_or(0.0, |d| d.as_secs_f64() * 1e3);
+                longest = longest.max((m - mono).as_secs_f64() * 1e3).max(wall_ms);
+                (mono, wall) = (m, w);
+            }
+            longest
+        });
+        StallWatch { stop, thread }
+    }
+
+    /// The longest sleep seen (ms).
+    fn finish(self) -> f64 {
+        self.stop.store(true, Ordering::Relaxed);
+        self.thread.join().unwrap_or(f64::NAN)
+    }
 }
 
 pub struct Many {
@@ -317,6 +359,7 @@ fn load(
     );
     let start = Instant::now() + Duration::from_millis(100);
     let cpu0 = (cpu_ticks(daemon_pid), cpu_ticks(srv.pid()), Instant::now());
+    let stalls = StallWatch::start();
     let stop = Arc::new(AtomicBool::new(false));
     let commits = Arc::new(AtomicUsize::new(0));
     let mut writers = Vec::new();
@@ -366,6 +409,7 @@ fn load(
     // The last commits reach the store.
     thread::sleep(Duration::from_secs(4));
     let drained = Instant::now();
+    let stall_ms = stalls.finish();
     let reqs = proxy.requests();
     if let Ok(path) = std::env::var("SQLFS_BENCH_MANY_DUMP") {
         // Every request of the run (ms from this load's start): for looking at the schedule.
@@ -471,6 +515,7 @@ fn load(
                 .join(", "),
             daemon_cpu_pct: cpu_pct(cpu0.0, cpu1.0),
             server_cpu_pct: cpu_pct(cpu0.1, cpu1.1),
+            stall_ms,
         },
         groups,
     ))
