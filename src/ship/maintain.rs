@@ -125,18 +125,19 @@ impl Shipper {
         db.stage.dir().join(format!("objects.{}", self.rid))
     }
 
-    /// Records an object just stored from the local file `local`: in the catalog, and in the
+    /// Records an object just stored (holding TXIDs `txids`) from the local file `local`
+    /// (`bytes`: its bytes, if the caller has them in memory): in the catalog, and in the
     /// local cache when a higher level will merge it.
     pub(super) fn stored(
         &self,
         db: &Db,
         key: &str,
         level: Option<u8>,
-        first: u64,
-        last: u64,
+        txids: std::ops::RangeInclusive<u64>,
         local: &Path,
         bytes: Option<&[u8]>,
     ) {
+        let (first, last) = txids.into_inner();
         let size = match bytes {
             Some(b) => b.len() as u64,
             None => fs::metadata(local).map_or(0, |m| m.len()),
@@ -235,7 +236,7 @@ impl Shipper {
                 .with_context(|| format!("{name}: building a snapshot"))?;
             let key = snapshot_key(&db.id, pos);
             self.put_derived(&key, tmp)?;
-            self.stored(db, &key, None, pos, pos, tmp, None);
+            self.stored(db, &key, None, pos..=pos, tmp, None);
             log::info!(
                 "{name}: snapshot at TXID {pos} stored in {}",
                 self.describe()
@@ -431,8 +432,7 @@ impl Shipper {
             db,
             &key,
             Some(level),
-            hdr.first_txid,
-            hdr.last_txid,
+            hdr.first_txid..=hdr.last_txid,
             tmp,
             None,
         );

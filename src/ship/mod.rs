@@ -455,7 +455,7 @@ impl Shipper {
             };
             let held = self.store(name, db, &key, tmp, &want, None)?;
             self.advance(db, held)?;
-            self.stored(db, &key, None, base.txid, base.txid, tmp, None);
+            self.stored(db, &key, None, base.txid..=base.txid, tmp, None);
             pos = base.txid;
             if last <= pos {
                 return Ok(());
@@ -527,7 +527,7 @@ impl Shipper {
             let _ = fs::remove_file(tmp);
             bytes = None;
         }
-        self.stored(db, &key, Some(0), pos + 1, held, tmp, bytes.as_deref());
+        self.stored(db, &key, Some(0), pos + 1..=held, tmp, bytes.as_deref());
         log::debug!(
             "{name}: shipped TXIDs {}..={} to {}",
             pos + 1,
