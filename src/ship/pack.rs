@@ -152,14 +152,10 @@ impl Shipper {
             return false;
         }
         let path = self.pack_path(db);
-        let read;
-        let bytes = match bytes {
-            Some(b) => b,
+        let bytes: std::borrow::Cow<[u8]> = match bytes {
+            Some(b) => b.into(),
             None => match fs::read(local) {
-                Ok(b) => {
-                    read = b;
-                    &read[..]
-                }
+                Ok(b) => b.into(),
                 Err(e) => {
                     log::debug!("cannot keep a local copy of {key}: {e}");
                     return false;
@@ -178,7 +174,7 @@ impl Shipper {
                         .open(&path)?
                 }
             };
-            f.write_all_at(bytes, at)?;
+            f.write_all_at(&bytes, at)?;
             Ok(bytes.len() as u64)
         })();
         match res {

@@ -80,9 +80,10 @@ pub(super) fn fingerprint(b: &[u8]) -> (u64, u64) {
 
 impl Shipper {
     /// Stores the local object `tmp` (holding `want`; `bytes`: the same bytes, if the caller
-    /// has them in memory) as `key`; returns the TXID the replica now holds up to. Each attempt is recorded (its last TXID and a fingerprint of its
-    /// first bytes, see [`Attempt`]) before it is sent. A key that already exists is read
-    /// back and never assumed to hold this attempt: see [`Shipper::read_back`].
+    /// has them in memory) as `key`; returns the TXID the replica now holds up to. Each
+    /// attempt is recorded (its last TXID and a fingerprint of its first bytes, see
+    /// [`Attempt`]) before it is sent. A key that already exists is read back and never
+    /// assumed to hold this attempt: see [`Shipper::read_back`].
     pub(super) fn store(
         &self,
         name: &str,
@@ -116,10 +117,10 @@ impl Shipper {
         want: &Want,
         bytes: Option<&[u8]>,
     ) -> Result<u64> {
-        let mut head = Vec::new();
-        match bytes {
-            Some(b) => head.extend_from_slice(&b[..b.len().min(FINGERPRINT_BYTES as usize)]),
+        let fp = match bytes {
+            Some(b) => fingerprint(b),
             None => {
+                let mut head = Vec::new();
                 fs::File::open(send)
                     .and_then(|f| {
                         std::io::Read::read_to_end(
@@ -128,8 +129,9 @@ impl Shipper {
                         )
                     })
                     .context("reading the object to send")?;
+                fingerprint(&head)
             }
-        }
+        };
         // Recorded durably before it is sent, with the position every earlier shipment
         // reached (`ledger`).
         let attempts = {
@@ -140,7 +142,7 @@ impl Shipper {
                 Attempt {
                     key: key.to_string(),
                     last: want.last,
-                    fp: fingerprint(&head),
+                    fp,
                 },
             )
             .context("recording the shipment in progress")?;
