@@ -16,6 +16,12 @@
 //!   most one level-0 object per interval; its first commit after a quiet interval is
 //!   shipped at once.
 //! - A failing database waits for the end of its backoff unless it is forced.
+//!
+//! Waking (what keeps idle workers from costing CPU): at most one idle worker waits with a
+//! deadline, the earliest timer's (`St::watch`); the others wait without one. Whatever makes
+//! a timer earliest (a database scheduled, a due one taken while more are scheduled) wakes
+//! one worker, which takes it if it is due or else watches it. So a shipment wakes one
+//! worker, not every idle one, and a timer's end wakes one worker, not all of them.
 
 use std::collections::{BTreeSet, HashMap};
 use std::sync::Arc;
@@ -25,25 +31,51 @@ use parking_lot::{Condvar, Mutex};
 
 use crate::capture::Db;
 
+/// What the schedule runs: a database (tests schedule plain values).
+pub(super) trait Job: Clone {
+    /// Its identity: one entry, one timer and one run at a time per id.
+    fn job_id(&self) -> &str;
+}
+
+impl Job for Arc<Db> {
+    fn job_id(&self) -> &str {
+        &self.id
+    }
+}
+
 /// The schedule.
-pub(super) struct Sched {
-    st: Mutex<St>,
+pub(super) struct Sched<J: Job = Arc<Db>> {
+    st: Mutex<St<J>>,
     cv: Condvar,
     interval: Duration,
 }
 
-#[derive(Default)]
-struct St {
+struct St<J> {
     /// Due databases: (when, sequence, id).
     timers: BTreeSet<(Instant, u64, String)>,
-    entries: HashMap<String, Entry>,
+    entries: HashMap<String, Entry<J>>,
     seq: u64,
+    /// The deadline an idle worker waits for (the earliest timer when it began to wait);
+    /// `None` when no worker waits with a deadline.
+    watch: Option<Instant>,
     /// Unmount: run what is due now, then let the workers go.
     draining: bool,
 }
 
-struct Entry {
-    db: Arc<Db>,
+impl<J> Default for St<J> {
+    fn default() -> Self {
+        St {
+            timers: BTreeSet::new(),
+            entries: HashMap::new(),
+            seq: 0,
+            watch: None,
+            draining: false,
+        }
+    }
+}
+
+struct Entry<J> {
+    db: J,
     /// Its key in `timers`, while it is scheduled.
     due: Option<(Instant, u64)>,
     running: bool,
@@ -68,8 +100,8 @@ pub(super) enum Why {
     Now,
 }
 
-impl Sched {
-    pub(super) fn new(interval: Duration) -> Sched {
+impl<J: Job> Sched<J> {
+    pub(super) fn new(interval: Duration) -> Sched<J> {
         Sched {
             st: Mutex::new(St::default()),
             cv: Condvar::new(),
@@ -83,21 +115,23 @@ impl Sched {
     }
 
     /// Schedules `db` for `why` (never later than it already is).
-    pub(super) fn wake(&self, db: &Arc<Db>, why: Why) {
+    pub(super) fn wake(&self, db: &J, why: Why) {
         let now = Instant::now();
         let mut st = self.st.lock();
-        let e = st.entries.entry(db.id.clone()).or_insert_with(|| Entry {
-            db: db.clone(),
-            due: None,
-            running: false,
-            again: None,
-            last_start: None,
-            hold_until: None,
-            runs: 0,
-        });
-        if !Arc::ptr_eq(&e.db, db) {
-            e.db = db.clone();
-        }
+        let e = st
+            .entries
+            .entry(db.job_id().to_string())
+            .or_insert_with(|| Entry {
+                db: db.clone(),
+                due: None,
+                running: false,
+                again: None,
+                last_start: None,
+                hold_until: None,
+                runs: 0,
+            });
+        // The latest value under this id (a database recreated under its name is new).
+        e.db = db.clone();
         let at = match why {
             Why::Now => now,
             Why::At(t) => t,
@@ -116,7 +150,7 @@ impl Sched {
         let old = e.due.take();
         st.seq += 1;
         let seq = st.seq;
-        let id = db.id.clone();
+        let id = db.job_id().to_string();
         if let Some((t, s)) = old {
             st.timers.remove(&(t, s, id.clone()));
         }
@@ -130,7 +164,7 @@ impl Sched {
 
     /// The next due database for a worker, waiting until one is due; `None` once draining
     /// and nothing is due now.
-    pub(super) fn next(&self) -> Option<Arc<Db>> {
+    pub(super) fn next(&self) -> Option<J> {
         let mut st = self.st.lock();
         loop {
             let now = Instant::now();
@@ -141,30 +175,40 @@ impl Sched {
                     let e = st.entries.get_mut(&id).expect("scheduled entries exist");
                     e.due = None;
                     e.running = true;
-                    return Some(e.db.clone());
+                    let db = e.db.clone();
+                    // The next timer needs a worker to take it or watch it.
+                    if !st.timers.is_empty() {
+                        self.cv.notify_one();
+                    }
+                    return Some(db);
                 }
                 _ if st.draining => return None,
-                Some((t, ..)) => {
+                Some((t, ..)) if st.watch.is_none_or(|w| t < w) => {
+                    st.watch = Some(t);
                     self.cv.wait_until(&mut st, t);
+                    if st.watch == Some(t) {
+                        st.watch = None;
+                    }
                 }
-                None => self.cv.wait(&mut st),
+                // Another worker watches a deadline no later than the first timer.
+                Some(_) | None => self.cv.wait(&mut st),
             }
         }
     }
 
     /// Notes when the shipment `db` is about to make started.
-    pub(super) fn started(&self, db: &Db) {
-        if let Some(e) = self.st.lock().entries.get_mut(&db.id) {
+    pub(super) fn started(&self, db: &J) {
+        if let Some(e) = self.st.lock().entries.get_mut(db.job_id()) {
             e.last_start = Some(Instant::now());
         }
     }
 
     /// A worker finished `db`: `failed_until` is its backoff if it failed, `next` when its
     /// maintenance is due next (if ever). Schedules what was asked for meanwhile.
-    pub(super) fn done(&self, db: &Arc<Db>, failed_until: Option<Instant>, next: Option<Instant>) {
+    pub(super) fn done(&self, db: &J, failed_until: Option<Instant>, next: Option<Instant>) {
         let again = {
             let mut st = self.st.lock();
-            let Some(e) = st.entries.get_mut(&db.id) else {
+            let Some(e) = st.entries.get_mut(db.job_id()) else {
                 return;
             };
             e.running = false;
@@ -182,12 +226,15 @@ impl Sched {
         for t in [again, next].into_iter().flatten() {
             self.wake(db, Why::At(t));
         }
-        self.cv.notify_all();
     }
 
     /// How many runs of `db` have finished.
-    pub(super) fn runs(&self, db: &Db) -> u64 {
-        self.st.lock().entries.get(&db.id).map_or(0, |e| e.runs)
+    pub(super) fn runs(&self, db: &J) -> u64 {
+        self.st
+            .lock()
+            .entries
+            .get(db.job_id())
+            .map_or(0, |e| e.runs)
     }
 
     /// Unmount: the workers run what is due now and then stop.
@@ -201,5 +248,149 @@ impl Sched {
     pub(super) fn pending(&self) -> usize {
         let st = self.st.lock();
         st.timers.len() + st.entries.values().filter(|e| e.running).count()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::thread::JoinHandle;
+
+    impl Job for String {
+        fn job_id(&self) -> &str {
+            self
+        }
+    }
+
+    /// `n` workers that take jobs until the schedule drains, noting each job's start; each
+    /// returns what it took and when.
+    fn workers(s: &Arc<Sched<String>>, n: usize) -> Vec<JoinHandle<Vec<(String, Instant)>>> {
+        (0..n)
+            .map(|_| {
+                let s = s.clone();
+                std::thread::spawn(move || {
+                    let mut took = Vec::new();
+                    while let Some(j) = s.next() {
+                        // Noted before `started`, so that the interval counts from no
+                        // earlier than this.
+                        took.push((j.clone(), Instant::now()));
+                        s.started(&j);
+                        s.done(&j, None, None);
+                    }
+                    took
+                })
+            })
+            .collect()
+    }
+
+    /// Waits (up to a minute: a timer nobody watches would hang here) until every job in
+    /// `ids` ran `runs` times.
+    fn wait_runs(s: &Sched<String>, ids: &[String], runs: u64) {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while ids.iter().any(|j| s.runs(j) < runs) {
+            assert!(Instant::now() < deadline, "a due job was never taken");
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+
+    #[test]
+    fn every_timer_is_taken_once_and_never_before_it_is_due() {
+        let s = Arc::new(Sched::<String>::new(Duration::from_millis(50)));
+        let hs = workers(&s, 4);
+        let t0 = Instant::now();
+        // One far timer first, so that the idle workers settle into one watching it and
+        // the rest waiting without a deadline; then earlier ones, out of order.
+        let mut due: HashMap<String, Instant> = HashMap::new();
+        let far = "far".to_string();
+        due.insert(far.clone(), t0 + Duration::from_millis(400));
+        s.wake(&far, Why::At(due[&far]));
+        std::thread::sleep(Duration::from_millis(30));
+        for i in 0..40u64 {
+            let j = format!("j{i}");
+            let at = Instant::now() + Duration::from_millis(i * 37 % 300);
+            due.insert(j.clone(), at);
+            s.wake(&j, Why::At(at));
+        }
+        let ids: Vec<String> = due.keys().cloned().collect();
+        wait_runs(&s, &ids, 1);
+        s.drain();
+        let mut took: Vec<(String, Instant)> = Vec::new();
+        for h in hs {
+            took.extend(h.join().unwrap());
+        }
+        assert_eq!(took.len(), due.len(), "each job once");
+        for (j, at) in took {
+            assert!(at >= due[&j], "{j} ran before it was due");
+        }
+    }
+
+    #[test]
+    fn timers_due_together_run_on_as_many_idle_workers_at_once() {
+        // Each run holds its worker for a while; four jobs due at one instant must not
+        // wait for each other while four workers are idle (a timer taken by the one worker
+        // watching wakes the next).
+        const HOLD: Duration = Duration::from_millis(500);
+        let s = Arc::new(Sched::<String>::new(Duration::from_millis(50)));
+        let hs: Vec<JoinHandle<Vec<(Instant, Instant)>>> = (0..4)
+            .map(|_| {
+                let s = s.clone();
+                std::thread::spawn(move || {
+                    let mut runs = Vec::new();
+                    while let Some(j) = s.next() {
+                        let start = Instant::now();
+                        std::thread::sleep(HOLD);
+                        runs.push((start, Instant::now()));
+                        s.done(&j, None, None);
+                    }
+                    runs
+                })
+            })
+            .collect();
+        std::thread::sleep(Duration::from_millis(30));
+        let at = Instant::now() + Duration::from_millis(100);
+        let ids: Vec<String> = (0..4).map(|i| format!("j{i}")).collect();
+        for j in &ids {
+            s.wake(j, Why::At(at));
+        }
+        wait_runs(&s, &ids, 1);
+        s.drain();
+        let runs: Vec<(Instant, Instant)> =
+            hs.into_iter().flat_map(|h| h.join().unwrap()).collect();
+        assert_eq!(runs.len(), 4);
+        let last_start = runs.iter().map(|r| r.0).max().unwrap();
+        let first_end = runs.iter().map(|r| r.1).min().unwrap();
+        assert!(
+            last_start < first_end,
+            "a due job waited for another job's run to end"
+        );
+    }
+
+    #[test]
+    fn staged_news_waits_out_the_interval_since_the_last_start() {
+        let interval = Duration::from_millis(200);
+        let s = Arc::new(Sched::<String>::new(interval));
+        let hs = workers(&s, 3);
+        let j = "db".to_string();
+        // The first news of a quiet job runs at once; the next waits for the interval.
+        s.wake(&j, Why::Staged);
+        wait_runs(&s, std::slice::from_ref(&j), 1);
+        s.wake(&j, Why::Staged);
+        wait_runs(&s, std::slice::from_ref(&j), 2);
+        // A waiter's run does not wait.
+        s.wake(&j, Why::Now);
+        wait_runs(&s, std::slice::from_ref(&j), 3);
+        s.drain();
+        let took: Vec<Instant> = hs
+            .into_iter()
+            .flat_map(|h| h.join().unwrap())
+            .map(|(_, t)| t)
+            .collect::<std::collections::BTreeSet<_>>()
+            .into_iter()
+            .collect();
+        assert_eq!(took.len(), 3);
+        assert!(
+            took[1] - took[0] >= interval,
+            "staged news ran within the interval"
+        );
     }
 }
