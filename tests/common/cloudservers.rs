@@ -198,7 +198,7 @@ impl Azurite {
         let port = free_port();
         let dir = tempfile::Builder::new()
             .prefix("sqlfs-azurite-")
-            .tempdir()
+            .tempdir_in(scratch_base())
             .unwrap();
         let child = Command::new(azurite_bin())
             .args(["--blobHost", "127.0.0.1", "--blobPort"])

@@ -73,7 +73,7 @@ impl SshServer {
     pub fn start() -> SshServer {
         let dir = tempfile::Builder::new()
             .prefix("sqlfs-sshd-")
-            .tempdir()
+            .tempdir_in(scratch_base())
             .unwrap();
         let d = dir.path();
         keygen(&d.join("host_key"));
