@@ -196,9 +196,11 @@ impl Azurite {
     /// Starts Azurite's blob service on a free port and creates `container`.
     pub fn start(container: &str) -> Azurite {
         let port = free_port();
+        // Under cargo's scratch directory: a server held in a static is never dropped, and
+        // would leave its files in /tmp.
         let dir = tempfile::Builder::new()
             .prefix("sqlfs-azurite-")
-            .tempdir_in(scratch_base())
+            .tempdir_in(env!("CARGO_TARGET_TMPDIR"))
             .unwrap();
         let child = Command::new(azurite_bin())
             .args(["--blobHost", "127.0.0.1", "--blobPort"])

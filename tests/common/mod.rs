@@ -56,14 +56,6 @@ pub fn seed_for(test: &str) -> u64 {
     seed
 }
 
-/// Where a test server keeps its files: cargo's scratch directory for tests (under
-/// `target/`), so that a server held in a static, never dropped, leaves nothing in /tmp.
-pub fn scratch_base() -> PathBuf {
-    let base = PathBuf::from(env!("CARGO_TARGET_TMPDIR"));
-    std::fs::create_dir_all(&base).unwrap();
-    base
-}
-
 pub fn sleep_ms(ms: u64) {
     thread::sleep(Duration::from_millis(ms));
 }

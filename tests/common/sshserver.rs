@@ -71,9 +71,11 @@ fn descendants(pid: u32) -> Vec<u32> {
 impl SshServer {
     /// Generates the keys and starts the server on a free loopback port.
     pub fn start() -> SshServer {
+        // Under cargo's scratch directory: a server held in a static is never dropped, and
+        // would leave its files in /tmp.
         let dir = tempfile::Builder::new()
             .prefix("sqlfs-sshd-")
-            .tempdir_in(scratch_base())
+            .tempdir_in(env!("CARGO_TARGET_TMPDIR"))
             .unwrap();
         let d = dir.path();
         keygen(&d.join("host_key"));
