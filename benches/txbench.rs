@@ -506,7 +506,7 @@ fn main() -> Result<()> {
         ));
         notes.push(format!(
             "S3: requests counted by a proxy in front of the S3-compatible server, {:.0} s of \
-             writes at 50 commits/s, then {:.0} s idle; {} segment objects.",
+             writes at 50 commits/s, then {:.0} s idle; {} level-0 segment objects.",
             rep.load_secs, rep.idle_secs, rep.objects
         ));
     }
