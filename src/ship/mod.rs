@@ -1,8 +1,8 @@
 //! Shipping: each replica's shipper moves each database's staged transactions to it.
 //!
 //! When records reach a database's staging log, the database falls due (`sched`): at once
-//! if its last shipment started a sync interval ago or more, else when that interval ends. A
-//! bounded pool of workers per replica (`--replica-concurrency`) takes due databases one at a
+//! unless it already shipped at its rate of one object per sync interval (with one interval
+//! of slack), else when the rate allows. A bounded pool of workers per replica (`--replica-concurrency`) takes due databases one at a
 //! time each; a worker builds one level-0 segment object (docs/FORMAT.md) of every
 //! transaction the replica does not have yet and stores it under a key named by its first
 //! TXID. A database the replica has never seen, or whose needed transactions were folded away

@@ -12,9 +12,16 @@
 //! - At most `workers` databases run at once, so at most that many requests are in flight
 //!   to the replica; a database that is slow (a store that stalls on its keys) holds one
 //!   worker and delays no other database while a worker is free.
-//! - Between two shipments of a database at least the sync interval passes, so it makes at
-//!   most one level-0 object per interval; its first commit after a quiet interval is
-//!   shipped at once.
+//! - The sync interval is a rate: over any stretch of time T a database makes at most
+//!   T / interval + 2 level-0 objects. Each shipment adds one interval to the database's
+//!   account (`Entry::tat`, counted from when the shipment fell due, or from where the
+//!   account stood if that is later), and staged news falls due once the account is no more
+//!   than one interval ahead of now. So the first commit after a quiet interval ships at
+//!   once, a database committing faster than the interval ships once an interval, and one
+//!   committing about once an interval ships each commit at once: a commit that comes a
+//!   little early, or a shipment a busy pool took late, does not make the next commit wait.
+//!   (Counting a plain gap from each shipment's start instead, those small delays add up
+//!   until every commit of such a database waits about a whole interval.)
 //! - A failing database waits for the end of its backoff unless it is forced.
 //!
 //! Waking (what keeps idle workers from costing CPU): at most one idle worker waits with a
@@ -81,8 +88,12 @@ struct Entry<J> {
     running: bool,
     /// Asked for while running: schedule at this time once the run ends.
     again: Option<Instant>,
-    /// When its last shipment started (the interval counts from it).
-    last_start: Option<Instant>,
+    /// Its account: when its next shipment would fall due if it shipped exactly once an
+    /// interval from now on (the theoretical arrival time of a rate limiter); staged news
+    /// is due one interval before it, or now if that has passed.
+    tat: Option<Instant>,
+    /// When the run under way fell due (its timer's time).
+    taken_due: Option<Instant>,
     /// A failed run: nothing unforced before this.
     hold_until: Option<Instant>,
     /// Runs finished.
@@ -126,7 +137,8 @@ impl<J: Job> Sched<J> {
                 due: None,
                 running: false,
                 again: None,
-                last_start: None,
+                tat: None,
+                taken_due: None,
                 hold_until: None,
                 runs: 0,
             });
@@ -136,7 +148,10 @@ impl<J: Job> Sched<J> {
             Why::Now => now,
             Why::At(t) => t,
             Why::Staged => {
-                let t = e.last_start.map_or(now, |s| (s + self.interval).max(now));
+                let t = e
+                    .tat
+                    .and_then(|a| a.checked_sub(self.interval))
+                    .map_or(now, |t| t.max(now));
                 e.hold_until.map_or(t, |h| h.max(t))
             }
         };
@@ -175,6 +190,7 @@ impl<J: Job> Sched<J> {
                     let e = st.entries.get_mut(&id).expect("scheduled entries exist");
                     e.due = None;
                     e.running = true;
+                    e.taken_due = Some(t);
                     let db = e.db.clone();
                     // The next timer needs a worker to take it or watch it.
                     if !st.timers.is_empty() {
@@ -196,10 +212,13 @@ impl<J: Job> Sched<J> {
         }
     }
 
-    /// Notes when the shipment `db` is about to make started.
+    /// Notes that the run under way of `db` makes a shipment: one interval on its account,
+    /// counted from when the run fell due or from the account, whichever is later.
     pub(super) fn started(&self, db: &J) {
+        let interval = self.interval;
         if let Some(e) = self.st.lock().entries.get_mut(db.job_id()) {
-            e.last_start = Some(Instant::now());
+            let due = e.taken_due.unwrap_or_else(Instant::now);
+            e.tat = Some(e.tat.map_or(due, |a| a.max(due)) + interval);
         }
     }
 
@@ -366,19 +385,21 @@ mod tests {
     }
 
     #[test]
-    fn staged_news_waits_out_the_interval_since_the_last_start() {
+    fn staged_news_past_the_rate_waits_for_the_interval() {
         let interval = Duration::from_millis(200);
         let s = Arc::new(Sched::<String>::new(interval));
         let hs = workers(&s, 3);
         let j = "db".to_string();
-        // The first news of a quiet job runs at once; the next waits for the interval.
-        s.wake(&j, Why::Staged);
-        wait_runs(&s, std::slice::from_ref(&j), 1);
-        s.wake(&j, Why::Staged);
-        wait_runs(&s, std::slice::from_ref(&j), 2);
+        // The first news of a quiet job runs at once, and so does the next (one interval of
+        // slack); the third waits until the account allows it.
+        let t0 = Instant::now();
+        for runs in 1..=3 {
+            s.wake(&j, Why::Staged);
+            wait_runs(&s, std::slice::from_ref(&j), runs);
+        }
         // A waiter's run does not wait.
         s.wake(&j, Why::Now);
-        wait_runs(&s, std::slice::from_ref(&j), 3);
+        wait_runs(&s, std::slice::from_ref(&j), 4);
         s.drain();
         let took: Vec<Instant> = hs
             .into_iter()
@@ -387,10 +408,47 @@ mod tests {
             .collect::<std::collections::BTreeSet<_>>()
             .into_iter()
             .collect();
-        assert_eq!(took.len(), 3);
-        assert!(
-            took[1] - took[0] >= interval,
-            "staged news ran within the interval"
-        );
+        assert_eq!(took.len(), 4);
+        // The first fell due no earlier than `t0`; the third an interval after it.
+        assert!(took[2] >= t0 + interval, "staged news ran past the rate");
+    }
+
+    /// When `id`'s timer is due, if it is scheduled.
+    fn due_of(s: &Sched<String>, id: &str) -> Option<Instant> {
+        s.st.lock().entries.get(id).and_then(|e| e.due).map(|d| d.0)
+    }
+
+    /// Takes `id` (due now) and runs it, as a shipment if `ships`.
+    fn run_now(s: &Sched<String>, id: &str, ships: bool) {
+        assert_eq!(s.next().as_deref(), Some(id));
+        if ships {
+            s.started(&id.to_string());
+        }
+        s.done(&id.to_string(), None, None);
+    }
+
+    #[test]
+    fn a_shipment_taken_late_does_not_push_the_next_ones_back() {
+        let interval = Duration::from_millis(200);
+        let s = Sched::<String>::new(interval);
+        let j = "db".to_string();
+        s.wake(&j, Why::Staged);
+        let due = due_of(&s, &j).expect("scheduled");
+        // No worker free for a while: the run starts late.
+        std::thread::sleep(Duration::from_millis(50));
+        run_now(&s, &j, true);
+        // News right after: due at once (one interval of slack), and shipped.
+        s.wake(&j, Why::Staged);
+        assert!(due_of(&s, &j).is_some_and(|d| d <= Instant::now()));
+        run_now(&s, &j, true);
+        // Two shipments on the account: the next is due an interval after the first fell
+        // due, not after either began.
+        s.wake(&j, Why::Staged);
+        assert_eq!(due_of(&s, &j), Some(due + interval));
+        // A run with nothing to ship (no `started`) leaves the account as it was.
+        std::thread::sleep(interval);
+        run_now(&s, &j, false);
+        s.wake(&j, Why::Staged);
+        assert!(due_of(&s, &j).is_some_and(|d| d <= Instant::now()));
     }
 }
