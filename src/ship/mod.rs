@@ -3,9 +3,9 @@
 //! When records reach a database's staging log, the database falls due (`sched`): at once
 //! unless it already shipped at its rate of one object per sync interval (with one interval
 //! of slack), else when the rate allows. A bounded pool of workers per replica
-//! (`--replica-concurrency`) takes due databases one at a time each; a worker builds one level-0 segment object (docs/FORMAT.md) of every
-//! transaction the replica does not have yet and stores it under a key named by its first
-//! TXID. A database the replica has never seen, or whose needed transactions were folded away
+//! (`--replica-concurrency`) takes due databases one at a time each; a worker builds one
+//! level-0 segment object (docs/FORMAT.md) of every transaction the replica does not have
+//! yet and stores it under a key named by its first TXID. A database the replica has never seen, or whose needed transactions were folded away
 //! locally, first gets a snapshot object of the staged base.
 //!
 //! After shipping, the same worker maintains the database on that replica (docs/FORMAT.md):
