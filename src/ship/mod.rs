@@ -5,8 +5,9 @@
 //! of slack), else when the rate allows. A bounded pool of workers per replica
 //! (`--replica-concurrency`) takes due databases one at a time each; a worker builds one
 //! level-0 segment object (docs/FORMAT.md) of every transaction the replica does not have
-//! yet and stores it under a key named by its first TXID. A database the replica has never seen, or whose needed transactions were folded away
-//! locally, first gets a snapshot object of the staged base.
+//! yet and stores it under a key named by its first TXID. A database the replica has never
+//! seen, or whose needed transactions were folded away locally, first gets a snapshot object
+//! of the staged base.
 //!
 //! After shipping, the same worker maintains the database on that replica (docs/FORMAT.md):
 //! a snapshot every `snapshot_interval`, compaction of each level's runs into the next level
