@@ -195,6 +195,23 @@ impl WalIndexHeader {
     }
 }
 
+/// Bytes at the start of a `-shm` file up to the end of SQLite's checkpoint information,
+/// which follows the two header copies: `nBackfill` (u32 at 96: frames of this generation
+/// copied into the database file), the read marks and lock bytes, then `nBackfillAttempted`
+/// (u32 at 128: frames a checkpoint set out to copy, stored before it syncs the WAL or
+/// copies anything). Native byte order, like the header.
+pub const WAL_CKPT_INFO_END: usize = 136;
+
+/// (`nBackfill`, `nBackfillAttempted`) from the first [`WAL_CKPT_INFO_END`] bytes of a `-shm`
+/// file.
+pub fn ckpt_info(b: &[u8]) -> Option<(u32, u32)> {
+    if b.len() < WAL_CKPT_INFO_END {
+        return None;
+    }
+    let ne32 = |at: usize| u32::from_ne_bytes([b[at], b[at + 1], b[at + 2], b[at + 3]]);
+    Some((ne32(96), ne32(128)))
+}
+
 /// SQLite's WAL checksum: Fibonacci-weighted sums over 32-bit words, seeded with `seed`.
 /// `data.len()` must be a multiple of 8.
 pub fn wal_checksum(big_endian: bool, data: &[u8], seed: (u32, u32)) -> (u32, u32) {

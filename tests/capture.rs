@@ -1019,3 +1019,61 @@ fn stage_limit_folds_old_transactions() {
     fx.unmount();
     assert_verify(&fx.backing);
 }
+
+/// A database opened in WAL mode goes straight through the kernel (its checkpoints never
+/// reach sqlfs): at every `synchronous` setting, with checkpoints after every few pages, a
+/// bulk transaction, `VACUUM`, a switch to a rollback journal and back while the straight
+/// handle stays open, every sampled commit replays byte for byte.
+#[test]
+fn straight_database_at_every_synchronous_setting() {
+    let seed = seed_for("straight_database_at_every_synchronous_setting");
+    let mut fx = Fixture::new("straight", true);
+    fx.opts.env = vec![(
+        "RUST_LOG".into(),
+        "sqlfs=info,sqlfs::capture::straight=debug".into(),
+    )];
+    fx.mount();
+    let mut all = Vec::new();
+    for sync in ["OFF", "NORMAL", "FULL"] {
+        let db = format!("straight_{}.db", sync.to_lowercase());
+        drop(fresh_db(&fx.path(&db), None, "WAL"));
+        // Opened again in WAL mode: this handle goes straight through.
+        let mut d = Driver::open(&fx.path(&db), 1, seed, DriverCfg::default());
+        d.exec(&format!(
+            "PRAGMA synchronous={sync}; PRAGMA wal_autocheckpoint=8"
+        ));
+        let mut samples = Vec::new();
+        for i in 0..40 {
+            d.random_txn().unwrap();
+            samples.push(d.sample(1.0, format!("{sync} txn {i}")));
+        }
+        d.big_txn(2 << 20).unwrap();
+        samples.push(d.sample(1.0, format!("{sync} bulk")));
+        d.exec("VACUUM");
+        samples.push(d.sample(1.0, format!("{sync} vacuum")));
+        set_journal_mode(&d.conn, "DELETE");
+        samples.push(d.sample(1.0, format!("{sync} WAL -> DELETE")));
+        for i in 0..5 {
+            d.random_txn().unwrap();
+            samples.push(d.sample(1.0, format!("{sync} delete txn {i}")));
+        }
+        set_journal_mode(&d.conn, "WAL");
+        samples.push(d.sample(1.0, format!("{sync} DELETE -> WAL")));
+        for i in 0..10 {
+            d.random_txn().unwrap();
+            samples.push(d.sample(1.0, format!("{sync} wal again txn {i}")));
+        }
+        drop(d);
+        all.push((db, samples));
+    }
+    let log = fx.all_daemon_logs();
+    for (db, samples) in &all {
+        assert!(
+            log.contains(&format!("{db}: its file goes straight through")),
+            "{db} never went straight through:\n{}",
+            fx.daemon_logs()
+        );
+        check_db(&fx, db, samples);
+    }
+    finish(fx);
+}

@@ -112,6 +112,11 @@ impl State {
             self.catch_up(db, b)?;
         }
         match role {
+            Role::Wal if db.is_straight() => {
+                // The WAL is cut after a checkpoint that copied it all: the files are at rest.
+                self.resync(db, b)?;
+                self.barrier(db)
+            }
             Role::Wal => {
                 self.capture_wal(db, b, Upto::Now)?;
                 if size < sqlite::WAL_HEADER
@@ -140,6 +145,11 @@ impl State {
                 Ok(())
             }
             Role::Main => {
+                if db.is_straight() {
+                    // A checkpoint that copied every frame, about to record it (a WAL restart
+                    // may follow): the files are at rest (`straight.rs`).
+                    self.resync(db, b)?;
+                }
                 self.retry(db, b)?;
                 self.barrier(db)
             }
@@ -159,6 +169,7 @@ impl State {
                 if size < sqlite::WAL_HEADER
                     || self.wal.as_ref().is_some_and(|w| size < w.committed_end)
                 {
+                    self.fold_generation();
                     self.wal = None;
                     self.reopen(db, b, Role::Wal)?;
                 }
@@ -174,6 +185,11 @@ impl State {
 
     pub(super) fn before_unlink(&mut self, db: &Db, b: &Backing, role: Role) -> io::Result<()> {
         match role {
+            Role::Wal if db.is_straight() => {
+                // Deleted after a checkpoint that copied it all, under an exclusive lock.
+                self.resync(db, b)?;
+                self.barrier(db)
+            }
             Role::Wal => {
                 self.capture_wal(db, b, Upto::Now)?;
                 self.settle_generation(db)?;
@@ -187,8 +203,12 @@ impl State {
     pub(super) fn after_unlink(&mut self, db: &Db, b: &Backing, role: Role) -> io::Result<()> {
         match role {
             Role::Wal => {
+                self.fold_generation();
                 self.wal = None;
                 self.wal_fd = None;
+                if db.is_straight() {
+                    self.wal_deleted_straight(db, b);
+                }
                 Ok(())
             }
             Role::Journal => self.commit_rollback(db, b),
@@ -201,9 +221,10 @@ impl State {
     }
 
     pub(super) fn on_fsync(&mut self, db: &Db, b: &Backing, role: Role) -> io::Result<()> {
-        if role == Role::Main {
-            self.flush_journalless(db, b)?;
+        match role {
+            Role::Main => self.flush_journalless(db, b),
+            Role::Wal if db.is_straight() => self.straight_wal_sync(db, b),
+            _ => Ok(()),
         }
-        Ok(())
     }
 }

@@ -64,6 +64,11 @@ impl State {
     /// Writes made to the database file with no journal and no WAL (journal_mode=OFF or
     /// MEMORY) are committed when the app syncs or closes the file.
     pub(super) fn flush_journalless(&mut self, db: &Db, b: &Backing) -> io::Result<()> {
+        if self.blind.is_some() && !self.in_wal_mode() && !self.rb.journal_live {
+            // Straight handles write it unseen: read it whole (`straight.rs`).
+            self.rb = Rollback::default();
+            return self.resync(db, b);
+        }
         if !self.in_wal_mode() && !self.rb.journal_live && !self.rb.is_clean() {
             log::debug!("{}: journal-less writes committed at sync/close", db.name());
             self.commit_rollback(db, b)?;
@@ -75,6 +80,11 @@ impl State {
     /// journal-less write was synced): stage the pages it changed.
     pub(super) fn commit_rollback(&mut self, db: &Db, b: &Backing) -> io::Result<()> {
         self.rb.journal_live = false;
+        if self.blind.is_some() && !self.in_wal_mode() {
+            // Straight handles wrote it unseen: read it whole (`straight.rs`).
+            self.rb = Rollback::default();
+            return self.resync(db, b);
+        }
         if self.rb.is_clean() {
             return Ok(());
         }

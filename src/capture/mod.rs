@@ -42,6 +42,7 @@ mod role;
 mod scan;
 mod snapshot;
 mod state;
+mod straight;
 mod wal;
 mod walmode;
 mod watch;
@@ -68,6 +69,7 @@ pub use role::{classify, journal_db_of, shows_db, wal_index_of, Role};
 pub use scan::ScanProgress;
 pub use snapshot::live_image;
 use state::append_pages;
+pub use straight::{shows_wal_mode, StraightUse};
 pub use wal::read_exact_at;
 use wal::WalTrack;
 
@@ -134,6 +136,11 @@ pub struct Db {
     /// Capture attempts that failed since the mount started (each failed write of records
     /// or snapshot counts once).
     stage_errors: AtomicU64,
+    /// Straight handles open on the database file (`straight.rs`), readable without the
+    /// state lock.
+    straight: AtomicU32,
+    /// Its file is gone (deleted or replaced): what remains open writes no database.
+    retired: AtomicBool,
 }
 
 /// Why and since when a database's commits are not being staged. Set at the first failed
@@ -181,6 +188,19 @@ struct State {
     /// Set while the database is parked: which of `main_fd` and `wal_fd` were open and are
     /// to be opened again (by name, beneath the backing root) before the state is next used.
     parked: Option<(bool, bool)>,
+    /// Straight handles open on the database file (`straight.rs`; mirrored in `Db`).
+    straight: u32,
+    /// While straight: CRCs of database-file pages as of the WAL generation's start, for
+    /// pages its index does not hold.
+    base: HashMap<u32, u64>,
+    /// While straight: why the stream waits for the files to be at rest.
+    blind: Option<String>,
+    /// Blind since the WAL was deleted: the database file's size and times then.
+    blind_stamp: Option<(u64, i64, i64, i64, i64)>,
+    /// The files are at rest: a straight database may be read whole.
+    at_rest: bool,
+    /// Inside a starting checkpoint's WAL sync: the frames checkpoints copied so far.
+    ckpt_copied: Option<u32>,
 }
 
 /// Opened once the database behind it is in the registry, or failed to start.
@@ -291,6 +311,12 @@ impl Capture {
                 commits_seen: 0,
                 last_retry: None,
                 parked: None,
+                straight: 0,
+                base: HashMap::new(),
+                blind: None,
+                blind_stamp: None,
+                at_rest: false,
+                ckpt_copied: None,
             }),
             observed: self.observed.clone(),
             shm_users: AtomicU32::new(0),
@@ -299,6 +325,8 @@ impl Capture {
             failing: Mutex::new(None),
             failing_now: self.failing_now.clone(),
             stage_errors: AtomicU64::new(0),
+            straight: AtomicU32::new(0),
+            retired: AtomicBool::new(false),
         });
         db.users.adopt(&db);
         self.connect(&db);
@@ -448,7 +476,7 @@ impl Capture {
                 None => None,
             },
             (Role::Wal, db_rel) => {
-                self.on_db(rel, |st, db, b, _| st.open_wal(db, b));
+                self.on_db(rel, |st, db, b, _| st.wal_opened(db, b));
                 let db = self.get(db_rel);
                 if db.is_some() {
                     self.watch_wal_of(db_rel);
@@ -522,8 +550,13 @@ impl Capture {
         self.on_db(rel, |st, db, b, role| st.after_truncate(db, b, role, size));
     }
 
-    /// Before an fsync of `rel` is passed through.
+    /// Before an fsync of `rel` is passed through: a journal-less commit of the database
+    /// file, or a WAL sync that may start a checkpoint of a straight database.
     pub fn before_fsync(&self, rel: &str) {
+        let (role, db_rel) = classify(rel);
+        if role == Role::Wal && !self.get(db_rel).is_some_and(|db| db.is_straight()) {
+            return;
+        }
         self.on_db(rel, |st, db, b, role| st.on_fsync(db, b, role));
     }
 
@@ -727,8 +760,9 @@ impl Capture {
                 continue;
             }
             let st = db.state.lock();
-            if st.resnapshot.is_some() {
-                // The stream lacks what the files hold: no fingerprint may vouch for it.
+            if st.resnapshot.is_some() || st.blind.is_some() || st.straight > 0 {
+                // The stream lacks what the files hold, or straight handles may still write
+                // them: no fingerprint may vouch for it.
                 continue;
             }
             let fp = fingerprint(&self.backing, &name, st.txid);
@@ -779,6 +813,7 @@ impl Capture {
 /// A database's file is gone (deleted or replaced): its staging is synced and marked, and kept
 /// as history.
 fn retire(db: &Db, name: &str, why: &str) {
+    db.retired.store(true, Ordering::Relaxed);
     if let Err(e) = db
         .stage
         .sync()

@@ -127,6 +127,12 @@ impl State {
         why: &str,
         wal: WalPos,
     ) -> io::Result<()> {
+        if db.is_straight() && !self.at_rest {
+            // Only at rest can a straight database's files be read whole (`straight.rs`).
+            self.resnapshot.get_or_insert_with(|| why.to_string());
+            self.go_blind(db, why);
+            return Ok(());
+        }
         if db.failing.lock().is_some() {
             // Retried until it is staged: logged when it is (see `Db::note_success`).
             log::debug!(
@@ -235,6 +241,12 @@ pub fn live_image(b: &Backing, name: &str, out: &File) -> io::Result<(u32, u32)>
         commits_seen: 0,
         last_retry: None,
         parked: None,
+        straight: 0,
+        base: Default::default(),
+        blind: None,
+        blind_stamp: None,
+        at_rest: false,
+        ckpt_copied: None,
     };
     if let Some(fd) = st.wal_fd.as_ref() {
         st.wal = WalTrack::read_header(fd)?.map(WalTrack::new);

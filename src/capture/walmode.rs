@@ -35,6 +35,20 @@ pub(super) fn frame_page(wal: &File, f: &wal::WalFrame, buf: &mut [u8]) -> io::R
     Ok(())
 }
 
+/// What [`State::wal_txn_pages`] finds of one transaction.
+pub(super) struct TxnPages {
+    /// The pages it leaves, in order.
+    pages: Vec<u32>,
+    /// The rolling checksum after it.
+    checksum: u64,
+    /// The CRC of each frame's page (0 for superseded frames).
+    crcs: Vec<u64>,
+    /// Old versions read from the database file: (page, CRC).
+    from_file: Vec<(u32, u64)>,
+    /// A page came into existence without a frame (read from the database file).
+    frameless: bool,
+}
+
 /// How far [`State::capture_wal`] stages the WAL's completed commits.
 #[derive(Clone, Copy, Debug)]
 pub(super) enum Upto<'a> {
@@ -70,6 +84,11 @@ impl State {
         let Some(w) = self.wal.as_ref() else {
             return Ok(());
         };
+        if db.is_straight() {
+            // Only published commits were staged (observed mode), and checkpoints may have
+            // copied frames of a newer generation already: the file proves nothing here.
+            return Ok(());
+        }
         if w.index.is_empty() || self.resnapshot.is_some() {
             // Nothing staged from this generation, or the next commit is a snapshot anyway.
             return Ok(());
@@ -201,7 +220,7 @@ impl State {
             .chain(new_pages + 1..=old_pages)
             .collect();
         for p in out {
-            checksum ^= self.committed_crc(p, ps, &mut buf)?;
+            checksum ^= self.committed_crc(p, ps, &mut buf)?.0;
         }
         // In: their versions as readers know them (rewound index).
         self.wal = Some(nw);
@@ -279,6 +298,7 @@ impl State {
                 self.main(db, b)?;
                 self.settle_generation(db)?;
                 self.barrier(db)?;
+                self.fold_generation();
                 self.wal = Some(WalTrack::new(hdr));
             }
             None => self.wal = Some(WalTrack::new(hdr)),
@@ -382,6 +402,7 @@ impl State {
         self.main(db, b)?;
         let w = self.wal.as_ref().expect("WAL tracked");
         let ps = w.hdr.page_size;
+        let fsz = w.hdr.frame_size();
         let walpos = WalPos {
             salt: (w.hdr.salt1, w.hdr.salt2),
             cksum: t.cksum,
@@ -408,7 +429,38 @@ impl State {
             return self.resnapshot_now(db, b, &why, walpos);
         }
         self.commits_seen += 1;
-        let (pages, checksum, crcs) = self.wal_txn_pages(t, ps)?;
+        if self.blind.is_some() {
+            // Followed, not staged: the files are read whole once at rest (`straight.rs`).
+            let (w, fd) = (
+                self.wal.as_mut().expect("WAL tracked"),
+                self.wal_fd.as_ref().expect("WAL open"),
+            );
+            return w.publish_reading(fd, t);
+        }
+        let TxnPages {
+            pages,
+            checksum,
+            crcs,
+            from_file,
+            frameless,
+        } = self.wal_txn_pages(t, ps)?;
+        if db.is_straight() && (frameless || !from_file.is_empty()) {
+            // What the database file gave is this commit's old state only if no checkpoint
+            // copied a frame of it or after it before those reads (`straight.rs`).
+            let first = ((t.frames[0].off - sqlite::WAL_HEADER) / fsz) as u32;
+            if frameless || self.copies_past(db, b, first)? {
+                self.go_blind(
+                    db,
+                    "a checkpoint copied frames before sqlfs read what they replace (synchronous=OFF)",
+                );
+                let (w, fd) = (
+                    self.wal.as_mut().expect("WAL tracked"),
+                    self.wal_fd.as_ref().expect("WAL open"),
+                );
+                return w.publish_reading(fd, t);
+            }
+            self.base.extend(from_file);
+        }
         let h = self.next_header(
             Kind::Txn,
             ps,
@@ -465,13 +517,22 @@ impl State {
         Ok(read_exact_at(fd, &mut a, loff + FRAME_HEADER)? && a == new)
     }
 
-    /// CRC of the committed version of page `pgno` (before the transaction being staged).
-    pub(super) fn committed_crc(&self, pgno: u32, ps: u32, buf: &mut [u8]) -> io::Result<u64> {
+    /// CRC of the committed version of page `pgno` (before the transaction being staged),
+    /// and whether it was read from the database file (not the index, nor `base`).
+    pub(super) fn committed_crc(
+        &self,
+        pgno: u32,
+        ps: u32,
+        buf: &mut [u8],
+    ) -> io::Result<(u64, bool)> {
         if let Some(&(_, c)) = self.wal.as_ref().and_then(|w| w.index.get(&pgno)) {
-            return Ok(c);
+            return Ok((c, false));
+        }
+        if let Some(&c) = self.base.get(&pgno) {
+            return Ok((c, false));
         }
         self.read_page(pgno, ps, buf)?;
-        Ok(page_crc(pgno, buf))
+        Ok((page_crc(pgno, buf), true))
     }
 
     /// The pages a WAL transaction leaves (newest frame per page, within the new size, plus
@@ -479,11 +540,7 @@ impl State {
     /// checksum after it, and the CRC of each frame's page (0 for superseded frames). Must run
     /// before the transaction is published to the index, so old versions are still found.
     /// Pages are read one at a time: memory does not grow with the transaction.
-    pub(super) fn wal_txn_pages(
-        &self,
-        t: &WalTxn,
-        ps: u32,
-    ) -> io::Result<(Vec<u32>, u64, Vec<u64>)> {
+    pub(super) fn wal_txn_pages(&self, t: &WalTxn, ps: u32) -> io::Result<TxnPages> {
         let fd = self.wal_fd.as_ref().expect("WAL open");
         let mut newest: HashMap<u32, usize> = HashMap::new();
         for (i, f) in t.frames.iter().enumerate() {
@@ -500,20 +557,30 @@ impl State {
         let mut buf = vec![0u8; ps as usize];
         // Out: the old versions of changed pages and of pages cut off the end.
         let gone = t.db_pages + 1..=old_pages;
+        let mut from_file = Vec::new();
         for p in pages
             .iter()
             .copied()
             .filter(|&p| p <= old_pages)
             .chain(gone)
         {
-            checksum ^= self.committed_crc(p, ps, &mut buf)?;
+            let (c, read) = self.committed_crc(p, ps, &mut buf)?;
+            if read {
+                from_file.push((p, c));
+            }
+            checksum ^= c;
         }
         // In: the new versions.
         let mut crcs = vec![0u64; t.frames.len()];
+        let mut frameless = false;
         for &p in &pages {
             match newest.get(&p) {
                 Some(&i) => frame_page(fd, &t.frames[i], &mut buf)?,
-                None => self.read_page(p, ps, &mut buf)?,
+                None => {
+                    // SQLite never writes the page that holds the lock bytes at 1 GiB.
+                    frameless |= p as u64 != (1 << 30) / ps as u64 + 1;
+                    self.read_page(p, ps, &mut buf)?
+                }
             }
             let c = page_crc(p, &buf);
             if let Some(&i) = newest.get(&p) {
@@ -521,6 +588,12 @@ impl State {
             }
             checksum ^= c;
         }
-        Ok((pages.into_iter().collect(), checksum, crcs))
+        Ok(TxnPages {
+            pages: pages.into_iter().collect(),
+            checksum,
+            crcs,
+            from_file,
+            frameless,
+        })
     }
 }

@@ -272,7 +272,7 @@ impl SqlFs {
             Err(e) => return reply.error(e),
         };
         let rel = (h.role != Role::Other).then(|| h.cap_rel()).flatten();
-        if let (Role::Main, Some(r)) = (h.role, &rel) {
+        if let (Role::Main | Role::Wal, Some(r)) = (h.role, &rel) {
             self.capture.before_fsync(r);
         }
         let r = if datasync {

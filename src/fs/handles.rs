@@ -30,6 +30,9 @@ pub(super) struct Handle {
     pub(super) plain_writer: bool,
     /// Capture's count of this handle on a captured database (given back when it drops).
     pub(super) _usage: Option<crate::capture::Use>,
+    /// A database file's handle the kernel passes straight through: counted by capture
+    /// while it lives (see `capture/straight.rs`).
+    pub(super) straight: Option<crate::capture::StraightUse>,
 }
 
 impl Handle {
@@ -122,6 +125,7 @@ impl SqlFs {
                 _passthrough: route.id,
                 plain_writer: route.plain_writer,
                 _usage: usage,
+                straight: route.straight,
             }),
         );
         FileHandle(fh)

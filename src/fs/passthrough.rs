@@ -70,6 +70,8 @@ pub(super) struct Route {
     /// A plain file opened for writing that goes straight through: looked at again when it
     /// is fsynced or closed.
     pub(super) plain_writer: bool,
+    /// A database file that goes straight through, counted by capture.
+    pub(super) straight: Option<capture::StraightUse>,
 }
 
 impl Route {
@@ -77,6 +79,7 @@ impl Route {
         Route {
             id: None,
             plain_writer: false,
+            straight: None,
         }
     }
 }
@@ -124,29 +127,41 @@ impl SqlFs {
         // after a copy into it (`cp`, then SQLite) waits for that release a moment, on another
         // request thread, before it is refused.
         let deadline = Instant::now() + RELEASE_GRACE;
-        let (mut ids, joined) = loop {
+        let (mut ids, joined, straight_db) = loop {
             let ids = self.backing_ids.lock();
             let joined = ids.get(&ino).and_then(Weak::upgrade);
-            if joined.is_some() && db_write && Instant::now() < deadline {
+            // Straight handles of a database: joining them is the rule, not a wait.
+            let straight_db = joined.is_some()
+                && self
+                    .handles
+                    .read()
+                    .all_on(ino)
+                    .any(|h| h.straight.is_some());
+            if joined.is_some() && db_write && !straight_db && Instant::now() < deadline {
                 drop(joined);
                 drop(ids);
                 std::thread::sleep(Duration::from_millis(5));
                 continue;
             }
-            break (ids, joined);
+            break (ids, joined, straight_db);
         };
         if let Some(id) = joined {
             // The kernel wants every handle of this inode passed through.
-            if db_write {
+            if db_write && !straight_db {
                 log::warn!(
                     "{}: refusing to open a database for writing while another process writes it past sqlfs (EBUSY)",
                     rel.unwrap_or_default()
                 );
                 return Err(Errno::EBUSY);
             }
+            let straight = match (straight_db, rel) {
+                (true, Some(r)) => self.capture.straight_open(r),
+                _ => None,
+            };
             let route = Route {
                 id: Some(id),
-                plain_writer: plain && writable,
+                plain_writer: plain && writable && straight.is_none(),
+                straight,
             };
             return Ok(register(f, route));
         }
@@ -160,6 +175,12 @@ impl SqlFs {
             Kind::WalIndex => {
                 let db = capture::wal_index_of(rel).unwrap_or_else(|| classify(rel).1);
                 !self.written_through.as_ref().is_some_and(|w| w(db))
+            }
+            // A database in WAL mode: its checkpoints go straight to the file, with the
+            // barriers of `capture/straight.rs`.
+            Kind::Plain { db: true } => {
+                !self.written_through.as_ref().is_some_and(|w| w(rel))
+                    && capture::shows_wal_mode(&f)
             }
             Kind::Plain { db: false } => {
                 let empty = fstat(f.as_raw_fd()).map_err(errno)?.st_size == 0;
@@ -176,6 +197,13 @@ impl SqlFs {
         if !eligible || self.handles.read().by_ino.contains_key(&ino) {
             return Ok(register(f, Route::through()));
         }
+        let straight = match kind {
+            Kind::Plain { db: true } => match self.capture.straight_open(rel) {
+                Some(s) => Some(s),
+                None => return Ok(register(f, Route::through())),
+            },
+            _ => None,
+        };
         match open_backing(&f) {
             Ok(id) => {
                 let id = Arc::new(id);
@@ -186,7 +214,8 @@ impl SqlFs {
                 }
                 let route = Route {
                     id: Some(id),
-                    plain_writer: plain && writable,
+                    plain_writer: plain && writable && straight.is_none(),
+                    straight,
                 };
                 Ok(register(f, route))
             }
