@@ -72,6 +72,7 @@ cloud-servers: $(GCS_EMULATOR) $(AZURITE)
 
 test: deps $(VENV)/bin/moto_server cloud-servers
 	$(CARGO) test --release --no-fail-fast
+	SQLFS_TEST_MOUNT_ARGS=--passthrough-databases $(CARGO) test --release --test capture --test crash
 
 # The comparison column of the bench; the bench runs without it (the column left empty).
 bench: deps $(VENV)/bin/moto_server $(VENV)/bin/weed cloud-servers

@@ -12,7 +12,8 @@
 //!     (`floor.rs`, as root only): under FULL, a commit-like loop (24-byte header, 4 KiB
 //!     page, fdatasync), and under each plain-file row (pwrites, appends, reads, file
 //!     creation, the walk, getxattr), the same workload in the same rounds (native,
-//!     sqlfs and the floor server take turns);
+//!     sqlfs and the floor server take turns); then the bulk load, CREATE INDEX, VACUUM
+//!     and mixed rows again on a mount with `--passthrough-databases` (`straight`);
 //!  5. resident memory of the sqlfs daemon with a small database and after growing it
 //!     to a large one (on a fresh mount of its own);
 //!  6. replication to a file replica: commit → object lag, objects per minute, compression;
@@ -79,8 +80,8 @@
 //!                        az://, S3, file) in the backends group, MiB (default 256; 0 skips)
 //!   SQLFS_BENCH_S3=0     leave out everything that needs the S3-compatible server
 //!   SQLFS_BENCH_ONLY     run only these workloads, comma-separated, of: autocommit, scan,
-//!                        vacuum, plain, roundtrip, floor, mixed, replication, memory, restore,
-//!                        s3, history, many, backends, compare
+//!                        vacuum, plain, roundtrip, floor, mixed, straight, replication,
+//!                        memory, restore, s3, history, many, backends, compare
 //!   SQLFS_BENCH_LITESTREAM  the comparison binary (default: .venv/bin/litestream)
 //!   SQLFS_S3_SERVER      the S3-compatible server binary (default: .venv/bin/moto_server)
 //!   SQLFS_BENCH_DIR      where to make the work directory sqlfs-bench-work; on disk, not
@@ -127,7 +128,7 @@ use std::time::Instant;
 
 use anyhow::{Context, Result};
 
-use crate::bulk::{index_and_vacuum, load, page_writes, scans};
+use crate::bulk::{index_and_vacuum, load, load_with_copy, page_writes, scans};
 use crate::commits::{autocommit, mixed};
 use crate::harness::{alternate, alternate_all, step, Config, BUCKET, MB};
 use crate::history::history_bench;
@@ -382,6 +383,72 @@ fn main() -> Result<()> {
     }
     if let Some(m) = mount {
         m.stop()?;
+    }
+
+    if cfg.runs("straight") {
+        // The same workloads on a mount whose WAL-mode database files go straight through
+        // the kernel (`--passthrough-databases`, off by default).
+        step("bulk load, VACUUM and mixed with --passthrough-databases");
+        let mpd = cfg.work.join("mnt-pd");
+        let backing = cfg.work.join("backing-pd");
+        let replica = format!("file://{}", backing.with_extension("replica").display());
+        let pd = Mount::start_args(
+            &mpd,
+            &backing,
+            &cfg.work.join("sqlfs-pd.log"),
+            &[replica],
+            &["--passthrough-databases".to_string()],
+        )?;
+        let n = load(&native, cfg.scan_mb)?;
+        let s = load(&mpd, cfg.scan_mb)?;
+        // The same load natively with one more synced copy of each transaction: the floor of
+        // any capture that keeps staging durable before a checkpoint, on this disk.
+        let c = load_with_copy(&native, cfg.scan_mb)?;
+        let with = "with --passthrough-databases";
+        rows.push(Row::pair(
+            format!(
+                "bulk load, {} MB in 10 MB transactions, {with} (MB/s)",
+                cfg.scan_mb
+            ),
+            n,
+            s,
+            1,
+        ));
+        rows.push(Row::floor(
+            "*floor:* … natively, each transaction also written once more and synced before the next (the durable staged copy), no replica (MB/s)".to_string(),
+            n,
+            c,
+            s,
+            1,
+        ));
+        if cfg.vacuum_mb > 0 {
+            let mb = cfg.vacuum_mb;
+            let [(ni, si), (nv, sv)] = index_and_vacuum(&native, &mpd, mb, cfg.rounds)?;
+            rows.push(Row::pair(
+                format!("CREATE INDEX of a {mb} MB database, {with} (MB/s)"),
+                ni,
+                si,
+                1,
+            ));
+            rows.push(Row::pair(
+                format!("VACUUM of a {mb} MB database, {with} (MB/s)"),
+                nv,
+                sv,
+                1,
+            ));
+        }
+        let (threads, pct) = (cfg.threads, cfg.read_pct);
+        let (n, s) = alternate(cfg.rounds, &native, &mpd, |d| mixed(d, threads, pct, secs))?;
+        rows.push(Row::pair(
+            format!(
+                "mixed {pct}% point reads / {}% updates, {threads} connections, {with} (ops/s)",
+                100 - pct
+            ),
+            n,
+            s,
+            0,
+        ));
+        pd.stop()?;
     }
 
     if cfg.runs("replication") {

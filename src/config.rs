@@ -56,6 +56,8 @@ pub struct Config {
     pub metrics_addr: Option<String>,
     /// auto, on or off: see `--passthrough`.
     pub passthrough: Option<Passthrough>,
+    /// Database files opened in WAL mode pass straight through as well.
+    pub passthrough_databases: Option<bool>,
     #[serde(default, deserialize_with = "text")]
     pub snapshot_interval: Option<String>,
     #[serde(default, deserialize_with = "text")]

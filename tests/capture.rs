@@ -1020,14 +1020,15 @@ fn stage_limit_folds_old_transactions() {
     assert_verify(&fx.backing);
 }
 
-/// A database opened in WAL mode goes straight through the kernel (its checkpoints never
-/// reach sqlfs): at every `synchronous` setting, with checkpoints after every few pages, a
+/// With `--passthrough-databases` a database opened in WAL mode goes straight through the
+/// kernel (its checkpoints never reach sqlfs): at every `synchronous` setting, with checkpoints after every few pages, a
 /// bulk transaction, `VACUUM`, a switch to a rollback journal and back while the straight
 /// handle stays open, every sampled commit replays byte for byte.
 #[test]
 fn straight_database_at_every_synchronous_setting() {
     let seed = seed_for("straight_database_at_every_synchronous_setting");
     let mut fx = Fixture::new("straight", true);
+    fx.opts.extra_args = vec!["--passthrough-databases".into()];
     fx.opts.env = vec![(
         "RUST_LOG".into(),
         "sqlfs=info,sqlfs::capture::straight=debug".into(),

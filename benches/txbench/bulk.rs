@@ -18,6 +18,18 @@ use crate::harness::{db_bytes, median, open, remove_db, Rng, MB};
 /// Appends `mb` MB of 1000-byte random rows to table `t` in transactions of `tx_mb` MB.
 /// Returns the bytes of row data written and the elapsed time.
 pub fn bulk_load(conn: &Connection, mb: u64, tx_mb: u64, seed: u64) -> Result<(u64, Duration)> {
+    bulk_load_then(conn, mb, tx_mb, seed, |_| Ok(()))
+}
+
+/// [`bulk_load`], calling `after` with each transaction's bytes of row data once it is
+/// committed (inside the timed span).
+pub fn bulk_load_then(
+    conn: &Connection,
+    mb: u64,
+    tx_mb: u64,
+    seed: u64,
+    mut after: impl FnMut(u64) -> Result<()>,
+) -> Result<(u64, Duration)> {
     const ROW: usize = 1000;
     conn.execute_batch("CREATE TABLE IF NOT EXISTS t(id INTEGER PRIMARY KEY, x BLOB NOT NULL);")?;
     let total_rows = mb * 1_000_000 / ROW as u64;
@@ -35,9 +47,41 @@ pub fn bulk_load(conn: &Connection, mb: u64, tx_mb: u64, seed: u64) -> Result<(u
             }
         }
         conn.execute_batch("COMMIT")?;
+        after(n * ROW as u64)?;
         done += n;
     }
     Ok((done * ROW as u64, start.elapsed()))
+}
+
+/// Row "staging floor" (MB/s): the bulk load of [`load`] in a native directory, each
+/// transaction's bytes then written once more to a file of `dir` and synced before the next
+/// one starts: the durable copy staging must make before a checkpoint may overwrite the
+/// database file (docs/ARCHITECTURE.md, invariant 3), with none of sqlfs's other work and
+/// no replica. Its ratio to the native load bounds the bulk-load row on this disk.
+pub fn load_with_copy(dir: &Path, mb: u64) -> Result<f64> {
+    let path = dir.join("copy.db");
+    remove_db(&path);
+    bulk_load(&open(&path, "NORMAL")?, 0, 10, 2)?;
+    let conn = open(&path, "NORMAL")?;
+    let copy_path = dir.join("copy.bin");
+    let copy = OpenOptions::new()
+        .create(true)
+        .truncate(true)
+        .write(true)
+        .open(&copy_path)?;
+    let mut rng = Rng::new(3);
+    let mut at = 0u64;
+    let (bytes, took) = bulk_load_then(&conn, mb, 10, 2, |n| {
+        copy.write_all_at(&rng.bytes(n as usize), at)?;
+        copy.sync_data()?;
+        at += n;
+        Ok(())
+    })?;
+    drop(copy);
+    let _ = fs::remove_file(&copy_path);
+    drop(conn);
+    remove_db(&path);
+    Ok(bytes as f64 / MB / took.as_secs_f64())
 }
 
 /// Row "checkpoint floor" (MB/s): 10 MB written as 4 KiB pages at increasing offsets, one

@@ -96,7 +96,7 @@ impl Config {
         {
             bail!("invalid benchmark settings");
         }
-        const KNOWN: [&str; 15] = [
+        const KNOWN: [&str; 16] = [
             "autocommit",
             "scan",
             "vacuum",
@@ -104,6 +104,7 @@ impl Config {
             "roundtrip",
             "floor",
             "mixed",
+            "straight",
             "replication",
             "memory",
             "restore",

@@ -34,6 +34,7 @@ impl State {
                 }
             }
             Role::Main => {
+                self.main_written_through(db);
                 if db.observed() {
                     // In WAL mode this is a checkpoint: it may only copy back what is staged.
                     self.catch_up(db, b)?;
@@ -108,8 +109,19 @@ impl State {
         size: u64,
     ) -> io::Result<()> {
         self.main(db, b)?;
-        if role == Role::Main && db.observed() {
-            self.catch_up(db, b)?;
+        if role == Role::Main {
+            if db.is_straight() {
+                // A checkpoint's closing truncate: pages past the end are gone.
+                if self.page_size > 0 {
+                    let keep = size.div_ceil(self.page_size as u64);
+                    self.base.retain(|&p, _| (p as u64) <= keep);
+                }
+            } else {
+                self.main_written_through(db);
+            }
+            if db.observed() {
+                self.catch_up(db, b)?;
+            }
         }
         match role {
             Role::Wal if db.is_straight() => {

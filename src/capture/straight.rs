@@ -20,18 +20,22 @@
 //!   read from the database file only while no checkpoint can have copied a frame sqlfs had
 //!   not staged: `nBackfillAttempted`, read after those reads, is below the commit's first
 //!   frame. Such CRCs are kept in `base` (the file's pages as of the generation's start), so
-//!   each page is read once; at a generation's end the index is folded into it. With
-//!   `synchronous=OFF` a checkpoint copies without the sync above and may run ahead: then the
-//!   check fails and the database goes *blind*.
+//!   each page is read once; at a generation's end the index is folded into it, and it is
+//!   dropped when the file is written or cut through sqlfs. A file of up to [`PREFILL_MAX`]
+//!   is read whole into `base` when it first goes straight (nothing writes it unseen yet), so
+//!   the file is never read for this. With `synchronous=OFF` a checkpoint
+//!   copies without the sync above and may run ahead: then the check fails and the database
+//!   goes *blind*.
 //! - Blind: commits are followed but not staged, and at the next point where the files are
 //!   *at rest* (no checkpoint running and no rollback-mode transaction half-written: the
 //!   checkpoint's truncate, a starting checkpoint's WAL sync, the WAL's truncation or unlink,
-//!   a rollback transaction's end, a journal-less sync, the last straight handle's close) the
-//!   database is read whole, `base` is filled from it, and it is staged as a snapshot if it
-//!   moved. The stream never holds a state the app did not see; it may skip commits made
-//!   while blind. A database also goes blind when its WAL is deleted while straight handles
-//!   are open (it may be leaving WAL mode): its rollback-mode commits are then found at their
-//!   end by reading it whole.
+//!   a rollback transaction's end, a journal-less sync, a new WAL's open, the last straight
+//!   handle's close) the database is read whole and `base` filled from it; if it moved, the
+//!   pages that differ from the old `base` are staged as one transaction when that accounts
+//!   for the staged state, else a snapshot. The stream never holds a state the app did not
+//!   see; in WAL mode it may skip commits made while blind. A database also goes blind when
+//!   its WAL is deleted while straight handles are open (it may be leaving WAL mode): each of
+//!   its rollback-mode commits then ends at one of those points and is staged there.
 //! - No snapshot of a straight database is read except at rest (`at_rest`): one asked for
 //!   elsewhere makes the database blind instead.
 
@@ -89,11 +93,12 @@ impl Capture {
         db.guard(|st, db| {
             if st.straight == 0 {
                 st.catch_up(db, &self.backing)?;
-                st.base.clear();
                 // Nothing writes the file unseen yet: every page's version is known now, so
                 // no checkpoint running ahead of capture can hide one (`synchronous=OFF`).
+                // `base` outlives the straight handles while nothing writes the file through
+                // sqlfs, so a database opened again and again is read whole once.
                 let size = st.main(db, &self.backing)?.metadata()?.len();
-                if size <= PREFILL_MAX {
+                if st.base.is_empty() && size <= PREFILL_MAX {
                     st.read_whole(db, &self.backing)?;
                 }
                 log::debug!("{}: its file goes straight through", db.name());
@@ -180,7 +185,7 @@ impl State {
     /// The WAL generation ends with every frame copied (the database file now holds what its
     /// index held): the index joins `base`. While blind `base` is dropped instead.
     pub(super) fn fold_generation(&mut self) {
-        if self.straight == 0 {
+        if self.base.is_empty() {
             return;
         }
         match (&self.wal, &self.blind) {
@@ -193,6 +198,14 @@ impl State {
                 }
             }
             _ => self.base.clear(),
+        }
+    }
+
+    /// The database file is written or cut through sqlfs (no straight handle is open): what
+    /// `base` knows of it may no longer hold.
+    pub(super) fn main_written_through(&mut self, db: &Db) {
+        if !db.is_straight() && !self.base.is_empty() {
+            self.base = HashMap::new();
         }
     }
 
@@ -351,10 +364,10 @@ impl State {
             return Ok(());
         }
         let r = self.resync(db, b);
-        self.base.clear();
         if r.is_err() {
             self.blind = None;
             self.blind_stamp = None;
+            self.base.clear();
         }
         r
     }

@@ -111,6 +111,8 @@ pub struct SqlFs {
     /// The read-only virtual tree served at `.history` (history views), if enabled.
     history: Option<Arc<dyn Views>>,
     passthrough: Passthrough,
+    /// Database files opened in WAL mode go straight through (`--passthrough-databases`).
+    straight_databases: bool,
     /// Databases (by name) whose WAL and `-shm` files never pass straight through, because
     /// their fsync must find every commit staged (`sync`).
     written_through: Option<WrittenThrough>,
@@ -148,6 +150,7 @@ impl SqlFs {
             history: None,
             root_ino: st.st_ino,
             passthrough: Passthrough::Auto,
+            straight_databases: false,
             written_through: None,
             pt_live: AtomicBool::new(false),
             backing_ids: Mutex::new(HashMap::new()),
@@ -160,6 +163,13 @@ impl SqlFs {
     /// Sets when WAL and `-shm` files are passed straight through.
     pub fn with_passthrough(mut self, p: Passthrough) -> SqlFs {
         self.passthrough = p;
+        self
+    }
+
+    /// Passes database files opened in WAL mode straight through as well (see
+    /// `passthrough.rs`).
+    pub fn with_straight_databases(mut self, on: bool) -> SqlFs {
+        self.straight_databases = on;
         self
     }
 

@@ -1,15 +1,18 @@
 //! Kernel passthrough: negotiating it at `init`, and deciding per open which handles the
 //! kernel reads and writes straight to the backing file: WAL and WAL-index files (by capture's
-//! naming, unless their database is written through), and plain files, which no database
-//! write can reach through such a handle without capture learning of it.
+//! naming, unless their database is written through), database files in WAL mode when opened
+//! if `--passthrough-databases` asks for it (capture keeps them staged without their writes:
+//! `capture/straight.rs`), and plain files,
+//! which no database write can reach through such a handle without capture learning of it.
 //!
 //! The plain-file rule (docs/ARCHITECTURE.md, invariant 14). A file that is not a WAL, a
 //! journal or a `-shm` file goes straight through when capture does not know it as a
 //! database (its first bytes, read at open, are no SQLite header) and SQLite could not make
 //! it one through this handle: opened read-only or write-only (SQLite needs both), or
 //! read-write on a file that is not empty (SQLite refuses such a file as not a database).
-//! An empty file opened read-write (a new database, maybe) and every database go through
-//! sqlfs. A plain file still becomes a database in three ways, and each is caught:
+//! An empty file opened read-write (a new database, maybe) and every database not in WAL
+//! mode go through sqlfs. A plain file still becomes a database in three ways, and each is
+//! caught:
 //! - its header written through a handle that goes straight through (a copy into a new
 //!   file): when such a writable handle is fsynced or closed the file is looked at again,
 //!   and a file that now shows a database is captured from there (a snapshot; one capture
@@ -23,7 +26,8 @@
 //! While a writable handle goes straight to a file, its WAL or rollback journal cannot be
 //! opened (EBUSY), so SQLite cannot start a transaction whose writes to it capture would
 //! miss; and a database capture knows cannot be opened for writing (EBUSY) while its inode
-//! is held that way (the kernel does not mix the two kinds of handle on one inode).
+//! is held that way (the kernel does not mix the two kinds of handle on one inode). Handles
+//! on a database that went straight in WAL mode are no plain writers: any open joins them.
 //!
 //! Invariants:
 //! - All handles on one inode agree: an inode already open through sqlfs stays so, and one
@@ -179,7 +183,8 @@ impl SqlFs {
             // A database in WAL mode: its checkpoints go straight to the file, with the
             // barriers of `capture/straight.rs`.
             Kind::Plain { db: true } => {
-                !self.written_through.as_ref().is_some_and(|w| w(rel))
+                self.straight_databases
+                    && !self.written_through.as_ref().is_some_and(|w| w(rel))
                     && capture::shows_wal_mode(&f)
             }
             Kind::Plain { db: false } => {

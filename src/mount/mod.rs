@@ -168,7 +168,8 @@ pub fn run(o: MountOpts) -> Result<()> {
         .collect();
     let mut fs = SqlFs::new(backing.clone(), capture.clone())
         .context("cannot read the data directory")?
-        .with_passthrough(o.passthrough);
+        .with_passthrough(o.passthrough)
+        .with_straight_databases(o.passthrough_databases);
     if o.any_sync() {
         if o.passthrough == Passthrough::Off {
             log::info!("sync: every write goes through sqlfs (no kernel passthrough)");

@@ -88,6 +88,13 @@ pub struct CliMount {
     /// sync never use it (with `--sync` and no database excepted, it is off) [default: auto].
     #[arg(long, value_enum, value_name = "WHEN")]
     pub passthrough: Option<Passthrough>,
+    /// Pass database files opened in WAL mode straight through too (with kernel
+    /// passthrough): checkpoints, bulk loads and VACUUM then write at the disk's speed, and
+    /// capture stays exact. Read-heavy apps pay for it: after a read through such a file the
+    /// kernel asks sqlfs for the file's attributes at every fstat (SQLite makes one per read
+    /// transaction while the WAL is empty).
+    #[arg(long)]
+    pub passthrough_databases: bool,
     /// Never capture nor ship the databases this glob matches, relative to the mount root
     /// (repeatable; replaces the configuration's `exclude:`): `*` and `?` within a path
     /// component, `[a-z]`, `**` for any number of components; a directory excludes what
@@ -137,6 +144,8 @@ pub struct MountOpts {
     pub takeover: bool,
     pub metrics_addr: Option<std::net::SocketAddr>,
     pub passthrough: Passthrough,
+    /// Database files opened in WAL mode go straight through as well.
+    pub passthrough_databases: bool,
     /// Per-database overrides from the configuration file.
     pub databases: BTreeMap<String, DbConf>,
     /// Databases never captured nor shipped (`--exclude`, else the file's `exclude:`).
@@ -269,6 +278,8 @@ impl MountOpts {
             keys,
             sync,
             passthrough,
+            passthrough_databases: cli.passthrough_databases
+                || conf.passthrough_databases.unwrap_or(false),
             restore_if_missing: cli.restore_if_missing || conf.restore_if_missing.unwrap_or(false),
             takeover: cli.takeover,
             metrics_addr: match cli.metrics_addr {

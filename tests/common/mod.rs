@@ -333,6 +333,15 @@ impl Mount {
             cmd.arg("--compaction").arg("none");
         }
         cmd.args(&opts.extra_args);
+        // The whole suite again with another mount flag (the Makefile runs the capture tests
+        // with `--passthrough-databases` this way).
+        if let Some(more) = std::env::var_os("SQLFS_TEST_MOUNT_ARGS") {
+            let more = more.to_string_lossy().into_owned();
+            cmd.args(
+                more.split_whitespace()
+                    .filter(|a| !opts.extra_args.iter().any(|e| e == a)),
+            );
+        }
         for (k, v) in &opts.env {
             cmd.env(k, v);
         }
