@@ -10,8 +10,8 @@
 //! database (its first bytes, read at open, are no SQLite header) and SQLite could not make
 //! it one through this handle: opened read-only or write-only (SQLite needs both), or
 //! read-write on a file that is not empty (SQLite refuses such a file as not a database).
-//! An empty file opened read-write (a new database, maybe) and every database not in WAL
-//! mode go through sqlfs. A plain file still becomes a database in three ways, and each is
+//! An empty file opened read-write (a new database, maybe) and every database but a straight
+//! one go through sqlfs. A plain file still becomes a database in three ways, and each is
 //! caught:
 //! - its header written through a handle that goes straight through (a copy into a new
 //!   file): when such a writable handle is fsynced or closed the file is looked at again,
