@@ -123,6 +123,7 @@ mod restore;
 
 use std::fs::{self, File};
 use std::io::Write as _;
+use std::path::Path;
 use std::thread;
 use std::time::Instant;
 
@@ -138,6 +139,32 @@ use crate::plainfile::{creates, plain_appends, plain_reads, plain_writes, round_
 use crate::replication::{replication, s3_replication};
 use crate::report::{command_output, fmt_num, table, Row};
 use crate::restore::restore_bench;
+
+/// The rows "CREATE INDEX / VACUUM of an `mb` MB database`note` (MB/s)" of `mnt` beside
+/// `native`.
+fn index_vacuum_rows(
+    native: &Path,
+    mnt: &Path,
+    mb: u64,
+    rounds: usize,
+    note: &str,
+) -> Result<Vec<Row>> {
+    let [(ni, si), (nv, sv)] = index_and_vacuum(native, mnt, mb, rounds)?;
+    Ok(vec![
+        Row::pair(
+            format!("CREATE INDEX of a {mb} MB database{note} (MB/s)"),
+            ni,
+            si,
+            1,
+        ),
+        Row::pair(
+            format!("VACUUM of a {mb} MB database{note} (MB/s)"),
+            nv,
+            sv,
+            1,
+        ),
+    ])
+}
 
 fn main() -> Result<()> {
     let cfg = Config::from_env()?;
@@ -244,19 +271,7 @@ fn main() -> Result<()> {
     if cfg.runs("vacuum") {
         let mb = cfg.vacuum_mb;
         step(&format!("CREATE INDEX and VACUUM of a {mb} MB database"));
-        let [(ni, si), (nv, sv)] = index_and_vacuum(&native, &mnt, mb, cfg.rounds)?;
-        rows.push(Row::pair(
-            format!("CREATE INDEX of a {mb} MB database (MB/s)"),
-            ni,
-            si,
-            1,
-        ));
-        rows.push(Row::pair(
-            format!("VACUUM of a {mb} MB database (MB/s)"),
-            nv,
-            sv,
-            1,
-        ));
+        rows.extend(index_vacuum_rows(&native, &mnt, mb, cfg.rounds, "")?);
     }
 
     // The bare pass-through FUSE server of the floor rows; it needs kernel passthrough, so root.
@@ -422,20 +437,14 @@ fn main() -> Result<()> {
             1,
         ));
         if cfg.vacuum_mb > 0 {
-            let mb = cfg.vacuum_mb;
-            let [(ni, si), (nv, sv)] = index_and_vacuum(&native, &mpd, mb, cfg.rounds)?;
-            rows.push(Row::pair(
-                format!("CREATE INDEX of a {mb} MB database, {with} (MB/s)"),
-                ni,
-                si,
-                1,
-            ));
-            rows.push(Row::pair(
-                format!("VACUUM of a {mb} MB database, {with} (MB/s)"),
-                nv,
-                sv,
-                1,
-            ));
+            let note = format!(", {with}");
+            rows.extend(index_vacuum_rows(
+                &native,
+                &mpd,
+                cfg.vacuum_mb,
+                cfg.rounds,
+                &note,
+            )?);
         }
         let (threads, pct) = (cfg.threads, cfg.read_pct);
         let (n, s) = alternate(cfg.rounds, &native, &mpd, |d| mixed(d, threads, pct, secs))?;
