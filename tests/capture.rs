@@ -1078,3 +1078,53 @@ fn straight_database_at_every_synchronous_setting() {
     }
     finish(fx);
 }
+
+/// A straight database too large to be read whole when it goes straight (`base` fills page by
+/// page), at `synchronous=OFF` with checkpoints every few pages: checkpoints run ahead of
+/// capture, the database goes blind and is read whole at rest; whatever the stream skips,
+/// it never holds a state the app did not see, and it ends equal to the file.
+#[test]
+fn straight_database_larger_than_its_prefill_at_synchronous_off() {
+    let seed = seed_for("straight_database_larger_than_its_prefill_at_synchronous_off");
+    let mut fx = Fixture::new("straightbig", true);
+    fx.opts.extra_args = vec!["--passthrough-databases".into()];
+    fx.opts.env = vec![(
+        "RUST_LOG".into(),
+        "sqlfs=info,sqlfs::capture::straight=debug".into(),
+    )];
+    fx.mount();
+    let db = "straight_big.db";
+    let c = fresh_db(&fx.path(db), None, "WAL");
+    // 70 MiB through the connection that created it (on the daemon's side).
+    c.execute_batch(
+        "CREATE TABLE filler(b BLOB);
+         WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM n WHERE i < 70)
+         INSERT INTO filler SELECT randomblob(1048576) FROM n;",
+    )
+    .unwrap();
+    drop(c);
+    let mut d = Driver::open(&fx.path(db), 1, seed, DriverCfg::default());
+    d.exec("PRAGMA synchronous=OFF; PRAGMA wal_autocheckpoint=8");
+    let mut rng = StdRng::seed_from_u64(seed);
+    for i in 0..60 {
+        d.random_txn().unwrap();
+        if i % 3 == 0 {
+            // Old pages the generation has not changed yet: read from the file.
+            let row = rng.random_range(1..=70);
+            d.exec(&format!(
+                "UPDATE filler SET b = randomblob(1048576) WHERE rowid = {row}"
+            ));
+        }
+    }
+    drop(d);
+    assert!(
+        fx.all_daemon_logs()
+            .contains(&format!("{db}: its file goes straight through")),
+        "{db} never went straight through:\n{}",
+        fx.daemon_logs()
+    );
+    let dir = fx.cli_dir();
+    let entries = check_final(&dir, &fx.path(db), db, &fx.scratch);
+    assert_gap_free(&entries, db);
+    finish(fx);
+}

@@ -408,6 +408,20 @@ impl State {
             cksum: t.cksum,
             end: t.end,
         };
+        if db.is_straight() && (self.blind.is_some() || self.resnapshot.is_some()) {
+            // Followed, not staged: the files are read whole at rest, at the newest commit
+            // (`straight.rs`); a snapshot of this one could see later frames a checkpoint
+            // already copied.
+            if let Some(why) = self.resnapshot.clone() {
+                self.go_blind(db, &why);
+            }
+            self.commits_seen += 1;
+            let (w, fd) = (
+                self.wal.as_mut().expect("WAL tracked"),
+                self.wal_fd.as_ref().expect("WAL open"),
+            );
+            return w.publish_reading(fd, t);
+        }
         if self.is_padding(t, ps)?
             || self.resnapshot.is_some()
             || (self.page_size != ps && self.db_pages != 0)
@@ -429,14 +443,6 @@ impl State {
             return self.resnapshot_now(db, b, &why, walpos);
         }
         self.commits_seen += 1;
-        if self.blind.is_some() {
-            // Followed, not staged: the files are read whole once at rest (`straight.rs`).
-            let (w, fd) = (
-                self.wal.as_mut().expect("WAL tracked"),
-                self.wal_fd.as_ref().expect("WAL open"),
-            );
-            return w.publish_reading(fd, t);
-        }
         let TxnPages {
             pages,
             checksum,
