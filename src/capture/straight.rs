@@ -157,17 +157,13 @@ impl State {
     /// A WAL sync is about to be passed on: if a checkpoint is starting (or the `-shm` file
     /// cannot tell), everything published is staged and durable first.
     pub(super) fn straight_wal_sync(&mut self, db: &Db, b: &Backing) -> io::Result<()> {
-        let starting = match self.ckpt_info(db, b)? {
-            Some((done, attempted)) => attempted > done,
-            None => true,
-        };
-        if !starting {
+        let info = self.ckpt_info(db, b)?;
+        if info.is_some_and(|(done, attempted)| attempted <= done) {
             return Ok(());
         }
         // The checkpoint waits in this sync, before copying anything, and holds the lock no
         // other checkpoint runs without: what is in the file was copied by the ones before
         // it, which recorded how far they got.
-        let info = self.ckpt_info(db, b)?;
         self.ckpt_copied = info.map(|(done, _)| done);
         let r = self.resync(db, b).and_then(|_| self.barrier(db));
         self.ckpt_copied = None;
