@@ -89,10 +89,11 @@ pub struct CliMount {
     #[arg(long, value_enum, value_name = "WHEN")]
     pub passthrough: Option<Passthrough>,
     /// Pass database files opened in WAL mode straight through too (with kernel
-    /// passthrough): checkpoints, bulk loads and VACUUM then write at the disk's speed, and
-    /// capture stays exact. Read-heavy apps pay for it: after a read through such a file the
-    /// kernel asks sqlfs for the file's attributes at every fstat (SQLite makes one per read
-    /// transaction while the WAL is empty).
+    /// passthrough): a checkpoint's page writes no longer reach sqlfs one request each, so
+    /// bulk loads and VACUUM run about 1.5 times faster, and capture stays exact. Read-heavy
+    /// apps pay for it: after a read through such a file the kernel asks sqlfs for the file's
+    /// attributes at every fstat (SQLite makes one per read transaction while the WAL is
+    /// empty).
     #[arg(long)]
     pub passthrough_databases: bool,
     /// Never capture nor ship the databases this glob matches, relative to the mount root
