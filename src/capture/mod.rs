@@ -190,8 +190,8 @@ struct State {
     parked: Option<(bool, bool)>,
     /// Straight handles open on the database file (`straight.rs`; mirrored in `Db`).
     straight: u32,
-    /// While straight: CRCs of database-file pages as of the WAL generation's start, for
-    /// pages its index does not hold.
+    /// CRCs of database-file pages as of the WAL generation's start, for pages its index does
+    /// not hold: filled while straight, kept while nothing writes the file through sqlfs.
     base: HashMap<u32, u64>,
     /// While straight: why the stream waits for the files to be at rest.
     blind: Option<String>,

@@ -2,8 +2,8 @@
 //! kernel reads and writes straight to the backing file: WAL and WAL-index files (by capture's
 //! naming, unless their database is written through), database files in WAL mode when opened
 //! if `--passthrough-databases` asks for it (capture keeps them staged without their writes:
-//! `capture/straight.rs`), and plain files,
-//! which no database write can reach through such a handle without capture learning of it.
+//! `capture/straight.rs`), and plain files, which no database write can reach through such a
+//! handle without capture learning of it.
 //!
 //! The plain-file rule (docs/ARCHITECTURE.md, invariant 14). A file that is not a WAL, a
 //! journal or a `-shm` file goes straight through when capture does not know it as a
