@@ -1320,26 +1320,23 @@ fn sync_commit_is_on_the_replica_when_fsync_returns() {
     fx.mount();
     for (db, mode) in dbs {
         let c = open(&fx, db, mode);
-        sync_commit(&c, 2, &mut rng);
-        let waited = Instant::now();
-        while waited.elapsed() < Duration::from_secs(10) {
-            restore_ok(&url, db, &out, None);
-            if sync_rows(&out).1 >= 2 {
-                break;
+        // Restores until the replica holds row `id`, for `secs` at most.
+        let wait_for_row = |id: i64, secs: u64| {
+            let waited = Instant::now();
+            while waited.elapsed() < Duration::from_secs(secs) {
+                restore_ok(&url, db, &out, None);
+                if sync_rows(&out).1 >= id {
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(100));
             }
-            std::thread::sleep(Duration::from_millis(100));
-        }
+        };
+        sync_commit(&c, 2, &mut rng);
+        wait_for_row(2, 10);
         // The interval is a rate with one interval of slack: a second shipment may follow
         // the first at once. Row 3 may take that one (a short wait for it); row 4 cannot.
         sync_commit(&c, 3, &mut rng);
-        let waited = Instant::now();
-        while waited.elapsed() < Duration::from_secs(3) {
-            restore_ok(&url, db, &out, None);
-            if sync_rows(&out).1 >= 3 {
-                break;
-            }
-            std::thread::sleep(Duration::from_millis(100));
-        }
+        wait_for_row(3, 3);
         let before = sync_rows(&out);
         let shipped = Instant::now();
         sync_commit(&c, 4, &mut rng);
