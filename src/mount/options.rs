@@ -90,7 +90,7 @@ pub struct CliMount {
     pub passthrough: Option<Passthrough>,
     /// Pass database files opened in WAL mode straight through too (with kernel
     /// passthrough): a checkpoint's page writes no longer reach sqlfs one request each, so
-    /// bulk loads and VACUUM run about 1.5 times faster, and capture stays exact. Read-heavy
+    /// bulk loads and VACUUM ran 1.2-1.9 times faster in the bench, and capture stays exact. Read-heavy
     /// apps pay for it: after a read through such a file the kernel asks sqlfs for the file's
     /// attributes at every fstat (SQLite makes one per read transaction while the WAL is
     /// empty).
