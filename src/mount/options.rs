@@ -90,10 +90,10 @@ pub struct CliMount {
     pub passthrough: Option<Passthrough>,
     /// Pass database files opened in WAL mode straight through too (with kernel
     /// passthrough): a checkpoint's page writes no longer reach sqlfs one request each, so
-    /// bulk loads and VACUUM ran 1.2-1.9 times faster in the bench, and capture stays exact. Read-heavy
-    /// apps pay for it: after a read through such a file the kernel asks sqlfs for the file's
-    /// attributes at every fstat (SQLite makes one per read transaction while the WAL is
-    /// empty).
+    /// bulk loads and VACUUM ran 1.2-1.9 times faster in the bench, and capture stays exact.
+    /// Read-heavy apps pay for it: after a read through such a file the kernel asks sqlfs for
+    /// the file's attributes at every fstat (SQLite makes one per read transaction while the
+    /// WAL is empty).
     #[arg(long)]
     pub passthrough_databases: bool,
     /// Never capture nor ship the databases this glob matches, relative to the mount root
