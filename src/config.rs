@@ -109,6 +109,10 @@ pub struct DbConf {
     /// Overrides the mount-wide `sync` for this database: `true` makes its fsync wait for
     /// every replica, `false` lets it return without waiting.
     pub sync: Option<bool>,
+    /// Overrides the mount-wide `passthrough-databases` for this database: `true` lets its
+    /// file, opened in WAL mode, go straight through the kernel; `false` keeps it on sqlfs's
+    /// side.
+    pub passthrough: Option<bool>,
     #[serde(default, deserialize_with = "text")]
     pub snapshot_interval: Option<String>,
     #[serde(default, deserialize_with = "text")]
@@ -408,6 +412,13 @@ pub fn resolve_read(base: &KeyLayer, own: Option<&KeyLayer>) -> Result<ReadKey> 
 /// one, else the mount-wide one (`--sync`, top-level `sync:`).
 pub fn db_sync(mount_wide: bool, db: Option<&DbConf>) -> bool {
     db.and_then(|d| d.sync).unwrap_or(mount_wide)
+}
+
+/// Whether database `db`'s file may go straight through the kernel in WAL mode: its own
+/// `passthrough` setting if it has one, else the mount-wide one (`--passthrough-databases`,
+/// top-level `passthrough-databases:`).
+pub fn db_passthrough(mount_wide: bool, db: Option<&DbConf>) -> bool {
+    db.and_then(|d| d.passthrough).unwrap_or(mount_wide)
 }
 
 #[cfg(test)]

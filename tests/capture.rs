@@ -1079,6 +1079,63 @@ fn straight_database_at_every_synchronous_setting() {
     finish(fx);
 }
 
+/// A database's own `passthrough: true` in the configuration sends its file straight through
+/// while the mount-wide setting keeps the others on sqlfs's side (and `passthrough: false`
+/// keeps a database there under `--passthrough-databases`); both kinds are captured exactly.
+#[test]
+fn passthrough_per_database_setting() {
+    let seed = seed_for("passthrough_per_database_setting");
+    for wide in [false, true] {
+        let mut fx = Fixture::new(&format!("per_db_straight_{wide}"), true);
+        let conf = fx.root.join("sqlfs.yml");
+        fs::write(
+            &conf,
+            "databases:\n  fast.db:\n    passthrough: true\n  slow.db:\n    passthrough: false\n",
+        )
+        .unwrap();
+        fx.opts.extra_args = vec!["--config".into(), conf.display().to_string()];
+        if wide {
+            fx.opts.extra_args.push("--passthrough-databases".into());
+        }
+        fx.opts.env = vec![(
+            "RUST_LOG".into(),
+            "sqlfs=info,sqlfs::capture::straight=debug".into(),
+        )];
+        fx.mount();
+        let mut all = Vec::new();
+        for db in ["fast.db", "slow.db", "other.db"] {
+            drop(fresh_db(&fx.path(db), None, "WAL"));
+            let mut d = Driver::open(&fx.path(db), 1, seed, DriverCfg::default());
+            d.exec("PRAGMA synchronous=NORMAL; PRAGMA wal_autocheckpoint=8");
+            let mut samples = Vec::new();
+            for i in 0..20 {
+                d.random_txn().unwrap();
+                samples.push(d.sample(1.0, format!("{db} txn {i}")));
+            }
+            d.big_txn(1 << 20).unwrap();
+            samples.push(d.sample(1.0, format!("{db} bulk")));
+            drop(d);
+            all.push((db, samples));
+        }
+        let log = fx.all_daemon_logs();
+        for (db, samples) in &all {
+            let straight = match *db {
+                "fast.db" => true,
+                "slow.db" => false,
+                _ => wide,
+            };
+            assert_eq!(
+                log.contains(&format!("{db}: its file goes straight through")),
+                straight,
+                "{db} (--passthrough-databases {wide}):\n{}",
+                fx.daemon_logs()
+            );
+            check_db(&fx, db, samples);
+        }
+        finish(fx);
+    }
+}
+
 /// A straight database too large to be read whole when it goes straight (`base` fills page by
 /// page), at `synchronous=OFF` with checkpoints every few pages: checkpoints run ahead of
 /// capture, the database goes blind and is read whole at rest; whatever the stream skips,

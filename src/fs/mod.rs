@@ -111,11 +111,12 @@ pub struct SqlFs {
     /// The read-only virtual tree served at `.history` (history views), if enabled.
     history: Option<Arc<dyn Views>>,
     passthrough: Passthrough,
-    /// Database files opened in WAL mode go straight through (`--passthrough-databases`).
-    straight_databases: bool,
+    /// Databases (by name) whose file goes straight through when opened in WAL mode
+    /// (`--passthrough-databases`, a database's own `passthrough`).
+    straight_databases: Option<ByName>,
     /// Databases (by name) whose WAL and `-shm` files never pass straight through, because
     /// their fsync must find every commit staged (`sync`).
-    written_through: Option<WrittenThrough>,
+    written_through: Option<ByName>,
     /// Passthrough was negotiated with the kernel and works.
     pt_live: AtomicBool,
     /// The kernel wants one backing file per inode for all its passthrough handles.
@@ -132,8 +133,8 @@ pub struct SqlFs {
 /// Makes the transactions of the database a file belongs to durable elsewhere; see `--sync`.
 pub type DurableHook = Box<dyn Fn(&str) -> anyhow::Result<()> + Send + Sync>;
 
-/// True for a database (by name) whose files must all be written through sqlfs.
-pub type WrittenThrough = Box<dyn Fn(&str) -> bool + Send + Sync>;
+/// A yes-or-no setting of a database, asked by its name (relative to the mount root).
+pub type ByName = Box<dyn Fn(&str) -> bool + Send + Sync>;
 
 impl SqlFs {
     pub fn new(backing: Arc<Backing>, capture: Arc<Capture>) -> io::Result<SqlFs> {
@@ -150,7 +151,7 @@ impl SqlFs {
             history: None,
             root_ino: st.st_ino,
             passthrough: Passthrough::Auto,
-            straight_databases: false,
+            straight_databases: None,
             written_through: None,
             pt_live: AtomicBool::new(false),
             backing_ids: Mutex::new(HashMap::new()),
@@ -166,16 +167,16 @@ impl SqlFs {
         self
     }
 
-    /// Passes database files opened in WAL mode straight through as well (see
-    /// `passthrough.rs`).
-    pub fn with_straight_databases(mut self, on: bool) -> SqlFs {
-        self.straight_databases = on;
+    /// Passes the files of the databases `f` names straight through as well when they are
+    /// opened in WAL mode (see `passthrough.rs`).
+    pub fn with_straight_databases(mut self, f: ByName) -> SqlFs {
+        self.straight_databases = Some(f);
         self
     }
 
     /// Keeps the WAL and `-shm` files of the databases `f` names written through sqlfs even
     /// where passthrough works (their commits are then staged as they are written).
-    pub fn with_written_through(mut self, f: WrittenThrough) -> SqlFs {
+    pub fn with_written_through(mut self, f: ByName) -> SqlFs {
         self.written_through = Some(f);
         self
     }

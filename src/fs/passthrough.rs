@@ -183,7 +183,7 @@ impl SqlFs {
             // A database in WAL mode: its checkpoints go straight to the file, with the
             // barriers of `capture/straight.rs`.
             Kind::Plain { db: true } => {
-                self.straight_databases
+                self.straight_databases.as_ref().is_some_and(|s| s(rel))
                     && !self.written_through.as_ref().is_some_and(|w| w(rel))
                     && capture::shows_wal_mode(&f)
             }

@@ -17,7 +17,7 @@ use fuser::{Config, MountOption, Session, SessionACL};
 
 use crate::backing::{Backing, META_DIR};
 use crate::capture::Capture;
-use crate::config::db_sync;
+use crate::config::{db_passthrough, db_sync};
 use crate::fs::{Passthrough, SqlFs};
 
 mod options;
@@ -168,8 +168,13 @@ pub fn run(o: MountOpts) -> Result<()> {
         .collect();
     let mut fs = SqlFs::new(backing.clone(), capture.clone())
         .context("cannot read the data directory")?
-        .with_passthrough(o.passthrough)
-        .with_straight_databases(o.passthrough_databases);
+        .with_passthrough(o.passthrough);
+    if o.passthrough_databases || o.databases.values().any(|d| d.passthrough == Some(true)) {
+        let (wide, rules) = (o.passthrough_databases, rules.clone());
+        fs = fs.with_straight_databases(Box::new(move |name: &str| {
+            db_passthrough(wide, rules.get(name))
+        }));
+    }
     if o.any_sync() {
         if o.passthrough == Passthrough::Off {
             log::info!("sync: every write goes through sqlfs (no kernel passthrough)");

@@ -93,7 +93,8 @@ pub struct CliMount {
     /// bulk loads and VACUUM ran 1.2-1.9 times faster in the bench, and capture stays exact.
     /// Read-heavy apps pay for it: after a read through such a file the kernel asks sqlfs for
     /// the file's attributes at every fstat (SQLite makes one per read transaction while the
-    /// WAL is empty).
+    /// WAL is empty). For some databases only: `passthrough: true` under `databases:` in the
+    /// configuration file.
     #[arg(long)]
     pub passthrough_databases: bool,
     /// Never capture nor ship the databases this glob matches, relative to the mount root
@@ -252,6 +253,18 @@ impl MountOpts {
             _ if all_sync => Passthrough::Off,
             p => p.unwrap_or_default(),
         };
+        // A database's own `passthrough: true` asks for what its other settings rule out.
+        for (name, d) in &conf.databases {
+            if d.passthrough != Some(true) {
+                continue;
+            }
+            if crate::config::db_sync(sync, Some(d)) {
+                bail!("databases.{name}: passthrough: true cannot be combined with sync (the app's fsync waits for a transaction sqlfs must see written); set sync: false for it or drop passthrough")
+            }
+            if passthrough == Passthrough::Off {
+                bail!("databases.{name}: passthrough: true cannot apply with passthrough off (every file then goes through sqlfs)")
+            }
+        }
         Ok(MountOpts {
             dir,
             data_dir: cli.data_dir.or(conf.data_dir.clone()),
@@ -434,6 +447,30 @@ mod tests {
         );
         assert_eq!(o.passthrough, Passthrough::On);
         assert!(!o.any_sync());
+    }
+
+    /// A database's own `passthrough` overrides `--passthrough-databases` either way; asking
+    /// for it where sync or `passthrough: off` rules it out is an error naming the database.
+    #[test]
+    fn passthrough_per_database() {
+        use crate::config::db_passthrough;
+        let yaml = "dir: /d\ndatabases:\n  a.db:\n    passthrough: true\n  b.db:\n    passthrough: false\n";
+        for (args, wide) in [(&[][..], false), (&["--passthrough-databases"][..], true)] {
+            let o = resolve(args, yaml);
+            assert_eq!(o.passthrough_databases, wide);
+            assert!(db_passthrough(wide, o.databases.get("a.db")));
+            assert!(!db_passthrough(wide, o.databases.get("b.db")));
+            assert_eq!(db_passthrough(wide, o.databases.get("c.db")), wide);
+        }
+        let e = |args: &[&str], yaml: &str| format!("{:#}", try_resolve(args, yaml).err().unwrap());
+        let on = "dir: /d\ndatabases:\n  a.db:\n    passthrough: true\n";
+        assert!(e(&["--sync"], on).contains("databases.a.db: passthrough: true"));
+        let both = "dir: /d\ndatabases:\n  a.db:\n    passthrough: true\n    sync: true\n";
+        assert!(e(&[], both).contains("cannot be combined with sync"));
+        assert!(e(&["--passthrough", "off"], on).contains("passthrough off"));
+        // sync: false of its own leaves it free to go straight under --sync.
+        let free = "dir: /d\ndatabases:\n  a.db:\n    passthrough: true\n    sync: false\n";
+        assert!(try_resolve(&["--sync"], free).is_ok());
     }
 
     const H: u64 = 3600;
