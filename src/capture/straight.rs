@@ -165,6 +165,11 @@ impl State {
         // other checkpoint runs without: what is in the file was copied by the ones before
         // it, which recorded how far they got.
         self.ckpt_copied = info.map(|(done, _)| done);
+        // The disk starts on the WAL's own flush now, while capture stages: the sync passed
+        // on after the barrier then finds little left to write.
+        if let Some(fd) = &self.wal_fd {
+            crate::backing::start_writeback(fd, 0, 0);
+        }
         let r = self.resync(db, b).and_then(|_| self.barrier(db));
         self.ckpt_copied = None;
         r
