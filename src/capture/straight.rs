@@ -165,12 +165,26 @@ impl State {
         // other checkpoint runs without: what is in the file was copied by the ones before
         // it, which recorded how far they got.
         self.ckpt_copied = info.map(|(done, _)| done);
-        // The disk starts on the WAL's own flush now, while capture stages: the sync passed
-        // on after the barrier then finds little left to write.
-        if let Some(fd) = &self.wal_fd {
-            crate::backing::start_writeback(fd, 0, 0);
-        }
-        let r = self.resync(db, b).and_then(|_| self.barrier(db));
+        // The WAL's own flush runs beside the barrier (a descriptor of the same file): the
+        // sync passed on after it then finds nothing left to write, and the two flushes
+        // overlap instead of following each other. Its error, if any, is the app's to see in
+        // that sync.
+        let wal = self.wal_fd.as_ref().and_then(|f| f.try_clone().ok());
+        let r = std::thread::scope(|s| {
+            // No thread to be had: the app's sync flushes the WAL after the barrier, as
+            // without this.
+            let flush = wal.as_ref().and_then(|f| {
+                std::thread::Builder::new()
+                    .name("sqlfs-walsync".into())
+                    .spawn_scoped(s, move || f.sync_data())
+                    .ok()
+            });
+            let r = self.resync(db, b).and_then(|_| self.barrier(db));
+            if let Some(h) = flush {
+                let _ = h.join();
+            }
+            r
+        });
         self.ckpt_copied = None;
         r
     }
