@@ -48,6 +48,9 @@ pub struct DbStatus {
     pub commits_waiting: u64,
     /// `replicate: false`: staged, shipped nowhere.
     pub replicated: bool,
+    /// Handles on its file that go straight through the kernel now
+    /// (`--passthrough-databases`, `passthrough: true`).
+    pub straight_handles: u32,
     /// Staging is over `--stage-limit`, kept for a replica that is behind.
     pub over_stage_limit: bool,
     pub replicas: Vec<DbReplica>,
@@ -148,6 +151,7 @@ impl Status {
                 }),
                 commits_waiting: f.as_ref().map_or(0, |f| f.waiting),
                 replicated: !ships.is_empty(),
+                straight_handles: db.straight_handles(),
                 over_stage_limit: !ships.is_empty() && staged_bytes > stage_limit && slowest < txid,
                 replicas: reps,
                 name,
@@ -262,6 +266,13 @@ impl Status {
             d.txid,
             d.staged_bytes >> 10
         );
+        if d.straight_handles > 0 {
+            let _ = write!(
+                out,
+                ", file straight through the kernel ({} handle(s))",
+                d.straight_handles
+            );
+        }
         if let Some(e) = &d.staging_failing {
             let _ = write!(
                 out,

@@ -120,6 +120,11 @@ impl Db {
     pub(super) fn is_straight(&self) -> bool {
         self.straight.load(Ordering::Relaxed) > 0
     }
+
+    /// How many handles on this database's file go straight through the kernel now.
+    pub fn straight_handles(&self) -> u32 {
+        self.straight.load(Ordering::Relaxed)
+    }
 }
 
 impl State {
