@@ -1085,8 +1085,12 @@ fn straight_database_at_every_synchronous_setting() {
 #[test]
 fn passthrough_per_database_setting() {
     let seed = seed_for("passthrough_per_database_setting");
-    for wide in [false, true] {
-        let mut fx = Fixture::new(&format!("per_db_straight_{wide}"), true);
+    // `make test` runs this file again with the flag on every mount.
+    let env_wide = std::env::var("SQLFS_TEST_MOUNT_ARGS")
+        .is_ok_and(|a| a.split_whitespace().any(|w| w == "--passthrough-databases"));
+    for flag in [false, true] {
+        let wide = flag || env_wide;
+        let mut fx = Fixture::new(&format!("per_db_straight_{flag}"), true);
         let conf = fx.root.join("sqlfs.yml");
         fs::write(
             &conf,
@@ -1094,7 +1098,7 @@ fn passthrough_per_database_setting() {
         )
         .unwrap();
         fx.opts.extra_args = vec!["--config".into(), conf.display().to_string()];
-        if wide {
+        if flag {
             fx.opts.extra_args.push("--passthrough-databases".into());
         }
         fx.opts.env = vec![(
@@ -1145,6 +1149,58 @@ fn passthrough_per_database_setting() {
         }
         finish(fx);
     }
+}
+
+/// The same database at `synchronous=NORMAL`, with transactions of many megabytes whose old
+/// page versions are read from the file: each checkpoint syncs the WAL first, so the watcher
+/// leaves a commit it read while a checkpoint was starting to that sync, and the database
+/// never goes blind; every sampled commit is exact.
+#[test]
+fn straight_database_larger_than_its_prefill_at_synchronous_normal() {
+    let seed = seed_for("straight_database_larger_than_its_prefill_at_synchronous_normal");
+    let mut fx = Fixture::new("straightbign", true);
+    fx.opts.extra_args = vec!["--passthrough-databases".into()];
+    fx.opts.env = vec![(
+        "RUST_LOG".into(),
+        "sqlfs=info,sqlfs::capture::straight=debug".into(),
+    )];
+    fx.mount();
+    let db = "straight_bign.db";
+    let c = fresh_db(&fx.path(db), None, "WAL");
+    c.execute_batch(
+        "CREATE TABLE filler(b BLOB);
+         WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM n WHERE i < 70)
+         INSERT INTO filler SELECT randomblob(1048576) FROM n;",
+    )
+    .unwrap();
+    drop(c);
+    let mut d = Driver::open(&fx.path(db), 1, seed, DriverCfg::default());
+    d.exec("PRAGMA synchronous=NORMAL; PRAGMA wal_autocheckpoint=64");
+    let mut rng = StdRng::seed_from_u64(seed);
+    let mut samples = Vec::new();
+    for i in 0..30 {
+        d.random_txn().unwrap();
+        let rows: Vec<u32> = (0..8).map(|_| rng.random_range(1..=70)).collect();
+        d.exec(&format!(
+            "UPDATE filler SET b = randomblob(1048576) WHERE rowid IN ({})",
+            rows.iter().map(|r| r.to_string()).collect::<Vec<_>>().join(",")
+        ));
+        samples.push(d.sample(1.0, format!("txn {i}")));
+    }
+    drop(d);
+    let log = fx.all_daemon_logs();
+    assert!(
+        log.contains(&format!("{db}: its file goes straight through")),
+        "{db} never went straight through:\n{}",
+        fx.daemon_logs()
+    );
+    assert!(
+        !log.contains("a checkpoint copied frames before sqlfs read"),
+        "{db} went blind at synchronous=NORMAL:\n{}",
+        fx.daemon_logs()
+    );
+    check_db(&fx, db, &samples);
+    finish(fx);
 }
 
 /// A straight database too large to be read whole when it goes straight (`base` fills page by

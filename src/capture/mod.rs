@@ -201,6 +201,13 @@ struct State {
     at_rest: bool,
     /// Inside a starting checkpoint's WAL sync: the frames checkpoints copied so far.
     ckpt_copied: Option<u32>,
+    /// The WAL watcher is catching up: a straight commit whose old page versions a starting
+    /// checkpoint may have overwritten is left to that checkpoint's sync (`straight.rs`).
+    may_defer: bool,
+    /// The checkpoint (its `nBackfillAttempted`) a commit was last left to, and since when.
+    deferred: Option<(u32, std::time::Instant)>,
+    /// Set by `commit_wal` when it left its commit to the checkpoint's sync.
+    left_to_ckpt: bool,
 }
 
 /// Opened once the database behind it is in the registry, or failed to start.
@@ -317,6 +324,9 @@ impl Capture {
                 blind_stamp: None,
                 at_rest: false,
                 ckpt_copied: None,
+                may_defer: false,
+                deferred: None,
+                left_to_ckpt: false,
             }),
             observed: self.observed.clone(),
             shm_users: AtomicU32::new(0),
@@ -674,7 +684,10 @@ impl Capture {
         db.guard(|st, db| {
             let before = st.txid;
             st.open_wal(db, &self.backing)?;
-            st.catch_up(db, &self.backing)?;
+            st.may_defer = true;
+            let r = st.catch_up(db, &self.backing);
+            st.may_defer = false;
+            r?;
             out = CaughtUp {
                 awaiting: st.awaiting,
                 staged: st.txid.saturating_sub(before),

@@ -247,6 +247,9 @@ pub fn live_image(b: &Backing, name: &str, out: &File) -> io::Result<(u32, u32)>
         blind_stamp: None,
         at_rest: false,
         ckpt_copied: None,
+        may_defer: false,
+        deferred: None,
+        left_to_ckpt: false,
     };
     if let Some(fd) = st.wal_fd.as_ref() {
         st.wal = WalTrack::read_header(fd)?.map(WalTrack::new);

@@ -25,7 +25,10 @@
 //!   is read whole into `base` when it first goes straight (nothing writes it unseen yet), so
 //!   the file is never read for this. With `synchronous=OFF` a checkpoint
 //!   copies without the sync above and may run ahead: then the check fails and the database
-//!   goes *blind*.
+//!   goes *blind*. When the check fails in the WAL watcher, the commit is first left
+//!   unstaged for up to [`LEAVE_FOR`] (the tracker goes back to before it): with NORMAL or
+//!   FULL the checkpoint is waiting in its sync for the capture lock and has copied nothing,
+//!   and that sync stages the commit where the reads are sure.
 //! - Blind: commits are followed but not staged, and at the next point where the files are
 //!   *at rest* (no checkpoint running and no rollback-mode transaction half-written: the
 //!   checkpoint's truncate, a starting checkpoint's WAL sync, the WAL's truncation or unlink,
@@ -55,6 +58,10 @@ use crate::stage::Kind;
 /// Databases up to this size are read whole when their file first goes straight, so that
 /// `base` knows every page (larger ones fill it as pages are first changed).
 const PREFILL_MAX: u64 = 64 << 20;
+
+/// How long the watcher leaves commits to one checkpoint whose WAL sync does not come
+/// (`synchronous=OFF`) before the database goes blind.
+const LEAVE_FOR: std::time::Duration = std::time::Duration::from_millis(100);
 
 /// True if the file's first bytes are a SQLite header that says WAL mode.
 pub fn shows_wal_mode(f: &File) -> bool {
@@ -157,6 +164,33 @@ impl State {
             Some((_, attempted)) => attempted > frames,
             None => true,
         })
+    }
+
+    /// The WAL watcher read a commit's old page versions from the file while `-shm` says a
+    /// checkpoint set out to copy its frames: with `synchronous` NORMAL or FULL that
+    /// checkpoint is waiting in its WAL sync for the capture lock the watcher holds, and has
+    /// copied nothing, but with OFF it may be copying. True if the commit is left for that
+    /// sync to stage ([`State::straight_wal_sync`], where the reads are sure), which then
+    /// comes at once; false (the database goes blind, as without this) outside the watcher,
+    /// or once the same checkpoint was waited for [`LEAVE_FOR`] without its sync coming.
+    pub(super) fn leave_to_checkpoint(&mut self, db: &Db, b: &Backing) -> io::Result<bool> {
+        if !self.may_defer || self.ckpt_copied.is_some() {
+            return Ok(false);
+        }
+        let Some((_, attempted)) = self.ckpt_info(db, b)? else {
+            return Ok(false);
+        };
+        let now = std::time::Instant::now();
+        let since = match self.deferred {
+            Some((a, since)) if a == attempted => since,
+            _ => now,
+        };
+        if now.duration_since(since) > LEAVE_FOR {
+            return Ok(false);
+        }
+        self.deferred = Some((attempted, since));
+        self.left_to_ckpt = true;
+        Ok(true)
     }
 
     /// A WAL sync is about to be passed on: if a checkpoint is starting (or the `-shm` file

@@ -174,6 +174,16 @@ impl WalTrack {
         })
     }
 
+    /// Goes back to a commit boundary at or after the last published commit (`end`, with the
+    /// running checksum there) that [`WalTrack::advance`] had passed: the commits after it
+    /// are read again by the next call. Nothing after `end` was published.
+    pub fn rewind(&mut self, end: u64, cksum: (u32, u32)) {
+        self.committed_end = end;
+        self.cksum = cksum;
+        self.pending.clear();
+        self.pending_bytes = 0;
+    }
+
     fn pending_end(&self) -> (u64, (u32, u32)) {
         match self.pending.last() {
             None => (self.committed_end, self.cksum),

@@ -381,10 +381,20 @@ impl State {
         let (Some(w), Some(fd)) = (self.wal.as_mut(), self.wal_fd.as_ref()) else {
             return Ok(());
         };
+        let mut start = (w.committed_end, w.cksum);
         let txns = w.advance(fd, hint, limit)?;
         w.kick(fd);
         for (i, t) in txns.iter().enumerate() {
-            if let Err(e) = self.commit_wal(db, b, t) {
+            let r = self.commit_wal(db, b, t);
+            if r.is_ok() && std::mem::take(&mut self.left_to_ckpt) {
+                // Not published: the checkpoint's sync reads it again from here.
+                if let Some(w) = self.wal.as_mut() {
+                    w.rewind(start.0, start.1);
+                }
+                return Ok(());
+            }
+            start = (t.end, t.cksum);
+            if let Err(e) = r {
                 // The tracker is past these commits already: keep its page index true to the
                 // WAL, so the snapshot staged next (see `guard`) reads their pages.
                 if let (Some(w), Some(fd)) = (self.wal.as_mut(), self.wal_fd.as_ref()) {
@@ -455,6 +465,10 @@ impl State {
             // copied a frame of it or after it before those reads (`straight.rs`).
             let first = ((t.frames[0].off - sqlite::WAL_HEADER) / fsz) as u32;
             if frameless || self.copies_past(db, b, first)? {
+                if !frameless && self.leave_to_checkpoint(db, b)? {
+                    self.commits_seen -= 1;
+                    return Ok(());
+                }
                 self.go_blind(
                     db,
                     "a checkpoint copied frames before sqlfs read what they replace (synchronous=OFF)",
@@ -483,6 +497,7 @@ impl State {
         })?;
         self.advance_to(&h);
         self.wal.as_mut().expect("WAL tracked").publish(t, &crcs);
+        self.deferred = None;
         Ok(())
     }
 
