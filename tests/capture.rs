@@ -1183,7 +1183,10 @@ fn straight_database_larger_than_its_prefill_at_synchronous_normal() {
         let rows: Vec<u32> = (0..8).map(|_| rng.random_range(1..=70)).collect();
         d.exec(&format!(
             "UPDATE filler SET b = randomblob(1048576) WHERE rowid IN ({})",
-            rows.iter().map(|r| r.to_string()).collect::<Vec<_>>().join(",")
+            rows.iter()
+                .map(|r| r.to_string())
+                .collect::<Vec<_>>()
+                .join(",")
         ));
         samples.push(d.sample(1.0, format!("txn {i}")));
     }
