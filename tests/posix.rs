@@ -353,6 +353,30 @@ fn namespace_stress_in_place_never_hangs() {
     fx.unmount();
 }
 
+/// An ioctl on a file in the mount (what `cp` tries for a reflink, `lsattr` for flags) is
+/// answered ENOTTY, quietly: no file changes past capture, and the log stays clean.
+#[test]
+fn ioctls_are_refused_quietly() {
+    let mut fx = Fixture::new("ioctl", true);
+    fx.mount();
+    fs::write(fx.path("f"), b"x").unwrap();
+    let p = cpath(&fx.path("f"));
+    // SAFETY: plain syscalls on a descriptor this test owns; FS_IOC_GETFLAGS writes one int.
+    let (r, e) = unsafe {
+        let fd = libc::open(p.as_ptr(), libc::O_RDONLY);
+        assert!(fd >= 0, "open: {}", errname(errno()));
+        let mut flags: libc::c_int = 0;
+        let r = libc::ioctl(fd, 0x8008_6601, &mut flags);
+        let e = errno();
+        libc::close(fd);
+        (r, e)
+    };
+    assert_eq!((r, errname(e)), (-1, errname(libc::ENOTTY)));
+    fx.unmount();
+    let log = fx.all_daemon_logs();
+    assert!(!log.contains("Not Implemented"), "{log}");
+}
+
 // ---------------------------------------------------------------------------------------
 // (b) A symbolic link swapped under a file an unprivileged app fchmods
 // ---------------------------------------------------------------------------------------

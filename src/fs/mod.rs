@@ -21,9 +21,10 @@ use std::sync::{Arc, Weak};
 use std::time::{Duration, SystemTime};
 
 use fuser::{
-    AccessFlags, BackingId, Errno, FileHandle, Filesystem, INodeNo, KernelConfig, LockOwner,
-    OpenFlags, RenameFlags, ReplyAttr, ReplyCreate, ReplyData, ReplyDirectory, ReplyEmpty,
-    ReplyEntry, ReplyOpen, ReplyStatfs, ReplyWrite, ReplyXattr, Request, TimeOrNow, WriteFlags,
+    AccessFlags, BackingId, Errno, FileHandle, Filesystem, INodeNo, IoctlFlags, KernelConfig,
+    LockOwner, OpenFlags, RenameFlags, ReplyAttr, ReplyCreate, ReplyData, ReplyDirectory,
+    ReplyEmpty, ReplyEntry, ReplyIoctl, ReplyOpen, ReplyStatfs, ReplyWrite, ReplyXattr, Request,
+    TimeOrNow, WriteFlags,
 };
 use parking_lot::{Mutex, RwLock};
 
@@ -467,6 +468,25 @@ impl Filesystem for SqlFs {
         reply: ReplyEmpty,
     ) {
         self.do_fsyncdir(ino, fh, reply)
+    }
+
+    /// No ioctl is served: bytes may change only through requests capture sees (a clone or
+    /// a range copy by ioctl would pass it by). Tools probe for them (`cp` trying a reflink,
+    /// SQLite builds checking for batch atomic writes) and fall back on ENOTTY, the usual
+    /// answer of a file that has none; each probe used to log a warning.
+    fn ioctl(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        _fh: FileHandle,
+        _flags: IoctlFlags,
+        cmd: u32,
+        _in_data: &[u8],
+        _out_size: u32,
+        reply: ReplyIoctl,
+    ) {
+        log::trace!("ioctl {cmd:#x}: not supported (ENOTTY)");
+        reply.error(Errno::ENOTTY);
     }
 
     fn statfs(&self, _req: &Request, _ino: INodeNo, reply: ReplyStatfs) {
