@@ -41,6 +41,9 @@ impl Window {
     }
 }
 
+/// Segments whose record headers are kept in memory between reads of the staged log.
+const HEADER_CACHE: usize = 4096;
+
 impl History {
     pub(super) fn staged_dbs(&self) -> Vec<Staged> {
         let mut out = Vec::new();
@@ -76,8 +79,16 @@ impl History {
         have.extend(more);
         let end = have.last().map_or(0, |(h, off)| off + h.len());
         g.insert(path.to_path_buf(), (end, have.clone()));
-        if g.len() > 4096 {
+        if g.len() > HEADER_CACHE {
+            // Segments folded or deleted since go first. A cache still more than half full
+            // (thousands of databases, every segment there) starts over, so that the files
+            // looked at in one pass are paid for by as many insertions before the next; else
+            // every call would look at every file (a listing of `.history` over tens of
+            // thousands of databases never ended).
             g.retain(|p, _| p.exists());
+            if g.len() > HEADER_CACHE / 2 {
+                g.retain(|p, _| p == path);
+            }
         }
         Ok(have)
     }
