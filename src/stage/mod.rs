@@ -291,20 +291,32 @@ fn seg_name(first_txid: u64) -> String {
     format!("{first_txid:020}.seg")
 }
 
+/// Makes [`write_atomic`]'s temporary names unique within the process.
+static TMP_SEQ: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
 /// Writes `data` to `path` atomically: temp file, fsync, rename, fsync of the directory.
+/// Writers of one path may run at once (two databases of one name claim it together, the
+/// one deleted and the one that replaced it): each writes a temporary file of its own, and
+/// the last rename wins whole. A shared temporary name made the other rename fail (ENOENT),
+/// or renamed bytes another writer was still writing.
 pub fn write_atomic(path: &Path, data: &[u8]) -> io::Result<()> {
-    // A temporary name of its own per target: several writers of sibling files may run at once.
     let name = path
         .file_name()
         .map(|n| n.to_string_lossy().into_owned())
         .unwrap_or_default();
-    let tmp = path.with_file_name(format!(".{name}.tmp"));
-    {
-        let mut f = File::create(&tmp)?;
+    let tmp = path.with_file_name(format!(
+        ".{name}.{}.{}.tmp",
+        std::process::id(),
+        TMP_SEQ.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+    ));
+    let written = File::create(&tmp).and_then(|mut f| {
         f.write_all(data)?;
-        f.sync_all()?;
+        f.sync_all()
+    });
+    if let Err(e) = written.and_then(|()| fs::rename(&tmp, path)) {
+        let _ = fs::remove_file(&tmp);
+        return Err(e);
     }
-    fs::rename(&tmp, path)?;
     if let Some(d) = path.parent() {
         File::open(d)?.sync_all()?;
     }

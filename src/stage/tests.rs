@@ -344,3 +344,30 @@ fn a_fold_does_not_read_a_segment_being_appended() {
     assert!(next.exists(), "the segment being appended stays");
     assert_eq!(st.base_meta().unwrap().txid, 3);
 }
+
+/// Writers of one path at once each succeed, and the file ends as one of them wrote it,
+/// whole; no temporary file is left.
+#[test]
+fn write_atomic_with_writers_of_one_path_at_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("claim");
+    std::thread::scope(|s| {
+        for t in 0..8u8 {
+            let path = &path;
+            s.spawn(move || {
+                for i in 0..50u8 {
+                    let data = vec![t.wrapping_mul(31).wrapping_add(i); 4096];
+                    write_atomic(path, &data).unwrap();
+                }
+            });
+        }
+    });
+    let got = fs::read(&path).unwrap();
+    assert_eq!(got.len(), 4096);
+    assert!(got.iter().all(|b| *b == got[0]), "mixed bytes");
+    let left: Vec<_> = fs::read_dir(dir.path())
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
+    assert_eq!(left, vec![std::ffi::OsString::from("claim")]);
+}
