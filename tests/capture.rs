@@ -1151,21 +1151,17 @@ fn passthrough_per_database_setting() {
     }
 }
 
-/// The same database at `synchronous=NORMAL`, with transactions of many megabytes whose old
-/// page versions are read from the file: each checkpoint syncs the WAL first, so the watcher
-/// leaves a commit it read while a checkpoint was starting to that sync, and the database
-/// never goes blind; every sampled commit is exact.
-#[test]
-fn straight_database_larger_than_its_prefill_at_synchronous_normal() {
-    let seed = seed_for("straight_database_larger_than_its_prefill_at_synchronous_normal");
-    let mut fx = Fixture::new("straightbign", true);
+/// A mount with `--passthrough-databases` (the straight module's debug log on) holding `db`,
+/// a WAL database of 70 MiB (above `PREFILL_MAX`: not read whole when it goes straight),
+/// filled through the connection that created it (on the daemon's side).
+fn straight_db_past_prefill(name: &str, db: &str) -> Fixture {
+    let mut fx = Fixture::new(name, true);
     fx.opts.extra_args = vec!["--passthrough-databases".into()];
     fx.opts.env = vec![(
         "RUST_LOG".into(),
         "sqlfs=info,sqlfs::capture::straight=debug".into(),
     )];
     fx.mount();
-    let db = "straight_bign.db";
     let c = fresh_db(&fx.path(db), None, "WAL");
     c.execute_batch(
         "CREATE TABLE filler(b BLOB);
@@ -1173,7 +1169,53 @@ fn straight_database_larger_than_its_prefill_at_synchronous_normal() {
          INSERT INTO filler SELECT randomblob(1048576) FROM n;",
     )
     .unwrap();
-    drop(c);
+    fx
+}
+
+/// A straight database too large to be read whole when it goes straight (`base` fills page by
+/// page), at `synchronous=OFF` with checkpoints every few pages: checkpoints run ahead of
+/// capture, the database goes blind and is read whole at rest; whatever the stream skips,
+/// it never holds a state the app did not see, and it ends equal to the file.
+#[test]
+fn straight_database_larger_than_its_prefill_at_synchronous_off() {
+    let seed = seed_for("straight_database_larger_than_its_prefill_at_synchronous_off");
+    let db = "straight_big.db";
+    let fx = straight_db_past_prefill("straightbig", db);
+    let mut d = Driver::open(&fx.path(db), 1, seed, DriverCfg::default());
+    d.exec("PRAGMA synchronous=OFF; PRAGMA wal_autocheckpoint=8");
+    let mut rng = StdRng::seed_from_u64(seed);
+    for i in 0..60 {
+        d.random_txn().unwrap();
+        if i % 3 == 0 {
+            // Old pages the generation has not changed yet: read from the file.
+            let row = rng.random_range(1..=70);
+            d.exec(&format!(
+                "UPDATE filler SET b = randomblob(1048576) WHERE rowid = {row}"
+            ));
+        }
+    }
+    drop(d);
+    assert!(
+        fx.all_daemon_logs()
+            .contains(&format!("{db}: its file goes straight through")),
+        "{db} never went straight through:\n{}",
+        fx.daemon_logs()
+    );
+    let dir = fx.cli_dir();
+    let entries = check_final(&dir, &fx.path(db), db, &fx.scratch);
+    assert_gap_free(&entries, db);
+    finish(fx);
+}
+
+/// The same database at `synchronous=NORMAL`, with transactions of many megabytes whose old
+/// page versions are read from the file: each checkpoint syncs the WAL first, so the watcher
+/// leaves a commit it read while a checkpoint was starting to that sync, and the database
+/// never goes blind; every sampled commit is exact.
+#[test]
+fn straight_database_larger_than_its_prefill_at_synchronous_normal() {
+    let seed = seed_for("straight_database_larger_than_its_prefill_at_synchronous_normal");
+    let db = "straight_bign.db";
+    let fx = straight_db_past_prefill("straightbign", db);
     let mut d = Driver::open(&fx.path(db), 1, seed, DriverCfg::default());
     d.exec("PRAGMA synchronous=NORMAL; PRAGMA wal_autocheckpoint=64");
     let mut rng = StdRng::seed_from_u64(seed);
@@ -1203,55 +1245,5 @@ fn straight_database_larger_than_its_prefill_at_synchronous_normal() {
         fx.daemon_logs()
     );
     check_db(&fx, db, &samples);
-    finish(fx);
-}
-
-/// A straight database too large to be read whole when it goes straight (`base` fills page by
-/// page), at `synchronous=OFF` with checkpoints every few pages: checkpoints run ahead of
-/// capture, the database goes blind and is read whole at rest; whatever the stream skips,
-/// it never holds a state the app did not see, and it ends equal to the file.
-#[test]
-fn straight_database_larger_than_its_prefill_at_synchronous_off() {
-    let seed = seed_for("straight_database_larger_than_its_prefill_at_synchronous_off");
-    let mut fx = Fixture::new("straightbig", true);
-    fx.opts.extra_args = vec!["--passthrough-databases".into()];
-    fx.opts.env = vec![(
-        "RUST_LOG".into(),
-        "sqlfs=info,sqlfs::capture::straight=debug".into(),
-    )];
-    fx.mount();
-    let db = "straight_big.db";
-    let c = fresh_db(&fx.path(db), None, "WAL");
-    // 70 MiB through the connection that created it (on the daemon's side).
-    c.execute_batch(
-        "CREATE TABLE filler(b BLOB);
-         WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM n WHERE i < 70)
-         INSERT INTO filler SELECT randomblob(1048576) FROM n;",
-    )
-    .unwrap();
-    drop(c);
-    let mut d = Driver::open(&fx.path(db), 1, seed, DriverCfg::default());
-    d.exec("PRAGMA synchronous=OFF; PRAGMA wal_autocheckpoint=8");
-    let mut rng = StdRng::seed_from_u64(seed);
-    for i in 0..60 {
-        d.random_txn().unwrap();
-        if i % 3 == 0 {
-            // Old pages the generation has not changed yet: read from the file.
-            let row = rng.random_range(1..=70);
-            d.exec(&format!(
-                "UPDATE filler SET b = randomblob(1048576) WHERE rowid = {row}"
-            ));
-        }
-    }
-    drop(d);
-    assert!(
-        fx.all_daemon_logs()
-            .contains(&format!("{db}: its file goes straight through")),
-        "{db} never went straight through:\n{}",
-        fx.daemon_logs()
-    );
-    let dir = fx.cli_dir();
-    let entries = check_final(&dir, &fx.path(db), db, &fx.scratch);
-    assert_gap_free(&entries, db);
     finish(fx);
 }
