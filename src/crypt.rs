@@ -143,9 +143,15 @@ impl Sealer {
             .context("setting up encryption")
     }
 
-    /// Encrypts the file `src` into `dst`.
+    /// Encrypts the file `src` into a new file `dst` (one already there is replaced).
     pub fn seal_file(&self, src: &Path, dst: &Path) -> Result<()> {
-        let out = File::create(dst).with_context(|| format!("creating {}", dst.display()))?;
+        // Always a new file: one left at `dst` may be a local replica's object too (a link).
+        let _ = std::fs::remove_file(dst);
+        let out = File::options()
+            .write(true)
+            .create_new(true)
+            .open(dst)
+            .with_context(|| format!("creating {}", dst.display()))?;
         let mut w = self.encryptor()?.wrap_output(io::BufWriter::new(out))?;
         io::copy(&mut BufReader::new(File::open(src)?), &mut w)?;
         let mut inner = w.finish()?;

@@ -492,6 +492,91 @@ fn compaction_keeps_every_txid_restorable() {
     }
 }
 
+/// Large objects become the file replica's objects by a hard link to the shipper's own file
+/// (`ReplicaClient::put_new`), which the shipper then never writes in place: with large and
+/// small shipments, compaction and snapshots mixed, every object stays what it was when
+/// stored (each TXID restores exactly as staging replays it).
+#[test]
+fn large_objects_linked_into_a_file_replica_stay_intact() {
+    use std::os::unix::fs::MetadataExt;
+    let seed = seed_for("large_objects_linked_into_a_file_replica_stay_intact");
+    let mut rng = StdRng::seed_from_u64(seed);
+    let (mut fx, rdir, url) = fixture(
+        "lvl-linked",
+        &[
+            "--compaction",
+            "1s,3s",
+            "--snapshot-interval",
+            "2s",
+            "--retention",
+            "0",
+        ],
+    );
+    fx.mount();
+    let db = "app.db";
+    let c = fresh_db(&fx.path(db), "WAL");
+    c.execute_batch("CREATE TABLE big(id INTEGER PRIMARY KEY, b BLOB)")
+        .unwrap();
+    // The largest file with more than one link seen in the replica while it is written.
+    let linked = |max: &mut u64| {
+        let mut stack = vec![rdir.clone()];
+        while let Some(d) = stack.pop() {
+            for e in fs::read_dir(&d).into_iter().flatten().flatten() {
+                let Ok(m) = e.metadata() else { continue };
+                if m.is_dir() {
+                    stack.push(e.path());
+                } else if m.nlink() > 1 {
+                    *max = (*max).max(m.len());
+                }
+            }
+        }
+    };
+    let mut max_linked = 0;
+    for round in 0..12 {
+        // A large transaction (an object of its own, over 1 MiB), then a few small ones
+        // (small objects, whose file the shipper reuses).
+        let rows = if round % 3 == 2 { 1 } else { 24 };
+        c.execute_batch("BEGIN").unwrap();
+        for _ in 0..rows {
+            let mut b = vec![0u8; 100_000];
+            rng.fill(&mut b[..]);
+            c.execute("INSERT INTO big(b) VALUES (?1)", [&b]).unwrap();
+        }
+        c.execute_batch("COMMIT").unwrap();
+        for i in 0..3 {
+            c.execute(
+                "INSERT INTO big(b) VALUES (?1)",
+                [&vec![round as u8 + i; 300]],
+            )
+            .unwrap();
+        }
+        if round % 4 == 3 {
+            c.execute("DELETE FROM big WHERE id % 3 = ?1", [round % 3])
+                .unwrap();
+        }
+        sleep_ms(400);
+        linked(&mut max_linked);
+    }
+    drop(c);
+    let last = wait_shipped(&fx, &rdir, db);
+    let id = db_id(&rdir, db);
+    wait_cond("a level-2 object", Duration::from_secs(30), || {
+        !compacted(&rdir, &id, 2).is_empty()
+    });
+    linked(&mut max_linked);
+    sleep_ms(1500);
+    fx.unmount();
+    assert!(
+        max_linked >= 1 << 20,
+        "no large object was linked into the replica (largest linked: {max_linked} bytes)"
+    );
+    let dir = fx.cli_dir();
+    for t in 1..=last {
+        restore_vs_replay(&url, &dir, db, Some(t), &fx.scratch);
+    }
+    assert_eq!(restore_vs_replay(&url, &dir, db, None, &fx.scratch), last);
+}
+
 /// The chain from TXID 1 is still in the replica (retention 0), `sqlfs list` says the window
 /// starts at TXID 1, and TXIDs before the first interval snapshot restore from that chain.
 #[test]

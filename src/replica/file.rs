@@ -5,16 +5,25 @@
 //!   its own — unique per call, so concurrent writers never share one —, fsynced, then
 //!   hard-linked into place — the link fails if the key exists, which is the fence — and the
 //!   directory fsynced).
+//! - A source of [`LINK_MIN`] bytes or more on the replica's own filesystem is not copied: it
+//!   is fsynced and hard-linked into place itself (the same fence), so the object and the
+//!   caller's file are one inode from then on. The contract of
+//!   [`put_new`](ReplicaClient::put_new) forbids callers to write such a file in place.
 //! - Every key passes [`check_key`] before it becomes a path: no key reaches outside the
 //!   directory, and the temporary names (`.tmp-…`) are never keys.
 //! - A path that is a directory is no key (missing to `get`, `get_range` and `delete`).
 
 use std::fs::{self, File};
 use std::io;
+use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use super::{check_key, Listed, ReplicaClient, ReplicaError, Result};
+
+/// Smallest source `put_new` links instead of copying. Below it a copy costs little, and the
+/// caller's file stays its own to write again (the shipper reuses small objects' files).
+pub const LINK_MIN: u64 = 1 << 20;
 
 /// Makes temporary names unique within the process (the process id, across processes).
 static TMP_SEQ: AtomicU64 = AtomicU64::new(0);
@@ -81,6 +90,40 @@ impl FileReplica {
         Ok(tmp)
     }
 
+    /// `put_new` of a large `src` on this replica's filesystem: `src` made durable and linked
+    /// as `dst` itself. `None` if it cannot be (small, another filesystem, no hard links
+    /// there): the caller copies it instead.
+    fn link_new(&self, dst: &Path, key: &str, src: &Path) -> Option<Result<()>> {
+        let f = File::open(src).ok()?;
+        let m = f.metadata().ok()?;
+        let dir = dst.parent().unwrap_or(&self.root);
+        if !m.is_file() || m.len() < LINK_MIN {
+            return None;
+        }
+        if let Err(e) = fs::create_dir_all(dir) {
+            return Some(Err(self.err("create directory for", key)(e)));
+        }
+        if fs::metadata(dir).ok()?.dev() != m.dev() {
+            return None;
+        }
+        if let Err(e) = f.sync_all() {
+            return Some(Err(self.err("sync", key)(e)));
+        }
+        match fs::hard_link(src, dst) {
+            Ok(()) => Some(self.sync_dir(dst, key)),
+            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {
+                Some(Err(ReplicaError::Exists(key.to_string())))
+            }
+            Err(e) => {
+                log::debug!(
+                    "{}: linking {key} failed ({e}); copying it",
+                    self.describe()
+                );
+                None
+            }
+        }
+    }
+
     fn sync_dir(&self, dst: &Path, key: &str) -> Result<()> {
         let dir = dst.parent().unwrap_or(&self.root);
         File::open(dir)
@@ -96,6 +139,9 @@ impl ReplicaClient for FileReplica {
 
     fn put_new(&self, key: &str, src: &Path) -> Result<()> {
         let dst = self.path("put_new", key)?;
+        if let Some(res) = self.link_new(&dst, key, src) {
+            return res;
+        }
         let tmp = self.stage(&dst, key, |f| {
             io::copy(&mut File::open(src)?, f).map(|_| ())
         })?;
@@ -231,4 +277,56 @@ impl ReplicaClient for FileReplica {
 fn is_missing(e: &io::Error) -> bool {
     // ENOTDIR: a key below a key (`a/b/c` where `a/b` is an object).
     e.kind() == io::ErrorKind::NotFound || e.raw_os_error() == Some(libc::ENOTDIR)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A large source on the replica's filesystem becomes the object itself (one inode, two
+    /// names), under the same fence; a small one, or one on another filesystem, is copied.
+    #[test]
+    fn put_new_links_a_large_source_and_copies_others() {
+        let d = tempfile::tempdir().unwrap();
+        let r = FileReplica::new(d.path().join("r"));
+        let big = d.path().join("big");
+        fs::write(&big, vec![7u8; LINK_MIN as usize]).unwrap();
+        r.put_new("a/big", &big).unwrap();
+        let obj = d.path().join("r/a/big");
+        assert_eq!(
+            fs::metadata(&obj).unwrap().ino(),
+            fs::metadata(&big).unwrap().ino()
+        );
+        assert_eq!(fs::metadata(&big).unwrap().nlink(), 2);
+
+        let other = d.path().join("other");
+        fs::write(&other, vec![8u8; LINK_MIN as usize]).unwrap();
+        assert!(matches!(
+            r.put_new("a/big", &other),
+            Err(ReplicaError::Exists(_))
+        ));
+        assert_eq!(fs::read(&obj).unwrap(), vec![7u8; LINK_MIN as usize]);
+        assert_eq!(fs::metadata(&other).unwrap().nlink(), 1);
+
+        let small = d.path().join("small");
+        fs::write(&small, b"small").unwrap();
+        r.put_new("a/small", &small).unwrap();
+        assert_eq!(fs::metadata(&small).unwrap().nlink(), 1);
+        assert_eq!(fs::read(d.path().join("r/a/small")).unwrap(), b"small");
+
+        // Another filesystem (a tmpfs, where there is one): copied.
+        let Ok(shm) = tempfile::tempdir_in("/dev/shm") else {
+            return;
+        };
+        let far = shm.path().join("far");
+        fs::write(&far, vec![9u8; LINK_MIN as usize]).unwrap();
+        if fs::metadata(&far).unwrap().dev() != fs::metadata(d.path()).unwrap().dev() {
+            r.put_new("a/far", &far).unwrap();
+            assert_eq!(fs::metadata(&far).unwrap().nlink(), 1);
+            assert_eq!(
+                fs::read(d.path().join("r/a/far")).unwrap(),
+                fs::read(&far).unwrap()
+            );
+        }
+    }
 }

@@ -85,7 +85,9 @@ pub trait ReplicaClient: Send + Sync {
     /// The fence: stores the file `src` as `key` only if `key` does not exist, else
     /// `Err(Exists(key))` with the stored object unchanged. Atomic: of concurrent `put_new`s
     /// of one key (from any clients), exactly one succeeds; readers see the whole object or
-    /// no key, never part of it.
+    /// no key, never part of it. `src` is not changed, but a store on the same filesystem
+    /// may keep that file itself as the object (a hard link, not a copy): a caller must never
+    /// write in place a file whose link count is above one.
     fn put_new(&self, key: &str, src: &Path) -> Result<()>;
     /// Stores `data` as `key`, replacing any object there (whole, atomically for readers).
     fn put(&self, key: &str, data: &[u8]) -> Result<()>;

@@ -385,14 +385,8 @@ impl Shipper {
         let tmp = db.stage.dir().join(format!("outbox.{}.tmp", self.rid));
         let res = self.ship_db_via(name, db, &tmp);
         let big = fs::metadata(&tmp).is_ok_and(|m| m.len() > OUTBOX_KEEP);
-        if big {
-            let emptied = fs::OpenOptions::new()
-                .write(true)
-                .open(&tmp)
-                .and_then(|f| f.set_len(0));
-            if emptied.is_err() {
-                let _ = fs::remove_file(&tmp);
-            }
+        if big && spare::empty_own(&tmp).is_err() {
+            let _ = fs::remove_file(&tmp);
         }
         res
     }

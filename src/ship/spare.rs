@@ -14,9 +14,15 @@
 //!
 //! A spare holds nothing: it is truncated before it is renamed, and truncated again when
 //! reused (a crash between the two leaves a file whose bytes nothing reads).
+//!
+//! A file with more than one link is never written in place, reused or made a spare: a
+//! replica on this filesystem keeps a large object as a link to the shipper's own file
+//! (`ReplicaClient::put_new`), so writing that file would change the replica's object. Such
+//! a file is deleted when it is no longer needed, and the next object is built in another.
 
 use std::fs::{self, OpenOptions};
 use std::io;
+use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 
 use super::{outbox, Shipper};
@@ -50,8 +56,11 @@ impl Shipper {
     /// with the bytes of the last object if it was small), else a spare of `db`'s renamed into
     /// place, else a new file.
     pub(super) fn fresh_file(&self, db: &Db, tmp: &Path) -> io::Result<fs::File> {
-        if let Ok(f) = OpenOptions::new().read(true).write(true).open(tmp) {
-            return Ok(f);
+        match OpenOptions::new().read(true).write(true).open(tmp) {
+            Ok(f) if !shared(&f) => return Ok(f),
+            // The last object built here is a local replica's now: build in another file.
+            Ok(_) => fs::remove_file(tmp)?,
+            Err(_) => {}
         }
         let spare = self
             .maint
@@ -83,10 +92,7 @@ impl Shipper {
         let kept = n.is_some_and(|n| {
             let dir = self.objects_dir(db);
             let _ = fs::create_dir_all(&dir);
-            OpenOptions::new()
-                .write(true)
-                .open(path)
-                .and_then(|f| f.set_len(0))
+            empty_own(path)
                 .and_then(|()| fs::rename(path, self.spare_path(db, n)))
                 .is_ok()
         });
@@ -96,5 +102,42 @@ impl Shipper {
             }
             let _ = fs::remove_file(path);
         }
+    }
+}
+
+/// True if `f` has other names: a local replica keeps it as an object (see the module's
+/// doc). Such a file is never written in place.
+pub(super) fn shared(f: &fs::File) -> bool {
+    f.metadata().is_ok_and(|m| m.nlink() > 1)
+}
+
+/// Truncates the file at `path` to nothing, unless it is [`shared`] (an error then: the
+/// caller deletes it instead).
+pub(super) fn empty_own(path: &Path) -> io::Result<()> {
+    let f = OpenOptions::new().write(true).open(path)?;
+    if shared(&f) {
+        return Err(io::Error::other("a replica's object too"));
+    }
+    f.set_len(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A file with a second name (a local replica's object) is never emptied in place.
+    #[test]
+    fn a_shared_file_is_not_emptied() {
+        let d = tempfile::tempdir().unwrap();
+        let (own, other) = (d.path().join("own"), d.path().join("other"));
+        fs::write(&own, b"object").unwrap();
+        assert!(!shared(&fs::File::open(&own).unwrap()));
+        fs::hard_link(&own, &other).unwrap();
+        assert!(shared(&fs::File::open(&own).unwrap()));
+        assert!(empty_own(&own).is_err());
+        assert_eq!(fs::read(&other).unwrap(), b"object");
+        fs::remove_file(&other).unwrap();
+        empty_own(&own).unwrap();
+        assert_eq!(fs::metadata(&own).unwrap().len(), 0);
     }
 }
