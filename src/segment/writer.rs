@@ -93,6 +93,11 @@ pub struct ObjectWriter {
     buf: Vec<u8>,
     /// Record bytes received so far, `buf` included.
     raw: u64,
+    /// The last frame compressed did not compress ([`INCOMPRESSIBLE_PCT`]): the next one is
+    /// sampled first, and stored raw if its sample does not compress either.
+    sample_next: bool,
+    /// Frames stored raw so far, without compressing them.
+    stored_raw: u32,
     /// Index entries whose frame is not cut yet: page number, TXID, position of the page
     /// among the record bytes.
     unresolved: Vec<(u32, u64, u64)>,
@@ -148,6 +153,8 @@ impl ObjectWriter {
             pos: HEADER as u64,
             buf: Vec::new(),
             raw: 0,
+            sample_next: false,
+            stored_raw: 0,
             unresolved: Vec::new(),
             cuts: Vec::new(),
             frames: Vec::new(),
@@ -160,7 +167,14 @@ impl ObjectWriter {
         if self.buf.is_empty() {
             return Ok(());
         }
-        let z = self.zstd.get(self.buf.len())?.compress(&self.buf)?;
+        let z = if self.sample_next && !self.sample_compresses()? {
+            self.stored_raw += 1;
+            raw_frame(&self.buf)?
+        } else {
+            let z = self.zstd.get(self.buf.len())?.compress(&self.buf)?;
+            self.sample_next = !compressed(z.len(), self.buf.len());
+            z
+        };
         self.put(&z)?;
         let too_big = || io::Error::other("a frame of more than 4 GiB");
         let zlen = u32::try_from(z.len()).map_err(|_| too_big())?;
@@ -181,6 +195,28 @@ impl ObjectWriter {
         self.pos += len;
         self.buf.clear();
         Ok(())
+    }
+
+    /// Frames stored raw so far, without compressing them.
+    #[cfg(test)]
+    pub(crate) fn frames_stored_raw(&self) -> u32 {
+        self.stored_raw
+    }
+
+    /// True if [`SAMPLE_SLICES`] slices of [`SAMPLE_SLICE`] bytes spread over the gathered
+    /// frame compress; a frame too small to sample counts as compressing.
+    fn sample_compresses(&mut self) -> io::Result<bool> {
+        let n = self.buf.len();
+        if n < 2 * SAMPLE_SLICES * SAMPLE_SLICE {
+            return Ok(true);
+        }
+        let mut sample = Vec::with_capacity(SAMPLE_SLICES * SAMPLE_SLICE);
+        for i in 0..SAMPLE_SLICES {
+            let at = i * (n / SAMPLE_SLICES);
+            sample.extend_from_slice(&self.buf[at..at + SAMPLE_SLICE]);
+        }
+        let z = self.zstd.get(sample.len())?.compress(&sample)?;
+        Ok(compressed(z.len(), sample.len()))
     }
 
     /// Appends `b` to the object: in memory while it stays within [`MEM_MAX`], else to the
@@ -370,6 +406,45 @@ pub(crate) const MEM_MAX: usize = 1 << 20;
 
 /// Bytes reserved for an object built in memory at first.
 const MEM_START: usize = 16 << 10;
+
+/// A frame (or sample) compressed to this many hundredths of its size or more did not
+/// compress: the next frame is sampled before it is compressed.
+const INCOMPRESSIBLE_PCT: usize = 97;
+/// Sampling a frame: this many slices of [`SAMPLE_SLICE`] bytes, spread evenly over it
+/// (1/16 of a frame of 256 4-KiB pages).
+const SAMPLE_SLICES: usize = 4;
+const SAMPLE_SLICE: usize = 16 << 10;
+/// Largest block of a raw frame (zstd's block maximum).
+const RAW_BLOCK: usize = 128 << 10;
+
+/// True if `z` bytes compressed from `raw` bytes are worth it (see [`INCOMPRESSIBLE_PCT`]).
+fn compressed(z: usize, raw: usize) -> bool {
+    z * 100 < raw * INCOMPRESSIBLE_PCT
+}
+
+/// `b` as one zstd frame of raw (stored) blocks, made without compressing: any zstd
+/// decoder reads `b` back from it. Layout (RFC 8878): magic `28 B5 2F FD`; frame header
+/// descriptor `0xA0` (single segment, 4-byte content size, no checksum, no dictionary); the
+/// content size, u32 little-endian; then blocks of at most [`RAW_BLOCK`] bytes, each a 3-byte
+/// little-endian header (bit 0: last block, bits 1-2: type 0 = raw, bits 3-23: size) and the
+/// bytes themselves; an empty `b` is one empty last block.
+pub(crate) fn raw_frame(b: &[u8]) -> io::Result<Vec<u8>> {
+    let n = u32::try_from(b.len()).map_err(|_| io::Error::other("a frame of more than 4 GiB"))?;
+    let mut z = Vec::with_capacity(b.len() + 9 + 3 * (b.len() / RAW_BLOCK + 1));
+    z.extend_from_slice(&0xFD2F_B528u32.to_le_bytes());
+    z.push(0xA0);
+    z.extend_from_slice(&n.to_le_bytes());
+    if b.is_empty() {
+        z.extend_from_slice(&[1, 0, 0]);
+    }
+    let mut blocks = b.chunks(RAW_BLOCK).peekable();
+    while let Some(c) = blocks.next() {
+        let h = (c.len() as u32) << 3 | u32::from(blocks.peek().is_none());
+        z.extend_from_slice(&h.to_le_bytes()[..3]);
+        z.extend_from_slice(c);
+    }
+    Ok(z)
+}
 
 /// Pages per zstd frame: a page is read by decompressing at most this many.
 const FRAME_PAGES: u64 = 256;
