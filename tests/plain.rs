@@ -379,3 +379,75 @@ fn sqlite_cannot_write_beside_a_straight_writer() {
     fx.unmount();
     assert_verify(&fx.backing);
 }
+
+/// A database opened for writing while the straight writer that copied it in is still open
+/// waits for that writer's close to reach the daemon, then opens through sqlfs. The open
+/// used to hold that very writer's handle while it waited (as the file it reopens), so the
+/// wait always ran out and SQLite, refused (EBUSY), fell back to read-only ("attempt to write
+/// a readonly database"), as a copy-then-open of SQLite's own test suite showed.
+#[test]
+fn a_database_opened_as_its_straight_writer_closes_is_not_refused() {
+    let mut fx = Fixture::new("plainclose", false);
+    fx.mount();
+    let image = native_db(&fx.scratch_path("src.db"), 50);
+    for round in 0..3 {
+        let name = format!("closing{round}.db");
+        let w = fs::OpenOptions::new()
+            .create(true)
+            .write(true)
+            .truncate(true)
+            .open(fx.path(&name))
+            .unwrap();
+        w.write_all_at(&image, 0).unwrap();
+        w.sync_all().unwrap();
+        let path = fx.path(&name);
+        let app = std::thread::spawn(move || {
+            Connection::open(&path).and_then(|c| c.execute("INSERT INTO t(v) VALUES ('x')", []))
+        });
+        // The app's open reaches the daemon and waits there for this writer to go.
+        std::thread::sleep(Duration::from_millis(100));
+        drop(w);
+        let r = app.join().unwrap();
+        assert!(
+            r.is_ok(),
+            "round {round}: SQLite could not write {name}: {r:?}"
+        );
+        let e = staged(&fx, &name);
+        assert_gap_free(&e, &name);
+        assert_last_staged_is(
+            &fx,
+            &name,
+            &fs::read(fx.path(&name)).unwrap(),
+            "after SQLite",
+        );
+    }
+    fx.assert_verify();
+    fx.unmount();
+    assert_verify(&fx.backing);
+}
+
+/// A journal copied in right after its database (`cp` of both) waits for the database
+/// writer's close to reach the daemon (the kernel tells of a close after close returns)
+/// instead of being refused at once (EBUSY).
+#[test]
+fn a_journal_created_as_its_database_writer_closes_is_not_refused() {
+    let mut fx = Fixture::new("plainjournal", false);
+    fx.mount();
+    let image = native_db(&fx.scratch_path("src.db"), 50);
+    let w = fs::OpenOptions::new()
+        .create(true)
+        .write(true)
+        .truncate(true)
+        .open(fx.path("pair.db"))
+        .unwrap();
+    w.write_all_at(&image, 0).unwrap();
+    w.sync_all().unwrap();
+    let journal = fx.path("pair.db-journal");
+    let copy = std::thread::spawn(move || fs::write(&journal, [0u8; 512]));
+    std::thread::sleep(Duration::from_millis(100));
+    drop(w);
+    let r = copy.join().unwrap();
+    assert!(r.is_ok(), "the journal could not be created: {r:?}");
+    fs::remove_file(fx.path("pair.db-journal")).unwrap();
+    fx.unmount();
+}

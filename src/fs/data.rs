@@ -135,6 +135,10 @@ impl SqlFs {
             }
             // The pinned file itself, opened anew with the app's flags.
             let f = backing::reopen(pin.fd(), Self::open_flags(flags.0)).map_err(errno)?;
+            // The pin may be another handle on this inode, which `route` may wait to see
+            // released: holding it here would keep that handle (and its passthrough) alive
+            // through the whole wait.
+            drop(pin);
             let usage = name.and_then(|r| {
                 if trunc {
                     self.capture.after_truncate(r, 0);

@@ -258,7 +258,17 @@ impl SqlFs {
             return false;
         };
         let ino = self.ino_of(&st);
-        let blocked = self.handles.read().all_on(ino).any(|h| h.plain_writer);
+        // A writer that was just closed is forgotten when the kernel's release of it arrives,
+        // after close(2) returned: a journal copied in right after its database (`cp` of
+        // both) waits for that release a moment, as `route` does, before it is refused.
+        let deadline = Instant::now() + RELEASE_GRACE;
+        let blocked = loop {
+            let blocked = self.handles.read().all_on(ino).any(|h| h.plain_writer);
+            if !blocked || Instant::now() >= deadline {
+                break blocked;
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        };
         if blocked {
             log::warn!(
                 "{}: refusing to open it while another process writes its database past sqlfs (EBUSY)",
