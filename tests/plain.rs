@@ -451,3 +451,40 @@ fn a_journal_created_as_its_database_writer_closes_is_not_refused() {
     fs::remove_file(fx.path("pair.db-journal")).unwrap();
     fx.unmount();
 }
+
+/// An empty file SQLite opens read-write while the process that created it is closing it
+/// waits for that close to reach the daemon, then goes through sqlfs: joining the closing
+/// writer's straight handle would have made SQLite's own handle a writer past sqlfs, and
+/// its journal could then never be opened ("unable to open database file").
+#[test]
+fn an_empty_file_opened_by_sqlite_as_its_creator_closes_becomes_a_database() {
+    let mut fx = Fixture::new("plainempty", false);
+    fx.mount();
+    for round in 0..3 {
+        let name = format!("empty{round}.db");
+        let w = fs::File::create(fx.path(&name)).unwrap();
+        let path = fx.path(&name);
+        let app = std::thread::spawn(move || {
+            Connection::open(&path)
+                .and_then(|c| c.execute_batch("CREATE TABLE t(x); INSERT INTO t VALUES (1);"))
+        });
+        std::thread::sleep(Duration::from_millis(100));
+        drop(w);
+        let r = app.join().unwrap();
+        assert!(
+            r.is_ok(),
+            "round {round}: SQLite could not write {name}: {r:?}"
+        );
+        let e = staged(&fx, &name);
+        assert_gap_free(&e, &name);
+        assert_last_staged_is(
+            &fx,
+            &name,
+            &fs::read(fx.path(&name)).unwrap(),
+            "after SQLite",
+        );
+    }
+    fx.assert_verify();
+    fx.unmount();
+    assert_verify(&fx.backing);
+}

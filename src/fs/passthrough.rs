@@ -126,10 +126,16 @@ impl SqlFs {
         let kind = rel.map(|r| self.kind(r));
         let plain = matches!(kind, Some(Kind::Plain { .. }));
         let db_write = matches!(kind, Some(Kind::Plain { db: true })) && writable;
+        // An empty file opened read-write: SQLite making it a database. Joining a straight
+        // writer would make this handle one too, and SQLite could then open no journal.
+        let may_become_db = matches!(kind, Some(Kind::Plain { db: false }))
+            && acc == libc::O_RDWR
+            && fstat(f.as_raw_fd()).is_ok_and(|st| st.st_size == 0);
         // A straight handle that was just closed is forgotten when the kernel's release of it
         // arrives, which it sends after close(2) returned: a database opened for writing right
-        // after a copy into it (`cp`, then SQLite) waits for that release a moment, on another
-        // request thread, before it is refused.
+        // after a copy into it (`cp`, then SQLite), or an empty file SQLite opens right after
+        // another process created it, waits for that release a moment, on another request
+        // thread, before it is refused (a database) or joins the straight handles (a file).
         let deadline = Instant::now() + RELEASE_GRACE;
         let (mut ids, joined, straight_db) = loop {
             let ids = self.backing_ids.lock();
@@ -141,7 +147,8 @@ impl SqlFs {
                     .read()
                     .all_on(ino)
                     .any(|h| h.straight.is_some());
-            if joined.is_some() && db_write && !straight_db && Instant::now() < deadline {
+            let waits = db_write || may_become_db;
+            if joined.is_some() && waits && !straight_db && Instant::now() < deadline {
                 drop(joined);
                 drop(ids);
                 std::thread::sleep(Duration::from_millis(5));
