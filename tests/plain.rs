@@ -380,46 +380,75 @@ fn sqlite_cannot_write_beside_a_straight_writer() {
     assert_verify(&fx.backing);
 }
 
+/// `image` written into a new file `name` of the mount through a write-only handle (straight
+/// through) and fsynced; the handle is returned open.
+fn copied_in(fx: &Fixture, name: &str, image: &[u8]) -> fs::File {
+    let w = fs::OpenOptions::new()
+        .create(true)
+        .write(true)
+        .truncate(true)
+        .open(fx.path(name))
+        .unwrap();
+    w.write_all_at(image, 0).unwrap();
+    w.sync_all().unwrap();
+    w
+}
+
+/// Runs `op` on another thread while `writer` is still open, closes `writer` 100 ms later
+/// (by then `op`'s request waits in the daemon for that close to arrive), and returns what
+/// `op` returned.
+fn while_writer_closes<T: Send + 'static>(
+    writer: fs::File,
+    op: impl FnOnce() -> T + Send + 'static,
+) -> T {
+    let t = std::thread::spawn(op);
+    std::thread::sleep(Duration::from_millis(100));
+    drop(writer);
+    t.join().unwrap()
+}
+
+/// `db`'s staged stream has no gap and replays to what its file holds now.
+fn assert_staged_is_file(fx: &Fixture, db: &str) {
+    assert_gap_free(&staged(fx, db), db);
+    assert_last_staged_is(fx, db, &fs::read(fx.path(db)).unwrap(), "after SQLite");
+}
+
 /// A database opened for writing while the straight writer that copied it in is still open
 /// waits for that writer's close to reach the daemon, then opens through sqlfs. The open
 /// used to hold that very writer's handle while it waited (as the file it reopens), so the
 /// wait always ran out and SQLite, refused (EBUSY), fell back to read-only ("attempt to write
-/// a readonly database"), as a copy-then-open of SQLite's own test suite showed.
+/// a readonly database"), as a copy-then-open of SQLite's own test suite showed. Likewise an
+/// empty file SQLite opens read-write as the process that created it closes it: joining that
+/// writer's straight handle would have made SQLite's own handle a writer past sqlfs, whose
+/// journal could then never be opened ("unable to open database file").
 #[test]
-fn a_database_opened_as_its_straight_writer_closes_is_not_refused() {
+fn sqlite_opening_a_file_as_its_straight_writer_closes_writes_through_sqlfs() {
     let mut fx = Fixture::new("plainclose", false);
     fx.mount();
     let image = native_db(&fx.scratch_path("src.db"), 50);
     for round in 0..3 {
         let name = format!("closing{round}.db");
-        let w = fs::OpenOptions::new()
-            .create(true)
-            .write(true)
-            .truncate(true)
-            .open(fx.path(&name))
-            .unwrap();
-        w.write_all_at(&image, 0).unwrap();
-        w.sync_all().unwrap();
         let path = fx.path(&name);
-        let app = std::thread::spawn(move || {
+        let r = while_writer_closes(copied_in(&fx, &name, &image), move || {
             Connection::open(&path).and_then(|c| c.execute("INSERT INTO t(v) VALUES ('x')", []))
         });
-        // The app's open reaches the daemon and waits there for this writer to go.
-        std::thread::sleep(Duration::from_millis(100));
-        drop(w);
-        let r = app.join().unwrap();
         assert!(
             r.is_ok(),
             "round {round}: SQLite could not write {name}: {r:?}"
         );
-        let e = staged(&fx, &name);
-        assert_gap_free(&e, &name);
-        assert_last_staged_is(
-            &fx,
-            &name,
-            &fs::read(fx.path(&name)).unwrap(),
-            "after SQLite",
+        assert_staged_is_file(&fx, &name);
+
+        let name = format!("empty{round}.db");
+        let path = fx.path(&name);
+        let r = while_writer_closes(fs::File::create(&path).unwrap(), move || {
+            Connection::open(&path)
+                .and_then(|c| c.execute_batch("CREATE TABLE t(x); INSERT INTO t VALUES (1);"))
+        });
+        assert!(
+            r.is_ok(),
+            "round {round}: SQLite could not write {name}: {r:?}"
         );
+        assert_staged_is_file(&fx, &name);
     }
     fx.assert_verify();
     fx.unmount();
@@ -434,57 +463,11 @@ fn a_journal_created_as_its_database_writer_closes_is_not_refused() {
     let mut fx = Fixture::new("plainjournal", false);
     fx.mount();
     let image = native_db(&fx.scratch_path("src.db"), 50);
-    let w = fs::OpenOptions::new()
-        .create(true)
-        .write(true)
-        .truncate(true)
-        .open(fx.path("pair.db"))
-        .unwrap();
-    w.write_all_at(&image, 0).unwrap();
-    w.sync_all().unwrap();
     let journal = fx.path("pair.db-journal");
-    let copy = std::thread::spawn(move || fs::write(&journal, [0u8; 512]));
-    std::thread::sleep(Duration::from_millis(100));
-    drop(w);
-    let r = copy.join().unwrap();
+    let r = while_writer_closes(copied_in(&fx, "pair.db", &image), move || {
+        fs::write(&journal, [0u8; 512])
+    });
     assert!(r.is_ok(), "the journal could not be created: {r:?}");
     fs::remove_file(fx.path("pair.db-journal")).unwrap();
     fx.unmount();
-}
-
-/// An empty file SQLite opens read-write while the process that created it is closing it
-/// waits for that close to reach the daemon, then goes through sqlfs: joining the closing
-/// writer's straight handle would have made SQLite's own handle a writer past sqlfs, and
-/// its journal could then never be opened ("unable to open database file").
-#[test]
-fn an_empty_file_opened_by_sqlite_as_its_creator_closes_becomes_a_database() {
-    let mut fx = Fixture::new("plainempty", false);
-    fx.mount();
-    for round in 0..3 {
-        let name = format!("empty{round}.db");
-        let w = fs::File::create(fx.path(&name)).unwrap();
-        let path = fx.path(&name);
-        let app = std::thread::spawn(move || {
-            Connection::open(&path)
-                .and_then(|c| c.execute_batch("CREATE TABLE t(x); INSERT INTO t VALUES (1);"))
-        });
-        std::thread::sleep(Duration::from_millis(100));
-        drop(w);
-        let r = app.join().unwrap();
-        assert!(
-            r.is_ok(),
-            "round {round}: SQLite could not write {name}: {r:?}"
-        );
-        let e = staged(&fx, &name);
-        assert_gap_free(&e, &name);
-        assert_last_staged_is(
-            &fx,
-            &name,
-            &fs::read(fx.path(&name)).unwrap(),
-            "after SQLite",
-        );
-    }
-    fx.assert_verify();
-    fx.unmount();
-    assert_verify(&fx.backing);
 }

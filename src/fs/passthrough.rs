@@ -128,9 +128,11 @@ impl SqlFs {
         let db_write = matches!(kind, Some(Kind::Plain { db: true })) && writable;
         // An empty file opened read-write: SQLite making it a database. Joining a straight
         // writer would make this handle one too, and SQLite could then open no journal.
-        let may_become_db = matches!(kind, Some(Kind::Plain { db: false }))
-            && acc == libc::O_RDWR
-            && fstat(f.as_raw_fd()).is_ok_and(|st| st.st_size == 0);
+        let empty = match kind {
+            Some(Kind::Plain { db: false }) => fstat(f.as_raw_fd()).map_err(errno)?.st_size == 0,
+            _ => false,
+        };
+        let may_become_db = empty && acc == libc::O_RDWR;
         // A straight handle that was just closed is forgotten when the kernel's release of it
         // arrives, which it sends after close(2) returned: a database opened for writing right
         // after a copy into it (`cp`, then SQLite), or an empty file SQLite opens right after
@@ -195,12 +197,10 @@ impl SqlFs {
                     && capture::shows_wal_mode(&f)
             }
             Kind::Plain { db: false } => {
-                let empty = fstat(f.as_raw_fd()).map_err(errno)?.st_size == 0;
-                let sqlite_could_write = acc == libc::O_RDWR && empty;
                 // An empty file read through sqlfs costs nothing, and keeps the inode free
                 // for a read-write open that may make it a database.
                 let pointless = acc == libc::O_RDONLY && empty;
-                !sqlite_could_write
+                !may_become_db
                     && !pointless
                     && !self.written_through.as_ref().is_some_and(|w| w(rel))
             }

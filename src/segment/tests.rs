@@ -295,19 +295,9 @@ fn small_objects_are_built_in_memory_large_ones_in_their_file() {
         let mut w =
             ObjectWriter::new(tempfile::tempfile().unwrap(), ObjKind::Segment, 0, "00").unwrap();
         // Pages that do not compress: the object is about as large as its pages.
-        let mut x = 0x9e37_79b9_7f4a_7c15u64;
+        let mut noise = noise(0x9e37_79b9_7f4a_7c15);
         w.add(&h, |emit| {
-            (1..=pages).try_for_each(|p| {
-                let page: Vec<u8> = (0..ps)
-                    .map(|_| {
-                        x ^= x << 13;
-                        x ^= x >> 7;
-                        x ^= x << 17;
-                        x as u8
-                    })
-                    .collect();
-                emit(p, &page)
-            })
+            (1..=pages).try_for_each(|p| emit(p, &(0..ps).map(|_| noise()).collect::<Vec<u8>>()))
         })
         .unwrap();
         let (hdr, f, bytes) = w.finish_with_bytes().unwrap();
@@ -324,19 +314,22 @@ fn small_objects_are_built_in_memory_large_ones_in_their_file() {
     assert!(bytes.is_none());
 }
 
+/// Bytes that do not compress (xorshift64 from `seed`).
+fn noise(mut x: u64) -> impl FnMut() -> u8 {
+    move || {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        x as u8
+    }
+}
+
 /// `writer::raw_frame` is a zstd frame every decoder reads back, at every block boundary.
 #[test]
 fn raw_frames_decode_as_zstd() {
-    let mut x = 0x9E37_79B9_7F4A_7C15u64;
+    let mut noise = noise(0x9E37_79B9_7F4A_7C15);
     for n in [0usize, 1, 4096, 128 << 10, (128 << 10) + 1, (1 << 20) + 7] {
-        let b: Vec<u8> = (0..n)
-            .map(|_| {
-                x ^= x << 13;
-                x ^= x >> 7;
-                x ^= x << 17;
-                x as u8
-            })
-            .collect();
+        let b: Vec<u8> = (0..n).map(|_| noise()).collect();
         let z = writer::raw_frame(&b).unwrap();
         assert_eq!(
             zstd::stream::decode_all(&z[..]).unwrap(),
@@ -352,13 +345,7 @@ fn raw_frames_decode_as_zstd() {
 #[test]
 fn incompressible_frames_are_stored_raw() {
     let ps = 4096usize;
-    let mut x = 0x2545_F491_4F6C_DD1Du64;
-    let mut noise = || {
-        x ^= x << 13;
-        x ^= x >> 7;
-        x ^= x << 17;
-        x as u8
-    };
+    let mut noise = noise(0x2545_F491_4F6C_DD1D);
     // 256 pages a frame, each cut as its last page is added: frames 0-2 random, 3-4
     // compressible, 5-7 random. Frames 1, 2, 6 and 7 are stored raw; 0 and 5 are tried.
     let pages: Vec<Vec<u8>> = (0..8 * 256u32)
