@@ -69,6 +69,47 @@ fn applier_matches_record_by_record() {
     }
 }
 
+/// Runs of consecutive pages are written together, split at [`apply::RUN_PAGES`] and at
+/// every gap, and land where writing them one by one would put them.
+#[test]
+fn applier_writes_runs_of_pages_at_their_places() {
+    let f = tempfile::tempfile().unwrap();
+    let mut a = Applier::new(&f, &BaseMeta::default());
+    a.limit = 64 << 20;
+    let run = apply::RUN_PAGES as u32;
+    // (first page, pages) of each run, with gaps between them.
+    let runs = [
+        (1, run - 1),
+        (run + 1, run),
+        (2 * run + 2, run + 1),
+        (3 * run + 9, 3 * run),
+    ];
+    let size = 6 * run + 20;
+    let mut model = vec![0u8; size as usize * 512];
+    let mut pages = Vec::new();
+    for &(first, n) in &runs {
+        for p in first..first + n {
+            let img: Vec<u8> = (0..512u32).map(|i| (p * 7 + i) as u8).collect();
+            model[(p as usize - 1) * 512..][..512].copy_from_slice(&img);
+            pages.push((p, img));
+        }
+    }
+    let mut h = hdr(1, size);
+    h.npages = pages.len() as u32;
+    a.apply(&h, &mut |sink: PageSink<'_>| {
+        for (p, img) in &pages {
+            sink(*p, img).map_err(|e| io_err(Path::new("test"))(e))?;
+        }
+        Ok(())
+    })
+    .unwrap();
+    a.flush().unwrap();
+    let mut got = Vec::new();
+    (&f).seek(SeekFrom::Start(0)).unwrap();
+    (&f).read_to_end(&mut got).unwrap();
+    assert!(got == model, "the file differs from its pages");
+}
+
 /// Small records wait in memory until a flush (or a sync) and then reach the file in one
 /// write; a record over [`FLUSH_AT`] goes out at once, after those gathered before it.
 #[test]
