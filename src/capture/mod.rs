@@ -827,6 +827,7 @@ impl Capture {
 /// as history.
 fn retire(db: &Db, name: &str, why: &str) {
     db.retired.store(true, Ordering::Relaxed);
+    db.end_failure();
     if let Err(e) = db
         .stage
         .sync()

@@ -19,6 +19,23 @@ use crate::backing::Backing;
 use crate::sqlite::page_crc;
 use crate::stage::{Kind, WalPos};
 
+/// The error of a capture that needs the database file when none stands at its name.
+#[derive(Debug)]
+pub(super) struct Vanished;
+
+impl std::fmt::Display for Vanished {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("database file vanished")
+    }
+}
+
+impl std::error::Error for Vanished {}
+
+/// True if `e` says the database file is gone ([`Vanished`]).
+fn is_vanished(e: &io::Error) -> bool {
+    e.get_ref().is_some_and(|r| r.is::<Vanished>())
+}
+
 impl Db {
     /// Runs `f` on the state, then writes out the records it appended (they reach the staging
     /// file together, see [`DbStage::append`]), so no record is left in memory once the
@@ -45,12 +62,50 @@ impl Db {
                 self.note_success(&st, st.commits_seen - seen);
                 return;
             }
+            (Ok(Err(e)), _) if self.retired.load(Ordering::Relaxed) || is_vanished(&e) => {
+                self.gone_meanwhile(&mut st, e);
+                return;
+            }
             (Ok(Err(e)), _) => e.to_string(),
             (Err(_), _) => "internal error (panic) in capture".to_string(),
             (Ok(Ok(())), Err(e)) => e.to_string(),
         };
         let lost = st.commits_seen - seen;
         self.failed(&mut st, err, lost);
+    }
+
+    /// A capture attempt found the database's file gone: deleted or renamed away while it
+    /// ran (the request that did it retires the database or moves it to its new name, see
+    /// `rename.rs`), or removed from the backing directory behind sqlfs. Nothing is failing:
+    /// there is no database left at this name to stage. The state goes back to the last
+    /// record on file, and the next record, if this database lives on under another name, is
+    /// a snapshot, so the stream stays exact.
+    fn gone_meanwhile(&self, st: &mut State, err: io::Error) {
+        // Said once, until a snapshot is staged again.
+        if self.retired.load(Ordering::Relaxed) || st.resnapshot.is_some() {
+            log::debug!("{}: capture found its file gone: {err}", self.name());
+        } else {
+            log::info!(
+                "{}: its database file is gone (deleted or moved meanwhile); nothing is staged until a database stands at that name again",
+                self.name()
+            );
+        }
+        if let Err(e) = st.rewind_to_staged(self) {
+            log::error!("{}: cannot read the staging log's base: {e}", self.name());
+        }
+        st.resnapshot
+            .get_or_insert_with(|| format!("an earlier capture found the file gone: {err}"));
+        st.main_fd = None;
+        st.wal_fd = None;
+        st.shm_fd = None;
+    }
+
+    /// A retired database stages nothing more: a failure it was in ends with it (it no longer
+    /// counts among the failing databases).
+    pub(super) fn end_failure(&self) {
+        if self.failing.lock().take().is_some() {
+            self.failing_now.fetch_sub(1, Ordering::Relaxed);
+        }
     }
 
     /// A capture attempt failed: back to the last record on file, the next record a snapshot

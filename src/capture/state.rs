@@ -57,7 +57,7 @@ impl State {
         }
         self.main_fd
             .as_ref()
-            .ok_or_else(|| io::Error::new(io::ErrorKind::NotFound, "database file vanished"))
+            .ok_or_else(|| io::Error::new(io::ErrorKind::NotFound, super::snapshot::Vanished))
     }
 
     /// The committed content of page `pgno` as the staged stream has it now: its newest
