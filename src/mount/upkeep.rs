@@ -140,6 +140,7 @@ fn fold(db: &Db, shippers: &[Arc<Shipper>], limit: u64, lags: &mut HashMap<Strin
     // Fold only what every replica has. Past the hard limit, a replica that is not getting
     // anywhere is not waited for (it gets a snapshot); one that is shipping is, up to the
     // ceiling.
+    let mut forced = None;
     let upto = if behind.is_empty() || bytes <= limit * crate::stage::HARD_FACTOR {
         shipped
     } else {
@@ -163,7 +164,7 @@ fn fold(db: &Db, shippers: &[Arc<Shipper>], limit: u64, lags: &mut HashMap<Strin
             });
         match stuck {
             Some(why) => {
-                log::error!("{name}: a replica {why} and staging holds {} MiB (over {}x --stage-limit); folding anyway, that replica will get a snapshot", bytes >> 20, crate::stage::HARD_FACTOR);
+                forced = Some(why);
                 u64::MAX
             }
             None => {
@@ -176,7 +177,14 @@ fn fold(db: &Db, shippers: &[Arc<Shipper>], limit: u64, lags: &mut HashMap<Strin
         }
     };
     match db.stage.fold(upto) {
-        Ok(n) if n > 0 => log::info!("{name}: folded {n} bytes of staged log into the local base"),
+        Ok(n) if n > 0 => {
+            // Said when records are folded away, not at each look that finds nothing it can
+            // fold yet (one large record still in the segment being appended to).
+            if let Some(why) = forced {
+                log::error!("{name}: a replica {why} and staging holds {} MiB (over {}x --stage-limit); folded anyway, that replica will get a snapshot", bytes >> 20, crate::stage::HARD_FACTOR);
+            }
+            log::info!("{name}: folded {n} bytes of staged log into the local base")
+        }
         Ok(_) => {}
         Err(e) => log::error!("{name}: cannot fold staging: {e}"),
     }
