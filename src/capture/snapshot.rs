@@ -86,7 +86,8 @@ impl Db {
             log::debug!("{}: capture found its file gone: {err}", self.name());
         } else {
             log::info!(
-                "{}: its database file is gone (deleted or moved meanwhile); nothing is staged until a database stands at that name again",
+                "{}: its database file is gone (deleted or moved meanwhile); nothing is \
+                 staged until a database stands at that name again",
                 self.name()
             );
         }

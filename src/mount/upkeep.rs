@@ -181,7 +181,12 @@ fn fold(db: &Db, shippers: &[Arc<Shipper>], limit: u64, lags: &mut HashMap<Strin
             // Said when records are folded away, not at each look that finds nothing it can
             // fold yet (one large record still in the segment being appended to).
             if let Some(why) = forced {
-                log::error!("{name}: a replica {why} and staging holds {} MiB (over {}x --stage-limit); folded anyway, that replica will get a snapshot", bytes >> 20, crate::stage::HARD_FACTOR);
+                log::error!(
+                    "{name}: a replica {why} and staging holds {} MiB (over {}x \
+                     --stage-limit); folded anyway, that replica will get a snapshot",
+                    bytes >> 20,
+                    crate::stage::HARD_FACTOR
+                );
             }
             log::info!("{name}: folded {n} bytes of staged log into the local base")
         }
