@@ -21,6 +21,27 @@ fn xorshift(mut seed: u64) -> impl FnMut(u64) -> u64 {
     }
 }
 
+/// Applies one record of `pages` with header `h` (its page count set here).
+fn apply_pages(a: &mut Applier<'_>, h: &mut RecordHeader, pages: &[(u32, Vec<u8>)]) {
+    h.npages = pages.len() as u32;
+    a.apply(h, &mut |sink: PageSink<'_>| {
+        for (p, img) in pages {
+            sink(*p, img).map_err(|e| io_err(Path::new("test"))(e))?;
+        }
+        Ok(())
+    })
+    .unwrap();
+}
+
+/// The whole content of `f`.
+fn file_bytes(f: &File) -> Vec<u8> {
+    let mut got = Vec::new();
+    let mut f = f;
+    f.seek(SeekFrom::Start(0)).unwrap();
+    f.read_to_end(&mut got).unwrap();
+    got
+}
+
 /// The buffered applier leaves a file exactly as writing every record in turn would:
 /// random pages, sizes that shrink and grow back, snapshots, flushes at any point.
 #[test]
@@ -50,20 +71,10 @@ fn applier_matches_record_by_record() {
                 model[at..at + 512].copy_from_slice(img);
             }
             model.resize(size as usize * 512, 0);
-            h.npages = pages.len() as u32;
-            a.apply(&h, &mut |sink: PageSink<'_>| {
-                for (p, img) in &pages {
-                    sink(*p, img).map_err(|e| io_err(Path::new("test"))(e))?;
-                }
-                Ok(())
-            })
-            .unwrap();
+            apply_pages(&mut a, &mut h, &pages);
             if rnd(7) == 0 {
                 a.flush().unwrap();
-                let mut got = Vec::new();
-                (&f).seek(SeekFrom::Start(0)).unwrap();
-                (&f).read_to_end(&mut got).unwrap();
-                assert_eq!(got, model, "limit {limit}, after TXID {t}");
+                assert_eq!(file_bytes(&f), model, "limit {limit}, after TXID {t}");
             }
         }
     }
@@ -94,20 +105,9 @@ fn applier_writes_runs_of_pages_at_their_places() {
             pages.push((p, img));
         }
     }
-    let mut h = hdr(1, size);
-    h.npages = pages.len() as u32;
-    a.apply(&h, &mut |sink: PageSink<'_>| {
-        for (p, img) in &pages {
-            sink(*p, img).map_err(|e| io_err(Path::new("test"))(e))?;
-        }
-        Ok(())
-    })
-    .unwrap();
+    apply_pages(&mut a, &mut hdr(1, size), &pages);
     a.flush().unwrap();
-    let mut got = Vec::new();
-    (&f).seek(SeekFrom::Start(0)).unwrap();
-    (&f).read_to_end(&mut got).unwrap();
-    assert!(got == model, "the file differs from its pages");
+    assert!(file_bytes(&f) == model, "the file differs from its pages");
 }
 
 /// Small records wait in memory until a flush (or a sync) and then reach the file in one
