@@ -6,7 +6,8 @@
 //! the kernel hands to the filesystem every time). It captures nothing and keeps no state but
 //! inode numbers and open handles. What a workload costs through it is what any FUSE server
 //! costs on this machine; the bench runs the same workloads natively and through sqlfs beside
-//! it (the floor under FULL, and one floor per plain-file row that must reach a ratio).
+//! it (the floor under FULL, and one floor per small-commit row and per plain-file row that
+//! must reach a ratio).
 //!
 //! Minimal on purpose: lookup, getattr, setattr (size only), open, create, release, flush,
 //! fsync, mkdir, unlink, rmdir, opendir, readdir, releasedir, getxattr; inode numbers are the

@@ -10,9 +10,9 @@
 //!     round trip each, the fixed price of every request the mount cannot pass through);
 //!     and the floors, through a bare passthrough FUSE server that captures nothing
 //!     (`floor.rs`, as root only): under FULL, a commit-like loop (24-byte header, 4 KiB
-//!     page, fdatasync), and under each plain-file row (pwrites, appends, reads, file
-//!     creation, the walk, getxattr), the same workload in the same rounds (native,
-//!     sqlfs and the floor server take turns); then the bulk load, CREATE INDEX, VACUUM
+//!     page, fdatasync), and under each small-commit row (1, 2) and plain-file row
+//!     (pwrites, appends, reads, file creation, the walk, getxattr), the same workload in
+//!     the same rounds (native, sqlfs and the floor server take turns); then the bulk load, CREATE INDEX, VACUUM
 //!     and mixed rows again on a mount with `--passthrough-databases` (`straight`);
 //!  5. resident memory of the sqlfs daemon with a small database and after growing it
 //!     to a large one (on a fresh mount of its own);
@@ -219,18 +219,60 @@ fn main() -> Result<()> {
         None
     };
 
+    // The bare pass-through FUSE server of the floor rows; it needs kernel passthrough, so root.
+    // SAFETY: geteuid has no preconditions.
+    let root = unsafe { libc::geteuid() } == 0;
+    const FLOORED: [&str; 4] = ["autocommit", "plain", "roundtrip", "floor"];
+    let floor = if root && FLOORED.iter().any(|w| cfg.runs(w)) {
+        Some(floor::Floor::mount(
+            &cfg.work.join("floor"),
+            &cfg.work.join("floor-backing"),
+        )?)
+    } else {
+        if FLOORED.iter().any(|w| cfg.runs(w)) {
+            println!("[bench] the floor rows need root (kernel passthrough); left out");
+        }
+        None
+    };
+    let floor_dir = floor.as_ref().map(|f| f.dir().to_path_buf());
+    // A row, and under it, where the floor server runs, the same workload through it in the
+    // same rounds (the small commits and the plain-file rows).
+    let floored = |rows: &mut Vec<Row>,
+                   name: &str,
+                   unit: &str,
+                   f: &mut dyn FnMut(&std::path::Path) -> Result<f64>|
+     -> Result<()> {
+        match &floor_dir {
+            Some(fd) => {
+                let m = alternate_all(cfg.rounds, &[&native, &mnt, fd], f)?;
+                rows.push(Row::pair(format!("{name} ({unit})"), m[0], m[1], 0));
+                rows.push(Row::floor(
+                    format!("*floor:* {name}, through a bare passthrough FUSE server instead of sqlfs ({unit})"),
+                    m[0],
+                    m[2],
+                    m[1],
+                    0,
+                ));
+            }
+            None => {
+                let (n, s) = alternate(cfg.rounds, &native, &mnt, f)?;
+                rows.push(Row::pair(format!("{name} ({unit})"), n, s, 0));
+            }
+        }
+        Ok(())
+    };
+
     if cfg.runs("autocommit") {
         for sync in ["NORMAL", "FULL"] {
             step(&format!(
                 "autocommit INSERT, synchronous={sync}, {secs} s each"
             ));
-            let (n, s) = alternate(cfg.rounds, &native, &mnt, |d| autocommit(d, sync, secs))?;
-            rows.push(Row::pair(
-                format!("autocommit INSERT, synchronous={sync} (tx/s)"),
-                n,
-                s,
-                0,
-            ));
+            floored(
+                &mut rows,
+                &format!("autocommit INSERT, synchronous={sync}"),
+                "tx/s",
+                &mut |d| autocommit(d, sync, secs),
+            )?;
         }
     }
 
@@ -273,48 +315,6 @@ fn main() -> Result<()> {
         step(&format!("CREATE INDEX and VACUUM of a {mb} MB database"));
         rows.extend(index_vacuum_rows(&native, &mnt, mb, cfg.rounds, "")?);
     }
-
-    // The bare pass-through FUSE server of the floor rows; it needs kernel passthrough, so root.
-    // SAFETY: geteuid has no preconditions.
-    let root = unsafe { libc::geteuid() } == 0;
-    let floor = if root && ["plain", "roundtrip", "floor"].iter().any(|w| cfg.runs(w)) {
-        Some(floor::Floor::mount(
-            &cfg.work.join("floor"),
-            &cfg.work.join("floor-backing"),
-        )?)
-    } else {
-        if ["plain", "roundtrip", "floor"].iter().any(|w| cfg.runs(w)) {
-            println!("[bench] the floor rows need root (kernel passthrough); left out");
-        }
-        None
-    };
-    let floor_dir = floor.as_ref().map(|f| f.dir().to_path_buf());
-    // A plain-file row, and under it, where the floor server runs, the same workload through it
-    // in the same rounds.
-    let floored = |rows: &mut Vec<Row>,
-                   name: &str,
-                   unit: &str,
-                   f: &mut dyn FnMut(&std::path::Path) -> Result<f64>|
-     -> Result<()> {
-        match &floor_dir {
-            Some(fd) => {
-                let m = alternate_all(cfg.rounds, &[&native, &mnt, fd], f)?;
-                rows.push(Row::pair(format!("{name} ({unit})"), m[0], m[1], 0));
-                rows.push(Row::floor(
-                    format!("*floor:* {name}, through a bare passthrough FUSE server instead of sqlfs ({unit})"),
-                    m[0],
-                    m[2],
-                    m[1],
-                    0,
-                ));
-            }
-            None => {
-                let (n, s) = alternate(cfg.rounds, &native, &mnt, f)?;
-                rows.push(Row::pair(format!("{name} ({unit})"), n, s, 0));
-            }
-        }
-        Ok(())
-    };
 
     if cfg.runs("plain") {
         step("plain (non-database) files: writes, reads, creation, stat walk");
