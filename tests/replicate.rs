@@ -583,6 +583,50 @@ fn idle_mount_ships_nothing() {
 // 4. Fencing: two copies of one data directory shipping to one replica
 // ---------------------------------------------------------------------------------------
 
+/// Observed mode: the kernel reports the first write to a WAL after each look at it and
+/// sqlfs watches again before looking (`capture/watch.rs`), so every commit of a connection
+/// that stays open, with no checkpoint and no close to stage it, reaches the replica by
+/// itself: commits one at a time, some in quick succession, some after a pause.
+#[test]
+fn each_commit_of_an_open_connection_ships_without_a_checkpoint() {
+    let seed = seed_for("each_commit_of_an_open_connection_ships_without_a_checkpoint");
+    let mut rng = StdRng::seed_from_u64(seed);
+    let (mut fx, dirs) = fixture("rearm", &["r"]);
+    let r = dirs[0].clone();
+    fx.mount();
+    let log = fx.last_daemon_log();
+    if !log.contains("pass straight through") {
+        eprintln!("kernel passthrough unavailable here; nothing to test:\n{log}");
+        return;
+    }
+    let db = "open.db";
+    let c = fresh_db(&fx.path(db), "WAL");
+    c.execute_batch("PRAGMA wal_autocheckpoint=0;").unwrap();
+    let add = |c: &Connection, rng: &mut StdRng| {
+        let mut v = vec![0u8; 200];
+        rng.fill_bytes(&mut v);
+        c.execute("INSERT INTO t(w, seq, b) VALUES (0, 0, ?1)", [v])
+            .unwrap();
+    };
+    add(&c, &mut rng);
+    let mut want = last_staged(&fx.mnt, db);
+    for i in 1..=12 {
+        // A burst of one to three commits, then the replica must show the last of them.
+        for _ in 0..rng.random_range(1..=3) {
+            add(&c, &mut rng);
+            want += 1;
+        }
+        if let Err(e) = wait_replica_covers(&r, db, want, COVER_TIMEOUT) {
+            panic!("{db}: burst {i} (up to TXID {want}) of an open connection never shipped: {e}");
+        }
+        sleep_ms(rng.random_range(0..300));
+    }
+    drop(c);
+    fx.assert_verify();
+    fx.unmount();
+    assert_verify(&fx.backing);
+}
+
 fn is_fenced(log: &str) -> bool {
     log.contains("another sqlfs") || log.contains("fenced")
 }

@@ -5,7 +5,15 @@
 //! is watched by itself (from the open of it through the mount, which every writer makes
 //! first; a watch follows the file and ends with it), not through its directory: a
 //! directory's watch would make the kernel report every write to every plain file beside the
-//! databases too, which costs each straight write about as much as the write itself. One
+//! databases too, which costs each straight write about as much as the write itself.
+//!
+//! Each watch is one-shot (`IN_ONESHOT`): the kernel reports the first write after it was set
+//! and drops it, so the writes that follow cost the app nothing until sqlfs watches again.
+//! A watch that stayed would have the kernel queue (or merge) a report at every write, in the
+//! writer's own call: 10-20% of a small commit at synchronous=NORMAL
+//! (docs/PERFORMANCE.md). The watcher sets the watch again *before* its catch-up of that
+//! database, so no write goes unseen: one made before the new watch is in the WAL by the
+//! time the catch-up reads it, one made after raises the next report. One
 //! thread turns each report into a catch-up of that database. Reports are
 //! gathered for a short moment first, so a busy database is caught up in batches of
 //! transactions rather than once per write. The moment adapts to the pace of commits: it
@@ -91,8 +99,13 @@ impl Watch {
         };
         let c = crate::backing::proc_fd(fd.as_raw_fd());
         // SAFETY: valid fd and C string.
-        let wd =
-            unsafe { libc::inotify_add_watch(self.fd.as_raw_fd(), c.as_ptr(), libc::IN_MODIFY) };
+        let wd = unsafe {
+            libc::inotify_add_watch(
+                self.fd.as_raw_fd(),
+                c.as_ptr(),
+                libc::IN_MODIFY | libc::IN_ONESHOT,
+            )
+        };
         if wd < 0 {
             log::warn!(
                 "cannot watch {:?} for writes: {}; its transactions are staged at checkpoints and closes only",
@@ -131,6 +144,11 @@ impl Watch {
                     .filter(|(_, r)| r.due <= now)
                     .map(|(n, _)| n.clone()),
             );
+            // Each report ended its watch (one-shot): watched again before the catch-up, so
+            // that a write after this catch-up's look is reported and one before it is seen.
+            for db in &fresh {
+                self.add_wal(&cap.backing, db);
+            }
             todo.extend(fresh.iter().cloned());
             let mut staged = 0;
             for db in todo {
@@ -216,12 +234,14 @@ impl Watch {
                     continue;
                 }
                 if ev.mask & libc::IN_IGNORED != 0 {
-                    // The file is gone (its watch with it); a new WAL is watched when opened.
+                    // The watch ended: after its report (already taken out below), or with the
+                    // file (a new WAL is watched when opened).
                     wals.remove(&ev.wd);
                     continue;
                 }
-                if let Some(db) = wals.get(&ev.wd) {
-                    out.insert(db.clone());
+                // The kernel ended the watch with this report (one-shot).
+                if let Some(db) = wals.remove(&ev.wd) {
+                    out.insert(db);
                 }
             }
         }
