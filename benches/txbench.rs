@@ -13,7 +13,8 @@
 //!     page, fdatasync), and under each small-commit row (1, 2) and plain-file row
 //!     (pwrites, appends, reads, file creation, the walk, getxattr), the same workload in
 //!     the same rounds (native, sqlfs and the floor server take turns); then the bulk load, CREATE INDEX, VACUUM
-//!     and mixed rows again on a mount with `--passthrough-databases` (`straight`);
+//!     and mixed rows again on a mount with `--passthrough-databases` (`straight`), the
+//!     mixed one with its floor under it (the floor server passes every file straight);
 //!  5. resident memory of the sqlfs daemon with a small database and after growing it
 //!     to a large one (on a fresh mount of its own);
 //!  6. replication to a file replica: commit → object lag, objects per minute, compression;
@@ -222,7 +223,7 @@ fn main() -> Result<()> {
     // The bare pass-through FUSE server of the floor rows; it needs kernel passthrough, so root.
     // SAFETY: geteuid has no preconditions.
     let root = unsafe { libc::geteuid() } == 0;
-    const FLOORED: [&str; 4] = ["autocommit", "plain", "roundtrip", "floor"];
+    const FLOORED: [&str; 5] = ["autocommit", "plain", "roundtrip", "floor", "straight"];
     let floor = if root && FLOORED.iter().any(|w| cfg.runs(w)) {
         Some(floor::Floor::mount(
             &cfg.work.join("floor"),
@@ -375,10 +376,6 @@ fn main() -> Result<()> {
             0,
         ));
     }
-    if let Some(fl) = floor {
-        fl.stop()?;
-    }
-
     if cfg.runs("mixed") {
         let (threads, pct) = (cfg.threads, cfg.read_pct);
         step(&format!(
@@ -447,17 +444,29 @@ fn main() -> Result<()> {
             )?);
         }
         let (threads, pct) = (cfg.threads, cfg.read_pct);
-        let (n, s) = alternate(cfg.rounds, &native, &mpd, |d| mixed(d, threads, pct, secs))?;
-        rows.push(Row::pair(
-            format!(
-                "mixed {pct}% point reads / {}% updates, {threads} connections, {with} (ops/s)",
-                100 - pct
-            ),
-            n,
-            s,
-            0,
-        ));
+        let name = format!(
+            "mixed {pct}% point reads / {}% updates, {threads} connections",
+            100 - pct
+        );
+        // Under it the same rounds through the floor server, which passes every file straight
+        // as the flag passes databases.
+        let mut dirs = vec![native.as_path(), mpd.as_path()];
+        dirs.extend(floor_dir.as_deref());
+        let m = alternate_all(cfg.rounds, &dirs, |d| mixed(d, threads, pct, secs))?;
+        rows.push(Row::pair(format!("{name}, {with} (ops/s)"), m[0], m[1], 0));
+        if let Some(f) = m.get(2) {
+            rows.push(Row::floor(
+                format!("*floor:* {name}, through a bare passthrough FUSE server instead of sqlfs (ops/s)"),
+                m[0],
+                *f,
+                m[1],
+                0,
+            ));
+        }
         pd.stop()?;
+    }
+    if let Some(fl) = floor {
+        fl.stop()?;
     }
 
     if cfg.runs("replication") {
