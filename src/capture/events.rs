@@ -232,10 +232,17 @@ impl State {
         }
     }
 
-    pub(super) fn on_fsync(&mut self, db: &Db, b: &Backing, role: Role) -> io::Result<()> {
+    pub(super) fn on_fsync(
+        &mut self,
+        db: &Db,
+        b: &Backing,
+        role: Role,
+        app: Option<&std::fs::File>,
+        flushed: &mut Option<io::Result<()>>,
+    ) -> io::Result<()> {
         match role {
             Role::Main => self.flush_journalless(db, b),
-            Role::Wal if db.is_straight() => self.straight_wal_sync(db, b),
+            Role::Wal if db.is_straight() => self.straight_wal_sync(db, b, app, flushed),
             _ => Ok(()),
         }
     }

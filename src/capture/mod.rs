@@ -561,19 +561,28 @@ impl Capture {
     }
 
     /// Before an fsync of `rel` is passed through: a journal-less commit of the database
-    /// file, or a WAL sync that may start a checkpoint of a straight database.
-    pub fn before_fsync(&self, rel: &str) {
+    /// file, or a WAL sync that may start a checkpoint of a straight database. `app` is the
+    /// file being synced. `Some` if it was flushed (`sync_data`) meanwhile, with the outcome:
+    /// the sync asked for needs no second flush, and an error must reach the app from here
+    /// (the file reports it only once).
+    pub fn before_fsync(&self, rel: &str, app: &std::fs::File) -> Option<io::Result<()>> {
         let (role, db_rel) = classify(rel);
         if role == Role::Wal && !self.get(db_rel).is_some_and(|db| db.is_straight()) {
-            return;
+            return None;
         }
-        self.on_db(rel, |st, db, b, role| st.on_fsync(db, b, role));
+        let mut flushed = None;
+        self.on_db(rel, |st, db, b, role| {
+            st.on_fsync(db, b, role, Some(app), &mut flushed)
+        });
+        flushed
     }
 
     /// A handle on `rel` was closed (`shm`: it was counted by [`Capture::on_open`]).
     pub fn on_release(&self, rel: &str) {
         match classify(rel).0 {
-            Role::Main => self.on_db(rel, |st, db, b, role| st.on_fsync(db, b, role)),
+            Role::Main => self.on_db(rel, |st, db, b, role| {
+                st.on_fsync(db, b, role, None, &mut None)
+            }),
             Role::Wal if self.is_observed() => {
                 self.on_db(rel, |st, db, b, _| st.catch_up(db, b));
             }

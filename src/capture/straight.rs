@@ -194,8 +194,17 @@ impl State {
     }
 
     /// A WAL sync is about to be passed on: if a checkpoint is starting (or the `-shm` file
-    /// cannot tell), everything published is staged and durable first.
-    pub(super) fn straight_wal_sync(&mut self, db: &Db, b: &Backing) -> io::Result<()> {
+    /// cannot tell), everything published is staged and durable first. `app` is the file of
+    /// the handle being synced: the WAL's own flush then runs on it beside the barrier, and
+    /// its outcome goes to `flushed` (the sync asked for is done, or failed with that error,
+    /// which the file reports only once).
+    pub(super) fn straight_wal_sync(
+        &mut self,
+        db: &Db,
+        b: &Backing,
+        app: Option<&File>,
+        flushed: &mut Option<io::Result<()>>,
+    ) -> io::Result<()> {
         let info = self.ckpt_info(db, b)?;
         if info.is_some_and(|(done, attempted)| attempted <= done) {
             return Ok(());
@@ -204,26 +213,31 @@ impl State {
         // other checkpoint runs without: what is in the file was copied by the ones before
         // it, which recorded how far they got.
         self.ckpt_copied = info.map(|(done, _)| done);
-        // The WAL's own flush runs beside the barrier (a descriptor of the same file): the
-        // sync passed on after it then finds nothing left to write, and the two flushes
-        // overlap instead of following each other. Its error, if any, is the app's to see in
-        // that sync.
-        let wal = self.wal_fd.as_ref().and_then(|f| f.try_clone().ok());
-        let r = std::thread::scope(|s| {
+        // The WAL's own flush runs beside the barrier: the two flushes overlap instead of
+        // following each other. Through the app's handle it is that handle's sync itself
+        // (it started after the request came, so it covers every write the app made
+        // before it); else through a descriptor of sqlfs's own, after which the sync passed
+        // on finds nothing left to write.
+        let own = match app {
+            Some(_) => None,
+            None => self.wal_fd.as_ref().and_then(|f| f.try_clone().ok()),
+        };
+        let target = app.or(own.as_ref());
+        let (r, flush) = std::thread::scope(|s| {
             // No thread to be had: the app's sync flushes the WAL after the barrier, as
             // without this.
-            let flush = wal.as_ref().and_then(|f| {
+            let flush = target.and_then(|f| {
                 std::thread::Builder::new()
                     .name("sqlfs-walsync".into())
                     .spawn_scoped(s, move || f.sync_data())
                     .ok()
             });
             let r = self.resync(db, b).and_then(|_| self.barrier(db));
-            if let Some(h) = flush {
-                let _ = h.join();
-            }
-            r
+            (r, flush.and_then(|h| h.join().ok()))
         });
+        if app.is_some() {
+            *flushed = flush;
+        }
         self.ckpt_copied = None;
         r
     }

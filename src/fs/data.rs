@@ -276,13 +276,17 @@ impl SqlFs {
             Err(e) => return reply.error(e),
         };
         let rel = (h.role != Role::Other).then(|| h.cap_rel()).flatten();
-        if let (Role::Main | Role::Wal, Some(r)) = (h.role, &rel) {
-            self.capture.before_fsync(r);
-        }
-        let r = if datasync {
-            h.file.sync_data()
-        } else {
-            h.file.sync_all()
+        let flushed = match (h.role, &rel) {
+            (Role::Main | Role::Wal, Some(r)) => self.capture.before_fsync(r, &h.file),
+            _ => None,
+        };
+        let r = match flushed {
+            // Flushed beside the staging barrier, after this request came: that was the
+            // sync asked for, and its error is the one to report.
+            Some(done) if datasync => done,
+            Some(Err(e)) => Err(e),
+            _ if datasync => h.file.sync_data(),
+            _ => h.file.sync_all(),
         };
         if let Err(e) = r {
             return reply.error(errno(e));
