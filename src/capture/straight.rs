@@ -213,20 +213,13 @@ impl State {
         // other checkpoint runs without: what is in the file was copied by the ones before
         // it, which recorded how far they got.
         self.ckpt_copied = info.map(|(done, _)| done);
-        // The WAL's own flush runs beside the barrier: the two flushes overlap instead of
-        // following each other. Through the app's handle it is that handle's sync itself
-        // (it started after the request came, so it covers every write the app made
-        // before it); else through a descriptor of sqlfs's own, after which the sync passed
-        // on finds nothing left to write.
-        let own = match app {
-            Some(_) => None,
-            None => self.wal_fd.as_ref().and_then(|f| f.try_clone().ok()),
-        };
-        let target = app.or(own.as_ref());
+        // The WAL's own flush runs beside the barrier, so the two flushes overlap instead of
+        // following each other. It is the app's sync itself, on the handle's own file: begun
+        // after the request came, it covers every write the app made before it.
         let (r, flush) = std::thread::scope(|s| {
             // No thread to be had: the app's sync flushes the WAL after the barrier, as
             // without this.
-            let flush = target.and_then(|f| {
+            let flush = app.and_then(|f| {
                 std::thread::Builder::new()
                     .name("sqlfs-walsync".into())
                     .spawn_scoped(s, move || f.sync_data())
@@ -235,9 +228,7 @@ impl State {
             let r = self.resync(db, b).and_then(|_| self.barrier(db));
             (r, flush.and_then(|h| h.join().ok()))
         });
-        if app.is_some() {
-            *flushed = flush;
-        }
+        *flushed = flush;
         self.ckpt_copied = None;
         r
     }
