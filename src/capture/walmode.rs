@@ -576,20 +576,26 @@ impl State {
         pages.extend((old_pages + 1..=t.db_pages).filter(|p| !newest.contains_key(p)));
         let mut checksum = self.checksum;
         let mut buf = vec![0u8; ps as usize];
-        // Out: the old versions of changed pages and of pages cut off the end.
+        // Out: the old versions of changed pages and of pages cut off the end. When those
+        // are every old page (a `VACUUM` rewrites them all), their CRCs XOR to the old
+        // checksum itself, so none is looked up (or read from the database file).
         let gone = t.db_pages + 1..=old_pages;
         let mut from_file = Vec::new();
-        for p in pages
-            .iter()
-            .copied()
-            .filter(|&p| p <= old_pages)
-            .chain(gone)
-        {
-            let (c, read) = self.committed_crc(p, ps, &mut buf)?;
-            if read {
-                from_file.push((p, c));
+        if (1..=old_pages.min(t.db_pages)).all(|p| newest.contains_key(&p)) {
+            checksum = 0;
+        } else {
+            for p in pages
+                .iter()
+                .copied()
+                .filter(|&p| p <= old_pages)
+                .chain(gone)
+            {
+                let (c, read) = self.committed_crc(p, ps, &mut buf)?;
+                if read {
+                    from_file.push((p, c));
+                }
+                checksum ^= c;
             }
-            checksum ^= c;
         }
         // In: the new versions.
         let mut crcs = vec![0u64; t.frames.len()];
