@@ -1107,9 +1107,35 @@ fn passthrough_per_database_setting() {
         )];
         fx.mount();
         let mut all = Vec::new();
+        let status_line = |db: &str| {
+            let o = sqlfs_cli(&["status".into(), fx.mnt.as_os_str().to_os_string()]);
+            let line = o
+                .stdout
+                .lines()
+                .find(|l| l.starts_with(&format!("{db}: ")))
+                .unwrap_or_default()
+                .to_string();
+            (line, o)
+        };
         for db in ["fast.db", "slow.db", "other.db"] {
             drop(fresh_db(&fx.path(db), None, "WAL"));
+            let straight = db == "fast.db" || (db == "other.db" && wide);
             let mut d = Driver::open(&fx.path(db), 1, seed, DriverCfg::default());
+            // The kernel hands the creating connection's close to sqlfs a moment after it
+            // returns; a file opened before that joins that handle on sqlfs's side. Such an
+            // open is opened again until the close was seen.
+            for _ in 0..100 {
+                if !straight
+                    || status_line(db)
+                        .0
+                        .contains("file straight through the kernel")
+                {
+                    break;
+                }
+                drop(d);
+                std::thread::sleep(Duration::from_millis(20));
+                d = Driver::open(&fx.path(db), 1, seed, DriverCfg::default());
+            }
             d.exec("PRAGMA synchronous=NORMAL; PRAGMA wal_autocheckpoint=8");
             let mut samples = Vec::new();
             for i in 0..20 {
@@ -1119,14 +1145,7 @@ fn passthrough_per_database_setting() {
             d.big_txn(1 << 20).unwrap();
             samples.push(d.sample(1.0, format!("{db} bulk")));
             // `sqlfs status` says whose file goes straight through while it is open.
-            let o = sqlfs_cli(&["status".into(), fx.mnt.as_os_str().to_os_string()]);
-            let line = o
-                .stdout
-                .lines()
-                .find(|l| l.starts_with(&format!("{db}: ")))
-                .unwrap_or_default()
-                .to_string();
-            let straight = db == "fast.db" || (db == "other.db" && wide);
+            let (line, o) = status_line(db);
             assert_eq!(
                 line.contains("file straight through the kernel"),
                 straight,
