@@ -578,11 +578,23 @@ impl State {
         let mut buf = vec![0u8; ps as usize];
         // Out: the old versions of changed pages and of pages cut off the end. When those
         // are every old page (a `VACUUM` rewrites them all), their CRCs XOR to the old
-        // checksum itself, so none is looked up (or read from the database file).
+        // checksum itself, so none is looked up (or read from the database file). SQLite
+        // never writes the page holding the lock bytes at 1 GiB: one that stays, frameless,
+        // keeps its old version, which is all that is then looked up.
         let gone = t.db_pages + 1..=old_pages;
+        let kept = old_pages.min(t.db_pages);
+        let lock = u32::try_from((1u64 << 30) / ps as u64 + 1).unwrap_or(u32::MAX);
+        let lock_stays = lock <= kept && !newest.contains_key(&lock);
         let mut from_file = Vec::new();
-        if (1..=old_pages.min(t.db_pages)).all(|p| newest.contains_key(&p)) {
+        if (1..=kept).all(|p| newest.contains_key(&p) || (lock_stays && p == lock)) {
             checksum = 0;
+            if lock_stays {
+                let (c, read) = self.committed_crc(lock, ps, &mut buf)?;
+                if read {
+                    from_file.push((lock, c));
+                }
+                checksum ^= c;
+            }
         } else {
             for p in pages
                 .iter()
@@ -605,7 +617,7 @@ impl State {
                 Some(&i) => frame_page(fd, &t.frames[i], &mut buf)?,
                 None => {
                     // SQLite never writes the page that holds the lock bytes at 1 GiB.
-                    frameless |= p as u64 != (1 << 30) / ps as u64 + 1;
+                    frameless |= p != lock;
                     self.read_page(p, ps, &mut buf)?
                 }
             }
