@@ -12,9 +12,11 @@
 //!     (`floor.rs`, as root only): under FULL, a commit-like loop (24-byte header, 4 KiB
 //!     page, fdatasync), and under each small-commit row (1, 2) and plain-file row
 //!     (pwrites, appends, reads, file creation, the walk, getxattr), the same workload in
-//!     the same rounds (native, sqlfs and the floor server take turns); then the bulk load, CREATE INDEX, VACUUM
-//!     and mixed rows again on a mount with `--passthrough-databases` (`straight`), the
-//!     mixed one with its floor under it (the floor server passes every file straight);
+//!     the same rounds (native, sqlfs and the floor server take turns); then the bulk load,
+//!     CREATE INDEX, VACUUM and mixed rows again on a mount with `--passthrough-databases`
+//!     (`straight`): the bulk load and VACUUM with a floor natively that also writes and syncs
+//!     each transaction's copy once more, the mixed one with its floor under it (the floor
+//!     server passes every file straight);
 //!  5. resident memory of the sqlfs daemon with a small database and after growing it
 //!     to a large one (on a fresh mount of its own);
 //!  6. replication to a file replica: commit → object lag, objects per minute, compression;
@@ -149,9 +151,10 @@ fn index_vacuum_rows(
     mb: u64,
     rounds: usize,
     note: &str,
+    floor: bool,
 ) -> Result<Vec<Row>> {
-    let [(ni, si), (nv, sv)] = index_and_vacuum(native, mnt, mb, rounds)?;
-    Ok(vec![
+    let ([(ni, si), (nv, sv)], fv) = index_and_vacuum(native, mnt, mb, rounds, floor)?;
+    let mut rows = vec![
         Row::pair(
             format!("CREATE INDEX of a {mb} MB database{note} (MB/s)"),
             ni,
@@ -164,7 +167,17 @@ fn index_vacuum_rows(
             sv,
             1,
         ),
-    ])
+    ];
+    if let Some(f) = fv {
+        rows.push(Row::floor(
+            "*floor:* … natively, the whole database also written once more and synced (the durable staged copy of the one transaction), no replica (MB/s)".to_string(),
+            nv,
+            f,
+            sv,
+            1,
+        ));
+    }
+    Ok(rows)
 }
 
 fn main() -> Result<()> {
@@ -314,7 +327,7 @@ fn main() -> Result<()> {
     if cfg.runs("vacuum") {
         let mb = cfg.vacuum_mb;
         step(&format!("CREATE INDEX and VACUUM of a {mb} MB database"));
-        rows.extend(index_vacuum_rows(&native, &mnt, mb, cfg.rounds, "")?);
+        rows.extend(index_vacuum_rows(&native, &mnt, mb, cfg.rounds, "", false)?);
     }
 
     if cfg.runs("plain") {
@@ -441,6 +454,7 @@ fn main() -> Result<()> {
                 cfg.vacuum_mb,
                 cfg.rounds,
                 &note,
+                true,
             )?);
         }
         let (threads, pct) = (cfg.threads, cfg.read_pct);

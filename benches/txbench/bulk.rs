@@ -171,18 +171,28 @@ pub fn grow_to(conn: &Connection, target: u64, mut seed: u64) -> Result<()> {
 /// key) is built on each side, untimed, then `CREATE INDEX` on the key and `VACUUM` are timed
 /// on a new connection, alternating sides for `rounds` rounds, each timed step after a
 /// sync(2). Returns the medians (native, sqlfs) of each, as MB of database per second.
+///
+/// With `floor`, a third side runs in `native` too, its `VACUUM` followed inside the timed
+/// span by one more copy of the whole database written to a file and synced: the durable
+/// staged copy of that one transaction (docs/ARCHITECTURE.md, invariant 3), the floor of the
+/// `VACUUM` row where the database file goes straight through. Its median is the third value.
 pub fn index_and_vacuum(
     native: &Path,
     mnt: &Path,
     mb: u64,
     rounds: usize,
-) -> Result<[(f64, f64); 2]> {
-    let dirs = [native, mnt];
-    let mut rates = [[Vec::new(), Vec::new()], [Vec::new(), Vec::new()]];
+    floor: bool,
+) -> Result<([(f64, f64); 2], Option<f64>)> {
+    let mut sides = vec![native, mnt];
+    if floor {
+        sides.push(native);
+    }
+    let mut rates = vec![[Vec::new(), Vec::new()]; sides.len()];
     for round in 0..rounds.max(1) {
-        let order = if round % 2 == 0 { [0, 1] } else { [1, 0] };
+        let mut order: Vec<usize> = (0..sides.len()).collect();
+        order.rotate_left(round % sides.len());
         for i in order {
-            let path = dirs[i].join("vacuum.db");
+            let path = sides[i].join("vacuum.db");
             remove_db(&path);
             let conn = open(&path, "NORMAL")?;
             conn.execute_batch(
@@ -212,13 +222,38 @@ pub fn index_and_vacuum(
                 unsafe { libc::sync() };
                 let start = Instant::now();
                 conn.execute_batch(sql)?;
+                let bytes = db_bytes(&conn)?;
+                if i == 2 && j == 1 {
+                    write_synced_copy(&sides[i].join("vacuum.copy"), bytes)?;
+                }
                 let took = start.elapsed().as_secs_f64();
-                rates[j][i].push(db_bytes(&conn)? as f64 / MB / took);
+                rates[i][j].push(bytes as f64 / MB / took);
             }
             drop(conn);
             remove_db(&path);
+            let _ = fs::remove_file(sides[i].join("vacuum.copy"));
         }
     }
-    let [[ni, si], [nv, sv]] = rates;
-    Ok([(median(ni), median(si)), (median(nv), median(sv))])
+    let mut medians = rates.into_iter().map(|[i, v]| (median(i), median(v)));
+    let (ni, nv) = medians.next().unwrap_or_default();
+    let (si, sv) = medians.next().unwrap_or_default();
+    Ok(([(ni, si), (nv, sv)], medians.next().map(|(_, v)| v)))
+}
+
+/// Writes `bytes` bytes of random data to a new file at `path` in 1 MiB writes, then syncs it.
+fn write_synced_copy(path: &Path, bytes: u64) -> Result<()> {
+    let f = OpenOptions::new()
+        .create(true)
+        .truncate(true)
+        .write(true)
+        .open(path)?;
+    let chunk = Rng::new(7).bytes(1 << 20);
+    let mut at = 0u64;
+    while at < bytes {
+        let n = (bytes - at).min(chunk.len() as u64) as usize;
+        f.write_all_at(&chunk[..n], at)?;
+        at += n as u64;
+    }
+    f.sync_data()?;
+    Ok(())
 }
