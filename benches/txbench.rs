@@ -153,7 +153,8 @@ fn index_vacuum_rows(
     note: &str,
     floor: bool,
 ) -> Result<Vec<Row>> {
-    let ([(ni, si), (nv, sv)], fv) = index_and_vacuum(native, mnt, mb, rounds, floor)?;
+    let r = index_and_vacuum(native, mnt, mb, rounds, floor)?;
+    let ((ni, si), (nv, sv), fv) = (r.index, r.vacuum, r.vacuum_floor);
     let mut rows = vec![
         Row::pair(
             format!("CREATE INDEX of a {mb} MB database{note} (MB/s)"),

@@ -175,14 +175,14 @@ pub fn grow_to(conn: &Connection, target: u64, mut seed: u64) -> Result<()> {
 /// With `floor`, a third side runs in `native` too, its `VACUUM` followed inside the timed
 /// span by one more copy of the whole database written to a file and synced: the durable
 /// staged copy of that one transaction (docs/ARCHITECTURE.md, invariant 3), the floor of the
-/// `VACUUM` row where the database file goes straight through. Its median is the third value.
+/// `VACUUM` row where the database file goes straight through.
 pub fn index_and_vacuum(
     native: &Path,
     mnt: &Path,
     mb: u64,
     rounds: usize,
     floor: bool,
-) -> Result<([(f64, f64); 2], Option<f64>)> {
+) -> Result<IndexVacuum> {
     let mut sides = vec![native, mnt];
     if floor {
         sides.push(native);
@@ -237,7 +237,19 @@ pub fn index_and_vacuum(
     let mut medians = rates.into_iter().map(|[i, v]| (median(i), median(v)));
     let (ni, nv) = medians.next().unwrap_or_default();
     let (si, sv) = medians.next().unwrap_or_default();
-    Ok(([(ni, si), (nv, sv)], medians.next().map(|(_, v)| v)))
+    Ok(IndexVacuum {
+        index: (ni, si),
+        vacuum: (nv, sv),
+        vacuum_floor: medians.next().map(|(_, v)| v),
+    })
+}
+
+/// Medians of [`index_and_vacuum`], MB/s: (native, sqlfs) for each statement, and the
+/// `VACUUM` floor's when it ran.
+pub struct IndexVacuum {
+    pub index: (f64, f64),
+    pub vacuum: (f64, f64),
+    pub vacuum_floor: Option<f64>,
 }
 
 /// Writes `bytes` bytes of random data to a new file at `path` in 1 MiB writes, then syncs it.
