@@ -69,6 +69,9 @@ pub struct WalTrack {
     pub db_pages: Option<u32>,
     /// Offset up to which writeback of the WAL file was started (see [`WalTrack::kick`]).
     kicked: u64,
+    /// The file's size up to which writeback of its growth was started, or first seen in
+    /// this generation (see [`WalTrack::kick_grown`]).
+    grown_kicked: Option<u64>,
 }
 
 /// Reads a WAL ahead in large pieces, for one pass over frames that follow each other.
@@ -148,6 +151,25 @@ impl WalTrack {
         }
     }
 
+    /// Starts writeback of what the WAL grew by since this generation was first looked at
+    /// here, committed or not, once there is enough of it: a large transaction's frames then
+    /// go to disk while the app is still writing them, and the sync that starts its checkpoint
+    /// finds little left. Bytes below that first size are the reused file of earlier
+    /// generations, left to [`WalTrack::kick`] as they are committed. A hint only.
+    pub fn kick_grown(&mut self, wal: &File) {
+        let Ok(end) = wal.metadata().map(|m| m.len()) else {
+            return;
+        };
+        let from = *self.grown_kicked.get_or_insert(end);
+        if end < from {
+            // Cut (a truncating checkpoint): growth is counted again from here.
+            self.grown_kicked = Some(end);
+        } else if end >= from + crate::backing::WRITEBACK_STEP {
+            crate::backing::start_writeback(wal, from, end - from);
+            self.grown_kicked = Some(end);
+        }
+    }
+
     pub fn new(hdr: WalHeader) -> WalTrack {
         WalTrack {
             hdr,
@@ -161,6 +183,7 @@ impl WalTrack {
             last_commit: None,
             db_pages: None,
             kicked: 0,
+            grown_kicked: None,
         }
     }
 
