@@ -67,11 +67,9 @@ pub struct WalTrack {
     pub last_commit: Option<(u32, u64)>,
     /// Database size in pages after the last committed transaction of this generation.
     pub db_pages: Option<u32>,
-    /// Offset up to which writeback of the WAL file was started (see [`WalTrack::kick`]).
+    /// Offset up to which writeback of the WAL file was started (see [`WalTrack::kick`] and
+    /// [`WalTrack::kick_written`]).
     kicked: u64,
-    /// The file's size up to which writeback of its growth was started, or first seen in
-    /// this generation (see [`WalTrack::kick_grown`]).
-    grown_kicked: Option<u64>,
 }
 
 /// Reads a WAL ahead in large pieces, for one pass over frames that follow each other.
@@ -151,22 +149,36 @@ impl WalTrack {
         }
     }
 
-    /// Starts writeback of what the WAL grew by since this generation was first looked at
-    /// here, committed or not, once there is enough of it: a large transaction's frames then
-    /// go to disk while the app is still writing them, and the sync that starts its checkpoint
-    /// finds little left. Bytes below that first size are the reused file of earlier
-    /// generations, left to [`WalTrack::kick`] as they are committed. A hint only.
-    pub fn kick_grown(&mut self, wal: &File) {
-        let Ok(end) = wal.metadata().map(|m| m.len()) else {
-            return;
-        };
-        let from = *self.grown_kicked.get_or_insert(end);
-        if end < from {
-            // Cut (a truncating checkpoint): growth is counted again from here.
-            self.grown_kicked = Some(end);
-        } else if end >= from + crate::backing::WRITEBACK_STEP {
-            crate::backing::start_writeback(wal, from, end - from);
-            self.grown_kicked = Some(end);
+    /// Starts writeback of the frames this generation has written past those already sent,
+    /// committed or not, once there are enough of them: a large transaction's frames then go
+    /// to disk while the app is still writing them, and the sync that starts its checkpoint
+    /// finds little left. How far the app got is found by reading one frame header every
+    /// [`crate::backing::WRITEBACK_STEP`] bytes: SQLite writes a generation's frames in order,
+    /// so a header with this generation's salts means every frame before it was written too
+    /// (a frame it holds may still change; this is a hint only, and nothing depends on it).
+    pub fn kick_written(&mut self, wal: &File) {
+        let frame = FRAME_HEADER + self.hdr.page_size as u64;
+        let step = (crate::backing::WRITEBACK_STEP / frame).max(1);
+        let mut written = self.kicked.max(self.committed_end).max(WAL_HEADER);
+        let mut hdr = [0u8; FRAME_HEADER as usize];
+        let salt = |b: &[u8]| u32::from_be_bytes([b[0], b[1], b[2], b[3]]);
+        // At most 1 GiB of frames a call: the next catch-up goes on from there.
+        for _ in 0..(1u64 << 30) / crate::backing::WRITEBACK_STEP {
+            let j = (written - WAL_HEADER) / frame + step - 1;
+            let at = WAL_HEADER + j * frame;
+            match read_exact_at(wal, &mut hdr, at) {
+                Ok(true)
+                    if salt(&hdr[8..12]) == self.hdr.salt1
+                        && salt(&hdr[12..16]) == self.hdr.salt2 =>
+                {
+                    written = at + frame;
+                }
+                _ => break,
+            }
+        }
+        if written >= self.kicked + crate::backing::WRITEBACK_STEP {
+            crate::backing::start_writeback(wal, self.kicked, written - self.kicked);
+            self.kicked = written;
         }
     }
 
@@ -183,7 +195,6 @@ impl WalTrack {
             last_commit: None,
             db_pages: None,
             kicked: 0,
-            grown_kicked: None,
         }
     }
 

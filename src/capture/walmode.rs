@@ -326,7 +326,7 @@ impl State {
         // staging barrier (docs/PERFORMANCE.md; on the default mount no gain showed).
         if db.is_straight() {
             if let (Some(w), Some(fd)) = (self.wal.as_mut(), self.wal_fd.as_ref()) {
-                w.kick_grown(fd);
+                w.kick_written(fd);
             }
         }
         self.note_awaiting()
