@@ -869,15 +869,11 @@ fn crossing_the_1gib_lock_page() {
         .unwrap();
         let pc: i64 = c.query_row("PRAGMA page_count", [], |r| r.get(0)).unwrap();
         if pc > lock_page && last_pc < lock_page {
-            let img = fx.scratch_path("crossing.img");
-            let s = snapshot_to_file(&c, &img);
-            samples.push(Sample {
-                checksum: s.checksum,
-                npages: s.npages,
-                page_size: s.page_size,
-                image: Image::File(img),
-                label: format!("first commit past the lock page ({pc} pages)"),
-            });
+            samples.push(sample_to_file(
+                &c,
+                fx.scratch_path("crossing.img"),
+                format!("first commit past the lock page ({pc} pages)"),
+            ));
         }
         last_pc = pc;
         if pc > lock_page + 2000 {
@@ -900,35 +896,29 @@ fn crossing_the_1gib_lock_page() {
         .unwrap();
     c.execute_batch("UPDATE big SET b = randomblob(100) WHERE id % 1013 = 2")
         .unwrap();
-    let img = fx.scratch_path("final.img");
-    let s = snapshot_to_file(&c, &img);
-    samples.push(Sample {
-        checksum: s.checksum,
-        npages: s.npages,
-        page_size: s.page_size,
-        image: Image::File(img.clone()),
-        label: "after WAL updates around the lock page".into(),
-    });
+    samples.push(sample_to_file(
+        &c,
+        fx.scratch_path("final.img"),
+        "after WAL updates around the lock page",
+    ));
     // A `VACUUM` in WAL mode gives every page but the lock page a frame: staging starts that
     // commit's checksum afresh, with only the lock page's old version kept.
     c.execute_batch("VACUUM").unwrap();
     let pc: i64 = c.query_row("PRAGMA page_count", [], |r| r.get(0)).unwrap();
     assert!(pc > lock_page, "the database shrank below the lock page");
-    let vacuumed = fx.scratch_path("vacuumed.img");
-    let s = snapshot_to_file(&c, &vacuumed);
-    samples.push(Sample {
-        checksum: s.checksum,
-        npages: s.npages,
-        page_size: s.page_size,
-        image: Image::File(vacuumed),
-        label: format!("after a VACUUM in WAL mode ({pc} pages)"),
-    });
+    let live = sample_to_file(
+        &c,
+        fx.scratch_path("vacuumed.img"),
+        format!("after a VACUUM in WAL mode ({pc} pages)"),
+    );
+    let live_checksum = live.checksum;
+    samples.push(live);
     drop(c);
     let entries = log_entries(&fx.mnt, db);
     assert_gap_free(&entries, db);
     assert_eq!(
         entries.last().unwrap().checksum,
-        s.checksum,
+        live_checksum,
         "last staged transaction is not the live state"
     );
     check_samples(&fx.mnt, db, &entries, &samples, &fx.scratch);

@@ -1151,6 +1151,18 @@ pub fn sample(conn: &Connection, keep_image: bool, label: impl Into<String>) -> 
     Sample::from_snapshot(s, keep_image, label)
 }
 
+/// Take a sample now, its image streamed to the file `path` (for very large databases).
+pub fn sample_to_file(conn: &Connection, path: PathBuf, label: impl Into<String>) -> Sample {
+    let s = snapshot_to_file(conn, &path);
+    Sample {
+        checksum: s.checksum,
+        npages: s.npages,
+        page_size: s.page_size,
+        image: Image::File(path),
+        label: label.into(),
+    }
+}
+
 /// Compare a replayed database with the expected image; on mismatch name the first
 /// differing page.
 pub fn assert_same_image(expected: &[u8], actual: &[u8], page_size: usize, what: &str) {
