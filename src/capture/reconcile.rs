@@ -62,7 +62,7 @@ impl Db {
             } else {
                 // A WAL generation the stream never saw: its commits are compared below.
                 for t in w.advance(fd, None, u64::MAX)? {
-                    w.publish_reading(fd, &t)?;
+                    w.publish(&t);
                 }
             }
         }

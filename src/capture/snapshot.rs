@@ -311,7 +311,7 @@ pub fn live_image(b: &Backing, name: &str, out: &File) -> io::Result<(u32, u32)>
         st.wal = WalTrack::read_header(fd)?.map(WalTrack::new);
         if let Some(w) = st.wal.as_mut() {
             for t in w.advance(fd, None, u64::MAX)? {
-                w.publish_reading(fd, &t)?;
+                w.publish(&t);
             }
         }
     }

@@ -28,6 +28,7 @@ struct Pending {
     /// Running checksum before this frame.
     cksum_before: (u32, u32),
     page: Option<Vec<u8>>,
+    crc: u64,
 }
 
 /// One frame of a completed transaction.
@@ -37,6 +38,9 @@ pub struct WalFrame {
     pub pgno: u32,
     /// The page, if it was kept from the write; else read it at `off + FRAME_HEADER`.
     pub page: Option<Vec<u8>>,
+    /// [`page_crc`] of the page, taken from the bytes the frame's checksum was validated on:
+    /// staging needs no second read of a page to know it.
+    pub crc: u64,
 }
 
 /// A completed transaction found in the WAL: its frames in write order.
@@ -80,6 +84,11 @@ struct Ahead<'a> {
     /// Nothing past this offset is read ahead (`u64::MAX`: no read-ahead at all, for the
     /// write path, which reads one frame per call).
     limit: u64,
+    /// Read ahead only for a read that starts where the last one ended, or one frame header
+    /// past it (the next frame's page).
+    sequential_only: bool,
+    /// End of the last read.
+    next: u64,
     start: u64,
     buf: Vec<u8>,
 }
@@ -92,6 +101,8 @@ impl<'a> Ahead<'a> {
         Ahead {
             f,
             limit,
+            sequential_only: false,
+            next: 0,
             start: 0,
             buf: Vec::new(),
         }
@@ -100,8 +111,10 @@ impl<'a> Ahead<'a> {
     /// Like [`read_exact_at`].
     fn read(&mut self, out: &mut [u8], off: u64) -> io::Result<bool> {
         let end = off + out.len() as u64;
+        let sequential = off.wrapping_sub(self.next) <= FRAME_HEADER;
+        self.next = end;
         if off < self.start || end > self.start + self.buf.len() as u64 {
-            let want = if self.limit == u64::MAX {
+            let want = if self.limit == u64::MAX || (self.sequential_only && !sequential) {
                 out.len()
             } else {
                 (self.limit.saturating_sub(off) as usize).clamp(out.len(), AHEAD.max(out.len()))
@@ -125,6 +138,32 @@ impl<'a> Ahead<'a> {
         let at = (off - self.start) as usize;
         out.copy_from_slice(&self.buf[at..at + out.len()]);
         Ok(true)
+    }
+}
+
+/// Reads the pages of a transaction's frames for staging: in large pieces while they follow
+/// each other in the WAL (as a transaction's pages mostly do), one at a time otherwise.
+pub struct FrameReader<'a>(Ahead<'a>);
+
+impl<'a> FrameReader<'a> {
+    /// Reads ahead no further than `end` (the end of the transaction).
+    pub fn new(wal: &'a File, end: u64) -> FrameReader<'a> {
+        let mut a = Ahead::new(wal, end);
+        a.sequential_only = true;
+        FrameReader(a)
+    }
+
+    /// The page of frame `f`: kept from the write, else read from the WAL.
+    pub fn page(&mut self, f: &WalFrame, buf: &mut [u8]) -> io::Result<()> {
+        match &f.page {
+            Some(p) => buf.copy_from_slice(p),
+            None => {
+                if !self.0.read(buf, f.off + FRAME_HEADER)? {
+                    return Err(io::Error::other("WAL frame vanished while staging it"));
+                }
+            }
+        }
+        Ok(())
     }
 }
 
@@ -299,12 +338,11 @@ impl WalTrack {
         Ok(be(8) == self.hdr.salt1 && be(12) == self.hdr.salt2)
     }
 
-    /// Records a captured transaction's frames as the newest committed copies of their pages.
-    /// `crcs` holds the page CRC of each frame, in frame order.
-    pub fn publish(&mut self, t: &WalTxn, crcs: &[u64]) {
-        for (f, c) in t.frames.iter().zip(crcs) {
+    /// Records a transaction's frames as the newest committed copies of their pages.
+    pub fn publish(&mut self, t: &WalTxn) {
+        for f in &t.frames {
             if f.pgno <= t.db_pages {
-                self.index.insert(f.pgno, (f.off, *c));
+                self.index.insert(f.pgno, (f.off, f.crc));
             } else {
                 self.index.remove(&f.pgno);
             }
@@ -319,32 +357,13 @@ impl WalTrack {
         self.db_pages = Some(t.db_pages);
     }
 
-    /// Publishes a transaction whose pages are not needed (recovery, padding): CRCs are
-    /// computed from the WAL.
-    pub fn publish_reading(&mut self, wal: &File, t: &WalTxn) -> io::Result<()> {
-        let mut buf = vec![0u8; self.hdr.page_size as usize];
-        let mut crcs = Vec::with_capacity(t.frames.len());
-        for f in &t.frames {
-            let page = match &f.page {
-                Some(p) => &p[..],
-                None => {
-                    read_exact_at(wal, &mut buf, f.off + FRAME_HEADER)?;
-                    &buf[..]
-                }
-            };
-            crcs.push(page_crc(f.pgno, page));
-        }
-        self.publish(t, &crcs);
-        Ok(())
-    }
-
     /// Positions the tracker right after a commit whose offset and checksum were recorded
     /// earlier, rebuilding the index from the frames before it. `false` if the WAL's chain does
     /// not pass through that point (the WAL changed behind sqlfs's back).
     pub fn seek_to(&mut self, wal: &File, end: u64, cksum: (u32, u32)) -> io::Result<bool> {
         while self.committed_end < end {
             match self.advance_one(wal, None, u64::MAX)? {
-                Some(t) => self.publish_reading(wal, &t)?,
+                Some(t) => self.publish(&t),
                 None => break,
             }
         }
@@ -405,6 +424,7 @@ impl WalTrack {
                 pgno,
                 cksum_before: ck,
                 page: keep,
+                crc: page_crc(pgno, page),
             });
             self.pending_after = after;
             if commit != 0 {
@@ -415,6 +435,7 @@ impl WalTrack {
                         off: p.off,
                         pgno: p.pgno,
                         page: p.page,
+                        crc: p.crc,
                     })
                     .collect();
                 self.pending_bytes = 0;
@@ -571,6 +592,34 @@ mod tests {
             .collect()
     }
 
+    /// Each frame carries the CRC of the bytes it was validated on, and the staging reader
+    /// gives every frame's page back whatever order it is asked in.
+    #[test]
+    fn frames_carry_their_page_crcs_and_read_back_in_any_order() {
+        let mut w = Synth::new(false, (3, 4));
+        for (i, pgno) in [5u32, 1, 2, 3, 9].into_iter().enumerate() {
+            let commit = if i == 4 { 9 } else { 0 };
+            w.push(pgno, commit, 0x10 + i as u8);
+        }
+        let f = w.file();
+        let txns = track(&f).advance(&f, None, u64::MAX).unwrap();
+        assert_eq!(txns.len(), 1);
+        let t = &txns[0];
+        for (i, fr) in t.frames.iter().enumerate() {
+            assert_eq!(fr.crc, page_crc(fr.pgno, &page(fr.pgno, 0x10 + i as u8)));
+        }
+        let mut rd = FrameReader::new(&f, t.end);
+        let mut buf = vec![0u8; PS];
+        for i in [0usize, 1, 2, 3, 4, 2, 0, 4, 1] {
+            let fr = WalFrame {
+                page: None,
+                ..t.frames[i]
+            };
+            rd.page(&fr, &mut buf).unwrap();
+            assert_eq!(buf, page(fr.pgno, 0x10 + i as u8), "frame {i}");
+        }
+    }
+
     #[test]
     fn transactions_complete_at_their_commit_frames_in_both_byte_orders() {
         for be in [false, true] {
@@ -590,7 +639,7 @@ mod tests {
             assert_eq!(txns[1].db_pages, 3);
             assert_eq!(t.committed_end, frame_off(4));
             for x in &txns {
-                t.publish_reading(&f, x).unwrap();
+                t.publish(x);
             }
             // The newest committed copy of page 2 is the second transaction's.
             assert_eq!(t.index[&2].0, frame_off(2));
@@ -705,7 +754,7 @@ mod tests {
         let mut t = track(&f);
         let txns = t.advance(&f, None, u64::MAX).unwrap();
         assert_eq!(txns.len(), 3);
-        t.publish_reading(&f, &txns[0]).unwrap();
+        t.publish(&txns[0]);
         let last = t.last_commit.unwrap();
         for p in &txns[1..] {
             assert_eq!(p.frames.len(), 1);

@@ -12,7 +12,6 @@
 //! - Padding frames (a copy of the previous commit frame) spend no TXID.
 
 use std::collections::{BTreeSet, HashMap};
-use std::fs::File;
 use std::io;
 use std::sync::atomic::Ordering;
 
@@ -22,27 +21,12 @@ use crate::backing::Backing;
 use crate::sqlite::{self, page_crc, WalIndexHeader, FRAME_HEADER, WAL_INDEX_HEADER};
 use crate::stage::{Kind, WalPos};
 
-/// The page of WAL frame `f`: kept from the write, else read back from the WAL.
-pub(super) fn frame_page(wal: &File, f: &wal::WalFrame, buf: &mut [u8]) -> io::Result<()> {
-    match &f.page {
-        Some(p) => buf.copy_from_slice(p),
-        None => {
-            if !read_exact_at(wal, buf, f.off + FRAME_HEADER)? {
-                return Err(io::Error::other("WAL frame vanished while staging it"));
-            }
-        }
-    }
-    Ok(())
-}
-
 /// What [`State::wal_txn_pages`] finds of one transaction.
 pub(super) struct TxnPages {
     /// The pages it leaves, in order.
     pages: Vec<u32>,
     /// The rolling checksum after it.
     checksum: u64,
-    /// The CRC of each frame's page (0 for superseded frames).
-    crcs: Vec<u64>,
     /// Old versions read from the database file: (page, CRC).
     from_file: Vec<(u32, u64)>,
     /// A page came into existence without a frame (read from the database file).
@@ -183,7 +167,7 @@ impl State {
         let mut nw = WalTrack::new(w.hdr);
         while nw.committed_end < start {
             match nw.advance_one(fd, None, u64::MAX)? {
-                Some(t) if t.end <= start => nw.publish_reading(fd, &t)?,
+                Some(t) if t.end <= start => nw.publish(&t),
                 _ => break,
             }
         }
@@ -405,9 +389,9 @@ impl State {
             if let Err(e) = r {
                 // The tracker is past these commits already: keep its page index true to the
                 // WAL, so the snapshot staged next (see `guard`) reads their pages.
-                if let (Some(w), Some(fd)) = (self.wal.as_mut(), self.wal_fd.as_ref()) {
+                if let Some(w) = self.wal.as_mut() {
                     for t in &txns[i..] {
-                        w.publish_reading(fd, t)?;
+                        w.publish(t);
                     }
                 }
                 return Err(e);
@@ -434,22 +418,15 @@ impl State {
                 self.go_blind(db, &why);
             }
             self.commits_seen += 1;
-            let (w, fd) = (
-                self.wal.as_mut().expect("WAL tracked"),
-                self.wal_fd.as_ref().expect("WAL open"),
-            );
-            return w.publish_reading(fd, t);
+            self.wal.as_mut().expect("WAL tracked").publish(t);
+            return Ok(());
         }
         if self.is_padding(t, ps)?
             || self.resnapshot.is_some()
             || (self.page_size != ps && self.db_pages != 0)
         {
             let padding = self.resnapshot.is_none() && self.page_size == ps;
-            let (w, fd) = (
-                self.wal.as_mut().expect("WAL tracked"),
-                self.wal_fd.as_ref().expect("WAL open"),
-            );
-            w.publish_reading(fd, t)?;
+            self.wal.as_mut().expect("WAL tracked").publish(t);
             if padding {
                 return Ok(());
             }
@@ -464,7 +441,6 @@ impl State {
         let TxnPages {
             pages,
             checksum,
-            crcs,
             from_file,
             frameless,
         } = self.wal_txn_pages(t, ps)?;
@@ -481,11 +457,8 @@ impl State {
                     db,
                     "a checkpoint copied frames before sqlfs read what they replace (synchronous=OFF)",
                 );
-                let (w, fd) = (
-                    self.wal.as_mut().expect("WAL tracked"),
-                    self.wal_fd.as_ref().expect("WAL open"),
-                );
-                return w.publish_reading(fd, t);
+                self.wal.as_mut().expect("WAL tracked").publish(t);
+                return Ok(());
             }
             self.base.extend(from_file);
         }
@@ -498,13 +471,13 @@ impl State {
             walpos,
         );
         let newest: HashMap<u32, &wal::WalFrame> = t.frames.iter().map(|f| (f.pgno, f)).collect();
-        let fd = self.wal_fd.as_ref().expect("WAL open");
+        let mut frames = wal::FrameReader::new(self.wal_fd.as_ref().expect("WAL open"), t.end);
         append_pages(db, &h, &pages, &mut |p, buf| match newest.get(&p) {
-            Some(f) => frame_page(fd, f, buf),
+            Some(f) => frames.page(f, buf),
             None => self.read_page(p, ps, buf),
         })?;
         self.advance_to(&h);
-        self.wal.as_mut().expect("WAL tracked").publish(t, &crcs);
+        self.wal.as_mut().expect("WAL tracked").publish(t);
         self.deferred = None;
         Ok(())
     }
@@ -525,8 +498,15 @@ impl State {
         {
             return Ok(false);
         }
-        let mut c = Vec::new();
         let f = &t.frames[0];
+        // The common case, a new version of the same page, is told apart by its CRC without
+        // reading the previous commit frame back.
+        if let Some(&(off, crc)) = w.index.get(&lp) {
+            if off == loff && crc != f.crc {
+                return Ok(false);
+            }
+        }
+        let mut c = Vec::new();
         let new = match &f.page {
             Some(p) => &p[..],
             None => {
@@ -535,13 +515,6 @@ impl State {
                 &c[..]
             }
         };
-        // The common case, a new version of the same page, is told apart by its CRC without
-        // reading the previous commit frame back.
-        if let Some(&(off, crc)) = w.index.get(&lp) {
-            if off == loff && crc != page_crc(lp, new) {
-                return Ok(false);
-            }
-        }
         let mut a = vec![0u8; ps as usize];
         Ok(read_exact_at(fd, &mut a, loff + FRAME_HEADER)? && a == new)
     }
@@ -565,12 +538,11 @@ impl State {
     }
 
     /// The pages a WAL transaction leaves (newest frame per page, within the new size, plus
-    /// pages that come into existence without a frame, like the lock page), the rolling
-    /// checksum after it, and the CRC of each frame's page (0 for superseded frames). Must run
-    /// before the transaction is published to the index, so old versions are still found.
-    /// Pages are read one at a time: memory does not grow with the transaction.
+    /// pages that come into existence without a frame, like the lock page) and the rolling
+    /// checksum after it. Must run before the transaction is published to the index, so old
+    /// versions are still found. Reads only old versions (and frameless pages), one at a
+    /// time: memory does not grow with the transaction.
     pub(super) fn wal_txn_pages(&self, t: &WalTxn, ps: u32) -> io::Result<TxnPages> {
-        let fd = self.wal_fd.as_ref().expect("WAL open");
         let mut newest: HashMap<u32, usize> = HashMap::new();
         for (i, f) in t.frames.iter().enumerate() {
             newest.insert(f.pgno, i);
@@ -617,28 +589,22 @@ impl State {
                 checksum ^= c;
             }
         }
-        // In: the new versions.
-        let mut crcs = vec![0u64; t.frames.len()];
+        // In: the new versions, whose CRCs the frames carry from their validation.
         let mut frameless = false;
         for &p in &pages {
-            match newest.get(&p) {
-                Some(&i) => frame_page(fd, &t.frames[i], &mut buf)?,
+            checksum ^= match newest.get(&p) {
+                Some(&i) => t.frames[i].crc,
                 None => {
                     // SQLite never writes the page that holds the lock bytes at 1 GiB.
                     frameless |= p != lock;
-                    self.read_page(p, ps, &mut buf)?
+                    self.read_page(p, ps, &mut buf)?;
+                    page_crc(p, &buf)
                 }
-            }
-            let c = page_crc(p, &buf);
-            if let Some(&i) = newest.get(&p) {
-                crcs[i] = c;
-            }
-            checksum ^= c;
+            };
         }
         Ok(TxnPages {
             pages: pages.into_iter().collect(),
             checksum,
-            crcs,
             from_file,
             frameless,
         })
