@@ -30,6 +30,7 @@
 //!   starts. Other names never wait for it.
 //! - Names matched by `exclude` are never taken into capture.
 
+mod ahead;
 mod events;
 mod hot;
 mod journal;
@@ -208,6 +209,8 @@ struct State {
     deferred: Option<(u32, std::time::Instant)>,
     /// Set by `commit_wal` when it left its commit to the checkpoint's sync.
     left_to_ckpt: bool,
+    /// A large transaction being staged while it is written (`ahead.rs`).
+    early: Option<ahead::Early>,
 }
 
 /// Opened once the database behind it is in the registry, or failed to start.
@@ -327,6 +330,7 @@ impl Capture {
                 may_defer: false,
                 deferred: None,
                 left_to_ckpt: false,
+                early: None,
             }),
             observed: self.observed.clone(),
             shm_users: AtomicU32::new(0),

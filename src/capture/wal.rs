@@ -199,26 +199,81 @@ impl WalTrack {
         let frame = FRAME_HEADER + self.hdr.page_size as u64;
         let step = (crate::backing::WRITEBACK_STEP / frame).max(1);
         let mut written = self.kicked.max(self.committed_end).max(WAL_HEADER);
-        let mut hdr = [0u8; FRAME_HEADER as usize];
-        let salt = |b: &[u8]| u32::from_be_bytes([b[0], b[1], b[2], b[3]]);
         // At most 1 GiB of frames a call: the next catch-up goes on from there.
         for _ in 0..(1u64 << 30) / crate::backing::WRITEBACK_STEP {
             let j = (written - WAL_HEADER) / frame + step - 1;
             let at = WAL_HEADER + j * frame;
-            match read_exact_at(wal, &mut hdr, at) {
-                Ok(true)
-                    if salt(&hdr[8..12]) == self.hdr.salt1
-                        && salt(&hdr[12..16]) == self.hdr.salt2 =>
-                {
-                    written = at + frame;
-                }
-                _ => break,
+            if !self.salts_at(wal, at).unwrap_or(false) {
+                break;
             }
+            written = at + frame;
         }
         if written >= self.kicked + crate::backing::WRITEBACK_STEP {
             crate::backing::start_writeback(wal, self.kicked, written - self.kicked);
             self.kicked = written;
         }
+    }
+
+    /// True if a frame of this generation (its salts match the header) is at byte `at`.
+    pub fn salts_at(&self, wal: &File, at: u64) -> io::Result<bool> {
+        let mut fh = [0u8; 16];
+        if !read_exact_at(wal, &mut fh, at)? {
+            return Ok(false);
+        }
+        let be = |at: usize| u32::from_be_bytes([fh[at], fh[at + 1], fh[at + 2], fh[at + 3]]);
+        Ok(be(8) == self.hdr.salt1 && be(12) == self.hdr.salt2)
+    }
+
+    /// Whether `fh` is the header of a frame of an open transaction of this generation, and
+    /// its page number: its salts are this generation's, or its salts and checksum are zero
+    /// (once SQLite has rewritten a frame of the open transaction in place, it writes the
+    /// frames that follow so and leaves their checksums to the commit). Not a commit frame.
+    fn open_frame(&self, fh: &[u8; FRAME_HEADER as usize]) -> Option<u32> {
+        let be = |b: &[u8]| u32::from_be_bytes([b[0], b[1], b[2], b[3]]);
+        let (pgno, commit) = (be(&fh[0..4]), be(&fh[4..8]));
+        let salts = (be(&fh[8..12]), be(&fh[12..16]));
+        let deferred = fh[8..].iter().all(|&b| b == 0);
+        (pgno != 0 && commit == 0 && (deferred || salts == (self.hdr.salt1, self.hdr.salt2)))
+            .then_some(pgno)
+    }
+
+    /// True if a frame of an open transaction seems to be at byte `at` (see
+    /// [`WalTrack::uncommitted`]).
+    pub fn open_frame_at(&self, wal: &File, at: u64) -> io::Result<bool> {
+        let mut fh = [0u8; FRAME_HEADER as usize];
+        Ok(read_exact_at(wal, &mut fh, at)? && self.open_frame(&fh).is_some())
+    }
+
+    /// Gives `f` the frames of an open transaction from byte `from` on, as far as they go
+    /// but at most `max` bytes of them: each one's page number and page. Returns the
+    /// offset after the last one given. Nothing is validated: a frame may be torn, stale (of
+    /// a transaction rolled back) or rewritten before the commit, and its checksum may not
+    /// be written yet. Whoever keeps them checks them against the committed transaction.
+    pub fn uncommitted(
+        &self,
+        wal: &File,
+        from: u64,
+        max: u64,
+        f: &mut dyn FnMut(u32, &[u8]) -> io::Result<()>,
+    ) -> io::Result<u64> {
+        let mut off = from;
+        let fsz = self.hdr.frame_size();
+        let size = wal.metadata()?.len();
+        let limit = size.min(off.saturating_add(max));
+        let mut rd = Ahead::new(wal, limit);
+        let mut fh = [0u8; FRAME_HEADER as usize];
+        let mut page = vec![0u8; self.hdr.page_size as usize];
+        while off + fsz <= limit {
+            if !rd.read(&mut fh, off)? || !rd.read(&mut page, off + FRAME_HEADER)? {
+                break;
+            }
+            let Some(pgno) = self.open_frame(&fh) else {
+                break;
+            };
+            f(pgno, &page)?;
+            off += fsz;
+        }
+        Ok(off)
     }
 
     pub fn new(hdr: WalHeader) -> WalTrack {
@@ -330,12 +385,7 @@ impl WalTrack {
     /// True if a frame of this generation (its salts match the header) starts right after the
     /// last commit: a transaction is being written, or was written and not yet published.
     pub fn frame_follows(&self, wal: &File) -> io::Result<bool> {
-        let mut fh = [0u8; 24];
-        if !read_exact_at(wal, &mut fh, self.committed_end)? {
-            return Ok(false);
-        }
-        let be = |at: usize| u32::from_be_bytes([fh[at], fh[at + 1], fh[at + 2], fh[at + 3]]);
-        Ok(be(8) == self.hdr.salt1 && be(12) == self.hdr.salt2)
+        self.salts_at(wal, self.committed_end)
     }
 
     /// Records a transaction's frames as the newest committed copies of their pages.
@@ -590,6 +640,60 @@ mod tests {
                 (fr.pgno, b[4])
             })
             .collect()
+    }
+
+    /// The frames of an open transaction are taken as far as they go: ones with this
+    /// generation's salts, then ones whose checksum SQLite left to the commit (zero salts and
+    /// checksum), not a commit frame nor one of an older generation.
+    #[test]
+    fn frames_of_an_open_transaction_are_taken_as_written() {
+        let mut w = Synth::new(false, (5, 6));
+        w.push(1, 2, 0x01);
+        w.push(3, 0, 0x03);
+        w.push(4, 0, 0x04);
+        // Written after SQLite rewrote a frame in place: header without salts nor checksum.
+        let mut raw = Vec::new();
+        for pgno in [5u32, 6] {
+            raw.extend_from_slice(&pgno.to_be_bytes());
+            raw.extend_from_slice(&[0u8; 20]);
+            raw.extend_from_slice(&page(pgno, 0x05));
+        }
+        w.bytes.extend_from_slice(&raw);
+        // Then a commit frame of this generation, after which nothing is taken.
+        w.push(7, 7, 0x07);
+        let f = w.file();
+        let mut t = track(&f);
+        let txns = t.advance(&f, None, u64::MAX).unwrap();
+        assert_eq!(txns.len(), 1);
+        t.publish(&txns[0]);
+        let mut got = Vec::new();
+        let end = t
+            .uncommitted(&f, t.committed_end, u64::MAX, &mut |pgno, pg| {
+                got.push((pgno, pg[4]));
+                Ok(())
+            })
+            .unwrap();
+        assert_eq!(got, [(3, 0x03), (4, 0x04), (5, 0x05), (6, 0x05)]);
+        assert_eq!(end, frame_off(5));
+        assert!(t.open_frame_at(&f, frame_off(4)).unwrap());
+        assert!(
+            !t.open_frame_at(&f, frame_off(5)).unwrap(),
+            "a commit frame"
+        );
+        // At most `max` bytes; another generation's frames are not taken.
+        let one = t
+            .uncommitted(
+                &f,
+                t.committed_end,
+                frame_off(2) - frame_off(1),
+                &mut |_, _| Ok(()),
+            )
+            .unwrap();
+        assert_eq!(one, frame_off(2));
+        w.restart();
+        let f = w.file();
+        let t2 = track(&f);
+        assert!(!t2.open_frame_at(&f, frame_off(1)).unwrap());
     }
 
     /// Each frame carries the CRC of the bytes it was validated on, and the staging reader

@@ -260,7 +260,7 @@ impl State {
             if (h.salt1, h.salt2) == (w.hdr.salt1, w.hdr.salt2)
                 && w.end_of(h.max_frame) == w.committed_end
             {
-                return self.note_awaiting();
+                return self.note_awaiting_ahead(db);
             }
         }
         let fd = self.wal_fd.as_ref().expect("WAL open");
@@ -313,7 +313,17 @@ impl State {
                 w.kick_written(fd);
             }
         }
-        self.note_awaiting()
+        self.note_awaiting_ahead(db)
+    }
+
+    /// [`State::note_awaiting`], and a straight database's large transaction being written is
+    /// staged as it goes (`ahead.rs`).
+    fn note_awaiting_ahead(&mut self, db: &Db) -> io::Result<()> {
+        self.note_awaiting()?;
+        if self.awaiting && db.is_straight() {
+            self.stage_ahead(db);
+        }
+        Ok(())
     }
 
     /// Records whether frames follow the last staged commit (see `awaiting`).
@@ -470,12 +480,16 @@ impl State {
             pages.len() as u32,
             walpos,
         );
-        let newest: HashMap<u32, &wal::WalFrame> = t.frames.iter().map(|f| (f.pgno, f)).collect();
-        let mut frames = wal::FrameReader::new(self.wal_fd.as_ref().expect("WAL open"), t.end);
-        append_pages(db, &h, &pages, &mut |p, buf| match newest.get(&p) {
-            Some(f) => frames.page(f, buf),
-            None => self.read_page(p, ps, buf),
-        })?;
+        if !self.adopt_early(db, t, &pages, &h) {
+            let newest: HashMap<u32, &wal::WalFrame> =
+                t.frames.iter().map(|f| (f.pgno, f)).collect();
+            let fd = self.wal_fd.as_ref().expect("WAL open");
+            let mut frames = wal::FrameReader::new(fd, t.end);
+            append_pages(db, &h, &pages, &mut |p, buf| match newest.get(&p) {
+                Some(f) => frames.page(f, buf),
+                None => self.read_page(p, ps, buf),
+            })?;
+        }
         self.advance_to(&h);
         self.wal.as_mut().expect("WAL tracked").publish(t);
         self.deferred = None;

@@ -27,8 +27,10 @@ pub use crate::record::{Kind, PageSink, RecordHeader, WalPos, RECORD_HEADER};
 use parking_lot::Mutex;
 
 mod apply;
+mod prestage;
 mod reader;
 use apply::Applier;
+pub use prestage::Prestaged;
 pub use reader::StagedReader;
 
 /// Nanoseconds since the Unix epoch.
@@ -333,6 +335,7 @@ impl DbStage {
         let logdir = dir.join("log");
         if access == Access::Write {
             fs::create_dir_all(&logdir).map_err(io_err(&logdir))?;
+            prestage::remove_leftovers(&logdir)?;
         }
         let st = DbStage {
             dir: dir.to_path_buf(),

@@ -412,3 +412,98 @@ fn write_atomic_with_writers_of_one_path_at_once() {
         .collect();
     assert_eq!(left, vec![std::ffi::OsString::from("claim")]);
 }
+
+/// A record staged ahead and adopted reads back like an appended one, between small records
+/// gathered before it and appended after it; its patched pages are the ones applied. One
+/// dropped (a transaction rolled back) or left by a crash leaves nothing in the log.
+#[test]
+fn a_record_staged_ahead_joins_the_log_whole() {
+    const PS: usize = 512;
+    let d = tempfile::tempdir().unwrap();
+    let st = DbStage::open(d.path(), Access::Write).unwrap();
+    let page = |p: u32, v: u8| {
+        let mut b = vec![v; PS];
+        b[..4].copy_from_slice(&p.to_be_bytes());
+        b
+    };
+    let small = |st: &DbStage, txid: u64, v: u8| {
+        let mut h = hdr(txid, 3);
+        h.npages = 1;
+        st.append(&h, |emit| emit(2, &page(2, v))).unwrap();
+    };
+    small(&st, 1, 1);
+    small(&st, 2, 2);
+    // Rolled back: dropped, its file goes.
+    let mut gone = st.prestage(PS as u32).unwrap();
+    gone.push(3, &page(3, 9), 0).unwrap();
+    drop(gone);
+    // Pages 3..=2000 in write order 2000 down to 3, page 7 rewritten before the commit.
+    let mut p = st.prestage(PS as u32).unwrap();
+    for n in (3..=2000u32).rev() {
+        p.push(n, &page(n, 3), crate::sqlite::page_crc(n, &page(n, 3)))
+            .unwrap();
+    }
+    assert!(p.push(5, &page(5, 3), 0).is_err(), "a page given twice");
+    let k = p.entry_of(7).unwrap();
+    p.patch(k, &page(7, 4), 0).unwrap();
+    let mut h = hdr(3, 2000);
+    h.npages = p.entries().len() as u32;
+    // The wrong record for it is refused, and nothing is appended.
+    let mut wrong = h;
+    wrong.npages += 1;
+    let p = match st.adopt(p, &wrong) {
+        Err(_) => {
+            let mut again = st.prestage(PS as u32).unwrap();
+            for n in (3..=2000u32).rev() {
+                let v = if n == 7 { 4 } else { 3 };
+                again.push(n, &page(n, v), 0).unwrap();
+            }
+            again
+        }
+        Ok(()) => panic!("a record of the wrong size was adopted"),
+    };
+    // (TXIDs 1 and 2 are still gathered in memory: adopting writes them first.)
+    assert!(st.last().is_none());
+    st.adopt(p, &h).unwrap();
+    assert_eq!(st.last().unwrap().txid, 3);
+    small(&st, 4, 5);
+    st.sync().unwrap();
+    let want = |txid: u64| -> Vec<u8> {
+        let mut img = vec![page(1, 0); 2000];
+        img[0] = vec![0; PS];
+        img[1] = page(2, if txid >= 4 { 5 } else { 2 });
+        for n in 3..=2000u32 {
+            img[n as usize - 1] = page(n, if n == 7 { 4 } else { 3 });
+        }
+        img.truncate(if txid >= 4 { 3 } else { 2000 });
+        img.concat()
+    };
+    let check = |st: &DbStage| {
+        let out = tempfile::tempfile().unwrap();
+        for t in [3, 4] {
+            st.materialize(t, &out).unwrap();
+            let got = file_bytes(&out);
+            assert_eq!(got[PS..], want(t)[PS..], "state after TXID {t}");
+        }
+    };
+    check(&st);
+    let logdir = d.path().join("log");
+    let names = || -> Vec<String> {
+        let mut v: Vec<String> = fs::read_dir(&logdir)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        v.sort();
+        v
+    };
+    assert_eq!(names(), [seg_name(1), seg_name(3)], "a segment of its own");
+    // A crash while one is staged ahead: the next open removes its file.
+    let left = st.prestage(PS as u32).unwrap();
+    std::mem::forget(left);
+    assert_eq!(names().len(), 3);
+    drop(st);
+    let st = DbStage::open(d.path(), Access::Write).unwrap();
+    assert_eq!(names(), [seg_name(1), seg_name(3)]);
+    assert_eq!(st.last().unwrap().txid, 4);
+    check(&st);
+}
