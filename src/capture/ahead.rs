@@ -1,6 +1,7 @@
-//! Staging a straight database's large transaction while its app still writes it. Each
-//! catch-up that finds frames after the last commit and nothing new published copies the
-//! frames written since into a record staged ahead ([`crate::stage::Prestaged`]). At the
+//! Staging a straight database's large transaction while its app still writes it. Each of the
+//! watcher's catch-ups that leaves frames after the last commit (a transaction being written)
+//! copies the frames written since into a record staged ahead ([`crate::stage::Prestaged`]),
+//! once there are [`START_AT`] bytes of them. At the
 //! commit, the committed transaction is compared with it frame by frame, by page number and
 //! page CRC: pages the app rewrote in place since (SQLite does that to pages of the open
 //! transaction it had to spill) are patched, later frames added, and the record joins the log

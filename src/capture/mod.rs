@@ -701,6 +701,11 @@ impl Capture {
             let r = st.catch_up(db, &self.backing);
             st.may_defer = false;
             r?;
+            if st.awaiting && db.is_straight() {
+                // A large transaction being written is staged as it goes (`ahead.rs`): by
+                // the watcher only, never on a request's thread.
+                st.stage_ahead(db);
+            }
             out = CaughtUp {
                 awaiting: st.awaiting,
                 staged: st.txid.saturating_sub(before),

@@ -260,7 +260,7 @@ impl State {
             if (h.salt1, h.salt2) == (w.hdr.salt1, w.hdr.salt2)
                 && w.end_of(h.max_frame) == w.committed_end
             {
-                return self.note_awaiting_ahead(db);
+                return self.note_awaiting();
             }
         }
         let fd = self.wal_fd.as_ref().expect("WAL open");
@@ -313,17 +313,7 @@ impl State {
                 w.kick_written(fd);
             }
         }
-        self.note_awaiting_ahead(db)
-    }
-
-    /// [`State::note_awaiting`], and a straight database's large transaction being written is
-    /// staged as it goes (`ahead.rs`).
-    fn note_awaiting_ahead(&mut self, db: &Db) -> io::Result<()> {
-        self.note_awaiting()?;
-        if self.awaiting && db.is_straight() {
-            self.stage_ahead(db);
-        }
-        Ok(())
+        self.note_awaiting()
     }
 
     /// Records whether frames follow the last staged commit (see `awaiting`).
