@@ -1030,6 +1030,97 @@ fn large_transactions_staged_while_written() {
     }
 }
 
+/// Files staged ahead of their commit in the staging logs of a fixture's databases.
+fn staged_ahead_files(fx: &Fixture) -> Vec<std::path::PathBuf> {
+    let mut out = Vec::new();
+    for e in fs::read_dir(fx.backing.join(".sqlfs/db")).unwrap() {
+        let Ok(rd) = fs::read_dir(e.unwrap().path().join("log")) else {
+            continue;
+        };
+        for f in rd {
+            let f = f.unwrap();
+            if !f.file_name().to_string_lossy().ends_with(".seg") {
+                out.push(f.path());
+            }
+        }
+    }
+    out
+}
+
+/// sqlfs killed (`kill -9`) while a large transaction is being staged ahead of its commit:
+/// the next mount removes what was staged ahead, and the state committed before it replays.
+#[test]
+fn sqlfs_killed_while_a_transaction_is_staged_ahead() {
+    let mut fx = Fixture::new("aheadkill", false);
+    if !fx
+        .opts
+        .extra_args
+        .iter()
+        .any(|a| a == "--passthrough-databases")
+    {
+        fx.opts.extra_args.push("--passthrough-databases".into());
+    }
+    fx.mount();
+    let db = "kill.db";
+    let path = fx.path(db);
+    let c = open_db(&path);
+    c.execute_batch(
+        "PRAGMA journal_mode=WAL; CREATE TABLE t(id INTEGER PRIMARY KEY, v BLOB); \
+         WITH RECURSIVE s(x) AS (SELECT 1 UNION ALL SELECT x + 1 FROM s WHERE x < 4000) \
+         INSERT INTO t(v) SELECT randomblob(1000) FROM s;",
+    )
+    .unwrap();
+    let before = sample(&c, true, "committed before the kill");
+    drop(c);
+    sleep_ms(1000);
+    let mut child = std::process::Command::new("sqlite3")
+        .arg(&path)
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    {
+        use std::io::Write;
+        let stdin = child.stdin.as_mut().unwrap();
+        stdin
+            .write_all(
+                b"PRAGMA cache_size=200;\nBEGIN;\n\
+                  WITH RECURSIVE s(x) AS (SELECT 1 UNION ALL SELECT x + 1 FROM s WHERE x < 12000) \
+                  INSERT INTO t(v) SELECT randomblob(1000) FROM s;\n",
+            )
+            .unwrap();
+        stdin.flush().unwrap();
+    }
+    wait_until(
+        Duration::from_secs(30),
+        50,
+        || match staged_ahead_files(&fx).len() {
+            0 => Err("none"),
+            _ => Ok(()),
+        },
+        |_| "nothing was staged ahead of the open transaction".to_string(),
+    );
+    fx.kill9();
+    kill9_child(&mut child);
+    fx.mount();
+    // The database is loaded (its log opened, and repaired) by its first event: an open.
+    let c = open_db(&path);
+    integrity_ok(&c);
+    drop(c);
+    assert!(
+        staged_ahead_files(&fx).is_empty(),
+        "left: {:?}",
+        staged_ahead_files(&fx)
+    );
+    let entries = log_entries(&fx.mnt, db);
+    assert_gap_free(&entries, db);
+    assert_eq!(entries.last().unwrap().checksum, before.checksum);
+    check_samples(&fx.mnt, db, &entries, &[before], &fx.scratch);
+    fx.assert_verify();
+    fx.unmount();
+}
+
 /// With a small `--stage-limit`, old transactions are folded into a local base. The log
 /// then starts after the base, stays gap-free, and every later state still replays
 /// byte for byte; the base itself replays too.
