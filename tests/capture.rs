@@ -940,14 +940,7 @@ fn crossing_the_1gib_lock_page() {
 #[test]
 fn large_transactions_staged_while_written() {
     let mut fx = Fixture::new("ahead", false);
-    if !fx
-        .opts
-        .extra_args
-        .iter()
-        .any(|a| a == "--passthrough-databases")
-    {
-        fx.opts.extra_args.push("--passthrough-databases".into());
-    }
+    fx.opts.extra_args = vec!["--passthrough-databases".into()];
     fx.opts
         .env
         .push(("RUST_LOG".into(), "info,sqlfs::capture::ahead=trace".into()));
@@ -1014,8 +1007,10 @@ fn large_transactions_staged_while_written() {
     integrity_ok(&open_db(&path));
     fx.assert_verify();
     let log = fx.all_daemon_logs();
+    // The two transactions that pause while open are staged ahead for sure; the others only
+    // if the watcher looks while they are written.
     let ahead = log.matches("staged ahead:").count();
-    assert!(ahead >= 3, "{ahead} transactions staged ahead; log:\n{log}");
+    assert!(ahead >= 2, "{ahead} transactions staged ahead; log:\n{log}");
     assert!(
         log.lines()
             .any(|l| l.contains("staged ahead:") && !l.contains(" 0 patched")),
@@ -1052,14 +1047,7 @@ fn staged_ahead_files(fx: &Fixture) -> Vec<std::path::PathBuf> {
 #[test]
 fn sqlfs_killed_while_a_transaction_is_staged_ahead() {
     let mut fx = Fixture::new("aheadkill", false);
-    if !fx
-        .opts
-        .extra_args
-        .iter()
-        .any(|a| a == "--passthrough-databases")
-    {
-        fx.opts.extra_args.push("--passthrough-databases".into());
-    }
+    fx.opts.extra_args = vec!["--passthrough-databases".into()];
     fx.mount();
     let db = "kill.db";
     let path = fx.path(db);
