@@ -980,11 +980,21 @@ fn large_transactions_staged_while_written() {
     pause();
     c.execute_batch("COMMIT").unwrap();
     samples.push(sample(&c, true, "pages rewritten before the commit"));
-    // Rolled back, then another transaction over the same frames.
+    // Rolled back, then a smaller transaction over the same frames: what was staged ahead runs
+    // past its commit, and nothing is staged ahead until the WAL restarts.
     c.execute_batch("BEGIN").unwrap();
     insert(12000);
     pause();
     c.execute_batch("ROLLBACK").unwrap();
+    c.execute_batch("BEGIN").unwrap();
+    insert(1000);
+    pause();
+    c.execute_batch("COMMIT").unwrap();
+    samples.push(sample(
+        &c,
+        true,
+        "a smaller transaction after a rolled-back one",
+    ));
     c.execute_batch("BEGIN").unwrap();
     insert(10000);
     c.execute_batch("DELETE FROM t WHERE id % 5 = 0").unwrap();
@@ -1015,6 +1025,11 @@ fn large_transactions_staged_while_written() {
         log.lines()
             .any(|l| l.contains("staged ahead:") && !l.contains(" 0 patched")),
         "no page was patched; log:\n{log}"
+    );
+    assert!(
+        log.contains("staged ahead past the commit"),
+        "the copy of the rolled-back transaction was not seen to run past the next commit; \
+         log:\n{log}"
     );
     fx.unmount();
     for e in fs::read_dir(fx.backing.join(".sqlfs/db")).unwrap() {

@@ -6,7 +6,11 @@
 //! page CRC: pages the app rewrote in place since (SQLite does that to pages of the open
 //! transaction it had to spill) are patched, later frames added, and the record joins the log
 //! ([`crate::stage::DbStage::adopt`]). Anything else (frames that do not match, pages past the
-//! new end, pages without a frame) drops it, and the commit is staged the usual way.
+//! new end, pages without a frame) drops it, and the commit is staged the usual way. A copy
+//! that ran past its commit, or met a page twice, took frames a rolled-back transaction left
+//! behind (the frames SQLite writes without salts carry no mark of their generation): then
+//! nothing more is staged ahead until the WAL restarts, since every later transaction of that
+//! generation could copy them again.
 //!
 //! Invariant: what is adopted holds exactly the committed transaction's pages, each the
 //! version of its newest frame, as the usual way's record would (in frame order, not page
@@ -66,6 +70,9 @@ impl State {
         {
             *early = None;
         }
+        if self.ahead_off == Some(salts) {
+            return Ok(());
+        }
         if early.is_none() {
             let fsz = w.hdr.frame_size();
             let probe = w.committed_end + START_AT.div_ceil(fsz) * fsz;
@@ -101,8 +108,13 @@ impl State {
                 .map_err(io::Error::other)
         });
         if twice {
-            log::debug!("{}: a page written twice; staged at its commit", db.name());
+            log::debug!(
+                "{}: a page written twice (frames a rolled-back transaction left?): nothing \
+                 staged ahead until the WAL restarts",
+                db.name()
+            );
             e.log = None;
+            self.ahead_off = Some(salts);
             return Ok(());
         }
         e.next = r?;
@@ -123,6 +135,20 @@ impl State {
         let Some(e) = self.early.take() else {
             return false;
         };
+        if e.log
+            .as_ref()
+            .is_some_and(|l| l.entries().len() > t.frames.len())
+        {
+            // Copied past the commit: frames a rolled-back transaction left (SQLite's frames
+            // without salts tell no generation from another). Each transaction of this WAL
+            // generation could copy them again, so none is staged ahead until it restarts.
+            log::debug!(
+                "{}: staged ahead past the commit; nothing staged ahead until the WAL restarts",
+                db.name()
+            );
+            self.ahead_off = Some(e.salts);
+            return false;
+        }
         match self.try_adopt(db, e, t, pages, h) {
             Ok(adopted) => adopted,
             Err(err) => {

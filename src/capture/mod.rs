@@ -211,6 +211,8 @@ struct State {
     left_to_ckpt: bool,
     /// A large transaction being staged while it is written (`ahead.rs`).
     early: Option<ahead::Early>,
+    /// Salts of a WAL generation in which nothing is staged ahead (`ahead.rs`).
+    ahead_off: Option<(u32, u32)>,
 }
 
 /// Opened once the database behind it is in the registry, or failed to start.
@@ -331,6 +333,7 @@ impl Capture {
                 deferred: None,
                 left_to_ckpt: false,
                 early: None,
+                ahead_off: None,
             }),
             observed: self.observed.clone(),
             shm_users: AtomicU32::new(0),

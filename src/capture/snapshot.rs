@@ -307,6 +307,7 @@ pub fn live_image(b: &Backing, name: &str, out: &File) -> io::Result<(u32, u32)>
         deferred: None,
         left_to_ckpt: false,
         early: None,
+        ahead_off: None,
     };
     if let Some(fd) = st.wal_fd.as_ref() {
         st.wal = WalTrack::read_header(fd)?.map(WalTrack::new);
