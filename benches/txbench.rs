@@ -296,8 +296,10 @@ fn main() -> Result<()> {
             "bulk load and full scan of a {} MB table",
             cfg.scan_mb
         ));
-        let n_load = load(&native, cfg.scan_mb)?;
-        let s_load = load(&mnt, cfg.scan_mb)?;
+        // A load a side each round (the last one's table is scanned).
+        let mb = cfg.scan_mb;
+        let l = alternate_all(cfg.rounds, &[&native, &mnt], |d| load(d, mb))?;
+        let (n_load, s_load) = (l[0], l[1]);
         // The scans measure reads: the mount's trailing work on the load is let finish.
         if let Some(m) = &mount {
             m.settle();
@@ -425,11 +427,20 @@ fn main() -> Result<()> {
             &[replica],
             &["--passthrough-databases".to_string()],
         )?;
-        let n = load(&native, cfg.scan_mb)?;
-        let s = load(&mpd, cfg.scan_mb)?;
-        // The same load natively with one more synced copy of each transaction: the floor of
-        // any capture that keeps staging durable before a checkpoint, on this disk.
-        let c = load_with_copy(&native, cfg.scan_mb)?;
+        // Beside them the same load natively with one more synced copy of each transaction:
+        // the floor of any capture that keeps staging durable before a checkpoint, on this
+        // disk. The three take turns, each going first once in three rounds.
+        let copy = cfg.work.join("native-copy");
+        fs::create_dir_all(&copy)?;
+        let mb = cfg.scan_mb;
+        let l = alternate_all(cfg.rounds, &[&native, &mpd, &copy], |d| {
+            if d == copy {
+                load_with_copy(d, mb)
+            } else {
+                load(d, mb)
+            }
+        })?;
+        let (n, s, c) = (l[0], l[1], l[2]);
         let with = "with --passthrough-databases";
         rows.push(Row::pair(
             format!(
