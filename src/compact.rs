@@ -99,7 +99,11 @@ pub fn merge(
                     present.insert(p);
                 }
                 Event::End(h) => {
-                    present.retain(|&p| p <= h.db_pages);
+                    // Pages past the new end are gone. Looked at by the set's last page: a
+                    // merge of many small records must not walk the whole set for each.
+                    if present.last().is_some_and(|&l| l > h.db_pages) {
+                        present.split_off(&(h.db_pages + 1));
+                    }
                     last = Some(*h);
                 }
             }
@@ -278,6 +282,89 @@ mod tests {
         // Nothing older than the only snapshot: retention never has work.
         let lone = cat(&[(snapshot_key(id, 0x10), 100), (l0_key(id, 0x11), 110)]);
         assert_eq!(next_expiry(&lone, 850), None);
+    }
+
+    /// One segment of `records` (header, pages as (pgno, fill byte)) in `dir`.
+    fn segment_of(
+        dir: &Path,
+        name: &str,
+        records: &[(RecordHeader, Vec<(u32, u8)>)],
+    ) -> std::path::PathBuf {
+        let path = dir.join(name);
+        let f = File::create(&path).unwrap();
+        let mut w = ObjectWriter::new(f, ObjKind::Segment, 0, "0123456789abcdef").unwrap();
+        for (h, pages) in records {
+            w.add(h, |emit| {
+                for &(p, b) in pages {
+                    emit(p, &vec![b; h.page_size as usize])?;
+                }
+                Ok(())
+            })
+            .unwrap();
+        }
+        w.finish().unwrap();
+        path
+    }
+
+    /// A database that shrinks and grows again inside a run: the merged record holds exactly
+    /// the pages inside the last size, each in its newest version; a page cut off and not
+    /// written again is gone.
+    #[test]
+    fn merge_keeps_the_pages_inside_the_last_size() {
+        let dir = tempfile::tempdir().unwrap();
+        let ps = 512;
+        let h = |txid, db_pages, npages| RecordHeader {
+            db_pages,
+            ..RecordHeader::test(Kind::Txn, txid, ps, npages)
+        };
+        let a = segment_of(
+            dir.path(),
+            "a",
+            &[
+                (h(1, 6, 6), (1..=6).map(|p| (p, 1)).collect()),
+                (h(2, 6, 1), vec![(5, 2)]),
+            ],
+        );
+        let b = segment_of(
+            dir.path(),
+            "b",
+            &[
+                // Cut to 3 pages, then grown to 5 with page 4 written again.
+                (h(3, 3, 1), vec![(2, 3)]),
+                (h(4, 5, 1), vec![(4, 4)]),
+            ],
+        );
+        let inputs = [
+            Input {
+                key: "a".into(),
+                path: &a,
+                range: None,
+            },
+            Input {
+                key: "b".into(),
+                path: &b,
+                range: None,
+            },
+        ];
+        let out = File::create(dir.path().join("out")).unwrap();
+        let hdr = merge(&inputs, 1, "0123456789abcdef", out, &dir.path().join("tmp")).unwrap();
+        assert_eq!((hdr.first_txid, hdr.last_txid), (1, 4));
+        let mut got = Vec::new();
+        segment::for_each_txn(
+            File::open(dir.path().join("out")).unwrap(),
+            &hdr,
+            "out",
+            |ev| {
+                match ev {
+                    Event::Start(r) => assert_eq!((r.db_pages, r.npages), (5, 4)),
+                    Event::Page(p, d) => got.push((p, d[0])),
+                    Event::End(_) => {}
+                }
+                Ok(())
+            },
+        )
+        .unwrap();
+        assert_eq!(got, vec![(1, 1), (2, 3), (3, 1), (4, 4)]);
     }
 
     fn firsts(run: &[Obj]) -> Vec<u64> {
