@@ -91,6 +91,18 @@ impl SqlFs {
     }
 }
 
+/// Open flags for a new handle's close: FLUSH, the one request close(2) waits for, is asked
+/// for only where sqlfs acts on it, a plain file opened for writing that goes straight
+/// through (looked at again at each close, invariant 14). Any other handle's close costs the
+/// app no round trip; its release still comes, after close returns.
+pub(super) fn flush_flags(plain_writer: bool) -> FopenFlags {
+    if plain_writer {
+        FopenFlags::empty()
+    } else {
+        FopenFlags::FOPEN_NOFLUSH
+    }
+}
+
 impl SqlFs {
     /// Open flags of a handle through sqlfs on inode `ino`: the kernel keeps its page cache,
     /// unless a handle wrote the file straight through since (then that cache may be stale).
@@ -155,14 +167,15 @@ impl SqlFs {
                 |f| reply.open_backing(f),
                 |f, route| {
                     let id = route.id.clone();
-                    (self.add_handle(f, named, ino.0, route, usage), id)
+                    let flush = flush_flags(route.plain_writer);
+                    (self.add_handle(f, named, ino.0, route, usage), id, flush)
                 },
             )
         });
         match res {
             // The kernel refuses page-cache flags on passthrough handles.
-            Ok((fh, Some(id))) => reply.opened_passthrough(fh, FopenFlags::empty(), &id),
-            Ok((fh, None)) => reply.opened(fh, self.cache_flags(ino.0)),
+            Ok((fh, Some(id), flush)) => reply.opened_passthrough(fh, flush, &id),
+            Ok((fh, None, flush)) => reply.opened(fh, self.cache_flags(ino.0) | flush),
             Err(e) => reply.error(e),
         }
     }

@@ -10,6 +10,7 @@
 //! - `--sync`: deleting a rollback journal is a commit; the unlink returns once the replicas
 //!   have it.
 
+use super::data::flush_flags;
 use super::{
     check, cstr, errno, is_type, last_err, nodes::Node, nodes::Pin, reply_empty, utf8,
     views::is_virtual, views::VIEWS_DIR, Rel, SqlFs, EMPTY, TTL,
@@ -20,8 +21,7 @@ use crate::backing::stat_in;
 use crate::capture::classify;
 use crate::capture::Role;
 use fuser::{
-    Errno, FopenFlags, Generation, INodeNo, RenameFlags, ReplyCreate, ReplyEmpty, ReplyEntry,
-    Request,
+    Errno, Generation, INodeNo, RenameFlags, ReplyCreate, ReplyEmpty, ReplyEntry, Request,
 };
 use std::ffi::CStr;
 use std::ffi::OsStr;
@@ -405,20 +405,22 @@ impl SqlFs {
                         n.lookups += 1;
                     }
                     let id = route.id.clone();
+                    let flush = flush_flags(route.plain_writer);
                     (
                         self.add_handle(f, Some(named), attr.ino.0, route, usage),
                         attr,
                         id,
+                        flush,
                     )
                 },
             )
         });
         match res {
-            Ok((fh, attr, Some(id))) => {
-                reply.created_passthrough(&TTL, &attr, Generation(0), fh, FopenFlags::empty(), &id)
+            Ok((fh, attr, Some(id), flush)) => {
+                reply.created_passthrough(&TTL, &attr, Generation(0), fh, flush, &id)
             }
-            Ok((fh, attr, None)) => {
-                let keep = self.cache_flags(attr.ino.0);
+            Ok((fh, attr, None, flush)) => {
+                let keep = self.cache_flags(attr.ino.0) | flush;
                 reply.created(&TTL, &attr, Generation(0), fh, keep)
             }
             Err(e) => reply.error(e),
