@@ -124,7 +124,10 @@ impl SqlFs {
             } else if !file {
                 reply.error(Errno::EISDIR)
             } else {
-                reply.opened(FileHandle(0), FopenFlags::FOPEN_KEEP_CACHE)
+                reply.opened(
+                    FileHandle(0),
+                    FopenFlags::FOPEN_KEEP_CACHE | flush_flags(false),
+                )
             };
         }
         let res = self.pin(ino).and_then(|pin| {

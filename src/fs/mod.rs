@@ -383,8 +383,9 @@ impl Filesystem for SqlFs {
         _lock_owner: LockOwner,
         reply: ReplyEmpty,
     ) {
-        // Every close(2) flushes, and the app waits for it (the release comes later, on its
-        // own): a file written straight through is looked at here, before close returns.
+        // The close(2) of a handle opened without `FOPEN_NOFLUSH` (`data::flush_flags`)
+        // waits for this (the release comes later, on its own): a file written straight
+        // through is looked at here, before close returns.
         if let Ok(h) = self.handle(fh) {
             if h.plain_writer {
                 if let Some(r) = h.rel.lock().clone() {
