@@ -12,6 +12,12 @@
 //! Minimal on purpose: lookup, getattr, setattr (size only), open, create, release, flush,
 //! fsync, mkdir, unlink, rmdir, opendir, readdir, releasedir, getxattr; inode numbers are the
 //! backing files', the root's 1.
+//!
+//! Its cached mode ([`Floor::mount_cached`]) passes nothing through: it asks the kernel for
+//! writeback caching and serves read and write itself, so an app's writes land in the page
+//! cache and reach the server later in requests of up to 1 MiB. It measures what caching would
+//! give the writes sqlfs serves itself (a checkpoint's, on the default mount), which sqlfs
+//! does not do (docs/PERFORMANCE.md).
 
 use std::collections::HashMap;
 use std::ffi::{OsStr, OsString};
@@ -26,8 +32,8 @@ use anyhow::{bail, Context, Result};
 use fuser::{
     BackgroundSession, BackingId, Config, Errno, FileAttr, FileHandle, FileType, Filesystem,
     FopenFlags, Generation, INodeNo, InitFlags, KernelConfig, LockOwner, MountOption, OpenFlags,
-    ReplyAttr, ReplyCreate, ReplyDirectory, ReplyEmpty, ReplyEntry, ReplyOpen, ReplyXattr, Request,
-    Session, SessionACL, TimeOrNow,
+    ReplyAttr, ReplyCreate, ReplyData, ReplyDirectory, ReplyEmpty, ReplyEntry, ReplyOpen,
+    ReplyWrite, ReplyXattr, Request, Session, SessionACL, TimeOrNow, WriteFlags,
 };
 use parking_lot::{Mutex, RwLock};
 
@@ -38,10 +44,10 @@ const TTL: Duration = Duration::from_secs(1);
 const OPEN_FLAGS: FopenFlags = FopenFlags::FOPEN_NOFLUSH;
 
 /// An open file: the backing file and the kernel's id for it (shared by every handle on the
-/// inode while one is open, as the kernel requires).
+/// inode while one is open, as the kernel requires; none in the cached mode).
 struct Open {
     file: File,
-    _id: Arc<BackingId>,
+    _id: Option<Arc<BackingId>>,
 }
 
 /// A directory's entries: inode, type, name.
@@ -57,6 +63,9 @@ struct FloorFs {
     /// Open directories: their path, and their listing once the kernel asked for it.
     dirs: Mutex<HashMap<u64, (PathBuf, Option<Listing>)>>,
     next_fh: AtomicU64,
+    /// The cached mode ([`Floor::mount_cached`]): no passthrough; the kernel's page cache
+    /// takes writes (writeback caching) and hands them over later, in large requests.
+    cached: bool,
 }
 
 fn io_errno(e: &std::io::Error) -> Errno {
@@ -123,7 +132,13 @@ impl FloorFs {
         ino: u64,
         file: File,
         open_backing: impl FnOnce(&File) -> std::io::Result<BackingId>,
-    ) -> Result<(FileHandle, Arc<BackingId>), Errno> {
+    ) -> Result<(FileHandle, Option<Arc<BackingId>>), Errno> {
+        if self.cached {
+            let fh = self.next_fh.fetch_add(1, Ordering::Relaxed);
+            let open = Arc::new(Open { file, _id: None });
+            self.files.lock().insert(fh, open);
+            return Ok((FileHandle(fh), None));
+        }
         let mut ids = self.ids.lock();
         let id = match ids.get(&ino).and_then(Weak::upgrade) {
             Some(id) => id,
@@ -139,10 +154,10 @@ impl FloorFs {
             fh,
             Arc::new(Open {
                 file,
-                _id: id.clone(),
+                _id: Some(id.clone()),
             }),
         );
-        Ok((FileHandle(fh), id))
+        Ok((FileHandle(fh), Some(id)))
     }
 }
 
@@ -187,6 +202,12 @@ impl Filesystem for FloorFs {
     fn init(&mut self, _req: &Request, config: &mut KernelConfig) -> std::io::Result<()> {
         // As sqlfs: without it the kernel asks for security.capability before every write.
         let _ = config.add_capabilities(InitFlags::FUSE_HANDLE_KILLPRIV_V2);
+        if self.cached {
+            let _ = config.set_max_write(1 << 20);
+            return config
+                .add_capabilities(InitFlags::FUSE_WRITEBACK_CACHE)
+                .map_err(|_| std::io::Error::other("the kernel offers no writeback caching"));
+        }
         if config
             .add_capabilities(InitFlags::FUSE_PASSTHROUGH)
             .is_err()
@@ -253,7 +274,8 @@ impl Filesystem for FloorFs {
             self.register(ino.0, f, |f| reply.open_backing(f))
         });
         match res {
-            Ok((fh, id)) => reply.opened_passthrough(fh, OPEN_FLAGS, &id),
+            Ok((fh, Some(id))) => reply.opened_passthrough(fh, OPEN_FLAGS, &id),
+            Ok((fh, None)) => reply.opened(fh, OPEN_FLAGS | FopenFlags::FOPEN_KEEP_CACHE),
             Err(e) => reply.error(e),
         }
     }
@@ -284,10 +306,64 @@ impl Filesystem for FloorFs {
             Ok((attr, fh, id))
         });
         match res {
-            Ok((attr, fh, id)) => {
+            Ok((attr, fh, Some(id))) => {
                 reply.created_passthrough(&TTL, &attr, Generation(0), fh, OPEN_FLAGS, &id)
             }
+            Ok((attr, fh, None)) => reply.created(
+                &TTL,
+                &attr,
+                Generation(0),
+                fh,
+                OPEN_FLAGS | FopenFlags::FOPEN_KEEP_CACHE,
+            ),
             Err(e) => reply.error(e),
+        }
+    }
+
+    fn read(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        fh: FileHandle,
+        offset: u64,
+        size: u32,
+        _flags: OpenFlags,
+        _lock: Option<LockOwner>,
+        reply: ReplyData,
+    ) {
+        let Some(open) = self.files.lock().get(&fh.0).cloned() else {
+            return reply.error(Errno::EBADF);
+        };
+        let mut buf = vec![0u8; size as usize];
+        let mut n = 0;
+        while n < buf.len() {
+            match open.file.read_at(&mut buf[n..], offset + n as u64) {
+                Ok(0) => break,
+                Ok(k) => n += k,
+                Err(e) => return reply.error(io_errno(&e)),
+            }
+        }
+        reply.data(&buf[..n]);
+    }
+
+    fn write(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        fh: FileHandle,
+        offset: u64,
+        data: &[u8],
+        _write_flags: WriteFlags,
+        _flags: OpenFlags,
+        _lock: Option<LockOwner>,
+        reply: ReplyWrite,
+    ) {
+        let Some(open) = self.files.lock().get(&fh.0).cloned() else {
+            return reply.error(Errno::EBADF);
+        };
+        match open.file.write_all_at(data, offset) {
+            Ok(()) => reply.written(data.len() as u32),
+            Err(e) => reply.error(io_errno(&e)),
         }
     }
 
@@ -451,6 +527,18 @@ pub struct Floor {
 impl Floor {
     /// Mounts the server on `dir`, serving the directory `backing` (both made if missing).
     pub fn mount(dir: &Path, backing: &Path) -> Result<Floor> {
+        Floor::mount_with(dir, backing, false)
+    }
+
+    /// The same server without passthrough, with the kernel's writeback caching instead: a
+    /// write returns once it is in the page cache, and the kernel hands the dirty pages to
+    /// the server later (at the latest at fsync), up to 1 MiB a request. What caching would
+    /// give the writes that go through the daemon.
+    pub fn mount_cached(dir: &Path, backing: &Path) -> Result<Floor> {
+        Floor::mount_with(dir, backing, true)
+    }
+
+    fn mount_with(dir: &Path, backing: &Path, cached: bool) -> Result<Floor> {
         fs::create_dir_all(dir)?;
         fs::create_dir_all(backing)?;
         let root = backing
@@ -463,6 +551,7 @@ impl Floor {
             files: Mutex::new(HashMap::new()),
             dirs: Mutex::new(HashMap::new()),
             next_fh: AtomicU64::new(1),
+            cached,
         };
         let dev = fs::metadata(dir)?.dev();
         let mut cfg = Config::default();

@@ -392,6 +392,60 @@ fn main() -> Result<()> {
             0,
         ));
     }
+    // What writeback caching would give the writes sqlfs serves itself (a checkpoint's pages on
+    // the default mount): the bare server again, caching writes instead of passing them
+    // through, against native. Measured, not used by sqlfs (docs/PERFORMANCE.md).
+    if cfg.runs("cached") && root {
+        step("writes cached by the kernel (writeback) through a bare FUSE server");
+        let cached =
+            floor::Floor::mount_cached(&cfg.work.join("cached"), &cfg.work.join("cached-backing"))?;
+        let c = cached.dir().to_path_buf();
+        let pages = alternate_all(cfg.rounds * 10, &[&native, &c], page_writes)?;
+        let mb = cfg.scan_mb;
+        let loads = alternate_all(cfg.rounds, &[&native, &c], |d| load(d, mb))?;
+        let vacuum = if cfg.vacuum_mb > 0 {
+            let note = ", through a bare FUSE server with writeback caching instead of sqlfs";
+            index_vacuum_rows(&native, &c, cfg.vacuum_mb, cfg.rounds, note, false)?
+        } else {
+            Vec::new()
+        };
+        // Reads: the cached server keeps reads in the page cache as sqlfs's default mount does,
+        // with none of the attribute requests a passthrough read leaves behind.
+        let (threads, pct) = (cfg.threads, cfg.read_pct);
+        let mut reads = Vec::new();
+        let pcts = if pct == 100 {
+            vec![100]
+        } else {
+            vec![pct, 100]
+        };
+        for p in pcts {
+            let m = alternate_all(cfg.rounds, &[&native, &c], |d| mixed(d, threads, p, secs))?;
+            reads.push(Row::pair(
+                format!("*cached:* {p}% point reads / {}% updates, {threads} connections, through a bare FUSE server with writeback caching instead of sqlfs (ops/s)", 100 - p),
+                m[0],
+                m[1],
+                0,
+            ));
+        }
+        cached.stop()?;
+        rows.push(Row::pair(
+            "*cached:* checkpoint pattern (10 MB as 4 KiB pwrites + fdatasync) through a bare FUSE server with writeback caching instead of sqlfs (MB/s)".to_string(),
+            pages[0],
+            pages[1],
+            1,
+        ));
+        rows.push(Row::pair(
+            format!("*cached:* bulk load, {mb} MB in 10 MB transactions, through a bare FUSE server with writeback caching instead of sqlfs (MB/s)"),
+            loads[0],
+            loads[1],
+            1,
+        ));
+        rows.extend(vacuum);
+        rows.extend(reads);
+    }
+    if cfg.runs("cached") && !root {
+        println!("[bench] the cached rows need root (mounting the bare server); left out");
+    }
     if cfg.runs("mixed") {
         let (threads, pct) = (cfg.threads, cfg.read_pct);
         step(&format!(

@@ -96,13 +96,14 @@ impl Config {
         {
             bail!("invalid benchmark settings");
         }
-        const KNOWN: [&str; 16] = [
+        const KNOWN: [&str; 17] = [
             "autocommit",
             "scan",
             "vacuum",
             "plain",
             "roundtrip",
             "floor",
+            "cached",
             "mixed",
             "straight",
             "replication",
