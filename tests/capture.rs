@@ -1234,7 +1234,7 @@ fn straight_database_at_every_synchronous_setting() {
         let db = format!("straight_{}.db", sync.to_lowercase());
         drop(fresh_db(&fx.path(&db), None, "WAL"));
         // Opened again in WAL mode: this handle goes straight through.
-        let mut d = Driver::open(&fx.path(&db), 1, seed, DriverCfg::default());
+        let mut d = open_straight(&fx, &db, seed);
         d.exec(&format!(
             "PRAGMA synchronous={sync}; PRAGMA wal_autocheckpoint=8"
         ));
@@ -1302,35 +1302,14 @@ fn passthrough_per_database_setting() {
         )];
         fx.mount();
         let mut all = Vec::new();
-        let status_line = |db: &str| {
-            let o = sqlfs_cli(&["status".into(), fx.mnt.as_os_str().to_os_string()]);
-            let line = o
-                .stdout
-                .lines()
-                .find(|l| l.starts_with(&format!("{db}: ")))
-                .unwrap_or_default()
-                .to_string();
-            (line, o)
-        };
         for db in ["fast.db", "slow.db", "other.db"] {
             drop(fresh_db(&fx.path(db), None, "WAL"));
             let straight = db == "fast.db" || (db == "other.db" && wide);
-            let mut d = Driver::open(&fx.path(db), 1, seed, DriverCfg::default());
-            // The kernel hands the creating connection's close to sqlfs a moment after it
-            // returns; a file opened before that joins that handle on sqlfs's side. Such an
-            // open is opened again until the close was seen.
-            for _ in 0..100 {
-                if !straight
-                    || status_line(db)
-                        .0
-                        .contains("file straight through the kernel")
-                {
-                    break;
-                }
-                drop(d);
-                std::thread::sleep(Duration::from_millis(20));
-                d = Driver::open(&fx.path(db), 1, seed, DriverCfg::default());
-            }
+            let mut d = if straight {
+                open_straight(&fx, db, seed)
+            } else {
+                Driver::open(&fx.path(db), 1, seed, DriverCfg::default())
+            };
             d.exec("PRAGMA synchronous=NORMAL; PRAGMA wal_autocheckpoint=8");
             let mut samples = Vec::new();
             for i in 0..20 {
@@ -1340,7 +1319,7 @@ fn passthrough_per_database_setting() {
             d.big_txn(1 << 20).unwrap();
             samples.push(d.sample(1.0, format!("{db} bulk")));
             // `sqlfs status` says whose file goes straight through while it is open.
-            let (line, o) = status_line(db);
+            let (line, o) = status_line(&fx, db);
             assert_eq!(
                 line.contains("file straight through the kernel"),
                 straight,
@@ -1368,6 +1347,38 @@ fn passthrough_per_database_setting() {
 /// A mount with `--passthrough-databases` (the straight module's debug log on) holding `db`,
 /// a WAL database of 70 MiB (above `PREFILL_MAX`: not read whole when it goes straight),
 /// filled through the connection that created it (on the daemon's side).
+/// `db`'s line in `sqlfs status` of `fx`'s mount, and the command's output.
+fn status_line(fx: &Fixture, db: &str) -> (String, CmdOut) {
+    let o = sqlfs_cli(&["status".into(), fx.mnt.as_os_str().to_os_string()]);
+    let line = o
+        .stdout
+        .lines()
+        .find(|l| l.starts_with(&format!("{db}: ")))
+        .unwrap_or_default()
+        .to_string();
+    (line, o)
+}
+
+/// A driver on `db`, a database just created through `fx`'s mount with
+/// `--passthrough-databases`, opened again until its file goes straight through. The kernel
+/// hands the creating connection's close to sqlfs a moment after close returns, and a file
+/// opened before that joins that handle on sqlfs's side.
+fn open_straight(fx: &Fixture, db: &str, seed: u64) -> Driver {
+    let mut d = Driver::open(&fx.path(db), 1, seed, DriverCfg::default());
+    for _ in 0..100 {
+        if status_line(fx, db)
+            .0
+            .contains("file straight through the kernel")
+        {
+            break;
+        }
+        drop(d);
+        sleep_ms(20);
+        d = Driver::open(&fx.path(db), 1, seed, DriverCfg::default());
+    }
+    d
+}
+
 fn straight_db_past_prefill(name: &str, db: &str) -> Fixture {
     let mut fx = Fixture::new(name, true);
     fx.opts.extra_args = vec!["--passthrough-databases".into()];
@@ -1395,7 +1406,7 @@ fn straight_database_larger_than_its_prefill_at_synchronous_off() {
     let seed = seed_for("straight_database_larger_than_its_prefill_at_synchronous_off");
     let db = "straight_big.db";
     let fx = straight_db_past_prefill("straightbig", db);
-    let mut d = Driver::open(&fx.path(db), 1, seed, DriverCfg::default());
+    let mut d = open_straight(&fx, db, seed);
     d.exec("PRAGMA synchronous=OFF; PRAGMA wal_autocheckpoint=8");
     let mut rng = StdRng::seed_from_u64(seed);
     for i in 0..60 {
@@ -1430,7 +1441,7 @@ fn straight_database_larger_than_its_prefill_at_synchronous_normal() {
     let seed = seed_for("straight_database_larger_than_its_prefill_at_synchronous_normal");
     let db = "straight_bign.db";
     let fx = straight_db_past_prefill("straightbign", db);
-    let mut d = Driver::open(&fx.path(db), 1, seed, DriverCfg::default());
+    let mut d = open_straight(&fx, db, seed);
     d.exec("PRAGMA synchronous=NORMAL; PRAGMA wal_autocheckpoint=64");
     let mut rng = StdRng::seed_from_u64(seed);
     let mut samples = Vec::new();

@@ -1455,3 +1455,84 @@ fn mountinfo_fstype_is_fuse_sqlfs() {
         "mountinfo line: {line}"
     );
 }
+
+/// sqlfs answers the lookup of a name that is not there with a negative entry, which the
+/// kernel keeps for a second (SQLite looks for a journal and a WAL at every transaction outside
+/// WAL mode). Every way of making that name through the mount, from this process or another,
+/// shows at once, and so does its removal.
+#[test]
+fn absent_names_appear_at_once_when_made_through_the_mount() {
+    let mut fx = Fixture::new("absent", false);
+    fx.mount();
+    let m = fx.mnt.clone();
+    let absent = |n: &str| {
+        fs::symlink_metadata(m.join(n))
+            .err()
+            .and_then(|e| e.raw_os_error())
+            == Some(libc::ENOENT)
+    };
+    let names = [
+        "created", "by-other", "dir", "link", "hard", "renamed", "fifo",
+    ];
+    for _ in 0..2 {
+        for n in names {
+            assert!(absent(n), "{n} is there before it was made");
+        }
+    }
+    fs::write(m.join("created"), b"x").unwrap();
+    assert_eq!(fs::read(m.join("created")).unwrap(), b"x");
+    let script = format!("printf y > '{}'", m.join("by-other").display());
+    let status = std::process::Command::new("sh")
+        .args(["-c", &script])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    assert_eq!(fs::read(m.join("by-other")).unwrap(), b"y");
+    fs::create_dir(m.join("dir")).unwrap();
+    assert!(fs::symlink_metadata(m.join("dir")).unwrap().is_dir());
+    std::os::unix::fs::symlink("created", m.join("link")).unwrap();
+    assert!(fs::symlink_metadata(m.join("link"))
+        .unwrap()
+        .file_type()
+        .is_symlink());
+    fs::hard_link(m.join("created"), m.join("hard")).unwrap();
+    assert_eq!(fs::read(m.join("hard")).unwrap(), b"x");
+    fs::rename(m.join("by-other"), m.join("renamed")).unwrap();
+    assert_eq!(fs::read(m.join("renamed")).unwrap(), b"y");
+    assert!(absent("by-other"));
+    let fifo = cpath(&m.join("fifo"));
+    // SAFETY: valid C string.
+    assert_eq!(unsafe { libc::mkfifo(fifo.as_ptr(), 0o644) }, 0);
+    assert!(!absent("fifo"));
+    fs::remove_file(m.join("created")).unwrap();
+    assert!(absent("created"));
+    fs::write(m.join("created"), b"z").unwrap();
+    assert_eq!(fs::read(m.join("created")).unwrap(), b"z");
+    // A rollback-journal database: a second process's commits, each with a journal made and
+    // deleted through the mount, are all seen by a connection that looked for the journal
+    // before each of them.
+    let db = m.join("rollback.db");
+    let c = rusqlite::Connection::open(&db).unwrap();
+    c.execute_batch("PRAGMA journal_mode=DELETE; CREATE TABLE t(x);")
+        .unwrap();
+    for i in 1..=5 {
+        let sql = format!("INSERT INTO t VALUES({i});");
+        let out = std::process::Command::new("sqlite3")
+            .arg(&db)
+            .arg(&sql)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(absent("rollback.db-journal"));
+        let n: i64 = c
+            .query_row("SELECT count(*) FROM t", [], |r| r.get(0))
+            .unwrap();
+        assert_eq!(n, i);
+    }
+    drop(c);
+    fx.unmount();
+}

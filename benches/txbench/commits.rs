@@ -3,7 +3,8 @@
 //! directory against the mount (main runs each through `alternate`). [`autocommit`] commits
 //! one ~100-byte row per transaction for `SQLFS_BENCH_SECS`; [`mixed`] loads 100,000 rows, then
 //! `SQLFS_BENCH_THREADS` connections read (`SQLFS_BENCH_READS` percent) or update rows by
-//! primary key at random for `SQLFS_BENCH_SECS`, busy errors not counted.
+//! primary key at random for `SQLFS_BENCH_SECS`, busy errors not counted. [`rollback_reads`]:
+//! the row "point reads, rollback-journal database, one connection (reads/s)".
 
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -99,4 +100,40 @@ pub fn mixed(dir: &Path, threads: usize, read_pct: u64, secs: f64) -> Result<f64
         Ok((total, start.elapsed()))
     })?;
     Ok(total as f64 / took.as_secs_f64())
+}
+
+/// Point reads by primary key of a 10,000-row database in rollback-journal mode (`DELETE`,
+/// SQLite's default), one connection, for `secs`; returns reads/s. Each read is a transaction
+/// of its own, and outside WAL mode SQLite looks for a journal and a WAL file at every one.
+pub fn rollback_reads(dir: &Path, secs: f64) -> Result<f64> {
+    const ROWS: u64 = 10_000;
+    let path = dir.join("rollback-reads.db");
+    remove_db(&path);
+    {
+        let conn = rusqlite::Connection::open(&path)?;
+        conn.execute_batch(
+            "PRAGMA journal_mode=DELETE; CREATE TABLE t(id INTEGER PRIMARY KEY, x BLOB NOT NULL); BEGIN;",
+        )?;
+        let mut stmt = conn.prepare("INSERT INTO t(id, x) VALUES (?1, ?2)")?;
+        let mut rng = Rng::new(4);
+        for id in 1..=ROWS {
+            stmt.execute(params![id, rng.bytes(100)])?;
+        }
+        drop(stmt);
+        conn.execute_batch("COMMIT;")?;
+    }
+    let conn = rusqlite::Connection::open(&path)?;
+    let mut read = conn.prepare("SELECT x FROM t WHERE id = ?1")?;
+    let mut rng = Rng::new(5);
+    let start = Instant::now();
+    let limit = Duration::from_secs_f64(secs);
+    let mut n = 0u64;
+    while start.elapsed() < limit {
+        for _ in 0..100 {
+            let id = 1 + rng.below(ROWS);
+            read.query_row(params![id], |r| r.get::<_, Vec<u8>>(0))?;
+        }
+        n += 100;
+    }
+    Ok(n as f64 / start.elapsed().as_secs_f64())
 }

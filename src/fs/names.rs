@@ -21,7 +21,8 @@ use crate::backing::stat_in;
 use crate::capture::classify;
 use crate::capture::Role;
 use fuser::{
-    Errno, Generation, INodeNo, RenameFlags, ReplyCreate, ReplyEmpty, ReplyEntry, Request,
+    Errno, FileAttr, FileType, Generation, INodeNo, RenameFlags, ReplyCreate, ReplyEmpty,
+    ReplyEntry, Request,
 };
 use std::ffi::CStr;
 use std::ffi::OsStr;
@@ -32,6 +33,7 @@ use std::os::fd::FromRawFd;
 use std::os::fd::OwnedFd;
 use std::os::unix::ffi::OsStrExt;
 use std::path::Path;
+use std::time::UNIX_EPOCH;
 
 pub(super) fn euid_is_root() -> bool {
     // SAFETY: geteuid has no preconditions.
@@ -44,6 +46,28 @@ pub(super) fn reply_entry(fs: &SqlFs, dir: &Pin, name: &CStr, rel: Rel, reply: R
     match stat_in(dir.fd(), name) {
         Ok(st) => reply.entry(&TTL, &fs.remember(rel, &st), Generation(0)),
         Err(e) => reply.error(errno(e)),
+    }
+}
+
+/// A lookup's answer for a name that is not there: inode 0, which the kernel takes as "no such
+/// name" and remembers as such for the entry's time to live.
+fn absent() -> FileAttr {
+    FileAttr {
+        ino: INodeNo(0),
+        size: 0,
+        blocks: 0,
+        atime: UNIX_EPOCH,
+        mtime: UNIX_EPOCH,
+        ctime: UNIX_EPOCH,
+        crtime: UNIX_EPOCH,
+        kind: FileType::RegularFile,
+        perm: 0,
+        nlink: 0,
+        uid: 0,
+        gid: 0,
+        rdev: 0,
+        blksize: 0,
+        flags: 0,
     }
 }
 
@@ -101,7 +125,16 @@ impl SqlFs {
             }
         }
         match self.child(parent, name) {
-            Ok((dir, rel, name)) => reply_entry(self, &dir, &name, rel, reply),
+            Ok((dir, rel, name)) => match stat_in(dir.fd(), &name) {
+                Ok(st) => reply.entry(&TTL, &self.remember(rel, &st), Generation(0)),
+                // The kernel keeps the absence for as long as it keeps names: SQLite asks
+                // whether a journal and a WAL are there at each transaction outside WAL mode.
+                // A name made through the mount replaces it at once.
+                Err(e) if e.raw_os_error() == Some(libc::ENOENT) => {
+                    reply.entry(&TTL, &absent(), Generation(0))
+                }
+                Err(e) => reply.error(errno(e)),
+            },
             Err(Errno::EROFS) => reply.error(Errno::ENOENT),
             Err(e) => reply.error(e),
         }
