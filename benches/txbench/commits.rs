@@ -41,6 +41,20 @@ pub fn autocommit(dir: &Path, synchronous: &str, secs: f64) -> Result<f64> {
     Ok(n as f64 / start.elapsed().as_secs_f64())
 }
 
+/// Creates table `t` on `conn` with `rows` rows of 100 random bytes (ids 1..=rows, bytes from
+/// `seed`), in one transaction.
+fn fill(conn: &rusqlite::Connection, rows: u64, seed: u64) -> Result<()> {
+    conn.execute_batch("CREATE TABLE t(id INTEGER PRIMARY KEY, x BLOB NOT NULL); BEGIN;")?;
+    let mut stmt = conn.prepare("INSERT INTO t(id, x) VALUES (?1, ?2)")?;
+    let mut rng = Rng::new(seed);
+    for id in 1..=rows {
+        stmt.execute(params![id, rng.bytes(100)])?;
+    }
+    drop(stmt);
+    conn.execute_batch("COMMIT;")?;
+    Ok(())
+}
+
 /// Point reads / updates by primary key from `threads` connections; returns ops/s.
 pub fn mixed(dir: &Path, threads: usize, read_pct: u64, secs: f64) -> Result<f64> {
     const ROWS: u64 = 100_000;
@@ -48,14 +62,8 @@ pub fn mixed(dir: &Path, threads: usize, read_pct: u64, secs: f64) -> Result<f64
     remove_db(&path);
     {
         let conn = open(&path, "NORMAL")?;
-        conn.execute_batch("CREATE TABLE t(id INTEGER PRIMARY KEY, x BLOB NOT NULL); BEGIN;")?;
-        let mut stmt = conn.prepare("INSERT INTO t(id, x) VALUES (?1, ?2)")?;
-        let mut rng = Rng::new(3);
-        for id in 1..=ROWS {
-            stmt.execute(params![id, rng.bytes(100)])?;
-        }
-        drop(stmt);
-        conn.execute_batch("COMMIT; PRAGMA wal_checkpoint(TRUNCATE);")?;
+        fill(&conn, ROWS, 3)?;
+        conn.execute_batch("PRAGMA wal_checkpoint(TRUNCATE);")?;
     }
     let barrier = Barrier::new(threads + 1);
     let stop = AtomicBool::new(false);
@@ -111,16 +119,8 @@ pub fn rollback_reads(dir: &Path, secs: f64) -> Result<f64> {
     remove_db(&path);
     {
         let conn = rusqlite::Connection::open(&path)?;
-        conn.execute_batch(
-            "PRAGMA journal_mode=DELETE; CREATE TABLE t(id INTEGER PRIMARY KEY, x BLOB NOT NULL); BEGIN;",
-        )?;
-        let mut stmt = conn.prepare("INSERT INTO t(id, x) VALUES (?1, ?2)")?;
-        let mut rng = Rng::new(4);
-        for id in 1..=ROWS {
-            stmt.execute(params![id, rng.bytes(100)])?;
-        }
-        drop(stmt);
-        conn.execute_batch("COMMIT;")?;
+        conn.execute_batch("PRAGMA journal_mode=DELETE;")?;
+        fill(&conn, ROWS, 4)?;
     }
     let conn = rusqlite::Connection::open(&path)?;
     let mut read = conn.prepare("SELECT x FROM t WHERE id = ?1")?;
