@@ -80,6 +80,19 @@ pub fn stat_in(dir: RawFd, name: &CStr) -> io::Result<libc::stat> {
     Ok(st)
 }
 
+/// The entry `name` of `dir` (one component) opened `O_PATH`, never following a symbolic link
+/// (a link is opened as itself), with its stat. An `O_PATH` open never blocks and has no
+/// effect on the file; the descriptor keeps the inode from being freed while it is open.
+pub fn hold_in(dir: RawFd, name: &CStr) -> io::Result<(OwnedFd, libc::stat)> {
+    let flags = libc::O_PATH | libc::O_NOFOLLOW | libc::O_CLOEXEC;
+    // SAFETY: valid C string; openat returns a new descriptor or -1.
+    let fd = cvt(unsafe { libc::openat(dir, name.as_ptr(), flags) })?;
+    // SAFETY: a descriptor just opened, owned by nothing else.
+    let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+    let st = fstat(fd.as_raw_fd())?;
+    Ok((fd, st))
+}
+
 /// `/proc/self/fd/N` for descriptor `fd`: a path that reaches exactly the file `fd` is open
 /// on (even unlinked), whatever names lead to it now.
 pub fn proc_fd(fd: RawFd) -> CString {

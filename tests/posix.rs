@@ -703,6 +703,53 @@ fn posix_ops(root: &Path) -> Vec<(String, String)> {
     put("renamed: mode of the newcomer", mode("ren"));
     put("renamed: newcomer", read_all(&p("ren")));
 
+    // A file and a directory held by a descriptor (here `O_PATH`, as a process's working
+    // directory would be) after their names went: they keep their own inode numbers, which
+    // files made meanwhile never take, and are still seen as themselves.
+    fs::create_dir(p("held-dir")).unwrap();
+    fs::write(p("held-file"), b"held").unwrap();
+    let (cd, cf) = (cpath(&p("held-dir")), cpath(&p("held-file")));
+    // SAFETY: valid C strings; our own descriptors.
+    let (hd, hf) = unsafe {
+        (
+            libc::open(cd.as_ptr(), libc::O_PATH),
+            libc::open(cf.as_ptr(), libc::O_PATH),
+        )
+    };
+    assert!(hd >= 0 && hf >= 0);
+    let number = |fd| {
+        // SAFETY: valid fd and out-pointer.
+        let mut st: libc::stat = unsafe { std::mem::zeroed() };
+        (unsafe { libc::fstat(fd, &mut st) } == 0).then_some(st.st_ino)
+    };
+    let numbers = (number(hd), number(hf));
+    // SAFETY: a valid C string.
+    put("held: rmdir", ret(unsafe { libc::rmdir(cd.as_ptr()) }));
+    // SAFETY: a valid C string.
+    put("held: unlink", ret(unsafe { libc::unlink(cf.as_ptr()) }));
+    let mut taken = 0;
+    for i in 0..64 {
+        let (f, d) = (p(&format!("new-{i}")), p(&format!("newdir-{i}")));
+        fs::write(&f, b"a newcomer").unwrap();
+        fs::create_dir(&d).unwrap();
+        for n in [&f, &d] {
+            let ino = fs::symlink_metadata(n).unwrap().ino();
+            taken += usize::from(Some(ino) == numbers.0 || Some(ino) == numbers.1);
+        }
+    }
+    put("held: numbers taken by new files", taken.to_string());
+    put("held: fstat of the directory", fstat_fmt(hd, false));
+    put("held: fstat of the file", fstat_fmt(hf, false));
+    // SAFETY: our own descriptors.
+    unsafe {
+        libc::close(hd);
+        libc::close(hf);
+    }
+    for i in 0..64 {
+        fs::remove_file(p(&format!("new-{i}"))).unwrap();
+        fs::remove_dir(p(&format!("newdir-{i}"))).unwrap();
+    }
+
     // Names that are not UTF-8.
     let bad = OsStr::from_bytes(b"caf\xe9.txt");
     let bad2 = OsStr::from_bytes(b"\xff\xfe-renamed");

@@ -16,6 +16,7 @@ use super::{
     views::is_virtual, views::VIEWS_DIR, Rel, SqlFs, EMPTY, TTL,
 };
 use crate::backing::fstat;
+use crate::backing::hold_in;
 use crate::backing::proc_fd;
 use crate::backing::stat_in;
 use crate::capture::classify;
@@ -188,15 +189,16 @@ impl SqlFs {
 
     pub(super) fn do_unlink(&self, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
         let res = self.child(parent, name).and_then(|(dir, rel, c)| {
-            let ino = stat_in(dir.fd(), &c).map(|st| self.ino_of(&st)).ok();
+            // Held across the unlink: see `unnamed`.
+            let held = hold_in(dir.fd(), &c).ok();
             let name = utf8(&rel);
             if let Some(r) = name {
                 self.capture.before_unlink(r);
             }
             // SAFETY: valid dirfd and C string.
             check(unsafe { libc::unlinkat(dir.fd(), c.as_ptr(), 0) })?;
-            if let Some(i) = ino {
-                self.unnamed(i, &rel);
+            if let Some((fd, st)) = held {
+                self.unnamed(self.ino_of(&st), &rel, fd);
             }
             let Some(rel) = name else { return Ok(()) };
             self.capture.after_unlink(rel);
@@ -217,11 +219,11 @@ impl SqlFs {
 
     pub(super) fn do_rmdir(&self, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
         let res = self.child(parent, name).and_then(|(dir, rel, c)| {
-            let ino = stat_in(dir.fd(), &c).map(|st| self.ino_of(&st)).ok();
+            let held = hold_in(dir.fd(), &c).ok();
             // SAFETY: valid dirfd and C string.
             check(unsafe { libc::unlinkat(dir.fd(), c.as_ptr(), libc::AT_REMOVEDIR) })?;
-            if let Some(i) = ino {
-                self.unnamed(i, &rel);
+            if let Some((fd, st)) = held {
+                self.unnamed(self.ino_of(&st), &rel, fd);
             }
             Ok(())
         });
@@ -262,7 +264,8 @@ impl SqlFs {
             let (d2, to, n2) = self.child(newparent, newname)?;
             let exchange = flags.bits() & libc::RENAME_EXCHANGE != 0;
             let moved = stat_in(d1.fd(), &n1).map(|st| self.ino_of(&st)).ok();
-            let replaced = stat_in(d2.fd(), &n2).map(|st| self.ino_of(&st)).ok();
+            let held = hold_in(d2.fd(), &n2).ok();
+            let replaced = held.as_ref().map(|(_, st)| self.ino_of(st));
             // Capture cannot follow a file to a name that is not UTF-8: to capture, a file
             // moved there is gone, and one moved from there has just arrived.
             let (cf, ct) = (utf8(&from), utf8(&to));
@@ -282,8 +285,8 @@ impl SqlFs {
                 // Two names of one file: rename does nothing.
                 return Ok(());
             }
-            if let (false, Some(i)) = (exchange, replaced) {
-                self.unnamed(i, &to);
+            if let (false, Some((fd, st))) = (exchange, held) {
+                self.unnamed(self.ino_of(&st), &to, fd);
             }
             self.renamed(&from, &to, exchange);
             match (cf, ct) {

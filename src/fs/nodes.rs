@@ -11,6 +11,13 @@
 //!   again). Name operations work on (descriptor of the parent, name). So no request thread
 //!   ever waits on the mount, and a racing rename never makes the daemon act on another file
 //!   than the one the app named or holds open.
+//! - While the kernel knows an inode (it has looked it up and not forgotten it), its number
+//!   names that one file: an inode whose last name sqlfs removed (unlink, rmdir, a rename
+//!   over it) is held open `O_PATH` until the kernel forgets it ([`Node::kept`]), so the
+//!   backing filesystem cannot give its number to a new file meanwhile. The kernel would take
+//!   that file for the inode it holds: a change of type marks the old inode bad (EIO to a
+//!   process opening it, or in a directory it removed), and a file of the same type would be
+//!   shown with the old one's cached pages.
 //! - `.sqlfs` at the root (sqlfs's own metadata) does not exist as far as the mount shows, and
 //!   no name operation reaches the virtual tree's name ([`VIEWS_DIR`]) in the backing root.
 
@@ -55,6 +62,9 @@ pub(super) struct Node {
     pub(super) rel: Rel,
     pub(super) links: Vec<Rel>,
     pub(super) lookups: u64,
+    /// The inode itself, held after sqlfs removed its last name, until the kernel forgets it
+    /// (see the module's invariants); None while it has a name.
+    kept: Option<OwnedFd>,
 }
 
 impl Node {
@@ -63,11 +73,13 @@ impl Node {
             rel,
             links: Vec::new(),
             lookups: 0,
+            kept: None,
         }
     }
 
     /// `rel` names this inode (a lookup or a new hard link): it becomes the primary path.
     pub(super) fn named(&mut self, rel: Rel) {
+        self.kept = None;
         if self.rel != rel {
             let old = std::mem::replace(&mut self.rel, rel);
             self.links.retain(|l| *l != self.rel);
@@ -102,8 +114,9 @@ pub(super) enum Pin {
     /// A handle open on the inode (its descriptor is a real open file).
     Handle(Arc<Handle>),
     /// An `O_PATH` descriptor opened by the inode's path and checked against its inode
-    /// number; with its stat and the path it was opened by.
-    Path(OwnedFd, libc::stat, Rel),
+    /// number, with its stat and the path it was opened by; or the inode held after its last
+    /// name went (no path).
+    Path(OwnedFd, libc::stat, Option<Rel>),
 }
 
 impl Pin {
@@ -127,7 +140,7 @@ impl Pin {
         match self {
             Pin::Root(_) => Some(Rel::new()),
             Pin::Handle(h) => h.rel.lock().clone(),
-            Pin::Path(_, _, r) => Some(r.clone()),
+            Pin::Path(_, _, r) => r.clone(),
         }
     }
 
@@ -185,6 +198,11 @@ impl SqlFs {
         let names: Vec<Rel> = {
             let nodes = self.nodes.read();
             let n = nodes.get(&ino.0).ok_or(Errno::ENOENT)?;
+            if let Some(fd) = &n.kept {
+                let fd = fd.try_clone().map_err(errno)?;
+                let st = fstat(fd.as_raw_fd()).map_err(errno)?;
+                return Ok(Pin::Path(fd, st, None));
+            }
             std::iter::once(&n.rel)
                 .chain(n.links.iter())
                 .cloned()
@@ -196,7 +214,7 @@ impl SqlFs {
                 Ok(fd) => {
                     let st = fstat(fd.as_raw_fd()).map_err(errno)?;
                     if self.ino_of(&st) == ino.0 {
-                        return Ok(Pin::Path(fd, st, rel));
+                        return Ok(Pin::Path(fd, st, Some(rel)));
                     }
                     err = Errno::ESTALE;
                 }
@@ -269,13 +287,17 @@ impl SqlFs {
     }
 
     /// The name `rel` of inode `ino` is gone (unlinked, or replaced by a rename): the inode
-    /// and its open handles keep another name if it has one, else none.
-    pub(super) fn unnamed(&self, ino: u64, rel: &[u8]) {
-        let left = self
-            .nodes
-            .write()
-            .get_mut(&ino)
-            .and_then(|n| n.unnamed(rel));
+    /// and its open handles keep another name if it has one, else none. `held`, the inode
+    /// opened before its name went ([`backing::hold_in`]), is kept while the kernel knows an
+    /// inode left without a name.
+    pub(super) fn unnamed(&self, ino: u64, rel: &[u8], held: OwnedFd) {
+        let left = self.nodes.write().get_mut(&ino).and_then(|n| {
+            let left = n.unnamed(rel);
+            if left.is_none() && n.lookups > 0 {
+                n.kept = Some(held);
+            }
+            left
+        });
         for h in self.handles.read().all_on(ino) {
             let mut r = h.rel.lock();
             if r.as_deref() == Some(rel) {
