@@ -133,7 +133,7 @@ use std::time::Instant;
 use anyhow::{Context, Result};
 
 use crate::bulk::{index_and_vacuum, load, load_with_copy, page_writes, scans};
-use crate::commits::{autocommit, mixed, rollback_reads};
+use crate::commits::{autocommit, mixed, rollback_commits, rollback_reads};
 use crate::harness::{alternate, alternate_all, step, Config, BUCKET, MB};
 use crate::history::history_bench;
 use crate::memory::memory;
@@ -465,6 +465,13 @@ fn main() -> Result<()> {
         let (n, s) = alternate(cfg.rounds, &native, &mnt, |d| rollback_reads(d, secs))?;
         rows.push(Row::pair(
             "point reads by primary key, rollback-journal (DELETE) database, one connection (reads/s)".to_string(),
+            n,
+            s,
+            0,
+        ));
+        let (n, s) = alternate(cfg.rounds, &native, &mnt, |d| rollback_commits(d, secs))?;
+        rows.push(Row::pair(
+            "1-row updates by primary key, rollback-journal (DELETE) database, synchronous=FULL, one connection (tx/s)".to_string(),
             n,
             s,
             0,

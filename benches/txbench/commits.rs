@@ -3,8 +3,9 @@
 //! directory against the mount (main runs each through `alternate`). [`autocommit`] commits
 //! one ~100-byte row per transaction for `SQLFS_BENCH_SECS`; [`mixed`] loads 100,000 rows, then
 //! `SQLFS_BENCH_THREADS` connections read (`SQLFS_BENCH_READS` percent) or update rows by
-//! primary key at random for `SQLFS_BENCH_SECS`, busy errors not counted. [`rollback_reads`]:
-//! the row "point reads, rollback-journal database, one connection (reads/s)".
+//! primary key at random for `SQLFS_BENCH_SECS`, busy errors not counted. [`rollback_reads`]
+//! and [`rollback_commits`]: the rows "point reads, rollback-journal database, one connection
+//! (reads/s)" and "1-row updates, rollback-journal database, … (tx/s)".
 
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -134,6 +135,33 @@ pub fn rollback_reads(dir: &Path, secs: f64) -> Result<f64> {
             read.query_row(params![id], |r| r.get::<_, Vec<u8>>(0))?;
         }
         n += 100;
+    }
+    Ok(n as f64 / start.elapsed().as_secs_f64())
+}
+
+/// Updates of one row by primary key, one transaction each, of a 10,000-row database in
+/// rollback-journal mode (`DELETE`, with `synchronous=FULL`: SQLite's defaults), one
+/// connection, for `secs`; returns tx/s. Each commit makes, writes and syncs a journal, writes
+/// and syncs the database file, and deletes the journal.
+pub fn rollback_commits(dir: &Path, secs: f64) -> Result<f64> {
+    const ROWS: u64 = 10_000;
+    let path = dir.join("rollback-commits.db");
+    remove_db(&path);
+    {
+        let conn = rusqlite::Connection::open(&path)?;
+        conn.execute_batch("PRAGMA journal_mode=DELETE;")?;
+        fill(&conn, ROWS, 6)?;
+    }
+    let conn = rusqlite::Connection::open(&path)?;
+    conn.execute_batch("PRAGMA synchronous=FULL;")?;
+    let mut write = conn.prepare("UPDATE t SET x = ?1 WHERE id = ?2")?;
+    let mut rng = Rng::new(7);
+    let start = Instant::now();
+    let limit = Duration::from_secs_f64(secs);
+    let mut n = 0u64;
+    while start.elapsed() < limit {
+        write.execute(params![rng.bytes(100), 1 + rng.below(ROWS)])?;
+        n += 1;
     }
     Ok(n as f64 / start.elapsed().as_secs_f64())
 }

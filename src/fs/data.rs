@@ -104,14 +104,28 @@ pub(super) fn flush_flags(plain_writer: bool) -> FopenFlags {
 }
 
 impl SqlFs {
-    /// Open flags of a handle through sqlfs on inode `ino`: the kernel keeps its page cache,
-    /// unless a handle wrote the file straight through since (then that cache may be stale).
-    pub(super) fn cache_flags(&self, ino: u64) -> FopenFlags {
-        if self.take_written_past(ino) {
+    /// Open flags of a handle through sqlfs on inode `ino`, a rollback journal of a database
+    /// capture knows if `journal`. The kernel keeps its page cache, unless a handle wrote the
+    /// file straight through since (then that cache may be stale); a journal's handles are
+    /// uncached (`FOPEN_DIRECT_IO`): SQLite writes a journal once, rereads it only to roll
+    /// back, and writes each page between a 4-byte page number and a 4-byte checksum, so its
+    /// writes cross page boundaries, and the kernel splits such a write in two when it passes
+    /// it through its page cache; an uncached write is one request, and costs no extended
+    /// attribute lookup first (docs/PERFORMANCE.md, "Rollback-journal commits").
+    pub(super) fn cache_flags(&self, ino: u64, journal: bool) -> FopenFlags {
+        if journal {
+            FopenFlags::FOPEN_DIRECT_IO
+        } else if self.take_written_past(ino) {
             FopenFlags::empty()
         } else {
             FopenFlags::FOPEN_KEEP_CACHE
         }
+    }
+
+    /// True if `rel` is the rollback journal of a database capture knows.
+    pub(super) fn captured_journal(&self, rel: &str) -> bool {
+        let (role, db) = capture::classify(rel);
+        role == Role::Journal && self.capture.get(db).is_some()
     }
 
     pub(super) fn do_open(&self, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
@@ -144,6 +158,7 @@ impl SqlFs {
                 return Err(Errno::EBUSY);
             }
             let name = rel.as_deref().and_then(utf8);
+            let journal = name.is_some_and(|r| self.captured_journal(r));
             let trunc = flags.0 & libc::O_TRUNC != 0;
             if let (true, Some(r)) = (trunc, name) {
                 let _ = self.capture.before_truncate(r, 0);
@@ -171,14 +186,21 @@ impl SqlFs {
                 |f, route| {
                     let id = route.id.clone();
                     let flush = flush_flags(route.plain_writer);
-                    (self.add_handle(f, named, ino.0, route, usage), id, flush)
+                    (
+                        self.add_handle(f, named, ino.0, route, usage),
+                        id,
+                        flush,
+                        journal,
+                    )
                 },
             )
         });
         match res {
             // The kernel refuses page-cache flags on passthrough handles.
-            Ok((fh, Some(id), flush)) => reply.opened_passthrough(fh, flush, &id),
-            Ok((fh, None, flush)) => reply.opened(fh, self.cache_flags(ino.0) | flush),
+            Ok((fh, Some(id), flush, _)) => reply.opened_passthrough(fh, flush, &id),
+            Ok((fh, None, flush, journal)) => {
+                reply.opened(fh, self.cache_flags(ino.0, journal) | flush)
+            }
             Err(e) => reply.error(e),
         }
     }

@@ -12,8 +12,8 @@
 
 use super::data::flush_flags;
 use super::{
-    check, cstr, errno, is_type, last_err, nodes::Node, nodes::Pin, reply_empty, utf8,
-    views::is_virtual, views::VIEWS_DIR, Rel, SqlFs, EMPTY, TTL,
+    check, cstr, errno, is_type, last_err, nodes::holdable, nodes::Node, nodes::Pin, reply_empty,
+    utf8, views::is_virtual, views::VIEWS_DIR, Rel, SqlFs, EMPTY, TTL,
 };
 use crate::backing::fstat;
 use crate::backing::hold_in;
@@ -198,7 +198,7 @@ impl SqlFs {
             // SAFETY: valid dirfd and C string.
             check(unsafe { libc::unlinkat(dir.fd(), c.as_ptr(), 0) })?;
             if let Some((fd, st)) = held {
-                self.unnamed(self.ino_of(&st), &rel, fd);
+                self.unnamed(self.ino_of(&st), &rel, holdable(fd, &st));
             }
             let Some(rel) = name else { return Ok(()) };
             self.capture.after_unlink(rel);
@@ -223,7 +223,7 @@ impl SqlFs {
             // SAFETY: valid dirfd and C string.
             check(unsafe { libc::unlinkat(dir.fd(), c.as_ptr(), libc::AT_REMOVEDIR) })?;
             if let Some((fd, st)) = held {
-                self.unnamed(self.ino_of(&st), &rel, fd);
+                self.unnamed(self.ino_of(&st), &rel, holdable(fd, &st));
             }
             Ok(())
         });
@@ -286,7 +286,7 @@ impl SqlFs {
                 return Ok(());
             }
             if let (false, Some((fd, st))) = (exchange, held) {
-                self.unnamed(self.ino_of(&st), &to, fd);
+                self.unnamed(self.ino_of(&st), &to, holdable(fd, &st));
             }
             self.renamed(&from, &to, exchange);
             match (cf, ct) {
@@ -423,6 +423,7 @@ impl SqlFs {
             });
             let st = fstat(fd).map_err(errno)?;
             let attr = self.attr(&st);
+            let journal = cap.is_some_and(|r| self.captured_journal(r));
             // `cap` borrows `rel`: the handle takes a copy.
             let named = rel.clone();
             self.route(
@@ -447,16 +448,17 @@ impl SqlFs {
                         attr,
                         id,
                         flush,
+                        journal,
                     )
                 },
             )
         });
         match res {
-            Ok((fh, attr, Some(id), flush)) => {
+            Ok((fh, attr, Some(id), flush, _)) => {
                 reply.created_passthrough(&TTL, &attr, Generation(0), fh, flush, &id)
             }
-            Ok((fh, attr, None, flush)) => {
-                let keep = self.cache_flags(attr.ino.0) | flush;
+            Ok((fh, attr, None, flush, journal)) => {
+                let keep = self.cache_flags(attr.ino.0, journal) | flush;
                 reply.created(&TTL, &attr, Generation(0), fh, keep)
             }
             Err(e) => reply.error(e),

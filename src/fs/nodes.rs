@@ -12,12 +12,13 @@
 //!   ever waits on the mount, and a racing rename never makes the daemon act on another file
 //!   than the one the app named or holds open.
 //! - While the kernel knows an inode (it has looked it up and not forgotten it), its number
-//!   names that one file: an inode whose last name sqlfs removed (unlink, rmdir, a rename
-//!   over it) is held open `O_PATH` until the kernel forgets it ([`Node::kept`]), so the
-//!   backing filesystem cannot give its number to a new file meanwhile. The kernel would take
-//!   that file for the inode it holds: a change of type marks the old inode bad (EIO to a
-//!   process opening it, or in a directory it removed), and a file of the same type would be
-//!   shown with the old one's cached pages.
+//!   names that one file. The kernel finds its inode by number: a new file given the number
+//!   of one it still knows takes that inode over, and if its type differs the old inode is
+//!   marked bad (EIO to a process opening it, or working in a directory that was removed).
+//!   So an inode whose last name sqlfs removed (unlink, rmdir, a rename over it) is held
+//!   open `O_PATH` until the kernel forgets it ([`Node::kept`]), and the backing filesystem
+//!   cannot give its number out meanwhile; regular files above 1 MiB excepted, whose space
+//!   must come back when the unlink returns ([`holdable`]).
 //! - `.sqlfs` at the root (sqlfs's own metadata) does not exist as far as the mount shows, and
 //!   no name operation reaches the virtual tree's name ([`VIEWS_DIR`]) in the backing root.
 
@@ -105,6 +106,20 @@ impl Node {
             rebase(r, from, to, exchange);
         }
     }
+}
+
+/// Regular files holding more than this many bytes are not held after their last name went:
+/// their space is the app's again when its unlink or rename returns, as on a native directory.
+const HOLD_MAX: u64 = 1 << 20;
+
+/// `fd` (an inode opened before its last name may go, with stat `st`), unless it is a
+/// regular file above [`HOLD_MAX`]: holding that one would keep its blocks allocated until
+/// the kernel forgets it, a moment after the app's unlink returned. Such a file's number may
+/// go to a new file while the kernel still knows it (an open racing the unlink may then fail
+/// with EIO); every smaller file, and every directory, symbolic link or other node, is held.
+pub(super) fn holdable(fd: OwnedFd, st: &libc::stat) -> Option<OwnedFd> {
+    let bytes = st.st_blocks as u64 * 512;
+    (!is_type(st, libc::S_IFREG) || bytes <= HOLD_MAX).then_some(fd)
 }
 
 /// A descriptor on the backing file of an inode, known to be that inode's.
@@ -288,13 +303,13 @@ impl SqlFs {
 
     /// The name `rel` of inode `ino` is gone (unlinked, or replaced by a rename): the inode
     /// and its open handles keep another name if it has one, else none. `held`, the inode
-    /// opened before its name went ([`backing::hold_in`]), is kept while the kernel knows an
-    /// inode left without a name.
-    pub(super) fn unnamed(&self, ino: u64, rel: &[u8], held: OwnedFd) {
+    /// opened before its name went ([`backing::hold_in`], through [`holdable`]), is kept while
+    /// the kernel knows an inode left without a name.
+    pub(super) fn unnamed(&self, ino: u64, rel: &[u8], held: Option<OwnedFd>) {
         let left = self.nodes.write().get_mut(&ino).and_then(|n| {
             let left = n.unnamed(rel);
             if left.is_none() && n.lookups > 0 {
-                n.kept = Some(held);
+                n.kept = held;
             }
             left
         });
