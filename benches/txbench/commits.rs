@@ -111,19 +111,26 @@ pub fn mixed(dir: &Path, threads: usize, read_pct: u64, secs: f64) -> Result<f64
     Ok(total as f64 / took.as_secs_f64())
 }
 
+/// Rows of the rollback-journal databases.
+const ROLLBACK_ROWS: u64 = 10_000;
+
+/// A new database at `path` in rollback-journal mode (`DELETE`) with [`ROLLBACK_ROWS`] rows
+/// (bytes from `seed`), made on a connection of its own; returns a new connection to it.
+fn rollback_db(path: &Path, seed: u64) -> Result<rusqlite::Connection> {
+    remove_db(path);
+    {
+        let conn = rusqlite::Connection::open(path)?;
+        conn.execute_batch("PRAGMA journal_mode=DELETE;")?;
+        fill(&conn, ROLLBACK_ROWS, seed)?;
+    }
+    Ok(rusqlite::Connection::open(path)?)
+}
+
 /// Point reads by primary key of a 10,000-row database in rollback-journal mode (`DELETE`,
 /// SQLite's default), one connection, for `secs`; returns reads/s. Each read is a transaction
 /// of its own, and outside WAL mode SQLite looks for a journal and a WAL file at every one.
 pub fn rollback_reads(dir: &Path, secs: f64) -> Result<f64> {
-    const ROWS: u64 = 10_000;
-    let path = dir.join("rollback-reads.db");
-    remove_db(&path);
-    {
-        let conn = rusqlite::Connection::open(&path)?;
-        conn.execute_batch("PRAGMA journal_mode=DELETE;")?;
-        fill(&conn, ROWS, 4)?;
-    }
-    let conn = rusqlite::Connection::open(&path)?;
+    let conn = rollback_db(&dir.join("rollback-reads.db"), 4)?;
     let mut read = conn.prepare("SELECT x FROM t WHERE id = ?1")?;
     let mut rng = Rng::new(5);
     let start = Instant::now();
@@ -131,7 +138,7 @@ pub fn rollback_reads(dir: &Path, secs: f64) -> Result<f64> {
     let mut n = 0u64;
     while start.elapsed() < limit {
         for _ in 0..100 {
-            let id = 1 + rng.below(ROWS);
+            let id = 1 + rng.below(ROLLBACK_ROWS);
             read.query_row(params![id], |r| r.get::<_, Vec<u8>>(0))?;
         }
         n += 100;
@@ -144,15 +151,7 @@ pub fn rollback_reads(dir: &Path, secs: f64) -> Result<f64> {
 /// connection, for `secs`; returns tx/s. Each commit makes, writes and syncs a journal, writes
 /// and syncs the database file, and deletes the journal.
 pub fn rollback_commits(dir: &Path, secs: f64) -> Result<f64> {
-    const ROWS: u64 = 10_000;
-    let path = dir.join("rollback-commits.db");
-    remove_db(&path);
-    {
-        let conn = rusqlite::Connection::open(&path)?;
-        conn.execute_batch("PRAGMA journal_mode=DELETE;")?;
-        fill(&conn, ROWS, 6)?;
-    }
-    let conn = rusqlite::Connection::open(&path)?;
+    let conn = rollback_db(&dir.join("rollback-commits.db"), 6)?;
     conn.execute_batch("PRAGMA synchronous=FULL;")?;
     let mut write = conn.prepare("UPDATE t SET x = ?1 WHERE id = ?2")?;
     let mut rng = Rng::new(7);
@@ -160,7 +159,7 @@ pub fn rollback_commits(dir: &Path, secs: f64) -> Result<f64> {
     let limit = Duration::from_secs_f64(secs);
     let mut n = 0u64;
     while start.elapsed() < limit {
-        write.execute(params![rng.bytes(100), 1 + rng.below(ROWS)])?;
+        write.execute(params![rng.bytes(100), 1 + rng.below(ROLLBACK_ROWS)])?;
         n += 1;
     }
     Ok(n as f64 / start.elapsed().as_secs_f64())
