@@ -4,8 +4,9 @@
 //! of the backing file, names and attributes are cached for the same second as sqlfs's and
 //! directory listings kept by the kernel as sqlfs's are; getxattr answers ENODATA (a request
 //! the kernel hands to the filesystem every time). It captures nothing and keeps no state but
-//! inode numbers and open handles. What a workload costs through it is what any FUSE server
-//! costs on this machine; the bench runs the same workloads natively and through sqlfs beside
+//! inode numbers and open handles. It is mounted with sqlfs's mount options (the kernel checks
+//! permissions, `default_permissions`, as it must for a server that serves every user). What a
+//! workload costs through it is what any FUSE server mounted so costs on this machine; the bench runs the same workloads natively and through sqlfs beside
 //! it (the floor under FULL, and one floor per small-commit row and per plain-file row that
 //! must reach a ratio).
 //!
@@ -555,7 +556,15 @@ impl Floor {
         };
         let dev = fs::metadata(dir)?.dev();
         let mut cfg = Config::default();
-        cfg.mount_options = vec![MountOption::FSName("sqlfs-bench-floor".into())];
+        // sqlfs's own mount options (`mount/mod.rs`): with `default_permissions` the kernel
+        // checks permissions itself, and after each change to a directory (a file made or
+        // removed in it) it asks the server for that directory's attributes again before the
+        // next check, one request more than a server without it pays.
+        cfg.mount_options = vec![
+            MountOption::FSName("sqlfs-bench-floor".into()),
+            MountOption::DefaultPermissions,
+            MountOption::NoAtime,
+        ];
         cfg.acl = SessionACL::Owner;
         cfg.n_threads = Some(4);
         cfg.clone_fd = true;
