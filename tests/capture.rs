@@ -750,6 +750,61 @@ fn verify_detects_changes_made_behind_the_mount() {
     finish(fx);
 }
 
+/// A transaction that ends with zeros written over its journal's header (`PERSIST` mode, or
+/// exclusive locking) while the connection then stays idle: the journal goes straight through
+/// the kernel, so sqlfs learns of that end from its watch on the journal, and the commit must
+/// be staged without any later write, sync or close (and each such commit staged apart).
+#[test]
+fn zeroed_journal_commits_staged_while_the_connection_idles() {
+    let mut fx = Fixture::new("zeroed", false);
+    fx.mount();
+    for (db, mode, exclusive, sync) in [
+        ("persist_full.db", "PERSIST", false, "FULL"),
+        ("persist_off.db", "PERSIST", false, "OFF"),
+        ("excl_delete.db", "DELETE", true, "NORMAL"),
+    ] {
+        let c = fresh_db(&fx.path(db), None, mode);
+        if exclusive {
+            let lm: String = c
+                .query_row("PRAGMA locking_mode=EXCLUSIVE", [], |r| r.get(0))
+                .unwrap();
+            assert_eq!(lm, "exclusive");
+        }
+        c.execute_batch(&format!("PRAGMA synchronous={sync}"))
+            .unwrap();
+        let mut samples = Vec::new();
+        for t in 0..6 {
+            c.execute(
+                "INSERT INTO t(w, seq, b) VALUES (1, ?1, randomblob(300 + ?1 * 997))",
+                [t],
+            )
+            .unwrap();
+            let s = sample(&c, t % 2 == 0, format!("{db}: commit {t}"));
+            let dir = fx.cli_dir();
+            wait_for(
+                Duration::from_secs(20),
+                50,
+                || {
+                    log_entries(&dir, db)
+                        .iter()
+                        .any(|e| e.checksum == s.checksum)
+                },
+                || {
+                    format!(
+                        "{db} ({mode}, exclusive {exclusive}, synchronous={sync}): commit {t} (checksum {:016x}) not staged after 20 s of an idle connection; log: {:?}",
+                        s.checksum,
+                        log_entries(&dir, db).last().map(|e| e.line.clone())
+                    )
+                },
+            );
+            samples.push(s);
+        }
+        drop(c);
+        check_db(&fx, db, &samples);
+    }
+    finish(fx);
+}
+
 #[test]
 fn exclusive_locking_mode() {
     let seed = seed_for("exclusive_locking_mode");

@@ -45,6 +45,7 @@ impl State {
                     self.retry(db, b)?;
                     self.barrier(db)?;
                 } else {
+                    self.begin_change(db, b)?;
                     if self.rb.is_clean() {
                         self.barrier(db)?;
                     }
@@ -139,6 +140,7 @@ impl State {
                 self.barrier(db)
             }
             Role::Main if !self.in_wal_mode() => {
+                self.begin_change(db, b)?;
                 if self.rb.is_clean() {
                     self.barrier(db)?;
                 }
@@ -243,6 +245,9 @@ impl State {
         match role {
             Role::Main => self.flush_journalless(db, b),
             Role::Wal if db.is_straight() => self.straight_wal_sync(db, b, app, flushed),
+            // `PERSIST` mode syncs the journal after zeroing its header: the commit, seen
+            // here if the journal went straight through (`journal.rs`).
+            Role::Journal => self.journal_check(db, b),
             _ => Ok(()),
         }
     }

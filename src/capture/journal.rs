@@ -3,9 +3,29 @@
 //! overwritten), and staging the pages it changed when it ends (journal deleted, truncated or
 //! zeroed, or a journal-less write synced or closed).
 //!
-//! Invariant: a page's old CRC is recorded before the first write of the transaction touches
-//! it, so the rolling checksum can be advanced without keeping old page images; a page changed
-//! without its old version seen gives a snapshot instead.
+//! The journal of a database capture knows goes straight through the kernel (passthrough), so
+//! its writes do not reach sqlfs: its deletion and truncation do (requests), and its header is
+//! read from the backing file where it matters. A journal is *live* while its first 8 bytes
+//! are SQLite's journal magic (written before the transaction's first database write: at its
+//! first sync, or at once when the journal is not synced); bytes 12-16 are the random nonce
+//! (`cksumInit`) SQLite draws for each transaction's header. The transaction's first database
+//! write records that mark ([`Rollback::mark`]); the end of a transaction sqlfs does not see
+//! (`PERSIST` mode, or exclusive locking: zeros written over the header) shows as a different
+//! mark: not live, or another transaction's nonce.
+//!
+//! Invariants:
+//! - A page's old CRC is recorded before the first write of the transaction touches it, so the
+//!   rolling checksum can be advanced without keeping old page images; a page changed without
+//!   its old version seen gives a snapshot instead.
+//! - Every write or truncation of the database file outside WAL mode first compares the
+//!   journal's mark with the one its transaction began with, and stages that transaction if
+//!   the mark changed: a transaction's pages are never mixed with the next one's.
+//! - A database fsync or close commits a journal-less transaction only if no journal is live
+//!   with the transaction's mark (a synced database file under a live journal is not a
+//!   commit: a crash now rolls it back).
+//! - While a transaction with a live journal is open, the journal is watched (a one-shot
+//!   inotify watch set at its first database write and again at each report, `watch.rs`): the
+//!   zeroing of its header raises a report, and the watcher stages it within milliseconds.
 
 use std::collections::{BTreeSet, HashMap};
 use std::io;
@@ -25,6 +45,11 @@ pub struct Rollback {
     pub old_crc: HashMap<u32, u64>,
     /// The file was truncated during the transaction.
     pub truncated: bool,
+    /// The journal's mark when the transaction's first change was made (`None` until then):
+    /// its nonce if a journal was live, `Some(None)` if none was (see the module doc).
+    pub mark: Option<Option<u32>>,
+    /// The journal is to be watched (set with a live mark; taken by `Capture`).
+    pub arm_watch: bool,
 }
 
 impl Rollback {
@@ -64,13 +89,78 @@ impl State {
     /// Writes made to the database file with no journal and no WAL (journal_mode=OFF or
     /// MEMORY) are committed when the app syncs or closes the file.
     pub(super) fn flush_journalless(&mut self, db: &Db, b: &Backing) -> io::Result<()> {
-        if self.blind.is_some() && !self.in_wal_mode() && !self.rb.journal_live {
+        if self.in_wal_mode() {
+            return Ok(());
+        }
+        if self.blind.is_some() && !self.rb.journal_live && self.journal_mark(db, b)?.is_none() {
             // Straight handles write it unseen: read it whole (`straight.rs`).
             self.rb = Rollback::default();
             return self.resync(db, b);
         }
-        if !self.in_wal_mode() && !self.rb.journal_live && !self.rb.is_clean() {
-            log::debug!("{}: journal-less writes committed at sync/close", db.name());
+        if self.rb.is_clean() {
+            return Ok(());
+        }
+        let now = self.journal_mark(db, b)?;
+        if now.is_none() || self.rb.mark.is_some_and(|m| m != now) {
+            log::debug!(
+                "{}: transaction committed at sync/close ({})",
+                db.name(),
+                if now.is_none() {
+                    "no live journal"
+                } else {
+                    "the journal holds another transaction"
+                }
+            );
+            self.commit_rollback(db, b)?;
+        }
+        Ok(())
+    }
+
+    /// The mark of the database's journal in the backing directory: the nonce of its header
+    /// if it is live, `None` if it is absent or not live (see the module doc).
+    pub(super) fn journal_mark(&self, db: &Db, b: &Backing) -> io::Result<Option<u32>> {
+        let f = match b.open_read(&format!("{}-journal", db.name())) {
+            Ok(Some(f)) => f,
+            // Absent, or no regular file (a link, a directory): no journal SQLite could use.
+            Ok(None) => return Ok(None),
+            Err(e) if matches!(e.raw_os_error(), Some(libc::EINVAL | libc::ELOOP)) => {
+                return Ok(None)
+            }
+            Err(e) => return Err(e),
+        };
+        let mut h = [0u8; 16];
+        if !read_exact_at(&f, &mut h, 0)? || h[..8] != sqlite::JOURNAL_MAGIC {
+            return Ok(None);
+        }
+        Ok(Some(u32::from_be_bytes([h[12], h[13], h[14], h[15]])))
+    }
+
+    /// Before a change to the database file outside WAL mode: stages the open transaction if
+    /// its journal's mark changed since its first change (it ended unseen), then records the
+    /// mark of the transaction this change belongs to.
+    pub(super) fn begin_change(&mut self, db: &Db, b: &Backing) -> io::Result<()> {
+        let now = self.journal_mark(db, b)?;
+        if !self.rb.is_clean() {
+            if self.rb.mark.is_none_or(|m| m == now) {
+                return Ok(());
+            }
+            log::debug!("{}: journal header changed unseen: committed", db.name());
+            self.commit_rollback(db, b)?;
+        }
+        self.rb.mark = Some(now);
+        self.rb.arm_watch = now.is_some();
+        Ok(())
+    }
+
+    /// The watcher's look (the journal was written): stages the open transaction if its
+    /// journal's mark changed.
+    pub(super) fn journal_check(&mut self, db: &Db, b: &Backing) -> io::Result<()> {
+        if self.in_wal_mode() || self.rb.is_clean() {
+            return Ok(());
+        }
+        let now = self.journal_mark(db, b)?;
+        if self.rb.mark.is_some_and(|m| m != now) {
+            log::debug!("{}: journal header changed: committed", db.name());
             self.commit_rollback(db, b)?;
         }
         Ok(())
@@ -80,6 +170,7 @@ impl State {
     /// journal-less write was synced): stage the pages it changed.
     pub(super) fn commit_rollback(&mut self, db: &Db, b: &Backing) -> io::Result<()> {
         self.rb.journal_live = false;
+        self.rb.mark = None;
         if self.blind.is_some() && !self.in_wal_mode() {
             // Straight handles wrote it unseen: read it whole (`straight.rs`).
             self.rb = Rollback::default();

@@ -526,11 +526,33 @@ impl Capture {
         };
         if let Some(db) = db {
             db.guard(|st, db| st.before_write(db, &self.backing, role, off, data));
-            if role == Role::Main && db.refuses_checkpoint() {
-                return Err(io::Error::from_raw_os_error(libc::ENOSPC));
+            if role == Role::Main {
+                self.arm_journal_watch(&db, db_rel);
+                if db.refuses_checkpoint() {
+                    return Err(io::Error::from_raw_os_error(libc::ENOSPC));
+                }
             }
         }
         Ok(())
+    }
+
+    /// Watches the journal of `db` if the transaction its last change began asked for it
+    /// (a live journal, `journal.rs`).
+    fn arm_journal_watch(&self, db: &Db, db_rel: &str) {
+        if std::mem::take(&mut db.state.lock().rb.arm_watch) {
+            if let Some(w) = self.watch.get() {
+                w.add_journal(&self.backing, db_rel);
+            }
+        }
+    }
+
+    /// True if `db_rel` is outside WAL mode with a transaction open (changes made to its
+    /// database file and not staged yet): its journal is to be watched again.
+    fn rollback_open(&self, db_rel: &str) -> bool {
+        self.get(db_rel).is_some_and(|db| {
+            let st = db.state.lock();
+            !st.in_wal_mode() && !st.rb.is_clean()
+        })
     }
 
     /// After a write to `rel` succeeded.
@@ -556,8 +578,13 @@ impl Capture {
     pub fn before_truncate(&self, rel: &str, size: u64) -> io::Result<()> {
         self.on_db(rel, |st, db, b, role| st.before_truncate(db, b, role, size));
         let (role, db_rel) = classify(rel);
-        if role == Role::Main && self.get(db_rel).is_some_and(|db| db.refuses_checkpoint()) {
-            return Err(io::Error::from_raw_os_error(libc::ENOSPC));
+        if role == Role::Main {
+            if let Some(db) = self.get(db_rel) {
+                self.arm_journal_watch(&db, db_rel);
+                if db.refuses_checkpoint() {
+                    return Err(io::Error::from_raw_os_error(libc::ENOSPC));
+                }
+            }
         }
         Ok(())
     }
@@ -704,6 +731,10 @@ impl Capture {
             let r = st.catch_up(db, &self.backing);
             st.may_defer = false;
             r?;
+            if !st.in_wal_mode() {
+                // A journal's report: a transaction may have ended unseen (`journal.rs`).
+                st.journal_check(db, &self.backing)?;
+            }
             if st.awaiting && db.is_straight() {
                 // A large transaction being written is staged as it goes (`ahead.rs`): by
                 // the watcher only, never on a request's thread.

@@ -1,4 +1,5 @@
-//! Wakes capture when a WAL changes behind it (observed mode, see `Capture::observe`).
+//! Wakes capture when a WAL or a rollback journal changes behind it (observed mode, see
+//! `Capture::observe`).
 //!
 //! With kernel passthrough, writes to `-wal` files go straight to the backing files and never
 //! reach sqlfs, but the kernel still reports them to inotify watches on those files. Each WAL
@@ -32,6 +33,13 @@
 //! The watcher only brings staging up to date sooner. Correctness does not depend on it:
 //! every write to a database file (a checkpoint), and every truncation, unlink or close of a
 //! WAL, catches up first on the request thread.
+//!
+//! Rollback journals are watched the same way while a transaction is open on their database
+//! (from its first database write, and again at each report while it stays open): a journal
+//! that goes straight through ends a transaction unseen when zeros are written over its header
+//! (`PERSIST` mode, exclusive locking), and the report has the watcher look at the header
+//! (`journal.rs`). There the watch is what stages such a commit while the connection idles;
+//! the next write, sync or close of the database stages it too.
 
 use std::collections::{BTreeSet, HashMap};
 
@@ -59,7 +67,7 @@ const RETRY_FOR: Duration = Duration::from_secs(60);
 
 pub struct Watch {
     fd: OwnedFd,
-    /// Watch descriptor → the database (relative path) whose WAL it watches.
+    /// Watch descriptor → the database (relative path) whose WAL or journal it watches.
     wals: Mutex<HashMap<i32, String>>,
 }
 
@@ -86,14 +94,26 @@ impl Watch {
     /// Watches the WAL of database `db_rel` for writes, if it exists (idempotent: a file
     /// already watched keeps its watch, now for this name).
     pub fn add_wal(&self, b: &Backing, db_rel: &str) {
-        let wal = format!("{db_rel}-wal");
+        self.add(b, db_rel, "-wal", "at checkpoints and closes");
+    }
+
+    /// Watches the rollback journal of database `db_rel` for writes, if it exists: the end of
+    /// a transaction that zeroes its header instead of deleting it (`journal.rs`).
+    pub fn add_journal(&self, b: &Backing, db_rel: &str) {
+        self.add(b, db_rel, "-journal", "at its next write, sync or close");
+    }
+
+    /// Watches the file `db_rel` + `suffix` (one-shot); `fallback` says when its changes are
+    /// staged if it cannot be watched.
+    fn add(&self, b: &Backing, db_rel: &str, suffix: &str, fallback: &str) {
+        let file = format!("{db_rel}{suffix}");
         // The file opened beneath the backing root (no link followed); its /proc entry
         // names exactly that file.
-        let fd = match b.open_beneath(&wal, libc::O_PATH | libc::O_NOFOLLOW, 0) {
+        let fd = match b.open_beneath(&file, libc::O_PATH | libc::O_NOFOLLOW, 0) {
             Ok(fd) => fd,
             Err(e) if e.raw_os_error() == Some(libc::ENOENT) => return,
             Err(e) => {
-                log::warn!("cannot watch {wal:?} for writes: {e}; its transactions are staged at checkpoints and closes only");
+                log::warn!("cannot watch {file:?} for writes: {e}; its transactions are staged {fallback} only");
                 return;
             }
         };
@@ -108,8 +128,8 @@ impl Watch {
         };
         if wd < 0 {
             log::warn!(
-                "cannot watch {:?} for writes: {}; its transactions are staged at checkpoints and closes only",
-                wal,
+                "cannot watch {:?} for writes: {}; its transactions are staged {fallback} only",
+                file,
                 io::Error::last_os_error()
             );
             return;
@@ -148,6 +168,9 @@ impl Watch {
             // that a write after this catch-up's look is reported and one before it is seen.
             for db in &fresh {
                 self.add_wal(&cap.backing, db);
+                if cap.rollback_open(db) {
+                    self.add_journal(&cap.backing, db);
+                }
             }
             todo.extend(fresh.iter().cloned());
             let mut staged = 0;

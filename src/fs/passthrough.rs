@@ -1,6 +1,8 @@
 //! Kernel passthrough: negotiating it at `init`, and deciding per open which handles the
 //! kernel reads and writes straight to the backing file: WAL and WAL-index files (by capture's
-//! naming, unless their database is written through), database files in WAL mode when opened
+//! naming, unless their database is written through), the rollback journals of databases
+//! capture knows (capture reads their headers from the backing file instead of seeing their
+//! writes: `capture/journal.rs`; same exception), database files in WAL mode when opened
 //! if `--passthrough-databases` asks for it (capture keeps them staged without their writes:
 //! `capture/straight.rs`), and plain files, which no database write can reach through such a
 //! handle without capture learning of it.
@@ -63,7 +65,10 @@ enum Kind {
     WalIndex,
     /// Neither a WAL, a journal nor a `-shm` file; `db`: capture knows it as a database.
     Plain { db: bool },
-    /// A rollback journal, or sqlfs's own: always through sqlfs.
+    /// The rollback journal of a database capture knows: capture reads its header from the
+    /// backing file (`capture/journal.rs`).
+    Journal,
+    /// The journal of a database capture does not know, or sqlfs's own: always through sqlfs.
     Never,
 }
 
@@ -98,6 +103,7 @@ impl SqlFs {
             (Role::Main, db) => Kind::Plain {
                 db: self.capture.get(db).is_some(),
             },
+            (Role::Journal, db) if self.capture.get(db).is_some() => Kind::Journal,
             _ => Kind::Never,
         }
     }
@@ -185,7 +191,7 @@ impl SqlFs {
             return Ok(register(f, Route::through()));
         }
         let eligible = match kind {
-            Kind::WalIndex => {
+            Kind::WalIndex | Kind::Journal => {
                 let db = capture::wal_index_of(rel).unwrap_or_else(|| classify(rel).1);
                 !self.written_through.as_ref().is_some_and(|w| w(db))
             }
