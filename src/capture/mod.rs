@@ -525,34 +525,28 @@ impl Capture {
             _ => self.get_or_start(db_rel, role, None),
         };
         if let Some(db) = db {
-            db.guard(|st, db| st.before_write(db, &self.backing, role, off, data));
-            if role == Role::Main {
-                self.arm_journal_watch(&db, db_rel);
-                if db.refuses_checkpoint() {
-                    return Err(io::Error::from_raw_os_error(libc::ENOSPC));
-                }
+            let mut watch = false;
+            db.guard(|st, db| {
+                let r = st.before_write(db, &self.backing, role, off, data);
+                watch = std::mem::take(&mut st.rb.arm_watch);
+                r
+            });
+            if watch {
+                self.watch_journal_of(db_rel);
+            }
+            if role == Role::Main && db.refuses_checkpoint() {
+                return Err(io::Error::from_raw_os_error(libc::ENOSPC));
             }
         }
         Ok(())
     }
 
-    /// Watches the journal of `db` if the transaction its last change began asked for it
-    /// (a live journal, `journal.rs`).
-    fn arm_journal_watch(&self, db: &Db, db_rel: &str) {
-        if std::mem::take(&mut db.state.lock().rb.arm_watch) {
-            if let Some(w) = self.watch.get() {
-                w.add_journal(&self.backing, db_rel);
-            }
+    /// Watches the rollback journal of `db_rel` for writes: a transaction is open on it
+    /// (`journal.rs`).
+    fn watch_journal_of(&self, db_rel: &str) {
+        if let Some(w) = self.watch.get() {
+            w.add_journal(&self.backing, db_rel);
         }
-    }
-
-    /// True if `db_rel` is outside WAL mode with a transaction open (changes made to its
-    /// database file and not staged yet): its journal is to be watched again.
-    fn rollback_open(&self, db_rel: &str) -> bool {
-        self.get(db_rel).is_some_and(|db| {
-            let st = db.state.lock();
-            !st.in_wal_mode() && !st.rb.is_clean()
-        })
     }
 
     /// After a write to `rel` succeeded.
@@ -576,15 +570,18 @@ impl Capture {
     /// Before `rel` is truncated (or extended) to `size`; an error refuses it, as for
     /// [`Capture::before_write`].
     pub fn before_truncate(&self, rel: &str, size: u64) -> io::Result<()> {
-        self.on_db(rel, |st, db, b, role| st.before_truncate(db, b, role, size));
+        let mut watch = false;
+        self.on_db(rel, |st, db, b, role| {
+            let r = st.before_truncate(db, b, role, size);
+            watch = std::mem::take(&mut st.rb.arm_watch);
+            r
+        });
         let (role, db_rel) = classify(rel);
-        if role == Role::Main {
-            if let Some(db) = self.get(db_rel) {
-                self.arm_journal_watch(&db, db_rel);
-                if db.refuses_checkpoint() {
-                    return Err(io::Error::from_raw_os_error(libc::ENOSPC));
-                }
-            }
+        if watch {
+            self.watch_journal_of(db_rel);
+        }
+        if role == Role::Main && self.get(db_rel).is_some_and(|db| db.refuses_checkpoint()) {
+            return Err(io::Error::from_raw_os_error(libc::ENOSPC));
         }
         Ok(())
     }
@@ -731,8 +728,10 @@ impl Capture {
             let r = st.catch_up(db, &self.backing);
             st.may_defer = false;
             r?;
-            if !st.in_wal_mode() {
-                // A journal's report: a transaction may have ended unseen (`journal.rs`).
+            if !st.in_wal_mode() && !st.rb.is_clean() {
+                // A journal's report (it ended that watch: one-shot): watched again before the
+                // look, as WALs are, then the transaction may have ended unseen (`journal.rs`).
+                self.watch_journal_of(db_rel);
                 st.journal_check(db, &self.backing)?;
             }
             if st.awaiting && db.is_straight() {

@@ -168,9 +168,6 @@ impl Watch {
             // that a write after this catch-up's look is reported and one before it is seen.
             for db in &fresh {
                 self.add_wal(&cap.backing, db);
-                if cap.rollback_open(db) {
-                    self.add_journal(&cap.backing, db);
-                }
             }
             todo.extend(fresh.iter().cloned());
             let mut staged = 0;
