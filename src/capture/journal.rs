@@ -101,7 +101,7 @@ impl State {
             return Ok(());
         }
         let now = self.journal_mark(db, b)?;
-        if now.is_none() || self.rb.mark.is_some_and(|m| m != now) {
+        if now.is_none() || self.ended_unseen(now) {
             log::debug!(
                 "{}: transaction committed at sync/close ({})",
                 db.name(),
@@ -135,13 +135,19 @@ impl State {
         Ok(Some(u32::from_be_bytes([h[12], h[13], h[14], h[15]])))
     }
 
+    /// True if the journal's mark is now `now` where the open transaction began with another:
+    /// that transaction ended unseen.
+    fn ended_unseen(&self, now: Option<u32>) -> bool {
+        self.rb.mark.is_some_and(|m| m != now)
+    }
+
     /// Before a change to the database file outside WAL mode: stages the open transaction if
     /// its journal's mark changed since its first change (it ended unseen), then records the
     /// mark of the transaction this change belongs to.
     pub(super) fn begin_change(&mut self, db: &Db, b: &Backing) -> io::Result<()> {
         let now = self.journal_mark(db, b)?;
         if !self.rb.is_clean() {
-            if self.rb.mark.is_none_or(|m| m == now) {
+            if !self.ended_unseen(now) {
                 return Ok(());
             }
             log::debug!("{}: journal header changed unseen: committed", db.name());
@@ -159,7 +165,7 @@ impl State {
             return Ok(());
         }
         let now = self.journal_mark(db, b)?;
-        if self.rb.mark.is_some_and(|m| m != now) {
+        if self.ended_unseen(now) {
             log::debug!("{}: journal header changed: committed", db.name());
             self.commit_rollback(db, b)?;
         }
